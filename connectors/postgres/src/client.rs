@@ -1,0 +1,400 @@
+//! Connections to Postgres: the replication connection, spoken directly on `postgres-protocol`
+//! because tokio-postgres has no replication mode, and ordinary SQL connections through
+//! tokio-postgres for set-up and catalog queries.
+//!
+//! The replication connection starts with `replication=database`, authenticates (trust,
+//! cleartext, md5, SCRAM-SHA-256), answers simple queries (IDENTIFY_SYSTEM, slot commands) and,
+//! after START_REPLICATION, switches to CopyBoth: the server sends CopyData frames (XLogData,
+//! keepalives) and we send CopyData frames (standby status updates) on the same socket.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::message::backend::{ErrorFields, Message};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::ConnectionConfig;
+use crate::error::{Error, Result};
+use crate::lsn::Lsn;
+use crate::tls;
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Session settings that make the server's text output unambiguous for the decoder.
+const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC \
+    -c extra_float_digits=3 -c bytea_output=hex -c client_encoding=UTF8";
+
+/// Microseconds between the Unix epoch and Postgres' epoch (2000-01-01).
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// One frame from the server as the replication connection sees it.
+enum Frame {
+    CopyData(Bytes),
+    CopyBothResponse,
+    Other(Message),
+}
+
+/// A connection opened with `replication=database`.
+pub struct ReplicationClient {
+    stream: Box<dyn Stream>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    addr: String,
+}
+
+impl ReplicationClient {
+    /// Connects, negotiates TLS as configured and logs in as a replication client.
+    pub async fn connect(config: &ConnectionConfig) -> Result<Self> {
+        let addr = config.addr();
+        let tcp = tokio::time::timeout(config.connect_timeout, TcpStream::connect((config.host.as_str(), config.port)))
+            .await
+            .map_err(|_| Error::Connect {
+                addr: addr.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+            })?
+            .map_err(|source| Error::Connect { addr: addr.clone(), source })?;
+        tcp.set_nodelay(true).map_err(|source| Error::Connect { addr: addr.clone(), source })?;
+        let stream: Box<dyn Stream> = match tls::client_config(config)? {
+            None => Box::new(tcp),
+            Some(tls_config) => Box::new(start_tls(tcp, config, tls_config).await?),
+        };
+        let mut client = ReplicationClient { stream, read_buf: BytesMut::with_capacity(64 * 1024), write_buf: BytesMut::new(), addr };
+        tokio::time::timeout(config.connect_timeout, client.startup(config))
+            .await
+            .map_err(|_| Error::Connect {
+                addr: client.addr.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "login timed out"),
+            })??;
+        Ok(client)
+    }
+
+    async fn startup(&mut self, config: &ConnectionConfig) -> Result<()> {
+        let params = [
+            ("user", config.user.as_str()),
+            ("database", config.dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", "sluice"),
+            ("options", SESSION_OPTIONS),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut self.write_buf).map_err(Error::ConnectionLost)?;
+        self.flush().await?;
+        let password = || {
+            config.password.as_ref().map(|p| p.expose().as_bytes()).ok_or_else(|| Error::Auth {
+                user: config.user.clone(),
+                message: "the server asks for a password and none is configured".into(),
+            })
+        };
+        loop {
+            match self.read_frame().await? {
+                Frame::Other(Message::AuthenticationOk) => {}
+                Frame::Other(Message::AuthenticationCleartextPassword) => {
+                    frontend::password_message(password()?, &mut self.write_buf).map_err(Error::ConnectionLost)?;
+                    self.flush().await?;
+                }
+                Frame::Other(Message::AuthenticationMd5Password(body)) => {
+                    let hash = md5_hash(config.user.as_bytes(), password()?, body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut self.write_buf).map_err(Error::ConnectionLost)?;
+                    self.flush().await?;
+                }
+                Frame::Other(Message::AuthenticationSasl(body)) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut scram_offered = false;
+                    while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechanisms).map_err(Error::ConnectionLost)? {
+                        scram_offered |= m == SCRAM_SHA_256;
+                    }
+                    if !scram_offered {
+                        return Err(Error::Auth {
+                            user: config.user.clone(),
+                            message: "the server offers no SASL mechanism sluice supports (SCRAM-SHA-256)".into(),
+                        });
+                    }
+                    self.scram(config, password()?).await?;
+                }
+                Frame::Other(Message::ErrorResponse(body)) => {
+                    let err = server_error(body.fields());
+                    return Err(match err {
+                        Error::Server { code, message, .. } if code.starts_with("28") => {
+                            Error::Auth { user: config.user.clone(), message: format!("{message} (SQLSTATE {code})") }
+                        }
+                        other => other,
+                    });
+                }
+                Frame::Other(Message::ReadyForQuery(_)) => return Ok(()),
+                Frame::Other(
+                    Message::ParameterStatus(_) | Message::BackendKeyData(_) | Message::NoticeResponse(_),
+                ) => {}
+                Frame::Other(_) => {
+                    return Err(Error::Auth {
+                        user: config.user.clone(),
+                        message: "the server asks for an authentication method sluice does not support".into(),
+                    })
+                }
+                Frame::CopyData(_) | Frame::CopyBothResponse => {
+                    return Err(Error::protocol(Lsn::ZERO, "copy data during login"));
+                }
+            }
+        }
+    }
+
+    async fn scram(&mut self, config: &ConnectionConfig, password: &[u8]) -> Result<()> {
+        let mut scram = ScramSha256::new(password, ChannelBinding::unsupported());
+        frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), &mut self.write_buf).map_err(Error::ConnectionLost)?;
+        self.flush().await?;
+        let auth_error = |message: String| Error::Auth { user: config.user.clone(), message };
+        match self.read_frame().await? {
+            Frame::Other(Message::AuthenticationSaslContinue(body)) => {
+                scram.update(body.data()).map_err(|e| auth_error(e.to_string()))?;
+            }
+            Frame::Other(Message::ErrorResponse(body)) => return Err(auth_error(error_message(body.fields()))),
+            _ => return Err(auth_error("unexpected message during SCRAM".into())),
+        }
+        frontend::sasl_response(scram.message(), &mut self.write_buf).map_err(Error::ConnectionLost)?;
+        self.flush().await?;
+        match self.read_frame().await? {
+            Frame::Other(Message::AuthenticationSaslFinal(body)) => {
+                scram.finish(body.data()).map_err(|e| auth_error(e.to_string()))
+            }
+            Frame::Other(Message::ErrorResponse(body)) => Err(auth_error(error_message(body.fields()))),
+            _ => Err(auth_error("unexpected message during SCRAM".into())),
+        }
+    }
+
+    /// Runs one simple-protocol command and returns its rows as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
+        frontend::query(sql, &mut self.write_buf).map_err(Error::ConnectionLost)?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.read_frame().await? {
+                Frame::Other(Message::DataRow(row)) => {
+                    let buf = row.buffer();
+                    let mut ranges = row.ranges();
+                    let mut values = Vec::new();
+                    while let Some(range) = fallible_iterator::FallibleIterator::next(&mut ranges).map_err(Error::ConnectionLost)? {
+                        values.push(range.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+                    }
+                    rows.push(values);
+                }
+                Frame::Other(Message::ErrorResponse(body)) => error = Some(server_error(body.fields())),
+                Frame::Other(Message::ReadyForQuery(_)) => {
+                    return match error {
+                        Some(e) => Err(e),
+                        None => Ok(rows),
+                    }
+                }
+                Frame::Other(_) => {}
+                Frame::CopyData(_) | Frame::CopyBothResponse => {
+                    return Err(Error::protocol(Lsn::ZERO, "copy data in reply to a simple query"));
+                }
+            }
+        }
+    }
+
+    /// Sends START_REPLICATION and waits until the server switches to streaming.
+    pub async fn start_replication(&mut self, command: &str) -> Result<()> {
+        frontend::query(command, &mut self.write_buf).map_err(Error::ConnectionLost)?;
+        self.flush().await?;
+        loop {
+            match self.read_frame().await? {
+                Frame::CopyBothResponse => return Ok(()),
+                Frame::Other(Message::ErrorResponse(body)) => {
+                    let err = server_error(body.fields());
+                    // The server follows an error with ReadyForQuery; the connection is dropped anyway.
+                    return Err(err);
+                }
+                Frame::Other(_) => {}
+                Frame::CopyData(_) => return Err(Error::protocol(Lsn::ZERO, "copy data before CopyBothResponse")),
+            }
+        }
+    }
+
+    /// The next CopyData payload while streaming; `None` when the server ended the stream.
+    ///
+    /// Cancel-safe: a frame is taken out of the buffer only once it is complete.
+    pub async fn recv_copy_data(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            match self.read_frame().await? {
+                Frame::CopyData(data) => return Ok(Some(data)),
+                Frame::Other(Message::CopyDone) => return Ok(None),
+                Frame::Other(Message::ErrorResponse(body)) => return Err(server_error(body.fields())),
+                Frame::Other(Message::NoticeResponse(_) | Message::ParameterStatus(_)) => {}
+                Frame::Other(Message::CommandComplete(_) | Message::ReadyForQuery(_)) => return Ok(None),
+                Frame::Other(_) | Frame::CopyBothResponse => {
+                    return Err(Error::protocol(Lsn::ZERO, "unexpected message while streaming"));
+                }
+            }
+        }
+    }
+
+    /// Sends a standby status update ('r'): what was received, what is durable, what is applied.
+    pub async fn send_standby_status(&mut self, received: Lsn, flushed: Lsn, reply_requested: bool) -> Result<()> {
+        let mut body = BytesMut::with_capacity(34);
+        body.put_u8(b'r');
+        body.put_u64(received.0);
+        body.put_u64(flushed.0);
+        body.put_u64(flushed.0);
+        body.put_i64(now_pg_micros());
+        body.put_u8(u8::from(reply_requested));
+        frontend::CopyData::new(body.freeze()).map_err(Error::ConnectionLost)?.write(&mut self.write_buf);
+        self.flush().await
+    }
+
+    /// True when a whole frame is already buffered, so reading it will not wait for the network.
+    pub fn has_buffered_frame(&self) -> bool {
+        self.read_buf.len() >= 5 && {
+            let len = u32::from_be_bytes([self.read_buf[1], self.read_buf[2], self.read_buf[3], self.read_buf[4]]) as usize;
+            self.read_buf.len() > len
+        }
+    }
+
+    /// Ends the stream and the session politely (CopyDone, Terminate).
+    pub async fn close(mut self) {
+        frontend::copy_done(&mut self.write_buf);
+        frontend::terminate(&mut self.write_buf);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.flush()).await;
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        self.stream.write_all(&self.write_buf).await.map_err(Error::ConnectionLost)?;
+        self.write_buf.clear();
+        self.stream.flush().await.map_err(Error::ConnectionLost)
+    }
+
+    async fn read_frame(&mut self) -> Result<Frame> {
+        loop {
+            if self.read_buf.len() >= 5 {
+                let tag = self.read_buf[0];
+                let len = u32::from_be_bytes([self.read_buf[1], self.read_buf[2], self.read_buf[3], self.read_buf[4]]) as usize;
+                if len < 4 {
+                    return Err(Error::protocol(Lsn::ZERO, format!("frame length {len} below 4")));
+                }
+                if self.read_buf.len() > len {
+                    match tag {
+                        b'd' => {
+                            let mut frame = self.read_buf.split_to(len + 1);
+                            frame.advance(5);
+                            return Ok(Frame::CopyData(frame.freeze()));
+                        }
+                        b'W' => {
+                            self.read_buf.advance(len + 1);
+                            return Ok(Frame::CopyBothResponse);
+                        }
+                        _ => {
+                            let message = Message::parse(&mut self.read_buf).map_err(Error::ConnectionLost)?;
+                            return message
+                                .map(Frame::Other)
+                                .ok_or_else(|| Error::protocol(Lsn::ZERO, "incomplete frame"));
+                        }
+                    }
+                }
+                self.read_buf.reserve(len + 1 - self.read_buf.len());
+            }
+            let n = self.stream.read_buf(&mut self.read_buf).await.map_err(Error::ConnectionLost)?;
+            if n == 0 {
+                return Err(Error::ConnectionLost(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("{} closed the connection", self.addr),
+                )));
+            }
+        }
+    }
+}
+
+async fn start_tls(
+    mut tcp: TcpStream,
+    config: &ConnectionConfig,
+    tls_config: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let addr = config.addr();
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    tcp.write_all(&request).await.map_err(|source| Error::Connect { addr: addr.clone(), source })?;
+    let answer = tcp.read_u8().await.map_err(|source| Error::Connect { addr: addr.clone(), source })?;
+    if answer != b'S' {
+        return Err(Error::Tls { addr, reason: "the server does not accept TLS connections (ssl = off)".into() });
+    }
+    let connector = tokio_rustls::TlsConnector::from(tls_config);
+    connector
+        .connect(tls::server_name(config)?, tcp)
+        .await
+        .map_err(|e| Error::Tls { addr, reason: e.to_string() })
+}
+
+/// Opens an ordinary SQL session with the same settings (TLS included).
+pub async fn connect_sql(config: &ConnectionConfig) -> Result<tokio_postgres::Client> {
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&config.host)
+        .port(config.port)
+        .user(&config.user)
+        .dbname(&config.dbname)
+        .application_name("sluice")
+        .connect_timeout(config.connect_timeout)
+        .options(SESSION_OPTIONS);
+    if let Some(password) = &config.password {
+        pg.password(password.expose());
+    }
+    let map_err = |e: tokio_postgres::Error| {
+        if e.code().is_some_and(|c| c.code().starts_with("28")) {
+            Error::Auth { user: config.user.clone(), message: e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default() }
+        } else if e.code().is_none() {
+            Error::Connect { addr: config.addr(), source: std::io::Error::other(e) }
+        } else {
+            Error::Sql(e)
+        }
+    };
+    let client = match tls::client_config(config)? {
+        None => {
+            pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            let (client, connection) = pg.connect(tokio_postgres::NoTls).await.map_err(map_err)?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "SQL connection ended");
+                }
+            });
+            client
+        }
+        Some(tls_config) => {
+            pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_config).clone());
+            let (client, connection) = pg.connect(tls).await.map_err(map_err)?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "SQL connection ended");
+                }
+            });
+            client
+        }
+    };
+    Ok(client)
+}
+
+fn server_error(mut fields: ErrorFields<'_>) -> Error {
+    let mut code = String::new();
+    let mut message = String::new();
+    let mut detail = None;
+    while let Ok(Some(field)) = fallible_iterator::FallibleIterator::next(&mut fields) {
+        match field.type_() {
+            b'C' => code = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+            b'M' => message = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+            b'D' => detail = Some(String::from_utf8_lossy(field.value_bytes()).into_owned()),
+            _ => {}
+        }
+    }
+    Error::Server { code, message, detail }
+}
+
+fn error_message(fields: ErrorFields<'_>) -> String {
+    server_error(fields).to_string()
+}
+
+/// Now, in microseconds since 2000-01-01 UTC, as the protocol counts time.
+pub fn now_pg_micros() -> i64 {
+    let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    unix.as_micros() as i64 - PG_EPOCH_OFFSET_MICROS
+}

@@ -1,0 +1,217 @@
+//! Connection and replication settings for the Postgres source, with their validation.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A secret (password) that never prints: `Debug` and `Display` show `<redacted>`.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// How the connection uses TLS, with libpq's names.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plain TCP.
+    #[default]
+    Disable,
+    /// TLS, without checking the server's certificate.
+    Require,
+    /// TLS, certificate checked against `sslrootcert` (or the public web roots) and the host name.
+    VerifyFull,
+}
+
+/// Where and as whom to connect.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default = "default_user")]
+    pub user: String,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    pub dbname: String,
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// PEM file of the certificate authorities trusted with `sslmode = "verify-full"`.
+    #[serde(default)]
+    pub sslrootcert: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout", with = "crate::duration")]
+    pub connect_timeout: Duration,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    5432
+}
+fn default_user() -> String {
+    "postgres".into()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl ConnectionConfig {
+    /// `host:port`, for messages.
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    pub fn validate(&self, prefix: &str, problems: &mut Vec<Problem>) {
+        if self.host.trim().is_empty() {
+            problems.push(Problem::new(prefix, "host", "must not be empty"));
+        }
+        if self.port == 0 {
+            problems.push(Problem::new(prefix, "port", "must be between 1 and 65535"));
+        }
+        if self.user.is_empty() {
+            problems.push(Problem::new(prefix, "user", "must not be empty"));
+        }
+        if self.dbname.is_empty() {
+            problems.push(Problem::new(prefix, "dbname", "must not be empty"));
+        }
+        if self.sslrootcert.is_some() && self.sslmode != SslMode::VerifyFull {
+            problems.push(Problem::new(prefix, "sslrootcert", "is only used with sslmode = \"verify-full\""));
+        }
+        if let Some(path) = &self.sslrootcert {
+            if !path.is_file() {
+                problems.push(Problem::new(prefix, "sslrootcert", format!("{} is not a readable file", path.display())));
+            }
+        }
+        if self.connect_timeout.is_zero() {
+            problems.push(Problem::new(prefix, "connect_timeout", "must be greater than zero"));
+        }
+    }
+}
+
+/// How to stream from the slot.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Replication slot name; created when missing (unless `create_slot = false`), reused when present.
+    pub slot: String,
+    /// Publication whose tables are streamed. It must exist.
+    pub publication: String,
+    #[serde(default = "yes")]
+    pub create_slot: bool,
+    /// A temporary slot disappears with the connection: no WAL is retained after sluice stops,
+    /// and nothing is resumed either. For trials only.
+    #[serde(default)]
+    pub temporary_slot: bool,
+    /// pgoutput protocol version: 1, or 2 for streamed in-progress transactions (PG 14+).
+    #[serde(default = "default_proto_version")]
+    pub proto_version: u8,
+    /// With protocol 2: receive large transactions while they are in progress, spilled to
+    /// `spill_dir` until their commit is known.
+    #[serde(default)]
+    pub streaming: bool,
+    /// pgoutput's binary value format (PG 14+). Unknown types then arrive in their binary form.
+    #[serde(default)]
+    pub binary: bool,
+    /// Also deliver `pg_logical_emit_message` messages.
+    #[serde(default)]
+    pub messages: bool,
+    /// How often a standby status update is sent when the server does not ask.
+    #[serde(default = "default_status_interval", with = "crate::duration")]
+    pub status_interval: Duration,
+    /// Where streamed transactions are spilled; the system temp dir when unset.
+    #[serde(default)]
+    pub spill_dir: Option<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_proto_version() -> u8 {
+    1
+}
+fn default_status_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl ReplicationConfig {
+    pub fn validate(&self, prefix: &str, problems: &mut Vec<Problem>) {
+        if !is_identifier(&self.slot) {
+            problems.push(Problem::new(
+                prefix,
+                "slot",
+                "must be 1-63 characters of lower-case letters, digits and underscores",
+            ));
+        }
+        if self.publication.is_empty() || self.publication.len() > 63 {
+            problems.push(Problem::new(prefix, "publication", "must be 1-63 characters"));
+        }
+        if !matches!(self.proto_version, 1 | 2) {
+            problems.push(Problem::new(prefix, "proto_version", "must be 1 or 2"));
+        }
+        if self.streaming && self.proto_version < 2 {
+            problems.push(Problem::new(prefix, "streaming", "needs proto_version = 2"));
+        }
+        if self.status_interval.is_zero() {
+            problems.push(Problem::new(prefix, "status_interval", "must be greater than zero"));
+        }
+        if let Some(dir) = &self.spill_dir {
+            if !dir.is_dir() {
+                problems.push(Problem::new(prefix, "spill_dir", format!("{} is not a directory", dir.display())));
+            }
+        }
+    }
+}
+
+/// Replication slot names: what Postgres accepts.
+fn is_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// One configuration problem, named by its dotted key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(prefix: &str, key: &str, message: impl Into<String>) -> Self {
+        let key = if prefix.is_empty() { key.to_owned() } else { format!("{prefix}.{key}") };
+        Problem { key, message: message.into() }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}

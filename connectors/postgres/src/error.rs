@@ -1,0 +1,102 @@
+//! One error type for the Postgres connector, with the single function that decides retry.
+
+use std::io;
+
+use crate::lsn::Lsn;
+
+/// Everything that can go wrong talking to Postgres.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to Postgres at {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connection to Postgres was lost")]
+    ConnectionLost(#[source] io::Error),
+    #[error("TLS with Postgres at {addr} failed: {reason}")]
+    Tls { addr: String, reason: String },
+    #[error("Postgres refused the login of user {user:?}: {message}")]
+    Auth { user: String, message: String },
+    #[error("Postgres error {code}: {message}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    Server {
+        code: String,
+        message: String,
+        detail: Option<String>,
+    },
+    /// Set-up found the server unable to serve this pipeline (wal_level, publication, slot).
+    #[error("{0}")]
+    Setup(String),
+    #[error("replication slot {slot:?} is in use by another client{}; only one consumer may stream from a slot", pid.map(|p| format!(" (server process {p})")).unwrap_or_default())]
+    SlotInUse { slot: String, pid: Option<i32> },
+    /// The consumer of the stream went away; not a failure of the source.
+    #[error("the pipeline stopped consuming the stream")]
+    Stopped,
+    #[error("protocol violation at {lsn}: {reason}")]
+    Protocol { lsn: Lsn, reason: String },
+    #[error("SQL connection to Postgres failed")]
+    Sql(#[source] tokio_postgres::Error),
+    #[error("spill file for streamed transaction {xid} failed")]
+    Spill {
+        xid: u32,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// SQLSTATE classes and codes after which a new connection may succeed.
+const TRANSIENT_SQLSTATES: &[&str] = &[
+    "57P01", // admin_shutdown
+    "57P02", // crash_shutdown
+    "57P03", // cannot_connect_now
+    "53300", // too_many_connections
+    "40001", // serialization_failure
+    "40P01", // deadlock_detected
+];
+
+impl Error {
+    /// True when retrying with a new connection can succeed: network trouble and server restarts.
+    /// Authentication, missing objects, protocol violations and local I/O are fatal.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Connect { .. } | Error::ConnectionLost(_) => true,
+            Error::Server { code, .. } => code.starts_with("08") || TRANSIENT_SQLSTATES.contains(&code.as_str()),
+            Error::Sql(e) => match e.code() {
+                Some(state) => {
+                    let code = state.code();
+                    code.starts_with("08") || TRANSIENT_SQLSTATES.contains(&code)
+                }
+                None => e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<io::Error>()),
+            },
+            Error::Tls { .. }
+            | Error::Auth { .. }
+            | Error::Setup(_)
+            | Error::SlotInUse { .. }
+            | Error::Stopped
+            | Error::Protocol { .. }
+            | Error::Spill { .. } => false,
+        }
+    }
+
+    pub(crate) fn protocol(lsn: Lsn, reason: impl Into<String>) -> Self {
+        Error::Protocol { lsn, reason: reason.into() }
+    }
+
+    /// The SQLSTATE when the server reported one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            Error::Server { code, .. } => Some(code),
+            Error::Sql(e) => e.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Error::Sql(e)
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,154 @@
+//! The change events every source produces and every target consumes.
+//!
+//! Positions: a change is identified by the commit LSN of its transaction and its ordinal in
+//! that transaction. Commit LSNs are the only LSNs that increase in commit order (changes of
+//! concurrent transactions interleave in the WAL), so `(commit_lsn, tx_ordinal)` orders every
+//! change exactly as it must be applied, across restarts and replays.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::lsn::Lsn;
+use crate::types::TypeKind;
+use crate::value::{Timestamp, Value};
+
+/// Where a change stands in the source's commit order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub commit_lsn: Lsn,
+    /// 0 for Begin, then 1, 2, … for each change, in the order the transaction made them.
+    pub tx_ordinal: u32,
+}
+
+/// How a table identifies the old row of updates and deletes (`REPLICA IDENTITY`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaIdentity {
+    /// The primary key's columns (when there is one).
+    Default,
+    /// No old row at all: updates and deletes cannot be matched to a target row.
+    Nothing,
+    /// Every column of the old row.
+    Full,
+    /// The columns of a chosen unique index.
+    Index,
+}
+
+impl ReplicaIdentity {
+    pub fn from_byte(b: u8) -> Option<Self> {
+        Some(match b {
+            b'd' => ReplicaIdentity::Default,
+            b'n' => ReplicaIdentity::Nothing,
+            b'f' => ReplicaIdentity::Full,
+            b'i' => ReplicaIdentity::Index,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaIdentity::Default => "default",
+            ReplicaIdentity::Nothing => "nothing",
+            ReplicaIdentity::Full => "full",
+            ReplicaIdentity::Index => "index",
+        }
+    }
+}
+
+/// A published table as the stream describes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Relation {
+    pub oid: u32,
+    pub namespace: String,
+    pub name: String,
+    pub replica_identity: ReplicaIdentity,
+    pub columns: Vec<Column>,
+}
+
+impl Relation {
+    /// `schema.table`, for messages and mappings.
+    pub fn qualified_name(&self) -> String {
+        format!("{}.{}", self.namespace, self.name)
+    }
+
+    /// True when updates and deletes carry enough of the old row to find the target row.
+    pub fn has_identity(&self) -> bool {
+        self.replica_identity == ReplicaIdentity::Full || self.columns.iter().any(|c| c.is_key)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Column {
+    pub name: String,
+    pub type_oid: u32,
+    pub type_modifier: i32,
+    /// Part of the replica identity.
+    pub is_key: bool,
+    pub kind: TypeKind,
+}
+
+/// The new row of an update.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NewRow {
+    Full(Vec<Value>),
+    /// Some TOASTed columns were not changed and not sent: `None` at their places.
+    /// A target must keep what it stored for them.
+    Partial(Vec<Option<Value>>),
+}
+
+/// The old row of an update or delete.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OldRow {
+    /// Only the replica identity columns hold values; the others are `Null`.
+    Key(Vec<Value>),
+    /// Every column (REPLICA IDENTITY FULL).
+    Full(Vec<Value>),
+}
+
+impl OldRow {
+    pub fn values(&self) -> &[Value] {
+        match self {
+            OldRow::Key(v) | OldRow::Full(v) => v,
+        }
+    }
+}
+
+/// One change, in commit order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ChangeEvent {
+    Begin { position: Position, xid: u32, commit_time: Timestamp },
+    Commit { position: Position, end_lsn: Lsn, commit_time: Timestamp },
+    /// The shape of a table, sent before its first change and after every schema change.
+    Relation(Arc<Relation>),
+    Insert { position: Position, relation: Arc<Relation>, new: Vec<Value> },
+    Update { position: Position, relation: Arc<Relation>, old: Option<OldRow>, new: NewRow },
+    Delete { position: Position, relation: Arc<Relation>, old: OldRow },
+    Truncate { position: Position, relations: Vec<Arc<Relation>>, cascade: bool, restart_identity: bool },
+    /// A `pg_logical_emit_message` message. Non-transactional ones have no Begin/Commit around them.
+    Message { position: Position, transactional: bool, prefix: String, content: Bytes },
+}
+
+impl ChangeEvent {
+    pub fn position(&self) -> Option<Position> {
+        match self {
+            ChangeEvent::Relation(_) => None,
+            ChangeEvent::Begin { position, .. }
+            | ChangeEvent::Commit { position, .. }
+            | ChangeEvent::Insert { position, .. }
+            | ChangeEvent::Update { position, .. }
+            | ChangeEvent::Delete { position, .. }
+            | ChangeEvent::Truncate { position, .. }
+            | ChangeEvent::Message { position, .. } => Some(*position),
+        }
+    }
+}
+
+/// Events handed to the target together, in order.
+#[derive(Debug, Default)]
+pub struct EventBatch {
+    pub events: Vec<ChangeEvent>,
+    /// The source position that may be confirmed once this batch and every batch before it are
+    /// durable: the end LSN of the last transaction the batch completes. `None` when the batch
+    /// completes no transaction (a slice of a large one).
+    pub ack_lsn: Option<Lsn>,
+}

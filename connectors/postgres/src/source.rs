@@ -1,0 +1,517 @@
+//! The logical replication source: streams a slot through pgoutput and hands change events to
+//! the pipeline in commit order, confirming positions upstream only once the pipeline reports
+//! them durable.
+//!
+//! Acknowledgement protocol:
+//! - Batches go to the pipeline over a bounded channel (backpressure keeps memory bounded: a
+//!   transaction of any size flows through in slices of at most `batch_max_events`).
+//! - The pipeline publishes the highest source LSN that is durable in the target (a `watch`).
+//!   Standby status updates report it as the flush position; it never moves backwards.
+//! - When everything sent is durable and no transaction is open, the WAL end from the latest
+//!   keepalive is confirmed instead, so the slot advances while unpublished tables churn.
+//! - After a lost connection the stream restarts after the last transaction handed over
+//!   completely; a transaction cut in the middle is sent again from its Begin.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::{Buf, Bytes};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Interval;
+
+use crate::client::{connect_sql, ReplicationClient};
+use crate::config::{ConnectionConfig, ReplicationConfig};
+use crate::decode::Decoder;
+use crate::error::{Error, Result};
+use crate::event::{ChangeEvent, EventBatch};
+use crate::lsn::Lsn;
+use crate::pgoutput::{self, LogicalMessage};
+use crate::setup::{self, publication_option, quote_ident};
+use crate::spill::SpillStore;
+use crate::types::{CatalogType, CATALOG_QUERY};
+
+/// Tuning that is not part of the user-facing replication settings.
+#[derive(Clone, Debug)]
+pub struct SourceOptions {
+    pub batch_max_events: usize,
+    pub batch_max_bytes: usize,
+    /// How long transient failures (network, server restart) are retried before giving up.
+    pub retry_for: Duration,
+    /// On shutdown, how long to wait for the pipeline to make sent batches durable.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            batch_max_events: 4096,
+            batch_max_bytes: 8 * 1024 * 1024,
+            retry_for: Duration::from_secs(300),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counters the source keeps for status and metrics.
+#[derive(Debug, Default)]
+pub struct SourceStats {
+    /// Highest WAL position received from the server.
+    pub received_lsn: AtomicU64,
+    /// Highest position confirmed to the server (standby status flush).
+    pub confirmed_lsn: AtomicU64,
+    /// Server WAL end from the latest keepalive.
+    pub server_wal_end: AtomicU64,
+    pub events: AtomicU64,
+    pub bytes: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub spilled_bytes: AtomicU64,
+}
+
+/// Streams one slot. Create with `new`, then `run` until shutdown or a fatal error.
+pub struct ReplicationSource {
+    conn: ConnectionConfig,
+    repl: ReplicationConfig,
+    options: SourceOptions,
+    stats: Arc<SourceStats>,
+    decoder: Decoder,
+    spill: SpillStore,
+    sql: Option<tokio_postgres::Client>,
+    /// Inside Stream Start … Stream Stop: the top-level xid.
+    stream_xid: Option<u32>,
+    batch: EventBatch,
+    batch_bytes: usize,
+    received: Lsn,
+    /// End LSN of the last transaction handed to the pipeline completely.
+    last_sent_ack: Lsn,
+    /// WAL end of a keepalive seen while no transaction was open.
+    idle_wal_end: Lsn,
+    reported_flush: Lsn,
+    last_status: Instant,
+}
+
+/// What a session needs besides the source's own state.
+struct Session<'a> {
+    client: ReplicationClient,
+    ticker: Interval,
+    tx: &'a mpsc::Sender<EventBatch>,
+    durable: &'a mut watch::Receiver<Lsn>,
+}
+
+impl ReplicationSource {
+    pub fn new(conn: ConnectionConfig, repl: ReplicationConfig, options: SourceOptions) -> Self {
+        let spill = SpillStore::new(repl.spill_dir.clone());
+        ReplicationSource {
+            conn,
+            repl,
+            options,
+            stats: Arc::new(SourceStats::default()),
+            decoder: Decoder::default(),
+            spill,
+            sql: None,
+            stream_xid: None,
+            batch: EventBatch::default(),
+            batch_bytes: 0,
+            received: Lsn::ZERO,
+            last_sent_ack: Lsn::ZERO,
+            idle_wal_end: Lsn::ZERO,
+            reported_flush: Lsn::ZERO,
+            last_status: Instant::now(),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<SourceStats> {
+        self.stats.clone()
+    }
+
+    /// Streams until `shutdown` turns true (then drains: waits for sent batches to become
+    /// durable, up to `shutdown_timeout`, and confirms them), until the pipeline drops its
+    /// receiver, or until a fatal error. Transient failures reconnect with backoff.
+    pub async fn run(
+        mut self,
+        tx: mpsc::Sender<EventBatch>,
+        mut durable: watch::Receiver<Lsn>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<()> {
+        let mut first = true;
+        let mut backoff = new_backoff();
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            let started_streaming = std::cell::Cell::new(false);
+            let mut shutdown_during_setup = shutdown.clone();
+            let outcome = tokio::select! {
+                outcome = self.session(first, &tx, &mut durable, &mut shutdown, &started_streaming) => outcome,
+                // Before streaming starts, shutdown abandons set-up; after, the session drains itself.
+                _ = async {
+                    wait_true(&mut shutdown_during_setup).await;
+                    if started_streaming.get() {
+                        std::future::pending::<()>().await;
+                    }
+                } => Ok(()),
+            };
+            match outcome {
+                Ok(()) | Err(Error::Stopped) => return Ok(()),
+                Err(error) => {
+                    let retryable = error.is_transient() || (!first && matches!(error, Error::SlotInUse { .. }));
+                    if started_streaming.get() {
+                        failing_since = None;
+                        backoff = new_backoff();
+                    }
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if !retryable || since.elapsed() >= self.options.retry_for {
+                        return Err(error);
+                    }
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "replication connection failed; retrying");
+                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    self.reset_session_state();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = wait_true(&mut shutdown) => return Ok(()),
+                    }
+                    first = false;
+                }
+            }
+        }
+    }
+
+    fn reset_session_state(&mut self) {
+        self.decoder.reset_transaction();
+        self.spill.clear();
+        self.stream_xid = None;
+        self.batch = EventBatch::default();
+        self.batch_bytes = 0;
+        self.sql = None;
+    }
+
+    async fn session(
+        &mut self,
+        first: bool,
+        tx: &mpsc::Sender<EventBatch>,
+        durable: &mut watch::Receiver<Lsn>,
+        shutdown: &mut watch::Receiver<bool>,
+        started: &std::cell::Cell<bool>,
+    ) -> Result<()> {
+        let sql = connect_sql(&self.conn).await?;
+        let slot = setup::check(&sql, &self.conn, &self.repl).await?;
+        if first {
+            for warning in setup::identity_warnings(&sql, &self.repl.publication).await? {
+                tracing::warn!(table = %warning.table, publication = %self.repl.publication, "{}", warning.reason);
+            }
+        }
+        self.sql = Some(sql);
+        let mut client = ReplicationClient::connect(&self.conn).await?;
+        let identity = client.simple_query("IDENTIFY_SYSTEM").await?;
+        let server_lsn = identity.first().and_then(|r| r.get(2)).and_then(|v| v.as_deref()).and_then(|v| v.parse::<Lsn>().ok());
+        if !slot.exists {
+            self.create_slot(&mut client).await?;
+        }
+        let start = self.last_sent_ack;
+        client.start_replication(&self.start_command(start)).await.map_err(|e| match e.sqlstate() {
+            Some("55006") => setup::slot_in_use(&self.repl.slot, None),
+            Some("42704") => Error::Setup(format!("replication slot {:?} does not exist", self.repl.slot)),
+            _ => e,
+        })?;
+        tracing::info!(slot = %self.repl.slot, publication = %self.repl.publication,
+            start = %start, confirmed_flush = %slot.confirmed_flush_lsn.unwrap_or_default(),
+            server_lsn = %server_lsn.unwrap_or_default(), "streaming");
+        started.set(true);
+        let mut ticker = tokio::time::interval(self.repl.status_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut session = Session { client, ticker, tx, durable };
+        loop {
+            tokio::select! {
+                biased;
+                _ = wait_true(shutdown) => return self.drain(session).await,
+                _ = session.ticker.tick() => self.send_status(&mut session, false).await?,
+                changed = session.durable.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::Stopped);
+                    }
+                    if self.last_status.elapsed() >= Duration::from_secs(1) {
+                        self.send_status(&mut session, false).await?;
+                    }
+                }
+                data = session.client.recv_copy_data() => match data? {
+                    Some(data) => self.on_copy_data(data, &mut session).await?,
+                    None => return Err(Error::ConnectionLost(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof, "the server ended the replication stream"))),
+                },
+            }
+        }
+    }
+
+    async fn create_slot(&mut self, client: &mut ReplicationClient) -> Result<()> {
+        let temporary = if self.repl.temporary_slot { " TEMPORARY" } else { "" };
+        let command = format!("CREATE_REPLICATION_SLOT {}{temporary} LOGICAL pgoutput NOEXPORT_SNAPSHOT", quote_ident(&self.repl.slot));
+        match client.simple_query(&command).await {
+            Ok(rows) => {
+                let lsn = rows.first().and_then(|r| r.get(1)).and_then(|v| v.as_deref()).unwrap_or("?");
+                tracing::info!(slot = %self.repl.slot, consistent_point = lsn, temporary = self.repl.temporary_slot, "created replication slot");
+                Ok(())
+            }
+            // Created meanwhile by another process: reuse it.
+            Err(e) if e.sqlstate() == Some("42710") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn start_command(&self, start: Lsn) -> String {
+        let mut options = vec![
+            format!("proto_version '{}'", self.repl.proto_version),
+            format!("publication_names {}", publication_option(&self.repl.publication)),
+        ];
+        if self.repl.messages {
+            options.push("messages 'true'".into());
+        }
+        if self.repl.streaming {
+            options.push("streaming 'on'".into());
+        }
+        if self.repl.binary {
+            options.push("binary 'true'".into());
+        }
+        format!("START_REPLICATION SLOT {} LOGICAL {start} ({})", quote_ident(&self.repl.slot), options.join(", "))
+    }
+
+    async fn on_copy_data(&mut self, mut data: Bytes, session: &mut Session<'_>) -> Result<()> {
+        match data.first() {
+            Some(b'w') if data.len() >= 25 => {
+                data.advance(1);
+                let wal_start = Lsn(data.get_u64());
+                let wal_end = Lsn(data.get_u64());
+                let _send_time = data.get_i64();
+                self.received = self.received.max(wal_end).max(wal_start);
+                self.stats.received_lsn.store(self.received.0, Ordering::Relaxed);
+                self.stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.on_message(data, wal_start, session).await
+            }
+            Some(b'k') if data.len() >= 18 => {
+                data.advance(1);
+                let wal_end = Lsn(data.get_u64());
+                let _send_time = data.get_i64();
+                let reply_requested = data.get_u8() == 1;
+                self.stats.server_wal_end.store(wal_end.0, Ordering::Relaxed);
+                self.received = self.received.max(wal_end);
+                if !self.decoder.in_transaction() && self.stream_xid.is_none() && self.batch.events.is_empty() {
+                    self.idle_wal_end = self.idle_wal_end.max(wal_end);
+                }
+                if reply_requested {
+                    self.send_status(session, false).await?;
+                }
+                Ok(())
+            }
+            _ => Err(Error::protocol(self.received, "unknown or short CopyData message")),
+        }
+    }
+
+    async fn on_message(&mut self, payload: Bytes, wal_start: Lsn, session: &mut Session<'_>) -> Result<()> {
+        let size = payload.len();
+        if let Some(top_xid) = self.stream_xid {
+            let message = pgoutput::parse(payload.clone(), true).map_err(|e| Error::protocol(wal_start, e.to_string()))?;
+            if message == LogicalMessage::StreamStop {
+                self.stream_xid = None;
+                return Ok(());
+            }
+            let subxid = message.stream_xid().unwrap_or(top_xid);
+            self.spill
+                .append(top_xid, subxid, &payload)
+                .map_err(|source| Error::Spill { xid: top_xid, source })?;
+            self.stats.spilled_bytes.store(self.spill.bytes_spilled(), Ordering::Relaxed);
+            return Ok(());
+        }
+        let message = pgoutput::parse(payload, false).map_err(|e| Error::protocol(wal_start, e.to_string()))?;
+        match message {
+            LogicalMessage::Begin { final_lsn, commit_time, xid } => {
+                let event = self.decoder.begin(final_lsn, xid, commit_time).map_err(|e| Error::protocol(wal_start, e.to_string()))?;
+                self.push(event, size, session).await?;
+            }
+            LogicalMessage::Commit { end_lsn, commit_time, .. } => {
+                let event = self.decoder.commit(end_lsn, commit_time).map_err(|e| Error::protocol(wal_start, e.to_string()))?;
+                self.push(event, size, session).await?;
+                self.transaction_done(end_lsn, session).await?;
+            }
+            LogicalMessage::StreamStart { xid, .. } => self.stream_xid = Some(xid),
+            LogicalMessage::StreamAbort { xid, subxid } => {
+                self.spill.abort(xid, subxid).map_err(|source| Error::Spill { xid, source })?;
+                self.stats.spilled_bytes.store(self.spill.bytes_spilled(), Ordering::Relaxed);
+            }
+            LogicalMessage::StreamCommit { xid, commit_lsn, end_lsn, commit_time, .. } => {
+                self.replay_streamed(xid, commit_lsn, end_lsn, commit_time, session).await?;
+            }
+            LogicalMessage::Message { transactional: false, lsn, .. } if !self.decoder.in_transaction() => {
+                if let Some(event) = self.decoder.change(message).map_err(|e| Error::protocol(wal_start, e.to_string()))? {
+                    self.push(event, size, session).await?;
+                }
+                self.transaction_done(lsn, session).await?;
+            }
+            message => self.on_change(message, wal_start, size, session).await?,
+        }
+        Ok(())
+    }
+
+    async fn on_change(&mut self, message: LogicalMessage, at: Lsn, size: usize, session: &mut Session<'_>) -> Result<()> {
+        if let LogicalMessage::Relation(body) = &message {
+            let oids: Vec<u32> = body.columns.iter().map(|c| c.type_oid).collect();
+            self.ensure_types(oids).await?;
+        }
+        if let Some(event) = self.decoder.change(message).map_err(|e| Error::protocol(at, e.to_string()))? {
+            self.push(event, size, session).await?;
+        }
+        Ok(())
+    }
+
+    async fn replay_streamed(
+        &mut self,
+        xid: u32,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_time: i64,
+        session: &mut Session<'_>,
+    ) -> Result<()> {
+        let begin = self.decoder.begin(commit_lsn, xid, commit_time).map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;
+        self.push(begin, 0, session).await?;
+        if let Some(mut reader) = self.spill.take(xid).map_err(|source| Error::Spill { xid, source })? {
+            while let Some(raw) = reader.next_message().map_err(|source| Error::Spill { xid, source })? {
+                let size = raw.len();
+                let message = pgoutput::parse(raw, true).map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;
+                self.on_change(message, commit_lsn, size, session).await?;
+            }
+        }
+        self.stats.spilled_bytes.store(self.spill.bytes_spilled(), Ordering::Relaxed);
+        let commit = self.decoder.commit(end_lsn, commit_time).map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;
+        self.push(commit, 0, session).await?;
+        self.transaction_done(end_lsn, session).await
+    }
+
+    /// Resolves column types that are not built in (enums, domains, arrays of them).
+    async fn ensure_types(&mut self, oids: Vec<u32>) -> Result<()> {
+        for _ in 0..4 {
+            let missing = self.decoder.types.missing(oids.iter().copied());
+            if missing.is_empty() {
+                return Ok(());
+            }
+            let sql = self.sql.as_ref().ok_or_else(|| Error::protocol(self.received, "no catalog connection"))?;
+            let rows = sql.query(CATALOG_QUERY, &[&missing]).await?;
+            let found = rows.iter().map(|row| {
+                let text_byte = |i: usize| row.get::<_, String>(i).bytes().next().unwrap_or(b',');
+                CatalogType {
+                    oid: row.get::<_, i64>(0) as u32,
+                    typtype: text_byte(1),
+                    typelem: row.get::<_, i64>(2) as u32,
+                    typbasetype: row.get::<_, i64>(3) as u32,
+                    typdelim: text_byte(4),
+                    is_array: row.get(5),
+                }
+            });
+            let found: Vec<_> = found.collect();
+            if found.is_empty() {
+                return Ok(());
+            }
+            self.decoder.types.add_catalog_rows(found);
+        }
+        Ok(())
+    }
+
+    async fn push(&mut self, event: ChangeEvent, size: usize, session: &mut Session<'_>) -> Result<()> {
+        self.batch.events.push(event);
+        self.batch_bytes += size;
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        if self.batch.events.len() >= self.options.batch_max_events || self.batch_bytes >= self.options.batch_max_bytes {
+            self.send_batch(session).await?;
+        }
+        Ok(())
+    }
+
+    /// A transaction (or standalone message) ended at `ack`: the batch may now confirm it.
+    /// The batch goes out at once unless more data is already waiting to be decoded.
+    async fn transaction_done(&mut self, ack: Lsn, session: &mut Session<'_>) -> Result<()> {
+        self.batch.ack_lsn = Some(ack);
+        if !session.client.has_buffered_frame() {
+            self.send_batch(session).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_batch(&mut self, session: &mut Session<'_>) -> Result<()> {
+        if self.batch.events.is_empty() && self.batch.ack_lsn.is_none() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        let ack = batch.ack_lsn;
+        // Wait for room while still telling the server we are alive.
+        loop {
+            tokio::select! {
+                permit = session.tx.reserve() => {
+                    permit.map_err(|_| Error::Stopped)?.send(batch);
+                    break;
+                }
+                _ = session.ticker.tick() => self.send_status(session, false).await?,
+            }
+        }
+        if let Some(ack) = ack {
+            self.last_sent_ack = self.last_sent_ack.max(ack);
+        }
+        Ok(())
+    }
+
+    /// The flush position to report: what the pipeline made durable, or the idle WAL end when
+    /// nothing is outstanding.
+    fn confirmable(&self, durable: Lsn) -> Lsn {
+        let nothing_outstanding = durable >= self.last_sent_ack
+            && self.batch.events.is_empty()
+            && !self.decoder.in_transaction()
+            && self.stream_xid.is_none();
+        let candidate = if nothing_outstanding { durable.max(self.idle_wal_end) } else { durable };
+        candidate.max(self.reported_flush)
+    }
+
+    async fn send_status(&mut self, session: &mut Session<'_>, reply: bool) -> Result<()> {
+        let durable = *session.durable.borrow_and_update();
+        let flush = self.confirmable(durable);
+        session.client.send_standby_status(self.received.max(flush), flush, reply).await?;
+        if flush > self.reported_flush {
+            tracing::debug!(flush = %flush, "confirmed position");
+        }
+        self.reported_flush = flush;
+        self.stats.confirmed_lsn.store(flush.0, Ordering::Relaxed);
+        self.last_status = Instant::now();
+        Ok(())
+    }
+
+    /// Shutdown: hand over what was decoded, wait (bounded) for it to become durable, confirm, close.
+    async fn drain(&mut self, mut session: Session<'_>) -> Result<()> {
+        self.send_batch(&mut session).await?;
+        let deadline = tokio::time::Instant::now() + self.options.shutdown_timeout;
+        while *session.durable.borrow() < self.last_sent_ack {
+            match tokio::time::timeout_at(deadline, session.durable.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    tracing::warn!(durable = %*session.durable.borrow(), sent = %self.last_sent_ack,
+                        "shutdown timeout: some changes were not confirmed and will be streamed again");
+                    break;
+                }
+            }
+        }
+        self.send_status(&mut session, false).await?;
+        tracing::info!(confirmed = %self.reported_flush, "replication stream closed");
+        session.client.close().await;
+        Ok(())
+    }
+}
+
+fn new_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Resolves when the flag becomes true (or its sender is gone).
+async fn wait_true(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|&v| v).await;
+}
