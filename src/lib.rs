@@ -1,0 +1,15 @@
+//! sluice: change-data capture from Postgres logical replication to other stores.
+//!
+//! The daemon core: configuration, the pipeline that carries change events from the source to a
+//! target and acknowledgements back, the targets without heavy SDKs, and helpers to run local
+//! Postgres clusters for the quick-start, the benchmark and the tests.
+
+pub mod bench;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod event;
+pub mod json;
+pub mod localpg;
+pub mod pipeline;
+pub mod target;

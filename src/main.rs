@@ -1,1 +1,143 @@
-fn main() {}
+//! The `sluice` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sluice::config::{Config, ConfigError};
+use sluice::event::Lsn;
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Change-data capture from Postgres logical replication")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream changes from the source to the target until stopped (SIGTERM/SIGINT drain and exit 0).
+    Run {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Stop (gracefully) once this source position is durable in the target.
+        #[arg(long, value_name = "LSN")]
+        until_lsn: Option<Lsn>,
+    },
+    /// Check a configuration file; prints every problem with its dotted key.
+    Validate {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Quick-start: a local Postgres, a demo table, sluice streaming its changes to stdout.
+    Demo,
+    /// Benchmark the stream against pg_recvlogical on the same data (see the README).
+    Bench(sluice::bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Validate { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_failure(&e),
+        },
+        Command::Run { config, until_lsn } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_failure(&e),
+            };
+            report(runtime.block_on(run(config, until_lsn)))
+        }
+        Command::Demo => report(runtime.block_on(sluice::demo::run()).map_err(anyhow::Error::from_boxed)),
+        Command::Bench(args) => report(runtime.block_on(sluice::bench::run(args)).map_err(anyhow::Error::from_boxed)),
+    }
+}
+
+async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let signals = shutdown_tx.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received; draining");
+        signals.send_replace(true);
+    });
+    sluice::pipeline::run(&config, shutdown_rx, |pipeline| {
+        if let Some(until) = until_lsn {
+            let mut durable = pipeline.durable;
+            tokio::spawn(async move {
+                if durable.wait_for(|&lsn| lsn >= until).await.is_ok() {
+                    tracing::info!(lsn = %until, "reached --until-lsn");
+                    shutdown_tx.send_replace(true);
+                }
+            });
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn config_failure(error: &ConfigError) -> ExitCode {
+    eprintln!("error: invalid configuration");
+    for line in error.to_string().lines() {
+        eprintln!("  {line}");
+    }
+    ExitCode::from(2)
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", error_chain(error.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// "outer: cause: root cause", without repeating a message a source already holds.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

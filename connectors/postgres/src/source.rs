@@ -12,7 +12,7 @@
 //! - After a lost connection the stream restarts after the last transaction handed over
 //!   completely; a transaction cut in the middle is sent again from its Begin.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,6 +89,8 @@ pub struct ReplicationSource {
     idle_wal_end: Lsn,
     reported_flush: Lsn,
     last_status: Instant,
+    /// A status update owed because the durable position moved (sent at most once a second).
+    status_due: Option<tokio::time::Instant>,
 }
 
 /// What a session needs besides the source's own state.
@@ -118,6 +120,7 @@ impl ReplicationSource {
             idle_wal_end: Lsn::ZERO,
             reported_flush: Lsn::ZERO,
             last_status: Instant::now(),
+            status_due: None,
         }
     }
 
@@ -138,14 +141,14 @@ impl ReplicationSource {
         let mut backoff = new_backoff();
         let mut failing_since: Option<Instant> = None;
         loop {
-            let started_streaming = std::cell::Cell::new(false);
+            let started_streaming = AtomicBool::new(false);
             let mut shutdown_during_setup = shutdown.clone();
             let outcome = tokio::select! {
                 outcome = self.session(first, &tx, &mut durable, &mut shutdown, &started_streaming) => outcome,
                 // Before streaming starts, shutdown abandons set-up; after, the session drains itself.
                 _ = async {
                     wait_true(&mut shutdown_during_setup).await;
-                    if started_streaming.get() {
+                    if started_streaming.load(Ordering::Relaxed) {
                         std::future::pending::<()>().await;
                     }
                 } => Ok(()),
@@ -154,7 +157,7 @@ impl ReplicationSource {
                 Ok(()) | Err(Error::Stopped) => return Ok(()),
                 Err(error) => {
                     let retryable = error.is_transient() || (!first && matches!(error, Error::SlotInUse { .. }));
-                    if started_streaming.get() {
+                    if started_streaming.load(Ordering::Relaxed) {
                         failing_since = None;
                         backoff = new_backoff();
                     }
@@ -191,7 +194,7 @@ impl ReplicationSource {
         tx: &mpsc::Sender<EventBatch>,
         durable: &mut watch::Receiver<Lsn>,
         shutdown: &mut watch::Receiver<bool>,
-        started: &std::cell::Cell<bool>,
+        started: &AtomicBool,
     ) -> Result<()> {
         let sql = connect_sql(&self.conn).await?;
         let slot = setup::check(&sql, &self.conn, &self.repl).await?;
@@ -216,7 +219,7 @@ impl ReplicationSource {
         tracing::info!(slot = %self.repl.slot, publication = %self.repl.publication,
             start = %start, confirmed_flush = %slot.confirmed_flush_lsn.unwrap_or_default(),
             server_lsn = %server_lsn.unwrap_or_default(), "streaming");
-        started.set(true);
+        started.store(true, Ordering::Relaxed);
         let mut ticker = tokio::time::interval(self.repl.status_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut session = Session { client, ticker, tx, durable };
@@ -229,12 +232,20 @@ impl ReplicationSource {
                     if changed.is_err() {
                         return Err(Error::Stopped);
                     }
-                    if self.last_status.elapsed() >= Duration::from_secs(1) {
-                        self.send_status(&mut session, false).await?;
+                    if self.status_due.is_none() {
+                        let earliest = tokio::time::Instant::from_std(self.last_status) + STATUS_MIN_INTERVAL;
+                        self.status_due = Some(earliest.max(tokio::time::Instant::now()));
                     }
                 }
+                _ = sleep_until_due(self.status_due) => self.send_status(&mut session, false).await?,
                 data = session.client.recv_copy_data() => match data? {
-                    Some(data) => self.on_copy_data(data, &mut session).await?,
+                    Some(data) => {
+                        self.on_copy_data(data, &mut session).await?;
+                        // Completed transactions go out as soon as no more data is waiting.
+                        if self.batch.ack_lsn.is_some() && !session.client.has_buffered_frame() {
+                            self.send_batch(&mut session).await?;
+                        }
+                    }
                     None => return Err(Error::ConnectionLost(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof, "the server ended the replication stream"))),
                 },
@@ -298,6 +309,10 @@ impl ReplicationSource {
                 }
                 if reply_requested {
                     self.send_status(session, false).await?;
+                } else if self.status_due.is_none() && self.confirmable(*session.durable.borrow()) > self.reported_flush {
+                    // Idle WAL can be confirmed: do it soon so the slot does not hold it.
+                    let earliest = tokio::time::Instant::from_std(self.last_status) + STATUS_MIN_INTERVAL;
+                    self.status_due = Some(earliest.max(tokio::time::Instant::now()));
                 }
                 Ok(())
             }
@@ -329,7 +344,7 @@ impl ReplicationSource {
             LogicalMessage::Commit { end_lsn, commit_time, .. } => {
                 let event = self.decoder.commit(end_lsn, commit_time).map_err(|e| Error::protocol(wal_start, e.to_string()))?;
                 self.push(event, size, session).await?;
-                self.transaction_done(end_lsn, session).await?;
+                self.transaction_done(end_lsn);
             }
             LogicalMessage::StreamStart { xid, .. } => self.stream_xid = Some(xid),
             LogicalMessage::StreamAbort { xid, subxid } => {
@@ -343,7 +358,7 @@ impl ReplicationSource {
                 if let Some(event) = self.decoder.change(message).map_err(|e| Error::protocol(wal_start, e.to_string()))? {
                     self.push(event, size, session).await?;
                 }
-                self.transaction_done(lsn, session).await?;
+                self.transaction_done(lsn);
             }
             message => self.on_change(message, wal_start, size, session).await?,
         }
@@ -381,7 +396,8 @@ impl ReplicationSource {
         self.stats.spilled_bytes.store(self.spill.bytes_spilled(), Ordering::Relaxed);
         let commit = self.decoder.commit(end_lsn, commit_time).map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;
         self.push(commit, 0, session).await?;
-        self.transaction_done(end_lsn, session).await
+        self.transaction_done(end_lsn);
+        Ok(())
     }
 
     /// Resolves column types that are not built in (enums, domains, arrays of them).
@@ -424,13 +440,8 @@ impl ReplicationSource {
     }
 
     /// A transaction (or standalone message) ended at `ack`: the batch may now confirm it.
-    /// The batch goes out at once unless more data is already waiting to be decoded.
-    async fn transaction_done(&mut self, ack: Lsn, session: &mut Session<'_>) -> Result<()> {
+    fn transaction_done(&mut self, ack: Lsn) {
         self.batch.ack_lsn = Some(ack);
-        if !session.client.has_buffered_frame() {
-            self.send_batch(session).await?;
-        }
-        Ok(())
     }
 
     async fn send_batch(&mut self, session: &mut Session<'_>) -> Result<()> {
@@ -477,6 +488,7 @@ impl ReplicationSource {
         self.reported_flush = flush;
         self.stats.confirmed_lsn.store(flush.0, Ordering::Relaxed);
         self.last_status = Instant::now();
+        self.status_due = None;
         Ok(())
     }
 
@@ -499,6 +511,16 @@ impl ReplicationSource {
         tracing::info!(confirmed = %self.reported_flush, "replication stream closed");
         session.client.close().await;
         Ok(())
+    }
+}
+
+/// Durable progress is confirmed upstream at most this often (and at least every `status_interval`).
+const STATUS_MIN_INTERVAL: Duration = Duration::from_millis(200);
+
+async fn sleep_until_due(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

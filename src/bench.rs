@@ -1,0 +1,208 @@
+//! `sluice bench`: the stream benchmark. For each shape — many transactions of `--tx-rows` rows,
+//! and one transaction of all rows — it loads `--rows` rows into a fresh database of a throwaway
+//! cluster with two identical slots, then drains one with `pg_recvlogical` (the baseline) and the
+//! other with `sluice run` to the null target, in alternating order, `--runs` times. It prints
+//! rows/s for both, their ratio and sluice's peak RSS, and the medians.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::localpg::{ClusterOptions, LocalPostgres};
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Rows per shape and run.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub rows: u64,
+    /// Rows per transaction in the many-transactions shape.
+    #[arg(long, default_value_t = 1_000)]
+    pub tx_rows: u64,
+    /// Runs per shape; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Which shapes to run.
+    #[arg(long, value_enum, default_value_t = Shape::Both)]
+    pub shape: Shape,
+    /// pgoutput protocol version for both consumers.
+    #[arg(long, default_value_t = 1)]
+    pub proto_version: u8,
+    /// Protocol 2 streaming of in-progress transactions (sluice spills them locally).
+    #[arg(long)]
+    pub streaming: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shape {
+    Many,
+    One,
+    Both,
+}
+
+struct Sample {
+    baseline_rows_per_s: f64,
+    sluice_rows_per_s: f64,
+    peak_rss_kib: u64,
+}
+
+pub async fn run(args: BenchArgs) -> BenchResult<()> {
+    tokio::task::spawn_blocking(move || run_blocking(&args)).await?
+}
+
+fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
+    if args.streaming && args.proto_version < 2 {
+        return Err("--streaming needs --proto-version 2".into());
+    }
+    let pg = LocalPostgres::start(&ClusterOptions::default())?;
+    let sluice = std::env::current_exe()?;
+    let shapes: &[Shape] = match args.shape {
+        Shape::Both => &[Shape::Many, Shape::One],
+        Shape::Many => &[Shape::Many],
+        Shape::One => &[Shape::One],
+    };
+    println!(
+        "sluice bench: {} rows per run, {} runs, proto_version {}{}",
+        args.rows,
+        args.runs,
+        args.proto_version,
+        if args.streaming { ", streaming" } else { "" }
+    );
+    for &shape in shapes {
+        let label = match shape {
+            Shape::Many => format!("{} transactions of {} rows", args.rows.div_ceil(args.tx_rows), args.tx_rows),
+            _ => format!("one transaction of {} rows", args.rows),
+        };
+        println!("\n== {label}");
+        println!("{:>4} {:>16} {:>16} {:>7} {:>14}", "run", "pg_recvlogical/s", "sluice rows/s", "ratio", "peak RSS MiB");
+        let mut samples = Vec::new();
+        for run in 0..args.runs {
+            let sample = run_once(&pg, &sluice, args, shape, run)?;
+            println!(
+                "{:>4} {:>16.0} {:>16.0} {:>7.3} {:>14.1}",
+                run + 1,
+                sample.baseline_rows_per_s,
+                sample.sluice_rows_per_s,
+                sample.sluice_rows_per_s / sample.baseline_rows_per_s,
+                sample.peak_rss_kib as f64 / 1024.0
+            );
+            samples.push(sample);
+        }
+        let median = |f: &dyn Fn(&Sample) -> f64| {
+            let mut v: Vec<f64> = samples.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!(
+            "median {:>14.0} {:>16.0} {:>7.3} {:>14.1}",
+            median(&|s| s.baseline_rows_per_s),
+            median(&|s| s.sluice_rows_per_s),
+            median(&|s| s.sluice_rows_per_s / s.baseline_rows_per_s),
+            median(&|s| s.peak_rss_kib as f64 / 1024.0)
+        );
+    }
+    Ok(())
+}
+
+fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, run: usize) -> BenchResult<Sample> {
+    let db = format!("bench_{}_{run}", if shape == Shape::Many { "many" } else { "one" });
+    pg.create_database(&db)?;
+    pg.psql(
+        &db,
+        "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL); \
+         CREATE PUBLICATION bench_pub FOR TABLE bench; \
+         SELECT pg_create_logical_replication_slot('baseline', 'pgoutput'); \
+         SELECT pg_create_logical_replication_slot('sluice', 'pgoutput');",
+    )?;
+    let rows = args.rows;
+    let load = match shape {
+        Shape::Many => format!(
+            "DO $$ BEGIN FOR t IN 0..{last} LOOP \
+               INSERT INTO bench SELECT g, 'name-' || g, g * 1.5 FROM generate_series(t * {tx} + 1, LEAST((t + 1) * {tx}, {rows})) g; \
+               COMMIT; END LOOP; END $$",
+            last = rows.div_ceil(args.tx_rows) - 1,
+            tx = args.tx_rows
+        ),
+        _ => format!("INSERT INTO bench SELECT g, 'name-' || g, g * 1.5 FROM generate_series(1, {rows}) g"),
+    };
+    pg.psql(&db, &load)?;
+    // A marker transaction after `end`: both consumers stop once they have passed it.
+    let end = pg.psql(&db, "SELECT pg_current_wal_insert_lsn()")?;
+    pg.psql(&db, "INSERT INTO bench VALUES (0, 'end', 0)")?;
+    let total_rows = rows as f64 + 1.0;
+
+    let baseline = || -> BenchResult<f64> {
+        let mut cmd = pg.client_command("pg_recvlogical");
+        cmd.args(["-h", "127.0.0.1", "-U", "postgres", "-S", "baseline", "--start", "-f", "/dev/null", "--no-loop"])
+            .arg("-p")
+            .arg(pg.port.to_string())
+            .arg("-d")
+            .arg(&db)
+            .arg(format!("--endpos={end}"))
+            .args(["-o", &format!("proto_version={}", args.proto_version), "-o", "publication_names=bench_pub"]);
+        if args.streaming {
+            cmd.args(["-o", "streaming=on"]);
+        }
+        let started = Instant::now();
+        let status = cmd.stdin(Stdio::null()).stdout(Stdio::null()).status()?;
+        if !status.success() {
+            return Err(format!("pg_recvlogical failed: {status}").into());
+        }
+        Ok(total_rows / started.elapsed().as_secs_f64())
+    };
+    let measured_sluice = || -> BenchResult<(f64, u64)> {
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("bench.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[source.connection]\nport = {}\ndbname = \"{db}\"\n\
+                 [source.replication]\nslot = \"sluice\"\npublication = \"bench_pub\"\ncreate_slot = false\n\
+                 proto_version = {}\nstreaming = {}\nspill_dir = \"{}\"\n[target]\nkind = \"null\"\n",
+                pg.port,
+                args.proto_version,
+                args.streaming,
+                dir.path().display()
+            ),
+        )?;
+        let started = Instant::now();
+        let mut child = Command::new(sluice)
+            .arg("run")
+            .arg("-c")
+            .arg(&config)
+            .arg("--until-lsn")
+            .arg(&end)
+            .env("SLUICE_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()?;
+        let mut peak = 0;
+        let status = loop {
+            peak = peak.max(peak_rss_kib(child.id()).unwrap_or(0));
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let elapsed = started.elapsed().as_secs_f64();
+        if !status.success() {
+            return Err(format!("sluice run failed: {status}").into());
+        }
+        Ok((total_rows / elapsed, peak))
+    };
+    let (baseline_rows_per_s, (sluice_rows_per_s, peak_rss_kib)) = if run % 2 == 0 {
+        let b = baseline()?;
+        (b, measured_sluice()?)
+    } else {
+        let s = measured_sluice()?;
+        (baseline()?, s)
+    };
+    pg.psql("postgres", &format!("DROP DATABASE \"{db}\" WITH (FORCE)"))?;
+    Ok(Sample { baseline_rows_per_s, sluice_rows_per_s, peak_rss_kib })
+}
+
+/// The process's peak resident set (VmHWM) in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}

@@ -1,0 +1,298 @@
+//! The configuration file: TOML, every table with `deny_unknown_fields`, defaults in one place
+//! (the `default_*` functions below and in the connector), environment overrides
+//! `SLUICE__SECTION__KEY=value`, and a pure `validate()` whose problems name the dotted key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sluice_postgres::{ConnectionConfig, Problem, ReplicationConfig};
+
+/// The whole configuration of one sluice process (one pipeline).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    pub source: SourceConfig,
+    pub target: TargetConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Names the pipeline in logs and metrics.
+    #[serde(default = "default_pipeline_name")]
+    pub name: String,
+    /// Most events in one batch handed to the target.
+    #[serde(default = "default_batch_max_events")]
+    pub batch_max_events: usize,
+    /// Batches submitted to the target and not yet durable, at most.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// How long transient source failures are retried before sluice stops with an error.
+    #[serde(default = "default_retry_for", with = "sluice_postgres::duration")]
+    pub retry_for: Duration,
+    /// On SIGTERM/SIGINT, how long to wait for in-flight batches before exiting.
+    #[serde(default = "default_shutdown_timeout", with = "sluice_postgres::duration")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            name: default_pipeline_name(),
+            batch_max_events: default_batch_max_events(),
+            max_in_flight: default_max_in_flight(),
+            retry_for: default_retry_for(),
+            shutdown_timeout: default_shutdown_timeout(),
+        }
+    }
+}
+
+fn default_pipeline_name() -> String {
+    "default".into()
+}
+fn default_batch_max_events() -> usize {
+    4096
+}
+fn default_max_in_flight() -> usize {
+    4
+}
+fn default_retry_for() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The Postgres logical replication source.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub connection: ConnectionConfig,
+    pub replication: ReplicationConfig,
+}
+
+/// Where changes go.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum TargetConfig {
+    /// One JSON object per change, to a file or standard output.
+    Jsonl(JsonlConfig),
+    /// Discards everything at once (benchmarks).
+    Null,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlConfig {
+    /// A file path, or `-` for standard output.
+    #[serde(default = "default_jsonl_path")]
+    pub path: PathBuf,
+    /// fsync the file after each batch before it counts as durable (ignored for stdout).
+    #[serde(default = "yes")]
+    pub fsync: bool,
+    /// Also write begin and commit records.
+    #[serde(default = "yes")]
+    pub transactions: bool,
+}
+
+fn default_jsonl_path() -> PathBuf {
+    PathBuf::from("-")
+}
+fn yes() -> bool {
+    true
+}
+
+/// Reading or checking the configuration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid { problems: Vec<Problem> },
+}
+
+const ENV_PREFIX: &str = "SLUICE__";
+
+impl Config {
+    /// Reads `path`, applies `SLUICE__…` overrides from the process environment and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Config::from_toml(&text, std::env::vars(), path)
+    }
+
+    /// Parses, overrides and validates; `path` only names the file in messages.
+    pub fn from_toml(text: &str, env: impl IntoIterator<Item = (String, String)>, path: &Path) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: path.into(), message: e.message().to_owned() })?;
+        let mut problems = Vec::new();
+        apply_env_overrides(&mut table, env, &mut problems);
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid { problems });
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { "(top level)".to_owned() } else { key };
+            ConfigError::Invalid { problems: vec![Problem { key, message: e.into_inner().message().to_owned() }] }
+        })?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid { problems })
+        }
+    }
+
+    /// Every problem with the configuration, each named by its dotted key.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let p = &self.pipeline;
+        if p.name.is_empty() || !p.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            problems.push(Problem::new("pipeline", "name", "must be letters, digits, '-' or '_'"));
+        }
+        if p.batch_max_events == 0 {
+            problems.push(Problem::new("pipeline", "batch_max_events", "must be at least 1"));
+        }
+        if p.max_in_flight == 0 {
+            problems.push(Problem::new("pipeline", "max_in_flight", "must be at least 1"));
+        }
+        self.source.connection.validate("source.connection", &mut problems);
+        self.source.replication.validate("source.replication", &mut problems);
+        if self.source.replication.binary {
+            problems.push(Problem::new(
+                "source.replication",
+                "binary",
+                "the binary value format is not supported yet; the text format keeps unknown types as text",
+            ));
+        }
+        if let TargetConfig::Jsonl(jsonl) = &self.target {
+            if jsonl.path != Path::new("-") {
+                if let Some(dir) = jsonl.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    if !dir.is_dir() {
+                        problems.push(Problem::new("target", "path", format!("directory {} does not exist", dir.display())));
+                    }
+                }
+            }
+        }
+        problems
+    }
+}
+
+/// `SLUICE__SOURCE__CONNECTION__PASSWORD=x` sets `source.connection.password = "x"`. Values
+/// that read as TOML integers, floats or booleans keep that type; anything else is a string.
+fn apply_env_overrides(table: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>, problems: &mut Vec<Problem>) {
+    for (name, raw) in env {
+        let Some(path) = name.strip_prefix(ENV_PREFIX) else { continue };
+        let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+        if keys.iter().any(String::is_empty) {
+            problems.push(Problem { key: name.clone(), message: "environment override has an empty key segment".into() });
+            continue;
+        }
+        if let Err(message) = set_path(table, &keys, parse_env_value(&raw)) {
+            problems.push(Problem { key: keys.join("."), message: format!("{name}: {message}") });
+        }
+    }
+}
+
+/// Sets `keys` (a dotted path) in `table`, creating tables on the way.
+fn set_path(table: &mut toml::Table, keys: &[String], value: toml::Value) -> Result<(), String> {
+    let (first, rest) = keys.split_first().expect("at least one segment");
+    if rest.is_empty() {
+        table.insert(first.clone(), value);
+        return Ok(());
+    }
+    match table.entry(first.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new())) {
+        toml::Value::Table(inner) => set_path(inner, rest, value),
+        _ => Err(format!("{first} is not a table, so it cannot hold {}", rest.join("."))),
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    match raw {
+        "true" => return toml::Value::Boolean(true),
+        "false" => return toml::Value::Boolean(false),
+        _ => {}
+    }
+    if let Ok(f) = raw.parse::<f64>() {
+        if raw.contains('.') {
+            return toml::Value::Float(f);
+        }
+    }
+    toml::Value::String(raw.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [source.connection]
+        dbname = "app"
+        [source.replication]
+        slot = "sluice"
+        publication = "sluice_pub"
+        [target]
+        kind = "null"
+    "#;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_toml(text, env.iter().map(|(k, v)| (k.to_string(), v.to_string())), Path::new("test.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = load(MINIMAL, &[]).unwrap();
+        assert_eq!(config.source.connection.port, 5432);
+        assert_eq!(config.pipeline.max_in_flight, 4);
+        assert!(matches!(config.target, TargetConfig::Null));
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys_with_types() {
+        let config = load(
+            MINIMAL,
+            &[("SLUICE__SOURCE__CONNECTION__PORT", "6543"), ("SLUICE__SOURCE__CONNECTION__PASSWORD", "s3cret"), ("OTHER", "x")],
+        )
+        .unwrap();
+        assert_eq!(config.source.connection.port, 6543);
+        assert_eq!(config.source.connection.password.as_ref().unwrap().expose(), "s3cret");
+        assert!(!format!("{config:?}").contains("s3cret"), "the password must not print");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_path() {
+        let text = MINIMAL.replace("dbname = \"app\"", "dbname = \"app\"\nhots = \"x\"");
+        let err = load(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("source.connection") && err.contains("hots"), "{err}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_with_its_key() {
+        let text = MINIMAL.replace("slot = \"sluice\"", "slot = \"Bad-Slot\"\nstreaming = true\nstatus_interval = \"0s\"")
+            + "\n[pipeline]\nmax_in_flight = 0\n";
+        let ConfigError::Invalid { problems } = load(&text, &[]).unwrap_err() else { panic!("expected problems") };
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["pipeline.max_in_flight", "source.replication.slot", "source.replication.streaming", "source.replication.status_interval"]
+        );
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let text = MINIMAL.replace("publication = \"sluice_pub\"", "publication = \"sluice_pub\"\nstatus_interval = \"10\"");
+        let err = load(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("source.replication.status_interval") && err.contains("unit"), "{err}");
+    }
+}

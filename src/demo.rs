@@ -1,0 +1,96 @@
+//! `sluice demo`: the quick-start. Starts a throwaway Postgres, creates a table and a
+//! publication, runs the pipeline to the jsonl target on standard output, makes a few changes
+//! and stops once they are all delivered. Narration goes to standard error.
+
+use std::time::Duration;
+
+use sluice_postgres::{ReplicationConfig, SourceStats};
+use tokio::sync::watch;
+
+use crate::config::{Config, JsonlConfig, PipelineConfig, SourceConfig, TargetConfig};
+use crate::event::Lsn;
+use crate::localpg::{ClusterOptions, LocalPostgres};
+
+type DemoResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+const SETUP: &str = "CREATE TABLE accounts (id bigint PRIMARY KEY, owner text NOT NULL, balance numeric(12,2), \
+     tags text[], opened_at timestamptz DEFAULT '2024-05-01 09:30:00+00'); \
+     CREATE PUBLICATION demo_pub FOR TABLE accounts;";
+
+const CHANGES: &[&str] = &[
+    "INSERT INTO accounts (id, owner, balance, tags) VALUES (1, 'ada', 100.00, '{founder}'), (2, 'grace', 250.50, '{}')",
+    "BEGIN; UPDATE accounts SET balance = balance - 25 WHERE id = 1; UPDATE accounts SET balance = balance + 25 WHERE id = 2; COMMIT",
+    "INSERT INTO accounts (id, owner, balance) VALUES (3, 'zoë', 0)",
+    "DELETE FROM accounts WHERE id = 3",
+];
+
+pub async fn run() -> DemoResult {
+    eprintln!("demo: starting a throwaway Postgres cluster (wal_level=logical) …");
+    let pg = tokio::task::spawn_blocking(|| LocalPostgres::start(&ClusterOptions::default())).await??;
+    pg.create_database("demo")?;
+    pg.psql("demo", SETUP)?;
+    eprintln!("demo: Postgres on 127.0.0.1:{}; table accounts published as demo_pub", pg.port);
+
+    let config = Config {
+        pipeline: PipelineConfig::default(),
+        source: SourceConfig {
+            connection: pg.connection("demo"),
+            replication: ReplicationConfig {
+                slot: "demo_slot".into(),
+                publication: "demo_pub".into(),
+                create_slot: true,
+                temporary_slot: false,
+                proto_version: 1,
+                streaming: false,
+                binary: false,
+                messages: false,
+                status_interval: Duration::from_secs(10),
+                spill_dir: None,
+            },
+        },
+        target: TargetConfig::Jsonl(JsonlConfig { path: "-".into(), fsync: false, transactions: true }),
+    };
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (handles_tx, mut handles_rx) = watch::channel(None::<(std::sync::Arc<SourceStats>, watch::Receiver<Lsn>)>);
+    let pipeline = tokio::spawn(async move {
+        crate::pipeline::run(&config, shutdown_rx, |p| {
+            handles_tx.send_replace(Some((p.source_stats, p.durable)));
+        })
+        .await
+    });
+    let (_stats, mut durable) = handles_rx.wait_for(Option::is_some).await?.clone().ok_or("pipeline did not start")?;
+    wait_until(Duration::from_secs(30), || {
+        Ok(pg.psql("demo", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'demo_slot' AND active")? == "1")
+    })?;
+    eprintln!("demo: sluice is streaming slot demo_slot; making changes:");
+    let mut before_last = Lsn::ZERO;
+    for sql in CHANGES {
+        eprintln!("demo:   {sql}");
+        before_last = pg.psql("demo", "SELECT pg_current_wal_insert_lsn()")?.parse()?;
+        pg.psql("demo", sql)?;
+    }
+    // The last change commits after `before_last`: once that is durable, everything is.
+    tokio::time::timeout(Duration::from_secs(30), durable.wait_for(|&lsn| lsn > before_last)).await??;
+    shutdown_tx.send_replace(true);
+    pipeline.await??;
+    let confirmed = pg.psql("demo", "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'demo_slot'")?;
+    eprintln!("demo: every change delivered; slot demo_slot confirmed up to {confirmed}. Stopping Postgres.");
+    Ok(())
+}
+
+/// Polls `check` until it returns true or `limit` passes.
+pub fn wait_until(
+    limit: Duration,
+    mut check: impl FnMut() -> Result<bool, Box<dyn std::error::Error + Send + Sync>>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if check()? {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("condition not met within {limit:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

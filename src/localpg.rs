@@ -1,0 +1,215 @@
+//! Throwaway Postgres clusters on 127.0.0.1 for the quick-start, the benchmark and the tests:
+//! `initdb` into a temp dir, `wal_level=logical`, a free port, started with `pg_ctl`. Postgres
+//! refuses to run as root, so as root the server runs as the `postgres` OS user (`runuser`).
+
+use std::io;
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use sluice_postgres::ConnectionConfig;
+
+/// The directory holding `initdb`, `pg_ctl`, `pg_recvlogical`…: `SLUICE_TEST_PG_BIN`, else
+/// `pg_config --bindir`, else the newest `/usr/lib/postgresql/*/bin`.
+pub fn pg_bin_dir() -> io::Result<PathBuf> {
+    if let Ok(dir) = std::env::var("SLUICE_TEST_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && dir.join("initdb").exists() {
+            return Ok(dir);
+        }
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.flatten().map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
+        .unwrap_or_default();
+    candidates.sort_by_key(|p| p.parent().and_then(|v| v.file_name()).and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok()));
+    candidates
+        .pop()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no Postgres server binaries (initdb) found; install postgresql or set SLUICE_TEST_PG_BIN"))
+}
+
+fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; start retries on a clash).
+pub fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Settings for a new cluster.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterOptions {
+    /// Extra `postgresql.conf` settings.
+    pub settings: Vec<(String, String)>,
+    /// `pg_hba.conf` lines placed before the default trust lines.
+    pub hba: Vec<String>,
+    /// Skip `wal_level=logical` (to test the error for it).
+    pub wal_level_replica: bool,
+}
+
+/// A running throwaway cluster; stopped and deleted on drop.
+pub struct LocalPostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    as_root: bool,
+    pub port: u16,
+}
+
+impl LocalPostgres {
+    pub fn start(options: &ClusterOptions) -> io::Result<Self> {
+        let bin = pg_bin_dir()?;
+        let dir = tempfile::Builder::new().prefix("sluice-pg-").tempdir()?;
+        let as_root = running_as_root();
+        if as_root {
+            run_checked(Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()))?;
+        }
+        let mut cluster = LocalPostgres { dir, bin, as_root, port: 0 };
+        let data = cluster.data_dir();
+        run_checked(cluster.server_command("initdb").arg("-D").arg(&data).args([
+            "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C",
+        ]))?;
+        if !options.hba.is_empty() {
+            let default = std::fs::read_to_string(data.join("pg_hba.conf")).unwrap_or_default();
+            let lines: Vec<&str> = default.lines().filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty()).collect();
+            let hba = format!("{}\n{}\n", options.hba.join("\n"), lines.join("\n"));
+            cluster.write_as_owner(&data.join("pg_hba.conf"), &hba)?;
+        }
+        let mut conf = String::from(
+            "listen_addresses = '127.0.0.1'\nmax_replication_slots = 20\nmax_wal_senders = 20\nfsync = off\n\
+             synchronous_commit = off\nfull_page_writes = off\nwal_sender_timeout = 60s\nlog_min_messages = warning\n",
+        );
+        conf.push_str(&format!("unix_socket_directories = '{}'\n", cluster.dir.path().display()));
+        if !options.wal_level_replica {
+            conf.push_str("wal_level = logical\n");
+        }
+        for (key, value) in &options.settings {
+            conf.push_str(&format!("{key} = '{value}'\n"));
+        }
+        let mut existing = std::fs::read_to_string(data.join("postgresql.conf"))?;
+        existing.push_str(&conf);
+        cluster.write_as_owner(&data.join("postgresql.conf"), &existing)?;
+        let mut last_error = None;
+        for _ in 0..3 {
+            cluster.port = free_port()?;
+            match cluster.pg_ctl_start() {
+                Ok(()) => return Ok(cluster),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| io::Error::other("postgres did not start")))
+    }
+
+    fn pg_ctl_start(&self) -> io::Result<()> {
+        let log = self.dir.path().join("postgres.log");
+        run_checked(
+            self.server_command("pg_ctl")
+                .arg("-D")
+                .arg(self.data_dir())
+                .arg("-l")
+                .arg(&log)
+                .args(["-w", "-t", "60", "start", "-o"])
+                .arg(format!("-c port={}", self.port)),
+        )
+        .map(drop)
+        .map_err(|e| io::Error::other(format!("{e}; server log: {}", std::fs::read_to_string(&log).unwrap_or_default())))
+    }
+
+    /// Stops the server at once (as a crash would) or cleanly.
+    pub fn stop(&self, mode: &str) -> io::Result<()> {
+        run_checked(self.server_command("pg_ctl").arg("-D").arg(self.data_dir()).args(["-w", "-m", mode, "stop"])).map(drop)
+    }
+
+    /// Starts the server again on the same port after `stop`.
+    pub fn restart(&self) -> io::Result<()> {
+        self.pg_ctl_start()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    /// A Postgres client program (psql, pg_recvlogical, pgbench): run as the current user.
+    pub fn client_command(&self, program: &str) -> Command {
+        Command::new(self.bin.join(program))
+    }
+
+    fn server_command(&self, program: &str) -> Command {
+        if self.as_root {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).arg(self.bin.join(program));
+            cmd
+        } else {
+            Command::new(self.bin.join(program))
+        }
+    }
+
+    fn write_as_owner(&self, path: &Path, text: &str) -> io::Result<()> {
+        std::fs::write(path, text)?;
+        if self.as_root {
+            run_checked(Command::new("chown").arg("postgres:postgres").arg(path))?;
+        }
+        Ok(())
+    }
+
+    /// Runs SQL with psql as the superuser and returns its unaligned output.
+    pub fn psql(&self, dbname: &str, sql: &str) -> io::Result<String> {
+        let out = run_checked(
+            self.client_command("psql")
+                .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres"])
+                .arg("-p")
+                .arg(self.port.to_string())
+                .arg("-d")
+                .arg(dbname)
+                .arg("-c")
+                .arg(sql),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
+    }
+
+    pub fn create_database(&self, name: &str) -> io::Result<()> {
+        self.psql("postgres", &format!("CREATE DATABASE \"{name}\"")).map(drop)
+    }
+
+    /// Connection settings for `dbname` as the superuser (trust auth).
+    pub fn connection(&self, dbname: &str) -> ConnectionConfig {
+        ConnectionConfig {
+            host: "127.0.0.1".into(),
+            port: self.port,
+            user: "postgres".into(),
+            password: None,
+            dbname: dbname.into(),
+            sslmode: Default::default(),
+            sslrootcert: None,
+            connect_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+impl Drop for LocalPostgres {
+    fn drop(&mut self) {
+        let _ = self.server_command("pg_ctl").arg("-D").arg(self.data_dir()).args(["-m", "immediate", "stop"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+fn run_checked(cmd: &mut Command) -> io::Result<Output> {
+    let out = cmd.stdin(Stdio::null()).output()?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(io::Error::other(format!(
+            "{:?} failed ({}): {}{}",
+            cmd.get_program(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        )))
+    }
+}

@@ -1,0 +1,132 @@
+//! Which source position may be confirmed, given batches that become durable in any order.
+//!
+//! Batches are numbered as they are submitted. A batch may carry an acknowledgement LSN (the
+//! end of the last transaction it completes). The durable position advances over the longest
+//! unbroken run of completed batches from the oldest pending one, to the highest LSN in that run,
+//! and never moves backwards: a later batch finishing first confirms nothing until every batch
+//! before it is durable too.
+
+use std::collections::BTreeMap;
+
+use sluice_postgres::Lsn;
+
+#[derive(Debug, Default)]
+pub struct AckTracker {
+    next_seq: u64,
+    /// Submitted batches not yet released: ack LSN and whether durable.
+    pending: BTreeMap<u64, (Option<Lsn>, bool)>,
+    durable: Lsn,
+}
+
+impl AckTracker {
+    /// Starts after a position already known to be durable (e.g. the slot's confirmed LSN).
+    pub fn starting_at(durable: Lsn) -> Self {
+        AckTracker { durable, ..AckTracker::default() }
+    }
+
+    /// Records a submitted batch; returns its sequence number.
+    pub fn register(&mut self, ack: Option<Lsn>) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.pending.insert(seq, (ack, false));
+        seq
+    }
+
+    /// Marks a batch durable; returns the new durable position when it advanced.
+    pub fn complete(&mut self, seq: u64) -> Option<Lsn> {
+        if let Some(entry) = self.pending.get_mut(&seq) {
+            entry.1 = true;
+        }
+        let before = self.durable;
+        while let Some(entry) = self.pending.first_entry() {
+            let (ack, done) = *entry.get();
+            if !done {
+                break;
+            }
+            entry.remove();
+            if let Some(ack) = ack {
+                self.durable = self.durable.max(ack);
+            }
+        }
+        (self.durable > before).then_some(self.durable)
+    }
+
+    pub fn durable(&self) -> Lsn {
+        self.durable
+    }
+
+    /// Batches submitted and not yet released.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn later_batch_completing_first_confirms_nothing() {
+        let mut tracker = AckTracker::default();
+        let a = tracker.register(Some(Lsn(10)));
+        let b = tracker.register(Some(Lsn(20)));
+        assert_eq!(tracker.complete(b), None);
+        assert_eq!(tracker.durable(), Lsn(0));
+        assert_eq!(tracker.complete(a), Some(Lsn(20)));
+    }
+
+    #[test]
+    fn batch_without_ack_passes_the_position_on() {
+        let mut tracker = AckTracker::starting_at(Lsn(5));
+        let a = tracker.register(None);
+        let b = tracker.register(Some(Lsn(30)));
+        assert_eq!(tracker.complete(a), None);
+        assert_eq!(tracker.durable(), Lsn(5));
+        assert_eq!(tracker.complete(b), Some(Lsn(30)));
+        assert_eq!(tracker.in_flight(), 0);
+    }
+
+    proptest! {
+        /// Model test: whatever the completion order (a permutation of a prefix, i.e. with gaps),
+        /// the durable position equals the highest ack among the longest fully completed prefix,
+        /// and it never decreases.
+        #[test]
+        fn durable_is_the_highest_ack_of_the_completed_prefix(
+            acks in proptest::collection::vec(proptest::option::of(1u64..1000), 1..40),
+            order in any::<u64>(),
+            completed_fraction in 0.0f64..=1.0,
+        ) {
+            // Acks of a source only increase; sort them to model that.
+            let mut sorted: Vec<Option<u64>> = acks.clone();
+            let mut increasing = sorted.iter().flatten().copied().collect::<Vec<_>>();
+            increasing.sort_unstable();
+            let mut it = increasing.into_iter();
+            for slot in sorted.iter_mut() {
+                if slot.is_some() { *slot = it.next(); }
+            }
+            let mut tracker = AckTracker::default();
+            let seqs: Vec<u64> = sorted.iter().map(|a| tracker.register(a.map(Lsn))).collect();
+            let mut completion: Vec<usize> = (0..seqs.len()).collect();
+            // Deterministic shuffle from `order`.
+            let mut state = order | 1;
+            for i in (1..completion.len()).rev() {
+                state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+                completion.swap(i, (state % (i as u64 + 1)) as usize);
+            }
+            let take = ((completion.len() as f64) * completed_fraction) as usize;
+            let mut done = vec![false; seqs.len()];
+            let mut last = Lsn(0);
+            for &i in &completion[..take] {
+                tracker.complete(seqs[i]);
+                done[i] = true;
+                prop_assert!(tracker.durable() >= last, "durable moved backwards");
+                last = tracker.durable();
+            }
+            let prefix = done.iter().take_while(|&&d| d).count();
+            let expected = sorted[..prefix].iter().flatten().max().copied().unwrap_or(0);
+            prop_assert_eq!(tracker.durable(), Lsn(expected));
+            prop_assert_eq!(tracker.in_flight(), seqs.len() - prefix);
+        }
+    }
+}

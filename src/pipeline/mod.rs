@@ -1,0 +1,149 @@
+//! One pipeline: the source task streams batches over a bounded channel; this task submits them
+//! to the target, tracks their receipts, and publishes the durable source position back to the
+//! source, which confirms it upstream.
+//!
+//! ```text
+//! ReplicationSource ──EventBatch──▶ apply loop ──submit──▶ Target
+//!        ▲                              │ receipts (any order)
+//!        └──── durable Lsn (watch) ◀── AckTracker (unbroken prefix only)
+//! ```
+
+pub mod ack;
+
+use std::sync::Arc;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use sluice_postgres::{EventBatch, Lsn, ReplicationSource, SourceOptions, SourceStats};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::error::{PipelineError, TargetError};
+use crate::target::{AnyTarget, Target};
+use ack::AckTracker;
+
+/// Batches buffered between source and target: with `batch_max_events` this bounds memory.
+const CHANNEL_BATCHES: usize = 4;
+
+/// A running pipeline's handles for status and tests.
+pub struct Pipeline {
+    pub source_stats: Arc<SourceStats>,
+    pub durable: watch::Receiver<Lsn>,
+}
+
+/// Runs the pipeline until `shutdown` turns true (a graceful drain) or a fatal error.
+/// `on_start` receives the handles once the tasks exist.
+pub async fn run(config: &Config, shutdown: watch::Receiver<bool>, on_start: impl FnOnce(Pipeline)) -> Result<(), PipelineError> {
+    let target = AnyTarget::open(&config.target).await?;
+    let options = SourceOptions {
+        batch_max_events: config.pipeline.batch_max_events,
+        retry_for: config.pipeline.retry_for,
+        shutdown_timeout: config.pipeline.shutdown_timeout,
+        ..SourceOptions::default()
+    };
+    let source = ReplicationSource::new(config.source.connection.clone(), config.source.replication.clone(), options);
+    let (batch_tx, batch_rx) = mpsc::channel(CHANNEL_BATCHES);
+    let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+    on_start(Pipeline { source_stats: source.stats(), durable: durable_rx.clone() });
+    let source_task = tokio::spawn(source.run(batch_tx, durable_rx, shutdown));
+    let applied = apply(target, batch_rx, durable_tx, config.pipeline.max_in_flight).await;
+    // A failed target drops the channel, which stops the source without confirming more.
+    let sourced = source_task.await.map_err(|e| PipelineError::Task(e.to_string()))?;
+    applied?;
+    sourced?;
+    Ok(())
+}
+
+/// Submits batches in order, keeps at most `max_in_flight` unconfirmed, and publishes the
+/// durable position. Returns when the source closes the channel and everything submitted is
+/// durable, or at the first target failure (nothing past the durable prefix is published).
+async fn apply<T: Target>(
+    mut target: T,
+    mut batches: mpsc::Receiver<EventBatch>,
+    durable: watch::Sender<Lsn>,
+    max_in_flight: usize,
+) -> Result<(), TargetError> {
+    let mut tracker = AckTracker::default();
+    let mut in_flight = FuturesUnordered::new();
+    let mut source_open = true;
+    while source_open || !in_flight.is_empty() {
+        tokio::select! {
+            Some((seq, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let result: Result<(), TargetError> = result;
+                result?;
+                if let Some(lsn) = tracker.complete(seq) {
+                    durable.send_replace(lsn);
+                }
+            }
+            batch = batches.recv(), if source_open && in_flight.len() < max_in_flight => match batch {
+                Some(batch) => {
+                    let seq = tracker.register(batch.ack_lsn);
+                    let receipt = target.submit(Arc::new(batch)).await?;
+                    in_flight.push(async move { (seq, receipt.await) });
+                }
+                None => source_open = false,
+            },
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+    use crate::target::Receipt;
+    use std::time::Duration;
+
+    /// A target whose receipts resolve out of submission order (odd batches first), and which
+    /// fails on a chosen batch.
+    struct ReorderingTarget {
+        submitted: u64,
+        fail_at: Option<u64>,
+    }
+
+    impl Target for ReorderingTarget {
+        async fn submit(&mut self, _batch: Arc<EventBatch>) -> Result<Receipt, TargetError> {
+            let n = self.submitted;
+            self.submitted += 1;
+            let fail = self.fail_at == Some(n);
+            let delay = [20, 1, 60, 1][(n % 4) as usize];
+            Ok(Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                if fail {
+                    Err(TargetError { target: "test", kind: ErrorKind::Fatal, message: "injected".into(), source: None })
+                } else {
+                    Ok(())
+                }
+            }))
+        }
+    }
+
+    fn batch(ack: u64) -> EventBatch {
+        EventBatch { events: Vec::new(), ack_lsn: Some(Lsn(ack)) }
+    }
+
+    #[tokio::test]
+    async fn durable_position_reaches_the_last_batch_despite_reordering() {
+        let (tx, rx) = mpsc::channel(8);
+        let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+        for ack in [10, 20, 30, 40] {
+            tx.send(batch(ack)).await.unwrap();
+        }
+        drop(tx);
+        apply(ReorderingTarget { submitted: 0, fail_at: None }, rx, durable_tx, 4).await.unwrap();
+        assert_eq!(*durable_rx.borrow(), Lsn(40));
+    }
+
+    #[tokio::test]
+    async fn failed_batch_stops_the_position_before_it() {
+        let (tx, rx) = mpsc::channel(8);
+        let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+        for ack in [10, 20, 30, 40] {
+            tx.send(batch(ack)).await.unwrap();
+        }
+        drop(tx);
+        let err = apply(ReorderingTarget { submitted: 0, fail_at: Some(2) }, rx, durable_tx, 4).await.unwrap_err();
+        assert_eq!(err.message, "injected");
+        assert_eq!(*durable_rx.borrow(), Lsn(20), "nothing at or after the failed batch may be durable");
+    }
+}

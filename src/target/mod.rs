@@ -1,0 +1,59 @@
+//! Targets: where change events are made durable.
+
+mod jsonl;
+mod null;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+pub use jsonl::JsonlTarget;
+pub use null::NullTarget;
+
+use crate::config::TargetConfig;
+use crate::error::TargetError;
+use crate::event::EventBatch;
+
+/// Resolves when a submitted batch is durable (or failed).
+pub type Receipt = Pin<Box<dyn Future<Output = Result<(), TargetError>> + Send>>;
+
+/// A destination for change events.
+///
+/// Contract:
+/// - `submit` is called with batches in source commit order, one call at a time. It may wait
+///   for capacity (backpressure) and returns a receipt.
+/// - The receipt resolves `Ok` only once every event of the batch is durable: it would survive
+///   a crash of sluice (and of the target's process, as far as the target can promise).
+/// - Receipts may resolve in any order; the pipeline confirms source positions only over an
+///   unbroken run of durable batches, so a target may apply independent keys concurrently, but
+///   must keep the order of changes to the same key.
+/// - Delivery is at least once: after a restart the source replays from the last confirmed
+///   position, so a target sees some changes again and must absorb them (position guards, or
+///   duplicates documented as such).
+pub trait Target: Send {
+    fn submit(&mut self, batch: Arc<EventBatch>) -> impl Future<Output = Result<Receipt, TargetError>> + Send;
+}
+
+/// The targets known at build time.
+pub enum AnyTarget {
+    Jsonl(JsonlTarget),
+    Null(NullTarget),
+}
+
+impl AnyTarget {
+    pub async fn open(config: &TargetConfig) -> Result<Self, TargetError> {
+        Ok(match config {
+            TargetConfig::Jsonl(c) => AnyTarget::Jsonl(JsonlTarget::open(c).await?),
+            TargetConfig::Null => AnyTarget::Null(NullTarget::default()),
+        })
+    }
+}
+
+impl Target for AnyTarget {
+    async fn submit(&mut self, batch: Arc<EventBatch>) -> Result<Receipt, TargetError> {
+        match self {
+            AnyTarget::Jsonl(t) => t.submit(batch).await,
+            AnyTarget::Null(t) => t.submit(batch).await,
+        }
+    }
+}
