@@ -111,10 +111,11 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
     pg.psql(
         &db,
         "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL); \
-         CREATE PUBLICATION bench_pub FOR TABLE bench; \
-         SELECT pg_create_logical_replication_slot('baseline', 'pgoutput'); \
-         SELECT pg_create_logical_replication_slot('sluice', 'pgoutput');",
+         CREATE PUBLICATION bench_pub FOR TABLE bench;",
     )?;
+    for slot in ["baseline", "sluice"] {
+        pg.psql(&db, &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"))?;
+    }
     let rows = args.rows;
     let load = match shape {
         Shape::Many => format!(
@@ -130,6 +131,8 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
     // A marker transaction after `end`: both consumers stop once they have passed it.
     let end = pg.psql(&db, "SELECT pg_current_wal_insert_lsn()")?;
     pg.psql(&db, "INSERT INTO bench VALUES (0, 'end', 0)")?;
+    // Flush WAL and dirty pages now, so that neither consumer pays for it.
+    pg.psql(&db, "CHECKPOINT")?;
     let total_rows = rows as f64 + 1.0;
 
     let baseline = || -> BenchResult<f64> {

@@ -1,0 +1,4 @@
+//! Integration tests against real services started by the harness (see `harness.rs`).
+
+mod harness;
+mod types;

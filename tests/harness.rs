@@ -1,0 +1,230 @@
+//! Test harness: a shared throwaway Postgres cluster (started on first use, stopped when the last
+//! test using it finishes), a fresh database per test, an in-process source whose events the
+//! test reads and acknowledges, the `sluice` binary, and `wait_for` helpers with deadlines.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use sluice::localpg::{ClusterOptions, LocalPostgres};
+use sluice_postgres::{ChangeEvent, ConnectionConfig, EventBatch, Lsn, ReplicationConfig, ReplicationSource, SourceOptions};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+static SHARED: Mutex<Weak<LocalPostgres>> = Mutex::new(Weak::new());
+static DB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The cluster shared by the tests running now.
+pub fn shared_cluster() -> Arc<LocalPostgres> {
+    let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(pg) = shared.upgrade() {
+        return pg;
+    }
+    let pg = Arc::new(LocalPostgres::start(&ClusterOptions::default()).expect("start the test Postgres cluster"));
+    *shared = Arc::downgrade(&pg);
+    pg
+}
+
+/// A fresh database in a cluster.
+pub struct TestDb {
+    pub pg: Arc<LocalPostgres>,
+    pub name: String,
+}
+
+impl TestDb {
+    pub fn new() -> Self {
+        Self::in_cluster(shared_cluster())
+    }
+
+    pub fn in_cluster(pg: Arc<LocalPostgres>) -> Self {
+        let name = format!("t{}_{}", std::process::id(), DB_COUNTER.fetch_add(1, Ordering::Relaxed));
+        pg.create_database(&name).expect("create test database");
+        TestDb { pg, name }
+    }
+
+    /// Runs SQL through psql; panics with the server's message on failure.
+    pub fn sql(&self, sql: &str) -> String {
+        self.pg.psql(&self.name, sql).unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"))
+    }
+
+    pub fn lsn(&self, sql: &str) -> Lsn {
+        self.sql(sql).parse().expect("an LSN")
+    }
+
+    pub fn insert_lsn(&self) -> Lsn {
+        self.lsn("SELECT pg_current_wal_insert_lsn()")
+    }
+
+    /// Waits until a replication connection streams from `slot`.
+    pub async fn wait_slot_active(&self, slot: &str) {
+        let sql = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active");
+        wait_for(&format!("slot {slot} to be active"), Duration::from_secs(30), || async { self.sql(&sql) == "1" }).await;
+    }
+
+    /// Starts an in-process source on `slot` and waits until it streams.
+    pub async fn stream(&self, repl: ReplicationConfig) -> Stream {
+        let slot = repl.slot.clone();
+        let stream = Stream::start(self.connection(), repl);
+        self.wait_slot_active(&slot).await;
+        stream
+    }
+
+    pub fn slot_confirmed(&self, slot: &str) -> Option<Lsn> {
+        let text = self.sql(&format!("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'"));
+        text.parse().ok()
+    }
+
+    pub fn connection(&self) -> ConnectionConfig {
+        self.pg.connection(&self.name)
+    }
+
+    pub fn replication(&self, slot: &str, publication: &str) -> ReplicationConfig {
+        ReplicationConfig {
+            slot: slot.into(),
+            publication: publication.into(),
+            create_slot: true,
+            temporary_slot: false,
+            proto_version: 1,
+            streaming: false,
+            binary: false,
+            messages: false,
+            status_interval: Duration::from_secs(1),
+            spill_dir: None,
+        }
+    }
+
+    /// A config file for the `sluice` binary: source settings for this database plus `rest`.
+    pub fn config_file(&self, dir: &std::path::Path, slot: &str, publication: &str, rest: &str) -> PathBuf {
+        let path = dir.join("sluice.toml");
+        let text = format!(
+            "[pipeline]\nretry_for = \"2s\"\n\n[source.connection]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{}\"\n\n\
+             [source.replication]\nslot = \"{slot}\"\npublication = \"{publication}\"\nstatus_interval = \"1s\"\n\n{rest}\n",
+            self.pg.port, self.name
+        );
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+}
+
+/// An in-process source whose batches the test receives; every batch is acknowledged
+/// (made "durable") as soon as the test has read it.
+pub struct Stream {
+    batches: mpsc::Receiver<EventBatch>,
+    durable: watch::Sender<Lsn>,
+    shutdown: watch::Sender<bool>,
+    pub task: JoinHandle<sluice_postgres::Result<()>>,
+    pub acknowledge: bool,
+}
+
+impl Stream {
+    pub fn start(conn: ConnectionConfig, repl: ReplicationConfig) -> Self {
+        let options = SourceOptions { retry_for: Duration::from_secs(5), ..SourceOptions::default() };
+        let source = ReplicationSource::new(conn, repl, options);
+        let (tx, batches) = mpsc::channel(4);
+        let (durable, durable_rx) = watch::channel(Lsn::ZERO);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let task = tokio::spawn(source.run(tx, durable_rx, shutdown_rx));
+        Stream { batches, durable, shutdown, task, acknowledge: true }
+    }
+
+    /// Collects events until `done` says the collection is complete, or panics at the deadline.
+    pub async fn collect_until(&mut self, limit: Duration, mut done: impl FnMut(&[ChangeEvent]) -> bool) -> Vec<ChangeEvent> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut events = Vec::new();
+        while !done(&events) {
+            let batch = tokio::time::timeout_at(deadline, self.batches.recv())
+                .await
+                .unwrap_or_else(|_| panic!("timed out after {limit:?} with {} events: {:#?}", events.len(), events.last()))
+                .expect("the source stopped");
+            if self.acknowledge {
+                if let Some(ack) = batch.ack_lsn {
+                    self.durable.send_replace(ack);
+                }
+            }
+            events.extend(batch.events);
+        }
+        events
+    }
+
+    /// Collects the changes (inserts, updates, deletes, truncates, messages) of `count` commits.
+    pub async fn commits(&mut self, count: usize) -> Vec<ChangeEvent> {
+        self.collect_until(Duration::from_secs(60), |events| {
+            events.iter().filter(|e| matches!(e, ChangeEvent::Commit { .. })).count() >= count
+        })
+        .await
+    }
+
+    pub async fn stop(self) -> sluice_postgres::Result<()> {
+        self.shutdown.send_replace(true);
+        let Stream { mut batches, task, .. } = self;
+        // Keep draining so that the source can hand over its last batch.
+        let drain = tokio::spawn(async move { while batches.recv().await.is_some() {} });
+        let result = tokio::time::timeout(Duration::from_secs(30), task).await.expect("source stops").expect("source task");
+        drain.abort();
+        result
+    }
+}
+
+/// Only the row changes of a list of events.
+pub fn row_changes(events: &[ChangeEvent]) -> Vec<&ChangeEvent> {
+    events
+        .iter()
+        .filter(|e| matches!(e, ChangeEvent::Insert { .. } | ChangeEvent::Update { .. } | ChangeEvent::Delete { .. } | ChangeEvent::Truncate { .. }))
+        .collect()
+}
+
+/// The `sluice` binary with logs at info level.
+pub fn sluice() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.env("SLUICE_LOG", "info").stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `sluice` to completion with a time limit; returns (exit code, stderr).
+pub fn sluice_output(args: &[&str], limit: Duration) -> (Option<i32>, String) {
+    let mut child = sluice().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn sluice");
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let out = child.wait_with_output().expect("output");
+            return (status.code(), String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!("sluice {args:?} did not exit within {limit:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills a child process with SIGKILL (no chance to flush or confirm anything).
+pub fn kill_9(child: &mut Child) {
+    let _ = Command::new("kill").arg("-9").arg(child.id().to_string()).status();
+    let _ = child.wait();
+}
+
+/// Polls `check` until it is true; panics naming `what` at the deadline.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The same, for blocking checks.
+pub fn wait_for_blocking(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
