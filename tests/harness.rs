@@ -72,7 +72,9 @@ impl TestDb {
         stream
     }
 
+    /// The confirmed flush LSN of this test's slot `slot`.
     pub fn slot_confirmed(&self, slot: &str) -> Option<Lsn> {
+        let slot = self.slot_name(slot);
         let text = self.sql(&format!("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'"));
         text.parse().ok()
     }
@@ -81,9 +83,14 @@ impl TestDb {
         self.pg.connection(&self.name)
     }
 
+    /// Slots are cluster-wide: each test's slot names carry its database name.
+    pub fn slot_name(&self, slot: &str) -> String {
+        format!("{}_{slot}", self.name)
+    }
+
     pub fn replication(&self, slot: &str, publication: &str) -> ReplicationConfig {
         ReplicationConfig {
-            slot: slot.into(),
+            slot: self.slot_name(slot),
             publication: publication.into(),
             create_slot: true,
             temporary_slot: false,
@@ -99,6 +106,7 @@ impl TestDb {
     /// A config file for the `sluice` binary: source settings for this database plus `rest`.
     pub fn config_file(&self, dir: &std::path::Path, slot: &str, publication: &str, rest: &str) -> PathBuf {
         let path = dir.join("sluice.toml");
+        let slot = self.slot_name(slot);
         let text = format!(
             "[pipeline]\nretry_for = \"2s\"\n\n[source.connection]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{}\"\n\n\
              [source.replication]\nslot = \"{slot}\"\npublication = \"{publication}\"\nstatus_interval = \"1s\"\n\n{rest}\n",
@@ -137,8 +145,11 @@ impl Stream {
         while !done(&events) {
             let batch = tokio::time::timeout_at(deadline, self.batches.recv())
                 .await
-                .unwrap_or_else(|_| panic!("timed out after {limit:?} with {} events: {:#?}", events.len(), events.last()))
-                .expect("the source stopped");
+                .unwrap_or_else(|_| panic!("timed out after {limit:?} with {} events: {:#?}", events.len(), events.last()));
+            let Some(batch) = batch else {
+                let result = (&mut self.task).await;
+                panic!("the source stopped: {result:?}");
+            };
             if self.acknowledge {
                 if let Some(ack) = batch.ack_lsn {
                     self.durable.send_replace(ack);

@@ -2,3 +2,5 @@
 
 mod harness;
 mod types;
+mod identity;
+mod crash;
