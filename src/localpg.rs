@@ -49,6 +49,8 @@ pub struct ClusterOptions {
     pub hba: Vec<String>,
     /// Skip `wal_level=logical` (to test the error for it).
     pub wal_level_replica: bool,
+    /// Files written into the data directory, owned by the server, mode 0600 (TLS keys).
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 /// A running throwaway cluster; stopped and deleted on drop.
@@ -77,6 +79,14 @@ impl LocalPostgres {
             let lines: Vec<&str> = default.lines().filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty()).collect();
             let hba = format!("{}\n{}\n", options.hba.join("\n"), lines.join("\n"));
             cluster.write_as_owner(&data.join("pg_hba.conf"), &hba)?;
+        }
+        for (name, contents) in &options.files {
+            let path = data.join(name);
+            std::fs::write(&path, contents)?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            if cluster.as_root {
+                run_checked(Command::new("chown").arg("postgres:postgres").arg(&path))?;
+            }
         }
         let mut conf = String::from(
             "listen_addresses = '127.0.0.1'\nmax_replication_slots = 20\nmax_wal_senders = 20\nfsync = off\n\

@@ -121,23 +121,9 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {}", error_chain(error.as_ref()));
+            eprintln!("error: {}", sluice_postgres::error::Chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }
 }
 
-/// "outer: cause: root cause", without repeating a message a source already holds.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}

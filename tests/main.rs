@@ -4,3 +4,5 @@ mod harness;
 mod types;
 mod identity;
 mod crash;
+mod errors;
+mod auth;

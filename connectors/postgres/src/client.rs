@@ -339,15 +339,7 @@ pub async fn connect_sql(config: &ConnectionConfig) -> Result<tokio_postgres::Cl
     if let Some(password) = &config.password {
         pg.password(password.expose());
     }
-    let map_err = |e: tokio_postgres::Error| {
-        if e.code().is_some_and(|c| c.code().starts_with("28")) {
-            Error::Auth { user: config.user.clone(), message: e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default() }
-        } else if e.code().is_none() {
-            Error::Connect { addr: config.addr(), source: std::io::Error::other(e) }
-        } else {
-            Error::Sql(e)
-        }
-    };
+    let map_err = |e: tokio_postgres::Error| classify_sql_error(config, e);
     let client = match tls::client_config(config)? {
         None => {
             pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
@@ -372,6 +364,27 @@ pub async fn connect_sql(config: &ConnectionConfig) -> Result<tokio_postgres::Cl
         }
     };
     Ok(client)
+}
+
+/// tokio-postgres reports connection-phase failures by kind only in its message; sort them into
+/// the connector's kinds so that retry and messages behave the same on both connections.
+fn classify_sql_error(config: &ConnectionConfig, e: tokio_postgres::Error) -> Error {
+    if let Some(db) = e.as_db_error() {
+        if db.code().code().starts_with("28") {
+            return Error::Auth { user: config.user.clone(), message: format!("{} (SQLSTATE {})", db.message(), db.code().code()) };
+        }
+        return Error::Sql(e);
+    }
+    let text = e.to_string();
+    if text.starts_with("error performing TLS handshake") {
+        let reason = std::error::Error::source(&e).map(ToString::to_string).unwrap_or(text);
+        Error::Tls { addr: config.addr(), reason }
+    } else if text.starts_with("authentication error") || text.starts_with("invalid configuration") {
+        let reason = std::error::Error::source(&e).map(ToString::to_string).unwrap_or(text);
+        Error::Auth { user: config.user.clone(), message: reason }
+    } else {
+        Error::Connect { addr: config.addr(), source: std::io::Error::other(e) }
+    }
 }
 
 fn server_error(mut fields: ErrorFields<'_>) -> Error {

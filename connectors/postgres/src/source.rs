@@ -166,7 +166,7 @@ impl ReplicationSource {
                         return Err(error);
                     }
                     let delay = backoff.next().unwrap_or(Duration::from_secs(10));
-                    tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "replication connection failed; retrying");
+                    tracing::warn!(error = %crate::error::Chain(&error), retry_in_ms = delay.as_millis() as u64, "replication connection failed; retrying");
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     self.reset_session_state();
                     tokio::select! {
@@ -196,6 +196,8 @@ impl ReplicationSource {
         shutdown: &mut watch::Receiver<bool>,
         started: &AtomicBool,
     ) -> Result<()> {
+        // The replication connection first: its login errors are the most precise.
+        let mut client = ReplicationClient::connect(&self.conn).await?;
         let sql = connect_sql(&self.conn).await?;
         let slot = setup::check(&sql, &self.conn, &self.repl).await?;
         if first {
@@ -204,7 +206,6 @@ impl ReplicationSource {
             }
         }
         self.sql = Some(sql);
-        let mut client = ReplicationClient::connect(&self.conn).await?;
         let identity = client.simple_query("IDENTIFY_SYSTEM").await?;
         let server_lsn = identity.first().and_then(|r| r.get(2)).and_then(|v| v.as_deref()).and_then(|v| v.parse::<Lsn>().ok());
         if !slot.exists {

@@ -1,0 +1,155 @@
+//! Bad input gets one clear error naming the cause, a non-zero exit, and nothing acknowledged.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice::localpg::{free_port, ClusterOptions, LocalPostgres};
+
+use crate::harness::{sluice_output, TestDb};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn run(config: &std::path::Path) -> (Option<i32>, String) {
+    sluice_output(&["run", "-c", config.to_str().unwrap()], LIMIT)
+}
+
+fn null_target() -> &'static str {
+    "[target]\nkind = \"null\"\n"
+}
+
+#[test]
+fn malformed_config_names_the_key_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[source.connection]\ndbname = \"app\"\nprot = 5432\n[source.replication]\nslot = \"s\"\npublication = \"p\"\n[target]\nkind = \"null\"\n",
+    )
+    .unwrap();
+    let (code, stderr) = sluice_output(&["validate", "-c", path.to_str().unwrap()], LIMIT);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("source.connection") && stderr.contains("prot"), "{stderr}");
+
+    std::fs::write(
+        &path,
+        "[pipeline]\nmax_in_flight = 0\n[source.connection]\ndbname = \"app\"\n[source.replication]\nslot = \"Bad Slot\"\npublication = \"p\"\n\
+         status_interval = \"soon\"\n[target]\nkind = \"null\"\n",
+    )
+    .unwrap();
+    let (code, stderr) = run(&path);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("source.replication.status_interval"), "{stderr}");
+
+    std::fs::write(
+        &path,
+        "[pipeline]\nmax_in_flight = 0\n[source.connection]\ndbname = \"app\"\n[source.replication]\nslot = \"Bad Slot\"\npublication = \"p\"\n[target]\nkind = \"null\"\n",
+    )
+    .unwrap();
+    let (code, stderr) = run(&path);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("pipeline.max_in_flight") && stderr.contains("source.replication.slot"), "every problem: {stderr}");
+
+    std::fs::write(&path, "[source.connection\n").unwrap();
+    let (code, stderr) = run(&path);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("not valid TOML"), "{stderr}");
+}
+
+#[test]
+fn missing_publication_is_named_and_no_slot_is_created() {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = db.config_file(dir.path(), "nopub", "no_such_pub", null_target());
+    let (code, stderr) = run(&config);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("publication \"no_such_pub\" does not exist"), "{stderr}");
+    assert_eq!(db.slot_confirmed("nopub"), None, "nothing created, nothing acknowledged");
+}
+
+#[test]
+fn wal_level_below_logical_is_named() {
+    let pg = Arc::new(LocalPostgres::start(&ClusterOptions { wal_level_replica: true, ..Default::default() }).unwrap());
+    let db = TestDb::in_cluster(pg);
+    db.sql("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t");
+    let dir = tempfile::tempdir().unwrap();
+    let config = db.config_file(dir.path(), "s", "p", null_target());
+    let (code, stderr) = run(&config);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("wal_level is \"replica\"") && stderr.contains("wal_level = logical"), "{stderr}");
+}
+
+#[test]
+fn slot_in_use_by_another_client_is_named_and_left_alone() {
+    let db = TestDb::new();
+    db.sql("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t");
+    let slot = db.slot_name("busy");
+    db.sql(&format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"));
+    let before = db.slot_confirmed("busy");
+    let mut holder = db
+        .pg
+        .client_command("pg_recvlogical")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "--start", "-f", "/dev/null", "-o", "proto_version=1", "-o", "publication_names=p"])
+        .arg("-p")
+        .arg(db.pg.port.to_string())
+        .arg("-d")
+        .arg(&db.name)
+        .arg("-S")
+        .arg(&slot)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    crate::harness::wait_for_blocking("pg_recvlogical to hold the slot", LIMIT, || {
+        db.sql(&format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active")) == "1"
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = db.config_file(dir.path(), "busy", "p", null_target());
+    let (code, stderr) = run(&config);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("replication slot \"{slot}\" is in use by another client")), "{stderr}");
+    assert_eq!(db.slot_confirmed("busy"), before);
+}
+
+#[test]
+fn unreachable_host_is_named_after_bounded_retries() {
+    let port = free_port().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[pipeline]\nretry_for = \"1s\"\n[source.connection]\nport = {port}\ndbname = \"app\"\nconnect_timeout = \"2s\"\n\
+             [source.replication]\nslot = \"s\"\npublication = \"p\"\n{}",
+            null_target()
+        ),
+    )
+    .unwrap();
+    let (code, stderr) = run(&path);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("cannot connect to Postgres at 127.0.0.1:{port}")), "{stderr}");
+    assert!(stderr.contains("retrying"), "transient failures are retried first: {stderr}");
+}
+
+#[test]
+fn wrong_password_is_named_and_not_retried() {
+    let pg = Arc::new(
+        LocalPostgres::start(&ClusterOptions {
+            hba: vec!["host all app 127.0.0.1/32 scram-sha-256".into()],
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let db = TestDb::in_cluster(pg);
+    db.sql("CREATE ROLE app LOGIN REPLICATION PASSWORD 'right'; CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t");
+    let dir = tempfile::tempdir().unwrap();
+    let config = db.config_file(dir.path(), "s", "p", null_target());
+    let text = std::fs::read_to_string(&config).unwrap().replace("[source.connection]\n", "[source.connection]\nuser = \"app\"\npassword = \"wrong\"\n");
+    std::fs::write(&config, text).unwrap();
+    let (code, stderr) = run(&config);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("refused the login of user \"app\"") && stderr.contains("password authentication failed"), "{stderr}");
+    assert!(!stderr.contains("wrong"), "the password never appears: {stderr}");
+    assert!(!stderr.contains("retrying"), "authentication failures are fatal: {stderr}");
+}
