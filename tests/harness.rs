@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use sluice::localpg::{ClusterOptions, LocalPostgres};
-use sluice_postgres::{ChangeEvent, ConnectionConfig, EventBatch, Lsn, ReplicationConfig, ReplicationSource, SourceOptions};
+use sluice_postgres::{ChangeEvent, ConnectionConfig, EventBatch, Lsn, ReplicationConfig, ReplicationSource, SourceOptions, SourceStats};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -125,17 +125,19 @@ pub struct Stream {
     shutdown: watch::Sender<bool>,
     pub task: JoinHandle<sluice_postgres::Result<()>>,
     pub acknowledge: bool,
+    pub stats: Arc<SourceStats>,
 }
 
 impl Stream {
     pub fn start(conn: ConnectionConfig, repl: ReplicationConfig) -> Self {
         let options = SourceOptions { retry_for: Duration::from_secs(5), ..SourceOptions::default() };
         let source = ReplicationSource::new(conn, repl, options);
+        let stats = source.stats();
         let (tx, batches) = mpsc::channel(4);
         let (durable, durable_rx) = watch::channel(Lsn::ZERO);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let task = tokio::spawn(source.run(tx, durable_rx, shutdown_rx));
-        Stream { batches, durable, shutdown, task, acknowledge: true }
+        Stream { batches, durable, shutdown, task, acknowledge: true, stats }
     }
 
     /// Collects events until `done` says the collection is complete, or panics at the deadline.
@@ -158,6 +160,11 @@ impl Stream {
             events.extend(batch.events);
         }
         events
+    }
+
+    /// True when no batch is waiting (nothing was delivered that the test has not read).
+    pub fn nothing_delivered(&mut self) -> bool {
+        self.batches.try_recv().is_err()
     }
 
     /// Collects the changes (inserts, updates, deletes, truncates, messages) of `count` commits.

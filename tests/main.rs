@@ -6,3 +6,4 @@ mod identity;
 mod crash;
 mod errors;
 mod auth;
+mod streaming;
