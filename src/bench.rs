@@ -200,6 +200,17 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
         let s = measured_sluice()?;
         (baseline()?, s)
     };
+    // A walsender lingers for a moment after its client exits; its slot blocks the drop until then.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pg.psql(&db, "SELECT count(*) FROM pg_replication_slots WHERE active AND database = current_database()")? != "0" {
+        if Instant::now() > deadline {
+            return Err(format!("slots of {db} still active after 30 s").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for slot in ["baseline", "sluice"] {
+        pg.psql(&db, &format!("SELECT pg_drop_replication_slot('{slot}')"))?;
+    }
     pg.psql("postgres", &format!("DROP DATABASE \"{db}\" WITH (FORCE)"))?;
     Ok(Sample { baseline_rows_per_s, sluice_rows_per_s, peak_rss_kib })
 }

@@ -166,13 +166,6 @@ impl Config {
         }
         self.source.connection.validate("source.connection", &mut problems);
         self.source.replication.validate("source.replication", &mut problems);
-        if self.source.replication.binary {
-            problems.push(Problem::new(
-                "source.replication",
-                "binary",
-                "the binary value format is not supported yet; the text format keeps unknown types as text",
-            ));
-        }
         if let TargetConfig::Jsonl(jsonl) = &self.target {
             if jsonl.path != Path::new("-") {
                 if let Some(dir) = jsonl.path.parent().filter(|d| !d.as_os_str().is_empty()) {

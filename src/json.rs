@@ -206,7 +206,7 @@ pub fn write_value(out: &mut Vec<u8>, value: &Value) {
         }
         Value::Text(s) | Value::Enum(s) | Value::Unknown { text: s, .. } => string(out, s),
         Value::Json(raw) => out.extend_from_slice(raw.as_bytes()),
-        Value::Bytea(bytes) => string(out, &base64::engine::general_purpose::STANDARD.encode(bytes)),
+        Value::Bytea(bytes) | Value::UnknownBinary { bytes, .. } => string(out, &base64::engine::general_purpose::STANDARD.encode(bytes)),
         Value::Date(date) => match date.ymd() {
             Some((year, month, day)) => {
                 let text = if year < 0 { format!("-{:04}-{month:02}-{day:02}", -year) } else { format!("{year:04}-{month:02}-{day:02}") };

@@ -27,8 +27,6 @@ pub enum StreamError {
     NotUtf8 { table: String, column: String },
     #[error("table {table} column {column}: unchanged TOAST marker where a whole row is required")]
     UnexpectedToastMarker { table: String, column: String },
-    #[error("table {table} column {column}: binary value format is not supported; set binary = false")]
-    BinaryFormat { table: String, column: String },
     #[error("relation OID {oid}: unknown replica identity {identity:?}")]
     ReplicaIdentity { oid: u32, identity: char },
 }
@@ -179,9 +177,7 @@ fn decode_column(relation: &Relation, column: &Column, data: ColumnData, fallbac
         ColumnData::Null => Value::Null,
         ColumnData::UnchangedToast => return Ok(None),
         ColumnData::Text(bytes) => decode_text(relation, column, &bytes, fallbacks)?,
-        ColumnData::Binary(_) => {
-            return Err(StreamError::BinaryFormat { table: relation.qualified_name(), column: column.name.clone() })
-        }
+        ColumnData::Binary(bytes) => decode_binary(relation, column, &bytes, fallbacks),
     }))
 }
 
@@ -198,6 +194,15 @@ fn decode_text(relation: &Relation, column: &Column, bytes: &Bytes, fallbacks: &
             Ok(Value::Unknown { type_oid: column.type_oid, text: text.to_owned() })
         }
     }
+}
+
+fn decode_binary(relation: &Relation, column: &Column, bytes: &Bytes, fallbacks: &mut u64) -> Value {
+    column.kind.decode_binary(column.type_oid, bytes).unwrap_or_else(|error| {
+        *fallbacks += 1;
+        tracing::warn!(table = %relation.qualified_name(), column = %column.name, type_oid = column.type_oid, %error,
+            "binary value did not decode as its type; passing its bytes on");
+        Value::UnknownBinary { type_oid: column.type_oid, bytes: bytes.to_vec() }
+    })
 }
 
 fn full_row(relation: &Relation, tuple: TupleData, fallbacks: &mut u64) -> Result<Vec<Value>, StreamError> {

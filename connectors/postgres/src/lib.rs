@@ -1,6 +1,7 @@
 //! Postgres connector for sluice: the logical replication client, the pgoutput decoder, typed
 //! values, and the change-event model every other part of sluice works with.
 
+mod binary;
 mod client;
 pub mod config;
 pub mod decode;

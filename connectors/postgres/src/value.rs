@@ -39,6 +39,9 @@ pub enum Value {
     Array(Vec<Value>),
     /// A type sluice does not decode: its text form and type OID, passed on unchanged.
     Unknown { type_oid: u32, text: String },
+    /// A type sluice does not decode, received in pgoutput's binary format (`binary = true`):
+    /// the type's send-function bytes and type OID.
+    UnknownBinary { type_oid: u32, bytes: Vec<u8> },
 }
 
 /// An exact decimal. Finite values keep the server's text (any precision, trailing zeros of the scale).
@@ -105,7 +108,7 @@ impl TypeKind {
             TypeKind::Text => Value::Text(text.to_owned()),
             TypeKind::Bytea => Value::Bytea(decode_bytea_hex(text)?),
             TypeKind::Uuid => Value::Uuid(decode_uuid(text)?),
-            TypeKind::Json => Value::Json(text.to_owned()),
+            TypeKind::Json | TypeKind::Jsonb => Value::Json(text.to_owned()),
             TypeKind::Date => Value::Date(Date::parse(text)?),
             TypeKind::Time => Value::Time(Time::parse(text)?),
             TypeKind::Timestamp => Value::Timestamp(Timestamp::parse(text, false)?),
@@ -672,7 +675,7 @@ impl fmt::Display for Value {
             Value::Numeric(n) => write!(f, "{n}"),
             Value::Text(s) | Value::Json(s) | Value::Enum(s) => f.write_str(s),
             Value::Unknown { text, .. } => f.write_str(text),
-            Value::Bytea(bytes) => {
+            Value::Bytea(bytes) | Value::UnknownBinary { bytes, .. } => {
                 f.write_str("\\x")?;
                 bytes.iter().try_for_each(|b| write!(f, "{b:02x}"))
             }
