@@ -32,6 +32,9 @@ pub struct BenchArgs {
     /// Protocol 2 streaming of in-progress transactions (sluice spills them locally).
     #[arg(long)]
     pub streaming: bool,
+    /// pgoutput's binary value format for both consumers.
+    #[arg(long)]
+    pub binary: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -45,6 +48,8 @@ struct Sample {
     baseline_rows_per_s: f64,
     sluice_rows_per_s: f64,
     peak_rss_kib: u64,
+    /// sluice's own CPU time (user + system), seconds.
+    sluice_cpu_s: f64,
 }
 
 pub async fn run(args: BenchArgs) -> BenchResult<()> {
@@ -63,11 +68,12 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
         Shape::One => &[Shape::One],
     };
     println!(
-        "sluice bench: {} rows per run, {} runs, proto_version {}{}",
+        "sluice bench: {} rows per run, {} runs, proto_version {}{}{}",
         args.rows,
         args.runs,
         args.proto_version,
-        if args.streaming { ", streaming" } else { "" }
+        if args.streaming { ", streaming" } else { "" },
+        if args.binary { ", binary" } else { "" }
     );
     for &shape in shapes {
         let label = match shape {
@@ -75,17 +81,21 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
             _ => format!("one transaction of {} rows", args.rows),
         };
         println!("\n== {label}");
-        println!("{:>4} {:>16} {:>16} {:>7} {:>14}", "run", "pg_recvlogical/s", "sluice rows/s", "ratio", "peak RSS MiB");
+        println!(
+            "{:>4} {:>16} {:>16} {:>7} {:>14} {:>14}",
+            "run", "pg_recvlogical/s", "sluice rows/s", "ratio", "peak RSS MiB", "sluice CPU s"
+        );
         let mut samples = Vec::new();
         for run in 0..args.runs {
             let sample = run_once(&pg, &sluice, args, shape, run)?;
             println!(
-                "{:>4} {:>16.0} {:>16.0} {:>7.3} {:>14.1}",
+                "{:>4} {:>16.0} {:>16.0} {:>7.3} {:>14.1} {:>14.2}",
                 run + 1,
                 sample.baseline_rows_per_s,
                 sample.sluice_rows_per_s,
                 sample.sluice_rows_per_s / sample.baseline_rows_per_s,
-                sample.peak_rss_kib as f64 / 1024.0
+                sample.peak_rss_kib as f64 / 1024.0,
+                sample.sluice_cpu_s
             );
             samples.push(sample);
         }
@@ -95,11 +105,12 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
             v[v.len() / 2]
         };
         println!(
-            "median {:>14.0} {:>16.0} {:>7.3} {:>14.1}",
+            "median {:>14.0} {:>16.0} {:>7.3} {:>14.1} {:>14.2}",
             median(&|s| s.baseline_rows_per_s),
             median(&|s| s.sluice_rows_per_s),
             median(&|s| s.sluice_rows_per_s / s.baseline_rows_per_s),
-            median(&|s| s.peak_rss_kib as f64 / 1024.0)
+            median(&|s| s.peak_rss_kib as f64 / 1024.0),
+            median(&|s| s.sluice_cpu_s)
         );
     }
     Ok(())
@@ -147,6 +158,9 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
         if args.streaming {
             cmd.args(["-o", "streaming=on"]);
         }
+        if args.binary {
+            cmd.args(["-o", "binary=true"]);
+        }
         let started = Instant::now();
         let status = cmd.stdin(Stdio::null()).stdout(Stdio::null()).status()?;
         if !status.success() {
@@ -154,7 +168,7 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
         }
         Ok(total_rows / started.elapsed().as_secs_f64())
     };
-    let measured_sluice = || -> BenchResult<(f64, u64)> {
+    let measured_sluice = || -> BenchResult<(f64, u64, f64)> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("bench.toml");
         std::fs::write(
@@ -162,10 +176,11 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
             format!(
                 "[source.connection]\nport = {}\ndbname = \"{db}\"\n\
                  [source.replication]\nslot = \"sluice\"\npublication = \"bench_pub\"\ncreate_slot = false\n\
-                 proto_version = {}\nstreaming = {}\nspill_dir = \"{}\"\n[target]\nkind = \"null\"\n",
+                 proto_version = {}\nstreaming = {}\nbinary = {}\nspill_dir = \"{}\"\n[target]\nkind = \"null\"\n",
                 pg.port,
                 args.proto_version,
                 args.streaming,
+                args.binary,
                 dir.path().display()
             ),
         )?;
@@ -180,8 +195,10 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
             .stdin(Stdio::null())
             .spawn()?;
         let mut peak = 0;
+        let mut cpu = 0.0f64;
         let status = loop {
             peak = peak.max(peak_rss_kib(child.id()).unwrap_or(0));
+            cpu = cpu.max(cpu_seconds(child.id()).unwrap_or(0.0));
             if let Some(status) = child.try_wait()? {
                 break status;
             }
@@ -191,9 +208,9 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
         if !status.success() {
             return Err(format!("sluice run failed: {status}").into());
         }
-        Ok((total_rows / elapsed, peak))
+        Ok((total_rows / elapsed, peak, cpu))
     };
-    let (baseline_rows_per_s, (sluice_rows_per_s, peak_rss_kib)) = if run % 2 == 0 {
+    let (baseline_rows_per_s, (sluice_rows_per_s, peak_rss_kib, sluice_cpu_s)) = if run % 2 == 0 {
         let b = baseline()?;
         (b, measured_sluice()?)
     } else {
@@ -212,11 +229,22 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
         pg.psql(&db, &format!("SELECT pg_drop_replication_slot('{slot}')"))?;
     }
     pg.psql("postgres", &format!("DROP DATABASE \"{db}\" WITH (FORCE)"))?;
-    Ok(Sample { baseline_rows_per_s, sluice_rows_per_s, peak_rss_kib })
+    Ok(Sample { baseline_rows_per_s, sluice_rows_per_s, peak_rss_kib, sluice_cpu_s })
 }
 
 /// The process's peak resident set (VmHWM) in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// User plus system CPU time of a running process, in seconds (Linux clock ticks of 1/100 s).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th fields.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }

@@ -7,3 +7,4 @@ mod crash;
 mod errors;
 mod auth;
 mod streaming;
+mod reconnect;

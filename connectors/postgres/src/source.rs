@@ -242,6 +242,17 @@ impl ReplicationSource {
                 data = session.client.recv_copy_data() => match data? {
                     Some(data) => {
                         self.on_copy_data(data, &mut session).await?;
+                        // Decode whatever is already buffered without another trip through select!.
+                        for _ in 0..BUFFERED_FRAMES_PER_WAKE {
+                            if !session.client.has_buffered_frame() {
+                                break;
+                            }
+                            match session.client.recv_copy_data().await? {
+                                Some(data) => self.on_copy_data(data, &mut session).await?,
+                                None => return Err(Error::ConnectionLost(std::io::Error::new(
+                                    std::io::ErrorKind::UnexpectedEof, "the server ended the replication stream"))),
+                            }
+                        }
                         // Completed transactions go out as soon as no more data is waiting.
                         if self.batch.ack_lsn.is_some() && !session.client.has_buffered_frame() {
                             self.send_batch(&mut session).await?;
@@ -514,6 +525,9 @@ impl ReplicationSource {
         Ok(())
     }
 }
+
+/// Frames decoded back to back before the loop looks at timers and shutdown again.
+const BUFFERED_FRAMES_PER_WAKE: usize = 1024;
 
 /// Durable progress is confirmed upstream at most this often (and at least every `status_interval`).
 const STATUS_MIN_INTERVAL: Duration = Duration::from_millis(200);
