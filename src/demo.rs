@@ -35,18 +35,7 @@ pub async fn run() -> DemoResult {
         pipeline: PipelineConfig::default(),
         source: SourceConfig {
             connection: pg.connection("demo"),
-            replication: ReplicationConfig {
-                slot: "demo_slot".into(),
-                publication: "demo_pub".into(),
-                create_slot: true,
-                temporary_slot: false,
-                proto_version: 1,
-                streaming: false,
-                binary: false,
-                messages: false,
-                status_interval: Duration::from_secs(10),
-                spill_dir: None,
-            },
+            replication: ReplicationConfig::new("demo_slot", "demo_pub"),
         },
         target: TargetConfig::Jsonl(JsonlConfig { path: "-".into(), fsync: false, transactions: true }),
     };

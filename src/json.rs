@@ -111,21 +111,8 @@ fn old_row(out: &mut Vec<u8>, relation: &Relation, old: Option<&OldRow>) {
             let _ = write!(out, ",\"old_kind\":\"{kind}\",\"old\":");
             // A key-only old row lists just the identity columns.
             let key_only = matches!(old, OldRow::Key(_));
-            out.push(b'{');
-            let mut first = true;
-            for (column, value) in relation.columns.iter().zip(values) {
-                if key_only && !column.is_key {
-                    continue;
-                }
-                if !first {
-                    out.push(b',');
-                }
-                first = false;
-                string(out, &column.name);
-                out.push(b':');
-                write_value(out, value);
-            }
-            out.push(b'}');
+            let shown = relation.columns.iter().zip(values).map(|(column, value)| (!key_only || column.is_key).then_some(value));
+            row(out, relation, shown);
         }
     }
 }

@@ -65,8 +65,8 @@ async fn md5_and_scram_logins_stream() {
 }
 
 fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let status = Command::new("openssl").args(args).current_dir(dir).status().expect("openssl");
-    assert!(status.success(), "openssl {args:?}");
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A CA and a server certificate for 127.0.0.1 signed by it; and an unrelated CA.

@@ -89,18 +89,7 @@ impl TestDb {
     }
 
     pub fn replication(&self, slot: &str, publication: &str) -> ReplicationConfig {
-        ReplicationConfig {
-            slot: self.slot_name(slot),
-            publication: publication.into(),
-            create_slot: true,
-            temporary_slot: false,
-            proto_version: 1,
-            streaming: false,
-            binary: false,
-            messages: false,
-            status_interval: Duration::from_secs(1),
-            spill_dir: None,
-        }
+        ReplicationConfig { status_interval: Duration::from_secs(1), ..ReplicationConfig::new(self.slot_name(slot), publication) }
     }
 
     /// A config file for the `sluice` binary: source settings for this database plus `rest`.
@@ -184,6 +173,20 @@ impl Stream {
         drain.abort();
         result
     }
+}
+
+/// The `int8` first column of every insert among `events`; panics on any other row change.
+pub fn inserted_ids(events: &[ChangeEvent]) -> Vec<i64> {
+    row_changes(events)
+        .iter()
+        .map(|e| match e {
+            ChangeEvent::Insert { new, .. } => match new[0] {
+                sluice_postgres::Value::Int8(id) => id,
+                ref other => panic!("id {other:?}"),
+            },
+            other => panic!("expected inserts only, got {other:?}"),
+        })
+        .collect()
 }
 
 /// Only the row changes of a list of events.

@@ -5,22 +5,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use sluice::localpg::LocalPostgres;
-use sluice_postgres::{ChangeEvent, Value};
 
-use crate::harness::{row_changes, TestDb};
+use crate::harness::{inserted_ids, TestDb};
 
-fn ids(events: &[ChangeEvent]) -> Vec<i64> {
-    row_changes(events)
-        .iter()
-        .map(|e| match e {
-            ChangeEvent::Insert { new, .. } => match new[0] {
-                Value::Int8(id) => id,
-                ref other => panic!("{other:?}"),
-            },
-            other => panic!("{other:?}"),
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_restart_mid_stream_reconnects_and_loses_nothing() {
@@ -29,14 +16,14 @@ async fn server_restart_mid_stream_reconnects_and_loses_nothing() {
     db.sql("CREATE TABLE t (id int8 PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t");
     let mut stream = db.stream(db.replication("restart", "p")).await;
     db.sql("INSERT INTO t VALUES (1)");
-    assert_eq!(ids(&stream.commits(1).await), vec![1]);
+    assert_eq!(inserted_ids(&stream.commits(1).await), vec![1]);
 
     pg.stop("fast").unwrap();
     pg.restart().unwrap();
     db.sql("INSERT INTO t VALUES (2)");
     db.sql("INSERT INTO t SELECT g FROM generate_series(3, 1000) g");
     let events = stream.commits(2).await;
-    assert_eq!(ids(&events), (2..=1000).collect::<Vec<_>>(), "everything after the restart, once, in order");
+    assert_eq!(inserted_ids(&events), (2..=1000).collect::<Vec<_>>(), "everything after the restart, once, in order");
     assert!(stream.stats.reconnects.load(Ordering::Relaxed) >= 1, "the source reconnected");
 
     // A second outage while the source waits to reconnect.
@@ -44,6 +31,6 @@ async fn server_restart_mid_stream_reconnects_and_loses_nothing() {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     pg.restart().unwrap();
     db.sql("INSERT INTO t VALUES (1001)");
-    assert_eq!(ids(&stream.commits(1).await), vec![1001]);
+    assert_eq!(inserted_ids(&stream.commits(1).await), vec![1001]);
     stream.stop().await.unwrap();
 }

@@ -5,22 +5,10 @@ use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use sluice_postgres::{ChangeEvent, Value};
+use sluice_postgres::ChangeEvent;
 
-use crate::harness::{row_changes, sluice, wait_for, TestDb};
+use crate::harness::{inserted_ids, sluice, wait_for, TestDb};
 
-fn inserted_ids(events: &[ChangeEvent]) -> Vec<i64> {
-    row_changes(events)
-        .iter()
-        .map(|e| match e {
-            ChangeEvent::Insert { new, .. } => match new[0] {
-                Value::Int8(id) => id,
-                ref other => panic!("id {other:?}"),
-            },
-            other => panic!("expected inserts only, got {other:?}"),
-        })
-        .collect()
-}
 
 /// A database whose walsenders stream transactions past 64 kB (protocol 2 `streaming`).
 fn streaming_db() -> TestDb {
@@ -128,9 +116,10 @@ fn a_million_row_transaction_streams_with_bounded_memory_in_both_protocols() {
         assert!(peak > 0, "RSS was measured");
         assert!(peak < 64 * 1024, "{name}: peak RSS {peak} KiB for a ~120 MB transaction");
     }
-    // The walsender applies the final status update as it winds down, just after sluice exits.
-    crate::harness::wait_for_blocking("both slots to confirm past the transaction", Duration::from_secs(30), || {
-        db.slot_confirmed("v1").unwrap() > until && db.slot_confirmed("v2").unwrap() > until
+    // `until` is at or after the end of the large transaction. The walsender applies the final
+    // status update as it winds down, just after sluice exits.
+    crate::harness::wait_for_blocking("both slots to confirm the whole transaction", Duration::from_secs(30), || {
+        db.slot_confirmed("v1").unwrap() >= until && db.slot_confirmed("v2").unwrap() >= until
     });
 }
 

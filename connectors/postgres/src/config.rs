@@ -161,6 +161,22 @@ fn default_status_interval() -> Duration {
 }
 
 impl ReplicationConfig {
+    /// Settings for `slot` and `publication` with every other key at its default.
+    pub fn new(slot: impl Into<String>, publication: impl Into<String>) -> Self {
+        ReplicationConfig {
+            slot: slot.into(),
+            publication: publication.into(),
+            create_slot: yes(),
+            temporary_slot: false,
+            proto_version: default_proto_version(),
+            streaming: false,
+            binary: false,
+            messages: false,
+            status_interval: default_status_interval(),
+            spill_dir: None,
+        }
+    }
+
     pub fn validate(&self, prefix: &str, problems: &mut Vec<Problem>) {
         if !is_identifier(&self.slot) {
             problems.push(Problem::new(
