@@ -241,6 +241,45 @@ mod tests {
         assert_eq!(json(&Value::Text("tab\there \"q\" \u{1} é".into())), serde_json::json!("tab\there \"q\" \u{1} é"));
     }
 
+    fn event_json(event: &ChangeEvent) -> serde_json::Value {
+        let mut out = Vec::new();
+        assert!(write_event(&mut out, event, true));
+        assert_eq!(out.last(), Some(&b'\n'));
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    #[test]
+    fn row_events_have_the_documented_shape() {
+        use crate::event::{Column, Lsn, NewRow, OldRow, Position, Relation, ReplicaIdentity};
+        use sluice_postgres::types::TypeKind;
+        let column = |name: &str, is_key: bool| Column { name: name.into(), type_oid: 20, type_modifier: -1, is_key, kind: TypeKind::Int8 };
+        let relation = std::sync::Arc::new(Relation {
+            oid: 1,
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![column("id", true), column("a", false), column("big", false)],
+        });
+        let position = Position { commit_lsn: Lsn(0x1_0000_0010), tx_ordinal: 3 };
+        let update = ChangeEvent::Update {
+            position,
+            relation: relation.clone(),
+            old: Some(OldRow::Key(vec![Value::Int8(1), Value::Null, Value::Null])),
+            new: NewRow::Partial(vec![Some(Value::Int8(2)), Some(Value::Null), None]),
+        };
+        assert_eq!(
+            event_json(&update),
+            serde_json::json!({"op": "update", "commit_lsn": "1/10", "ordinal": 3, "table": "public.t",
+                "old_kind": "key", "old": {"id": 1}, "new": {"id": 2, "a": null}, "unchanged_toast": ["big"]})
+        );
+        let delete = ChangeEvent::Delete { position, relation, old: OldRow::Full(vec![Value::Int8(1), Value::Int8(5), Value::Null]) };
+        assert_eq!(
+            event_json(&delete),
+            serde_json::json!({"op": "delete", "commit_lsn": "1/10", "ordinal": 3, "table": "public.t",
+                "old_kind": "full", "old": {"id": 1, "a": 5, "big": null}})
+        );
+    }
+
     proptest::proptest! {
         #[test]
         fn any_text_is_valid_json(s in ".*") {

@@ -8,3 +8,4 @@ mod errors;
 mod auth;
 mod streaming;
 mod reconnect;
+mod slots;
