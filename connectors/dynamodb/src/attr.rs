@@ -1,0 +1,103 @@
+//! DynamoDB attribute values without the SDK's types, so that translators stay pure and the
+//! daemon core does not compile against the SDK. Converted to `AttributeValue` at the edge.
+
+use std::collections::BTreeMap;
+
+use aws_sdk_dynamodb::primitives::Blob;
+use aws_sdk_dynamodb::types::AttributeValue;
+
+/// One attribute value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Attr {
+    S(String),
+    /// A number as its decimal text (DynamoDB: up to 38 significant digits).
+    N(String),
+    B(Vec<u8>),
+    Bool(bool),
+    Null,
+    L(Vec<Attr>),
+    M(BTreeMap<String, Attr>),
+    Ss(Vec<String>),
+    Ns(Vec<String>),
+}
+
+/// An item: attribute name to value.
+pub type Item = BTreeMap<String, Attr>;
+
+impl Attr {
+    /// DynamoDB's size accounting: UTF-8 bytes of strings, about 21 bytes per number,
+    /// raw bytes of binaries, 1 byte for booleans and null, 3 bytes of overhead per list or map
+    /// plus each element's (and name's) size.
+    pub fn size(&self) -> usize {
+        match self {
+            Attr::S(s) => s.len(),
+            Attr::N(n) => n.len().div_ceil(2) + 1,
+            Attr::B(b) => b.len(),
+            Attr::Bool(_) | Attr::Null => 1,
+            Attr::L(items) => 3 + items.iter().map(|i| 1 + i.size()).sum::<usize>(),
+            Attr::M(map) => 3 + map.iter().map(|(k, v)| 1 + k.len() + v.size()).sum::<usize>(),
+            Attr::Ss(items) => items.iter().map(String::len).sum(),
+            Attr::Ns(items) => items.iter().map(|n| n.len().div_ceil(2) + 1).sum(),
+        }
+    }
+
+    pub fn to_sdk(&self) -> AttributeValue {
+        match self {
+            Attr::S(s) => AttributeValue::S(s.clone()),
+            Attr::N(n) => AttributeValue::N(n.clone()),
+            Attr::B(b) => AttributeValue::B(Blob::new(b.clone())),
+            Attr::Bool(b) => AttributeValue::Bool(*b),
+            Attr::Null => AttributeValue::Null(true),
+            Attr::L(items) => AttributeValue::L(items.iter().map(Attr::to_sdk).collect()),
+            Attr::M(map) => AttributeValue::M(map.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect()),
+            Attr::Ss(items) => AttributeValue::Ss(items.clone()),
+            Attr::Ns(items) => AttributeValue::Ns(items.clone()),
+        }
+    }
+
+    /// The inverse of `to_sdk`, for reads (verify, tests).
+    pub fn from_sdk(value: &AttributeValue) -> Option<Attr> {
+        Some(match value {
+            AttributeValue::S(s) => Attr::S(s.clone()),
+            AttributeValue::N(n) => Attr::N(n.clone()),
+            AttributeValue::B(b) => Attr::B(b.as_ref().to_vec()),
+            AttributeValue::Bool(b) => Attr::Bool(*b),
+            AttributeValue::Null(_) => Attr::Null,
+            AttributeValue::L(items) => Attr::L(items.iter().map(Attr::from_sdk).collect::<Option<_>>()?),
+            AttributeValue::M(map) => Attr::M(map.iter().map(|(k, v)| Some((k.clone(), Attr::from_sdk(v)?))).collect::<Option<_>>()?),
+            AttributeValue::Ss(items) => Attr::Ss(items.clone()),
+            AttributeValue::Ns(items) => Attr::Ns(items.clone()),
+            _ => return None,
+        })
+    }
+}
+
+/// The size DynamoDB counts for an item: names plus values.
+pub fn item_size(item: &Item) -> usize {
+    item.iter().map(|(k, v)| k.len() + v.size()).sum()
+}
+
+/// DynamoDB's item size limit.
+pub const MAX_ITEM_BYTES: usize = 400 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributes_survive_the_sdk_round_trip() {
+        let item = Attr::M(BTreeMap::from([
+            ("s".to_string(), Attr::S("x".into())),
+            ("n".to_string(), Attr::N("1.5".into())),
+            ("l".to_string(), Attr::L(vec![Attr::Bool(true), Attr::Null, Attr::B(vec![1, 2])])),
+            ("ss".to_string(), Attr::Ss(vec!["a".into(), "b".into()])),
+        ]));
+        assert_eq!(Attr::from_sdk(&item.to_sdk()), Some(item));
+    }
+
+    #[test]
+    fn size_counts_names_and_values() {
+        let item = Item::from([("pk".to_string(), Attr::S("USER#1".into())), ("n".to_string(), Attr::N("12345".into()))]);
+        assert_eq!(item_size(&item), 2 + 6 + 1 + 4);
+    }
+}

@@ -1,0 +1,278 @@
+//! The DynamoDB client: position-guarded writes, table set-up and reads.
+//!
+//! Every write is conditional on the item's stored version: `attribute_not_exists(pk) OR
+//! version < :v`. A replayed or late write (an older position) fails the condition and counts
+//! as already applied, so applying the same change twice, or an older change after a newer
+//! one, leaves the item as the newest change made it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_dynamodb::config::http::HttpResponse;
+use aws_sdk_dynamodb::config::{Credentials, Region};
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, PutRequest, ScalarAttributeType, WriteRequest,
+};
+use aws_sdk_dynamodb::Client;
+
+use crate::attr::{Attr, Item};
+use crate::error::{DynamoError, ErrorKind};
+
+/// How to reach DynamoDB.
+#[derive(Clone, Debug, Default)]
+pub struct ClientOptions {
+    /// A DynamoDB-API endpoint other than AWS's (a local server).
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    /// Static credentials; otherwise the AWS default chain (environment, profile, web identity, IMDS).
+    pub static_credentials: Option<(String, String)>,
+    pub request_timeout: Option<Duration>,
+}
+
+/// One position-guarded write.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GuardedWrite {
+    pub table: String,
+    /// The key attributes (partition key, and sort key when the table has one).
+    pub key: Item,
+    /// The attribute checked with `attribute_not_exists` (the partition key's name).
+    pub partition_key: String,
+    pub version_attribute: String,
+    /// The source position as a decimal number.
+    pub version: String,
+    pub action: WriteAction,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum WriteAction {
+    /// Replace the whole item with these attributes (key and version are added).
+    Put(Item),
+    /// Set these attributes and keep the others (a row whose unchanged TOAST columns were not
+    /// sent); removes the listed attributes (a tombstone marker).
+    Update { set: Item, remove: Vec<String> },
+    /// Delete the item.
+    Delete,
+}
+
+/// What a guarded write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    /// The item already holds this position or a newer one.
+    AlreadyApplied,
+}
+
+const CONDITION: &str = "attribute_not_exists(#pk) OR #v < :v";
+
+#[derive(Clone, Debug)]
+pub struct DynamoClient {
+    client: Client,
+}
+
+impl DynamoClient {
+    pub async fn connect(options: &ClientOptions) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(region) = &options.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(endpoint) = &options.endpoint_url {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let Some((id, secret)) = &options.static_credentials {
+            loader = loader.credentials_provider(Credentials::new(id, secret, None, None, "sluice-config"));
+        }
+        let shared = loader.load().await;
+        let mut builder = aws_sdk_dynamodb::config::Builder::from(&shared);
+        if let Some(timeout) = options.request_timeout {
+            builder = builder.timeout_config(
+                aws_config::timeout::TimeoutConfig::builder().operation_attempt_timeout(timeout).connect_timeout(timeout).build(),
+            );
+        }
+        if shared.region().is_none() {
+            builder = builder.region(Region::new("us-east-1"));
+        }
+        DynamoClient { client: Client::from_conf(builder.build()) }
+    }
+
+    /// Applies one guarded write.
+    pub async fn apply(&self, write: &GuardedWrite) -> Result<Outcome, DynamoError> {
+        let names = HashMap::from([("#pk".to_string(), write.partition_key.clone()), ("#v".to_string(), write.version_attribute.clone())]);
+        let version = AttributeValue::N(write.version.clone());
+        let result = match &write.action {
+            WriteAction::Put(attributes) => {
+                let mut item: HashMap<String, AttributeValue> = attributes.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect();
+                item.extend(write.key.iter().map(|(k, v)| (k.clone(), v.to_sdk())));
+                item.insert(write.version_attribute.clone(), version.clone());
+                self.client
+                    .put_item()
+                    .table_name(&write.table)
+                    .set_item(Some(item))
+                    .condition_expression(CONDITION)
+                    .set_expression_attribute_names(Some(names))
+                    .expression_attribute_values(":v", version)
+                    .send()
+                    .await
+                    .map(drop)
+                    .map_err(|e| classify(e, &write.table))
+            }
+            WriteAction::Update { set, remove } => {
+                let mut names = names;
+                let mut values = HashMap::from([(":v".to_string(), version)]);
+                let mut assignments = vec!["#v = :v".to_string()];
+                for (i, (name, value)) in set.iter().enumerate() {
+                    names.insert(format!("#a{i}"), name.clone());
+                    values.insert(format!(":a{i}"), value.to_sdk());
+                    assignments.push(format!("#a{i} = :a{i}"));
+                }
+                let mut expression = format!("SET {}", assignments.join(", "));
+                if !remove.is_empty() {
+                    let removed: Vec<String> = remove
+                        .iter()
+                        .enumerate()
+                        .map(|(i, name)| {
+                            names.insert(format!("#r{i}"), name.clone());
+                            format!("#r{i}")
+                        })
+                        .collect();
+                    expression.push_str(&format!(" REMOVE {}", removed.join(", ")));
+                }
+                self.client
+                    .update_item()
+                    .table_name(&write.table)
+                    .set_key(Some(write.key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect()))
+                    .update_expression(expression)
+                    .condition_expression(CONDITION)
+                    .set_expression_attribute_names(Some(names))
+                    .set_expression_attribute_values(Some(values))
+                    .send()
+                    .await
+                    .map(drop)
+                    .map_err(|e| classify(e, &write.table))
+            }
+            WriteAction::Delete => self
+                .client
+                .delete_item()
+                .table_name(&write.table)
+                .set_key(Some(write.key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect()))
+                .condition_expression(CONDITION)
+                .set_expression_attribute_names(Some(names))
+                .expression_attribute_values(":v", version)
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| classify(e, &write.table)),
+        };
+        match result {
+            Ok(()) => Ok(Outcome::Applied),
+            Err(e) if e.kind == ErrorKind::ConditionFailed => Ok(Outcome::AlreadyApplied),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Unconditional BatchWriteItem of up to 25 puts, retrying unprocessed items (the
+    /// benchmark's baseline, and test set-up).
+    pub async fn batch_put(&self, table: &str, items: Vec<Item>) -> Result<(), DynamoError> {
+        let mut requests: Vec<WriteRequest> = items
+            .into_iter()
+            .map(|item| {
+                let item = item.into_iter().map(|(k, v)| (k, v.to_sdk())).collect();
+                WriteRequest::builder().put_request(PutRequest::builder().set_item(Some(item)).build().expect("item set")).build()
+            })
+            .collect();
+        let mut delay = Duration::from_millis(20);
+        while !requests.is_empty() {
+            let out = self
+                .client
+                .batch_write_item()
+                .request_items(table, std::mem::take(&mut requests))
+                .send()
+                .await
+                .map_err(|e| classify(e, table))?;
+            requests = out.unprocessed_items.and_then(|mut u| u.remove(table)).unwrap_or_default();
+            if !requests.is_empty() {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates an on-demand table with a string partition key and optional string sort key;
+    /// an existing table is fine.
+    pub async fn create_table(&self, table: &str, partition_key: &str, sort_key: Option<&str>) -> Result<(), DynamoError> {
+        let mut request = self
+            .client
+            .create_table()
+            .table_name(table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .attribute_definitions(AttributeDefinition::builder().attribute_name(partition_key).attribute_type(ScalarAttributeType::S).build().expect("definition"))
+            .key_schema(KeySchemaElement::builder().attribute_name(partition_key).key_type(KeyType::Hash).build().expect("schema"));
+        if let Some(sort_key) = sort_key {
+            request = request
+                .attribute_definitions(AttributeDefinition::builder().attribute_name(sort_key).attribute_type(ScalarAttributeType::S).build().expect("definition"))
+                .key_schema(KeySchemaElement::builder().attribute_name(sort_key).key_type(KeyType::Range).build().expect("schema"));
+        }
+        match request.send().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.as_service_error().and_then(|s| s.code()) == Some("ResourceInUseException") => Ok(()),
+            Err(e) => Err(classify(e, table)),
+        }
+    }
+
+    /// Every item of a table (paginated scan).
+    pub async fn scan_all(&self, table: &str) -> Result<Vec<Item>, DynamoError> {
+        let mut items = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let out = self
+                .client
+                .scan()
+                .table_name(table)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| classify(e, table))?;
+            for raw in out.items.unwrap_or_default() {
+                let item = raw
+                    .iter()
+                    .map(|(k, v)| Attr::from_sdk(v).map(|a| (k.clone(), a)))
+                    .collect::<Option<Item>>()
+                    .ok_or_else(|| DynamoError::new(ErrorKind::Fatal, table, "item with an attribute type sluice does not read"))?;
+                items.push(item);
+            }
+            match out.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => return Ok(items),
+            }
+        }
+    }
+}
+
+/// Sorts an SDK failure into retry, stop, dead-letter, or "condition failed".
+fn classify<E>(error: SdkError<E, HttpResponse>, table: &str) -> DynamoError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let status = error.raw_response().map(|r| r.status().as_u16()).unwrap_or(0);
+    let kind = match &error {
+        SdkError::ServiceError(service) => match service.err().code() {
+            Some("ConditionalCheckFailedException") => ErrorKind::ConditionFailed,
+            Some(
+                "ProvisionedThroughputExceededException" | "ThrottlingException" | "RequestLimitExceeded" | "InternalServerError"
+                | "ServiceUnavailable" | "TransactionConflictException",
+            ) => ErrorKind::Transient,
+            Some("ValidationException" | "ItemCollectionSizeLimitExceededException") => ErrorKind::Poison,
+            _ if status >= 500 => ErrorKind::Transient,
+            _ => ErrorKind::Fatal,
+        },
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => ErrorKind::Transient,
+        _ => ErrorKind::Fatal,
+    };
+    let message = match error.as_service_error() {
+        Some(service) => format!("{}: {}", service.code().unwrap_or("error"), service.message().unwrap_or("")),
+        None => aws_sdk_dynamodb::error::DisplayErrorContext(&error).to_string(),
+    };
+    DynamoError::new(kind, table, message)
+}

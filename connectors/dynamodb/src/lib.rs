@@ -1,0 +1,9 @@
+//! DynamoDB connector for sluice: SDK-free attribute values and position-guarded writes.
+
+pub mod attr;
+pub mod client;
+pub mod error;
+
+pub use attr::{item_size, Attr, Item, MAX_ITEM_BYTES};
+pub use client::{ClientOptions, DynamoClient, GuardedWrite, Outcome, WriteAction};
+pub use error::{DynamoError, ErrorKind};
