@@ -13,3 +13,4 @@ pub mod json;
 pub mod localpg;
 pub mod pipeline;
 pub mod target;
+pub mod translate;

@@ -1,0 +1,359 @@
+//! The mapping format (`schemas/README.md` documents it; `schemas/mapping.schema.json` is its
+//! JSON Schema): which source tables feed which DynamoDB table, how keys are built, which
+//! columns are renamed, dropped or typed how, and which rows are kept.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use sluice_postgres::Problem;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mapping {
+    /// The attribute that holds the source position of the change an item reflects.
+    #[serde(default = "default_version_attribute")]
+    pub version_attribute: String,
+    /// What a TRUNCATE of a mapped table does.
+    #[serde(default)]
+    pub on_truncate: TruncatePolicy,
+    #[serde(default)]
+    pub tombstones: Tombstones,
+    pub tables: Vec<TableMapping>,
+}
+
+fn default_version_attribute() -> String {
+    "_version".into()
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TruncatePolicy {
+    /// Stop with an error naming the table: a truncate cannot be mirrored item by item.
+    #[default]
+    Error,
+    /// Skip it (the target keeps its items).
+    Ignore,
+}
+
+/// Deleted rows can leave a tombstone: an item holding only the key, the version and a marker,
+/// so that a late write of an older position (a replay, a backfill row) cannot resurrect it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tombstones {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_marker")]
+    pub marker_attribute: String,
+    /// A TTL attribute (epoch seconds) set on tombstones so DynamoDB expires them.
+    #[serde(default)]
+    pub ttl_attribute: Option<String>,
+    #[serde(default = "default_tombstone_ttl", with = "sluice_postgres::duration")]
+    pub ttl: Duration,
+}
+
+impl Default for Tombstones {
+    fn default() -> Self {
+        Tombstones { enabled: true, marker_attribute: default_marker(), ttl_attribute: None, ttl: default_tombstone_ttl() }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_marker() -> String {
+    "_deleted".into()
+}
+fn default_tombstone_ttl() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableMapping {
+    /// `schema.table` in Postgres.
+    pub source: String,
+    /// The DynamoDB table.
+    pub target: String,
+    pub partition_key: KeyMapping,
+    #[serde(default)]
+    pub sort_key: Option<KeyMapping>,
+    /// Column → attribute name.
+    #[serde(default)]
+    pub rename: BTreeMap<String, String>,
+    /// Columns never written (secrets, PII). They may still appear in key templates.
+    #[serde(default)]
+    pub drop: Vec<String>,
+    /// Attributes added to every item (an entity type, for single-table designs).
+    #[serde(default)]
+    pub constants: BTreeMap<String, Constant>,
+    /// Per-column type rules.
+    #[serde(default)]
+    pub columns: BTreeMap<String, ColumnRule>,
+    /// Rows must satisfy every predicate; a row that stops satisfying them deletes its item.
+    #[serde(default)]
+    pub filter: Vec<Predicate>,
+    /// NULL columns: left out of the item (default) or written as NULL.
+    #[serde(default)]
+    pub nulls: NullPolicy,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyMapping {
+    pub attribute: String,
+    /// Literal text with `{column}` placeholders: `"ORDER#{created_at}#{id}"`.
+    pub template: String,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Constant {
+    Bool(bool),
+    Integer(i64),
+    Float(f64),
+    Text(String),
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnRule {
+    /// How the value is written; the default depends on the column type (README table).
+    #[serde(rename = "as", default)]
+    pub as_: Option<AttrKind>,
+    #[serde(default)]
+    pub nulls: Option<NullPolicy>,
+}
+
+/// Target representations a column rule can ask for.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AttrKind {
+    /// N (numbers, numerics within 38 significant digits).
+    Number,
+    /// S (any value as its text).
+    String,
+    /// S, ISO 8601 (timestamps, dates).
+    Iso8601,
+    /// N, milliseconds since 1970 (timestamps, timestamptz, dates).
+    EpochMillis,
+    /// M or L (json, jsonb).
+    Map,
+    /// L (arrays).
+    List,
+    /// SS or NS (arrays of text or numbers; duplicates collapse, NULLs are errors).
+    Set,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NullPolicy {
+    #[default]
+    Omit,
+    Null,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Predicate {
+    pub column: String,
+    pub op: PredicateOp,
+    /// Compared with the column's value as text (numbers numerically); a list for `in` / `not_in`.
+    #[serde(default)]
+    pub value: Option<Constant>,
+    #[serde(default)]
+    pub values: Vec<Constant>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PredicateOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    In,
+    NotIn,
+    IsNull,
+    NotNull,
+}
+
+/// A parsed key template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Segment {
+    Literal(String),
+    Column(String),
+}
+
+/// Splits `"USER#{id}"` into literal and column segments. `{{` and `}}` are literal braces.
+pub fn parse_template(template: &str) -> Result<Vec<Segment>, String> {
+    let mut segments = Vec::new();
+    let mut literal = String::new();
+    let mut chars = template.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+                literal.push('{');
+            }
+            '}' if chars.peek() == Some(&'}') => {
+                chars.next();
+                literal.push('}');
+            }
+            '{' => {
+                let mut column = String::new();
+                loop {
+                    match chars.next() {
+                        Some('}') => break,
+                        Some(c) => column.push(c),
+                        None => return Err(format!("unclosed '{{' in {template:?}")),
+                    }
+                }
+                if column.is_empty() {
+                    return Err(format!("empty placeholder '{{}}' in {template:?}"));
+                }
+                if !literal.is_empty() {
+                    segments.push(Segment::Literal(std::mem::take(&mut literal)));
+                }
+                segments.push(Segment::Column(column));
+            }
+            '}' => return Err(format!("unmatched '}}' in {template:?}")),
+            c => literal.push(c),
+        }
+    }
+    if !literal.is_empty() {
+        segments.push(Segment::Literal(literal));
+    }
+    if segments.is_empty() {
+        return Err("a key template must not be empty".into());
+    }
+    Ok(segments)
+}
+
+impl Mapping {
+    pub fn load(path: &Path) -> Result<Mapping, Vec<Problem>> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| vec![Problem::new("", "mapping", format!("cannot read {}: {e}", path.display()))])?;
+        Mapping::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Mapping, Vec<Problem>> {
+        let value: toml::Value = toml::from_str(text).map_err(|e| vec![Problem::new("", "mapping", e.message().to_owned())])?;
+        let mapping: Mapping = serde_path_to_error::deserialize(value).map_err(|e| {
+            vec![Problem { key: format!("mapping.{}", e.path()), message: e.into_inner().message().to_owned() }]
+        })?;
+        let problems = mapping.validate();
+        if problems.is_empty() {
+            Ok(mapping)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Problems visible without the database: templates, names, collisions.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if self.tables.is_empty() {
+            problems.push(Problem::new("mapping", "tables", "at least one table mapping is needed"));
+        }
+        let mut sources = std::collections::BTreeSet::new();
+        for (i, table) in self.tables.iter().enumerate() {
+            let prefix = format!("mapping.tables[{i}]");
+            if table.source.split('.').count() != 2 {
+                problems.push(Problem::new(&prefix, "source", format!("{:?} must be schema.table", table.source)));
+            }
+            if !sources.insert(&table.source) {
+                problems.push(Problem::new(&prefix, "source", format!("{} is mapped twice", table.source)));
+            }
+            if table.target.len() < 3 || table.target.len() > 255 {
+                problems.push(Problem::new(&prefix, "target", "DynamoDB table names are 3-255 characters"));
+            }
+            for (name, key) in [("partition_key", Some(&table.partition_key)), ("sort_key", table.sort_key.as_ref())] {
+                let Some(key) = key else { continue };
+                if let Err(message) = parse_template(&key.template) {
+                    problems.push(Problem::new(&prefix, &format!("{name}.template"), message));
+                }
+                if key.attribute.is_empty() {
+                    problems.push(Problem::new(&prefix, &format!("{name}.attribute"), "must not be empty"));
+                }
+            }
+            let reserved: Vec<&str> = [
+                Some(table.partition_key.attribute.as_str()),
+                table.sort_key.as_ref().map(|k| k.attribute.as_str()),
+                Some(self.version_attribute.as_str()),
+                Some(self.tombstones.marker_attribute.as_str()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            for (column, attribute) in &table.rename {
+                if reserved.contains(&attribute.as_str()) {
+                    problems.push(Problem::new(&prefix, &format!("rename.{column}"), format!("{attribute:?} is a key, version or tombstone attribute")));
+                }
+            }
+            for name in table.constants.keys() {
+                if reserved.contains(&name.as_str()) {
+                    problems.push(Problem::new(&prefix, &format!("constants.{name}"), "collides with a key, version or tombstone attribute"));
+                }
+            }
+            for (j, predicate) in table.filter.iter().enumerate() {
+                let needs_value = !matches!(predicate.op, PredicateOp::IsNull | PredicateOp::NotNull | PredicateOp::In | PredicateOp::NotIn);
+                if needs_value && predicate.value.is_none() {
+                    problems.push(Problem::new(&prefix, &format!("filter[{j}].value"), "this operator needs a value"));
+                }
+                if matches!(predicate.op, PredicateOp::In | PredicateOp::NotIn) && predicate.values.is_empty() {
+                    problems.push(Problem::new(&prefix, &format!("filter[{j}].values"), "in / not_in need a list of values"));
+                }
+            }
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_split_into_literals_and_columns() {
+        assert_eq!(
+            parse_template("ORDER#{created_at}#{id}").unwrap(),
+            vec![
+                Segment::Literal("ORDER#".into()),
+                Segment::Column("created_at".into()),
+                Segment::Literal("#".into()),
+                Segment::Column("id".into())
+            ]
+        );
+        assert_eq!(parse_template("PROFILE").unwrap(), vec![Segment::Literal("PROFILE".into())]);
+        assert_eq!(parse_template("{{x}}").unwrap(), vec![Segment::Literal("{x}".into())]);
+        assert!(parse_template("USER#{id").is_err());
+        assert!(parse_template("{}").is_err());
+        assert!(parse_template("").is_err());
+    }
+
+    #[test]
+    fn bad_mapping_names_the_key_and_reason() {
+        let problems = Mapping::parse(
+            r#"
+            [[tables]]
+            source = "users"
+            target = "app"
+            partition_key = { attribute = "pk", template = "USER#{id" }
+            rename = { email = "pk" }
+            filter = [{ column = "status", op = "eq" }]
+            "#,
+        )
+        .unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["mapping.tables[0].source", "mapping.tables[0].partition_key.template", "mapping.tables[0].rename.email", "mapping.tables[0].filter[0].value"]
+        );
+        let problems = Mapping::parse("[[tables]]\nsource = \"public.users\"\ntarget = \"app\"\npartition_key = { attribute = \"pk\", templat = \"x\" }\n").unwrap_err();
+        assert!(problems[0].key.starts_with("mapping.tables[0].partition_key") && problems[0].message.contains("templat"), "{problems:?}");
+    }
+}

@@ -1,0 +1,5 @@
+//! Semantic translators: pure functions from change events to target operations, driven by
+//! the declarative mappings in `schemas/`.
+
+pub mod dynamodb;
+pub mod mapping;
