@@ -210,7 +210,7 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
         }
         Ok((total_rows / elapsed, peak, cpu))
     };
-    let (baseline_rows_per_s, (sluice_rows_per_s, peak_rss_kib, sluice_cpu_s)) = if run % 2 == 0 {
+    let (baseline_rows_per_s, (sluice_rows_per_s, peak_rss_kib, sluice_cpu_s)) = if run.is_multiple_of(2) {
         let b = baseline()?;
         (b, measured_sluice()?)
     } else {

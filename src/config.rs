@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use sluice_postgres::{ConnectionConfig, Problem, ReplicationConfig};
+use sluice_postgres::{ConnectionConfig, Problem, ReplicationConfig, Secret};
 
 /// The whole configuration of one sluice process (one pipeline).
 #[derive(Clone, Debug, Deserialize)]
@@ -78,6 +78,8 @@ pub struct SourceConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum TargetConfig {
+    /// Items in DynamoDB tables, through a mapping, with position-guarded writes.
+    Dynamodb(DynamoConfig),
     /// One JSON object per change, to a file or standard output.
     Jsonl(JsonlConfig),
     /// Discards everything at once (benchmarks).
@@ -96,6 +98,45 @@ pub struct JsonlConfig {
     /// Also write begin and commit records.
     #[serde(default = "yes")]
     pub transactions: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DynamoConfig {
+    /// The mapping file (format in `schemas/README.md`).
+    pub mapping: PathBuf,
+    /// A DynamoDB-API endpoint other than AWS's, such as a local server.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// AWS region; otherwise from the environment or profile (us-east-1 when none).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Static credentials; otherwise the AWS default chain (environment, profile, web identity, instance role).
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<Secret>,
+    /// Writes in flight at once (items are spread over workers by key; one key stays in order).
+    #[serde(default = "default_dynamo_concurrency")]
+    pub concurrency: usize,
+    /// How long throttling, 5xx and network errors are retried before the pipeline stops.
+    #[serde(default = "default_dynamo_retry_for", with = "sluice_postgres::duration")]
+    pub retry_for: Duration,
+    #[serde(default = "default_dynamo_timeout", with = "sluice_postgres::duration")]
+    pub request_timeout: Duration,
+    /// A JSON-lines file receiving writes that can never apply; without it they are only logged and counted.
+    #[serde(default)]
+    pub dead_letter: Option<PathBuf>,
+}
+
+fn default_dynamo_concurrency() -> usize {
+    16
+}
+fn default_dynamo_retry_for() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_dynamo_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_jsonl_path() -> PathBuf {
@@ -166,6 +207,21 @@ impl Config {
         }
         self.source.connection.validate("source.connection", &mut problems);
         self.source.replication.validate("source.replication", &mut problems);
+        if let TargetConfig::Dynamodb(dynamo) = &self.target {
+            if dynamo.concurrency == 0 {
+                problems.push(Problem::new("target", "concurrency", "must be at least 1"));
+            }
+            if dynamo.access_key_id.is_some() != dynamo.secret_access_key.is_some() {
+                problems.push(Problem::new("target", "access_key_id", "access_key_id and secret_access_key go together"));
+            }
+            match crate::translate::mapping::Mapping::load(&dynamo.mapping) {
+                Ok(_) => {}
+                Err(mapping_problems) => problems.extend(mapping_problems.into_iter().map(|p| Problem {
+                    key: if p.key == "mapping" { "target.mapping".into() } else { format!("target.{}", p.key) },
+                    message: p.message,
+                })),
+            }
+        }
         if let TargetConfig::Jsonl(jsonl) = &self.target {
             if jsonl.path != Path::new("-") {
                 if let Some(dir) = jsonl.path.parent().filter(|d| !d.as_os_str().is_empty()) {

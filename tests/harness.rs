@@ -249,3 +249,123 @@ pub fn wait_for_blocking(what: &str, limit: Duration, mut check: impl FnMut() ->
         std::thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// A DynamoDB-API server (moto) on 127.0.0.1, shared by the tests running now.
+pub struct Moto {
+    child: Mutex<Child>,
+    pub url: String,
+    pub port: u16,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+static MOTO: Mutex<Weak<Moto>> = Mutex::new(Weak::new());
+
+/// `SLUICE_TEST_MOTO`, the CI cache's venv, or `moto_server` on PATH.
+fn moto_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("SLUICE_TEST_MOTO") {
+        return PathBuf::from(path);
+    }
+    let cached = PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/sluice-ci/moto/bin/moto_server");
+    if cached.exists() {
+        return cached;
+    }
+    PathBuf::from("moto_server")
+}
+
+pub fn moto() -> Arc<Moto> {
+    let mut shared = MOTO.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(moto) = shared.upgrade() {
+        return moto;
+    }
+    let port = sluice::localpg::free_port().unwrap();
+    let child = Command::new(moto_binary())
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start moto_server ({e}); run `bash .ci/run` once, or pip install 'moto[server]'"));
+    let moto = Arc::new(Moto { child: Mutex::new(child), url: format!("http://127.0.0.1:{port}"), port });
+    wait_for_blocking("moto to answer", Duration::from_secs(30), || http_ok(port, "/moto-api/"));
+    *shared = Arc::downgrade(&moto);
+    moto
+}
+
+/// True when `GET path` on 127.0.0.1:port answers 200.
+pub fn http_ok(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
+}
+
+/// A DynamoDB client for a test server.
+pub async fn dynamo_client(url: &str) -> sluice_dynamodb::DynamoClient {
+    sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions {
+        endpoint_url: Some(url.into()),
+        region: Some("us-east-1".into()),
+        static_credentials: Some(("test".into(), "test".into())),
+        request_timeout: Some(Duration::from_secs(5)),
+    })
+    .await
+}
+
+/// A TCP proxy on 127.0.0.1 that can cut every connection and refuse new ones for a while:
+/// a network outage between sluice and a server.
+pub struct Outage {
+    pub port: u16,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    cut: Arc<tokio::sync::Notify>,
+}
+
+impl Outage {
+    pub async fn start(target_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cut = Arc::new(tokio::sync::Notify::new());
+        let (down2, cut2) = (down.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if down2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let cut = cut2.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.notified() => {}
+                    }
+                });
+            }
+        });
+        Outage { port, down, cut }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts open connections and refuses new ones until `end`.
+    pub fn begin(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        self.cut.notify_waiters();
+    }
+
+    pub fn end(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}

@@ -9,3 +9,4 @@ mod auth;
 mod streaming;
 mod reconnect;
 mod slots;
+mod dynamodb;

@@ -1,5 +1,6 @@
 //! Targets: where change events are made durable.
 
+mod dynamodb;
 mod jsonl;
 mod null;
 
@@ -7,6 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub use dynamodb::{DynamoStats, DynamoTarget};
 pub use jsonl::JsonlTarget;
 pub use null::NullTarget;
 
@@ -36,6 +38,7 @@ pub trait Target: Send {
 
 /// The targets known at build time.
 pub enum AnyTarget {
+    Dynamodb(DynamoTarget),
     Jsonl(JsonlTarget),
     Null(NullTarget),
 }
@@ -43,6 +46,7 @@ pub enum AnyTarget {
 impl AnyTarget {
     pub async fn open(config: &TargetConfig) -> Result<Self, TargetError> {
         Ok(match config {
+            TargetConfig::Dynamodb(c) => AnyTarget::Dynamodb(DynamoTarget::open(c).await?),
             TargetConfig::Jsonl(c) => AnyTarget::Jsonl(JsonlTarget::open(c).await?),
             TargetConfig::Null => AnyTarget::Null(NullTarget::default()),
         })
@@ -52,6 +56,7 @@ impl AnyTarget {
 impl Target for AnyTarget {
     async fn submit(&mut self, batch: Arc<EventBatch>) -> Result<Receipt, TargetError> {
         match self {
+            AnyTarget::Dynamodb(t) => t.submit(batch).await,
             AnyTarget::Jsonl(t) => t.submit(batch).await,
             AnyTarget::Null(t) => t.submit(batch).await,
         }

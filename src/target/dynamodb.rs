@@ -1,0 +1,336 @@
+//! The DynamoDB target: translates each batch through the mapping and applies the writes with
+//! position guards on `concurrency` workers.
+//!
+//! Ordering: a write goes to the worker chosen by a hash of (table, key), and each worker
+//! applies its queue in order, so changes to one item keep their source order while different
+//! items proceed in parallel. A batch is durable when every write of it has been acknowledged
+//! by DynamoDB (applied, or found already applied by the guard).
+//!
+//! Failures: throttling, 5xx and network errors are retried with exponential backoff and jitter
+//! for up to `retry_for`, and the batch stays unacknowledged meanwhile. Writes that can never
+//! apply (an item over 400 KB, a value DynamoDB rejects, a row the mapping cannot translate) go
+//! to the dead-letter file with the reason and position, and are counted. Anything else
+//! (a missing table, denied access) stops the pipeline.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use sluice_dynamodb::{item_size, Attr, ClientOptions, DynamoClient, GuardedWrite, Item, Outcome, WriteAction, MAX_ITEM_BYTES};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, Notify};
+
+use super::{Receipt, Target};
+use crate::config::DynamoConfig;
+use crate::error::{ErrorKind, TargetError};
+use crate::event::{ChangeEvent, EventBatch, Position};
+use crate::translate::dynamodb::{DynamoTranslator, TranslateError};
+use crate::translate::mapping::Mapping;
+
+/// Counters for status and tests.
+#[derive(Debug, Default)]
+pub struct DynamoStats {
+    pub applied: AtomicU64,
+    pub already_applied: AtomicU64,
+    pub retries: AtomicU64,
+    pub dead_lettered: AtomicU64,
+}
+
+pub struct DynamoTarget {
+    translator: DynamoTranslator,
+    workers: Vec<mpsc::Sender<Job>>,
+    dead_letter: Arc<DeadLetter>,
+    pub stats: Arc<DynamoStats>,
+}
+
+struct Job {
+    write: GuardedWrite,
+    position: Position,
+    source_table: String,
+    batch: Arc<BatchState>,
+}
+
+/// Completion of one batch's writes.
+struct BatchState {
+    remaining: AtomicUsize,
+    done: Notify,
+    failure: Mutex<Option<TargetError>>,
+}
+
+impl BatchState {
+    fn finish_one(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_one();
+        }
+    }
+
+    fn fail(&self, error: TargetError) {
+        let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        failure.get_or_insert(error);
+    }
+}
+
+impl DynamoTarget {
+    pub async fn open(config: &DynamoConfig) -> Result<Self, TargetError> {
+        let mapping = Mapping::load(&config.mapping).map_err(|problems| TargetError {
+            target: "dynamodb",
+            kind: ErrorKind::Fatal,
+            message: problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+            source: None,
+        })?;
+        let options = ClientOptions {
+            endpoint_url: config.endpoint_url.clone(),
+            region: config.region.clone(),
+            static_credentials: match (&config.access_key_id, &config.secret_access_key) {
+                (Some(id), Some(secret)) => Some((id.clone(), secret.expose().to_owned())),
+                _ => None,
+            },
+            request_timeout: Some(config.request_timeout),
+        };
+        let client = DynamoClient::connect(&options).await;
+        let dead_letter = Arc::new(DeadLetter::open(config.dead_letter.clone()).await?);
+        let stats = Arc::new(DynamoStats::default());
+        let workers = (0..config.concurrency)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(256);
+                tokio::spawn(worker(client.clone(), rx, dead_letter.clone(), stats.clone(), config.retry_for));
+                tx
+            })
+            .collect();
+        Ok(DynamoTarget { translator: DynamoTranslator::new(&mapping), workers, dead_letter, stats })
+    }
+
+    fn worker_for(&self, write: &GuardedWrite) -> usize {
+        let mut hasher = DefaultHasher::new();
+        write.table.hash(&mut hasher);
+        for (name, value) in &write.key {
+            name.hash(&mut hasher);
+            if let Attr::S(s) = value {
+                s.hash(&mut hasher);
+            }
+        }
+        (hasher.finish() % self.workers.len() as u64) as usize
+    }
+}
+
+impl Target for DynamoTarget {
+    async fn submit(&mut self, batch: Arc<EventBatch>) -> Result<Receipt, TargetError> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let mut jobs = Vec::new();
+        let mut writes = Vec::new();
+        for event in &batch.events {
+            writes.clear();
+            let (Some(position), Some(source_table)) = (event.position(), source_table(event)) else { continue };
+            match self.translator.translate(event, now, &mut writes) {
+                Ok(()) => {}
+                Err(error @ TranslateError::Poison { .. }) => {
+                    self.dead_letter.record(position, &source_table, None, &error.to_string()).await?;
+                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                Err(error @ TranslateError::Fatal { .. }) => {
+                    return Err(TargetError { target: "dynamodb", kind: ErrorKind::Fatal, message: error.to_string(), source: None })
+                }
+            }
+            for write in writes.drain(..) {
+                if let WriteAction::Put(item) | WriteAction::Update { set: item, .. } = &write.action {
+                    let size = item_size(item) + item_size(&write.key) + write.version_attribute.len() + 21;
+                    if size > MAX_ITEM_BYTES {
+                        let reason = format!("item of {size} bytes exceeds DynamoDB's 400 KB limit");
+                        self.dead_letter.record(position, &source_table, Some(&write), &reason).await?;
+                        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+                jobs.push((write, position, source_table.clone()));
+            }
+        }
+        let state = Arc::new(BatchState { remaining: AtomicUsize::new(jobs.len() + 1), done: Notify::new(), failure: Mutex::new(None) });
+        for (write, position, source_table) in jobs {
+            let worker = self.worker_for(&write);
+            let job = Job { write, position, source_table, batch: state.clone() };
+            self.workers[worker].send(job).await.map_err(|_| TargetError {
+                target: "dynamodb",
+                kind: ErrorKind::Fatal,
+                message: "a DynamoDB worker stopped".into(),
+                source: None,
+            })?;
+        }
+        // The extra count keeps the batch open until every job is queued.
+        state.finish_one();
+        Ok(Box::pin(async move {
+            loop {
+                let notified = state.done.notified();
+                if state.remaining.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                notified.await;
+            }
+            match state.failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                Some(error) => Err(error),
+                None => Ok(()),
+            }
+        }))
+    }
+}
+
+fn source_table(event: &ChangeEvent) -> Option<String> {
+    match event {
+        ChangeEvent::Insert { relation, .. } | ChangeEvent::Update { relation, .. } | ChangeEvent::Delete { relation, .. } => {
+            Some(relation.qualified_name())
+        }
+        ChangeEvent::Truncate { relations, .. } => Some(relations.iter().map(|r| r.qualified_name()).collect::<Vec<_>>().join(",")),
+        _ => None,
+    }
+}
+
+async fn worker(client: DynamoClient, mut jobs: mpsc::Receiver<Job>, dead_letter: Arc<DeadLetter>, stats: Arc<DynamoStats>, retry_for: Duration) {
+    while let Some(job) = jobs.recv().await {
+        let started = Instant::now();
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            match client.apply(&job.write).await {
+                Ok(Outcome::Applied) => {
+                    stats.applied.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                Ok(Outcome::AlreadyApplied) => {
+                    stats.already_applied.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                Err(error) if error.is_transient() && started.elapsed() < retry_for => {
+                    stats.retries.fetch_add(1, Ordering::Relaxed);
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(table = %error.table, error = %error.message, retry_in_ms = delay.as_millis() as u64, "DynamoDB write failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
+                    match dead_letter.record(job.position, &job.source_table, Some(&job.write), &error.to_string()).await {
+                        Ok(()) => {
+                            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => job.batch.fail(e),
+                    }
+                    break;
+                }
+                Err(error) => {
+                    let message = if error.is_transient() { format!("{error} (still failing after {retry_for:?})") } else { error.to_string() };
+                    job.batch.fail(TargetError { target: "dynamodb", kind: ErrorKind::Fatal, message, source: Some(Box::new(error)) });
+                    break;
+                }
+            }
+        }
+        job.batch.finish_one();
+    }
+}
+
+/// Dead-letter store: one JSON line per write that can never apply.
+pub struct DeadLetter {
+    file: Option<tokio::sync::Mutex<tokio::fs::File>>,
+    path: Option<PathBuf>,
+}
+
+impl DeadLetter {
+    async fn open(path: Option<PathBuf>) -> Result<Self, TargetError> {
+        let file = match &path {
+            Some(path) => Some(tokio::sync::Mutex::new(
+                tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .await
+                    .map_err(|e| TargetError::fatal("dynamodb", format!("cannot open dead-letter file {} (target.dead_letter)", path.display()), e))?,
+            )),
+            None => None,
+        };
+        Ok(DeadLetter { file, path })
+    }
+
+    /// Appends and syncs an entry; without a file, the entry is only logged (without values).
+    async fn record(&self, position: Position, source_table: &str, write: Option<&GuardedWrite>, reason: &str) -> Result<(), TargetError> {
+        tracing::warn!(table = source_table, commit_lsn = %position.commit_lsn, ordinal = position.tx_ordinal, reason, "dead-lettered a change");
+        let Some(file) = &self.file else { return Ok(()) };
+        let mut line = Vec::new();
+        line.extend_from_slice(format!("{{\"commit_lsn\":\"{}\",\"ordinal\":{},\"table\":", position.commit_lsn, position.tx_ordinal).as_bytes());
+        crate::json::string(&mut line, source_table);
+        line.extend_from_slice(b",\"reason\":");
+        crate::json::string(&mut line, reason);
+        if let Some(write) = write {
+            line.extend_from_slice(b",\"target_table\":");
+            crate::json::string(&mut line, &write.table);
+            line.extend_from_slice(b",\"key\":");
+            attrs_json(&mut line, &write.key);
+            if let WriteAction::Put(item) | WriteAction::Update { set: item, .. } = &write.action {
+                line.extend_from_slice(b",\"item\":");
+                attrs_json(&mut line, item);
+            }
+        }
+        line.extend_from_slice(b"}\n");
+        let mut file = file.lock().await;
+        let io = |e: std::io::Error| {
+            TargetError::fatal("dynamodb", format!("cannot write dead-letter file {}", self.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default()), e)
+        };
+        file.write_all(&line).await.map_err(io)?;
+        file.sync_data().await.map_err(io)
+    }
+}
+
+/// DynamoDB's JSON form of attributes (`{"S": "x"}`), as its CLI and exports print them.
+fn attrs_json(out: &mut Vec<u8>, item: &Item) {
+    out.push(b'{');
+    for (i, (name, value)) in item.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        crate::json::string(out, name);
+        out.push(b':');
+        attr_json(out, value);
+    }
+    out.push(b'}');
+}
+
+fn attr_json(out: &mut Vec<u8>, value: &Attr) {
+    use base64::Engine;
+    let tagged = |out: &mut Vec<u8>, tag: &str, body: &dyn Fn(&mut Vec<u8>)| {
+        out.extend_from_slice(format!("{{\"{tag}\":").as_bytes());
+        body(out);
+        out.push(b'}');
+    };
+    match value {
+        Attr::S(s) => tagged(out, "S", &|o| crate::json::string(o, s)),
+        Attr::N(n) => tagged(out, "N", &|o| crate::json::string(o, n)),
+        Attr::B(b) => tagged(out, "B", &|o| crate::json::string(o, &base64::engine::general_purpose::STANDARD.encode(b))),
+        Attr::Bool(b) => tagged(out, "BOOL", &|o| o.extend_from_slice(if *b { b"true" } else { b"false" })),
+        Attr::Null => out.extend_from_slice(b"{\"NULL\":true}"),
+        Attr::L(items) => tagged(out, "L", &|o| {
+            o.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    o.push(b',');
+                }
+                attr_json(o, item);
+            }
+            o.push(b']');
+        }),
+        Attr::M(map) => tagged(out, "M", &|o| attrs_json(o, map)),
+        Attr::Ss(items) | Attr::Ns(items) => tagged(out, if matches!(value, Attr::Ss(_)) { "SS" } else { "NS" }, &|o| {
+            o.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    o.push(b',');
+                }
+                crate::json::string(o, item);
+            }
+            o.push(b']');
+        }),
+    }
+}

@@ -1,0 +1,344 @@
+//! The DynamoDB target against a real DynamoDB-API server (moto) through aws-sdk-dynamodb.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice::config::{Config, DynamoConfig, PipelineConfig, SourceConfig, TargetConfig};
+use sluice_dynamodb::{Attr, DynamoClient, GuardedWrite, Item, Outcome, WriteAction};
+use sluice_postgres::Lsn;
+use tokio::sync::watch;
+
+use crate::harness::{dynamo_client, moto, sluice_output, wait_for, Outage, TestDb};
+
+const SCHEMA: &str = "CREATE TABLE customers (id int8 PRIMARY KEY, email text, password_hash text, status text NOT NULL DEFAULT 'active',
+    balance numeric(12,2), created_at timestamptz, tags text[], prefs jsonb, bio text);
+  CREATE TABLE orders (customer_id int8, id int8, total numeric, PRIMARY KEY (customer_id, id));
+  CREATE PUBLICATION p FOR TABLE customers, orders;";
+
+/// The worked example mapping, pointed at `table`.
+fn shop_mapping(dir: &Path, table: &str) -> PathBuf {
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/examples/shop.toml")).unwrap();
+    let path = dir.join("mapping.toml");
+    std::fs::write(&path, example.replace("target = \"shop\"", &format!("target = \"{table}\""))).unwrap();
+    path
+}
+
+fn dynamo_config(url: &str, mapping: PathBuf, dead_letter: Option<PathBuf>) -> DynamoConfig {
+    DynamoConfig {
+        mapping,
+        endpoint_url: Some(url.into()),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some(sluice_postgres::Secret::new("test")),
+        concurrency: 8,
+        retry_for: Duration::from_secs(120),
+        request_timeout: Duration::from_secs(2),
+        dead_letter,
+    }
+}
+
+struct Running {
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), sluice::error::PipelineError>>,
+    source_stats: Arc<sluice_postgres::SourceStats>,
+}
+
+async fn start_pipeline(db: &TestDb, slot: &str, target: DynamoConfig) -> Running {
+    let config = Config {
+        pipeline: PipelineConfig::default(),
+        source: SourceConfig { connection: db.connection(), replication: db.replication(slot, "p") },
+        target: TargetConfig::Dynamodb(target),
+    };
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (stats_tx, mut stats_rx) = watch::channel(None);
+    let task = tokio::spawn(async move {
+        sluice::pipeline::run(&config, shutdown_rx, |p| {
+            stats_tx.send_replace(Some(p.source_stats));
+        })
+        .await
+    });
+    let source_stats = stats_rx.wait_for(Option::is_some).await.unwrap().clone().unwrap();
+    db.wait_slot_active(&db.slot_name(slot)).await;
+    Running { shutdown, task, source_stats }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(60), self.task).await.expect("pipeline stops").unwrap().expect("pipeline ends cleanly");
+    }
+}
+
+fn s(v: &str) -> Attr {
+    Attr::S(v.into())
+}
+
+/// Items by (pk, sk).
+async fn items(client: &DynamoClient, table: &str) -> BTreeMap<(String, String), Item> {
+    client
+        .scan_all(table)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|item| {
+            let key = |name: &str| match &item[name] {
+                Attr::S(v) => v.clone(),
+                other => panic!("{other:?}"),
+            };
+            ((key("pk"), key("sk")), item)
+        })
+        .collect()
+}
+
+/// A number attribute without trailing fractional zeros (DynamoDB normalises them; moto does not).
+fn number(attr: &Attr) -> String {
+    let Attr::N(n) = attr else { panic!("not a number: {attr:?}") };
+    if n.contains('.') {
+        n.trim_end_matches('0').trim_end_matches('.').to_owned()
+    } else {
+        n.clone()
+    }
+}
+
+fn is_tombstone(item: &Item) -> bool {
+    item.get("_deleted") == Some(&Attr::Bool(true))
+}
+
+fn unique_table(db: &TestDb) -> String {
+    format!("shop_{}", db.name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_stream_into_one_table_through_the_mapping_and_converge() {
+    let moto = moto();
+    let db = TestDb::new();
+    db.sql(SCHEMA);
+    let table = unique_table(&db);
+    let client = dynamo_client(&moto.url).await;
+    client.create_table(&table, "pk", Some("sk")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_pipeline(&db, "ddb", dynamo_config(&moto.url, shop_mapping(dir.path(), &table), None)).await;
+
+    db.sql(
+        "INSERT INTO customers VALUES
+           (1, 'ada@x', 'h1', 'active', 100.50, '2024-05-01 12:00:00+00', '{b,a}', '{\"theme\": \"dark\", \"n\": 2}', 'long bio'),
+           (2, 'grace@x', 'h2', 'active', 7, NULL, '{}', NULL, NULL);
+         INSERT INTO orders VALUES (1, 10, 9.99), (1, 11, 5), (2, 20, 1)",
+    );
+    db.sql("UPDATE customers SET balance = 90.50 WHERE id = 1");
+    db.sql("UPDATE customers SET id = 3 WHERE id = 2");
+    db.sql("DELETE FROM orders WHERE customer_id = 1 AND id = 11");
+    db.sql("UPDATE customers SET status = 'banned' WHERE id = 1");
+    let before_last = db.insert_lsn();
+    db.sql("INSERT INTO orders VALUES (3, 30, 2)");
+    // Items are written in parallel (one key stays in order), so look once everything is
+    // durable: the slot confirms past the last transaction only then.
+    wait_for("the slot to confirm the last change", Duration::from_secs(60), || async { db.slot_confirmed("ddb").unwrap() > before_last }).await;
+    let items = items(&client, &table).await;
+    let live: Vec<_> = items.iter().filter(|(_, i)| !is_tombstone(i)).map(|(k, _)| (k.0.as_str(), k.1.as_str())).collect();
+    assert_eq!(live, [("CUSTOMER#1", "ORDER#10"), ("CUSTOMER#2", "ORDER#20"), ("CUSTOMER#3", "ORDER#30"), ("CUSTOMER#3", "PROFILE")], "{items:#?}");
+    let tombstones: Vec<_> = items.iter().filter(|(_, i)| is_tombstone(i)).map(|(k, _)| (k.0.as_str(), k.1.as_str())).collect();
+    assert_eq!(tombstones, [("CUSTOMER#1", "ORDER#11"), ("CUSTOMER#1", "PROFILE"), ("CUSTOMER#2", "PROFILE")], "deleted, banned (left the filter) and re-keyed");
+
+    let grace = &items[&("CUSTOMER#3".to_string(), "PROFILE".to_string())];
+    assert_eq!(grace["emailAddress"], s("grace@x"));
+    assert_eq!(number(&grace["balance"]), "7");
+    assert_eq!(grace["entity"], s("Customer"));
+    assert_eq!(grace["id"], Attr::N("3".into()));
+    for absent in ["password_hash", "tags", "prefs", "created_at", "bio", "email"] {
+        assert!(!grace.contains_key(absent), "{absent} must not be written: {grace:?}");
+    }
+    let ada_order = &items[&("CUSTOMER#1".to_string(), "ORDER#10".to_string())];
+    assert_eq!(number(&ada_order["total"]), "9.99");
+    assert_eq!(ada_order["entity"], s("Order"));
+    let ada = &items[&("CUSTOMER#1".to_string(), "PROFILE".to_string())];
+    assert!(ada.contains_key("expires_at") && !ada.contains_key("emailAddress"), "a tombstone holds only key, version, marker and TTL");
+
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_map_to_the_configured_attribute_types() {
+    let moto = moto();
+    let db = TestDb::new();
+    db.sql(SCHEMA);
+    let table = unique_table(&db);
+    let client = dynamo_client(&moto.url).await;
+    client.create_table(&table, "pk", Some("sk")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_pipeline(&db, "types", dynamo_config(&moto.url, shop_mapping(dir.path(), &table), None)).await;
+    db.sql(
+        "INSERT INTO customers VALUES (1, 'ada@x', 'h1', 'active', 100.50, '2024-05-01 12:00:00.123+00', '{b,a,b}',
+           '{\"theme\": \"dark\", \"n\": 12345678901234567890.5, \"list\": [1, null, true]}', repeat('x', 20000))",
+    );
+    wait_for("the item", Duration::from_secs(60), || {
+        let (client, table) = (client.clone(), table.clone());
+        async move { !items(&client, &table).await.is_empty() }
+    })
+    .await;
+    let item = items(&client, &table).await.into_values().next().unwrap();
+    assert_eq!(number(&item["balance"]), "100.5", "numeric → N");
+    assert_eq!(item["created_at"], Attr::N("1714564800123".into()), "timestamptz → epoch millis");
+    assert_eq!(item["tags"], Attr::Ss(vec!["a".into(), "b".into()]), "text[] → SS");
+    assert_eq!(
+        item["prefs"],
+        Attr::M(BTreeMap::from([
+            ("theme".to_string(), s("dark")),
+            ("n".to_string(), Attr::N("12345678901234567890.5".into())),
+            ("list".to_string(), Attr::L(vec![Attr::N("1".into()), Attr::Null, Attr::Bool(true)])),
+        ])),
+        "jsonb → M with exact numbers"
+    );
+    assert_eq!(item["bio"], s(&"x".repeat(20000)));
+    assert!(matches!(&item["_version"], Attr::N(_)));
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_replay_never_resurrects_a_deleted_item() {
+    let moto = moto();
+    let client = dynamo_client(&moto.url).await;
+    let table = format!("replay_{}", std::process::id());
+    client.create_table(&table, "pk", None).await.unwrap();
+    let write = |version: u64, action: WriteAction| GuardedWrite {
+        table: table.clone(),
+        key: Item::from([("pk".to_string(), s("USER#1"))]),
+        partition_key: "pk".into(),
+        version_attribute: "_version".into(),
+        version: version.to_string(),
+        action,
+    };
+    let row = WriteAction::Put(Item::from([("name".to_string(), s("ada"))]));
+    let tombstone = WriteAction::Put(Item::from([("_deleted".to_string(), Attr::Bool(true))]));
+    assert_eq!(client.apply(&write(5, row.clone())).await.unwrap(), Outcome::Applied);
+    assert_eq!(client.apply(&write(6, tombstone)).await.unwrap(), Outcome::Applied);
+    assert_eq!(client.apply(&write(5, row.clone())).await.unwrap(), Outcome::AlreadyApplied, "the replayed insert is absorbed");
+    assert_eq!(client.apply(&write(6, row.clone())).await.unwrap(), Outcome::AlreadyApplied, "the same position twice is absorbed");
+    let stored = client.scan_all(&table).await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert!(is_tombstone(&stored[0]), "still deleted: {stored:?}");
+    assert_eq!(client.apply(&write(7, row)).await.unwrap(), Outcome::Applied, "a newer insert revives it");
+    assert!(!is_tombstone(&client.scan_all(&table).await.unwrap()[0]));
+    let partial = WriteAction::Update { set: Item::from([("name".to_string(), s("ada lovelace"))]), remove: vec!["_deleted".into()] };
+    assert_eq!(client.apply(&write(6, partial.clone())).await.unwrap(), Outcome::AlreadyApplied);
+    assert_eq!(client.apply(&write(8, partial)).await.unwrap(), Outcome::Applied);
+    assert_eq!(client.scan_all(&table).await.unwrap()[0]["name"], s("ada lovelace"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_of_dynamodb_loses_nothing_and_acknowledges_nothing_early() {
+    let moto = moto();
+    let outage = Outage::start(moto.port).await;
+    let db = TestDb::new();
+    db.sql(SCHEMA);
+    let table = unique_table(&db);
+    let client = dynamo_client(&moto.url).await;
+    client.create_table(&table, "pk", Some("sk")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_pipeline(&db, "outage", dynamo_config(&outage.url(), shop_mapping(dir.path(), &table), None)).await;
+    db.sql("INSERT INTO orders VALUES (1, 1, 1)");
+    wait_for("the first order", Duration::from_secs(60), || {
+        let (client, table) = (client.clone(), table.clone());
+        async move { items(&client, &table).await.len() == 1 }
+    })
+    .await;
+    wait_until_confirmed(&db, "outage").await;
+
+    // A second slot (test_decoding) tells the exact commit LSN of the transaction made
+    // during the outage: the slot may confirm up to that commit's start, never past it.
+    let peek = db.slot_name("peek");
+    db.sql(&format!("SELECT pg_create_logical_replication_slot('{peek}', 'test_decoding')"));
+    outage.begin();
+    let before_second = db.insert_lsn();
+    db.sql("INSERT INTO orders SELECT 1, g, g FROM generate_series(2, 200) g");
+    // Peeking decodes up to the flushed WAL; with synchronous_commit = off the commit is
+    // flushed by the WAL writer a moment later.
+    let peek_sql = format!("SELECT lsn FROM pg_logical_slot_peek_changes('{peek}', NULL, NULL) WHERE data LIKE 'COMMIT%' ORDER BY lsn DESC LIMIT 1");
+    crate::harness::wait_for_blocking("the commit to be decodable", Duration::from_secs(30), || !db.sql(&peek_sql).is_empty());
+    let commit: Lsn = db.sql(&peek_sql).parse().unwrap();
+    db.sql(&format!("SELECT pg_drop_replication_slot('{peek}')"));
+    let stats = running.source_stats.clone();
+    wait_for("sluice to receive the change", Duration::from_secs(30), || {
+        let received = Lsn(stats.received_lsn.load(Ordering::Relaxed));
+        async move { received > before_second }
+    })
+    .await;
+    // Several status intervals pass while DynamoDB is unreachable.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let confirmed = db.slot_confirmed("outage").unwrap();
+        assert!(confirmed <= commit, "slot confirmed {confirmed} past the commit at {commit} during the outage");
+    }
+    assert_eq!(items(&client, &table).await.len(), 1);
+
+    outage.end();
+    wait_for("every order after the outage", Duration::from_secs(120), || {
+        let (client, table) = (client.clone(), table.clone());
+        async move { items(&client, &table).await.len() == 200 }
+    })
+    .await;
+    wait_for("the slot to move past the outage", Duration::from_secs(30), || async { db.slot_confirmed("outage").unwrap() > commit }).await;
+    running.stop().await;
+}
+
+async fn wait_until_confirmed(db: &TestDb, slot: &str) -> Lsn {
+    let target = db.insert_lsn();
+    wait_for("the slot to confirm", Duration::from_secs(30), || async { db.slot_confirmed(slot).unwrap() >= Lsn(target.0.saturating_sub(64)) }).await;
+    db.slot_confirmed(slot).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_rows_go_to_the_dead_letter_file_and_the_stream_continues() {
+    let moto = moto();
+    let db = TestDb::new();
+    db.sql(SCHEMA);
+    let table = unique_table(&db);
+    let client = dynamo_client(&moto.url).await;
+    client.create_table(&table, "pk", Some("sk")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dead_letter = dir.path().join("dead.jsonl");
+    let running = start_pipeline(&db, "poison", dynamo_config(&moto.url, shop_mapping(dir.path(), &table), Some(dead_letter.clone()))).await;
+    db.sql("INSERT INTO orders VALUES (1, 1, 1234567890123456789012345678901234567890.5)");
+    db.sql("INSERT INTO customers (id, bio) SELECT 2, string_agg(md5(g::text), '') FROM generate_series(1, 15000) g");
+    db.sql("INSERT INTO orders VALUES (1, 2, 3)");
+    wait_for("the good row", Duration::from_secs(60), || {
+        let (client, table) = (client.clone(), table.clone());
+        async move { items(&client, &table).await.len() == 1 }
+    })
+    .await;
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&dead_letter).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["table"], "public.orders");
+    assert!(lines[0]["reason"].as_str().unwrap().contains("column total: 41 significant digits exceed DynamoDB's 38"), "{}", lines[0]);
+    assert!(lines[0]["commit_lsn"].as_str().unwrap().contains('/'));
+    assert_eq!(lines[1]["table"], "public.customers");
+    assert!(lines[1]["reason"].as_str().unwrap().contains("400 KB"), "{}", lines[1]);
+    assert_eq!(lines[1]["key"]["pk"]["S"], "CUSTOMER#2");
+    let end = db.insert_lsn();
+    wait_for("the slot to move past the poison rows", Duration::from_secs(30), || async { db.slot_confirmed("poison").unwrap() >= Lsn(end.0 - 64) }).await;
+    running.stop().await;
+}
+
+#[test]
+fn bad_mapping_is_named_by_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mapping = dir.path().join("m.toml");
+    std::fs::write(&mapping, "[[tables]]\nsource = \"public.users\"\ntarget = \"app\"\npartition_key = { attribute = \"pk\", template = \"USER#{id\" }\n").unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source.connection]\ndbname = \"app\"\n[source.replication]\nslot = \"s\"\npublication = \"p\"\n\
+             [target]\nkind = \"dynamodb\"\nmapping = \"{}\"\n",
+            mapping.display()
+        ),
+    )
+    .unwrap();
+    let (code, stderr) = sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(30));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("target.mapping.tables[0].partition_key.template") && stderr.contains("unclosed"), "{stderr}");
+}
