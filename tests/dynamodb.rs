@@ -342,3 +342,94 @@ fn bad_mapping_is_named_by_validate() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("target.mapping.tables[0].partition_key.template") && stderr.contains("unclosed"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_streaming_then_restart_leaves_the_target_equal_to_the_source() {
+    let moto = moto();
+    let db = TestDb::new();
+    db.sql("CREATE TABLE accounts (id int8 PRIMARY KEY, n int8 NOT NULL, name text); CREATE PUBLICATION p FOR TABLE accounts");
+    let table = unique_table(&db);
+    let client = dynamo_client(&moto.url).await;
+    client.create_table(&table, "pk", None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mapping = dir.path().join("mapping.toml");
+    std::fs::write(
+        &mapping,
+        format!("[[tables]]\nsource = \"public.accounts\"\ntarget = \"{table}\"\npartition_key = {{ attribute = \"pk\", template = \"ACCOUNT#{{id}}\" }}\n"),
+    )
+    .unwrap();
+    let config = db.config_file(
+        dir.path(),
+        "kill",
+        "p",
+        &format!(
+            "[target]\nkind = \"dynamodb\"\nmapping = \"{}\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"\n\
+             access_key_id = \"test\"\nsecret_access_key = \"test\"\nconcurrency = 8\n",
+            mapping.display(),
+            moto.url
+        ),
+    );
+    let start = |log: &str| {
+        crate::harness::sluice()
+            .args(["run", "-c", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(log)).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = start("first.log");
+    db.wait_slot_active(&db.slot_name("kill")).await;
+
+    // A deterministic mix of inserts, updates, deletes and key changes.
+    let connection = db.connection();
+    let writer = tokio::spawn(async move {
+        let sql = sluice_postgres::connect_sql(&connection).await.unwrap();
+        for step in 0..400i64 {
+            let statement = match step % 5 {
+                0 | 1 => format!("INSERT INTO accounts VALUES ({step}, 0, 'acct {step}')"),
+                2 => format!("UPDATE accounts SET n = n + 1, name = name || '+' WHERE id % 7 = {}", step % 7),
+                3 => format!("DELETE FROM accounts WHERE id = {}", step - 3),
+                _ => format!("UPDATE accounts SET id = id + 100000 WHERE id = {}", step - 4),
+            };
+            sql.batch_execute(&statement).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    });
+    wait_for("some items to arrive", Duration::from_secs(60), || {
+        let (client, table) = (client.clone(), table.clone());
+        async move { client.scan_all(&table).await.unwrap().len() >= 40 }
+    })
+    .await;
+    crate::harness::kill_9(&mut first);
+    writer.await.unwrap();
+    let before_marker = db.insert_lsn();
+    db.sql("INSERT INTO accounts VALUES (-1, 0, 'marker')");
+    let mut second = start("second.log");
+    wait_for("the restarted sluice to confirm everything", Duration::from_secs(120), || async { db.slot_confirmed("kill").unwrap() > before_marker }).await;
+    std::process::Command::new("kill").arg("-TERM").arg(second.id().to_string()).status().unwrap();
+    assert!(tokio::task::spawn_blocking(move || second.wait()).await.unwrap().unwrap().success());
+
+    // Every source row has exactly its item, and every live item has its row.
+    let rows: BTreeMap<String, (String, String)> = db
+        .sql("SELECT id, n, coalesce(name, '') FROM accounts ORDER BY id")
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split('|').collect();
+            (format!("ACCOUNT#{}", fields[0]), (fields[1].to_owned(), fields[2].to_owned()))
+        })
+        .collect();
+    let live: BTreeMap<String, (String, String)> = client
+        .scan_all(&table)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|item| !is_tombstone(item))
+        .map(|item| {
+            let Attr::S(pk) = &item["pk"] else { panic!() };
+            let Attr::S(name) = &item["name"] else { panic!() };
+            (pk.clone(), (number(&item["n"]), name.clone()))
+        })
+        .collect();
+    assert!(rows.len() > 50, "the workload leaves rows behind: {}", rows.len());
+    assert_eq!(live, rows, "the target equals the source after kill -9 and restart");
+}
