@@ -14,3 +14,4 @@ pub mod localpg;
 pub mod pipeline;
 pub mod target;
 pub mod translate;
+pub mod validate;

@@ -25,10 +25,14 @@ enum Command {
         #[arg(long, value_name = "LSN")]
         until_lsn: Option<Lsn>,
     },
-    /// Check a configuration file; prints every problem with its dotted key.
+    /// Check a configuration file, and its mapping against the source database; prints every
+    /// problem with its dotted key.
     Validate {
         #[arg(short, long)]
         config: PathBuf,
+        /// Only check the files, without connecting to the database.
+        #[arg(long)]
+        offline: bool,
     },
     /// Quick-start: a local Postgres, a demo table, sluice streaming its changes to stdout.
     Demo,
@@ -47,11 +51,19 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Validate { config } => match Config::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
+        Command::Validate { config: path, offline } => match Config::load(&path) {
+            Ok(_) if offline => {
+                println!("{}: ok (offline: the database was not consulted)", path.display());
                 ExitCode::SUCCESS
             }
+            Ok(config) => match runtime.block_on(sluice::validate::against_database(&config)) {
+                Ok(problems) if problems.is_empty() => {
+                    println!("{}: ok", path.display());
+                    ExitCode::SUCCESS
+                }
+                Ok(problems) => config_failure(&ConfigError::Invalid { problems }),
+                Err(e) => report(Err(anyhow::Error::from(e))),
+            },
             Err(e) => config_failure(&e),
         },
         Command::Run { config, until_lsn } => {

@@ -433,3 +433,59 @@ async fn kill_9_while_streaming_then_restart_leaves_the_target_equal_to_the_sour
     assert!(rows.len() > 50, "the workload leaves rows behind: {}", rows.len());
     assert_eq!(live, rows, "the target equals the source after kill -9 and restart");
 }
+
+#[test]
+fn validate_checks_the_mapping_against_the_live_catalog() {
+    let db = TestDb::new();
+    db.sql(
+        "CREATE TABLE customers (id int8 PRIMARY KEY, email text, region text, prefs jsonb);
+         CREATE TABLE orders (customer_id int8, id int8 PRIMARY KEY);
+         CREATE TABLE unpublished (id int8 PRIMARY KEY);
+         CREATE PUBLICATION p FOR TABLE customers, orders",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mapping = dir.path().join("m.toml");
+    std::fs::write(
+        &mapping,
+        r#"
+        [[tables]]
+        source = "public.customers"
+        target = "app"
+        partition_key = { attribute = "pk", template = "CUSTOMER#{id}" }
+        rename = { mail = "emailAddress" }
+        columns = { email = { as = "number" }, prefs = { as = "map" } }
+
+        [[tables]]
+        source = "public.orders"
+        target = "app"
+        partition_key = { attribute = "pk", template = "CUSTOMER#{customer_id}" }
+        sort_key = { attribute = "sk", template = "ORDER#{id}" }
+
+        [[tables]]
+        source = "public.unpublished"
+        target = "app"
+        partition_key = { attribute = "pk", template = "U#{id}" }
+
+        [[tables]]
+        source = "public.missing"
+        target = "app"
+        partition_key = { attribute = "pk", template = "M#{id}" }
+        "#,
+    )
+    .unwrap();
+    let config = db.config_file(dir.path(), "v", "p", &format!("[target]\nkind = \"dynamodb\"\nmapping = \"{}\"\n", mapping.display()));
+    let (code, stderr) = sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(60));
+    assert_eq!(code, Some(2), "{stderr}");
+    for expected in [
+        "target.mapping.tables[0].rename.mail: column mail does not exist in public.customers",
+        "target.mapping.tables[0].columns.email.as: Number does not fit column email of type text",
+        "target.mapping.tables[1].partition_key.template: column customer_id is not part of the replica identity of public.orders",
+        "target.mapping.tables[2].source: table public.unpublished is not in publication \"p\"",
+        "target.mapping.tables[3].source: table public.missing does not exist",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+    }
+    assert!(!stderr.contains("tables[0].columns.prefs"), "a fitting rule is fine: {stderr}");
+    let (code, stdout_or_err) = sluice_output(&["validate", "--offline", "-c", config.to_str().unwrap()], Duration::from_secs(60));
+    assert_eq!(code, Some(0), "offline validation only reads the files: {stdout_or_err}");
+}

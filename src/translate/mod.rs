@@ -1,5 +1,6 @@
 //! Semantic translators: pure functions from change events to target operations, driven by
 //! the declarative mappings in `schemas/`.
 
+pub mod catalog;
 pub mod dynamodb;
 pub mod mapping;
