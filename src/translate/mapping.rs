@@ -317,6 +317,95 @@ impl Mapping {
 mod tests {
     use super::*;
 
+    /// The subset of JSON Schema that `schemas/mapping.schema.json` uses.
+    fn conforms(schema: &serde_json::Value, root: &serde_json::Value, value: &serde_json::Value, path: &str, errors: &mut Vec<String>) {
+        use serde_json::Value as J;
+        if let Some(reference) = schema.get("$ref").and_then(J::as_str) {
+            let name = reference.trim_start_matches("#/$defs/");
+            return conforms(&root["$defs"][name], root, value, path, errors);
+        }
+        if let Some(options) = schema.get("oneOf").and_then(J::as_array) {
+            let matching = options.iter().filter(|o| {
+                let mut e = Vec::new();
+                conforms(o, root, value, path, &mut e);
+                e.is_empty()
+            });
+            if matching.count() == 0 {
+                errors.push(format!("{path}: matches no alternative"));
+            }
+            return;
+        }
+        let type_ok = match schema.get("type").and_then(J::as_str) {
+            Some("object") => value.is_object(),
+            Some("array") => value.is_array(),
+            Some("string") => value.is_string(),
+            Some("boolean") => value.is_boolean(),
+            Some("integer") => value.is_i64() || value.is_u64(),
+            Some("number") => value.is_number(),
+            _ => true,
+        };
+        if !type_ok {
+            errors.push(format!("{path}: wrong type"));
+            return;
+        }
+        if let Some(allowed) = schema.get("enum").and_then(J::as_array) {
+            if !allowed.contains(value) {
+                errors.push(format!("{path}: not one of {allowed:?}"));
+            }
+        }
+        if let Some(object) = value.as_object() {
+            let properties = schema.get("properties").and_then(J::as_object);
+            for required in schema.get("required").and_then(J::as_array).into_iter().flatten() {
+                if !object.contains_key(required.as_str().unwrap()) {
+                    errors.push(format!("{path}: missing {required}"));
+                }
+            }
+            for (key, item) in object {
+                match (properties.and_then(|p| p.get(key)), schema.get("additionalProperties")) {
+                    (Some(sub), _) => conforms(sub, root, item, &format!("{path}.{key}"), errors),
+                    (None, Some(J::Bool(false))) => errors.push(format!("{path}: unknown key {key}")),
+                    (None, Some(sub)) if sub.is_object() => conforms(sub, root, item, &format!("{path}.{key}"), errors),
+                    _ => {}
+                }
+            }
+        }
+        if let (Some(items), Some(array)) = (schema.get("items"), value.as_array()) {
+            for (i, item) in array.iter().enumerate() {
+                conforms(items, root, item, &format!("{path}[{i}]"), errors);
+            }
+        }
+    }
+
+    fn schema_errors(toml_text: &str) -> Vec<String> {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../schemas/mapping.schema.json")).expect("the schema is JSON");
+        let document: serde_json::Value = serde_json::to_value(toml::from_str::<toml::Value>(toml_text).unwrap()).unwrap();
+        let mut errors = Vec::new();
+        conforms(&schema, &schema, &document, "mapping", &mut errors);
+        errors
+    }
+
+    #[test]
+    fn worked_examples_conform_to_the_json_schema_and_parse() {
+        for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/examples")).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert_eq!(schema_errors(&text), Vec::<String>::new(), "{}", path.display());
+            Mapping::parse(&text).unwrap_or_else(|p| panic!("{}: {p:?}", path.display()));
+        }
+    }
+
+    #[test]
+    fn the_schema_and_the_parser_reject_the_same_unknown_keys() {
+        let example = include_str!("../../schemas/examples/shop.toml");
+        for (from, to) in [("drop = ", "dorp = "), ("marker_attribute", "marker"), ("as = \"set\"", "as = \"bag\""), ("op = \"ne\"", "op = \"neq\"")] {
+            let broken = example.replacen(from, to, 1);
+            assert_ne!(broken, example);
+            assert!(!schema_errors(&broken).is_empty(), "schema accepts {to}");
+            assert!(Mapping::parse(&broken).is_err(), "parser accepts {to}");
+        }
+    }
+
     #[test]
     fn templates_split_into_literals_and_columns() {
         assert_eq!(
