@@ -35,6 +35,25 @@ pub struct BenchArgs {
     /// pgoutput's binary value format for both consumers.
     #[arg(long)]
     pub binary: bool,
+    /// `null`: the stream against pg_recvlogical. `dynamodb`: the DynamoDB target against a
+    /// plain client's BatchWriteItem into the same server (`--dynamodb-endpoint`).
+    #[arg(long, value_enum, default_value_t = BenchTarget::Null)]
+    pub target: BenchTarget,
+    /// The DynamoDB-API server for `--target dynamodb` (credentials "test"/"test").
+    #[arg(long)]
+    pub dynamodb_endpoint: Option<String>,
+    /// Concurrent writers for `--target dynamodb`, for sluice and for the baseline alike.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// The DynamoDB target's `write_mode`: `single` or `transaction`.
+    #[arg(long, default_value = "single")]
+    pub write_mode: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchTarget {
+    Null,
+    Dynamodb,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -53,7 +72,132 @@ struct Sample {
 }
 
 pub async fn run(args: BenchArgs) -> BenchResult<()> {
-    tokio::task::spawn_blocking(move || run_blocking(&args)).await?
+    match args.target {
+        BenchTarget::Null => tokio::task::spawn_blocking(move || run_blocking(&args)).await?,
+        BenchTarget::Dynamodb => run_dynamodb(&args).await,
+    }
+}
+
+/// The DynamoDB target against a plain BatchWriteItem client, same server, same rows.
+async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
+    let endpoint = args.dynamodb_endpoint.clone().ok_or("--target dynamodb needs --dynamodb-endpoint")?;
+    let pg = tokio::task::spawn_blocking(|| LocalPostgres::start(&ClusterOptions::default())).await??;
+    let client = sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions {
+        endpoint_url: Some(endpoint.clone()),
+        region: Some("us-east-1".into()),
+        static_credentials: Some(("test".into(), "test".into())),
+        request_timeout: Some(Duration::from_secs(30)),
+    })
+    .await;
+    let sluice = std::env::current_exe()?;
+    println!(
+        "sluice bench --target dynamodb: {} rows per run in transactions of {}, {} runs, concurrency {}, write_mode {}",
+        args.rows, args.tx_rows, args.runs, args.concurrency, args.write_mode
+    );
+    println!("{:>4} {:>18} {:>16} {:>7} {:>14}", "run", "BatchWriteItem/s", "sluice items/s", "ratio", "peak RSS MiB");
+    let mut ratios = Vec::new();
+    for run in 0..args.runs {
+        let db = format!("bench_ddb_{run}");
+        pg.create_database(&db)?;
+        pg.psql(&db, "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL); CREATE PUBLICATION bench_pub FOR TABLE bench;")?;
+        pg.psql(&db, "SELECT pg_create_logical_replication_slot('sluice', 'pgoutput')")?;
+        pg.psql(
+            &db,
+            &format!(
+                "DO $$ BEGIN FOR t IN 0..{last} LOOP \
+                   INSERT INTO bench SELECT g, 'name-' || g, g * 1.5 FROM generate_series(t * {tx} + 1, LEAST((t + 1) * {tx}, {rows})) g; \
+                   COMMIT; END LOOP; END $$",
+                last = args.rows.div_ceil(args.tx_rows) - 1,
+                tx = args.tx_rows,
+                rows = args.rows
+            ),
+        )?;
+        let end = pg.psql(&db, "SELECT pg_current_wal_insert_lsn()")?;
+        pg.psql(&db, "INSERT INTO bench VALUES (0, 'end', 0)")?;
+        pg.psql(&db, "CHECKPOINT")?;
+        let (base_table, sluice_table) = (format!("bench_base_{run}_{}", std::process::id()), format!("bench_sluice_{run}_{}", std::process::id()));
+        client.create_table(&base_table, "pk", None).await?;
+        client.create_table(&sluice_table, "pk", None).await?;
+
+        // Baseline: the same items, unconditional BatchWriteItem of 25, `concurrency` requests at once.
+        let started = Instant::now();
+        let chunks: Vec<Vec<sluice_dynamodb::Item>> = (1..=args.rows as i64)
+            .map(|id| {
+                sluice_dynamodb::Item::from([
+                    ("pk".to_string(), sluice_dynamodb::Attr::S(format!("ROW#{id}"))),
+                    ("id".to_string(), sluice_dynamodb::Attr::N(id.to_string())),
+                    ("name".to_string(), sluice_dynamodb::Attr::S(format!("name-{id}"))),
+                    ("amount".to_string(), sluice_dynamodb::Attr::N(format!("{}", id as f64 * 1.5))),
+                    ("_version".to_string(), sluice_dynamodb::Attr::N(id.to_string())),
+                ])
+            })
+            .collect::<Vec<_>>()
+            .chunks(25)
+            .map(<[_]>::to_vec)
+            .collect();
+        let mut pending = futures_util::stream::FuturesUnordered::new();
+        let mut chunks = chunks.into_iter();
+        loop {
+            while pending.len() < args.concurrency {
+                let Some(chunk) = chunks.next() else { break };
+                let (client, table) = (client.clone(), base_table.clone());
+                pending.push(async move { client.batch_put(&table, chunk).await });
+            }
+            match futures_util::StreamExt::next(&mut pending).await {
+                Some(result) => result?,
+                None => break,
+            }
+        }
+        let baseline = args.rows as f64 / started.elapsed().as_secs_f64();
+
+        let dir = tempfile::tempdir()?;
+        let mapping = dir.path().join("mapping.toml");
+        std::fs::write(&mapping, format!("[[tables]]\nsource = \"public.bench\"\ntarget = \"{sluice_table}\"\npartition_key = {{ attribute = \"pk\", template = \"ROW#{{id}}\" }}\n"))?;
+        let config = dir.path().join("bench.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[source.connection]\nport = {}\ndbname = \"{db}\"\n[source.replication]\nslot = \"sluice\"\npublication = \"bench_pub\"\ncreate_slot = false\n\
+                 [target]\nkind = \"dynamodb\"\nmapping = \"{}\"\nendpoint_url = \"{endpoint}\"\nregion = \"us-east-1\"\n\
+                 access_key_id = \"test\"\nsecret_access_key = \"test\"\nconcurrency = {}\nwrite_mode = \"{}\"\n",
+                pg.port,
+                mapping.display(),
+                args.concurrency,
+                args.write_mode
+            ),
+        )?;
+        let started = Instant::now();
+        let mut child = Command::new(&sluice)
+            .args(["run", "-c"])
+            .arg(&config)
+            .args(["--until-lsn", &end])
+            .env("SLUICE_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()?;
+        let mut peak = 0;
+        let status = loop {
+            peak = peak.max(peak_rss_kib(child.id()).unwrap_or(0));
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if !status.success() {
+            return Err(format!("sluice run failed: {status}").into());
+        }
+        let streamed = (args.rows + 1) as f64 / started.elapsed().as_secs_f64();
+        ratios.push(streamed / baseline);
+        println!("{:>4} {:>18.0} {:>16.0} {:>7.3} {:>14.1}", run + 1, baseline, streamed, streamed / baseline, peak as f64 / 1024.0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pg.psql(&db, "SELECT count(*) FROM pg_replication_slots WHERE active AND database = current_database()")? != "0" && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        pg.psql(&db, "SELECT pg_drop_replication_slot('sluice')")?;
+        pg.psql("postgres", &format!("DROP DATABASE \"{db}\" WITH (FORCE)"))?;
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!("median ratio {:.3}", ratios[ratios.len() / 2]);
+    Ok(())
 }
 
 fn run_blocking(args: &BenchArgs) -> BenchResult<()> {

@@ -127,6 +127,25 @@ pub struct DynamoConfig {
     /// A JSON-lines file receiving writes that can never apply; without it they are only logged and counted.
     #[serde(default)]
     pub dead_letter: Option<PathBuf>,
+    /// `single`: one conditional PutItem/UpdateItem/DeleteItem per change. `transaction`: the
+    /// writes queued for a worker go together in TransactWriteItems requests.
+    #[serde(default)]
+    pub write_mode: WriteMode,
+    /// Most writes in one TransactWriteItems request (DynamoDB allows 100).
+    #[serde(default = "default_transaction_size")]
+    pub transaction_size: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteMode {
+    #[default]
+    Single,
+    Transaction,
+}
+
+fn default_transaction_size() -> usize {
+    25
 }
 
 fn default_dynamo_concurrency() -> usize {
@@ -208,6 +227,9 @@ impl Config {
         self.source.connection.validate("source.connection", &mut problems);
         self.source.replication.validate("source.replication", &mut problems);
         if let TargetConfig::Dynamodb(dynamo) = &self.target {
+            if !(1..=100).contains(&dynamo.transaction_size) {
+                problems.push(Problem::new("target", "transaction_size", "must be between 1 and 100"));
+            }
             if dynamo.concurrency == 0 {
                 problems.push(Problem::new("target", "concurrency", "must be at least 1"));
             }

@@ -37,6 +37,8 @@ fn dynamo_config(url: &str, mapping: PathBuf, dead_letter: Option<PathBuf>) -> D
         retry_for: Duration::from_secs(120),
         request_timeout: Duration::from_secs(2),
         dead_letter,
+        write_mode: sluice::config::WriteMode::Single,
+        transaction_size: 25,
     }
 }
 
@@ -113,6 +115,15 @@ fn unique_table(db: &TestDb) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_stream_into_one_table_through_the_mapping_and_converge() {
+    converges(sluice::config::WriteMode::Single).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_stream_into_one_table_in_transactions_and_converge() {
+    converges(sluice::config::WriteMode::Transaction).await;
+}
+
+async fn converges(write_mode: sluice::config::WriteMode) {
     let moto = moto();
     let db = TestDb::new();
     db.sql(SCHEMA);
@@ -120,7 +131,8 @@ async fn changes_stream_into_one_table_through_the_mapping_and_converge() {
     let client = dynamo_client(&moto.url).await;
     client.create_table(&table, "pk", Some("sk")).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let running = start_pipeline(&db, "ddb", dynamo_config(&moto.url, shop_mapping(dir.path(), &table), None)).await;
+    let target = sluice::config::DynamoConfig { write_mode, ..dynamo_config(&moto.url, shop_mapping(dir.path(), &table), None) };
+    let running = start_pipeline(&db, "ddb", target).await;
 
     db.sql(
         "INSERT INTO customers VALUES
@@ -488,4 +500,27 @@ fn validate_checks_the_mapping_against_the_live_catalog() {
     assert!(!stderr.contains("tables[0].columns.prefs"), "a fitting rule is fine: {stderr}");
     let (code, stdout_or_err) = sluice_output(&["validate", "--offline", "-c", config.to_str().unwrap()], Duration::from_secs(60));
     assert_eq!(code, Some(0), "offline validation only reads the files: {stdout_or_err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_with_an_already_applied_write_applies_the_rest() {
+    let moto = moto();
+    let client = dynamo_client(&moto.url).await;
+    let table = format!("txn_{}", std::process::id());
+    client.create_table(&table, "pk", None).await.unwrap();
+    let write = |key: &str, version: u64, name: &str| GuardedWrite {
+        table: table.clone(),
+        key: Item::from([("pk".to_string(), s(key))]),
+        partition_key: "pk".into(),
+        version_attribute: "_version".into(),
+        version: version.to_string(),
+        action: WriteAction::Put(Item::from([("name".to_string(), s(name))])),
+    };
+    let first = [write("A", 5, "a5"), write("B", 5, "b5")];
+    assert_eq!(client.apply_transaction(&first).await.unwrap(), vec![Outcome::Applied, Outcome::Applied]);
+    let mixed = [write("A", 4, "a4-replayed"), write("B", 6, "b6"), write("C", 6, "c6")];
+    assert_eq!(client.apply_transaction(&mixed).await.unwrap(), vec![Outcome::AlreadyApplied, Outcome::Applied, Outcome::Applied]);
+    let mut names: Vec<_> = client.scan_all(&table).await.unwrap().into_iter().map(|i| i["name"].clone()).collect();
+    names.sort_by_key(|a| format!("{a:?}"));
+    assert_eq!(names, vec![s("a5"), s("b6"), s("c6")], "the stale write changed nothing, the others applied");
 }

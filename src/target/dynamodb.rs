@@ -25,7 +25,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Notify};
 
 use super::{Receipt, Target};
-use crate::config::DynamoConfig;
+use crate::config::{DynamoConfig, WriteMode};
 use crate::error::{ErrorKind, TargetError};
 use crate::event::{ChangeEvent, EventBatch, Position};
 use crate::translate::dynamodb::{DynamoTranslator, TranslateError};
@@ -97,7 +97,8 @@ impl DynamoTarget {
         let workers = (0..config.concurrency)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(256);
-                tokio::spawn(worker(client.clone(), rx, dead_letter.clone(), stats.clone(), config.retry_for));
+                let settings = WorkerSettings { mode: config.write_mode, transaction_size: config.transaction_size, retry_for: config.retry_for };
+                tokio::spawn(worker(client.clone(), rx, dead_letter.clone(), stats.clone(), settings));
                 tx
             })
             .collect();
@@ -188,49 +189,125 @@ fn source_table(event: &ChangeEvent) -> Option<String> {
     }
 }
 
-async fn worker(client: DynamoClient, mut jobs: mpsc::Receiver<Job>, dead_letter: Arc<DeadLetter>, stats: Arc<DynamoStats>, retry_for: Duration) {
-    while let Some(job) = jobs.recv().await {
-        let started = Instant::now();
-        let mut backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times()
-            .build();
-        loop {
-            match client.apply(&job.write).await {
-                Ok(Outcome::Applied) => {
-                    stats.applied.fetch_add(1, Ordering::Relaxed);
+async fn worker(client: DynamoClient, mut jobs: mpsc::Receiver<Job>, dead_letter: Arc<DeadLetter>, stats: Arc<DynamoStats>, settings: WorkerSettings) {
+    let mut group: Vec<Job> = Vec::new();
+    let mut held: Option<Job> = None;
+    loop {
+        let first = match held.take() {
+            Some(job) => job,
+            None => match jobs.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        group.push(first);
+        if settings.mode == WriteMode::Transaction {
+            // Gather what is already queued, up to the transaction size, stopping before a
+            // second write to the same item (a transaction touches each item once).
+            while group.len() < settings.transaction_size {
+                let Ok(job) = jobs.try_recv() else { break };
+                if group.iter().any(|g| g.write.table == job.write.table && g.write.key == job.write.key) {
+                    held = Some(job);
                     break;
                 }
-                Ok(Outcome::AlreadyApplied) => {
-                    stats.already_applied.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-                Err(error) if error.is_transient() && started.elapsed() < retry_for => {
-                    stats.retries.fetch_add(1, Ordering::Relaxed);
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(table = %error.table, error = %error.message, retry_in_ms = delay.as_millis() as u64, "DynamoDB write failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
-                    match dead_letter.record(job.position, &job.source_table, Some(&job.write), &error.to_string()).await {
-                        Ok(()) => {
-                            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => job.batch.fail(e),
-                    }
-                    break;
-                }
-                Err(error) => {
-                    let message = if error.is_transient() { format!("{error} (still failing after {retry_for:?})") } else { error.to_string() };
-                    job.batch.fail(TargetError { target: "dynamodb", kind: ErrorKind::Fatal, message, source: Some(Box::new(error)) });
-                    break;
-                }
+                group.push(job);
             }
         }
-        job.batch.finish_one();
+        if group.len() == 1 {
+            let job = group.pop().expect("one job");
+            apply_one(&client, &job, &dead_letter, &stats, settings.retry_for).await;
+            job.batch.finish_one();
+        } else {
+            apply_group(&client, &group, &dead_letter, &stats, settings.retry_for).await;
+            for job in group.drain(..) {
+                job.batch.finish_one();
+            }
+        }
     }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct WorkerSettings {
+    mode: WriteMode,
+    transaction_size: usize,
+    retry_for: Duration,
+}
+
+fn new_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default().with_min_delay(Duration::from_millis(50)).with_max_delay(Duration::from_secs(5)).with_jitter().without_max_times().build()
+}
+
+/// One write: retried while transient, dead-lettered when poison, failing its batch when fatal.
+async fn apply_one(client: &DynamoClient, job: &Job, dead_letter: &DeadLetter, stats: &DynamoStats, retry_for: Duration) {
+    let started = Instant::now();
+    let mut backoff = new_backoff();
+    loop {
+        match client.apply(&job.write).await {
+            Ok(outcome) => return count(stats, outcome),
+            Err(error) if error.is_transient() && started.elapsed() < retry_for => {
+                stats.retries.fetch_add(1, Ordering::Relaxed);
+                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(table = %error.table, error = %error.message, retry_in_ms = delay.as_millis() as u64, "DynamoDB write failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
+                match dead_letter.record(job.position, &job.source_table, Some(&job.write), &error.to_string()).await {
+                    Ok(()) => {
+                        stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => job.batch.fail(e),
+                }
+                return;
+            }
+            Err(error) => return job.batch.fail(fatal(error, retry_for)),
+        }
+    }
+}
+
+/// Several writes to distinct items in one TransactWriteItems request. A group that contains a
+/// write DynamoDB rejects falls back to single writes, which classify each one.
+async fn apply_group(client: &DynamoClient, group: &[Job], dead_letter: &DeadLetter, stats: &DynamoStats, retry_for: Duration) {
+    let writes: Vec<GuardedWrite> = group.iter().map(|j| j.write.clone()).collect();
+    let started = Instant::now();
+    let mut backoff = new_backoff();
+    loop {
+        match client.apply_transaction(&writes).await {
+            Ok(outcomes) => {
+                for outcome in outcomes {
+                    count(stats, outcome);
+                }
+                return;
+            }
+            Err(error) if error.is_transient() && started.elapsed() < retry_for => {
+                stats.retries.fetch_add(1, Ordering::Relaxed);
+                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(table = %error.table, error = %error.message, retry_in_ms = delay.as_millis() as u64, "DynamoDB transaction failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
+                for job in group {
+                    apply_one(client, job, dead_letter, stats, retry_for).await;
+                }
+                return;
+            }
+            Err(error) => {
+                let first = &group[0];
+                return first.batch.fail(fatal(error, retry_for));
+            }
+        }
+    }
+}
+
+fn count(stats: &DynamoStats, outcome: Outcome) {
+    match outcome {
+        Outcome::Applied => stats.applied.fetch_add(1, Ordering::Relaxed),
+        Outcome::AlreadyApplied => stats.already_applied.fetch_add(1, Ordering::Relaxed),
+    };
+}
+
+fn fatal(error: sluice_dynamodb::DynamoError, retry_for: Duration) -> TargetError {
+    let message = if error.is_transient() { format!("{error} (still failing after {retry_for:?})") } else { error.to_string() };
+    TargetError { target: "dynamodb", kind: ErrorKind::Fatal, message, source: Some(Box::new(error)) }
 }
 
 /// Dead-letter store: one JSON line per write that can never apply.

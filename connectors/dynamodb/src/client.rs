@@ -13,8 +13,10 @@ use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::config::{Credentials, Region};
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, PutRequest, ScalarAttributeType, WriteRequest,
+    AttributeDefinition, AttributeValue, BillingMode, Delete, KeySchemaElement, KeyType, Put, PutRequest, ScalarAttributeType,
+    TransactWriteItem, Update, WriteRequest,
 };
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::Client;
 
 use crate::attr::{Attr, Item};
@@ -66,6 +68,102 @@ pub enum Outcome {
 
 const CONDITION: &str = "attribute_not_exists(#pk) OR #v < :v";
 
+/// A guarded write in the SDK's terms: the operation, with the condition's names and values.
+struct Prepared {
+    operation: Operation,
+    names: HashMap<String, String>,
+    values: HashMap<String, AttributeValue>,
+}
+
+enum Operation {
+    Put(HashMap<String, AttributeValue>),
+    Update { key: HashMap<String, AttributeValue>, expression: String },
+    Delete(HashMap<String, AttributeValue>),
+}
+
+impl Prepared {
+    fn new(write: &GuardedWrite) -> Self {
+        let mut names = HashMap::from([("#pk".to_string(), write.partition_key.clone()), ("#v".to_string(), write.version_attribute.clone())]);
+        let version = AttributeValue::N(write.version.clone());
+        let mut values = HashMap::from([(":v".to_string(), version.clone())]);
+        let key = || write.key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect::<HashMap<_, _>>();
+        let operation = match &write.action {
+            WriteAction::Put(attributes) => {
+                let mut item: HashMap<String, AttributeValue> = attributes.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect();
+                item.extend(key());
+                item.insert(write.version_attribute.clone(), version);
+                Operation::Put(item)
+            }
+            WriteAction::Update { set, remove } => {
+                let mut assignments = vec!["#v = :v".to_string()];
+                for (i, (name, value)) in set.iter().enumerate() {
+                    names.insert(format!("#a{i}"), name.clone());
+                    values.insert(format!(":a{i}"), value.to_sdk());
+                    assignments.push(format!("#a{i} = :a{i}"));
+                }
+                let mut expression = format!("SET {}", assignments.join(", "));
+                if !remove.is_empty() {
+                    let removed: Vec<String> = remove
+                        .iter()
+                        .enumerate()
+                        .map(|(i, name)| {
+                            names.insert(format!("#r{i}"), name.clone());
+                            format!("#r{i}")
+                        })
+                        .collect();
+                    expression.push_str(&format!(" REMOVE {}", removed.join(", ")));
+                }
+                Operation::Update { key: key(), expression }
+            }
+            WriteAction::Delete => Operation::Delete(key()),
+        };
+        Prepared { operation, names, values }
+    }
+
+    fn into_transact_item(self, table: &str) -> TransactWriteItem {
+        let (names, values) = (Some(self.names), Some(self.values));
+        match self.operation {
+            Operation::Put(item) => TransactWriteItem::builder()
+                .put(
+                    Put::builder()
+                        .table_name(table)
+                        .set_item(Some(item))
+                        .condition_expression(CONDITION)
+                        .set_expression_attribute_names(names)
+                        .set_expression_attribute_values(values)
+                        .build()
+                        .expect("table, item and condition are set"),
+                )
+                .build(),
+            Operation::Update { key, expression } => TransactWriteItem::builder()
+                .update(
+                    Update::builder()
+                        .table_name(table)
+                        .set_key(Some(key))
+                        .update_expression(expression)
+                        .condition_expression(CONDITION)
+                        .set_expression_attribute_names(names)
+                        .set_expression_attribute_values(values)
+                        .build()
+                        .expect("table, key and expression are set"),
+                )
+                .build(),
+            Operation::Delete(key) => TransactWriteItem::builder()
+                .delete(
+                    Delete::builder()
+                        .table_name(table)
+                        .set_key(Some(key))
+                        .condition_expression(CONDITION)
+                        .set_expression_attribute_names(names)
+                        .set_expression_attribute_values(values)
+                        .build()
+                        .expect("table and key are set"),
+                )
+                .build(),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct DynamoClient {
     client: Client,
@@ -98,67 +196,41 @@ impl DynamoClient {
 
     /// Applies one guarded write.
     pub async fn apply(&self, write: &GuardedWrite) -> Result<Outcome, DynamoError> {
-        let names = HashMap::from([("#pk".to_string(), write.partition_key.clone()), ("#v".to_string(), write.version_attribute.clone())]);
-        let version = AttributeValue::N(write.version.clone());
-        let result = match &write.action {
-            WriteAction::Put(attributes) => {
-                let mut item: HashMap<String, AttributeValue> = attributes.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect();
-                item.extend(write.key.iter().map(|(k, v)| (k.clone(), v.to_sdk())));
-                item.insert(write.version_attribute.clone(), version.clone());
-                self.client
-                    .put_item()
-                    .table_name(&write.table)
-                    .set_item(Some(item))
-                    .condition_expression(CONDITION)
-                    .set_expression_attribute_names(Some(names))
-                    .expression_attribute_values(":v", version)
-                    .send()
-                    .await
-                    .map(drop)
-                    .map_err(|e| classify(e, &write.table))
-            }
-            WriteAction::Update { set, remove } => {
-                let mut names = names;
-                let mut values = HashMap::from([(":v".to_string(), version)]);
-                let mut assignments = vec!["#v = :v".to_string()];
-                for (i, (name, value)) in set.iter().enumerate() {
-                    names.insert(format!("#a{i}"), name.clone());
-                    values.insert(format!(":a{i}"), value.to_sdk());
-                    assignments.push(format!("#a{i} = :a{i}"));
-                }
-                let mut expression = format!("SET {}", assignments.join(", "));
-                if !remove.is_empty() {
-                    let removed: Vec<String> = remove
-                        .iter()
-                        .enumerate()
-                        .map(|(i, name)| {
-                            names.insert(format!("#r{i}"), name.clone());
-                            format!("#r{i}")
-                        })
-                        .collect();
-                    expression.push_str(&format!(" REMOVE {}", removed.join(", ")));
-                }
-                self.client
-                    .update_item()
-                    .table_name(&write.table)
-                    .set_key(Some(write.key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect()))
-                    .update_expression(expression)
-                    .condition_expression(CONDITION)
-                    .set_expression_attribute_names(Some(names))
-                    .set_expression_attribute_values(Some(values))
-                    .send()
-                    .await
-                    .map(drop)
-                    .map_err(|e| classify(e, &write.table))
-            }
-            WriteAction::Delete => self
+        let prepared = Prepared::new(write);
+        let result = match prepared.operation {
+            Operation::Put(item) => self
+                .client
+                .put_item()
+                .table_name(&write.table)
+                .set_item(Some(item))
+                .condition_expression(CONDITION)
+                .set_expression_attribute_names(Some(prepared.names))
+                .set_expression_attribute_values(Some(prepared.values))
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| classify(e, &write.table)),
+            Operation::Update { key, expression } => self
+                .client
+                .update_item()
+                .table_name(&write.table)
+                .set_key(Some(key))
+                .update_expression(expression)
+                .condition_expression(CONDITION)
+                .set_expression_attribute_names(Some(prepared.names))
+                .set_expression_attribute_values(Some(prepared.values))
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| classify(e, &write.table)),
+            Operation::Delete(key) => self
                 .client
                 .delete_item()
                 .table_name(&write.table)
-                .set_key(Some(write.key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect()))
+                .set_key(Some(key))
                 .condition_expression(CONDITION)
-                .set_expression_attribute_names(Some(names))
-                .expression_attribute_values(":v", version)
+                .set_expression_attribute_names(Some(prepared.names))
+                .set_expression_attribute_values(Some(prepared.values))
                 .send()
                 .await
                 .map(drop)
@@ -169,6 +241,60 @@ impl DynamoClient {
             Err(e) if e.kind == ErrorKind::ConditionFailed => Ok(Outcome::AlreadyApplied),
             Err(e) => Err(e),
         }
+    }
+
+    /// Applies up to 100 guarded writes to distinct items in one TransactWriteItems request.
+    /// When some guards fail, the transaction is cancelled whole: the writes whose guard failed
+    /// were already applied, the others are applied again without them.
+    pub async fn apply_transaction(&self, writes: &[GuardedWrite]) -> Result<Vec<Outcome>, DynamoError> {
+        let mut outcomes = vec![None; writes.len()];
+        let mut remaining: Vec<usize> = (0..writes.len()).collect();
+        while !remaining.is_empty() {
+            if remaining.len() == 1 {
+                let i = remaining[0];
+                outcomes[i] = Some(self.apply(&writes[i]).await?);
+                break;
+            }
+            let items: Vec<TransactWriteItem> = remaining.iter().map(|&i| Prepared::new(&writes[i]).into_transact_item(&writes[i].table)).collect();
+            let table = &writes[remaining[0]].table;
+            match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
+                Ok(_) => {
+                    for &i in &remaining {
+                        outcomes[i] = Some(Outcome::Applied);
+                    }
+                    break;
+                }
+                Err(error) => {
+                    let reasons: Option<Vec<Option<String>>> = error
+                        .as_service_error()
+                        .and_then(|e| match e {
+                            TransactWriteItemsError::TransactionCanceledException(c) => Some(c),
+                            _ => None,
+                        })
+                        .map(|c| c.cancellation_reasons().iter().map(|r| r.code().map(str::to_owned)).collect());
+                    let Some(reasons) = reasons.filter(|r| r.len() == remaining.len()) else {
+                        return Err(classify(error, table));
+                    };
+                    let mut again = Vec::new();
+                    for (&i, reason) in remaining.iter().zip(&reasons) {
+                        match reason.as_deref() {
+                            Some("ConditionalCheckFailed") => outcomes[i] = Some(Outcome::AlreadyApplied),
+                            None | Some("None") => again.push(i),
+                            Some("ThrottlingError" | "TransactionConflict" | "ProvisionedThroughputExceeded") => {
+                                return Err(DynamoError::new(ErrorKind::Transient, &writes[i].table, format!("transaction cancelled: {}", reason.as_deref().unwrap_or(""))));
+                            }
+                            // A write the server rejects (ValidationError…): applied alone, it is classified.
+                            Some(_) => outcomes[i] = Some(self.apply(&writes[i]).await?),
+                        }
+                    }
+                    if again.len() == remaining.len() {
+                        return Err(classify(error, table));
+                    }
+                    remaining = again;
+                }
+            }
+        }
+        Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Applied)).collect())
     }
 
     /// Unconditional BatchWriteItem of up to 25 puts, retrying unprocessed items (the
