@@ -1,6 +1,7 @@
 //! `sluice demo`: the quick-start. Starts a throwaway Postgres, creates a table and a
-//! publication, runs the pipeline to the jsonl target on standard output, makes a few changes
-//! and stops once they are all delivered. Narration goes to standard error.
+//! publication, runs the pipeline to the jsonl target on standard output (or, with
+//! `--dynamodb`, into a local DynamoDB-API server it starts), makes a few changes and stops once
+//! they are all delivered. Narration goes to standard error.
 
 use std::time::Duration;
 
@@ -24,7 +25,54 @@ const CHANGES: &[&str] = &[
     "DELETE FROM accounts WHERE id = 3",
 ];
 
-pub async fn run() -> DemoResult {
+/// Where the demo sends changes.
+#[derive(Clone, Debug, Default)]
+pub struct DemoOptions {
+    /// Start this DynamoDB-API server (`moto_server`) and stream into it through a mapping.
+    pub dynamodb_server: Option<std::path::PathBuf>,
+}
+
+const DEMO_MAPPING: &str = r#"
+[tombstones]
+ttl_attribute = "expires_at"
+
+[[tables]]
+source = "public.accounts"
+target = "demo_accounts"
+partition_key = { attribute = "pk", template = "ACCOUNT#{id}" }
+sort_key = { attribute = "sk", template = "PROFILE" }
+rename = { owner = "ownerName" }
+constants = { entity = "Account" }
+columns = { tags = { as = "set" }, opened_at = { as = "epoch_millis" } }
+"#;
+
+/// A local DynamoDB-API server, stopped on drop.
+struct LocalDynamo {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for LocalDynamo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_dynamo(server: &std::path::Path) -> Result<LocalDynamo, Box<dyn std::error::Error + Send + Sync>> {
+    let port = crate::localpg::free_port()?;
+    let child = std::process::Command::new(server)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {} ({e}); install it with: pip install 'moto[server]'", server.display()))?;
+    let dynamo = LocalDynamo { child, url: format!("http://127.0.0.1:{port}") };
+    wait_until(Duration::from_secs(30), || Ok(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()))?;
+    Ok(dynamo)
+}
+
+pub async fn run(options: DemoOptions) -> DemoResult {
     eprintln!("demo: starting a throwaway Postgres cluster (wal_level=logical) …");
     let pg = tokio::task::spawn_blocking(|| LocalPostgres::start(&ClusterOptions::default())).await??;
     pg.create_database("demo")?;
@@ -39,6 +87,32 @@ pub async fn run() -> DemoResult {
         },
         target: TargetConfig::Jsonl(JsonlConfig { path: "-".into(), fsync: false, transactions: true }),
     };
+    let dir = tempfile::tempdir()?;
+    let mut dynamo = None;
+    let mut config = config;
+    if let Some(server) = &options.dynamodb_server {
+        let local = start_dynamo(server)?;
+        eprintln!("demo: DynamoDB-API server ({}) on {}", server.display(), local.url);
+        let client = dynamo_client(&local.url).await;
+        client.create_table("demo_accounts", "pk", Some("sk")).await?;
+        let mapping = dir.path().join("mapping.toml");
+        std::fs::write(&mapping, DEMO_MAPPING)?;
+        eprintln!("demo: mapping public.accounts → DynamoDB table demo_accounts:{DEMO_MAPPING}");
+        config.target = TargetConfig::Dynamodb(crate::config::DynamoConfig {
+            mapping,
+            endpoint_url: Some(local.url.clone()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some("demo".into()),
+            secret_access_key: Some(sluice_postgres::Secret::new("demo")),
+            concurrency: 4,
+            retry_for: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(5),
+            dead_letter: None,
+            write_mode: crate::config::WriteMode::Single,
+            transaction_size: 25,
+        });
+        dynamo = Some((local, client));
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (handles_tx, mut handles_rx) = watch::channel(None::<(std::sync::Arc<SourceStats>, watch::Receiver<Lsn>)>);
     let pipeline = tokio::spawn(async move {
@@ -62,9 +136,26 @@ pub async fn run() -> DemoResult {
     tokio::time::timeout(Duration::from_secs(30), durable.wait_for(|&lsn| lsn > before_last)).await??;
     shutdown_tx.send_replace(true);
     pipeline.await??;
+    if let Some((_server, client)) = &dynamo {
+        eprintln!("demo: read back with aws-sdk-dynamodb (Scan of demo_accounts):");
+        for item in client.scan_all("demo_accounts").await? {
+            let fields: Vec<String> = item.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+            println!("{}", fields.join("  "));
+        }
+    }
     let confirmed = pg.psql("demo", "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'demo_slot'")?;
     eprintln!("demo: every change delivered; slot demo_slot confirmed up to {confirmed}. Stopping Postgres.");
     Ok(())
+}
+
+async fn dynamo_client(url: &str) -> sluice_dynamodb::DynamoClient {
+    sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions {
+        endpoint_url: Some(url.into()),
+        region: Some("us-east-1".into()),
+        static_credentials: Some(("demo".into(), "demo".into())),
+        request_timeout: Some(Duration::from_secs(5)),
+    })
+    .await
 }
 
 /// Polls `check` until it returns true or `limit` passes.

@@ -35,7 +35,12 @@ enum Command {
         offline: bool,
     },
     /// Quick-start: a local Postgres, a demo table, sluice streaming its changes to stdout.
-    Demo,
+    Demo {
+        /// Stream into a local DynamoDB-API server instead, started from this `moto_server`
+        /// (`pip install 'moto[server]'`), and read the items back.
+        #[arg(long, value_name = "MOTO_SERVER", num_args = 0..=1, default_missing_value = "moto_server")]
+        dynamodb: Option<PathBuf>,
+    },
     /// Benchmark the stream against pg_recvlogical on the same data (see the README).
     Bench(sluice::bench::BenchArgs),
 }
@@ -73,7 +78,10 @@ fn main() -> ExitCode {
             };
             report(runtime.block_on(run(config, until_lsn)))
         }
-        Command::Demo => report(runtime.block_on(sluice::demo::run()).map_err(anyhow::Error::from_boxed)),
+        Command::Demo { dynamodb } => {
+            let options = sluice::demo::DemoOptions { dynamodb_server: dynamodb };
+            report(runtime.block_on(sluice::demo::run(options)).map_err(anyhow::Error::from_boxed))
+        }
         Command::Bench(args) => report(runtime.block_on(sluice::bench::run(args)).map_err(anyhow::Error::from_boxed)),
     }
 }
