@@ -82,13 +82,7 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
 async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
     let endpoint = args.dynamodb_endpoint.clone().ok_or("--target dynamodb needs --dynamodb-endpoint")?;
     let pg = tokio::task::spawn_blocking(|| LocalPostgres::start(&ClusterOptions::default())).await??;
-    let client = sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions {
-        endpoint_url: Some(endpoint.clone()),
-        region: Some("us-east-1".into()),
-        static_credentials: Some(("test".into(), "test".into())),
-        request_timeout: Some(Duration::from_secs(30)),
-    })
-    .await;
+    let client = sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions::local(&endpoint)).await;
     let sluice = std::env::current_exe()?;
     println!(
         "sluice bench --target dynamodb: {} rows per run in transactions of {}, {} runs, concurrency {}, write_mode {}",

@@ -93,7 +93,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
     if let Some(server) = &options.dynamodb_server {
         let local = start_dynamo(server)?;
         eprintln!("demo: DynamoDB-API server ({}) on {}", server.display(), local.url);
-        let client = dynamo_client(&local.url).await;
+        let client = sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions::local(&local.url)).await;
         client.create_table("demo_accounts", "pk", Some("sk")).await?;
         let mapping = dir.path().join("mapping.toml");
         std::fs::write(&mapping, DEMO_MAPPING)?;
@@ -146,16 +146,6 @@ pub async fn run(options: DemoOptions) -> DemoResult {
     let confirmed = pg.psql("demo", "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'demo_slot'")?;
     eprintln!("demo: every change delivered; slot demo_slot confirmed up to {confirmed}. Stopping Postgres.");
     Ok(())
-}
-
-async fn dynamo_client(url: &str) -> sluice_dynamodb::DynamoClient {
-    sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions {
-        endpoint_url: Some(url.into()),
-        region: Some("us-east-1".into()),
-        static_credentials: Some(("demo".into(), "demo".into())),
-        request_timeout: Some(Duration::from_secs(5)),
-    })
-    .await
 }
 
 /// Polls `check` until it returns true or `limit` passes.

@@ -113,6 +113,36 @@ fn unique_table(db: &TestDb) -> String {
     format!("shop_{}", db.name)
 }
 
+/// A fresh database with `SCHEMA`, a fresh DynamoDB table (pk, sk) and a temp dir.
+struct Shop {
+    moto: Arc<crate::harness::Moto>,
+    db: TestDb,
+    table: String,
+    client: DynamoClient,
+    dir: tempfile::TempDir,
+}
+
+impl Shop {
+    async fn new() -> Self {
+        let moto = moto();
+        let db = TestDb::new();
+        db.sql(SCHEMA);
+        let table = unique_table(&db);
+        let client = dynamo_client(&moto.url).await;
+        client.create_table(&table, "pk", Some("sk")).await.unwrap();
+        Shop { moto, db, table, client, dir: tempfile::tempdir().unwrap() }
+    }
+
+    /// The example mapping pointed at this table, against `url` (moto, or a proxy in front of it).
+    fn target(&self, url: &str, dead_letter: Option<PathBuf>) -> DynamoConfig {
+        dynamo_config(url, shop_mapping(self.dir.path(), &self.table), dead_letter)
+    }
+
+    async fn item_count(&self) -> usize {
+        items(&self.client, &self.table).await.len()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_stream_into_one_table_through_the_mapping_and_converge() {
     converges(sluice::config::WriteMode::Single).await;
@@ -124,15 +154,10 @@ async fn changes_stream_into_one_table_in_transactions_and_converge() {
 }
 
 async fn converges(write_mode: sluice::config::WriteMode) {
-    let moto = moto();
-    let db = TestDb::new();
-    db.sql(SCHEMA);
-    let table = unique_table(&db);
-    let client = dynamo_client(&moto.url).await;
-    client.create_table(&table, "pk", Some("sk")).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let target = sluice::config::DynamoConfig { write_mode, ..dynamo_config(&moto.url, shop_mapping(dir.path(), &table), None) };
-    let running = start_pipeline(&db, "ddb", target).await;
+    let shop = Shop::new().await;
+    let (db, table, client) = (&shop.db, &shop.table, &shop.client);
+    let target = DynamoConfig { write_mode, ..shop.target(&shop.moto.url, None) };
+    let running = start_pipeline(db, "ddb", target).await;
 
     db.sql(
         "INSERT INTO customers VALUES
@@ -149,7 +174,7 @@ async fn converges(write_mode: sluice::config::WriteMode) {
     // Items are written in parallel (one key stays in order), so look once everything is
     // durable: the slot confirms past the last transaction only then.
     wait_for("the slot to confirm the last change", Duration::from_secs(60), || async { db.slot_confirmed("ddb").unwrap() > before_last }).await;
-    let items = items(&client, &table).await;
+    let items = items(client, table).await;
     let live: Vec<_> = items.iter().filter(|(_, i)| !is_tombstone(i)).map(|(k, _)| (k.0.as_str(), k.1.as_str())).collect();
     assert_eq!(live, [("CUSTOMER#1", "ORDER#10"), ("CUSTOMER#2", "ORDER#20"), ("CUSTOMER#3", "ORDER#30"), ("CUSTOMER#3", "PROFILE")], "{items:#?}");
     let tombstones: Vec<_> = items.iter().filter(|(_, i)| is_tombstone(i)).map(|(k, _)| (k.0.as_str(), k.1.as_str())).collect();
@@ -174,24 +199,15 @@ async fn converges(write_mode: sluice::config::WriteMode) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_map_to_the_configured_attribute_types() {
-    let moto = moto();
-    let db = TestDb::new();
-    db.sql(SCHEMA);
-    let table = unique_table(&db);
-    let client = dynamo_client(&moto.url).await;
-    client.create_table(&table, "pk", Some("sk")).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let running = start_pipeline(&db, "types", dynamo_config(&moto.url, shop_mapping(dir.path(), &table), None)).await;
+    let shop = Shop::new().await;
+    let (db, table, client) = (&shop.db, &shop.table, &shop.client);
+    let running = start_pipeline(db, "types", shop.target(&shop.moto.url, None)).await;
     db.sql(
         "INSERT INTO customers VALUES (1, 'ada@x', 'h1', 'active', 100.50, '2024-05-01 12:00:00.123+00', '{b,a,b}',
            '{\"theme\": \"dark\", \"n\": 12345678901234567890.5, \"list\": [1, null, true]}', repeat('x', 20000))",
     );
-    wait_for("the item", Duration::from_secs(60), || {
-        let (client, table) = (client.clone(), table.clone());
-        async move { !items(&client, &table).await.is_empty() }
-    })
-    .await;
-    let item = items(&client, &table).await.into_values().next().unwrap();
+    wait_for("the item", Duration::from_secs(60), || async { shop.item_count().await == 1 }).await;
+    let item = items(client, table).await.into_values().next().unwrap();
     assert_eq!(number(&item["balance"]), "100.5", "numeric → N");
     assert_eq!(item["created_at"], Attr::N("1714564800123".into()), "timestamptz → epoch millis");
     assert_eq!(item["tags"], Attr::Ss(vec!["a".into(), "b".into()]), "text[] → SS");
@@ -242,22 +258,13 @@ async fn a_late_replay_never_resurrects_a_deleted_item() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_of_dynamodb_loses_nothing_and_acknowledges_nothing_early() {
-    let moto = moto();
-    let outage = Outage::start(moto.port).await;
-    let db = TestDb::new();
-    db.sql(SCHEMA);
-    let table = unique_table(&db);
-    let client = dynamo_client(&moto.url).await;
-    client.create_table(&table, "pk", Some("sk")).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let running = start_pipeline(&db, "outage", dynamo_config(&outage.url(), shop_mapping(dir.path(), &table), None)).await;
+    let shop = Shop::new().await;
+    let db = &shop.db;
+    let outage = Outage::start(shop.moto.port).await;
+    let running = start_pipeline(db, "outage", shop.target(&outage.url(), None)).await;
     db.sql("INSERT INTO orders VALUES (1, 1, 1)");
-    wait_for("the first order", Duration::from_secs(60), || {
-        let (client, table) = (client.clone(), table.clone());
-        async move { items(&client, &table).await.len() == 1 }
-    })
-    .await;
-    wait_until_confirmed(&db, "outage").await;
+    wait_for("the first order", Duration::from_secs(60), || async { shop.item_count().await == 1 }).await;
+    wait_until_confirmed(db, "outage").await;
 
     // A second slot (test_decoding) tells the exact commit LSN of the transaction made
     // during the outage: the slot may confirm up to that commit's start, never past it.
@@ -284,14 +291,10 @@ async fn an_outage_of_dynamodb_loses_nothing_and_acknowledges_nothing_early() {
         let confirmed = db.slot_confirmed("outage").unwrap();
         assert!(confirmed <= commit, "slot confirmed {confirmed} past the commit at {commit} during the outage");
     }
-    assert_eq!(items(&client, &table).await.len(), 1);
+    assert_eq!(shop.item_count().await, 1);
 
     outage.end();
-    wait_for("every order after the outage", Duration::from_secs(120), || {
-        let (client, table) = (client.clone(), table.clone());
-        async move { items(&client, &table).await.len() == 200 }
-    })
-    .await;
+    wait_for("every order after the outage", Duration::from_secs(120), || async { shop.item_count().await == 200 }).await;
     wait_for("the slot to move past the outage", Duration::from_secs(30), || async { db.slot_confirmed("outage").unwrap() > commit }).await;
     running.stop().await;
 }
@@ -304,23 +307,14 @@ async fn wait_until_confirmed(db: &TestDb, slot: &str) -> Lsn {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_rows_go_to_the_dead_letter_file_and_the_stream_continues() {
-    let moto = moto();
-    let db = TestDb::new();
-    db.sql(SCHEMA);
-    let table = unique_table(&db);
-    let client = dynamo_client(&moto.url).await;
-    client.create_table(&table, "pk", Some("sk")).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let dead_letter = dir.path().join("dead.jsonl");
-    let running = start_pipeline(&db, "poison", dynamo_config(&moto.url, shop_mapping(dir.path(), &table), Some(dead_letter.clone()))).await;
+    let shop = Shop::new().await;
+    let db = &shop.db;
+    let dead_letter = shop.dir.path().join("dead.jsonl");
+    let running = start_pipeline(db, "poison", shop.target(&shop.moto.url, Some(dead_letter.clone()))).await;
     db.sql("INSERT INTO orders VALUES (1, 1, 1234567890123456789012345678901234567890.5)");
     db.sql("INSERT INTO customers (id, bio) SELECT 2, string_agg(md5(g::text), '') FROM generate_series(1, 15000) g");
     db.sql("INSERT INTO orders VALUES (1, 2, 3)");
-    wait_for("the good row", Duration::from_secs(60), || {
-        let (client, table) = (client.clone(), table.clone());
-        async move { items(&client, &table).await.len() == 1 }
-    })
-    .await;
+    wait_for("the good row", Duration::from_secs(60), || async { shop.item_count().await == 1 }).await;
     let lines: Vec<serde_json::Value> =
         std::fs::read_to_string(&dead_letter).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2, "{lines:?}");

@@ -311,13 +311,7 @@ pub fn http_ok(port: u16, path: &str) -> bool {
 
 /// A DynamoDB client for a test server.
 pub async fn dynamo_client(url: &str) -> sluice_dynamodb::DynamoClient {
-    sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions {
-        endpoint_url: Some(url.into()),
-        region: Some("us-east-1".into()),
-        static_credentials: Some(("test".into(), "test".into())),
-        request_timeout: Some(Duration::from_secs(5)),
-    })
-    .await
+    sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions::local(url)).await
 }
 
 /// A TCP proxy on 127.0.0.1 that can cut every connection and refuse new ones for a while:

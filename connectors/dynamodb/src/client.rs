@@ -33,6 +33,18 @@ pub struct ClientOptions {
     pub request_timeout: Option<Duration>,
 }
 
+impl ClientOptions {
+    /// A local DynamoDB-API server (moto, dynalite): region us-east-1, placeholder credentials.
+    pub fn local(endpoint_url: &str) -> Self {
+        ClientOptions {
+            endpoint_url: Some(endpoint_url.to_owned()),
+            region: Some("us-east-1".into()),
+            static_credentials: Some(("local".into(), "local".into())),
+            request_timeout: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
 /// One position-guarded write.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GuardedWrite {
@@ -397,7 +409,11 @@ where
         _ => ErrorKind::Fatal,
     };
     let message = match error.as_service_error() {
-        Some(service) => format!("{}: {}", service.code().unwrap_or("error"), service.message().unwrap_or("")),
+        Some(service) => match (service.code(), service.message()) {
+            (Some(code), Some(message)) => format!("{code}: {message}"),
+            (Some(code), None) => code.to_owned(),
+            (None, message) => format!("HTTP {status}{}", message.map(|m| format!(": {m}")).unwrap_or_default()),
+        },
         None => aws_sdk_dynamodb::error::DisplayErrorContext(&error).to_string(),
     };
     DynamoError::new(kind, table, message)
