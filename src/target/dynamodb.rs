@@ -291,8 +291,12 @@ async fn apply_group(client: &DynamoClient, group: &[Job], dead_letter: &DeadLet
                 return;
             }
             Err(error) => {
-                let first = &group[0];
-                return first.batch.fail(fatal(error, retry_for));
+                // The group may span batches: none of them is durable.
+                let message = fatal(error, retry_for).message;
+                for job in group {
+                    job.batch.fail(TargetError { target: "dynamodb", kind: ErrorKind::Fatal, message: message.clone(), source: None });
+                }
+                return;
             }
         }
     }
