@@ -123,7 +123,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
     });
     let (_stats, mut durable) = handles_rx.wait_for(Option::is_some).await?.clone().ok_or("pipeline did not start")?;
     wait_until(Duration::from_secs(30), || {
-        Ok(pg.psql("demo", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'demo_slot' AND active")? == "1")
+        Ok(pg.psql("demo", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'demo_slot' AND active AND confirmed_flush_lsn IS NOT NULL")? == "1")
     })?;
     eprintln!("demo: sluice is streaming slot demo_slot; making changes:");
     let mut before_last = Lsn::ZERO;

@@ -58,9 +58,11 @@ impl TestDb {
         self.lsn("SELECT pg_current_wal_insert_lsn()")
     }
 
-    /// Waits until a replication connection streams from `slot`.
+    /// Waits until a replication connection streams from `slot`. A slot being created is
+    /// active too, but has no confirmed position until it reached its consistent point; changes
+    /// before that point are not in the stream.
     pub async fn wait_slot_active(&self, slot: &str) {
-        let sql = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active");
+        let sql = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active AND confirmed_flush_lsn IS NOT NULL");
         wait_for(&format!("slot {slot} to be active"), Duration::from_secs(30), || async { self.sql(&sql) == "1" }).await;
     }
 

@@ -208,45 +208,25 @@ impl DynamoClient {
 
     /// Applies one guarded write.
     pub async fn apply(&self, write: &GuardedWrite) -> Result<Outcome, DynamoError> {
-        let prepared = Prepared::new(write);
-        let result = match prepared.operation {
-            Operation::Put(item) => self
-                .client
-                .put_item()
-                .table_name(&write.table)
-                .set_item(Some(item))
-                .condition_expression(CONDITION)
-                .set_expression_attribute_names(Some(prepared.names))
-                .set_expression_attribute_values(Some(prepared.values))
-                .send()
-                .await
-                .map(drop)
-                .map_err(|e| classify(e, &write.table)),
-            Operation::Update { key, expression } => self
-                .client
-                .update_item()
-                .table_name(&write.table)
-                .set_key(Some(key))
-                .update_expression(expression)
-                .condition_expression(CONDITION)
-                .set_expression_attribute_names(Some(prepared.names))
-                .set_expression_attribute_values(Some(prepared.values))
-                .send()
-                .await
-                .map(drop)
-                .map_err(|e| classify(e, &write.table)),
-            Operation::Delete(key) => self
-                .client
-                .delete_item()
-                .table_name(&write.table)
-                .set_key(Some(key))
-                .condition_expression(CONDITION)
-                .set_expression_attribute_names(Some(prepared.names))
-                .set_expression_attribute_values(Some(prepared.values))
-                .send()
-                .await
-                .map(drop)
-                .map_err(|e| classify(e, &write.table)),
+        let Prepared { operation, names, values } = Prepared::new(write);
+        // The three requests are different builder types with the same guard calls.
+        macro_rules! guarded {
+            ($request:expr) => {
+                $request
+                    .table_name(&write.table)
+                    .condition_expression(CONDITION)
+                    .set_expression_attribute_names(Some(names))
+                    .set_expression_attribute_values(Some(values))
+                    .send()
+                    .await
+                    .map(drop)
+                    .map_err(|e| classify(e, &write.table))
+            };
+        }
+        let result = match operation {
+            Operation::Put(item) => guarded!(self.client.put_item().set_item(Some(item))),
+            Operation::Update { key, expression } => guarded!(self.client.update_item().set_key(Some(key)).update_expression(expression)),
+            Operation::Delete(key) => guarded!(self.client.delete_item().set_key(Some(key))),
         };
         match result {
             Ok(()) => Ok(Outcome::Applied),
