@@ -266,37 +266,52 @@ async fn an_outage_of_dynamodb_loses_nothing_and_acknowledges_nothing_early() {
     wait_for("the first order", Duration::from_secs(60), || async { shop.item_count().await == 1 }).await;
     wait_until_confirmed(db, "outage").await;
 
-    // A second slot (test_decoding) tells the exact commit LSN of the transaction made
-    // during the outage: the slot may confirm up to that commit's start, never past it.
-    let peek = db.slot_name("peek");
-    db.sql(&format!("SELECT pg_create_logical_replication_slot('{peek}', 'test_decoding')"));
     outage.begin();
-    let before_second = db.insert_lsn();
-    db.sql("INSERT INTO orders SELECT 1, g, g FROM generate_series(2, 200) g");
-    // Peeking decodes up to the flushed WAL; with synchronous_commit = off the commit is
-    // flushed by the WAL writer a moment later.
-    let peek_sql = format!("SELECT lsn FROM pg_logical_slot_peek_changes('{peek}', NULL, NULL) WHERE data LIKE 'COMMIT%' ORDER BY lsn DESC LIMIT 1");
-    crate::harness::wait_for_blocking("the commit to be decodable", Duration::from_secs(30), || !db.sql(&peek_sql).is_empty());
-    let commit: Lsn = db.sql(&peek_sql).parse().unwrap();
-    db.sql(&format!("SELECT pg_drop_replication_slot('{peek}')"));
+    let commit = commit_lsn_of(db, "INSERT INTO orders SELECT 1, g, g FROM generate_series(2, 200) g");
     let stats = running.source_stats.clone();
     wait_for("sluice to receive the change", Duration::from_secs(30), || {
         let received = Lsn(stats.received_lsn.load(Ordering::Relaxed));
-        async move { received > before_second }
+        async move { received >= commit }
     })
     .await;
     // Several status intervals pass while DynamoDB is unreachable.
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let confirmed = db.slot_confirmed("outage").unwrap();
-        assert!(confirmed <= commit, "slot confirmed {confirmed} past the commit at {commit} during the outage");
+        assert!(confirmed < commit, "slot confirmed {confirmed}, acknowledging the transaction ending at {commit} during the outage");
     }
     assert_eq!(shop.item_count().await, 1);
 
     outage.end();
     wait_for("every order after the outage", Duration::from_secs(120), || async { shop.item_count().await == 200 }).await;
-    wait_for("the slot to move past the outage", Duration::from_secs(30), || async { db.slot_confirmed("outage").unwrap() > commit }).await;
+    wait_for("the slot to move past the outage", Duration::from_secs(30), || async { db.slot_confirmed("outage").unwrap() >= commit }).await;
     running.stop().await;
+}
+
+/// Runs `sql` (one transaction) and returns the end LSN of its commit record, read through a
+/// temporary test_decoding slot. Confirming that LSN acknowledges the transaction: a slot must
+/// stay below it until the transaction is durable in the target.
+fn commit_lsn_of(db: &TestDb, sql: &str) -> Lsn {
+    let peek = db.slot_name("peek");
+    db.sql(&format!("SELECT pg_create_logical_replication_slot('{peek}', 'test_decoding')"));
+    db.sql(sql);
+    // Peeking decodes up to the flushed WAL; with synchronous_commit = off the commit is
+    // flushed by the WAL writer a moment later.
+    let peek_sql = format!("SELECT lsn FROM pg_logical_slot_peek_changes('{peek}', NULL, NULL) WHERE data LIKE 'COMMIT%' ORDER BY lsn DESC LIMIT 1");
+    crate::harness::wait_for_blocking("the commit to be decodable", Duration::from_secs(30), || !db.sql(&peek_sql).is_empty());
+    let commit = db.sql(&peek_sql).parse().unwrap();
+    db.sql(&format!("SELECT pg_drop_replication_slot('{peek}')"));
+    commit
+}
+
+/// The position the walsender of `slot` has sent up to.
+fn sent_lsn(db: &TestDb, slot: &str) -> Lsn {
+    let slot = db.slot_name(slot);
+    db.sql(&format!(
+        "SELECT r.sent_lsn FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = '{slot}'"
+    ))
+    .parse()
+    .unwrap_or_default()
 }
 
 async fn wait_until_confirmed(db: &TestDb, slot: &str) -> Lsn {
@@ -517,4 +532,43 @@ async fn a_transaction_with_an_already_applied_write_applies_the_rest() {
     let mut names: Vec<_> = client.scan_all(&table).await.unwrap().into_iter().map(|i| i["name"].clone()).collect();
     names.sort_by_key(|a| format!("{a:?}"));
     assert_eq!(names, vec![s("a5"), s("b6"), s("c6")], "the stale write changed nothing, the others applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_within_the_shutdown_timeout_while_dynamodb_is_unreachable() {
+    let shop = Shop::new().await;
+    let db = &shop.db;
+    let outage = Outage::start(shop.moto.port).await;
+    let mapping = shop_mapping(shop.dir.path(), &shop.table);
+    let config = db.config_file(
+        shop.dir.path(),
+        "term",
+        "p",
+        &format!(
+            "[target]\nkind = \"dynamodb\"\nmapping = \"{}\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"\n\
+             access_key_id = \"test\"\nsecret_access_key = \"test\"\nrequest_timeout = \"1s\"\n",
+            mapping.display(),
+            outage.url()
+        ),
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace("[pipeline]\n", "[pipeline]\nshutdown_timeout = \"2s\"\n");
+    std::fs::write(&config, text).unwrap();
+    let mut child = crate::harness::sluice()
+        .args(["run", "-c", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    db.wait_slot_active(&db.slot_name("term")).await;
+    outage.begin();
+    let commit = commit_lsn_of(db, "INSERT INTO orders VALUES (1, 1, 1)");
+    crate::harness::wait_for_blocking("the change to reach sluice", Duration::from_secs(30), || sent_lsn(db, "term") >= commit);
+    std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let started = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "exit 0 on SIGTERM: {status}");
+    assert!(started.elapsed() < Duration::from_secs(20), "exited after {:?}", started.elapsed());
+    let confirmed = db.slot_confirmed("term").unwrap();
+    assert!(confirmed < commit, "slot confirmed {confirmed}, acknowledging the unwritten change ending at {commit}");
+    assert_eq!(shop.item_count().await, 0);
 }

@@ -44,8 +44,22 @@ pub async fn run(config: &Config, shutdown: watch::Receiver<bool>, on_start: imp
     let (batch_tx, batch_rx) = mpsc::channel(CHANNEL_BATCHES);
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
     on_start(Pipeline { source_stats: source.stats(), durable: durable_rx.clone() });
+    let mut shutdown_started = shutdown.clone();
     let source_task = tokio::spawn(source.run(batch_tx, durable_rx, shutdown));
-    let applied = apply(target, batch_rx, durable_tx, config.pipeline.max_in_flight).await;
+    // On shutdown the source waits `shutdown_timeout` for in-flight batches, confirms what is
+    // durable and stops; a target still retrying after that is abandoned (its batches were not
+    // confirmed and will be streamed again).
+    let grace = config.pipeline.shutdown_timeout + std::time::Duration::from_secs(5);
+    let applied = tokio::select! {
+        applied = apply(target, batch_rx, durable_tx, config.pipeline.max_in_flight) => applied,
+        _ = async {
+            let _ = shutdown_started.wait_for(|&stop| stop).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!("shutdown timeout: abandoning target writes still in flight; they will be streamed again");
+            Ok(())
+        }
+    };
     // A failed target drops the channel, which stops the source without confirming more.
     let sourced = source_task.await.map_err(|e| PipelineError::Task(e.to_string()))?;
     applied?;
