@@ -32,19 +32,8 @@ pub struct DemoOptions {
     pub dynamodb_server: Option<std::path::PathBuf>,
 }
 
-const DEMO_MAPPING: &str = r#"
-[tombstones]
-ttl_attribute = "expires_at"
-
-[[tables]]
-source = "public.accounts"
-target = "demo_accounts"
-partition_key = { attribute = "pk", template = "ACCOUNT#{id}" }
-sort_key = { attribute = "sk", template = "PROFILE" }
-rename = { owner = "ownerName" }
-constants = { entity = "Account" }
-columns = { tags = { as = "set" }, opened_at = { as = "epoch_millis" } }
-"#;
+/// The worked example `schemas/examples/demo_accounts.toml`.
+const DEMO_MAPPING: &str = include_str!("../schemas/examples/demo_accounts.toml");
 
 /// A local DynamoDB-API server, stopped on drop.
 struct LocalDynamo {
