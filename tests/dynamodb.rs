@@ -225,20 +225,31 @@ async fn values_map_to_the_configured_attribute_types() {
     running.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_replay_never_resurrects_a_deleted_item() {
+/// A moto table with only a partition key `pk`, named `{prefix}_{pid}`.
+async fn fresh_table(prefix: &str) -> (Arc<crate::harness::Moto>, DynamoClient, String) {
     let moto = moto();
     let client = dynamo_client(&moto.url).await;
-    let table = format!("replay_{}", std::process::id());
+    let table = format!("{prefix}_{}", std::process::id());
     client.create_table(&table, "pk", None).await.unwrap();
-    let write = |version: u64, action: WriteAction| GuardedWrite {
-        table: table.clone(),
-        key: Item::from([("pk".to_string(), s("USER#1"))]),
+    (moto, client, table)
+}
+
+/// A guarded write of `action` to item `pk = key` at `version`.
+fn guarded(table: &str, key: &str, version: u64, action: WriteAction) -> GuardedWrite {
+    GuardedWrite {
+        table: table.to_owned(),
+        key: Item::from([("pk".to_string(), s(key))]),
         partition_key: "pk".into(),
         version_attribute: "_version".into(),
         version: version.to_string(),
         action,
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_replay_never_resurrects_a_deleted_item() {
+    let (_moto, client, table) = fresh_table("replay").await;
+    let write = |version: u64, action: WriteAction| guarded(&table, "USER#1", version, action);
     let row = WriteAction::Put(Item::from([("name".to_string(), s("ada"))]));
     let tombstone = WriteAction::Put(Item::from([("_deleted".to_string(), Attr::Bool(true))]));
     assert_eq!(client.apply(&write(5, row.clone())).await.unwrap(), Outcome::Applied);
@@ -513,18 +524,8 @@ fn validate_checks_the_mapping_against_the_live_catalog() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_with_an_already_applied_write_applies_the_rest() {
-    let moto = moto();
-    let client = dynamo_client(&moto.url).await;
-    let table = format!("txn_{}", std::process::id());
-    client.create_table(&table, "pk", None).await.unwrap();
-    let write = |key: &str, version: u64, name: &str| GuardedWrite {
-        table: table.clone(),
-        key: Item::from([("pk".to_string(), s(key))]),
-        partition_key: "pk".into(),
-        version_attribute: "_version".into(),
-        version: version.to_string(),
-        action: WriteAction::Put(Item::from([("name".to_string(), s(name))])),
-    };
+    let (_moto, client, table) = fresh_table("txn").await;
+    let write = |key: &str, version: u64, name: &str| guarded(&table, key, version, WriteAction::Put(Item::from([("name".to_string(), s(name))])));
     let first = [write("A", 5, "a5"), write("B", 5, "b5")];
     assert_eq!(client.apply_transaction(&first).await.unwrap(), vec![Outcome::Applied, Outcome::Applied]);
     let mixed = [write("A", 4, "a4-replayed"), write("B", 6, "b6"), write("C", 6, "c6")];

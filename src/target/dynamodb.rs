@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, Notify};
 use super::{Receipt, Target};
 use crate::config::{DynamoConfig, WriteMode};
 use crate::error::{ErrorKind, TargetError};
-use crate::event::{ChangeEvent, EventBatch, Position};
+use crate::event::{ChangeEvent, EventBatch, Position, Relation};
 use crate::translate::dynamodb::{DynamoTranslator, TranslateError};
 use crate::translate::mapping::Mapping;
 
@@ -50,7 +50,8 @@ pub struct DynamoTarget {
 struct Job {
     write: GuardedWrite,
     position: Position,
-    source_table: String,
+    /// The source table, named only when a write is dead-lettered.
+    source: Arc<Relation>,
     batch: Arc<BatchState>,
 }
 
@@ -125,11 +126,11 @@ impl Target for DynamoTarget {
         let mut writes = Vec::new();
         for event in &batch.events {
             writes.clear();
-            let (Some(position), Some(source_table)) = (event.position(), source_table(event)) else { continue };
+            let Some(position) = event.position() else { continue };
             match self.translator.translate(event, now, &mut writes) {
                 Ok(()) => {}
                 Err(error @ TranslateError::Poison { .. }) => {
-                    self.dead_letter.record(position, &source_table, None, &error.to_string()).await?;
+                    self.dead_letter.record(position, &source_name(event), None, &error.to_string()).await?;
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
@@ -137,23 +138,25 @@ impl Target for DynamoTarget {
                     return Err(TargetError { target: "dynamodb", kind: ErrorKind::Fatal, message: error.to_string(), source: None })
                 }
             }
+            // Only row changes produce writes.
+            let Some(relation) = row_relation(event) else { continue };
             for write in writes.drain(..) {
                 if let WriteAction::Put(item) | WriteAction::Update { set: item, .. } = &write.action {
                     let size = item_size(item) + item_size(&write.key) + write.version_attribute.len() + 21;
                     if size > MAX_ITEM_BYTES {
                         let reason = format!("item of {size} bytes exceeds DynamoDB's 400 KB limit");
-                        self.dead_letter.record(position, &source_table, Some(&write), &reason).await?;
+                        self.dead_letter.record(position, &relation.qualified_name(), Some(&write), &reason).await?;
                         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                 }
-                jobs.push((write, position, source_table.clone()));
+                jobs.push((write, position, relation.clone()));
             }
         }
         let state = Arc::new(BatchState { remaining: AtomicUsize::new(jobs.len() + 1), done: Notify::new(), failure: Mutex::new(None) });
-        for (write, position, source_table) in jobs {
+        for (write, position, source) in jobs {
             let worker = self.worker_for(&write);
-            let job = Job { write, position, source_table, batch: state.clone() };
+            let job = Job { write, position, source, batch: state.clone() };
             self.workers[worker].send(job).await.map_err(|_| TargetError {
                 target: "dynamodb",
                 kind: ErrorKind::Fatal,
@@ -179,12 +182,17 @@ impl Target for DynamoTarget {
     }
 }
 
-fn source_table(event: &ChangeEvent) -> Option<String> {
+/// The table(s) an event belongs to, for dead-letter entries.
+fn source_name(event: &ChangeEvent) -> String {
     match event {
-        ChangeEvent::Insert { relation, .. } | ChangeEvent::Update { relation, .. } | ChangeEvent::Delete { relation, .. } => {
-            Some(relation.qualified_name())
-        }
-        ChangeEvent::Truncate { relations, .. } => Some(relations.iter().map(|r| r.qualified_name()).collect::<Vec<_>>().join(",")),
+        ChangeEvent::Truncate { relations, .. } => relations.iter().map(|r| r.qualified_name()).collect::<Vec<_>>().join(","),
+        other => row_relation(other).map(|r| r.qualified_name()).unwrap_or_default(),
+    }
+}
+
+fn row_relation(event: &ChangeEvent) -> Option<&Arc<Relation>> {
+    match event {
+        ChangeEvent::Insert { relation, .. } | ChangeEvent::Update { relation, .. } | ChangeEvent::Delete { relation, .. } => Some(relation),
         _ => None,
     }
 }
@@ -251,7 +259,7 @@ async fn apply_one(client: &DynamoClient, job: &Job, dead_letter: &DeadLetter, s
                 tokio::time::sleep(delay).await;
             }
             Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
-                match dead_letter.record(job.position, &job.source_table, Some(&job.write), &error.to_string()).await {
+                match dead_letter.record(job.position, &job.source.qualified_name(), Some(&job.write), &error.to_string()).await {
                     Ok(()) => {
                         stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     }
