@@ -45,9 +45,13 @@ pub struct BenchArgs {
     /// Concurrent writers for `--target dynamodb`, for sluice and for the baseline alike.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
-    /// The DynamoDB target's `write_mode`: `single` or `transaction`.
+    /// The DynamoDB target's `write_mode`: `single`, `transaction` or `batch`.
     #[arg(long, default_value = "single")]
     pub write_mode: String,
+    /// `--target dynamodb`: start sluice first and load the rows while it streams (a live
+    /// stream, as in production), instead of draining a backlog loaded before it started.
+    #[arg(long)]
+    pub live: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -85,8 +89,13 @@ async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
     let client = sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions::local(&endpoint)).await;
     let sluice = std::env::current_exe()?;
     println!(
-        "sluice bench --target dynamodb: {} rows per run in transactions of {}, {} runs, concurrency {}, write_mode {}",
-        args.rows, args.tx_rows, args.runs, args.concurrency, args.write_mode
+        "sluice bench --target dynamodb: {} rows per run in transactions of {}, {} runs, concurrency {}, write_mode {}, {}",
+        args.rows,
+        args.tx_rows,
+        args.runs,
+        args.concurrency,
+        args.write_mode,
+        if args.live { "live (rows loaded while sluice streams)" } else { "backlog (rows loaded before sluice starts)" }
     );
     println!("{:>4} {:>18} {:>16} {:>7} {:>14}", "run", "BatchWriteItem/s", "sluice items/s", "ratio", "peak RSS MiB");
     let mut ratios = Vec::new();
@@ -95,19 +104,23 @@ async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
         pg.create_database(&db)?;
         pg.psql(&db, "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL); CREATE PUBLICATION bench_pub FOR TABLE bench;")?;
         pg.psql(&db, "SELECT pg_create_logical_replication_slot('sluice', 'pgoutput')")?;
-        pg.psql(
-            &db,
-            &format!(
-                "DO $$ BEGIN FOR t IN 0..{last} LOOP \
-                   INSERT INTO bench SELECT g, 'name-' || g, g * 1.5 FROM generate_series(t * {tx} + 1, LEAST((t + 1) * {tx}, {rows})) g; \
-                   COMMIT; END LOOP; END $$",
-                last = args.rows.div_ceil(args.tx_rows) - 1,
-                tx = args.tx_rows,
-                rows = args.rows
-            ),
-        )?;
-        let end = pg.psql(&db, "SELECT pg_current_wal_insert_lsn()")?;
-        pg.psql(&db, "INSERT INTO bench VALUES (0, 'end', 0)")?;
+        let load = || -> BenchResult<String> {
+            pg.psql(
+                &db,
+                &format!(
+                    "DO $$ BEGIN FOR t IN 0..{last} LOOP \
+                       INSERT INTO bench SELECT g, 'name-' || g, g * 1.5 FROM generate_series(t * {tx} + 1, LEAST((t + 1) * {tx}, {rows})) g; \
+                       COMMIT; END LOOP; END $$",
+                    last = args.rows.div_ceil(args.tx_rows) - 1,
+                    tx = args.tx_rows,
+                    rows = args.rows
+                ),
+            )?;
+            let end = pg.psql(&db, "SELECT pg_current_wal_insert_lsn()")?;
+            pg.psql(&db, "INSERT INTO bench VALUES (0, 'end', 0)")?;
+            Ok(end)
+        };
+        let backlog_end = if args.live { None } else { Some(load()?) };
         pg.psql(&db, "CHECKPOINT")?;
         let (base_table, sluice_table) = (format!("bench_base_{run}_{}", std::process::id()), format!("bench_sluice_{run}_{}", std::process::id()));
         client.create_table(&base_table, "pk", None).await?;
@@ -151,7 +164,7 @@ async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
         std::fs::write(
             &config,
             format!(
-                "[source.connection]\nport = {}\ndbname = \"{db}\"\n[source.replication]\nslot = \"sluice\"\npublication = \"bench_pub\"\ncreate_slot = false\n\
+                "[monitoring]\nlisten = \"\"\n[source.connection]\nport = {}\ndbname = \"{db}\"\n[source.replication]\nslot = \"sluice\"\npublication = \"bench_pub\"\ncreate_slot = false\n\
                  [target]\nkind = \"dynamodb\"\nmapping = \"{}\"\nendpoint_url = \"{endpoint}\"\nregion = \"us-east-1\"\n\
                  access_key_id = \"test\"\nsecret_access_key = \"test\"\nconcurrency = {}\nwrite_mode = \"{}\"\n",
                 pg.port,
@@ -160,26 +173,56 @@ async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
                 args.write_mode
             ),
         )?;
-        let started = Instant::now();
-        let mut child = Command::new(&sluice)
-            .args(["run", "-c"])
-            .arg(&config)
-            .args(["--until-lsn", &end])
-            .env("SLUICE_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()?;
+        let mut command = Command::new(&sluice);
+        command.args(["run", "-c"]).arg(&config).stdin(Stdio::null());
+        let (started, mut child, end) = match backlog_end {
+            Some(end) => {
+                let child = command.args(["--until-lsn", &end]).env("SLUICE_LOG", "warn").spawn()?;
+                (Instant::now(), child, end)
+            }
+            None => {
+                // Load only once sluice streams, so that every change is new to it.
+                let mut child = command.env("SLUICE_LOG", "warn,sluice_postgres::source=info").stderr(Stdio::piped()).spawn()?;
+                let (streaming_tx, streaming_rx) = std::sync::mpsc::channel();
+                let stderr = child.stderr.take().ok_or("no stderr")?;
+                std::thread::spawn(move || {
+                    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+                        if line.contains(" streaming") {
+                            let _ = streaming_tx.send(());
+                        } else if !line.contains(" INFO ") {
+                            eprintln!("{line}");
+                        }
+                    }
+                });
+                streaming_rx.recv_timeout(Duration::from_secs(60)).map_err(|_| "sluice did not start streaming within 60 s")?;
+                let started = Instant::now();
+                let end = load()?;
+                (started, child, end)
+            }
+        };
         let mut peak = 0;
         let status = loop {
             peak = peak.max(peak_rss_kib(child.id()).unwrap_or(0));
             if let Some(status) = child.try_wait()? {
-                break status;
+                break Some(status);
+            }
+            if args.live && pg.psql(&db, &format!("SELECT confirmed_flush_lsn >= '{end}' FROM pg_replication_slots WHERE slot_name = 'sluice'"))? == "t" {
+                break None;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let elapsed = started.elapsed();
+        let status = match status {
+            Some(status) => status,
+            None => {
+                Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+                child.wait()?
+            }
         };
         if !status.success() {
             return Err(format!("sluice run failed: {status}").into());
         }
-        let streamed = (args.rows + 1) as f64 / started.elapsed().as_secs_f64();
+        let streamed = (args.rows + 1) as f64 / elapsed.as_secs_f64();
         ratios.push(streamed / baseline);
         println!("{:>4} {:>18.0} {:>16.0} {:>7.3} {:>14.1}", run + 1, baseline, streamed, streamed / baseline, peak as f64 / 1024.0);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -312,7 +355,7 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
         std::fs::write(
             &config,
             format!(
-                "[source.connection]\nport = {}\ndbname = \"{db}\"\n\
+                "[monitoring]\nlisten = \"\"\n[source.connection]\nport = {}\ndbname = \"{db}\"\n\
                  [source.replication]\nslot = \"sluice\"\npublication = \"bench_pub\"\ncreate_slot = false\n\
                  proto_version = {}\nstreaming = {}\nbinary = {}\nspill_dir = \"{}\"\n[target]\nkind = \"null\"\n",
                 pg.port,

@@ -16,6 +16,75 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub source: SourceConfig,
     pub target: TargetConfig,
+    #[serde(default)]
+    pub monitoring: MonitoringConfig,
+    #[serde(default)]
+    pub ha: HaConfig,
+}
+
+/// `[monitoring]`: the HTTP endpoints and the health thresholds.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitoringConfig {
+    /// Address of the HTTP server for /metrics, /healthz, /readyz and /status; empty disables it.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// /readyz answers 503 while the lag exceeds this (with heartbeats on).
+    #[serde(default = "default_ready_max_lag", with = "sluice_postgres::duration")]
+    pub ready_max_lag: Duration,
+    /// How often the slot is inspected in pg_replication_slots.
+    #[serde(default = "default_slot_check_interval", with = "sluice_postgres::duration")]
+    pub slot_check_interval: Duration,
+    /// A warning is logged while the slot retains more WAL than this.
+    #[serde(default = "default_retained_wal_warn_bytes")]
+    pub retained_wal_warn_bytes: u64,
+}
+
+impl Default for MonitoringConfig {
+    fn default() -> Self {
+        MonitoringConfig {
+            listen: default_listen(),
+            ready_max_lag: default_ready_max_lag(),
+            slot_check_interval: default_slot_check_interval(),
+            retained_wal_warn_bytes: default_retained_wal_warn_bytes(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:9187".into()
+}
+fn default_ready_max_lag() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_slot_check_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_retained_wal_warn_bytes() -> u64 {
+    8 << 30
+}
+
+/// `[ha]`: several replicas of one pipeline, one of which streams.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// Hold a Postgres advisory lock (named after the slot) while streaming; replicas without
+    /// it stand by.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// How often a standby tries to take the lock.
+    #[serde(default = "default_ha_retry_interval", with = "sluice_postgres::duration")]
+    pub retry_interval: Duration,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        HaConfig { enabled: true, retry_interval: default_ha_retry_interval() }
+    }
+}
+
+fn default_ha_retry_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -134,6 +203,10 @@ pub struct DynamoConfig {
     /// Most writes in one TransactWriteItems request (DynamoDB allows 100).
     #[serde(default = "default_transaction_size")]
     pub transaction_size: usize,
+    /// Most queued writes one worker reads and writes together in `batch` mode (at most 100,
+    /// one BatchGetItem).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -142,10 +215,17 @@ pub enum WriteMode {
     #[default]
     Single,
     Transaction,
+    /// Versions read with BatchGetItem, then unconditional BatchWriteItem of the newer
+    /// writes: fastest, and correct only while sluice is the target items' single writer.
+    Batch,
 }
 
 fn default_transaction_size() -> usize {
     25
+}
+
+fn default_batch_size() -> usize {
+    100
 }
 
 fn default_dynamo_concurrency() -> usize {
@@ -224,11 +304,23 @@ impl Config {
         if p.max_in_flight == 0 {
             problems.push(Problem::new("pipeline", "max_in_flight", "must be at least 1"));
         }
+        if !self.monitoring.listen.is_empty() && self.monitoring.listen.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(Problem::new("monitoring", "listen", "must be an address such as 0.0.0.0:9187, or empty to disable"));
+        }
+        if self.monitoring.slot_check_interval.is_zero() {
+            problems.push(Problem::new("monitoring", "slot_check_interval", "must be more than 0s"));
+        }
+        if self.ha.retry_interval.is_zero() {
+            problems.push(Problem::new("ha", "retry_interval", "must be more than 0s"));
+        }
         self.source.connection.validate("source.connection", &mut problems);
         self.source.replication.validate("source.replication", &mut problems);
         if let TargetConfig::Dynamodb(dynamo) = &self.target {
             if !(1..=100).contains(&dynamo.transaction_size) {
                 problems.push(Problem::new("target", "transaction_size", "must be between 1 and 100"));
+            }
+            if !(1..=100).contains(&dynamo.batch_size) {
+                problems.push(Problem::new("target", "batch_size", "must be between 1 and 100"));
             }
             if dynamo.concurrency == 0 {
                 problems.push(Problem::new("target", "concurrency", "must be at least 1"));

@@ -75,6 +75,8 @@ pub async fn run(options: DemoOptions) -> DemoResult {
             replication: ReplicationConfig::new("demo_slot", "demo_pub"),
         },
         target: TargetConfig::Jsonl(JsonlConfig { path: "-".into(), fsync: false, transactions: true }),
+        monitoring: Default::default(),
+        ha: Default::default(),
     };
     let dir = tempfile::tempdir()?;
     let mut dynamo = None;
@@ -99,13 +101,15 @@ pub async fn run(options: DemoOptions) -> DemoResult {
             dead_letter: None,
             write_mode: crate::config::WriteMode::Single,
             transaction_size: 25,
+            batch_size: 100,
         });
         dynamo = Some((local, client));
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (handles_tx, mut handles_rx) = watch::channel(None::<(std::sync::Arc<SourceStats>, watch::Receiver<Lsn>)>);
+    let state = crate::monitor::PipelineState::new(&config);
     let pipeline = tokio::spawn(async move {
-        crate::pipeline::run(&config, shutdown_rx, |p| {
+        crate::pipeline::run(&config, &state, shutdown_rx, |p| {
             handles_tx.send_replace(Some((p.source_stats, p.durable)));
         })
         .await

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice::config::{Config, ConfigError};
 use sluice::event::Lsn;
@@ -11,8 +12,18 @@ use tokio::sync::watch;
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Change-data capture from Postgres logical replication")]
 struct Cli {
+    /// Log format on standard error: `text`, or `json` (one object per line). The level comes
+    /// from SLUICE_LOG (e.g. `info`, `sluice=debug`).
+    #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -34,6 +45,15 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
+    /// Show a pipeline's slot, positions, lag and counters: from the running daemon's
+    /// `/status` endpoint (`monitoring.listen`) when it answers, else straight from Postgres.
+    Status {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Quick-start: a local Postgres, a demo table, sluice streaming its changes to stdout.
     Demo {
         /// Stream into a local DynamoDB-API server instead, started from this `moto_server`
@@ -47,7 +67,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -78,6 +98,10 @@ fn main() -> ExitCode {
             };
             report(runtime.block_on(run(config, until_lsn)))
         }
+        Command::Status { config, json } => match Config::load(&config) {
+            Ok(config) => report(runtime.block_on(sluice::status::print(&config, json))),
+            Err(e) => config_failure(&e),
+        },
         Command::Demo { dynamodb } => {
             let options = sluice::demo::DemoOptions { dynamodb_server: dynamodb };
             report(runtime.block_on(sluice::demo::run(options)).map_err(anyhow::Error::from_boxed))
@@ -94,7 +118,29 @@ async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {
         tracing::info!("signal received; draining");
         signals.send_replace(true);
     });
-    sluice::pipeline::run(&config, shutdown_rx, |pipeline| {
+    let state = sluice::monitor::PipelineState::new(&config);
+    let metrics = sluice::metrics::install(&config.pipeline.name);
+    if !config.monitoring.listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&config.monitoring.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (monitoring.listen)", config.monitoring.listen))?;
+        tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz and /status");
+        tokio::spawn(sluice::http::serve(listener, state.clone(), metrics, shutdown_rx.clone()));
+    }
+    tokio::spawn(sluice::monitor::run(state.clone(), config.clone(), shutdown_rx.clone()));
+
+    let lock = if config.ha.enabled {
+        let mut shutdown = shutdown_rx.clone();
+        let slot = &config.source.replication.slot;
+        match sluice::ha::acquire(&config.source.connection, slot, config.ha.retry_interval, config.pipeline.retry_for, &mut shutdown).await? {
+            Some(lock) => Some(lock),
+            None => return Ok(()),
+        }
+    } else {
+        None
+    };
+    state.active.store(true, std::sync::atomic::Ordering::Relaxed);
+    let pipeline = sluice::pipeline::run(&config, &state, shutdown_rx, |pipeline| {
         if let Some(until) = until_lsn {
             let mut durable = pipeline.durable;
             tokio::spawn(async move {
@@ -104,8 +150,14 @@ async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {
                 }
             });
         }
-    })
-    .await?;
+    });
+    match lock {
+        Some(lock) => tokio::select! {
+            result = pipeline => result?,
+            reason = lock.lost() => anyhow::bail!("{reason}: stopping, since another replica may hold the HA lock now"),
+        },
+        None => pipeline.await?,
+    }
     Ok(())
 }
 
@@ -122,12 +174,15 @@ async fn wait_for_signal() {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    }
 }
 
 fn config_failure(error: &ConfigError) -> ExitCode {

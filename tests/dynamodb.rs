@@ -39,6 +39,7 @@ fn dynamo_config(url: &str, mapping: PathBuf, dead_letter: Option<PathBuf>) -> D
         dead_letter,
         write_mode: sluice::config::WriteMode::Single,
         transaction_size: 25,
+        batch_size: 100,
     }
 }
 
@@ -53,11 +54,14 @@ async fn start_pipeline(db: &TestDb, slot: &str, target: DynamoConfig) -> Runnin
         pipeline: PipelineConfig::default(),
         source: SourceConfig { connection: db.connection(), replication: db.replication(slot, "p") },
         target: TargetConfig::Dynamodb(target),
+        monitoring: Default::default(),
+        ha: Default::default(),
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (stats_tx, mut stats_rx) = watch::channel(None);
+    let state = sluice::monitor::PipelineState::new(&config);
     let task = tokio::spawn(async move {
-        sluice::pipeline::run(&config, shutdown_rx, |p| {
+        sluice::pipeline::run(&config, &state, shutdown_rx, |p| {
             stats_tx.send_replace(Some(p.source_stats));
         })
         .await
@@ -151,6 +155,11 @@ async fn changes_stream_into_one_table_through_the_mapping_and_converge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_stream_into_one_table_in_transactions_and_converge() {
     converges(sluice::config::WriteMode::Transaction).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_stream_into_one_table_in_read_then_write_batches_and_converge() {
+    converges(sluice::config::WriteMode::Batch).await;
 }
 
 async fn converges(write_mode: sluice::config::WriteMode) {
@@ -377,6 +386,15 @@ fn bad_mapping_is_named_by_validate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_while_streaming_then_restart_leaves_the_target_equal_to_the_source() {
+    kill_9_then_restart("single").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_streaming_in_batch_mode_then_restart_leaves_the_target_equal_to_the_source() {
+    kill_9_then_restart("batch").await;
+}
+
+async fn kill_9_then_restart(write_mode: &str) {
     let moto = moto();
     let db = TestDb::new();
     db.sql("CREATE TABLE accounts (id int8 PRIMARY KEY, n int8 NOT NULL, name text); CREATE PUBLICATION p FOR TABLE accounts");
@@ -396,7 +414,7 @@ async fn kill_9_while_streaming_then_restart_leaves_the_target_equal_to_the_sour
         "p",
         &format!(
             "[target]\nkind = \"dynamodb\"\nmapping = \"{}\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"\n\
-             access_key_id = \"test\"\nsecret_access_key = \"test\"\nconcurrency = 8\n",
+             access_key_id = \"test\"\nsecret_access_key = \"test\"\nconcurrency = 8\nwrite_mode = \"{write_mode}\"\n",
             mapping.display(),
             moto.url
         ),
@@ -533,6 +551,52 @@ async fn a_transaction_with_an_already_applied_write_applies_the_rest() {
     let mut names: Vec<_> = client.scan_all(&table).await.unwrap().into_iter().map(|i| i["name"].clone()).collect();
     names.sort_by_key(|a| format!("{a:?}"));
     assert_eq!(names, vec![s("a5"), s("b6"), s("c6")], "the stale write changed nothing, the others applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_then_write_batch_writes_exactly_what_the_guard_would_let_through() {
+    let (_moto, client, table) = fresh_table("batch").await;
+    let put = |key: &str, version: u64, name: &str| guarded(&table, key, version, WriteAction::Put(Item::from([("name".to_string(), s(name))])));
+    let delete = |key: &str, version: u64| guarded(&table, key, version, WriteAction::Delete);
+    // 60 new items: more than one BatchWriteItem request.
+    let first: Vec<_> = (0..60).map(|i| put(&format!("K{i}"), 10, "v10")).collect();
+    assert!(client.apply_batch(&first, &[false; 60]).await.unwrap().iter().all(|o| *o == Outcome::Applied));
+    assert_eq!(client.scan_all(&table).await.unwrap().len(), 60);
+    client.batch_put(&table, vec![Item::from([("pk".to_string(), s("UNVERSIONED")), ("name".to_string(), s("kept"))])]).await.unwrap();
+
+    let mixed = [
+        put("K0", 9, "stale"),     // older than stored: skipped
+        put("K1", 10, "same"),     // the same position again: skipped
+        put("K2", 11, "newer"),    // newer: written
+        delete("K3", 8),           // a stale delete: skipped
+        delete("K4", 12),          // a newer delete: deleted
+        delete("ABSENT", 12),      // nothing to delete
+        put("NEW", 1, "created"),  // absent: written
+        put("UNVERSIONED", 99, "overwritten?"),
+    ];
+    let outcomes = client.apply_batch(&mixed, &[false; 8]).await.unwrap();
+    use Outcome::{AlreadyApplied as Skip, Applied as Done};
+    assert_eq!(outcomes, vec![Skip, Skip, Done, Skip, Done, Done, Done, Skip]);
+    let stored: BTreeMap<String, Item> = client
+        .scan_all(&table)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|item| match &item["pk"] {
+            Attr::S(pk) => (pk.clone(), item),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let name = |key: &str| stored.get(key).map(|i| i["name"].clone());
+    assert_eq!(name("K0"), Some(s("v10")));
+    assert_eq!(name("K1"), Some(s("v10")));
+    assert_eq!(name("K2"), Some(s("newer")));
+    assert_eq!(stored["K2"]["_version"], Attr::N("11".into()));
+    assert_eq!(name("K3"), Some(s("v10")));
+    assert_eq!(name("K4"), None, "deleted");
+    assert_eq!(name("NEW"), Some(s("created")));
+    assert_eq!(name("UNVERSIONED"), Some(s("kept")), "the guard refuses items without a version; so does batch mode");
+    assert_eq!(stored.len(), 61);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -120,7 +120,7 @@ fn unreachable_host_is_named_after_bounded_retries() {
     std::fs::write(
         &path,
         format!(
-            "[pipeline]\nretry_for = \"1s\"\n[source.connection]\nport = {port}\ndbname = \"app\"\nconnect_timeout = \"2s\"\n\
+            "[pipeline]\nretry_for = \"1s\"\n[monitoring]\nlisten = \"127.0.0.1:0\"\n[source.connection]\nport = {port}\ndbname = \"app\"\nconnect_timeout = \"2s\"\n\
              [source.replication]\nslot = \"s\"\npublication = \"p\"\n{}",
             null_target()
         ),

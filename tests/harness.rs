@@ -71,6 +71,12 @@ impl TestDb {
         let slot = repl.slot.clone();
         let stream = Stream::start(self.connection(), repl);
         self.wait_slot_active(&slot).await;
+        let stats = stream.stats.clone();
+        wait_for("the source to stream", Duration::from_secs(30), || {
+            let streaming = stats.streaming.load(std::sync::atomic::Ordering::Relaxed);
+            async move { streaming }
+        })
+        .await;
         stream
     }
 
@@ -99,7 +105,7 @@ impl TestDb {
         let path = dir.join("sluice.toml");
         let slot = self.slot_name(slot);
         let text = format!(
-            "[pipeline]\nretry_for = \"2s\"\n\n[source.connection]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{}\"\n\n\
+            "[pipeline]\nretry_for = \"2s\"\n\n[monitoring]\nlisten = \"127.0.0.1:0\"\n\n[source.connection]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{}\"\n\n\
              [source.replication]\nslot = \"{slot}\"\npublication = \"{publication}\"\nstatus_interval = \"1s\"\n\n{rest}\n",
             self.pg.port, self.name
         );
@@ -117,6 +123,8 @@ pub struct Stream {
     pub task: JoinHandle<sluice_postgres::Result<()>>,
     pub acknowledge: bool,
     pub stats: Arc<SourceStats>,
+    /// The `redelivery_horizon` of the last batch received.
+    pub redelivery_horizon: Lsn,
 }
 
 impl Stream {
@@ -128,7 +136,7 @@ impl Stream {
         let (durable, durable_rx) = watch::channel(Lsn::ZERO);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let task = tokio::spawn(source.run(tx, durable_rx, shutdown_rx));
-        Stream { batches, durable, shutdown, task, acknowledge: true, stats }
+        Stream { batches, durable, shutdown, task, acknowledge: true, stats, redelivery_horizon: Lsn::ZERO }
     }
 
     /// Collects events until `done` says the collection is complete, or panics at the deadline.
@@ -143,6 +151,7 @@ impl Stream {
                 let result = (&mut self.task).await;
                 panic!("the source stopped: {result:?}");
             };
+            self.redelivery_horizon = batch.redelivery_horizon;
             if self.acknowledge {
                 if let Some(ack) = batch.ack_lsn {
                     self.durable.send_replace(ack);
@@ -153,9 +162,21 @@ impl Stream {
         events
     }
 
-    /// True when no batch is waiting (nothing was delivered that the test has not read).
+    /// True when no change is waiting (nothing was delivered that the test has not read).
+    /// Batches without events (heartbeats, which only carry a position) do not count.
     pub fn nothing_delivered(&mut self) -> bool {
-        self.batches.try_recv().is_err()
+        while let Ok(batch) = self.batches.try_recv() {
+            if !batch.events.is_empty() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Ends the source abruptly, as a crash would: nothing more is confirmed.
+    pub async fn abort(self) {
+        self.task.abort();
+        let _ = self.task.await;
     }
 
     /// Collects the changes (inserts, updates, deletes, truncates, messages) of `count` commits.

@@ -1,7 +1,7 @@
 //! Slot life cycle: an existing slot is reused and resumes exactly after the confirmed position;
 //! a temporary slot disappears with the connection; `create_slot = false` refuses a missing slot.
 
-use sluice_postgres::{Error, ReplicationConfig};
+use sluice_postgres::{ChangeEvent, Error, Lsn, ReplicationConfig};
 
 use crate::harness::{inserted_ids, TestDb};
 
@@ -46,4 +46,37 @@ async fn missing_slot_without_create_slot_is_an_error() {
     let err = result.expect_err("a missing slot must not be created");
     assert!(matches!(err, Error::Setup(ref m) if m.contains("does not exist and create_slot = false")), "{err}");
     assert_eq!(db.slot_confirmed("absent"), None);
+}
+
+/// The commit LSN of each insert, by id.
+fn insert_commits(events: &[ChangeEvent]) -> Vec<(i64, Lsn)> {
+    let ids = inserted_ids(events);
+    let commits = events.iter().filter_map(|e| match e {
+        ChangeEvent::Insert { position, .. } => Some(position.commit_lsn),
+        _ => None,
+    });
+    ids.into_iter().zip(commits).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_changes_lie_at_or_below_the_redelivery_horizon_and_new_ones_above_it() {
+    let db = TestDb::new();
+    db.sql("CREATE TABLE t (id int8 PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t");
+    let mut stream = db.stream(db.replication("horizon", "p")).await;
+    stream.acknowledge = false;
+    db.sql("INSERT INTO t VALUES (1)");
+    let first = insert_commits(&stream.commits(1).await);
+    assert!(first[0].1 > stream.redelivery_horizon, "a change made while streaming is new: {first:?} vs {}", stream.redelivery_horizon);
+    stream.abort().await;
+
+    db.sql("INSERT INTO t VALUES (2)");
+    let mut stream = db.stream(db.replication("horizon", "p")).await;
+    db.sql("INSERT INTO t VALUES (3)");
+    let again = insert_commits(&stream.commits(3).await);
+    let horizon = stream.redelivery_horizon;
+    assert_eq!(again.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![1, 2, 3], "nothing was confirmed");
+    assert!(again[0].1 <= horizon, "the redelivered change is at or below the horizon: {again:?} vs {horizon}");
+    assert!(again[1].1 <= horizon, "made before this session streamed: may have been delivered, so not new");
+    assert!(again[2].1 > horizon, "made while this session streamed: new");
+    stream.stop().await.unwrap();
 }

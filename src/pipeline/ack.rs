@@ -13,9 +13,11 @@ use sluice_postgres::Lsn;
 #[derive(Debug, Default)]
 pub struct AckTracker {
     next_seq: u64,
-    /// Submitted batches not yet released: ack LSN and whether durable.
-    pending: BTreeMap<u64, (Option<Lsn>, bool)>,
+    /// Submitted batches not yet released: ack LSN, commit time and whether durable.
+    pending: BTreeMap<u64, (Option<Lsn>, Option<i64>, bool)>,
     durable: Lsn,
+    /// Commit time of the last durable transaction (Postgres epoch microseconds).
+    durable_commit_time: Option<i64>,
 }
 
 impl AckTracker {
@@ -26,20 +28,25 @@ impl AckTracker {
 
     /// Records a submitted batch; returns its sequence number.
     pub fn register(&mut self, ack: Option<Lsn>) -> u64 {
+        self.register_with_time(ack, None)
+    }
+
+    /// Records a submitted batch and the commit time of the last transaction it completes.
+    pub fn register_with_time(&mut self, ack: Option<Lsn>, commit_time: Option<i64>) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.pending.insert(seq, (ack, false));
+        self.pending.insert(seq, (ack, commit_time, false));
         seq
     }
 
     /// Marks a batch durable; returns the new durable position when it advanced.
     pub fn complete(&mut self, seq: u64) -> Option<Lsn> {
         if let Some(entry) = self.pending.get_mut(&seq) {
-            entry.1 = true;
+            entry.2 = true;
         }
         let before = self.durable;
         while let Some(entry) = self.pending.first_entry() {
-            let (ack, done) = *entry.get();
+            let (ack, commit_time, done) = *entry.get();
             if !done {
                 break;
             }
@@ -47,12 +54,20 @@ impl AckTracker {
             if let Some(ack) = ack {
                 self.durable = self.durable.max(ack);
             }
+            if commit_time.is_some() {
+                self.durable_commit_time = self.durable_commit_time.max(commit_time);
+            }
         }
         (self.durable > before).then_some(self.durable)
     }
 
     pub fn durable(&self) -> Lsn {
         self.durable
+    }
+
+    /// Commit time of the last transaction (or heartbeat) made durable.
+    pub fn durable_commit_time(&self) -> Option<i64> {
+        self.durable_commit_time
     }
 
     /// Batches submitted and not yet released.
@@ -85,6 +100,20 @@ mod tests {
         assert_eq!(tracker.durable(), Lsn(5));
         assert_eq!(tracker.complete(b), Some(Lsn(30)));
         assert_eq!(tracker.in_flight(), 0);
+    }
+
+    #[test]
+    fn commit_time_follows_the_durable_prefix() {
+        let mut tracker = AckTracker::default();
+        let a = tracker.register_with_time(Some(Lsn(10)), Some(100));
+        let slice = tracker.register_with_time(None, None);
+        let b = tracker.register_with_time(Some(Lsn(20)), Some(200));
+        tracker.complete(b);
+        assert_eq!(tracker.durable_commit_time(), None, "b is not durable while a is pending");
+        tracker.complete(a);
+        assert_eq!(tracker.durable_commit_time(), Some(100));
+        tracker.complete(slice);
+        assert_eq!(tracker.durable_commit_time(), Some(200));
     }
 
     proptest! {

@@ -18,6 +18,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::error::{PipelineError, TargetError};
+use crate::event::ChangeEvent;
+use crate::monitor::PipelineState;
 use crate::target::{AnyTarget, Target};
 use ack::AckTracker;
 
@@ -31,9 +33,10 @@ pub struct Pipeline {
 }
 
 /// Runs the pipeline until `shutdown` turns true (a graceful drain) or a fatal error.
-/// `on_start` receives the handles once the tasks exist.
-pub async fn run(config: &Config, shutdown: watch::Receiver<bool>, on_start: impl FnOnce(Pipeline)) -> Result<(), PipelineError> {
-    let target = AnyTarget::open(&config.target).await?;
+/// `on_start` receives the handles once the tasks exist; `state` is kept current for the
+/// monitoring endpoints.
+pub async fn run(config: &Config, state: &Arc<PipelineState>, shutdown: watch::Receiver<bool>, on_start: impl FnOnce(Pipeline)) -> Result<(), PipelineError> {
+    let target = AnyTarget::open(&config.target, state.target.clone()).await?;
     let options = SourceOptions {
         batch_max_events: config.pipeline.batch_max_events,
         retry_for: config.pipeline.retry_for,
@@ -43,6 +46,7 @@ pub async fn run(config: &Config, shutdown: watch::Receiver<bool>, on_start: imp
     let source = ReplicationSource::new(config.source.connection.clone(), config.source.replication.clone(), options);
     let (batch_tx, batch_rx) = mpsc::channel(CHANNEL_BATCHES);
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+    state.set_source(source.stats());
     on_start(Pipeline { source_stats: source.stats(), durable: durable_rx.clone() });
     let mut shutdown_started = shutdown.clone();
     let source_task = tokio::spawn(source.run(batch_tx, durable_rx, shutdown));
@@ -51,7 +55,7 @@ pub async fn run(config: &Config, shutdown: watch::Receiver<bool>, on_start: imp
     // confirmed and will be streamed again).
     let grace = config.pipeline.shutdown_timeout + std::time::Duration::from_secs(5);
     let applied = tokio::select! {
-        applied = apply(target, batch_rx, durable_tx, config.pipeline.max_in_flight) => applied,
+        applied = apply(target, batch_rx, durable_tx, config.pipeline.max_in_flight, state) => applied,
         _ = async {
             let _ = shutdown_started.wait_for(|&stop| stop).await;
             tokio::time::sleep(grace).await;
@@ -75,6 +79,7 @@ async fn apply<T: Target>(
     mut batches: mpsc::Receiver<EventBatch>,
     durable: watch::Sender<Lsn>,
     max_in_flight: usize,
+    state: &PipelineState,
 ) -> Result<(), TargetError> {
     let mut tracker = AckTracker::default();
     let mut in_flight = FuturesUnordered::new();
@@ -86,11 +91,13 @@ async fn apply<T: Target>(
                 result?;
                 if let Some(lsn) = tracker.complete(seq) {
                     durable.send_replace(lsn);
+                    state.set_durable(lsn, tracker.durable_commit_time());
                 }
             }
             batch = batches.recv(), if source_open && in_flight.len() < max_in_flight => match batch {
                 Some(batch) => {
-                    let seq = tracker.register(batch.ack_lsn);
+                    count_events(&batch.events);
+                    let seq = tracker.register_with_time(batch.ack_lsn, batch.commit_time);
                     let receipt = target.submit(Arc::new(batch)).await?;
                     in_flight.push(async move { (seq, receipt.await) });
                 }
@@ -99,6 +106,31 @@ async fn apply<T: Target>(
         }
     }
     Ok(())
+}
+
+/// Counts a batch's changes by table and operation (aggregated first: one counter update per
+/// table and operation, not per event).
+fn count_events(events: &[ChangeEvent]) {
+    let mut counts: Vec<(&str, &str, &'static str, u64)> = Vec::new();
+    for event in events {
+        let (relation, op) = match event {
+            ChangeEvent::Insert { relation, .. } => (relation, "insert"),
+            ChangeEvent::Update { relation, .. } => (relation, "update"),
+            ChangeEvent::Delete { relation, .. } => (relation, "delete"),
+            ChangeEvent::Truncate { relations, .. } => match relations.first() {
+                Some(relation) => (relation, "truncate"),
+                None => continue,
+            },
+            _ => continue,
+        };
+        match counts.iter_mut().find(|c| c.0 == relation.namespace && c.1 == relation.name && c.2 == op) {
+            Some(count) => count.3 += 1,
+            None => counts.push((&relation.namespace, &relation.name, op, 1)),
+        }
+    }
+    for (namespace, name, op, n) in counts {
+        metrics::counter!(crate::metrics::EVENTS_TOTAL, "table" => format!("{namespace}.{name}"), "op" => op).increment(n);
+    }
 }
 
 #[cfg(test)]
@@ -132,8 +164,12 @@ mod tests {
         }
     }
 
+    fn test_state() -> PipelineState {
+        PipelineState::with("test", Duration::from_secs(60), false)
+    }
+
     fn batch(ack: u64) -> EventBatch {
-        EventBatch { events: Vec::new(), ack_lsn: Some(Lsn(ack)) }
+        EventBatch { events: Vec::new(), ack_lsn: Some(Lsn(ack)), redelivery_horizon: Lsn::ZERO, commit_time: None }
     }
 
     #[tokio::test]
@@ -144,7 +180,7 @@ mod tests {
             tx.send(batch(ack)).await.unwrap();
         }
         drop(tx);
-        apply(ReorderingTarget { submitted: 0, fail_at: None }, rx, durable_tx, 4).await.unwrap();
+        apply(ReorderingTarget { submitted: 0, fail_at: None }, rx, durable_tx, 4, &test_state()).await.unwrap();
         assert_eq!(*durable_rx.borrow(), Lsn(40));
     }
 
@@ -156,7 +192,7 @@ mod tests {
             tx.send(batch(ack)).await.unwrap();
         }
         drop(tx);
-        let err = apply(ReorderingTarget { submitted: 0, fail_at: Some(2) }, rx, durable_tx, 4).await.unwrap_err();
+        let err = apply(ReorderingTarget { submitted: 0, fail_at: Some(2) }, rx, durable_tx, 4, &test_state()).await.unwrap_err();
         assert_eq!(err.message, "injected");
         assert_eq!(*durable_rx.borrow(), Lsn(20), "nothing at or after the failed batch may be durable");
     }

@@ -15,7 +15,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -24,32 +24,25 @@ use sluice_dynamodb::{item_size, Attr, ClientOptions, DynamoClient, GuardedWrite
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Notify};
 
-use super::{Receipt, Target};
+use super::{Receipt, Target, TargetStats};
 use crate::config::{DynamoConfig, WriteMode};
 use crate::error::{ErrorKind, TargetError};
 use crate::event::{ChangeEvent, EventBatch, Position, Relation};
 use crate::translate::dynamodb::{DynamoTranslator, TranslateError};
 use crate::translate::mapping::Mapping;
 
-/// Counters for status and tests.
-#[derive(Debug, Default)]
-pub struct DynamoStats {
-    pub applied: AtomicU64,
-    pub already_applied: AtomicU64,
-    pub retries: AtomicU64,
-    pub dead_lettered: AtomicU64,
-}
-
 pub struct DynamoTarget {
     translator: DynamoTranslator,
     workers: Vec<mpsc::Sender<Job>>,
     dead_letter: Arc<DeadLetter>,
-    pub stats: Arc<DynamoStats>,
+    pub stats: Arc<TargetStats>,
 }
 
 struct Job {
     write: GuardedWrite,
     position: Position,
+    /// The position was never delivered before (`EventBatch::redelivery_horizon`).
+    fresh: bool,
     /// The source table, named only when a write is dead-lettered.
     source: Arc<Relation>,
     batch: Arc<BatchState>,
@@ -76,7 +69,7 @@ impl BatchState {
 }
 
 impl DynamoTarget {
-    pub async fn open(config: &DynamoConfig) -> Result<Self, TargetError> {
+    pub async fn open(config: &DynamoConfig, stats: Arc<TargetStats>) -> Result<Self, TargetError> {
         let mapping = Mapping::load(&config.mapping).map_err(|problems| TargetError {
             target: "dynamodb",
             kind: ErrorKind::Fatal,
@@ -94,11 +87,10 @@ impl DynamoTarget {
         };
         let client = DynamoClient::connect(&options).await;
         let dead_letter = Arc::new(DeadLetter::open(config.dead_letter.clone()).await?);
-        let stats = Arc::new(DynamoStats::default());
         let workers = (0..config.concurrency)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(256);
-                let settings = WorkerSettings { mode: config.write_mode, transaction_size: config.transaction_size, retry_for: config.retry_for };
+                let settings = WorkerSettings { mode: config.write_mode, transaction_size: config.transaction_size, batch_size: config.batch_size, retry_for: config.retry_for };
                 tokio::spawn(worker(client.clone(), rx, dead_letter.clone(), stats.clone(), settings));
                 tx
             })
@@ -156,7 +148,8 @@ impl Target for DynamoTarget {
         let state = Arc::new(BatchState { remaining: AtomicUsize::new(jobs.len() + 1), done: Notify::new(), failure: Mutex::new(None) });
         for (write, position, source) in jobs {
             let worker = self.worker_for(&write);
-            let job = Job { write, position, source, batch: state.clone() };
+            let fresh = position.commit_lsn > batch.redelivery_horizon;
+            let job = Job { write, position, fresh, source, batch: state.clone() };
             self.workers[worker].send(job).await.map_err(|_| TargetError {
                 target: "dynamodb",
                 kind: ErrorKind::Fatal,
@@ -197,7 +190,7 @@ fn row_relation(event: &ChangeEvent) -> Option<&Arc<Relation>> {
     }
 }
 
-async fn worker(client: DynamoClient, mut jobs: mpsc::Receiver<Job>, dead_letter: Arc<DeadLetter>, stats: Arc<DynamoStats>, settings: WorkerSettings) {
+async fn worker(client: DynamoClient, mut jobs: mpsc::Receiver<Job>, dead_letter: Arc<DeadLetter>, stats: Arc<TargetStats>, settings: WorkerSettings) {
     let mut group: Vec<Job> = Vec::new();
     let mut held: Option<Job> = None;
     loop {
@@ -208,18 +201,41 @@ async fn worker(client: DynamoClient, mut jobs: mpsc::Receiver<Job>, dead_letter
                 None => return,
             },
         };
-        group.push(first);
-        if settings.mode == WriteMode::Transaction {
+        let batchable = |job: &Job| !matches!(job.write.action, WriteAction::Update { .. });
+        match settings.mode {
+            WriteMode::Single => group.push(first),
             // Gather what is already queued, up to the transaction size, stopping before a
             // second write to the same item (a transaction touches each item once).
-            while group.len() < settings.transaction_size {
-                let Ok(job) = jobs.try_recv() else { break };
-                if group.iter().any(|g| g.write.table == job.write.table && g.write.key == job.write.key) {
-                    held = Some(job);
-                    break;
+            WriteMode::Transaction => {
+                group.push(first);
+                while group.len() < settings.transaction_size {
+                    let Ok(job) = jobs.try_recv() else { break };
+                    if group.iter().any(|g| g.write.table == job.write.table && g.write.key == job.write.key) {
+                        held = Some(job);
+                        break;
+                    }
+                    group.push(job);
                 }
-                group.push(job);
             }
+            // Gather queued puts and deletes up to the batch size, stopping before an update
+            // (applied alone, conditionally, in its turn).
+            WriteMode::Batch if batchable(&first) => {
+                group.push(first);
+                while group.len() < settings.batch_size {
+                    let Ok(job) = jobs.try_recv() else { break };
+                    if !batchable(&job) {
+                        held = Some(job);
+                        break;
+                    }
+                    group.push(job);
+                }
+                apply_batch(&client, &group, &dead_letter, &stats, settings.retry_for).await;
+                for job in group.drain(..) {
+                    job.batch.finish_one();
+                }
+                continue;
+            }
+            WriteMode::Batch => group.push(first),
         }
         if group.len() == 1 {
             let job = group.pop().expect("one job");
@@ -238,6 +254,7 @@ async fn worker(client: DynamoClient, mut jobs: mpsc::Receiver<Job>, dead_letter
 struct WorkerSettings {
     mode: WriteMode,
     transaction_size: usize,
+    batch_size: usize,
     retry_for: Duration,
 }
 
@@ -246,11 +263,11 @@ fn new_backoff() -> impl Iterator<Item = Duration> {
 }
 
 /// One write: retried while transient, dead-lettered when poison, failing its batch when fatal.
-async fn apply_one(client: &DynamoClient, job: &Job, dead_letter: &DeadLetter, stats: &DynamoStats, retry_for: Duration) {
+async fn apply_one(client: &DynamoClient, job: &Job, dead_letter: &DeadLetter, stats: &TargetStats, retry_for: Duration) {
     let started = Instant::now();
     let mut backoff = new_backoff();
     loop {
-        match client.apply(&job.write).await {
+        match timed(client.apply(&job.write)).await {
             Ok(outcome) => return count(stats, outcome),
             Err(error) if error.is_transient() && started.elapsed() < retry_for => {
                 stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -274,12 +291,12 @@ async fn apply_one(client: &DynamoClient, job: &Job, dead_letter: &DeadLetter, s
 
 /// Several writes to distinct items in one TransactWriteItems request. A group that contains a
 /// write DynamoDB rejects falls back to single writes, which classify each one.
-async fn apply_group(client: &DynamoClient, group: &[Job], dead_letter: &DeadLetter, stats: &DynamoStats, retry_for: Duration) {
+async fn apply_group(client: &DynamoClient, group: &[Job], dead_letter: &DeadLetter, stats: &TargetStats, retry_for: Duration) {
     let writes: Vec<GuardedWrite> = group.iter().map(|j| j.write.clone()).collect();
     let started = Instant::now();
     let mut backoff = new_backoff();
     loop {
-        match client.apply_transaction(&writes).await {
+        match timed(client.apply_transaction(&writes)).await {
             Ok(outcomes) => {
                 for outcome in outcomes {
                     count(stats, outcome);
@@ -310,7 +327,64 @@ async fn apply_group(client: &DynamoClient, group: &[Job], dead_letter: &DeadLet
     }
 }
 
-fn count(stats: &DynamoStats, outcome: Outcome) {
+/// `batch` mode: the group's puts and deletes, the last write per item only (each is the whole
+/// item, so earlier ones in the group are superseded), read and written together.
+async fn apply_batch(client: &DynamoClient, group: &[Job], dead_letter: &DeadLetter, stats: &TargetStats, retry_for: Duration) {
+    let mut last: Vec<&Job> = Vec::with_capacity(group.len());
+    for job in group {
+        match last.iter_mut().find(|l| l.write.table == job.write.table && l.write.key == job.write.key) {
+            Some(slot) => *slot = job,
+            None => last.push(job),
+        }
+    }
+    let writes: Vec<GuardedWrite> = last.iter().map(|j| j.write.clone()).collect();
+    let fresh: Vec<bool> = last.iter().map(|j| j.fresh).collect();
+    let started = Instant::now();
+    let mut backoff = new_backoff();
+    loop {
+        match timed(client.apply_batch(&writes, &fresh)).await {
+            Ok(outcomes) => {
+                for outcome in outcomes {
+                    count(stats, outcome);
+                }
+                // Superseded writes: their item now holds a newer position.
+                stats.already_applied.fetch_add((group.len() - last.len()) as u64, Ordering::Relaxed);
+                return;
+            }
+            Err(error) if error.is_transient() && started.elapsed() < retry_for => {
+                stats.retries.fetch_add(1, Ordering::Relaxed);
+                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(table = %error.table, error = %error.message, retry_in_ms = delay.as_millis() as u64, "DynamoDB batch failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            // A write DynamoDB rejects fails the whole request: single guarded writes, in order,
+            // classify each.
+            Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
+                for job in group {
+                    apply_one(client, job, dead_letter, stats, retry_for).await;
+                }
+                return;
+            }
+            Err(error) => {
+                let message = fatal(error, retry_for).message;
+                for job in group {
+                    job.batch.fail(TargetError { target: "dynamodb", kind: ErrorKind::Fatal, message: message.clone(), source: None });
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Records a request's latency.
+async fn timed<T>(request: impl std::future::Future<Output = T>) -> T {
+    let started = Instant::now();
+    let result = request.await;
+    metrics::histogram!(crate::metrics::TARGET_WRITE_SECONDS, "target" => "dynamodb").record(started.elapsed().as_secs_f64());
+    result
+}
+
+fn count(stats: &TargetStats, outcome: Outcome) {
     match outcome {
         Outcome::Applied => stats.applied.fetch_add(1, Ordering::Relaxed),
         Outcome::AlreadyApplied => stats.already_applied.fetch_add(1, Ordering::Relaxed),

@@ -8,13 +8,26 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-pub use dynamodb::{DynamoStats, DynamoTarget};
+pub use dynamodb::DynamoTarget;
 pub use jsonl::JsonlTarget;
 pub use null::NullTarget;
 
 use crate::config::TargetConfig;
 use crate::error::TargetError;
 use crate::event::EventBatch;
+
+/// Counters every target keeps, for metrics and `sluice status`.
+#[derive(Debug, Default)]
+pub struct TargetStats {
+    /// Writes applied.
+    pub applied: std::sync::atomic::AtomicU64,
+    /// Writes the position guard found already applied (replays, superseded writes).
+    pub already_applied: std::sync::atomic::AtomicU64,
+    /// Requests retried after throttling, 5xx or network errors.
+    pub retries: std::sync::atomic::AtomicU64,
+    /// Changes sent to the dead-letter store.
+    pub dead_lettered: std::sync::atomic::AtomicU64,
+}
 
 /// Resolves when a submitted batch is durable (or failed).
 pub type Receipt = Pin<Box<dyn Future<Output = Result<(), TargetError>> + Send>>;
@@ -44,9 +57,10 @@ pub enum AnyTarget {
 }
 
 impl AnyTarget {
-    pub async fn open(config: &TargetConfig) -> Result<Self, TargetError> {
+    /// The target `config` describes; it counts into `stats`.
+    pub async fn open(config: &TargetConfig, stats: Arc<TargetStats>) -> Result<Self, TargetError> {
         Ok(match config {
-            TargetConfig::Dynamodb(c) => AnyTarget::Dynamodb(DynamoTarget::open(c).await?),
+            TargetConfig::Dynamodb(c) => AnyTarget::Dynamodb(DynamoTarget::open(c, stats).await?),
             TargetConfig::Jsonl(c) => AnyTarget::Jsonl(JsonlTarget::open(c).await?),
             TargetConfig::Null => AnyTarget::Null(NullTarget::default()),
         })

@@ -13,8 +13,8 @@ use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::config::{Credentials, Region};
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, Delete, KeySchemaElement, KeyType, Put, PutRequest, ScalarAttributeType,
-    TransactWriteItem, Update, WriteRequest,
+    AttributeDefinition, AttributeValue, BillingMode, Delete, DeleteRequest, KeySchemaElement, KeyType, KeysAndAttributes, Put,
+    PutRequest, ScalarAttributeType, TransactWriteItem, Update, WriteRequest,
 };
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::Client;
@@ -289,6 +289,139 @@ impl DynamoClient {
         Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Applied)).collect())
     }
 
+    /// Applies up to 100 puts and deletes to distinct items without per-write conditions, for
+    /// `write_mode = "batch"`. The guard's rule still decides: one consistent BatchGetItem
+    /// reads the stored versions, then BatchWriteItem (25 per request) writes only the items
+    /// whose stored version is older, or that are absent. A write marked `fresh` is known to be
+    /// newer than anything stored for its item (its position was never delivered before, and
+    /// sluice is the only writer), so it is not read first.
+    ///
+    /// Nothing else may write these items between the read and the write, so this is correct
+    /// only while sluice is the items' one writer (one active replica, which the HA lock
+    /// ensures). Updates (partial rows) are not batchable: callers apply them with [`Self::apply`].
+    pub async fn apply_batch(&self, writes: &[GuardedWrite], fresh: &[bool]) -> Result<Vec<Outcome>, DynamoError> {
+        let unknown: Vec<GuardedWrite> = writes.iter().zip(fresh).filter(|(_, fresh)| !**fresh).map(|(w, _)| w.clone()).collect();
+        let mut read = self.read_versions(&unknown).await?.into_iter();
+        let stored = fresh.iter().map(|&fresh| if fresh { Stored::Older } else { read.next().unwrap_or(Stored::Absent) });
+        let mut outcomes = Vec::with_capacity(writes.len());
+        let mut requests: Vec<(String, WriteRequest)> = Vec::new();
+        for (write, stored) in writes.iter().zip(stored) {
+            let due = match &stored {
+                Stored::Older => true,
+                Stored::Absent => !matches!(write.action, WriteAction::Delete),
+                Stored::Version(version) => version_older(version, &write.version),
+                Stored::Unversioned => false,
+            };
+            // An absent item needs no delete; the guard would have let it through as a no-op.
+            let applied = due || matches!((&stored, &write.action), (Stored::Absent, WriteAction::Delete));
+            outcomes.push(if applied { Outcome::Applied } else { Outcome::AlreadyApplied });
+            if !due {
+                continue;
+            }
+            let request = match Prepared::new(write).operation {
+                Operation::Put(item) => WriteRequest::builder().put_request(PutRequest::builder().set_item(Some(item)).build().expect("item set")).build(),
+                Operation::Delete(key) => {
+                    WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(key)).build().expect("key set")).build()
+                }
+                Operation::Update { .. } => {
+                    return Err(DynamoError::new(ErrorKind::Fatal, &write.table, "an update is not batchable (internal error)"));
+                }
+            };
+            requests.push((write.table.clone(), request));
+        }
+        for chunk in requests.chunks(25) {
+            let mut items: HashMap<String, Vec<WriteRequest>> = HashMap::new();
+            for (table, request) in chunk {
+                items.entry(table.clone()).or_default().push(request.clone());
+            }
+            let table = chunk[0].0.clone();
+            let mut delay = Duration::from_millis(20);
+            for round in 0.. {
+                let out = self.client.batch_write_item().set_request_items(Some(items)).send().await.map_err(|e| classify(e, &table))?;
+                items = out.unprocessed_items.unwrap_or_default();
+                items.retain(|_, requests| !requests.is_empty());
+                if items.is_empty() {
+                    break;
+                }
+                if round == 8 {
+                    return Err(DynamoError::new(ErrorKind::Transient, &table, "BatchWriteItem left items unprocessed (throttled)"));
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// The stored version of each write's item, read consistently with BatchGetItem.
+    async fn read_versions(&self, writes: &[GuardedWrite]) -> Result<Vec<Stored>, DynamoError> {
+        let Some(first) = writes.first() else { return Ok(Vec::new()) };
+        if writes.len() > 100 {
+            return Err(DynamoError::new(ErrorKind::Fatal, &first.table, "more than 100 keys in one BatchGetItem (internal error)"));
+        }
+        let mut request: HashMap<String, KeysAndAttributes> = HashMap::new();
+        let mut tables: HashMap<&str, Vec<HashMap<String, AttributeValue>>> = HashMap::new();
+        for write in writes {
+            tables.entry(&write.table).or_default().push(write.key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect());
+        }
+        for (table, keys) in tables {
+            let write = writes.iter().find(|w| w.table == table).expect("a write of this table");
+            let mut names = HashMap::from([("#v".to_string(), write.version_attribute.clone())]);
+            let mut projection = vec!["#v".to_string()];
+            for (i, name) in write.key.keys().enumerate() {
+                names.insert(format!("#k{i}"), name.clone());
+                projection.push(format!("#k{i}"));
+            }
+            let keys = KeysAndAttributes::builder()
+                .set_keys(Some(keys))
+                .projection_expression(projection.join(", "))
+                .set_expression_attribute_names(Some(names))
+                .consistent_read(true)
+                .build()
+                .expect("keys set");
+            request.insert(table.to_owned(), keys);
+        }
+        let mut found: HashMap<(String, String), Option<String>> = HashMap::new();
+        let mut delay = Duration::from_millis(20);
+        for round in 0.. {
+            let out = self.client.batch_get_item().set_request_items(Some(request)).send().await.map_err(|e| classify(e, &first.table))?;
+            for (table, items) in out.responses.unwrap_or_default() {
+                let Some(write) = writes.iter().find(|w| w.table == table) else { continue };
+                for item in items {
+                    let key: Option<Item> = write.key.keys().map(|name| item.get(name).and_then(Attr::from_sdk).map(|a| (name.clone(), a))).collect();
+                    let key = key.map(|key| key_text(&key));
+                    let version = match item.get(&write.version_attribute) {
+                        Some(AttributeValue::N(n)) => Some(n.clone()),
+                        _ => None,
+                    };
+                    if let Some(key) = key {
+                        found.insert((table.clone(), key), version);
+                    }
+                }
+            }
+            request = out.unprocessed_keys.unwrap_or_default();
+            request.retain(|_, keys| !keys.keys().is_empty());
+            if request.is_empty() {
+                break;
+            }
+            if round == 8 {
+                return Err(DynamoError::new(ErrorKind::Transient, &first.table, "BatchGetItem left keys unprocessed (throttled)"));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+        Ok(writes
+            .iter()
+            .map(|w| {
+                match found.remove(&(w.table.clone(), key_text(&w.key))) {
+                    None => Stored::Absent,
+                    Some(Some(version)) => Stored::Version(version),
+                    Some(None) => Stored::Unversioned,
+                }
+            })
+            .collect())
+    }
+
     /// Unconditional BatchWriteItem of up to 25 puts, retrying unprocessed items (the
     /// benchmark's baseline, and test set-up).
     pub async fn batch_put(&self, table: &str, items: Vec<Item>) -> Result<(), DynamoError> {
@@ -368,6 +501,32 @@ impl DynamoClient {
     }
 }
 
+/// An item's state as BatchGetItem read it.
+enum Stored {
+    /// Not read: known to be older than the write.
+    Older,
+    Absent,
+    Version(String),
+    /// The item exists without a numeric version: the guard would refuse every write to it.
+    Unversioned,
+}
+
+/// A key's attributes as one comparable text (key attributes are S, N or B).
+fn key_text(key: &Item) -> String {
+    format!("{key:?}")
+}
+
+/// `stored < new` for the version attribute's decimal numbers, as DynamoDB compares them.
+fn version_older(stored: &str, new: &str) -> bool {
+    match (stored.parse::<u128>(), new.parse::<u128>()) {
+        (Ok(stored), Ok(new)) => stored < new,
+        _ => match (stored.parse::<f64>(), new.parse::<f64>()) {
+            (Ok(stored), Ok(new)) => stored < new,
+            _ => false,
+        },
+    }
+}
+
 /// Sorts an SDK failure into retry, stop, dead-letter, or "condition failed".
 fn classify<E>(error: SdkError<E, HttpResponse>, table: &str) -> DynamoError
 where
@@ -397,4 +556,27 @@ where
         None => aws_sdk_dynamodb::error::DisplayErrorContext(&error).to_string(),
     };
     DynamoError::new(kind, table, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_as_numbers_not_text() {
+        assert!(version_older("9", "10"));
+        assert!(!version_older("10", "9"));
+        assert!(!version_older("10", "10"));
+        assert!(version_older("18446744073709551616", "18446744073709551617"), "past u64");
+        assert!(version_older("9.5", "10"), "a decimal stored by another writer");
+        assert!(!version_older("not a number", "10"), "unreadable: the guard's comparison would fail too");
+    }
+
+    #[test]
+    fn keys_with_the_same_attributes_match() {
+        let a = Item::from([("pk".to_string(), Attr::S("A".into())), ("sk".to_string(), Attr::N("1".into()))]);
+        let b = Item::from([("sk".to_string(), Attr::N("1".into())), ("pk".to_string(), Attr::S("A".into()))]);
+        assert_eq!(key_text(&a), key_text(&b));
+        assert_ne!(key_text(&a), key_text(&Item::from([("pk".to_string(), Attr::S("A".into())), ("sk".to_string(), Attr::S("1".into()))])));
+    }
 }

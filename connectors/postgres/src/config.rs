@@ -148,6 +148,24 @@ pub struct ReplicationConfig {
     /// Where streamed transactions are spilled; the system temp dir when unset.
     #[serde(default)]
     pub spill_dir: Option<PathBuf>,
+    /// How often a heartbeat (`pg_logical_emit_message` with prefix `sluice.heartbeat`, not
+    /// transactional) is written while streaming, so that the slot advances and lag stays
+    /// measurable on an idle database. `0s` disables it.
+    #[serde(default = "default_heartbeat_interval", with = "crate::duration")]
+    pub heartbeat_interval: Duration,
+    /// What to do when the slot was invalidated (the server dropped WAL it still needed):
+    /// `stop` with an error (default), or `recreate` it, which loses the changes in between
+    /// and logs that a backfill is needed.
+    #[serde(default)]
+    pub on_slot_lost: SlotLostPolicy,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotLostPolicy {
+    #[default]
+    Stop,
+    Recreate,
 }
 
 fn yes() -> bool {
@@ -157,6 +175,9 @@ fn default_proto_version() -> u8 {
     1
 }
 fn default_status_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_heartbeat_interval() -> Duration {
     Duration::from_secs(10)
 }
 
@@ -174,6 +195,8 @@ impl ReplicationConfig {
             messages: false,
             status_interval: default_status_interval(),
             spill_dir: None,
+            heartbeat_interval: default_heartbeat_interval(),
+            on_slot_lost: SlotLostPolicy::Stop,
         }
     }
 

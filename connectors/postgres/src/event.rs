@@ -151,4 +151,13 @@ pub struct EventBatch {
     /// durable: the end LSN of the last transaction the batch completes. `None` when the batch
     /// completes no transaction (a slice of a large one).
     pub ack_lsn: Option<Lsn>,
+    /// Changes whose commit LSN is above this were never delivered before, neither in an
+    /// earlier session of this process nor by an earlier process on the slot: every earlier
+    /// session on the slot had ended when this one started streaming, and this is the server's
+    /// WAL insert position at that moment. Changes at or below it may be redeliveries. Targets
+    /// that are the only writer of their items may skip reading stored versions above it.
+    pub redelivery_horizon: Lsn,
+    /// Commit time (microseconds since 2000-01-01 UTC, Postgres' epoch) of the last
+    /// transaction this batch completes, or the time a heartbeat in it was emitted.
+    pub commit_time: Option<i64>,
 }

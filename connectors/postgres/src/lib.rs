@@ -18,7 +18,7 @@ pub mod types;
 pub mod value;
 
 pub use client::{connect_sql, now_pg_micros, ReplicationClient, PG_EPOCH_OFFSET_MICROS};
-pub use config::{ConnectionConfig, Problem, ReplicationConfig, Secret, SslMode};
+pub use config::{ConnectionConfig, Problem, ReplicationConfig, Secret, SlotLostPolicy, SslMode};
 pub use error::{Error, Result};
 pub use event::{ChangeEvent, Column, EventBatch, NewRow, OldRow, Position, Relation, ReplicaIdentity};
 pub use lsn::Lsn;

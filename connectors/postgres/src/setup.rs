@@ -3,7 +3,7 @@
 
 use tokio_postgres::Client;
 
-use crate::config::{ConnectionConfig, ReplicationConfig};
+use crate::config::{ConnectionConfig, ReplicationConfig, SlotLostPolicy};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 
@@ -12,6 +12,8 @@ use crate::lsn::Lsn;
 pub struct SlotState {
     pub exists: bool,
     pub confirmed_flush_lsn: Option<Lsn>,
+    /// The slot was invalidated and dropped (`on_slot_lost = "recreate"`): create it anew.
+    pub dropped_lost: bool,
 }
 
 /// A published table whose updates or deletes cannot be followed.
@@ -43,7 +45,7 @@ pub async fn check(sql: &Client, conn: &ConnectionConfig, repl: &ReplicationConf
         .await?;
     if publication.is_none() {
         return Err(Error::Setup(format!(
-            "publication {:?} does not exist in database {:?} (sources.postgres.publication); \
+            "publication {:?} does not exist in database {:?} (source.replication.publication); \
              create it with CREATE PUBLICATION {} FOR TABLE …",
             repl.publication, conn.dbname, repl.publication
         )));
@@ -58,11 +60,11 @@ pub async fn check(sql: &Client, conn: &ConnectionConfig, repl: &ReplicationConf
     let Some(slot) = slot else {
         if !repl.create_slot && !repl.temporary_slot {
             return Err(Error::Setup(format!(
-                "replication slot {:?} does not exist and create_slot = false (sources.postgres.slot)",
+                "replication slot {:?} does not exist and create_slot = false (source.replication.create_slot)",
                 repl.slot
             )));
         }
-        return Ok(SlotState { exists: false, confirmed_flush_lsn: None });
+        return Ok(SlotState { exists: false, confirmed_flush_lsn: None, dropped_lost: false });
     };
     let plugin: Option<String> = slot.get(0);
     let database: Option<String> = slot.get(1);
@@ -84,17 +86,23 @@ pub async fn check(sql: &Client, conn: &ConnectionConfig, repl: &ReplicationConf
             conn.dbname
         )));
     }
-    if wal_status.as_deref() == Some("lost") {
-        return Err(Error::Setup(format!(
-            "replication slot {:?} was invalidated: the server removed WAL it still needed \
-             (max_slot_wal_keep_size). Changes were lost; drop the slot, recreate it and backfill",
-            repl.slot
-        )));
-    }
     if let Some(pid) = active_pid {
         return Err(slot_in_use(&repl.slot, Some(pid)));
     }
-    Ok(SlotState { exists: true, confirmed_flush_lsn: confirmed.and_then(|c| c.parse().ok()) })
+    if wal_status.as_deref() == Some("lost") {
+        if repl.on_slot_lost == SlotLostPolicy::Recreate {
+            sql.execute("SELECT pg_catalog.pg_drop_replication_slot($1)", &[&repl.slot]).await?;
+            return Ok(SlotState { exists: false, confirmed_flush_lsn: None, dropped_lost: true });
+        }
+        return Err(Error::Setup(format!(
+            "replication slot {:?} was invalidated: the server removed WAL it still needed \
+             (max_slot_wal_keep_size), so changes after {} were lost. Drop the slot, let sluice \
+             create it and backfill the tables, or set source.replication.on_slot_lost = \"recreate\"",
+            repl.slot,
+            confirmed.as_deref().unwrap_or("its confirmed position")
+        )));
+    }
+    Ok(SlotState { exists: true, confirmed_flush_lsn: confirmed.and_then(|c| c.parse().ok()), dropped_lost: false })
 }
 
 pub(crate) fn slot_in_use(slot: &str, pid: Option<i32>) -> Error {

@@ -67,6 +67,20 @@ pub struct SourceStats {
     pub bytes: AtomicU64,
     pub reconnects: AtomicU64,
     pub spilled_bytes: AtomicU64,
+    /// True while a session is streaming (after START_REPLICATION and set-up).
+    pub streaming: AtomicBool,
+    pub heartbeats_sent: AtomicU64,
+    pub heartbeats_received: AtomicU64,
+    /// Invalidated slots dropped and created anew (`on_slot_lost = "recreate"`).
+    pub slots_recreated: AtomicU64,
+}
+
+/// The prefix of heartbeat messages; their content is the emit time in Unix microseconds.
+pub const HEARTBEAT_PREFIX: &str = "sluice.heartbeat";
+
+fn heartbeat_time(content: &[u8]) -> Option<i64> {
+    let unix_micros: i64 = std::str::from_utf8(content).ok()?.trim().parse().ok()?;
+    Some(unix_micros - crate::client::PG_EPOCH_OFFSET_MICROS)
 }
 
 /// Streams one slot. Create with `new`, then `run` until shutdown or a fatal error.
@@ -85,6 +99,10 @@ pub struct ReplicationSource {
     received: Lsn,
     /// End LSN of the last transaction handed to the pipeline completely.
     last_sent_ack: Lsn,
+    /// This session's `EventBatch::redelivery_horizon`.
+    redelivery_horizon: Lsn,
+    /// Off when `heartbeat_interval` is zero or the role may not write heartbeats.
+    heartbeat_enabled: bool,
     /// WAL end of a keepalive seen while no transaction was open.
     idle_wal_end: Lsn,
     reported_flush: Lsn,
@@ -104,6 +122,7 @@ struct Session<'a> {
 impl ReplicationSource {
     pub fn new(conn: ConnectionConfig, repl: ReplicationConfig, options: SourceOptions) -> Self {
         let spill = SpillStore::new(repl.spill_dir.clone());
+        let heartbeat_enabled = !repl.heartbeat_interval.is_zero();
         ReplicationSource {
             conn,
             repl,
@@ -117,6 +136,8 @@ impl ReplicationSource {
             batch_bytes: 0,
             received: Lsn::ZERO,
             last_sent_ack: Lsn::ZERO,
+            redelivery_horizon: Lsn(u64::MAX),
+            heartbeat_enabled,
             idle_wal_end: Lsn::ZERO,
             reported_flush: Lsn::ZERO,
             last_status: Instant::now(),
@@ -153,6 +174,7 @@ impl ReplicationSource {
                     }
                 } => Ok(()),
             };
+            self.stats.streaming.store(false, Ordering::Relaxed);
             match outcome {
                 Ok(()) | Err(Error::Stopped) => return Ok(()),
                 Err(error) => {
@@ -208,6 +230,12 @@ impl ReplicationSource {
         self.sql = Some(sql);
         let identity = client.simple_query("IDENTIFY_SYSTEM").await?;
         let server_lsn = identity.first().and_then(|r| r.get(2)).and_then(|v| v.as_deref()).and_then(|v| v.parse::<Lsn>().ok());
+        if slot.dropped_lost {
+            tracing::error!(slot = %self.repl.slot, "the replication slot was invalidated and is recreated (on_slot_lost = \"recreate\"): \
+                changes made before now and after its last confirmed position are lost; backfill the tables");
+            self.stats.slots_recreated.fetch_add(1, Ordering::Relaxed);
+            self.last_sent_ack = Lsn::ZERO;
+        }
         if !slot.exists {
             self.create_slot(&mut client).await?;
         }
@@ -217,18 +245,24 @@ impl ReplicationSource {
             Some("42704") => Error::Setup(format!("replication slot {:?} does not exist", self.repl.slot)),
             _ => e,
         })?;
+        // The slot is ours now, so whatever earlier sessions were sent lies below this position.
+        self.redelivery_horizon = self.current_wal_insert_lsn().await?;
         tracing::info!(slot = %self.repl.slot, publication = %self.repl.publication,
             start = %start, confirmed_flush = %slot.confirmed_flush_lsn.unwrap_or_default(),
             server_lsn = %server_lsn.unwrap_or_default(), "streaming");
         started.store(true, Ordering::Relaxed);
+        self.stats.streaming.store(true, Ordering::Relaxed);
         let mut ticker = tokio::time::interval(self.repl.status_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut session = Session { client, ticker, tx, durable };
+        let mut heartbeat = tokio::time::interval(self.repl.heartbeat_interval.max(Duration::from_millis(100)));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 _ = wait_true(shutdown) => return self.drain(session).await,
                 _ = session.ticker.tick() => self.send_status(&mut session, false).await?,
+                _ = heartbeat.tick(), if self.heartbeat_enabled => self.emit_heartbeat().await,
                 changed = session.durable.changed() => {
                     if changed.is_err() {
                         return Err(Error::Stopped);
@@ -265,6 +299,31 @@ impl ReplicationSource {
         }
     }
 
+    /// Writes one heartbeat into the WAL. A role that may not call `pg_logical_emit_message`
+    /// turns heartbeats off with a warning rather than stopping the stream.
+    async fn emit_heartbeat(&mut self) {
+        let Some(sql) = self.sql.as_ref() else { return };
+        let statement = "SELECT pg_logical_emit_message(false, 'sluice.heartbeat', \
+                         (extract(epoch FROM clock_timestamp()) * 1000000)::bigint::text)";
+        match tokio::time::timeout(Duration::from_secs(10), sql.simple_query(statement)).await {
+            Ok(Ok(_)) => {
+                self.stats.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(e)) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+                tracing::warn!(error = %e, "heartbeats disabled: this role may not call pg_logical_emit_message (source.replication.heartbeat_interval)");
+                self.heartbeat_enabled = false;
+            }
+            Ok(Err(e)) => tracing::warn!(error = %crate::error::Chain(&e), "heartbeat failed"),
+            Err(_) => tracing::warn!("heartbeat timed out after 10 s"),
+        }
+    }
+
+    async fn current_wal_insert_lsn(&self) -> Result<Lsn> {
+        let sql = self.sql.as_ref().ok_or(Error::Stopped)?;
+        let text: String = sql.query_one("SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text", &[]).await?.get(0);
+        text.parse().map_err(|_| Error::Setup(format!("pg_current_wal_insert_lsn() returned {text:?}")))
+    }
+
     async fn create_slot(&mut self, client: &mut ReplicationClient) -> Result<()> {
         let temporary = if self.repl.temporary_slot { " TEMPORARY" } else { "" };
         let command = format!("CREATE_REPLICATION_SLOT {}{temporary} LOGICAL pgoutput NOEXPORT_SNAPSHOT", quote_ident(&self.repl.slot));
@@ -285,7 +344,7 @@ impl ReplicationSource {
             format!("proto_version '{}'", self.repl.proto_version),
             format!("publication_names {}", publication_option(&self.repl.publication)),
         ];
-        if self.repl.messages {
+        if self.repl.messages || !self.repl.heartbeat_interval.is_zero() {
             options.push("messages 'true'".into());
         }
         if self.repl.streaming {
@@ -356,6 +415,7 @@ impl ReplicationSource {
             LogicalMessage::Commit { end_lsn, commit_time, .. } => {
                 let event = self.decoder.commit(end_lsn, commit_time).map_err(|e| Error::protocol(wal_start, e.to_string()))?;
                 self.push(event, size, session).await?;
+                self.batch.commit_time = Some(commit_time);
                 self.transaction_done(end_lsn);
             }
             LogicalMessage::StreamStart { xid, .. } => self.stream_xid = Some(xid),
@@ -366,18 +426,29 @@ impl ReplicationSource {
             LogicalMessage::StreamCommit { xid, commit_lsn, end_lsn, commit_time, .. } => {
                 self.replay_streamed(xid, commit_lsn, end_lsn, commit_time, session).await?;
             }
-            LogicalMessage::Message { transactional: false, lsn, .. } if !self.decoder.in_transaction() => {
-                if let Some(event) = self.decoder.change(message).map_err(|e| Error::protocol(wal_start, e.to_string()))? {
-                    self.push(event, size, session).await?;
+            LogicalMessage::Message { transactional: false, lsn, ref prefix, ref content, .. } if !self.decoder.in_transaction() => {
+                if prefix == HEARTBEAT_PREFIX {
+                    // Confirmed like any change once the batch is durable; never delivered.
+                    self.batch.commit_time = heartbeat_time(content).or(self.batch.commit_time);
+                    self.stats.heartbeats_received.fetch_add(1, Ordering::Relaxed);
+                } else if self.repl.messages {
+                    if let Some(event) = self.decoder.change(message).map_err(|e| Error::protocol(wal_start, e.to_string()))? {
+                        self.push(event, size, session).await?;
+                    }
                 }
                 self.transaction_done(lsn);
             }
+            // Requested for heartbeats only: the application's messages are not wanted.
+            LogicalMessage::Message { .. } if !self.repl.messages => {}
             message => self.on_change(message, wal_start, size, session).await?,
         }
         Ok(())
     }
 
     async fn on_change(&mut self, message: LogicalMessage, at: Lsn, size: usize, session: &mut Session<'_>) -> Result<()> {
+        if matches!(message, LogicalMessage::Message { .. }) && !self.repl.messages {
+            return Ok(());
+        }
         if let LogicalMessage::Relation(body) = &message {
             let oids: Vec<u32> = body.columns.iter().map(|c| c.type_oid).collect();
             self.ensure_types(oids).await?;
@@ -460,7 +531,8 @@ impl ReplicationSource {
         if self.batch.events.is_empty() && self.batch.ack_lsn.is_none() {
             return Ok(());
         }
-        let batch = std::mem::take(&mut self.batch);
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.redelivery_horizon = self.redelivery_horizon;
         self.batch_bytes = 0;
         let ack = batch.ack_lsn;
         // Wait for room while still telling the server we are alive.

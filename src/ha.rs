@@ -1,0 +1,104 @@
+//! High availability: several replicas of one pipeline, exactly one of which streams.
+//!
+//! The active replica holds a session-level Postgres advisory lock named after the slot
+//! (`hashtextextended('sluice:' || slot, 0)`) on a dedicated connection of the source
+//! database; the others try to take it every `ha.retry_interval`. The lock belongs to that
+//! connection's server session, so it is released the moment the active process dies (its
+//! socket closes) or its session is terminated, and a standby takes over on its next try.
+//!
+//! Never both streaming: the slot itself admits one consumer at a time, and the lock makes the
+//! standby wait instead of failing on "slot in use". When the active replica loses the lock's
+//! connection (a network partition, a server restart) it stops at once with an error, because
+//! the lock may already be someone else's; a supervisor restarts it as a standby. Keepalives on
+//! the lock's session (10 s idle, 5 s interval, 3 probes) make the server notice a vanished
+//! client within about half a minute, so the lock is not held by a dead peer for long.
+
+use std::time::Duration;
+
+use sluice_postgres::{connect_sql, ConnectionConfig};
+use tokio::sync::watch;
+
+/// The held lock; dropping it closes the connection and releases the lock.
+pub struct HaLock {
+    client: tokio_postgres::Client,
+}
+
+const SESSION_SETTINGS: &[&str] = &[
+    "SET tcp_keepalives_idle = 10",
+    "SET tcp_keepalives_interval = 5",
+    "SET tcp_keepalives_count = 3",
+    // A lock connection sits idle: server-side idle timeouts must not end it (PG 14+).
+    "SET idle_session_timeout = 0",
+];
+
+/// Waits until this process holds the lock for `slot`. Returns `Ok(None)` when `shutdown`
+/// turns true first. While standing by, network failures are retried for up to `retry_for`
+/// at a stretch (like the source's); anything else (a refused login) is returned at once.
+pub async fn acquire(
+    conn: &ConnectionConfig,
+    slot: &str,
+    retry_interval: Duration,
+    retry_for: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<HaLock>, sluice_postgres::Error> {
+    let key = format!("sluice:{slot}");
+    let mut announced_standby = false;
+    let mut failing_since: Option<std::time::Instant> = None;
+    loop {
+        match try_lock(conn, &key).await {
+            Ok(Some(lock)) => {
+                tracing::info!(slot, "holding the HA lock: this replica streams");
+                return Ok(Some(lock));
+            }
+            Ok(None) => {
+                if !announced_standby {
+                    tracing::info!(slot, "standing by: another replica holds the HA lock");
+                    announced_standby = true;
+                }
+                failing_since = None;
+            }
+            Err(error) if error.is_transient() => {
+                let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= retry_for {
+                    return Err(error);
+                }
+                tracing::warn!(error = %sluice_postgres::error::Chain(&error), "cannot reach Postgres for the HA lock; retrying");
+            }
+            Err(error) => return Err(error),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(retry_interval) => {}
+            _ = crate::monitor::stopped(shutdown) => return Ok(None),
+        }
+    }
+}
+
+async fn try_lock(conn: &ConnectionConfig, key: &str) -> Result<Option<HaLock>, sluice_postgres::Error> {
+    let client = connect_sql(conn).await?;
+    for setting in SESSION_SETTINGS {
+        // Settings an older server lacks are not worth failing over.
+        let _ = client.batch_execute(setting).await;
+    }
+    let held: bool = client.query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key]).await?.get(0);
+    Ok(held.then_some(HaLock { client }))
+}
+
+impl HaLock {
+    /// Resolves when the lock can no longer be trusted: its connection closed, or a probe
+    /// (every 2 s) failed or took over 5 s.
+    pub async fn lost(&self) -> String {
+        let mut probe = tokio::time::interval(Duration::from_secs(2));
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            probe.tick().await;
+            if self.client.is_closed() {
+                return "the HA lock's connection closed".into();
+            }
+            match tokio::time::timeout(Duration::from_secs(5), self.client.simple_query("SELECT 1")).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => return format!("the HA lock's connection failed: {}", sluice_postgres::error::Chain(&error)),
+                Err(_) => return "the HA lock's connection did not answer within 5 s".into(),
+            }
+        }
+    }
+}

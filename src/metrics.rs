@@ -1,0 +1,107 @@
+//! Prometheus metrics: every name in one place (prefix `sluice_`, unit suffixes, low-cardinality
+//! labels), and the process-wide recorder.
+//!
+//! Counters and histograms are recorded where things happen (the pipeline, the targets).
+//! Gauges describing positions and lag are sampled from the pipeline's shared state once a
+//! second by `monitor`. Every series carries the `pipeline` label.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Changes handed to the target, by `table` and `op` (insert, update, delete, truncate, message).
+pub const EVENTS_TOTAL: &str = "sluice_events_total";
+/// Bytes of replication payload received from Postgres.
+pub const SOURCE_BYTES_TOTAL: &str = "sluice_source_received_bytes_total";
+/// Replication connections re-established after a failure.
+pub const SOURCE_RECONNECTS_TOTAL: &str = "sluice_source_reconnects_total";
+/// 1 while the replication stream is open, else 0.
+pub const SOURCE_STREAMING: &str = "sluice_source_streaming";
+/// Server WAL position minus the slot's confirmed flush position: what a restart would replay
+/// plus what is not yet received.
+pub const SOURCE_LAG_BYTES: &str = "sluice_source_lag_bytes";
+/// Received minus durable in the target: what is in flight inside sluice.
+pub const APPLY_LAG_BYTES: &str = "sluice_apply_lag_bytes";
+/// Now minus the commit time of the last transaction (or heartbeat) durable in the target.
+pub const LAG_SECONDS: &str = "sluice_lag_seconds";
+/// Positions, as numbers (byte offsets in the WAL).
+pub const RECEIVED_LSN: &str = "sluice_received_lsn";
+pub const DURABLE_LSN: &str = "sluice_durable_lsn";
+pub const SERVER_WAL_LSN: &str = "sluice_server_wal_lsn";
+pub const CONFIRMED_FLUSH_LSN: &str = "sluice_slot_confirmed_flush_lsn";
+/// WAL the slot keeps on the server (current WAL position minus the slot's restart_lsn).
+pub const SLOT_RETAINED_WAL_BYTES: &str = "sluice_slot_retained_wal_bytes";
+/// WAL that can still be written before the slot is in danger of invalidation
+/// (`safe_wal_size`; absent when `max_slot_wal_keep_size` is unlimited).
+pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "sluice_slot_safe_wal_size_bytes";
+/// 1 for the slot's current `wal_status` (reserved, extended, unreserved, lost).
+pub const SLOT_WAL_STATUS: &str = "sluice_slot_wal_status";
+/// Heartbeats written into the WAL, and received back through the stream.
+pub const HEARTBEATS_SENT_TOTAL: &str = "sluice_heartbeats_sent_total";
+pub const HEARTBEATS_RECEIVED_TOTAL: &str = "sluice_heartbeats_received_total";
+/// Bytes of streamed in-progress transactions currently spilled to disk.
+pub const SPILLED_BYTES: &str = "sluice_spilled_bytes";
+/// Target requests' latency, by `target`, seconds.
+pub const TARGET_WRITE_SECONDS: &str = "sluice_target_write_duration_seconds";
+/// Writes by `target` and `outcome` (applied, already_applied: absorbed by the position guard).
+pub const TARGET_WRITES_TOTAL: &str = "sluice_target_writes_total";
+/// Retried target requests (throttling, 5xx, network), by `target`.
+pub const TARGET_RETRIES_TOTAL: &str = "sluice_target_retries_total";
+/// Changes that can never apply, sent to the dead-letter store, by `target`.
+pub const DEAD_LETTER_TOTAL: &str = "sluice_dead_letter_total";
+/// 1 while this process holds the pipeline's HA lock (it streams), 0 while standing by.
+pub const HA_ACTIVE: &str = "sluice_ha_active";
+/// 1 when /readyz answers ready.
+pub const READY: &str = "sluice_ready";
+
+/// Latency buckets for target requests, seconds.
+const WRITE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once (later calls, e.g. several pipelines in one test
+/// process, reuse it) and returns the handle that renders the exposition.
+pub fn install(pipeline: &str) -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .add_global_label("pipeline", pipeline)
+                .set_buckets_for_metric(Matcher::Full(TARGET_WRITE_SECONDS.into()), WRITE_BUCKETS)
+                .expect("the bucket list is not empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only when another recorder is installed (a library embedding sluice):
+            // then this handle renders nothing, which is harmless.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(EVENTS_TOTAL, "Changes handed to the target, by table and operation");
+    describe_counter!(SOURCE_BYTES_TOTAL, Unit::Bytes, "Replication payload received from Postgres");
+    describe_counter!(SOURCE_RECONNECTS_TOTAL, "Replication connections re-established after a failure");
+    describe_gauge!(SOURCE_STREAMING, "1 while the replication stream is open");
+    describe_gauge!(SOURCE_LAG_BYTES, Unit::Bytes, "Server WAL position minus the slot's confirmed flush position");
+    describe_gauge!(APPLY_LAG_BYTES, Unit::Bytes, "Received minus durable in the target");
+    describe_gauge!(LAG_SECONDS, Unit::Seconds, "Now minus the commit time of the last transaction or heartbeat durable in the target");
+    describe_gauge!(RECEIVED_LSN, "Highest WAL position received");
+    describe_gauge!(DURABLE_LSN, "Highest WAL position durable in the target");
+    describe_gauge!(SERVER_WAL_LSN, "The server's current WAL position");
+    describe_gauge!(CONFIRMED_FLUSH_LSN, "The slot's confirmed flush position");
+    describe_gauge!(SLOT_RETAINED_WAL_BYTES, Unit::Bytes, "WAL the slot keeps on the server");
+    describe_gauge!(SLOT_SAFE_WAL_SIZE_BYTES, Unit::Bytes, "WAL that can be written before the slot risks invalidation");
+    describe_gauge!(SLOT_WAL_STATUS, "1 for the slot's current wal_status");
+    describe_counter!(HEARTBEATS_SENT_TOTAL, "Heartbeats written into the WAL");
+    describe_counter!(HEARTBEATS_RECEIVED_TOTAL, "Heartbeats received back through the stream");
+    describe_gauge!(SPILLED_BYTES, Unit::Bytes, "Streamed in-progress transactions spilled to disk");
+    describe_histogram!(TARGET_WRITE_SECONDS, Unit::Seconds, "Latency of target requests");
+    describe_counter!(TARGET_WRITES_TOTAL, "Writes by outcome (already_applied: absorbed by the position guard)");
+    describe_counter!(TARGET_RETRIES_TOTAL, "Retried target requests");
+    describe_counter!(DEAD_LETTER_TOTAL, "Changes sent to the dead-letter store");
+    describe_gauge!(HA_ACTIVE, "1 while this process holds the HA lock and streams");
+    describe_gauge!(READY, "1 when /readyz answers ready");
+}

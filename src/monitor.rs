@@ -1,0 +1,304 @@
+//! What an operator sees of a running pipeline: the state shared by the pipeline, the HTTP
+//! endpoints and `sluice status`; the sampler that turns it into gauges once a second; and the
+//! slot inspection that watches WAL retention.
+//!
+//! Lag is reported three ways:
+//! - `sluice_source_lag_bytes`: the server's WAL position minus the slot's confirmed flush
+//!   position, from `pg_replication_slots` every `slot_check_interval`. This is what the slot
+//!   holds back and what a restart would read again.
+//! - `sluice_apply_lag_bytes`: received minus durable, what is inside sluice right now.
+//! - `sluice_lag_seconds`: now minus the commit time of the last transaction durable in the
+//!   target. Heartbeats (non-transactional WAL messages every `heartbeat_interval`) count as
+//!   transactions here, so on an idle database the figure stays below the heartbeat interval
+//!   plus the real delay, and it grows when the stream stalls.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use sluice_postgres::{ConnectionConfig, Lsn, SourceStats};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::metrics as m;
+use crate::target::TargetStats;
+
+/// The slot as `pg_replication_slots` shows it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SlotInfo {
+    pub name: String,
+    pub exists: bool,
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub wal_status: Option<String>,
+    pub restart_lsn: Option<String>,
+    pub confirmed_flush_lsn: Option<String>,
+    pub server_wal_lsn: Option<String>,
+    /// Current WAL position minus restart_lsn.
+    pub retained_wal_bytes: Option<i64>,
+    /// `safe_wal_size`; none when `max_slot_wal_keep_size` is unlimited.
+    pub safe_wal_size_bytes: Option<i64>,
+    /// Current WAL position minus confirmed_flush_lsn.
+    pub lag_bytes: Option<i64>,
+}
+
+/// State shared by the pipeline, the sampler and the HTTP endpoints.
+#[derive(Debug)]
+pub struct PipelineState {
+    pub name: String,
+    source: OnceLock<Arc<SourceStats>>,
+    pub target: Arc<TargetStats>,
+    durable_lsn: AtomicU64,
+    /// Postgres-epoch microseconds; `i64::MIN` until the first durable transaction.
+    durable_commit_time: AtomicI64,
+    /// This process holds the HA lock (or HA is off) and runs the pipeline.
+    pub active: AtomicBool,
+    slot: Mutex<Option<SlotInfo>>,
+    ready_max_lag: Duration,
+    heartbeats: bool,
+}
+
+/// A point-in-time view for `/status` and `sluice status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub pipeline: String,
+    /// `active` (streams), `standby` (waits for the HA lock).
+    pub role: &'static str,
+    pub streaming: bool,
+    pub ready: bool,
+    pub not_ready_reason: Option<String>,
+    pub received_lsn: String,
+    pub durable_lsn: String,
+    pub confirmed_lsn: String,
+    pub apply_lag_bytes: u64,
+    pub lag_seconds: Option<f64>,
+    pub events: u64,
+    pub applied: u64,
+    pub already_applied: u64,
+    pub retries: u64,
+    pub dead_lettered: u64,
+    pub reconnects: u64,
+    pub slot: Option<SlotInfo>,
+}
+
+impl PipelineState {
+    pub fn new(config: &Config) -> Arc<Self> {
+        Arc::new(Self::with(&config.pipeline.name, config.monitoring.ready_max_lag, !config.source.replication.heartbeat_interval.is_zero()))
+    }
+
+    pub fn with(name: &str, ready_max_lag: Duration, heartbeats: bool) -> Self {
+        PipelineState {
+            name: name.to_owned(),
+            source: OnceLock::new(),
+            target: Arc::new(TargetStats::default()),
+            durable_lsn: AtomicU64::new(0),
+            durable_commit_time: AtomicI64::new(i64::MIN),
+            active: AtomicBool::new(false),
+            slot: Mutex::new(None),
+            ready_max_lag,
+            heartbeats,
+        }
+    }
+
+    /// Called once by the pipeline when its source exists.
+    pub fn set_source(&self, stats: Arc<SourceStats>) {
+        let _ = self.source.set(stats);
+    }
+
+    pub fn set_durable(&self, lsn: Lsn, commit_time: Option<i64>) {
+        self.durable_lsn.fetch_max(lsn.0, Ordering::Relaxed);
+        if let Some(time) = commit_time {
+            self.durable_commit_time.fetch_max(time, Ordering::Relaxed);
+        }
+    }
+
+    fn streaming(&self) -> bool {
+        self.source.get().is_some_and(|s| s.streaming.load(Ordering::Relaxed))
+    }
+
+    /// Seconds since the last durable commit (or heartbeat); none before the first.
+    pub fn lag_seconds(&self) -> Option<f64> {
+        let time = self.durable_commit_time.load(Ordering::Relaxed);
+        (time != i64::MIN).then(|| ((sluice_postgres::now_pg_micros() - time) as f64 / 1e6).max(0.0))
+    }
+
+    /// Ready: this replica streams, and (with heartbeats) the target is within `ready_max_lag`.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.active.load(Ordering::Relaxed) {
+            return Err("standby: another replica holds the HA lock".into());
+        }
+        if !self.streaming() {
+            return Err("not streaming (connecting or reconnecting to Postgres)".into());
+        }
+        if self.heartbeats {
+            match self.lag_seconds() {
+                None => return Err("no transaction or heartbeat has reached the target yet".into()),
+                Some(lag) if lag > self.ready_max_lag.as_secs_f64() => {
+                    return Err(format!("lag {lag:.1}s exceeds monitoring.ready_max_lag ({:?})", self.ready_max_lag))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> Status {
+        let source = self.source.get();
+        let load = |f: fn(&SourceStats) -> &AtomicU64| source.map(|s| f(s).load(Ordering::Relaxed)).unwrap_or(0);
+        let received = load(|s| &s.received_lsn);
+        let durable = self.durable_lsn.load(Ordering::Relaxed);
+        let readiness = self.readiness();
+        Status {
+            pipeline: self.name.clone(),
+            role: if self.active.load(Ordering::Relaxed) { "active" } else { "standby" },
+            streaming: self.streaming(),
+            ready: readiness.is_ok(),
+            not_ready_reason: readiness.err(),
+            received_lsn: Lsn(received).to_string(),
+            durable_lsn: Lsn(durable).to_string(),
+            confirmed_lsn: Lsn(load(|s| &s.confirmed_lsn)).to_string(),
+            apply_lag_bytes: received.saturating_sub(durable),
+            lag_seconds: self.lag_seconds(),
+            events: load(|s| &s.events),
+            applied: self.target.applied.load(Ordering::Relaxed),
+            already_applied: self.target.already_applied.load(Ordering::Relaxed),
+            retries: self.target.retries.load(Ordering::Relaxed),
+            dead_lettered: self.target.dead_lettered.load(Ordering::Relaxed),
+            reconnects: load(|s| &s.reconnects),
+            slot: self.slot.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
+
+    /// Writes the sampled gauges and counters.
+    fn sample(&self) {
+        let status = self.status();
+        metrics::gauge!(m::HA_ACTIVE).set(if self.active.load(Ordering::Relaxed) { 1.0 } else { 0.0 });
+        metrics::gauge!(m::READY).set(if status.ready { 1.0 } else { 0.0 });
+        metrics::gauge!(m::SOURCE_STREAMING).set(if status.streaming { 1.0 } else { 0.0 });
+        metrics::gauge!(m::APPLY_LAG_BYTES).set(status.apply_lag_bytes as f64);
+        if let Some(lag) = status.lag_seconds {
+            metrics::gauge!(m::LAG_SECONDS).set(lag);
+        }
+        metrics::gauge!(m::DURABLE_LSN).set(self.durable_lsn.load(Ordering::Relaxed) as f64);
+        if let Some(source) = self.source.get() {
+            metrics::gauge!(m::RECEIVED_LSN).set(source.received_lsn.load(Ordering::Relaxed) as f64);
+            metrics::gauge!(m::SPILLED_BYTES).set(source.spilled_bytes.load(Ordering::Relaxed) as f64);
+            metrics::counter!(m::SOURCE_BYTES_TOTAL).absolute(source.bytes.load(Ordering::Relaxed));
+            metrics::counter!(m::SOURCE_RECONNECTS_TOTAL).absolute(source.reconnects.load(Ordering::Relaxed));
+            metrics::counter!(m::HEARTBEATS_SENT_TOTAL).absolute(source.heartbeats_sent.load(Ordering::Relaxed));
+            metrics::counter!(m::HEARTBEATS_RECEIVED_TOTAL).absolute(source.heartbeats_received.load(Ordering::Relaxed));
+        }
+        let target = &self.target;
+        metrics::counter!(m::TARGET_WRITES_TOTAL, "outcome" => "applied").absolute(target.applied.load(Ordering::Relaxed));
+        metrics::counter!(m::TARGET_WRITES_TOTAL, "outcome" => "already_applied").absolute(target.already_applied.load(Ordering::Relaxed));
+        metrics::counter!(m::TARGET_RETRIES_TOTAL).absolute(target.retries.load(Ordering::Relaxed));
+        metrics::counter!(m::DEAD_LETTER_TOTAL).absolute(target.dead_lettered.load(Ordering::Relaxed));
+    }
+}
+
+const SLOT_QUERY: &str = "SELECT s.active, s.active_pid, s.wal_status, s.restart_lsn::text, s.confirmed_flush_lsn::text, w.lsn::text,
+        (w.lsn - s.restart_lsn)::int8, s.safe_wal_size::int8, (w.lsn - s.confirmed_flush_lsn)::int8
+   FROM pg_replication_slots s,
+        LATERAL (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END AS lsn) w
+  WHERE s.slot_name = $1";
+
+/// Reads the slot's row from `pg_replication_slots`.
+pub async fn inspect_slot(sql: &tokio_postgres::Client, slot: &str) -> Result<SlotInfo, tokio_postgres::Error> {
+    let row = sql.query_opt(SLOT_QUERY, &[&slot]).await?;
+    let Some(row) = row else { return Ok(SlotInfo { name: slot.to_owned(), ..SlotInfo::default() }) };
+    Ok(SlotInfo {
+        name: slot.to_owned(),
+        exists: true,
+        active: row.get(0),
+        active_pid: row.get(1),
+        wal_status: row.get(2),
+        restart_lsn: row.get(3),
+        confirmed_flush_lsn: row.get(4),
+        server_wal_lsn: row.get(5),
+        retained_wal_bytes: row.get(6),
+        safe_wal_size_bytes: row.get(7),
+        lag_bytes: row.get(8),
+    })
+}
+
+/// Samples the state into gauges every second and inspects the slot every
+/// `monitoring.slot_check_interval`, warning while it retains more than
+/// `monitoring.retained_wal_warn_bytes`. Runs until `shutdown`.
+pub async fn run(state: Arc<PipelineState>, config: Config, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let check_every = config.monitoring.slot_check_interval;
+    let mut next_check = tokio::time::Instant::now();
+    let mut sql: Option<tokio_postgres::Client> = None;
+    let mut warned_unreachable = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = crate::monitor::stopped(&mut shutdown) => return,
+        }
+        if tokio::time::Instant::now() >= next_check {
+            next_check = tokio::time::Instant::now() + check_every;
+            match check_slot(&mut sql, &config.source.connection, &config.source.replication.slot).await {
+                Ok(info) => {
+                    warned_unreachable = false;
+                    record_slot(&info, config.monitoring.retained_wal_warn_bytes);
+                    *state.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
+                }
+                Err(error) => {
+                    sql = None;
+                    if !warned_unreachable {
+                        tracing::warn!(error = %sluice_postgres::error::Chain(&error), "cannot inspect the replication slot");
+                        warned_unreachable = true;
+                    }
+                }
+            }
+        }
+        state.sample();
+    }
+}
+
+async fn check_slot(sql: &mut Option<tokio_postgres::Client>, conn: &ConnectionConfig, slot: &str) -> Result<SlotInfo, sluice_postgres::Error> {
+    if sql.as_ref().is_none_or(|c| c.is_closed()) {
+        *sql = Some(sluice_postgres::connect_sql(conn).await?);
+    }
+    let client = sql.as_ref().expect("connected above");
+    match tokio::time::timeout(Duration::from_secs(10), inspect_slot(client, slot)).await {
+        Ok(result) => result.map_err(sluice_postgres::Error::Sql),
+        Err(_) => Err(sluice_postgres::Error::Setup("slot inspection timed out after 10 s".into())),
+    }
+}
+
+fn record_slot(info: &SlotInfo, warn_bytes: u64) {
+    if let (Some(server), Some(confirmed)) = (&info.server_wal_lsn, &info.confirmed_flush_lsn) {
+        if let (Ok(server), Ok(confirmed)) = (server.parse::<Lsn>(), confirmed.parse::<Lsn>()) {
+            metrics::gauge!(m::SERVER_WAL_LSN).set(server.0 as f64);
+            metrics::gauge!(m::CONFIRMED_FLUSH_LSN).set(confirmed.0 as f64);
+        }
+    }
+    if let Some(lag) = info.lag_bytes {
+        metrics::gauge!(m::SOURCE_LAG_BYTES).set(lag.max(0) as f64);
+    }
+    if let Some(retained) = info.retained_wal_bytes {
+        metrics::gauge!(m::SLOT_RETAINED_WAL_BYTES).set(retained.max(0) as f64);
+        if retained as u64 > warn_bytes {
+            tracing::warn!(slot = %info.name, retained_wal_bytes = retained, threshold = warn_bytes,
+                "the replication slot retains more WAL than monitoring.retained_wal_warn_bytes");
+        }
+    }
+    if let Some(safe) = info.safe_wal_size_bytes {
+        metrics::gauge!(m::SLOT_SAFE_WAL_SIZE_BYTES).set(safe as f64);
+    }
+    for status in ["reserved", "extended", "unreserved", "lost"] {
+        let value = if info.wal_status.as_deref() == Some(status) { 1.0 } else { 0.0 };
+        metrics::gauge!(m::SLOT_WAL_STATUS, "status" => status).set(value);
+    }
+    if info.wal_status.as_deref() == Some("lost") {
+        tracing::error!(slot = %info.name, "the replication slot was invalidated (wal_status = lost): changes were lost; see source.replication.on_slot_lost");
+    }
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|&stop| stop).await;
+}

@@ -1,0 +1,106 @@
+//! `sluice status`: the pipeline as its running daemon reports it (`GET /status` on
+//! `monitoring.listen`), or, when no daemon answers there, the slot as Postgres shows it.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::{Config, TargetConfig};
+
+pub async fn print(config: &Config, as_json: bool) -> anyhow::Result<()> {
+    let status = match from_daemon(&config.monitoring.listen).await {
+        Some(status) => status,
+        None => from_postgres(config).await?,
+    };
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", table(&status));
+    }
+    Ok(())
+}
+
+/// The daemon's `/status`, if it answers within two seconds.
+async fn from_daemon(listen: &str) -> Option<Value> {
+    let mut addr: std::net::SocketAddr = listen.parse().ok()?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { std::net::Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.write_all(format!("GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let text = String::from_utf8(response).ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return None;
+        }
+        let mut status: Value = serde_json::from_str(body).ok()?;
+        status["source_of_status"] = json!(format!("daemon at {addr}"));
+        Some(status)
+    };
+    tokio::time::timeout(Duration::from_secs(2), fetch).await.ok().flatten()
+}
+
+async fn from_postgres(config: &Config) -> anyhow::Result<Value> {
+    let sql = sluice_postgres::connect_sql(&config.source.connection).await.context("no daemon answered on monitoring.listen, and Postgres")?;
+    let slot = crate::monitor::inspect_slot(&sql, &config.source.replication.slot)
+        .await
+        .with_context(|| format!("cannot read replication slot {:?} from pg_replication_slots", config.source.replication.slot))?;
+    let dead_lettered = match &config.target {
+        TargetConfig::Dynamodb(dynamo) => match &dynamo.dead_letter {
+            Some(path) => match std::fs::read(path) {
+                Ok(bytes) => json!(bytes.iter().filter(|&&b| b == b'\n').count()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => json!(0),
+                Err(e) => return Err(e).with_context(|| format!("cannot read the dead-letter file {} (target.dead_letter)", path.display())),
+            },
+            None => Value::Null,
+        },
+        _ => Value::Null,
+    };
+    Ok(json!({
+        "pipeline": config.pipeline.name,
+        "role": "unknown (no daemon answered; read from Postgres)",
+        "source_of_status": "postgres",
+        "dead_lettered": dead_lettered,
+        "slot": slot,
+    }))
+}
+
+/// Two columns, for people: what the daemon (or Postgres) said, in a fixed order.
+fn table(status: &Value) -> String {
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let show = |v: &Value| match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => format!("{f:.1}"),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    };
+    for key in [
+        "pipeline", "source_of_status", "role", "streaming", "ready", "not_ready_reason", "received_lsn", "durable_lsn", "confirmed_lsn",
+        "apply_lag_bytes", "lag_seconds", "events", "applied", "already_applied", "retries", "dead_lettered", "reconnects",
+    ] {
+        if let Some(value) = status.get(key) {
+            rows.push((key.replace('_', " "), show(value)));
+        }
+    }
+    match status.get("slot") {
+        Some(Value::Object(slot)) if slot.get("exists") == Some(&Value::Bool(false)) => {
+            rows.push(("slot".into(), format!("{} (does not exist)", show(&slot["name"]))));
+        }
+        Some(Value::Object(slot)) => {
+            for key in ["name", "active", "active_pid", "wal_status", "confirmed_flush_lsn", "restart_lsn", "server_wal_lsn", "lag_bytes", "retained_wal_bytes", "safe_wal_size_bytes"] {
+                rows.push((format!("slot {}", key.replace('_', " ")), show(slot.get(key).unwrap_or(&Value::Null))));
+            }
+        }
+        _ => rows.push(("slot".into(), "not inspected yet".into())),
+    }
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    rows.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect()
+}
