@@ -2,6 +2,7 @@
 //! test using it finishes), a fresh database per test, an in-process source whose events the
 //! test reads and acknowledges, the `sluice` binary, and `wait_for` helpers with deadlines.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -330,6 +331,38 @@ pub fn http_ok(port: u16, path: &str) -> bool {
     }
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
+}
+
+/// `GET path` on 127.0.0.1:`port`: the status code and body, or `None` when nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let code = head.split(' ').nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
+}
+
+/// The value of one series in a Prometheus exposition: `name` alone matches the first series
+/// of that metric whatever its labels; `name{a="x",b="y"}` matches exactly those labels, in
+/// any order.
+pub fn metric(exposition: &str, series: &str) -> Option<f64> {
+    fn split(series: &str) -> (&str, BTreeSet<&str>) {
+        match series.split_once('{') {
+            Some((name, labels)) => (name, labels.trim_end_matches('}').split(',').collect()),
+            None => (series, BTreeSet::new()),
+        }
+    }
+    let (want_name, want_labels) = split(series);
+    exposition.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        let (name, labels) = split(name);
+        let matches = name == want_name && (!series.contains('{') || labels == want_labels);
+        matches.then(|| value.parse().ok()).flatten()
+    })
 }
 
 /// A DynamoDB client for a test server.

@@ -10,3 +10,4 @@ mod streaming;
 mod reconnect;
 mod slots;
 mod dynamodb;
+mod operations;
