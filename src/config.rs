@@ -254,7 +254,7 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid TOML: {message}")]
+    #[error("config file {path} is {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("{}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Invalid { problems: Vec<Problem> },
@@ -263,16 +263,27 @@ pub enum ConfigError {
 const ENV_PREFIX: &str = "SLUICE__";
 
 impl Config {
-    /// Reads `path`, applies `SLUICE__…` overrides from the process environment and validates.
+    /// Reads `path` (TOML; JSON of the same shape when the name ends in `.json`, as rendered
+    /// by the Helm chart), applies `SLUICE__…` overrides from the process environment and
+    /// validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        if path.extension().is_some_and(|e| e == "json") {
+            let table: toml::Table =
+                serde_json::from_str(&text).map_err(|e| ConfigError::Syntax { path: path.into(), message: format!("not valid JSON: {e}") })?;
+            return Config::from_table(table, std::env::vars());
+        }
         Config::from_toml(&text, std::env::vars(), path)
     }
 
     /// Parses, overrides and validates; `path` only names the file in messages.
     pub fn from_toml(text: &str, env: impl IntoIterator<Item = (String, String)>, path: &Path) -> Result<Config, ConfigError> {
-        let mut table: toml::Table =
-            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: path.into(), message: e.message().to_owned() })?;
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: path.into(), message: format!("not valid TOML: {}", e.message()) })?;
+        Config::from_table(table, env)
+    }
+
+    fn from_table(mut table: toml::Table, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
         apply_env_overrides(&mut table, env, &mut problems);
         if !problems.is_empty() {
@@ -411,6 +422,26 @@ mod tests {
 
     fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Config::from_toml(text, env.iter().map(|(k, v)| (k.to_string(), v.to_string())), Path::new("test.toml"))
+    }
+
+    #[test]
+    fn json_config_reads_like_toml_with_env_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.json");
+        std::fs::write(
+            &path,
+            r#"{"source": {"connection": {"dbname": "app", "port": 6432}, "replication": {"slot": "s", "publication": "p"}},
+                "target": {"kind": "null"}, "monitoring": {"listen": "0.0.0.0:9187"}}"#,
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.source.connection.port, 6432);
+        assert_eq!(config.monitoring.listen, "0.0.0.0:9187");
+        std::fs::write(&path, r#"{"source": {"connection": {"dbname": "app", "port": 6432.5}}}"#).unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("source.connection.port"), "{err}");
+        std::fs::write(&path, "{").unwrap();
+        assert!(Config::load(&path).unwrap_err().to_string().contains("not valid JSON"));
     }
 
     #[test]

@@ -39,13 +39,16 @@ pub async fn acquire(
     slot: &str,
     retry_interval: Duration,
     retry_for: Duration,
+    standby_healthy: &std::sync::atomic::AtomicBool,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Option<HaLock>, sluice_postgres::Error> {
     let key = format!("sluice:{slot}");
     let mut announced_standby = false;
     let mut failing_since: Option<std::time::Instant> = None;
     loop {
-        match try_lock(conn, &key).await {
+        let attempt = try_lock(conn, &key).await;
+        standby_healthy.store(attempt.is_ok(), std::sync::atomic::Ordering::Relaxed);
+        match attempt {
             Ok(Some(lock)) => {
                 tracing::info!(slot, "holding the HA lock: this replica streams");
                 return Ok(Some(lock));

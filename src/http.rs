@@ -2,7 +2,7 @@
 //! - `GET /metrics`: the Prometheus exposition;
 //! - `GET /healthz`: 200 while the process runs (liveness);
 //! - `GET /readyz`: 200 when this replica streams and lag is within `monitoring.ready_max_lag`,
-//!   else 503 with the reason;
+//!   else 503 with the reason; `/readyz?standby=ok` also answers 200 for a healthy standby;
 //! - `GET /status`: the pipeline's status as JSON (what `sluice status` prints).
 
 use std::convert::Infallible;
@@ -56,7 +56,7 @@ fn respond(request: &Request<Incoming>, state: &PipelineState, metrics: &Prometh
             response
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => match state.readiness() {
+        "/readyz" => match state.readiness(request.uri().query() == Some("standby=ok")) {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
             Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
         },

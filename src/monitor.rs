@@ -54,6 +54,8 @@ pub struct PipelineState {
     durable_commit_time: AtomicI64,
     /// This process holds the HA lock (or HA is off) and runs the pipeline.
     pub active: AtomicBool,
+    /// A standby's last attempt at the HA lock reached Postgres (the lock is held elsewhere).
+    pub standby_healthy: AtomicBool,
     slot: Mutex<Option<SlotInfo>>,
     ready_max_lag: Duration,
     heartbeats: bool,
@@ -95,6 +97,7 @@ impl PipelineState {
             durable_lsn: AtomicU64::new(0),
             durable_commit_time: AtomicI64::new(i64::MIN),
             active: AtomicBool::new(false),
+            standby_healthy: AtomicBool::new(false),
             slot: Mutex::new(None),
             ready_max_lag,
             heartbeats,
@@ -124,9 +127,15 @@ impl PipelineState {
     }
 
     /// Ready: this replica streams, and (with heartbeats) the target is within `ready_max_lag`.
-    pub fn readiness(&self) -> Result<(), String> {
+    /// With `standby_ok`, a standby that reaches Postgres and waits for the HA lock counts as
+    /// ready too (Kubernetes' readiness, so that a PodDisruptionBudget sees both replicas).
+    pub fn readiness(&self, standby_ok: bool) -> Result<(), String> {
         if !self.active.load(Ordering::Relaxed) {
-            return Err("standby: another replica holds the HA lock".into());
+            return match (standby_ok, self.standby_healthy.load(Ordering::Relaxed)) {
+                (true, true) => Ok(()),
+                (true, false) => Err("standby: cannot reach Postgres to wait for the HA lock".into()),
+                (false, _) => Err("standby: another replica holds the HA lock".into()),
+            };
         }
         if !self.streaming() {
             return Err("not streaming (connecting or reconnecting to Postgres)".into());
@@ -148,7 +157,7 @@ impl PipelineState {
         let load = |f: fn(&SourceStats) -> &AtomicU64| source.map(|s| f(s).load(Ordering::Relaxed)).unwrap_or(0);
         let received = load(|s| &s.received_lsn);
         let durable = self.durable_lsn.load(Ordering::Relaxed);
-        let readiness = self.readiness();
+        let readiness = self.readiness(false);
         Status {
             pipeline: self.name.clone(),
             role: if self.active.load(Ordering::Relaxed) { "active" } else { "standby" },

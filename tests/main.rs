@@ -11,3 +11,4 @@ mod reconnect;
 mod slots;
 mod dynamodb;
 mod operations;
+mod helm;

@@ -246,6 +246,7 @@ async fn of_two_replicas_one_streams_and_the_other_takes_over_after_kill_9() {
         http_get(port_b, "/readyz").is_some_and(|(code, body)| code == 503 && body.contains("standby"))
     })
     .await;
+    assert_eq!(http_get(port_b, "/readyz?standby=ok").unwrap().0, 200, "a healthy standby is ready for Kubernetes");
 
     // A steady writer; both replicas are watched: never both streaming.
     let connection = db.connection();

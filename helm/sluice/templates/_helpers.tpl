@@ -1,0 +1,45 @@
+{{/* Names and labels shared by the templates. */}}
+
+{{- define "sluice.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "sluice.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "sluice.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "sluice.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "sluice.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "sluice.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "sluice.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "sluice.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The configuration file: the values' config with what the chart decides set over it. */}}
+{{- define "sluice.config" -}}
+{{- $config := deepCopy .Values.config -}}
+{{- $_ := set $config "monitoring" (mergeOverwrite (default dict $config.monitoring) (dict "listen" (printf "0.0.0.0:%d" (int .Values.metricsPort)))) -}}
+{{- $replication := mergeOverwrite (default dict $config.source.replication) (dict "spill_dir" "/var/lib/sluice/spill") -}}
+{{- $_ := set $config.source "replication" $replication -}}
+{{- if eq $config.target.kind "dynamodb" -}}
+{{- $_ := set $config.target "mapping" "/etc/sluice/mapping.toml" -}}
+{{- end -}}
+{{- toPrettyJson $config -}}
+{{- end -}}

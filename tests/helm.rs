@@ -1,0 +1,147 @@
+//! The Helm chart in `helm/sluice`: `helm lint` and `helm template` with the default values and
+//! with a values file that turns everything on; the rendered manifests validated against the
+//! Kubernetes API schemas; the rendered configuration accepted by `sluice validate`; the alert
+//! rules accepted by promtool; bad values refused by `values.schema.json`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/helm/sluice");
+
+/// A tool from `env`, else where .ci/run caches it, else from PATH.
+fn tool(env: &str, name: &str) -> PathBuf {
+    let cached = match name {
+        "helm" => "helm/helm",
+        _ => "kubeval/bin/kubernetes-validate",
+    };
+    let cached = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/sluice-ci").join(cached));
+    let path = std::env::var_os(env)
+        .map(PathBuf::from)
+        .or(cached.filter(|p| p.exists()))
+        .unwrap_or_else(|| PathBuf::from(name));
+    assert!(
+        Command::new(&path).arg("--help").output().is_ok_and(|o| o.status.success()),
+        "{name} is needed for the chart tests (.ci/run installs it; or set {env})"
+    );
+    path
+}
+
+fn helm(home: &Path, args: &[&str]) -> Output {
+    Command::new(tool("SLUICE_TEST_HELM", "helm"))
+        .args(args)
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .output()
+        .expect("run helm")
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+/// The rendered manifests for these values.
+fn render(home: &Path, values: Option<&str>) -> String {
+    let mut args = vec!["lint", CHART, "--strict"];
+    if let Some(values) = values {
+        args.extend(["-f", values]);
+    }
+    let lint = helm(home, &args);
+    assert!(lint.status.success(), "helm lint: {}", text(&lint));
+    args[0] = "template";
+    args[1] = "release";
+    args[2] = CHART;
+    let rendered = helm(home, &args);
+    assert!(rendered.status.success(), "helm template: {}", text(&rendered));
+    String::from_utf8(rendered.stdout).unwrap()
+}
+
+fn kubernetes_validate(file: &Path) -> Output {
+    Command::new(tool("SLUICE_TEST_KUBE_VALIDATE", "kubernetes-validate")).args(["--strict", "-k", "1.33.0"]).arg(file).output().unwrap()
+}
+
+/// The block of lines indented under the line that equals `header` (trimmed), dedented.
+fn block_under(manifest: &str, header: &str) -> String {
+    let mut lines = manifest.lines().skip_while(|l| l.trim() != header);
+    let header_line = lines.next().unwrap_or_else(|| panic!("no {header:?} in {manifest}"));
+    let header_indent = header_line.len() - header_line.trim_start().len();
+    let body: Vec<&str> = lines.take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > header_indent).collect();
+    let indent = body.iter().filter(|l| !l.trim().is_empty()).map(|l| l.len() - l.trim_start().len()).min().unwrap_or(0);
+    body.iter().map(|l| l.get(indent..).unwrap_or("")).collect::<Vec<_>>().join("\n")
+}
+
+/// Validates one rendering: Kubernetes schemas, the sluice configuration, the alert rules.
+fn check_rendering(dir: &Path, name: &str, manifests: &str) {
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(&file, manifests).unwrap();
+    let validated = kubernetes_validate(&file);
+    assert!(validated.status.success(), "kubernetes-validate {name}: {}", text(&validated));
+    for kind in ["deployment", "configmap", "service", "poddisruptionbudget", "serviceaccount"] {
+        assert!(text(&validated).contains(&format!("passed for resource {kind}/")), "{name}: {kind} validated: {}", text(&validated));
+    }
+    assert!(manifests.contains("path: /healthz") && manifests.contains("path: /readyz?standby=ok"), "probes: {manifests}");
+    assert!(manifests.contains("readOnlyRootFilesystem: true") && manifests.contains("runAsNonRoot: true"));
+
+    // The configuration the pod reads passes `sluice validate`.
+    let config = dir.join(format!("{name}.json"));
+    let mut json: serde_json::Value = serde_json::from_str(&block_under(manifests, "sluice.json: |")).unwrap();
+    if json["target"]["kind"] == "dynamodb" {
+        assert_eq!(json["target"]["mapping"], "/etc/sluice/mapping.toml");
+        let mapping = dir.join(format!("{name}-mapping.toml"));
+        std::fs::write(&mapping, block_under(manifests, "mapping.toml: |")).unwrap();
+        json["target"]["mapping"] = serde_json::Value::String(mapping.display().to_string());
+    }
+    // The pod mounts an emptyDir there; here a temp dir stands in for it.
+    assert_eq!(json["source"]["replication"]["spill_dir"], "/var/lib/sluice/spill");
+    json["source"]["replication"]["spill_dir"] = serde_json::Value::String(dir.display().to_string());
+    assert_eq!(json["monitoring"]["listen"].as_str().unwrap().rsplit(':').next(), manifests.split("containerPort: ").nth(1).and_then(|s| s.lines().next()));
+    std::fs::write(&config, serde_json::to_string(&json).unwrap()).unwrap();
+    let (code, out) = crate::harness::sluice_output(&["validate", "--offline", "-c", config.to_str().unwrap()], std::time::Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{name}: the rendered configuration is valid: {out}");
+}
+
+#[test]
+fn chart_renders_valid_manifests_with_default_and_full_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let default = render(dir.path(), None);
+    check_rendering(dir.path(), "default", &default);
+    assert!(!default.contains("kind: ServiceMonitor") && !default.contains("kind: PrometheusRule"), "off by default");
+
+    let full_values = format!("{CHART}/ci/full-values.yaml");
+    let full = render(dir.path(), Some(&full_values));
+    check_rendering(dir.path(), "full", &full);
+    assert!(full.contains("kind: ServiceMonitor") && full.contains("kind: PrometheusRule"));
+    assert!(full.contains("name: SLUICE__SOURCE__CONNECTION__PASSWORD") && full.contains("name: orders-db"), "password from the Secret");
+    assert!(full.contains("eks.amazonaws.com/role-arn"), "service account annotations for IRSA");
+
+    // The alert rules are valid Prometheus rules.
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(&rules, format!("groups:\n{}\n", block_under(&full, "groups:"))).unwrap();
+    let promtool = std::env::var_os("SLUICE_TEST_PROMTOOL").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("promtool"));
+    let checked = Command::new(promtool).args(["check", "rules"]).arg(&rules).output().expect("promtool");
+    assert!(checked.status.success(), "promtool check rules: {}", text(&checked));
+    assert!(text(&checked).contains("4 rules found"), "{}", text(&checked));
+}
+
+#[test]
+fn chart_refuses_bad_values_and_the_validator_catches_bad_manifests() {
+    let dir = tempfile::tempdir().unwrap();
+    for (setting, complaint) in [
+        ("config.source.connection.password=plaintext", "/config/source/connection"),
+        ("log.format=xml", "/log/format"),
+        ("config.source.replication.on_slot_lost=ignore", "on_slot_lost"),
+        ("metricsPort=0", "/metricsPort"),
+    ] {
+        let out = helm(dir.path(), &["template", "release", CHART, "--set", setting]);
+        assert!(!out.status.success(), "{setting} must be refused");
+        assert!(text(&out).contains(complaint), "{setting}: {}", text(&out));
+    }
+    let out = helm(dir.path(), &["template", "release", CHART, "--set", "config.target.kind=dynamodb"]);
+    assert!(!out.status.success() && text(&out).contains("set mapping"), "{}", text(&out));
+
+    // A deployment with a misspelt field: the validator must fail, or its passes mean nothing.
+    let broken = render(dir.path(), None).replace("terminationGracePeriodSeconds:", "terminationGracePeriod:");
+    let file = dir.path().join("broken.yaml");
+    std::fs::write(&file, broken).unwrap();
+    assert!(!kubernetes_validate(&file).status.success());
+}
