@@ -241,6 +241,7 @@ pub async fn run(state: Arc<PipelineState>, config: Config, mut shutdown: watch:
     let mut next_check = tokio::time::Instant::now();
     let mut sql: Option<tokio_postgres::Client> = None;
     let mut warned_unreachable = false;
+    let mut retention = RetentionWarning::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -251,7 +252,8 @@ pub async fn run(state: Arc<PipelineState>, config: Config, mut shutdown: watch:
             match check_slot(&mut sql, &config.source.connection, &config.source.replication.slot).await {
                 Ok(info) => {
                     warned_unreachable = false;
-                    record_slot(&info, config.monitoring.retained_wal_warn_bytes);
+                    record_slot(&info);
+                    retention.check(&info, config.monitoring.retained_wal_warn_bytes);
                     *state.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
                 }
                 Err(error) => {
@@ -278,7 +280,31 @@ async fn check_slot(sql: &mut Option<tokio_postgres::Client>, conn: &ConnectionC
     }
 }
 
-fn record_slot(info: &SlotInfo, warn_bytes: u64) {
+/// Warns when the slot's retained WAL crosses the threshold, again every ten minutes while it
+/// stays above, and notes when it falls back below.
+#[derive(Default)]
+struct RetentionWarning {
+    last_warned: Option<tokio::time::Instant>,
+}
+
+impl RetentionWarning {
+    const REPEAT: Duration = Duration::from_secs(600);
+
+    fn check(&mut self, info: &SlotInfo, threshold: u64) {
+        let Some(retained) = info.retained_wal_bytes else { return };
+        if retained.max(0) as u64 > threshold {
+            if self.last_warned.is_none_or(|at| at.elapsed() >= Self::REPEAT) {
+                tracing::warn!(slot = %info.name, retained_wal_bytes = retained, threshold,
+                    "the replication slot retains more WAL than monitoring.retained_wal_warn_bytes");
+                self.last_warned = Some(tokio::time::Instant::now());
+            }
+        } else if self.last_warned.take().is_some() {
+            tracing::info!(slot = %info.name, retained_wal_bytes = retained, threshold, "the replication slot's retained WAL is below the threshold again");
+        }
+    }
+}
+
+fn record_slot(info: &SlotInfo) {
     if let (Some(server), Some(confirmed)) = (&info.server_wal_lsn, &info.confirmed_flush_lsn) {
         if let (Ok(server), Ok(confirmed)) = (server.parse::<Lsn>(), confirmed.parse::<Lsn>()) {
             metrics::gauge!(m::SERVER_WAL_LSN).set(server.0 as f64);
@@ -290,10 +316,6 @@ fn record_slot(info: &SlotInfo, warn_bytes: u64) {
     }
     if let Some(retained) = info.retained_wal_bytes {
         metrics::gauge!(m::SLOT_RETAINED_WAL_BYTES).set(retained.max(0) as f64);
-        if retained as u64 > warn_bytes {
-            tracing::warn!(slot = %info.name, retained_wal_bytes = retained, threshold = warn_bytes,
-                "the replication slot retains more WAL than monitoring.retained_wal_warn_bytes");
-        }
     }
     if let Some(safe) = info.safe_wal_size_bytes {
         metrics::gauge!(m::SLOT_SAFE_WAL_SIZE_BYTES).set(safe as f64);

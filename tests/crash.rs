@@ -51,6 +51,7 @@ async fn kill_9_and_restart_delivers_every_change_in_order_and_never_confirms_ea
         &format!("[target]\nkind = \"jsonl\"\npath = \"{}\"\nfsync = true\n", output.display()),
     );
     let mut first = start_sluice(&config, &dir.path().join("first.log"));
+    let _logs = crate::harness::LogsOnPanic(vec![dir.path().join("first.log"), dir.path().join("second.log")]);
     db.wait_slot_active(&db.slot_name("crash")).await;
 
     let connection = db.connection();

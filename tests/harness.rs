@@ -190,9 +190,17 @@ impl Stream {
 
     pub async fn stop(self) -> sluice_postgres::Result<()> {
         self.shutdown.send_replace(true);
-        let Stream { mut batches, task, .. } = self;
-        // Keep draining so that the source can hand over its last batch.
-        let drain = tokio::spawn(async move { while batches.recv().await.is_some() {} });
+        let Stream { mut batches, task, durable, acknowledge, .. } = self;
+        // Keep draining so that the source can hand over its last batch. Batches without
+        // events (heartbeats) are acknowledged, so the drain does not wait for them; batches
+        // with events the test did not read stay unacknowledged.
+        let drain = tokio::spawn(async move {
+            while let Some(batch) = batches.recv().await {
+                if let (true, true, Some(ack)) = (acknowledge, batch.events.is_empty(), batch.ack_lsn) {
+                    durable.send_replace(ack);
+                }
+            }
+        });
         let result = tokio::time::timeout(Duration::from_secs(30), task).await.expect("source stops").expect("source task");
         drain.abort();
         result
@@ -226,6 +234,19 @@ pub fn sluice() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
     cmd.env("SLUICE_LOG", "info").stdin(Stdio::null());
     cmd
+}
+
+/// Prints these files (sluice's logs) if the test panics while the guard lives.
+pub struct LogsOnPanic(pub Vec<PathBuf>);
+
+impl Drop for LogsOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for path in &self.0 {
+                eprintln!("----- {} -----\n{}", path.display(), std::fs::read_to_string(path).unwrap_or_else(|e| e.to_string()));
+            }
+        }
+    }
 }
 
 /// Runs `sluice` to completion with a time limit; returns (exit code, stderr).

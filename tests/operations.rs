@@ -78,10 +78,14 @@ async fn metrics_show_lag_falling_after_catch_up_and_rising_while_the_target_is_
             outage.url()
         ),
     );
-    let config = with_monitoring(config, &format!("listen = \"127.0.0.1:{port}\"\nslot_check_interval = \"1s\"\nready_max_lag = \"3s\""));
+    let config = with_monitoring(
+        config,
+        &format!("listen = \"127.0.0.1:{port}\"\nslot_check_interval = \"1s\"\nready_max_lag = \"3s\"\nretained_wal_warn_bytes = 1"),
+    );
     let text = std::fs::read_to_string(&config).unwrap().replace("status_interval = \"1s\"", "status_interval = \"1s\"\nheartbeat_interval = \"1s\"");
     std::fs::write(&config, text).unwrap();
     let mut child = start(&config, &dir.path().join("sluice.log"));
+    let _logs = crate::harness::LogsOnPanic(vec![dir.path().join("sluice.log")]);
     db.wait_slot_active(&db.slot_name("metrics")).await;
 
     db.sql("INSERT INTO accounts SELECT g, 0 FROM generate_series(1, 200) g");
@@ -147,6 +151,9 @@ async fn metrics_show_lag_falling_after_catch_up_and_rising_while_the_target_is_
 
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(child.wait().unwrap().success());
+    let log = std::fs::read_to_string(dir.path().join("sluice.log")).unwrap();
+    let warnings = log.matches("retains more WAL than monitoring.retained_wal_warn_bytes").count();
+    assert!((1..=3).contains(&warnings), "the retention warning (threshold 1 byte) is logged when crossed, not at every check: {log}");
     // Without a daemon, status reads the slot from Postgres.
     let (code, out) = status(&config, true);
     assert_eq!(code, Some(0), "{out}");
@@ -179,6 +186,7 @@ async fn heartbeats_keep_an_idle_slot_close_to_the_wal_end_while_unpublished_tab
     let text = std::fs::read_to_string(&config).unwrap().replace("status_interval = \"1s\"", "status_interval = \"1s\"\nheartbeat_interval = \"500ms\"");
     std::fs::write(&config, text).unwrap();
     let mut child = start(&config, &dir.path().join("sluice.log"));
+    let _logs = crate::harness::LogsOnPanic(vec![dir.path().join("sluice.log")]);
     db.wait_slot_active(&db.slot_name("idle")).await;
 
     // About 40 MB of WAL in tables the publication does not include.
@@ -239,6 +247,7 @@ async fn of_two_replicas_one_streams_and_the_other_takes_over_after_kill_9() {
     };
     let (config_a, port_a, out_a, log_a) = replica("a");
     let (config_b, port_b, out_b, log_b) = replica("b");
+    let _logs = crate::harness::LogsOnPanic(vec![log_a.clone(), log_b.clone()]);
     let mut a = start(&config_a, &log_a);
     wait_for("replica a to stream", Duration::from_secs(30), || async { streaming(port_a) == Some(true) }).await;
     let mut b = start(&config_b, &log_b);

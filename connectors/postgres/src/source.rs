@@ -178,7 +178,9 @@ impl ReplicationSource {
             match outcome {
                 Ok(()) | Err(Error::Stopped) => return Ok(()),
                 Err(error) => {
-                    let retryable = error.is_transient() || (!first && matches!(error, Error::SlotInUse { .. }));
+                    // A slot in use may be held by a predecessor that is still going away (a
+                    // killed process whose walsender has not noticed yet): wait within retry_for.
+                    let retryable = error.is_transient() || matches!(error, Error::SlotInUse { .. });
                     if started_streaming.load(Ordering::Relaxed) {
                         failing_since = None;
                         backoff = new_backoff();
