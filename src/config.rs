@@ -149,10 +149,53 @@ pub struct SourceConfig {
 pub enum TargetConfig {
     /// Items in DynamoDB tables, through a mapping, with position-guarded writes.
     Dynamodb(DynamoConfig),
+    /// Records in Kafka topics: plain CDC per table, and the outbox event router.
+    Kafka(KafkaConfig),
     /// One JSON object per change, to a file or standard output.
     Jsonl(JsonlConfig),
     /// Discards everything at once (benchmarks).
     Null,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// Topic template for table changes over `{schema}` and `{table}`.
+    #[serde(default = "default_kafka_topic")]
+    pub topic: String,
+    /// Per-table topic overrides: `"public.orders" = "orders-v1"`.
+    #[serde(default)]
+    pub topics: std::collections::HashMap<String, String>,
+    /// Follow a delete (and a key change) with a tombstone for the key, for compacted topics.
+    #[serde(default = "yes")]
+    pub tombstones_on_delete: bool,
+    /// `none`, `gzip`, `snappy` or `lz4`.
+    #[serde(default = "default_kafka_compression")]
+    pub compression: String,
+    /// How long the producer retries a record (broker down, leader moving) before the pipeline
+    /// stops; nothing is confirmed meanwhile.
+    #[serde(default = "default_dynamo_retry_for", with = "sluice_postgres::duration")]
+    pub retry_for: Duration,
+    /// A JSON-lines file for changes that can never become records (see `dead_letter` of the
+    /// DynamoDB target).
+    #[serde(default)]
+    pub dead_letter: Option<PathBuf>,
+    /// The outbox event router; without it every change is plain CDC.
+    #[serde(default)]
+    pub outbox: Option<crate::translate::kafka::OutboxConfig>,
+    /// Further librdkafka producer properties (`security.protocol`, `sasl.mechanism`,
+    /// `linger.ms`, …). Idempotence and `acks` are fixed.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+fn default_kafka_topic() -> String {
+    "{schema}.{table}".into()
+}
+fn default_kafka_compression() -> String {
+    "lz4".into()
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -326,6 +369,27 @@ impl Config {
         }
         self.source.connection.validate("source.connection", &mut problems);
         self.source.replication.validate("source.replication", &mut problems);
+        if let TargetConfig::Kafka(kafka) = &self.target {
+            if kafka.brokers.trim().is_empty() {
+                problems.push(Problem::new("target", "brokers", "must name at least one broker (host:port)"));
+            }
+            if !["none", "gzip", "snappy", "lz4"].contains(&kafka.compression.as_str()) {
+                problems.push(Problem::new("target", "compression", "must be none, gzip, snappy or lz4"));
+            }
+            for fixed in ["enable.idempotence", "acks", "bootstrap.servers"] {
+                if kafka.properties.contains_key(fixed) {
+                    problems.push(Problem::new("target.properties", fixed, "is set by sluice (idempotent producer, acks=all)"));
+                }
+            }
+            if let Some(outbox) = &kafka.outbox {
+                if outbox.table.is_none() && outbox.message_prefix.is_none() {
+                    problems.push(Problem::new("target.outbox", "table", "name the outbox table, or a message_prefix, or both"));
+                }
+                if !outbox.topic.contains("{aggregatetype}") && outbox.topic.contains('{') {
+                    problems.push(Problem::new("target.outbox", "topic", "the only placeholder is {aggregatetype}"));
+                }
+            }
+        }
         if let TargetConfig::Dynamodb(dynamo) = &self.target {
             if !(1..=100).contains(&dynamo.transaction_size) {
                 problems.push(Problem::new("target", "transaction_size", "must be between 1 and 100"));

@@ -14,16 +14,15 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use sluice_dynamodb::{item_size, Attr, ClientOptions, DynamoClient, GuardedWrite, Item, Outcome, WriteAction, MAX_ITEM_BYTES};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Notify};
 
+use super::dead_letter::DeadLetter;
 use super::{Receipt, Target, TargetStats};
 use crate::config::{DynamoConfig, WriteMode};
 use crate::error::{ErrorKind, TargetError};
@@ -86,7 +85,7 @@ impl DynamoTarget {
             request_timeout: Some(config.request_timeout),
         };
         let client = DynamoClient::connect(&options).await;
-        let dead_letter = Arc::new(DeadLetter::open(config.dead_letter.clone()).await?);
+        let dead_letter = Arc::new(DeadLetter::open("dynamodb", config.dead_letter.clone()).await?);
         let workers = (0..config.concurrency)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(256);
@@ -137,7 +136,7 @@ impl Target for DynamoTarget {
                     let size = item_size(item) + item_size(&write.key) + write.version_attribute.len() + 21;
                     if size > MAX_ITEM_BYTES {
                         let reason = format!("item of {size} bytes exceeds DynamoDB's 400 KB limit");
-                        self.dead_letter.record(position, &relation.qualified_name(), Some(&write), &reason).await?;
+                        self.dead_letter.record(position, &relation.qualified_name(), Some(&|line: &mut Vec<u8>| write_details(line, &write)), &reason).await?;
                         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -276,7 +275,7 @@ async fn apply_one(client: &DynamoClient, job: &Job, dead_letter: &DeadLetter, s
                 tokio::time::sleep(delay).await;
             }
             Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
-                match dead_letter.record(job.position, &job.source.qualified_name(), Some(&job.write), &error.to_string()).await {
+                match dead_letter.record(job.position, &job.source.qualified_name(), Some(&|line: &mut Vec<u8>| write_details(line, &job.write)), &error.to_string()).await {
                     Ok(()) => {
                         stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     }
@@ -396,54 +395,15 @@ fn fatal(error: sluice_dynamodb::DynamoError, retry_for: Duration) -> TargetErro
     TargetError { target: "dynamodb", kind: ErrorKind::Fatal, message, source: Some(Box::new(error)) }
 }
 
-/// Dead-letter store: one JSON line per write that can never apply.
-pub struct DeadLetter {
-    file: Option<tokio::sync::Mutex<tokio::fs::File>>,
-    path: Option<PathBuf>,
-}
-
-impl DeadLetter {
-    async fn open(path: Option<PathBuf>) -> Result<Self, TargetError> {
-        let file = match &path {
-            Some(path) => Some(tokio::sync::Mutex::new(
-                tokio::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .await
-                    .map_err(|e| TargetError::fatal("dynamodb", format!("cannot open dead-letter file {} (target.dead_letter)", path.display()), e))?,
-            )),
-            None => None,
-        };
-        Ok(DeadLetter { file, path })
-    }
-
-    /// Appends and syncs an entry; without a file, the entry is only logged (without values).
-    async fn record(&self, position: Position, source_table: &str, write: Option<&GuardedWrite>, reason: &str) -> Result<(), TargetError> {
-        tracing::warn!(table = source_table, commit_lsn = %position.commit_lsn, ordinal = position.tx_ordinal, reason, "dead-lettered a change");
-        let Some(file) = &self.file else { return Ok(()) };
-        let mut line = Vec::new();
-        line.extend_from_slice(format!("{{\"commit_lsn\":\"{}\",\"ordinal\":{},\"table\":", position.commit_lsn, position.tx_ordinal).as_bytes());
-        crate::json::string(&mut line, source_table);
-        line.extend_from_slice(b",\"reason\":");
-        crate::json::string(&mut line, reason);
-        if let Some(write) = write {
-            line.extend_from_slice(b",\"target_table\":");
-            crate::json::string(&mut line, &write.table);
-            line.extend_from_slice(b",\"key\":");
-            attrs_json(&mut line, &write.key);
-            if let WriteAction::Put(item) | WriteAction::Update { set: item, .. } = &write.action {
-                line.extend_from_slice(b",\"item\":");
-                attrs_json(&mut line, item);
-            }
-        }
-        line.extend_from_slice(b"}\n");
-        let mut file = file.lock().await;
-        let io = |e: std::io::Error| {
-            TargetError::fatal("dynamodb", format!("cannot write dead-letter file {}", self.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default()), e)
-        };
-        file.write_all(&line).await.map_err(io)?;
-        file.sync_data().await.map_err(io)
+/// The dead-letter entry's fields for a write: target table, key and item.
+fn write_details(line: &mut Vec<u8>, write: &GuardedWrite) {
+    line.extend_from_slice(b",\"target_table\":");
+    crate::json::string(line, &write.table);
+    line.extend_from_slice(b",\"key\":");
+    attrs_json(line, &write.key);
+    if let WriteAction::Put(item) | WriteAction::Update { set: item, .. } = &write.action {
+        line.extend_from_slice(b",\"item\":");
+        attrs_json(line, item);
     }
 }
 

@@ -1,7 +1,9 @@
 //! Targets: where change events are made durable.
 
+mod dead_letter;
 mod dynamodb;
 mod jsonl;
+mod kafka;
 mod null;
 
 use std::future::Future;
@@ -10,6 +12,7 @@ use std::sync::Arc;
 
 pub use dynamodb::DynamoTarget;
 pub use jsonl::JsonlTarget;
+pub use kafka::KafkaTarget;
 pub use null::NullTarget;
 
 use crate::config::TargetConfig;
@@ -52,6 +55,7 @@ pub trait Target: Send {
 /// The targets known at build time.
 pub enum AnyTarget {
     Dynamodb(DynamoTarget),
+    Kafka(KafkaTarget),
     Jsonl(JsonlTarget),
     Null(NullTarget),
 }
@@ -61,6 +65,7 @@ impl AnyTarget {
     pub async fn open(config: &TargetConfig, stats: Arc<TargetStats>) -> Result<Self, TargetError> {
         Ok(match config {
             TargetConfig::Dynamodb(c) => AnyTarget::Dynamodb(DynamoTarget::open(c, stats).await?),
+            TargetConfig::Kafka(c) => AnyTarget::Kafka(KafkaTarget::open(c, stats).await?),
             TargetConfig::Jsonl(c) => AnyTarget::Jsonl(JsonlTarget::open(c).await?),
             TargetConfig::Null => AnyTarget::Null(NullTarget::default()),
         })
@@ -71,6 +76,7 @@ impl Target for AnyTarget {
     async fn submit(&mut self, batch: Arc<EventBatch>) -> Result<Receipt, TargetError> {
         match self {
             AnyTarget::Dynamodb(t) => t.submit(batch).await,
+            AnyTarget::Kafka(t) => t.submit(batch).await,
             AnyTarget::Jsonl(t) => t.submit(batch).await,
             AnyTarget::Null(t) => t.submit(batch).await,
         }

@@ -4,3 +4,4 @@
 pub mod catalog;
 pub mod dynamodb;
 pub mod mapping;
+pub mod kafka;

@@ -1,0 +1,58 @@
+//! The dead-letter store: one JSON line per change that can never apply, with the reason and
+//! the source position, appended and synced before the change counts as handled. Without a
+//! file the entry is only logged, without values.
+
+use std::path::PathBuf;
+
+use tokio::io::AsyncWriteExt;
+
+use crate::error::TargetError;
+use crate::event::Position;
+
+pub struct DeadLetter {
+    target: &'static str,
+    file: Option<tokio::sync::Mutex<tokio::fs::File>>,
+    path: Option<PathBuf>,
+}
+
+/// Writes a target's own fields into an entry (each starting with a comma).
+pub type Details<'a> = &'a (dyn Fn(&mut Vec<u8>) + Sync);
+
+impl DeadLetter {
+    pub async fn open(target: &'static str, path: Option<PathBuf>) -> Result<Self, TargetError> {
+        let file = match &path {
+            Some(path) => Some(tokio::sync::Mutex::new(
+                tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .await
+                    .map_err(|e| TargetError::fatal(target, format!("cannot open dead-letter file {} (target.dead_letter)", path.display()), e))?,
+            )),
+            None => None,
+        };
+        Ok(DeadLetter { target, file, path })
+    }
+
+    /// Appends and syncs an entry.
+    pub async fn record(&self, position: Position, source_table: &str, details: Option<Details<'_>>, reason: &str) -> Result<(), TargetError> {
+        tracing::warn!(table = source_table, commit_lsn = %position.commit_lsn, ordinal = position.tx_ordinal, reason, "dead-lettered a change");
+        let Some(file) = &self.file else { return Ok(()) };
+        let mut line = Vec::new();
+        line.extend_from_slice(format!("{{\"commit_lsn\":\"{}\",\"ordinal\":{},\"table\":", position.commit_lsn, position.tx_ordinal).as_bytes());
+        crate::json::string(&mut line, source_table);
+        line.extend_from_slice(b",\"reason\":");
+        crate::json::string(&mut line, reason);
+        if let Some(details) = details {
+            details(&mut line);
+        }
+        line.extend_from_slice(b"}\n");
+        let mut file = file.lock().await;
+        let io = |e: std::io::Error| {
+            let path = self.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            TargetError::fatal(self.target, format!("cannot write dead-letter file {path}"), e)
+        };
+        file.write_all(&line).await.map_err(io)?;
+        file.sync_data().await.map_err(io)
+    }
+}

@@ -1,0 +1,121 @@
+//! The Kafka target: translates each batch into records (`translate::kafka`: plain CDC and the
+//! outbox event router) and produces them through one idempotent producer, in batch order.
+//!
+//! A batch is durable when the broker has acknowledged every record of it (`acks=all`). Records
+//! with the same key land in the same partition in the order they were produced, and the
+//! idempotent producer keeps that order across its internal retries. While the broker is down
+//! the producer retries for `retry_for`; the receipt stays pending meanwhile, so nothing is
+//! confirmed and the stream waits (bounded by `max_in_flight` batches). A record that can never
+//! be produced (too large, an invalid topic) goes to the dead-letter store; any other failure
+//! stops the pipeline.
+//!
+//! Delivery is at least once: after a crash, changes after the confirmed position are produced
+//! again. Consumers deduplicate by the `sluice.position` header (CDC) or the `id` header
+//! (outbox events).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use sluice_kafka::{KafkaProducer, ProducerOptions, Record};
+
+use super::dead_letter::DeadLetter;
+use super::{Receipt, Target, TargetStats};
+use crate::config::KafkaConfig;
+use crate::error::{ErrorKind, TargetError};
+use crate::event::{ChangeEvent, EventBatch};
+use crate::translate::kafka::{KafkaTranslator, TranslateError};
+
+pub struct KafkaTarget {
+    producer: KafkaProducer,
+    translator: KafkaTranslator,
+    dead_letter: Arc<DeadLetter>,
+    stats: Arc<TargetStats>,
+    records: Vec<Record>,
+}
+
+impl KafkaTarget {
+    pub async fn open(config: &KafkaConfig, stats: Arc<TargetStats>) -> Result<Self, TargetError> {
+        let options = ProducerOptions {
+            brokers: config.brokers.clone(),
+            compression: config.compression.clone(),
+            message_timeout: config.retry_for,
+            client_id: "sluice".into(),
+            extra: config.properties.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        };
+        let producer = KafkaProducer::new(&options).map_err(|e| TargetError::fatal("kafka", "cannot create the Kafka producer (target.properties)", e))?;
+        let translator = KafkaTranslator::new(&config.topic, config.topics.clone(), config.tombstones_on_delete, config.outbox.clone());
+        let dead_letter = Arc::new(DeadLetter::open("kafka", config.dead_letter.clone()).await?);
+        Ok(KafkaTarget { producer, translator, dead_letter, stats, records: Vec::new() })
+    }
+}
+
+/// The source table an event belongs to, for dead-letter entries.
+fn source_name(event: &ChangeEvent) -> String {
+    match event {
+        ChangeEvent::Insert { relation, .. } | ChangeEvent::Update { relation, .. } | ChangeEvent::Delete { relation, .. } => relation.qualified_name(),
+        ChangeEvent::Truncate { relations, .. } => relations.iter().map(|r| r.qualified_name()).collect::<Vec<_>>().join(","),
+        ChangeEvent::Message { prefix, .. } => format!("message:{prefix}"),
+        _ => String::new(),
+    }
+}
+
+/// The dead-letter entry's fields for a record: topic and key (not the value).
+fn record_details(topic: String, key: Option<Vec<u8>>) -> impl Fn(&mut Vec<u8>) + Sync {
+    move |line: &mut Vec<u8>| {
+        line.extend_from_slice(b",\"topic\":");
+        crate::json::string(line, &topic);
+        line.extend_from_slice(b",\"key\":");
+        match &key {
+            Some(key) => crate::json::string(line, &String::from_utf8_lossy(key)),
+            None => line.extend_from_slice(b"null"),
+        }
+    }
+}
+
+impl Target for KafkaTarget {
+    async fn submit(&mut self, batch: Arc<EventBatch>) -> Result<Receipt, TargetError> {
+        let mut deliveries = Vec::new();
+        for event in &batch.events {
+            let Some(position) = event.position() else { continue };
+            self.records.clear();
+            if let Err(TranslateError::Poison { reason, .. }) = self.translator.translate(event, &mut self.records) {
+                self.dead_letter.record(position, &source_name(event), None, &reason).await?;
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            for record in self.records.drain(..) {
+                match self.producer.enqueue(&record).await {
+                    Ok(delivery) => deliveries.push((position, source_name(event), record.topic, record.key, Instant::now(), delivery)),
+                    Err(error) if error.is_poison() => {
+                        let details = record_details(record.topic, record.key);
+                        self.dead_letter.record(position, &source_name(event), Some(&details), &error.to_string()).await?;
+                        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(error) => return Err(TargetError::fatal("kafka", "cannot produce to Kafka", error)),
+                }
+            }
+        }
+        let (dead_letter, stats) = (self.dead_letter.clone(), self.stats.clone());
+        Ok(Box::pin(async move {
+            for (position, table, topic, key, enqueued, delivery) in deliveries {
+                let delivered: Result<(), sluice_kafka::Error> = delivery.await;
+                metrics::histogram!(crate::metrics::TARGET_WRITE_SECONDS, "target" => "kafka").record(enqueued.elapsed().as_secs_f64());
+                match delivered {
+                    Ok(()) => {
+                        stats.applied.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(error) if error.is_poison() => {
+                        let details = record_details(topic, key);
+                        dead_letter.record(position, &table, Some(&details), &error.to_string()).await?;
+                        stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(error) => {
+                        return Err(TargetError { target: "kafka", kind: ErrorKind::Fatal, message: error.to_string(), source: Some(Box::new(error)) });
+                    }
+                }
+            }
+            Ok(())
+        }))
+    }
+}
