@@ -382,6 +382,9 @@ impl Config {
                 }
             }
             if let Some(outbox) = &kafka.outbox {
+                if outbox.message_prefix.is_some() && !self.source.replication.messages {
+                    problems.push(Problem::new("target.outbox", "message_prefix", "needs source.replication.messages = true"));
+                }
                 if outbox.table.is_none() && outbox.message_prefix.is_none() {
                     problems.push(Problem::new("target.outbox", "table", "name the outbox table, or a message_prefix, or both"));
                 }

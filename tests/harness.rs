@@ -401,7 +401,12 @@ pub struct Outage {
 
 impl Outage {
     pub async fn start(target_port: u16) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(0, target_port).await
+    }
+
+    /// A proxy listening on `port` (0: any free port).
+    pub async fn start_on(port: u16, target_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let cut = Arc::new(tokio::sync::Notify::new());
@@ -438,5 +443,110 @@ impl Outage {
 
     pub fn end(&self) {
         self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+/// A Kafka-protocol broker (tansu, in-memory storage) on 127.0.0.1, one per test. With
+/// `advertise`, clients are told to connect to that port instead (an `Outage` proxy in front).
+pub struct Kafka {
+    child: Child,
+    pub port: u16,
+    /// What clients bootstrap from: the advertised address.
+    pub brokers: String,
+}
+
+impl Drop for Kafka {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `SLUICE_TEST_TANSU`, the CI cache, or `tansu` on PATH.
+fn tansu_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("SLUICE_TEST_TANSU") {
+        return PathBuf::from(path);
+    }
+    let cached = PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/sluice-ci/tansu/bin/tansu");
+    if cached.exists() {
+        return cached;
+    }
+    PathBuf::from("tansu")
+}
+
+impl Kafka {
+    pub fn start(advertise: Option<u16>) -> Self {
+        let port = sluice::localpg::free_port().unwrap();
+        let advertised = advertise.unwrap_or(port);
+        let child = Command::new(tansu_binary())
+            .args(["broker", "--listener-url", &format!("tcp://127.0.0.1:{port}")])
+            .args(["--advertised-listener-url", &format!("tcp://127.0.0.1:{advertised}")])
+            .args(["--storage-engine", "memory://tansu/"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start tansu ({e}); run `bash .ci/run` once, or set SLUICE_TEST_TANSU"));
+        wait_for_blocking("tansu to listen", Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        Kafka { child, port, brokers: format!("127.0.0.1:{advertised}") }
+    }
+
+    pub async fn create_topic(&self, topic: &str, partitions: i32) {
+        sluice_kafka::create_topics(&self.brokers, &[(topic, partitions)]).await.expect("create topic");
+    }
+
+    /// Every record of `topic` from the beginning, in partition order, once `done` holds for
+    /// them (or panics at the deadline).
+    pub fn consume(&self, topic: &str, limit: Duration, done: impl Fn(&[Consumed]) -> bool) -> Vec<Consumed> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::{Headers, Message};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", format!("test-{}", std::process::id()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+        let partitions = metadata.topics()[0].partitions().len() as i32;
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        for partition in 0..partitions {
+            assignment.add_partition_offset(topic, partition, rdkafka::Offset::Beginning).unwrap();
+        }
+        consumer.assign(&assignment).expect("assign");
+        let deadline = Instant::now() + limit;
+        let mut records = Vec::new();
+        while !done(&records) {
+            assert!(Instant::now() < deadline, "timed out after {limit:?} consuming {topic}: {} records", records.len());
+            let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
+            let message = message.expect("consume");
+            let headers = message
+                .headers()
+                .map(|h| h.iter().map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+                .unwrap_or_default();
+            records.push(Consumed {
+                partition: message.partition(),
+                offset: message.offset(),
+                key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                value: message.payload().map(|p| String::from_utf8_lossy(p).into_owned()),
+                headers,
+            });
+        }
+        records
+    }
+}
+
+/// One consumed record, as text.
+#[derive(Clone, Debug)]
+pub struct Consumed {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: Option<String>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Consumed {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 }

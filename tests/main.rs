@@ -12,3 +12,4 @@ mod slots;
 mod dynamodb;
 mod operations;
 mod helm;
+mod kafka;

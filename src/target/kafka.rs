@@ -32,6 +32,8 @@ pub struct KafkaTarget {
     dead_letter: Arc<DeadLetter>,
     stats: Arc<TargetStats>,
     records: Vec<Record>,
+    /// Topics the broker is known to have.
+    known_topics: std::collections::HashSet<String>,
 }
 
 impl KafkaTarget {
@@ -46,7 +48,7 @@ impl KafkaTarget {
         let producer = KafkaProducer::new(&options).map_err(|e| TargetError::fatal("kafka", "cannot create the Kafka producer (target.properties)", e))?;
         let translator = KafkaTranslator::new(&config.topic, config.topics.clone(), config.tombstones_on_delete, config.outbox.clone());
         let dead_letter = Arc::new(DeadLetter::open("kafka", config.dead_letter.clone()).await?);
-        Ok(KafkaTarget { producer, translator, dead_letter, stats, records: Vec::new() })
+        Ok(KafkaTarget { producer, translator, dead_letter, stats, records: Vec::new(), known_topics: Default::default() })
     }
 }
 
@@ -84,7 +86,29 @@ impl Target for KafkaTarget {
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            for record in self.records.drain(..) {
+            for record in std::mem::take(&mut self.records) {
+                // A missing topic would only fail after retry_for: say so now.
+                if !self.known_topics.contains(&record.topic) {
+                    match self.producer.topic_exists(&record.topic).await {
+                        Ok(true) => {
+                            self.known_topics.insert(record.topic.clone());
+                        }
+                        Ok(false) => {
+                            return Err(TargetError {
+                                target: "kafka",
+                                kind: ErrorKind::Fatal,
+                                message: format!(
+                                    "Kafka topic {:?} (for {}) does not exist; create it, or change target.topic, target.topics or target.outbox.topic",
+                                    record.topic,
+                                    source_name(event)
+                                ),
+                                source: None,
+                            });
+                        }
+                        // The broker is unreachable: the producer's retries decide.
+                        Err(error) => tracing::warn!(topic = %record.topic, error = %error, "cannot check that the Kafka topic exists"),
+                    }
+                }
                 match self.producer.enqueue(&record).await {
                     Ok(delivery) => deliveries.push((position, source_name(event), record.topic, record.key, Instant::now(), delivery)),
                     Err(error) if error.is_poison() => {

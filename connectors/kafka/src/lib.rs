@@ -135,6 +135,18 @@ impl KafkaProducer {
         }
     }
 
+    /// Whether the broker knows `topic` (a metadata request; a broker that creates topics on
+    /// first use creates it).
+    pub async fn topic_exists(&self, topic: &str) -> Result<bool, Error> {
+        let (producer, topic) = (self.inner.clone(), topic.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let metadata = producer.client().fetch_metadata(Some(&topic), Duration::from_secs(10)).map_err(|source| Error::Produce { topic: topic.clone(), source })?;
+            Ok(metadata.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+        })
+        .await
+        .map_err(|e| Error::Admin(e.to_string()))?
+    }
+
     /// Waits up to `timeout` for everything enqueued to be delivered.
     pub fn flush(&self, timeout: Duration) {
         let _ = self.inner.flush(timeout);
