@@ -35,10 +35,15 @@ pub struct BenchArgs {
     /// pgoutput's binary value format for both consumers.
     #[arg(long)]
     pub binary: bool,
-    /// `null`: the stream against pg_recvlogical. `dynamodb`: the DynamoDB target against a
-    /// plain client's BatchWriteItem into the same server (`--dynamodb-endpoint`).
+    /// `null`: the stream against pg_recvlogical. `kafka`: outbox events (the rows, routed by
+    /// the outbox event router) produced to `--kafka-brokers`, against pg_recvlogical draining
+    /// the same WAL. `dynamodb`: the DynamoDB target against a plain client's BatchWriteItem
+    /// into the same server (`--dynamodb-endpoint`).
     #[arg(long, value_enum, default_value_t = BenchTarget::Null)]
     pub target: BenchTarget,
+    /// The Kafka brokers for `--target kafka` (the topic `outbox.event.Order` is created).
+    #[arg(long)]
+    pub kafka_brokers: Option<String>,
     /// The DynamoDB-API server for `--target dynamodb` (credentials "test"/"test").
     #[arg(long)]
     pub dynamodb_endpoint: Option<String>,
@@ -57,6 +62,7 @@ pub struct BenchArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BenchTarget {
     Null,
+    Kafka,
     Dynamodb,
 }
 
@@ -78,6 +84,11 @@ struct Sample {
 pub async fn run(args: BenchArgs) -> BenchResult<()> {
     match args.target {
         BenchTarget::Null => tokio::task::spawn_blocking(move || run_blocking(&args)).await?,
+        BenchTarget::Kafka => {
+            let brokers = args.kafka_brokers.clone().ok_or("--target kafka needs --kafka-brokers")?;
+            sluice_kafka::create_topics(&brokers, &[(KAFKA_TOPIC, 4)]).await?;
+            tokio::task::spawn_blocking(move || run_blocking(&args)).await?
+        }
         BenchTarget::Dynamodb => run_dynamodb(&args).await,
     }
 }
@@ -237,6 +248,9 @@ async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
     Ok(())
 }
 
+/// The topic the Kafka benchmark's outbox events go to.
+const KAFKA_TOPIC: &str = "outbox.event.Order";
+
 fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
     if args.streaming && args.proto_version < 2 {
         return Err("--streaming needs --proto-version 2".into());
@@ -249,7 +263,8 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
         Shape::One => &[Shape::One],
     };
     println!(
-        "sluice bench: {} rows per run, {} runs, proto_version {}{}{}",
+        "sluice bench --target {}: {} rows per run, {} runs, proto_version {}{}{}",
+        if args.target == BenchTarget::Kafka { "kafka (outbox events)" } else { "null" },
         args.rows,
         args.runs,
         args.proto_version,
@@ -300,11 +315,17 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
 fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, run: usize) -> BenchResult<Sample> {
     let db = format!("bench_{}_{run}", if shape == Shape::Many { "many" } else { "one" });
     pg.create_database(&db)?;
-    pg.psql(
-        &db,
-        "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL); \
-         CREATE PUBLICATION bench_pub FOR TABLE bench;",
-    )?;
+    let kafka = args.target == BenchTarget::Kafka;
+    // For Kafka the table is an outbox: each row is one event for one of 1000 aggregates.
+    let (table, columns) = if kafka {
+        (
+            "CREATE TABLE bench (id bigint PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload jsonb)",
+            "g, 'Order', 'order-' || (g % 1000), 'Step', jsonb_build_object('n', g, 'name', 'name-' || g)",
+        )
+    } else {
+        ("CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL)", "g, 'name-' || g, g * 1.5")
+    };
+    pg.psql(&db, &format!("{table}; CREATE PUBLICATION bench_pub FOR TABLE bench;"))?;
     for slot in ["baseline", "sluice"] {
         pg.psql(&db, &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"))?;
     }
@@ -312,17 +333,17 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
     let load = match shape {
         Shape::Many => format!(
             "DO $$ BEGIN FOR t IN 0..{last} LOOP \
-               INSERT INTO bench SELECT g, 'name-' || g, g * 1.5 FROM generate_series(t * {tx} + 1, LEAST((t + 1) * {tx}, {rows})) g; \
+               INSERT INTO bench SELECT {columns} FROM generate_series(t * {tx} + 1, LEAST((t + 1) * {tx}, {rows})) g; \
                COMMIT; END LOOP; END $$",
             last = rows.div_ceil(args.tx_rows) - 1,
             tx = args.tx_rows
         ),
-        _ => format!("INSERT INTO bench SELECT g, 'name-' || g, g * 1.5 FROM generate_series(1, {rows}) g"),
+        _ => format!("INSERT INTO bench SELECT {columns} FROM generate_series(1, {rows}) g"),
     };
     pg.psql(&db, &load)?;
     // A marker transaction after `end`: both consumers stop once they have passed it.
     let end = pg.psql(&db, "SELECT pg_current_wal_insert_lsn()")?;
-    pg.psql(&db, "INSERT INTO bench VALUES (0, 'end', 0)")?;
+    pg.psql(&db, &format!("INSERT INTO bench SELECT {} FROM (VALUES (0)) v(g)", columns))?;
     // Flush WAL and dirty pages now, so that neither consumer pays for it.
     pg.psql(&db, "CHECKPOINT")?;
     let total_rows = rows as f64 + 1.0;
@@ -357,12 +378,18 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
             format!(
                 "[monitoring]\nlisten = \"\"\n[source.connection]\nport = {}\ndbname = \"{db}\"\n\
                  [source.replication]\nslot = \"sluice\"\npublication = \"bench_pub\"\ncreate_slot = false\n\
-                 proto_version = {}\nstreaming = {}\nbinary = {}\nspill_dir = \"{}\"\n[target]\nkind = \"null\"\n",
+                 proto_version = {}\nstreaming = {}\nbinary = {}\nspill_dir = \"{}\"\n{}",
                 pg.port,
                 args.proto_version,
                 args.streaming,
                 args.binary,
-                dir.path().display()
+                dir.path().display(),
+                match &args.kafka_brokers {
+                    Some(brokers) if kafka => format!(
+                        "[target]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ncompression = \"none\"\n[target.outbox]\ntable = \"public.bench\"\n"
+                    ),
+                    _ => "[target]\nkind = \"null\"\n".to_owned(),
+                }
             ),
         )?;
         let started = Instant::now();

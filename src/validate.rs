@@ -18,9 +18,67 @@ pub async fn against_database(config: &Config) -> Result<Vec<Problem>, sluice_po
     for warning in sluice_postgres::setup::identity_warnings(&sql, &source.replication.publication).await? {
         problems.push(Problem::new("source.replication", "publication", format!("table {}: {}", warning.table, warning.reason)));
     }
+    if let TargetConfig::Kafka(kafka) = &config.target {
+        if let Some(outbox) = &kafka.outbox {
+            problems.extend(outbox_table(&sql, outbox, &source.replication.publication).await?);
+        }
+    }
     if let TargetConfig::Dynamodb(dynamo) = &config.target {
         if let Ok(mapping) = Mapping::load(&dynamo.mapping) {
             problems.extend(crate::translate::catalog::check(&sql, &mapping, &source.replication.publication).await?);
+        }
+    }
+    Ok(problems)
+}
+
+/// The outbox table exists, is published, and has the router's columns.
+async fn outbox_table(
+    sql: &tokio_postgres::Client,
+    outbox: &crate::translate::kafka::OutboxConfig,
+    publication: &str,
+) -> Result<Vec<Problem>, tokio_postgres::Error> {
+    let mut problems = Vec::new();
+    let Some(table) = &outbox.table else { return Ok(problems) };
+    let Some((schema, name)) = table.split_once('.') else {
+        problems.push(Problem::new("target.outbox", "table", format!("{table:?} must be schema.table")));
+        return Ok(problems);
+    };
+    let columns: Vec<String> = sql
+        .query(
+            "SELECT a.attname::text FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&schema, &name],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    if columns.is_empty() {
+        problems.push(Problem::new("target.outbox", "table", format!("table {table} does not exist")));
+        return Ok(problems);
+    }
+    let published = sql
+        .query_opt("SELECT 1 FROM pg_catalog.pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3", &[&publication, &schema, &name])
+        .await?
+        .is_some();
+    if !published {
+        problems.push(Problem::new("target.outbox", "table", format!("table {table} is not in publication {publication:?}")));
+    }
+    let required = [
+        ("aggregate_type_column", &outbox.aggregate_type_column),
+        ("aggregate_id_column", &outbox.aggregate_id_column),
+        ("payload_column", &outbox.payload_column),
+        ("id_column", &outbox.id_column),
+    ];
+    for (key, column) in required {
+        if !columns.contains(column) {
+            problems.push(Problem::new("target.outbox", key, format!("table {table} has no column {column:?}")));
+        }
+    }
+    for column in &outbox.header_columns {
+        if !columns.contains(column) {
+            problems.push(Problem::new("target.outbox", "header_columns", format!("table {table} has no column {column:?}")));
         }
     }
     Ok(problems)

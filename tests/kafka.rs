@@ -96,6 +96,14 @@ async fn outbox_rows_and_messages_become_events_per_aggregate_in_order() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("target.outbox.message_prefix: needs source.replication.messages = true"), "{stderr}");
     std::fs::write(&config, text.replace("status_interval = \"1s\"", "status_interval = \"1s\"\nmessages = true")).unwrap();
+    let (code, out) = crate::harness::sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(30));
+    assert_eq!(code, Some(0), "the outbox table fits the router: {out}");
+    // A router naming a column the table lacks is caught against the live catalog.
+    let wrong = dir.path().join("wrong.toml");
+    std::fs::write(&wrong, std::fs::read_to_string(&config).unwrap().replace("[target.outbox]\n", "[target.outbox]\naggregate_id_column = \"aggregate_id\"\n")).unwrap();
+    let (code, stderr) = crate::harness::sluice_output(&["validate", "-c", wrong.to_str().unwrap()], Duration::from_secs(30));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("target.outbox.aggregate_id_column: table public.outbox has no column \"aggregate_id\""), "{stderr}");
     let log = dir.path().join("sluice.log");
     let _logs = LogsOnPanic(vec![log.clone()]);
     let mut child = start(&config, &log);
