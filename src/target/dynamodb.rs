@@ -288,42 +288,10 @@ async fn apply_one(client: &DynamoClient, job: &Job, dead_letter: &DeadLetter, s
     }
 }
 
-/// Several writes to distinct items in one TransactWriteItems request. A group that contains a
-/// write DynamoDB rejects falls back to single writes, which classify each one.
+/// Several writes to distinct items in one TransactWriteItems request.
 async fn apply_group(client: &DynamoClient, group: &[Job], dead_letter: &DeadLetter, stats: &TargetStats, retry_for: Duration) {
     let writes: Vec<GuardedWrite> = group.iter().map(|j| j.write.clone()).collect();
-    let started = Instant::now();
-    let mut backoff = new_backoff();
-    loop {
-        match timed(client.apply_transaction(&writes)).await {
-            Ok(outcomes) => {
-                for outcome in outcomes {
-                    count(stats, outcome);
-                }
-                return;
-            }
-            Err(error) if error.is_transient() && started.elapsed() < retry_for => {
-                stats.retries.fetch_add(1, Ordering::Relaxed);
-                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(table = %error.table, error = %error.message, retry_in_ms = delay.as_millis() as u64, "DynamoDB transaction failed; retrying");
-                tokio::time::sleep(delay).await;
-            }
-            Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
-                for job in group {
-                    apply_one(client, job, dead_letter, stats, retry_for).await;
-                }
-                return;
-            }
-            Err(error) => {
-                // The group may span batches: none of them is durable.
-                let message = fatal(error, retry_for).message;
-                for job in group {
-                    job.batch.fail(TargetError { target: "dynamodb", kind: ErrorKind::Fatal, message: message.clone(), source: None });
-                }
-                return;
-            }
-        }
-    }
+    apply_together(client, group, dead_letter, stats, retry_for, "transaction", 0, || client.apply_transaction(&writes)).await;
 }
 
 /// `batch` mode: the group's puts and deletes, the last write per item only (each is the whole
@@ -338,26 +306,45 @@ async fn apply_batch(client: &DynamoClient, group: &[Job], dead_letter: &DeadLet
     }
     let writes: Vec<GuardedWrite> = last.iter().map(|j| j.write.clone()).collect();
     let fresh: Vec<bool> = last.iter().map(|j| j.fresh).collect();
+    let superseded = (group.len() - last.len()) as u64;
+    apply_together(client, group, dead_letter, stats, retry_for, "batch", superseded, || client.apply_batch(&writes, &fresh)).await;
+}
+
+/// One multi-item request for a group, retried while transient. A request DynamoDB rejects
+/// (a write it finds invalid) falls back to single guarded writes, in order, which classify
+/// each write; any other failure fails every batch the group touches (none is durable).
+/// `superseded` writes of the group count as already applied when the request succeeds.
+#[allow(clippy::too_many_arguments)]
+async fn apply_together<F, Fut>(
+    client: &DynamoClient,
+    group: &[Job],
+    dead_letter: &DeadLetter,
+    stats: &TargetStats,
+    retry_for: Duration,
+    what: &str,
+    superseded: u64,
+    mut request: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Outcome>, sluice_dynamodb::DynamoError>>,
+{
     let started = Instant::now();
     let mut backoff = new_backoff();
     loop {
-        match timed(client.apply_batch(&writes, &fresh)).await {
+        match timed(request()).await {
             Ok(outcomes) => {
                 for outcome in outcomes {
                     count(stats, outcome);
                 }
-                // Superseded writes: their item now holds a newer position.
-                stats.already_applied.fetch_add((group.len() - last.len()) as u64, Ordering::Relaxed);
+                stats.already_applied.fetch_add(superseded, Ordering::Relaxed);
                 return;
             }
             Err(error) if error.is_transient() && started.elapsed() < retry_for => {
                 stats.retries.fetch_add(1, Ordering::Relaxed);
                 let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(table = %error.table, error = %error.message, retry_in_ms = delay.as_millis() as u64, "DynamoDB batch failed; retrying");
+                tracing::warn!(table = %error.table, error = %error.message, retry_in_ms = delay.as_millis() as u64, "DynamoDB {what} failed; retrying");
                 tokio::time::sleep(delay).await;
             }
-            // A write DynamoDB rejects fails the whole request: single guarded writes, in order,
-            // classify each.
             Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
                 for job in group {
                     apply_one(client, job, dead_letter, stats, retry_for).await;
