@@ -64,7 +64,9 @@ impl TestDb {
     /// before that point are not in the stream.
     pub async fn wait_slot_active(&self, slot: &str) {
         let sql = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active AND confirmed_flush_lsn IS NOT NULL");
-        wait_for(&format!("slot {slot} to be active"), Duration::from_secs(30), || async { self.sql(&sql) == "1" }).await;
+        // Creating a logical slot waits for the transactions running anywhere in the cluster,
+        // which other tests keep busy: allow for a loaded machine.
+        wait_for(&format!("slot {slot} to be active"), Duration::from_secs(90), || async { self.sql(&sql) == "1" }).await;
     }
 
     /// Starts an in-process source on `slot` and waits until it streams.
@@ -73,7 +75,7 @@ impl TestDb {
         let stream = Stream::start(self.connection(), repl);
         self.wait_slot_active(&slot).await;
         let stats = stream.stats.clone();
-        wait_for("the source to stream", Duration::from_secs(30), || {
+        wait_for("the source to stream", Duration::from_secs(90), || {
             let streaming = stats.streaming.load(std::sync::atomic::Ordering::Relaxed);
             async move { streaming }
         })

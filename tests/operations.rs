@@ -177,7 +177,8 @@ fn status(config: &Path, json: bool) -> (Option<i32>, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_keep_an_idle_slot_close_to_the_wal_end_while_unpublished_tables_churn() {
-    let db = TestDb::new();
+    // Its own cluster: the churn and its checkpoints would slow slot creation in other tests.
+    let db = TestDb::in_cluster(Arc::new(LocalPostgres::start(&ClusterOptions::default()).unwrap()));
     db.sql("CREATE TABLE quiet (id int8 PRIMARY KEY); CREATE TABLE busy (id int8, payload text); CREATE PUBLICATION p FOR TABLE quiet");
     let dir = tempfile::tempdir().unwrap();
     let port = free_port().unwrap();

@@ -12,7 +12,9 @@ use crate::harness::{inserted_ids, sluice, wait_for, TestDb};
 
 /// A database whose walsenders stream transactions past 64 kB (protocol 2 `streaming`).
 fn streaming_db() -> TestDb {
-    let db = TestDb::new();
+    // Its own cluster: the open transactions here would hold up slot creation in every other
+    // test's database (a logical slot waits for the transactions running cluster-wide).
+    let db = TestDb::in_cluster(std::sync::Arc::new(sluice::localpg::LocalPostgres::start(&sluice::localpg::ClusterOptions::default()).unwrap()));
     db.sql(&format!("ALTER DATABASE \"{}\" SET logical_decoding_work_mem = '64kB'", db.name));
     db.sql("CREATE TABLE t (id int8 PRIMARY KEY, pad text); CREATE PUBLICATION p FOR TABLE t");
     db
