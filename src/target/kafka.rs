@@ -105,8 +105,12 @@ impl Target for KafkaTarget {
                                 source: None,
                             });
                         }
-                        // The broker is unreachable: the producer's retries decide.
-                        Err(error) => tracing::warn!(topic = %record.topic, error = %error, "cannot check that the Kafka topic exists"),
+                        // The broker is unreachable: the producer's retries decide, and the
+                        // topic is not checked again (each check may wait 10 s).
+                        Err(error) => {
+                            tracing::warn!(topic = %record.topic, error = %error, "cannot check that the Kafka topic exists");
+                            self.known_topics.insert(record.topic.clone());
+                        }
                     }
                 }
                 match self.producer.enqueue(&record).await {
