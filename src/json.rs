@@ -134,6 +134,18 @@ fn row<'a>(out: &mut Vec<u8>, relation: &Relation, values: impl Iterator<Item = 
     out.push(b'}');
 }
 
+/// `[a,b,…]`, each item written by `write`.
+pub fn array<T>(out: &mut Vec<u8>, items: &[T], write: impl Fn(&mut Vec<u8>, &T)) {
+    out.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write(out, item);
+    }
+    out.push(b']');
+}
+
 /// A JSON string with the escapes JSON requires.
 pub fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
@@ -203,16 +215,7 @@ pub fn write_value(out: &mut Vec<u8>, value: &Value) {
         },
         Value::Timestamp(ts) => timestamp(out, *ts, false),
         Value::TimestampTz(ts) => timestamp(out, *ts, true),
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_value(out, item);
-            }
-            out.push(b']');
-        }
+        Value::Array(items) => array(out, items, write_value),
     }
 }
 

@@ -421,26 +421,11 @@ fn attr_json(out: &mut Vec<u8>, value: &Attr) {
         Attr::B(b) => tagged(out, "B", &|o| crate::json::string(o, &base64::engine::general_purpose::STANDARD.encode(b))),
         Attr::Bool(b) => tagged(out, "BOOL", &|o| o.extend_from_slice(if *b { b"true" } else { b"false" })),
         Attr::Null => out.extend_from_slice(b"{\"NULL\":true}"),
-        Attr::L(items) => tagged(out, "L", &|o| {
-            o.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    o.push(b',');
-                }
-                attr_json(o, item);
-            }
-            o.push(b']');
-        }),
+        Attr::L(items) => tagged(out, "L", &|o| crate::json::array(o, items, attr_json)),
         Attr::M(map) => tagged(out, "M", &|o| attrs_json(o, map)),
-        Attr::Ss(items) | Attr::Ns(items) => tagged(out, if matches!(value, Attr::Ss(_)) { "SS" } else { "NS" }, &|o| {
-            o.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    o.push(b',');
-                }
-                crate::json::string(o, item);
-            }
-            o.push(b']');
-        }),
+        Attr::Ss(items) | Attr::Ns(items) => {
+            let tag = if matches!(value, Attr::Ss(_)) { "SS" } else { "NS" };
+            tagged(out, tag, &|o| crate::json::array(o, items, |o, item| crate::json::string(o, item)))
+        }
     }
 }
