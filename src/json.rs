@@ -118,7 +118,7 @@ fn old_row(out: &mut Vec<u8>, relation: &Relation, old: Option<&OldRow>) {
 }
 
 /// `{"col": value, …}`; columns whose value is `None` (unchanged TOAST) are left out.
-fn row<'a>(out: &mut Vec<u8>, relation: &Relation, values: impl Iterator<Item = Option<&'a Value>>) {
+pub fn row<'a>(out: &mut Vec<u8>, relation: &Relation, values: impl Iterator<Item = Option<&'a Value>>) {
     out.push(b'{');
     let mut first = true;
     for (column, value) in relation.columns.iter().zip(values) {

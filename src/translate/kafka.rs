@@ -194,23 +194,16 @@ pub fn position_text(position: Position) -> String {
 /// `{"col":value,…}` over the replica-identity columns; `None` when the table has none, or
 /// when a key column's value is absent.
 fn key_json<'a>(relation: &Relation, values: impl Iterator<Item = Option<&'a Value>>) -> Option<Vec<u8>> {
-    let mut out = vec![b'{'];
-    let mut any = false;
-    for (column, value) in relation.columns.iter().zip(values) {
-        if !column.is_key {
-            continue;
-        }
-        let value = value?;
-        if any {
-            out.push(b',');
-        }
-        any = true;
-        crate::json::string(&mut out, &column.name);
-        out.push(b':');
-        crate::json::write_value(&mut out, value);
+    let values: Vec<Option<&Value>> = values.collect();
+    let mut keys = relation.columns.iter().zip(&values).filter(|(column, _)| column.is_key).peekable();
+    keys.peek()?;
+    if keys.any(|(_, value)| value.is_none()) {
+        return None;
     }
-    out.push(b'}');
-    any.then_some(out)
+    let mut out = Vec::new();
+    let shown = relation.columns.iter().zip(values).map(|(column, value)| value.filter(|_| column.is_key));
+    crate::json::row(&mut out, relation, shown);
+    Some(out)
 }
 
 /// A topic name Kafka accepts: 1–249 of `[A-Za-z0-9._-]`.
