@@ -440,14 +440,14 @@ impl ReplicationSource {
                 }
                 self.transaction_done(lsn);
             }
-            // Requested for heartbeats only: the application's messages are not wanted.
-            LogicalMessage::Message { .. } if !self.repl.messages => {}
             message => self.on_change(message, wal_start, size, session).await?,
         }
         Ok(())
     }
 
     async fn on_change(&mut self, message: LogicalMessage, at: Lsn, size: usize, session: &mut Session<'_>) -> Result<()> {
+        // Messages may be requested for heartbeats only: then the application's are not wanted.
+        // Both live and spilled (streamed) transactions pass here.
         if matches!(message, LogicalMessage::Message { .. }) && !self.repl.messages {
             return Ok(());
         }
