@@ -77,16 +77,19 @@ fn record_details(topic: String, key: Option<Vec<u8>>) -> impl Fn(&mut Vec<u8>) 
 
 impl Target for KafkaTarget {
     async fn submit(&mut self, batch: Arc<EventBatch>) -> Result<Receipt, TargetError> {
+        // Per record: the event's index (its table is named only if the record fails), topic and
+        // key (for a dead-letter entry), when it was enqueued, and its delivery.
         let mut deliveries = Vec::new();
-        for event in &batch.events {
+        let mut records = std::mem::take(&mut self.records);
+        for (index, event) in batch.events.iter().enumerate() {
             let Some(position) = event.position() else { continue };
-            self.records.clear();
-            if let Err(TranslateError::Poison { reason, .. }) = self.translator.translate(event, &mut self.records) {
+            records.clear();
+            if let Err(TranslateError::Poison { reason, .. }) = self.translator.translate(event, &mut records) {
                 self.dead_letter.record(position, &source_name(event), None, &reason).await?;
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            for record in std::mem::take(&mut self.records) {
+            for record in records.drain(..) {
                 // A missing topic would only fail after retry_for: say so now.
                 if !self.known_topics.contains(&record.topic) {
                     match self.producer.topic_exists(&record.topic).await {
@@ -114,7 +117,7 @@ impl Target for KafkaTarget {
                     }
                 }
                 match self.producer.enqueue(&record).await {
-                    Ok(delivery) => deliveries.push((position, source_name(event), record.topic, record.key, Instant::now(), delivery)),
+                    Ok(delivery) => deliveries.push((index, position, record.topic, record.key, Instant::now(), delivery)),
                     Err(error) if error.is_poison() => {
                         let details = record_details(record.topic, record.key);
                         self.dead_letter.record(position, &source_name(event), Some(&details), &error.to_string()).await?;
@@ -124,18 +127,20 @@ impl Target for KafkaTarget {
                 }
             }
         }
+        self.records = records;
         let (dead_letter, stats) = (self.dead_letter.clone(), self.stats.clone());
+        let latency = metrics::histogram!(crate::metrics::TARGET_WRITE_SECONDS, "target" => "kafka");
         Ok(Box::pin(async move {
-            for (position, table, topic, key, enqueued, delivery) in deliveries {
+            for (index, position, topic, key, enqueued, delivery) in deliveries {
                 let delivered: Result<(), sluice_kafka::Error> = delivery.await;
-                metrics::histogram!(crate::metrics::TARGET_WRITE_SECONDS, "target" => "kafka").record(enqueued.elapsed().as_secs_f64());
+                latency.record(enqueued.elapsed().as_secs_f64());
                 match delivered {
                     Ok(()) => {
                         stats.applied.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(error) if error.is_poison() => {
                         let details = record_details(topic, key);
-                        dead_letter.record(position, &table, Some(&details), &error.to_string()).await?;
+                        dead_letter.record(position, &source_name(&batch.events[index]), Some(&details), &error.to_string()).await?;
                         stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(error) => {
