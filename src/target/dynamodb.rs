@@ -268,12 +268,7 @@ async fn apply_one(client: &DynamoClient, job: &Job, dead_letter: &DeadLetter, s
     loop {
         match timed(client.apply(&job.write)).await {
             Ok(outcome) => return count(stats, outcome),
-            Err(error) if error.is_transient() && started.elapsed() < retry_for => {
-                stats.retries.fetch_add(1, Ordering::Relaxed);
-                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(table = %error.table, error = %error.message, retry_in_ms = delay.as_millis() as u64, "DynamoDB write failed; retrying");
-                tokio::time::sleep(delay).await;
-            }
+            Err(error) if error.is_transient() && started.elapsed() < retry_for => pause(stats, &mut backoff, &error, "write").await,
             Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
                 match dead_letter.record(job.position, &job.source.qualified_name(), Some(&|line: &mut Vec<u8>| write_details(line, &job.write)), &error.to_string()).await {
                     Ok(()) => {
@@ -339,12 +334,7 @@ async fn apply_together<F, Fut>(
                 stats.already_applied.fetch_add(superseded, Ordering::Relaxed);
                 return;
             }
-            Err(error) if error.is_transient() && started.elapsed() < retry_for => {
-                stats.retries.fetch_add(1, Ordering::Relaxed);
-                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(table = %error.table, error = %error.message, retry_in_ms = delay.as_millis() as u64, "DynamoDB {what} failed; retrying");
-                tokio::time::sleep(delay).await;
-            }
+            Err(error) if error.is_transient() && started.elapsed() < retry_for => pause(stats, &mut backoff, &error, what).await,
             Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
                 for job in group {
                     apply_one(client, job, dead_letter, stats, retry_for).await;
@@ -360,6 +350,14 @@ async fn apply_together<F, Fut>(
             }
         }
     }
+}
+
+/// Counts a retry and waits out the next backoff step after a transient failure.
+async fn pause(stats: &TargetStats, backoff: &mut impl Iterator<Item = Duration>, error: &sluice_dynamodb::DynamoError, what: &str) {
+    stats.retries.fetch_add(1, Ordering::Relaxed);
+    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+    tracing::warn!(table = %error.table, error = %error.message, retry_in_ms = delay.as_millis() as u64, "DynamoDB {what} failed; retrying");
+    tokio::time::sleep(delay).await;
 }
 
 /// Records a request's latency.

@@ -300,7 +300,7 @@ impl DynamoClient {
     /// only while sluice is the items' one writer (one active replica, which the HA lock
     /// ensures). Updates (partial rows) are not batchable: callers apply them with [`Self::apply`].
     pub async fn apply_batch(&self, writes: &[GuardedWrite], fresh: &[bool]) -> Result<Vec<Outcome>, DynamoError> {
-        let unknown: Vec<GuardedWrite> = writes.iter().zip(fresh).filter(|(_, fresh)| !**fresh).map(|(w, _)| w.clone()).collect();
+        let unknown: Vec<&GuardedWrite> = writes.iter().zip(fresh).filter(|(_, fresh)| !**fresh).map(|(w, _)| w).collect();
         let mut read = self.read_versions(&unknown).await?.into_iter();
         let stored = fresh.iter().map(|&fresh| if fresh { Stored::Older } else { read.next().unwrap_or(Stored::Absent) });
         let mut outcomes = Vec::with_capacity(writes.len());
@@ -354,7 +354,7 @@ impl DynamoClient {
     }
 
     /// The stored version of each write's item, read consistently with BatchGetItem.
-    async fn read_versions(&self, writes: &[GuardedWrite]) -> Result<Vec<Stored>, DynamoError> {
+    async fn read_versions(&self, writes: &[&GuardedWrite]) -> Result<Vec<Stored>, DynamoError> {
         let Some(first) = writes.first() else { return Ok(Vec::new()) };
         if writes.len() > 100 {
             return Err(DynamoError::new(ErrorKind::Fatal, &first.table, "more than 100 keys in one BatchGetItem (internal error)"));
