@@ -45,8 +45,13 @@ pub async fn acquire(
     let key = format!("sluice:{slot}");
     let mut announced_standby = false;
     let mut failing_since: Option<std::time::Instant> = None;
+    // A standby keeps its connection between attempts and opens a new one only after a failure.
+    let mut client: Option<tokio_postgres::Client> = None;
     loop {
-        let attempt = try_lock(conn, &key).await;
+        let attempt = try_lock(&mut client, conn, &key).await;
+        if attempt.is_err() {
+            client = None;
+        }
         standby_healthy.store(attempt.is_ok(), std::sync::atomic::Ordering::Relaxed);
         match attempt {
             Ok(Some(lock)) => {
@@ -76,14 +81,20 @@ pub async fn acquire(
     }
 }
 
-async fn try_lock(conn: &ConnectionConfig, key: &str) -> Result<Option<HaLock>, sluice_postgres::Error> {
-    let client = connect_sql(conn).await?;
-    for setting in SESSION_SETTINGS {
-        // Settings an older server lacks are not worth failing over.
-        let _ = client.batch_execute(setting).await;
+/// One attempt on `client` (connected first when there is none); on success the connection
+/// moves into the lock.
+async fn try_lock(client: &mut Option<tokio_postgres::Client>, conn: &ConnectionConfig, key: &str) -> Result<Option<HaLock>, sluice_postgres::Error> {
+    if client.as_ref().is_none_or(|c| c.is_closed()) {
+        let fresh = connect_sql(conn).await?;
+        for setting in SESSION_SETTINGS {
+            // Settings an older server lacks are not worth failing over.
+            let _ = fresh.batch_execute(setting).await;
+        }
+        *client = Some(fresh);
     }
-    let held: bool = client.query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key]).await?.get(0);
-    Ok(held.then_some(HaLock { client }))
+    let connected = client.as_ref().expect("connected above");
+    let held: bool = connected.query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key]).await?.get(0);
+    Ok(if held { client.take().map(|client| HaLock { client }) } else { None })
 }
 
 impl HaLock {
