@@ -26,6 +26,16 @@ fn shop_mapping(dir: &Path, table: &str) -> PathBuf {
     path
 }
 
+/// The `[target]` section of a config file for the DynamoDB target at `url` with test
+/// credentials, plus `extra` keys.
+pub fn target_toml(mapping: &Path, url: &str, extra: &str) -> String {
+    format!(
+        "[target]\nkind = \"dynamodb\"\nmapping = \"{}\"\nendpoint_url = \"{url}\"\nregion = \"us-east-1\"\n\
+         access_key_id = \"test\"\nsecret_access_key = \"test\"\n{extra}",
+        mapping.display()
+    )
+}
+
 fn dynamo_config(url: &str, mapping: PathBuf, dead_letter: Option<PathBuf>) -> DynamoConfig {
     DynamoConfig {
         mapping,
@@ -412,12 +422,7 @@ async fn kill_9_then_restart(write_mode: &str) {
         dir.path(),
         "kill",
         "p",
-        &format!(
-            "[target]\nkind = \"dynamodb\"\nmapping = \"{}\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"\n\
-             access_key_id = \"test\"\nsecret_access_key = \"test\"\nconcurrency = 8\nwrite_mode = \"{write_mode}\"\n",
-            mapping.display(),
-            moto.url
-        ),
+        &target_toml(&mapping, &moto.url, &format!("concurrency = 8\nwrite_mode = \"{write_mode}\"\n")),
     );
     let start = |log: &str| {
         crate::harness::sluice()
@@ -609,12 +614,7 @@ async fn sigterm_exits_within_the_shutdown_timeout_while_dynamodb_is_unreachable
         shop.dir.path(),
         "term",
         "p",
-        &format!(
-            "[target]\nkind = \"dynamodb\"\nmapping = \"{}\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"\n\
-             access_key_id = \"test\"\nsecret_access_key = \"test\"\nrequest_timeout = \"1s\"\n",
-            mapping.display(),
-            outage.url()
-        ),
+        &target_toml(&mapping, &outage.url(), "request_timeout = \"1s\"\n"),
     );
     let text = std::fs::read_to_string(&config).unwrap().replace("[pipeline]\n", "[pipeline]\nshutdown_timeout = \"2s\"\n");
     std::fs::write(&config, text).unwrap();

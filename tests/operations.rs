@@ -71,12 +71,7 @@ async fn metrics_show_lag_falling_after_catch_up_and_rising_while_the_target_is_
         dir.path(),
         "metrics",
         "p",
-        &format!(
-            "[target]\nkind = \"dynamodb\"\nmapping = \"{}\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\n\
-             secret_access_key = \"test\"\nrequest_timeout = \"1s\"\nretry_for = \"5m\"\n",
-            mapping.display(),
-            outage.url()
-        ),
+        &crate::dynamodb::target_toml(&mapping, &outage.url(), "request_timeout = \"1s\"\nretry_for = \"5m\"\n"),
     );
     let config = with_monitoring(
         config,
