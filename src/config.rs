@@ -157,6 +157,17 @@ pub enum TargetConfig {
     Null,
 }
 
+impl TargetConfig {
+    /// The outbox event router, when the target has one.
+    pub fn outbox(&self) -> Option<&crate::translate::outbox::OutboxConfig> {
+        match self {
+            TargetConfig::Kafka(kafka) => kafka.outbox.as_ref(),
+            TargetConfig::Dynamodb(dynamo) => dynamo.outbox.as_ref(),
+            TargetConfig::Jsonl(_) | TargetConfig::Null => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
@@ -184,7 +195,7 @@ pub struct KafkaConfig {
     pub dead_letter: Option<PathBuf>,
     /// The outbox event router; without it every change is plain CDC.
     #[serde(default)]
-    pub outbox: Option<crate::translate::kafka::OutboxConfig>,
+    pub outbox: Option<crate::translate::outbox::OutboxConfig>,
     /// Further librdkafka producer properties (`security.protocol`, `sasl.mechanism`,
     /// `linger.ms`, …). Idempotence and `acks` are fixed.
     #[serde(default)]
@@ -215,8 +226,12 @@ pub struct JsonlConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DynamoConfig {
-    /// The mapping file (format in `schemas/README.md`).
-    pub mapping: PathBuf,
+    /// The mapping file (format in `schemas/README.md`); optional when `outbox` is set.
+    #[serde(default)]
+    pub mapping: Option<PathBuf>,
+    /// The outbox event router, writing each event as an item of `outbox.event_table`.
+    #[serde(default)]
+    pub outbox: Option<crate::translate::outbox::OutboxConfig>,
     /// A DynamoDB-API endpoint other than AWS's, such as a local server.
     #[serde(default)]
     pub endpoint_url: Option<String>,
@@ -345,6 +360,16 @@ impl Config {
         }
     }
 
+    /// Problems of an outbox router that do not depend on the target.
+    fn outbox_problems(&self, outbox: &crate::translate::outbox::OutboxConfig, problems: &mut Vec<Problem>) {
+        if outbox.message_prefix.is_some() && !self.source.replication.messages {
+            problems.push(Problem::new("target.outbox", "message_prefix", "needs source.replication.messages = true"));
+        }
+        if outbox.table.is_none() && outbox.message_prefix.is_none() {
+            problems.push(Problem::new("target.outbox", "table", "name the outbox table, or a message_prefix, or both"));
+        }
+    }
+
     /// Every problem with the configuration, each named by its dotted key.
     pub fn validate(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
@@ -382,15 +407,13 @@ impl Config {
                 }
             }
             if let Some(outbox) = &kafka.outbox {
-                if outbox.message_prefix.is_some() && !self.source.replication.messages {
-                    problems.push(Problem::new("target.outbox", "message_prefix", "needs source.replication.messages = true"));
-                }
-                if outbox.table.is_none() && outbox.message_prefix.is_none() {
-                    problems.push(Problem::new("target.outbox", "table", "name the outbox table, or a message_prefix, or both"));
-                }
                 if !outbox.topic.contains("{aggregatetype}") && outbox.topic.contains('{') {
                     problems.push(Problem::new("target.outbox", "topic", "the only placeholder is {aggregatetype}"));
                 }
+                if outbox.event_table.is_some() {
+                    problems.push(Problem::new("target.outbox", "event_table", "is a DynamoDB setting; Kafka events go to `topic`"));
+                }
+                self.outbox_problems(outbox, &mut problems);
             }
         }
         if let TargetConfig::Dynamodb(dynamo) = &self.target {
@@ -406,12 +429,26 @@ impl Config {
             if dynamo.access_key_id.is_some() != dynamo.secret_access_key.is_some() {
                 problems.push(Problem::new("target", "access_key_id", "access_key_id and secret_access_key go together"));
             }
-            match crate::translate::mapping::Mapping::load(&dynamo.mapping) {
-                Ok(_) => {}
-                Err(mapping_problems) => problems.extend(mapping_problems.into_iter().map(|p| Problem {
-                    key: if p.key == "mapping" { "target.mapping".into() } else { format!("target.{}", p.key) },
-                    message: p.message,
-                })),
+            match (&dynamo.mapping, &dynamo.outbox) {
+                (None, None) => problems.push(Problem::new("target", "mapping", "is required (a mapping file), unless target.outbox routes outbox events")),
+                (Some(path), _) => match crate::translate::mapping::Mapping::load(path) {
+                    Ok(_) => {}
+                    Err(mapping_problems) => problems.extend(mapping_problems.into_iter().map(|p| Problem {
+                        key: if p.key == "mapping" { "target.mapping".into() } else { format!("target.{}", p.key) },
+                        message: p.message,
+                    })),
+                },
+                (None, Some(_)) => {}
+            }
+            if let Some(outbox) = &dynamo.outbox {
+                match outbox.event_table.as_deref() {
+                    None | Some("") => problems.push(Problem::new("target.outbox", "event_table", "is required: the DynamoDB table events are written to")),
+                    Some(_) => {}
+                }
+                if outbox.partition_key.is_empty() || outbox.sort_key.is_empty() || outbox.partition_key == outbox.sort_key {
+                    problems.push(Problem::new("target.outbox", "sort_key", "partition_key and sort_key must be two different attribute names"));
+                }
+                self.outbox_problems(outbox, &mut problems);
             }
         }
         if let TargetConfig::Jsonl(jsonl) = &self.target {
@@ -555,5 +592,16 @@ mod tests {
         let text = MINIMAL.replace("publication = \"sluice_pub\"", "publication = \"sluice_pub\"\nstatus_interval = \"10\"");
         let err = load(&text, &[]).unwrap_err().to_string();
         assert!(err.contains("source.replication.status_interval") && err.contains("unit"), "{err}");
+    }
+
+    #[test]
+    fn a_dynamodb_target_needs_a_mapping_or_an_outbox_with_an_event_table() {
+        let dynamo = MINIMAL.replace("kind = \"null\"", "kind = \"dynamodb\"");
+        let err = load(&dynamo, &[]).unwrap_err().to_string();
+        assert!(err.contains("target.mapping: is required"), "{err}");
+        let err = load(&format!("{dynamo}\n[target.outbox]\ntable = \"public.outbox\"\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("target.outbox.event_table: is required"), "{err}");
+        let config = load(&format!("{dynamo}\n[target.outbox]\ntable = \"public.outbox\"\nevent_table = \"events\"\n"), &[]).unwrap();
+        assert_eq!(config.target.outbox().and_then(|o| o.event_table.as_deref()), Some("events"));
     }
 }

@@ -90,7 +90,8 @@ pub async fn run(options: DemoOptions) -> DemoResult {
         std::fs::write(&mapping, DEMO_MAPPING)?;
         eprintln!("demo: mapping public.accounts → DynamoDB table demo_accounts:{DEMO_MAPPING}");
         config.target = TargetConfig::Dynamodb(crate::config::DynamoConfig {
-            mapping,
+            mapping: Some(mapping),
+            outbox: None,
             endpoint_url: Some(local.url.clone()),
             region: Some("us-east-1".into()),
             access_key_id: Some("demo".into()),

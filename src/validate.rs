@@ -18,13 +18,11 @@ pub async fn against_database(config: &Config) -> Result<Vec<Problem>, sluice_po
     for warning in sluice_postgres::setup::identity_warnings(&sql, &source.replication.publication).await? {
         problems.push(Problem::new("source.replication", "publication", format!("table {}: {}", warning.table, warning.reason)));
     }
-    if let TargetConfig::Kafka(kafka) = &config.target {
-        if let Some(outbox) = &kafka.outbox {
-            problems.extend(outbox_table(&sql, outbox, &source.replication.publication).await?);
-        }
+    if let Some(outbox) = config.target.outbox() {
+        problems.extend(outbox_table(&sql, outbox, &source.replication.publication).await?);
     }
     if let TargetConfig::Dynamodb(dynamo) = &config.target {
-        if let Ok(mapping) = Mapping::load(&dynamo.mapping) {
+        if let Some(Ok(mapping)) = dynamo.mapping.as_deref().map(Mapping::load) {
             problems.extend(crate::translate::catalog::check(&sql, &mapping, &source.replication.publication).await?);
         }
     }
@@ -34,7 +32,7 @@ pub async fn against_database(config: &Config) -> Result<Vec<Problem>, sluice_po
 /// The outbox table exists, is published, and has the router's columns.
 async fn outbox_table(
     sql: &tokio_postgres::Client,
-    outbox: &crate::translate::kafka::OutboxConfig,
+    outbox: &crate::translate::outbox::OutboxConfig,
     publication: &str,
 ) -> Result<Vec<Problem>, tokio_postgres::Error> {
     let mut problems = Vec::new();

@@ -38,7 +38,8 @@ pub fn target_toml(mapping: &Path, url: &str, extra: &str) -> String {
 
 fn dynamo_config(url: &str, mapping: PathBuf, dead_letter: Option<PathBuf>) -> DynamoConfig {
     DynamoConfig {
-        mapping,
+        mapping: Some(mapping),
+        outbox: None,
         endpoint_url: Some(url.into()),
         region: Some("us-east-1".into()),
         access_key_id: Some("test".into()),
@@ -636,4 +637,88 @@ async fn sigterm_exits_within_the_shutdown_timeout_while_dynamodb_is_unreachable
     let confirmed = db.slot_confirmed("term").unwrap();
     assert!(confirmed < commit, "slot confirmed {confirmed}, acknowledging the unwritten change ending at {commit}");
     assert_eq!(shop.item_count().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_events_land_in_an_event_log_table_in_order_per_aggregate() {
+    let moto = moto();
+    let db = TestDb::new();
+    db.sql(
+        "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text, aggregateid text, type text, payload jsonb, seq int);
+         CREATE PUBLICATION p FOR TABLE outbox;",
+    );
+    let table = format!("events_{}", db.name);
+    let client = dynamo_client(&moto.url).await;
+    client.create_table(&table, "aggregate", Some("sequence")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dead_letter = dir.path().join("dead.jsonl");
+    let outbox = toml::from_str(&format!("table = \"public.outbox\"\nmessage_prefix = \"outbox\"\nevent_table = \"{table}\"")).unwrap();
+    let target = DynamoConfig { mapping: None, outbox: Some(outbox), ..dynamo_config(&moto.url, PathBuf::new(), Some(dead_letter.clone())) };
+    let config = Config {
+        pipeline: PipelineConfig::default(),
+        source: SourceConfig { connection: db.connection(), replication: sluice_postgres::ReplicationConfig { messages: true, ..db.replication("log", "p") } },
+        target: TargetConfig::Dynamodb(target),
+        monitoring: Default::default(),
+        ha: Default::default(),
+    };
+    assert!(config.validate().is_empty(), "{:?}", config.validate());
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let state = sluice::monitor::PipelineState::new(&config);
+    let task = tokio::spawn(async move { sluice::pipeline::run(&config, &state, shutdown_rx, |_| {}).await });
+    db.wait_slot_active(&db.slot_name("log")).await;
+
+    // Order o-1: five events, one transaction each, the outbox row deleted at once in two of
+    // them; order o-2: three events in one transaction; a logical message; a NULL payload;
+    // and a row without aggregate id, which an event log cannot key.
+    for seq in 1..=5 {
+        let delete = if seq % 2 == 0 { "DELETE FROM outbox WHERE aggregateid = 'o-1';" } else { "" };
+        db.sql(&format!(
+            "BEGIN; INSERT INTO outbox (aggregatetype, aggregateid, type, payload, seq) VALUES ('Order', 'o-1', 'Step', jsonb_build_object('seq', {seq}, 'tags', jsonb_build_array('a')), {seq}); {delete} COMMIT;"
+        ));
+    }
+    db.sql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload, seq) SELECT 'Order', 'o-2', 'Line', jsonb_build_object('seq', g), g FROM generate_series(1, 3) g");
+    db.sql("SELECT pg_logical_emit_message(true, 'outbox', '{\"id\":\"m-1\",\"aggregatetype\":\"Customer\",\"aggregateid\":\"c-9\",\"type\":\"Renamed\",\"payload\":{\"name\":\"Ada\"}}')");
+    db.sql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('Order', 'o-3', 'Forgotten', NULL)");
+    db.sql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('Order', NULL, 'Orphan', '{}')");
+    let end = db.insert_lsn();
+    wait_for("the slot to confirm every event", Duration::from_secs(60), || async { db.slot_confirmed("log").unwrap() >= Lsn(end.0 - 64) }).await;
+
+    let mut by_aggregate: BTreeMap<String, Vec<Item>> = BTreeMap::new();
+    for item in client.scan_all(&table).await.unwrap() {
+        let Attr::S(aggregate) = &item["aggregate"] else { panic!("{item:?}") };
+        by_aggregate.entry(aggregate.clone()).or_default().push(item);
+    }
+    for items in by_aggregate.values_mut() {
+        items.sort_by_key(|item| match &item["sequence"] {
+            Attr::S(s) => s.clone(),
+            other => panic!("{other:?}"),
+        });
+    }
+    let seqs = |aggregate: &str| -> Vec<String> {
+        by_aggregate[aggregate]
+            .iter()
+            .map(|item| match &item["payload"] {
+                Attr::M(payload) => number(&payload["seq"]),
+                other => panic!("payload is a map: {other:?}"),
+            })
+            .collect()
+    };
+    assert_eq!(seqs("Order#o-1"), ["1", "2", "3", "4", "5"], "in sequence order, deleted rows included");
+    assert_eq!(seqs("Order#o-2"), ["1", "2", "3"], "one transaction's events keep their order");
+    let first = &by_aggregate["Order#o-1"][0];
+    assert_eq!(first["type"], s("Step"));
+    assert_eq!(first["aggregatetype"], s("Order"));
+    assert!(matches!(&first["id"], Attr::S(id) if id.len() == 36), "{first:?}");
+    assert!(matches!(&first["position"], Attr::S(p) if p.matches('/').count() == 2), "{first:?}");
+    let customer = &by_aggregate["Customer#c-9"];
+    assert_eq!((customer.len(), &customer[0]["id"]), (1, &s("m-1")));
+    let forgotten = &by_aggregate["Order#o-3"];
+    assert!(!forgotten[0].contains_key("payload"), "a NULL payload leaves the attribute out");
+    assert_eq!(by_aggregate.len(), 4, "{by_aggregate:#?}");
+    let dead: Vec<serde_json::Value> = std::fs::read_to_string(&dead_letter).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["table"], "public.outbox");
+    assert!(dead[0]["reason"].as_str().unwrap().contains("aggregateid"), "{}", dead[0]);
+    shutdown.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(60), task).await.unwrap().unwrap().unwrap();
 }

@@ -28,10 +28,14 @@ use crate::config::{DynamoConfig, WriteMode};
 use crate::error::{ErrorKind, TargetError};
 use crate::event::{ChangeEvent, EventBatch, Position, Relation};
 use crate::translate::dynamodb::{DynamoTranslator, TranslateError};
+use crate::translate::outbox::{OutboxConfig, Routed};
 use crate::translate::mapping::Mapping;
 
 pub struct DynamoTarget {
-    translator: DynamoTranslator,
+    /// Mapped tables; `None` when the target only logs outbox events.
+    translator: Option<DynamoTranslator>,
+    /// The outbox router and the event-log table it writes to.
+    outbox: Option<(OutboxConfig, String)>,
     workers: Vec<mpsc::Sender<Job>>,
     dead_letter: Arc<DeadLetter>,
     pub stats: Arc<TargetStats>,
@@ -42,8 +46,8 @@ struct Job {
     position: Position,
     /// The position was never delivered before (`EventBatch::redelivery_horizon`).
     fresh: bool,
-    /// The source table, named only when a write is dead-lettered.
-    source: Arc<Relation>,
+    /// The source table (or `message:<prefix>`), named only when a write is dead-lettered.
+    source: Arc<str>,
     batch: Arc<BatchState>,
 }
 
@@ -69,12 +73,16 @@ impl BatchState {
 
 impl DynamoTarget {
     pub async fn open(config: &DynamoConfig, stats: Arc<TargetStats>) -> Result<Self, TargetError> {
-        let mapping = Mapping::load(&config.mapping).map_err(|problems| TargetError {
-            target: "dynamodb",
-            kind: ErrorKind::Fatal,
-            message: problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
-            source: None,
-        })?;
+        let translator = match &config.mapping {
+            Some(path) => Some(DynamoTranslator::new(&Mapping::load(path).map_err(|problems| TargetError {
+                target: "dynamodb",
+                kind: ErrorKind::Fatal,
+                message: problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+                source: None,
+            })?)),
+            None => None,
+        };
+        let outbox = config.outbox.as_ref().and_then(|outbox| outbox.event_table.clone().map(|table| (outbox.clone(), table)));
         let options = ClientOptions {
             endpoint_url: config.endpoint_url.clone(),
             region: config.region.clone(),
@@ -94,7 +102,27 @@ impl DynamoTarget {
                 tx
             })
             .collect();
-        Ok(DynamoTarget { translator: DynamoTranslator::new(&mapping), workers, dead_letter, stats })
+        Ok(DynamoTarget { translator, outbox, workers, dead_letter, stats })
+    }
+
+    /// The writes for one event, appended to `writes`; returns the name of the event's source
+    /// (for dead-letter entries), or `None` when the event writes nothing.
+    fn translate(&self, event: &ChangeEvent, now: u64, writes: &mut Vec<GuardedWrite>) -> Result<Option<Arc<str>>, TranslateError> {
+        if let Some((outbox, table)) = &self.outbox {
+            let poison = |p: crate::translate::outbox::Poison| TranslateError::Poison { table: p.table, column: None, reason: p.reason };
+            match outbox.route(event).map_err(poison)? {
+                Routed::Event(routed) => {
+                    writes.push(routed.event_log_item(outbox, table).map_err(poison)?);
+                    return Ok(Some(routed.source.into()));
+                }
+                Routed::Ignored => return Ok(None),
+                Routed::NotOutbox => {}
+            }
+        }
+        let Some(translator) = &self.translator else { return Ok(None) };
+        translator.translate(event, now, writes)?;
+        // Only row changes produce writes.
+        Ok(row_relation(event).map(|relation| relation.qualified_name().into()))
     }
 
     fn worker_for(&self, write: &GuardedWrite) -> usize {
@@ -118,8 +146,9 @@ impl Target for DynamoTarget {
         for event in &batch.events {
             writes.clear();
             let Some(position) = event.position() else { continue };
-            match self.translator.translate(event, now, &mut writes) {
-                Ok(()) => {}
+            let source: Arc<str> = match self.translate(event, now, &mut writes) {
+                Ok(Some(source)) => source,
+                Ok(None) => continue,
                 Err(error @ TranslateError::Poison { .. }) => {
                     self.dead_letter.record(position, &source_name(event), None, &error.to_string()).await?;
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -128,20 +157,18 @@ impl Target for DynamoTarget {
                 Err(error @ TranslateError::Fatal { .. }) => {
                     return Err(TargetError { target: "dynamodb", kind: ErrorKind::Fatal, message: error.to_string(), source: None })
                 }
-            }
-            // Only row changes produce writes.
-            let Some(relation) = row_relation(event) else { continue };
+            };
             for write in writes.drain(..) {
                 if let WriteAction::Put(item) | WriteAction::Update { set: item, .. } = &write.action {
                     let size = item_size(item) + item_size(&write.key) + write.version_attribute.len() + 21;
                     if size > MAX_ITEM_BYTES {
                         let reason = format!("item of {size} bytes exceeds DynamoDB's 400 KB limit");
-                        self.dead_letter.record(position, &relation.qualified_name(), Some(&|line: &mut Vec<u8>| write_details(line, &write)), &reason).await?;
+                        self.dead_letter.record(position, &source, Some(&|line: &mut Vec<u8>| write_details(line, &write)), &reason).await?;
                         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                 }
-                jobs.push((write, position, relation.clone()));
+                jobs.push((write, position, source.clone()));
             }
         }
         let state = Arc::new(BatchState { remaining: AtomicUsize::new(jobs.len() + 1), done: Notify::new(), failure: Mutex::new(None) });
@@ -178,6 +205,7 @@ impl Target for DynamoTarget {
 fn source_name(event: &ChangeEvent) -> String {
     match event {
         ChangeEvent::Truncate { relations, .. } => relations.iter().map(|r| r.qualified_name()).collect::<Vec<_>>().join(","),
+        ChangeEvent::Message { prefix, .. } => format!("message:{prefix}"),
         other => row_relation(other).map(|r| r.qualified_name()).unwrap_or_default(),
     }
 }
@@ -270,7 +298,7 @@ async fn apply_one(client: &DynamoClient, job: &Job, dead_letter: &DeadLetter, s
             Ok(outcome) => return count(stats, outcome),
             Err(error) if error.is_transient() && started.elapsed() < retry_for => pause(stats, &mut backoff, &error, "write").await,
             Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
-                match dead_letter.record(job.position, &job.source.qualified_name(), Some(&|line: &mut Vec<u8>| write_details(line, &job.write)), &error.to_string()).await {
+                match dead_letter.record(job.position, &job.source, Some(&|line: &mut Vec<u8>| write_details(line, &job.write)), &error.to_string()).await {
                     Ok(()) => {
                         stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     }

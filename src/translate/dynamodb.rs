@@ -400,7 +400,7 @@ fn set_attr(items: &[Value]) -> Result<Option<Attr>, String> {
     }
 }
 
-fn json_attr(json: &serde_json::Value) -> Result<Attr, String> {
+pub(crate) fn json_attr(json: &serde_json::Value) -> Result<Attr, String> {
     Ok(match json {
         serde_json::Value::Null => Attr::Null,
         serde_json::Value::Bool(b) => Attr::Bool(*b),

@@ -7,70 +7,17 @@
 //! and the position. A delete is followed by a tombstone for its key (`tombstones_on_delete`),
 //! and so is an update that changes the key, so that compacted topics forget the old key.
 //!
-//! Outbox event router (Debezium-compatible defaults): a row inserted into the outbox table,
-//! or a `pg_logical_emit_message` message with the outbox prefix whose content is a JSON
-//! object of the same fields, becomes one record: topic from the `aggregatetype` (template
-//! `outbox.event.{aggregatetype}`), key = `aggregateid`, value = `payload` (json/jsonb kept as
-//! JSON text, bytea as bytes, a NULL payload is a tombstone), headers `id` (the event id), the
-//! configured header columns, and the source position. Updates and deletes of outbox rows are
-//! ignored: applications may delete an outbox row right after inserting it.
+//! Outbox events (`translate::outbox` routes them) become one record each: topic from the
+//! aggregate type (template `outbox.event.{aggregatetype}`), key = `aggregateid`, value =
+//! `payload` (json/jsonb kept as JSON text, bytea as bytes, a NULL payload is a tombstone),
+//! headers `id` (the event id), the configured header columns, and the source position.
 
 use std::collections::HashMap;
 
 use sluice_kafka::Record;
 
+use super::outbox::{OutboxConfig, OutboxEvent, Routed};
 use crate::event::{ChangeEvent, NewRow, OldRow, Position, Relation, Value};
-
-/// The outbox router's settings (the target's `[target.outbox]`).
-#[derive(Clone, Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OutboxConfig {
-    /// The outbox table (`schema.table`) whose inserts are events.
-    #[serde(default)]
-    pub table: Option<String>,
-    /// Also route `pg_logical_emit_message` messages with this prefix (content: a JSON object).
-    #[serde(default)]
-    pub message_prefix: Option<String>,
-    /// Topic template over `{aggregatetype}`.
-    #[serde(default = "default_outbox_topic")]
-    pub topic: String,
-    #[serde(default = "default_id_column")]
-    pub id_column: String,
-    #[serde(default = "default_aggregate_type_column")]
-    pub aggregate_type_column: String,
-    #[serde(default = "default_aggregate_id_column")]
-    pub aggregate_id_column: String,
-    #[serde(default = "default_type_column")]
-    pub type_column: String,
-    #[serde(default = "default_payload_column")]
-    pub payload_column: String,
-    /// Further columns (or message fields) copied into headers of the same name; the event
-    /// type column is one by default.
-    #[serde(default = "default_header_columns")]
-    pub header_columns: Vec<String>,
-}
-
-fn default_outbox_topic() -> String {
-    "outbox.event.{aggregatetype}".into()
-}
-fn default_id_column() -> String {
-    "id".into()
-}
-fn default_aggregate_type_column() -> String {
-    "aggregatetype".into()
-}
-fn default_aggregate_id_column() -> String {
-    "aggregateid".into()
-}
-fn default_type_column() -> String {
-    "type".into()
-}
-fn default_payload_column() -> String {
-    "payload".into()
-}
-fn default_header_columns() -> Vec<String> {
-    vec!["type".into()]
-}
 
 /// Why a change produced no record.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -101,19 +48,11 @@ impl KafkaTranslator {
     /// The records for one event, appended to `out` in the order they must be produced.
     pub fn translate(&self, event: &ChangeEvent, out: &mut Vec<Record>) -> Result<(), TranslateError> {
         if let Some(outbox) = &self.outbox {
-            match event {
-                ChangeEvent::Insert { relation, new, position } if outbox.table.as_deref() == Some(relation.qualified_name().as_str()) => {
-                    return route_row(outbox, relation, new, *position, out);
-                }
-                ChangeEvent::Update { relation, .. } | ChangeEvent::Delete { relation, .. }
-                    if outbox.table.as_deref() == Some(relation.qualified_name().as_str()) =>
-                {
-                    return Ok(());
-                }
-                ChangeEvent::Message { prefix, content, position, .. } if outbox.message_prefix.as_deref() == Some(prefix.as_str()) => {
-                    return route_message(outbox, prefix, content, *position, out);
-                }
-                _ => {}
+            match outbox.route(event) {
+                Ok(Routed::Event(routed)) => return push_event(outbox, routed, out),
+                Ok(Routed::Ignored) => return Ok(()),
+                Ok(Routed::NotOutbox) => {}
+                Err(poison) => return Err(TranslateError::Poison { table: poison.table, reason: poison.reason }),
             }
         }
         let (relation, position, op) = match event {
@@ -211,89 +150,18 @@ fn valid_topic(topic: &str) -> bool {
     !topic.is_empty() && topic.len() <= 249 && topic.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
-/// The text of a value for keys and headers.
-fn text_of(value: &Value) -> Option<String> {
-    match value {
-        Value::Null => None,
-        Value::Text(s) | Value::Enum(s) | Value::Json(s) => Some(s.clone()),
-        other => Some(other.to_string()),
-    }
-}
-
-fn route_row(outbox: &OutboxConfig, relation: &Relation, values: &[Value], position: Position, out: &mut Vec<Record>) -> Result<(), TranslateError> {
-    let table = relation.qualified_name();
-    let column = |name: &str| relation.columns.iter().position(|c| c.name == name).map(|i| &values[i]);
-    let poison = |reason: String| TranslateError::Poison { table: table.clone(), reason };
-    let field_text = |name: &str| -> Result<Option<String>, TranslateError> {
-        match column(name) {
-            Some(value) => Ok(text_of(value)),
-            None => Err(poison(format!("the outbox table has no column {name:?}"))),
-        }
-    };
-    let aggregate_type = field_text(&outbox.aggregate_type_column)?.ok_or_else(|| poison(format!("column {:?} is NULL", outbox.aggregate_type_column)))?;
-    let aggregate_id = field_text(&outbox.aggregate_id_column)?;
-    let id = field_text(&outbox.id_column)?;
-    let payload = match column(&outbox.payload_column) {
-        None => return Err(poison(format!("the outbox table has no column {:?}", outbox.payload_column))),
-        Some(Value::Null) => None,
-        Some(Value::Bytea(bytes)) => Some(bytes.clone()),
-        Some(value) => text_of(value).map(String::into_bytes),
-    };
-    let mut extra = Vec::new();
-    for name in &outbox.header_columns {
-        if let Some(value) = field_text(name)? {
-            extra.push((name.clone(), value.into_bytes()));
-        }
-    }
-    push_event(outbox, &table, aggregate_type, aggregate_id, id, payload, extra, position, out)
-}
-
-fn route_message(outbox: &OutboxConfig, prefix: &str, content: &[u8], position: Position, out: &mut Vec<Record>) -> Result<(), TranslateError> {
-    let table = format!("message:{prefix}");
-    let poison = |reason: String| TranslateError::Poison { table: table.clone(), reason };
-    let object: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(content).map_err(|e| poison(format!("message content is not a JSON object: {e}")))?;
-    let text = |name: &str| match object.get(name) {
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(s)) => Some(s.clone()),
-        Some(other) => Some(other.to_string()),
-    };
-    let aggregate_type = text(&outbox.aggregate_type_column).ok_or_else(|| poison(format!("message field {:?} is missing", outbox.aggregate_type_column)))?;
-    let payload = match object.get(&outbox.payload_column) {
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(s)) => Some(s.clone().into_bytes()),
-        Some(other) => Some(other.to_string().into_bytes()),
-    };
-    let extra = outbox.header_columns.iter().filter_map(|name| text(name).map(|v| (name.clone(), v.into_bytes()))).collect();
-    push_event(outbox, &table, aggregate_type, text(&outbox.aggregate_id_column), text(&outbox.id_column), payload, extra, position, out)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn push_event(
-    outbox: &OutboxConfig,
-    table: &str,
-    aggregate_type: String,
-    aggregate_id: Option<String>,
-    id: Option<String>,
-    payload: Option<Vec<u8>>,
-    extra: Vec<(String, Vec<u8>)>,
-    position: Position,
-    out: &mut Vec<Record>,
-) -> Result<(), TranslateError> {
-    let topic = outbox.topic.replace("{aggregatetype}", &aggregate_type);
+fn push_event(outbox: &OutboxConfig, event: OutboxEvent, out: &mut Vec<Record>) -> Result<(), TranslateError> {
+    let topic = outbox.topic.replace("{aggregatetype}", &event.aggregate_type);
     if !valid_topic(&topic) {
-        return Err(TranslateError::Poison {
-            table: table.to_owned(),
-            reason: format!("topic {topic:?} (from the aggregate type) is not a valid Kafka topic name"),
-        });
+        return Err(TranslateError::Poison { table: event.source, reason: format!("topic {topic:?} (from the aggregate type) is not a valid Kafka topic name") });
     }
-    let mut headers = Vec::with_capacity(extra.len() + 2);
-    if let Some(id) = id {
+    let mut headers = Vec::with_capacity(event.headers.len() + 2);
+    if let Some(id) = event.id {
         headers.push(("id".to_string(), id.into_bytes()));
     }
-    headers.extend(extra);
-    headers.push((HEADER_POSITION.into(), position_text(position).into_bytes()));
-    out.push(Record { topic, key: aggregate_id.map(String::into_bytes), payload, headers });
+    headers.extend(event.headers.into_iter().map(|(name, value)| (name, value.into_bytes())));
+    headers.push((HEADER_POSITION.into(), position_text(event.position).into_bytes()));
+    out.push(Record { topic, key: event.aggregate_id.map(String::into_bytes), payload: event.payload.map(|p| p.into_bytes()), headers });
     Ok(())
 }
 

@@ -5,3 +5,4 @@ pub mod catalog;
 pub mod dynamodb;
 pub mod mapping;
 pub mod kafka;
+pub mod outbox;
