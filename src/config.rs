@@ -135,12 +135,32 @@ fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
-/// The Postgres logical replication source.
+/// The Postgres source: logical replication (`[source.replication]`), or polling an outbox
+/// table (`[source.poll]`) where logical replication is not allowed.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     pub connection: ConnectionConfig,
-    pub replication: ReplicationConfig,
+    #[serde(default)]
+    pub replication: Option<ReplicationConfig>,
+    #[serde(default)]
+    pub poll: Option<sluice_postgres::PollConfig>,
+}
+
+impl SourceConfig {
+    /// The name of the HA lock: one per slot, or per polled table.
+    pub fn lock_name(&self) -> String {
+        match (&self.replication, &self.poll) {
+            (Some(replication), _) => replication.slot.clone(),
+            (None, Some(poll)) => poll.lock_name(),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// True when logical messages are decoded (`source.replication.messages`).
+    fn messages(&self) -> bool {
+        self.replication.as_ref().is_some_and(|r| r.messages)
+    }
 }
 
 /// Where changes go.
@@ -362,7 +382,7 @@ impl Config {
 
     /// Problems of an outbox router that do not depend on the target.
     fn outbox_problems(&self, outbox: &crate::translate::outbox::OutboxConfig, problems: &mut Vec<Problem>) {
-        if outbox.message_prefix.is_some() && !self.source.replication.messages {
+        if outbox.message_prefix.is_some() && !self.source.messages() {
             problems.push(Problem::new("target.outbox", "message_prefix", "needs source.replication.messages = true"));
         }
         if outbox.table.is_none() && outbox.message_prefix.is_none() {
@@ -393,7 +413,19 @@ impl Config {
             problems.push(Problem::new("ha", "retry_interval", "must be more than 0s"));
         }
         self.source.connection.validate("source.connection", &mut problems);
-        self.source.replication.validate("source.replication", &mut problems);
+        match (&self.source.replication, &self.source.poll) {
+            (Some(replication), None) => replication.validate("source.replication", &mut problems),
+            (None, Some(poll)) => {
+                poll.validate("source.poll", &mut problems);
+                match self.target.outbox() {
+                    Some(outbox) if outbox.table.as_deref() == Some(poll.table.as_str()) => {}
+                    Some(_) => problems.push(Problem::new("source.poll", "table", "must be the table of target.outbox.table")),
+                    None => problems.push(Problem::new("source.poll", "table", "polled rows are outbox events: configure [target.outbox] with the same table")),
+                }
+            }
+            (None, None) => problems.push(Problem::new("source", "replication", "configure [source.replication] (logical replication) or [source.poll] (an outbox table)")),
+            (Some(_), Some(_)) => problems.push(Problem::new("source", "poll", "[source.replication] and [source.poll] exclude each other: one source per pipeline")),
+        }
         if let TargetConfig::Kafka(kafka) = &self.target {
             if kafka.brokers.trim().is_empty() {
                 problems.push(Problem::new("target", "brokers", "must name at least one broker (host:port)"));
@@ -603,5 +635,23 @@ mod tests {
         assert!(err.contains("target.outbox.event_table: is required"), "{err}");
         let config = load(&format!("{dynamo}\n[target.outbox]\ntable = \"public.outbox\"\nevent_table = \"events\"\n"), &[]).unwrap();
         assert_eq!(config.target.outbox().and_then(|o| o.event_table.as_deref()), Some("events"));
+    }
+
+    #[test]
+    fn a_pipeline_has_exactly_one_source_and_a_polled_table_is_the_outbox_table() {
+        let neither = MINIMAL.replace("[source.replication]\n        slot = \"sluice\"\n        publication = \"sluice_pub\"\n", "");
+        let err = load(&neither, &[]).unwrap_err().to_string();
+        assert!(err.contains("source.replication: configure [source.replication] (logical replication) or [source.poll]"), "{err}");
+        let both = MINIMAL.replace("[target]", "[source.poll]\ntable = \"public.outbox\"\n[target]");
+        let err = load(&both, &[]).unwrap_err().to_string();
+        assert!(err.contains("source.poll: [source.replication] and [source.poll] exclude each other"), "{err}");
+        let kafka = "[target]\nkind = \"kafka\"\nbrokers = \"k:9092\"\n[target.outbox]\ntable = \"public.outbox\"\n";
+        let poll = |poll: &str| format!("[source.connection]\ndbname = \"app\"\n[source.poll]\n{poll}\n{kafka}");
+        let config = load(&poll("table = \"public.outbox\"\ninterval = \"250ms\""), &[]).unwrap();
+        let polled = config.source.poll.as_ref().unwrap();
+        assert_eq!((polled.batch_size, polled.interval, polled.after_publish), (500, Duration::from_millis(250), sluice_postgres::AfterPublish::Delete));
+        assert_eq!(config.source.lock_name(), "poll:public.outbox");
+        let err = load(&poll("table = \"public.events\"\nbatch_size = 0"), &[]).unwrap_err().to_string();
+        assert!(err.contains("source.poll.batch_size") && err.contains("source.poll.table: must be the table of target.outbox.table"), "{err}");
     }
 }

@@ -72,7 +72,8 @@ pub async fn run(options: DemoOptions) -> DemoResult {
         pipeline: PipelineConfig::default(),
         source: SourceConfig {
             connection: pg.connection("demo"),
-            replication: ReplicationConfig::new("demo_slot", "demo_pub"),
+            replication: Some(ReplicationConfig::new("demo_slot", "demo_pub")),
+            poll: None,
         },
         target: TargetConfig::Jsonl(JsonlConfig { path: "-".into(), fsync: false, transactions: true }),
         monitoring: Default::default(),

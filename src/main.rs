@@ -131,8 +131,8 @@ async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {
 
     let lock = if config.ha.enabled {
         let mut shutdown = shutdown_rx.clone();
-        let slot = &config.source.replication.slot;
-        match sluice::ha::acquire(&config.source.connection, slot, config.ha.retry_interval, config.pipeline.retry_for, &state.standby_healthy, &mut shutdown).await? {
+        let lock_name = config.source.lock_name();
+        match sluice::ha::acquire(&config.source.connection, &lock_name, config.ha.retry_interval, config.pipeline.retry_for, &state.standby_healthy, &mut shutdown).await? {
             Some(lock) => Some(lock),
             None => return Ok(()),
         }

@@ -51,6 +51,9 @@ pub const TARGET_RETRIES_TOTAL: &str = "sluice_target_retries_total";
 pub const DEAD_LETTER_TOTAL: &str = "sluice_dead_letter_total";
 /// 1 while this process holds the pipeline's HA lock (it streams), 0 while standing by.
 pub const HA_ACTIVE: &str = "sluice_ha_active";
+/// Polling source: rows of the outbox table not yet published (counted every
+/// `monitoring.slot_check_interval`).
+pub const OUTBOX_BACKLOG_ROWS: &str = "sluice_outbox_backlog_rows";
 /// 1 when /readyz answers ready.
 pub const READY: &str = "sluice_ready";
 

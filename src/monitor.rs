@@ -57,6 +57,8 @@ pub struct PipelineState {
     /// A standby's last attempt at the HA lock reached Postgres (the lock is held elsewhere).
     pub standby_healthy: AtomicBool,
     slot: Mutex<Option<SlotInfo>>,
+    /// Unpublished rows of a polled outbox table; -1 when not polling or not counted yet.
+    outbox_backlog: AtomicI64,
     ready_max_lag: Duration,
     heartbeats: bool,
 }
@@ -82,11 +84,14 @@ pub struct Status {
     pub dead_lettered: u64,
     pub reconnects: u64,
     pub slot: Option<SlotInfo>,
+    /// Polling source: rows of the outbox table not yet published.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbox_backlog_rows: Option<i64>,
 }
 
 impl PipelineState {
     pub fn new(config: &Config) -> Arc<Self> {
-        Arc::new(Self::with(&config.pipeline.name, config.monitoring.ready_max_lag, !config.source.replication.heartbeat_interval.is_zero()))
+        Arc::new(Self::with(&config.pipeline.name, config.monitoring.ready_max_lag, config.source.replication.as_ref().is_some_and(|r| !r.heartbeat_interval.is_zero())))
     }
 
     pub fn with(name: &str, ready_max_lag: Duration, heartbeats: bool) -> Self {
@@ -99,6 +104,7 @@ impl PipelineState {
             active: AtomicBool::new(false),
             standby_healthy: AtomicBool::new(false),
             slot: Mutex::new(None),
+            outbox_backlog: AtomicI64::new(-1),
             ready_max_lag,
             heartbeats,
         }
@@ -176,6 +182,7 @@ impl PipelineState {
             dead_lettered: self.target.dead_lettered.load(Ordering::Relaxed),
             reconnects: load(|s| &s.reconnects),
             slot: self.slot.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            outbox_backlog_rows: Some(self.outbox_backlog.load(Ordering::Relaxed)).filter(|&n| n >= 0),
         }
     }
 
@@ -188,6 +195,9 @@ impl PipelineState {
         metrics::gauge!(m::APPLY_LAG_BYTES).set(status.apply_lag_bytes as f64);
         if let Some(lag) = status.lag_seconds {
             metrics::gauge!(m::LAG_SECONDS).set(lag);
+        }
+        if let Some(backlog) = status.outbox_backlog_rows {
+            metrics::gauge!(m::OUTBOX_BACKLOG_ROWS).set(backlog as f64);
         }
         metrics::gauge!(m::DURABLE_LSN).set(self.durable_lsn.load(Ordering::Relaxed) as f64);
         if let Some(source) = self.source.get() {
@@ -249,7 +259,21 @@ pub async fn run(state: Arc<PipelineState>, config: Config, mut shutdown: watch:
         }
         if tokio::time::Instant::now() >= next_check {
             next_check = tokio::time::Instant::now() + check_every;
-            match check_slot(&mut sql, &config.source.connection, &config.source.replication.slot).await {
+            // A polling source has no slot to inspect: count its backlog instead.
+            let Some(replication) = &config.source.replication else {
+                if let Some(poll) = &config.source.poll {
+                    match count_backlog(&mut sql, &config.source.connection, poll).await {
+                        Ok(rows) => state.outbox_backlog.store(rows, Ordering::Relaxed),
+                        Err(error) => {
+                            sql = None;
+                            tracing::warn!(error = %sluice_postgres::error::Chain(&error), table = %poll.table, "cannot count the outbox backlog");
+                        }
+                    }
+                }
+                state.sample();
+                continue;
+            };
+            match check_slot(&mut sql, &config.source.connection, &replication.slot).await {
                 Ok(info) => {
                     warned_unreachable = false;
                     record_slot(&info);
@@ -266,6 +290,17 @@ pub async fn run(state: Arc<PipelineState>, config: Config, mut shutdown: watch:
             }
         }
         state.sample();
+    }
+}
+
+async fn count_backlog(sql: &mut Option<tokio_postgres::Client>, conn: &ConnectionConfig, poll: &sluice_postgres::PollConfig) -> Result<i64, sluice_postgres::Error> {
+    if sql.as_ref().is_none_or(|c| c.is_closed()) {
+        *sql = Some(sluice_postgres::connect_sql(conn).await?);
+    }
+    let client = sql.as_ref().expect("connected above");
+    match tokio::time::timeout(Duration::from_secs(10), sluice_postgres::poll::backlog(client, poll)).await {
+        Ok(result) => result,
+        Err(_) => Err(sluice_postgres::Error::Setup("counting the outbox backlog timed out after 10 s".into())),
     }
 }
 

@@ -47,9 +47,19 @@ async fn from_daemon(listen: &str) -> Option<Value> {
 
 async fn from_postgres(config: &Config) -> anyhow::Result<Value> {
     let sql = sluice_postgres::connect_sql(&config.source.connection).await.context("no daemon answered on monitoring.listen, and Postgres")?;
-    let slot = crate::monitor::inspect_slot(&sql, &config.source.replication.slot)
-        .await
-        .with_context(|| format!("cannot read replication slot {:?} from pg_replication_slots", config.source.replication.slot))?;
+    let (slot, backlog) = match (&config.source.replication, &config.source.poll) {
+        (Some(replication), _) => {
+            let slot = crate::monitor::inspect_slot(&sql, &replication.slot)
+                .await
+                .with_context(|| format!("cannot read replication slot {:?} from pg_replication_slots", replication.slot))?;
+            (json!(slot), Value::Null)
+        }
+        (None, Some(poll)) => {
+            let rows = sluice_postgres::poll::backlog(&sql, poll).await.with_context(|| format!("cannot count the rows of outbox table {}", poll.table))?;
+            (Value::Null, json!(rows))
+        }
+        (None, None) => (Value::Null, Value::Null),
+    };
     let dead_lettered = match &config.target {
         TargetConfig::Dynamodb(dynamo) => match &dynamo.dead_letter {
             Some(path) => match std::fs::read(path) {
@@ -67,6 +77,7 @@ async fn from_postgres(config: &Config) -> anyhow::Result<Value> {
         "source_of_status": "postgres",
         "dead_lettered": dead_lettered,
         "slot": slot,
+        "outbox_backlog_rows": backlog,
     }))
 }
 
@@ -84,7 +95,7 @@ fn table(status: &Value) -> String {
     };
     for key in [
         "pipeline", "source_of_status", "role", "streaming", "ready", "not_ready_reason", "received_lsn", "durable_lsn", "confirmed_lsn",
-        "apply_lag_bytes", "lag_seconds", "events", "applied", "already_applied", "retries", "dead_lettered", "reconnects",
+        "apply_lag_bytes", "lag_seconds", "events", "applied", "already_applied", "retries", "dead_lettered", "reconnects", "outbox_backlog_rows",
     ] {
         if let Some(value) = status.get(key) {
             rows.push((key.replace('_', " "), show(value)));
@@ -99,6 +110,8 @@ fn table(status: &Value) -> String {
                 rows.push((format!("slot {}", key.replace('_', " ")), show(slot.get(key).unwrap_or(&Value::Null))));
             }
         }
+        // A polling source has no slot.
+        _ if status.get("outbox_backlog_rows").is_some_and(|b| !b.is_null()) => {}
         _ => rows.push(("slot".into(), "not inspected yet".into())),
     }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);

@@ -11,29 +11,40 @@ pub async fn against_database(config: &Config) -> Result<Vec<Problem>, sluice_po
     let source = &config.source;
     let sql = sluice_postgres::connect_sql(&source.connection).await?;
     let mut problems = Vec::new();
-    match sluice_postgres::setup::check(&sql, &source.connection, &source.replication).await {
-        Ok(_) | Err(sluice_postgres::Error::SlotInUse { .. }) => {}
-        Err(e) => problems.push(Problem::new("source", "replication", e.to_string())),
+    if let Some(replication) = &source.replication {
+        match sluice_postgres::setup::check(&sql, &source.connection, replication).await {
+            Ok(_) | Err(sluice_postgres::Error::SlotInUse { .. }) => {}
+            Err(e) => problems.push(Problem::new("source", "replication", e.to_string())),
+        }
+        for warning in sluice_postgres::setup::identity_warnings(&sql, &replication.publication).await? {
+            problems.push(Problem::new("source.replication", "publication", format!("table {}: {}", warning.table, warning.reason)));
+        }
     }
-    for warning in sluice_postgres::setup::identity_warnings(&sql, &source.replication.publication).await? {
-        problems.push(Problem::new("source.replication", "publication", format!("table {}: {}", warning.table, warning.reason)));
+    if let Some(poll) = &source.poll {
+        match sluice_postgres::poll::load_relation(&sql, poll).await {
+            Ok(_) => {}
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => problems.push(Problem::new("source", "poll", e.to_string())),
+        }
     }
+    let publication = source.replication.as_ref().map(|r| r.publication.as_str());
     if let Some(outbox) = config.target.outbox() {
-        problems.extend(outbox_table(&sql, outbox, &source.replication.publication).await?);
+        problems.extend(outbox_table(&sql, outbox, publication).await?);
     }
-    if let TargetConfig::Dynamodb(dynamo) = &config.target {
+    if let (TargetConfig::Dynamodb(dynamo), Some(publication)) = (&config.target, publication) {
         if let Some(Ok(mapping)) = dynamo.mapping.as_deref().map(Mapping::load) {
-            problems.extend(crate::translate::catalog::check(&sql, &mapping, &source.replication.publication).await?);
+            problems.extend(crate::translate::catalog::check(&sql, &mapping, publication).await?);
         }
     }
     Ok(problems)
 }
 
-/// The outbox table exists, is published, and has the router's columns.
+/// The outbox table exists, is published (when streamed from a publication), and has the
+/// router's columns.
 async fn outbox_table(
     sql: &tokio_postgres::Client,
     outbox: &crate::translate::outbox::OutboxConfig,
-    publication: &str,
+    publication: Option<&str>,
 ) -> Result<Vec<Problem>, tokio_postgres::Error> {
     let mut problems = Vec::new();
     let Some(table) = &outbox.table else { return Ok(problems) };
@@ -56,12 +67,14 @@ async fn outbox_table(
         problems.push(Problem::new("target.outbox", "table", format!("table {table} does not exist")));
         return Ok(problems);
     }
-    let published = sql
-        .query_opt("SELECT 1 FROM pg_catalog.pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3", &[&publication, &schema, &name])
-        .await?
-        .is_some();
-    if !published {
-        problems.push(Problem::new("target.outbox", "table", format!("table {table} is not in publication {publication:?}")));
+    if let Some(publication) = publication {
+        let published = sql
+            .query_opt("SELECT 1 FROM pg_catalog.pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3", &[&publication, &schema, &name])
+            .await?
+            .is_some();
+        if !published {
+            problems.push(Problem::new("target.outbox", "table", format!("table {table} is not in publication {publication:?}")));
+        }
     }
     let required = [
         ("aggregate_type_column", &outbox.aggregate_type_column),

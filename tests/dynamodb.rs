@@ -63,7 +63,7 @@ struct Running {
 async fn start_pipeline(db: &TestDb, slot: &str, target: DynamoConfig) -> Running {
     let config = Config {
         pipeline: PipelineConfig::default(),
-        source: SourceConfig { connection: db.connection(), replication: db.replication(slot, "p") },
+        source: SourceConfig { connection: db.connection(), replication: Some(db.replication(slot, "p")), poll: None },
         target: TargetConfig::Dynamodb(target),
         monitoring: Default::default(),
         ha: Default::default(),
@@ -656,7 +656,7 @@ async fn outbox_events_land_in_an_event_log_table_in_order_per_aggregate() {
     let target = DynamoConfig { mapping: None, outbox: Some(outbox), ..dynamo_config(&moto.url, PathBuf::new(), Some(dead_letter.clone())) };
     let config = Config {
         pipeline: PipelineConfig::default(),
-        source: SourceConfig { connection: db.connection(), replication: sluice_postgres::ReplicationConfig { messages: true, ..db.replication("log", "p") } },
+        source: SourceConfig { connection: db.connection(), replication: Some(sluice_postgres::ReplicationConfig { messages: true, ..db.replication("log", "p") }), poll: None },
         target: TargetConfig::Dynamodb(target),
         monitoring: Default::default(),
         ha: Default::default(),

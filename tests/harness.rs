@@ -497,6 +497,20 @@ impl Kafka {
         sluice_kafka::create_topics(&self.brokers, &[(topic, partitions)]).await.expect("create topic");
     }
 
+    /// Every record of `topic` from the beginning, once no further record has come for
+    /// `quiet`: the whole topic, when its producers have stopped.
+    pub fn consume_all(&self, topic: &str, quiet: Duration) -> Vec<Consumed> {
+        let last = std::cell::Cell::new((0usize, Instant::now()));
+        self.consume(topic, Duration::from_secs(120), |records| {
+            let (count, since) = last.get();
+            if records.len() != count {
+                last.set((records.len(), Instant::now()));
+                return false;
+            }
+            since.elapsed() >= quiet
+        })
+    }
+
     /// Every record of `topic` from the beginning, in partition order, once `done` holds for
     /// them (or panics at the deadline).
     pub fn consume(&self, topic: &str, limit: Duration, done: impl Fn(&[Consumed]) -> bool) -> Vec<Consumed> {

@@ -13,3 +13,4 @@ mod dynamodb;
 mod operations;
 mod helm;
 mod kafka;
+mod poll;

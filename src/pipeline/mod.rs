@@ -13,7 +13,7 @@ pub mod ack;
 use std::sync::Arc;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use sluice_postgres::{EventBatch, Lsn, ReplicationSource, SourceOptions, SourceStats};
+use sluice_postgres::{EventBatch, Lsn, PollSource, ReplicationSource, SourceOptions, SourceStats};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
@@ -43,13 +43,23 @@ pub async fn run(config: &Config, state: &Arc<PipelineState>, shutdown: watch::R
         shutdown_timeout: config.pipeline.shutdown_timeout,
         ..SourceOptions::default()
     };
-    let source = ReplicationSource::new(config.source.connection.clone(), config.source.replication.clone(), options);
     let (batch_tx, batch_rx) = mpsc::channel(CHANNEL_BATCHES);
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
-    state.set_source(source.stats());
-    on_start(Pipeline { source_stats: source.stats(), durable: durable_rx.clone() });
     let mut shutdown_started = shutdown.clone();
-    let source_task = tokio::spawn(source.run(batch_tx, durable_rx, shutdown));
+    let connection = config.source.connection.clone();
+    let (stats, source_task) = match (&config.source.replication, &config.source.poll) {
+        (Some(replication), _) => {
+            let source = ReplicationSource::new(connection, replication.clone(), options);
+            (source.stats(), tokio::spawn(source.run(batch_tx, durable_rx.clone(), shutdown)))
+        }
+        (None, Some(poll)) => {
+            let source = PollSource::new(connection, poll.clone(), options);
+            (source.stats(), tokio::spawn(source.run(batch_tx, durable_rx.clone(), shutdown)))
+        }
+        (None, None) => return Err(PipelineError::Task("no source configured".into())),
+    };
+    state.set_source(stats.clone());
+    on_start(Pipeline { source_stats: stats, durable: durable_rx });
     // On shutdown the source waits `shutdown_timeout` for in-flight batches, confirms what is
     // durable and stops; a target still retrying after that is abandoned (its batches were not
     // confirmed and will be streamed again).

@@ -10,6 +10,7 @@ pub mod error;
 pub mod event;
 pub mod lsn;
 pub mod pgoutput;
+pub mod poll;
 pub mod setup;
 pub mod source;
 pub mod spill;
@@ -22,5 +23,6 @@ pub use config::{ConnectionConfig, Problem, ReplicationConfig, Secret, SlotLostP
 pub use error::{Error, Result};
 pub use event::{ChangeEvent, Column, EventBatch, NewRow, OldRow, Position, Relation, ReplicaIdentity};
 pub use lsn::Lsn;
+pub use poll::{AfterPublish, PollConfig, PollSource};
 pub use source::{ReplicationSource, SourceOptions, SourceStats};
 pub use value::{Date, Interval, Numeric, Time, Timestamp, Value};
