@@ -85,15 +85,19 @@ fn check_rendering(dir: &Path, name: &str, manifests: &str) {
     // The configuration the pod reads passes `sluice validate`.
     let config = dir.join(format!("{name}.json"));
     let mut json: serde_json::Value = serde_json::from_str(&block_under(manifests, "sluice.json: |")).unwrap();
-    if json["target"]["kind"] == "dynamodb" {
+    if json["target"]["kind"] == "dynamodb" && json["target"]["outbox"].is_null() {
         assert_eq!(json["target"]["mapping"], "/etc/sluice/mapping.toml");
         let mapping = dir.join(format!("{name}-mapping.toml"));
         std::fs::write(&mapping, block_under(manifests, "mapping.toml: |")).unwrap();
         json["target"]["mapping"] = serde_json::Value::String(mapping.display().to_string());
     }
     // The pod mounts an emptyDir there; here a temp dir stands in for it.
-    assert_eq!(json["source"]["replication"]["spill_dir"], "/var/lib/sluice/spill");
-    json["source"]["replication"]["spill_dir"] = serde_json::Value::String(dir.display().to_string());
+    if json["source"]["poll"].is_null() {
+        assert_eq!(json["source"]["replication"]["spill_dir"], "/var/lib/sluice/spill");
+        json["source"]["replication"]["spill_dir"] = serde_json::Value::String(dir.display().to_string());
+    } else {
+        assert!(json["source"]["replication"].is_null(), "one source: {json}");
+    }
     assert_eq!(json["monitoring"]["listen"].as_str().unwrap().rsplit(':').next(), manifests.split("containerPort: ").nth(1).and_then(|s| s.lines().next()));
     std::fs::write(&config, serde_json::to_string(&json).unwrap()).unwrap();
     let (code, out) = crate::harness::sluice_output(&["validate", "--offline", "-c", config.to_str().unwrap()], std::time::Duration::from_secs(30));
@@ -121,6 +125,17 @@ fn chart_renders_valid_manifests_with_default_and_full_values() {
     let checked = Command::new(promtool).args(["check", "rules"]).arg(&rules).output().expect("promtool");
     assert!(checked.status.success(), "promtool check rules: {}", text(&checked));
     assert!(text(&checked).contains("4 rules found"), "{}", text(&checked));
+
+    // The polling outbox source into a DynamoDB event log: no slot, no spill directory, no mapping.
+    let poll_values = dir.path().join("poll-values.yaml");
+    std::fs::write(
+        &poll_values,
+        "config:\n  source:\n    replication: null\n    poll:\n      table: public.outbox\n      after_publish: mark\n  target:\n    kind: dynamodb\n    outbox:\n      table: public.outbox\n      event_table: events\n",
+    )
+    .unwrap();
+    let poll = render(dir.path(), Some(poll_values.to_str().unwrap()));
+    check_rendering(dir.path(), "poll", &poll);
+    assert!(!poll.contains("mapping.toml"), "no mapping without one");
 }
 
 #[test]
@@ -131,6 +146,7 @@ fn chart_refuses_bad_values_and_the_validator_catches_bad_manifests() {
         ("log.format=xml", "/log/format"),
         ("config.source.replication.on_slot_lost=ignore", "on_slot_lost"),
         ("metricsPort=0", "/metricsPort"),
+        ("config.source.poll.table=outbox", "/config/source"),
     ] {
         let out = helm(dir.path(), &["template", "release", CHART, "--set", setting]);
         assert!(!out.status.success(), "{setting} must be refused");

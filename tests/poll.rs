@@ -133,6 +133,9 @@ async fn polled_events_wait_for_older_open_transactions_and_concurrent_writers_l
     concurrent_writers(db.connection(), 8, 60).await;
     let records = kafka.consume("outbox.event.Order", Duration::from_secs(90), |r| distinct(r) >= 2 + 8 * 60);
     wait_for("the outbox table to empty", Duration::from_secs(30), || async { db.sql("SELECT count(*) FROM outbox").trim() == "0" }).await;
+    let status = sluice().args(["status", "--json", "-c"]).arg(&config).output().unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["outbox_backlog_rows"], 0, "{status}");
     stop(child);
     let records: Vec<Consumed> = records.into_iter().filter(|r| r.key.as_deref().is_some_and(|k| k.starts_with('w'))).collect();
     let duplicates = check_per_aggregate(&records, 8, 60);

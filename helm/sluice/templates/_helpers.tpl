@@ -36,9 +36,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "sluice.config" -}}
 {{- $config := deepCopy .Values.config -}}
 {{- $_ := set $config "monitoring" (mergeOverwrite (default dict $config.monitoring) (dict "listen" (printf "0.0.0.0:%d" (int .Values.metricsPort)))) -}}
-{{- $replication := mergeOverwrite (default dict $config.source.replication) (dict "spill_dir" "/var/lib/sluice/spill") -}}
+{{- if $config.source.replication -}}
+{{- $replication := mergeOverwrite $config.source.replication (dict "spill_dir" "/var/lib/sluice/spill") -}}
 {{- $_ := set $config.source "replication" $replication -}}
-{{- if eq $config.target.kind "dynamodb" -}}
+{{- end -}}
+{{- if and (eq $config.target.kind "dynamodb") .Values.mapping -}}
 {{- $_ := set $config.target "mapping" "/etc/sluice/mapping.toml" -}}
 {{- end -}}
 {{- toPrettyJson $config -}}
