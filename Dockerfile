@@ -2,11 +2,12 @@
 # The sluice container image: build with the Rust toolchain, run on distroless (glibc, CA
 # certificates, a non-root user, no shell). Build from the repository root:
 #   docker build -t sluice .
-# The binary links only glibc, libm and libgcc_s, which distroless/cc provides.
+# The binary links glibc, libm, libgcc_s and OpenSSL 3 (librdkafka's TLS), which
+# distroless/cc provides; zlib is built in statically.
 
 FROM rust:1.95-slim-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends pkg-config make g++ perl \
+ && apt-get install -y --no-install-recommends pkg-config make g++ perl libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

@@ -219,7 +219,52 @@ pub struct KafkaConfig {
     /// Further librdkafka producer properties (`security.protocol`, `sasl.mechanism`,
     /// `linger.ms`, …). Idempotence and `acks` are fixed.
     #[serde(default)]
-    pub properties: std::collections::BTreeMap<String, String>,
+    pub properties: KafkaProperties,
+}
+
+/// librdkafka properties: values of any scalar type are taken as text (an environment
+/// override of a numeric password stays a password), and `Debug` hides the values of
+/// passwords, secrets and keys.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KafkaProperties(pub std::collections::BTreeMap<String, String>);
+
+impl KafkaProperties {
+    fn is_secret(key: &str) -> bool {
+        ["password", "secret", "key.pem", "sasl.oauthbearer.config"].iter().any(|word| key.contains(word))
+    }
+}
+
+impl std::fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.0.iter().map(|(k, v)| (k, if Self::is_secret(k) { "<redacted>" } else { v.as_str() }))).finish()
+    }
+}
+
+impl<'de> Deserialize<'de> for KafkaProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Scalar {
+            Text(String),
+            Integer(i64),
+            Float(f64),
+            Bool(bool),
+        }
+        let map = std::collections::BTreeMap::<String, Scalar>::deserialize(deserializer)?;
+        Ok(KafkaProperties(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let text = match v {
+                        Scalar::Text(s) => s,
+                        Scalar::Integer(i) => i.to_string(),
+                        Scalar::Float(f) => f.to_string(),
+                        Scalar::Bool(b) => b.to_string(),
+                    };
+                    (k, text)
+                })
+                .collect(),
+        ))
+    }
 }
 
 fn default_kafka_topic() -> String {
@@ -434,7 +479,7 @@ impl Config {
                 problems.push(Problem::new("target", "compression", "must be none, gzip, snappy or lz4"));
             }
             for fixed in ["enable.idempotence", "acks", "bootstrap.servers"] {
-                if kafka.properties.contains_key(fixed) {
+                if kafka.properties.0.contains_key(fixed) {
                     problems.push(Problem::new("target.properties", fixed, "is set by sluice (idempotent producer, acks=all)"));
                 }
             }
@@ -653,5 +698,16 @@ mod tests {
         assert_eq!(config.source.lock_name(), "poll:public.outbox");
         let err = load(&poll("table = \"public.events\"\nbatch_size = 0"), &[]).unwrap_err().to_string();
         assert!(err.contains("source.poll.batch_size") && err.contains("source.poll.table: must be the table of target.outbox.table"), "{err}");
+    }
+
+    #[test]
+    fn kafka_properties_take_any_scalar_and_hide_secrets() {
+        let text = "[source.connection]\ndbname = \"app\"\n[source.replication]\nslot = \"s\"\npublication = \"p\"\n\
+                    [target]\nkind = \"kafka\"\nbrokers = \"k:9092\"\n[target.properties]\n\"linger.ms\" = 20\n";
+        let config = load(text, &[("SLUICE__TARGET__PROPERTIES__SASL.PASSWORD", "12345")]).unwrap();
+        let TargetConfig::Kafka(kafka) = &config.target else { panic!("kafka") };
+        assert_eq!(kafka.properties.0.get("linger.ms").map(String::as_str), Some("20"));
+        assert_eq!(kafka.properties.0.get("sasl.password").map(String::as_str), Some("12345"));
+        assert!(!format!("{config:?}").contains("12345"), "{config:?}");
     }
 }

@@ -1,7 +1,6 @@
 //! Authentication (trust, md5, SCRAM-SHA-256) and TLS (require, verify-full) on both the
 //! replication and the SQL connection.
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,25 +63,10 @@ async fn md5_and_scram_logins_stream() {
     assert!(err.to_string().contains("none is configured"), "{err}");
 }
 
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A CA and a server certificate for 127.0.0.1 signed by it; and an unrelated CA.
-fn certificates(dir: &std::path::Path) {
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
-    for ca in ["ca", "other_ca"] {
-        openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{ca}.key"), "-out", &format!("{ca}.crt"), "-days", "2", "-subj", &format!("/CN=sluice test {ca}")]);
-    }
-    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
-    openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext"]);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_require_and_verify_full_work_and_a_wrong_ca_is_refused() {
     let certs = tempfile::tempdir().unwrap();
-    certificates(certs.path());
+    crate::harness::certificates(certs.path());
     let read = |name: &str| std::fs::read(certs.path().join(name)).unwrap();
     let pg = Arc::new(
         LocalPostgres::start(&ClusterOptions {

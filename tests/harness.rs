@@ -455,6 +455,8 @@ pub struct Kafka {
     pub port: u16,
     /// What clients bootstrap from: the advertised address.
     pub brokers: String,
+    /// Further properties of the test's own clients (TLS behind a proxy).
+    pub client_properties: Vec<(String, String)>,
 }
 
 impl Drop for Kafka {
@@ -490,11 +492,26 @@ impl Kafka {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start tansu ({e}); run `bash .ci/run` once, or set SLUICE_TEST_TANSU"));
         wait_for_blocking("tansu to listen", Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-        Kafka { child, port, brokers: format!("127.0.0.1:{advertised}") }
+        Kafka { child, port, brokers: format!("127.0.0.1:{advertised}"), client_properties: Vec::new() }
+    }
+
+    /// A client configuration for the test's own clients.
+    fn client_config(&self) -> rdkafka::ClientConfig {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.client_properties {
+            config.set(key, value);
+        }
+        config
     }
 
     pub async fn create_topic(&self, topic: &str, partitions: i32) {
-        sluice_kafka::create_topics(&self.brokers, &[(topic, partitions)]).await.expect("create topic");
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = self.client_config().create().expect("admin client");
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        for result in admin.create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &options).await.expect("create topic") {
+            result.unwrap_or_else(|(topic, code)| panic!("create topic {topic}: {code}"));
+        }
     }
 
     /// Every record of `topic` from the beginning, once no further record has come for
@@ -516,8 +533,8 @@ impl Kafka {
     pub fn consume(&self, topic: &str, limit: Duration, done: impl Fn(&[Consumed]) -> bool) -> Vec<Consumed> {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::message::{Headers, Message};
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
+        let consumer: BaseConsumer = self
+            .client_config()
             .set("group.id", format!("test-{}", std::process::id()))
             .set("enable.auto.commit", "false")
             .create()
@@ -565,4 +582,46 @@ impl Consumed {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// In `dir`: a CA (`ca.crt`), a server certificate for 127.0.0.1 signed by it (`server.crt`,
+/// `server.key`), and an unrelated CA (`other_ca.crt`).
+pub fn certificates(dir: &std::path::Path) {
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    for ca in ["ca", "other_ca"] {
+        openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{ca}.key"), "-out", &format!("{ca}.crt"), "-days", "2", "-subj", &format!("/CN=sluice test {ca}")]);
+    }
+    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
+    openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext"]);
+}
+
+/// A TLS-terminating proxy on 127.0.0.1:`listen` with the server certificate made by
+/// `certificates(dir)`, forwarding each connection in plaintext to 127.0.0.1:`upstream`.
+/// Runs until the runtime ends.
+pub async fn tls_proxy(listen: u16, upstream: u16, dir: &std::path::Path) {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut std::fs::read(dir.join("server.crt")).unwrap().as_slice()).map(Result::unwrap).collect();
+    let key = rustls_pemfile::private_key(&mut std::fs::read(dir.join("server.key")).unwrap().as_slice()).unwrap().unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", listen)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut client) = acceptor.accept(client).await else { return };
+                let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
 }

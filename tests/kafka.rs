@@ -268,3 +268,47 @@ async fn a_missing_topic_is_named_at_once_and_nothing_is_confirmed() {
     assert!(log.contains("Kafka topic \"outbox.event.Invoice\" (for public.outbox) does not exist"), "{log}");
     assert!(db.slot_confirmed("missing").unwrap() <= before, "the event was not confirmed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_a_tls_only_broker_and_an_unknown_certificate_authority_is_refused() {
+    // The broker is reachable only through a TLS-terminating proxy, which it advertises.
+    let certs = tempfile::tempdir().unwrap();
+    crate::harness::certificates(certs.path());
+    let proxy_port = sluice::localpg::free_port().unwrap();
+    let mut kafka = Kafka::start(Some(proxy_port));
+    crate::harness::tls_proxy(proxy_port, kafka.port, certs.path()).await;
+    let ca = certs.path().join("ca.crt");
+    kafka.client_properties = vec![("security.protocol".into(), "ssl".into()), ("ssl.ca.location".into(), ca.display().to_string())];
+    kafka.create_topic("outbox.event.Order", 1).await;
+    let db = TestDb::new();
+    db.sql(OUTBOX);
+    let dir = tempfile::tempdir().unwrap();
+    let tls = |ca: &Path| format!("properties = {{ \"security.protocol\" = \"ssl\", \"ssl.ca.location\" = \"{}\" }}\n[target.outbox]\ntable = \"public.outbox\"\n", ca.display());
+    let config = kafka_config(&db, dir.path(), "tls", &kafka.brokers, &tls(&ca));
+    let log = dir.path().join("sluice.log");
+    let _logs = LogsOnPanic(vec![log.clone()]);
+    let child = start(&config, &log);
+    db.wait_slot_active(&db.slot_name("tls")).await;
+    write_events(db.connection(), 0, 20, Duration::ZERO).await;
+    let records = kafka.consume("outbox.event.Order", Duration::from_secs(60), |r| r.len() >= 20);
+    assert_complete_and_ordered(&records, 20);
+    std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let mut child = child;
+    assert!(child.wait().unwrap().success());
+
+    // The broker's certificate is not signed by this CA: nothing is produced or confirmed.
+    let wrong = kafka_config(&db, dir.path(), "tls", &kafka.brokers, &tls(&certs.path().join("other_ca.crt")));
+    std::fs::write(&wrong, std::fs::read_to_string(&wrong).unwrap().replace("retry_for = \"2m\"", "retry_for = \"5s\"")).unwrap();
+    let wrong_log = dir.path().join("wrong.log");
+    let confirmed = db.slot_confirmed("tls").unwrap();
+    let mut child = start(&wrong, &wrong_log);
+    write_events(db.connection(), 20, 21, Duration::ZERO).await;
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let text = std::fs::read_to_string(&wrong_log).unwrap();
+    assert_eq!(status.code(), Some(1), "{text}");
+    let error = text.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("an error line: {text}"));
+    assert!(error.contains("certificate verify failed"), "the error names the certificate problem: {error}");
+    let warnings = text.lines().filter(|l| l.contains("certificate verify failed")).count();
+    assert!(warnings <= 8, "the repeated TLS failure is logged a few times, not at every retry: {warnings} lines\n{text}");
+    assert_eq!(db.slot_confirmed("tls").unwrap(), confirmed, "nothing confirmed");
+}

@@ -43,7 +43,7 @@ impl KafkaTarget {
             compression: config.compression.clone(),
             message_timeout: config.retry_for,
             client_id: "sluice".into(),
-            extra: config.properties.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            extra: config.properties.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         };
         let producer = KafkaProducer::new(&options).map_err(|e| TargetError::fatal("kafka", "cannot create the Kafka producer (target.properties)", e))?;
         let translator = KafkaTranslator::new(&config.topic, config.topics.clone(), config.tombstones_on_delete, config.outbox.clone());

@@ -8,12 +8,14 @@
 //! While the broker is unreachable librdkafka keeps retrying for `message_timeout`; only then
 //! does a delivery fail, and a failed delivery is never reported as durable.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -52,11 +54,14 @@ pub enum Error {
         #[source]
         source: KafkaError,
     },
-    #[error("Kafka did not confirm a record for topic {topic}: {source}")]
+    #[error("Kafka did not confirm a record for topic {topic}: {source}{}", last_client_error.as_deref().map(|e| format!(" (last client error: {e})")).unwrap_or_default())]
     Delivery {
         topic: String,
         #[source]
         source: KafkaError,
+        /// What the client last reported (an unreachable broker, a TLS failure): why a record
+        /// timed out.
+        last_client_error: Option<Box<str>>,
     },
     #[error("Kafka admin request failed: {0}")]
     Admin(String),
@@ -79,7 +84,74 @@ impl Error {
 /// An idempotent producer.
 #[derive(Clone)]
 pub struct KafkaProducer {
-    inner: FutureProducer,
+    inner: FutureProducer<QuietContext>,
+    /// Shared with the context: the client's latest error.
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+/// librdkafka's logs and client errors, through `tracing`, each distinct message at most once
+/// per `REPEAT`: while a broker is down librdkafka reports the same failure several times a
+/// second, and the operator needs it once, with a count.
+#[derive(Default)]
+pub struct QuietContext {
+    seen: Mutex<HashMap<String, (Instant, u64)>>,
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+impl QuietContext {
+    const REPEAT: Duration = Duration::from_secs(30);
+
+    /// Some(repeats suppressed since it was last let through) when `message` may be logged now.
+    /// Messages that differ only in numbers and in librdkafka's "(after …)" note are one.
+    fn admit(&self, message: &str) -> Option<u64> {
+        let message = message.split(" (after ").next().unwrap_or(message);
+        let message: String = message.chars().filter(|c| !c.is_ascii_digit()).collect();
+        let message = message.as_str();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if seen.len() > 1000 {
+            seen.retain(|_, (at, _)| now.duration_since(*at) < Self::REPEAT);
+        }
+        match seen.get_mut(message) {
+            Some((at, suppressed)) if now.duration_since(*at) < Self::REPEAT => {
+                *suppressed += 1;
+                None
+            }
+            Some((at, suppressed)) => {
+                let repeats = *suppressed;
+                *at = now;
+                *suppressed = 0;
+                Some(repeats)
+            }
+            None => {
+                seen.insert(message.to_owned(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+impl ClientContext for QuietContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        let important = matches!(level, RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning);
+        if !important {
+            tracing::debug!(target: "librdkafka", facility, "{message}");
+            return;
+        }
+        if let Some(repeats) = self.admit(message) {
+            tracing::warn!(target: "librdkafka", facility, repeats_suppressed = repeats, "{message}");
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let message = format!("{error}: {reason}");
+        if !matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown)) {
+            *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
+        }
+        if let Some(repeats) = self.admit(&message) {
+            tracing::warn!(target: "librdkafka", repeats_suppressed = repeats, "Kafka client error: {message}");
+        }
+    }
 }
 
 impl KafkaProducer {
@@ -97,8 +169,10 @@ impl KafkaProducer {
         for (key, value) in &options.extra {
             config.set(key, value);
         }
-        let inner: FutureProducer = config.create().map_err(Error::Config)?;
-        Ok(KafkaProducer { inner })
+        let context = QuietContext::default();
+        let last_error = context.last_error.clone();
+        let inner: FutureProducer<QuietContext> = config.create_with_context(context).map_err(Error::Config)?;
+        Ok(KafkaProducer { inner, last_error })
     }
 
     /// Enqueues `record`, waiting while librdkafka's local queue is full, and returns a future
@@ -119,12 +193,15 @@ impl KafkaProducer {
             match self.inner.send_result(future) {
                 Ok(delivery) => {
                     let topic = record.topic.clone();
+                    let last_error = self.last_error.clone();
                     return Ok(async move {
-                        match delivery.await {
-                            Ok(Ok(_)) => Ok(()),
-                            Ok(Err((source, _))) => Err(Error::Delivery { topic, source }),
-                            Err(_) => Err(Error::Delivery { topic, source: KafkaError::Canceled }),
-                        }
+                        let source = match delivery.await {
+                            Ok(Ok(_)) => return Ok(()),
+                            Ok(Err((source, _))) => source,
+                            Err(_) => KafkaError::Canceled,
+                        };
+                        let last_client_error = last_error.lock().unwrap_or_else(|e| e.into_inner()).as_deref().map(Box::from);
+                        Err(Error::Delivery { topic, source, last_client_error })
                     });
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -169,4 +246,22 @@ pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<(), 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_client_message_is_let_through_once_per_period_with_its_count() {
+        let context = QuietContext::default();
+        assert_eq!(context.admit("broker down"), Some(0));
+        assert_eq!(context.admit("broker down"), None);
+        assert_eq!(context.admit("broker down"), None);
+        assert_eq!(context.admit("certificate verify failed"), Some(0), "another message is not held back");
+        // Age the first message past the period: it comes through with the repeats it hid.
+        context.seen.lock().unwrap().get_mut("broker down").unwrap().0 -= QuietContext::REPEAT;
+        assert_eq!(context.admit("broker down"), Some(2));
+        assert_eq!(context.admit("broker down"), None);
+    }
 }
