@@ -57,6 +57,20 @@ pub struct BenchArgs {
     /// stream, as in production), instead of draining a backlog loaded before it started.
     #[arg(long)]
     pub live: bool,
+    /// `--target kafka`: where sluice reads the outbox rows. `wal`: logical replication.
+    /// `poll`: the polling source drains the table (read, produce, delete), timed until the
+    /// table is empty; the baseline stays pg_recvlogical on the same rows' WAL.
+    #[arg(long, value_enum, default_value_t = BenchSource::Wal)]
+    pub source: BenchSource,
+    /// `--source poll`: rows per poll.
+    #[arg(long, default_value_t = 1000)]
+    pub poll_batch_size: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchSource {
+    Wal,
+    Poll,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -255,6 +269,10 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
     if args.streaming && args.proto_version < 2 {
         return Err("--streaming needs --proto-version 2".into());
     }
+    let poll = args.source == BenchSource::Poll;
+    if poll && args.target != BenchTarget::Kafka {
+        return Err("--source poll needs --target kafka (polled rows are outbox events)".into());
+    }
     let pg = LocalPostgres::start(&ClusterOptions::default())?;
     let sluice = std::env::current_exe()?;
     let shapes: &[Shape] = match args.shape {
@@ -263,8 +281,9 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
         Shape::One => &[Shape::One],
     };
     println!(
-        "sluice bench --target {}: {} rows per run, {} runs, proto_version {}{}{}",
+        "sluice bench --target {}{}: {} rows per run, {} runs, proto_version {}{}{}",
         if args.target == BenchTarget::Kafka { "kafka (outbox events)" } else { "null" },
+        if poll { format!(", polling source (batch size {})", args.poll_batch_size) } else { String::new() },
         args.rows,
         args.runs,
         args.proto_version,
@@ -377,13 +396,20 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
             &config,
             format!(
                 "[monitoring]\nlisten = \"\"\n[source.connection]\nport = {}\ndbname = \"{db}\"\n\
-                 [source.replication]\nslot = \"sluice\"\npublication = \"bench_pub\"\ncreate_slot = false\n\
-                 proto_version = {}\nstreaming = {}\nbinary = {}\nspill_dir = \"{}\"\n{}",
+                 {}{}",
                 pg.port,
-                args.proto_version,
-                args.streaming,
-                args.binary,
-                dir.path().display(),
+                if args.source == BenchSource::Poll {
+                    format!("[source.poll]\ntable = \"public.bench\"\nbatch_size = {}\ninterval = \"100ms\"\n", args.poll_batch_size)
+                } else {
+                    format!(
+                        "[source.replication]\nslot = \"sluice\"\npublication = \"bench_pub\"\ncreate_slot = false\n\
+                         proto_version = {}\nstreaming = {}\nbinary = {}\nspill_dir = \"{}\"\n",
+                        args.proto_version,
+                        args.streaming,
+                        args.binary,
+                        dir.path().display()
+                    )
+                },
                 match &args.kafka_brokers {
                     Some(brokers) if kafka => format!(
                         "[target]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ncompression = \"none\"\n[target.outbox]\ntable = \"public.bench\"\n"
@@ -392,27 +418,35 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
                 }
             ),
         )?;
+        let poll = args.source == BenchSource::Poll;
         let started = Instant::now();
-        let mut child = Command::new(sluice)
-            .arg("run")
-            .arg("-c")
-            .arg(&config)
-            .arg("--until-lsn")
-            .arg(&end)
-            .env("SLUICE_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()?;
+        let mut command = Command::new(sluice);
+        command.arg("run").arg("-c").arg(&config);
+        if !poll {
+            command.arg("--until-lsn").arg(&end);
+        }
+        let mut child = command.env("SLUICE_LOG", "warn").stdin(Stdio::null()).spawn()?;
         let mut peak = 0;
         let mut cpu = 0.0f64;
+        let mut drained_at = None;
+        let mut next_count = Instant::now();
         let status = loop {
             peak = peak.max(peak_rss_kib(child.id()).unwrap_or(0));
             cpu = cpu.max(cpu_seconds(child.id()).unwrap_or(0.0));
             if let Some(status) = child.try_wait()? {
                 break status;
             }
+            // A polled row is deleted only once Kafka has it: an empty table means all delivered.
+            if poll && drained_at.is_none() && Instant::now() >= next_count {
+                next_count = Instant::now() + Duration::from_millis(100);
+                if pg.psql(&db, "SELECT count(*) FROM bench")? == "0" {
+                    drained_at = Some(started.elapsed());
+                    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+                }
+            }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let elapsed = started.elapsed().as_secs_f64();
+        let elapsed = drained_at.unwrap_or_else(|| started.elapsed()).as_secs_f64();
         if !status.success() {
             return Err(format!("sluice run failed: {status}").into());
         }
