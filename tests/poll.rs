@@ -208,3 +208,20 @@ async fn kill_9_of_the_active_poller_hands_over_to_the_standby_and_loses_nothing
     assert!(duplicates <= 50, "duplicates only from the batch in flight at the kill: {duplicates}");
     assert!(std::fs::read_to_string(&logs[1]).unwrap().contains("holding the HA lock"), "the standby took over");
 }
+
+#[test]
+fn validate_names_a_polled_table_that_does_not_exist_or_lacks_the_mark_column() {
+    let db = TestDb::new();
+    db.sql(OUTBOX);
+    let dir = tempfile::tempdir().unwrap();
+    let config = poll_config(&db, dir.path(), "missing", "127.0.0.1:9", "", "").to_string_lossy().into_owned();
+    std::fs::write(&config, std::fs::read_to_string(&config).unwrap().replace("public.outbox", "public.missing")).unwrap();
+    let (code, out) = crate::harness::sluice_output(&["validate", "-c", &config], Duration::from_secs(30));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("source.poll: source.poll.table: table public.missing does not exist"), "{out}");
+
+    let config = poll_config(&db, dir.path(), "mark", "127.0.0.1:9", "after_publish = \"mark\"\nmark_column = \"sent_at\"\n", "");
+    let (code, out) = crate::harness::sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(30));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("table public.outbox has no column \"sent_at\""), "{out}");
+}
