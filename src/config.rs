@@ -20,6 +20,8 @@ pub struct Config {
     pub monitoring: MonitoringConfig,
     #[serde(default)]
     pub ha: HaConfig,
+    #[serde(default)]
+    pub backfill: crate::backfill::BackfillConfig,
 }
 
 /// `[monitoring]`: the HTTP endpoints and the health thresholds.
@@ -454,6 +456,7 @@ impl Config {
         if self.monitoring.slot_check_interval.is_zero() {
             problems.push(Problem::new("monitoring", "slot_check_interval", "must be more than 0s"));
         }
+        self.backfill.validate(&mut problems);
         if self.ha.retry_interval.is_zero() {
             problems.push(Problem::new("ha", "retry_interval", "must be more than 0s"));
         }

@@ -78,6 +78,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
         target: TargetConfig::Jsonl(JsonlConfig { path: "-".into(), fsync: false, transactions: true }),
         monitoring: Default::default(),
         ha: Default::default(),
+        backfill: Default::default(),
     };
     let dir = tempfile::tempdir()?;
     let mut dynamo = None;

@@ -4,6 +4,7 @@
 //! target and acknowledgements back, the targets without heavy SDKs, and helpers to run local
 //! Postgres clusters for the quick-start, the benchmark and the tests.
 
+pub mod backfill;
 pub mod bench;
 pub mod config;
 pub mod demo;
@@ -20,3 +21,4 @@ pub mod status;
 pub mod target;
 pub mod translate;
 pub mod validate;
+pub mod verify;

@@ -54,6 +54,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Backfill tables while the daemon streams: requests a chunked, resumable backfill from the
+    /// running `sluice run` and follows its progress (see the README).
+    Snapshot {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// A table (`schema.table`) to backfill; repeat for several. Default: every published table.
+        #[arg(long = "table", value_name = "TABLE")]
+        tables: Vec<String>,
+        /// Request and return at once instead of following the progress.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Compare the DynamoDB target with the source through the mapping: matched, missing,
+    /// different and extra keys per table. Exit 0 when equal, 3 when anything differs.
+    Verify(sluice::verify::VerifyArgs),
+    /// Verify, re-drive only the differing keys through the running daemon's guarded apply
+    /// path, then verify again. Exit 0 when equal afterwards, 3 otherwise.
+    Reconcile(sluice::verify::VerifyArgs),
     /// Quick-start: a local Postgres, a demo table, sluice streaming its changes to stdout.
     Demo {
         /// Stream into a local DynamoDB-API server instead, started from this `moto_server`
@@ -102,6 +120,25 @@ fn main() -> ExitCode {
             Ok(config) => report(runtime.block_on(sluice::status::print(&config, json))),
             Err(e) => config_failure(&e),
         },
+        Command::Snapshot { config, tables, no_wait } => match Config::load(&config) {
+            Ok(config) => report(runtime.block_on(sluice::backfill::snapshot(&config, &tables, !no_wait))),
+            Err(e) => config_failure(&e),
+        },
+        Command::Verify(args) | Command::Reconcile(args) if Config::load(&args.config).is_err() => {
+            config_failure(&Config::load(&args.config).expect_err("checked"))
+        }
+        Command::Verify(args) => verify_exit(runtime.block_on(async {
+            let config = Config::load(&args.config)?;
+            let report = sluice::verify::verify(&config, &args).await?;
+            sluice::verify::print(&report, &args)?;
+            anyhow::Ok(report.differences())
+        })),
+        Command::Reconcile(args) => verify_exit(runtime.block_on(async {
+            let config = Config::load(&args.config)?;
+            let report = sluice::verify::reconcile(&config, &args).await?;
+            sluice::verify::print(&report, &args)?;
+            anyhow::Ok(report.differences())
+        })),
         Command::Demo { dynamodb } => {
             let options = sluice::demo::DemoOptions { dynamodb_server: dynamodb };
             report(runtime.block_on(sluice::demo::run(options)).map_err(anyhow::Error::from_boxed))
@@ -182,6 +219,15 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
         LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    }
+}
+
+/// 0 when the target equals the source, 3 when it differs, 1 on failure.
+fn verify_exit(result: anyhow::Result<u64>) -> ExitCode {
+    match result {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(3),
+        Err(error) => report(Err(error)),
     }
 }
 

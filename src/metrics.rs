@@ -54,6 +54,11 @@ pub const HA_ACTIVE: &str = "sluice_ha_active";
 /// Polling source: rows of the outbox table not yet published (counted every
 /// `monitoring.slot_check_interval`).
 pub const OUTBOX_BACKLOG_ROWS: &str = "sluice_outbox_backlog_rows";
+/// Rows and chunks the backfill made durable in the target, by `table`.
+pub const BACKFILL_ROWS_TOTAL: &str = "sluice_backfill_rows_total";
+pub const BACKFILL_CHUNKS_TOTAL: &str = "sluice_backfill_chunks_total";
+/// Backfill and reconcile requests being served.
+pub const BACKFILL_ACTIVE: &str = "sluice_backfill_active_requests";
 /// 1 when /readyz answers ready.
 pub const READY: &str = "sluice_ready";
 

@@ -67,6 +67,7 @@ async fn start_pipeline(db: &TestDb, slot: &str, target: DynamoConfig) -> Runnin
         target: TargetConfig::Dynamodb(target),
         monitoring: Default::default(),
         ha: Default::default(),
+        backfill: Default::default(),
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (stats_tx, mut stats_rx) = watch::channel(None);
@@ -660,6 +661,7 @@ async fn outbox_events_land_in_an_event_log_table_in_order_per_aggregate() {
         target: TargetConfig::Dynamodb(target),
         monitoring: Default::default(),
         ha: Default::default(),
+        backfill: Default::default(),
     };
     assert!(config.validate().is_empty(), "{:?}", config.validate());
     let (shutdown, shutdown_rx) = watch::channel(false);

@@ -14,3 +14,4 @@ mod operations;
 mod helm;
 mod kafka;
 mod poll;
+mod backfill;

@@ -21,6 +21,7 @@ use crate::error::{PipelineError, TargetError};
 use crate::event::ChangeEvent;
 use crate::monitor::PipelineState;
 use crate::target::{AnyTarget, Target};
+use crate::backfill::window::{Part, Watermarks};
 use ack::AckTracker;
 
 /// Batches buffered between source and target: with `batch_max_events` this bounds memory.
@@ -47,8 +48,22 @@ pub async fn run(config: &Config, state: &Arc<PipelineState>, shutdown: watch::R
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
     let mut shutdown_started = shutdown.clone();
     let connection = config.source.connection.clone();
+    let mut watermarks = Watermarks::new(&config.pipeline.name, None);
     let (stats, source_task) = match (&config.source.replication, &config.source.poll) {
         (Some(replication), _) => {
+            if config.backfill.enabled {
+                // The backfill serves requests beside the stream; its chunks merge at watermarks.
+                let (chunk_tx, chunk_rx) = mpsc::unbounded_channel();
+                watermarks = Watermarks::new(&config.pipeline.name, Some(chunk_rx));
+                tokio::spawn(crate::backfill::run(
+                    connection.clone(),
+                    config.pipeline.name.clone(),
+                    replication.publication.clone(),
+                    config.backfill.clone(),
+                    chunk_tx,
+                    shutdown.clone(),
+                ));
+            }
             let source = ReplicationSource::new(connection, replication.clone(), options);
             (source.stats(), tokio::spawn(source.run(batch_tx, durable_rx.clone(), shutdown)))
         }
@@ -65,7 +80,7 @@ pub async fn run(config: &Config, state: &Arc<PipelineState>, shutdown: watch::R
     // confirmed and will be streamed again).
     let grace = config.pipeline.shutdown_timeout + std::time::Duration::from_secs(5);
     let applied = tokio::select! {
-        applied = apply(target, batch_rx, durable_tx, config.pipeline.max_in_flight, state) => applied,
+        applied = apply(target, batch_rx, durable_tx, config.pipeline.max_in_flight, state, &mut watermarks) => applied,
         _ = async {
             let _ = shutdown_started.wait_for(|&stop| stop).await;
             tokio::time::sleep(grace).await;
@@ -90,15 +105,19 @@ async fn apply<T: Target>(
     durable: watch::Sender<Lsn>,
     max_in_flight: usize,
     state: &PipelineState,
+    watermarks: &mut Watermarks,
 ) -> Result<(), TargetError> {
     let mut tracker = AckTracker::default();
     let mut in_flight = FuturesUnordered::new();
     let mut source_open = true;
     while source_open || !in_flight.is_empty() {
         tokio::select! {
-            Some((seq, result)) = in_flight.next(), if !in_flight.is_empty() => {
+            Some((seq, result, chunk_done)) = in_flight.next(), if !in_flight.is_empty() => {
                 let result: Result<(), TargetError> = result;
                 result?;
+                if let Some(done) = chunk_done {
+                    let _ = tokio::sync::oneshot::Sender::<()>::send(done, ());
+                }
                 if let Some(lsn) = tracker.complete(seq) {
                     durable.send_replace(lsn);
                     state.set_durable(lsn, tracker.durable_commit_time());
@@ -106,10 +125,13 @@ async fn apply<T: Target>(
             }
             batch = batches.recv(), if source_open && in_flight.len() < max_in_flight => match batch {
                 Some(batch) => {
-                    count_events(&batch.events);
-                    let seq = tracker.register_with_time(batch.ack_lsn, batch.commit_time);
-                    let receipt = target.submit(Arc::new(batch)).await?;
-                    in_flight.push(async move { (seq, receipt.await) });
+                    for Part { batch, chunk_done } in watermarks.split(batch) {
+                        count_events(&batch.events);
+                        let seq = tracker.register_with_time(batch.ack_lsn, batch.commit_time);
+                        let receipt = target.submit(Arc::new(batch)).await?;
+                        let chunk_done: Option<tokio::sync::oneshot::Sender<()>> = chunk_done;
+                        in_flight.push(async move { (seq, receipt.await, chunk_done) });
+                    }
                 }
                 None => source_open = false,
             },
@@ -190,7 +212,7 @@ mod tests {
             tx.send(batch(ack)).await.unwrap();
         }
         drop(tx);
-        apply(ReorderingTarget { submitted: 0, fail_at: None }, rx, durable_tx, 4, &test_state()).await.unwrap();
+        apply(ReorderingTarget { submitted: 0, fail_at: None }, rx, durable_tx, 4, &test_state(), &mut Watermarks::new("test", None)).await.unwrap();
         assert_eq!(*durable_rx.borrow(), Lsn(40));
     }
 
@@ -202,7 +224,7 @@ mod tests {
             tx.send(batch(ack)).await.unwrap();
         }
         drop(tx);
-        let err = apply(ReorderingTarget { submitted: 0, fail_at: Some(2) }, rx, durable_tx, 4, &test_state()).await.unwrap_err();
+        let err = apply(ReorderingTarget { submitted: 0, fail_at: Some(2) }, rx, durable_tx, 4, &test_state(), &mut Watermarks::new("test", None)).await.unwrap_err();
         assert_eq!(err.message, "injected");
         assert_eq!(*durable_rx.borrow(), Lsn(20), "nothing at or after the failed batch may be durable");
     }

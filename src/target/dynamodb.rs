@@ -71,6 +71,19 @@ impl BatchState {
     }
 }
 
+/// The SDK client settings of a DynamoDB target configuration.
+pub fn client_options(config: &DynamoConfig) -> ClientOptions {
+    ClientOptions {
+        endpoint_url: config.endpoint_url.clone(),
+        region: config.region.clone(),
+        static_credentials: match (&config.access_key_id, &config.secret_access_key) {
+            (Some(id), Some(secret)) => Some((id.clone(), secret.expose().to_owned())),
+            _ => None,
+        },
+        request_timeout: Some(config.request_timeout),
+    }
+}
+
 impl DynamoTarget {
     pub async fn open(config: &DynamoConfig, stats: Arc<TargetStats>) -> Result<Self, TargetError> {
         let translator = match &config.mapping {
@@ -83,16 +96,7 @@ impl DynamoTarget {
             None => None,
         };
         let outbox = config.outbox.as_ref().and_then(|outbox| outbox.event_table.clone().map(|table| (outbox.clone(), table)));
-        let options = ClientOptions {
-            endpoint_url: config.endpoint_url.clone(),
-            region: config.region.clone(),
-            static_credentials: match (&config.access_key_id, &config.secret_access_key) {
-                (Some(id), Some(secret)) => Some((id.clone(), secret.expose().to_owned())),
-                _ => None,
-            },
-            request_timeout: Some(config.request_timeout),
-        };
-        let client = DynamoClient::connect(&options).await;
+        let client = DynamoClient::connect(&client_options(config)).await;
         let dead_letter = Arc::new(DeadLetter::open("dynamodb", config.dead_letter.clone()).await?);
         let workers = (0..config.concurrency)
             .map(|_| {

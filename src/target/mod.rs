@@ -1,7 +1,7 @@
 //! Targets: where change events are made durable.
 
 mod dead_letter;
-mod dynamodb;
+pub mod dynamodb;
 mod jsonl;
 mod kafka;
 mod null;

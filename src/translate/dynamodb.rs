@@ -90,6 +90,13 @@ impl DynamoTranslator {
         }
     }
 
+    /// The item key a row of `relation` maps to; None when the table is not mapped or the
+    /// key does not render.
+    pub fn key_for(&self, relation: &Relation, values: &[Value]) -> Option<Item> {
+        let table = self.table(relation)?;
+        self.key(table, &Row::full(relation, values)).ok()
+    }
+
     /// The writes for one event, appended to `out`. `now_unix_secs` dates tombstone TTLs.
     pub fn translate(&self, event: &ChangeEvent, now_unix_secs: u64, out: &mut Vec<GuardedWrite>) -> Result<(), TranslateError> {
         match event {

@@ -472,6 +472,55 @@ impl DynamoClient {
         }
     }
 
+    /// The items with these keys, read consistently (BatchGetItem, 100 keys a request,
+    /// unprocessed keys retried); `None` where there is no item.
+    pub async fn get_items(&self, table: &str, keys: &[Item]) -> Result<Vec<Option<Item>>, DynamoError> {
+        let mut found: HashMap<String, Item> = HashMap::new();
+        for group in keys.chunks(100) {
+            let sdk_keys: Vec<HashMap<String, AttributeValue>> = group.iter().map(|key| key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect()).collect();
+            let mut request = HashMap::from([(
+                table.to_owned(),
+                KeysAndAttributes::builder().set_keys(Some(sdk_keys)).consistent_read(true).build().expect("keys set"),
+            )]);
+            let mut delay = Duration::from_millis(20);
+            for round in 0.. {
+                let out = self.client.batch_get_item().set_request_items(Some(request)).send().await.map_err(|e| classify(e, table))?;
+                for raw in out.responses.unwrap_or_default().remove(table).unwrap_or_default() {
+                    let item = raw
+                        .iter()
+                        .map(|(k, v)| Attr::from_sdk(v).map(|a| (k.clone(), a)))
+                        .collect::<Option<Item>>()
+                        .ok_or_else(|| DynamoError::new(ErrorKind::Fatal, table, "item with an attribute type sluice does not read"))?;
+                    let key: Item = group[0].keys().filter_map(|name| item.get(name).map(|a| (name.clone(), a.clone()))).collect();
+                    found.insert(key_text(&key), item);
+                }
+                request = out.unprocessed_keys.unwrap_or_default();
+                request.retain(|_, keys| !keys.keys().is_empty());
+                if request.is_empty() {
+                    break;
+                }
+                if round == 8 {
+                    return Err(DynamoError::new(ErrorKind::Transient, table, "BatchGetItem left keys unprocessed (throttled)"));
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+        Ok(keys.iter().map(|key| found.remove(&key_text(key))).collect())
+    }
+
+    /// Deletes an item unconditionally (tests and repairs by hand).
+    pub async fn delete_item(&self, table: &str, key: &Item) -> Result<(), DynamoError> {
+        self.client
+            .delete_item()
+            .table_name(table)
+            .set_key(Some(key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect()))
+            .send()
+            .await
+            .map_err(|e| classify(e, table))?;
+        Ok(())
+    }
+
     /// Every item of a table (paginated scan).
     pub async fn scan_all(&self, table: &str) -> Result<Vec<Item>, DynamoError> {
         let mut items = Vec::new();

@@ -2,6 +2,7 @@
 //! values, and the change-event model every other part of sluice works with.
 
 mod binary;
+pub mod catalog;
 mod client;
 pub mod config;
 pub mod decode;

@@ -48,11 +48,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::ConnectionConfig;
 use crate::error::{Error, Result};
-use crate::event::{ChangeEvent, Column, EventBatch, Position, Relation, ReplicaIdentity};
+use crate::event::{ChangeEvent, EventBatch, Position, Relation};
 use crate::lsn::Lsn;
 use crate::setup::quote_ident;
 use crate::source::{SourceOptions, SourceStats};
-use crate::types::{CatalogType, TypeRegistry, CATALOG_QUERY};
 use crate::value::Value;
 
 /// `[source.poll]`.
@@ -125,70 +124,19 @@ impl PollConfig {
     }
 }
 
-fn split_table(table: &str) -> Option<(&str, &str)> {
-    table.split_once('.').filter(|(schema, name)| !schema.is_empty() && !name.is_empty())
-}
+use crate::catalog::split_table;
 
 /// The outbox table as the catalog describes it, as a `Relation` for the router.
 pub async fn load_relation(sql: &tokio_postgres::Client, config: &PollConfig) -> Result<Relation> {
-    let (schema, name) = split_table(&config.table).ok_or_else(|| Error::Setup(format!("source.poll.table {:?} must be schema.table", config.table)))?;
-    let rows = sql
-        .query(
-            "SELECT c.oid::int8, a.attname::text, a.atttypid::int8, a.atttypmod, coalesce(a.attnum = ANY(i.indkey), false) \
-             FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-             LEFT JOIN pg_catalog.pg_index i ON i.indrelid = c.oid AND i.indisprimary \
-             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') ORDER BY a.attnum",
-            &[&schema, &name],
-        )
-        .await?;
-    if rows.is_empty() {
-        return Err(Error::Setup(format!("source.poll.table: table {} does not exist", config.table)));
-    }
-    let mut types = TypeRegistry::new();
-    let oids: Vec<u32> = rows.iter().map(|r| r.get::<_, i64>(2) as u32).collect();
-    // Element and base types lead to further catalog rows: ask until nothing is missing.
-    for _ in 0..8 {
-        let missing = types.missing(oids.iter().copied());
-        if missing.is_empty() {
-            break;
-        }
-        let found: Vec<CatalogType> = sql
-            .query(CATALOG_QUERY, &[&missing])
-            .await?
-            .iter()
-            .map(|row| {
-                let text_byte = |i: usize| row.get::<_, String>(i).bytes().next().unwrap_or(b',');
-                CatalogType {
-                    oid: row.get::<_, i64>(0) as u32,
-                    typtype: text_byte(1),
-                    typelem: row.get::<_, i64>(2) as u32,
-                    typbasetype: row.get::<_, i64>(3) as u32,
-                    typdelim: text_byte(4),
-                    is_array: row.get(5),
-                }
-            })
-            .collect();
-        if found.is_empty() {
-            break;
-        }
-        types.add_catalog_rows(found);
-    }
-    let columns: Vec<Column> = rows
-        .iter()
-        .map(|row| {
-            let type_oid = row.get::<_, i64>(2) as u32;
-            Column { name: row.get(1), type_oid, type_modifier: row.get(3), is_key: row.get(4), kind: types.resolve(type_oid) }
-        })
-        .collect();
-    let has = |column: &str| columns.iter().any(|c| c.name == column);
+    let table = crate::catalog::required_table(sql, &config.table, "source.poll.table").await?;
+    let has = |column: &str| table.relation.columns.iter().any(|c| c.name == column);
     if !has(&config.id_column) {
         return Err(Error::Setup(format!("source.poll.id_column: table {} has no column {:?}", config.table, config.id_column)));
     }
     if config.after_publish == AfterPublish::Mark && !has(&config.mark_column) {
         return Err(Error::Setup(format!("source.poll.mark_column: table {} has no column {:?}", config.table, config.mark_column)));
     }
-    Ok(Relation { oid: rows[0].get::<_, i64>(0) as u32, namespace: schema.to_owned(), name: name.to_owned(), replica_identity: ReplicaIdentity::Default, columns })
+    Ok(table.relation)
 }
 
 /// The poll statement: eligible rows (inserted by transactions older than the horizon), in
@@ -408,6 +356,7 @@ impl PollSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::{Column, ReplicaIdentity};
 
     #[test]
     fn full_transaction_ids_extend_32_bit_ids_below_the_horizon_across_wrap_around() {

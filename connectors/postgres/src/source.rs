@@ -78,6 +78,10 @@ pub struct SourceStats {
 /// The prefix of heartbeat messages; their content is the emit time in Unix microseconds.
 pub const HEARTBEAT_PREFIX: &str = "sluice.heartbeat";
 
+/// The prefix of the backfill's watermark messages (transactional). They are delivered even
+/// when `messages` is off: the pipeline consumes them.
+pub const WATERMARK_PREFIX: &str = "sluice.watermark";
+
 fn heartbeat_time(content: &[u8]) -> Option<i64> {
     let unix_micros: i64 = std::str::from_utf8(content).ok()?.trim().parse().ok()?;
     Some(unix_micros - crate::client::PG_EPOCH_OFFSET_MICROS)
@@ -346,9 +350,8 @@ impl ReplicationSource {
             format!("proto_version '{}'", self.repl.proto_version),
             format!("publication_names {}", publication_option(&self.repl.publication)),
         ];
-        if self.repl.messages || !self.repl.heartbeat_interval.is_zero() {
-            options.push("messages 'true'".into());
-        }
+        // Always: the backfill's watermarks travel as messages.
+        options.push("messages 'true'".into());
         if self.repl.streaming {
             options.push("streaming 'on'".into());
         }
@@ -448,8 +451,10 @@ impl ReplicationSource {
     async fn on_change(&mut self, message: LogicalMessage, at: Lsn, size: usize, session: &mut Session<'_>) -> Result<()> {
         // Messages may be requested for heartbeats only: then the application's are not wanted.
         // Both live and spilled (streamed) transactions pass here.
-        if matches!(message, LogicalMessage::Message { .. }) && !self.repl.messages {
-            return Ok(());
+        if let LogicalMessage::Message { prefix, .. } = &message {
+            if !self.repl.messages && prefix != WATERMARK_PREFIX {
+                return Ok(());
+            }
         }
         if let LogicalMessage::Relation(body) = &message {
             let oids: Vec<u32> = body.columns.iter().map(|c| c.type_oid).collect();

@@ -1,0 +1,642 @@
+//! Backfill beside the stream: the daemon reads tables in primary-key chunks while it streams,
+//! and merges each chunk into the stream between watermarks (`window`), so that the target
+//! ends equal to the source without locking anything.
+//!
+//! Requests live in a progress table in the source database (`backfill.progress_table`,
+//! created when missing): one row per request, a whole table or a list of keys (reconcile),
+//! with its state (`pending`, `running`, `done`, `failed`), the last key of the last chunk
+//! made durable, and counts. `sluice snapshot` and `sluice reconcile` insert requests and
+//! watch them; the running daemon (the replica holding the HA lock) serves them. Progress is
+//! written only after the chunk's writes are durable in the target, so a kill -9 resumes at
+//! the last finished chunk, and a chunk done twice writes the same rows again at a newer
+//! position.
+//!
+//! A chunk: write the low watermark; open a read-only REPEATABLE READ transaction and check
+//! its snapshot (below); read up to `chunk_size` rows after the last key; hand them to the
+//! pipeline; write the high watermark; wait until the pipeline reports them durable; record
+//! the progress; throttle to `max_rows_per_second`.
+//!
+//! The snapshot check: a transaction whose commit record precedes the low watermark in the
+//! WAL is normally visible to a snapshot taken after it. It is not while its backend has
+//! written the commit record but not yet left the process array — the commit waits there for
+//! synchronous replication, for example. Its changes would then be in neither the chunk nor
+//! the window. Such a transaction shows as committed (`pg_xact_status`) while the snapshot
+//! still lists it as running; the reader sees that, drops the snapshot and takes another.
+
+pub mod window;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use serde::Deserialize;
+use sluice_postgres::catalog::Table;
+use sluice_postgres::{ConnectionConfig, Problem, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use window::{Chunk, Watermark, WATERMARK_PREFIX};
+
+/// `[backfill]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackfillConfig {
+    /// Serve backfill and reconcile requests while streaming.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Request a backfill of every published table that has never had one, at each start.
+    #[serde(default)]
+    pub initial: bool,
+    /// The progress table in the source database (`schema.table`), created when missing.
+    #[serde(default = "default_progress_table")]
+    pub progress_table: String,
+    /// Rows per chunk.
+    #[serde(default = "default_chunk_size")]
+    pub chunk_size: usize,
+    /// Most rows read per second for each table being backfilled; 0 for no limit.
+    #[serde(default)]
+    pub max_rows_per_second: u64,
+    /// Requests served at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// How often the daemon looks for new requests.
+    #[serde(default = "default_poll_interval", with = "sluice_postgres::duration")]
+    pub poll_interval: Duration,
+}
+
+impl Default for BackfillConfig {
+    fn default() -> Self {
+        BackfillConfig {
+            enabled: true,
+            initial: false,
+            progress_table: default_progress_table(),
+            chunk_size: default_chunk_size(),
+            max_rows_per_second: 0,
+            concurrency: default_concurrency(),
+            poll_interval: default_poll_interval(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_progress_table() -> String {
+    "public.sluice_backfill".into()
+}
+fn default_chunk_size() -> usize {
+    1000
+}
+fn default_concurrency() -> usize {
+    1
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(2)
+}
+
+impl BackfillConfig {
+    pub fn validate(&self, problems: &mut Vec<Problem>) {
+        if sluice_postgres::catalog::split_table(&self.progress_table).is_none() {
+            problems.push(Problem::new("backfill", "progress_table", "must be schema.table"));
+        }
+        if !(1..=100_000).contains(&self.chunk_size) {
+            problems.push(Problem::new("backfill", "chunk_size", "must be between 1 and 100000"));
+        }
+        if self.concurrency == 0 {
+            problems.push(Problem::new("backfill", "concurrency", "must be at least 1"));
+        }
+        if self.poll_interval.is_zero() {
+            problems.push(Problem::new("backfill", "poll_interval", "must be more than 0s"));
+        }
+    }
+
+    /// The progress table, quoted for SQL.
+    pub fn quoted_table(&self) -> String {
+        let (schema, name) = sluice_postgres::catalog::split_table(&self.progress_table).unwrap_or(("public", "sluice_backfill"));
+        format!("{}.{}", quote(schema), quote(name))
+    }
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Creates the progress table when it is missing.
+pub async fn ensure_progress_table(sql: &tokio_postgres::Client, config: &BackfillConfig) -> Result<(), tokio_postgres::Error> {
+    sql.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {} (
+           pipeline text NOT NULL,
+           id bigint GENERATED ALWAYS AS IDENTITY,
+           source_table text NOT NULL,
+           keys jsonb,
+           state text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'running', 'done', 'failed')),
+           last_key text[],
+           rows_done bigint NOT NULL DEFAULT 0,
+           chunks_done bigint NOT NULL DEFAULT 0,
+           rows_estimate bigint,
+           error text,
+           requested_at timestamptz NOT NULL DEFAULT now(),
+           started_at timestamptz,
+           finished_at timestamptz,
+           PRIMARY KEY (pipeline, id))",
+        config.quoted_table()
+    ))
+    .await
+}
+
+/// Inserts a request for `table` (every row, or the listed keys as text in key order);
+/// returns its id.
+pub async fn request(sql: &tokio_postgres::Client, config: &BackfillConfig, pipeline: &str, table: &str, keys: Option<&[Vec<String>]>) -> Result<i64, tokio_postgres::Error> {
+    let keys: Option<String> = keys.map(|k| serde_json::to_string(k).unwrap_or_default());
+    let (schema, name) = sluice_postgres::catalog::split_table(table).unwrap_or(("", table));
+    let row = sql
+        .query_one(
+            &format!(
+                "INSERT INTO {} (pipeline, source_table, keys, rows_estimate) \
+                 SELECT $1, $2, $3::text::jsonb, CASE WHEN $3::text IS NULL THEN \
+                   (SELECT greatest(c.reltuples, 0)::int8 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                    WHERE n.nspname = $4 AND c.relname = $5) ELSE jsonb_array_length($3::text::jsonb) END \
+                 RETURNING id",
+                config.quoted_table()
+            ),
+            &[&pipeline, &table, &keys, &schema, &name],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// One request as the progress table holds it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Progress {
+    pub id: i64,
+    pub table: String,
+    pub state: String,
+    pub rows_done: i64,
+    pub chunks_done: i64,
+    pub rows_estimate: Option<i64>,
+    pub error: Option<String>,
+}
+
+/// The requests of `pipeline` with these ids.
+pub async fn progress(sql: &tokio_postgres::Client, config: &BackfillConfig, pipeline: &str, ids: &[i64]) -> Result<Vec<Progress>, tokio_postgres::Error> {
+    let rows = sql
+        .query(
+            &format!(
+                "SELECT id, source_table, state, rows_done, chunks_done, rows_estimate, error FROM {} WHERE pipeline = $1 AND id = ANY($2) ORDER BY id",
+                config.quoted_table()
+            ),
+            &[&pipeline, &ids],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Progress { id: r.get(0), table: r.get(1), state: r.get(2), rows_done: r.get(3), chunks_done: r.get(4), rows_estimate: r.get(5), error: r.get(6) })
+        .collect())
+}
+
+/// A request as the daemon serves it.
+struct Request {
+    id: i64,
+    table: String,
+    keys: Option<Vec<Vec<String>>>,
+    last_key: Option<Vec<String>>,
+    rows_done: i64,
+}
+
+/// Why a request stopped.
+#[derive(Debug, thiserror::Error)]
+enum BackfillError {
+    /// The request can never be served as made (no such table, no primary key): it fails.
+    #[error("{0}")]
+    Request(String),
+    #[error("backfill SQL failed")]
+    Sql(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Source(#[from] sluice_postgres::Error),
+    /// The pipeline stopped (shutdown, or a failed target): the request stays running and
+    /// resumes at the next start.
+    #[error("the pipeline stopped")]
+    Stopped,
+}
+
+/// Serves this pipeline's requests until `shutdown`. Never fatal to the pipeline: failures
+/// are logged and retried at the next `poll_interval`.
+pub async fn run(
+    connection: ConnectionConfig,
+    pipeline: String,
+    publication: String,
+    config: BackfillConfig,
+    chunks: mpsc::UnboundedSender<Chunk>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut announced = false;
+    let mut initial_done = false;
+    loop {
+        match serve(&connection, &pipeline, &publication, &config, &chunks, &shutdown, &mut initial_done).await {
+            Ok(()) => return,
+            Err(BackfillError::Stopped) => return,
+            Err(error) => {
+                if !announced {
+                    tracing::warn!(error = %sluice_postgres::error::Chain(&error), table = %config.progress_table, "backfill requests cannot be served now; retrying");
+                    announced = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.poll_interval.max(Duration::from_secs(5))) => {}
+            _ = crate::monitor::stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+async fn serve(
+    connection: &ConnectionConfig,
+    pipeline: &str,
+    publication: &str,
+    config: &BackfillConfig,
+    chunks: &mpsc::UnboundedSender<Chunk>,
+    shutdown: &watch::Receiver<bool>,
+    initial_done: &mut bool,
+) -> Result<(), BackfillError> {
+    let sql = sluice_postgres::connect_sql(connection).await?;
+    ensure_progress_table(&sql, config).await?;
+    if config.initial && !*initial_done {
+        let requested = request_initial(&sql, config, pipeline, publication).await?;
+        if requested > 0 {
+            tracing::info!(tables = requested, "initial backfill requested for every published table without one");
+        }
+        *initial_done = true;
+    }
+    let table = config.quoted_table();
+    let mut running = FuturesUnordered::new();
+    let mut serving: Vec<i64> = Vec::new();
+    let mut shutdown_wait = shutdown.clone();
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        if running.len() < config.concurrency {
+            let rows = sql
+                .query(
+                    &format!(
+                        "SELECT id, source_table, keys::text, last_key, rows_done FROM {table} \
+                         WHERE pipeline = $1 AND state IN ('pending', 'running') AND NOT (id = ANY($2)) ORDER BY id LIMIT $3"
+                    ),
+                    &[&pipeline, &serving, &((config.concurrency - running.len()) as i64)],
+                )
+                .await?;
+            for row in rows {
+                let keys: Option<String> = row.get(2);
+                let request = Request {
+                    id: row.get(0),
+                    table: row.get(1),
+                    keys: keys.and_then(|k| serde_json::from_str(&k).ok()),
+                    last_key: row.get(3),
+                    rows_done: row.get(4),
+                };
+                serving.push(request.id);
+                let id = request.id;
+                running.push(async move { (id, serve_request(connection, pipeline, config, chunks, shutdown.clone(), request).await) });
+            }
+        }
+        metrics::gauge!(crate::metrics::BACKFILL_ACTIVE).set(running.len() as f64);
+        tokio::select! {
+            Some((id, result)) = running.next(), if !running.is_empty() => {
+                serving.retain(|&s| s != id);
+                match result {
+                    Ok(()) => {}
+                    Err(BackfillError::Stopped) => return Err(BackfillError::Stopped),
+                    Err(BackfillError::Request(reason)) => {
+                        tracing::error!(request = id, reason = %reason, "backfill request failed");
+                        sql.execute(&format!("UPDATE {table} SET state = 'failed', error = $3, finished_at = now() WHERE pipeline = $1 AND id = $2"), &[&pipeline, &id, &reason]).await?;
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+            _ = tokio::time::sleep(config.poll_interval) => {}
+            _ = crate::monitor::stopped(&mut shutdown_wait) => return Ok(()),
+        }
+    }
+}
+
+/// Requests a backfill of each published table that has none yet; returns how many.
+async fn request_initial(sql: &tokio_postgres::Client, config: &BackfillConfig, pipeline: &str, publication: &str) -> Result<u64, BackfillError> {
+    let tables: Vec<String> = sql
+        .query("SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables WHERE pubname = $1 ORDER BY 1", &[&publication])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut requested = 0;
+    for table in tables {
+        if table == config.progress_table {
+            continue;
+        }
+        let known = sql
+            .query_opt(&format!("SELECT 1 FROM {} WHERE pipeline = $1 AND source_table = $2 LIMIT 1", config.quoted_table()), &[&pipeline, &table])
+            .await?
+            .is_some();
+        if !known {
+            request(sql, config, pipeline, &table, None).await?;
+            requested += 1;
+        }
+    }
+    Ok(requested)
+}
+
+/// Serves one request to the end (or to shutdown).
+async fn serve_request(
+    connection: &ConnectionConfig,
+    pipeline: &str,
+    config: &BackfillConfig,
+    chunks: &mpsc::UnboundedSender<Chunk>,
+    mut shutdown: watch::Receiver<bool>,
+    request: Request,
+) -> Result<(), BackfillError> {
+    let mut sql = sluice_postgres::connect_sql(connection).await?;
+    let progress = config.quoted_table();
+    let table = match sluice_postgres::catalog::split_table(&request.table) {
+        Some((schema, name)) => sluice_postgres::catalog::table(&sql, schema, name).await?,
+        None => None,
+    };
+    let Some(table) = table else { return Err(BackfillError::Request(format!("table {} does not exist", request.table))) };
+    if table.primary_key.is_empty() {
+        return Err(BackfillError::Request(format!("table {} has no primary key; backfill reads in primary-key order", request.table)));
+    }
+    sql.execute(
+        &format!("UPDATE {progress} SET state = 'running', started_at = coalesce(started_at, now()) WHERE pipeline = $1 AND id = $2"),
+        &[&pipeline, &request.id],
+    )
+    .await?;
+    tracing::info!(request = request.id, table = %request.table, resume_after = ?request.last_key.as_ref().map(|k| k.len()), "backfill started");
+    let relation = Arc::new(table.relation.clone());
+    let label = request.table.clone();
+    let started = Instant::now();
+    let mut rows_this_run: u64 = 0;
+    let mut last_key = request.last_key.clone();
+    let mut offset = request.rows_done.max(0) as usize;
+    let mut chunk_no: u64 = 0;
+    loop {
+        chunk_no += 1;
+        let chunk_id = format!("{}.{}.{}", request.id, std::process::id(), chunk_no);
+        // The keys of this chunk (reconcile), or the next keyset page.
+        let keys: Option<&[Vec<String>]> = match &request.keys {
+            Some(all) if offset >= all.len() => break,
+            Some(all) => Some(&all[offset..(offset + config.chunk_size).min(all.len())]),
+            None => None,
+        };
+        emit(&sql, &Watermark::text(false, pipeline, &chunk_id, &request.table)).await?;
+        let rows = read_chunk(&mut sql, &table, config.chunk_size, last_key.as_deref(), keys).await?;
+        if keys.is_none() && rows.is_empty() {
+            // Close the window, so that the pipeline forgets it.
+            emit(&sql, &Watermark::text(true, pipeline, &chunk_id, &request.table)).await?;
+            break;
+        }
+        let (values, texts) = decode(&table, rows, &request.table)?;
+        let absent_keys = match keys {
+            Some(keys) => absent(&table, keys, &values)?,
+            None => Vec::new(),
+        };
+        let read = values.len();
+        let next_key = texts.last().map(|row| table.primary_key.iter().map(|&i| row[i].clone().unwrap_or_default()).collect::<Vec<_>>());
+        let (done, durable) = oneshot::channel();
+        let chunk = Chunk { id: chunk_id.clone(), relation: relation.clone(), primary_key: table.primary_key.clone(), rows: values, absent_keys, done };
+        chunks.send(chunk).map_err(|_| BackfillError::Stopped)?;
+        emit(&sql, &Watermark::text(true, pipeline, &chunk_id, &request.table)).await?;
+        tokio::select! {
+            result = durable => result.map_err(|_| BackfillError::Stopped)?,
+            _ = crate::monitor::stopped(&mut shutdown) => return Err(BackfillError::Stopped),
+        }
+        // Durable: record the progress.
+        let advanced = match keys {
+            Some(keys) => keys.len(),
+            None => read,
+        };
+        offset += advanced;
+        if keys.is_none() {
+            last_key = next_key;
+        }
+        sql.execute(
+            &format!("UPDATE {progress} SET last_key = $3, rows_done = rows_done + $4, chunks_done = chunks_done + 1 WHERE pipeline = $1 AND id = $2"),
+            &[&pipeline, &request.id, &last_key, &(advanced as i64)],
+        )
+        .await?;
+        metrics::counter!(crate::metrics::BACKFILL_ROWS_TOTAL, "table" => label.clone()).increment(read as u64);
+        metrics::counter!(crate::metrics::BACKFILL_CHUNKS_TOTAL, "table" => label.clone()).increment(1);
+        rows_this_run += advanced as u64;
+        if keys.is_none() && read < config.chunk_size {
+            break;
+        }
+        if config.max_rows_per_second > 0 {
+            let due = Duration::from_secs_f64(rows_this_run as f64 / config.max_rows_per_second as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = crate::monitor::stopped(&mut shutdown) => return Err(BackfillError::Stopped),
+                }
+            }
+        }
+    }
+    sql.execute(&format!("UPDATE {progress} SET state = 'done', finished_at = now() WHERE pipeline = $1 AND id = $2"), &[&pipeline, &request.id]).await?;
+    tracing::info!(request = request.id, table = %request.table, rows = rows_this_run, seconds = started.elapsed().as_secs_f64(), "backfill finished");
+    Ok(())
+}
+
+async fn emit(sql: &tokio_postgres::Client, text: &str) -> Result<(), tokio_postgres::Error> {
+    sql.execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&WATERMARK_PREFIX, &text]).await.map(|_| ())
+}
+
+/// Reads one chunk in a snapshot that sees every transaction committed before the low
+/// watermark (see the module header): the rows' columns as text.
+async fn read_chunk(
+    sql: &mut tokio_postgres::Client,
+    table: &Table,
+    chunk_size: usize,
+    after: Option<&[String]>,
+    keys: Option<&[Vec<String>]>,
+) -> Result<Vec<Vec<Option<String>>>, BackfillError> {
+    let columns: Vec<String> = table.relation.columns.iter().map(|c| format!("s.{}::text", quote(&c.name))).collect();
+    // Qualified: a bare name in ORDER BY would mean the text output column of the same name.
+    let key_names: Vec<String> = table.primary_key.iter().map(|&i| format!("s.{}", quote(&table.relation.columns[i].name))).collect();
+    let cast = |param: usize, column: usize| format!("CAST(${param}::text AS {})", table.sql_types[column]);
+    let (statement, params): (String, Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>) = match (keys, after) {
+        (Some(keys), _) => {
+            let casts: Vec<String> = table.primary_key.iter().enumerate().map(|(n, &i)| format!("CAST(k->>{n} AS {})", table.sql_types[i])).collect();
+            let keys = serde_json::to_string(keys).unwrap_or_default();
+            (
+                format!(
+                    "SELECT {} FROM {} s WHERE ({}) IN (SELECT {} FROM jsonb_array_elements($1::text::jsonb) k)",
+                    columns.join(", "),
+                    table.quoted_name(),
+                    key_names.join(", "),
+                    casts.join(", ")
+                ),
+                vec![Box::new(keys)],
+            )
+        }
+        (None, Some(after)) => {
+            let bounds: Vec<String> = table.primary_key.iter().enumerate().map(|(n, &i)| cast(n + 2, i)).collect();
+            let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = vec![Box::new(chunk_size as i64)];
+            params.extend(after.iter().map(|v| Box::new(v.clone()) as Box<dyn tokio_postgres::types::ToSql + Sync + Send>));
+            (
+                format!(
+                    "SELECT {} FROM {} s WHERE ({}) > ({}) ORDER BY {} LIMIT $1",
+                    columns.join(", "),
+                    table.quoted_name(),
+                    key_names.join(", "),
+                    bounds.join(", "),
+                    key_names.join(", ")
+                ),
+                params,
+            )
+        }
+        (None, None) => (
+            format!("SELECT {} FROM {} s ORDER BY {} LIMIT $1", columns.join(", "), table.quoted_name(), key_names.join(", ")),
+            vec![Box::new(chunk_size as i64)],
+        ),
+    };
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+    for _ in 0..100 {
+        let txn = sql.build_transaction().isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).read_only(true).start().await?;
+        // The first statement fixes the snapshot.
+        let lagging: i64 = txn
+            .query_one("SELECT count(*) FROM pg_snapshot_xip(pg_current_snapshot()) x WHERE pg_xact_status(x) = 'committed'", &[])
+            .await?
+            .get(0);
+        if lagging > 0 {
+            txn.rollback().await?;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        if let Some(delay) = test_window_delay() {
+            tokio::time::sleep(delay).await;
+        }
+        let rows = txn.query(&statement, &params).await?;
+        txn.commit().await?;
+        return Ok(rows.iter().map(|row| (0..row.len()).map(|i| row.get::<_, Option<String>>(i)).collect()).collect());
+    }
+    Err(BackfillError::Request("no snapshot without committed-but-running transactions in 100 tries".into()))
+}
+
+/// Tests widen each chunk's window (the time between the snapshot and the high watermark)
+/// with `SLUICE_TEST_BACKFILL_WINDOW_DELAY_MS`, so that concurrent writes land inside it.
+fn test_window_delay() -> Option<Duration> {
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| std::env::var("SLUICE_TEST_BACKFILL_WINDOW_DELAY_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis))
+}
+
+type Decoded = (Vec<Vec<Value>>, Vec<Vec<Option<String>>>);
+
+/// Decodes rows of text with the columns' types; keeps the text for keys.
+fn decode(table: &Table, rows: Vec<Vec<Option<String>>>, name: &str) -> Result<Decoded, BackfillError> {
+    let mut values = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let mut decoded = Vec::with_capacity(row.len());
+        for (column, text) in table.relation.columns.iter().zip(row) {
+            decoded.push(match text {
+                None => Value::Null,
+                Some(text) => column
+                    .kind
+                    .decode_text(column.type_oid, text)
+                    .map_err(|e| BackfillError::Request(format!("table {name} column {}: cannot decode a {} value: {}", column.name, e.type_name, e.reason)))?,
+            });
+        }
+        values.push(decoded);
+    }
+    Ok((values, rows))
+}
+
+/// The requested keys the rows read do not have, decoded (compared as values, so that `01`
+/// and `1` are one integer key).
+fn absent(table: &Table, keys: &[Vec<String>], rows: &[Vec<Value>]) -> Result<Vec<Vec<Value>>, BackfillError> {
+    let found: std::collections::HashSet<String> =
+        rows.iter().map(|row| format!("{:?}", table.primary_key.iter().map(|&i| &row[i]).collect::<Vec<_>>())).collect();
+    let mut missing = Vec::new();
+    for key in keys {
+        if key.len() != table.primary_key.len() {
+            return Err(BackfillError::Request(format!("a key of {} has {} values; the primary key has {}", table.relation.qualified_name(), key.len(), table.primary_key.len())));
+        }
+        let mut values = Vec::with_capacity(key.len());
+        for (text, &i) in key.iter().zip(&table.primary_key) {
+            let column = &table.relation.columns[i];
+            values.push(column.kind.decode_text(column.type_oid, text).map_err(|e| BackfillError::Request(format!("key value for column {}: {}", column.name, e.reason)))?);
+        }
+        if !found.contains(&format!("{:?}", values.iter().collect::<Vec<_>>())) {
+            missing.push(values);
+        }
+    }
+    Ok(missing)
+}
+
+/// `sluice snapshot`: requests a backfill of `tables` (every published table when empty) from
+/// the running daemon and, with `wait`, follows it to the end: a progress line on a terminal,
+/// a log line every ten seconds otherwise. Fails when a request fails.
+pub async fn snapshot(config: &crate::config::Config, tables: &[String], wait: bool) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let Some(replication) = &config.source.replication else {
+        anyhow::bail!("backfill needs the logical replication source ([source.replication]); a polled outbox has nothing to backfill");
+    };
+    let sql = sluice_postgres::connect_sql(&config.source.connection).await.context("cannot connect to the source database")?;
+    ensure_progress_table(&sql, &config.backfill).await.with_context(|| format!("cannot create the progress table {} (backfill.progress_table)", config.backfill.progress_table))?;
+    let tables: Vec<String> = if tables.is_empty() {
+        sql.query("SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables WHERE pubname = $1 ORDER BY 1", &[&replication.publication])
+            .await?
+            .iter()
+            .map(|row| row.get::<_, String>(0))
+            .filter(|t| *t != config.backfill.progress_table)
+            .collect()
+    } else {
+        tables.to_vec()
+    };
+    if tables.is_empty() {
+        anyhow::bail!("publication {:?} has no tables to backfill", replication.publication);
+    }
+    let mut ids = Vec::new();
+    for table in &tables {
+        let id = request(&sql, &config.backfill, &config.pipeline.name, table, None).await?;
+        eprintln!("requested backfill {id} of {table}");
+        ids.push(id);
+    }
+    if !wait {
+        return Ok(());
+    }
+    follow(&sql, &config.backfill, &config.pipeline.name, &ids).await
+}
+
+/// Follows requests until all have ended; fails when one failed.
+pub async fn follow(sql: &tokio_postgres::Client, config: &BackfillConfig, pipeline: &str, ids: &[i64]) -> anyhow::Result<()> {
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let started = Instant::now();
+    let mut last_line = Instant::now();
+    let mut hinted = false;
+    loop {
+        let requests = progress(sql, config, pipeline, ids).await?;
+        let ended = requests.iter().filter(|r| r.state == "done" || r.state == "failed").count();
+        let rows: i64 = requests.iter().map(|r| r.rows_done).sum();
+        let estimate: i64 = requests.iter().map(|r| r.rows_estimate.unwrap_or(0).max(r.rows_done)).sum();
+        let rate = rows as f64 / started.elapsed().as_secs_f64().max(0.001);
+        let percent = if estimate > 0 { 100.0 * rows as f64 / estimate as f64 } else { 0.0 };
+        let line = format!("backfill: {ended}/{} requests ended, {rows}/~{estimate} rows ({percent:.0}%), {rate:.0} rows/s", requests.len());
+        if terminal {
+            let filled = (percent / 5.0).round().clamp(0.0, 20.0) as usize;
+            eprint!("\r[{}{}] {line}   ", "#".repeat(filled), "-".repeat(20 - filled));
+        } else if last_line.elapsed() >= Duration::from_secs(10) || ended == requests.len() {
+            eprintln!("{line}");
+            last_line = Instant::now();
+        }
+        if !hinted && started.elapsed() > Duration::from_secs(30) && requests.iter().all(|r| r.state == "pending") {
+            eprintln!("\nno daemon has picked the request up yet: is `sluice run` streaming this pipeline ({pipeline}) with backfill.enabled?");
+            hinted = true;
+        }
+        if ended == requests.len() {
+            if terminal {
+                eprintln!();
+            }
+            let failed: Vec<String> = requests.iter().filter(|r| r.state == "failed").map(|r| format!("{} ({})", r.table, r.error.as_deref().unwrap_or("?"))).collect();
+            if !failed.is_empty() {
+                anyhow::bail!("backfill failed for {}", failed.join(", "));
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

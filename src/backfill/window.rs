@@ -1,0 +1,408 @@
+//! The watermark window (the DBLog technique, also behind Debezium's incremental snapshots),
+//! on the pipeline's side: pure, no I/O.
+//!
+//! The backfill task reads a table in primary-key chunks while the stream runs. Around each
+//! chunk read it writes two transactional messages into the WAL: a low watermark before the
+//! read and a high one after it (`sluice.watermark`, `low|high <pipeline> <chunk> <table>`).
+//! The chunk's rows reach the pipeline, over a channel, before the high watermark is written.
+//!
+//! The stream delivers, between the two watermarks, every change committed while the chunk was
+//! read. Some of them the chunk's snapshot saw, some it did not, and the window cannot tell
+//! which. So at the high watermark each chunk row is brought up to date with the window's
+//! changes to its key, in stream order (an insert or a full update replaces the row, a partial
+//! update — unchanged TOAST columns absent — overlays the columns it has, a delete removes
+//! it). The result is emitted as an insert at the high watermark's position, right after the
+//! window's own changes. Replaying a change the snapshot had already seen gives the same row
+//! again, so the emitted row is the key's state at the high watermark either way, and every
+//! later change has a higher position: the target's position guard keeps them in order.
+//! DBLog drops a chunk row that the window touched instead; bringing it up to date gives the
+//! same result for full rows and keeps the TOAST columns a partial update does not carry.
+//!
+//! A reconcile request also names keys the source no longer has: unless the window inserted
+//! them again, they become deletes at the high watermark.
+//!
+//! Watermarks of other pipelines are dropped; so are windows whose high watermark never comes
+//! (a backfill task that died between the two): a new low watermark for the same table
+//! replaces the old window, so at most one window per table is held in memory.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::event::{ChangeEvent, EventBatch, NewRow, OldRow, Position, Relation, Value};
+
+pub use sluice_postgres::source::WATERMARK_PREFIX;
+
+/// One chunk read by the backfill task.
+#[derive(Debug)]
+pub struct Chunk {
+    /// `<request>.<chunk>`, unique within the pipeline.
+    pub id: String,
+    pub relation: Arc<Relation>,
+    /// Indexes of the primary key's columns in `relation.columns`, in key order.
+    pub primary_key: Vec<usize>,
+    /// The rows read, complete.
+    pub rows: Vec<Vec<Value>>,
+    /// Keys a reconcile request named that the source does not have (values in key order).
+    pub absent_keys: Vec<Vec<Value>>,
+    /// Told once the chunk's writes are durable in the target.
+    pub done: oneshot::Sender<()>,
+}
+
+/// A watermark message's content.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Watermark<'a> {
+    pub high: bool,
+    pub pipeline: &'a str,
+    pub chunk: &'a str,
+    pub table: &'a str,
+}
+
+impl<'a> Watermark<'a> {
+    pub fn text(high: bool, pipeline: &str, chunk: &str, table: &str) -> String {
+        format!("{} {pipeline} {chunk} {table}", if high { "high" } else { "low" })
+    }
+
+    pub fn parse(content: &'a [u8]) -> Option<Self> {
+        let text = std::str::from_utf8(content).ok()?;
+        let mut words = text.split(' ');
+        let high = match words.next()? {
+            "low" => false,
+            "high" => true,
+            _ => return None,
+        };
+        let (pipeline, chunk, table) = (words.next()?, words.next()?, words.next()?);
+        words.next().is_none().then_some(Watermark { high, pipeline, chunk, table })
+    }
+}
+
+/// A batch to submit, and what to tell when it is durable.
+pub struct Part {
+    pub batch: EventBatch,
+    pub chunk_done: Option<oneshot::Sender<()>>,
+}
+
+struct Window {
+    chunk: String,
+    /// The window's row changes to the table, in stream order.
+    events: Vec<ChangeEvent>,
+}
+
+/// The pipeline's view of the backfill: open windows by table, and chunks not yet merged.
+pub struct Watermarks {
+    pipeline: String,
+    windows: HashMap<String, Window>,
+    chunks: HashMap<String, Chunk>,
+    incoming: Option<mpsc::UnboundedReceiver<Chunk>>,
+}
+
+impl Watermarks {
+    pub fn new(pipeline: &str, incoming: Option<mpsc::UnboundedReceiver<Chunk>>) -> Self {
+        Watermarks { pipeline: pipeline.to_owned(), windows: HashMap::new(), chunks: HashMap::new(), incoming }
+    }
+
+    /// Splits a stream batch at high watermarks, inserting each merged chunk after its
+    /// window. The last part keeps the batch's acknowledgement; the others carry none.
+    /// Watermark messages are consumed here.
+    pub fn split(&mut self, mut batch: EventBatch) -> Vec<Part> {
+        let has_watermark = batch.events.iter().any(|e| matches!(e, ChangeEvent::Message { prefix, .. } if prefix == WATERMARK_PREFIX));
+        if !has_watermark && self.windows.is_empty() {
+            return vec![Part { batch, chunk_done: None }];
+        }
+        let mut parts = Vec::new();
+        let mut current = Vec::with_capacity(batch.events.len());
+        for event in std::mem::take(&mut batch.events) {
+            if let ChangeEvent::Message { prefix, content, position, .. } = &event {
+                if prefix == WATERMARK_PREFIX {
+                    if let Some(merged) = self.watermark(content, *position) {
+                        parts.push(Part { batch: EventBatch { events: std::mem::take(&mut current), ..EventBatch::default() }, chunk_done: None });
+                        parts.push(merged);
+                    }
+                    continue;
+                }
+            }
+            self.observe(&event);
+            current.push(event);
+        }
+        batch.events = current;
+        parts.push(Part { batch, chunk_done: None });
+        parts.retain(|p| !p.batch.events.is_empty() || p.batch.ack_lsn.is_some() || p.chunk_done.is_some() || p.batch.commit_time.is_some());
+        parts
+    }
+
+    /// Records a row change in the open window of its table.
+    fn observe(&mut self, event: &ChangeEvent) {
+        let relation = match event {
+            ChangeEvent::Insert { relation, .. } | ChangeEvent::Update { relation, .. } | ChangeEvent::Delete { relation, .. } => relation,
+            _ => return,
+        };
+        if let Some(window) = self.windows.get_mut(&relation.qualified_name()) {
+            window.events.push(event.clone());
+        }
+    }
+
+    /// Handles one watermark; returns the merged chunk at a high watermark.
+    fn watermark(&mut self, content: &[u8], position: Position) -> Option<Part> {
+        let mark = Watermark::parse(content)?;
+        if mark.pipeline != self.pipeline {
+            return None;
+        }
+        if !mark.high {
+            // A new window for the table replaces one whose high watermark never came.
+            self.windows.insert(mark.table.to_owned(), Window { chunk: mark.chunk.to_owned(), events: Vec::new() });
+            return None;
+        }
+        let window = match self.windows.remove(mark.table) {
+            Some(window) if window.chunk == mark.chunk => window,
+            Some(other) => {
+                self.windows.insert(mark.table.to_owned(), other);
+                return None;
+            }
+            None => return None,
+        };
+        if let Some(incoming) = &mut self.incoming {
+            // The chunk was sent before its high watermark was written.
+            while let Ok(chunk) = incoming.try_recv() {
+                self.chunks.insert(chunk.id.clone(), chunk);
+            }
+        }
+        let chunk = self.chunks.remove(mark.chunk)?;
+        // Chunks whose window was lost (replaced) are never merged: forget them.
+        self.chunks.retain(|_, c| c.relation.qualified_name() != mark.table);
+        Some(merge(chunk, &window.events, position))
+    }
+}
+
+/// The key of a row as comparable text: the primary key's values, by column name.
+fn key_of(relation: &Relation, names: &[&str], values: &[Option<&Value>]) -> Option<String> {
+    let mut key = Vec::with_capacity(names.len());
+    for name in names {
+        let index = relation.columns.iter().position(|c| c.name == *name)?;
+        key.push((*values.get(index)?)?);
+    }
+    Some(format!("{key:?}"))
+}
+
+/// The chunk rows brought up to date with the window, at `position`.
+fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
+    let relation = chunk.relation.clone();
+    let names: Vec<&str> = chunk.primary_key.iter().map(|&i| relation.columns[i].name.as_str()).collect();
+    // Each key's final state: None (deleted) or the full row.
+    let mut rows: Vec<(String, Option<Vec<Value>>)> = Vec::with_capacity(chunk.rows.len() + chunk.absent_keys.len());
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for row in chunk.rows {
+        let key = key_of(&relation, &names, &row.iter().map(Some).collect::<Vec<_>>()).unwrap_or_default();
+        index.insert(key.clone(), rows.len());
+        rows.push((key, Some(row)));
+    }
+    for key_values in &chunk.absent_keys {
+        let key = format!("{:?}", key_values.iter().collect::<Vec<_>>());
+        index.entry(key.clone()).or_insert_with(|| {
+            rows.push((key, None));
+            rows.len() - 1
+        });
+    }
+    for event in window {
+        match event {
+            ChangeEvent::Insert { relation: r, new, .. } => {
+                if let Some(&i) = key_of(r, &names, &new.iter().map(Some).collect::<Vec<_>>()).and_then(|k| index.get(&k)) {
+                    rows[i].1 = Some(aligned(r, &relation, new.iter().map(Some)));
+                }
+            }
+            ChangeEvent::Update { relation: r, old, new, .. } => {
+                let new_values: Vec<Option<&Value>> = match new {
+                    NewRow::Full(values) => values.iter().map(Some).collect(),
+                    NewRow::Partial(values) => values.iter().map(Option::as_ref).collect(),
+                };
+                let new_key = key_of(r, &names, &new_values);
+                if let Some(old) = old {
+                    let old_key = key_of(r, &names, &old.values().iter().map(Some).collect::<Vec<_>>());
+                    if old_key != new_key {
+                        if let Some(&i) = old_key.and_then(|k| index.get(&k)) {
+                            rows[i].1 = None;
+                        }
+                    }
+                }
+                if let Some(&i) = new_key.and_then(|k| index.get(&k)) {
+                    let updated = aligned(r, &relation, new_values.iter().copied());
+                    rows[i].1 = match (rows[i].1.take(), new) {
+                        (_, NewRow::Full(_)) => Some(updated),
+                        (Some(mut base), NewRow::Partial(_)) => {
+                            // Overlay the columns the update carries (aligned() left the absent ones Null).
+                            for (column, value) in relation.columns.iter().zip(base.iter_mut()) {
+                                if let Some(position) = r.columns.iter().position(|c| c.name == column.name) {
+                                    if let Some(Some(v)) = new_values.get(position) {
+                                        *value = (*v).clone();
+                                    }
+                                }
+                            }
+                            Some(base)
+                        }
+                        // A partial update of a row the chunk does not hold: the stream applies it.
+                        (None, NewRow::Partial(_)) => None,
+                    };
+                }
+            }
+            ChangeEvent::Delete { relation: r, old, .. } => {
+                let old_values: Vec<Option<&Value>> = old.values().iter().map(Some).collect();
+                if let Some(&i) = key_of(r, &names, &old_values).and_then(|k| index.get(&k)) {
+                    rows[i].1 = None;
+                }
+            }
+            _ => {}
+        }
+    }
+    let absent: std::collections::HashSet<String> = chunk.absent_keys.iter().map(|k| format!("{:?}", k.iter().collect::<Vec<_>>())).collect();
+    let mut events = Vec::with_capacity(rows.len());
+    for (key, row) in rows {
+        match row {
+            Some(values) => events.push(ChangeEvent::Insert { position, relation: relation.clone(), new: values }),
+            None if absent.contains(&key) => {
+                let key_values: Vec<Value> = chunk
+                    .absent_keys
+                    .iter()
+                    .find(|k| format!("{:?}", k.iter().collect::<Vec<_>>()) == key)
+                    .cloned()
+                    .unwrap_or_default();
+                let mut old = vec![Value::Null; relation.columns.len()];
+                for (&column, value) in chunk.primary_key.iter().zip(key_values) {
+                    old[column] = value;
+                }
+                events.push(ChangeEvent::Delete { position, relation: relation.clone(), old: OldRow::Key(old) });
+            }
+            None => {}
+        }
+    }
+    Part { batch: EventBatch { events, ..EventBatch::default() }, chunk_done: Some(chunk.done) }
+}
+
+/// A row of relation `from` as the columns of `to` (by name; absent ones Null).
+fn aligned<'a>(from: &Relation, to: &Relation, values: impl Iterator<Item = Option<&'a Value>>) -> Vec<Value> {
+    let values: Vec<Option<&Value>> = values.collect();
+    to.columns
+        .iter()
+        .map(|column| {
+            from.columns.iter().position(|c| c.name == column.name).and_then(|i| values.get(i).copied().flatten()).cloned().unwrap_or(Value::Null)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_postgres::types::TypeKind;
+    use sluice_postgres::{Column, Lsn, ReplicaIdentity};
+
+    use super::*;
+
+    fn accounts() -> Arc<Relation> {
+        let columns = [("id", true, TypeKind::Int8), ("name", false, TypeKind::Text), ("bio", false, TypeKind::Text)];
+        Arc::new(Relation {
+            oid: 1,
+            namespace: "public".into(),
+            name: "accounts".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: columns.iter().map(|(n, k, t)| Column { name: (*n).into(), type_oid: 0, type_modifier: -1, is_key: *k, kind: t.clone() }).collect(),
+        })
+    }
+
+    fn at(lsn: u64, ordinal: u32) -> Position {
+        Position { commit_lsn: Lsn(lsn), tx_ordinal: ordinal }
+    }
+
+    fn row(id: i64, name: &str, bio: &str) -> Vec<Value> {
+        vec![Value::Int8(id), Value::Text(name.into()), Value::Text(bio.into())]
+    }
+
+    fn mark(high: bool, pipeline: &str, chunk: &str, lsn: u64) -> ChangeEvent {
+        ChangeEvent::Message {
+            position: at(lsn, 1),
+            transactional: true,
+            prefix: WATERMARK_PREFIX.into(),
+            content: Watermark::text(high, pipeline, chunk, "public.accounts").into_bytes().into(),
+        }
+    }
+
+    fn chunk(rows: Vec<Vec<Value>>, absent: Vec<Vec<Value>>) -> (Chunk, oneshot::Receiver<()>) {
+        let (done, rx) = oneshot::channel();
+        (Chunk { id: "1.1".into(), relation: accounts(), primary_key: vec![0], rows, absent_keys: absent, done }, rx)
+    }
+
+    fn batch(events: Vec<ChangeEvent>, ack: u64) -> EventBatch {
+        EventBatch { events, ack_lsn: Some(Lsn(ack)), ..EventBatch::default() }
+    }
+
+    fn inserted(part: &Part) -> Vec<(Position, Vec<Value>)> {
+        part.batch
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                ChangeEvent::Insert { position, new, .. } => Some((*position, new.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn watermarks_parse_and_print_alike_and_garbage_is_no_watermark() {
+        let text = Watermark::text(true, "orders", "7.3", "public.accounts");
+        assert_eq!(Watermark::parse(text.as_bytes()), Some(Watermark { high: true, pipeline: "orders", chunk: "7.3", table: "public.accounts" }));
+        assert_eq!(Watermark::parse(b"middle orders 7.3 public.accounts"), None);
+        assert_eq!(Watermark::parse(b"low orders 7.3"), None);
+    }
+
+    #[test]
+    fn the_chunk_follows_its_window_up_to_date_and_the_batch_keeps_its_acknowledgement_at_the_end() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut watermarks = Watermarks::new("p", Some(rx));
+        let relation = accounts();
+        let (chunk, mut done) = chunk(vec![row(1, "ada", "long bio"), row(2, "bob", "b"), row(3, "cy", "c")], vec![]);
+        tx.send(chunk).unwrap();
+        let events = vec![
+            mark(false, "p", "1.1", 100),
+            // A partial update (bio unchanged, not sent) of key 1; a delete of key 2; a change
+            // to a key outside the chunk.
+            ChangeEvent::Update { position: at(110, 1), relation: relation.clone(), old: None, new: NewRow::Partial(vec![Some(Value::Int8(1)), Some(Value::Text("ada l.".into())), None]) },
+            ChangeEvent::Delete { position: at(120, 1), relation: relation.clone(), old: OldRow::Key(vec![Value::Int8(2), Value::Null, Value::Null]) },
+            ChangeEvent::Insert { position: at(125, 1), relation: relation.clone(), new: row(9, "new", "n") },
+            mark(false, "other", "5.5", 126),
+            mark(true, "p", "1.1", 130),
+            ChangeEvent::Update { position: at(140, 1), relation: relation.clone(), old: None, new: NewRow::Full(row(3, "cy 2", "c")) },
+        ];
+        let parts = watermarks.split(batch(events, 150));
+        assert_eq!(parts.len(), 3, "window, chunk, rest");
+        assert_eq!(parts[0].batch.events.len(), 3, "the window's changes, watermarks consumed");
+        assert_eq!(parts[0].batch.ack_lsn, None);
+        let merged = inserted(&parts[1]);
+        assert_eq!(merged, vec![(at(130, 1), row(1, "ada l.", "long bio")), (at(130, 1), row(3, "cy", "c"))], "key 2 was deleted in the window");
+        assert!(parts[1].chunk_done.is_some());
+        assert_eq!(parts[2].batch.events.len(), 1);
+        assert_eq!(parts[2].batch.ack_lsn, Some(Lsn(150)));
+        assert!(done.try_recv().is_err(), "not durable yet");
+    }
+
+    #[test]
+    fn absent_keys_become_deletes_unless_the_window_inserts_them() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut watermarks = Watermarks::new("p", Some(rx));
+        let (chunk, _done) = chunk(vec![], vec![vec![Value::Int8(4)], vec![Value::Int8(5)]]);
+        tx.send(chunk).unwrap();
+        let events = vec![mark(false, "p", "1.1", 100), ChangeEvent::Insert { position: at(110, 1), relation: accounts(), new: row(5, "back", "") }, mark(true, "p", "1.1", 130)];
+        let parts = watermarks.split(batch(events, 140));
+        let chunk_part = parts.iter().find(|p| p.chunk_done.is_some()).unwrap();
+        assert_eq!(chunk_part.batch.events.len(), 2);
+        assert!(matches!(&chunk_part.batch.events[0], ChangeEvent::Delete { old: OldRow::Key(k), position, .. } if k[0] == Value::Int8(4) && *position == at(130, 1)));
+        assert_eq!(inserted(chunk_part), vec![(at(130, 1), row(5, "back", ""))]);
+    }
+
+    #[test]
+    fn a_high_watermark_without_its_window_or_chunk_emits_nothing() {
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let mut watermarks = Watermarks::new("p", Some(rx));
+        // A replay after a restart: the window opened before, the chunk is gone.
+        let parts = watermarks.split(batch(vec![mark(false, "p", "1.1", 100), mark(true, "p", "1.1", 130)], 140));
+        assert_eq!(parts.len(), 1);
+        assert!(parts[0].batch.events.is_empty() && parts[0].batch.ack_lsn == Some(Lsn(140)));
+        assert!(watermarks.windows.is_empty());
+    }
+}

@@ -1,0 +1,725 @@
+//! `sluice verify` and `sluice reconcile`: is the DynamoDB target equal to the source, key by
+//! key, through the mapping — and if not, re-drive exactly the keys that differ.
+//!
+//! Verify reads each mapped table in primary-key chunks inside one consistent snapshot
+//! (a read-only REPEATABLE READ transaction), translates every row as the stream would (the
+//! same translator: renames, drops, types, filters, key templates), and reads the items those
+//! rows must be with consistent BatchGetItem. A row whose item is absent (or a tombstone) is
+//! *missing*; an item whose attributes differ is *different*, named by attribute (values only
+//! with `--values`: they may be personal data). Then it scans each DynamoDB table whose
+//! source tables were all verified: a live item no row produced is *extra*. Its source key is
+//! recovered from the key templates (or from the item's own attributes), so that reconcile can
+//! re-drive it.
+//!
+//! Rows change while verify runs. Every key found wrong is checked again once the stream has
+//! passed the WAL position at the end of the pass (the slot's confirmed position, waited for up
+//! to `--recheck-timeout`), with a fresh read of the row and the item: only keys still wrong
+//! are reported.
+//!
+//! Reconcile verifies, then asks the running daemon to backfill exactly the wrong keys (a
+//! request in the progress table with a key list, served between watermarks like any chunk:
+//! rows present in the source are written, keys the source no longer has are deleted, all
+//! through the position guard), follows the request, and verifies those keys again.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde::Serialize;
+use sluice_dynamodb::{Attr, DynamoClient, Item, WriteAction};
+use sluice_postgres::catalog::Table;
+
+use crate::config::{Config, TargetConfig};
+use crate::event::{ChangeEvent, Lsn, Position, Value};
+use crate::translate::dynamodb::{DynamoTranslator, TranslateError};
+use crate::translate::mapping::{parse_template, Mapping, Segment, TableMapping};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct VerifyArgs {
+    #[arg(short, long)]
+    pub config: std::path::PathBuf,
+    /// A source table (`schema.table`) to verify; repeat for several. Default: every mapped table.
+    #[arg(long = "table", value_name = "TABLE")]
+    pub tables: Vec<String>,
+    /// Keys listed per table and kind of difference.
+    #[arg(long, default_value_t = 10)]
+    pub show: usize,
+    /// Also print the differing values (they may be personal data).
+    #[arg(long)]
+    pub values: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Rows per chunk.
+    #[arg(long, default_value_t = 1000)]
+    pub chunk_size: usize,
+    /// Most rows read per second; 0 for no limit.
+    #[arg(long, default_value_t = 0)]
+    pub max_rows_per_second: u64,
+    /// Verify a random fraction of the rows (0 < f ≤ 1); extra items are not looked for then.
+    #[arg(long)]
+    pub sample: Option<f64>,
+    /// How long to wait for the stream to pass the end of the pass before re-checking.
+    #[arg(long, default_value = "60s", value_parser = sluice_postgres::duration::parse)]
+    pub recheck_timeout: Duration,
+}
+
+/// A source key: the primary key's values as text, by column.
+pub type SourceKey = BTreeMap<String, String>;
+
+/// Differing attributes' values: (from the source through the mapping, stored in the target).
+pub type DifferentValues = BTreeMap<String, (Option<String>, Option<String>)>;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Difference {
+    pub key: SourceKey,
+    pub attributes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub values: Option<DifferentValues>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Extra {
+    /// The item's key.
+    pub item_key: BTreeMap<String, String>,
+    /// The source key the item's key templates lead back to, when they do.
+    pub source_key: Option<SourceKey>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TableReport {
+    pub table: String,
+    pub target: String,
+    pub rows: u64,
+    pub matched: u64,
+    pub missing: u64,
+    pub different: u64,
+    pub extra: u64,
+    /// Rows the mapping cannot translate (the stream dead-letters them).
+    pub untranslatable: u64,
+    pub missing_keys: Vec<SourceKey>,
+    pub different_keys: Vec<Difference>,
+    pub extra_keys: Vec<Extra>,
+    /// Whether extra items were looked for (the whole DynamoDB table was covered).
+    pub extra_checked: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub tables: Vec<TableReport>,
+    pub rows_per_second: f64,
+    pub seconds: f64,
+    /// Whether the keys found wrong were checked again after the stream passed the pass's end.
+    pub rechecked: bool,
+    pub recheck_note: Option<String>,
+}
+
+impl Report {
+    pub fn differences(&self) -> u64 {
+        self.tables.iter().map(|t| t.missing + t.different + t.extra).sum()
+    }
+}
+
+/// What one key is found to be.
+enum Finding {
+    Matched,
+    Missing,
+    Different(Vec<String>, DifferentValues),
+    /// Filtered out by the mapping: no item expected.
+    NotExpected,
+    Untranslatable,
+}
+
+struct Verifier {
+    config: Config,
+    mapping: Mapping,
+    translator: DynamoTranslator,
+    client: DynamoClient,
+    sql: tokio_postgres::Client,
+    tables: HashMap<String, Table>,
+}
+
+impl Verifier {
+    async fn open(config: &Config) -> anyhow::Result<Self> {
+        let TargetConfig::Dynamodb(dynamo) = &config.target else {
+            anyhow::bail!("verify compares a DynamoDB target with its source; target.kind is not dynamodb");
+        };
+        let Some(path) = &dynamo.mapping else { anyhow::bail!("verify needs target.mapping: an outbox event log has no row-for-item mapping") };
+        let mapping = Mapping::load(path).map_err(|p| anyhow::anyhow!("{}", p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))?;
+        let client = DynamoClient::connect(&crate::target::dynamodb::client_options(dynamo)).await;
+        let sql = sluice_postgres::connect_sql(&config.source.connection).await.context("cannot connect to the source database")?;
+        let mut tables = HashMap::new();
+        for table in &mapping.tables {
+            let found = sluice_postgres::catalog::required_table(&sql, &table.source, "mapping source").await?;
+            if found.primary_key.is_empty() {
+                anyhow::bail!("table {} has no primary key; verify reads in primary-key order", table.source);
+            }
+            tables.insert(table.source.clone(), found);
+        }
+        Ok(Verifier { config: config.clone(), translator: DynamoTranslator::new(&mapping), mapping, client, sql, tables })
+    }
+
+    fn selected(&self, names: &[String]) -> anyhow::Result<Vec<TableMapping>> {
+        for name in names {
+            if !self.mapping.tables.iter().any(|t| &t.source == name) {
+                anyhow::bail!("table {name} is not in the mapping");
+            }
+        }
+        Ok(self.mapping.tables.iter().filter(|t| names.is_empty() || names.contains(&t.source)).cloned().collect())
+    }
+
+    /// The item a row must be (key and attributes), or why there is none.
+    fn expected(&self, table: &Table, row: Vec<Value>) -> Result<Option<(Item, Item)>, ()> {
+        let event = ChangeEvent::Insert { position: Position::default(), relation: std::sync::Arc::new(table.relation.clone()), new: row };
+        let mut writes = Vec::new();
+        match self.translator.translate(&event, now(), &mut writes) {
+            Ok(()) => {}
+            Err(TranslateError::Poison { .. } | TranslateError::Fatal { .. }) => return Err(()),
+        }
+        Ok(writes.into_iter().find_map(|w| match w.action {
+            WriteAction::Put(item) => Some((w.key, item)),
+            _ => None,
+        }))
+    }
+
+    /// Compares rows with their items; returns each row's key and finding.
+    async fn check_rows(&self, mapping: &TableMapping, table: &Table, rows: Vec<Vec<Value>>) -> anyhow::Result<Vec<(SourceKey, Option<Item>, Finding)>> {
+        let mut expected = Vec::with_capacity(rows.len());
+        for row in rows {
+            let key = source_key(table, &row);
+            expected.push((key, self.expected(table, row)));
+        }
+        let keys: Vec<Item> = expected.iter().filter_map(|(_, e)| e.as_ref().ok().and_then(|x| x.as_ref()).map(|(k, _)| k.clone())).collect();
+        let stored = self.client.get_items(&mapping.target, &keys).await.with_context(|| format!("cannot read items of DynamoDB table {}", mapping.target))?;
+        let mut stored = stored.into_iter();
+        let mut out = Vec::with_capacity(expected.len());
+        for (key, expectation) in expected {
+            let finding = match expectation {
+                Err(()) => (None, Finding::Untranslatable),
+                Ok(None) => (None, Finding::NotExpected),
+                Ok(Some((item_key, attributes))) => {
+                    let item = stored.next().flatten();
+                    let finding = match &item {
+                        None => Finding::Missing,
+                        Some(item) if item.get(&self.mapping.tombstones.marker_attribute) == Some(&Attr::Bool(true)) => Finding::Missing,
+                        Some(item) => {
+                            let mut want = attributes;
+                            want.extend(item_key.clone());
+                            compare(&want, item, &self.mapping.version_attribute)
+                        }
+                    };
+                    (Some(item_key), finding)
+                }
+            };
+            out.push((key, finding.0, finding.1));
+        }
+        Ok(out)
+    }
+
+    /// Rows of `table` with these keys, in a fresh snapshot.
+    async fn rows_by_key(&self, table: &Table, keys: &[SourceKey]) -> anyhow::Result<Vec<Vec<Value>>> {
+        let names: Vec<String> = table.primary_key.iter().map(|&i| table.relation.columns[i].name.clone()).collect();
+        let lists: Vec<Vec<String>> = keys.iter().map(|k| names.iter().map(|n| k.get(n).cloned().unwrap_or_default()).collect()).collect();
+        let casts: Vec<String> = table.primary_key.iter().enumerate().map(|(n, &i)| format!("CAST(k->>{n} AS {})", table.sql_types[i])).collect();
+        let statement = format!(
+            "SELECT {} FROM {} s WHERE ({}) IN (SELECT {} FROM jsonb_array_elements($1::text::jsonb) k)",
+            select_list(table),
+            table.quoted_name(),
+            names.iter().map(|n| format!("s.{}", quote(n))).collect::<Vec<_>>().join(", "),
+            casts.join(", ")
+        );
+        let mut rows = Vec::new();
+        for group in lists.chunks(1000) {
+            let json = serde_json::to_string(group)?;
+            for row in self.sql.query(&statement, &[&json]).await? {
+                rows.push(decode_row(table, &row)?);
+            }
+        }
+        Ok(rows)
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The columns as text, from the table aliased `s`.
+fn select_list(table: &Table) -> String {
+    table.relation.columns.iter().map(|c| format!("s.{}::text", quote(&c.name))).collect::<Vec<_>>().join(", ")
+}
+
+fn decode_row(table: &Table, row: &tokio_postgres::Row) -> anyhow::Result<Vec<Value>> {
+    let mut values = Vec::with_capacity(row.len());
+    for (i, column) in table.relation.columns.iter().enumerate() {
+        let text: Option<&str> = row.get(i);
+        values.push(match text {
+            None => Value::Null,
+            Some(text) => column
+                .kind
+                .decode_text(column.type_oid, text)
+                .map_err(|e| anyhow::anyhow!("table {} column {}: cannot decode a {} value: {}", table.relation.qualified_name(), column.name, e.type_name, e.reason))?,
+        });
+    }
+    Ok(values)
+}
+
+/// A row's primary key as text (the values' Postgres text form, which casts back exactly).
+fn source_key(table: &Table, row: &[Value]) -> SourceKey {
+    table.primary_key.iter().map(|&i| (table.relation.columns[i].name.clone(), pg_text(&row[i]))).collect()
+}
+
+fn pg_text(value: &Value) -> String {
+    match value {
+        Value::Text(s) | Value::Enum(s) | Value::Json(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The attributes whose values differ (the version attribute aside), and their values.
+fn compare(expected: &Item, stored: &Item, version_attribute: &str) -> Finding {
+    let mut names: Vec<String> = Vec::new();
+    let mut values = BTreeMap::new();
+    let all: std::collections::BTreeSet<&String> = expected.keys().chain(stored.keys()).filter(|n| *n != version_attribute).collect();
+    for name in all {
+        let (want, have) = (expected.get(name), stored.get(name));
+        let same = match (want, have) {
+            (Some(a), Some(b)) => normalized(a) == normalized(b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            names.push(name.clone());
+            values.insert(name.clone(), (want.map(attr_text), have.map(attr_text)));
+        }
+    }
+    if names.is_empty() {
+        Finding::Matched
+    } else {
+        Finding::Different(names, values)
+    }
+}
+
+/// DynamoDB's canonical form: numbers without insignificant zeros, sets sorted.
+fn normalized(attr: &Attr) -> Attr {
+    match attr {
+        Attr::N(n) => Attr::N(canonical_number(n)),
+        Attr::Ns(items) => {
+            let mut items: Vec<String> = items.iter().map(|n| canonical_number(n)).collect();
+            items.sort();
+            Attr::Ns(items)
+        }
+        Attr::Ss(items) => {
+            let mut items = items.clone();
+            items.sort();
+            Attr::Ss(items)
+        }
+        Attr::L(items) => Attr::L(items.iter().map(normalized).collect()),
+        Attr::M(map) => Attr::M(map.iter().map(|(k, v)| (k.clone(), normalized(v))).collect()),
+        other => other.clone(),
+    }
+}
+
+fn canonical_number(n: &str) -> String {
+    let (sign, digits) = match n.strip_prefix('-') {
+        Some(rest) => ("-", rest),
+        None => ("", n.strip_prefix('+').unwrap_or(n)),
+    };
+    if digits.contains(['e', 'E']) {
+        return n.to_owned();
+    }
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    let int = int.trim_start_matches('0');
+    let frac = frac.trim_end_matches('0');
+    let int = if int.is_empty() { "0" } else { int };
+    if int == "0" && frac.is_empty() {
+        return "0".into();
+    }
+    if frac.is_empty() {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    }
+}
+
+fn attr_text(attr: &Attr) -> String {
+    match attr {
+        Attr::S(s) | Attr::N(s) => s.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn key_text(key: &Item) -> String {
+    format!("{:?}", key.iter().map(|(k, v)| (k, normalized(v))).collect::<Vec<_>>())
+}
+
+/// The source key a DynamoDB key leads back to through a table's key templates, with the
+/// item's attributes as a fallback for columns no template holds.
+fn source_key_of(mapping: &TableMapping, table: &Table, item: &Item) -> Option<SourceKey> {
+    let mut found: HashMap<String, String> = HashMap::new();
+    let mut templates = vec![(&mapping.partition_key.attribute, &mapping.partition_key.template)];
+    if let Some(sort) = &mapping.sort_key {
+        templates.push((&sort.attribute, &sort.template));
+    }
+    for (attribute, template) in templates {
+        let Some(Attr::S(text)) = item.get(attribute) else { return None };
+        let segments = parse_template(template).ok()?;
+        for (column, value) in match_template(&segments, text)? {
+            if found.get(&column).is_some_and(|v| *v != value) {
+                return None;
+            }
+            found.insert(column, value);
+        }
+    }
+    let mut key = SourceKey::new();
+    for &i in &table.primary_key {
+        let column = &table.relation.columns[i].name;
+        let value = match found.get(column) {
+            Some(v) => v.clone(),
+            None => {
+                let attribute = mapping.rename.get(column).unwrap_or(column);
+                match item.get(attribute)? {
+                    Attr::S(s) | Attr::N(s) => s.clone(),
+                    _ => return None,
+                }
+            }
+        };
+        key.insert(column.clone(), value);
+    }
+    Some(key)
+}
+
+/// Matches `text` against literal and column segments (each column takes the shortest text up
+/// to the next literal); the columns' values, or None when the text does not fit.
+fn match_template(segments: &[Segment], text: &str) -> Option<Vec<(String, String)>> {
+    let mut values = Vec::new();
+    let mut rest = text;
+    let mut iter = segments.iter().peekable();
+    while let Some(segment) = iter.next() {
+        match segment {
+            Segment::Literal(literal) => rest = rest.strip_prefix(literal.as_str())?,
+            Segment::Column(column) => {
+                let value = match iter.peek() {
+                    Some(Segment::Literal(next)) => {
+                        let end = rest.find(next.as_str())?;
+                        let (value, after) = rest.split_at(end);
+                        rest = after;
+                        value
+                    }
+                    Some(Segment::Column(_)) => return None,
+                    None => std::mem::take(&mut rest),
+                };
+                values.push((column.clone(), value.to_owned()));
+            }
+        }
+    }
+    rest.is_empty().then_some(values)
+}
+
+/// Runs a verify pass and the re-check; the report.
+pub async fn verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<Report> {
+    let verifier = Verifier::open(config).await?;
+    let selected = verifier.selected(&args.tables)?;
+    let started = Instant::now();
+    let mut reports: Vec<TableReport> = Vec::new();
+    let mut expected_keys: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut rows_read: u64 = 0;
+    // One snapshot for the whole pass.
+    verifier.sql.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+    let pass = async {
+        for mapping in &selected {
+            let table = &verifier.tables[&mapping.source];
+            let mut report = TableReport { table: mapping.source.clone(), target: mapping.target.clone(), ..TableReport::default() };
+            // Qualified: a bare name in ORDER BY would mean the text output column.
+            let names: Vec<String> = table.primary_key.iter().map(|&i| format!("s.{}", quote(&table.relation.columns[i].name))).collect();
+            let mut after: Option<Vec<String>> = None;
+            loop {
+                let sample = args.sample.map(|f| format!(" AND random() < {f}")).unwrap_or_default();
+                let rows = match &after {
+                    None => {
+                        let statement = format!("SELECT {} FROM {} s WHERE true{sample} ORDER BY {} LIMIT {}", select_list(table), table.quoted_name(), names.join(", "), args.chunk_size);
+                        verifier.sql.query(&statement, &[]).await?
+                    }
+                    Some(last) => {
+                        let bounds: Vec<String> = table.primary_key.iter().enumerate().map(|(n, &i)| format!("CAST(${}::text AS {})", n + 1, table.sql_types[i])).collect();
+                        let statement = format!(
+                            "SELECT {} FROM {} s WHERE ({}) > ({}){sample} ORDER BY {} LIMIT {}",
+                            select_list(table),
+                            table.quoted_name(),
+                            names.join(", "),
+                            bounds.join(", "),
+                            names.join(", "),
+                            args.chunk_size
+                        );
+                        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = last.iter().map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+                        verifier.sql.query(&statement, &params).await?
+                    }
+                };
+                let Some(last_row) = rows.last() else { break };
+                after = Some(table.primary_key.iter().map(|&i| last_row.get::<_, Option<String>>(i).unwrap_or_default()).collect());
+                let count = rows.len();
+                let decoded = rows.iter().map(|r| decode_row(table, r)).collect::<anyhow::Result<Vec<_>>>()?;
+                for (key, item_key, finding) in verifier.check_rows(mapping, table, decoded).await? {
+                    report.rows += 1;
+                    if let Some(item_key) = &item_key {
+                        expected_keys.entry(mapping.target.clone()).or_default().insert(key_text(item_key));
+                    }
+                    tally(&mut report, key, finding);
+                }
+                rows_read += count as u64;
+                throttle(args.max_rows_per_second, rows_read, started).await;
+                if count < args.chunk_size && args.sample.is_none() {
+                    break;
+                }
+            }
+            reports.push(report);
+        }
+        anyhow::Ok(())
+    };
+    let outcome = pass.await;
+    let end_lsn: Option<Lsn> = verifier.sql.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.ok().and_then(|r| r.get::<_, String>(0).parse().ok());
+    verifier.sql.batch_execute("COMMIT").await?;
+    outcome?;
+
+    // Extra items: only in DynamoDB tables whose every source table was verified whole.
+    if args.sample.is_none() {
+        let targets: HashSet<&String> = selected.iter().map(|m| &m.target).collect();
+        for target in targets {
+            let sources: Vec<&TableMapping> = verifier.mapping.tables.iter().filter(|m| &m.target == target).collect();
+            if !sources.iter().all(|m| selected.iter().any(|s| s.source == m.source)) {
+                continue;
+            }
+            let expected = expected_keys.remove(target.as_str()).unwrap_or_default();
+            let key_names = key_attributes(&sources);
+            for item in verifier.client.scan_all(target).await.with_context(|| format!("cannot scan DynamoDB table {target}"))? {
+                if item.get(&verifier.mapping.tombstones.marker_attribute) == Some(&Attr::Bool(true)) {
+                    continue;
+                }
+                let key: Item = key_names.iter().filter_map(|n| item.get(n).map(|a| (n.clone(), a.clone()))).collect();
+                if expected.contains(&key_text(&key)) {
+                    continue;
+                }
+                // The source table whose templates fit the key, and the source key.
+                let owner = sources.iter().find_map(|m| source_key_of(m, &verifier.tables[&m.source], &item).map(|k| (m.source.clone(), k)));
+                let report_table = owner.as_ref().map(|(t, _)| t.clone()).unwrap_or_else(|| sources[0].source.clone());
+                let report = reports.iter_mut().find(|r| r.table == report_table).expect("verified table");
+                report.extra += 1;
+                report.extra_keys.push(Extra { item_key: key.iter().map(|(k, v)| (k.clone(), attr_text(v))).collect(), source_key: owner.map(|(_, k)| k) });
+            }
+            for report in reports.iter_mut().filter(|r| &r.target == target) {
+                report.extra_checked = true;
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut report = Report { tables: reports, rows_per_second: rows_read as f64 / seconds.max(0.001), seconds, rechecked: false, recheck_note: None };
+    if report.differences() > 0 {
+        recheck(&verifier, &mut report, end_lsn, args.recheck_timeout).await?;
+    }
+    Ok(report)
+}
+
+fn key_attributes(sources: &[&TableMapping]) -> Vec<String> {
+    let mut names = vec![sources[0].partition_key.attribute.clone()];
+    if let Some(sort) = &sources[0].sort_key {
+        names.push(sort.attribute.clone());
+    }
+    names
+}
+
+fn tally(report: &mut TableReport, key: SourceKey, finding: Finding) {
+    match finding {
+        Finding::Matched => report.matched += 1,
+        Finding::NotExpected => {}
+        Finding::Untranslatable => report.untranslatable += 1,
+        Finding::Missing => {
+            report.missing += 1;
+            report.missing_keys.push(key);
+        }
+        Finding::Different(attributes, values) => {
+            report.different += 1;
+            report.different_keys.push(Difference { key, attributes, values: Some(values) });
+        }
+    }
+}
+
+async fn throttle(max_rows_per_second: u64, rows: u64, started: Instant) {
+    if max_rows_per_second > 0 {
+        let due = Duration::from_secs_f64(rows as f64 / max_rows_per_second as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Waits until the slot has confirmed `end`, then checks every wrong key again with fresh
+/// reads; keeps only what is still wrong.
+async fn recheck(verifier: &Verifier, report: &mut Report, end: Option<Lsn>, timeout: Duration) -> anyhow::Result<()> {
+    let (Some(end), Some(replication)) = (end, &verifier.config.source.replication) else {
+        report.recheck_note = Some("not re-checked: no logical replication source".into());
+        return Ok(());
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let confirmed: Option<String> = verifier
+            .sql
+            .query_opt("SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots WHERE slot_name = $1", &[&replication.slot])
+            .await?
+            .and_then(|r| r.get(0));
+        if confirmed.and_then(|c| c.parse::<Lsn>().ok()).is_some_and(|c| c >= end) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            report.recheck_note = Some(format!("not re-checked: slot {} did not confirm {end} within {timeout:?} (is the pipeline running?)", replication.slot));
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for table_report in &mut report.tables {
+        let mapping = verifier.mapping.tables.iter().find(|m| m.source == table_report.table).expect("mapped").clone();
+        let table = &verifier.tables[&mapping.source];
+        let mut keys: Vec<SourceKey> = table_report.missing_keys.drain(..).collect();
+        keys.extend(table_report.different_keys.drain(..).map(|d| d.key));
+        let extras = std::mem::take(&mut table_report.extra_keys);
+        table_report.matched += table_report.missing + table_report.different;
+        table_report.missing = 0;
+        table_report.different = 0;
+        table_report.extra = 0;
+        let rows = verifier.rows_by_key(table, &keys).await?;
+        let present: HashSet<SourceKey> = rows.iter().map(|r| source_key(table, r)).collect();
+        for (key, _, finding) in verifier.check_rows(&mapping, table, rows).await? {
+            if !matches!(finding, Finding::Matched | Finding::NotExpected) {
+                table_report.matched = table_report.matched.saturating_sub(1);
+            }
+            tally(table_report, key, finding);
+        }
+        // A wrong key whose row is gone now: its item must be gone (or a tombstone) too.
+        for key in keys.into_iter().filter(|k| !present.contains(k)) {
+            let mut row = vec![Value::Null; table.relation.columns.len()];
+            for &i in &table.primary_key {
+                let column = &table.relation.columns[i];
+                if let Some(text) = key.get(&column.name) {
+                    row[i] = column.kind.decode_text(column.type_oid, text).unwrap_or(Value::Null);
+                }
+            }
+            let Some(item_key) = verifier.translator.key_for(&table.relation, &row) else { continue };
+            let item = verifier.client.get_items(&mapping.target, std::slice::from_ref(&item_key)).await?.pop().flatten();
+            if item.is_some_and(|i| i.get(&verifier.mapping.tombstones.marker_attribute) != Some(&Attr::Bool(true))) {
+                table_report.matched = table_report.matched.saturating_sub(1);
+                table_report.extra += 1;
+                table_report.extra_keys.push(Extra { item_key: item_key.iter().map(|(k, v)| (k.clone(), attr_text(v))).collect(), source_key: Some(key) });
+            }
+        }
+        // Extra items: still there, and still produced by no row?
+        let key_names = key_attributes(&[&mapping]);
+        for extra in extras {
+            let key: Item = key_names.iter().filter_map(|n| extra.item_key.get(n).map(|v| (n.clone(), Attr::S(v.clone())))).collect();
+            let item = verifier.client.get_items(&mapping.target, std::slice::from_ref(&key)).await?.pop().flatten();
+            let live = item.as_ref().is_some_and(|i| i.get(&verifier.mapping.tombstones.marker_attribute) != Some(&Attr::Bool(true)));
+            let produced = match &extra.source_key {
+                Some(source) => {
+                    let rows = verifier.rows_by_key(table, std::slice::from_ref(source)).await?;
+                    rows.into_iter().any(|row| matches!(verifier.expected(table, row), Ok(Some((k, _))) if key_text(&k) == key_text(&key)))
+                }
+                None => false,
+            };
+            if live && !produced {
+                table_report.extra += 1;
+                table_report.extra_keys.push(extra);
+            }
+        }
+    }
+    report.rechecked = true;
+    Ok(())
+}
+
+/// Prints a report: a table per source table, the first `show` keys of each kind.
+pub fn print(report: &Report, args: &VerifyArgs) -> anyhow::Result<()> {
+    let mut report = report.clone();
+    for table in &mut report.tables {
+        table.missing_keys.truncate(args.show);
+        table.different_keys.truncate(args.show);
+        table.extra_keys.truncate(args.show);
+        if !args.values {
+            for difference in &mut table.different_keys {
+                difference.values = None;
+            }
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("{:<28} {:>10} {:>10} {:>9} {:>10} {:>7}", "table", "rows", "matched", "missing", "different", "extra");
+    for t in &report.tables {
+        let extra = if t.extra_checked { t.extra.to_string() } else { "-".into() };
+        println!("{:<28} {:>10} {:>10} {:>9} {:>10} {:>7}", t.table, t.rows, t.matched, t.missing, t.different, extra);
+        for key in &t.missing_keys {
+            println!("  missing    {}", show_key(key));
+        }
+        for d in &t.different_keys {
+            println!("  different  {}  attributes: {}", show_key(&d.key), d.attributes.join(", "));
+            if let Some(values) = &d.values {
+                for (name, (want, have)) in values {
+                    println!("             {name}: source {} / target {}", want.as_deref().unwrap_or("(absent)"), have.as_deref().unwrap_or("(absent)"));
+                }
+            }
+        }
+        for e in &t.extra_keys {
+            let item: Vec<String> = e.item_key.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("  extra      {}{}", item.join(" "), e.source_key.as_ref().map(|k| format!("  (source key {})", show_key(k))).unwrap_or_default());
+        }
+    }
+    println!("{:.0} rows/s over {:.1} s", report.rows_per_second, report.seconds);
+    if let Some(note) = &report.recheck_note {
+        println!("{note}");
+    }
+    Ok(())
+}
+
+fn show_key(key: &SourceKey) -> String {
+    key.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+}
+
+/// `sluice reconcile`: verify, re-drive the wrong keys through the daemon, verify them again.
+pub async fn reconcile(config: &Config, args: &VerifyArgs) -> anyhow::Result<Report> {
+    let report = verify(config, args).await?;
+    if report.differences() == 0 {
+        eprintln!("nothing to reconcile: the target equals the source");
+        return Ok(report);
+    }
+    let sql = sluice_postgres::connect_sql(&config.source.connection).await?;
+    crate::backfill::ensure_progress_table(&sql, &config.backfill).await?;
+    let verifier = Verifier::open(config).await?;
+    let mut ids = Vec::new();
+    let mut unreachable = 0;
+    for table_report in &report.tables {
+        let table = &verifier.tables[&table_report.table];
+        let names: Vec<&String> = table.primary_key.iter().map(|&i| &table.relation.columns[i].name).collect();
+        let mut keys: Vec<Vec<String>> = Vec::new();
+        let as_list = |key: &SourceKey| names.iter().map(|n| key.get(*n).cloned().unwrap_or_default()).collect::<Vec<_>>();
+        keys.extend(table_report.missing_keys.iter().map(as_list));
+        keys.extend(table_report.different_keys.iter().map(|d| as_list(&d.key)));
+        for extra in &table_report.extra_keys {
+            match &extra.source_key {
+                Some(key) => keys.push(as_list(key)),
+                None => unreachable += 1,
+            }
+        }
+        if keys.is_empty() {
+            continue;
+        }
+        let id = crate::backfill::request(&sql, &config.backfill, &config.pipeline.name, &table_report.table, Some(&keys)).await?;
+        eprintln!("requested reconcile {id}: {} keys of {}", keys.len(), table_report.table);
+        ids.push(id);
+    }
+    if unreachable > 0 {
+        eprintln!("{unreachable} extra items lead back to no source key (their key templates do not parse); delete them by hand");
+    }
+    crate::backfill::follow(&sql, &config.backfill, &config.pipeline.name, &ids).await?;
+    // Verify again: the keys were re-driven through the stream, so the whole check applies.
+    verify(config, args).await
+}
