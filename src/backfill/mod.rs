@@ -84,7 +84,7 @@ fn default_progress_table() -> String {
     "public.sluice_backfill".into()
 }
 fn default_chunk_size() -> usize {
-    1000
+    10_000
 }
 fn default_concurrency() -> usize {
     1
@@ -216,6 +216,10 @@ enum BackfillError {
     /// resumes at the next start.
     #[error("the pipeline stopped")]
     Stopped,
+    /// The pipeline dropped a chunk without merging it (its window was lost): the request
+    /// resumes at its last recorded chunk.
+    #[error("a chunk was not merged into the stream")]
+    ChunkLost,
 }
 
 /// Serves this pipeline's requests until `shutdown`. Never fatal to the pipeline: failures
@@ -305,6 +309,10 @@ async fn serve(
                 match result {
                     Ok(()) => {}
                     Err(BackfillError::Stopped) => return Err(BackfillError::Stopped),
+                    Err(BackfillError::ChunkLost) if !chunks.is_closed() => {
+                        tracing::warn!(request = id, "a backfill chunk was not merged into the stream; resuming the request at its last recorded chunk");
+                    }
+                    Err(BackfillError::ChunkLost) => return Err(BackfillError::Stopped),
                     Err(BackfillError::Request(reason)) => {
                         tracing::error!(request = id, reason = %reason, "backfill request failed");
                         sql.execute(&format!("UPDATE {table} SET state = 'failed', error = $3, finished_at = now() WHERE pipeline = $1 AND id = $2"), &[&pipeline, &id, &reason]).await?;
@@ -353,6 +361,10 @@ async fn serve_request(
     request: Request,
 ) -> Result<(), BackfillError> {
     let mut sql = sluice_postgres::connect_sql(connection).await?;
+    // The high watermark must reach the stream at once: flush its commit locally even where
+    // synchronous_commit is off (the walsender sends only flushed WAL), without waiting for
+    // synchronous standbys.
+    sql.batch_execute("SET synchronous_commit = local; SET standard_conforming_strings = on").await?;
     let progress = config.quoted_table();
     let table = match sluice_postgres::catalog::split_table(&request.table) {
         Some((schema, name)) => sluice_postgres::catalog::table(&sql, schema, name).await?,
@@ -372,62 +384,51 @@ async fn serve_request(
     let label = request.table.clone();
     let started = Instant::now();
     let mut rows_this_run: u64 = 0;
-    let mut last_key = request.last_key.clone();
-    let mut offset = request.rows_done.max(0) as usize;
+    let offset = request.rows_done.max(0) as usize;
     let mut chunk_no: u64 = 0;
+    // One chunk is read while the one before it travels through the stream and the target:
+    // `in_flight` is that one, recorded as progress once durable (in order).
+    let mut in_flight: Option<InFlight> = None;
+    let mut read_key = request.last_key.clone();
+    let mut read_offset = offset;
     loop {
         chunk_no += 1;
         let chunk_id = format!("{}.{}.{}", request.id, std::process::id(), chunk_no);
         // The keys of this chunk (reconcile), or the next keyset page.
         let keys: Option<&[Vec<String>]> = match &request.keys {
-            Some(all) if offset >= all.len() => break,
-            Some(all) => Some(&all[offset..(offset + config.chunk_size).min(all.len())]),
+            Some(all) if read_offset >= all.len() => break,
+            Some(all) => Some(&all[read_offset..(read_offset + config.chunk_size).min(all.len())]),
             None => None,
         };
         emit(&sql, &Watermark::text(false, pipeline, &chunk_id, &request.table)).await?;
-        let rows = read_chunk(&mut sql, &table, config.chunk_size, last_key.as_deref(), keys).await?;
-        if keys.is_none() && rows.is_empty() {
+        let (values, next_key) = read_chunk(&mut sql, &table, config.chunk_size, read_key.as_deref(), keys).await?;
+        if keys.is_none() && values.is_empty() {
             // Close the window, so that the pipeline forgets it.
             emit(&sql, &Watermark::text(true, pipeline, &chunk_id, &request.table)).await?;
             break;
         }
-        let (values, texts) = decode(&table, rows, &request.table)?;
         let absent_keys = match keys {
             Some(keys) => absent(&table, keys, &values)?,
             None => Vec::new(),
         };
         let read = values.len();
-        let next_key = texts.last().map(|row| table.primary_key.iter().map(|&i| row[i].clone().unwrap_or_default()).collect::<Vec<_>>());
+        let advanced = keys.map_or(read, <[_]>::len);
+        read_offset += advanced;
+        if keys.is_none() {
+            read_key = next_key;
+        }
         let (done, durable) = oneshot::channel();
         let chunk = Chunk { id: chunk_id.clone(), relation: relation.clone(), primary_key: table.primary_key.clone(), rows: values, absent_keys, done };
         chunks.send(chunk).map_err(|_| BackfillError::Stopped)?;
         emit(&sql, &Watermark::text(true, pipeline, &chunk_id, &request.table)).await?;
-        tokio::select! {
-            result = durable => result.map_err(|_| BackfillError::Stopped)?,
-            _ = crate::monitor::stopped(&mut shutdown) => return Err(BackfillError::Stopped),
+        if let Some(previous) = in_flight.replace(InFlight { durable, advanced, read, last_key: read_key.clone() }) {
+            rows_this_run += record(&sql, &progress, pipeline, &request, previous, &mut shutdown, &label).await? as u64;
         }
-        // Durable: record the progress.
-        let advanced = match keys {
-            Some(keys) => keys.len(),
-            None => read,
-        };
-        offset += advanced;
-        if keys.is_none() {
-            last_key = next_key;
-        }
-        sql.execute(
-            &format!("UPDATE {progress} SET last_key = $3, rows_done = rows_done + $4, chunks_done = chunks_done + 1 WHERE pipeline = $1 AND id = $2"),
-            &[&pipeline, &request.id, &last_key, &(advanced as i64)],
-        )
-        .await?;
-        metrics::counter!(crate::metrics::BACKFILL_ROWS_TOTAL, "table" => label.clone()).increment(read as u64);
-        metrics::counter!(crate::metrics::BACKFILL_CHUNKS_TOTAL, "table" => label.clone()).increment(1);
-        rows_this_run += advanced as u64;
         if keys.is_none() && read < config.chunk_size {
             break;
         }
         if config.max_rows_per_second > 0 {
-            let due = Duration::from_secs_f64(rows_this_run as f64 / config.max_rows_per_second as f64);
+            let due = Duration::from_secs_f64(read_offset.saturating_sub(offset) as f64 / config.max_rows_per_second as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -436,9 +437,47 @@ async fn serve_request(
             }
         }
     }
+    if let Some(last) = in_flight.take() {
+        rows_this_run += record(&sql, &progress, pipeline, &request, last, &mut shutdown, &label).await? as u64;
+    }
     sql.execute(&format!("UPDATE {progress} SET state = 'done', finished_at = now() WHERE pipeline = $1 AND id = $2"), &[&pipeline, &request.id]).await?;
     tracing::info!(request = request.id, table = %request.table, rows = rows_this_run, seconds = started.elapsed().as_secs_f64(), "backfill finished");
     Ok(())
+}
+
+/// A chunk handed to the pipeline, not yet known durable.
+struct InFlight {
+    durable: oneshot::Receiver<()>,
+    /// Keys (reconcile) or rows (table) the chunk advances the request by.
+    advanced: usize,
+    read: usize,
+    /// The keyset position after it.
+    last_key: Option<Vec<String>>,
+}
+
+/// Waits until the chunk is durable, then records it in the progress table; returns how far
+/// it advanced the request.
+async fn record(
+    sql: &tokio_postgres::Client,
+    progress: &str,
+    pipeline: &str,
+    request: &Request,
+    chunk: InFlight,
+    shutdown: &mut watch::Receiver<bool>,
+    label: &str,
+) -> Result<usize, BackfillError> {
+    tokio::select! {
+        result = chunk.durable => result.map_err(|_| BackfillError::ChunkLost)?,
+        _ = crate::monitor::stopped(shutdown) => return Err(BackfillError::Stopped),
+    }
+    sql.execute(
+        &format!("UPDATE {progress} SET last_key = $3, rows_done = rows_done + $4, chunks_done = chunks_done + 1 WHERE pipeline = $1 AND id = $2"),
+        &[&pipeline, &request.id, &chunk.last_key, &(chunk.advanced as i64)],
+    )
+    .await?;
+    metrics::counter!(crate::metrics::BACKFILL_ROWS_TOTAL, "table" => label.to_owned()).increment(chunk.read as u64);
+    metrics::counter!(crate::metrics::BACKFILL_CHUNKS_TOTAL, "table" => label.to_owned()).increment(1);
+    Ok(chunk.advanced)
 }
 
 async fn emit(sql: &tokio_postgres::Client, text: &str) -> Result<(), tokio_postgres::Error> {
@@ -453,48 +492,41 @@ async fn read_chunk(
     chunk_size: usize,
     after: Option<&[String]>,
     keys: Option<&[Vec<String>]>,
-) -> Result<Vec<Vec<Option<String>>>, BackfillError> {
-    let columns: Vec<String> = table.relation.columns.iter().map(|c| format!("s.{}::text", quote(&c.name))).collect();
-    // Qualified: a bare name in ORDER BY would mean the text output column of the same name.
+) -> Result<Page, BackfillError> {
+    let columns: Vec<String> = table.relation.columns.iter().map(|c| format!("s.{}", quote(&c.name))).collect();
+    // Qualified: a bare name in ORDER BY could mean an output column of the same name.
     let key_names: Vec<String> = table.primary_key.iter().map(|&i| format!("s.{}", quote(&table.relation.columns[i].name))).collect();
-    let cast = |param: usize, column: usize| format!("CAST(${param}::text AS {})", table.sql_types[column]);
-    let (statement, params): (String, Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>) = match (keys, after) {
+    // Pages go through COPY (text format, the types' output functions, as `::text` gives):
+    // several times cheaper than a SELECT's rows. COPY takes no parameters, so the last key is
+    // written as literals (the session has standard_conforming_strings on).
+    let literal = |text: &str, column: usize| format!("CAST('{}' AS {})", text.replace('\'', "''"), table.sql_types[column]);
+    let query = match (keys, after) {
         (Some(keys), _) => {
             let casts: Vec<String> = table.primary_key.iter().enumerate().map(|(n, &i)| format!("CAST(k->>{n} AS {})", table.sql_types[i])).collect();
             let keys = serde_json::to_string(keys).unwrap_or_default();
-            (
-                format!(
-                    "SELECT {} FROM {} s WHERE ({}) IN (SELECT {} FROM jsonb_array_elements($1::text::jsonb) k)",
-                    columns.join(", "),
-                    table.quoted_name(),
-                    key_names.join(", "),
-                    casts.join(", ")
-                ),
-                vec![Box::new(keys)],
+            format!(
+                "SELECT {} FROM {} s WHERE ({}) IN (SELECT {} FROM jsonb_array_elements('{}'::jsonb) k)",
+                columns.join(", "),
+                table.quoted_name(),
+                key_names.join(", "),
+                casts.join(", "),
+                keys.replace('\'', "''")
             )
         }
         (None, Some(after)) => {
-            let bounds: Vec<String> = table.primary_key.iter().enumerate().map(|(n, &i)| cast(n + 2, i)).collect();
-            let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = vec![Box::new(chunk_size as i64)];
-            params.extend(after.iter().map(|v| Box::new(v.clone()) as Box<dyn tokio_postgres::types::ToSql + Sync + Send>));
-            (
-                format!(
-                    "SELECT {} FROM {} s WHERE ({}) > ({}) ORDER BY {} LIMIT $1",
-                    columns.join(", "),
-                    table.quoted_name(),
-                    key_names.join(", "),
-                    bounds.join(", "),
-                    key_names.join(", ")
-                ),
-                params,
+            let bounds: Vec<String> = table.primary_key.iter().zip(after).map(|(&i, text)| literal(text, i)).collect();
+            format!(
+                "SELECT {} FROM {} s WHERE ({}) > ({}) ORDER BY {} LIMIT {chunk_size}",
+                columns.join(", "),
+                table.quoted_name(),
+                key_names.join(", "),
+                bounds.join(", "),
+                key_names.join(", ")
             )
         }
-        (None, None) => (
-            format!("SELECT {} FROM {} s ORDER BY {} LIMIT $1", columns.join(", "), table.quoted_name(), key_names.join(", ")),
-            vec![Box::new(chunk_size as i64)],
-        ),
+        (None, None) => format!("SELECT {} FROM {} s ORDER BY {} LIMIT {chunk_size}", columns.join(", "), table.quoted_name(), key_names.join(", ")),
     };
-    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+    let statement = format!("COPY ({query}) TO STDOUT");
     for _ in 0..100 {
         let txn = sql.build_transaction().isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).read_only(true).start().await?;
         // The first statement fixes the snapshot.
@@ -510,11 +542,144 @@ async fn read_chunk(
         if let Some(delay) = test_window_delay() {
             tokio::time::sleep(delay).await;
         }
-        let rows = txn.query(&statement, &params).await?;
+        let stream = txn.copy_out(&statement).await?;
+        futures_util::pin_mut!(stream);
+        let mut decoder = CopyDecoder::new(table);
+        let bad = |e: String| BackfillError::Request(format!("table {}: {e}", table.relation.qualified_name()));
+        while let Some(part) = stream.next().await {
+            decoder.feed(&part?).map_err(bad)?;
+        }
         txn.commit().await?;
-        return Ok(rows.iter().map(|row| (0..row.len()).map(|i| row.get::<_, Option<String>>(i)).collect()).collect());
+        return decoder.finish().map_err(bad);
     }
     Err(BackfillError::Request("no snapshot without committed-but-running transactions in 100 tries".into()))
+}
+
+/// Decodes COPY's text format (tab-separated fields, `\\N` for NULL, backslash escapes)
+/// straight into values of the table's columns, as the data arrives: the decoding of one part
+/// overlaps the server's producing the next. `finish` also gives the primary key of the last
+/// row as text, the next page's lower bound.
+/// Decoded rows, and the last row's primary key as text.
+pub type Page = (Vec<Vec<Value>>, Option<Vec<String>>);
+
+pub struct CopyDecoder<'a> {
+    table: &'a Table,
+    rows: Vec<Vec<Value>>,
+    /// The start of a row whose end has not arrived yet.
+    carry: Vec<u8>,
+    last_line: Vec<u8>,
+    unescaped: Vec<u8>,
+}
+
+impl<'a> CopyDecoder<'a> {
+    pub fn new(table: &'a Table) -> Self {
+        CopyDecoder { table, rows: Vec::new(), carry: Vec::new(), last_line: Vec::new(), unescaped: Vec::new() }
+    }
+
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), String> {
+        if !self.carry.is_empty() {
+            let Some(end) = data.iter().position(|&b| b == b'\n') else {
+                self.carry.extend_from_slice(data);
+                return Ok(());
+            };
+            let mut line = std::mem::take(&mut self.carry);
+            line.extend_from_slice(&data[..end]);
+            self.line(&line)?;
+            line.clear();
+            self.carry = line;
+            data = &data[end + 1..];
+        }
+        while let Some(end) = data.iter().position(|&b| b == b'\n') {
+            self.line(&data[..end])?;
+            data = &data[end + 1..];
+        }
+        self.carry.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn line(&mut self, line: &[u8]) -> Result<(), String> {
+        if line.is_empty() {
+            return Ok(());
+        }
+        let columns = &self.table.relation.columns;
+        let mut row = Vec::with_capacity(columns.len());
+        for (index, field) in line.split(|&b| b == b'\t').enumerate() {
+            let column = columns.get(index).ok_or_else(|| format!("a COPY row has more fields than the table's {} columns", columns.len()))?;
+            let text = match field_text(field, &mut self.unescaped)? {
+                None => {
+                    row.push(Value::Null);
+                    continue;
+                }
+                Some(text) => text,
+            };
+            row.push(column.kind.decode_text(column.type_oid, text).map_err(|e| format!("column {}: cannot decode a {} value: {}", column.name, e.type_name, e.reason))?);
+        }
+        if row.len() != columns.len() {
+            return Err(format!("a COPY row has {} fields, the table {} columns", row.len(), columns.len()));
+        }
+        self.rows.push(row);
+        self.last_line.clear();
+        self.last_line.extend_from_slice(line);
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<Page, String> {
+        if !self.carry.is_empty() {
+            return Err("the COPY data ends inside a row".into());
+        }
+        if self.rows.is_empty() {
+            return Ok((self.rows, None));
+        }
+        let fields: Vec<&[u8]> = self.last_line.split(|&b| b == b'\t').collect();
+        let mut key = Vec::with_capacity(self.table.primary_key.len());
+        for &i in &self.table.primary_key {
+            key.push(field_text(fields[i], &mut self.unescaped)?.unwrap_or_default().to_owned());
+        }
+        Ok((self.rows, Some(key)))
+    }
+}
+
+/// A field's text (unescaped into `buffer` when it has escapes); None for NULL.
+fn field_text<'b>(field: &'b [u8], buffer: &'b mut Vec<u8>) -> Result<Option<&'b str>, String> {
+    if field == b"\\N" {
+        return Ok(None);
+    }
+    let bytes: &[u8] = if field.contains(&b'\\') {
+        unescape(field, buffer)?;
+        buffer
+    } else {
+        field
+    };
+    std::str::from_utf8(bytes).map(Some).map_err(|_| "COPY data is not UTF-8 (the database encoding must be UTF8)".to_string())
+}
+
+/// Decodes a whole COPY text (see `CopyDecoder`).
+pub fn decode_copy(data: &[u8], table: &Table) -> Result<Page, String> {
+    let mut decoder = CopyDecoder::new(table);
+    decoder.feed(data)?;
+    decoder.finish()
+}
+
+fn unescape(field: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+    out.clear();
+    let mut bytes = field.iter();
+    while let Some(&b) = bytes.next() {
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        match bytes.next() {
+            Some(b'n') => out.push(b'\n'),
+            Some(b't') => out.push(b'\t'),
+            Some(b'r') => out.push(b'\r'),
+            Some(b'b') => out.push(8),
+            Some(b'f') => out.push(12),
+            Some(b'v') => out.push(11),
+            Some(&other) => out.push(other),
+            None => return Err("COPY data ends in a lone backslash".into()),
+        }
+    }
+    Ok(())
 }
 
 /// Tests widen each chunk's window (the time between the snapshot and the high watermark)
@@ -522,27 +687,6 @@ async fn read_chunk(
 fn test_window_delay() -> Option<Duration> {
     static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
     *DELAY.get_or_init(|| std::env::var("SLUICE_TEST_BACKFILL_WINDOW_DELAY_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis))
-}
-
-type Decoded = (Vec<Vec<Value>>, Vec<Vec<Option<String>>>);
-
-/// Decodes rows of text with the columns' types; keeps the text for keys.
-fn decode(table: &Table, rows: Vec<Vec<Option<String>>>, name: &str) -> Result<Decoded, BackfillError> {
-    let mut values = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let mut decoded = Vec::with_capacity(row.len());
-        for (column, text) in table.relation.columns.iter().zip(row) {
-            decoded.push(match text {
-                None => Value::Null,
-                Some(text) => column
-                    .kind
-                    .decode_text(column.type_oid, text)
-                    .map_err(|e| BackfillError::Request(format!("table {name} column {}: cannot decode a {} value: {}", column.name, e.type_name, e.reason)))?,
-            });
-        }
-        values.push(decoded);
-    }
-    Ok((values, rows))
 }
 
 /// The requested keys the rows read do not have, decoded (compared as values, so that `01`
@@ -638,5 +782,42 @@ pub async fn follow(sql: &tokio_postgres::Client, config: &BackfillConfig, pipel
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_decodes_into_values_with_nulls_escapes_and_the_last_key() {
+        use sluice_postgres::types::TypeKind;
+        use sluice_postgres::{Column, Relation, ReplicaIdentity};
+        let column = |name: &str, kind: TypeKind| Column { name: name.into(), type_oid: 0, type_modifier: -1, is_key: name == "id", kind };
+        let table = Table {
+            relation: Relation {
+                oid: 1,
+                namespace: "public".into(),
+                name: "t".into(),
+                replica_identity: ReplicaIdentity::Default,
+                columns: vec![column("id", TypeKind::Int8), column("name", TypeKind::Text), column("note", TypeKind::Text)],
+            },
+            primary_key: vec![0],
+            sql_types: vec!["bigint".into(), "text".into(), "text".into()],
+        };
+        let data = b"1\tada\t\\N\n2\ttab\\there\\\\back\\nline\tx\n";
+        let (rows, last) = decode_copy(data, &table).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0], vec![Value::Int8(1), Value::Text("ada".into()), Value::Null]);
+        assert_eq!(rows[1][1], Value::Text("tab\there\\back\nline".into()));
+        assert_eq!(last, Some(vec!["2".to_string()]));
+        assert!(decode_copy(b"1\t2\n", &table).unwrap_err().contains("2 fields"));
+        // Rows split anywhere across the parts of the stream.
+        let mut decoder = CopyDecoder::new(&table);
+        for part in data.chunks(3) {
+            decoder.feed(part).unwrap();
+        }
+        assert_eq!(decoder.finish().unwrap(), (rows, last));
+        assert!(decode_copy(b"x\t2\t3\n", &table).unwrap_err().contains("column id"));
     }
 }

@@ -93,13 +93,17 @@ struct Window {
 pub struct Watermarks {
     pipeline: String,
     windows: HashMap<String, Window>,
-    chunks: HashMap<String, Chunk>,
+    /// Chunks received and not yet merged, with their arrival order: the backfill reads one
+    /// chunk ahead, so the next chunk may arrive before the stream reaches this one's high
+    /// watermark.
+    chunks: HashMap<String, (u64, Chunk)>,
+    arrivals: u64,
     incoming: Option<mpsc::UnboundedReceiver<Chunk>>,
 }
 
 impl Watermarks {
     pub fn new(pipeline: &str, incoming: Option<mpsc::UnboundedReceiver<Chunk>>) -> Self {
-        Watermarks { pipeline: pipeline.to_owned(), windows: HashMap::new(), chunks: HashMap::new(), incoming }
+        Watermarks { pipeline: pipeline.to_owned(), windows: HashMap::new(), chunks: HashMap::new(), arrivals: 0, incoming }
     }
 
     /// Splits a stream batch at high watermarks, inserting each merged chunk after its
@@ -164,12 +168,14 @@ impl Watermarks {
         if let Some(incoming) = &mut self.incoming {
             // The chunk was sent before its high watermark was written.
             while let Ok(chunk) = incoming.try_recv() {
-                self.chunks.insert(chunk.id.clone(), chunk);
+                self.arrivals += 1;
+                self.chunks.insert(chunk.id.clone(), (self.arrivals, chunk));
             }
         }
-        let chunk = self.chunks.remove(mark.chunk)?;
-        // Chunks whose window was lost (replaced) are never merged: forget them.
-        self.chunks.retain(|_, c| c.relation.qualified_name() != mark.table);
+        let (arrival, chunk) = self.chunks.remove(mark.chunk)?;
+        // Chunks of the table that arrived before this one had their windows replaced: they
+        // are never merged (their senders learn it when the chunk is dropped).
+        self.chunks.retain(|_, (at, c)| *at > arrival || c.relation.qualified_name() != mark.table);
         Some(merge(chunk, &window.events, position))
     }
 }
@@ -187,6 +193,11 @@ fn key_of(relation: &Relation, names: &[&str], values: &[Option<&Value>]) -> Opt
 /// The chunk rows brought up to date with the window, at `position`.
 fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
     let relation = chunk.relation.clone();
+    if window.is_empty() && chunk.absent_keys.is_empty() {
+        // Nothing changed while the chunk was read: its rows as they are.
+        let events = chunk.rows.into_iter().map(|new| ChangeEvent::Insert { position, relation: relation.clone(), new }).collect();
+        return Part { batch: EventBatch { events, ..EventBatch::default() }, chunk_done: Some(chunk.done) };
+    }
     let names: Vec<&str> = chunk.primary_key.iter().map(|&i| relation.columns[i].name.as_str()).collect();
     // Each key's final state: None (deleted) or the full row.
     let mut rows: Vec<(String, Option<Vec<Value>>)> = Vec::with_capacity(chunk.rows.len() + chunk.absent_keys.len());
@@ -379,6 +390,25 @@ mod tests {
         assert_eq!(parts[2].batch.events.len(), 1);
         assert_eq!(parts[2].batch.ack_lsn, Some(Lsn(150)));
         assert!(done.try_recv().is_err(), "not durable yet");
+    }
+
+    #[test]
+    fn the_next_chunk_read_ahead_survives_the_merge_of_the_one_before() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut watermarks = Watermarks::new("p", Some(rx));
+        let (first, _first_done) = chunk(vec![row(1, "a", "")], vec![]);
+        let (mut second, mut second_done) = chunk(vec![row(2, "b", "")], vec![]);
+        second.id = "1.2".into();
+        // The backfill has sent both before the stream reaches the first high watermark.
+        tx.send(first).unwrap();
+        tx.send(second).unwrap();
+        let parts = watermarks.split(batch(vec![mark(false, "p", "1.1", 100), mark(true, "p", "1.1", 110)], 115));
+        assert_eq!(inserted(parts.iter().find(|p| p.chunk_done.is_some()).unwrap()), vec![(at(110, 1), row(1, "a", ""))]);
+        let parts = watermarks.split(batch(vec![mark(false, "p", "1.2", 120), mark(true, "p", "1.2", 130)], 135));
+        let merged = parts.into_iter().find(|p| p.chunk_done.is_some()).expect("the second chunk merges");
+        assert_eq!(inserted(&merged), vec![(at(130, 1), row(2, "b", ""))]);
+        merged.chunk_done.unwrap().send(()).unwrap();
+        assert!(second_done.try_recv().is_ok());
     }
 
     #[test]

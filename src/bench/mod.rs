@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use crate::localpg::{ClusterOptions, LocalPostgres};
 
+mod backfill;
+
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 #[derive(Clone, Debug, clap::Args)]
@@ -65,6 +67,13 @@ pub struct BenchArgs {
     /// `--source poll`: rows per poll.
     #[arg(long, default_value_t = 1000)]
     pub poll_batch_size: usize,
+    /// Benchmark the backfill instead of the stream: its read rate against `COPY (SELECT …)
+    /// TO STDOUT` of the same table, and with `--dynamodb-endpoint` verify's rate too.
+    #[arg(long)]
+    pub backfill: bool,
+    /// `--backfill`: rows per chunk.
+    #[arg(long, default_value_t = 5000)]
+    pub chunk_size: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -96,6 +105,9 @@ struct Sample {
 }
 
 pub async fn run(args: BenchArgs) -> BenchResult<()> {
+    if args.backfill {
+        return backfill::run(args).await;
+    }
     match args.target {
         BenchTarget::Null => tokio::task::spawn_blocking(move || run_blocking(&args)).await?,
         BenchTarget::Kafka => {

@@ -1,0 +1,174 @@
+//! `sluice bench --backfill`: the backfill's read rate against `COPY (SELECT …) TO STDOUT` of
+//! the same table in the same run, and, with `--dynamodb-endpoint`, verify's rate over the
+//! backfilled DynamoDB table.
+//!
+//! Each run: the baseline copies the table to /dev/null through psql; then a `sluice run`
+//! streams to the null target and serves one backfill request of the whole table, timed by
+//! the progress table itself (`finished_at - started_at`, so process start-up and polling do
+//! not count). The order alternates between runs. The table is loaded once.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{peak_rss_kib, BenchArgs, BenchResult};
+use crate::localpg::{ClusterOptions, LocalPostgres};
+
+const DB: &str = "bench_backfill";
+
+pub async fn run(args: BenchArgs) -> BenchResult<()> {
+    let pg = tokio::task::spawn_blocking(|| LocalPostgres::start(&ClusterOptions::default())).await??;
+    let sluice = std::env::current_exe()?;
+    println!(
+        "sluice bench --backfill: {} rows (id bigint, name text, amount numeric), chunk_size {}, {} runs",
+        args.rows, args.chunk_size, args.runs
+    );
+    pg.create_database(DB)?;
+    pg.psql(
+        DB,
+        &format!(
+            "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL); CREATE PUBLICATION bench_pub FOR TABLE bench;
+             INSERT INTO bench SELECT g, 'name-' || g, g * 1.5 FROM generate_series(1, {}) g;",
+            args.rows
+        ),
+    )?;
+    pg.psql(DB, "VACUUM ANALYZE bench")?;
+    pg.psql(DB, "CHECKPOINT")?;
+    println!("{:>4} {:>16} {:>16} {:>7} {:>14}", "run", "COPY rows/s", "backfill rows/s", "ratio", "peak RSS MiB");
+    let mut samples: Vec<(f64, f64, u64)> = Vec::new();
+    for run in 0..args.runs {
+        let (copy, (backfill, rss)) = if run % 2 == 0 {
+            let copy = copy_rate(&pg, args.rows)?;
+            (copy, backfill_rate(&pg, &sluice, &args, run, None).await?)
+        } else {
+            let backfill = backfill_rate(&pg, &sluice, &args, run, None).await?;
+            (copy_rate(&pg, args.rows)?, backfill)
+        };
+        println!("{:>4} {:>16.0} {:>16.0} {:>7.3} {:>14.1}", run + 1, copy, backfill, backfill / copy, rss as f64 / 1024.0);
+        samples.push((copy, backfill, rss));
+    }
+    let median = |f: &dyn Fn(&(f64, f64, u64)) -> f64| {
+        let mut v: Vec<f64> = samples.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "median {:>14.0} {:>16.0} {:>7.3} {:>14.1}",
+        median(&|s| s.0),
+        median(&|s| s.1),
+        median(&|s| s.1 / s.0),
+        median(&|s| s.2 as f64 / 1024.0)
+    );
+    if let Some(endpoint) = &args.dynamodb_endpoint {
+        verify_rate(&pg, &sluice, &args, endpoint).await?;
+    }
+    Ok(())
+}
+
+/// Rows/s of `COPY (SELECT * FROM bench) TO STDOUT` into /dev/null.
+fn copy_rate(pg: &LocalPostgres, rows: u64) -> BenchResult<f64> {
+    let started = Instant::now();
+    let status = pg
+        .client_command("psql")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-X", "-q", "-d", DB, "-p"])
+        .arg(pg.port.to_string())
+        .args(["-c", "COPY (SELECT * FROM bench ORDER BY id) TO STDOUT"])
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        return Err(format!("psql COPY failed: {status}").into());
+    }
+    Ok(rows as f64 / started.elapsed().as_secs_f64())
+}
+
+fn config_text(pg: &LocalPostgres, args: &BenchArgs, slot: &str, target: &str) -> String {
+    format!(
+        "[monitoring]\nlisten = \"\"\n[source.connection]\nport = {}\ndbname = \"{DB}\"\n\
+         [source.replication]\nslot = \"{slot}\"\npublication = \"bench_pub\"\n\
+         [backfill]\nchunk_size = {}\npoll_interval = \"100ms\"\n{target}",
+        pg.port, args.chunk_size
+    )
+}
+
+/// Starts `sluice run`, requests a backfill of the whole table, waits for it: rows/s by the
+/// progress table's own timestamps, and sluice's peak RSS.
+async fn backfill_rate(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, run: usize, target: Option<&str>) -> BenchResult<(f64, u64)> {
+    let dir = tempfile::tempdir()?;
+    let slot = format!("bench_backfill_{run}");
+    let config = dir.path().join("bench.toml");
+    std::fs::write(&config, config_text(pg, args, &slot, target.unwrap_or("[target]\nkind = \"null\"\n")))?;
+    let mut child = Command::new(sluice).args(["run", "-c"]).arg(&config).env("SLUICE_LOG", "warn").stdin(Stdio::null()).spawn()?;
+    let sql = sluice_postgres::connect_sql(&pg.connection(DB)).await?;
+    // Wait until the slot streams, then request.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sql.query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot]).await?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err("sluice did not start streaming within 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let config_parsed = crate::config::Config::load(&config)?;
+    crate::backfill::ensure_progress_table(&sql, &config_parsed.backfill).await?;
+    let id = crate::backfill::request(&sql, &config_parsed.backfill, &config_parsed.pipeline.name, "public.bench", None).await?;
+    let mut peak = 0;
+    let seconds: f64 = loop {
+        peak = peak.max(peak_rss_kib(child.id()).unwrap_or(0));
+        let row = sql
+            .query_one("SELECT state, extract(epoch FROM finished_at - started_at)::float8 FROM sluice_backfill WHERE id = $1", &[&id])
+            .await?;
+        let state: String = row.get(0);
+        match state.as_str() {
+            "done" => break row.get(1),
+            "failed" => return Err("the backfill failed".into()),
+            _ => {}
+        }
+        if let Some(status) = child.try_wait()? {
+            return Err(format!("sluice run exited: {status}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+    let _ = child.wait();
+    sql.execute("DELETE FROM sluice_backfill", &[]).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sql.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("slot {slot} still active after 30 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((args.rows as f64 / seconds.max(1e-6), peak))
+}
+
+/// Backfills the table into DynamoDB once, then times `sluice verify` over it `runs` times.
+async fn verify_rate(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, endpoint: &str) -> BenchResult<()> {
+    let client = sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions::local(endpoint)).await;
+    let table = format!("bench_verify_{}", std::process::id());
+    client.create_table(&table, "pk", None).await?;
+    let dir = tempfile::tempdir()?;
+    let mapping = dir.path().join("mapping.toml");
+    std::fs::write(&mapping, format!("[[tables]]\nsource = \"public.bench\"\ntarget = \"{table}\"\npartition_key = {{ attribute = \"pk\", template = \"ROW#{{id}}\" }}\n"))?;
+    let target = format!(
+        "[target]\nkind = \"dynamodb\"\nmapping = \"{}\"\nendpoint_url = \"{endpoint}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nconcurrency = {}\nwrite_mode = \"batch\"\n",
+        mapping.display(),
+        args.concurrency
+    );
+    let (rate, _) = backfill_rate(pg, sluice, args, 1000, Some(&target)).await?;
+    println!("\nbackfill into DynamoDB ({endpoint}, write_mode batch): {rate:.0} rows/s");
+    let config = dir.path().join("verify.toml");
+    std::fs::write(&config, config_text(pg, args, "bench_verify", &target))?;
+    println!("{:>4} {:>16}", "run", "verify rows/s");
+    let mut rates = Vec::new();
+    for run in 0..args.runs {
+        let out = Command::new(sluice).args(["verify", "--json", "--chunk-size", "1000", "-c"]).arg(&config).env("SLUICE_LOG", "warn").output()?;
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("verify output: {e}: {}", String::from_utf8_lossy(&out.stderr)))?;
+        let rate = report["rows_per_second"].as_f64().unwrap_or(0.0);
+        let differences: u64 = report["tables"].as_array().map(|t| t.iter().map(|t| t["missing"].as_u64().unwrap_or(0) + t["different"].as_u64().unwrap_or(0) + t["extra"].as_u64().unwrap_or(0)).sum()).unwrap_or(0);
+        println!("{:>4} {:>16.0}   ({differences} differences)", run + 1, rate);
+        rates.push(rate);
+    }
+    rates.sort_by(f64::total_cmp);
+    println!("median {:>14.0}", rates[rates.len() / 2]);
+    Ok(())
+}
