@@ -84,7 +84,7 @@ fn default_progress_table() -> String {
     "public.sluice_backfill".into()
 }
 fn default_chunk_size() -> usize {
-    10_000
+    20_000
 }
 fn default_concurrency() -> usize {
     1

@@ -146,6 +146,15 @@ async fn verify_rate(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, endpoi
     let client = sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions::local(endpoint)).await;
     let table = format!("bench_verify_{}", std::process::id());
     client.create_table(&table, "pk", None).await?;
+    // Some servers create tables asynchronously: wait until the table answers.
+    let probe = sluice_dynamodb::Item::from([("pk".to_string(), sluice_dynamodb::Attr::S("probe".into()))]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client.get_items(&table, std::slice::from_ref(&probe)).await.is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("DynamoDB table {table} did not become usable within 60 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let dir = tempfile::tempdir()?;
     let mapping = dir.path().join("mapping.toml");
     std::fs::write(&mapping, format!("[[tables]]\nsource = \"public.bench\"\ntarget = \"{table}\"\npartition_key = {{ attribute = \"pk\", template = \"ROW#{{id}}\" }}\n"))?;

@@ -72,7 +72,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub backfill: bool,
     /// `--backfill`: rows per chunk.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 20_000)]
     pub chunk_size: usize,
 }
 

@@ -155,6 +155,11 @@ fn count_events(events: &[ChangeEvent]) {
             },
             _ => continue,
         };
+        // Runs of one table's changes are the common case: compare with the last entry first.
+        if let Some(last) = counts.last_mut().filter(|c| c.2 == op && std::ptr::eq(c.0, relation.namespace.as_str()) && std::ptr::eq(c.1, relation.name.as_str())) {
+            last.3 += 1;
+            continue;
+        }
         match counts.iter_mut().find(|c| c.0 == relation.namespace && c.1 == relation.name && c.2 == op) {
             Some(count) => count.3 += 1,
             None => counts.push((&relation.namespace, &relation.name, op, 1)),
