@@ -470,6 +470,7 @@ pub async fn verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<Report
                     tally(&mut report, key, finding);
                 }
                 rows_read += count as u64;
+                progress_line(&mapping.source, report.rows, rows_read, started);
                 throttle(args.max_rows_per_second, rows_read, started).await;
                 if count < args.chunk_size && args.sample.is_none() {
                     break;
@@ -480,6 +481,9 @@ pub async fn verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<Report
         anyhow::Ok(())
     };
     let outcome = pass.await;
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!();
+    }
     let end_lsn: Option<Lsn> = verifier.sql.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.ok().and_then(|r| r.get::<_, String>(0).parse().ok());
     verifier.sql.batch_execute("COMMIT").await?;
     outcome?;
@@ -538,6 +542,13 @@ fn key_attributes(sources: &[&TableMapping]) -> Vec<String> {
         names.push(sort.attribute.clone());
     }
     names
+}
+
+/// A progress line on a terminal (standard error), rewritten in place.
+fn progress_line(table: &str, table_rows: u64, rows: u64, started: Instant) {
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprint!("\rverify: {table} {table_rows} rows, {rows} in all, {:.0} rows/s   ", rows as f64 / started.elapsed().as_secs_f64().max(0.001));
+    }
 }
 
 fn tally(report: &mut TableReport, key: SourceKey, finding: Finding) {

@@ -230,8 +230,17 @@ pub async fn run(
     publication: String,
     config: BackfillConfig,
     chunks: mpsc::UnboundedSender<Chunk>,
+    source: Arc<sluice_postgres::SourceStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Watermarks written before the slot exists would never come back through the stream:
+    // wait until the source streams once.
+    while !source.streaming.load(std::sync::atomic::Ordering::Relaxed) {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = crate::monitor::stopped(&mut shutdown) => return,
+        }
+    }
     let mut announced = false;
     let mut initial_done = false;
     loop {
@@ -389,6 +398,7 @@ async fn serve_request(
     // One chunk is read while the one before it travels through the stream and the target:
     // `in_flight` is that one, recorded as progress once durable (in order).
     let mut in_flight: Option<InFlight> = None;
+    let mut last_log = Instant::now();
     let mut read_key = request.last_key.clone();
     let mut read_offset = offset;
     loop {
@@ -423,6 +433,11 @@ async fn serve_request(
         emit(&sql, &Watermark::text(true, pipeline, &chunk_id, &request.table)).await?;
         if let Some(previous) = in_flight.replace(InFlight { durable, advanced, read, last_key: read_key.clone() }) {
             rows_this_run += record(&sql, &progress, pipeline, &request, previous, &mut shutdown, &label).await? as u64;
+        }
+        if last_log.elapsed() >= Duration::from_secs(10) {
+            let done = offset as u64 + rows_this_run;
+            tracing::info!(request = request.id, table = %request.table, rows = done, rows_per_second = (rows_this_run as f64 / started.elapsed().as_secs_f64()) as u64, "backfill progress");
+            last_log = Instant::now();
         }
         if keys.is_none() && read < config.chunk_size {
             break;

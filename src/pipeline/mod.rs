@@ -51,20 +51,21 @@ pub async fn run(config: &Config, state: &Arc<PipelineState>, shutdown: watch::R
     let mut watermarks = Watermarks::new(&config.pipeline.name, None);
     let (stats, source_task) = match (&config.source.replication, &config.source.poll) {
         (Some(replication), _) => {
+            let source = ReplicationSource::new(connection.clone(), replication.clone(), options);
             if config.backfill.enabled {
                 // The backfill serves requests beside the stream; its chunks merge at watermarks.
                 let (chunk_tx, chunk_rx) = mpsc::unbounded_channel();
                 watermarks = Watermarks::new(&config.pipeline.name, Some(chunk_rx));
                 tokio::spawn(crate::backfill::run(
-                    connection.clone(),
+                    connection,
                     config.pipeline.name.clone(),
                     replication.publication.clone(),
                     config.backfill.clone(),
                     chunk_tx,
+                    source.stats(),
                     shutdown.clone(),
                 ));
             }
-            let source = ReplicationSource::new(connection, replication.clone(), options);
             (source.stats(), tokio::spawn(source.run(batch_tx, durable_rx.clone(), shutdown)))
         }
         (None, Some(poll)) => {
