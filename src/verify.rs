@@ -498,7 +498,12 @@ pub async fn verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<Report
             }
             let expected = expected_keys.remove(target.as_str()).unwrap_or_default();
             let key_names = key_attributes(&sources);
-            for item in verifier.client.scan_all(target).await.with_context(|| format!("cannot scan DynamoDB table {target}"))? {
+            // Page by page: memory holds one page, plus the expected keys.
+            let mut cursor = Some(sluice_dynamodb::ScanCursor::default());
+            while let Some(start) = cursor.take() {
+                let (items, next) = verifier.client.scan_page(target, start).await.with_context(|| format!("cannot scan DynamoDB table {target}"))?;
+                cursor = next;
+                for item in items {
                 if item.get(&verifier.mapping.tombstones.marker_attribute) == Some(&Attr::Bool(true)) {
                     continue;
                 }
@@ -512,6 +517,7 @@ pub async fn verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<Report
                 let report = reports.iter_mut().find(|r| r.table == report_table).expect("verified table");
                 report.extra += 1;
                 report.extra_keys.push(Extra { item_key: key.iter().map(|(k, v)| (k.clone(), attr_text(v))).collect(), source_key: owner.map(|(_, k)| k) });
+                }
             }
             for report in reports.iter_mut().filter(|r| &r.target == target) {
                 report.extra_checked = true;

@@ -70,6 +70,10 @@ pub enum WriteAction {
     Delete,
 }
 
+/// Where a scan goes on (`DynamoClient::scan_page`).
+#[derive(Debug, Default)]
+pub struct ScanCursor(Option<HashMap<String, AttributeValue>>);
+
 /// What a guarded write did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -519,6 +523,23 @@ impl DynamoClient {
             .await
             .map_err(|e| classify(e, table))?;
         Ok(())
+    }
+
+    /// One page of a scan: its items, and where the next page starts (`None` after the last).
+    /// Start with `ScanCursor::default()`.
+    pub async fn scan_page(&self, table: &str, cursor: ScanCursor) -> Result<(Vec<Item>, Option<ScanCursor>), DynamoError> {
+        let out = self.client.scan().table_name(table).set_exclusive_start_key(cursor.0).send().await.map_err(|e| classify(e, table))?;
+        let mut items = Vec::new();
+        for raw in out.items.unwrap_or_default() {
+            let item = raw
+                .iter()
+                .map(|(k, v)| Attr::from_sdk(v).map(|a| (k.clone(), a)))
+                .collect::<Option<Item>>()
+                .ok_or_else(|| DynamoError::new(ErrorKind::Fatal, table, "item with an attribute type sluice does not read"))?;
+            items.push(item);
+        }
+        let next = out.last_evaluated_key.filter(|key| !key.is_empty()).map(|key| ScanCursor(Some(key)));
+        Ok((items, next))
     }
 
     /// Every item of a table (paginated scan).
