@@ -122,6 +122,11 @@ fn quote(name: &str) -> String {
 
 /// Creates the progress table when it is missing.
 pub async fn ensure_progress_table(sql: &tokio_postgres::Client, config: &BackfillConfig) -> Result<(), tokio_postgres::Error> {
+    // Looked up first: CREATE … IF NOT EXISTS would log a notice at every start.
+    let exists: bool = sql.query_one("SELECT to_regclass($1) IS NOT NULL", &[&config.quoted_table()]).await?.get(0);
+    if exists {
+        return Ok(());
+    }
     sql.batch_execute(&format!(
         "CREATE TABLE IF NOT EXISTS {} (
            pipeline text NOT NULL,
