@@ -112,4 +112,8 @@ fn describe() {
     describe_counter!(DEAD_LETTER_TOTAL, "Changes sent to the dead-letter store");
     describe_gauge!(HA_ACTIVE, "1 while this process holds the HA lock and streams");
     describe_gauge!(READY, "1 when /readyz answers ready");
+    describe_gauge!(OUTBOX_BACKLOG_ROWS, "Polling source: outbox rows not yet published");
+    describe_counter!(BACKFILL_ROWS_TOTAL, "Rows the backfill made durable in the target, by table");
+    describe_counter!(BACKFILL_CHUNKS_TOTAL, "Chunks the backfill made durable in the target, by table");
+    describe_gauge!(BACKFILL_ACTIVE, "Backfill and reconcile requests being served");
 }
