@@ -490,11 +490,7 @@ impl DynamoClient {
             for round in 0.. {
                 let out = self.client.batch_get_item().set_request_items(Some(request)).send().await.map_err(|e| classify(e, table))?;
                 for raw in out.responses.unwrap_or_default().remove(table).unwrap_or_default() {
-                    let item = raw
-                        .iter()
-                        .map(|(k, v)| Attr::from_sdk(v).map(|a| (k.clone(), a)))
-                        .collect::<Option<Item>>()
-                        .ok_or_else(|| DynamoError::new(ErrorKind::Fatal, table, "item with an attribute type sluice does not read"))?;
+                    let item = item_from_sdk(&raw, table)?;
                     let key: Item = group[0].keys().filter_map(|name| item.get(name).map(|a| (name.clone(), a.clone()))).collect();
                     found.insert(key_text(&key), item);
                 }
@@ -531,11 +527,7 @@ impl DynamoClient {
         let out = self.client.scan().table_name(table).set_exclusive_start_key(cursor.0).send().await.map_err(|e| classify(e, table))?;
         let mut items = Vec::new();
         for raw in out.items.unwrap_or_default() {
-            let item = raw
-                .iter()
-                .map(|(k, v)| Attr::from_sdk(v).map(|a| (k.clone(), a)))
-                .collect::<Option<Item>>()
-                .ok_or_else(|| DynamoError::new(ErrorKind::Fatal, table, "item with an attribute type sluice does not read"))?;
+            let item = item_from_sdk(&raw, table)?;
             items.push(item);
         }
         let next = out.last_evaluated_key.filter(|key| !key.is_empty()).map(|key| ScanCursor(Some(key)));
@@ -556,11 +548,7 @@ impl DynamoClient {
                 .await
                 .map_err(|e| classify(e, table))?;
             for raw in out.items.unwrap_or_default() {
-                let item = raw
-                    .iter()
-                    .map(|(k, v)| Attr::from_sdk(v).map(|a| (k.clone(), a)))
-                    .collect::<Option<Item>>()
-                    .ok_or_else(|| DynamoError::new(ErrorKind::Fatal, table, "item with an attribute type sluice does not read"))?;
+                let item = item_from_sdk(&raw, table)?;
                 items.push(item);
             }
             match out.last_evaluated_key {
@@ -582,6 +570,14 @@ enum Stored {
 }
 
 /// A key's attributes as one comparable text (key attributes are S, N or B).
+/// An item as the SDK returned it; an attribute type sluice does not read is an error.
+fn item_from_sdk(raw: &HashMap<String, AttributeValue>, table: &str) -> Result<Item, DynamoError> {
+    raw.iter()
+        .map(|(k, v)| Attr::from_sdk(v).map(|a| (k.clone(), a)))
+        .collect::<Option<Item>>()
+        .ok_or_else(|| DynamoError::new(ErrorKind::Fatal, table, "item with an attribute type sluice does not read"))
+}
+
 fn key_text(key: &Item) -> String {
     format!("{key:?}")
 }

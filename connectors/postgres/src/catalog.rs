@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::event::{Column, Relation, ReplicaIdentity};
-use crate::types::{CatalogType, TypeRegistry, CATALOG_QUERY};
+use crate::types::TypeRegistry;
 
 /// A table read from the catalog.
 #[derive(Clone, Debug)]
@@ -53,22 +53,7 @@ pub async fn table(sql: &tokio_postgres::Client, schema: &str, name: &str) -> Re
         if missing.is_empty() {
             break;
         }
-        let found: Vec<CatalogType> = sql
-            .query(CATALOG_QUERY, &[&missing])
-            .await?
-            .iter()
-            .map(|row| {
-                let text_byte = |i: usize| row.get::<_, String>(i).bytes().next().unwrap_or(b',');
-                CatalogType {
-                    oid: row.get::<_, i64>(0) as u32,
-                    typtype: text_byte(1),
-                    typelem: row.get::<_, i64>(2) as u32,
-                    typbasetype: row.get::<_, i64>(3) as u32,
-                    typdelim: text_byte(4),
-                    is_array: row.get(5),
-                }
-            })
-            .collect();
+        let found = crate::types::catalog_types(sql, &missing).await?;
         if found.is_empty() {
             break;
         }

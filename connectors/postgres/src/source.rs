@@ -30,7 +30,6 @@ use crate::lsn::Lsn;
 use crate::pgoutput::{self, LogicalMessage};
 use crate::setup::{self, publication_option, quote_ident};
 use crate::spill::SpillStore;
-use crate::types::{CatalogType, CATALOG_QUERY};
 
 /// Tuning that is not part of the user-facing replication settings.
 #[derive(Clone, Debug)]
@@ -498,19 +497,7 @@ impl ReplicationSource {
                 return Ok(());
             }
             let sql = self.sql.as_ref().ok_or_else(|| Error::protocol(self.received, "no catalog connection"))?;
-            let rows = sql.query(CATALOG_QUERY, &[&missing]).await?;
-            let found = rows.iter().map(|row| {
-                let text_byte = |i: usize| row.get::<_, String>(i).bytes().next().unwrap_or(b',');
-                CatalogType {
-                    oid: row.get::<_, i64>(0) as u32,
-                    typtype: text_byte(1),
-                    typelem: row.get::<_, i64>(2) as u32,
-                    typbasetype: row.get::<_, i64>(3) as u32,
-                    typdelim: text_byte(4),
-                    is_array: row.get(5),
-                }
-            });
-            let found: Vec<_> = found.collect();
+            let found = crate::types::catalog_types(sql, &missing).await?;
             if found.is_empty() {
                 return Ok(());
             }

@@ -196,6 +196,25 @@ impl TypeRegistry {
     }
 }
 
+/// Reads the catalog rows of these type OIDs (`CATALOG_QUERY`).
+pub async fn catalog_types(sql: &tokio_postgres::Client, oids: &[u32]) -> Result<Vec<CatalogType>, tokio_postgres::Error> {
+    let rows = sql.query(CATALOG_QUERY, &[&oids]).await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let text_byte = |i: usize| row.get::<_, String>(i).bytes().next().unwrap_or(b',');
+            CatalogType {
+                oid: row.get::<_, i64>(0) as u32,
+                typtype: text_byte(1),
+                typelem: row.get::<_, i64>(2) as u32,
+                typbasetype: row.get::<_, i64>(3) as u32,
+                typdelim: text_byte(4),
+                is_array: row.get(5),
+            }
+        })
+        .collect())
+}
+
 /// The catalog query for `TypeRegistry::missing` OIDs.
 pub const CATALOG_QUERY: &str = "SELECT oid::int8, typtype::text, typelem::int8, typbasetype::int8, typdelim::text, \
      (typcategory = 'A' AND typelem <> 0) FROM pg_catalog.pg_type WHERE oid = ANY($1::oid[])";
