@@ -98,20 +98,42 @@ pub struct Watermarks {
     /// watermark.
     chunks: HashMap<String, (u64, Chunk)>,
     arrivals: u64,
+    /// The progress table (`schema.table`): its changes are the backfill's bookkeeping, never
+    /// data, even under a publication FOR ALL TABLES.
+    progress_table: Option<String>,
     incoming: Option<mpsc::UnboundedReceiver<Chunk>>,
 }
 
 impl Watermarks {
     pub fn new(pipeline: &str, incoming: Option<mpsc::UnboundedReceiver<Chunk>>) -> Self {
-        Watermarks { pipeline: pipeline.to_owned(), windows: HashMap::new(), chunks: HashMap::new(), arrivals: 0, incoming }
+        Watermarks { pipeline: pipeline.to_owned(), windows: HashMap::new(), chunks: HashMap::new(), arrivals: 0, progress_table: None, incoming }
+    }
+
+    /// Drops the changes of the progress table from the stream.
+    pub fn ignoring(mut self, progress_table: &str) -> Self {
+        self.progress_table = Some(progress_table.to_owned());
+        self
+    }
+
+    fn is_progress_table(&self, event: &ChangeEvent) -> bool {
+        let Some(progress) = &self.progress_table else { return false };
+        match event {
+            ChangeEvent::Insert { relation, .. } | ChangeEvent::Update { relation, .. } | ChangeEvent::Delete { relation, .. } => {
+                progress.len() == relation.namespace.len() + 1 + relation.name.len()
+                    && progress.starts_with(relation.namespace.as_str())
+                    && progress.as_bytes()[relation.namespace.len()] == b'.'
+                    && progress.ends_with(relation.name.as_str())
+            }
+            _ => false,
+        }
     }
 
     /// Splits a stream batch at high watermarks, inserting each merged chunk after its
     /// window. The last part keeps the batch's acknowledgement; the others carry none.
     /// Watermark messages are consumed here.
     pub fn split(&mut self, mut batch: EventBatch) -> Vec<Part> {
-        let has_watermark = batch.events.iter().any(|e| matches!(e, ChangeEvent::Message { prefix, .. } if prefix == WATERMARK_PREFIX));
-        if !has_watermark && self.windows.is_empty() {
+        let special = batch.events.iter().any(|e| matches!(e, ChangeEvent::Message { prefix, .. } if prefix == WATERMARK_PREFIX) || self.is_progress_table(e));
+        if !special && self.windows.is_empty() {
             return vec![Part { batch, chunk_done: None }];
         }
         let mut parts = Vec::new();
@@ -125,6 +147,9 @@ impl Watermarks {
                     }
                     continue;
                 }
+            }
+            if self.is_progress_table(&event) {
+                continue;
             }
             self.observe(&event);
             current.push(event);
@@ -409,6 +434,19 @@ mod tests {
         assert_eq!(inserted(&merged), vec![(at(130, 1), row(2, "b", ""))]);
         merged.chunk_done.unwrap().send(()).unwrap();
         assert!(second_done.try_recv().is_ok());
+    }
+
+    #[test]
+    fn changes_of_the_progress_table_never_reach_the_target() {
+        let mut watermarks = Watermarks::new("p", None).ignoring("public.sluice_backfill");
+        let progress = Arc::new(Relation { name: "sluice_backfill".into(), ..(*accounts()).clone() });
+        let events = vec![
+            ChangeEvent::Insert { position: at(100, 1), relation: progress, new: row(1, "x", "") },
+            ChangeEvent::Insert { position: at(100, 2), relation: accounts(), new: row(2, "y", "") },
+        ];
+        let parts = watermarks.split(batch(events, 110));
+        assert_eq!(parts.len(), 1);
+        assert_eq!(inserted(&parts[0]), vec![(at(100, 2), row(2, "y", ""))]);
     }
 
     #[test]

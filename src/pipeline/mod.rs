@@ -55,7 +55,7 @@ pub async fn run(config: &Config, state: &Arc<PipelineState>, shutdown: watch::R
             if config.backfill.enabled {
                 // The backfill serves requests beside the stream; its chunks merge at watermarks.
                 let (chunk_tx, chunk_rx) = mpsc::unbounded_channel();
-                watermarks = Watermarks::new(&config.pipeline.name, Some(chunk_rx));
+                watermarks = Watermarks::new(&config.pipeline.name, Some(chunk_rx)).ignoring(&config.backfill.progress_table);
                 tokio::spawn(crate::backfill::run(
                     connection,
                     config.pipeline.name.clone(),
