@@ -219,20 +219,11 @@ impl Verifier {
 
     /// Rows of `table` with these keys, in a fresh snapshot.
     async fn rows_by_key(&self, table: &Table, keys: &[SourceKey]) -> anyhow::Result<Vec<Vec<Value>>> {
-        let names: Vec<String> = table.primary_key.iter().map(|&i| table.relation.columns[i].name.clone()).collect();
-        let lists: Vec<Vec<String>> = keys.iter().map(|k| names.iter().map(|n| k.get(n).cloned().unwrap_or_default()).collect()).collect();
-        let casts: Vec<String> = table.primary_key.iter().enumerate().map(|(n, &i)| format!("CAST(k->>{n} AS {})", table.sql_types[i])).collect();
-        let statement = format!(
-            "SELECT {} FROM {} s WHERE ({}) IN (SELECT {} FROM jsonb_array_elements($1::text::jsonb) k)",
-            select_list(table),
-            table.quoted_name(),
-            names.iter().map(|n| format!("s.{}", quote(n))).collect::<Vec<_>>().join(", "),
-            casts.join(", ")
-        );
+        let names: Vec<&String> = table.primary_key.iter().map(|&i| &table.relation.columns[i].name).collect();
+        let lists: Vec<Vec<String>> = keys.iter().map(|k| names.iter().map(|n| k.get(*n).cloned().unwrap_or_default()).collect()).collect();
         let mut rows = Vec::new();
         for group in lists.chunks(1000) {
-            let json = serde_json::to_string(group)?;
-            for row in self.sql.query(&statement, &[&json]).await? {
+            for row in self.sql.query(&table.keys_query(&table.select_list(true), group), &[]).await? {
                 rows.push(decode_row(table, &row)?);
             }
         }
@@ -244,26 +235,10 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// The columns as text, from the table aliased `s`.
-fn select_list(table: &Table) -> String {
-    table.relation.columns.iter().map(|c| format!("s.{}::text", quote(&c.name))).collect::<Vec<_>>().join(", ")
-}
-
 fn decode_row(table: &Table, row: &tokio_postgres::Row) -> anyhow::Result<Vec<Value>> {
     let mut values = Vec::with_capacity(row.len());
     for (i, column) in table.relation.columns.iter().enumerate() {
-        let text: Option<&str> = row.get(i);
-        values.push(match text {
-            None => Value::Null,
-            Some(text) => column
-                .kind
-                .decode_text(column.type_oid, text)
-                .map_err(|e| anyhow::anyhow!("table {} column {}: cannot decode a {} value: {}", table.relation.qualified_name(), column.name, e.type_name, e.reason))?,
-        });
+        values.push(column.decode_text(row.get(i)).map_err(|e| anyhow::anyhow!("table {}: {e}", table.relation.qualified_name()))?);
     }
     Ok(values)
 }
@@ -435,7 +410,10 @@ fn match_template(segments: &[Segment], text: &str) -> Option<Vec<(String, Strin
 
 /// Runs a verify pass and the re-check; the report.
 pub async fn verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<Report> {
-    let verifier = Verifier::open(config).await?;
+    verify_with(&Verifier::open(config).await?, args).await
+}
+
+async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> anyhow::Result<Report> {
     let selected = verifier.selected(&args.tables)?;
     let started = Instant::now();
     let mut reports: Vec<TableReport> = Vec::new();
@@ -447,31 +425,11 @@ pub async fn verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<Report
         for mapping in &selected {
             let table = &verifier.tables[&mapping.source];
             let mut report = TableReport { table: mapping.source.clone(), target: mapping.target.clone(), ..TableReport::default() };
-            // Qualified: a bare name in ORDER BY would mean the text output column.
-            let names: Vec<String> = table.primary_key.iter().map(|&i| format!("s.{}", quote(&table.relation.columns[i].name))).collect();
             let mut after: Option<Vec<String>> = None;
+            let sample = args.sample.map(|f| format!("random() < {f}"));
             loop {
-                let sample = args.sample.map(|f| format!(" AND random() < {f}")).unwrap_or_default();
-                let rows = match &after {
-                    None => {
-                        let statement = format!("SELECT {} FROM {} s WHERE true{sample} ORDER BY {} LIMIT {}", select_list(table), table.quoted_name(), names.join(", "), args.chunk_size);
-                        verifier.sql.query(&statement, &[]).await?
-                    }
-                    Some(last) => {
-                        let bounds: Vec<String> = table.primary_key.iter().enumerate().map(|(n, &i)| format!("CAST(${}::text AS {})", n + 1, table.sql_types[i])).collect();
-                        let statement = format!(
-                            "SELECT {} FROM {} s WHERE ({}) > ({}){sample} ORDER BY {} LIMIT {}",
-                            select_list(table),
-                            table.quoted_name(),
-                            names.join(", "),
-                            bounds.join(", "),
-                            names.join(", "),
-                            args.chunk_size
-                        );
-                        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = last.iter().map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
-                        verifier.sql.query(&statement, &params).await?
-                    }
-                };
+                let statement = table.page_query(&table.select_list(true), after.as_deref(), args.chunk_size, sample.as_deref());
+                let rows = verifier.sql.query(&statement, &[]).await?;
                 let Some(last_row) = rows.last() else { break };
                 after = Some(table.primary_key.iter().map(|&i| last_row.get::<_, Option<String>>(i).unwrap_or_default()).collect());
                 let count = rows.len();
@@ -547,7 +505,7 @@ pub async fn verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<Report
         if report.differences() == 0 {
             break;
         }
-        recheck(&verifier, &mut report, end, args.recheck_timeout).await?;
+        recheck(verifier, &mut report, end, args.recheck_timeout).await?;
         if !report.rechecked {
             break;
         }
@@ -639,12 +597,10 @@ async fn recheck(verifier: &Verifier, report: &mut Report, end: Option<Lsn>, tim
         }
         // A wrong key whose row is gone now: its item must be gone (or a tombstone) too.
         for key in keys.into_iter().filter(|k| !present.contains(k)) {
+            let texts: Vec<String> = table.primary_key.iter().map(|&i| key.get(&table.relation.columns[i].name).cloned().unwrap_or_default()).collect();
             let mut row = vec![Value::Null; table.relation.columns.len()];
-            for &i in &table.primary_key {
-                let column = &table.relation.columns[i];
-                if let Some(text) = key.get(&column.name) {
-                    row[i] = column.kind.decode_text(column.type_oid, text).unwrap_or(Value::Null);
-                }
+            for (&i, value) in table.primary_key.iter().zip(table.decode_key(&texts).unwrap_or_default()) {
+                row[i] = value;
             }
             let Some(item_key) = verifier.translator.key_for(&table.relation, &row) else { continue };
             let item = verifier.client.get_items(&mapping.target, std::slice::from_ref(&item_key)).await?.pop().flatten();
@@ -727,14 +683,14 @@ fn show_key(key: &SourceKey) -> String {
 
 /// `sluice reconcile`: verify, re-drive the wrong keys through the daemon, verify them again.
 pub async fn reconcile(config: &Config, args: &VerifyArgs) -> anyhow::Result<Report> {
-    let report = verify(config, args).await?;
+    let verifier = Verifier::open(config).await?;
+    let report = verify_with(&verifier, args).await?;
     if report.differences() == 0 {
         eprintln!("nothing to reconcile: the target equals the source");
         return Ok(report);
     }
-    let sql = sluice_postgres::connect_sql(&config.source.connection).await?;
-    crate::backfill::ensure_progress_table(&sql, &config.backfill).await?;
-    let verifier = Verifier::open(config).await?;
+    let sql = &verifier.sql;
+    crate::backfill::ensure_progress_table(sql, &config.backfill).await?;
     let mut ids = Vec::new();
     let mut unreachable = 0;
     for table_report in &report.tables {
@@ -753,14 +709,14 @@ pub async fn reconcile(config: &Config, args: &VerifyArgs) -> anyhow::Result<Rep
         if keys.is_empty() {
             continue;
         }
-        let id = crate::backfill::request(&sql, &config.backfill, &config.pipeline.name, &table_report.table, Some(&keys)).await?;
+        let id = crate::backfill::request(sql, &config.backfill, &config.pipeline.name, &table_report.table, Some(&keys)).await?;
         eprintln!("requested reconcile {id}: {} keys of {}", keys.len(), table_report.table);
         ids.push(id);
     }
     if unreachable > 0 {
         eprintln!("{unreachable} extra items lead back to no source key (their key templates do not parse); delete them by hand");
     }
-    crate::backfill::follow(&sql, &config.backfill, &config.pipeline.name, &ids).await?;
+    crate::backfill::follow(sql, &config.backfill, &config.pipeline.name, &ids).await?;
     // Verify again: the keys were re-driven through the stream, so the whole check applies.
-    verify(config, args).await
+    verify_with(&verifier, args).await
 }

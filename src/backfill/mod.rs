@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde::Deserialize;
 use sluice_postgres::catalog::Table;
+use sluice_postgres::setup::quote_ident;
 use sluice_postgres::{ConnectionConfig, Problem, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -112,13 +113,11 @@ impl BackfillConfig {
     /// The progress table, quoted for SQL.
     pub fn quoted_table(&self) -> String {
         let (schema, name) = sluice_postgres::catalog::split_table(&self.progress_table).unwrap_or(("public", "sluice_backfill"));
-        format!("{}.{}", quote(schema), quote(name))
+        format!("{}.{}", quote_ident(schema), quote_ident(name))
     }
 }
 
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
+
 
 /// Creates the progress table when it is missing.
 pub async fn ensure_progress_table(sql: &tokio_postgres::Client, config: &BackfillConfig) -> Result<(), tokio_postgres::Error> {
@@ -342,17 +341,8 @@ async fn serve(
 
 /// Requests a backfill of each published table that has none yet; returns how many.
 async fn request_initial(sql: &tokio_postgres::Client, config: &BackfillConfig, pipeline: &str, publication: &str) -> Result<u64, BackfillError> {
-    let tables: Vec<String> = sql
-        .query("SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables WHERE pubname = $1 ORDER BY 1", &[&publication])
-        .await?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
     let mut requested = 0;
-    for table in tables {
-        if table == config.progress_table {
-            continue;
-        }
+    for table in published_tables(sql, config, publication).await? {
         let known = sql
             .query_opt(&format!("SELECT 1 FROM {} WHERE pipeline = $1 AND source_table = $2 LIMIT 1", config.quoted_table()), &[&pipeline, &table])
             .await?
@@ -363,6 +353,17 @@ async fn request_initial(sql: &tokio_postgres::Client, config: &BackfillConfig, 
         }
     }
     Ok(requested)
+}
+
+/// The publication's tables (`schema.table`), the progress table aside.
+async fn published_tables(sql: &tokio_postgres::Client, config: &BackfillConfig, publication: &str) -> Result<Vec<String>, tokio_postgres::Error> {
+    Ok(sql
+        .query("SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables WHERE pubname = $1 ORDER BY 1", &[&publication])
+        .await?
+        .iter()
+        .map(|row| row.get::<_, String>(0))
+        .filter(|table| *table != config.progress_table)
+        .collect())
 }
 
 /// Serves one request to the end (or to shutdown).
@@ -378,7 +379,7 @@ async fn serve_request(
     // The high watermark must reach the stream at once: flush its commit locally even where
     // synchronous_commit is off (the walsender sends only flushed WAL), without waiting for
     // synchronous standbys.
-    sql.batch_execute("SET synchronous_commit = local; SET standard_conforming_strings = on").await?;
+    sql.batch_execute("SET synchronous_commit = local").await?;
     let progress = config.quoted_table();
     let table = match sluice_postgres::catalog::split_table(&request.table) {
         Some((schema, name)) => sluice_postgres::catalog::table(&sql, schema, name).await?,
@@ -513,38 +514,13 @@ async fn read_chunk(
     after: Option<&[String]>,
     keys: Option<&[Vec<String>]>,
 ) -> Result<Page, BackfillError> {
-    let columns: Vec<String> = table.relation.columns.iter().map(|c| format!("s.{}", quote(&c.name))).collect();
-    // Qualified: a bare name in ORDER BY could mean an output column of the same name.
-    let key_names: Vec<String> = table.primary_key.iter().map(|&i| format!("s.{}", quote(&table.relation.columns[i].name))).collect();
     // Pages go through COPY (text format, the types' output functions, as `::text` gives):
-    // several times cheaper than a SELECT's rows. COPY takes no parameters, so the last key is
-    // written as literals (the session has standard_conforming_strings on).
-    let literal = |text: &str, column: usize| format!("CAST('{}' AS {})", text.replace('\'', "''"), table.sql_types[column]);
-    let query = match (keys, after) {
-        (Some(keys), _) => {
-            let casts: Vec<String> = table.primary_key.iter().enumerate().map(|(n, &i)| format!("CAST(k->>{n} AS {})", table.sql_types[i])).collect();
-            let keys = serde_json::to_string(keys).unwrap_or_default();
-            format!(
-                "SELECT {} FROM {} s WHERE ({}) IN (SELECT {} FROM jsonb_array_elements('{}'::jsonb) k)",
-                columns.join(", "),
-                table.quoted_name(),
-                key_names.join(", "),
-                casts.join(", "),
-                keys.replace('\'', "''")
-            )
-        }
-        (None, Some(after)) => {
-            let bounds: Vec<String> = table.primary_key.iter().zip(after).map(|(&i, text)| literal(text, i)).collect();
-            format!(
-                "SELECT {} FROM {} s WHERE ({}) > ({}) ORDER BY {} LIMIT {chunk_size}",
-                columns.join(", "),
-                table.quoted_name(),
-                key_names.join(", "),
-                bounds.join(", "),
-                key_names.join(", ")
-            )
-        }
-        (None, None) => format!("SELECT {} FROM {} s ORDER BY {} LIMIT {chunk_size}", columns.join(", "), table.quoted_name(), key_names.join(", ")),
+    // several times cheaper than a SELECT's rows. COPY takes no parameters: the queries write
+    // the keys as literals.
+    let columns = table.select_list(false);
+    let query = match keys {
+        Some(keys) => table.keys_query(&columns, keys),
+        None => table.page_query(&columns, after, chunk_size, None),
     };
     let statement = format!("COPY ({query}) TO STDOUT");
     for _ in 0..100 {
@@ -625,14 +601,7 @@ impl<'a> CopyDecoder<'a> {
         let mut row = Vec::with_capacity(columns.len());
         for (index, field) in line.split(|&b| b == b'\t').enumerate() {
             let column = columns.get(index).ok_or_else(|| format!("a COPY row has more fields than the table's {} columns", columns.len()))?;
-            let text = match field_text(field, &mut self.unescaped)? {
-                None => {
-                    row.push(Value::Null);
-                    continue;
-                }
-                Some(text) => text,
-            };
-            row.push(column.kind.decode_text(column.type_oid, text).map_err(|e| format!("column {}: cannot decode a {} value: {}", column.name, e.type_name, e.reason))?);
+            row.push(column.decode_text(field_text(field, &mut self.unescaped)?)?);
         }
         if row.len() != columns.len() {
             return Err(format!("a COPY row has {} fields, the table {} columns", row.len(), columns.len()));
@@ -716,14 +685,7 @@ fn absent(table: &Table, keys: &[Vec<String>], rows: &[Vec<Value>]) -> Result<Ve
         rows.iter().map(|row| format!("{:?}", table.primary_key.iter().map(|&i| &row[i]).collect::<Vec<_>>())).collect();
     let mut missing = Vec::new();
     for key in keys {
-        if key.len() != table.primary_key.len() {
-            return Err(BackfillError::Request(format!("a key of {} has {} values; the primary key has {}", table.relation.qualified_name(), key.len(), table.primary_key.len())));
-        }
-        let mut values = Vec::with_capacity(key.len());
-        for (text, &i) in key.iter().zip(&table.primary_key) {
-            let column = &table.relation.columns[i];
-            values.push(column.kind.decode_text(column.type_oid, text).map_err(|e| BackfillError::Request(format!("key value for column {}: {}", column.name, e.reason)))?);
-        }
+        let values = table.decode_key(key).map_err(BackfillError::Request)?;
         if !found.contains(&format!("{:?}", values.iter().collect::<Vec<_>>())) {
             missing.push(values);
         }
@@ -742,12 +704,7 @@ pub async fn snapshot(config: &crate::config::Config, tables: &[String], wait: b
     let sql = sluice_postgres::connect_sql(&config.source.connection).await.context("cannot connect to the source database")?;
     ensure_progress_table(&sql, &config.backfill).await.with_context(|| format!("cannot create the progress table {} (backfill.progress_table)", config.backfill.progress_table))?;
     let tables: Vec<String> = if tables.is_empty() {
-        sql.query("SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables WHERE pubname = $1 ORDER BY 1", &[&replication.publication])
-            .await?
-            .iter()
-            .map(|row| row.get::<_, String>(0))
-            .filter(|t| *t != config.backfill.progress_table)
-            .collect()
+        published_tables(&sql, &config.backfill, &replication.publication).await?
     } else {
         tables.to_vec()
     };

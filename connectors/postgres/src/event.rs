@@ -87,6 +87,17 @@ pub struct Column {
     pub kind: TypeKind,
 }
 
+impl Column {
+    /// A value of this column from its text form (`None` is NULL), as the queries that read
+    /// tables directly receive it; the error names the column and the type.
+    pub fn decode_text(&self, text: Option<&str>) -> Result<Value, String> {
+        match text {
+            None => Ok(Value::Null),
+            Some(text) => self.kind.decode_text(self.type_oid, text).map_err(|e| format!("column {}: cannot decode a {} value: {}", self.name, e.type_name, e.reason)),
+        }
+    }
+}
+
 /// The new row of an update.
 #[derive(Clone, Debug, PartialEq)]
 pub enum NewRow {

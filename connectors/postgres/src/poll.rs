@@ -52,7 +52,6 @@ use crate::event::{ChangeEvent, EventBatch, Position, Relation};
 use crate::lsn::Lsn;
 use crate::setup::quote_ident;
 use crate::source::{SourceOptions, SourceStats};
-use crate::value::Value;
 
 /// `[source.poll]`.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -293,15 +292,8 @@ impl PollSource {
                 let mut values = Vec::with_capacity(relation.columns.len());
                 for (i, column) in relation.columns.iter().enumerate() {
                     let text: Option<&str> = row.get(i + 3);
-                    values.push(match text {
-                        None => Value::Null,
-                        Some(text) => {
-                            bytes += text.len();
-                            column.kind.decode_text(column.type_oid, text).map_err(|e| {
-                                Error::Setup(format!("table {} column {}: cannot decode a {} value: {}", self.config.table, column.name, e.type_name, e.reason))
-                            })?
-                        }
-                    });
+                    bytes += text.map_or(0, str::len);
+                    values.push(column.decode_text(text).map_err(|e| Error::Setup(format!("table {}: {e}", self.config.table)))?);
                 }
                 let position = Position { commit_lsn: Lsn(full_xid(xmin, horizon)), tx_ordinal: 0 };
                 events.push(ChangeEvent::Insert { position, relation: relation.clone(), new: values });

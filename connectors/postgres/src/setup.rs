@@ -151,7 +151,8 @@ pub(crate) fn publication_option(name: &str) -> String {
 }
 
 /// `"name"` as an identifier in a replication command.
-pub(crate) fn quote_ident(name: &str) -> String {
+/// An identifier quoted for SQL.
+pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
