@@ -89,7 +89,7 @@ impl LocalPostgres {
             }
         }
         let mut conf = String::from(
-            "listen_addresses = '127.0.0.1'\nmax_replication_slots = 20\nmax_wal_senders = 20\nfsync = off\n\
+            "listen_addresses = '127.0.0.1'\nmax_replication_slots = 64\nmax_wal_senders = 64\nfsync = off\n\
              synchronous_commit = off\nfull_page_writes = off\nwal_sender_timeout = 60s\nlog_min_messages = warning\n",
         );
         conf.push_str(&format!("unix_socket_directories = '{}'\n", cluster.dir.path().display()));

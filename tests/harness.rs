@@ -117,6 +117,27 @@ impl TestDb {
     }
 }
 
+/// A finished test leaves nothing behind in the shared cluster: its connections (replication
+/// ones too) are ended, its slots dropped and its database removed. Slots are a cluster-wide,
+/// limited resource; left over, they make later tests fail with "all replication slots are in
+/// use". Best effort: a stopped server or a slot that stays busy only leaves litter.
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = &self.name;
+        let steps = [
+            format!("SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"),
+            format!("SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE database = '{name}' AND NOT active"),
+            format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+        ];
+        for _ in 0..3 {
+            if steps.iter().all(|sql| self.pg.psql("postgres", sql).is_ok()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
 /// An in-process source whose batches the test receives; every batch is acknowledged
 /// (made "durable") as soon as the test has read it.
 pub struct Stream {
