@@ -173,6 +173,9 @@ pub enum TargetConfig {
     Dynamodb(DynamoConfig),
     /// Records in Kafka topics: plain CDC per table, and the outbox event router.
     Kafka(KafkaConfig),
+    /// Rows in tables of another Postgres database or schema, through a mapping, applied in
+    /// source order with a transactional checkpoint.
+    Postgres(PostgresTargetConfig),
     /// One JSON object per change, to a file or standard output.
     Jsonl(JsonlConfig),
     /// Discards everything at once (benchmarks).
@@ -185,7 +188,7 @@ impl TargetConfig {
         match self {
             TargetConfig::Kafka(kafka) => kafka.outbox.as_ref(),
             TargetConfig::Dynamodb(dynamo) => dynamo.outbox.as_ref(),
-            TargetConfig::Jsonl(_) | TargetConfig::Null => None,
+            TargetConfig::Jsonl(_) | TargetConfig::Postgres(_) | TargetConfig::Null => None,
         }
     }
 }
@@ -274,6 +277,32 @@ fn default_kafka_topic() -> String {
 }
 fn default_kafka_compression() -> String {
     "lz4".into()
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresTargetConfig {
+    /// The target database (it may be the source database: then the target tables must not be
+    /// published).
+    pub connection: ConnectionConfig,
+    /// The Postgres mapping file (`schemas/postgres/README.md`).
+    pub mapping: PathBuf,
+    /// `schema.table` holding each pipeline's applied position, written in the same transaction
+    /// as the rows; created when missing.
+    #[serde(default = "default_checkpoint_table")]
+    pub checkpoint_table: String,
+    /// How long connection failures, deadlocks and serialization failures are retried before
+    /// the pipeline stops; nothing is confirmed meanwhile.
+    #[serde(default = "default_dynamo_retry_for", with = "sluice_postgres::duration")]
+    pub retry_for: Duration,
+    /// A JSON-lines file for rows the target refuses (a value its column type rejects, a
+    /// constraint violation); without it such a row stops the pipeline.
+    #[serde(default)]
+    pub dead_letter: Option<PathBuf>,
+}
+
+fn default_checkpoint_table() -> String {
+    "public.sluice_checkpoint".into()
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -529,6 +558,18 @@ impl Config {
                     problems.push(Problem::new("target.outbox", "sort_key", "partition_key and sort_key must be two different attribute names"));
                 }
                 self.outbox_problems(outbox, &mut problems);
+            }
+        }
+        if let TargetConfig::Postgres(pg) = &self.target {
+            pg.connection.validate("target.connection", &mut problems);
+            if sluice_postgres::catalog::split_table(&pg.checkpoint_table).is_none() {
+                problems.push(Problem::new("target", "checkpoint_table", format!("{:?} must be schema.table", pg.checkpoint_table)));
+            }
+            if let Err(mapping_problems) = crate::translate::postgres::PgMapping::load(&pg.mapping) {
+                problems.extend(mapping_problems.into_iter().map(|p| Problem {
+                    key: if p.key == "mapping" { "target.mapping".into() } else { format!("target.{}", p.key) },
+                    message: p.message,
+                }));
             }
         }
         if let TargetConfig::Jsonl(jsonl) = &self.target {

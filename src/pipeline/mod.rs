@@ -37,7 +37,7 @@ pub struct Pipeline {
 /// `on_start` receives the handles once the tasks exist; `state` is kept current for the
 /// monitoring endpoints.
 pub async fn run(config: &Config, state: &Arc<PipelineState>, shutdown: watch::Receiver<bool>, on_start: impl FnOnce(Pipeline)) -> Result<(), PipelineError> {
-    let target = AnyTarget::open(&config.target, state.target.clone()).await?;
+    let target = AnyTarget::open(&config.target, &config.pipeline.name, state.target.clone()).await?;
     let options = SourceOptions {
         batch_max_events: config.pipeline.batch_max_events,
         retry_for: config.pipeline.retry_for,

@@ -53,7 +53,7 @@ impl KafkaTarget {
 }
 
 /// The source table an event belongs to, for dead-letter entries.
-fn source_name(event: &ChangeEvent) -> String {
+pub(super) fn source_name(event: &ChangeEvent) -> String {
     match event {
         ChangeEvent::Insert { relation, .. } | ChangeEvent::Update { relation, .. } | ChangeEvent::Delete { relation, .. } => relation.qualified_name(),
         ChangeEvent::Truncate { relations, .. } => relations.iter().map(|r| r.qualified_name()).collect::<Vec<_>>().join(","),

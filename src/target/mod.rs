@@ -5,6 +5,7 @@ pub mod dynamodb;
 mod jsonl;
 mod kafka;
 mod null;
+mod postgres;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,6 +15,7 @@ pub use dynamodb::DynamoTarget;
 pub use jsonl::JsonlTarget;
 pub use kafka::KafkaTarget;
 pub use null::NullTarget;
+pub use postgres::PgTarget;
 
 use crate::config::TargetConfig;
 use crate::error::TargetError;
@@ -56,16 +58,18 @@ pub trait Target: Send {
 pub enum AnyTarget {
     Dynamodb(DynamoTarget),
     Kafka(KafkaTarget),
+    Postgres(PgTarget),
     Jsonl(JsonlTarget),
     Null(NullTarget),
 }
 
 impl AnyTarget {
-    /// The target `config` describes; it counts into `stats`.
-    pub async fn open(config: &TargetConfig, stats: Arc<TargetStats>) -> Result<Self, TargetError> {
+    /// The target `config` describes, for the pipeline named `pipeline`; it counts into `stats`.
+    pub async fn open(config: &TargetConfig, pipeline: &str, stats: Arc<TargetStats>) -> Result<Self, TargetError> {
         Ok(match config {
             TargetConfig::Dynamodb(c) => AnyTarget::Dynamodb(DynamoTarget::open(c, stats).await?),
             TargetConfig::Kafka(c) => AnyTarget::Kafka(KafkaTarget::open(c, stats).await?),
+            TargetConfig::Postgres(c) => AnyTarget::Postgres(PgTarget::open(c, pipeline, stats).await?),
             TargetConfig::Jsonl(c) => AnyTarget::Jsonl(JsonlTarget::open(c).await?),
             TargetConfig::Null => AnyTarget::Null(NullTarget::default()),
         })
@@ -77,6 +81,7 @@ impl Target for AnyTarget {
         match self {
             AnyTarget::Dynamodb(t) => t.submit(batch).await,
             AnyTarget::Kafka(t) => t.submit(batch).await,
+            AnyTarget::Postgres(t) => t.submit(batch).await,
             AnyTarget::Jsonl(t) => t.submit(batch).await,
             AnyTarget::Null(t) => t.submit(batch).await,
         }

@@ -239,19 +239,25 @@ impl DynamoTranslator {
     }
 
     fn passes(&self, table: &CompiledTable, row: &Row<'_>) -> Result<bool, TranslateError> {
-        for predicate in &table.mapping.filter {
-            let value = row.get(&predicate.column).ok_or_else(|| TranslateError::Fatal {
-                table: table.mapping.source.clone(),
-                reason: format!("filter column {} is not in the table", predicate.column),
-            })?;
-            // An unchanged TOASTed column did not change: it cannot move the row across the filter.
-            let Some(value) = value else { continue };
-            if !matches(predicate, value) {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        passes_filter(&table.mapping.filter, &table.mapping.source, row.relation, &row.values)
     }
+}
+
+/// Whether a row (values in `relation`'s column order; `None` for unchanged TOAST) satisfies
+/// every predicate of a table mapping's filter. Shared by the DynamoDB and Postgres translators.
+pub fn passes_filter(filter: &[Predicate], source: &str, relation: &Relation, row: &[Option<&Value>]) -> Result<bool, TranslateError> {
+    for predicate in filter {
+        let index = relation.columns.iter().position(|c| c.name == predicate.column).ok_or_else(|| TranslateError::Fatal {
+            table: source.to_owned(),
+            reason: format!("filter column {} is not in the table", predicate.column),
+        })?;
+        // An unchanged TOASTed column did not change: it cannot move the row across the filter.
+        let Some(value) = row[index] else { continue };
+        if !matches(predicate, value) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn render(segments: &[Segment], row: &Row<'_>, table: &str) -> Result<String, TranslateError> {

@@ -6,3 +6,4 @@ pub mod dynamodb;
 pub mod mapping;
 pub mod kafka;
 pub mod outbox;
+pub mod postgres;

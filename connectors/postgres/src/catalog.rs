@@ -80,7 +80,7 @@ impl Table {
 }
 
 /// A string literal that reads the same whatever `standard_conforming_strings` says.
-fn quote_literal(text: &str) -> String {
+pub fn quote_literal(text: &str) -> String {
     format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
 }
 

@@ -1,0 +1,509 @@
+//! The Postgres target: applies each batch's row operations (`translate::postgres`) to the
+//! target database in one transaction, together with the pipeline's checkpoint row.
+//!
+//! Exactly once, in order: one worker applies batches in source order on one connection. The
+//! checkpoint table holds, per pipeline, the position of the last change applied, written in
+//! the same transaction as the rows, so rows and checkpoint commit together or not at all.
+//! After a crash the source replays from its confirmed position and every change at or below
+//! the checkpoint is skipped; the rest applies once. Positions are unique per change, except
+//! the rows of one backfill chunk, which share their high watermark's position and arrive in
+//! one batch (one transaction). Writes are upserts and deletes by the target table's primary
+//! key, so even a checkpoint lost with its table converges on replay.
+//!
+//! One round trip per batch: the statements (multi-row upserts, deletes by key lists, updates
+//! of partial rows) go as one simple-query text with values as escaped literals cast to the
+//! target column types.
+//!
+//! Failures: a lost connection, a deadlock, a serialization failure or a server shutting down
+//! is retried with backoff for `retry_for` (the checkpoint is read again after reconnecting:
+//! the commit may have landed). A row the target refuses (SQLSTATE classes 22 and 23: a value
+//! its column type rejects, a constraint) makes the batch apply again change by change under
+//! savepoints: the refused changes go to the dead-letter store, named by SQLSTATE, constraint
+//! and column (never the server's message, which quotes values), and the rest commits. Any
+//! other error (a missing table or column, no permission) stops the pipeline.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_postgres::catalog::{quote_literal, required_table};
+use sluice_postgres::setup::quote_ident;
+use sluice_postgres::{ConnectionConfig, Lsn};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::SimpleQueryMessage;
+
+use super::dead_letter::DeadLetter;
+use super::kafka::source_name;
+use super::{Receipt, Target, TargetStats};
+use crate::config::PostgresTargetConfig;
+use crate::error::{ErrorKind, TargetError};
+use crate::event::{EventBatch, Position};
+use crate::translate::dynamodb::TranslateError;
+use crate::translate::postgres::{row_position, PgMapping, PgTranslator, RowOp, Text};
+
+const TARGET: &str = "postgres";
+/// Rows per multi-row statement.
+const ROWS_PER_STATEMENT: usize = 500;
+
+pub struct PgTarget {
+    jobs: mpsc::Sender<(Arc<EventBatch>, oneshot::Sender<Result<(), TargetError>>)>,
+}
+
+/// A target table as the catalog describes it.
+struct TargetTable {
+    quoted: String,
+    /// Column → SQL type, for casts.
+    types: HashMap<String, String>,
+    key: Vec<String>,
+}
+
+/// An operation with where it came from, for the checkpoint and dead-letter entries.
+struct Op {
+    op: RowOp,
+    position: Position,
+    source: String,
+}
+
+struct Applier {
+    connection: ConnectionConfig,
+    client: Option<tokio_postgres::Client>,
+    translator: PgTranslator,
+    tables: HashMap<Arc<str>, TargetTable>,
+    checkpoint_table: String,
+    pipeline: String,
+    /// The position of the last change applied (from the checkpoint table).
+    applied: Position,
+    retry_for: Duration,
+    dead_letter: DeadLetter,
+    stats: Arc<TargetStats>,
+}
+
+fn fatal(message: impl Into<String>) -> TargetError {
+    TargetError { target: TARGET, kind: ErrorKind::Fatal, message: message.into(), source: None }
+}
+
+fn sql_error(context: &str, error: tokio_postgres::Error) -> TargetError {
+    TargetError { target: TARGET, kind: classify(&error), message: context.to_owned(), source: Some(Box::new(error)) }
+}
+
+/// Transient: the connection, a deadlock, a serialization failure, resources, a shutdown.
+/// Poison: this row (data exceptions and integrity violations). Fatal: anything else.
+fn classify(error: &tokio_postgres::Error) -> ErrorKind {
+    match error.code().map(|c| c.code()) {
+        None => ErrorKind::Transient,
+        Some(code) if code.starts_with("22") || code.starts_with("23") => ErrorKind::Poison,
+        Some(code) if ["08", "40", "53", "57P"].iter().any(|class| code.starts_with(class)) || code == "55P03" => ErrorKind::Transient,
+        Some(_) => ErrorKind::Fatal,
+    }
+}
+
+/// Why the target refused a row, without the server's message (it quotes values).
+fn refusal(error: &tokio_postgres::Error) -> String {
+    let Some(db) = error.as_db_error() else { return "the target refused the change".into() };
+    let mut reason = format!("the target refused the change: SQLSTATE {}", db.code().code());
+    for (label, value) in [("table", db.table()), ("column", db.column()), ("constraint", db.constraint()), ("type", db.datatype())] {
+        if let Some(value) = value {
+            let _ = write!(reason, ", {label} {value}");
+        }
+    }
+    reason
+}
+
+impl PgTarget {
+    /// Connects, checks the mapping against the target tables, creates the checkpoint table
+    /// when missing and reads this pipeline's checkpoint.
+    pub async fn open(config: &PostgresTargetConfig, pipeline: &str, stats: Arc<TargetStats>) -> Result<Self, TargetError> {
+        let mapping = PgMapping::load(&config.mapping).map_err(|problems| {
+            fatal(format!("target.mapping {}: {}", config.mapping.display(), problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))
+        })?;
+        let client = sluice_postgres::connect_sql(&config.connection)
+            .await
+            .map_err(|e| TargetError { target: TARGET, kind: ErrorKind::Fatal, message: "cannot connect to the target database (target.connection)".into(), source: Some(Box::new(e)) })?;
+        let mut tables = HashMap::new();
+        let mut keys = HashMap::new();
+        for (i, table) in mapping.tables.iter().enumerate() {
+            if tables.contains_key(table.target.as_str()) {
+                continue;
+            }
+            let found = required_table(&client, &table.target, &format!("target.mapping tables[{i}].target"))
+                .await
+                .map_err(|e| TargetError { target: TARGET, kind: ErrorKind::Fatal, message: "cannot read the target table".into(), source: Some(Box::new(e)) })?;
+            if found.primary_key.is_empty() {
+                return Err(fatal(format!("target table {} has no primary key: rows are upserted and deleted by it", table.target)));
+            }
+            let columns = &found.relation.columns;
+            let key: Vec<String> = found.primary_key.iter().map(|&i| columns[i].name.clone()).collect();
+            let types = columns.iter().zip(&found.sql_types).map(|(c, t)| (c.name.clone(), t.clone())).collect();
+            keys.insert(table.target.clone(), key.clone());
+            tables.insert(Arc::from(table.target.as_str()), TargetTable { quoted: found.quoted_name(), types, key });
+        }
+        for table in &mapping.tables {
+            let target = &tables[table.target.as_str()];
+            for name in table.rename.values().chain(table.constants.keys()) {
+                if !target.types.contains_key(name) {
+                    return Err(fatal(format!("target table {} has no column {name} (mapped from {})", table.target, table.source)));
+                }
+            }
+        }
+        let checkpoint_table = {
+            let (schema, name) = sluice_postgres::catalog::split_table(&config.checkpoint_table).ok_or_else(|| fatal("target.checkpoint_table must be schema.table"))?;
+            format!("{}.{}", quote_ident(schema), quote_ident(name))
+        };
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {checkpoint_table} (pipeline text PRIMARY KEY, commit_lsn pg_lsn NOT NULL, tx_ordinal int8 NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())"
+            ))
+            .await
+            .map_err(|e| sql_error(&format!("cannot create the checkpoint table {} (target.checkpoint_table)", config.checkpoint_table), e))?;
+        let mut applier = Applier {
+            connection: config.connection.clone(),
+            client: Some(client),
+            translator: PgTranslator::new(&mapping, &keys),
+            tables,
+            checkpoint_table,
+            pipeline: pipeline.to_owned(),
+            applied: Position::default(),
+            retry_for: config.retry_for,
+            dead_letter: DeadLetter::open(TARGET, config.dead_letter.clone()).await?,
+            stats,
+        };
+        applier.applied = applier.read_checkpoint().await.map_err(|e| sql_error("cannot read the checkpoint", e))?;
+        tracing::info!(pipeline, commit_lsn = %applier.applied.commit_lsn, ordinal = applier.applied.tx_ordinal, "postgres target checkpoint");
+        let (jobs, mut rx) = mpsc::channel::<(Arc<EventBatch>, oneshot::Sender<Result<(), TargetError>>)>(4);
+        tokio::spawn(async move {
+            while let Some((batch, done)) = rx.recv().await {
+                let result = applier.apply_batch(&batch).await;
+                let failed = result.is_err();
+                let _ = done.send(result);
+                if failed {
+                    break;
+                }
+            }
+        });
+        Ok(PgTarget { jobs })
+    }
+}
+
+impl Target for PgTarget {
+    async fn submit(&mut self, batch: Arc<EventBatch>) -> Result<Receipt, TargetError> {
+        let (done, receipt) = oneshot::channel();
+        self.jobs.send((batch, done)).await.map_err(|_| fatal("the apply task stopped"))?;
+        Ok(Box::pin(async move { receipt.await.unwrap_or_else(|_| Err(fatal("the apply task stopped"))) }))
+    }
+}
+
+impl Applier {
+    async fn read_checkpoint(&self) -> Result<Position, tokio_postgres::Error> {
+        let Some(client) = &self.client else { return Ok(self.applied) };
+        let row = client
+            .query_opt(&format!("SELECT commit_lsn::text, tx_ordinal FROM {} WHERE pipeline = $1", self.checkpoint_table), &[&self.pipeline])
+            .await?;
+        Ok(match row {
+            Some(row) => Position { commit_lsn: row.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO), tx_ordinal: row.get::<_, i64>(1) as u32 },
+            None => Position::default(),
+        })
+    }
+
+    /// Translates the changes past the checkpoint and applies them in one transaction.
+    async fn apply_batch(&mut self, batch: &EventBatch) -> Result<(), TargetError> {
+        let mut ops = Vec::new();
+        let mut last = None;
+        for event in &batch.events {
+            let Some(position) = row_position(event) else { continue };
+            if position <= self.applied {
+                continue;
+            }
+            let mut out = Vec::new();
+            match self.translator.translate(event, &mut out) {
+                Ok(()) => {}
+                Err(error @ TranslateError::Poison { .. }) => {
+                    self.dead_letter.record(position, &source_name(event), None, &error.to_string()).await?;
+                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error @ TranslateError::Fatal { .. }) => return Err(fatal(error.to_string())),
+            }
+            let source = if out.is_empty() { String::new() } else { source_name(event) };
+            ops.extend(out.into_iter().map(|op| Op { op, position, source: source.clone() }));
+            last = Some(position);
+        }
+        let (Some(last), false) = (last, ops.is_empty()) else { return Ok(()) };
+        let started = Instant::now();
+        let mut backoff = super::dynamodb::new_backoff();
+        let mut careful = false;
+        loop {
+            let result = if careful { self.apply_each(&ops, last).await } else { self.apply_all(&ops, last).await };
+            let error = match result {
+                Ok(()) => {
+                    self.applied = last;
+                    return Ok(());
+                }
+                Err(error) => error,
+            };
+            match error.kind {
+                ErrorKind::Poison if !careful => careful = true,
+                ErrorKind::Transient if started.elapsed() < self.retry_for => {
+                    tracing::warn!(error = %error, source = ?std::error::Error::source(&error).map(ToString::to_string), "postgres target: retrying");
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    self.client = None;
+                    tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(5))).await;
+                    if let Err(error) = self.reconnect().await {
+                        if classify(&error) != ErrorKind::Transient {
+                            return Err(sql_error("cannot reconnect to the target database", error));
+                        }
+                        continue;
+                    }
+                    // The lost commit may have landed.
+                    if self.applied >= last {
+                        return Ok(());
+                    }
+                }
+                _ => return Err(error),
+            }
+        }
+    }
+
+    async fn reconnect(&mut self) -> Result<(), tokio_postgres::Error> {
+        let client = match sluice_postgres::connect_sql(&self.connection).await {
+            Ok(client) => client,
+            Err(sluice_postgres::Error::Sql(e)) => return Err(e),
+            Err(other) => {
+                tracing::warn!(error = %other, "postgres target: cannot connect");
+                return Ok(());
+            }
+        };
+        self.client = Some(client);
+        self.applied = self.read_checkpoint().await?;
+        Ok(())
+    }
+
+    fn client(&self) -> Result<&tokio_postgres::Client, TargetError> {
+        self.client.as_ref().ok_or_else(|| TargetError { target: TARGET, kind: ErrorKind::Transient, message: "not connected".into(), source: None })
+    }
+
+    /// Every operation in one transaction and one round trip.
+    async fn apply_all(&self, ops: &[Op], last: Position) -> Result<(), TargetError> {
+        let mut sql = String::from("BEGIN;\n");
+        let statements = self.statements(ops, &mut sql)?;
+        self.checkpoint_statement(last, &mut sql);
+        sql.push_str("COMMIT");
+        let client = self.client()?;
+        let messages = match client.simple_query(&sql).await {
+            Ok(messages) => messages,
+            Err(error) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(sql_error("cannot apply a batch", error));
+            }
+        };
+        let counts: Vec<u64> = messages.iter().filter_map(|m| if let SimpleQueryMessage::CommandComplete(n) = m { Some(*n) } else { None }).collect();
+        self.stats.applied.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        // counts[0] is BEGIN; partial updates of rows the target lacks changed nothing.
+        for (index, statement) in statements.iter().enumerate() {
+            if let Statement::Update(op) = statement {
+                if counts.get(index + 1) == Some(&0) {
+                    self.missing_row(&ops[*op]).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Each operation under its own savepoint, so refused ones are dead-lettered and the rest
+    /// commits: the path of a batch holding a row the target refuses.
+    async fn apply_each(&self, ops: &[Op], last: Position) -> Result<(), TargetError> {
+        let client = self.client()?;
+        client.batch_execute("BEGIN").await.map_err(|e| sql_error("cannot begin", e))?;
+        let result = async {
+            for op in ops {
+                let mut sql = String::from("SAVEPOINT sluice_op;\n");
+                let statements = self.statements(std::slice::from_ref(op), &mut sql)?;
+                sql.push_str("RELEASE SAVEPOINT sluice_op");
+                match client.simple_query(&sql).await {
+                    Ok(messages) => {
+                        self.stats.applied.fetch_add(1, Ordering::Relaxed);
+                        let changed = messages.iter().filter_map(|m| if let SimpleQueryMessage::CommandComplete(n) = m { Some(*n) } else { None }).nth(1);
+                        if matches!(statements.first(), Some(Statement::Update(_))) && changed == Some(0) {
+                            self.missing_row(op).await?;
+                        }
+                    }
+                    Err(error) if classify(&error) == ErrorKind::Poison => {
+                        client.batch_execute("ROLLBACK TO SAVEPOINT sluice_op; RELEASE SAVEPOINT sluice_op").await.map_err(|e| sql_error("cannot roll back to a savepoint", e))?;
+                        self.dead_letter.record(op.position, &op.source, Some(&|line: &mut Vec<u8>| details(line, &op.op)), &refusal(&error)).await?;
+                        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(error) => return Err(sql_error("cannot apply a change", error)),
+                }
+            }
+            let mut sql = String::new();
+            self.checkpoint_statement(last, &mut sql);
+            sql.push_str("COMMIT");
+            client.batch_execute(&sql).await.map_err(|e| sql_error("cannot commit", e))
+        }
+        .await;
+        if result.is_err() {
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+        result
+    }
+
+    /// A partial update (unchanged TOAST columns) of a row the target does not hold cannot be
+    /// completed: the unchanged values are not in the stream. Dead-lettered, so a backfill of
+    /// the table can repair it.
+    async fn missing_row(&self, op: &Op) -> Result<(), TargetError> {
+        let reason = "partial update (unchanged TOAST columns) of a row the target does not hold; backfill the table";
+        self.dead_letter.record(op.position, &op.source, Some(&|line: &mut Vec<u8>| details(line, &op.op)), reason).await?;
+        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn checkpoint_statement(&self, last: Position, sql: &mut String) {
+        let _ = writeln!(
+            sql,
+            "INSERT INTO {} (pipeline, commit_lsn, tx_ordinal, updated_at) VALUES ({}, '{}', {}, now()) \
+             ON CONFLICT (pipeline) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, tx_ordinal = EXCLUDED.tx_ordinal, updated_at = EXCLUDED.updated_at;",
+            self.checkpoint_table,
+            quote_literal(&self.pipeline),
+            last.commit_lsn,
+            last.tx_ordinal
+        );
+    }
+
+    /// Appends the statements for `ops` to `sql`, one per line, grouping consecutive upserts of
+    /// one table and column set (never the same key twice in a statement, which ON CONFLICT
+    /// refuses) and consecutive deletes of one table.
+    fn statements(&self, ops: &[Op], sql: &mut String) -> Result<Vec<Statement>, TargetError> {
+        let mut statements = Vec::new();
+        let mut index = 0;
+        while index < ops.len() {
+            let table = self.table(ops[index].op.table())?;
+            match &ops[index].op {
+                RowOp::Upsert { columns, .. } => {
+                    let names: Vec<&str> = columns.iter().map(|(c, _)| c.as_str()).collect();
+                    let mut keys = HashSet::new();
+                    let mut rows = Vec::new();
+                    while let Some(Op { op: RowOp::Upsert { table: t, columns: c }, .. }) = ops.get(index) {
+                        if t != ops[rows.first().copied().unwrap_or(index)].op.table()
+                            || c.len() != names.len()
+                            || c.iter().zip(&names).any(|((a, _), b)| a != b)
+                            || rows.len() == ROWS_PER_STATEMENT
+                            || !keys.insert(key_values(c, &table.key))
+                        {
+                            break;
+                        }
+                        rows.push(index);
+                        index += 1;
+                    }
+                    let _ = write!(sql, "INSERT INTO {} ({}) VALUES ", table.quoted, names.iter().map(|n| quote_ident(n)).collect::<Vec<_>>().join(", "));
+                    for (n, &row) in rows.iter().enumerate() {
+                        let RowOp::Upsert { columns, .. } = &ops[row].op else { unreachable!() };
+                        sql.push_str(if n == 0 { "(" } else { ", (" });
+                        self.values(table, columns, sql)?;
+                        sql.push(')');
+                    }
+                    let updates: Vec<String> = names.iter().filter(|n| !table.key.iter().any(|k| k == *n)).map(|n| format!("{0} = EXCLUDED.{0}", quote_ident(n))).collect();
+                    let key = table.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
+                    if updates.is_empty() {
+                        let _ = writeln!(sql, " ON CONFLICT ({key}) DO NOTHING;");
+                    } else {
+                        let _ = writeln!(sql, " ON CONFLICT ({key}) DO UPDATE SET {};", updates.join(", "));
+                    }
+                    statements.push(Statement::Upsert);
+                }
+                RowOp::Delete { .. } => {
+                    let _ = write!(sql, "DELETE FROM {} WHERE ({}) IN (", table.quoted, table.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", "));
+                    let mut n = 0;
+                    while let Some(Op { op: RowOp::Delete { table: t, key }, .. }) = ops.get(index) {
+                        if t != ops[index - n].op.table() || n == ROWS_PER_STATEMENT {
+                            break;
+                        }
+                        sql.push_str(if n == 0 { "(" } else { ", (" });
+                        self.values(table, key, sql)?;
+                        sql.push(')');
+                        n += 1;
+                        index += 1;
+                    }
+                    sql.push_str(");\n");
+                    statements.push(Statement::Delete);
+                }
+                RowOp::Update { key, set, .. } => {
+                    if set.is_empty() {
+                        // Only the key was present: nothing changes.
+                        index += 1;
+                        continue;
+                    }
+                    let _ = write!(sql, "UPDATE {} SET ", table.quoted);
+                    for (n, (name, text)) in set.iter().enumerate() {
+                        let _ = write!(sql, "{}{} = ", if n == 0 { "" } else { ", " }, quote_ident(name));
+                        self.value(table, name, text, sql)?;
+                    }
+                    let _ = write!(sql, " WHERE ({}) = (", table.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", "));
+                    self.values(table, key, sql)?;
+                    sql.push_str(");\n");
+                    statements.push(Statement::Update(index));
+                    index += 1;
+                }
+                RowOp::Truncate { .. } => {
+                    let _ = writeln!(sql, "TRUNCATE {};", table.quoted);
+                    statements.push(Statement::Truncate);
+                    index += 1;
+                }
+            }
+        }
+        Ok(statements)
+    }
+
+    fn table(&self, name: &Arc<str>) -> Result<&TargetTable, TargetError> {
+        self.tables.get(name).ok_or_else(|| fatal(format!("target table {name} is not in the catalog read at start")))
+    }
+
+    fn values(&self, table: &TargetTable, columns: &[(String, Text)], sql: &mut String) -> Result<(), TargetError> {
+        for (n, (name, text)) in columns.iter().enumerate() {
+            if n > 0 {
+                sql.push_str(", ");
+            }
+            self.value(table, name, text, sql)?;
+        }
+        Ok(())
+    }
+
+    fn value(&self, table: &TargetTable, column: &str, text: &Text, sql: &mut String) -> Result<(), TargetError> {
+        let sql_type = table.types.get(column).ok_or_else(|| fatal(format!("target table {} has no column {column}", table.quoted)))?;
+        match text {
+            Some(text) => {
+                let _ = write!(sql, "CAST({} AS {sql_type})", quote_literal(text));
+            }
+            None => {
+                let _ = write!(sql, "CAST(NULL AS {sql_type})");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a statement was, to read its row count.
+enum Statement {
+    Upsert,
+    Delete,
+    /// A partial update of the operation at this index.
+    Update(usize),
+    Truncate,
+}
+
+fn key_values(columns: &[(String, Text)], key: &[String]) -> Vec<Text> {
+    key.iter().map(|k| columns.iter().find(|(c, _)| c == k).and_then(|(_, t)| t.clone())).collect()
+}
+
+/// The dead-letter entry's fields for an operation: the target table and the operation, not the
+/// values.
+fn details(line: &mut Vec<u8>, op: &RowOp) {
+    line.extend_from_slice(b",\"target_table\":");
+    crate::json::string(line, op.table());
+    let kind = match op {
+        RowOp::Upsert { .. } => "upsert",
+        RowOp::Update { .. } => "update",
+        RowOp::Delete { .. } => "delete",
+        RowOp::Truncate { .. } => "truncate",
+    };
+    line.extend_from_slice(format!(",\"operation\":\"{kind}\"").as_bytes());
+}
