@@ -15,3 +15,4 @@ mod helm;
 mod kafka;
 mod poll;
 mod backfill;
+mod pg_target;
