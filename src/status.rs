@@ -60,16 +60,19 @@ async fn from_postgres(config: &Config) -> anyhow::Result<Value> {
         }
         (None, None) => (Value::Null, Value::Null),
     };
-    let dead_lettered = match &config.target {
-        TargetConfig::Dynamodb(dynamo) => match &dynamo.dead_letter {
-            Some(path) => match std::fs::read(path) {
-                Ok(bytes) => json!(bytes.iter().filter(|&&b| b == b'\n').count()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => json!(0),
-                Err(e) => return Err(e).with_context(|| format!("cannot read the dead-letter file {} (target.dead_letter)", path.display())),
-            },
-            None => Value::Null,
+    let dead_letter = match &config.target {
+        TargetConfig::Dynamodb(dynamo) => &dynamo.dead_letter,
+        TargetConfig::Kafka(kafka) => &kafka.dead_letter,
+        TargetConfig::Postgres(pg) => &pg.dead_letter,
+        TargetConfig::Jsonl(_) | TargetConfig::Null => &None,
+    };
+    let dead_lettered = match dead_letter {
+        Some(path) => match std::fs::read(path) {
+            Ok(bytes) => json!(bytes.iter().filter(|&&b| b == b'\n').count()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => json!(0),
+            Err(e) => return Err(e).with_context(|| format!("cannot read the dead-letter file {} (target.dead_letter)", path.display())),
         },
-        _ => Value::Null,
+        None => Value::Null,
     };
     Ok(json!({
         "pipeline": config.pipeline.name,

@@ -85,7 +85,7 @@ fn check_rendering(dir: &Path, name: &str, manifests: &str) {
     // The configuration the pod reads passes `sluice validate`.
     let config = dir.join(format!("{name}.json"));
     let mut json: serde_json::Value = serde_json::from_str(&block_under(manifests, "sluice.json: |")).unwrap();
-    if json["target"]["kind"] == "dynamodb" && json["target"]["outbox"].is_null() {
+    if (json["target"]["kind"] == "dynamodb" && json["target"]["outbox"].is_null()) || json["target"]["kind"] == "postgres" {
         assert_eq!(json["target"]["mapping"], "/etc/sluice/mapping.toml");
         let mapping = dir.join(format!("{name}-mapping.toml"));
         std::fs::write(&mapping, block_under(manifests, "mapping.toml: |")).unwrap();
@@ -136,6 +136,21 @@ fn chart_renders_valid_manifests_with_default_and_full_values() {
     let poll = render(dir.path(), Some(poll_values.to_str().unwrap()));
     check_rendering(dir.path(), "poll", &poll);
     assert!(!poll.contains("mapping.toml"), "no mapping without one");
+
+    // A Postgres target with its mapping.
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/postgres/examples/shop_v2.toml")).unwrap();
+    let pg_values = dir.path().join("pg-values.yaml");
+    let mapping: String = example.lines().map(|l| format!("  {l}\n")).collect();
+    std::fs::write(
+        &pg_values,
+        format!("config:\n  target:\n    kind: postgres\n    connection:\n      host: shop-v2-db\n      dbname: shop_v2\nmapping: |\n{mapping}"),
+    )
+    .unwrap();
+    let pg = render(dir.path(), Some(pg_values.to_str().unwrap()));
+    check_rendering(dir.path(), "pg", &pg);
+    assert!(pg.contains("v2.customers"), "the mapping is in the ConfigMap");
+    let out = helm(dir.path(), &["template", "release", CHART, "--set", "config.target.kind=postgres"]);
+    assert!(!out.status.success() && text(&out).contains("Postgres mapping"), "{}", text(&out));
 }
 
 #[test]

@@ -40,7 +40,8 @@ pub struct BenchArgs {
     /// `null`: the stream against pg_recvlogical. `kafka`: outbox events (the rows, routed by
     /// the outbox event router) produced to `--kafka-brokers`, against pg_recvlogical draining
     /// the same WAL. `dynamodb`: the DynamoDB target against a plain client's BatchWriteItem
-    /// into the same server (`--dynamodb-endpoint`).
+    /// into the same server (`--dynamodb-endpoint`). `postgres`: the Postgres target writing
+    /// the rows into a second database of the same cluster, against pg_recvlogical.
     #[arg(long, value_enum, default_value_t = BenchTarget::Null)]
     pub target: BenchTarget,
     /// The Kafka brokers for `--target kafka` (the topic `outbox.event.Order` is created).
@@ -87,6 +88,7 @@ pub enum BenchTarget {
     Null,
     Kafka,
     Dynamodb,
+    Postgres,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -109,7 +111,7 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
         return backfill::run(args).await;
     }
     match args.target {
-        BenchTarget::Null => tokio::task::spawn_blocking(move || run_blocking(&args)).await?,
+        BenchTarget::Null | BenchTarget::Postgres => tokio::task::spawn_blocking(move || run_blocking(&args)).await?,
         BenchTarget::Kafka => {
             let brokers = args.kafka_brokers.clone().ok_or("--target kafka needs --kafka-brokers")?;
             sluice_kafka::create_topics(&brokers, &[(KAFKA_TOPIC, 4)]).await?;
@@ -294,7 +296,11 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
     };
     println!(
         "sluice bench --target {}{}: {} rows per run, {} runs, proto_version {}{}{}",
-        if args.target == BenchTarget::Kafka { "kafka (outbox events)" } else { "null" },
+        match args.target {
+            BenchTarget::Kafka => "kafka (outbox events)",
+            BenchTarget::Postgres => "postgres (a second database, same cluster)",
+            _ => "null",
+        },
         if poll { format!(", polling source (batch size {})", args.poll_batch_size) } else { String::new() },
         args.rows,
         args.runs,
@@ -378,6 +384,12 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
     // Flush WAL and dirty pages now, so that neither consumer pays for it.
     pg.psql(&db, "CHECKPOINT")?;
     let total_rows = rows as f64 + 1.0;
+    // The Postgres target writes into a database of its own, emptied for each run.
+    let target_db = format!("{db}_target");
+    if args.target == BenchTarget::Postgres {
+        pg.create_database(&target_db)?;
+        pg.psql(&target_db, "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL)")?;
+    }
 
     let baseline = || -> BenchResult<f64> {
         let mut cmd = pg.client_command("pg_recvlogical");
@@ -426,6 +438,15 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
                     Some(brokers) if kafka => format!(
                         "[target]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ncompression = \"none\"\n[target.outbox]\ntable = \"public.bench\"\n"
                     ),
+                    _ if args.target == BenchTarget::Postgres => {
+                        let mapping = dir.path().join("mapping.toml");
+                        std::fs::write(&mapping, "[[tables]]\nsource = \"public.bench\"\ntarget = \"public.bench\"\n")?;
+                        format!(
+                            "[target]\nkind = \"postgres\"\nmapping = \"{}\"\n[target.connection]\nport = {}\ndbname = \"{target_db}\"\nuser = \"postgres\"\n",
+                            mapping.display(),
+                            pg.port
+                        )
+                    }
                     _ => "[target]\nkind = \"null\"\n".to_owned(),
                 }
             ),
@@ -483,6 +504,13 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
         pg.psql(&db, &format!("SELECT pg_drop_replication_slot('{slot}')"))?;
     }
     pg.psql("postgres", &format!("DROP DATABASE \"{db}\" WITH (FORCE)"))?;
+    if args.target == BenchTarget::Postgres {
+        let applied: f64 = pg.psql(&target_db, "SELECT count(*) FROM bench")?.parse()?;
+        if applied < rows as f64 {
+            return Err(format!("the target holds {applied} rows, not {rows}").into());
+        }
+        pg.psql("postgres", &format!("DROP DATABASE \"{target_db}\" WITH (FORCE)"))?;
+    }
     Ok(Sample { baseline_rows_per_s, sluice_rows_per_s, peak_rss_kib, sluice_cpu_s })
 }
 

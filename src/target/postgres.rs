@@ -48,8 +48,11 @@ const TARGET: &str = "postgres";
 const ROWS_PER_STATEMENT: usize = 500;
 
 pub struct PgTarget {
-    jobs: mpsc::Sender<(Arc<EventBatch>, oneshot::Sender<Result<(), TargetError>>)>,
+    jobs: mpsc::Sender<Job>,
 }
+
+/// A batch to apply and where its outcome goes.
+type Job = (Arc<EventBatch>, oneshot::Sender<Result<(), TargetError>>);
 
 /// A target table as the catalog describes it.
 struct TargetTable {
@@ -171,7 +174,7 @@ impl PgTarget {
         };
         applier.applied = applier.read_checkpoint().await.map_err(|e| sql_error("cannot read the checkpoint", e))?;
         tracing::info!(pipeline, commit_lsn = %applier.applied.commit_lsn, ordinal = applier.applied.tx_ordinal, "postgres target checkpoint");
-        let (jobs, mut rx) = mpsc::channel::<(Arc<EventBatch>, oneshot::Sender<Result<(), TargetError>>)>(4);
+        let (jobs, mut rx) = mpsc::channel::<Job>(4);
         tokio::spawn(async move {
             while let Some((batch, done)) = rx.recv().await {
                 let result = applier.apply_batch(&batch).await;

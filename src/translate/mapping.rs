@@ -235,16 +235,11 @@ pub fn parse_template(template: &str) -> Result<Vec<Segment>, String> {
 
 impl Mapping {
     pub fn load(path: &Path) -> Result<Mapping, Vec<Problem>> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| vec![Problem::new("", "mapping", format!("cannot read {}: {e}", path.display()))])?;
-        Mapping::parse(&text)
+        Mapping::parse(&read(path)?)
     }
 
     pub fn parse(text: &str) -> Result<Mapping, Vec<Problem>> {
-        let value: toml::Value = toml::from_str(text).map_err(|e| vec![Problem::new("", "mapping", e.message().to_owned())])?;
-        let mapping: Mapping = serde_path_to_error::deserialize(value).map_err(|e| {
-            vec![Problem { key: format!("mapping.{}", e.path()), message: e.into_inner().message().to_owned() }]
-        })?;
+        let mapping: Mapping = parse_toml(text)?;
         let problems = mapping.validate();
         if problems.is_empty() {
             Ok(mapping)
@@ -299,17 +294,33 @@ impl Mapping {
                     problems.push(Problem::new(&prefix, &format!("constants.{name}"), "collides with a key, version or tombstone attribute"));
                 }
             }
-            for (j, predicate) in table.filter.iter().enumerate() {
-                let needs_value = !matches!(predicate.op, PredicateOp::IsNull | PredicateOp::NotNull | PredicateOp::In | PredicateOp::NotIn);
-                if needs_value && predicate.value.is_none() {
-                    problems.push(Problem::new(&prefix, &format!("filter[{j}].value"), "this operator needs a value"));
-                }
-                if matches!(predicate.op, PredicateOp::In | PredicateOp::NotIn) && predicate.values.is_empty() {
-                    problems.push(Problem::new(&prefix, &format!("filter[{j}].values"), "in / not_in need a list of values"));
-                }
-            }
+            filter_problems(&prefix, &table.filter, &mut problems);
         }
         problems
+    }
+}
+
+/// A mapping file's text; the error names the file.
+pub fn read(path: &Path) -> Result<String, Vec<Problem>> {
+    std::fs::read_to_string(path).map_err(|e| vec![Problem::new("", "mapping", format!("cannot read {}: {e}", path.display()))])
+}
+
+/// A mapping document, with errors named by their dotted key under `mapping`.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Vec<Problem>> {
+    let value: toml::Value = toml::from_str(text).map_err(|e| vec![Problem::new("", "mapping", e.message().to_owned())])?;
+    serde_path_to_error::deserialize(value).map_err(|e| vec![Problem { key: format!("mapping.{}", e.path()), message: e.into_inner().message().to_owned() }])
+}
+
+/// Problems of a table mapping's filter: operators without the value they compare with.
+pub fn filter_problems(prefix: &str, filter: &[Predicate], problems: &mut Vec<Problem>) {
+    for (j, predicate) in filter.iter().enumerate() {
+        let needs_value = !matches!(predicate.op, PredicateOp::IsNull | PredicateOp::NotNull | PredicateOp::In | PredicateOp::NotIn);
+        if needs_value && predicate.value.is_none() {
+            problems.push(Problem::new(prefix, &format!("filter[{j}].value"), "this operator needs a value"));
+        }
+        if matches!(predicate.op, PredicateOp::In | PredicateOp::NotIn) && predicate.values.is_empty() {
+            problems.push(Problem::new(prefix, &format!("filter[{j}].values"), "in / not_in need a list of values"));
+        }
     }
 }
 
@@ -377,8 +388,11 @@ mod tests {
     }
 
     fn schema_errors(toml_text: &str) -> Vec<String> {
-        let schema: serde_json::Value =
-            serde_json::from_str(include_str!("../../schemas/mapping.schema.json")).expect("the schema is JSON");
+        schema_errors_for(include_str!("../../schemas/mapping.schema.json"), toml_text)
+    }
+
+    fn schema_errors_for(schema_text: &str, toml_text: &str) -> Vec<String> {
+        let schema: serde_json::Value = serde_json::from_str(schema_text).expect("the schema is JSON");
         let document: serde_json::Value = serde_json::to_value(toml::from_str::<toml::Value>(toml_text).unwrap()).unwrap();
         let mut errors = Vec::new();
         conforms(&schema, &schema, &document, "mapping", &mut errors);
@@ -392,6 +406,23 @@ mod tests {
             let text = std::fs::read_to_string(&path).unwrap();
             assert_eq!(schema_errors(&text), Vec::<String>::new(), "{}", path.display());
             Mapping::parse(&text).unwrap_or_else(|p| panic!("{}: {p:?}", path.display()));
+        }
+    }
+
+    #[test]
+    fn postgres_examples_conform_to_their_schema_and_parse() {
+        let schema = include_str!("../../schemas/postgres/mapping.schema.json");
+        for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/postgres/examples")).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert_eq!(schema_errors_for(schema, &text), Vec::<String>::new(), "{}", path.display());
+            crate::translate::postgres::PgMapping::parse(&text).unwrap_or_else(|p| panic!("{}: {p:?}", path.display()));
+            for (from, to) in [("drop = ", "dorp = "), ("op = \"ne\"", "op = \"neq\""), ("on_truncate = \"truncate\"", "on_truncate = \"mirror\"")] {
+                let broken = text.replacen(from, to, 1);
+                assert_ne!(broken, text);
+                assert!(!schema_errors_for(schema, &broken).is_empty(), "schema accepts {to}");
+                assert!(crate::translate::postgres::PgMapping::parse(&broken).is_err(), "parser accepts {to}");
+            }
         }
     }
 

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use sluice_postgres::Problem;
 
 use super::dynamodb::{passes_filter, TranslateError};
-use super::mapping::{Constant, Predicate, PredicateOp};
+use super::mapping::{filter_problems, parse_toml, read, Constant, Predicate};
 use crate::event::{ChangeEvent, NewRow, Position, Relation, Value};
 
 /// The mapping of a Postgres target.
@@ -67,14 +67,11 @@ pub struct PgTableMapping {
 
 impl PgMapping {
     pub fn load(path: &Path) -> Result<PgMapping, Vec<Problem>> {
-        let text = std::fs::read_to_string(path).map_err(|e| vec![Problem::new("", "mapping", format!("cannot read {}: {e}", path.display()))])?;
-        PgMapping::parse(&text)
+        PgMapping::parse(&read(path)?)
     }
 
     pub fn parse(text: &str) -> Result<PgMapping, Vec<Problem>> {
-        let value: toml::Value = toml::from_str(text).map_err(|e| vec![Problem::new("", "mapping", e.message().to_owned())])?;
-        let mapping: PgMapping = serde_path_to_error::deserialize(value)
-            .map_err(|e| vec![Problem { key: format!("mapping.{}", e.path()), message: e.into_inner().message().to_owned() }])?;
+        let mapping: PgMapping = parse_toml(text)?;
         let problems = mapping.validate();
         if problems.is_empty() {
             Ok(mapping)
@@ -111,15 +108,7 @@ impl PgMapping {
                     problems.push(Problem::new(&prefix, &format!("constants.{name}"), "collides with a renamed column"));
                 }
             }
-            for (j, predicate) in table.filter.iter().enumerate() {
-                let needs_value = !matches!(predicate.op, PredicateOp::IsNull | PredicateOp::NotNull | PredicateOp::In | PredicateOp::NotIn);
-                if needs_value && predicate.value.is_none() {
-                    problems.push(Problem::new(&prefix, &format!("filter[{j}].value"), "this operator needs a value"));
-                }
-                if matches!(predicate.op, PredicateOp::In | PredicateOp::NotIn) && predicate.values.is_empty() {
-                    problems.push(Problem::new(&prefix, &format!("filter[{j}].values"), "in / not_in need a list of values"));
-                }
-            }
+            filter_problems(&prefix, &table.filter, &mut problems);
         }
         problems
     }

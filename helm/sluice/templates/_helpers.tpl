@@ -40,7 +40,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $replication := mergeOverwrite $config.source.replication (dict "spill_dir" "/var/lib/sluice/spill") -}}
 {{- $_ := set $config.source "replication" $replication -}}
 {{- end -}}
-{{- if and (eq $config.target.kind "dynamodb") .Values.mapping -}}
+{{- if and (has $config.target.kind (list "dynamodb" "postgres")) .Values.mapping -}}
 {{- $_ := set $config.target "mapping" "/etc/sluice/mapping.toml" -}}
 {{- end -}}
 {{- toPrettyJson $config -}}
