@@ -198,6 +198,18 @@ async fn a_row_the_target_refuses_is_dead_lettered_without_its_values_and_the_re
     // The position moved past it: a restart does not apply or dead-letter it again.
     run_to_now(&db, &config);
     assert_eq!(std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap().lines().count(), 1);
+
+    // A row that comes back into the filter while its TOASTed bio stays unchanged cannot be
+    // written whole: that update is dead-lettered with the way to repair it.
+    db.sql("INSERT INTO customers (id, email, bio) VALUES (6, 'f', repeat('t', 9000))");
+    db.sql("UPDATE customers SET status = 'deleted' WHERE id = 6");
+    db.sql("UPDATE customers SET status = 'active' WHERE id = 6");
+    run_to_now(&db, &config);
+    let dead = std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(dead.lines().last().unwrap()).unwrap();
+    assert_eq!(dead.lines().count(), 2, "{dead}");
+    assert!(last["reason"].as_str().unwrap().contains("backfill the table") && last["operation"] == "update", "{last}");
+    assert_eq!(target.sql("SELECT count(*) FROM v2.customers WHERE customer_id = 6"), "0");
 }
 
 #[test]
