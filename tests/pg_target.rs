@@ -224,3 +224,79 @@ fn a_mapped_column_the_target_lacks_is_named_at_start() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("target table v2.customers has no column origin"), "{stderr}");
 }
+
+/// `sluice verify --json` through the binary: the report, with the exit code checked against it.
+async fn verify(config: &Path) -> serde_json::Value {
+    let mut command = sluice();
+    command.args(["verify", "--json", "-c", config.to_str().unwrap()]);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&out.stderr)));
+    let differences: u64 = report["tables"].as_array().unwrap().iter().map(|t| t["missing"].as_u64().unwrap() + t["different"].as_u64().unwrap() + t["extra"].as_u64().unwrap()).sum();
+    assert_eq!(out.status.code(), Some(if differences == 0 { 0 } else { 3 }), "exit code follows the differences: {report:#}");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_drift_in_a_postgres_target_exactly_and_reconcile_repairs_it() {
+    let db = TestDb::new();
+    db.sql(SOURCE_SCHEMA);
+    db.sql(
+        "INSERT INTO customers (id, email, status, balance, tags, prefs, bio)
+           SELECT i, 'c' || i || '@x', CASE WHEN i % 10 = 0 THEN 'deleted' ELSE 'active' END, i, ARRAY['t' || i], jsonb_build_object('b', i, 'a', 1), repeat('x', i)
+           FROM generate_series(1, 300) i;
+         INSERT INTO orders SELECT i % 30, i, i FROM generate_series(1, 500) i;",
+    );
+    let target = target_db(&db);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&db, &target, dir.path(), "pgv", "[backfill]\ninitial = true\n");
+    let config = {
+        // `[backfill]` must not sit inside `[target]`: move it to the end.
+        let text = std::fs::read_to_string(&config).unwrap().replace("[backfill]\ninitial = true\n", "");
+        std::fs::write(&config, format!("{text}\n[backfill]\ninitial = true\n")).unwrap();
+        config
+    };
+    let _logs = LogsOnPanic(vec![dir.path().join("sluice.log")]);
+    let mut child = start(&config, &dir.path().join("sluice.log"));
+    db.wait_slot_active(&db.slot_name("pgv")).await;
+    wait_for("the initial backfill of both tables", Duration::from_secs(60), || async {
+        db.sql("SELECT to_regclass('sluice_backfill') IS NOT NULL") == "t" && db.sql("SELECT count(*) FROM sluice_backfill WHERE state = 'done'") == "2"
+    })
+    .await;
+    wait_for("every customer in the target", Duration::from_secs(60), || async { target.sql("SELECT count(*) FROM v2.customers") == "270" }).await;
+    let report = verify(&config).await;
+    assert_eq!(report["tables"][0]["matched"], 270, "{report:#}");
+
+    // Drift behind sluice's back: a row deleted, one changed, one added that no source row makes.
+    target.sql(
+        "DELETE FROM v2.customers WHERE customer_id = 7;
+         UPDATE v2.customers SET email_address = 'changed@elsewhere', prefs = '{\"a\": 2}' WHERE customer_id = 8;
+         INSERT INTO v2.customers (customer_id, status, origin) VALUES (999999, 'active', 'stray');
+         DELETE FROM v2.orders WHERE customer_id = 3 AND id = 3;",
+    );
+    let report = verify(&config).await;
+    let customers = report["tables"].as_array().unwrap().iter().find(|t| t["table"] == "public.customers").unwrap();
+    assert_eq!((customers["missing"].as_u64(), customers["different"].as_u64(), customers["extra"].as_u64()), (Some(1), Some(1), Some(1)), "{report:#}");
+    assert_eq!(customers["missing_keys"][0]["id"], "7");
+    assert_eq!(customers["different_keys"][0]["key"]["id"], "8");
+    let columns: Vec<&str> = customers["different_keys"][0]["attributes"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert_eq!(columns, ["email_address", "prefs"]);
+    assert!(customers["different_keys"][0].get("values").is_none(), "values only when asked for");
+    assert_eq!(customers["extra_keys"][0]["source_key"]["id"], "999999");
+    let orders = report["tables"].as_array().unwrap().iter().find(|t| t["table"] == "public.orders").unwrap();
+    assert_eq!(orders["missing_keys"][0], serde_json::json!({ "customer_id": "3", "id": "3" }), "{report:#}");
+
+    let mut command = sluice();
+    command.args(["reconcile", "-c", config.to_str().unwrap()]);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("3 keys of public.customers") && text.contains("1 keys of public.orders"), "{text}");
+    assert_eq!(target.sql("SELECT email_address FROM v2.customers WHERE customer_id IN (7, 8) ORDER BY 1"), "c7@x\nc8@x");
+    assert_eq!(target.sql("SELECT count(*) FROM v2.customers WHERE customer_id = 999999"), "0", "the stray row is deleted");
+    let report = verify(&config).await;
+    assert_eq!(report["tables"][0]["matched"], 270, "{report:#}");
+    std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(child.wait().unwrap().success());
+}

@@ -5,7 +5,7 @@ pub mod dynamodb;
 mod jsonl;
 mod kafka;
 mod null;
-mod postgres;
+pub(crate) mod postgres;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -55,11 +55,48 @@ pub struct PgTarget {
 type Job = (Arc<EventBatch>, oneshot::Sender<Result<(), TargetError>>);
 
 /// A target table as the catalog describes it.
-struct TargetTable {
-    quoted: String,
+pub(crate) struct TargetTable {
+    pub quoted: String,
     /// Column → SQL type, for casts.
-    types: HashMap<String, String>,
-    key: Vec<String>,
+    pub types: HashMap<String, String>,
+    /// The primary key's columns, in key order.
+    pub key: Vec<String>,
+    pub table: sluice_postgres::catalog::Table,
+}
+
+/// Reads every target table of `mapping` from the target catalog, and checks that each has a
+/// primary key and every column the mapping names.
+pub(crate) async fn target_tables(client: &tokio_postgres::Client, mapping: &PgMapping) -> Result<HashMap<Arc<str>, TargetTable>, TargetError> {
+    let mut tables: HashMap<Arc<str>, TargetTable> = HashMap::new();
+    for (i, table) in mapping.tables.iter().enumerate() {
+        if tables.contains_key(table.target.as_str()) {
+            continue;
+        }
+        let found = required_table(client, &table.target, &format!("target.mapping tables[{i}].target"))
+            .await
+            .map_err(|e| TargetError { target: TARGET, kind: ErrorKind::Fatal, message: "cannot read the target table".into(), source: Some(Box::new(e)) })?;
+        if found.primary_key.is_empty() {
+            return Err(fatal(format!("target table {} has no primary key: rows are upserted and deleted by it", table.target)));
+        }
+        let columns = &found.relation.columns;
+        let key: Vec<String> = found.primary_key.iter().map(|&i| columns[i].name.clone()).collect();
+        let types = columns.iter().zip(&found.sql_types).map(|(c, t)| (c.name.clone(), t.clone())).collect();
+        tables.insert(Arc::from(table.target.as_str()), TargetTable { quoted: found.quoted_name(), types, key, table: found });
+    }
+    for table in &mapping.tables {
+        let target = &tables[table.target.as_str()];
+        for name in table.rename.values().chain(table.constants.keys()) {
+            if !target.types.contains_key(name) {
+                return Err(fatal(format!("target table {} has no column {name} (mapped from {})", table.target, table.source)));
+            }
+        }
+    }
+    Ok(tables)
+}
+
+/// Each target table's primary key columns, for the translator.
+pub(crate) fn target_keys(tables: &HashMap<Arc<str>, TargetTable>) -> HashMap<String, Vec<String>> {
+    tables.iter().map(|(name, t)| (name.to_string(), t.key.clone())).collect()
 }
 
 /// An operation with where it came from, for the checkpoint and dead-letter entries.
@@ -124,32 +161,7 @@ impl PgTarget {
         let client = sluice_postgres::connect_sql(&config.connection)
             .await
             .map_err(|e| TargetError { target: TARGET, kind: ErrorKind::Fatal, message: "cannot connect to the target database (target.connection)".into(), source: Some(Box::new(e)) })?;
-        let mut tables = HashMap::new();
-        let mut keys = HashMap::new();
-        for (i, table) in mapping.tables.iter().enumerate() {
-            if tables.contains_key(table.target.as_str()) {
-                continue;
-            }
-            let found = required_table(&client, &table.target, &format!("target.mapping tables[{i}].target"))
-                .await
-                .map_err(|e| TargetError { target: TARGET, kind: ErrorKind::Fatal, message: "cannot read the target table".into(), source: Some(Box::new(e)) })?;
-            if found.primary_key.is_empty() {
-                return Err(fatal(format!("target table {} has no primary key: rows are upserted and deleted by it", table.target)));
-            }
-            let columns = &found.relation.columns;
-            let key: Vec<String> = found.primary_key.iter().map(|&i| columns[i].name.clone()).collect();
-            let types = columns.iter().zip(&found.sql_types).map(|(c, t)| (c.name.clone(), t.clone())).collect();
-            keys.insert(table.target.clone(), key.clone());
-            tables.insert(Arc::from(table.target.as_str()), TargetTable { quoted: found.quoted_name(), types, key });
-        }
-        for table in &mapping.tables {
-            let target = &tables[table.target.as_str()];
-            for name in table.rename.values().chain(table.constants.keys()) {
-                if !target.types.contains_key(name) {
-                    return Err(fatal(format!("target table {} has no column {name} (mapped from {})", table.target, table.source)));
-                }
-            }
-        }
+        let tables = target_tables(&client, &mapping).await?;
         let checkpoint_table = {
             let (schema, name) = sluice_postgres::catalog::split_table(&config.checkpoint_table).ok_or_else(|| fatal("target.checkpoint_table must be schema.table"))?;
             format!("{}.{}", quote_ident(schema), quote_ident(name))
@@ -163,7 +175,7 @@ impl PgTarget {
         let mut applier = Applier {
             connection: config.connection.clone(),
             client: Some(client),
-            translator: PgTranslator::new(&mapping, &keys),
+            translator: PgTranslator::new(&mapping, &target_keys(&tables)),
             tables,
             checkpoint_table,
             pipeline: pipeline.to_owned(),
@@ -471,7 +483,14 @@ impl Applier {
     }
 
     fn value(&self, table: &TargetTable, column: &str, text: &Text, sql: &mut String) -> Result<(), TargetError> {
-        let sql_type = table.types.get(column).ok_or_else(|| fatal(format!("target table {} has no column {column}", table.quoted)))?;
+        table.value(column, text, sql)
+    }
+}
+
+impl TargetTable {
+    /// Appends a value for `column` as a literal cast to the column's type.
+    pub(crate) fn value(&self, column: &str, text: &Text, sql: &mut String) -> Result<(), TargetError> {
+        let sql_type = self.types.get(column).ok_or_else(|| fatal(format!("target table {} has no column {column}", self.quoted)))?;
         match text {
             Some(text) => {
                 let _ = write!(sql, "CAST({} AS {sql_type})", quote_literal(text));

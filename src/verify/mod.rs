@@ -1,5 +1,6 @@
-//! `sluice verify` and `sluice reconcile`: is the DynamoDB target equal to the source, key by
-//! key, through the mapping — and if not, re-drive exactly the keys that differ.
+//! `sluice verify` and `sluice reconcile`: is the target (DynamoDB, or Postgres: see
+//! `postgres.rs`) equal to the source, key by key, through the mapping — and if not, re-drive
+//! exactly the keys that differ.
 //!
 //! Verify reads each mapped table in primary-key chunks inside one consistent snapshot
 //! (a read-only REPEATABLE READ transaction), translates every row as the stream would (the
@@ -34,6 +35,8 @@ use crate::config::{Config, TargetConfig};
 use crate::event::{ChangeEvent, Lsn, Position, Value};
 use crate::translate::dynamodb::{DynamoTranslator, TranslateError};
 use crate::translate::mapping::{parse_template, Mapping, Segment, TableMapping};
+
+mod postgres;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct VerifyArgs {
@@ -133,40 +136,92 @@ enum Finding {
 
 struct Verifier {
     config: Config,
+    sql: tokio_postgres::Client,
+    /// The mapped source tables.
+    tables: HashMap<String, Table>,
+    /// (source table, target table) of every table mapping, in mapping order.
+    pairs: Vec<(String, String)>,
+    side: Side,
+}
+
+/// The target side of a comparison.
+enum Side {
+    Dynamo(DynamoSide),
+    Postgres(postgres::PgSide),
+}
+
+struct DynamoSide {
     mapping: Mapping,
     translator: DynamoTranslator,
     client: DynamoClient,
-    sql: tokio_postgres::Client,
-    tables: HashMap<String, Table>,
 }
 
 impl Verifier {
     async fn open(config: &Config) -> anyhow::Result<Self> {
-        let TargetConfig::Dynamodb(dynamo) = &config.target else {
-            anyhow::bail!("verify compares a DynamoDB target with its source; target.kind is not dynamodb");
+        let (side, pairs): (Side, Vec<(String, String)>) = match &config.target {
+            TargetConfig::Dynamodb(dynamo) => {
+                let Some(path) = &dynamo.mapping else { anyhow::bail!("verify needs target.mapping: an outbox event log has no row-for-item mapping") };
+                let mapping = Mapping::load(path).map_err(|p| anyhow::anyhow!("{}", p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))?;
+                let client = DynamoClient::connect(&crate::target::dynamodb::client_options(dynamo)).await;
+                let pairs = mapping.tables.iter().map(|t| (t.source.clone(), t.target.clone())).collect();
+                (Side::Dynamo(DynamoSide { translator: DynamoTranslator::new(&mapping), mapping, client }), pairs)
+            }
+            TargetConfig::Postgres(pg) => {
+                let side = postgres::PgSide::open(pg).await?;
+                let pairs = side.pairs();
+                (Side::Postgres(side), pairs)
+            }
+            _ => anyhow::bail!("verify compares a DynamoDB or Postgres target with its source; target.kind is neither"),
         };
-        let Some(path) = &dynamo.mapping else { anyhow::bail!("verify needs target.mapping: an outbox event log has no row-for-item mapping") };
-        let mapping = Mapping::load(path).map_err(|p| anyhow::anyhow!("{}", p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))?;
-        let client = DynamoClient::connect(&crate::target::dynamodb::client_options(dynamo)).await;
         let sql = sluice_postgres::connect_sql(&config.source.connection).await.context("cannot connect to the source database")?;
         let mut tables = HashMap::new();
-        for table in &mapping.tables {
-            let found = sluice_postgres::catalog::required_table(&sql, &table.source, "mapping source").await?;
+        for (source, _) in &pairs {
+            let found = sluice_postgres::catalog::required_table(&sql, source, "mapping source").await?;
             if found.primary_key.is_empty() {
-                anyhow::bail!("table {} has no primary key; verify reads in primary-key order", table.source);
+                anyhow::bail!("table {source} has no primary key; verify reads in primary-key order");
             }
-            tables.insert(table.source.clone(), found);
+            tables.insert(source.clone(), found);
         }
-        Ok(Verifier { config: config.clone(), translator: DynamoTranslator::new(&mapping), mapping, client, sql, tables })
+        Ok(Verifier { config: config.clone(), sql, tables, pairs, side })
     }
 
-    fn selected(&self, names: &[String]) -> anyhow::Result<Vec<TableMapping>> {
+    fn selected(&self, names: &[String]) -> anyhow::Result<Vec<(String, String)>> {
         for name in names {
-            if !self.mapping.tables.iter().any(|t| &t.source == name) {
+            if !self.pairs.iter().any(|(source, _)| source == name) {
                 anyhow::bail!("table {name} is not in the mapping");
             }
         }
-        Ok(self.mapping.tables.iter().filter(|t| names.is_empty() || names.contains(&t.source)).cloned().collect())
+        Ok(self.pairs.iter().filter(|(source, _)| names.is_empty() || names.contains(source)).cloned().collect())
+    }
+
+    /// Compares rows of `source` with what `target` holds for them; returns each row's key, the
+    /// digest of the target key it must have (none when filtered out or untranslatable), and
+    /// the finding.
+    async fn check_rows(&self, source: &str, target: &str, rows: Vec<Vec<Value>>) -> anyhow::Result<Vec<(SourceKey, Option<u128>, Finding)>> {
+        let table = &self.tables[source];
+        match &self.side {
+            Side::Dynamo(side) => side.check_rows(target, table, rows).await,
+            Side::Postgres(side) => side.check_rows(target, table, rows).await,
+        }
+    }
+
+    /// Rows of `table` with these keys, in a fresh snapshot.
+    async fn rows_by_key(&self, table: &Table, keys: &[SourceKey]) -> anyhow::Result<Vec<Vec<Value>>> {
+        let names: Vec<&String> = table.primary_key.iter().map(|&i| &table.relation.columns[i].name).collect();
+        let lists: Vec<Vec<String>> = keys.iter().map(|k| names.iter().map(|n| k.get(*n).cloned().unwrap_or_default()).collect()).collect();
+        let mut rows = Vec::new();
+        for group in lists.chunks(1000) {
+            for row in self.sql.query(&table.keys_query(&table.select_list(true), group), &[]).await? {
+                rows.push(decode_row(table, &row)?);
+            }
+        }
+        Ok(rows)
+    }
+}
+
+impl DynamoSide {
+    fn mapping(&self, source: &str) -> &TableMapping {
+        self.mapping.tables.iter().find(|m| m.source == source).expect("mapped")
     }
 
     /// The item a row must be (key and attributes), or why there is none.
@@ -183,15 +238,14 @@ impl Verifier {
         }))
     }
 
-    /// Compares rows with their items; returns each row's key and finding.
-    async fn check_rows(&self, mapping: &TableMapping, table: &Table, rows: Vec<Vec<Value>>) -> anyhow::Result<Vec<(SourceKey, Option<Item>, Finding)>> {
+    async fn check_rows(&self, target: &str, table: &Table, rows: Vec<Vec<Value>>) -> anyhow::Result<Vec<(SourceKey, Option<u128>, Finding)>> {
         let mut expected = Vec::with_capacity(rows.len());
         for row in rows {
             let key = source_key(table, &row);
             expected.push((key, self.expected(table, row)));
         }
         let keys: Vec<Item> = expected.iter().filter_map(|(_, e)| e.as_ref().ok().and_then(|x| x.as_ref()).map(|(k, _)| k.clone())).collect();
-        let stored = self.client.get_items(&mapping.target, &keys).await.with_context(|| format!("cannot read items of DynamoDB table {}", mapping.target))?;
+        let stored = self.client.get_items(target, &keys).await.with_context(|| format!("cannot read items of DynamoDB table {target}"))?;
         let mut stored = stored.into_iter();
         let mut out = Vec::with_capacity(expected.len());
         for (key, expectation) in expected {
@@ -202,14 +256,14 @@ impl Verifier {
                     let item = stored.next().flatten();
                     let finding = match &item {
                         None => Finding::Missing,
-                        Some(item) if item.get(&self.mapping.tombstones.marker_attribute) == Some(&Attr::Bool(true)) => Finding::Missing,
+                        Some(item) if self.is_tombstone(item) => Finding::Missing,
                         Some(item) => {
                             let mut want = attributes;
                             want.extend(item_key.clone());
                             compare(&want, item, &self.mapping.version_attribute)
                         }
                     };
-                    (Some(item_key), finding)
+                    (Some(key_digest(&item_key)), finding)
                 }
             };
             out.push((key, finding.0, finding.1));
@@ -217,17 +271,66 @@ impl Verifier {
         Ok(out)
     }
 
-    /// Rows of `table` with these keys, in a fresh snapshot.
-    async fn rows_by_key(&self, table: &Table, keys: &[SourceKey]) -> anyhow::Result<Vec<Vec<Value>>> {
-        let names: Vec<&String> = table.primary_key.iter().map(|&i| &table.relation.columns[i].name).collect();
-        let lists: Vec<Vec<String>> = keys.iter().map(|k| names.iter().map(|n| k.get(*n).cloned().unwrap_or_default()).collect()).collect();
-        let mut rows = Vec::new();
-        for group in lists.chunks(1000) {
-            for row in self.sql.query(&table.keys_query(&table.select_list(true), group), &[]).await? {
-                rows.push(decode_row(table, &row)?);
+    fn is_tombstone(&self, item: &Item) -> bool {
+        item.get(&self.mapping.tombstones.marker_attribute) == Some(&Attr::Bool(true))
+    }
+
+    /// Live items of `target` that no verified row produced (`expected` holds their digests),
+    /// each with the source table it is reported under.
+    async fn extras(&self, target: &str, sources: &[String], expected: &HashSet<u128>, tables: &HashMap<String, Table>) -> anyhow::Result<Vec<(String, Extra)>> {
+        let mappings: Vec<&TableMapping> = sources.iter().map(|s| self.mapping(s)).collect();
+        let key_names = key_attributes(&mappings);
+        let mut extras = Vec::new();
+        // Page by page: memory holds one page, plus the expected keys.
+        let mut cursor = Some(sluice_dynamodb::ScanCursor::default());
+        while let Some(start) = cursor.take() {
+            let (items, next) = self.client.scan_page(target, start).await.with_context(|| format!("cannot scan DynamoDB table {target}"))?;
+            cursor = next;
+            for item in items {
+                if self.is_tombstone(&item) {
+                    continue;
+                }
+                let key: Item = key_names.iter().filter_map(|n| item.get(n).map(|a| (n.clone(), a.clone()))).collect();
+                if expected.contains(&key_digest(&key)) {
+                    continue;
+                }
+                // The source table whose templates fit the key, and the source key.
+                let owner = mappings.iter().find_map(|m| source_key_of(m, &tables[&m.source], &item).map(|k| (m.source.clone(), k)));
+                let report_table = owner.as_ref().map(|(t, _)| t.clone()).unwrap_or_else(|| sources[0].clone());
+                extras.push((report_table, Extra { item_key: key.iter().map(|(k, v)| (k.clone(), attr_text(v))).collect(), source_key: owner.map(|(_, k)| k) }));
             }
         }
-        Ok(rows)
+        Ok(extras)
+    }
+
+    /// For a wrong key whose row is gone: the item's key when a live item is still there.
+    async fn left_behind(&self, target: &str, table: &Table, key: &SourceKey) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+        let texts: Vec<String> = table.primary_key.iter().map(|&i| key.get(&table.relation.columns[i].name).cloned().unwrap_or_default()).collect();
+        let mut row = vec![Value::Null; table.relation.columns.len()];
+        for (&i, value) in table.primary_key.iter().zip(table.decode_key(&texts).unwrap_or_default()) {
+            row[i] = value;
+        }
+        let Some(item_key) = self.translator.key_for(&table.relation, &row) else { return Ok(None) };
+        let item = self.client.get_items(target, std::slice::from_ref(&item_key)).await?.pop().flatten();
+        Ok(item.filter(|i| !self.is_tombstone(i)).map(|_| item_key.iter().map(|(k, v)| (k.clone(), attr_text(v))).collect()))
+    }
+
+    /// Whether an extra item is still live and still produced by no row.
+    async fn still_extra(&self, verifier: &Verifier, source: &str, extra: &Extra) -> anyhow::Result<bool> {
+        let mapping = self.mapping(source);
+        let table = &verifier.tables[source];
+        let key_names = key_attributes(&[mapping]);
+        let key: Item = key_names.iter().filter_map(|n| extra.item_key.get(n).map(|v| (n.clone(), Attr::S(v.clone())))).collect();
+        let item = self.client.get_items(&mapping.target, std::slice::from_ref(&key)).await?.pop().flatten();
+        let live = item.as_ref().is_some_and(|i| !self.is_tombstone(i));
+        let produced = match &extra.source_key {
+            Some(source) => {
+                let rows = verifier.rows_by_key(table, std::slice::from_ref(source)).await?;
+                rows.into_iter().any(|row| matches!(self.expected(table, row), Ok(Some((k, _))) if key_text(&k) == key_text(&key)))
+            }
+            None => false,
+        };
+        Ok(live && !produced)
     }
 }
 
@@ -422,9 +525,9 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> anyhow::Result<R
     // One snapshot for the whole pass.
     verifier.sql.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
     let pass = async {
-        for mapping in &selected {
-            let table = &verifier.tables[&mapping.source];
-            let mut report = TableReport { table: mapping.source.clone(), target: mapping.target.clone(), ..TableReport::default() };
+        for (source, target) in &selected {
+            let table = &verifier.tables[source];
+            let mut report = TableReport { table: source.clone(), target: target.clone(), ..TableReport::default() };
             let mut after: Option<Vec<String>> = None;
             let sample = args.sample.map(|f| format!("random() < {f}"));
             loop {
@@ -434,15 +537,15 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> anyhow::Result<R
                 after = Some(table.primary_key.iter().map(|&i| last_row.get::<_, Option<String>>(i).unwrap_or_default()).collect());
                 let count = rows.len();
                 let decoded = rows.iter().map(|r| decode_row(table, r)).collect::<anyhow::Result<Vec<_>>>()?;
-                for (key, item_key, finding) in verifier.check_rows(mapping, table, decoded).await? {
+                for (key, digest, finding) in verifier.check_rows(source, target, decoded).await? {
                     report.rows += 1;
-                    if let Some(item_key) = &item_key {
-                        expected_keys.entry(mapping.target.clone()).or_default().insert(key_digest(item_key));
+                    if let Some(digest) = digest {
+                        expected_keys.entry(target.clone()).or_default().insert(digest);
                     }
                     tally(&mut report, key, finding);
                 }
                 rows_read += count as u64;
-                progress_line(&mapping.source, report.rows, rows_read, started);
+                progress_line(source, report.rows, rows_read, started);
                 throttle(args.max_rows_per_second, rows_read, started).await;
                 if count < args.chunk_size && args.sample.is_none() {
                     break;
@@ -460,36 +563,23 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> anyhow::Result<R
     verifier.sql.batch_execute("COMMIT").await?;
     outcome?;
 
-    // Extra items: only in DynamoDB tables whose every source table was verified whole.
+    // Extra items: only in target tables whose every source table was verified whole.
     if args.sample.is_none() {
-        let targets: HashSet<&String> = selected.iter().map(|m| &m.target).collect();
+        let targets: HashSet<&String> = selected.iter().map(|(_, target)| target).collect();
         for target in targets {
-            let sources: Vec<&TableMapping> = verifier.mapping.tables.iter().filter(|m| &m.target == target).collect();
-            if !sources.iter().all(|m| selected.iter().any(|s| s.source == m.source)) {
+            let sources: Vec<String> = verifier.pairs.iter().filter(|(_, t)| t == target).map(|(s, _)| s.clone()).collect();
+            if !sources.iter().all(|m| selected.iter().any(|(s, _)| s == m)) {
                 continue;
             }
             let expected = expected_keys.remove(target.as_str()).unwrap_or_default();
-            let key_names = key_attributes(&sources);
-            // Page by page: memory holds one page, plus the expected keys.
-            let mut cursor = Some(sluice_dynamodb::ScanCursor::default());
-            while let Some(start) = cursor.take() {
-                let (items, next) = verifier.client.scan_page(target, start).await.with_context(|| format!("cannot scan DynamoDB table {target}"))?;
-                cursor = next;
-                for item in items {
-                if item.get(&verifier.mapping.tombstones.marker_attribute) == Some(&Attr::Bool(true)) {
-                    continue;
-                }
-                let key: Item = key_names.iter().filter_map(|n| item.get(n).map(|a| (n.clone(), a.clone()))).collect();
-                if expected.contains(&key_digest(&key)) {
-                    continue;
-                }
-                // The source table whose templates fit the key, and the source key.
-                let owner = sources.iter().find_map(|m| source_key_of(m, &verifier.tables[&m.source], &item).map(|k| (m.source.clone(), k)));
-                let report_table = owner.as_ref().map(|(t, _)| t.clone()).unwrap_or_else(|| sources[0].source.clone());
+            let extras = match &verifier.side {
+                Side::Dynamo(side) => side.extras(target, &sources, &expected, &verifier.tables).await?,
+                Side::Postgres(side) => side.extras(target, &sources, &expected, &verifier.tables).await?,
+            };
+            for (report_table, extra) in extras {
                 let report = reports.iter_mut().find(|r| r.table == report_table).expect("verified table");
                 report.extra += 1;
-                report.extra_keys.push(Extra { item_key: key.iter().map(|(k, v)| (k.clone(), attr_text(v))).collect(), source_key: owner.map(|(_, k)| k) });
-                }
+                report.extra_keys.push(extra);
             }
             for report in reports.iter_mut().filter(|r| &r.target == target) {
                 report.extra_checked = true;
@@ -578,8 +668,8 @@ async fn recheck(verifier: &Verifier, report: &mut Report, end: Option<Lsn>, tim
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     for table_report in &mut report.tables {
-        let mapping = verifier.mapping.tables.iter().find(|m| m.source == table_report.table).expect("mapped").clone();
-        let table = &verifier.tables[&mapping.source];
+        let (source, target) = (table_report.table.clone(), table_report.target.clone());
+        let table = &verifier.tables[&source];
         let mut keys: Vec<SourceKey> = table_report.missing_keys.drain(..).collect();
         keys.extend(table_report.different_keys.drain(..).map(|d| d.key));
         let extras = std::mem::take(&mut table_report.extra_keys);
@@ -589,41 +679,31 @@ async fn recheck(verifier: &Verifier, report: &mut Report, end: Option<Lsn>, tim
         table_report.extra = 0;
         let rows = verifier.rows_by_key(table, &keys).await?;
         let present: HashSet<SourceKey> = rows.iter().map(|r| source_key(table, r)).collect();
-        for (key, _, finding) in verifier.check_rows(&mapping, table, rows).await? {
+        for (key, _, finding) in verifier.check_rows(&source, &target, rows).await? {
             if !matches!(finding, Finding::Matched | Finding::NotExpected) {
                 table_report.matched = table_report.matched.saturating_sub(1);
             }
             tally(table_report, key, finding);
         }
-        // A wrong key whose row is gone now: its item must be gone (or a tombstone) too.
+        // A wrong key whose row is gone now: its target row or item must be gone too.
         for key in keys.into_iter().filter(|k| !present.contains(k)) {
-            let texts: Vec<String> = table.primary_key.iter().map(|&i| key.get(&table.relation.columns[i].name).cloned().unwrap_or_default()).collect();
-            let mut row = vec![Value::Null; table.relation.columns.len()];
-            for (&i, value) in table.primary_key.iter().zip(table.decode_key(&texts).unwrap_or_default()) {
-                row[i] = value;
-            }
-            let Some(item_key) = verifier.translator.key_for(&table.relation, &row) else { continue };
-            let item = verifier.client.get_items(&mapping.target, std::slice::from_ref(&item_key)).await?.pop().flatten();
-            if item.is_some_and(|i| i.get(&verifier.mapping.tombstones.marker_attribute) != Some(&Attr::Bool(true))) {
+            let left = match &verifier.side {
+                Side::Dynamo(side) => side.left_behind(&target, table, &key).await?,
+                Side::Postgres(side) => side.left_behind(&source, &target, table, &key).await?,
+            };
+            if let Some(item_key) = left {
                 table_report.matched = table_report.matched.saturating_sub(1);
                 table_report.extra += 1;
-                table_report.extra_keys.push(Extra { item_key: item_key.iter().map(|(k, v)| (k.clone(), attr_text(v))).collect(), source_key: Some(key) });
+                table_report.extra_keys.push(Extra { item_key, source_key: Some(key) });
             }
         }
-        // Extra items: still there, and still produced by no row?
-        let key_names = key_attributes(&[&mapping]);
+        // Extras: still there, and still produced by no row?
         for extra in extras {
-            let key: Item = key_names.iter().filter_map(|n| extra.item_key.get(n).map(|v| (n.clone(), Attr::S(v.clone())))).collect();
-            let item = verifier.client.get_items(&mapping.target, std::slice::from_ref(&key)).await?.pop().flatten();
-            let live = item.as_ref().is_some_and(|i| i.get(&verifier.mapping.tombstones.marker_attribute) != Some(&Attr::Bool(true)));
-            let produced = match &extra.source_key {
-                Some(source) => {
-                    let rows = verifier.rows_by_key(table, std::slice::from_ref(source)).await?;
-                    rows.into_iter().any(|row| matches!(verifier.expected(table, row), Ok(Some((k, _))) if key_text(&k) == key_text(&key)))
-                }
-                None => false,
+            let still = match &verifier.side {
+                Side::Dynamo(side) => side.still_extra(verifier, &source, &extra).await?,
+                Side::Postgres(side) => side.still_extra(verifier, &source, &target, &extra).await?,
             };
-            if live && !produced {
+            if still {
                 table_report.extra += 1;
                 table_report.extra_keys.push(extra);
             }

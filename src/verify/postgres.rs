@@ -1,0 +1,218 @@
+//! The Postgres side of verify: target rows compared with source rows through the Postgres
+//! mapping.
+//!
+//! Each chunk of translated rows goes to the target database as one VALUES list, every value
+//! cast to its target column's type exactly as the target's writes cast it, left-joined with
+//! the target table on its primary key. Both sides are then printed by the target server as
+//! text, so equal values compare equal whatever their source types (`int4` into `int8`, numeric
+//! scales, `jsonb` key order). Extra rows come from a keyset scan of the target's keys.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use anyhow::Context;
+use sluice_postgres::catalog::Table;
+use sluice_postgres::setup::quote_ident;
+
+use super::{source_key, DifferentValues, Extra, Finding, SourceKey, Verifier};
+use crate::config::PostgresTargetConfig;
+use crate::event::{ChangeEvent, Position, Value};
+use crate::target::postgres::{target_keys, target_tables, TargetTable};
+use crate::translate::postgres::{PgMapping, PgTableMapping, PgTranslator, RowOp, Text};
+
+/// Target keys read per page when looking for extra rows.
+const KEY_PAGE: usize = 10_000;
+
+pub(super) struct PgSide {
+    mapping: PgMapping,
+    translator: PgTranslator,
+    client: tokio_postgres::Client,
+    tables: HashMap<Arc<str>, TargetTable>,
+}
+
+/// A 128-bit digest of a target key as the target prints it.
+fn digest(key: &BTreeMap<String, String>) -> u128 {
+    use std::hash::{Hash, Hasher};
+    let mut high = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut high);
+    let mut low = std::collections::hash_map::DefaultHasher::new();
+    "sluice-verify".hash(&mut low);
+    key.hash(&mut low);
+    ((high.finish() as u128) << 64) | low.finish() as u128
+}
+
+impl PgSide {
+    pub(super) async fn open(config: &PostgresTargetConfig) -> anyhow::Result<Self> {
+        let mapping = PgMapping::load(&config.mapping).map_err(|p| anyhow::anyhow!("{}", p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))?;
+        let client = sluice_postgres::connect_sql(&config.connection).await.context("cannot connect to the target database (target.connection)")?;
+        let tables = target_tables(&client, &mapping).await?;
+        Ok(PgSide { translator: PgTranslator::new(&mapping, &target_keys(&tables)), mapping, client, tables })
+    }
+
+    pub(super) fn pairs(&self) -> Vec<(String, String)> {
+        self.mapping.tables.iter().map(|t| (t.source.clone(), t.target.clone())).collect()
+    }
+
+    fn mapping(&self, source: &str) -> &PgTableMapping {
+        self.mapping.tables.iter().find(|m| m.source == source).expect("mapped")
+    }
+
+    /// The target row a source row must be (its mapped columns), or why there is none.
+    fn expected(&self, table: &Table, row: Vec<Value>) -> Result<Option<Vec<(String, Text)>>, ()> {
+        let event = ChangeEvent::Insert { position: Position::default(), relation: Arc::new(table.relation.clone()), new: row };
+        let mut ops = Vec::new();
+        self.translator.translate(&event, &mut ops).map_err(drop)?;
+        Ok(ops.into_iter().find_map(|op| match op {
+            RowOp::Upsert { columns, .. } => Some(columns),
+            _ => None,
+        }))
+    }
+
+    pub(super) async fn check_rows(&self, target: &str, table: &Table, rows: Vec<Vec<Value>>) -> anyhow::Result<Vec<(SourceKey, Option<u128>, Finding)>> {
+        let t = &self.tables[target];
+        let mut out: Vec<(SourceKey, Option<u128>, Finding)> = Vec::with_capacity(rows.len());
+        let mut expected: Vec<(usize, Vec<(String, Text)>)> = Vec::new();
+        for row in rows {
+            let key = source_key(table, &row);
+            let finding = match self.expected(table, row) {
+                Ok(None) => Finding::NotExpected,
+                Ok(Some(columns)) if t.key.iter().all(|k| columns.iter().any(|(c, _)| c == k)) => {
+                    expected.push((out.len(), columns));
+                    // Until the target's answer below.
+                    Finding::Missing
+                }
+                Ok(Some(_)) | Err(()) => Finding::Untranslatable,
+            };
+            out.push((key, None, finding));
+        }
+        let Some((_, first)) = expected.first() else { return Ok(out) };
+        // Rows of one source table map to the same columns.
+        let names: Vec<String> = first.iter().map(|(c, _)| c.clone()).collect();
+        let mut sql = String::from("SELECT e.n");
+        for k in &t.key {
+            let i = names.iter().position(|n| n == k).expect("key column checked above");
+            sql.push_str(&format!(", e.c{i}::text"));
+        }
+        sql.push_str(&format!(", t.{} IS NULL", quote_ident(&t.key[0])));
+        for (i, name) in names.iter().enumerate() {
+            sql.push_str(&format!(", e.c{i}::text, t.{}::text", quote_ident(name)));
+        }
+        sql.push_str(" FROM (VALUES ");
+        for (n, (index, columns)) in expected.iter().enumerate() {
+            sql.push_str(if n == 0 { "(" } else { ", (" });
+            sql.push_str(&index.to_string());
+            for (name, text) in columns {
+                sql.push_str(", ");
+                t.value(name, text, &mut sql)?;
+            }
+            sql.push(')');
+        }
+        let aliases: Vec<String> = (0..names.len()).map(|i| format!("c{i}")).collect();
+        let join: Vec<String> = t.key.iter().map(|k| format!("t.{0} = e.c{1}", quote_ident(k), names.iter().position(|n| n == k).unwrap_or(0))).collect();
+        sql.push_str(&format!(") AS e(n, {}) LEFT JOIN {} t ON {}", aliases.join(", "), t.quoted, join.join(" AND ")));
+        let rows = self.client.query(&sql, &[]).await.with_context(|| format!("cannot read rows of target table {target}"))?;
+        for row in rows {
+            let index = row.get::<_, i32>(0) as usize;
+            let key: BTreeMap<String, String> = t.key.iter().enumerate().map(|(i, k)| (k.clone(), row.get::<_, Option<String>>(1 + i).unwrap_or_default())).collect();
+            let base = 1 + t.key.len();
+            let finding = if row.get::<_, bool>(base) {
+                Finding::Missing
+            } else {
+                let mut different = Vec::new();
+                let mut values = DifferentValues::new();
+                for (i, name) in names.iter().enumerate() {
+                    let (want, have): (Option<String>, Option<String>) = (row.get(base + 1 + 2 * i), row.get(base + 2 + 2 * i));
+                    if want != have {
+                        different.push(name.clone());
+                        values.insert(name.clone(), (want, have));
+                    }
+                }
+                if different.is_empty() {
+                    Finding::Matched
+                } else {
+                    Finding::Different(different, values)
+                }
+            };
+            out[index].1 = Some(digest(&key));
+            out[index].2 = finding;
+        }
+        Ok(out)
+    }
+
+    /// Target rows no verified row produced, by keyset pages over the target's primary key.
+    pub(super) async fn extras(&self, target: &str, sources: &[String], expected: &HashSet<u128>, tables: &HashMap<String, Table>) -> anyhow::Result<Vec<(String, Extra)>> {
+        let t = &self.tables[target];
+        let columns: Vec<String> = t.key.iter().map(|k| format!("s.{}::text", quote_ident(k))).collect();
+        let mut extras = Vec::new();
+        let mut after: Option<Vec<String>> = None;
+        loop {
+            let statement = t.table.page_query(&columns.join(", "), after.as_deref(), KEY_PAGE, None);
+            let rows = self.client.query(&statement, &[]).await.with_context(|| format!("cannot scan target table {target}"))?;
+            let count = rows.len();
+            for row in &rows {
+                let texts: Vec<String> = (0..t.key.len()).map(|i| row.get::<_, Option<String>>(i).unwrap_or_default()).collect();
+                let key: BTreeMap<String, String> = t.key.iter().cloned().zip(texts.iter().cloned()).collect();
+                if !expected.contains(&digest(&key)) {
+                    let owner = sources.iter().find_map(|s| self.source_key_of(s, &tables[s], &key).map(|k| (s.clone(), k)));
+                    let report_table = owner.as_ref().map(|(s, _)| s.clone()).unwrap_or_else(|| sources[0].clone());
+                    extras.push((report_table, Extra { item_key: key, source_key: owner.map(|(_, k)| k) }));
+                }
+                after = Some(texts);
+            }
+            if count < KEY_PAGE {
+                return Ok(extras);
+            }
+        }
+    }
+
+    /// The source key a target key leads back to through the renames, when the target key
+    /// holds every source key column.
+    fn source_key_of(&self, source: &str, table: &Table, key: &BTreeMap<String, String>) -> Option<SourceKey> {
+        let mapping = self.mapping(source);
+        table
+            .primary_key
+            .iter()
+            .map(|&i| {
+                let column = &table.relation.columns[i].name;
+                key.get(mapping.rename.get(column).unwrap_or(column)).map(|v| (column.clone(), v.clone()))
+            })
+            .collect()
+    }
+
+    /// The target key of a source key, when the target key is made of source key columns.
+    fn target_key_of(&self, source: &str, key: &SourceKey) -> Option<BTreeMap<String, String>> {
+        let mapping = self.mapping(source);
+        let t = &self.tables[mapping.target.as_str()];
+        let by_target: HashMap<&String, &String> = key.iter().map(|(c, v)| (mapping.rename.get(c).unwrap_or(c), v)).collect();
+        t.key.iter().map(|k| by_target.get(k).map(|v| (k.clone(), (*v).clone()))).collect()
+    }
+
+    /// Whether the target holds a row with this key.
+    async fn holds(&self, target: &str, key: &BTreeMap<String, String>) -> anyhow::Result<bool> {
+        let t = &self.tables[target];
+        let mut sql = format!("SELECT 1 FROM {} t WHERE ", t.quoted);
+        for (n, k) in t.key.iter().enumerate() {
+            sql.push_str(&format!("{}t.{} = ", if n == 0 { "" } else { " AND " }, quote_ident(k)));
+            t.value(k, &key.get(k).cloned(), &mut sql)?;
+        }
+        Ok(self.client.query_opt(&sql, &[]).await.with_context(|| format!("cannot read target table {target}"))?.is_some())
+    }
+
+    /// For a wrong key whose row is gone: the target key when the target still holds the row.
+    pub(super) async fn left_behind(&self, source: &str, target: &str, _table: &Table, key: &SourceKey) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+        let Some(target_key) = self.target_key_of(source, key) else { return Ok(None) };
+        Ok(self.holds(target, &target_key).await?.then_some(target_key))
+    }
+
+    /// Whether an extra row is still in the target and still produced by no source row.
+    pub(super) async fn still_extra(&self, verifier: &Verifier, source: &str, target: &str, extra: &Extra) -> anyhow::Result<bool> {
+        if !self.holds(target, &extra.item_key).await? {
+            return Ok(false);
+        }
+        let Some(source_key) = &extra.source_key else { return Ok(true) };
+        let table = &verifier.tables[source];
+        let rows = verifier.rows_by_key(table, std::slice::from_ref(source_key)).await?;
+        let produced = rows.into_iter().any(|row| matches!(self.expected(table, row), Ok(Some(_))));
+        Ok(!produced)
+    }
+}
