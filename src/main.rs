@@ -66,7 +66,7 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Compare the DynamoDB target with the source through the mapping: matched, missing,
+    /// Compare the target (DynamoDB or Postgres) with the source through the mapping: matched, missing,
     /// different and extra keys per table. Exit 0 when equal, 3 when anything differs.
     Verify(sluice::verify::VerifyArgs),
     /// Verify, re-drive only the differing keys through the running daemon's guarded apply
