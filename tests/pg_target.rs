@@ -300,3 +300,53 @@ async fn verify_finds_drift_in_a_postgres_target_exactly_and_reconcile_repairs_i
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn validate_checks_a_postgres_mapping_against_both_catalogs() {
+    let db = TestDb::new();
+    db.sql(SOURCE_SCHEMA);
+    let target = target_db(&db);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&db, &target, dir.path(), "pgval", "");
+    let (code, stdout_or_err) = sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(60));
+    assert_eq!(code, Some(0), "the worked example fits: {stdout_or_err}");
+
+    // Mistakes on both sides.
+    std::fs::write(
+        dir.path().join("mapping.toml"),
+        "[[tables]]\nsource = \"public.customers\"\ntarget = \"v2.customers\"\nrename = { id = \"customer_id\", mail = \"email_address\" }\n\
+         drop = [\"password_hash\", \"email\"]\nconstants = { origin = \"legacy\" }\n\
+         [[tables]]\nsource = \"public.orders\"\ntarget = \"v2.orders\"\n\
+         [[tables]]\nsource = \"public.missing\"\ntarget = \"v2.orders\"\n",
+    )
+    .unwrap();
+    target.sql("ALTER TABLE v2.orders ADD COLUMN channel text NOT NULL");
+    db.sql("CREATE TABLE unpublished (id int8 PRIMARY KEY)");
+    let (code, stderr) = sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(60));
+    assert_eq!(code, Some(2), "{stderr}");
+    for expected in [
+        "target.mapping.tables[0].rename: column mail does not exist in public.customers",
+        "target.mapping.tables[1].target: target column v2.orders.channel is NOT NULL without a default and written by no column of public.orders",
+        "target.mapping.tables[2].source: table public.missing does not exist",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+    }
+
+    // The target in the source's own database, with its tables published: a loop.
+    let looped = db.config_file(
+        dir.path(),
+        "pgval",
+        "p",
+        &format!(
+            "[target]\nkind = \"postgres\"\nmapping = \"{}\"\n[target.connection]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{}\"\nuser = \"postgres\"\n",
+            mapping(dir.path()).display(),
+            db.pg.port,
+            db.name
+        ),
+    );
+    db.sql(TARGET_SCHEMA);
+    db.sql("ALTER PUBLICATION p ADD TABLE v2.orders");
+    let (code, stderr) = sluice_output(&["validate", "-c", looped.to_str().unwrap()], Duration::from_secs(60));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("table v2.orders is written by sluice and published in \"p\""), "{stderr}");
+}
