@@ -61,6 +61,8 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
     );
     if let Some(endpoint) = &args.dynamodb_endpoint {
         verify_rate(&pg, &sluice, &args, endpoint).await?;
+    } else if args.target == super::BenchTarget::Postgres {
+        verify_rate_postgres(&pg, &sluice, &args).await?;
     }
     Ok(())
 }
@@ -167,10 +169,36 @@ async fn verify_rate(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, endpoi
     println!("\nbackfill into DynamoDB ({endpoint}, write_mode batch): {rate:.0} rows/s");
     let config = dir.path().join("verify.toml");
     std::fs::write(&config, config_text(pg, args, "bench_verify", &target))?;
+    time_verify(sluice, &config, args.runs)
+}
+
+/// Backfills the table into a second database of the cluster once (the Postgres target), then
+/// times `sluice verify` over it `runs` times.
+async fn verify_rate_postgres(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs) -> BenchResult<()> {
+    let target_db = format!("{DB}_target");
+    pg.create_database(&target_db)?;
+    pg.psql(&target_db, "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL)")?;
+    let dir = tempfile::tempdir()?;
+    let mapping = dir.path().join("mapping.toml");
+    std::fs::write(&mapping, "[[tables]]\nsource = \"public.bench\"\ntarget = \"public.bench\"\n")?;
+    let target = format!(
+        "[target]\nkind = \"postgres\"\nmapping = \"{}\"\n[target.connection]\nport = {}\ndbname = \"{target_db}\"\nuser = \"postgres\"\n",
+        mapping.display(),
+        pg.port
+    );
+    let (rate, _) = backfill_rate(pg, sluice, args, 1000, Some(&target)).await?;
+    println!("\nbackfill into a Postgres target (a second database, same cluster): {rate:.0} rows/s");
+    let config = dir.path().join("verify.toml");
+    std::fs::write(&config, config_text(pg, args, "bench_verify", &target))?;
+    time_verify(sluice, &config, args.runs)
+}
+
+/// Runs `sluice verify` `runs` times and prints its rates and their median.
+fn time_verify(sluice: &Path, config: &Path, runs: usize) -> BenchResult<()> {
     println!("{:>4} {:>16}", "run", "verify rows/s");
     let mut rates = Vec::new();
-    for run in 0..args.runs {
-        let out = Command::new(sluice).args(["verify", "--json", "--chunk-size", "1000", "-c"]).arg(&config).env("SLUICE_LOG", "warn").output()?;
+    for run in 0..runs {
+        let out = Command::new(sluice).args(["verify", "--json", "--chunk-size", "1000", "-c"]).arg(config).env("SLUICE_LOG", "warn").output()?;
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("verify output: {e}: {}", String::from_utf8_lossy(&out.stderr)))?;
         let rate = report["rows_per_second"].as_f64().unwrap_or(0.0);
         let differences: u64 = report["tables"].as_array().map(|t| t.iter().map(|t| t["missing"].as_u64().unwrap_or(0) + t["different"].as_u64().unwrap_or(0) + t["extra"].as_u64().unwrap_or(0)).sum()).unwrap_or(0);
