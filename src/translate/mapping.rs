@@ -239,13 +239,7 @@ impl Mapping {
     }
 
     pub fn parse(text: &str) -> Result<Mapping, Vec<Problem>> {
-        let mapping: Mapping = parse_toml(text)?;
-        let problems = mapping.validate();
-        if problems.is_empty() {
-            Ok(mapping)
-        } else {
-            Err(problems)
-        }
+        parse_toml(text, Mapping::validate)
     }
 
     /// Problems visible without the database: templates, names, collisions.
@@ -305,10 +299,18 @@ pub fn read(path: &Path) -> Result<String, Vec<Problem>> {
     std::fs::read_to_string(path).map_err(|e| vec![Problem::new("", "mapping", format!("cannot read {}: {e}", path.display()))])
 }
 
-/// A mapping document, with errors named by their dotted key under `mapping`.
-pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Vec<Problem>> {
+/// A mapping document that `validate` finds no problem in; errors are named by their dotted
+/// key under `mapping`.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, validate: impl Fn(&T) -> Vec<Problem>) -> Result<T, Vec<Problem>> {
     let value: toml::Value = toml::from_str(text).map_err(|e| vec![Problem::new("", "mapping", e.message().to_owned())])?;
-    serde_path_to_error::deserialize(value).map_err(|e| vec![Problem { key: format!("mapping.{}", e.path()), message: e.into_inner().message().to_owned() }])
+    let mapping: T = serde_path_to_error::deserialize(value)
+        .map_err(|e| vec![Problem { key: format!("mapping.{}", e.path()), message: e.into_inner().message().to_owned() }])?;
+    let problems = validate(&mapping);
+    if problems.is_empty() {
+        Ok(mapping)
+    } else {
+        Err(problems)
+    }
 }
 
 /// Problems of a table mapping's filter: operators without the value they compare with.

@@ -71,13 +71,7 @@ impl PgMapping {
     }
 
     pub fn parse(text: &str) -> Result<PgMapping, Vec<Problem>> {
-        let mapping: PgMapping = parse_toml(text)?;
-        let problems = mapping.validate();
-        if problems.is_empty() {
-            Ok(mapping)
-        } else {
-            Err(problems)
-        }
+        parse_toml(text, PgMapping::validate)
     }
 
     /// Problems visible without either database.

@@ -434,8 +434,12 @@ fn attr_text(attr: &Attr) -> String {
 /// A 128-bit digest of an item key: what verify keeps in memory per row to find extra items
 /// (16 bytes a row; two keys colliding is beyond any table's size).
 fn key_digest(key: &Item) -> u128 {
+    digest(&key_text(key))
+}
+
+/// A 128-bit digest of a key's text.
+fn digest(text: &str) -> u128 {
     use std::hash::{Hash, Hasher};
-    let text = key_text(key);
     let mut high = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut high);
     let mut low = std::collections::hash_map::DefaultHasher::new();

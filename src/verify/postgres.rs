@@ -32,13 +32,7 @@ pub(super) struct PgSide {
 
 /// A 128-bit digest of a target key as the target prints it.
 fn digest(key: &BTreeMap<String, String>) -> u128 {
-    use std::hash::{Hash, Hasher};
-    let mut high = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut high);
-    let mut low = std::collections::hash_map::DefaultHasher::new();
-    "sluice-verify".hash(&mut low);
-    key.hash(&mut low);
-    ((high.finish() as u128) << 64) | low.finish() as u128
+    super::digest(&format!("{key:?}"))
 }
 
 impl PgSide {
