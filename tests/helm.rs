@@ -143,12 +143,16 @@ fn chart_renders_valid_manifests_with_default_and_full_values() {
     let mapping: String = example.lines().map(|l| format!("  {l}\n")).collect();
     std::fs::write(
         &pg_values,
-        format!("config:\n  target:\n    kind: postgres\n    connection:\n      host: shop-v2-db\n      dbname: shop_v2\nmapping: |\n{mapping}"),
+        format!(
+            "config:\n  target:\n    kind: postgres\n    connection:\n      host: shop-v2-db\n      dbname: shop_v2\n\
+             targetPostgresPassword: {{ secretName: shop-v2-db }}\nmapping: |\n{mapping}"
+        ),
     )
     .unwrap();
     let pg = render(dir.path(), Some(pg_values.to_str().unwrap()));
     check_rendering(dir.path(), "pg", &pg);
     assert!(pg.contains("v2.customers"), "the mapping is in the ConfigMap");
+    assert!(pg.contains("name: SLUICE__TARGET__CONNECTION__PASSWORD") && pg.contains("name: shop-v2-db"), "target password from the Secret");
     let out = helm(dir.path(), &["template", "release", CHART, "--set", "config.target.kind=postgres"]);
     assert!(!out.status.success() && text(&out).contains("Postgres mapping"), "{}", text(&out));
 }
@@ -162,6 +166,7 @@ fn chart_refuses_bad_values_and_the_validator_catches_bad_manifests() {
         ("config.source.replication.on_slot_lost=ignore", "on_slot_lost"),
         ("metricsPort=0", "/metricsPort"),
         ("config.source.poll.table=outbox", "/config/source"),
+        ("config.target.connection.password=plaintext", "/config/target"),
     ] {
         let out = helm(dir.path(), &["template", "release", CHART, "--set", setting]);
         assert!(!out.status.success(), "{setting} must be refused");
