@@ -350,3 +350,51 @@ fn validate_checks_a_postgres_mapping_against_both_catalogs() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("table v2.orders is written by sluice and published in \"p\""), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_server_restart_mid_stream_is_retried_and_each_change_still_applies_once() {
+    let db = TestDb::new();
+    db.sql(SOURCE_SCHEMA);
+    // The target in a cluster of its own, which the test stops: commits there are synchronous,
+    // so an immediate stop loses nothing it acknowledged.
+    let options = sluice::localpg::ClusterOptions { settings: vec![("synchronous_commit".into(), "on".into())], ..Default::default() };
+    let target = TestDb::in_cluster(std::sync::Arc::new(sluice::localpg::LocalPostgres::start(&options).unwrap()));
+    target.sql(TARGET_SCHEMA);
+    target.sql(
+        "CREATE TABLE writes (n int8 NOT NULL); INSERT INTO writes VALUES (0);
+         CREATE FUNCTION count_write() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN UPDATE writes SET n = n + 1; RETURN NULL; END $$;
+         CREATE TRIGGER counted AFTER INSERT OR UPDATE OR DELETE ON v2.orders FOR EACH ROW EXECUTE FUNCTION count_write();",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&db, &target, dir.path(), "pgr", "");
+    let _logs = LogsOnPanic(vec![dir.path().join("sluice.log")]);
+    let mut child = start(&config, &dir.path().join("sluice.log"));
+    db.wait_slot_active(&db.slot_name("pgr")).await;
+
+    const TRANSACTIONS: i64 = 300;
+    let connection = db.connection();
+    let writer = tokio::spawn(async move {
+        let client = sluice_postgres::connect_sql(&connection).await.unwrap();
+        for tx in 0..TRANSACTIONS {
+            client.batch_execute(&format!("INSERT INTO orders SELECT {tx}, n, n FROM generate_series(1, 4) n")).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    wait_for("some transactions in the target", Duration::from_secs(60), || async {
+        target.sql("SELECT count(*) FROM v2.orders").parse::<i64>().unwrap() >= 100
+    })
+    .await;
+    target.pg.stop("immediate").unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    target.pg.restart().unwrap();
+    writer.await.unwrap();
+    wait_for("every transaction in the target", Duration::from_secs(90), || async {
+        target.sql("SELECT count(*) FROM v2.orders").parse::<i64>().unwrap() == TRANSACTIONS * 4
+    })
+    .await;
+    std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(child.wait().unwrap().success(), "sluice exits 0 on SIGTERM");
+    assert_eq!(target.sql("SELECT n FROM writes"), (TRANSACTIONS * 4).to_string(), "each change applied exactly once");
+    let log = std::fs::read_to_string(dir.path().join("sluice.log")).unwrap();
+    assert!(log.contains("postgres target: retrying"), "{log}");
+}
