@@ -398,3 +398,22 @@ async fn a_target_server_restart_mid_stream_is_retried_and_each_change_still_app
     let log = std::fs::read_to_string(dir.path().join("sluice.log")).unwrap();
     assert!(log.contains("postgres target: retrying"), "{log}");
 }
+
+#[test]
+fn a_column_added_to_the_source_stops_sluice_until_the_target_has_it_and_loses_nothing() {
+    let db = TestDb::new();
+    db.sql(SOURCE_SCHEMA);
+    let target = target_db(&db);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&db, &target, dir.path(), "pga", "");
+    run_to_now(&db, &config);
+    db.sql("ALTER TABLE customers ADD COLUMN nickname text; INSERT INTO customers (id, email, nickname) VALUES (1, 'a', 'ace')");
+    let end = db.insert_lsn();
+    let (code, stderr) = sluice_output(&["run", "-c", config.to_str().unwrap(), "--until-lsn", &end.to_string()], Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("has no column nickname"), "{stderr}");
+    assert!(!stderr.contains("ace"), "no values in the error: {stderr}");
+    target.sql("ALTER TABLE v2.customers ADD COLUMN nickname text");
+    run_to_now(&db, &config);
+    assert_eq!(target.sql("SELECT customer_id, nickname FROM v2.customers"), "1|ace", "the change waited in the slot");
+}
