@@ -296,9 +296,17 @@ pub struct PostgresTargetConfig {
     #[serde(default = "default_dynamo_retry_for", with = "sluice_postgres::duration")]
     pub retry_for: Duration,
     /// A JSON-lines file for rows the target refuses (a value its column type rejects, a
-    /// constraint violation); without it such a row stops the pipeline.
+    /// constraint violation); without it they are only logged and counted.
     #[serde(default)]
     pub dead_letter: Option<PathBuf>,
+    /// How long a statement waits for a lock on a target table (a migration's DDL holding it)
+    /// before the batch is retried with a warning.
+    #[serde(default = "default_lock_timeout", with = "sluice_postgres::duration")]
+    pub lock_timeout: Duration,
+}
+
+fn default_lock_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_checkpoint_table() -> String {

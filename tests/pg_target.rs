@@ -417,3 +417,31 @@ fn a_column_added_to_the_source_stops_sluice_until_the_target_has_it_and_loses_n
     run_to_now(&db, &config);
     assert_eq!(target.sql("SELECT customer_id, nickname FROM v2.customers"), "1|ace", "the change waited in the slot");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_held_on_a_target_table_is_waited_out_with_warnings_and_loses_nothing() {
+    let db = TestDb::new();
+    db.sql(SOURCE_SCHEMA);
+    let target = target_db(&db);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&db, &target, dir.path(), "pgl", "lock_timeout = \"300ms\"");
+    let _logs = LogsOnPanic(vec![dir.path().join("sluice.log")]);
+    let mut child = start(&config, &dir.path().join("sluice.log"));
+    db.wait_slot_active(&db.slot_name("pgl")).await;
+    // A migration's DDL holds the table while changes arrive.
+    let holder = sluice_postgres::connect_sql(&target.connection()).await.unwrap();
+    holder.batch_execute("BEGIN; LOCK TABLE v2.orders IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    db.sql("INSERT INTO orders SELECT 1, n, n FROM generate_series(1, 50) n");
+    let after_insert = db.insert_lsn();
+    wait_for("a lock timeout in the log", Duration::from_secs(30), || async {
+        std::fs::read_to_string(dir.path().join("sluice.log")).unwrap_or_default().contains("lock timeout")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let confirmed = db.slot_confirmed("pgl").unwrap();
+    assert!(confirmed < after_insert, "nothing confirmed while the table is locked: {confirmed} < {after_insert}");
+    holder.batch_execute("COMMIT").await.unwrap();
+    wait_for("the rows in the target", Duration::from_secs(30), || async { target.sql("SELECT count(*) FROM v2.orders") == "50" }).await;
+    std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(child.wait().unwrap().success(), "sluice exits 0 on SIGTERM");
+}

@@ -116,6 +116,7 @@ struct Applier {
     /// The position of the last change applied (from the checkpoint table).
     applied: Position,
     retry_for: Duration,
+    lock_timeout: Duration,
     dead_letter: DeadLetter,
     stats: Arc<TargetStats>,
 }
@@ -125,7 +126,17 @@ fn fatal(message: impl Into<String>) -> TargetError {
 }
 
 fn sql_error(context: &str, error: tokio_postgres::Error) -> TargetError {
-    TargetError { target: TARGET, kind: classify(&error), message: context.to_owned(), source: Some(Box::new(error)) }
+    TargetError { target: TARGET, kind: classify(&error), message: format!("{context}: {}", describe(&error)), source: Some(Box::new(error)) }
+}
+
+/// What went wrong, fit for logs: the server's SQLSTATE and message, except for refused rows,
+/// whose messages quote values (`refusal` names them instead).
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(_) if classify(error) == ErrorKind::Poison => refusal(error),
+        Some(db) => format!("SQLSTATE {}: {}", db.code().code(), db.message()),
+        None => error.to_string(),
+    }
 }
 
 /// Transient: the connection, a deadlock, a serialization failure, resources, a shutdown.
@@ -158,7 +169,7 @@ impl PgTarget {
         let mapping = PgMapping::load(&config.mapping).map_err(|problems| {
             fatal(format!("target.mapping {}: {}", config.mapping.display(), problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))
         })?;
-        let client = sluice_postgres::connect_sql(&config.connection)
+        let client = connect(&config.connection, config.lock_timeout)
             .await
             .map_err(|e| TargetError { target: TARGET, kind: ErrorKind::Fatal, message: "cannot connect to the target database (target.connection)".into(), source: Some(Box::new(e)) })?;
         let tables = target_tables(&client, &mapping).await?;
@@ -181,6 +192,7 @@ impl PgTarget {
             pipeline: pipeline.to_owned(),
             applied: Position::default(),
             retry_for: config.retry_for,
+            lock_timeout: config.lock_timeout,
             dead_letter: DeadLetter::open(TARGET, config.dead_letter.clone()).await?,
             stats,
         };
@@ -199,6 +211,15 @@ impl PgTarget {
         });
         Ok(PgTarget { jobs })
     }
+}
+
+/// A session for applying changes. A lock held on a target table (a migration's DDL) makes a
+/// statement fail after `lock_timeout` and the batch retry, with a warning each time, instead
+/// of waiting silently.
+async fn connect(config: &ConnectionConfig, lock_timeout: Duration) -> sluice_postgres::Result<tokio_postgres::Client> {
+    let client = sluice_postgres::connect_sql(config).await?;
+    client.batch_execute(&format!("SET lock_timeout = {}", lock_timeout.as_millis().max(1))).await?;
+    Ok(client)
 }
 
 impl Target for PgTarget {
@@ -259,7 +280,7 @@ impl Applier {
             match error.kind {
                 ErrorKind::Poison if !careful => careful = true,
                 ErrorKind::Transient if started.elapsed() < self.retry_for => {
-                    tracing::warn!(error = %error, source = ?std::error::Error::source(&error).map(ToString::to_string), "postgres target: retrying");
+                    tracing::warn!(error = %error, "postgres target: retrying");
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     self.client = None;
                     tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(5))).await;
@@ -280,7 +301,7 @@ impl Applier {
     }
 
     async fn reconnect(&mut self) -> Result<(), tokio_postgres::Error> {
-        let client = match sluice_postgres::connect_sql(&self.connection).await {
+        let client = match connect(&self.connection, self.lock_timeout).await {
             Ok(client) => client,
             Err(sluice_postgres::Error::Sql(e)) => return Err(e),
             Err(other) => {
