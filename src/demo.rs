@@ -1,7 +1,8 @@
 //! `sluice demo`: the quick-start. Starts a throwaway Postgres, creates a table and a
 //! publication, runs the pipeline to the jsonl target on standard output (or, with
-//! `--dynamodb`, into a local DynamoDB-API server it starts), makes a few changes and stops once
-//! they are all delivered. Narration goes to standard error.
+//! `--dynamodb`, into a local DynamoDB-API server it starts; with `--postgres`, into a second
+//! database of the same cluster), makes a few changes and stops once they are all delivered.
+//! Narration goes to standard error.
 
 use std::time::Duration;
 
@@ -30,7 +31,15 @@ const CHANGES: &[&str] = &[
 pub struct DemoOptions {
     /// Start this DynamoDB-API server (`moto_server`) and stream into it through a mapping.
     pub dynamodb_server: Option<std::path::PathBuf>,
+    /// Stream into table `v2.accounts` of a second database through a Postgres mapping.
+    pub postgres_target: bool,
 }
+
+/// The Postgres target's table and mapping for `--postgres`.
+const PG_TARGET_SETUP: &str = "CREATE SCHEMA v2; CREATE TABLE v2.accounts (account_id bigint PRIMARY KEY, holder text NOT NULL, \
+     balance numeric(12,2), tags text[], opened_at timestamptz, origin text NOT NULL)";
+const PG_DEMO_MAPPING: &str = "[[tables]]\nsource = \"public.accounts\"\ntarget = \"v2.accounts\"\n\
+     rename = { id = \"account_id\", owner = \"holder\" }\nconstants = { origin = \"demo\" }\n";
 
 /// The worked example `schemas/examples/demo_accounts.toml`.
 const DEMO_MAPPING: &str = include_str!("../schemas/examples/demo_accounts.toml");
@@ -108,6 +117,21 @@ pub async fn run(options: DemoOptions) -> DemoResult {
         });
         dynamo = Some((local, client));
     }
+    if options.postgres_target {
+        pg.create_database("demo_v2")?;
+        pg.psql("demo_v2", PG_TARGET_SETUP)?;
+        let mapping = dir.path().join("mapping.toml");
+        std::fs::write(&mapping, PG_DEMO_MAPPING)?;
+        eprintln!("demo: mapping public.accounts → database demo_v2, table v2.accounts:\n{PG_DEMO_MAPPING}");
+        config.target = TargetConfig::Postgres(crate::config::PostgresTargetConfig {
+            connection: pg.connection("demo_v2"),
+            mapping,
+            checkpoint_table: "public.sluice_checkpoint".into(),
+            retry_for: Duration::from_secs(60),
+            dead_letter: None,
+            lock_timeout: Duration::from_secs(10),
+        });
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (handles_tx, mut handles_rx) = watch::channel(None::<(std::sync::Arc<SourceStats>, watch::Receiver<Lsn>)>);
     let state = crate::monitor::PipelineState::new(&config);
@@ -138,6 +162,10 @@ pub async fn run(options: DemoOptions) -> DemoResult {
             let fields: Vec<String> = item.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
             println!("{}", fields.join("  "));
         }
+    }
+    if options.postgres_target {
+        eprintln!("demo: read back from demo_v2 (SELECT * FROM v2.accounts):");
+        println!("{}", pg.psql("demo_v2", "SELECT * FROM v2.accounts ORDER BY account_id")?);
     }
     let confirmed = pg.psql("demo", "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'demo_slot'")?;
     eprintln!("demo: every change delivered; slot demo_slot confirmed up to {confirmed}. Stopping Postgres.");

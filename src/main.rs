@@ -78,6 +78,10 @@ enum Command {
         /// (`pip install 'moto[server]'`), and read the items back.
         #[arg(long, value_name = "MOTO_SERVER", num_args = 0..=1, default_missing_value = "moto_server")]
         dynamodb: Option<PathBuf>,
+        /// Stream into a second database of the same cluster through a Postgres mapping
+        /// (renamed columns, a constant) and read the rows back.
+        #[arg(long, conflicts_with = "dynamodb")]
+        postgres: bool,
     },
     /// Benchmark the stream against pg_recvlogical on the same data (see the README).
     Bench(sluice::bench::BenchArgs),
@@ -139,8 +143,8 @@ fn main() -> ExitCode {
             sluice::verify::print(&report, &args)?;
             anyhow::Ok(report.differences())
         })),
-        Command::Demo { dynamodb } => {
-            let options = sluice::demo::DemoOptions { dynamodb_server: dynamodb };
+        Command::Demo { dynamodb, postgres } => {
+            let options = sluice::demo::DemoOptions { dynamodb_server: dynamodb, postgres_target: postgres };
             report(runtime.block_on(sluice::demo::run(options)).map_err(anyhow::Error::from_boxed))
         }
         Command::Bench(args) => report(runtime.block_on(sluice::bench::run(args)).map_err(anyhow::Error::from_boxed)),

@@ -16,3 +16,4 @@ mod kafka;
 mod poll;
 mod backfill;
 mod pg_target;
+mod demo;
