@@ -445,3 +445,42 @@ async fn a_lock_held_on_a_target_table_is_waited_out_with_warnings_and_loses_not
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(child.wait().unwrap().success(), "sluice exits 0 on SIGTERM");
 }
+
+#[test]
+fn a_target_trigger_raising_an_error_stops_sluice_without_quoting_values() {
+    let db = TestDb::new();
+    db.sql(SOURCE_SCHEMA);
+    let target = target_db(&db);
+    target.sql(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'order total % refused', NEW.total; END $$;
+         CREATE TRIGGER refuse BEFORE INSERT ON v2.orders FOR EACH ROW EXECUTE FUNCTION refuse();",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&db, &target, dir.path(), "pgt", "");
+    run_to_now(&db, &config);
+    db.sql("INSERT INTO orders VALUES (1, 1, 424242.17)");
+    let end = db.insert_lsn();
+    let (code, stderr) = sluice_output(&["run", "-c", config.to_str().unwrap(), "--until-lsn", &end.to_string()], Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("SQLSTATE P0001"), "the error is named: {stderr}");
+    assert!(!stderr.contains("424242"), "no values in the error: {stderr}");
+    assert_eq!(target.sql("SELECT count(*) FROM v2.orders"), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_counts_a_row_the_target_type_refuses_as_untranslatable_without_quoting_it() {
+    let db = TestDb::new();
+    db.sql(SOURCE_SCHEMA);
+    let target = target_db(&db);
+    target.sql("ALTER TABLE v2.orders ALTER COLUMN total TYPE numeric(6,2)");
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&db, &target, dir.path(), "pgu", "");
+    run_to_now(&db, &config);
+    db.sql("INSERT INTO orders VALUES (1, 1, 5), (1, 2, 987654321.5), (1, 3, 7)");
+    run_to_now(&db, &config);
+    assert_eq!(target.sql("SELECT id FROM v2.orders ORDER BY 1"), "1\n3", "the overflowing row was dead-lettered");
+    let report = verify(&config).await;
+    let orders = report["tables"].as_array().unwrap().iter().find(|t| t["table"] == "public.orders").unwrap();
+    assert_eq!((orders["rows"].as_u64(), orders["matched"].as_u64(), orders["untranslatable"].as_u64()), (Some(3), Some(2), Some(1)), "{report:#}");
+    assert!(!report.to_string().contains("987654321"), "{report:#}");
+}

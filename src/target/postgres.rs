@@ -126,15 +126,23 @@ fn fatal(message: impl Into<String>) -> TargetError {
 }
 
 fn sql_error(context: &str, error: tokio_postgres::Error) -> TargetError {
-    TargetError { target: TARGET, kind: classify(&error), message: format!("{context}: {}", describe(&error)), source: Some(Box::new(error)) }
+    let (kind, message) = (classify(&error), format!("{context}: {}", describe(&error)));
+    // A server error is not kept as the source: its text (printed with the error chain) may
+    // quote row values; `describe` kept what is safe to print.
+    let source: Option<Box<dyn std::error::Error + Send + Sync>> = if error.as_db_error().is_some() { None } else { Some(Box::new(error)) };
+    TargetError { target: TARGET, kind, message, source }
 }
 
-/// What went wrong, fit for logs: the server's SQLSTATE and message, except for refused rows,
-/// whose messages quote values (`refusal` names them instead).
+/// What went wrong, fit for logs: the server's SQLSTATE, with its message for the classes
+/// whose messages name only objects and conditions (connection, transaction rollback,
+/// resources, locks, operator intervention, names and permissions, login, unsupported
+/// features). Other messages may quote values (invalid input, constraint details, a trigger's
+/// RAISE): those errors are named by SQLSTATE, table, column and constraint only.
 fn describe(error: &tokio_postgres::Error) -> String {
+    const SAFE_CLASSES: [&str; 10] = ["08", "40", "53", "55", "57", "42", "3D", "3F", "28", "0A"];
     match error.as_db_error() {
-        Some(_) if classify(error) == ErrorKind::Poison => refusal(error),
-        Some(db) => format!("SQLSTATE {}: {}", db.code().code(), db.message()),
+        Some(db) if SAFE_CLASSES.iter().any(|class| db.code().code().starts_with(class)) => format!("SQLSTATE {}: {}", db.code().code(), db.message()),
+        Some(_) => refusal(error).replacen("the target refused the change: ", "", 1),
         None => error.to_string(),
     }
 }

@@ -82,29 +82,26 @@ impl PgSide {
         let Some((_, first)) = expected.first() else { return Ok(out) };
         // Rows of one source table map to the same columns.
         let names: Vec<String> = first.iter().map(|(c, _)| c.clone()).collect();
-        let mut sql = String::from("SELECT e.n");
-        for k in &t.key {
-            let i = names.iter().position(|n| n == k).expect("key column checked above");
-            sql.push_str(&format!(", e.c{i}::text"));
+        if let Some(missing) = names.iter().find(|n| !t.types.contains_key(*n)) {
+            anyhow::bail!("target table {target} has no column {missing} (from {}); the stream stops at it too", table.relation.qualified_name());
         }
-        sql.push_str(&format!(", t.{} IS NULL", quote_ident(&t.key[0])));
-        for (i, name) in names.iter().enumerate() {
-            sql.push_str(&format!(", e.c{i}::text, t.{}::text", quote_ident(name)));
-        }
-        sql.push_str(" FROM (VALUES ");
-        for (n, (index, columns)) in expected.iter().enumerate() {
-            sql.push_str(if n == 0 { "(" } else { ", (" });
-            sql.push_str(&index.to_string());
-            for (name, text) in columns {
-                sql.push_str(", ");
-                t.value(name, text, &mut sql)?;
+        let rows = match self.compare_query(t, &names, &expected).await {
+            Ok(rows) => rows,
+            // A value the target type refuses (the stream dead-letters such a row): find the
+            // rows row by row; the server's message, which quotes the value, is not shown.
+            Err(error) if error.code().is_some_and(|c| c.code().starts_with("22")) => {
+                let mut rows = Vec::new();
+                for one in &expected {
+                    match self.compare_query(t, &names, std::slice::from_ref(one)).await {
+                        Ok(found) => rows.extend(found),
+                        Err(error) if error.code().is_some_and(|c| c.code().starts_with("22")) => out[one.0].2 = Finding::Untranslatable,
+                        Err(error) => return Err(anyhow::anyhow!("cannot read rows of target table {target}: SQLSTATE {}", error.code().map_or("?", |c| c.code()))),
+                    }
+                }
+                rows
             }
-            sql.push(')');
-        }
-        let aliases: Vec<String> = (0..names.len()).map(|i| format!("c{i}")).collect();
-        let join: Vec<String> = t.key.iter().map(|k| format!("t.{0} = e.c{1}", quote_ident(k), names.iter().position(|n| n == k).unwrap_or(0))).collect();
-        sql.push_str(&format!(") AS e(n, {}) LEFT JOIN {} t ON {}", aliases.join(", "), t.quoted, join.join(" AND ")));
-        let rows = self.client.query(&sql, &[]).await.with_context(|| format!("cannot read rows of target table {target}"))?;
+            Err(error) => return Err(anyhow::anyhow!("cannot read rows of target table {target}: SQLSTATE {}", error.code().map_or("?", |c| c.code()))),
+        };
         for row in rows {
             let index = row.get::<_, i32>(0) as usize;
             let key: BTreeMap<String, String> = t.key.iter().enumerate().map(|(i, k)| (k.clone(), row.get::<_, Option<String>>(1 + i).unwrap_or_default())).collect();
@@ -131,6 +128,36 @@ impl PgSide {
             out[index].2 = finding;
         }
         Ok(out)
+    }
+
+    /// The expected rows (`(index, columns)`) cast to the target types and left-joined with
+    /// the target table: per row its index, the key as the target prints it, whether the
+    /// target lacks the row, and each column's expected and stored text.
+    async fn compare_query(&self, t: &TargetTable, names: &[String], expected: &[(usize, Vec<(String, Text)>)]) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        let mut sql = String::from("SELECT e.n");
+        for k in &t.key {
+            let i = names.iter().position(|n| n == k).expect("key column checked above");
+            sql.push_str(&format!(", e.c{i}::text"));
+        }
+        sql.push_str(&format!(", t.{} IS NULL", quote_ident(&t.key[0])));
+        for (i, name) in names.iter().enumerate() {
+            sql.push_str(&format!(", e.c{i}::text, t.{}::text", quote_ident(name)));
+        }
+        sql.push_str(" FROM (VALUES ");
+        for (n, (index, columns)) in expected.iter().enumerate() {
+            sql.push_str(if n == 0 { "(" } else { ", (" });
+            sql.push_str(&index.to_string());
+            for (name, text) in columns {
+                sql.push_str(", ");
+                // Every column exists in the target: checked by the caller.
+                let _ = t.value(name, text, &mut sql);
+            }
+            sql.push(')');
+        }
+        let aliases: Vec<String> = (0..names.len()).map(|i| format!("c{i}")).collect();
+        let join: Vec<String> = t.key.iter().map(|k| format!("t.{0} = e.c{1}", quote_ident(k), names.iter().position(|n| n == k).unwrap_or(0))).collect();
+        sql.push_str(&format!(") AS e(n, {}) LEFT JOIN {} t ON {}", aliases.join(", "), t.quoted, join.join(" AND ")));
+        self.client.query(&sql, &[]).await
     }
 
     /// Target rows no verified row produced, by keyset pages over the target's primary key.
