@@ -139,8 +139,8 @@ impl PipelineState {
         if !self.active.load(Ordering::Relaxed) {
             return match (standby_ok, self.standby_healthy.load(Ordering::Relaxed)) {
                 (true, true) => Ok(()),
-                (true, false) => Err("standby: cannot reach Postgres to wait for the HA lock".into()),
-                (false, _) => Err("standby: another replica holds the HA lock".into()),
+                (_, false) => Err("standby: cannot reach Postgres to wait for the HA lock (or not tried yet)".into()),
+                (false, true) => Err("standby: another replica holds the HA lock".into()),
             };
         }
         if !self.streaming() {

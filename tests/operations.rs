@@ -248,7 +248,7 @@ async fn of_two_replicas_one_streams_and_the_other_takes_over_after_kill_9() {
     wait_for("replica a to stream", Duration::from_secs(30), || async { streaming(port_a) == Some(true) }).await;
     let mut b = start(&config_b, &log_b);
     wait_for("replica b to stand by", Duration::from_secs(30), || async {
-        http_get(port_b, "/readyz").is_some_and(|(code, body)| code == 503 && body.contains("standby"))
+        http_get(port_b, "/readyz").is_some_and(|(code, body)| code == 503 && body.contains("another replica holds the HA lock"))
     })
     .await;
     assert_eq!(http_get(port_b, "/readyz?standby=ok").unwrap().0, 200, "a healthy standby is ready for Kubernetes");
