@@ -22,7 +22,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use sluice_dynamodb::{item_size, Attr, ClientOptions, DynamoClient, GuardedWrite, Item, Outcome, WriteAction, MAX_ITEM_BYTES};
 use tokio::sync::{mpsc, Notify};
 
-use super::dead_letter::DeadLetter;
+use super::dead_letter::{source_name, DeadLetter};
 use super::{Receipt, Target, TargetStats};
 use crate::config::{DynamoConfig, WriteMode};
 use crate::error::{ErrorKind, TargetError};
@@ -97,7 +97,7 @@ impl DynamoTarget {
         };
         let outbox = config.outbox.as_ref().and_then(|outbox| outbox.event_table.clone().map(|table| (outbox.clone(), table)));
         let client = DynamoClient::connect(&client_options(config)).await;
-        let dead_letter = Arc::new(DeadLetter::open("dynamodb", config.dead_letter.clone()).await?);
+        let dead_letter = Arc::new(DeadLetter::open("dynamodb", config.dead_letter.clone(), stats.clone()).await?);
         let workers = (0..config.concurrency)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(256);
@@ -155,7 +155,6 @@ impl Target for DynamoTarget {
                 Ok(None) => continue,
                 Err(error @ TranslateError::Poison { .. }) => {
                     self.dead_letter.record(position, &source_name(event), None, &error.to_string()).await?;
-                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 Err(error @ TranslateError::Fatal { .. }) => {
@@ -168,7 +167,6 @@ impl Target for DynamoTarget {
                     if size > MAX_ITEM_BYTES {
                         let reason = format!("item of {size} bytes exceeds DynamoDB's 400 KB limit");
                         self.dead_letter.record(position, &source, Some(&|line: &mut Vec<u8>| write_details(line, &write)), &reason).await?;
-                        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                 }
@@ -202,15 +200,6 @@ impl Target for DynamoTarget {
                 None => Ok(()),
             }
         }))
-    }
-}
-
-/// The table(s) an event belongs to, for dead-letter entries.
-fn source_name(event: &ChangeEvent) -> String {
-    match event {
-        ChangeEvent::Truncate { relations, .. } => relations.iter().map(|r| r.qualified_name()).collect::<Vec<_>>().join(","),
-        ChangeEvent::Message { prefix, .. } => format!("message:{prefix}"),
-        other => row_relation(other).map(|r| r.qualified_name()).unwrap_or_default(),
     }
 }
 
@@ -302,11 +291,8 @@ async fn apply_one(client: &DynamoClient, job: &Job, dead_letter: &DeadLetter, s
             Ok(outcome) => return count(stats, outcome),
             Err(error) if error.is_transient() && started.elapsed() < retry_for => pause(stats, &mut backoff, &error, "write").await,
             Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
-                match dead_letter.record(job.position, &job.source, Some(&|line: &mut Vec<u8>| write_details(line, &job.write)), &error.to_string()).await {
-                    Ok(()) => {
-                        stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => job.batch.fail(e),
+                if let Err(e) = dead_letter.record(job.position, &job.source, Some(&|line: &mut Vec<u8>| write_details(line, &job.write)), &error.to_string()).await {
+                    job.batch.fail(e);
                 }
                 return;
             }

@@ -19,11 +19,11 @@ use std::time::Instant;
 
 use sluice_kafka::{KafkaProducer, ProducerOptions, Record};
 
-use super::dead_letter::DeadLetter;
+use super::dead_letter::{source_name, DeadLetter};
 use super::{Receipt, Target, TargetStats};
 use crate::config::KafkaConfig;
 use crate::error::{ErrorKind, TargetError};
-use crate::event::{ChangeEvent, EventBatch};
+use crate::event::EventBatch;
 use crate::translate::kafka::{KafkaTranslator, TranslateError};
 
 pub struct KafkaTarget {
@@ -47,18 +47,8 @@ impl KafkaTarget {
         };
         let producer = KafkaProducer::new(&options).map_err(|e| TargetError::fatal("kafka", "cannot create the Kafka producer (target.properties)", e))?;
         let translator = KafkaTranslator::new(&config.topic, config.topics.clone(), config.tombstones_on_delete, config.outbox.clone());
-        let dead_letter = Arc::new(DeadLetter::open("kafka", config.dead_letter.clone()).await?);
+        let dead_letter = Arc::new(DeadLetter::open("kafka", config.dead_letter.clone(), stats.clone()).await?);
         Ok(KafkaTarget { producer, translator, dead_letter, stats, records: Vec::new(), known_topics: Default::default() })
-    }
-}
-
-/// The source table an event belongs to, for dead-letter entries.
-pub(super) fn source_name(event: &ChangeEvent) -> String {
-    match event {
-        ChangeEvent::Insert { relation, .. } | ChangeEvent::Update { relation, .. } | ChangeEvent::Delete { relation, .. } => relation.qualified_name(),
-        ChangeEvent::Truncate { relations, .. } => relations.iter().map(|r| r.qualified_name()).collect::<Vec<_>>().join(","),
-        ChangeEvent::Message { prefix, .. } => format!("message:{prefix}"),
-        _ => String::new(),
     }
 }
 
@@ -86,7 +76,6 @@ impl Target for KafkaTarget {
             records.clear();
             if let Err(TranslateError::Poison { reason, .. }) = self.translator.translate(event, &mut records) {
                 self.dead_letter.record(position, &source_name(event), None, &reason).await?;
-                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             for record in records.drain(..) {
@@ -121,7 +110,6 @@ impl Target for KafkaTarget {
                     Err(error) if error.is_poison() => {
                         let details = record_details(record.topic, record.key);
                         self.dead_letter.record(position, &source_name(event), Some(&details), &error.to_string()).await?;
-                        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(error) => return Err(TargetError::fatal("kafka", "cannot produce to Kafka", error)),
                 }
@@ -141,7 +129,6 @@ impl Target for KafkaTarget {
                     Err(error) if error.is_poison() => {
                         let details = record_details(topic, key);
                         dead_letter.record(position, &source_name(&batch.events[index]), Some(&details), &error.to_string()).await?;
-                        stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(error) => {
                         return Err(TargetError { target: "kafka", kind: ErrorKind::Fatal, message: error.to_string(), source: Some(Box::new(error)) });

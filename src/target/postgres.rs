@@ -34,8 +34,7 @@ use sluice_postgres::{ConnectionConfig, Lsn};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::SimpleQueryMessage;
 
-use super::dead_letter::DeadLetter;
-use super::kafka::source_name;
+use super::dead_letter::{source_name, DeadLetter};
 use super::{Receipt, Target, TargetStats};
 use crate::config::PostgresTargetConfig;
 use crate::error::{ErrorKind, TargetError};
@@ -142,7 +141,7 @@ fn describe(error: &tokio_postgres::Error) -> String {
     const SAFE_CLASSES: [&str; 10] = ["08", "40", "53", "55", "57", "42", "3D", "3F", "28", "0A"];
     match error.as_db_error() {
         Some(db) if SAFE_CLASSES.iter().any(|class| db.code().code().starts_with(class)) => format!("SQLSTATE {}: {}", db.code().code(), db.message()),
-        Some(_) => refusal(error).replacen("the target refused the change: ", "", 1),
+        Some(_) => error_fields(error),
         None => error.to_string(),
     }
 }
@@ -160,14 +159,19 @@ fn classify(error: &tokio_postgres::Error) -> ErrorKind {
 
 /// Why the target refused a row, without the server's message (it quotes values).
 fn refusal(error: &tokio_postgres::Error) -> String {
-    let Some(db) = error.as_db_error() else { return "the target refused the change".into() };
-    let mut reason = format!("the target refused the change: SQLSTATE {}", db.code().code());
+    format!("the target refused the change: {}", error_fields(error))
+}
+
+/// A server error by its SQLSTATE and the objects it names (table, column, constraint, type).
+fn error_fields(error: &tokio_postgres::Error) -> String {
+    let Some(db) = error.as_db_error() else { return error.to_string() };
+    let mut fields = format!("SQLSTATE {}", db.code().code());
     for (label, value) in [("table", db.table()), ("column", db.column()), ("constraint", db.constraint()), ("type", db.datatype())] {
         if let Some(value) = value {
-            let _ = write!(reason, ", {label} {value}");
+            let _ = write!(fields, ", {label} {value}");
         }
     }
-    reason
+    fields
 }
 
 impl PgTarget {
@@ -201,7 +205,7 @@ impl PgTarget {
             applied: Position::default(),
             retry_for: config.retry_for,
             lock_timeout: config.lock_timeout,
-            dead_letter: DeadLetter::open(TARGET, config.dead_letter.clone()).await?,
+            dead_letter: DeadLetter::open(TARGET, config.dead_letter.clone(), stats.clone()).await?,
             stats,
         };
         applier.applied = applier.read_checkpoint().await.map_err(|e| sql_error("cannot read the checkpoint", e))?;
@@ -264,7 +268,6 @@ impl Applier {
                 Ok(()) => {}
                 Err(error @ TranslateError::Poison { .. }) => {
                     self.dead_letter.record(position, &source_name(event), None, &error.to_string()).await?;
-                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(error @ TranslateError::Fatal { .. }) => return Err(fatal(error.to_string())),
             }
@@ -340,7 +343,7 @@ impl Applier {
                 return Err(sql_error("cannot apply a batch", error));
             }
         };
-        let counts: Vec<u64> = messages.iter().filter_map(|m| if let SimpleQueryMessage::CommandComplete(n) = m { Some(*n) } else { None }).collect();
+        let counts = row_counts(&messages);
         self.stats.applied.fetch_add(ops.len() as u64, Ordering::Relaxed);
         // counts[0] is BEGIN; partial updates of rows the target lacks changed nothing.
         for (index, statement) in statements.iter().enumerate() {
@@ -366,7 +369,7 @@ impl Applier {
                 match client.simple_query(&sql).await {
                     Ok(messages) => {
                         self.stats.applied.fetch_add(1, Ordering::Relaxed);
-                        let changed = messages.iter().filter_map(|m| if let SimpleQueryMessage::CommandComplete(n) = m { Some(*n) } else { None }).nth(1);
+                        let changed = row_counts(&messages).get(1).copied();
                         if matches!(statements.first(), Some(Statement::Update(_))) && changed == Some(0) {
                             self.missing_row(op).await?;
                         }
@@ -374,7 +377,6 @@ impl Applier {
                     Err(error) if classify(&error) == ErrorKind::Poison => {
                         client.batch_execute("ROLLBACK TO SAVEPOINT sluice_op; RELEASE SAVEPOINT sluice_op").await.map_err(|e| sql_error("cannot roll back to a savepoint", e))?;
                         self.dead_letter.record(op.position, &op.source, Some(&|line: &mut Vec<u8>| details(line, &op.op)), &refusal(&error)).await?;
-                        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(error) => return Err(sql_error("cannot apply a change", error)),
                 }
@@ -397,7 +399,6 @@ impl Applier {
     async fn missing_row(&self, op: &Op) -> Result<(), TargetError> {
         let reason = "partial update (unchanged TOAST columns) of a row the target does not hold; backfill the table";
         self.dead_letter.record(op.position, &op.source, Some(&|line: &mut Vec<u8>| details(line, &op.op)), reason).await?;
-        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -442,7 +443,7 @@ impl Applier {
                     for (n, &row) in rows.iter().enumerate() {
                         let RowOp::Upsert { columns, .. } = &ops[row].op else { unreachable!() };
                         sql.push_str(if n == 0 { "(" } else { ", (" });
-                        self.values(table, columns, sql)?;
+                        table.values(columns, sql)?;
                         sql.push(')');
                     }
                     let updates: Vec<String> = names.iter().filter(|n| !table.key.iter().any(|k| k == *n)).map(|n| format!("{0} = EXCLUDED.{0}", quote_ident(n))).collect();
@@ -462,7 +463,7 @@ impl Applier {
                             break;
                         }
                         sql.push_str(if n == 0 { "(" } else { ", (" });
-                        self.values(table, key, sql)?;
+                        table.values(key, sql)?;
                         sql.push(')');
                         n += 1;
                         index += 1;
@@ -479,10 +480,10 @@ impl Applier {
                     let _ = write!(sql, "UPDATE {} SET ", table.quoted);
                     for (n, (name, text)) in set.iter().enumerate() {
                         let _ = write!(sql, "{}{} = ", if n == 0 { "" } else { ", " }, quote_ident(name));
-                        self.value(table, name, text, sql)?;
+                        table.value(name, text, sql)?;
                     }
                     let _ = write!(sql, " WHERE ({}) = (", table.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", "));
-                    self.values(table, key, sql)?;
+                    table.values(key, sql)?;
                     sql.push_str(");\n");
                     statements.push(Statement::Update(index));
                     index += 1;
@@ -501,22 +502,20 @@ impl Applier {
         self.tables.get(name).ok_or_else(|| fatal(format!("target table {name} is not in the catalog read at start")))
     }
 
-    fn values(&self, table: &TargetTable, columns: &[(String, Text)], sql: &mut String) -> Result<(), TargetError> {
+}
+
+impl TargetTable {
+    /// Appends the values of `columns`, comma-separated, each cast to its column's type.
+    pub(crate) fn values(&self, columns: &[(String, Text)], sql: &mut String) -> Result<(), TargetError> {
         for (n, (name, text)) in columns.iter().enumerate() {
             if n > 0 {
                 sql.push_str(", ");
             }
-            self.value(table, name, text, sql)?;
+            self.value(name, text, sql)?;
         }
         Ok(())
     }
 
-    fn value(&self, table: &TargetTable, column: &str, text: &Text, sql: &mut String) -> Result<(), TargetError> {
-        table.value(column, text, sql)
-    }
-}
-
-impl TargetTable {
     /// Appends a value for `column` as a literal cast to the column's type.
     pub(crate) fn value(&self, column: &str, text: &Text, sql: &mut String) -> Result<(), TargetError> {
         let sql_type = self.types.get(column).ok_or_else(|| fatal(format!("target table {} has no column {column}", self.quoted)))?;
@@ -530,6 +529,11 @@ impl TargetTable {
         }
         Ok(())
     }
+}
+
+/// The rows each statement of a simple query affected, in statement order.
+fn row_counts(messages: &[SimpleQueryMessage]) -> Vec<u64> {
+    messages.iter().filter_map(|m| if let SimpleQueryMessage::CommandComplete(n) = m { Some(*n) } else { None }).collect()
 }
 
 /// What a statement was, to read its row count.

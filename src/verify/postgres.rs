@@ -147,11 +147,9 @@ impl PgSide {
         for (n, (index, columns)) in expected.iter().enumerate() {
             sql.push_str(if n == 0 { "(" } else { ", (" });
             sql.push_str(&index.to_string());
-            for (name, text) in columns {
-                sql.push_str(", ");
-                // Every column exists in the target: checked by the caller.
-                let _ = t.value(name, text, &mut sql);
-            }
+            sql.push_str(", ");
+            // Every column exists in the target: checked by the caller.
+            let _ = t.values(columns, &mut sql);
             sql.push(')');
         }
         let aliases: Vec<String> = (0..names.len()).map(|i| format!("c{i}")).collect();
