@@ -27,8 +27,9 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
     pg.psql(
         DB,
         &format!(
-            "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL); CREATE PUBLICATION bench_pub FOR TABLE bench;
+            "{}; CREATE PUBLICATION bench_pub FOR TABLE bench;
              INSERT INTO bench SELECT g, 'name-' || g, g * 1.5 FROM generate_series(1, {}) g;",
+            super::BENCH_TABLE,
             args.rows
         ),
     )?;
@@ -175,17 +176,8 @@ async fn verify_rate(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, endpoi
 /// Backfills the table into a second database of the cluster once (the Postgres target), then
 /// times `sluice verify` over it `runs` times.
 async fn verify_rate_postgres(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs) -> BenchResult<()> {
-    let target_db = format!("{DB}_target");
-    pg.create_database(&target_db)?;
-    pg.psql(&target_db, "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL)")?;
     let dir = tempfile::tempdir()?;
-    let mapping = dir.path().join("mapping.toml");
-    std::fs::write(&mapping, "[[tables]]\nsource = \"public.bench\"\ntarget = \"public.bench\"\n")?;
-    let target = format!(
-        "[target]\nkind = \"postgres\"\nmapping = \"{}\"\n[target.connection]\nport = {}\ndbname = \"{target_db}\"\nuser = \"postgres\"\n",
-        mapping.display(),
-        pg.port
-    );
+    let target = super::postgres_target(pg, &format!("{DB}_target"), dir.path())?;
     let (rate, _) = backfill_rate(pg, sluice, args, 1000, Some(&target)).await?;
     println!("\nbackfill into a Postgres target (a second database, same cluster): {rate:.0} rows/s");
     let config = dir.path().join("verify.toml");

@@ -360,7 +360,7 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
             "g, 'Order', 'order-' || (g % 1000), 'Step', jsonb_build_object('n', g, 'name', 'name-' || g)",
         )
     } else {
-        ("CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL)", "g, 'name-' || g, g * 1.5")
+        (BENCH_TABLE, "g, 'name-' || g, g * 1.5")
     };
     pg.psql(&db, &format!("{table}; CREATE PUBLICATION bench_pub FOR TABLE bench;"))?;
     for slot in ["baseline", "sluice"] {
@@ -384,12 +384,8 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
     // Flush WAL and dirty pages now, so that neither consumer pays for it.
     pg.psql(&db, "CHECKPOINT")?;
     let total_rows = rows as f64 + 1.0;
-    // The Postgres target writes into a database of its own, emptied for each run.
+    // The Postgres target writes into a database of its own, made for each run.
     let target_db = format!("{db}_target");
-    if args.target == BenchTarget::Postgres {
-        pg.create_database(&target_db)?;
-        pg.psql(&target_db, "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL)")?;
-    }
 
     let baseline = || -> BenchResult<f64> {
         let mut cmd = pg.client_command("pg_recvlogical");
@@ -438,15 +434,7 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
                     Some(brokers) if kafka => format!(
                         "[target]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ncompression = \"none\"\n[target.outbox]\ntable = \"public.bench\"\n"
                     ),
-                    _ if args.target == BenchTarget::Postgres => {
-                        let mapping = dir.path().join("mapping.toml");
-                        std::fs::write(&mapping, "[[tables]]\nsource = \"public.bench\"\ntarget = \"public.bench\"\n")?;
-                        format!(
-                            "[target]\nkind = \"postgres\"\nmapping = \"{}\"\n[target.connection]\nport = {}\ndbname = \"{target_db}\"\nuser = \"postgres\"\n",
-                            mapping.display(),
-                            pg.port
-                        )
-                    }
+                    _ if args.target == BenchTarget::Postgres => postgres_target(pg, &target_db, dir.path())?,
                     _ => "[target]\nkind = \"null\"\n".to_owned(),
                 }
             ),
@@ -512,6 +500,23 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
         pg.psql("postgres", &format!("DROP DATABASE \"{target_db}\" WITH (FORCE)"))?;
     }
     Ok(Sample { baseline_rows_per_s, sluice_rows_per_s, peak_rss_kib, sluice_cpu_s })
+}
+
+/// The table the null, Postgres and backfill benchmarks stream.
+const BENCH_TABLE: &str = "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL)";
+
+/// A Postgres target for the bench table: creates `target_db` in the cluster with an empty
+/// `bench` table, writes the mapping into `dir`, and returns the config's `[target]` sections.
+fn postgres_target(pg: &LocalPostgres, target_db: &str, dir: &Path) -> BenchResult<String> {
+    pg.create_database(target_db)?;
+    pg.psql(target_db, BENCH_TABLE)?;
+    let mapping = dir.join("mapping.toml");
+    std::fs::write(&mapping, "[[tables]]\nsource = \"public.bench\"\ntarget = \"public.bench\"\n")?;
+    Ok(format!(
+        "[target]\nkind = \"postgres\"\nmapping = \"{}\"\n[target.connection]\nport = {}\ndbname = \"{target_db}\"\nuser = \"postgres\"\n",
+        mapping.display(),
+        pg.port
+    ))
 }
 
 /// The process's peak resident set (VmHWM) in KiB.
