@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sluice_dynamodb::{Attr, DynamoClient, Item};
 
-use crate::harness::{dynamo_client, kill_9, moto, sluice, wait_for, LogsOnPanic, Moto, TestDb};
+use crate::harness::{differences, dynamo_client, kill_9, moto, sluice, verify_report, wait_for, LogsOnPanic, Moto, TestDb};
 
 const SCHEMA: &str = "CREATE TABLE customers (id int8 PRIMARY KEY, email text, password_hash text, status text NOT NULL DEFAULT 'active',
     balance numeric(12,2), created_at timestamptz, tags text[], prefs jsonb, bio text);
@@ -80,12 +80,7 @@ impl Setup {
     }
 
     async fn verify(&self) -> serde_json::Value {
-        let (code, out) = self.command(&["verify", "--json"]).await;
-        let json_start = out.find('{').unwrap_or_else(|| panic!("a JSON report: {out}"));
-        let report: serde_json::Value = serde_json::from_str(&out[json_start..out.rfind('}').unwrap() + 1]).unwrap_or_else(|e| panic!("{e}: {out}"));
-        let differences: u64 = report["tables"].as_array().unwrap().iter().map(|t| t["missing"].as_u64().unwrap() + t["different"].as_u64().unwrap() + t["extra"].as_u64().unwrap()).sum();
-        assert_eq!(code, Some(if differences == 0 { 0 } else { 3 }), "exit code follows the differences: {out}");
-        report
+        verify_report(&self.config).await
     }
 
     async fn wait_confirmed_past_now(&self, slot: &str) {
@@ -98,10 +93,6 @@ impl Setup {
 fn stop(mut child: Child) {
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(child.wait().unwrap().success(), "sluice exits 0 on SIGTERM");
-}
-
-fn differences(report: &serde_json::Value) -> u64 {
-    report["tables"].as_array().unwrap().iter().map(|t| t["missing"].as_u64().unwrap() + t["different"].as_u64().unwrap() + t["extra"].as_u64().unwrap()).sum()
 }
 
 fn table<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {

@@ -290,6 +290,24 @@ pub fn sluice_output(args: &[&str], limit: Duration) -> (Option<i32>, String) {
     }
 }
 
+/// `sluice verify --json -c config` through the binary: the report, with the exit code
+/// checked against it (0 when equal, 3 when anything differs).
+pub async fn verify_report(config: &std::path::Path) -> serde_json::Value {
+    let mut command = sluice();
+    command.args(["verify", "--json", "-c", config.to_str().unwrap()]);
+    let out = tokio::task::spawn_blocking(move || command.output().expect("run sluice verify")).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("a JSON report ({e}): {stdout} {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(if differences(&report) == 0 { 0 } else { 3 }), "exit code follows the differences: {report:#}");
+    report
+}
+
+/// Missing, different and extra keys over every table of a verify report.
+pub fn differences(report: &serde_json::Value) -> u64 {
+    report["tables"].as_array().unwrap().iter().map(|t| t["missing"].as_u64().unwrap() + t["different"].as_u64().unwrap() + t["extra"].as_u64().unwrap()).sum()
+}
+
 /// Kills a child process with SIGKILL (no chance to flush or confirm anything).
 pub fn kill_9(child: &mut Child) {
     let _ = Command::new("kill").arg("-9").arg(child.id().to_string()).status();

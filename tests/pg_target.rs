@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use crate::harness::{kill_9, sluice, sluice_output, wait_for, LogsOnPanic, TestDb};
+use crate::harness::{kill_9, sluice, sluice_output, verify_report, wait_for, LogsOnPanic, TestDb};
 
 const SOURCE_SCHEMA: &str = "CREATE TABLE customers (id int8 PRIMARY KEY, email text, password_hash text, status text NOT NULL DEFAULT 'active',
     balance numeric(12,2), created_at timestamptz, tags text[], prefs jsonb, bio text);
@@ -225,19 +225,6 @@ fn a_mapped_column_the_target_lacks_is_named_at_start() {
     assert!(stderr.contains("target table v2.customers has no column origin"), "{stderr}");
 }
 
-/// `sluice verify --json` through the binary: the report, with the exit code checked against it.
-async fn verify(config: &Path) -> serde_json::Value {
-    let mut command = sluice();
-    command.args(["verify", "--json", "-c", config.to_str().unwrap()]);
-    let out = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value =
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&out.stderr)));
-    let differences: u64 = report["tables"].as_array().unwrap().iter().map(|t| t["missing"].as_u64().unwrap() + t["different"].as_u64().unwrap() + t["extra"].as_u64().unwrap()).sum();
-    assert_eq!(out.status.code(), Some(if differences == 0 { 0 } else { 3 }), "exit code follows the differences: {report:#}");
-    report
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_finds_drift_in_a_postgres_target_exactly_and_reconcile_repairs_it() {
     let db = TestDb::new();
@@ -265,7 +252,7 @@ async fn verify_finds_drift_in_a_postgres_target_exactly_and_reconcile_repairs_i
     })
     .await;
     wait_for("every customer in the target", Duration::from_secs(60), || async { target.sql("SELECT count(*) FROM v2.customers") == "270" }).await;
-    let report = verify(&config).await;
+    let report = verify_report(&config).await;
     assert_eq!(report["tables"][0]["matched"], 270, "{report:#}");
 
     // Drift behind sluice's back: a row deleted, one changed, one added that no source row makes.
@@ -275,7 +262,7 @@ async fn verify_finds_drift_in_a_postgres_target_exactly_and_reconcile_repairs_i
          INSERT INTO v2.customers (customer_id, status, origin) VALUES (999999, 'active', 'stray');
          DELETE FROM v2.orders WHERE customer_id = 3 AND id = 3;",
     );
-    let report = verify(&config).await;
+    let report = verify_report(&config).await;
     let customers = report["tables"].as_array().unwrap().iter().find(|t| t["table"] == "public.customers").unwrap();
     assert_eq!((customers["missing"].as_u64(), customers["different"].as_u64(), customers["extra"].as_u64()), (Some(1), Some(1), Some(1)), "{report:#}");
     assert_eq!(customers["missing_keys"][0]["id"], "7");
@@ -295,7 +282,7 @@ async fn verify_finds_drift_in_a_postgres_target_exactly_and_reconcile_repairs_i
     assert!(text.contains("3 keys of public.customers") && text.contains("1 keys of public.orders"), "{text}");
     assert_eq!(target.sql("SELECT email_address FROM v2.customers WHERE customer_id IN (7, 8) ORDER BY 1"), "c7@x\nc8@x");
     assert_eq!(target.sql("SELECT count(*) FROM v2.customers WHERE customer_id = 999999"), "0", "the stray row is deleted");
-    let report = verify(&config).await;
+    let report = verify_report(&config).await;
     assert_eq!(report["tables"][0]["matched"], 270, "{report:#}");
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(child.wait().unwrap().success());
@@ -479,7 +466,7 @@ async fn verify_counts_a_row_the_target_type_refuses_as_untranslatable_without_q
     db.sql("INSERT INTO orders VALUES (1, 1, 5), (1, 2, 987654321.5), (1, 3, 7)");
     run_to_now(&db, &config);
     assert_eq!(target.sql("SELECT id FROM v2.orders ORDER BY 1"), "1\n3", "the overflowing row was dead-lettered");
-    let report = verify(&config).await;
+    let report = verify_report(&config).await;
     let orders = report["tables"].as_array().unwrap().iter().find(|t| t["table"] == "public.orders").unwrap();
     assert_eq!((orders["rows"].as_u64(), orders["matched"].as_u64(), orders["untranslatable"].as_u64()), (Some(3), Some(2), Some(1)), "{report:#}");
     assert!(!report.to_string().contains("987654321"), "{report:#}");
