@@ -44,6 +44,22 @@ fn target_db(db: &TestDb) -> TestDb {
     target
 }
 
+/// A source database with the shop schema, a target database with schema v2, a temp dir and
+/// a config streaming slot `slot` into the target (`extra`: further `[target]` keys).
+fn setup(slot: &str, extra: &str) -> (TestDb, TestDb, tempfile::TempDir, PathBuf) {
+    let db = TestDb::new();
+    db.sql(SOURCE_SCHEMA);
+    let target = target_db(&db);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&db, &target, dir.path(), slot, extra);
+    (db, target, dir, config)
+}
+
+/// Counts every row write on v2.orders in table `writes`: a change applied twice counts twice.
+const COUNT_WRITES: &str = "CREATE TABLE writes (n int8 NOT NULL); INSERT INTO writes VALUES (0);
+     CREATE FUNCTION count_write() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN UPDATE writes SET n = n + 1; RETURN NULL; END $$;
+     CREATE TRIGGER counted AFTER INSERT OR UPDATE OR DELETE ON v2.orders FOR EACH ROW EXECUTE FUNCTION count_write();";
+
 /// Runs sluice until the stream passed everything written so far.
 fn run_to_now(db: &TestDb, config: &Path) -> String {
     let end = db.insert_lsn();
@@ -63,11 +79,7 @@ fn customers(db: &TestDb, target: &TestDb) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_apply_through_the_mapping_and_the_target_equals_the_source() {
-    let db = TestDb::new();
-    db.sql(SOURCE_SCHEMA);
-    let target = target_db(&db);
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(&db, &target, dir.path(), "pgt", "");
+    let (db, target, dir, config) = setup("pgt", "");
     // The first run creates the slot (and the checkpoint table); nothing to apply yet.
     run_to_now(&db, &config);
 
@@ -118,11 +130,7 @@ async fn kill_9_mid_stream_then_restart_applies_every_change_exactly_once() {
     db.sql(SOURCE_SCHEMA);
     let target = target_db(&db);
     // Every row-level write the target sees is counted: a change applied twice counts twice.
-    target.sql(
-        "CREATE TABLE writes (n int8 NOT NULL); INSERT INTO writes VALUES (0);
-         CREATE FUNCTION count_write() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN UPDATE writes SET n = n + 1; RETURN NULL; END $$;
-         CREATE TRIGGER counted AFTER INSERT OR UPDATE OR DELETE ON v2.orders FOR EACH ROW EXECUTE FUNCTION count_write();",
-    );
+    target.sql(COUNT_WRITES);
     let dir = tempfile::tempdir().unwrap();
     let config = config(&db, &target, dir.path(), "pgk", "");
     let _logs = LogsOnPanic(vec![dir.path().join("first.log"), dir.path().join("second.log")]);
@@ -173,11 +181,7 @@ async fn kill_9_mid_stream_then_restart_applies_every_change_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_the_target_refuses_is_dead_lettered_without_its_values_and_the_rest_applies() {
-    let db = TestDb::new();
-    db.sql(SOURCE_SCHEMA);
-    let target = target_db(&db);
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(&db, &target, dir.path(), "pgd", "");
+    let (db, target, dir, config) = setup("pgd", "");
     run_to_now(&db, &config);
     // The target's CHECK (balance >= 0) refuses customer 3; the others in the same
     // transaction and the next ones apply.
@@ -290,11 +294,7 @@ async fn verify_finds_drift_in_a_postgres_target_exactly_and_reconcile_repairs_i
 
 #[test]
 fn validate_checks_a_postgres_mapping_against_both_catalogs() {
-    let db = TestDb::new();
-    db.sql(SOURCE_SCHEMA);
-    let target = target_db(&db);
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(&db, &target, dir.path(), "pgval", "");
+    let (db, target, dir, config) = setup("pgval", "");
     let (code, stdout_or_err) = sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(60));
     assert_eq!(code, Some(0), "the worked example fits: {stdout_or_err}");
 
@@ -347,11 +347,7 @@ async fn a_target_server_restart_mid_stream_is_retried_and_each_change_still_app
     let options = sluice::localpg::ClusterOptions { settings: vec![("synchronous_commit".into(), "on".into())], ..Default::default() };
     let target = TestDb::in_cluster(std::sync::Arc::new(sluice::localpg::LocalPostgres::start(&options).unwrap()));
     target.sql(TARGET_SCHEMA);
-    target.sql(
-        "CREATE TABLE writes (n int8 NOT NULL); INSERT INTO writes VALUES (0);
-         CREATE FUNCTION count_write() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN UPDATE writes SET n = n + 1; RETURN NULL; END $$;
-         CREATE TRIGGER counted AFTER INSERT OR UPDATE OR DELETE ON v2.orders FOR EACH ROW EXECUTE FUNCTION count_write();",
-    );
+    target.sql(COUNT_WRITES);
     let dir = tempfile::tempdir().unwrap();
     let config = config(&db, &target, dir.path(), "pgr", "");
     let _logs = LogsOnPanic(vec![dir.path().join("sluice.log")]);
@@ -388,11 +384,7 @@ async fn a_target_server_restart_mid_stream_is_retried_and_each_change_still_app
 
 #[test]
 fn a_column_added_to_the_source_stops_sluice_until_the_target_has_it_and_loses_nothing() {
-    let db = TestDb::new();
-    db.sql(SOURCE_SCHEMA);
-    let target = target_db(&db);
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(&db, &target, dir.path(), "pga", "");
+    let (db, target, _dir, config) = setup("pga", "");
     run_to_now(&db, &config);
     db.sql("ALTER TABLE customers ADD COLUMN nickname text; INSERT INTO customers (id, email, nickname) VALUES (1, 'a', 'ace')");
     let end = db.insert_lsn();
@@ -407,11 +399,7 @@ fn a_column_added_to_the_source_stops_sluice_until_the_target_has_it_and_loses_n
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_held_on_a_target_table_is_waited_out_with_warnings_and_loses_nothing() {
-    let db = TestDb::new();
-    db.sql(SOURCE_SCHEMA);
-    let target = target_db(&db);
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(&db, &target, dir.path(), "pgl", "lock_timeout = \"300ms\"");
+    let (db, target, dir, config) = setup("pgl", "lock_timeout = \"300ms\"");
     let _logs = LogsOnPanic(vec![dir.path().join("sluice.log")]);
     let mut child = start(&config, &dir.path().join("sluice.log"));
     db.wait_slot_active(&db.slot_name("pgl")).await;
