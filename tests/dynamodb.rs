@@ -190,11 +190,10 @@ async fn converges(write_mode: sluice::config::WriteMode) {
     db.sql("UPDATE customers SET id = 3 WHERE id = 2");
     db.sql("DELETE FROM orders WHERE customer_id = 1 AND id = 11");
     db.sql("UPDATE customers SET status = 'banned' WHERE id = 1");
-    let before_last = db.insert_lsn();
-    db.sql("INSERT INTO orders VALUES (3, 30, 2)");
+    let last = db.commit_lsn_of("INSERT INTO orders VALUES (3, 30, 2)");
     // Items are written in parallel (one key stays in order), so look once everything is
-    // durable: the slot confirms past the last transaction only then.
-    wait_for("the slot to confirm the last change", Duration::from_secs(60), || async { db.slot_confirmed("ddb").unwrap() > before_last }).await;
+    // durable: the slot confirms the last transaction only then.
+    wait_for("the slot to confirm the last change", Duration::from_secs(60), || async { db.slot_confirmed("ddb").unwrap() >= last }).await;
     let items = items(client, table).await;
     let live: Vec<_> = items.iter().filter(|(_, i)| !is_tombstone(i)).map(|(k, _)| (k.0.as_str(), k.1.as_str())).collect();
     assert_eq!(live, [("CUSTOMER#1", "ORDER#10"), ("CUSTOMER#2", "ORDER#20"), ("CUSTOMER#3", "ORDER#30"), ("CUSTOMER#3", "PROFILE")], "{items:#?}");
@@ -299,7 +298,7 @@ async fn an_outage_of_dynamodb_loses_nothing_and_acknowledges_nothing_early() {
     wait_until_confirmed(db, "outage").await;
 
     outage.begin();
-    let commit = commit_lsn_of(db, "INSERT INTO orders SELECT 1, g, g FROM generate_series(2, 200) g");
+    let commit = db.commit_lsn_of("INSERT INTO orders SELECT 1, g, g FROM generate_series(2, 200) g");
     let stats = running.source_stats.clone();
     wait_for("sluice to receive the change", Duration::from_secs(30), || {
         let received = Lsn(stats.received_lsn.load(Ordering::Relaxed));
@@ -318,22 +317,6 @@ async fn an_outage_of_dynamodb_loses_nothing_and_acknowledges_nothing_early() {
     wait_for("every order after the outage", Duration::from_secs(120), || async { shop.item_count().await == 200 }).await;
     wait_for("the slot to move past the outage", Duration::from_secs(30), || async { db.slot_confirmed("outage").unwrap() >= commit }).await;
     running.stop().await;
-}
-
-/// Runs `sql` (one transaction) and returns the end LSN of its commit record, read through a
-/// temporary test_decoding slot. Confirming that LSN acknowledges the transaction: a slot must
-/// stay below it until the transaction is durable in the target.
-fn commit_lsn_of(db: &TestDb, sql: &str) -> Lsn {
-    let peek = db.slot_name("peek");
-    db.sql(&format!("SELECT pg_create_logical_replication_slot('{peek}', 'test_decoding')"));
-    db.sql(sql);
-    // Peeking decodes up to the flushed WAL; with synchronous_commit = off the commit is
-    // flushed by the WAL writer a moment later.
-    let peek_sql = format!("SELECT lsn FROM pg_logical_slot_peek_changes('{peek}', NULL, NULL) WHERE data LIKE 'COMMIT%' ORDER BY lsn DESC LIMIT 1");
-    crate::harness::wait_for_blocking("the commit to be decodable", Duration::from_secs(30), || !db.sql(&peek_sql).is_empty());
-    let commit = db.sql(&peek_sql).parse().unwrap();
-    db.sql(&format!("SELECT pg_drop_replication_slot('{peek}')"));
-    commit
 }
 
 /// The position the walsender of `slot` has sent up to.
@@ -459,10 +442,9 @@ async fn kill_9_then_restart(write_mode: &str) {
     .await;
     crate::harness::kill_9(&mut first);
     writer.await.unwrap();
-    let before_marker = db.insert_lsn();
-    db.sql("INSERT INTO accounts VALUES (-1, 0, 'marker')");
+    let marker = db.commit_lsn_of("INSERT INTO accounts VALUES (-1, 0, 'marker')");
     let mut second = start("second.log");
-    wait_for("the restarted sluice to confirm everything", Duration::from_secs(120), || async { db.slot_confirmed("kill").unwrap() > before_marker }).await;
+    wait_for("the restarted sluice to confirm everything", Duration::from_secs(120), || async { db.slot_confirmed("kill").unwrap() >= marker }).await;
     std::process::Command::new("kill").arg("-TERM").arg(second.id().to_string()).status().unwrap();
     assert!(tokio::task::spawn_blocking(move || second.wait()).await.unwrap().unwrap().success());
 
@@ -628,7 +610,7 @@ async fn sigterm_exits_within_the_shutdown_timeout_while_dynamodb_is_unreachable
         .unwrap();
     db.wait_slot_active(&db.slot_name("term")).await;
     outage.begin();
-    let commit = commit_lsn_of(db, "INSERT INTO orders VALUES (1, 1, 1)");
+    let commit = db.commit_lsn_of("INSERT INTO orders VALUES (1, 1, 1)");
     crate::harness::wait_for_blocking("the change to reach sluice", Duration::from_secs(30), || sent_lsn(db, "term") >= commit);
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     let started = std::time::Instant::now();

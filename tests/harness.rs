@@ -59,6 +59,20 @@ impl TestDb {
         self.lsn("SELECT pg_current_wal_insert_lsn()")
     }
 
+    /// Runs `sql` (one transaction) and returns the end LSN of its commit record; see
+    /// [`CommitPeek`].
+    pub fn commit_lsn_of(&self, sql: &str) -> Lsn {
+        self.peek_commits().commit_lsn_of(sql)
+    }
+
+    /// A temporary test_decoding slot to read commit positions through. Creating a slot waits
+    /// for every transaction running in the cluster, so create it before opening one.
+    pub fn peek_commits(&self) -> CommitPeek<'_> {
+        let slot = self.slot_name("peek");
+        self.sql(&format!("SELECT pg_create_logical_replication_slot('{slot}', 'test_decoding')"));
+        CommitPeek { db: self, slot }
+    }
+
     /// Waits until a replication connection streams from `slot`. A slot being created is
     /// active too, but has no confirmed position until it reached its consistent point; changes
     /// before that point are not in the stream.
@@ -140,6 +154,39 @@ impl Drop for TestDb {
 
 /// An in-process source whose batches the test receives; every batch is acknowledged
 /// (made "durable") as soon as the test has read it.
+/// Reads the end LSN of a transaction's commit record. Confirming that LSN acknowledges the
+/// transaction: a slot stays below it until the transaction is durable in the target, and
+/// reaches it only then. (The cluster's insert position is no such bound: other tests write WAL
+/// beside this one, and an idle slot may confirm past it before this transaction commits.)
+pub struct CommitPeek<'a> {
+    db: &'a TestDb,
+    slot: String,
+}
+
+impl CommitPeek<'_> {
+    /// Runs `sql` (statements without BEGIN or COMMIT: psql runs them as one transaction) and
+    /// returns the end LSN of its commit record.
+    pub fn commit_lsn_of(&self, sql: &str) -> Lsn {
+        let output = self.db.sql(&format!("{sql}; SELECT pg_current_xact_id()"));
+        let xid = output.lines().last().expect("a transaction id");
+        // The slot decodes up to the flushed WAL; with synchronous_commit = off the commit is
+        // flushed by the WAL writer a moment later.
+        let peek = format!("SELECT lsn FROM pg_logical_slot_get_changes('{}', NULL, NULL) WHERE data = 'COMMIT {xid}'", self.slot);
+        let mut commit = String::new();
+        wait_for_blocking("the commit to be decodable", Duration::from_secs(30), || {
+            commit = self.db.sql(&peek);
+            !commit.is_empty()
+        });
+        commit.parse().expect("an LSN")
+    }
+}
+
+impl Drop for CommitPeek<'_> {
+    fn drop(&mut self) {
+        let _ = self.db.pg.psql(&self.db.name, &format!("SELECT pg_drop_replication_slot('{}')", self.slot));
+    }
+}
+
 pub struct Stream {
     batches: mpsc::Receiver<EventBatch>,
     durable: watch::Sender<Lsn>,

@@ -280,9 +280,8 @@ async fn of_two_replicas_one_streams_and_the_other_takes_over_after_kill_9() {
     let takeover = killed_at.elapsed();
     assert!(takeover < Duration::from_secs(10), "took over in {takeover:?}");
     writer.await.unwrap();
-    let before_marker = db.insert_lsn();
-    db.sql("INSERT INTO t VALUES (-1)");
-    wait_for("replica b to confirm everything", Duration::from_secs(60), || async { db.slot_confirmed("ha").unwrap() > before_marker }).await;
+    let marker = db.commit_lsn_of("INSERT INTO t VALUES (-1)");
+    wait_for("replica b to confirm everything", Duration::from_secs(60), || async { db.slot_confirmed("ha").unwrap() >= marker }).await;
     assert!(watcher.join().unwrap() > 50, "the watcher sampled both replicas");
 
     let delivered: BTreeSet<i64> = ids_in(&out_a).into_iter().chain(ids_in(&out_b)).collect();

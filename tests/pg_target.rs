@@ -404,17 +404,17 @@ async fn a_lock_held_on_a_target_table_is_waited_out_with_warnings_and_loses_not
     let mut child = start(&config, &dir.path().join("sluice.log"));
     db.wait_slot_active(&db.slot_name("pgl")).await;
     // A migration's DDL holds the table while changes arrive.
+    let peek = db.peek_commits();
     let holder = sluice_postgres::connect_sql(&target.connection()).await.unwrap();
     holder.batch_execute("BEGIN; LOCK TABLE v2.orders IN ACCESS EXCLUSIVE MODE").await.unwrap();
-    db.sql("INSERT INTO orders SELECT 1, n, n FROM generate_series(1, 50) n");
-    let after_insert = db.insert_lsn();
+    let commit = peek.commit_lsn_of("INSERT INTO orders SELECT 1, n, n FROM generate_series(1, 50) n");
     wait_for("a lock timeout in the log", Duration::from_secs(30), || async {
         std::fs::read_to_string(dir.path().join("sluice.log")).unwrap_or_default().contains("lock timeout")
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let confirmed = db.slot_confirmed("pgl").unwrap();
-    assert!(confirmed < after_insert, "nothing confirmed while the table is locked: {confirmed} < {after_insert}");
+    assert!(confirmed < commit, "nothing confirmed while the table is locked: {confirmed} < {commit}");
     holder.batch_execute("COMMIT").await.unwrap();
     wait_for("the rows in the target", Duration::from_secs(30), || async { target.sql("SELECT count(*) FROM v2.orders") == "50" }).await;
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
