@@ -27,7 +27,8 @@ use super::{Receipt, Target, TargetStats};
 use crate::config::{DynamoConfig, WriteMode};
 use crate::error::{ErrorKind, TargetError};
 use crate::event::{ChangeEvent, EventBatch, Position, Relation};
-use crate::translate::dynamodb::{DynamoTranslator, TranslateError};
+use crate::translate::dynamodb::DynamoTranslator;
+use crate::translate::TranslateError;
 use crate::translate::outbox::{OutboxConfig, Routed};
 use crate::translate::mapping::Mapping;
 

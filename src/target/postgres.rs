@@ -39,7 +39,7 @@ use super::{Receipt, Target, TargetStats};
 use crate::config::PostgresTargetConfig;
 use crate::error::{ErrorKind, TargetError};
 use crate::event::{EventBatch, Position};
-use crate::translate::dynamodb::TranslateError;
+use crate::translate::TranslateError;
 use crate::translate::postgres::{row_position, PgMapping, PgTranslator, RowOp, Text};
 
 const TARGET: &str = "postgres";

@@ -12,19 +12,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sluice_dynamodb::{Attr, GuardedWrite, Item, WriteAction};
 
-use super::mapping::{parse_template, AttrKind, Constant, Mapping, NullPolicy, Predicate, PredicateOp, Segment, TableMapping, TruncatePolicy};
-use crate::event::{ChangeEvent, Column, NewRow, Position, Relation, Timestamp, Value};
-
-/// A change that cannot be translated.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TranslateError {
-    /// This row can never be written as mapped: dead-letter it and go on.
-    #[error("table {table}{}: {reason}", column.as_deref().map(|c| format!(" column {c}")).unwrap_or_default())]
-    Poison { table: String, column: Option<String>, reason: String },
-    /// The stream cannot go on as configured.
-    #[error("table {table}: {reason}")]
-    Fatal { table: String, reason: String },
-}
+use super::filter::passes_filter;
+use super::mapping::{parse_template, AttrKind, Constant, Mapping, NullPolicy, Segment, TableMapping, TruncatePolicy};
+use super::{iso, text_of, TranslateError};
+use crate::event::{ChangeEvent, Column, NewRow, Position, Relation, Value};
 
 /// The version number of a position.
 pub fn version(position: Position) -> String {
@@ -243,23 +234,6 @@ impl DynamoTranslator {
     }
 }
 
-/// Whether a row (values in `relation`'s column order; `None` for unchanged TOAST) satisfies
-/// every predicate of a table mapping's filter. Shared by the DynamoDB and Postgres translators.
-pub fn passes_filter(filter: &[Predicate], source: &str, relation: &Relation, row: &[Option<&Value>]) -> Result<bool, TranslateError> {
-    for predicate in filter {
-        let index = relation.columns.iter().position(|c| c.name == predicate.column).ok_or_else(|| TranslateError::Fatal {
-            table: source.to_owned(),
-            reason: format!("filter column {} is not in the table", predicate.column),
-        })?;
-        // An unchanged TOASTed column did not change: it cannot move the row across the filter.
-        let Some(value) = row[index] else { continue };
-        if !matches(predicate, value) {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
 fn render(segments: &[Segment], row: &Row<'_>, table: &str) -> Result<String, TranslateError> {
     let mut out = String::new();
     for segment in segments {
@@ -277,29 +251,6 @@ fn render(segments: &[Segment], row: &Row<'_>, table: &str) -> Result<String, Tr
         }
     }
     Ok(out)
-}
-
-/// A value's text for keys, filters and `as = "string"`: ISO 8601 for dates and timestamps,
-/// Postgres' text otherwise.
-fn text_of(value: &Value) -> String {
-    match value {
-        Value::Text(s) | Value::Enum(s) | Value::Json(s) => s.clone(),
-        Value::Bool(b) => b.to_string(),
-        Value::Timestamp(ts) => iso(*ts, false),
-        Value::TimestampTz(ts) => iso(*ts, true),
-        Value::Date(date) => match date.ymd() {
-            Some((y, m, d)) if y >= 0 => format!("{y:04}-{m:02}-{d:02}"),
-            Some((y, m, d)) => format!("-{:04}-{m:02}-{d:02}", -y),
-            None => date.to_string(),
-        },
-        other => other.to_string(),
-    }
-}
-
-fn iso(ts: Timestamp, with_zone: bool) -> String {
-    let mut text = String::new();
-    let _ = ts.write_iso(&mut text, with_zone);
-    text
 }
 
 /// DynamoDB numbers: at most 38 significant digits, magnitude between 1e-130 and 1e126.
@@ -433,39 +384,6 @@ fn constant_attr(constant: &Constant) -> Attr {
     }
 }
 
-fn matches(predicate: &Predicate, value: &Value) -> bool {
-    use std::cmp::Ordering;
-    let compare = |constant: &Constant| -> Option<Ordering> {
-        match (constant, value) {
-            (_, Value::Null) => None,
-            (Constant::Bool(b), Value::Bool(v)) => Some(v.cmp(b)),
-            (Constant::Integer(_) | Constant::Float(_), _) => {
-                let c = match constant {
-                    Constant::Integer(i) => *i as f64,
-                    Constant::Float(f) => *f,
-                    _ => unreachable!(),
-                };
-                text_of(value).parse::<f64>().ok()?.partial_cmp(&c)
-            }
-            (Constant::Text(t), _) => Some(text_of(value).as_str().cmp(t.as_str())),
-            (Constant::Bool(_), _) => None,
-        }
-    };
-    let is = |wanted: &[Ordering]| predicate.value.as_ref().and_then(compare).is_some_and(|o| wanted.contains(&o));
-    match predicate.op {
-        PredicateOp::IsNull => matches!(value, Value::Null),
-        PredicateOp::NotNull => !matches!(value, Value::Null),
-        PredicateOp::Eq => is(&[Ordering::Equal]),
-        PredicateOp::Ne => !matches!(value, Value::Null) && !is(&[Ordering::Equal]),
-        PredicateOp::Lt => is(&[Ordering::Less]),
-        PredicateOp::Le => is(&[Ordering::Less, Ordering::Equal]),
-        PredicateOp::Gt => is(&[Ordering::Greater]),
-        PredicateOp::Ge => is(&[Ordering::Greater, Ordering::Equal]),
-        PredicateOp::In => predicate.values.iter().any(|c| compare(c) == Some(Ordering::Equal)),
-        PredicateOp::NotIn => !matches!(value, Value::Null) && !predicate.values.iter().any(|c| compare(c) == Some(Ordering::Equal)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -475,7 +393,7 @@ mod tests {
     use sluice_postgres::Numeric;
 
     use super::*;
-    use crate::event::{Lsn, OldRow, ReplicaIdentity};
+    use crate::event::{Lsn, OldRow, ReplicaIdentity, Timestamp};
 
     const MAPPING: &str = r#"
         [tombstones]

@@ -9,6 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use sluice_postgres::Problem;
 
+use super::filter::filter_problems;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mapping {
@@ -310,19 +312,6 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, validate: impl Fn(
         Ok(mapping)
     } else {
         Err(problems)
-    }
-}
-
-/// Problems of a table mapping's filter: operators without the value they compare with.
-pub fn filter_problems(prefix: &str, filter: &[Predicate], problems: &mut Vec<Problem>) {
-    for (j, predicate) in filter.iter().enumerate() {
-        let needs_value = !matches!(predicate.op, PredicateOp::IsNull | PredicateOp::NotNull | PredicateOp::In | PredicateOp::NotIn);
-        if needs_value && predicate.value.is_none() {
-            problems.push(Problem::new(prefix, &format!("filter[{j}].value"), "this operator needs a value"));
-        }
-        if matches!(predicate.op, PredicateOp::In | PredicateOp::NotIn) && predicate.values.is_empty() {
-            problems.push(Problem::new(prefix, &format!("filter[{j}].values"), "in / not_in need a list of values"));
-        }
     }
 }
 

@@ -3,7 +3,44 @@
 
 pub mod catalog;
 pub mod dynamodb;
+pub mod filter;
 pub mod mapping;
 pub mod kafka;
 pub mod outbox;
 pub mod postgres;
+
+use crate::event::{Timestamp, Value};
+
+/// A change that cannot be translated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TranslateError {
+    /// This row can never be written as mapped: dead-letter it and go on.
+    #[error("table {table}{}: {reason}", column.as_deref().map(|c| format!(" column {c}")).unwrap_or_default())]
+    Poison { table: String, column: Option<String>, reason: String },
+    /// The stream cannot go on as configured.
+    #[error("table {table}: {reason}")]
+    Fatal { table: String, reason: String },
+}
+
+/// A value's text for keys, filters and `as = "string"`: ISO 8601 for dates and timestamps,
+/// Postgres' text otherwise.
+pub(crate) fn text_of(value: &Value) -> String {
+    match value {
+        Value::Text(s) | Value::Enum(s) | Value::Json(s) => s.clone(),
+        Value::Bool(b) => b.to_string(),
+        Value::Timestamp(ts) => iso(*ts, false),
+        Value::TimestampTz(ts) => iso(*ts, true),
+        Value::Date(date) => match date.ymd() {
+            Some((y, m, d)) if y >= 0 => format!("{y:04}-{m:02}-{d:02}"),
+            Some((y, m, d)) => format!("-{:04}-{m:02}-{d:02}", -y),
+            None => date.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+pub(crate) fn iso(ts: Timestamp, with_zone: bool) -> String {
+    let mut text = String::new();
+    let _ = ts.write_iso(&mut text, with_zone);
+    text
+}

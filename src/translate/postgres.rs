@@ -18,8 +18,9 @@ use std::sync::Arc;
 use serde::Deserialize;
 use sluice_postgres::Problem;
 
-use super::dynamodb::{passes_filter, TranslateError};
-use super::mapping::{filter_problems, parse_toml, read, Constant, Predicate};
+use super::filter::{filter_problems, passes_filter};
+use super::mapping::{parse_toml, read, Constant, Predicate};
+use super::TranslateError;
 use crate::event::{ChangeEvent, NewRow, Position, Relation, Value};
 
 /// The mapping of a Postgres target.

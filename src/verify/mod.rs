@@ -33,7 +33,8 @@ use sluice_postgres::catalog::Table;
 
 use crate::config::{Config, TargetConfig};
 use crate::event::{ChangeEvent, Lsn, Position, Value};
-use crate::translate::dynamodb::{DynamoTranslator, TranslateError};
+use crate::translate::dynamodb::DynamoTranslator;
+use crate::translate::TranslateError;
 use crate::translate::mapping::{parse_template, Mapping, Segment, TableMapping};
 
 mod postgres;
