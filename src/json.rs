@@ -31,8 +31,8 @@ pub fn write_event(out: &mut Vec<u8>, event: &ChangeEvent, transactions: bool) -
             out.extend_from_slice(b",\"commit_time\":");
             timestamp(out, *commit_time, true);
         }
-        ChangeEvent::Insert { position, relation, new } => {
-            op(out, "insert", position);
+        ChangeEvent::Insert { position, relation, new, snapshot } => {
+            op(out, if *snapshot { "read" } else { "insert" }, position);
             table(out, relation);
             out.extend_from_slice(b",\"new\":");
             row(out, relation, new.iter().map(Some));

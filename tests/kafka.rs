@@ -44,22 +44,34 @@ async fn table_changes_become_records_keyed_by_identity_in_order_with_tombstones
     db.sql(OUTBOX);
     db.sql("ALTER PUBLICATION p ADD TABLE orders");
     let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(&db, dir.path(), "cdc", &kafka.brokers, "topic = \"cdc.{table}\"\n");
+    // Rows from before the slot reach the topic through the initial backfill, as reads.
+    db.sql("INSERT INTO orders SELECT g, 'old' FROM generate_series(101, 105) g");
+    let config = kafka_config(&db, dir.path(), "cdc", &kafka.brokers, "topic = \"cdc.{table}\"\n[backfill]\ninitial = true\n");
     let log = dir.path().join("sluice.log");
     let _logs = LogsOnPanic(vec![log.clone()]);
     let mut child = start(&config, &log);
     db.wait_slot_active(&db.slot_name("cdc")).await;
+    let op = |record: &Consumed| {
+        let value: serde_json::Value = serde_json::from_str(record.value.as_deref().unwrap()).unwrap();
+        (record.header("sluice.op").unwrap().to_owned(), value["op"].as_str().unwrap().to_owned())
+    };
+    let backfilled = kafka.consume("cdc.orders", Duration::from_secs(60), |r| r.len() >= 5);
+    let mut reads: Vec<(String, (String, String))> = backfilled.iter().map(|r| (r.key.clone().unwrap(), op(r))).collect();
+    reads.sort();
+    let expected: Vec<(String, (String, String))> = (101..=105).map(|id| (format!("{{\"id\":{id}}}"), ("read".into(), "read".into()))).collect();
+    assert_eq!(reads, expected, "each preloaded row once, as a read (header and value)");
 
     db.sql("INSERT INTO orders SELECT g, 'new' FROM generate_series(1, 20) g");
     for step in ["paid", "shipped"] {
         db.sql(&format!("UPDATE orders SET status = '{step}' WHERE id <= 10"));
     }
     db.sql("DELETE FROM orders WHERE id = 3");
-    // 20 inserts, 20 updates, 1 delete and its tombstone.
-    let records = kafka.consume("cdc.orders", Duration::from_secs(60), |r| r.len() >= 42);
-    assert_eq!(records.len(), 42);
+    // 5 backfilled reads, 20 inserts, 20 updates, 1 delete and its tombstone.
+    let records = kafka.consume("cdc.orders", Duration::from_secs(60), |r| r.len() >= 47);
+    assert_eq!(records.len(), 47);
     let keys = by_key(&records);
-    assert_eq!(keys.len(), 20, "one key per row");
+    assert_eq!(keys.len(), 25, "one key per row");
+    assert_eq!(op(keys["{\"id\":15}"][0]), ("insert".to_owned(), "insert".to_owned()));
     let statuses = |key: &str| -> Vec<String> {
         keys[key]
             .iter()

@@ -220,7 +220,7 @@ fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
     let relation = chunk.relation.clone();
     if window.is_empty() && chunk.absent_keys.is_empty() {
         // Nothing changed while the chunk was read: its rows as they are.
-        let events = chunk.rows.into_iter().map(|new| ChangeEvent::Insert { position, relation: relation.clone(), new }).collect();
+        let events = chunk.rows.into_iter().map(|new| ChangeEvent::Insert { position, relation: relation.clone(), new, snapshot: true }).collect();
         return Part { batch: EventBatch { events, ..EventBatch::default() }, chunk_done: Some(chunk.done) };
     }
     let names: Vec<&str> = chunk.primary_key.iter().map(|&i| relation.columns[i].name.as_str()).collect();
@@ -293,7 +293,7 @@ fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
     let mut events = Vec::with_capacity(rows.len());
     for (key, row) in rows {
         match row {
-            Some(values) => events.push(ChangeEvent::Insert { position, relation: relation.clone(), new: values }),
+            Some(values) => events.push(ChangeEvent::Insert { position, relation: relation.clone(), new: values, snapshot: true }),
             None if absent.contains(&key) => {
                 let key_values: Vec<Value> = chunk
                     .absent_keys
@@ -400,7 +400,7 @@ mod tests {
             // to a key outside the chunk.
             ChangeEvent::Update { position: at(110, 1), relation: relation.clone(), old: None, new: NewRow::Partial(vec![Some(Value::Int8(1)), Some(Value::Text("ada l.".into())), None]) },
             ChangeEvent::Delete { position: at(120, 1), relation: relation.clone(), old: OldRow::Key(vec![Value::Int8(2), Value::Null, Value::Null]) },
-            ChangeEvent::Insert { position: at(125, 1), relation: relation.clone(), new: row(9, "new", "n") },
+            ChangeEvent::Insert { position: at(125, 1), relation: relation.clone(), new: row(9, "new", "n"), snapshot: false },
             mark(false, "other", "5.5", 126),
             mark(true, "p", "1.1", 130),
             ChangeEvent::Update { position: at(140, 1), relation: relation.clone(), old: None, new: NewRow::Full(row(3, "cy 2", "c")) },
@@ -411,6 +411,8 @@ mod tests {
         assert_eq!(parts[0].batch.ack_lsn, None);
         let merged = inserted(&parts[1]);
         assert_eq!(merged, vec![(at(130, 1), row(1, "ada l.", "long bio")), (at(130, 1), row(3, "cy", "c"))], "key 2 was deleted in the window");
+        let snapshots = |part: &Part| part.batch.events.iter().filter(|e| matches!(e, ChangeEvent::Insert { snapshot: true, .. })).count();
+        assert_eq!((snapshots(&parts[0]), snapshots(&parts[1])), (0, 2), "the chunk's rows are reads, the window's insert stays an insert");
         assert!(parts[1].chunk_done.is_some());
         assert_eq!(parts[2].batch.events.len(), 1);
         assert_eq!(parts[2].batch.ack_lsn, Some(Lsn(150)));
@@ -441,8 +443,8 @@ mod tests {
         let mut watermarks = Watermarks::new("p", None).ignoring("public.sluice_backfill");
         let progress = Arc::new(Relation { name: "sluice_backfill".into(), ..(*accounts()).clone() });
         let events = vec![
-            ChangeEvent::Insert { position: at(100, 1), relation: progress, new: row(1, "x", "") },
-            ChangeEvent::Insert { position: at(100, 2), relation: accounts(), new: row(2, "y", "") },
+            ChangeEvent::Insert { position: at(100, 1), relation: progress, new: row(1, "x", ""), snapshot: false },
+            ChangeEvent::Insert { position: at(100, 2), relation: accounts(), new: row(2, "y", ""), snapshot: false },
         ];
         let parts = watermarks.split(batch(events, 110));
         assert_eq!(parts.len(), 1);
@@ -455,7 +457,7 @@ mod tests {
         let mut watermarks = Watermarks::new("p", Some(rx));
         let (chunk, _done) = chunk(vec![], vec![vec![Value::Int8(4)], vec![Value::Int8(5)]]);
         tx.send(chunk).unwrap();
-        let events = vec![mark(false, "p", "1.1", 100), ChangeEvent::Insert { position: at(110, 1), relation: accounts(), new: row(5, "back", "") }, mark(true, "p", "1.1", 130)];
+        let events = vec![mark(false, "p", "1.1", 100), ChangeEvent::Insert { position: at(110, 1), relation: accounts(), new: row(5, "back", ""), snapshot: false }, mark(true, "p", "1.1", 130)];
         let parts = watermarks.split(batch(events, 140));
         let chunk_part = parts.iter().find(|p| p.chunk_done.is_some()).unwrap();
         assert_eq!(chunk_part.batch.events.len(), 2);

@@ -147,7 +147,7 @@ fn count_events(events: &[ChangeEvent]) {
     let mut counts: Vec<(&str, &str, &'static str, u64)> = Vec::new();
     for event in events {
         let (relation, op) = match event {
-            ChangeEvent::Insert { relation, .. } => (relation, "insert"),
+            ChangeEvent::Insert { relation, snapshot, .. } => (relation, if *snapshot { "read" } else { "insert" }),
             ChangeEvent::Update { relation, .. } => (relation, "update"),
             ChangeEvent::Delete { relation, .. } => (relation, "delete"),
             ChangeEvent::Truncate { relations, .. } => match relations.first() {

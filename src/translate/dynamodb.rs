@@ -91,7 +91,7 @@ impl DynamoTranslator {
     /// The writes for one event, appended to `out`. `now_unix_secs` dates tombstone TTLs.
     pub fn translate(&self, event: &ChangeEvent, now_unix_secs: u64, out: &mut Vec<GuardedWrite>) -> Result<(), TranslateError> {
         match event {
-            ChangeEvent::Insert { position, relation, new } => {
+            ChangeEvent::Insert { position, relation, new, .. } => {
                 let Some(table) = self.table(relation) else { return Ok(()) };
                 let row = Row::full(relation, new);
                 if self.passes(table, &row)? {
@@ -478,7 +478,7 @@ mod tests {
 
     #[test]
     fn insert_becomes_a_guarded_put_of_the_mapped_item() {
-        let writes = translate(&ChangeEvent::Insert { position: at(0x10, 2), relation: users(), new: user_row(7, "active") }).unwrap();
+        let writes = translate(&ChangeEvent::Insert { position: at(0x10, 2), relation: users(), new: user_row(7, "active"), snapshot: false }).unwrap();
         let expected_item = Item::from([
             ("id".to_string(), Attr::N("7".into())),
             ("emailAddress".to_string(), s("a@x")),
@@ -535,14 +535,14 @@ mod tests {
         let writes = translate(&ChangeEvent::Update { position: at(0x30, 1), relation: users(), old: None, new: NewRow::Full(user_row(7, "deleted")) }).unwrap();
         assert_eq!(writes.len(), 1);
         assert!(matches!(&writes[0].action, WriteAction::Put(item) if item.contains_key("_deleted")));
-        assert!(translate(&ChangeEvent::Insert { position: at(0x30, 1), relation: users(), new: user_row(7, "deleted") }).unwrap().is_empty());
+        assert!(translate(&ChangeEvent::Insert { position: at(0x30, 1), relation: users(), new: user_row(7, "deleted"), snapshot: false }).unwrap().is_empty());
     }
 
     #[test]
     fn numeric_past_38_digits_is_poison_naming_the_column() {
         let relation = Arc::new(Relation { name: "orders".into(), columns: vec![column("id", TypeKind::Int8, true), column("user_id", TypeKind::Int8, false), column("total", TypeKind::Numeric, false)], ..(*users()).clone() });
         let big = Value::Numeric(Numeric::Finite("1234567890123456789012345678901234567890".into()));
-        let err = translate(&ChangeEvent::Insert { position: at(1, 1), relation, new: vec![Value::Int8(1), Value::Int8(2), big] }).unwrap_err();
+        let err = translate(&ChangeEvent::Insert { position: at(1, 1), relation, new: vec![Value::Int8(1), Value::Int8(2), big], snapshot: false }).unwrap_err();
         assert_eq!(
             err,
             TranslateError::Poison {
@@ -556,7 +556,7 @@ mod tests {
     #[test]
     fn two_tables_share_one_target_table_with_their_own_keys() {
         let relation = Arc::new(Relation { name: "orders".into(), columns: vec![column("id", TypeKind::Int8, true), column("user_id", TypeKind::Int8, false)], ..(*users()).clone() });
-        let writes = translate(&ChangeEvent::Insert { position: at(1, 1), relation, new: vec![Value::Int8(3), Value::Int8(7)] }).unwrap();
+        let writes = translate(&ChangeEvent::Insert { position: at(1, 1), relation, new: vec![Value::Int8(3), Value::Int8(7)], snapshot: false }).unwrap();
         assert_eq!(writes[0].table, "app");
         assert_eq!(writes[0].key, Item::from([("pk".to_string(), s("USER#7")), ("sk".to_string(), s("ORDER#3"))]));
     }
@@ -605,7 +605,7 @@ mod tests {
         fn puts_hold_every_kept_non_null_column(id in any::<i64>(), email in proptest::option::of(".*"), status in "[a-z]{1,8}") {
             let mut row = user_row(id, &status);
             row[1] = email.clone().map_or(Value::Null, Value::Text);
-            let writes = translate(&ChangeEvent::Insert { position: at(1, 1), relation: users(), new: row }).unwrap();
+            let writes = translate(&ChangeEvent::Insert { position: at(1, 1), relation: users(), new: row, snapshot: false }).unwrap();
             if status == "deleted" {
                 prop_assert!(writes.is_empty());
             } else {

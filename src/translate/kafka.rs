@@ -56,7 +56,7 @@ impl KafkaTranslator {
             }
         }
         let (relation, position, op) = match event {
-            ChangeEvent::Insert { relation, position, .. } => (relation, *position, "insert"),
+            ChangeEvent::Insert { relation, position, snapshot, .. } => (relation, *position, if *snapshot { "read" } else { "insert" }),
             ChangeEvent::Update { relation, position, .. } => (relation, *position, "update"),
             ChangeEvent::Delete { relation, position, .. } => (relation, *position, "delete"),
             ChangeEvent::Truncate { relations, position, .. } => {
@@ -219,6 +219,7 @@ mod tests {
                 Value::Text("OrderCreated".into()),
                 Value::Json("{\"total\": 9.50}".into()),
             ],
+            snapshot: false,
         };
         let mut out = Vec::new();
         outbox_translator().translate(&event, &mut out).unwrap();
@@ -239,6 +240,7 @@ mod tests {
             position: position(0),
             relation: outbox_relation(),
             new: vec![Value::Uuid([2; 16]), aggregate_type, Value::Text("a".into()), Value::Text("Deleted".into()), payload],
+            snapshot: false,
         };
         let mut out = Vec::new();
         translator.translate(&row(Value::Text("Order".into()), Value::Null), &mut out).unwrap();
@@ -278,7 +280,7 @@ mod tests {
         let accounts = relation("accounts", &[("id", true, TypeKind::Int8), ("name", false, TypeKind::Text)]);
         let translator = KafkaTranslator::new("cdc.{schema}.{table}", HashMap::from([("public.special".to_string(), "special-topic".to_string())]), true, None);
         let mut out = Vec::new();
-        let insert = ChangeEvent::Insert { position: position(0), relation: accounts.clone(), new: vec![Value::Int8(7), Value::Text("ada".into())] };
+        let insert = ChangeEvent::Insert { position: position(0), relation: accounts.clone(), new: vec![Value::Int8(7), Value::Text("ada".into())], snapshot: false };
         translator.translate(&insert, &mut out).unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].topic, "cdc.public.accounts");
@@ -310,7 +312,22 @@ mod tests {
 
         out.clear();
         let special = relation("special", &[("id", true, TypeKind::Int8)]);
-        translator.translate(&ChangeEvent::Insert { position: position(3), relation: special, new: vec![Value::Int8(1)] }, &mut out).unwrap();
+        translator.translate(&ChangeEvent::Insert { position: position(3), relation: special, new: vec![Value::Int8(1)], snapshot: false }, &mut out).unwrap();
         assert_eq!(out[0].topic, "special-topic");
+    }
+
+    #[test]
+    fn a_backfilled_row_is_a_read_keyed_like_an_insert() {
+        let accounts = relation("accounts", &[("id", true, TypeKind::Int8), ("name", false, TypeKind::Text)]);
+        let translator = KafkaTranslator::new("cdc.{schema}.{table}", HashMap::new(), true, None);
+        let mut out = Vec::new();
+        let read = ChangeEvent::Insert { position: position(0), relation: accounts, new: vec![Value::Int8(7), Value::Text("ada".into())], snapshot: true };
+        translator.translate(&read, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].key.as_deref(), Some(&br#"{"id":7}"#[..]));
+        let value: serde_json::Value = serde_json::from_slice(out[0].payload.as_ref().unwrap()).unwrap();
+        assert_eq!(value["op"], "read");
+        assert_eq!(value["new"]["name"], "ada");
+        assert_eq!(header(&out[0], HEADER_OP), Some("read"));
     }
 }

@@ -142,7 +142,7 @@ impl OutboxConfig {
     pub fn route(&self, event: &ChangeEvent) -> Result<Routed, Poison> {
         let is_outbox = |relation: &Relation| self.table.as_deref() == Some(relation.qualified_name().as_str());
         match event {
-            ChangeEvent::Insert { relation, new, position } if is_outbox(relation) => self.route_row(relation, new, *position).map(Routed::Event),
+            ChangeEvent::Insert { relation, new, position, .. } if is_outbox(relation) => self.route_row(relation, new, *position).map(Routed::Event),
             ChangeEvent::Update { relation, .. } | ChangeEvent::Delete { relation, .. } if is_outbox(relation) => Ok(Routed::Ignored),
             ChangeEvent::Message { prefix, content, position, .. } if self.message_prefix.as_deref() == Some(prefix.as_str()) => {
                 self.route_message(prefix, content, *position).map(Routed::Event)
@@ -326,6 +326,7 @@ mod tests {
             position: position(3),
             relation: outbox_relation(),
             new: vec![Value::Uuid([1; 16]), Value::Text("Order".into()), aggregate_id, Value::Text("OrderCreated".into()), payload],
+            snapshot: false,
         }
     }
 

@@ -379,7 +379,7 @@ mod tests {
 
     #[test]
     fn an_insert_becomes_an_upsert_renamed_without_dropped_columns_and_with_constants() {
-        let out = ops(ChangeEvent::Insert { position: at(1), relation: relation(), new: row(7, "a@x", "active") });
+        let out = ops(ChangeEvent::Insert { position: at(1), relation: relation(), new: row(7, "a@x", "active"), snapshot: false });
         assert_eq!(
             out,
             vec![RowOp::Upsert {
@@ -405,7 +405,7 @@ mod tests {
     fn a_row_leaving_the_filter_is_deleted_and_one_outside_it_is_never_written() {
         let out = ops(ChangeEvent::Update { position: at(1), relation: relation(), old: None, new: NewRow::Full(row(7, "a@x", "deleted")) });
         assert_eq!(out, vec![RowOp::Delete { table: "v2.customers".into(), key: vec![text("customer_id", "7")] }]);
-        assert!(ops(ChangeEvent::Insert { position: at(1), relation: relation(), new: row(7, "a@x", "deleted") }).is_empty());
+        assert!(ops(ChangeEvent::Insert { position: at(1), relation: relation(), new: row(7, "a@x", "deleted"), snapshot: false }).is_empty());
     }
 
     #[test]

@@ -227,7 +227,7 @@ impl DynamoSide {
 
     /// The item a row must be (key and attributes), or why there is none.
     fn expected(&self, table: &Table, row: Vec<Value>) -> Result<Option<(Item, Item)>, ()> {
-        let event = ChangeEvent::Insert { position: Position::default(), relation: std::sync::Arc::new(table.relation.clone()), new: row };
+        let event = ChangeEvent::Insert { position: Position::default(), relation: std::sync::Arc::new(table.relation.clone()), new: row, snapshot: true };
         let mut writes = Vec::new();
         match self.translator.translate(&event, now(), &mut writes) {
             Ok(()) => {}

@@ -53,7 +53,7 @@ impl PgSide {
 
     /// The target row a source row must be (its mapped columns), or why there is none.
     fn expected(&self, table: &Table, row: Vec<Value>) -> Result<Option<Vec<(String, Text)>>, ()> {
-        let event = ChangeEvent::Insert { position: Position::default(), relation: Arc::new(table.relation.clone()), new: row };
+        let event = ChangeEvent::Insert { position: Position::default(), relation: Arc::new(table.relation.clone()), new: row, snapshot: true };
         let mut ops = Vec::new();
         self.translator.translate(&event, &mut ops).map_err(drop)?;
         Ok(ops.into_iter().find_map(|op| match op {

@@ -97,7 +97,7 @@ impl Decoder {
             LogicalMessage::Insert { oid, new, .. } => {
                 let relation = self.lookup(oid)?;
                 let new = full_row(&relation, new, &mut self.fallback_count)?;
-                ChangeEvent::Insert { position: self.next_position()?, relation, new }
+                ChangeEvent::Insert { position: self.next_position()?, relation, new, snapshot: false }
             }
             LogicalMessage::Update { oid, old, new, .. } => {
                 let relation = self.lookup(oid)?;
@@ -292,6 +292,7 @@ mod tests {
                 position: Position { commit_lsn: Lsn(100), tx_ordinal: 1 },
                 relation: decoder.relation(16384).unwrap().clone(),
                 new: vec![Value::Int8(1), Value::Text("hi".into())],
+                snapshot: false,
             }
         );
         let commit = decoder.commit(Lsn(120), 0).unwrap();

@@ -131,7 +131,10 @@ pub enum ChangeEvent {
     Commit { position: Position, end_lsn: Lsn, commit_time: Timestamp },
     /// The shape of a table, sent before its first change and after every schema change.
     Relation(Arc<Relation>),
-    Insert { position: Position, relation: Arc<Relation>, new: Vec<Value> },
+    /// A new row. `snapshot`: not a change but a row a backfill read from the table (brought up
+    /// to date with the changes made while it was read); targets write it like an insert, and
+    /// records name it `read`.
+    Insert { position: Position, relation: Arc<Relation>, new: Vec<Value>, snapshot: bool },
     Update { position: Position, relation: Arc<Relation>, old: Option<OldRow>, new: NewRow },
     Delete { position: Position, relation: Arc<Relation>, old: OldRow },
     Truncate { position: Position, relations: Vec<Arc<Relation>>, cascade: bool, restart_identity: bool },

@@ -296,7 +296,7 @@ impl PollSource {
                     values.push(column.decode_text(text).map_err(|e| Error::Setup(format!("table {}: {e}", self.config.table)))?);
                 }
                 let position = Position { commit_lsn: Lsn(full_xid(xmin, horizon)), tx_ordinal: 0 };
-                events.push(ChangeEvent::Insert { position, relation: relation.clone(), new: values });
+                events.push(ChangeEvent::Insert { position, relation: relation.clone(), new: values, snapshot: false });
             }
             self.sent += 1;
             let ack = Lsn(self.sent);
