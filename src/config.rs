@@ -303,6 +303,11 @@ pub struct PostgresTargetConfig {
     /// before the batch is retried with a warning.
     #[serde(default = "default_lock_timeout", with = "sluice_postgres::duration")]
     pub lock_timeout: Duration,
+    /// Advance each target column's own sequence (serial or identity) past the highest value
+    /// written, in the batch's transaction, so that rows the application inserts after the
+    /// cut-over get fresh keys. A sequence is never moved back.
+    #[serde(default = "yes")]
+    pub sync_sequences: bool,
 }
 
 fn default_lock_timeout() -> Duration {

@@ -130,6 +130,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
             retry_for: Duration::from_secs(60),
             dead_letter: None,
             lock_timeout: Duration::from_secs(10),
+            sync_sequences: true,
         });
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -105,11 +105,44 @@ struct Op {
     source: String,
 }
 
+/// A sequence that fills a target column (serial or identity), advanced as rows are written.
+struct OwnedSequence {
+    column: String,
+    /// The sequence's qualified, quoted name.
+    quoted: String,
+}
+
+/// The sequences owned by the target tables' columns (ascending ones: a descending sequence
+/// has no "past the highest value"). The role must be able to read and set each one.
+async fn owned_sequences(client: &tokio_postgres::Client, tables: &HashMap<Arc<str>, TargetTable>) -> Result<HashMap<Arc<str>, Vec<OwnedSequence>>, TargetError> {
+    let query = "SELECT a.attname, quote_ident(n.nspname) || '.' || quote_ident(c.relname),                         has_sequence_privilege(c.oid, 'SELECT') AND has_sequence_privilege(c.oid, 'UPDATE')                  FROM pg_attribute a                  JOIN pg_depend d ON d.refobjid = a.attrelid AND d.refobjsubid = a.attnum AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')                  JOIN pg_class c ON c.oid = d.objid AND c.relkind = 'S'                  JOIN pg_namespace n ON n.oid = c.relnamespace                  JOIN pg_sequence s ON s.seqrelid = c.oid                  WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped AND s.seqincrement > 0";
+    let mut owned = HashMap::new();
+    for (name, table) in tables {
+        let rows = client.query(query, &[&table.quoted]).await.map_err(|e| sql_error(&format!("cannot read the sequences of target table {name}"), e))?;
+        let mut sequences = Vec::new();
+        for row in rows {
+            let (column, quoted, allowed): (String, String, bool) = (row.get(0), row.get(1), row.get(2));
+            if !allowed {
+                return Err(fatal(format!(
+                    "target sequence {quoted} (of {name}.{column}): the target role cannot read and set it; grant SELECT, UPDATE on it, or set target.sync_sequences = false"
+                )));
+            }
+            sequences.push(OwnedSequence { column, quoted });
+        }
+        if !sequences.is_empty() {
+            owned.insert(name.clone(), sequences);
+        }
+    }
+    Ok(owned)
+}
+
 struct Applier {
     connection: ConnectionConfig,
     client: Option<tokio_postgres::Client>,
     translator: PgTranslator,
     tables: HashMap<Arc<str>, TargetTable>,
+    /// With `sync_sequences`: the sequences to advance, by target table.
+    sequences: HashMap<Arc<str>, Vec<OwnedSequence>>,
     checkpoint_table: String,
     pipeline: String,
     /// The position of the last change applied (from the checkpoint table).
@@ -185,6 +218,7 @@ impl PgTarget {
             .await
             .map_err(|e| TargetError { target: TARGET, kind: ErrorKind::Fatal, message: "cannot connect to the target database (target.connection)".into(), source: Some(Box::new(e)) })?;
         let tables = target_tables(&client, &mapping).await?;
+        let sequences = if config.sync_sequences { owned_sequences(&client, &tables).await? } else { HashMap::new() };
         let checkpoint_table = {
             let (schema, name) = sluice_postgres::catalog::split_table(&config.checkpoint_table).ok_or_else(|| fatal("target.checkpoint_table must be schema.table"))?;
             format!("{}.{}", quote_ident(schema), quote_ident(name))
@@ -200,6 +234,7 @@ impl PgTarget {
             client: Some(client),
             translator: PgTranslator::new(&mapping, &target_keys(&tables)),
             tables,
+            sequences,
             checkpoint_table,
             pipeline: pipeline.to_owned(),
             applied: Position::default(),
@@ -333,6 +368,7 @@ impl Applier {
     async fn apply_all(&self, ops: &[Op], last: Position) -> Result<(), TargetError> {
         let mut sql = String::from("BEGIN;\n");
         let statements = self.statements(ops, &mut sql)?;
+        self.sequence_statements(ops, &mut sql);
         self.checkpoint_statement(last, &mut sql);
         sql.push_str("COMMIT");
         let client = self.client()?;
@@ -382,6 +418,7 @@ impl Applier {
                 }
             }
             let mut sql = String::new();
+            self.sequence_statements(ops, &mut sql);
             self.checkpoint_statement(last, &mut sql);
             sql.push_str("COMMIT");
             client.batch_execute(&sql).await.map_err(|e| sql_error("cannot commit", e))
@@ -400,6 +437,41 @@ impl Applier {
         let reason = "partial update (unchanged TOAST columns) of a row the target does not hold; backfill the table";
         self.dead_letter.record(op.position, &op.source, Some(&|line: &mut Vec<u8>| details(line, &op.op)), reason).await?;
         Ok(())
+    }
+
+    /// Appends, for each sequence-filled column the operations write, a statement that moves
+    /// its sequence to the highest value written when the sequence is behind it (`nextval` then
+    /// returns a larger one). It runs in the batch's transaction, but `setval` takes effect at
+    /// once; a batch that rolls back leaves at most a gap, never a key handed out twice.
+    fn sequence_statements(&self, ops: &[Op], sql: &mut String) {
+        if self.sequences.is_empty() {
+            return;
+        }
+        let mut highest: Vec<(&OwnedSequence, i64)> = Vec::new();
+        for op in ops {
+            let (table, columns) = match &op.op {
+                RowOp::Upsert { table, columns } => (table, columns),
+                RowOp::Update { table, set, .. } => (table, set),
+                RowOp::Delete { .. } | RowOp::Truncate { .. } => continue,
+            };
+            let Some(sequences) = self.sequences.get(table) else { continue };
+            for sequence in sequences {
+                let written = columns.iter().find(|(name, _)| *name == sequence.column).and_then(|(_, text)| text.as_deref()?.parse::<i64>().ok());
+                let Some(value) = written else { continue };
+                match highest.iter_mut().find(|(s, _)| std::ptr::eq(*s, sequence)) {
+                    Some((_, max)) => *max = (*max).max(value),
+                    None => highest.push((sequence, value)),
+                }
+            }
+        }
+        for (sequence, value) in highest {
+            let _ = writeln!(
+                sql,
+                "SELECT setval({literal}, {value}) FROM {seq} WHERE last_value < {value} OR (last_value = {value} AND NOT is_called);",
+                literal = quote_literal(&sequence.quoted),
+                seq = sequence.quoted,
+            );
+        }
     }
 
     fn checkpoint_statement(&self, last: Position, sql: &mut String) {
