@@ -6,7 +6,7 @@ use sluice_postgres::Problem;
 use sluice_postgres::catalog;
 
 use crate::config::{Config, PostgresTargetConfig, TargetConfig};
-use crate::target::postgres::{target_keys, target_tables};
+use crate::target::postgres::{owned_sequences, target_keys, target_tables};
 use crate::translate::mapping::Mapping;
 use crate::translate::postgres::{PgMapping, PgTranslator};
 
@@ -122,6 +122,11 @@ async fn postgres_target(
             .collect();
         for column in required.iter().filter(|c| !written.contains(c)) {
             problems.push(Problem::new(&prefix, "target", format!("target column {}.{column} is NOT NULL without a default and written by no column of {}", table.target, table.source)));
+        }
+    }
+    if pg.sync_sequences {
+        if let Err(e) = owned_sequences(&target, &tables).await {
+            problems.push(Problem::new("target", "sync_sequences", e.message));
         }
     }
     let source = &config.source.connection;

@@ -106,7 +106,7 @@ struct Op {
 }
 
 /// A sequence that fills a target column (serial or identity), advanced as rows are written.
-struct OwnedSequence {
+pub(crate) struct OwnedSequence {
     column: String,
     /// The sequence's qualified, quoted name.
     quoted: String,
@@ -114,7 +114,7 @@ struct OwnedSequence {
 
 /// The sequences owned by the target tables' columns (ascending ones: a descending sequence
 /// has no "past the highest value"). The role must be able to read and set each one.
-async fn owned_sequences(client: &tokio_postgres::Client, tables: &HashMap<Arc<str>, TargetTable>) -> Result<HashMap<Arc<str>, Vec<OwnedSequence>>, TargetError> {
+pub(crate) async fn owned_sequences(client: &tokio_postgres::Client, tables: &HashMap<Arc<str>, TargetTable>) -> Result<HashMap<Arc<str>, Vec<OwnedSequence>>, TargetError> {
     let query = "SELECT a.attname, quote_ident(n.nspname) || '.' || quote_ident(c.relname),                         has_sequence_privilege(c.oid, 'SELECT') AND has_sequence_privilege(c.oid, 'UPDATE')                  FROM pg_attribute a                  JOIN pg_depend d ON d.refobjid = a.attrelid AND d.refobjsubid = a.attnum AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')                  JOIN pg_class c ON c.oid = d.objid AND c.relkind = 'S'                  JOIN pg_namespace n ON n.oid = c.relnamespace                  JOIN pg_sequence s ON s.seqrelid = c.oid                  WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped AND s.seqincrement > 0";
     let mut owned = HashMap::new();
     for (name, table) in tables {
