@@ -62,9 +62,18 @@ const COUNT_WRITES: &str = "CREATE TABLE writes (n int8 NOT NULL); INSERT INTO w
 
 /// Runs sluice until the stream passed everything written so far.
 fn run_to_now(db: &TestDb, config: &Path) -> String {
+    run_to_now_exiting(db, config, 0, Duration::from_secs(90))
+}
+
+/// Runs sluice as `run_to_now` does, expecting it to stop with an error (exit 1) first.
+fn run_to_now_failing(db: &TestDb, config: &Path) -> String {
+    run_to_now_exiting(db, config, 1, Duration::from_secs(60))
+}
+
+fn run_to_now_exiting(db: &TestDb, config: &Path, expected: i32, limit: Duration) -> String {
     let end = db.insert_lsn();
-    let (code, stderr) = sluice_output(&["run", "-c", config.to_str().unwrap(), "--until-lsn", &end.to_string()], Duration::from_secs(90));
-    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = sluice_output(&["run", "-c", config.to_str().unwrap(), "--until-lsn", &end.to_string()], limit);
+    assert_eq!(code, Some(expected), "{stderr}");
     stderr
 }
 
@@ -434,9 +443,7 @@ fn a_column_added_to_the_source_stops_sluice_until_the_target_has_it_and_loses_n
     let (db, target, _dir, config) = setup("pga", "");
     run_to_now(&db, &config);
     db.sql("ALTER TABLE customers ADD COLUMN nickname text; INSERT INTO customers (id, email, nickname) VALUES (1, 'a', 'ace')");
-    let end = db.insert_lsn();
-    let (code, stderr) = sluice_output(&["run", "-c", config.to_str().unwrap(), "--until-lsn", &end.to_string()], Duration::from_secs(60));
-    assert_eq!(code, Some(1), "{stderr}");
+    let stderr = run_to_now_failing(&db, &config);
     assert!(stderr.contains("has no column nickname"), "{stderr}");
     assert!(!stderr.contains("ace"), "no values in the error: {stderr}");
     target.sql("ALTER TABLE v2.customers ADD COLUMN nickname text");
@@ -481,9 +488,7 @@ fn a_target_trigger_raising_an_error_stops_sluice_without_quoting_values() {
     let config = config(&db, &target, dir.path(), "pgt", "");
     run_to_now(&db, &config);
     db.sql("INSERT INTO orders VALUES (1, 1, 424242.17)");
-    let end = db.insert_lsn();
-    let (code, stderr) = sluice_output(&["run", "-c", config.to_str().unwrap(), "--until-lsn", &end.to_string()], Duration::from_secs(60));
-    assert_eq!(code, Some(1), "{stderr}");
+    let stderr = run_to_now_failing(&db, &config);
     assert!(stderr.contains("SQLSTATE P0001"), "the error is named: {stderr}");
     assert!(!stderr.contains("424242"), "no values in the error: {stderr}");
     assert_eq!(target.sql("SELECT count(*) FROM v2.orders"), "0");

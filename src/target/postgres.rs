@@ -22,7 +22,7 @@
 //! and column (never the server's message, which quotes values), and the rest commits. Any
 //! other error (a missing table or column, no permission) stops the pipeline.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -447,7 +447,8 @@ impl Applier {
         if self.sequences.is_empty() {
             return;
         }
-        let mut highest: Vec<(&OwnedSequence, i64)> = Vec::new();
+        // Sequence (quoted name) → the highest value written to its column.
+        let mut highest: BTreeMap<&str, i64> = BTreeMap::new();
         for op in ops {
             let (table, columns) = match &op.op {
                 RowOp::Upsert { table, columns } => (table, columns),
@@ -458,18 +459,14 @@ impl Applier {
             for sequence in sequences {
                 let written = columns.iter().find(|(name, _)| *name == sequence.column).and_then(|(_, text)| text.as_deref()?.parse::<i64>().ok());
                 let Some(value) = written else { continue };
-                match highest.iter_mut().find(|(s, _)| std::ptr::eq(*s, sequence)) {
-                    Some((_, max)) => *max = (*max).max(value),
-                    None => highest.push((sequence, value)),
-                }
+                highest.entry(&sequence.quoted).and_modify(|max| *max = (*max).max(value)).or_insert(value);
             }
         }
         for (sequence, value) in highest {
             let _ = writeln!(
                 sql,
-                "SELECT setval({literal}, {value}) FROM {seq} WHERE last_value < {value} OR (last_value = {value} AND NOT is_called);",
-                literal = quote_literal(&sequence.quoted),
-                seq = sequence.quoted,
+                "SELECT setval({literal}, {value}) FROM {sequence} WHERE last_value < {value} OR (last_value = {value} AND NOT is_called);",
+                literal = quote_literal(sequence),
             );
         }
     }
