@@ -241,7 +241,11 @@ impl KafkaProperties {
 
 impl std::fmt::Debug for KafkaProperties {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_map().entries(self.0.iter().map(|(k, v)| (k, if Self::is_secret(k) { "<redacted>" } else { v.as_str() }))).finish()
+        f.debug_map()
+            .entries(
+                self.0.iter().map(|(k, v)| (k, if Self::is_secret(k) { "<redacted>" } else { v.as_str() })),
+            )
+            .finish()
     }
 }
 
@@ -434,23 +438,35 @@ impl Config {
     /// by the Helm chart), applies `SLUICE__…` overrides from the process environment and
     /// validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
         if path.extension().is_some_and(|e| e == "json") {
-            let table: toml::Table =
-                serde_json::from_str(&text).map_err(|e| ConfigError::Syntax { path: path.into(), message: format!("not valid JSON: {e}") })?;
+            let table: toml::Table = serde_json::from_str(&text).map_err(|e| ConfigError::Syntax {
+                path: path.into(),
+                message: format!("not valid JSON: {e}"),
+            })?;
             return Config::from_table(table, std::env::vars());
         }
         Config::from_toml(&text, std::env::vars(), path)
     }
 
     /// Parses, overrides and validates; `path` only names the file in messages.
-    pub fn from_toml(text: &str, env: impl IntoIterator<Item = (String, String)>, path: &Path) -> Result<Config, ConfigError> {
-        let table: toml::Table =
-            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: path.into(), message: format!("not valid TOML: {}", e.message()) })?;
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+        path: &Path,
+    ) -> Result<Config, ConfigError> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.into(),
+            message: format!("not valid TOML: {}", e.message()),
+        })?;
         Config::from_table(table, env)
     }
 
-    fn from_table(mut table: toml::Table, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+    fn from_table(
+        mut table: toml::Table,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
         apply_env_overrides(&mut table, env, &mut problems);
         if !problems.is_empty() {
@@ -459,7 +475,9 @@ impl Config {
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
             let key = if key == "." { "(top level)".to_owned() } else { key };
-            ConfigError::Invalid { problems: vec![Problem { key, message: e.into_inner().message().to_owned() }] }
+            ConfigError::Invalid {
+                problems: vec![Problem { key, message: e.into_inner().message().to_owned() }],
+            }
         })?;
         let problems = config.validate();
         if problems.is_empty() {
@@ -472,10 +490,18 @@ impl Config {
     /// Problems of an outbox router that do not depend on the target.
     fn outbox_problems(&self, outbox: &crate::translate::outbox::OutboxConfig, problems: &mut Vec<Problem>) {
         if outbox.message_prefix.is_some() && !self.source.messages() {
-            problems.push(Problem::new("target.outbox", "message_prefix", "needs source.replication.messages = true"));
+            problems.push(Problem::new(
+                "target.outbox",
+                "message_prefix",
+                "needs source.replication.messages = true",
+            ));
         }
         if outbox.table.is_none() && outbox.message_prefix.is_none() {
-            problems.push(Problem::new("target.outbox", "table", "name the outbox table, or a message_prefix, or both"));
+            problems.push(Problem::new(
+                "target.outbox",
+                "table",
+                "name the outbox table, or a message_prefix, or both",
+            ));
         }
     }
 
@@ -492,8 +518,14 @@ impl Config {
         if p.max_in_flight == 0 {
             problems.push(Problem::new("pipeline", "max_in_flight", "must be at least 1"));
         }
-        if !self.monitoring.listen.is_empty() && self.monitoring.listen.parse::<std::net::SocketAddr>().is_err() {
-            problems.push(Problem::new("monitoring", "listen", "must be an address such as 0.0.0.0:9187, or empty to disable"));
+        if !self.monitoring.listen.is_empty()
+            && self.monitoring.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            problems.push(Problem::new(
+                "monitoring",
+                "listen",
+                "must be an address such as 0.0.0.0:9187, or empty to disable",
+            ));
         }
         if self.monitoring.slot_check_interval.is_zero() {
             problems.push(Problem::new("monitoring", "slot_check_interval", "must be more than 0s"));
@@ -509,12 +541,28 @@ impl Config {
                 poll.validate("source.poll", &mut problems);
                 match self.target.outbox() {
                     Some(outbox) if outbox.table.as_deref() == Some(poll.table.as_str()) => {}
-                    Some(_) => problems.push(Problem::new("source.poll", "table", "must be the table of target.outbox.table")),
-                    None => problems.push(Problem::new("source.poll", "table", "polled rows are outbox events: configure [target.outbox] with the same table")),
+                    Some(_) => problems.push(Problem::new(
+                        "source.poll",
+                        "table",
+                        "must be the table of target.outbox.table",
+                    )),
+                    None => problems.push(Problem::new(
+                        "source.poll",
+                        "table",
+                        "polled rows are outbox events: configure [target.outbox] with the same table",
+                    )),
                 }
             }
-            (None, None) => problems.push(Problem::new("source", "replication", "configure [source.replication] (logical replication) or [source.poll] (an outbox table)")),
-            (Some(_), Some(_)) => problems.push(Problem::new("source", "poll", "[source.replication] and [source.poll] exclude each other: one source per pipeline")),
+            (None, None) => problems.push(Problem::new(
+                "source",
+                "replication",
+                "configure [source.replication] (logical replication) or [source.poll] (an outbox table)",
+            )),
+            (Some(_), Some(_)) => problems.push(Problem::new(
+                "source",
+                "poll",
+                "[source.replication] and [source.poll] exclude each other: one source per pipeline",
+            )),
         }
         if let TargetConfig::Kafka(kafka) = &self.target {
             if kafka.brokers.trim().is_empty() {
@@ -525,15 +573,27 @@ impl Config {
             }
             for fixed in ["enable.idempotence", "acks", "bootstrap.servers"] {
                 if kafka.properties.0.contains_key(fixed) {
-                    problems.push(Problem::new("target.properties", fixed, "is set by sluice (idempotent producer, acks=all)"));
+                    problems.push(Problem::new(
+                        "target.properties",
+                        fixed,
+                        "is set by sluice (idempotent producer, acks=all)",
+                    ));
                 }
             }
             if let Some(outbox) = &kafka.outbox {
                 if !outbox.topic.contains("{aggregatetype}") && outbox.topic.contains('{') {
-                    problems.push(Problem::new("target.outbox", "topic", "the only placeholder is {aggregatetype}"));
+                    problems.push(Problem::new(
+                        "target.outbox",
+                        "topic",
+                        "the only placeholder is {aggregatetype}",
+                    ));
                 }
                 if outbox.event_table.is_some() {
-                    problems.push(Problem::new("target.outbox", "event_table", "is a DynamoDB setting; Kafka events go to `topic`"));
+                    problems.push(Problem::new(
+                        "target.outbox",
+                        "event_table",
+                        "is a DynamoDB setting; Kafka events go to `topic`",
+                    ));
                 }
                 self.outbox_problems(outbox, &mut problems);
             }
@@ -549,14 +609,26 @@ impl Config {
                 problems.push(Problem::new("target", "concurrency", "must be at least 1"));
             }
             if dynamo.access_key_id.is_some() != dynamo.secret_access_key.is_some() {
-                problems.push(Problem::new("target", "access_key_id", "access_key_id and secret_access_key go together"));
+                problems.push(Problem::new(
+                    "target",
+                    "access_key_id",
+                    "access_key_id and secret_access_key go together",
+                ));
             }
             match (&dynamo.mapping, &dynamo.outbox) {
-                (None, None) => problems.push(Problem::new("target", "mapping", "is required (a mapping file), unless target.outbox routes outbox events")),
+                (None, None) => problems.push(Problem::new(
+                    "target",
+                    "mapping",
+                    "is required (a mapping file), unless target.outbox routes outbox events",
+                )),
                 (Some(path), _) => match crate::translate::mapping::Mapping::load(path) {
                     Ok(_) => {}
                     Err(mapping_problems) => problems.extend(mapping_problems.into_iter().map(|p| Problem {
-                        key: if p.key == "mapping" { "target.mapping".into() } else { format!("target.{}", p.key) },
+                        key: if p.key == "mapping" {
+                            "target.mapping".into()
+                        } else {
+                            format!("target.{}", p.key)
+                        },
                         message: p.message,
                     })),
                 },
@@ -564,11 +636,22 @@ impl Config {
             }
             if let Some(outbox) = &dynamo.outbox {
                 match outbox.event_table.as_deref() {
-                    None | Some("") => problems.push(Problem::new("target.outbox", "event_table", "is required: the DynamoDB table events are written to")),
+                    None | Some("") => problems.push(Problem::new(
+                        "target.outbox",
+                        "event_table",
+                        "is required: the DynamoDB table events are written to",
+                    )),
                     Some(_) => {}
                 }
-                if outbox.partition_key.is_empty() || outbox.sort_key.is_empty() || outbox.partition_key == outbox.sort_key {
-                    problems.push(Problem::new("target.outbox", "sort_key", "partition_key and sort_key must be two different attribute names"));
+                if outbox.partition_key.is_empty()
+                    || outbox.sort_key.is_empty()
+                    || outbox.partition_key == outbox.sort_key
+                {
+                    problems.push(Problem::new(
+                        "target.outbox",
+                        "sort_key",
+                        "partition_key and sort_key must be two different attribute names",
+                    ));
                 }
                 self.outbox_problems(outbox, &mut problems);
             }
@@ -576,11 +659,19 @@ impl Config {
         if let TargetConfig::Postgres(pg) = &self.target {
             pg.connection.validate("target.connection", &mut problems);
             if sluice_postgres::catalog::split_table(&pg.checkpoint_table).is_none() {
-                problems.push(Problem::new("target", "checkpoint_table", format!("{:?} must be schema.table", pg.checkpoint_table)));
+                problems.push(Problem::new(
+                    "target",
+                    "checkpoint_table",
+                    format!("{:?} must be schema.table", pg.checkpoint_table),
+                ));
             }
             if let Err(mapping_problems) = crate::translate::postgres::PgMapping::load(&pg.mapping) {
                 problems.extend(mapping_problems.into_iter().map(|p| Problem {
-                    key: if p.key == "mapping" { "target.mapping".into() } else { format!("target.{}", p.key) },
+                    key: if p.key == "mapping" {
+                        "target.mapping".into()
+                    } else {
+                        format!("target.{}", p.key)
+                    },
                     message: p.message,
                 }));
             }
@@ -589,7 +680,11 @@ impl Config {
             if jsonl.path != Path::new("-") {
                 if let Some(dir) = jsonl.path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     if !dir.is_dir() {
-                        problems.push(Problem::new("target", "path", format!("directory {} does not exist", dir.display())));
+                        problems.push(Problem::new(
+                            "target",
+                            "path",
+                            format!("directory {} does not exist", dir.display()),
+                        ));
                     }
                 }
             }
@@ -600,12 +695,19 @@ impl Config {
 
 /// `SLUICE__SOURCE__CONNECTION__PASSWORD=x` sets `source.connection.password = "x"`. Values
 /// that read as TOML integers, floats or booleans keep that type; anything else is a string.
-fn apply_env_overrides(table: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>, problems: &mut Vec<Problem>) {
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    problems: &mut Vec<Problem>,
+) {
     for (name, raw) in env {
         let Some(path) = name.strip_prefix(ENV_PREFIX) else { continue };
         let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
         if keys.iter().any(String::is_empty) {
-            problems.push(Problem { key: name.clone(), message: "environment override has an empty key segment".into() });
+            problems.push(Problem {
+                key: name.clone(),
+                message: "environment override has an empty key segment".into(),
+            });
             continue;
         }
         if let Err(message) = set_path(table, &keys, parse_env_value(&raw)) {
@@ -659,7 +761,11 @@ mod tests {
     "#;
 
     fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        Config::from_toml(text, env.iter().map(|(k, v)| (k.to_string(), v.to_string())), Path::new("test.toml"))
+        Config::from_toml(
+            text,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            Path::new("test.toml"),
+        )
     }
 
     #[test]
@@ -694,7 +800,11 @@ mod tests {
     fn environment_overrides_nested_keys_with_types() {
         let config = load(
             MINIMAL,
-            &[("SLUICE__SOURCE__CONNECTION__PORT", "6543"), ("SLUICE__SOURCE__CONNECTION__PASSWORD", "s3cret"), ("OTHER", "x")],
+            &[
+                ("SLUICE__SOURCE__CONNECTION__PORT", "6543"),
+                ("SLUICE__SOURCE__CONNECTION__PASSWORD", "s3cret"),
+                ("OTHER", "x"),
+            ],
         )
         .unwrap();
         assert_eq!(config.source.connection.port, 6543);
@@ -711,19 +821,30 @@ mod tests {
 
     #[test]
     fn every_semantic_problem_is_reported_with_its_key() {
-        let text = MINIMAL.replace("slot = \"sluice\"", "slot = \"Bad-Slot\"\nstreaming = true\nstatus_interval = \"0s\"")
+        let text = MINIMAL
+            .replace("slot = \"sluice\"", "slot = \"Bad-Slot\"\nstreaming = true\nstatus_interval = \"0s\"")
             + "\n[pipeline]\nmax_in_flight = 0\n";
-        let ConfigError::Invalid { problems } = load(&text, &[]).unwrap_err() else { panic!("expected problems") };
+        let ConfigError::Invalid { problems } = load(&text, &[]).unwrap_err() else {
+            panic!("expected problems")
+        };
         let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(
             keys,
-            ["pipeline.max_in_flight", "source.replication.slot", "source.replication.streaming", "source.replication.status_interval"]
+            [
+                "pipeline.max_in_flight",
+                "source.replication.slot",
+                "source.replication.streaming",
+                "source.replication.status_interval"
+            ]
         );
     }
 
     #[test]
     fn bad_duration_names_the_key() {
-        let text = MINIMAL.replace("publication = \"sluice_pub\"", "publication = \"sluice_pub\"\nstatus_interval = \"10\"");
+        let text = MINIMAL.replace(
+            "publication = \"sluice_pub\"",
+            "publication = \"sluice_pub\"\nstatus_interval = \"10\"",
+        );
         let err = load(&text, &[]).unwrap_err().to_string();
         assert!(err.contains("source.replication.status_interval") && err.contains("unit"), "{err}");
     }
@@ -733,28 +854,54 @@ mod tests {
         let dynamo = MINIMAL.replace("kind = \"null\"", "kind = \"dynamodb\"");
         let err = load(&dynamo, &[]).unwrap_err().to_string();
         assert!(err.contains("target.mapping: is required"), "{err}");
-        let err = load(&format!("{dynamo}\n[target.outbox]\ntable = \"public.outbox\"\n"), &[]).unwrap_err().to_string();
+        let err = load(&format!("{dynamo}\n[target.outbox]\ntable = \"public.outbox\"\n"), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("target.outbox.event_table: is required"), "{err}");
-        let config = load(&format!("{dynamo}\n[target.outbox]\ntable = \"public.outbox\"\nevent_table = \"events\"\n"), &[]).unwrap();
+        let config = load(
+            &format!("{dynamo}\n[target.outbox]\ntable = \"public.outbox\"\nevent_table = \"events\"\n"),
+            &[],
+        )
+        .unwrap();
         assert_eq!(config.target.outbox().and_then(|o| o.event_table.as_deref()), Some("events"));
     }
 
     #[test]
     fn a_pipeline_has_exactly_one_source_and_a_polled_table_is_the_outbox_table() {
-        let neither = MINIMAL.replace("[source.replication]\n        slot = \"sluice\"\n        publication = \"sluice_pub\"\n", "");
+        let neither = MINIMAL.replace(
+            "[source.replication]\n        slot = \"sluice\"\n        publication = \"sluice_pub\"\n",
+            "",
+        );
         let err = load(&neither, &[]).unwrap_err().to_string();
-        assert!(err.contains("source.replication: configure [source.replication] (logical replication) or [source.poll]"), "{err}");
+        assert!(
+            err.contains(
+                "source.replication: configure [source.replication] (logical replication) or [source.poll]"
+            ),
+            "{err}"
+        );
         let both = MINIMAL.replace("[target]", "[source.poll]\ntable = \"public.outbox\"\n[target]");
         let err = load(&both, &[]).unwrap_err().to_string();
-        assert!(err.contains("source.poll: [source.replication] and [source.poll] exclude each other"), "{err}");
-        let kafka = "[target]\nkind = \"kafka\"\nbrokers = \"k:9092\"\n[target.outbox]\ntable = \"public.outbox\"\n";
-        let poll = |poll: &str| format!("[source.connection]\ndbname = \"app\"\n[source.poll]\n{poll}\n{kafka}");
+        assert!(
+            err.contains("source.poll: [source.replication] and [source.poll] exclude each other"),
+            "{err}"
+        );
+        let kafka =
+            "[target]\nkind = \"kafka\"\nbrokers = \"k:9092\"\n[target.outbox]\ntable = \"public.outbox\"\n";
+        let poll =
+            |poll: &str| format!("[source.connection]\ndbname = \"app\"\n[source.poll]\n{poll}\n{kafka}");
         let config = load(&poll("table = \"public.outbox\"\ninterval = \"250ms\""), &[]).unwrap();
         let polled = config.source.poll.as_ref().unwrap();
-        assert_eq!((polled.batch_size, polled.interval, polled.after_publish), (500, Duration::from_millis(250), sluice_postgres::AfterPublish::Delete));
+        assert_eq!(
+            (polled.batch_size, polled.interval, polled.after_publish),
+            (500, Duration::from_millis(250), sluice_postgres::AfterPublish::Delete)
+        );
         assert_eq!(config.source.lock_name(), "poll:public.outbox");
         let err = load(&poll("table = \"public.events\"\nbatch_size = 0"), &[]).unwrap_err().to_string();
-        assert!(err.contains("source.poll.batch_size") && err.contains("source.poll.table: must be the table of target.outbox.table"), "{err}");
+        assert!(
+            err.contains("source.poll.batch_size")
+                && err.contains("source.poll.table: must be the table of target.outbox.table"),
+            "{err}"
+        );
     }
 
     #[test]

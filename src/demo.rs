@@ -15,7 +15,8 @@ use crate::localpg::{ClusterOptions, LocalPostgres};
 
 type DemoResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-const SETUP: &str = "CREATE TABLE accounts (id bigint PRIMARY KEY, owner text NOT NULL, balance numeric(12,2), \
+const SETUP: &str =
+    "CREATE TABLE accounts (id bigint PRIMARY KEY, owner text NOT NULL, balance numeric(12,2), \
      tags text[], opened_at timestamptz DEFAULT '2024-05-01 09:30:00+00'); \
      CREATE PUBLICATION demo_pub FOR TABLE accounts;";
 
@@ -36,7 +37,8 @@ pub struct DemoOptions {
 }
 
 /// The Postgres target's table and mapping for `--postgres`.
-const PG_TARGET_SETUP: &str = "CREATE SCHEMA v2; CREATE TABLE v2.accounts (account_id bigint PRIMARY KEY, holder text NOT NULL, \
+const PG_TARGET_SETUP: &str =
+    "CREATE SCHEMA v2; CREATE TABLE v2.accounts (account_id bigint PRIMARY KEY, holder text NOT NULL, \
      balance numeric(12,2), tags text[], opened_at timestamptz, origin text NOT NULL)";
 const PG_DEMO_MAPPING: &str = "[[tables]]\nsource = \"public.accounts\"\ntarget = \"v2.accounts\"\n\
      rename = { id = \"account_id\", owner = \"holder\" }\nconstants = { origin = \"demo\" }\n";
@@ -64,7 +66,9 @@ fn start_dynamo(server: &std::path::Path) -> Result<LocalDynamo, Box<dyn std::er
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot start {} ({e}); install it with: pip install 'moto[server]'", server.display()))?;
+        .map_err(|e| {
+            format!("cannot start {} ({e}); install it with: pip install 'moto[server]'", server.display())
+        })?;
     let dynamo = LocalDynamo { child, url: format!("http://127.0.0.1:{port}") };
     wait_until(Duration::from_secs(30), || Ok(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()))?;
     Ok(dynamo)
@@ -95,7 +99,8 @@ pub async fn run(options: DemoOptions) -> DemoResult {
     if let Some(server) = &options.dynamodb_server {
         let local = start_dynamo(server)?;
         eprintln!("demo: DynamoDB-API server ({}) on {}", server.display(), local.url);
-        let client = sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions::local(&local.url)).await;
+        let client =
+            sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions::local(&local.url)).await;
         client.create_table("demo_accounts", "pk", Some("sk")).await?;
         let mapping = dir.path().join("mapping.toml");
         std::fs::write(&mapping, DEMO_MAPPING)?;
@@ -134,7 +139,8 @@ pub async fn run(options: DemoOptions) -> DemoResult {
         });
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (handles_tx, mut handles_rx) = watch::channel(None::<(std::sync::Arc<SourceStats>, watch::Receiver<Lsn>)>);
+    let (handles_tx, mut handles_rx) =
+        watch::channel(None::<(std::sync::Arc<SourceStats>, watch::Receiver<Lsn>)>);
     let state = crate::monitor::PipelineState::new(&config);
     let pipeline = tokio::spawn(async move {
         crate::pipeline::run(&config, &state, shutdown_rx, |p| {
@@ -142,7 +148,8 @@ pub async fn run(options: DemoOptions) -> DemoResult {
         })
         .await
     });
-    let (_stats, mut durable) = handles_rx.wait_for(Option::is_some).await?.clone().ok_or("pipeline did not start")?;
+    let (_stats, mut durable) =
+        handles_rx.wait_for(Option::is_some).await?.clone().ok_or("pipeline did not start")?;
     wait_until(Duration::from_secs(30), || {
         Ok(pg.psql("demo", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'demo_slot' AND active AND confirmed_flush_lsn IS NOT NULL")? == "1")
     })?;
@@ -168,7 +175,8 @@ pub async fn run(options: DemoOptions) -> DemoResult {
         eprintln!("demo: read back from demo_v2 (SELECT * FROM v2.accounts):");
         println!("{}", pg.psql("demo_v2", "SELECT * FROM v2.accounts ORDER BY account_id")?);
     }
-    let confirmed = pg.psql("demo", "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'demo_slot'")?;
+    let confirmed = pg
+        .psql("demo", "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'demo_slot'")?;
     eprintln!("demo: every change delivered; slot demo_slot confirmed up to {confirmed}. Stopping Postgres.");
     Ok(())
 }

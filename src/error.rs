@@ -23,8 +23,17 @@ pub struct TargetError {
 }
 
 impl TargetError {
-    pub fn fatal(target: &'static str, message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        TargetError { target, kind: ErrorKind::Fatal, message: message.into(), source: Some(Box::new(source)) }
+    pub fn fatal(
+        target: &'static str,
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        TargetError {
+            target,
+            kind: ErrorKind::Fatal,
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
     }
 }
 

@@ -83,7 +83,11 @@ pub async fn acquire(
 
 /// One attempt on `client` (connected first when there is none); on success the connection
 /// moves into the lock.
-async fn try_lock(client: &mut Option<tokio_postgres::Client>, conn: &ConnectionConfig, key: &str) -> Result<Option<HaLock>, sluice_postgres::Error> {
+async fn try_lock(
+    client: &mut Option<tokio_postgres::Client>,
+    conn: &ConnectionConfig,
+    key: &str,
+) -> Result<Option<HaLock>, sluice_postgres::Error> {
     if client.as_ref().is_none_or(|c| c.is_closed()) {
         let fresh = connect_sql(conn).await?;
         for setting in SESSION_SETTINGS {
@@ -93,7 +97,8 @@ async fn try_lock(client: &mut Option<tokio_postgres::Client>, conn: &Connection
         *client = Some(fresh);
     }
     let connected = client.as_ref().expect("connected above");
-    let held: bool = connected.query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key]).await?.get(0);
+    let held: bool =
+        connected.query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key]).await?.get(0);
     Ok(if held { client.take().map(|client| HaLock { client }) } else { None })
 }
 
@@ -110,7 +115,12 @@ impl HaLock {
             }
             match tokio::time::timeout(Duration::from_secs(5), self.client.simple_query("SELECT 1")).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(error)) => return format!("the HA lock's connection failed: {}", sluice_postgres::error::Chain(&error)),
+                Ok(Err(error)) => {
+                    return format!(
+                        "the HA lock's connection failed: {}",
+                        sluice_postgres::error::Chain(&error)
+                    )
+                }
                 Err(_) => return "the HA lock's connection did not answer within 5 s".into(),
             }
         }

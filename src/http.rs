@@ -20,7 +20,12 @@ use tokio::sync::watch;
 use crate::monitor::PipelineState;
 
 /// Serves until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, state: Arc<PipelineState>, metrics: PrometheusHandle, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<PipelineState>,
+    metrics: PrometheusHandle,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -40,19 +45,28 @@ pub async fn serve(listener: TcpListener, state: Arc<PipelineState>, metrics: Pr
                 async move { Ok::<_, Infallible>(response) }
             });
             // Clients that hang up early are not worth a log line.
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }
 
-fn respond(request: &Request<Incoming>, state: &PipelineState, metrics: &PrometheusHandle) -> Response<Full<Bytes>> {
+fn respond(
+    request: &Request<Incoming>,
+    state: &PipelineState,
+    metrics: &PrometheusHandle,
+) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
     }
     match request.uri().path() {
         "/metrics" => {
             let mut response = text(StatusCode::OK, metrics.render());
-            response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
             response
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
@@ -61,9 +75,13 @@ fn respond(request: &Request<Incoming>, state: &PipelineState, metrics: &Prometh
             Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
         },
         "/status" => {
-            let body = serde_json::to_string_pretty(&state.status()).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+            let body = serde_json::to_string_pretty(&state.status())
+                .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
             let mut response = text(StatusCode::OK, body + "\n");
-            response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
             response
         }
         _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz, /readyz or /status\n".into()),

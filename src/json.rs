@@ -88,7 +88,11 @@ pub fn write_event(out: &mut Vec<u8>, event: &ChangeEvent, transactions: bool) -
 }
 
 fn op(out: &mut Vec<u8>, name: &str, position: &Position) {
-    let _ = write!(out, "\"op\":\"{name}\",\"commit_lsn\":\"{}\",\"ordinal\":{}", position.commit_lsn, position.tx_ordinal);
+    let _ = write!(
+        out,
+        "\"op\":\"{name}\",\"commit_lsn\":\"{}\",\"ordinal\":{}",
+        position.commit_lsn, position.tx_ordinal
+    );
 }
 
 fn lsn_field(out: &mut Vec<u8>, name: &str, lsn: Lsn) {
@@ -111,7 +115,11 @@ fn old_row(out: &mut Vec<u8>, relation: &Relation, old: Option<&OldRow>) {
             let _ = write!(out, ",\"old_kind\":\"{kind}\",\"old\":");
             // A key-only old row lists just the identity columns.
             let key_only = matches!(old, OldRow::Key(_));
-            let shown = relation.columns.iter().zip(values).map(|(column, value)| (!key_only || column.is_key).then_some(value));
+            let shown = relation
+                .columns
+                .iter()
+                .zip(values)
+                .map(|(column, value)| (!key_only || column.is_key).then_some(value));
             row(out, relation, shown);
         }
     }
@@ -200,15 +208,24 @@ pub fn write_value(out: &mut Vec<u8>, value: &Value) {
         Value::Float8(v) if v.is_finite() => {
             let _ = write!(out, "{v}");
         }
-        Value::Float4(_) | Value::Float8(_) | Value::Numeric(_) | Value::Interval(_) | Value::Time(_) | Value::Uuid(_) => {
-            string(out, &value.to_string())
-        }
+        Value::Float4(_)
+        | Value::Float8(_)
+        | Value::Numeric(_)
+        | Value::Interval(_)
+        | Value::Time(_)
+        | Value::Uuid(_) => string(out, &value.to_string()),
         Value::Text(s) | Value::Enum(s) | Value::Unknown { text: s, .. } => string(out, s),
         Value::Json(raw) => out.extend_from_slice(raw.as_bytes()),
-        Value::Bytea(bytes) | Value::UnknownBinary { bytes, .. } => string(out, &base64::engine::general_purpose::STANDARD.encode(bytes)),
+        Value::Bytea(bytes) | Value::UnknownBinary { bytes, .. } => {
+            string(out, &base64::engine::general_purpose::STANDARD.encode(bytes))
+        }
         Value::Date(date) => match date.ymd() {
             Some((year, month, day)) => {
-                let text = if year < 0 { format!("-{:04}-{month:02}-{day:02}", -year) } else { format!("{year:04}-{month:02}-{day:02}") };
+                let text = if year < 0 {
+                    format!("-{:04}-{month:02}-{day:02}", -year)
+                } else {
+                    format!("{year:04}-{month:02}-{day:02}")
+                };
                 string(out, &text);
             }
             None => string(out, &date.to_string()),
@@ -237,11 +254,20 @@ mod tests {
         assert_eq!(json(&Value::Numeric(Numeric::Finite("1.50".into()))), serde_json::json!("1.50"));
         assert_eq!(json(&Value::Bytea(vec![0, 1, 2])), serde_json::json!("AAEC"));
         assert_eq!(json(&Value::Date(Date(0))), serde_json::json!("2000-01-01"));
-        assert_eq!(json(&Value::Date(Date::parse("0044-03-15 BC").unwrap())), serde_json::json!("-0043-03-15"));
-        assert_eq!(json(&Value::TimestampTz(Timestamp(1_500_000))), serde_json::json!("2000-01-01T00:00:01.5Z"));
+        assert_eq!(
+            json(&Value::Date(Date::parse("0044-03-15 BC").unwrap())),
+            serde_json::json!("-0043-03-15")
+        );
+        assert_eq!(
+            json(&Value::TimestampTz(Timestamp(1_500_000))),
+            serde_json::json!("2000-01-01T00:00:01.5Z")
+        );
         assert_eq!(json(&Value::Json("{\"a\": [1, 2]}".into())), serde_json::json!({"a": [1, 2]}));
         assert_eq!(json(&Value::Array(vec![Value::Int4(1), Value::Null])), serde_json::json!([1, null]));
-        assert_eq!(json(&Value::Text("tab\there \"q\" \u{1} é".into())), serde_json::json!("tab\there \"q\" \u{1} é"));
+        assert_eq!(
+            json(&Value::Text("tab\there \"q\" \u{1} é".into())),
+            serde_json::json!("tab\there \"q\" \u{1} é")
+        );
     }
 
     fn event_json(event: &ChangeEvent) -> serde_json::Value {
@@ -255,7 +281,13 @@ mod tests {
     fn row_events_have_the_documented_shape() {
         use crate::event::{Column, Lsn, NewRow, OldRow, Position, Relation, ReplicaIdentity};
         use sluice_postgres::types::TypeKind;
-        let column = |name: &str, is_key: bool| Column { name: name.into(), type_oid: 20, type_modifier: -1, is_key, kind: TypeKind::Int8 };
+        let column = |name: &str, is_key: bool| Column {
+            name: name.into(),
+            type_oid: 20,
+            type_modifier: -1,
+            is_key,
+            kind: TypeKind::Int8,
+        };
         let relation = std::sync::Arc::new(Relation {
             oid: 1,
             namespace: "public".into(),
@@ -275,7 +307,11 @@ mod tests {
             serde_json::json!({"op": "update", "commit_lsn": "1/10", "ordinal": 3, "table": "public.t",
                 "old_kind": "key", "old": {"id": 1}, "new": {"id": 2, "a": null}, "unchanged_toast": ["big"]})
         );
-        let delete = ChangeEvent::Delete { position, relation, old: OldRow::Full(vec![Value::Int8(1), Value::Int8(5), Value::Null]) };
+        let delete = ChangeEvent::Delete {
+            position,
+            relation,
+            old: OldRow::Full(vec![Value::Int8(1), Value::Int8(5), Value::Null]),
+        };
         assert_eq!(
             event_json(&delete),
             serde_json::json!({"op": "delete", "commit_lsn": "1/10", "ordinal": 3, "table": "public.t",

@@ -25,10 +25,15 @@ pub fn pg_bin_dir() -> io::Result<PathBuf> {
     let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|d| d.flatten().map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
         .unwrap_or_default();
-    candidates.sort_by_key(|p| p.parent().and_then(|v| v.file_name()).and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok()));
-    candidates
-        .pop()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no Postgres server binaries (initdb) found; install postgresql or set SLUICE_TEST_PG_BIN"))
+    candidates.sort_by_key(|p| {
+        p.parent().and_then(|v| v.file_name()).and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok())
+    });
+    candidates.pop().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "no Postgres server binaries (initdb) found; install postgresql or set SLUICE_TEST_PG_BIN",
+        )
+    })
 }
 
 fn running_as_root() -> bool {
@@ -72,11 +77,20 @@ impl LocalPostgres {
         let mut cluster = LocalPostgres { dir, bin, as_root, port: 0 };
         let data = cluster.data_dir();
         run_checked(cluster.server_command("initdb").arg("-D").arg(&data).args([
-            "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C",
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
         ]))?;
         if !options.hba.is_empty() {
             let default = std::fs::read_to_string(data.join("pg_hba.conf")).unwrap_or_default();
-            let lines: Vec<&str> = default.lines().filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty()).collect();
+            let lines: Vec<&str> = default
+                .lines()
+                .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+                .collect();
             let hba = format!("{}\n{}\n", options.hba.join("\n"), lines.join("\n"));
             cluster.write_as_owner(&data.join("pg_hba.conf"), &hba)?;
         }
@@ -125,12 +139,20 @@ impl LocalPostgres {
                 .arg(format!("-c port={}", self.port)),
         )
         .map(drop)
-        .map_err(|e| io::Error::other(format!("{e}; server log: {}", std::fs::read_to_string(&log).unwrap_or_default())))
+        .map_err(|e| {
+            io::Error::other(format!(
+                "{e}; server log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ))
+        })
     }
 
     /// Stops the server at once (as a crash would) or cleanly.
     pub fn stop(&self, mode: &str) -> io::Result<()> {
-        run_checked(self.server_command("pg_ctl").arg("-D").arg(self.data_dir()).args(["-w", "-m", mode, "stop"])).map(drop)
+        run_checked(
+            self.server_command("pg_ctl").arg("-D").arg(self.data_dir()).args(["-w", "-m", mode, "stop"]),
+        )
+        .map(drop)
     }
 
     /// Starts the server again on the same port after `stop`.
@@ -205,7 +227,14 @@ impl LocalPostgres {
 
 impl Drop for LocalPostgres {
     fn drop(&mut self) {
-        let _ = self.server_command("pg_ctl").arg("-D").arg(self.data_dir()).args(["-m", "immediate", "stop"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = self
+            .server_command("pg_ctl")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 

@@ -147,7 +147,9 @@ fn main() -> ExitCode {
             let options = sluice::demo::DemoOptions { dynamodb_server: dynamodb, postgres_target: postgres };
             report(runtime.block_on(sluice::demo::run(options)).map_err(anyhow::Error::from_boxed))
         }
-        Command::Bench(args) => report(runtime.block_on(sluice::bench::run(args)).map_err(anyhow::Error::from_boxed)),
+        Command::Bench(args) => {
+            report(runtime.block_on(sluice::bench::run(args)).map_err(anyhow::Error::from_boxed))
+        }
     }
 }
 
@@ -173,7 +175,16 @@ async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {
     let lock = if config.ha.enabled {
         let mut shutdown = shutdown_rx.clone();
         let lock_name = config.source.lock_name();
-        match sluice::ha::acquire(&config.source.connection, &lock_name, config.ha.retry_interval, config.pipeline.retry_for, &state.standby_healthy, &mut shutdown).await? {
+        match sluice::ha::acquire(
+            &config.source.connection,
+            &lock_name,
+            config.ha.retry_interval,
+            config.pipeline.retry_for,
+            &state.standby_healthy,
+            &mut shutdown,
+        )
+        .await?
+        {
             Some(lock) => Some(lock),
             None => return Ok(()),
         }
@@ -252,4 +263,3 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
         }
     }
 }
-

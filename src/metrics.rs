@@ -93,21 +93,36 @@ fn describe() {
     describe_counter!(SOURCE_BYTES_TOTAL, Unit::Bytes, "Replication payload received from Postgres");
     describe_counter!(SOURCE_RECONNECTS_TOTAL, "Replication connections re-established after a failure");
     describe_gauge!(SOURCE_STREAMING, "1 while the replication stream is open");
-    describe_gauge!(SOURCE_LAG_BYTES, Unit::Bytes, "Server WAL position minus the slot's confirmed flush position");
+    describe_gauge!(
+        SOURCE_LAG_BYTES,
+        Unit::Bytes,
+        "Server WAL position minus the slot's confirmed flush position"
+    );
     describe_gauge!(APPLY_LAG_BYTES, Unit::Bytes, "Received minus durable in the target");
-    describe_gauge!(LAG_SECONDS, Unit::Seconds, "Now minus the commit time of the last transaction or heartbeat durable in the target");
+    describe_gauge!(
+        LAG_SECONDS,
+        Unit::Seconds,
+        "Now minus the commit time of the last transaction or heartbeat durable in the target"
+    );
     describe_gauge!(RECEIVED_LSN, "Highest WAL position received");
     describe_gauge!(DURABLE_LSN, "Highest WAL position durable in the target");
     describe_gauge!(SERVER_WAL_LSN, "The server's current WAL position");
     describe_gauge!(CONFIRMED_FLUSH_LSN, "The slot's confirmed flush position");
     describe_gauge!(SLOT_RETAINED_WAL_BYTES, Unit::Bytes, "WAL the slot keeps on the server");
-    describe_gauge!(SLOT_SAFE_WAL_SIZE_BYTES, Unit::Bytes, "WAL that can be written before the slot risks invalidation");
+    describe_gauge!(
+        SLOT_SAFE_WAL_SIZE_BYTES,
+        Unit::Bytes,
+        "WAL that can be written before the slot risks invalidation"
+    );
     describe_gauge!(SLOT_WAL_STATUS, "1 for the slot's current wal_status");
     describe_counter!(HEARTBEATS_SENT_TOTAL, "Heartbeats written into the WAL");
     describe_counter!(HEARTBEATS_RECEIVED_TOTAL, "Heartbeats received back through the stream");
     describe_gauge!(SPILLED_BYTES, Unit::Bytes, "Streamed in-progress transactions spilled to disk");
     describe_histogram!(TARGET_WRITE_SECONDS, Unit::Seconds, "Latency of target requests");
-    describe_counter!(TARGET_WRITES_TOTAL, "Writes by outcome (already_applied: absorbed by the position guard)");
+    describe_counter!(
+        TARGET_WRITES_TOTAL,
+        "Writes by outcome (already_applied: absorbed by the position guard)"
+    );
     describe_counter!(TARGET_RETRIES_TOTAL, "Retried target requests");
     describe_counter!(DEAD_LETTER_TOTAL, "Changes sent to the dead-letter store");
     describe_gauge!(HA_ACTIVE, "1 while this process holds the HA lock and streams");

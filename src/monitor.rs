@@ -91,7 +91,11 @@ pub struct Status {
 
 impl PipelineState {
     pub fn new(config: &Config) -> Arc<Self> {
-        Arc::new(Self::with(&config.pipeline.name, config.monitoring.ready_max_lag, config.source.replication.as_ref().is_some_and(|r| !r.heartbeat_interval.is_zero())))
+        Arc::new(Self::with(
+            &config.pipeline.name,
+            config.monitoring.ready_max_lag,
+            config.source.replication.as_ref().is_some_and(|r| !r.heartbeat_interval.is_zero()),
+        ))
     }
 
     pub fn with(name: &str, ready_max_lag: Duration, heartbeats: bool) -> Self {
@@ -139,7 +143,9 @@ impl PipelineState {
         if !self.active.load(Ordering::Relaxed) {
             return match (standby_ok, self.standby_healthy.load(Ordering::Relaxed)) {
                 (true, true) => Ok(()),
-                (_, false) => Err("standby: cannot reach Postgres to wait for the HA lock (or not tried yet)".into()),
+                (_, false) => {
+                    Err("standby: cannot reach Postgres to wait for the HA lock (or not tried yet)".into())
+                }
                 (false, true) => Err("standby: another replica holds the HA lock".into()),
             };
         }
@@ -150,7 +156,10 @@ impl PipelineState {
             match self.lag_seconds() {
                 None => return Err("no transaction or heartbeat has reached the target yet".into()),
                 Some(lag) if lag > self.ready_max_lag.as_secs_f64() => {
-                    return Err(format!("lag {lag:.1}s exceeds monitoring.ready_max_lag ({:?})", self.ready_max_lag))
+                    return Err(format!(
+                        "lag {lag:.1}s exceeds monitoring.ready_max_lag ({:?})",
+                        self.ready_max_lag
+                    ))
                 }
                 Some(_) => {}
             }
@@ -160,7 +169,8 @@ impl PipelineState {
 
     pub fn status(&self) -> Status {
         let source = self.source.get();
-        let load = |f: fn(&SourceStats) -> &AtomicU64| source.map(|s| f(s).load(Ordering::Relaxed)).unwrap_or(0);
+        let load =
+            |f: fn(&SourceStats) -> &AtomicU64| source.map(|s| f(s).load(Ordering::Relaxed)).unwrap_or(0);
         let received = load(|s| &s.received_lsn);
         let durable = self.durable_lsn.load(Ordering::Relaxed);
         let readiness = self.readiness(false);
@@ -205,12 +215,16 @@ impl PipelineState {
             metrics::gauge!(m::SPILLED_BYTES).set(source.spilled_bytes.load(Ordering::Relaxed) as f64);
             metrics::counter!(m::SOURCE_BYTES_TOTAL).absolute(source.bytes.load(Ordering::Relaxed));
             metrics::counter!(m::SOURCE_RECONNECTS_TOTAL).absolute(source.reconnects.load(Ordering::Relaxed));
-            metrics::counter!(m::HEARTBEATS_SENT_TOTAL).absolute(source.heartbeats_sent.load(Ordering::Relaxed));
-            metrics::counter!(m::HEARTBEATS_RECEIVED_TOTAL).absolute(source.heartbeats_received.load(Ordering::Relaxed));
+            metrics::counter!(m::HEARTBEATS_SENT_TOTAL)
+                .absolute(source.heartbeats_sent.load(Ordering::Relaxed));
+            metrics::counter!(m::HEARTBEATS_RECEIVED_TOTAL)
+                .absolute(source.heartbeats_received.load(Ordering::Relaxed));
         }
         let target = &self.target;
-        metrics::counter!(m::TARGET_WRITES_TOTAL, "outcome" => "applied").absolute(target.applied.load(Ordering::Relaxed));
-        metrics::counter!(m::TARGET_WRITES_TOTAL, "outcome" => "already_applied").absolute(target.already_applied.load(Ordering::Relaxed));
+        metrics::counter!(m::TARGET_WRITES_TOTAL, "outcome" => "applied")
+            .absolute(target.applied.load(Ordering::Relaxed));
+        metrics::counter!(m::TARGET_WRITES_TOTAL, "outcome" => "already_applied")
+            .absolute(target.already_applied.load(Ordering::Relaxed));
         metrics::counter!(m::TARGET_RETRIES_TOTAL).absolute(target.retries.load(Ordering::Relaxed));
         metrics::counter!(m::DEAD_LETTER_TOTAL).absolute(target.dead_lettered.load(Ordering::Relaxed));
     }
@@ -223,7 +237,10 @@ const SLOT_QUERY: &str = "SELECT s.active, s.active_pid, s.wal_status, s.restart
   WHERE s.slot_name = $1";
 
 /// Reads the slot's row from `pg_replication_slots`.
-pub async fn inspect_slot(sql: &tokio_postgres::Client, slot: &str) -> Result<SlotInfo, tokio_postgres::Error> {
+pub async fn inspect_slot(
+    sql: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<SlotInfo, tokio_postgres::Error> {
     let row = sql.query_opt(SLOT_QUERY, &[&slot]).await?;
     let Some(row) = row else { return Ok(SlotInfo { name: slot.to_owned(), ..SlotInfo::default() }) };
     Ok(SlotInfo {
@@ -293,18 +310,28 @@ pub async fn run(state: Arc<PipelineState>, config: Config, mut shutdown: watch:
     }
 }
 
-async fn count_backlog(sql: &mut Option<tokio_postgres::Client>, conn: &ConnectionConfig, poll: &sluice_postgres::PollConfig) -> Result<i64, sluice_postgres::Error> {
+async fn count_backlog(
+    sql: &mut Option<tokio_postgres::Client>,
+    conn: &ConnectionConfig,
+    poll: &sluice_postgres::PollConfig,
+) -> Result<i64, sluice_postgres::Error> {
     if sql.as_ref().is_none_or(|c| c.is_closed()) {
         *sql = Some(sluice_postgres::connect_sql(conn).await?);
     }
     let client = sql.as_ref().expect("connected above");
     match tokio::time::timeout(Duration::from_secs(10), sluice_postgres::poll::backlog(client, poll)).await {
         Ok(result) => result,
-        Err(_) => Err(sluice_postgres::Error::Setup("counting the outbox backlog timed out after 10 s".into())),
+        Err(_) => {
+            Err(sluice_postgres::Error::Setup("counting the outbox backlog timed out after 10 s".into()))
+        }
     }
 }
 
-async fn check_slot(sql: &mut Option<tokio_postgres::Client>, conn: &ConnectionConfig, slot: &str) -> Result<SlotInfo, sluice_postgres::Error> {
+async fn check_slot(
+    sql: &mut Option<tokio_postgres::Client>,
+    conn: &ConnectionConfig,
+    slot: &str,
+) -> Result<SlotInfo, sluice_postgres::Error> {
     if sql.as_ref().is_none_or(|c| c.is_closed()) {
         *sql = Some(sluice_postgres::connect_sql(conn).await?);
     }

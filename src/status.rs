@@ -26,11 +26,20 @@ pub async fn print(config: &Config, as_json: bool) -> anyhow::Result<()> {
 async fn from_daemon(listen: &str) -> Option<Value> {
     let mut addr: std::net::SocketAddr = listen.parse().ok()?;
     if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() { std::net::Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
     }
     let fetch = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        stream.write_all(format!("GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+        stream
+            .write_all(
+                format!("GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .ok()?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await.ok()?;
         let text = String::from_utf8(response).ok()?;
@@ -46,16 +55,20 @@ async fn from_daemon(listen: &str) -> Option<Value> {
 }
 
 async fn from_postgres(config: &Config) -> anyhow::Result<Value> {
-    let sql = sluice_postgres::connect_sql(&config.source.connection).await.context("no daemon answered on monitoring.listen, and Postgres")?;
+    let sql = sluice_postgres::connect_sql(&config.source.connection)
+        .await
+        .context("no daemon answered on monitoring.listen, and Postgres")?;
     let (slot, backlog) = match (&config.source.replication, &config.source.poll) {
         (Some(replication), _) => {
-            let slot = crate::monitor::inspect_slot(&sql, &replication.slot)
-                .await
-                .with_context(|| format!("cannot read replication slot {:?} from pg_replication_slots", replication.slot))?;
+            let slot = crate::monitor::inspect_slot(&sql, &replication.slot).await.with_context(|| {
+                format!("cannot read replication slot {:?} from pg_replication_slots", replication.slot)
+            })?;
             (json!(slot), Value::Null)
         }
         (None, Some(poll)) => {
-            let rows = sluice_postgres::poll::backlog(&sql, poll).await.with_context(|| format!("cannot count the rows of outbox table {}", poll.table))?;
+            let rows = sluice_postgres::poll::backlog(&sql, poll)
+                .await
+                .with_context(|| format!("cannot count the rows of outbox table {}", poll.table))?;
             (Value::Null, json!(rows))
         }
         (None, None) => (Value::Null, Value::Null),
@@ -70,7 +83,11 @@ async fn from_postgres(config: &Config) -> anyhow::Result<Value> {
         Some(path) => match std::fs::read(path) {
             Ok(bytes) => json!(bytes.iter().filter(|&&b| b == b'\n').count()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => json!(0),
-            Err(e) => return Err(e).with_context(|| format!("cannot read the dead-letter file {} (target.dead_letter)", path.display())),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot read the dead-letter file {} (target.dead_letter)", path.display())
+                })
+            }
         },
         None => Value::Null,
     };
@@ -97,8 +114,24 @@ fn table(status: &Value) -> String {
         other => other.to_string(),
     };
     for key in [
-        "pipeline", "source_of_status", "role", "streaming", "ready", "not_ready_reason", "received_lsn", "durable_lsn", "confirmed_lsn",
-        "apply_lag_bytes", "lag_seconds", "events", "applied", "already_applied", "retries", "dead_lettered", "reconnects", "outbox_backlog_rows",
+        "pipeline",
+        "source_of_status",
+        "role",
+        "streaming",
+        "ready",
+        "not_ready_reason",
+        "received_lsn",
+        "durable_lsn",
+        "confirmed_lsn",
+        "apply_lag_bytes",
+        "lag_seconds",
+        "events",
+        "applied",
+        "already_applied",
+        "retries",
+        "dead_lettered",
+        "reconnects",
+        "outbox_backlog_rows",
     ] {
         if let Some(value) = status.get(key) {
             rows.push((key.replace('_', " "), show(value)));
@@ -109,8 +142,22 @@ fn table(status: &Value) -> String {
             rows.push(("slot".into(), format!("{} (does not exist)", show(&slot["name"]))));
         }
         Some(Value::Object(slot)) => {
-            for key in ["name", "active", "active_pid", "wal_status", "confirmed_flush_lsn", "restart_lsn", "server_wal_lsn", "lag_bytes", "retained_wal_bytes", "safe_wal_size_bytes"] {
-                rows.push((format!("slot {}", key.replace('_', " ")), show(slot.get(key).unwrap_or(&Value::Null))));
+            for key in [
+                "name",
+                "active",
+                "active_pid",
+                "wal_status",
+                "confirmed_flush_lsn",
+                "restart_lsn",
+                "server_wal_lsn",
+                "lag_bytes",
+                "retained_wal_bytes",
+                "safe_wal_size_bytes",
+            ] {
+                rows.push((
+                    format!("slot {}", key.replace('_', " ")),
+                    show(slot.get(key).unwrap_or(&Value::Null)),
+                ));
             }
         }
         // A polling source has no slot.

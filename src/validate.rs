@@ -21,7 +21,11 @@ pub async fn against_database(config: &Config) -> Result<Vec<Problem>, sluice_po
             Err(e) => problems.push(Problem::new("source", "replication", e.to_string())),
         }
         for warning in sluice_postgres::setup::identity_warnings(&sql, &replication.publication).await? {
-            problems.push(Problem::new("source.replication", "publication", format!("table {}: {}", warning.table, warning.reason)));
+            problems.push(Problem::new(
+                "source.replication",
+                "publication",
+                format!("table {}: {}", warning.table, warning.reason),
+            ));
         }
     }
     if let Some(poll) = &source.poll {
@@ -77,7 +81,10 @@ async fn postgres_target(
     };
     let translator = PgTranslator::new(mapping, &target_keys(&tables));
     let published: Vec<String> = sql
-        .query("SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables WHERE pubname = $1", &[&publication])
+        .query(
+            "SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables WHERE pubname = $1",
+            &[&publication],
+        )
         .await?
         .iter()
         .map(|row| row.get(0))
@@ -90,25 +97,50 @@ async fn postgres_target(
             continue;
         };
         if !published.contains(&table.source) {
-            problems.push(Problem::new(&prefix, "source", format!("table {} is not in publication {publication:?}", table.source)));
+            problems.push(Problem::new(
+                &prefix,
+                "source",
+                format!("table {} is not in publication {publication:?}", table.source),
+            ));
         }
         let source_columns: Vec<&str> = source.relation.columns.iter().map(|c| c.name.as_str()).collect();
-        let named = table.rename.keys().map(|c| ("rename", c)).chain(table.drop.iter().map(|c| ("drop", c))).chain(table.filter.iter().map(|f| ("filter", &f.column)));
+        let named = table
+            .rename
+            .keys()
+            .map(|c| ("rename", c))
+            .chain(table.drop.iter().map(|c| ("drop", c)))
+            .chain(table.filter.iter().map(|f| ("filter", &f.column)));
         for (key, column) in named {
             if !source_columns.contains(&column.as_str()) {
-                problems.push(Problem::new(&prefix, key, format!("column {column} does not exist in {}", table.source)));
+                problems.push(Problem::new(
+                    &prefix,
+                    key,
+                    format!("column {column} does not exist in {}", table.source),
+                ));
             }
         }
         let target_table = &tables[table.target.as_str()];
-        let written = translator.target_columns(&table.source, source_columns.iter().copied()).unwrap_or_default();
+        let written =
+            translator.target_columns(&table.source, source_columns.iter().copied()).unwrap_or_default();
         for column in &written {
             if !target_table.types.contains_key(column) {
-                problems.push(Problem::new(&prefix, "target", format!("target table {} has no column {column} (from {})", table.target, table.source)));
+                problems.push(Problem::new(
+                    &prefix,
+                    "target",
+                    format!("target table {} has no column {column} (from {})", table.target, table.source),
+                ));
             }
         }
         for key in &target_table.key {
             if !written.contains(key) {
-                problems.push(Problem::new(&prefix, "target", format!("target key column {key} of {} is written by no column of {}", table.target, table.source)));
+                problems.push(Problem::new(
+                    &prefix,
+                    "target",
+                    format!(
+                        "target key column {key} of {} is written by no column of {}",
+                        table.target, table.source
+                    ),
+                ));
             }
         }
         let required: Vec<String> = target
@@ -121,7 +153,14 @@ async fn postgres_target(
             .map(|row| row.get(0))
             .collect();
         for column in required.iter().filter(|c| !written.contains(c)) {
-            problems.push(Problem::new(&prefix, "target", format!("target column {}.{column} is NOT NULL without a default and written by no column of {}", table.target, table.source)));
+            problems.push(Problem::new(
+                &prefix,
+                "target",
+                format!(
+                    "target column {}.{column} is NOT NULL without a default and written by no column of {}",
+                    table.target, table.source
+                ),
+            ));
         }
     }
     if pg.sync_sequences {
@@ -130,9 +169,15 @@ async fn postgres_target(
         }
     }
     let source = &config.source.connection;
-    let same_database = (&pg.connection.host, pg.connection.port, &pg.connection.dbname) == (&source.host, source.port, &source.dbname);
+    let same_database = (&pg.connection.host, pg.connection.port, &pg.connection.dbname)
+        == (&source.host, source.port, &source.dbname);
     if same_database {
-        for looped in tables.keys().map(|t| t.to_string()).chain([pg.checkpoint_table.clone()]).filter(|t| published.contains(t)) {
+        for looped in tables
+            .keys()
+            .map(|t| t.to_string())
+            .chain([pg.checkpoint_table.clone()])
+            .filter(|t| published.contains(t))
+        {
             problems.push(Problem::new("target", "mapping", format!("table {looped} is written by sluice and published in {publication:?}: its changes would stream back")));
         }
     }
@@ -173,7 +218,11 @@ async fn outbox_table(
             .await?
             .is_some();
         if !published {
-            problems.push(Problem::new("target.outbox", "table", format!("table {table} is not in publication {publication:?}")));
+            problems.push(Problem::new(
+                "target.outbox",
+                "table",
+                format!("table {table} is not in publication {publication:?}"),
+            ));
         }
     }
     let required = [
@@ -184,12 +233,20 @@ async fn outbox_table(
     ];
     for (key, column) in required {
         if !columns.contains(column) {
-            problems.push(Problem::new("target.outbox", key, format!("table {table} has no column {column:?}")));
+            problems.push(Problem::new(
+                "target.outbox",
+                key,
+                format!("table {table} has no column {column:?}"),
+            ));
         }
     }
     for column in &outbox.header_columns {
         if !columns.contains(column) {
-            problems.push(Problem::new("target.outbox", "header_columns", format!("table {table} has no column {column:?}")));
+            problems.push(Problem::new(
+                "target.outbox",
+                "header_columns",
+                format!("table {table} has no column {column:?}"),
+            ));
         }
     }
     Ok(problems)

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice::localpg::{ClusterOptions, LocalPostgres};
-use sluice_postgres::{ChangeEvent, ConnectionConfig, Error, EventBatch, Lsn, ReplicationSource, Secret, SourceOptions, SslMode};
+use sluice_postgres::{
+    ChangeEvent, ConnectionConfig, Error, EventBatch, Lsn, ReplicationSource, Secret, SourceOptions, SslMode,
+};
 use tokio::sync::{mpsc, watch};
 
 use crate::harness::{row_changes, Stream, TestDb};
@@ -22,7 +24,11 @@ async fn streams_one_insert(db: &TestDb, conn: ConnectionConfig, slot: &str) {
 
 /// Runs a source that must fail at once; returns its error.
 async fn fails(db: &TestDb, conn: ConnectionConfig, slot: &str) -> Error {
-    let source = ReplicationSource::new(conn, db.replication(slot, "p"), SourceOptions { retry_for: Duration::ZERO, ..Default::default() });
+    let source = ReplicationSource::new(
+        conn,
+        db.replication(slot, "p"),
+        SourceOptions { retry_for: Duration::ZERO, ..Default::default() },
+    );
     let (tx, _rx) = mpsc::channel::<EventBatch>(1);
     let (_durable_tx, durable) = watch::channel(Lsn::ZERO);
     let (_shutdown_tx, shutdown) = watch::channel(false);
@@ -70,7 +76,10 @@ async fn tls_require_and_verify_full_work_and_a_wrong_ca_is_refused() {
     let read = |name: &str| std::fs::read(certs.path().join(name)).unwrap();
     let pg = Arc::new(
         LocalPostgres::start(&ClusterOptions {
-            hba: vec!["hostssl all tlsuser 127.0.0.1/32 scram-sha-256".into(), "host all tlsuser 127.0.0.1/32 reject".into()],
+            hba: vec![
+                "hostssl all tlsuser 127.0.0.1/32 scram-sha-256".into(),
+                "host all tlsuser 127.0.0.1/32 reject".into(),
+            ],
             settings: vec![
                 ("ssl".into(), "on".into()),
                 ("ssl_cert_file".into(), "server.crt".into()),
@@ -85,7 +94,11 @@ async fn tls_require_and_verify_full_work_and_a_wrong_ca_is_refused() {
     db.sql("CREATE ROLE tlsuser LOGIN REPLICATION PASSWORD 'tls secret'; CREATE TABLE t (id serial PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t");
     let base = user(&db, "tlsuser", "tls secret");
     streams_one_insert(&db, ConnectionConfig { sslmode: SslMode::Require, ..base.clone() }, "require").await;
-    let verified = ConnectionConfig { sslmode: SslMode::VerifyFull, sslrootcert: Some(certs.path().join("ca.crt")), ..base.clone() };
+    let verified = ConnectionConfig {
+        sslmode: SslMode::VerifyFull,
+        sslrootcert: Some(certs.path().join("ca.crt")),
+        ..base.clone()
+    };
     streams_one_insert(&db, verified.clone(), "verify").await;
 
     let wrong_ca = ConnectionConfig { sslrootcert: Some(certs.path().join("other_ca.crt")), ..verified };

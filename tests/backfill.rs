@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use sluice_dynamodb::{Attr, DynamoClient, Item};
 
-use crate::harness::{differences, dynamo_client, kill_9, moto, sluice, verify_report, wait_for, LogsOnPanic, Moto, TestDb};
+use crate::harness::{
+    differences, dynamo_client, kill_9, moto, sluice, verify_report, wait_for, LogsOnPanic, Moto, TestDb,
+};
 
 const SCHEMA: &str = "CREATE TABLE customers (id int8 PRIMARY KEY, email text, password_hash text, status text NOT NULL DEFAULT 'active',
     balance numeric(12,2), created_at timestamptz, tags text[], prefs jsonb, bio text);
@@ -44,10 +46,19 @@ async fn setup(slot: &str, backfill: &str) -> Setup {
     let client = dynamo_client(&moto.url).await;
     client.create_table(&table, "pk", Some("sk")).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/examples/shop.toml")).unwrap();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/examples/shop.toml")).unwrap();
     let mapping = dir.path().join("mapping.toml");
     std::fs::write(&mapping, example.replace("target = \"shop\"", &format!("target = \"{table}\""))).unwrap();
-    let config = db.config_file(dir.path(), slot, "p", &format!("{}\n[backfill]\npoll_interval = \"200ms\"\n{backfill}", crate::dynamodb::target_toml(&mapping, &moto.url, "")));
+    let config = db.config_file(
+        dir.path(),
+        slot,
+        "p",
+        &format!(
+            "{}\n[backfill]\npoll_interval = \"200ms\"\n{backfill}",
+            crate::dynamodb::target_toml(&mapping, &moto.url, "")
+        ),
+    );
     Setup { _moto: moto, db, client, table, dir, config }
 }
 
@@ -76,7 +87,10 @@ impl Setup {
         let mut command = sluice();
         command.args(args).args(["-c", self.config.to_str().unwrap()]);
         let out = tokio::task::spawn_blocking(move || command.output().expect("run sluice")).await.unwrap();
-        (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        (
+            out.status.code(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
     }
 
     async fn verify(&self) -> serde_json::Value {
@@ -86,7 +100,10 @@ impl Setup {
     async fn wait_confirmed_past_now(&self, slot: &str) {
         let now = self.db.insert_lsn();
         self.db.sql("SELECT pg_logical_emit_message(true, 'test', 'flush')");
-        wait_for("the slot to confirm past now", Duration::from_secs(120), || async { self.db.slot_confirmed(slot).unwrap() > now }).await;
+        wait_for("the slot to confirm past now", Duration::from_secs(120), || async {
+            self.db.slot_confirmed(slot).unwrap() > now
+        })
+        .await;
     }
 }
 
@@ -130,7 +147,12 @@ async fn a_backfill_beside_concurrent_writes_leaves_the_target_equal_to_the_sour
     let writer = tokio::spawn(churn(db.connection(), 1500, 1200));
     let (code, out) = setup.command(&["snapshot"]).await;
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("requested backfill") && out.contains("public.customers") && out.contains("public.orders"), "{out}");
+    assert!(
+        out.contains("requested backfill")
+            && out.contains("public.customers")
+            && out.contains("public.orders"),
+        "{out}"
+    );
     writer.await.unwrap();
     setup.wait_confirmed_past_now("bf").await;
 
@@ -143,7 +165,8 @@ async fn a_backfill_beside_concurrent_writes_leaves_the_target_equal_to_the_sour
     assert_eq!(customers["matched"].as_u64(), Some(live), "banned rows are filtered out by the mapping");
     assert_eq!(customers["extra_checked"], true);
     assert!(table(&report, "public.orders")["matched"].as_u64().unwrap() > 1000);
-    let progress = db.sql("SELECT string_agg(state || ':' || rows_done, ',' ORDER BY source_table) FROM sluice_backfill");
+    let progress = db
+        .sql("SELECT string_agg(state || ':' || rows_done, ',' ORDER BY source_table) FROM sluice_backfill");
     assert!(progress.trim().starts_with("done:") && progress.contains(",done:"), "{progress}");
 
     // Verify while rows change: the rows caught in flight are checked again once the stream
@@ -167,12 +190,20 @@ async fn kill_9_mid_backfill_resumes_at_the_last_finished_chunk() {
     db.wait_slot_active(&db.slot_name("resume")).await;
     let (code, out) = setup.command(&["snapshot", "--no-wait", "--table", "public.customers"]).await;
     assert_eq!(code, Some(0), "{out}");
-    let done = || db.sql("SELECT rows_done FROM sluice_backfill WHERE source_table = 'public.customers'").trim().parse::<i64>().unwrap_or(0);
+    let done = || {
+        db.sql("SELECT rows_done FROM sluice_backfill WHERE source_table = 'public.customers'")
+            .trim()
+            .parse::<i64>()
+            .unwrap_or(0)
+    };
     wait_for("some chunks to finish", Duration::from_secs(60), || async { done() >= 1000 }).await;
     kill_9(&mut first);
     let at_kill = done();
     assert!(at_kill < 6000, "killed mid-backfill: {at_kill}");
-    assert_eq!(db.sql("SELECT state FROM sluice_backfill WHERE source_table = 'public.customers'").trim(), "running");
+    assert_eq!(
+        db.sql("SELECT state FROM sluice_backfill WHERE source_table = 'public.customers'").trim(),
+        "running"
+    );
     let second = setup.start("second.log");
     let (code, out) = setup.command(&["snapshot", "--table", "public.orders"]).await;
     assert_eq!(code, Some(0), "{out}");
@@ -195,7 +226,12 @@ fn s(v: &str) -> Attr {
 }
 
 async fn item(client: &DynamoClient, table: &str, pk: &str, sk: &str) -> Option<Item> {
-    client.get_items(table, &[Item::from([("pk".into(), s(pk)), ("sk".into(), s(sk))])]).await.unwrap().pop().flatten()
+    client
+        .get_items(table, &[Item::from([("pk".into(), s(pk)), ("sk".into(), s(sk))])])
+        .await
+        .unwrap()
+        .pop()
+        .flatten()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,7 +253,10 @@ async fn verify_finds_injected_drift_exactly_and_reconcile_repairs_it() {
 
     // Drift made behind sluice's back: an item deleted, one modified, one added that no row
     // produces (a stray item of an earlier run: it carries a version).
-    client.delete_item(table, &Item::from([("pk".into(), s("CUSTOMER#7")), ("sk".into(), s("PROFILE"))])).await.unwrap();
+    client
+        .delete_item(table, &Item::from([("pk".into(), s("CUSTOMER#7")), ("sk".into(), s("PROFILE"))]))
+        .await
+        .unwrap();
     let mut modified = item(client, table, "CUSTOMER#8", "PROFILE").await.unwrap();
     modified.insert("emailAddress".into(), s("changed@elsewhere"));
     modified.insert("balance".into(), Attr::N("0".into()));
@@ -228,10 +267,19 @@ async fn verify_finds_injected_drift_exactly_and_reconcile_repairs_it() {
 
     let report = setup.verify().await;
     let customers = table_report(&report);
-    assert_eq!((customers["missing"].as_u64(), customers["different"].as_u64(), customers["extra"].as_u64()), (Some(1), Some(1), Some(1)), "{report:#}");
+    assert_eq!(
+        (customers["missing"].as_u64(), customers["different"].as_u64(), customers["extra"].as_u64()),
+        (Some(1), Some(1), Some(1)),
+        "{report:#}"
+    );
     assert_eq!(customers["missing_keys"][0]["id"], "7");
     assert_eq!(customers["different_keys"][0]["key"]["id"], "8");
-    let attributes: Vec<&str> = customers["different_keys"][0]["attributes"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let attributes: Vec<&str> = customers["different_keys"][0]["attributes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
     assert_eq!(attributes, ["balance", "emailAddress"]);
     assert!(customers["different_keys"][0].get("values").is_none(), "values only when asked for");
     assert_eq!(customers["extra_keys"][0]["source_key"]["id"], "999999");
@@ -240,9 +288,18 @@ async fn verify_finds_injected_drift_exactly_and_reconcile_repairs_it() {
     let (code, out) = setup.command(&["reconcile"]).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("requested reconcile") && out.contains("3 keys of public.customers"), "{out}");
-    assert!(item(client, table, "CUSTOMER#7", "PROFILE").await.is_some_and(|i| i["emailAddress"] == s("c7@x")));
-    assert!(item(client, table, "CUSTOMER#8", "PROFILE").await.is_some_and(|i| i["emailAddress"] == s("c8@x")));
-    assert!(item(client, table, "CUSTOMER#999999", "PROFILE").await.is_some_and(|i| i.get("_deleted") == Some(&Attr::Bool(true))), "the stray item is a tombstone now");
+    assert!(item(client, table, "CUSTOMER#7", "PROFILE")
+        .await
+        .is_some_and(|i| i["emailAddress"] == s("c7@x")));
+    assert!(item(client, table, "CUSTOMER#8", "PROFILE")
+        .await
+        .is_some_and(|i| i["emailAddress"] == s("c8@x")));
+    assert!(
+        item(client, table, "CUSTOMER#999999", "PROFILE")
+            .await
+            .is_some_and(|i| i.get("_deleted") == Some(&Attr::Bool(true))),
+        "the stray item is a tombstone now"
+    );
     assert_eq!(differences(&setup.verify().await), 0);
     stop(child);
 }

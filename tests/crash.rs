@@ -20,7 +20,11 @@ fn read_output(path: &Path) -> Vec<serde_json::Value> {
 }
 
 fn commit_ends(lines: &[serde_json::Value]) -> BTreeSet<Lsn> {
-    lines.iter().filter(|l| l["op"] == "commit").map(|l| l["end_lsn"].as_str().unwrap().parse::<Lsn>().unwrap()).collect()
+    lines
+        .iter()
+        .filter(|l| l["op"] == "commit")
+        .map(|l| l["end_lsn"].as_str().unwrap().parse::<Lsn>().unwrap())
+        .collect()
 }
 
 fn start_sluice(config: &Path, log: &Path) -> Child {
@@ -47,7 +51,8 @@ async fn kill_9_and_restart_delivers_every_change_in_order_and_never_confirms_ea
         &format!("[target]\nkind = \"jsonl\"\npath = \"{}\"\nfsync = true\n", output.display()),
     );
     let mut first = start_sluice(&config, &dir.path().join("first.log"));
-    let _logs = crate::harness::LogsOnPanic(vec![dir.path().join("first.log"), dir.path().join("second.log")]);
+    let _logs =
+        crate::harness::LogsOnPanic(vec![dir.path().join("first.log"), dir.path().join("second.log")]);
     db.wait_slot_active(&db.slot_name("crash")).await;
 
     let connection = db.connection();
@@ -55,7 +60,10 @@ async fn kill_9_and_restart_delivers_every_change_in_order_and_never_confirms_ea
         let client = sluice_postgres::connect_sql(&connection).await.unwrap();
         for tx in 0..TRANSACTIONS {
             let rows: Vec<String> = (0..ROWS_PER_TRANSACTION).map(|n| format!("({tx}, {n})")).collect();
-            client.batch_execute(&format!("BEGIN; INSERT INTO t (tx, n) VALUES {}; COMMIT", rows.join(", "))).await.unwrap();
+            client
+                .batch_execute(&format!("BEGIN; INSERT INTO t (tx, n) VALUES {}; COMMIT", rows.join(", ")))
+                .await
+                .unwrap();
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
@@ -81,8 +89,12 @@ async fn kill_9_and_restart_delivers_every_change_in_order_and_never_confirms_ea
     // server's insert position": other tests write WAL in the same cluster after it.)
     wait_for("every transaction after the restart", Duration::from_secs(60), || {
         let lines = read_output(&output);
-        let last = lines.iter().find(|l| l["op"] == "insert" && l["new"]["tx"] == TRANSACTIONS - 1).map(|l| l["commit_lsn"].clone());
-        let done = last.is_some_and(|lsn| lines.iter().any(|l| l["op"] == "commit" && l["commit_lsn"] == lsn));
+        let last = lines
+            .iter()
+            .find(|l| l["op"] == "insert" && l["new"]["tx"] == TRANSACTIONS - 1)
+            .map(|l| l["commit_lsn"].clone());
+        let done =
+            last.is_some_and(|lsn| lines.iter().any(|l| l["op"] == "commit" && l["commit_lsn"] == lsn));
         async move { done }
     })
     .await;
@@ -92,12 +104,18 @@ async fn kill_9_and_restart_delivers_every_change_in_order_and_never_confirms_ea
     assert!(status.success(), "sluice exits 0 on SIGTERM: {status}");
     let lines = read_output(&output);
     let all_commits = commit_ends(&lines);
-    assert!(db.slot_confirmed("crash").unwrap() >= *all_commits.last().unwrap(), "the final position is confirmed");
+    assert!(
+        db.slot_confirmed("crash").unwrap() >= *all_commits.last().unwrap(),
+        "the final position is confirmed"
+    );
     // The slot never confirmed a transaction the file did not yet hold durably.
     assert!(samples.len() > 2);
     for (confirmed, durable) in &samples {
         for end in all_commits.iter().filter(|end| *end <= confirmed) {
-            assert!(durable.contains(end), "slot confirmed {confirmed} while transaction ending {end} was not durable");
+            assert!(
+                durable.contains(end),
+                "slot confirmed {confirmed} while transaction ending {end} was not durable"
+            );
         }
     }
 
@@ -114,7 +132,8 @@ async fn kill_9_and_restart_delivers_every_change_in_order_and_never_confirms_ea
     let mut last_tx = -1;
     let mut duplicates = 0;
     for line in &lines {
-        let position = (line["commit_lsn"].as_str().unwrap().parse::<Lsn>().unwrap(), line["ordinal"].as_u64().unwrap());
+        let position =
+            (line["commit_lsn"].as_str().unwrap().parse::<Lsn>().unwrap(), line["ordinal"].as_u64().unwrap());
         if !seen.insert(position) {
             duplicates += 1;
             continue;
@@ -133,7 +152,10 @@ async fn kill_9_and_restart_delivers_every_change_in_order_and_never_confirms_ea
         *counts.entry(line["end_lsn"].as_str().unwrap().parse::<Lsn>().unwrap()).or_insert(0) += 1;
     }
     for (end, count) in counts {
-        assert!(count == 1 || end > confirmed_at_kill, "transaction ending {end} replayed though {confirmed_at_kill} was confirmed");
+        assert!(
+            count == 1 || end > confirmed_at_kill,
+            "transaction ending {end} replayed though {confirmed_at_kill} was confirmed"
+        );
     }
     eprintln!("delivered {} lines, {duplicates} replayed after the kill", lines.len());
 }

@@ -20,7 +20,8 @@ const SCHEMA: &str = "CREATE TABLE customers (id int8 PRIMARY KEY, email text, p
 
 /// The worked example mapping, pointed at `table`.
 fn shop_mapping(dir: &Path, table: &str) -> PathBuf {
-    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/examples/shop.toml")).unwrap();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/examples/shop.toml")).unwrap();
     let path = dir.join("mapping.toml");
     std::fs::write(&path, example.replace("target = \"shop\"", &format!("target = \"{table}\""))).unwrap();
     path
@@ -63,7 +64,11 @@ struct Running {
 async fn start_pipeline(db: &TestDb, slot: &str, target: DynamoConfig) -> Running {
     let config = Config {
         pipeline: PipelineConfig::default(),
-        source: SourceConfig { connection: db.connection(), replication: Some(db.replication(slot, "p")), poll: None },
+        source: SourceConfig {
+            connection: db.connection(),
+            replication: Some(db.replication(slot, "p")),
+            poll: None,
+        },
         target: TargetConfig::Dynamodb(target),
         monitoring: Default::default(),
         ha: Default::default(),
@@ -86,7 +91,11 @@ async fn start_pipeline(db: &TestDb, slot: &str, target: DynamoConfig) -> Runnin
 impl Running {
     async fn stop(self) {
         self.shutdown.send_replace(true);
-        tokio::time::timeout(Duration::from_secs(60), self.task).await.expect("pipeline stops").unwrap().expect("pipeline ends cleanly");
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("pipeline stops")
+            .unwrap()
+            .expect("pipeline ends cleanly");
     }
 }
 
@@ -193,12 +202,30 @@ async fn converges(write_mode: sluice::config::WriteMode) {
     let last = db.commit_lsn_of("INSERT INTO orders VALUES (3, 30, 2)");
     // Items are written in parallel (one key stays in order), so look once everything is
     // durable: the slot confirms the last transaction only then.
-    wait_for("the slot to confirm the last change", Duration::from_secs(60), || async { db.slot_confirmed("ddb").unwrap() >= last }).await;
+    wait_for("the slot to confirm the last change", Duration::from_secs(60), || async {
+        db.slot_confirmed("ddb").unwrap() >= last
+    })
+    .await;
     let items = items(client, table).await;
-    let live: Vec<_> = items.iter().filter(|(_, i)| !is_tombstone(i)).map(|(k, _)| (k.0.as_str(), k.1.as_str())).collect();
-    assert_eq!(live, [("CUSTOMER#1", "ORDER#10"), ("CUSTOMER#2", "ORDER#20"), ("CUSTOMER#3", "ORDER#30"), ("CUSTOMER#3", "PROFILE")], "{items:#?}");
-    let tombstones: Vec<_> = items.iter().filter(|(_, i)| is_tombstone(i)).map(|(k, _)| (k.0.as_str(), k.1.as_str())).collect();
-    assert_eq!(tombstones, [("CUSTOMER#1", "ORDER#11"), ("CUSTOMER#1", "PROFILE"), ("CUSTOMER#2", "PROFILE")], "deleted, banned (left the filter) and re-keyed");
+    let live: Vec<_> =
+        items.iter().filter(|(_, i)| !is_tombstone(i)).map(|(k, _)| (k.0.as_str(), k.1.as_str())).collect();
+    assert_eq!(
+        live,
+        [
+            ("CUSTOMER#1", "ORDER#10"),
+            ("CUSTOMER#2", "ORDER#20"),
+            ("CUSTOMER#3", "ORDER#30"),
+            ("CUSTOMER#3", "PROFILE")
+        ],
+        "{items:#?}"
+    );
+    let tombstones: Vec<_> =
+        items.iter().filter(|(_, i)| is_tombstone(i)).map(|(k, _)| (k.0.as_str(), k.1.as_str())).collect();
+    assert_eq!(
+        tombstones,
+        [("CUSTOMER#1", "ORDER#11"), ("CUSTOMER#1", "PROFILE"), ("CUSTOMER#2", "PROFILE")],
+        "deleted, banned (left the filter) and re-keyed"
+    );
 
     let grace = &items[&("CUSTOMER#3".to_string(), "PROFILE".to_string())];
     assert_eq!(grace["emailAddress"], s("grace@x"));
@@ -212,7 +239,10 @@ async fn converges(write_mode: sluice::config::WriteMode) {
     assert_eq!(number(&ada_order["total"]), "9.99");
     assert_eq!(ada_order["entity"], s("Order"));
     let ada = &items[&("CUSTOMER#1".to_string(), "PROFILE".to_string())];
-    assert!(ada.contains_key("expires_at") && !ada.contains_key("emailAddress"), "a tombstone holds only key, version, marker and TTL");
+    assert!(
+        ada.contains_key("expires_at") && !ada.contains_key("emailAddress"),
+        "a tombstone holds only key, version, marker and TTL"
+    );
 
     running.stop().await;
 }
@@ -274,14 +304,25 @@ async fn a_late_replay_never_resurrects_a_deleted_item() {
     let tombstone = WriteAction::Put(Item::from([("_deleted".to_string(), Attr::Bool(true))]));
     assert_eq!(client.apply(&write(5, row.clone())).await.unwrap(), Outcome::Applied);
     assert_eq!(client.apply(&write(6, tombstone)).await.unwrap(), Outcome::Applied);
-    assert_eq!(client.apply(&write(5, row.clone())).await.unwrap(), Outcome::AlreadyApplied, "the replayed insert is absorbed");
-    assert_eq!(client.apply(&write(6, row.clone())).await.unwrap(), Outcome::AlreadyApplied, "the same position twice is absorbed");
+    assert_eq!(
+        client.apply(&write(5, row.clone())).await.unwrap(),
+        Outcome::AlreadyApplied,
+        "the replayed insert is absorbed"
+    );
+    assert_eq!(
+        client.apply(&write(6, row.clone())).await.unwrap(),
+        Outcome::AlreadyApplied,
+        "the same position twice is absorbed"
+    );
     let stored = client.scan_all(&table).await.unwrap();
     assert_eq!(stored.len(), 1);
     assert!(is_tombstone(&stored[0]), "still deleted: {stored:?}");
     assert_eq!(client.apply(&write(7, row)).await.unwrap(), Outcome::Applied, "a newer insert revives it");
     assert!(!is_tombstone(&client.scan_all(&table).await.unwrap()[0]));
-    let partial = WriteAction::Update { set: Item::from([("name".to_string(), s("ada lovelace"))]), remove: vec!["_deleted".into()] };
+    let partial = WriteAction::Update {
+        set: Item::from([("name".to_string(), s("ada lovelace"))]),
+        remove: vec!["_deleted".into()],
+    };
     assert_eq!(client.apply(&write(6, partial.clone())).await.unwrap(), Outcome::AlreadyApplied);
     assert_eq!(client.apply(&write(8, partial)).await.unwrap(), Outcome::Applied);
     assert_eq!(client.scan_all(&table).await.unwrap()[0]["name"], s("ada lovelace"));
@@ -309,13 +350,22 @@ async fn an_outage_of_dynamodb_loses_nothing_and_acknowledges_nothing_early() {
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let confirmed = db.slot_confirmed("outage").unwrap();
-        assert!(confirmed < commit, "slot confirmed {confirmed}, acknowledging the transaction ending at {commit} during the outage");
+        assert!(
+            confirmed < commit,
+            "slot confirmed {confirmed}, acknowledging the transaction ending at {commit} during the outage"
+        );
     }
     assert_eq!(shop.item_count().await, 1);
 
     outage.end();
-    wait_for("every order after the outage", Duration::from_secs(120), || async { shop.item_count().await == 200 }).await;
-    wait_for("the slot to move past the outage", Duration::from_secs(30), || async { db.slot_confirmed("outage").unwrap() >= commit }).await;
+    wait_for("every order after the outage", Duration::from_secs(120), || async {
+        shop.item_count().await == 200
+    })
+    .await;
+    wait_for("the slot to move past the outage", Duration::from_secs(30), || async {
+        db.slot_confirmed("outage").unwrap() >= commit
+    })
+    .await;
     running.stop().await;
 }
 
@@ -331,7 +381,10 @@ fn sent_lsn(db: &TestDb, slot: &str) -> Lsn {
 
 async fn wait_until_confirmed(db: &TestDb, slot: &str) -> Lsn {
     let target = db.insert_lsn();
-    wait_for("the slot to confirm", Duration::from_secs(30), || async { db.slot_confirmed(slot).unwrap() >= Lsn(target.0.saturating_sub(64)) }).await;
+    wait_for("the slot to confirm", Duration::from_secs(30), || async {
+        db.slot_confirmed(slot).unwrap() >= Lsn(target.0.saturating_sub(64))
+    })
+    .await;
     db.slot_confirmed(slot).unwrap()
 }
 
@@ -345,17 +398,30 @@ async fn poison_rows_go_to_the_dead_letter_file_and_the_stream_continues() {
     db.sql("INSERT INTO customers (id, bio) SELECT 2, string_agg(md5(g::text), '') FROM generate_series(1, 15000) g");
     db.sql("INSERT INTO orders VALUES (1, 2, 3)");
     wait_for("the good row", Duration::from_secs(60), || async { shop.item_count().await == 1 }).await;
-    let lines: Vec<serde_json::Value> =
-        std::fs::read_to_string(&dead_letter).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&dead_letter)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(lines[0]["table"], "public.orders");
-    assert!(lines[0]["reason"].as_str().unwrap().contains("column total: 41 significant digits exceed DynamoDB's 38"), "{}", lines[0]);
+    assert!(
+        lines[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("column total: 41 significant digits exceed DynamoDB's 38"),
+        "{}",
+        lines[0]
+    );
     assert!(lines[0]["commit_lsn"].as_str().unwrap().contains('/'));
     assert_eq!(lines[1]["table"], "public.customers");
     assert!(lines[1]["reason"].as_str().unwrap().contains("400 KB"), "{}", lines[1]);
     assert_eq!(lines[1]["key"]["pk"]["S"], "CUSTOMER#2");
     let end = db.insert_lsn();
-    wait_for("the slot to move past the poison rows", Duration::from_secs(30), || async { db.slot_confirmed("poison").unwrap() >= Lsn(end.0 - 64) }).await;
+    wait_for("the slot to move past the poison rows", Duration::from_secs(30), || async {
+        db.slot_confirmed("poison").unwrap() >= Lsn(end.0 - 64)
+    })
+    .await;
     running.stop().await;
 }
 
@@ -374,9 +440,13 @@ fn bad_mapping_is_named_by_validate() {
         ),
     )
     .unwrap();
-    let (code, stderr) = sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(30));
+    let (code, stderr) =
+        sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(30));
     assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("target.mapping.tables[0].partition_key.template") && stderr.contains("unclosed"), "{stderr}");
+    assert!(
+        stderr.contains("target.mapping.tables[0].partition_key.template") && stderr.contains("unclosed"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -444,7 +514,10 @@ async fn kill_9_then_restart(write_mode: &str) {
     writer.await.unwrap();
     let marker = db.commit_lsn_of("INSERT INTO accounts VALUES (-1, 0, 'marker')");
     let mut second = start("second.log");
-    wait_for("the restarted sluice to confirm everything", Duration::from_secs(120), || async { db.slot_confirmed("kill").unwrap() >= marker }).await;
+    wait_for("the restarted sluice to confirm everything", Duration::from_secs(120), || async {
+        db.slot_confirmed("kill").unwrap() >= marker
+    })
+    .await;
     std::process::Command::new("kill").arg("-TERM").arg(second.id().to_string()).status().unwrap();
     assert!(tokio::task::spawn_blocking(move || second.wait()).await.unwrap().unwrap().success());
 
@@ -512,8 +585,14 @@ fn validate_checks_the_mapping_against_the_live_catalog() {
         "#,
     )
     .unwrap();
-    let config = db.config_file(dir.path(), "v", "p", &format!("[target]\nkind = \"dynamodb\"\nmapping = \"{}\"\n", mapping.display()));
-    let (code, stderr) = sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(60));
+    let config = db.config_file(
+        dir.path(),
+        "v",
+        "p",
+        &format!("[target]\nkind = \"dynamodb\"\nmapping = \"{}\"\n", mapping.display()),
+    );
+    let (code, stderr) =
+        sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(60));
     assert_eq!(code, Some(2), "{stderr}");
     for expected in [
         "target.mapping.tables[0].rename.mail: column mail does not exist in public.customers",
@@ -525,19 +604,26 @@ fn validate_checks_the_mapping_against_the_live_catalog() {
         assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
     }
     assert!(!stderr.contains("tables[0].columns.prefs"), "a fitting rule is fine: {stderr}");
-    let (code, stdout_or_err) = sluice_output(&["validate", "--offline", "-c", config.to_str().unwrap()], Duration::from_secs(60));
+    let (code, stdout_or_err) =
+        sluice_output(&["validate", "--offline", "-c", config.to_str().unwrap()], Duration::from_secs(60));
     assert_eq!(code, Some(0), "offline validation only reads the files: {stdout_or_err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_with_an_already_applied_write_applies_the_rest() {
     let (_moto, client, table) = fresh_table("txn").await;
-    let write = |key: &str, version: u64, name: &str| guarded(&table, key, version, WriteAction::Put(Item::from([("name".to_string(), s(name))])));
+    let write = |key: &str, version: u64, name: &str| {
+        guarded(&table, key, version, WriteAction::Put(Item::from([("name".to_string(), s(name))])))
+    };
     let first = [write("A", 5, "a5"), write("B", 5, "b5")];
     assert_eq!(client.apply_transaction(&first).await.unwrap(), vec![Outcome::Applied, Outcome::Applied]);
     let mixed = [write("A", 4, "a4-replayed"), write("B", 6, "b6"), write("C", 6, "c6")];
-    assert_eq!(client.apply_transaction(&mixed).await.unwrap(), vec![Outcome::AlreadyApplied, Outcome::Applied, Outcome::Applied]);
-    let mut names: Vec<_> = client.scan_all(&table).await.unwrap().into_iter().map(|i| i["name"].clone()).collect();
+    assert_eq!(
+        client.apply_transaction(&mixed).await.unwrap(),
+        vec![Outcome::AlreadyApplied, Outcome::Applied, Outcome::Applied]
+    );
+    let mut names: Vec<_> =
+        client.scan_all(&table).await.unwrap().into_iter().map(|i| i["name"].clone()).collect();
     names.sort_by_key(|a| format!("{a:?}"));
     assert_eq!(names, vec![s("a5"), s("b6"), s("c6")], "the stale write changed nothing, the others applied");
 }
@@ -545,22 +631,30 @@ async fn a_transaction_with_an_already_applied_write_applies_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_then_write_batch_writes_exactly_what_the_guard_would_let_through() {
     let (_moto, client, table) = fresh_table("batch").await;
-    let put = |key: &str, version: u64, name: &str| guarded(&table, key, version, WriteAction::Put(Item::from([("name".to_string(), s(name))])));
+    let put = |key: &str, version: u64, name: &str| {
+        guarded(&table, key, version, WriteAction::Put(Item::from([("name".to_string(), s(name))])))
+    };
     let delete = |key: &str, version: u64| guarded(&table, key, version, WriteAction::Delete);
     // 60 new items: more than one BatchWriteItem request.
     let first: Vec<_> = (0..60).map(|i| put(&format!("K{i}"), 10, "v10")).collect();
     assert!(client.apply_batch(&first, &[false; 60]).await.unwrap().iter().all(|o| *o == Outcome::Applied));
     assert_eq!(client.scan_all(&table).await.unwrap().len(), 60);
-    client.batch_put(&table, vec![Item::from([("pk".to_string(), s("UNVERSIONED")), ("name".to_string(), s("kept"))])]).await.unwrap();
+    client
+        .batch_put(
+            &table,
+            vec![Item::from([("pk".to_string(), s("UNVERSIONED")), ("name".to_string(), s("kept"))])],
+        )
+        .await
+        .unwrap();
 
     let mixed = [
-        put("K0", 9, "stale"),     // older than stored: skipped
-        put("K1", 10, "same"),     // the same position again: skipped
-        put("K2", 11, "newer"),    // newer: written
-        delete("K3", 8),           // a stale delete: skipped
-        delete("K4", 12),          // a newer delete: deleted
-        delete("ABSENT", 12),      // nothing to delete
-        put("NEW", 1, "created"),  // absent: written
+        put("K0", 9, "stale"),    // older than stored: skipped
+        put("K1", 10, "same"),    // the same position again: skipped
+        put("K2", 11, "newer"),   // newer: written
+        delete("K3", 8),          // a stale delete: skipped
+        delete("K4", 12),         // a newer delete: deleted
+        delete("ABSENT", 12),     // nothing to delete
+        put("NEW", 1, "created"), // absent: written
         put("UNVERSIONED", 99, "overwritten?"),
     ];
     let outcomes = client.apply_batch(&mixed, &[false; 8]).await.unwrap();
@@ -584,7 +678,11 @@ async fn a_read_then_write_batch_writes_exactly_what_the_guard_would_let_through
     assert_eq!(name("K3"), Some(s("v10")));
     assert_eq!(name("K4"), None, "deleted");
     assert_eq!(name("NEW"), Some(s("created")));
-    assert_eq!(name("UNVERSIONED"), Some(s("kept")), "the guard refuses items without a version; so does batch mode");
+    assert_eq!(
+        name("UNVERSIONED"),
+        Some(s("kept")),
+        "the guard refuses items without a version; so does batch mode"
+    );
     assert_eq!(stored.len(), 61);
 }
 
@@ -600,7 +698,9 @@ async fn sigterm_exits_within_the_shutdown_timeout_while_dynamodb_is_unreachable
         "p",
         &target_toml(&mapping, &outage.url(), "request_timeout = \"1s\"\n"),
     );
-    let text = std::fs::read_to_string(&config).unwrap().replace("[pipeline]\n", "[pipeline]\nshutdown_timeout = \"2s\"\n");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[pipeline]\n", "[pipeline]\nshutdown_timeout = \"2s\"\n");
     std::fs::write(&config, text).unwrap();
     let mut child = crate::harness::sluice()
         .args(["run", "-c", config.to_str().unwrap()])
@@ -611,14 +711,19 @@ async fn sigterm_exits_within_the_shutdown_timeout_while_dynamodb_is_unreachable
     db.wait_slot_active(&db.slot_name("term")).await;
     outage.begin();
     let commit = db.commit_lsn_of("INSERT INTO orders VALUES (1, 1, 1)");
-    crate::harness::wait_for_blocking("the change to reach sluice", Duration::from_secs(30), || sent_lsn(db, "term") >= commit);
+    crate::harness::wait_for_blocking("the change to reach sluice", Duration::from_secs(30), || {
+        sent_lsn(db, "term") >= commit
+    });
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     let started = std::time::Instant::now();
     let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "exit 0 on SIGTERM: {status}");
     assert!(started.elapsed() < Duration::from_secs(20), "exited after {:?}", started.elapsed());
     let confirmed = db.slot_confirmed("term").unwrap();
-    assert!(confirmed < commit, "slot confirmed {confirmed}, acknowledging the unwritten change ending at {commit}");
+    assert!(
+        confirmed < commit,
+        "slot confirmed {confirmed}, acknowledging the unwritten change ending at {commit}"
+    );
     assert_eq!(shop.item_count().await, 0);
 }
 
@@ -635,11 +740,25 @@ async fn outbox_events_land_in_an_event_log_table_in_order_per_aggregate() {
     client.create_table(&table, "aggregate", Some("sequence")).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let dead_letter = dir.path().join("dead.jsonl");
-    let outbox = toml::from_str(&format!("table = \"public.outbox\"\nmessage_prefix = \"outbox\"\nevent_table = \"{table}\"")).unwrap();
-    let target = DynamoConfig { mapping: None, outbox: Some(outbox), ..dynamo_config(&moto.url, PathBuf::new(), Some(dead_letter.clone())) };
+    let outbox = toml::from_str(&format!(
+        "table = \"public.outbox\"\nmessage_prefix = \"outbox\"\nevent_table = \"{table}\""
+    ))
+    .unwrap();
+    let target = DynamoConfig {
+        mapping: None,
+        outbox: Some(outbox),
+        ..dynamo_config(&moto.url, PathBuf::new(), Some(dead_letter.clone()))
+    };
     let config = Config {
         pipeline: PipelineConfig::default(),
-        source: SourceConfig { connection: db.connection(), replication: Some(sluice_postgres::ReplicationConfig { messages: true, ..db.replication("log", "p") }), poll: None },
+        source: SourceConfig {
+            connection: db.connection(),
+            replication: Some(sluice_postgres::ReplicationConfig {
+                messages: true,
+                ..db.replication("log", "p")
+            }),
+            poll: None,
+        },
         target: TargetConfig::Dynamodb(target),
         monitoring: Default::default(),
         ha: Default::default(),
@@ -665,7 +784,10 @@ async fn outbox_events_land_in_an_event_log_table_in_order_per_aggregate() {
     db.sql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('Order', 'o-3', 'Forgotten', NULL)");
     db.sql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('Order', NULL, 'Orphan', '{}')");
     let end = db.insert_lsn();
-    wait_for("the slot to confirm every event", Duration::from_secs(60), || async { db.slot_confirmed("log").unwrap() >= Lsn(end.0 - 64) }).await;
+    wait_for("the slot to confirm every event", Duration::from_secs(60), || async {
+        db.slot_confirmed("log").unwrap() >= Lsn(end.0 - 64)
+    })
+    .await;
 
     let mut by_aggregate: BTreeMap<String, Vec<Item>> = BTreeMap::new();
     for item in client.scan_all(&table).await.unwrap() {
@@ -699,7 +821,11 @@ async fn outbox_events_land_in_an_event_log_table_in_order_per_aggregate() {
     let forgotten = &by_aggregate["Order#o-3"];
     assert!(!forgotten[0].contains_key("payload"), "a NULL payload leaves the attribute out");
     assert_eq!(by_aggregate.len(), 4, "{by_aggregate:#?}");
-    let dead: Vec<serde_json::Value> = std::fs::read_to_string(&dead_letter).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let dead: Vec<serde_json::Value> = std::fs::read_to_string(&dead_letter)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0]["table"], "public.outbox");
     assert!(dead[0]["reason"].as_str().unwrap().contains("aggregateid"), "{}", dead[0]);

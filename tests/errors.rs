@@ -48,7 +48,10 @@ fn malformed_config_names_the_key_and_exits_2() {
     .unwrap();
     let (code, stderr) = run(&path);
     assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("pipeline.max_in_flight") && stderr.contains("source.replication.slot"), "every problem: {stderr}");
+    assert!(
+        stderr.contains("pipeline.max_in_flight") && stderr.contains("source.replication.slot"),
+        "every problem: {stderr}"
+    );
 
     std::fs::write(&path, "[source.connection\n").unwrap();
     let (code, stderr) = run(&path);
@@ -69,14 +72,19 @@ fn missing_publication_is_named_and_no_slot_is_created() {
 
 #[test]
 fn wal_level_below_logical_is_named() {
-    let pg = Arc::new(LocalPostgres::start(&ClusterOptions { wal_level_replica: true, ..Default::default() }).unwrap());
+    let pg = Arc::new(
+        LocalPostgres::start(&ClusterOptions { wal_level_replica: true, ..Default::default() }).unwrap(),
+    );
     let db = TestDb::in_cluster(pg);
     db.sql("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t");
     let dir = tempfile::tempdir().unwrap();
     let config = db.config_file(dir.path(), "s", "p", null_target());
     let (code, stderr) = run(&config);
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("wal_level is \"replica\"") && stderr.contains("wal_level = logical"), "{stderr}");
+    assert!(
+        stderr.contains("wal_level is \"replica\"") && stderr.contains("wal_level = logical"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -88,7 +96,19 @@ fn slot_in_use_by_another_client_is_named_and_left_alone() {
     let mut holder = db
         .pg
         .client_command("pg_recvlogical")
-        .args(["-h", "127.0.0.1", "-U", "postgres", "--start", "-f", "/dev/null", "-o", "proto_version=1", "-o", "publication_names=p"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "--start",
+            "-f",
+            "/dev/null",
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=p",
+        ])
         .arg("-p")
         .arg(db.pg.port.to_string())
         .arg("-d")
@@ -99,7 +119,8 @@ fn slot_in_use_by_another_client_is_named_and_left_alone() {
         .spawn()
         .unwrap();
     crate::harness::wait_for_blocking("pg_recvlogical to hold the slot", LIMIT, || {
-        db.sql(&format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active")) == "1"
+        db.sql(&format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active"))
+            == "1"
     });
     let holder_pid = format!("SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{slot}'");
     let held_by = db.sql(&holder_pid);
@@ -149,11 +170,17 @@ fn wrong_password_is_named_and_not_retried() {
     db.sql("CREATE ROLE app LOGIN REPLICATION PASSWORD 'right'; CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t");
     let dir = tempfile::tempdir().unwrap();
     let config = db.config_file(dir.path(), "s", "p", null_target());
-    let text = std::fs::read_to_string(&config).unwrap().replace("[source.connection]\n", "[source.connection]\nuser = \"app\"\npassword = \"wrong\"\n");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[source.connection]\n", "[source.connection]\nuser = \"app\"\npassword = \"wrong\"\n");
     std::fs::write(&config, text).unwrap();
     let (code, stderr) = run(&config);
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("refused the login of user \"app\"") && stderr.contains("password authentication failed"), "{stderr}");
+    assert!(
+        stderr.contains("refused the login of user \"app\"")
+            && stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("wrong"), "the password never appears: {stderr}");
     assert!(!stderr.contains("retrying"), "authentication failures are fatal: {stderr}");
 }

@@ -11,7 +11,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use sluice::localpg::{ClusterOptions, LocalPostgres};
-use sluice_postgres::{ChangeEvent, ConnectionConfig, EventBatch, Lsn, ReplicationConfig, ReplicationSource, SourceOptions, SourceStats};
+use sluice_postgres::{
+    ChangeEvent, ConnectionConfig, EventBatch, Lsn, ReplicationConfig, ReplicationSource, SourceOptions,
+    SourceStats,
+};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -24,7 +27,8 @@ pub fn shared_cluster() -> Arc<LocalPostgres> {
     if let Some(pg) = shared.upgrade() {
         return pg;
     }
-    let pg = Arc::new(LocalPostgres::start(&ClusterOptions::default()).expect("start the test Postgres cluster"));
+    let pg =
+        Arc::new(LocalPostgres::start(&ClusterOptions::default()).expect("start the test Postgres cluster"));
     *shared = Arc::downgrade(&pg);
     pg
 }
@@ -80,7 +84,10 @@ impl TestDb {
         let sql = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active AND confirmed_flush_lsn IS NOT NULL");
         // Creating a logical slot waits for the transactions running anywhere in the cluster,
         // which other tests keep busy: allow for a loaded machine.
-        wait_for(&format!("slot {slot} to be active"), Duration::from_secs(90), || async { self.sql(&sql) == "1" }).await;
+        wait_for(&format!("slot {slot} to be active"), Duration::from_secs(90), || async {
+            self.sql(&sql) == "1"
+        })
+        .await;
     }
 
     /// Starts an in-process source on `slot` and waits until it streams.
@@ -100,7 +107,8 @@ impl TestDb {
     /// The confirmed flush LSN of this test's slot `slot`.
     pub fn slot_confirmed(&self, slot: &str) -> Option<Lsn> {
         let slot = self.slot_name(slot);
-        let text = self.sql(&format!("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'"));
+        let text = self
+            .sql(&format!("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'"));
         text.parse().ok()
     }
 
@@ -114,7 +122,10 @@ impl TestDb {
     }
 
     pub fn replication(&self, slot: &str, publication: &str) -> ReplicationConfig {
-        ReplicationConfig { status_interval: Duration::from_secs(1), ..ReplicationConfig::new(self.slot_name(slot), publication) }
+        ReplicationConfig {
+            status_interval: Duration::from_secs(1),
+            ..ReplicationConfig::new(self.slot_name(slot), publication)
+        }
     }
 
     /// A config file for the `sluice` binary: source settings for this database plus `rest`.
@@ -171,7 +182,10 @@ impl CommitPeek<'_> {
         let xid = output.lines().last().expect("a transaction id");
         // The slot decodes up to the flushed WAL; with synchronous_commit = off the commit is
         // flushed by the WAL writer a moment later.
-        let peek = format!("SELECT lsn FROM pg_logical_slot_get_changes('{}', NULL, NULL) WHERE data = 'COMMIT {xid}'", self.slot);
+        let peek = format!(
+            "SELECT lsn FROM pg_logical_slot_get_changes('{}', NULL, NULL) WHERE data = 'COMMIT {xid}'",
+            self.slot
+        );
         let mut commit = String::new();
         wait_for_blocking("the commit to be decodable", Duration::from_secs(30), || {
             commit = self.db.sql(&peek);
@@ -211,13 +225,17 @@ impl Stream {
     }
 
     /// Collects events until `done` says the collection is complete, or panics at the deadline.
-    pub async fn collect_until(&mut self, limit: Duration, mut done: impl FnMut(&[ChangeEvent]) -> bool) -> Vec<ChangeEvent> {
+    pub async fn collect_until(
+        &mut self,
+        limit: Duration,
+        mut done: impl FnMut(&[ChangeEvent]) -> bool,
+    ) -> Vec<ChangeEvent> {
         let deadline = tokio::time::Instant::now() + limit;
         let mut events = Vec::new();
         while !done(&events) {
-            let batch = tokio::time::timeout_at(deadline, self.batches.recv())
-                .await
-                .unwrap_or_else(|_| panic!("timed out after {limit:?} with {} events: {:#?}", events.len(), events.last()));
+            let batch = tokio::time::timeout_at(deadline, self.batches.recv()).await.unwrap_or_else(|_| {
+                panic!("timed out after {limit:?} with {} events: {:#?}", events.len(), events.last())
+            });
             let Some(batch) = batch else {
                 let result = (&mut self.task).await;
                 panic!("the source stopped: {result:?}");
@@ -271,7 +289,10 @@ impl Stream {
                 }
             }
         });
-        let result = tokio::time::timeout(Duration::from_secs(30), task).await.expect("source stops").expect("source task");
+        let result = tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("source stops")
+            .expect("source task");
         drain.abort();
         result
     }
@@ -295,7 +316,15 @@ pub fn inserted_ids(events: &[ChangeEvent]) -> Vec<i64> {
 pub fn row_changes(events: &[ChangeEvent]) -> Vec<&ChangeEvent> {
     events
         .iter()
-        .filter(|e| matches!(e, ChangeEvent::Insert { .. } | ChangeEvent::Update { .. } | ChangeEvent::Delete { .. } | ChangeEvent::Truncate { .. }))
+        .filter(|e| {
+            matches!(
+                e,
+                ChangeEvent::Insert { .. }
+                    | ChangeEvent::Update { .. }
+                    | ChangeEvent::Delete { .. }
+                    | ChangeEvent::Truncate { .. }
+            )
+        })
         .collect()
 }
 
@@ -313,7 +342,11 @@ impl Drop for LogsOnPanic {
     fn drop(&mut self) {
         if std::thread::panicking() {
             for path in &self.0 {
-                eprintln!("----- {} -----\n{}", path.display(), std::fs::read_to_string(path).unwrap_or_else(|e| e.to_string()));
+                eprintln!(
+                    "----- {} -----\n{}",
+                    path.display(),
+                    std::fs::read_to_string(path).unwrap_or_else(|e| e.to_string())
+                );
             }
         }
     }
@@ -321,7 +354,8 @@ impl Drop for LogsOnPanic {
 
 /// Runs `sluice` to completion with a time limit; returns (exit code, stderr).
 pub fn sluice_output(args: &[&str], limit: Duration) -> (Option<i32>, String) {
-    let mut child = sluice().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn sluice");
+    let mut child =
+        sluice().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn sluice");
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().expect("wait") {
@@ -331,7 +365,10 @@ pub fn sluice_output(args: &[&str], limit: Duration) -> (Option<i32>, String) {
         if Instant::now() > deadline {
             let _ = child.kill();
             let out = child.wait_with_output().expect("output");
-            panic!("sluice {args:?} did not exit within {limit:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+            panic!(
+                "sluice {args:?} did not exit within {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -342,17 +379,29 @@ pub fn sluice_output(args: &[&str], limit: Duration) -> (Option<i32>, String) {
 pub async fn verify_report(config: &std::path::Path) -> serde_json::Value {
     let mut command = sluice();
     command.args(["verify", "--json", "-c", config.to_str().unwrap()]);
-    let out = tokio::task::spawn_blocking(move || command.output().expect("run sluice verify")).await.unwrap();
+    let out =
+        tokio::task::spawn_blocking(move || command.output().expect("run sluice verify")).await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value =
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("a JSON report ({e}): {stdout} {}", String::from_utf8_lossy(&out.stderr)));
-    assert_eq!(out.status.code(), Some(if differences(&report) == 0 { 0 } else { 3 }), "exit code follows the differences: {report:#}");
+    let report: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("a JSON report ({e}): {stdout} {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(
+        out.status.code(),
+        Some(if differences(&report) == 0 { 0 } else { 3 }),
+        "exit code follows the differences: {report:#}"
+    );
     report
 }
 
 /// Missing, different and extra keys over every table of a verify report.
 pub fn differences(report: &serde_json::Value) -> u64 {
-    report["tables"].as_array().unwrap().iter().map(|t| t["missing"].as_u64().unwrap() + t["different"].as_u64().unwrap() + t["extra"].as_u64().unwrap()).sum()
+    report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            t["missing"].as_u64().unwrap() + t["different"].as_u64().unwrap() + t["extra"].as_u64().unwrap()
+        })
+        .sum()
 }
 
 /// Kills a child process with SIGKILL (no chance to flush or confirm anything).
@@ -405,7 +454,8 @@ fn moto_binary() -> PathBuf {
     if let Ok(path) = std::env::var("SLUICE_TEST_MOTO") {
         return PathBuf::from(path);
     }
-    let cached = PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/sluice-ci/moto/bin/moto_server");
+    let cached = PathBuf::from(std::env::var("HOME").unwrap_or_default())
+        .join(".cache/sluice-ci/moto/bin/moto_server");
     if cached.exists() {
         return cached;
     }
@@ -423,7 +473,9 @@ pub fn moto() -> Arc<Moto> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start moto_server ({e}); run `bash .ci/run` once, or pip install 'moto[server]'"));
+        .unwrap_or_else(|e| {
+            panic!("cannot start moto_server ({e}); run `bash .ci/run` once, or pip install 'moto[server]'")
+        });
     let moto = Arc::new(Moto { child: Mutex::new(child), url: format!("http://127.0.0.1:{port}"), port });
     wait_for_blocking("moto to answer", Duration::from_secs(30), || http_ok(port, "/moto-api/"));
     *shared = Arc::downgrade(&moto);
@@ -447,7 +499,9 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())
+        .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
@@ -508,7 +562,10 @@ impl Outage {
                 }
                 let cut = cut2.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await else { return };
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                    else {
+                        return;
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = cut.notified() => {}
@@ -557,7 +614,8 @@ fn tansu_binary() -> PathBuf {
     if let Ok(path) = std::env::var("SLUICE_TEST_TANSU") {
         return PathBuf::from(path);
     }
-    let cached = PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/sluice-ci/tansu/bin/tansu");
+    let cached =
+        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/sluice-ci/tansu/bin/tansu");
     if cached.exists() {
         return cached;
     }
@@ -576,8 +634,12 @@ impl Kafka {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start tansu ({e}); run `bash .ci/run` once, or set SLUICE_TEST_TANSU"));
-        wait_for_blocking("tansu to listen", Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+            .unwrap_or_else(|e| {
+                panic!("cannot start tansu ({e}); run `bash .ci/run` once, or set SLUICE_TEST_TANSU")
+            });
+        wait_for_blocking("tansu to listen", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
         Kafka { child, port, brokers: format!("127.0.0.1:{advertised}"), client_properties: Vec::new() }
     }
 
@@ -593,9 +655,14 @@ impl Kafka {
 
     pub async fn create_topic(&self, topic: &str, partitions: i32) {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-        let admin: AdminClient<rdkafka::client::DefaultClientContext> = self.client_config().create().expect("admin client");
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            self.client_config().create().expect("admin client");
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        for result in admin.create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &options).await.expect("create topic") {
+        for result in admin
+            .create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &options)
+            .await
+            .expect("create topic")
+        {
             result.unwrap_or_else(|(topic, code)| panic!("create topic {topic}: {code}"));
         }
     }
@@ -635,12 +702,25 @@ impl Kafka {
         let deadline = Instant::now() + limit;
         let mut records = Vec::new();
         while !done(&records) {
-            assert!(Instant::now() < deadline, "timed out after {limit:?} consuming {topic}: {} records", records.len());
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {limit:?} consuming {topic}: {} records",
+                records.len()
+            );
             let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
             let message = message.expect("consume");
             let headers = message
                 .headers()
-                .map(|h| h.iter().map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_owned(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
                 .unwrap_or_default();
             records.push(Consumed {
                 partition: message.partition(),
@@ -680,24 +760,80 @@ fn openssl(dir: &std::path::Path, args: &[&str]) {
 pub fn certificates(dir: &std::path::Path) {
     std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
     for ca in ["ca", "other_ca"] {
-        openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{ca}.key"), "-out", &format!("{ca}.crt"), "-days", "2", "-subj", &format!("/CN=sluice test {ca}")]);
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.crt"),
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=sluice test {ca}"),
+            ],
+        );
     }
-    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
-    openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext"]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    );
 }
 
 /// A TLS-terminating proxy on 127.0.0.1:`listen` with the server certificate made by
 /// `certificates(dir)`, forwarding each connection in plaintext to 127.0.0.1:`upstream`.
 /// Runs until the runtime ends.
 pub async fn tls_proxy(listen: u16, upstream: u16, dir: &std::path::Path) {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut std::fs::read(dir.join("server.crt")).unwrap().as_slice()).map(Result::unwrap).collect();
-    let key = rustls_pemfile::private_key(&mut std::fs::read(dir.join("server.key")).unwrap().as_slice()).unwrap().unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
+    let certs: Vec<_> = rustls_pemfile::certs(&mut std::fs::read(dir.join("server.crt")).unwrap().as_slice())
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls_pemfile::private_key(&mut std::fs::read(dir.join("server.key")).unwrap().as_slice())
         .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
         .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", listen)).await.unwrap();
     tokio::spawn(async move {
@@ -705,7 +841,9 @@ pub async fn tls_proxy(listen: u16, upstream: u16, dir: &std::path::Path) {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let Ok(mut client) = acceptor.accept(client).await else { return };
-                let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else { return };
+                let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    return;
+                };
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
             });
         }

@@ -14,7 +14,8 @@ fn tool(env: &str, name: &str) -> PathBuf {
         "helm" => "helm/helm",
         _ => "kubeval/bin/kubernetes-validate",
     };
-    let cached = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/sluice-ci").join(cached));
+    let cached =
+        std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/sluice-ci").join(cached));
     let path = std::env::var_os(env)
         .map(PathBuf::from)
         .or(cached.filter(|p| p.exists()))
@@ -57,7 +58,11 @@ fn render(home: &Path, values: Option<&str>) -> String {
 }
 
 fn kubernetes_validate(file: &Path) -> Output {
-    Command::new(tool("SLUICE_TEST_KUBE_VALIDATE", "kubernetes-validate")).args(["--strict", "-k", "1.33.0"]).arg(file).output().unwrap()
+    Command::new(tool("SLUICE_TEST_KUBE_VALIDATE", "kubernetes-validate"))
+        .args(["--strict", "-k", "1.33.0"])
+        .arg(file)
+        .output()
+        .unwrap()
 }
 
 /// The block of lines indented under the line that equals `header` (trimmed), dedented.
@@ -65,8 +70,14 @@ fn block_under(manifest: &str, header: &str) -> String {
     let mut lines = manifest.lines().skip_while(|l| l.trim() != header);
     let header_line = lines.next().unwrap_or_else(|| panic!("no {header:?} in {manifest}"));
     let header_indent = header_line.len() - header_line.trim_start().len();
-    let body: Vec<&str> = lines.take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > header_indent).collect();
-    let indent = body.iter().filter(|l| !l.trim().is_empty()).map(|l| l.len() - l.trim_start().len()).min().unwrap_or(0);
+    let body: Vec<&str> =
+        lines.take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > header_indent).collect();
+    let indent = body
+        .iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.len() - l.trim_start().len())
+        .min()
+        .unwrap_or(0);
     body.iter().map(|l| l.get(indent..).unwrap_or("")).collect::<Vec<_>>().join("\n")
 }
 
@@ -77,15 +88,25 @@ fn check_rendering(dir: &Path, name: &str, manifests: &str) {
     let validated = kubernetes_validate(&file);
     assert!(validated.status.success(), "kubernetes-validate {name}: {}", text(&validated));
     for kind in ["deployment", "configmap", "service", "poddisruptionbudget", "serviceaccount"] {
-        assert!(text(&validated).contains(&format!("passed for resource {kind}/")), "{name}: {kind} validated: {}", text(&validated));
+        assert!(
+            text(&validated).contains(&format!("passed for resource {kind}/")),
+            "{name}: {kind} validated: {}",
+            text(&validated)
+        );
     }
-    assert!(manifests.contains("path: /healthz") && manifests.contains("path: /readyz?standby=ok"), "probes: {manifests}");
+    assert!(
+        manifests.contains("path: /healthz") && manifests.contains("path: /readyz?standby=ok"),
+        "probes: {manifests}"
+    );
     assert!(manifests.contains("readOnlyRootFilesystem: true") && manifests.contains("runAsNonRoot: true"));
 
     // The configuration the pod reads passes `sluice validate`.
     let config = dir.join(format!("{name}.json"));
-    let mut json: serde_json::Value = serde_json::from_str(&block_under(manifests, "sluice.json: |")).unwrap();
-    if (json["target"]["kind"] == "dynamodb" && json["target"]["outbox"].is_null()) || json["target"]["kind"] == "postgres" {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&block_under(manifests, "sluice.json: |")).unwrap();
+    if (json["target"]["kind"] == "dynamodb" && json["target"]["outbox"].is_null())
+        || json["target"]["kind"] == "postgres"
+    {
         assert_eq!(json["target"]["mapping"], "/etc/sluice/mapping.toml");
         let mapping = dir.join(format!("{name}-mapping.toml"));
         std::fs::write(&mapping, block_under(manifests, "mapping.toml: |")).unwrap();
@@ -98,9 +119,15 @@ fn check_rendering(dir: &Path, name: &str, manifests: &str) {
     } else {
         assert!(json["source"]["replication"].is_null(), "one source: {json}");
     }
-    assert_eq!(json["monitoring"]["listen"].as_str().unwrap().rsplit(':').next(), manifests.split("containerPort: ").nth(1).and_then(|s| s.lines().next()));
+    assert_eq!(
+        json["monitoring"]["listen"].as_str().unwrap().rsplit(':').next(),
+        manifests.split("containerPort: ").nth(1).and_then(|s| s.lines().next())
+    );
     std::fs::write(&config, serde_json::to_string(&json).unwrap()).unwrap();
-    let (code, out) = crate::harness::sluice_output(&["validate", "--offline", "-c", config.to_str().unwrap()], std::time::Duration::from_secs(30));
+    let (code, out) = crate::harness::sluice_output(
+        &["validate", "--offline", "-c", config.to_str().unwrap()],
+        std::time::Duration::from_secs(30),
+    );
     assert_eq!(code, Some(0), "{name}: the rendered configuration is valid: {out}");
 }
 
@@ -109,19 +136,27 @@ fn chart_renders_valid_manifests_with_default_and_full_values() {
     let dir = tempfile::tempdir().unwrap();
     let default = render(dir.path(), None);
     check_rendering(dir.path(), "default", &default);
-    assert!(!default.contains("kind: ServiceMonitor") && !default.contains("kind: PrometheusRule"), "off by default");
+    assert!(
+        !default.contains("kind: ServiceMonitor") && !default.contains("kind: PrometheusRule"),
+        "off by default"
+    );
 
     let full_values = format!("{CHART}/ci/full-values.yaml");
     let full = render(dir.path(), Some(&full_values));
     check_rendering(dir.path(), "full", &full);
     assert!(full.contains("kind: ServiceMonitor") && full.contains("kind: PrometheusRule"));
-    assert!(full.contains("name: SLUICE__SOURCE__CONNECTION__PASSWORD") && full.contains("name: orders-db"), "password from the Secret");
+    assert!(
+        full.contains("name: SLUICE__SOURCE__CONNECTION__PASSWORD") && full.contains("name: orders-db"),
+        "password from the Secret"
+    );
     assert!(full.contains("eks.amazonaws.com/role-arn"), "service account annotations for IRSA");
 
     // The alert rules are valid Prometheus rules.
     let rules = dir.path().join("rules.yaml");
     std::fs::write(&rules, format!("groups:\n{}\n", block_under(&full, "groups:"))).unwrap();
-    let promtool = std::env::var_os("SLUICE_TEST_PROMTOOL").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("promtool"));
+    let promtool = std::env::var_os("SLUICE_TEST_PROMTOOL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("promtool"));
     let checked = Command::new(promtool).args(["check", "rules"]).arg(&rules).output().expect("promtool");
     assert!(checked.status.success(), "promtool check rules: {}", text(&checked));
     assert!(text(&checked).contains("4 rules found"), "{}", text(&checked));
@@ -138,7 +173,11 @@ fn chart_renders_valid_manifests_with_default_and_full_values() {
     assert!(!poll.contains("mapping.toml"), "no mapping without one");
 
     // A Postgres target with its mapping.
-    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/postgres/examples/shop_v2.toml")).unwrap();
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/schemas/postgres/examples/shop_v2.toml"
+    ))
+    .unwrap();
     let pg_values = dir.path().join("pg-values.yaml");
     let mapping: String = example.lines().map(|l| format!("  {l}\n")).collect();
     std::fs::write(
@@ -152,7 +191,10 @@ fn chart_renders_valid_manifests_with_default_and_full_values() {
     let pg = render(dir.path(), Some(pg_values.to_str().unwrap()));
     check_rendering(dir.path(), "pg", &pg);
     assert!(pg.contains("v2.customers"), "the mapping is in the ConfigMap");
-    assert!(pg.contains("name: SLUICE__TARGET__CONNECTION__PASSWORD") && pg.contains("name: shop-v2-db"), "target password from the Secret");
+    assert!(
+        pg.contains("name: SLUICE__TARGET__CONNECTION__PASSWORD") && pg.contains("name: shop-v2-db"),
+        "target password from the Secret"
+    );
     let out = helm(dir.path(), &["template", "release", CHART, "--set", "config.target.kind=postgres"]);
     assert!(!out.status.success() && text(&out).contains("Postgres mapping"), "{}", text(&out));
 }
@@ -176,7 +218,8 @@ fn chart_refuses_bad_values_and_the_validator_catches_bad_manifests() {
     assert!(!out.status.success() && text(&out).contains("set mapping"), "{}", text(&out));
 
     // A deployment with a misspelt field: the validator must fail, or its passes mean nothing.
-    let broken = render(dir.path(), None).replace("terminationGracePeriodSeconds:", "terminationGracePeriod:");
+    let broken =
+        render(dir.path(), None).replace("terminationGracePeriodSeconds:", "terminationGracePeriod:");
     let file = dir.path().join("broken.yaml");
     std::fs::write(&file, broken).unwrap();
     assert!(!kubernetes_validate(&file).status.success());

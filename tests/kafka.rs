@@ -17,11 +17,22 @@ const OUTBOX: &str = "CREATE TABLE orders (id int8 PRIMARY KEY, status text NOT 
   CREATE PUBLICATION p FOR TABLE outbox;";
 
 fn start(config: &Path, log: &Path) -> Child {
-    sluice().args(["run", "-c"]).arg(config).stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap()).spawn().expect("start sluice")
+    sluice()
+        .args(["run", "-c"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start sluice")
 }
 
 fn kafka_config(db: &TestDb, dir: &Path, slot: &str, brokers: &str, extra: &str) -> PathBuf {
-    db.config_file(dir, slot, "p", &format!("[target]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\nretry_for = \"2m\"\n{extra}"))
+    db.config_file(
+        dir,
+        slot,
+        "p",
+        &format!("[target]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\nretry_for = \"2m\"\n{extra}"),
+    )
 }
 
 /// Records per key, in offset order (one key lives in one partition).
@@ -46,7 +57,13 @@ async fn table_changes_become_records_keyed_by_identity_in_order_with_tombstones
     let dir = tempfile::tempdir().unwrap();
     // Rows from before the slot reach the topic through the initial backfill, as reads.
     db.sql("INSERT INTO orders SELECT g, 'old' FROM generate_series(101, 105) g");
-    let config = kafka_config(&db, dir.path(), "cdc", &kafka.brokers, "topic = \"cdc.{table}\"\n[backfill]\ninitial = true\n");
+    let config = kafka_config(
+        &db,
+        dir.path(),
+        "cdc",
+        &kafka.brokers,
+        "topic = \"cdc.{table}\"\n[backfill]\ninitial = true\n",
+    );
     let log = dir.path().join("sluice.log");
     let _logs = LogsOnPanic(vec![log.clone()]);
     let mut child = start(&config, &log);
@@ -56,9 +73,11 @@ async fn table_changes_become_records_keyed_by_identity_in_order_with_tombstones
         (record.header("sluice.op").unwrap().to_owned(), value["op"].as_str().unwrap().to_owned())
     };
     let backfilled = kafka.consume("cdc.orders", Duration::from_secs(60), |r| r.len() >= 5);
-    let mut reads: Vec<(String, (String, String))> = backfilled.iter().map(|r| (r.key.clone().unwrap(), op(r))).collect();
+    let mut reads: Vec<(String, (String, String))> =
+        backfilled.iter().map(|r| (r.key.clone().unwrap(), op(r))).collect();
     reads.sort();
-    let expected: Vec<(String, (String, String))> = (101..=105).map(|id| (format!("{{\"id\":{id}}}"), ("read".into(), "read".into()))).collect();
+    let expected: Vec<(String, (String, String))> =
+        (101..=105).map(|id| (format!("{{\"id\":{id}}}"), ("read".into(), "read".into()))).collect();
     assert_eq!(reads, expected, "each preloaded row once, as a read (header and value)");
 
     db.sql("INSERT INTO orders SELECT g, 'new' FROM generate_series(1, 20) g");
@@ -76,13 +95,20 @@ async fn table_changes_become_records_keyed_by_identity_in_order_with_tombstones
         keys[key]
             .iter()
             .map(|r| match &r.value {
-                Some(v) => serde_json::from_str::<serde_json::Value>(v).unwrap()["new"]["status"].as_str().unwrap_or("-").to_owned(),
+                Some(v) => serde_json::from_str::<serde_json::Value>(v).unwrap()["new"]["status"]
+                    .as_str()
+                    .unwrap_or("-")
+                    .to_owned(),
                 None => "tombstone".into(),
             })
             .collect()
     };
     assert_eq!(statuses("{\"id\":1}"), ["new", "paid", "shipped"], "per-key order");
-    assert_eq!(statuses("{\"id\":3}"), ["new", "paid", "shipped", "-", "tombstone"], "delete, then a tombstone");
+    assert_eq!(
+        statuses("{\"id\":3}"),
+        ["new", "paid", "shipped", "-", "tombstone"],
+        "delete, then a tombstone"
+    );
     assert_eq!(statuses("{\"id\":15}"), ["new"]);
     let update = keys["{\"id\":1}"][1];
     assert_eq!(update.header("sluice.op"), Some("update"));
@@ -102,20 +128,49 @@ async fn outbox_rows_and_messages_become_events_per_aggregate_in_order() {
     let db = TestDb::new();
     db.sql(OUTBOX);
     let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(&db, dir.path(), "outbox", &kafka.brokers, "[target.outbox]\ntable = \"public.outbox\"\nmessage_prefix = \"outbox\"\n");
+    let config = kafka_config(
+        &db,
+        dir.path(),
+        "outbox",
+        &kafka.brokers,
+        "[target.outbox]\ntable = \"public.outbox\"\nmessage_prefix = \"outbox\"\n",
+    );
     let text = std::fs::read_to_string(&config).unwrap();
-    let (code, stderr) = crate::harness::sluice_output(&["validate", "--offline", "-c", config.to_str().unwrap()], Duration::from_secs(30));
+    let (code, stderr) = crate::harness::sluice_output(
+        &["validate", "--offline", "-c", config.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
     assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("target.outbox.message_prefix: needs source.replication.messages = true"), "{stderr}");
-    std::fs::write(&config, text.replace("status_interval = \"1s\"", "status_interval = \"1s\"\nmessages = true")).unwrap();
-    let (code, out) = crate::harness::sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(30));
+    assert!(
+        stderr.contains("target.outbox.message_prefix: needs source.replication.messages = true"),
+        "{stderr}"
+    );
+    std::fs::write(
+        &config,
+        text.replace("status_interval = \"1s\"", "status_interval = \"1s\"\nmessages = true"),
+    )
+    .unwrap();
+    let (code, out) =
+        crate::harness::sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(30));
     assert_eq!(code, Some(0), "the outbox table fits the router: {out}");
     // A router naming a column the table lacks is caught against the live catalog.
     let wrong = dir.path().join("wrong.toml");
-    std::fs::write(&wrong, std::fs::read_to_string(&config).unwrap().replace("[target.outbox]\n", "[target.outbox]\naggregate_id_column = \"aggregate_id\"\n")).unwrap();
-    let (code, stderr) = crate::harness::sluice_output(&["validate", "-c", wrong.to_str().unwrap()], Duration::from_secs(30));
+    std::fs::write(
+        &wrong,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("[target.outbox]\n", "[target.outbox]\naggregate_id_column = \"aggregate_id\"\n"),
+    )
+    .unwrap();
+    let (code, stderr) =
+        crate::harness::sluice_output(&["validate", "-c", wrong.to_str().unwrap()], Duration::from_secs(30));
     assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("target.outbox.aggregate_id_column: table public.outbox has no column \"aggregate_id\""), "{stderr}");
+    assert!(
+        stderr.contains(
+            "target.outbox.aggregate_id_column: table public.outbox has no column \"aggregate_id\""
+        ),
+        "{stderr}"
+    );
     let log = dir.path().join("sluice.log");
     let _logs = LogsOnPanic(vec![log.clone()]);
     let mut child = start(&config, &log);
@@ -140,11 +195,15 @@ async fn outbox_rows_and_messages_become_events_per_aggregate_in_order() {
     let orders = kafka.consume("outbox.event.Order", Duration::from_secs(60), |r| r.len() >= 6);
     assert_eq!(orders.len(), 6, "one event per outbox row");
     let keys = by_key(&orders);
-    let types = |key: &str| keys[key].iter().map(|r| r.header("type").unwrap().to_owned()).collect::<Vec<_>>();
+    let types =
+        |key: &str| keys[key].iter().map(|r| r.header("type").unwrap().to_owned()).collect::<Vec<_>>();
     assert_eq!(types("order-1"), ["OrderCreated", "OrderPaid", "OrderShipped"]);
     assert_eq!(types("order-2"), ["OrderCreated", "OrderCancelled", "OrderForgotten"]);
     let paid = keys["order-1"][1];
-    assert_eq!(serde_json::from_str::<serde_json::Value>(paid.value.as_deref().unwrap()).unwrap(), serde_json::json!({"order": 1, "status": "Paid"}));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(paid.value.as_deref().unwrap()).unwrap(),
+        serde_json::json!({"order": 1, "status": "Paid"})
+    );
     assert_eq!(paid.header("id").map(str::len), Some(36), "the event id (a uuid) travels as a header");
     assert!(paid.header("sluice.position").is_some());
     assert_eq!(keys["order-2"][2].value, None, "a NULL payload is a tombstone");
@@ -175,7 +234,14 @@ fn event_insert(seq: i64) -> String {
 }
 
 fn seqs(records: &[&Consumed]) -> Vec<i64> {
-    records.iter().map(|r| serde_json::from_str::<serde_json::Value>(r.value.as_deref().unwrap()).unwrap()["seq"].as_i64().unwrap()).collect()
+    records
+        .iter()
+        .map(|r| {
+            serde_json::from_str::<serde_json::Value>(r.value.as_deref().unwrap()).unwrap()["seq"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect()
 }
 
 /// Every event arrived, and per aggregate the first deliveries are in order; a redelivered
@@ -203,7 +269,8 @@ async fn kill_9_of_sluice_loses_no_event() {
     let db = TestDb::new();
     db.sql(OUTBOX);
     let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(&db, dir.path(), "kill", &kafka.brokers, "[target.outbox]\ntable = \"public.outbox\"\n");
+    let config =
+        kafka_config(&db, dir.path(), "kill", &kafka.brokers, "[target.outbox]\ntable = \"public.outbox\"\n");
     let (first_log, second_log) = (dir.path().join("first.log"), dir.path().join("second.log"));
     let _logs = LogsOnPanic(vec![first_log.clone(), second_log.clone()]);
     let mut first = start(&config, &first_log);
@@ -224,7 +291,10 @@ async fn kill_9_of_sluice_loses_no_event() {
         if !seen.insert(seqs(&[record])[0]) {
             let position = record.header("sluice.position").unwrap();
             let commit_lsn: sluice_postgres::Lsn = position.rsplit_once('/').unwrap().0.parse().unwrap();
-            assert!(commit_lsn >= confirmed_at_kill, "a duplicate of a confirmed change: {position} (confirmed {confirmed_at_kill})");
+            assert!(
+                commit_lsn >= confirmed_at_kill,
+                "a duplicate of a confirmed change: {position} (confirmed {confirmed_at_kill})"
+            );
         }
     }
     std::process::Command::new("kill").arg("-TERM").arg(second.id().to_string()).status().unwrap();
@@ -241,7 +311,13 @@ async fn a_broker_outage_mid_stream_loses_nothing_and_confirms_nothing_early() {
     let db = TestDb::new();
     db.sql(OUTBOX);
     let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(&db, dir.path(), "outage", &kafka.brokers, "[target.outbox]\ntable = \"public.outbox\"\n");
+    let config = kafka_config(
+        &db,
+        dir.path(),
+        "outage",
+        &kafka.brokers,
+        "[target.outbox]\ntable = \"public.outbox\"\n",
+    );
     let log = dir.path().join("sluice.log");
     let _logs = LogsOnPanic(vec![log.clone()]);
     let mut child = start(&config, &log);
@@ -265,14 +341,19 @@ async fn a_broker_outage_mid_stream_loses_nothing_and_confirms_nothing_early() {
     assert!(child.wait().unwrap().success());
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_topic_is_named_at_once_and_nothing_is_confirmed() {
     let kafka = Kafka::start(None);
     let db = TestDb::new();
     db.sql(OUTBOX);
     let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(&db, dir.path(), "missing", &kafka.brokers, "[target.outbox]\ntable = \"public.outbox\"\n");
+    let config = kafka_config(
+        &db,
+        dir.path(),
+        "missing",
+        &kafka.brokers,
+        "[target.outbox]\ntable = \"public.outbox\"\n",
+    );
     let log = dir.path().join("sluice.log");
     let mut child = start(&config, &log);
     db.wait_slot_active(&db.slot_name("missing")).await;
@@ -293,12 +374,17 @@ async fn events_reach_a_tls_only_broker_and_an_unknown_certificate_authority_is_
     let mut kafka = Kafka::start(Some(proxy_port));
     crate::harness::tls_proxy(proxy_port, kafka.port, certs.path()).await;
     let ca = certs.path().join("ca.crt");
-    kafka.client_properties = vec![("security.protocol".into(), "ssl".into()), ("ssl.ca.location".into(), ca.display().to_string())];
+    kafka.client_properties = vec![
+        ("security.protocol".into(), "ssl".into()),
+        ("ssl.ca.location".into(), ca.display().to_string()),
+    ];
     kafka.create_topic("outbox.event.Order", 1).await;
     let db = TestDb::new();
     db.sql(OUTBOX);
     let dir = tempfile::tempdir().unwrap();
-    let tls = |ca: &Path| format!("properties = {{ \"security.protocol\" = \"ssl\", \"ssl.ca.location\" = \"{}\" }}\n[target.outbox]\ntable = \"public.outbox\"\n", ca.display());
+    let tls = |ca: &Path| {
+        format!("properties = {{ \"security.protocol\" = \"ssl\", \"ssl.ca.location\" = \"{}\" }}\n[target.outbox]\ntable = \"public.outbox\"\n", ca.display())
+    };
     let config = kafka_config(&db, dir.path(), "tls", &kafka.brokers, &tls(&ca));
     let log = dir.path().join("sluice.log");
     let _logs = LogsOnPanic(vec![log.clone()]);
@@ -312,18 +398,27 @@ async fn events_reach_a_tls_only_broker_and_an_unknown_certificate_authority_is_
     assert!(child.wait().unwrap().success());
 
     // The broker's certificate is not signed by this CA: nothing is produced or confirmed.
-    let wrong = kafka_config(&db, dir.path(), "tls", &kafka.brokers, &tls(&certs.path().join("other_ca.crt")));
-    std::fs::write(&wrong, std::fs::read_to_string(&wrong).unwrap().replace("retry_for = \"2m\"", "retry_for = \"5s\"")).unwrap();
+    let wrong =
+        kafka_config(&db, dir.path(), "tls", &kafka.brokers, &tls(&certs.path().join("other_ca.crt")));
+    std::fs::write(
+        &wrong,
+        std::fs::read_to_string(&wrong).unwrap().replace("retry_for = \"2m\"", "retry_for = \"5s\""),
+    )
+    .unwrap();
     let wrong_log = dir.path().join("wrong.log");
     let mut child = start(&wrong, &wrong_log);
     let commit = db.commit_lsn_of(&event_insert(20));
     let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
     let text = std::fs::read_to_string(&wrong_log).unwrap();
     assert_eq!(status.code(), Some(1), "{text}");
-    let error = text.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("an error line: {text}"));
+    let error =
+        text.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("an error line: {text}"));
     assert!(error.contains("certificate verify failed"), "the error names the certificate problem: {error}");
     let warnings = text.lines().filter(|l| l.contains("certificate verify failed")).count();
-    assert!(warnings <= 8, "the repeated TLS failure is logged a few times, not at every retry: {warnings} lines\n{text}");
+    assert!(
+        warnings <= 8,
+        "the repeated TLS failure is logged a few times, not at every retry: {warnings} lines\n{text}"
+    );
     let confirmed = db.slot_confirmed("tls").unwrap();
     assert!(confirmed < commit, "the event was not confirmed: {confirmed} < {commit}");
 }

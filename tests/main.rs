@@ -1,19 +1,19 @@
 //! Integration tests against real services started by the harness (see `harness.rs`).
 
-mod harness;
-mod types;
-mod identity;
-mod crash;
-mod errors;
 mod auth;
-mod streaming;
+mod backfill;
+mod crash;
+mod demo;
+mod dynamodb;
+mod errors;
+mod harness;
+mod helm;
+mod identity;
+mod kafka;
+mod operations;
+mod pg_target;
+mod poll;
 mod reconnect;
 mod slots;
-mod dynamodb;
-mod operations;
-mod helm;
-mod kafka;
-mod poll;
-mod backfill;
-mod pg_target;
-mod demo;
+mod streaming;
+mod types;

@@ -10,15 +10,25 @@ use std::time::Duration;
 
 use sluice::localpg::{free_port, ClusterOptions, LocalPostgres};
 
-use crate::harness::{http_get, kill_9, metric, moto, sluice, sluice_output, wait_for, wait_for_blocking, Outage, TestDb};
+use crate::harness::{
+    http_get, kill_9, metric, moto, sluice, sluice_output, wait_for, wait_for_blocking, Outage, TestDb,
+};
 
 fn start(config: &Path, log: &Path) -> Child {
-    sluice().args(["run", "-c"]).arg(config).stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap()).spawn().expect("start sluice")
+    sluice()
+        .args(["run", "-c"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start sluice")
 }
 
 /// A config from the harness with these `[monitoring]` settings instead of the default.
 fn with_monitoring(config: PathBuf, monitoring: &str) -> PathBuf {
-    let text = std::fs::read_to_string(&config).unwrap().replace("[monitoring]\nlisten = \"127.0.0.1:0\"\n", &format!("[monitoring]\n{monitoring}\n"));
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[monitoring]\nlisten = \"127.0.0.1:0\"\n", &format!("[monitoring]\n{monitoring}\n"));
     std::fs::write(&config, text).unwrap();
     config
 }
@@ -46,7 +56,9 @@ async fn wait_for_metrics(port: u16, what: &str, limit: Duration, ready: impl Fn
 }
 
 fn promtool() -> PathBuf {
-    let path = std::env::var_os("SLUICE_TEST_PROMTOOL").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("promtool"));
+    let path = std::env::var_os("SLUICE_TEST_PROMTOOL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("promtool"));
     assert!(
         std::process::Command::new(&path).arg("--version").output().is_ok_and(|o| o.status.success()),
         "promtool is needed to check the exposition (apt-get install prometheus, or SLUICE_TEST_PROMTOOL)"
@@ -71,13 +83,19 @@ async fn metrics_show_lag_falling_after_catch_up_and_rising_while_the_target_is_
         dir.path(),
         "metrics",
         "p",
-        &crate::dynamodb::target_toml(&mapping, &outage.url(), "request_timeout = \"1s\"\nretry_for = \"5m\"\n"),
+        &crate::dynamodb::target_toml(
+            &mapping,
+            &outage.url(),
+            "request_timeout = \"1s\"\nretry_for = \"5m\"\n",
+        ),
     );
     let config = with_monitoring(
         config,
         &format!("listen = \"127.0.0.1:{port}\"\nslot_check_interval = \"1s\"\nready_max_lag = \"3s\"\nretained_wal_warn_bytes = 1"),
     );
-    let text = std::fs::read_to_string(&config).unwrap().replace("status_interval = \"1s\"", "status_interval = \"1s\"\nheartbeat_interval = \"1s\"");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("status_interval = \"1s\"", "status_interval = \"1s\"\nheartbeat_interval = \"1s\"");
     std::fs::write(&config, text).unwrap();
     let mut child = start(&config, &dir.path().join("sluice.log"));
     let _logs = crate::harness::LogsOnPanic(vec![dir.path().join("sluice.log")]);
@@ -91,15 +109,28 @@ async fn metrics_show_lag_falling_after_catch_up_and_rising_while_the_target_is_
         metric(body, "sluice_apply_lag_bytes") == Some(0.0)
             && metric(body, "sluice_source_lag_bytes").is_some_and(|b| b < 64.0 * 1024.0)
             && metric(body, "sluice_lag_seconds").is_some_and(|s| s < 2.5)
-            && metric(body, "sluice_events_total{op=\"insert\",pipeline=\"default\",table=\"public.accounts\"}") == Some(200.0)
+            && metric(
+                body,
+                "sluice_events_total{op=\"insert\",pipeline=\"default\",table=\"public.accounts\"}",
+            ) == Some(200.0)
     })
     .await;
     assert_eq!(http_get(port, "/readyz").unwrap().0, 200);
     assert_eq!(http_get(port, "/healthz").unwrap().0, 200);
     let body = scrape(port);
-    assert_eq!(metric(&body, "sluice_events_total{op=\"update\",pipeline=\"default\",table=\"public.accounts\"}"), Some(50.0));
-    assert_eq!(metric(&body, "sluice_target_writes_total{outcome=\"applied\",pipeline=\"default\"}"), Some(250.0));
-    assert!(metric(&body, "sluice_target_write_duration_seconds_count{pipeline=\"default\",target=\"dynamodb\"}").is_some_and(|n| n >= 250.0), "{body}");
+    assert_eq!(
+        metric(&body, "sluice_events_total{op=\"update\",pipeline=\"default\",table=\"public.accounts\"}"),
+        Some(50.0)
+    );
+    assert_eq!(
+        metric(&body, "sluice_target_writes_total{outcome=\"applied\",pipeline=\"default\"}"),
+        Some(250.0)
+    );
+    assert!(
+        metric(&body, "sluice_target_write_duration_seconds_count{pipeline=\"default\",target=\"dynamodb\"}")
+            .is_some_and(|n| n >= 250.0),
+        "{body}"
+    );
     assert!(metric(&body, "sluice_heartbeats_received_total").is_some_and(|n| n >= 1.0));
     assert!(metric(&body, "sluice_slot_retained_wal_bytes").is_some());
     assert_eq!(metric(&body, "sluice_slot_wal_status{pipeline=\"default\",status=\"reserved\"}"), Some(1.0));
@@ -112,7 +143,12 @@ async fn metrics_show_lag_falling_after_catch_up_and_rising_while_the_target_is_
         .stdin(std::fs::File::open(&scrape_file).unwrap())
         .output()
         .unwrap();
-    assert!(check.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
 
     // The target stops answering: lag in seconds and bytes rises, readiness fails, retries count.
     outage.begin();
@@ -129,7 +165,8 @@ async fn metrics_show_lag_falling_after_catch_up_and_rising_while_the_target_is_
 
     outage.end();
     wait_for_metrics(port, "lag to fall again after the target returns", Duration::from_secs(120), |body| {
-        metric(body, "sluice_apply_lag_bytes") == Some(0.0) && metric(body, "sluice_lag_seconds").is_some_and(|s| s < 2.5)
+        metric(body, "sluice_apply_lag_bytes") == Some(0.0)
+            && metric(body, "sluice_lag_seconds").is_some_and(|s| s < 2.5)
     })
     .await;
     assert_eq!(client.scan_all(&table).await.unwrap().len(), 300, "nothing lost");
@@ -137,7 +174,13 @@ async fn metrics_show_lag_falling_after_catch_up_and_rising_while_the_target_is_
     // `sluice status` reads the running daemon, as a table and as JSON.
     let (code, out) = status(&config, false);
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("daemon at 127.0.0.1") && out.contains("role") && out.contains("active") && out.contains("slot wal status"), "{out}");
+    assert!(
+        out.contains("daemon at 127.0.0.1")
+            && out.contains("role")
+            && out.contains("active")
+            && out.contains("slot wal status"),
+        "{out}"
+    );
     let (code, out) = status(&config, true);
     assert_eq!(code, Some(0), "{out}");
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -148,7 +191,10 @@ async fn metrics_show_lag_falling_after_catch_up_and_rising_while_the_target_is_
     assert!(child.wait().unwrap().success());
     let log = std::fs::read_to_string(dir.path().join("sluice.log")).unwrap();
     let warnings = log.matches("retains more WAL than monitoring.retained_wal_warn_bytes").count();
-    assert!((1..=3).contains(&warnings), "the retention warning (threshold 1 byte) is logged when crossed, not at every check: {log}");
+    assert!(
+        (1..=3).contains(&warnings),
+        "the retention warning (threshold 1 byte) is logged when crossed, not at every check: {log}"
+    );
     // Without a daemon, status reads the slot from Postgres.
     let (code, out) = status(&config, true);
     assert_eq!(code, Some(0), "{out}");
@@ -178,8 +224,11 @@ async fn heartbeats_keep_an_idle_slot_close_to_the_wal_end_while_unpublished_tab
     let dir = tempfile::tempdir().unwrap();
     let port = free_port().unwrap();
     let config = db.config_file(dir.path(), "idle", "p", "[target]\nkind = \"null\"\n");
-    let config = with_monitoring(config, &format!("listen = \"127.0.0.1:{port}\"\nslot_check_interval = \"1s\""));
-    let text = std::fs::read_to_string(&config).unwrap().replace("status_interval = \"1s\"", "status_interval = \"1s\"\nheartbeat_interval = \"500ms\"");
+    let config =
+        with_monitoring(config, &format!("listen = \"127.0.0.1:{port}\"\nslot_check_interval = \"1s\""));
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("status_interval = \"1s\"", "status_interval = \"1s\"\nheartbeat_interval = \"500ms\"");
     std::fs::write(&config, text).unwrap();
     let mut child = start(&config, &dir.path().join("sluice.log"));
     let _logs = crate::harness::LogsOnPanic(vec![dir.path().join("sluice.log")]);
@@ -201,7 +250,10 @@ async fn heartbeats_keep_an_idle_slot_close_to_the_wal_end_while_unpublished_tab
     .await;
     let body = scrape(port);
     assert!(metric(&body, "sluice_heartbeats_received_total").is_some_and(|n| n >= 2.0), "{body}");
-    assert!(metric(&body, "sluice_lag_seconds").is_some_and(|s| s < 3.0), "an idle stream stays fresh through heartbeats: {body}");
+    assert!(
+        metric(&body, "sluice_lag_seconds").is_some_and(|s| s < 3.0),
+        "an idle stream stays fresh through heartbeats: {body}"
+    );
     assert_eq!(http_get(port, "/readyz").unwrap().0, 200);
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(child.wait().unwrap().success());
@@ -213,7 +265,9 @@ fn ids_in(path: &Path) -> Vec<i64> {
     text.lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter(|line| line["op"] == "insert")
-        .map(|line| line["new"]["id"].as_str().map(|s| s.parse().unwrap()).or(line["new"]["id"].as_i64()).unwrap())
+        .map(|line| {
+            line["new"]["id"].as_str().map(|s| s.parse().unwrap()).or(line["new"]["id"].as_i64()).unwrap()
+        })
         .collect()
 }
 
@@ -235,9 +289,15 @@ async fn of_two_replicas_one_streams_and_the_other_takes_over_after_kill_9() {
         std::fs::create_dir_all(&sub).unwrap();
         let port = free_port().unwrap();
         let output = sub.join("out.jsonl");
-        let config = db.config_file(&sub, "ha", "p", &format!("[target]\nkind = \"jsonl\"\npath = \"{}\"\nfsync = true\n", output.display()));
+        let config = db.config_file(
+            &sub,
+            "ha",
+            "p",
+            &format!("[target]\nkind = \"jsonl\"\npath = \"{}\"\nfsync = true\n", output.display()),
+        );
         let config = with_monitoring(config, &format!("listen = \"127.0.0.1:{port}\""));
-        let text = std::fs::read_to_string(&config).unwrap().replace("retry_for = \"2s\"", "retry_for = \"30s\"");
+        let text =
+            std::fs::read_to_string(&config).unwrap().replace("retry_for = \"2s\"", "retry_for = \"30s\"");
         std::fs::write(&config, text).unwrap();
         (config, port, output, sub.join("sluice.log"))
     };
@@ -245,13 +305,19 @@ async fn of_two_replicas_one_streams_and_the_other_takes_over_after_kill_9() {
     let (config_b, port_b, out_b, log_b) = replica("b");
     let _logs = crate::harness::LogsOnPanic(vec![log_a.clone(), log_b.clone()]);
     let mut a = start(&config_a, &log_a);
-    wait_for("replica a to stream", Duration::from_secs(30), || async { streaming(port_a) == Some(true) }).await;
+    wait_for("replica a to stream", Duration::from_secs(30), || async { streaming(port_a) == Some(true) })
+        .await;
     let mut b = start(&config_b, &log_b);
     wait_for("replica b to stand by", Duration::from_secs(30), || async {
-        http_get(port_b, "/readyz").is_some_and(|(code, body)| code == 503 && body.contains("another replica holds the HA lock"))
+        http_get(port_b, "/readyz")
+            .is_some_and(|(code, body)| code == 503 && body.contains("another replica holds the HA lock"))
     })
     .await;
-    assert_eq!(http_get(port_b, "/readyz?standby=ok").unwrap().0, 200, "a healthy standby is ready for Kubernetes");
+    assert_eq!(
+        http_get(port_b, "/readyz?standby=ok").unwrap().0,
+        200,
+        "a healthy standby is ready for Kubernetes"
+    );
 
     // A steady writer; both replicas are watched: never both streaming.
     let connection = db.connection();
@@ -276,12 +342,16 @@ async fn of_two_replicas_one_streams_and_the_other_takes_over_after_kill_9() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     kill_9(&mut a);
     let killed_at = std::time::Instant::now();
-    wait_for("replica b to take over", Duration::from_secs(30), || async { streaming(port_b) == Some(true) }).await;
+    wait_for("replica b to take over", Duration::from_secs(30), || async { streaming(port_b) == Some(true) })
+        .await;
     let takeover = killed_at.elapsed();
     assert!(takeover < Duration::from_secs(10), "took over in {takeover:?}");
     writer.await.unwrap();
     let marker = db.commit_lsn_of("INSERT INTO t VALUES (-1)");
-    wait_for("replica b to confirm everything", Duration::from_secs(60), || async { db.slot_confirmed("ha").unwrap() >= marker }).await;
+    wait_for("replica b to confirm everything", Duration::from_secs(60), || async {
+        db.slot_confirmed("ha").unwrap() >= marker
+    })
+    .await;
     assert!(watcher.join().unwrap() > 50, "the watcher sampled both replicas");
 
     let delivered: BTreeSet<i64> = ids_in(&out_a).into_iter().chain(ids_in(&out_b)).collect();
@@ -300,13 +370,24 @@ fn json_logs_are_one_object_per_line_without_secrets() {
     db.sql("CREATE TABLE t (id int8 PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t; CREATE ROLE app LOGIN REPLICATION SUPERUSER PASSWORD 'hunter2'");
     let dir = tempfile::tempdir().unwrap();
     let config = db.config_file(dir.path(), "json", "p", "[target]\nkind = \"null\"\n");
-    let text = std::fs::read_to_string(&config).unwrap().replace("[source.connection]\n", "[source.connection]\nuser = \"app\"\npassword = \"hunter2\"\n");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[source.connection]\n", "[source.connection]\nuser = \"app\"\npassword = \"hunter2\"\n");
     std::fs::write(&config, text).unwrap();
     let end = db.insert_lsn();
-    let (code, stderr) = sluice_output(&["--log-format", "json", "run", "-c", config.to_str().unwrap(), "--until-lsn", &end.to_string()], Duration::from_secs(60));
+    let (code, stderr) = sluice_output(
+        &["--log-format", "json", "run", "-c", config.to_str().unwrap(), "--until-lsn", &end.to_string()],
+        Duration::from_secs(60),
+    );
     assert_eq!(code, Some(0), "{stderr}");
-    let lines: Vec<serde_json::Value> = stderr.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
-    assert!(lines.iter().any(|l| l["message"] == "streaming" && l["level"] == "INFO" && l["slot"].is_string()), "{stderr}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["message"] == "streaming" && l["level"] == "INFO" && l["slot"].is_string()),
+        "{stderr}"
+    );
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
 
@@ -314,7 +395,11 @@ fn json_logs_are_one_object_per_line_without_secrets() {
 fn an_invalidated_slot_stops_with_a_clear_error_or_is_recreated_when_configured() {
     let pg = Arc::new(
         LocalPostgres::start(&ClusterOptions {
-            settings: vec![("max_slot_wal_keep_size".into(), "32MB".into()), ("max_wal_size".into(), "64MB".into()), ("min_wal_size".into(), "32MB".into())],
+            settings: vec![
+                ("max_slot_wal_keep_size".into(), "32MB".into()),
+                ("max_wal_size".into(), "64MB".into()),
+                ("min_wal_size".into(), "32MB".into()),
+            ],
             ..Default::default()
         })
         .unwrap(),
@@ -332,16 +417,32 @@ fn an_invalidated_slot_stops_with_a_clear_error_or_is_recreated_when_configured(
     let config = db.config_file(dir.path(), "lost", "p", "[target]\nkind = \"null\"\n");
     let (code, stderr) = sluice_output(&["run", "-c", config.to_str().unwrap()], Duration::from_secs(60));
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains(&format!("replication slot \"{slot}\" was invalidated")) && stderr.contains("on_slot_lost"), "{stderr}");
-    assert_eq!(db.sql(&format!("SELECT wal_status FROM pg_replication_slots WHERE slot_name = '{slot}'")), "lost", "left alone");
+    assert!(
+        stderr.contains(&format!("replication slot \"{slot}\" was invalidated"))
+            && stderr.contains("on_slot_lost"),
+        "{stderr}"
+    );
+    assert_eq!(
+        db.sql(&format!("SELECT wal_status FROM pg_replication_slots WHERE slot_name = '{slot}'")),
+        "lost",
+        "left alone"
+    );
 
-    let text = std::fs::read_to_string(&config).unwrap().replace("status_interval = \"1s\"", "status_interval = \"1s\"\non_slot_lost = \"recreate\"");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("status_interval = \"1s\"", "status_interval = \"1s\"\non_slot_lost = \"recreate\"");
     std::fs::write(&config, text).unwrap();
     db.sql("INSERT INTO t VALUES (-1, 'after')");
     let end = db.insert_lsn();
     db.sql("INSERT INTO t VALUES (-2, 'marker')");
-    let (code, stderr) = sluice_output(&["run", "-c", config.to_str().unwrap(), "--until-lsn", &end.to_string()], Duration::from_secs(60));
+    let (code, stderr) = sluice_output(
+        &["run", "-c", config.to_str().unwrap(), "--until-lsn", &end.to_string()],
+        Duration::from_secs(60),
+    );
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("invalidated and is recreated") && stderr.contains("backfill"), "{stderr}");
-    assert_eq!(db.sql(&format!("SELECT wal_status FROM pg_replication_slots WHERE slot_name = '{slot}'")), "reserved");
+    assert_eq!(
+        db.sql(&format!("SELECT wal_status FROM pg_replication_slots WHERE slot_name = '{slot}'")),
+        "reserved"
+    );
 }

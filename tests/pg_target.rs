@@ -21,7 +21,8 @@ const TARGET_SCHEMA: &str = "CREATE SCHEMA v2;
 /// The worked example (`schemas/postgres/examples/shop_v2.toml`), copied into `dir`.
 fn mapping(dir: &Path) -> PathBuf {
     let path = dir.join("mapping.toml");
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/postgres/examples/shop_v2.toml"), &path).unwrap();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/postgres/examples/shop_v2.toml"), &path)
+        .unwrap();
     path
 }
 
@@ -72,7 +73,8 @@ fn run_to_now_failing(db: &TestDb, config: &Path) -> String {
 
 fn run_to_now_exiting(db: &TestDb, config: &Path, expected: i32, limit: Duration) -> String {
     let end = db.insert_lsn();
-    let (code, stderr) = sluice_output(&["run", "-c", config.to_str().unwrap(), "--until-lsn", &end.to_string()], limit);
+    let (code, stderr) =
+        sluice_output(&["run", "-c", config.to_str().unwrap(), "--until-lsn", &end.to_string()], limit);
     assert_eq!(code, Some(expected), "{stderr}");
     stderr
 }
@@ -111,7 +113,11 @@ async fn changes_apply_through_the_mapping_and_the_target_equals_the_source() {
     run_to_now(&db, &config);
     let (expected, actual) = customers(&db, &target);
     assert_eq!(actual, expected);
-    assert_eq!(target.sql("SELECT count(*) FROM v2.customers WHERE length(bio) > 5000"), "185", "the TOASTed bio arrived whole");
+    assert_eq!(
+        target.sql("SELECT count(*) FROM v2.customers WHERE length(bio) > 5000"),
+        "185",
+        "the TOASTed bio arrived whole"
+    );
     assert_eq!(
         target.sql("SELECT customer_id, id, total FROM v2.orders ORDER BY 1, 2"),
         db.sql("SELECT customer_id, id, total FROM orders ORDER BY 1, 2")
@@ -121,7 +127,11 @@ async fn changes_apply_through_the_mapping_and_the_target_equals_the_source() {
     // transaction), so keys the application takes after the cut-over are fresh.
     let sequence = "v2.customers_customer_id_seq";
     assert_eq!(target.sql(&format!("SELECT last_value, is_called FROM {sequence}")), "5000|t");
-    assert_eq!(target.sql("SELECT last_value FROM v2.orders_id_seq"), "300", "a serial column's sequence too");
+    assert_eq!(
+        target.sql("SELECT last_value FROM v2.orders_id_seq"),
+        "300",
+        "a serial column's sequence too"
+    );
     // A sequence ahead of the rows stays where it is.
     target.sql(&format!("SELECT setval('{sequence}', 100000)"));
 
@@ -132,8 +142,16 @@ async fn changes_apply_through_the_mapping_and_the_target_equals_the_source() {
     run_to_now(&db, &config);
     let (expected, actual) = customers(&db, &target);
     assert_eq!(actual, expected);
-    assert_eq!(target.sql("SELECT customer_id, id, total FROM v2.orders"), "1|1|9.5", "the truncate was mirrored");
-    assert_eq!(std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap_or_default(), "", "nothing dead-lettered");
+    assert_eq!(
+        target.sql("SELECT customer_id, id, total FROM v2.orders"),
+        "1|1|9.5",
+        "the truncate was mirrored"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap_or_default(),
+        "",
+        "nothing dead-lettered"
+    );
     let checkpoint = target.sql("SELECT commit_lsn FROM public.sluice_checkpoint");
     assert!(!checkpoint.is_empty(), "the checkpoint table holds the pipeline's position");
     let app_row = target.sql("INSERT INTO v2.customers (email_address, status, origin) VALUES ('app', 'active', 'app') RETURNING customer_id");
@@ -141,7 +159,14 @@ async fn changes_apply_through_the_mapping_and_the_target_equals_the_source() {
 }
 
 fn start(config: &Path, log: &Path) -> Child {
-    sluice().arg("run").arg("-c").arg(config).stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap()).spawn().expect("start sluice")
+    sluice()
+        .arg("run")
+        .arg("-c")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start sluice")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,7 +208,10 @@ async fn kill_9_mid_stream_then_restart_applies_every_change_exactly_once() {
     let mut second = start(&config, &dir.path().join("second.log"));
     wait_for("every transaction in the target", Duration::from_secs(90), || async {
         target.sql("SELECT count(*) FROM v2.orders").parse::<i64>().unwrap() == TRANSACTIONS * ROWS
-            && target.sql(&format!("SELECT total FROM v2.orders WHERE customer_id = {} AND id = 1", TRANSACTIONS - 1)) == "-1"
+            && target.sql(&format!(
+                "SELECT total FROM v2.orders WHERE customer_id = {} AND id = 1",
+                TRANSACTIONS - 1
+            )) == "-1"
     })
     .await;
     std::process::Command::new("kill").arg("-TERM").arg(second.id().to_string()).status().unwrap();
@@ -194,7 +222,11 @@ async fn kill_9_mid_stream_then_restart_applies_every_change_exactly_once() {
         target.sql("SELECT customer_id, id, total FROM v2.orders ORDER BY 1, 2"),
         db.sql("SELECT customer_id, id, total FROM orders ORDER BY 1, 2")
     );
-    assert_eq!(target.sql("SELECT n FROM writes"), (TRANSACTIONS * (ROWS + 1)).to_string(), "each change applied exactly once");
+    assert_eq!(
+        target.sql("SELECT n FROM writes"),
+        (TRANSACTIONS * (ROWS + 1)).to_string(),
+        "each change applied exactly once"
+    );
     let log = std::fs::read_to_string(dir.path().join("second.log")).unwrap();
     assert!(log.contains("postgres target checkpoint"), "{log}");
 }
@@ -217,7 +249,10 @@ async fn a_row_the_target_refuses_is_dead_lettered_without_its_values_and_the_re
     let reason = lines[0]["reason"].as_str().unwrap();
     assert!(reason.contains("23514") && reason.contains("customers_balance_check"), "{reason}");
     for text in [&dead, &stderr] {
-        assert!(!text.contains("987.65") && !text.contains("refused-secret"), "values never leave in logs or dead letters: {text}");
+        assert!(
+            !text.contains("987.65") && !text.contains("refused-secret"),
+            "values never leave in logs or dead letters: {text}"
+        );
     }
     // The position moved past it: a restart does not apply or dead-letter it again.
     run_to_now(&db, &config);
@@ -232,7 +267,10 @@ async fn a_row_the_target_refuses_is_dead_lettered_without_its_values_and_the_re
     let dead = std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(dead.lines().last().unwrap()).unwrap();
     assert_eq!(dead.lines().count(), 2, "{dead}");
-    assert!(last["reason"].as_str().unwrap().contains("backfill the table") && last["operation"] == "update", "{last}");
+    assert!(
+        last["reason"].as_str().unwrap().contains("backfill the table") && last["operation"] == "update",
+        "{last}"
+    );
     assert_eq!(target.sql("SELECT count(*) FROM v2.customers WHERE customer_id = 6"), "0");
 }
 
@@ -263,14 +301,18 @@ fn a_sequence_the_target_role_cannot_advance_is_named_at_start_unless_sync_is_of
     let dir = tempfile::tempdir().unwrap();
     let as_writer = |extra: &str| {
         let config = config(&db, &target, dir.path(), "pgs", extra);
-        let text = std::fs::read_to_string(&config).unwrap().replace("user = \"postgres\"", &format!("user = \"{role}\""));
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("user = \"postgres\"", &format!("user = \"{role}\""));
         std::fs::write(&config, text).unwrap();
         config
     };
-    let (code, stderr) = sluice_output(&["validate", "-c", as_writer("").to_str().unwrap()], Duration::from_secs(60));
+    let (code, stderr) =
+        sluice_output(&["validate", "-c", as_writer("").to_str().unwrap()], Duration::from_secs(60));
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("target.sync_sequences: target sequence v2.customers_customer_id_seq (of v2.customers.customer_id)"), "{stderr}");
-    let (code, stderr) = sluice_output(&["run", "-c", as_writer("").to_str().unwrap()], Duration::from_secs(60));
+    let (code, stderr) =
+        sluice_output(&["run", "-c", as_writer("").to_str().unwrap()], Duration::from_secs(60));
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("target sequence v2.customers_customer_id_seq (of v2.customers.customer_id): the target role cannot read and set it; grant SELECT, UPDATE on it, or set target.sync_sequences = false"),
@@ -282,7 +324,11 @@ fn a_sequence_the_target_role_cannot_advance_is_named_at_start_unless_sync_is_of
     db.sql("INSERT INTO customers (id, email) VALUES (7, 'a')");
     run_to_now(&db, &config);
     assert_eq!(target.sql("SELECT customer_id FROM v2.customers"), "7");
-    assert_eq!(target.sql("SELECT last_value, is_called FROM v2.customers_customer_id_seq"), "1|f", "the sequence is left alone");
+    assert_eq!(
+        target.sql("SELECT last_value, is_called FROM v2.customers_customer_id_seq"),
+        "1|f",
+        "the sequence is left alone"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,10 +354,14 @@ async fn verify_finds_drift_in_a_postgres_target_exactly_and_reconcile_repairs_i
     let mut child = start(&config, &dir.path().join("sluice.log"));
     db.wait_slot_active(&db.slot_name("pgv")).await;
     wait_for("the initial backfill of both tables", Duration::from_secs(60), || async {
-        db.sql("SELECT to_regclass('sluice_backfill') IS NOT NULL") == "t" && db.sql("SELECT count(*) FROM sluice_backfill WHERE state = 'done'") == "2"
+        db.sql("SELECT to_regclass('sluice_backfill') IS NOT NULL") == "t"
+            && db.sql("SELECT count(*) FROM sluice_backfill WHERE state = 'done'") == "2"
     })
     .await;
-    wait_for("every customer in the target", Duration::from_secs(60), || async { target.sql("SELECT count(*) FROM v2.customers") == "270" }).await;
+    wait_for("every customer in the target", Duration::from_secs(60), || async {
+        target.sql("SELECT count(*) FROM v2.customers") == "270"
+    })
+    .await;
     let report = verify_report(&config).await;
     assert_eq!(report["tables"][0]["matched"], 270, "{report:#}");
 
@@ -323,11 +373,21 @@ async fn verify_finds_drift_in_a_postgres_target_exactly_and_reconcile_repairs_i
          DELETE FROM v2.orders WHERE customer_id = 3 AND id = 3;",
     );
     let report = verify_report(&config).await;
-    let customers = report["tables"].as_array().unwrap().iter().find(|t| t["table"] == "public.customers").unwrap();
-    assert_eq!((customers["missing"].as_u64(), customers["different"].as_u64(), customers["extra"].as_u64()), (Some(1), Some(1), Some(1)), "{report:#}");
+    let customers =
+        report["tables"].as_array().unwrap().iter().find(|t| t["table"] == "public.customers").unwrap();
+    assert_eq!(
+        (customers["missing"].as_u64(), customers["different"].as_u64(), customers["extra"].as_u64()),
+        (Some(1), Some(1), Some(1)),
+        "{report:#}"
+    );
     assert_eq!(customers["missing_keys"][0]["id"], "7");
     assert_eq!(customers["different_keys"][0]["key"]["id"], "8");
-    let columns: Vec<&str> = customers["different_keys"][0]["attributes"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let columns: Vec<&str> = customers["different_keys"][0]["attributes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
     assert_eq!(columns, ["email_address", "prefs"]);
     assert!(customers["different_keys"][0].get("values").is_none(), "values only when asked for");
     assert_eq!(customers["extra_keys"][0]["source_key"]["id"], "999999");
@@ -339,9 +399,19 @@ async fn verify_finds_drift_in_a_postgres_target_exactly_and_reconcile_repairs_i
     let out = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{text}");
-    assert!(text.contains("3 keys of public.customers") && text.contains("1 keys of public.orders"), "{text}");
-    assert_eq!(target.sql("SELECT email_address FROM v2.customers WHERE customer_id IN (7, 8) ORDER BY 1"), "c7@x\nc8@x");
-    assert_eq!(target.sql("SELECT count(*) FROM v2.customers WHERE customer_id = 999999"), "0", "the stray row is deleted");
+    assert!(
+        text.contains("3 keys of public.customers") && text.contains("1 keys of public.orders"),
+        "{text}"
+    );
+    assert_eq!(
+        target.sql("SELECT email_address FROM v2.customers WHERE customer_id IN (7, 8) ORDER BY 1"),
+        "c7@x\nc8@x"
+    );
+    assert_eq!(
+        target.sql("SELECT count(*) FROM v2.customers WHERE customer_id = 999999"),
+        "0",
+        "the stray row is deleted"
+    );
     let report = verify_report(&config).await;
     assert_eq!(report["tables"][0]["matched"], 270, "{report:#}");
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
@@ -351,7 +421,8 @@ async fn verify_finds_drift_in_a_postgres_target_exactly_and_reconcile_repairs_i
 #[test]
 fn validate_checks_a_postgres_mapping_against_both_catalogs() {
     let (db, target, dir, config) = setup("pgval", "");
-    let (code, stdout_or_err) = sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(60));
+    let (code, stdout_or_err) =
+        sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(60));
     assert_eq!(code, Some(0), "the worked example fits: {stdout_or_err}");
 
     // Mistakes on both sides.
@@ -365,7 +436,8 @@ fn validate_checks_a_postgres_mapping_against_both_catalogs() {
     .unwrap();
     target.sql("ALTER TABLE v2.orders ADD COLUMN channel text NOT NULL");
     db.sql("CREATE TABLE unpublished (id int8 PRIMARY KEY)");
-    let (code, stderr) = sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(60));
+    let (code, stderr) =
+        sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(60));
     assert_eq!(code, Some(2), "{stderr}");
     for expected in [
         "target.mapping.tables[0].rename: column mail does not exist in public.customers",
@@ -389,7 +461,8 @@ fn validate_checks_a_postgres_mapping_against_both_catalogs() {
     );
     db.sql(TARGET_SCHEMA);
     db.sql("ALTER PUBLICATION p ADD TABLE v2.orders");
-    let (code, stderr) = sluice_output(&["validate", "-c", looped.to_str().unwrap()], Duration::from_secs(60));
+    let (code, stderr) =
+        sluice_output(&["validate", "-c", looped.to_str().unwrap()], Duration::from_secs(60));
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("table v2.orders is written by sluice and published in \"p\""), "{stderr}");
 }
@@ -400,8 +473,12 @@ async fn a_target_server_restart_mid_stream_is_retried_and_each_change_still_app
     db.sql(SOURCE_SCHEMA);
     // The target in a cluster of its own, which the test stops: commits there are synchronous,
     // so an immediate stop loses nothing it acknowledged.
-    let options = sluice::localpg::ClusterOptions { settings: vec![("synchronous_commit".into(), "on".into())], ..Default::default() };
-    let target = TestDb::in_cluster(std::sync::Arc::new(sluice::localpg::LocalPostgres::start(&options).unwrap()));
+    let options = sluice::localpg::ClusterOptions {
+        settings: vec![("synchronous_commit".into(), "on".into())],
+        ..Default::default()
+    };
+    let target =
+        TestDb::in_cluster(std::sync::Arc::new(sluice::localpg::LocalPostgres::start(&options).unwrap()));
     target.sql(TARGET_SCHEMA);
     target.sql(COUNT_WRITES);
     let dir = tempfile::tempdir().unwrap();
@@ -415,7 +492,10 @@ async fn a_target_server_restart_mid_stream_is_retried_and_each_change_still_app
     let writer = tokio::spawn(async move {
         let client = sluice_postgres::connect_sql(&connection).await.unwrap();
         for tx in 0..TRANSACTIONS {
-            client.batch_execute(&format!("INSERT INTO orders SELECT {tx}, n, n FROM generate_series(1, 4) n")).await.unwrap();
+            client
+                .batch_execute(&format!("INSERT INTO orders SELECT {tx}, n, n FROM generate_series(1, 4) n"))
+                .await
+                .unwrap();
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
@@ -433,7 +513,11 @@ async fn a_target_server_restart_mid_stream_is_retried_and_each_change_still_app
     .await;
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(child.wait().unwrap().success(), "sluice exits 0 on SIGTERM");
-    assert_eq!(target.sql("SELECT n FROM writes"), (TRANSACTIONS * 4).to_string(), "each change applied exactly once");
+    assert_eq!(
+        target.sql("SELECT n FROM writes"),
+        (TRANSACTIONS * 4).to_string(),
+        "each change applied exactly once"
+    );
     let log = std::fs::read_to_string(dir.path().join("sluice.log")).unwrap();
     assert!(log.contains("postgres target: retrying"), "{log}");
 }
@@ -448,7 +532,11 @@ fn a_column_added_to_the_source_stops_sluice_until_the_target_has_it_and_loses_n
     assert!(!stderr.contains("ace"), "no values in the error: {stderr}");
     target.sql("ALTER TABLE v2.customers ADD COLUMN nickname text");
     run_to_now(&db, &config);
-    assert_eq!(target.sql("SELECT customer_id, nickname FROM v2.customers"), "1|ace", "the change waited in the slot");
+    assert_eq!(
+        target.sql("SELECT customer_id, nickname FROM v2.customers"),
+        "1|ace",
+        "the change waited in the slot"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,7 +558,10 @@ async fn a_lock_held_on_a_target_table_is_waited_out_with_warnings_and_loses_not
     let confirmed = db.slot_confirmed("pgl").unwrap();
     assert!(confirmed < commit, "nothing confirmed while the table is locked: {confirmed} < {commit}");
     holder.batch_execute("COMMIT").await.unwrap();
-    wait_for("the rows in the target", Duration::from_secs(30), || async { target.sql("SELECT count(*) FROM v2.orders") == "50" }).await;
+    wait_for("the rows in the target", Duration::from_secs(30), || async {
+        target.sql("SELECT count(*) FROM v2.orders") == "50"
+    })
+    .await;
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(child.wait().unwrap().success(), "sluice exits 0 on SIGTERM");
 }
@@ -505,9 +596,17 @@ async fn verify_counts_a_row_the_target_type_refuses_as_untranslatable_without_q
     run_to_now(&db, &config);
     db.sql("INSERT INTO orders VALUES (1, 1, 5), (1, 2, 987654321.5), (1, 3, 7)");
     run_to_now(&db, &config);
-    assert_eq!(target.sql("SELECT id FROM v2.orders ORDER BY 1"), "1\n3", "the overflowing row was dead-lettered");
+    assert_eq!(
+        target.sql("SELECT id FROM v2.orders ORDER BY 1"),
+        "1\n3",
+        "the overflowing row was dead-lettered"
+    );
     let report = verify_report(&config).await;
     let orders = report["tables"].as_array().unwrap().iter().find(|t| t["table"] == "public.orders").unwrap();
-    assert_eq!((orders["rows"].as_u64(), orders["matched"].as_u64(), orders["untranslatable"].as_u64()), (Some(3), Some(2), Some(1)), "{report:#}");
+    assert_eq!(
+        (orders["rows"].as_u64(), orders["matched"].as_u64(), orders["untranslatable"].as_u64()),
+        (Some(3), Some(2), Some(1)),
+        "{report:#}"
+    );
     assert!(!report.to_string().contains("987654321"), "{report:#}");
 }

@@ -33,7 +33,13 @@ fn poll_config(db: &TestDb, dir: &Path, name: &str, brokers: &str, poll_extra: &
 }
 
 fn start(config: &Path, log: &Path) -> Child {
-    sluice().args(["run", "-c"]).arg(config).stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap()).spawn().expect("start sluice")
+    sluice()
+        .args(["run", "-c"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start sluice")
 }
 
 fn stop(mut child: Child) {
@@ -89,7 +95,11 @@ fn check_per_aggregate(records: &[Consumed], writers: usize, per_writer: i64) ->
     for (aggregate, seqs) in &by_aggregate {
         let mut seen = BTreeSet::new();
         let first: Vec<i64> = seqs.iter().copied().filter(|s| seen.insert(*s)).collect();
-        assert_eq!(first, (0..per_writer).collect::<Vec<_>>(), "{aggregate}: nothing skipped, first deliveries in order: {seqs:?}");
+        assert_eq!(
+            first,
+            (0..per_writer).collect::<Vec<_>>(),
+            "{aggregate}: nothing skipped, first deliveries in order: {seqs:?}"
+        );
         duplicates += seqs.len() - first.len();
     }
     duplicates
@@ -112,7 +122,10 @@ async fn polled_events_wait_for_older_open_transactions_and_concurrent_writers_l
 
     let (code, out) = {
         let out = sluice().args(["validate", "-c"]).arg(&config).output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
     };
     assert_eq!(code, Some(0), "validate accepts the polled table: {out}");
     let child = start(&config, &log);
@@ -124,7 +137,10 @@ async fn polled_events_wait_for_older_open_transactions_and_concurrent_writers_l
     older.batch_execute("BEGIN; INSERT INTO outbox (aggregatetype, aggregateid, type, payload, seq) VALUES ('Order', 'first', 'Step', '{\"seq\": 0}', 0)").await.unwrap();
     db.sql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload, seq) VALUES ('Order', 'second', 'Step', '{\"seq\": 0}', 0)");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(kafka.consume_all("outbox.event.Order", Duration::from_millis(500)).is_empty(), "nothing passes an open older transaction");
+    assert!(
+        kafka.consume_all("outbox.event.Order", Duration::from_millis(500)).is_empty(),
+        "nothing passes an open older transaction"
+    );
     older.batch_execute("COMMIT").await.unwrap();
     let records = kafka.consume("outbox.event.Order", Duration::from_secs(30), |r| r.len() >= 2);
     let keys: Vec<_> = records.iter().map(|r| r.key.clone().unwrap()).collect();
@@ -132,17 +148,29 @@ async fn polled_events_wait_for_older_open_transactions_and_concurrent_writers_l
 
     concurrent_writers(db.connection(), 8, 60).await;
     let records = kafka.consume("outbox.event.Order", Duration::from_secs(90), |r| distinct(r) >= 2 + 8 * 60);
-    wait_for("the outbox table to empty", Duration::from_secs(30), || async { db.sql("SELECT count(*) FROM outbox").trim() == "0" }).await;
+    wait_for("the outbox table to empty", Duration::from_secs(30), || async {
+        db.sql("SELECT count(*) FROM outbox").trim() == "0"
+    })
+    .await;
     let status = sluice().args(["status", "--json", "-c"]).arg(&config).output().unwrap();
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["outbox_backlog_rows"], 0, "{status}");
     stop(child);
-    let records: Vec<Consumed> = records.into_iter().filter(|r| r.key.as_deref().is_some_and(|k| k.starts_with('w'))).collect();
+    let records: Vec<Consumed> =
+        records.into_iter().filter(|r| r.key.as_deref().is_some_and(|k| k.starts_with('w'))).collect();
     let duplicates = check_per_aggregate(&records, 8, 60);
     assert_eq!(duplicates, 0, "without a crash, every event is published once");
-    assert_eq!(kafka.consume_all("outbox.event.Order", Duration::from_secs(2)).len(), 2 + 8 * 60, "nothing was published twice");
+    assert_eq!(
+        kafka.consume_all("outbox.event.Order", Duration::from_secs(2)).len(),
+        2 + 8 * 60,
+        "nothing was published twice"
+    );
     let first = &records[0];
-    assert!(first.header("id").is_some_and(|id| id.parse::<i64>().is_ok()), "the id header is the row id: {:?}", first.headers);
+    assert!(
+        first.header("id").is_some_and(|id| id.parse::<i64>().is_ok()),
+        "the id header is the row id: {:?}",
+        first.headers
+    );
     assert_eq!(first.header("type"), Some("Step"));
 }
 
@@ -154,14 +182,24 @@ async fn two_pollers_without_the_ha_lock_never_publish_a_row_twice() {
     db.sql(OUTBOX);
     let dir = tempfile::tempdir().unwrap();
     // Both poll at once: only the row locks keep them apart. Rows are marked, not deleted.
-    let config = poll_config(&db, dir.path(), "poll", &kafka.brokers, "after_publish = \"mark\"\n", "[ha]\nenabled = false\n");
+    let config = poll_config(
+        &db,
+        dir.path(),
+        "poll",
+        &kafka.brokers,
+        "after_publish = \"mark\"\n",
+        "[ha]\nenabled = false\n",
+    );
     let logs = [dir.path().join("a.log"), dir.path().join("b.log")];
     let _logs = LogsOnPanic(logs.to_vec());
     let a = start(&config, &logs[0]);
     let b = start(&config, &logs[1]);
     concurrent_writers(db.connection(), 6, 80).await;
     let records = kafka.consume("outbox.event.Order", Duration::from_secs(90), |r| distinct(r) >= 6 * 80);
-    wait_for("every row to be marked", Duration::from_secs(30), || async { db.sql("SELECT count(*) FROM outbox WHERE published_at IS NULL").trim() == "0" }).await;
+    wait_for("every row to be marked", Duration::from_secs(30), || async {
+        db.sql("SELECT count(*) FROM outbox WHERE published_at IS NULL").trim() == "0"
+    })
+    .await;
     stop(a);
     stop(b);
     assert_eq!(check_per_aggregate(&records, 6, 80), 0, "no row published twice");
@@ -181,7 +219,8 @@ async fn kill_9_of_the_active_poller_hands_over_to_the_standby_and_loses_nothing
     let db = TestDb::new();
     db.sql(OUTBOX);
     let dir = tempfile::tempdir().unwrap();
-    let config = poll_config(&db, dir.path(), "poll", &kafka.brokers, "", "[ha]\nretry_interval = \"200ms\"\n");
+    let config =
+        poll_config(&db, dir.path(), "poll", &kafka.brokers, "", "[ha]\nretry_interval = \"200ms\"\n");
     let logs = [dir.path().join("active.log"), dir.path().join("standby.log")];
     let _logs = LogsOnPanic(logs.to_vec());
     let mut active = start(&config, &logs[0]);
@@ -199,14 +238,20 @@ async fn kill_9_of_the_active_poller_hands_over_to_the_standby_and_loses_nothing
     kill_9(&mut active);
     writer.await.unwrap();
     let records = kafka.consume("outbox.event.Order", Duration::from_secs(120), |r| distinct(r) >= 4 * 150);
-    wait_for("the outbox table to empty", Duration::from_secs(30), || async { db.sql("SELECT count(*) FROM outbox").trim() == "0" }).await;
+    wait_for("the outbox table to empty", Duration::from_secs(30), || async {
+        db.sql("SELECT count(*) FROM outbox").trim() == "0"
+    })
+    .await;
     stop(standby);
     drop(records);
     let records = kafka.consume_all("outbox.event.Order", Duration::from_secs(2));
     let duplicates = check_per_aggregate(&records, 4, 150);
     // The README: a crash republishes at most the batch that was in flight.
     assert!(duplicates <= 50, "duplicates only from the batch in flight at the kill: {duplicates}");
-    assert!(std::fs::read_to_string(&logs[1]).unwrap().contains("holding the HA lock"), "the standby took over");
+    assert!(
+        std::fs::read_to_string(&logs[1]).unwrap().contains("holding the HA lock"),
+        "the standby took over"
+    );
 }
 
 #[test]
@@ -214,14 +259,27 @@ fn validate_names_a_polled_table_that_does_not_exist_or_lacks_the_mark_column() 
     let db = TestDb::new();
     db.sql(OUTBOX);
     let dir = tempfile::tempdir().unwrap();
-    let config = poll_config(&db, dir.path(), "missing", "127.0.0.1:9", "", "").to_string_lossy().into_owned();
-    std::fs::write(&config, std::fs::read_to_string(&config).unwrap().replace("public.outbox", "public.missing")).unwrap();
+    let config =
+        poll_config(&db, dir.path(), "missing", "127.0.0.1:9", "", "").to_string_lossy().into_owned();
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap().replace("public.outbox", "public.missing"),
+    )
+    .unwrap();
     let (code, out) = crate::harness::sluice_output(&["validate", "-c", &config], Duration::from_secs(30));
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("source.poll: source.poll.table: table public.missing does not exist"), "{out}");
 
-    let config = poll_config(&db, dir.path(), "mark", "127.0.0.1:9", "after_publish = \"mark\"\nmark_column = \"sent_at\"\n", "");
-    let (code, out) = crate::harness::sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(30));
+    let config = poll_config(
+        &db,
+        dir.path(),
+        "mark",
+        "127.0.0.1:9",
+        "after_publish = \"mark\"\nmark_column = \"sent_at\"\n",
+        "",
+    );
+    let (code, out) =
+        crate::harness::sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(30));
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("table public.outbox has no column \"sent_at\""), "{out}");
 }

@@ -8,7 +8,6 @@ use sluice::localpg::LocalPostgres;
 
 use crate::harness::{inserted_ids, TestDb};
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_restart_mid_stream_reconnects_and_loses_nothing() {
     let pg = Arc::new(LocalPostgres::start(&Default::default()).unwrap());
@@ -23,7 +22,11 @@ async fn server_restart_mid_stream_reconnects_and_loses_nothing() {
     db.sql("INSERT INTO t VALUES (2)");
     db.sql("INSERT INTO t SELECT g FROM generate_series(3, 1000) g");
     let events = stream.commits(2).await;
-    assert_eq!(inserted_ids(&events), (2..=1000).collect::<Vec<_>>(), "everything after the restart, once, in order");
+    assert_eq!(
+        inserted_ids(&events),
+        (2..=1000).collect::<Vec<_>>(),
+        "everything after the restart, once, in order"
+    );
     assert!(stream.stats.reconnects.load(Ordering::Relaxed) >= 1, "the source reconnected");
 
     // A second outage while the source waits to reconnect.

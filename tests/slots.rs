@@ -17,7 +17,11 @@ async fn existing_slot_resumes_after_a_graceful_stop_without_duplicates() {
     db.sql("INSERT INTO t VALUES (2)");
     db.sql("INSERT INTO t VALUES (3)");
     let mut stream = db.stream(db.replication("resume", "p")).await;
-    assert_eq!(inserted_ids(&stream.commits(2).await), vec![2, 3], "only what was not confirmed before the stop");
+    assert_eq!(
+        inserted_ids(&stream.commits(2).await),
+        vec![2, 3],
+        "only what was not confirmed before the stop"
+    );
     stream.stop().await.unwrap();
 }
 
@@ -30,9 +34,11 @@ async fn temporary_slot_disappears_with_the_connection() {
     db.sql("INSERT INTO t VALUES (1)");
     assert_eq!(inserted_ids(&stream.commits(1).await), vec![1]);
     stream.stop().await.unwrap();
-    crate::harness::wait_for("the temporary slot to be dropped", std::time::Duration::from_secs(30), || async {
-        db.slot_confirmed("temp").is_none()
-    })
+    crate::harness::wait_for(
+        "the temporary slot to be dropped",
+        std::time::Duration::from_secs(30),
+        || async { db.slot_confirmed("temp").is_none() },
+    )
     .await;
 }
 
@@ -42,9 +48,13 @@ async fn missing_slot_without_create_slot_is_an_error() {
     db.sql("CREATE TABLE t (id int8 PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t");
     let repl = ReplicationConfig { create_slot: false, ..db.replication("absent", "p") };
     let stream = crate::harness::Stream::start(db.connection(), repl);
-    let result = tokio::time::timeout(std::time::Duration::from_secs(30), stream.task).await.unwrap().unwrap();
+    let result =
+        tokio::time::timeout(std::time::Duration::from_secs(30), stream.task).await.unwrap().unwrap();
     let err = result.expect_err("a missing slot must not be created");
-    assert!(matches!(err, Error::Setup(ref m) if m.contains("does not exist and create_slot = false")), "{err}");
+    assert!(
+        matches!(err, Error::Setup(ref m) if m.contains("does not exist and create_slot = false")),
+        "{err}"
+    );
     assert_eq!(db.slot_confirmed("absent"), None);
 }
 
@@ -66,7 +76,11 @@ async fn redelivered_changes_lie_at_or_below_the_redelivery_horizon_and_new_ones
     stream.acknowledge = false;
     db.sql("INSERT INTO t VALUES (1)");
     let first = insert_commits(&stream.commits(1).await);
-    assert!(first[0].1 > stream.redelivery_horizon, "a change made while streaming is new: {first:?} vs {}", stream.redelivery_horizon);
+    assert!(
+        first[0].1 > stream.redelivery_horizon,
+        "a change made while streaming is new: {first:?} vs {}",
+        stream.redelivery_horizon
+    );
     stream.abort().await;
 
     db.sql("INSERT INTO t VALUES (2)");
@@ -75,7 +89,10 @@ async fn redelivered_changes_lie_at_or_below_the_redelivery_horizon_and_new_ones
     let again = insert_commits(&stream.commits(3).await);
     let horizon = stream.redelivery_horizon;
     assert_eq!(again.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![1, 2, 3], "nothing was confirmed");
-    assert!(again[0].1 <= horizon, "the redelivered change is at or below the horizon: {again:?} vs {horizon}");
+    assert!(
+        again[0].1 <= horizon,
+        "the redelivered change is at or below the horizon: {again:?} vs {horizon}"
+    );
     assert!(again[1].1 <= horizon, "made before this session streamed: may have been delivered, so not new");
     assert!(again[2].1 > horizon, "made while this session streamed: new");
     stream.stop().await.unwrap();

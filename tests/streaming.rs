@@ -9,12 +9,13 @@ use sluice_postgres::ChangeEvent;
 
 use crate::harness::{inserted_ids, sluice, wait_for, TestDb};
 
-
 /// A database whose walsenders stream transactions past 64 kB (protocol 2 `streaming`).
 fn streaming_db() -> TestDb {
     // Its own cluster: the open transactions here would hold up slot creation in every other
     // test's database (a logical slot waits for the transactions running cluster-wide).
-    let db = TestDb::in_cluster(std::sync::Arc::new(sluice::localpg::LocalPostgres::start(&sluice::localpg::ClusterOptions::default()).unwrap()));
+    let db = TestDb::in_cluster(std::sync::Arc::new(
+        sluice::localpg::LocalPostgres::start(&sluice::localpg::ClusterOptions::default()).unwrap(),
+    ));
     db.sql(&format!("ALTER DATABASE \"{}\" SET logical_decoding_work_mem = '64kB'", db.name));
     db.sql("CREATE TABLE t (id int8 PRIMARY KEY, pad text); CREATE PUBLICATION p FOR TABLE t");
     db
@@ -31,7 +32,10 @@ async fn streamed_transaction_is_held_on_disk_until_commit_and_aborted_ones_vani
     let writer = sluice_postgres::connect_sql(&db.connection()).await.unwrap();
 
     // In progress: streamed to sluice and spilled, but not delivered.
-    writer.batch_execute("BEGIN; INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g").await.unwrap();
+    writer
+        .batch_execute("BEGIN; INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g")
+        .await
+        .unwrap();
     let stats = stream.stats.clone();
     wait_for("the open transaction to be spilled", Duration::from_secs(30), || {
         let spilled = stats.spilled_bytes.load(Ordering::Relaxed);
@@ -45,7 +49,10 @@ async fn streamed_transaction_is_held_on_disk_until_commit_and_aborted_ones_vani
     assert_eq!(stats.spilled_bytes.load(Ordering::Relaxed), 0, "the spill file is gone after the commit");
 
     // Rolled back: spilled, then dropped; the next transaction arrives alone.
-    writer.batch_execute("BEGIN; INSERT INTO t SELECT g, repeat('y', 100) FROM generate_series(10001, 15000) g").await.unwrap();
+    writer
+        .batch_execute("BEGIN; INSERT INTO t SELECT g, repeat('y', 100) FROM generate_series(10001, 15000) g")
+        .await
+        .unwrap();
     wait_for("the doomed transaction to be spilled", Duration::from_secs(30), || {
         let spilled = stats.spilled_bytes.load(Ordering::Relaxed);
         async move { spilled > 100_000 }
@@ -78,7 +85,8 @@ fn run_to_null(db: &TestDb, slot: &str, replication_extra: &str, until: sluice_p
     let spill = format!("spill_dir = \"{}\"\n", dir.path().display());
     let config = db.config_file(dir.path(), slot, "p", "[target]\nkind = \"null\"\n");
     let text = std::fs::read_to_string(&config).unwrap();
-    let text = text.replace("[target]", &format!("create_slot = false\n{replication_extra}{spill}\n[target]"));
+    let text =
+        text.replace("[target]", &format!("create_slot = false\n{replication_extra}{spill}\n[target]"));
     std::fs::write(&config, text).unwrap();
     let started = Instant::now();
     let mut child = sluice()
@@ -120,9 +128,11 @@ fn a_million_row_transaction_streams_with_bounded_memory_in_both_protocols() {
     }
     // `until` is at or after the end of the large transaction. The walsender applies the final
     // status update as it winds down, just after sluice exits.
-    crate::harness::wait_for_blocking("both slots to confirm the whole transaction", Duration::from_secs(30), || {
-        db.slot_confirmed("v1").unwrap() >= until && db.slot_confirmed("v2").unwrap() >= until
-    });
+    crate::harness::wait_for_blocking(
+        "both slots to confirm the whole transaction",
+        Duration::from_secs(30),
+        || db.slot_confirmed("v1").unwrap() >= until && db.slot_confirmed("v2").unwrap() >= until,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,21 +161,29 @@ async fn logical_messages_and_truncates_are_delivered() {
     db.sql("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY); CREATE PUBLICATION p FOR TABLE a, b");
     let repl = sluice_postgres::ReplicationConfig { messages: true, ..db.replication("msg", "p") };
     let mut stream = db.stream(repl).await;
-    db.sql("BEGIN; INSERT INTO a VALUES (1); SELECT pg_logical_emit_message(true, 'outbox', 'in-tx'); COMMIT");
+    db.sql(
+        "BEGIN; INSERT INTO a VALUES (1); SELECT pg_logical_emit_message(true, 'outbox', 'in-tx'); COMMIT",
+    );
     db.sql("SELECT pg_logical_emit_message(false, 'heartbeat', 'alone')");
     db.sql("TRUNCATE a, b");
     let events = stream
-        .collect_until(Duration::from_secs(60), |events| events.iter().any(|e| matches!(e, ChangeEvent::Truncate { .. })))
+        .collect_until(Duration::from_secs(60), |events| {
+            events.iter().any(|e| matches!(e, ChangeEvent::Truncate { .. }))
+        })
         .await;
     let messages: Vec<_> = events
         .iter()
         .filter_map(|e| match e {
-            ChangeEvent::Message { transactional, prefix, content, .. } => Some((*transactional, prefix.as_str(), content.as_ref())),
+            ChangeEvent::Message { transactional, prefix, content, .. } => {
+                Some((*transactional, prefix.as_str(), content.as_ref()))
+            }
             _ => None,
         })
         .collect();
     assert_eq!(messages, vec![(true, "outbox", &b"in-tx"[..]), (false, "heartbeat", &b"alone"[..])]);
-    let Some(ChangeEvent::Truncate { relations, cascade, .. }) = events.iter().find(|e| matches!(e, ChangeEvent::Truncate { .. })) else {
+    let Some(ChangeEvent::Truncate { relations, cascade, .. }) =
+        events.iter().find(|e| matches!(e, ChangeEvent::Truncate { .. }))
+    else {
         unreachable!()
     };
     let mut names: Vec<_> = relations.iter().map(|r| r.qualified_name()).collect();

@@ -72,7 +72,9 @@ async fn every_type_round_trips(binary: bool) {
     let inserts = row_changes(&events);
     assert_eq!(inserts.len(), ROWS.len());
     for (index, event) in inserts.iter().enumerate() {
-        let ChangeEvent::Insert { relation, new, .. } = event else { panic!("expected an insert, got {event:?}") };
+        let ChangeEvent::Insert { relation, new, .. } = event else {
+            panic!("expected an insert, got {event:?}")
+        };
         assert_eq!(relation.qualified_name(), "public.all_types");
         let expected = pg_text_of(&db, index as i32 + 1).await;
         for ((column, value), pg_text) in relation.columns.iter().zip(new).zip(&expected) {
@@ -81,7 +83,13 @@ async fn every_type_round_trips(binary: bool) {
                 Some(_) if binary && UNKNOWN_TYPE_COLUMNS.contains(&column.name.as_str()) => {
                     assert!(matches!(value, Value::UnknownBinary { .. }), "{value:?}")
                 }
-                Some(text) => assert_eq!(&value.to_string(), text, "row {} column {} ({value:?})", index + 1, column.name),
+                Some(text) => assert_eq!(
+                    &value.to_string(),
+                    text,
+                    "row {} column {} ({value:?})",
+                    index + 1,
+                    column.name
+                ),
             }
         }
     }
@@ -89,7 +97,10 @@ async fn every_type_round_trips(binary: bool) {
     // Typed checks on top of the text comparison.
     let ChangeEvent::Insert { relation, new, .. } = inserts[0] else { unreachable!() };
     let col = |name: &str| &new[relation.columns.iter().position(|c| c.name == name).unwrap()];
-    assert_eq!(col("n"), &Value::Numeric(Numeric::Finite("1234567890123456789012345678901234567890.123456789".into())));
+    assert_eq!(
+        col("n"),
+        &Value::Numeric(Numeric::Finite("1234567890123456789012345678901234567890.123456789".into()))
+    );
     assert_eq!(col("i8"), &Value::Int8(i64::MAX));
     assert_eq!(col("t"), &Value::Text("zoë 😀 日本語 \\ \"quoted\"".into()));
     assert_eq!(col("e"), &Value::Enum("très bien".into()));
@@ -97,15 +108,27 @@ async fn every_type_round_trips(binary: bool) {
     assert_eq!(col("ba"), &Value::Bytea(vec![0x00, 0xff, 0x10]));
     let Value::TimestampTz(ts) = col("tstz") else { panic!("timestamptz") };
     assert_eq!(ts.unix_micros(), Some(1_714_547_096_789_000), "12:34:56.789+05:30 is 07:04:56.789 UTC");
-    assert_eq!(col("a_mood"), &Value::Array(vec![Value::Enum("sad".into()), Value::Enum("très bien".into())]));
-    assert_eq!(col("a_2d"), &Value::Array(vec![
-        Value::Array(vec![Value::Int8(1), Value::Int8(2)]),
-        Value::Array(vec![Value::Int8(3), Value::Int8(4)]),
-    ]));
+    assert_eq!(
+        col("a_mood"),
+        &Value::Array(vec![Value::Enum("sad".into()), Value::Enum("très bien".into())])
+    );
+    assert_eq!(
+        col("a_2d"),
+        &Value::Array(vec![
+            Value::Array(vec![Value::Int8(1), Value::Int8(2)]),
+            Value::Array(vec![Value::Int8(3), Value::Int8(4)]),
+        ])
+    );
     if binary {
-        assert!(matches!(col("pt"), Value::UnknownBinary { type_oid: 600, .. }), "point travels as bytes with its OID");
+        assert!(
+            matches!(col("pt"), Value::UnknownBinary { type_oid: 600, .. }),
+            "point travels as bytes with its OID"
+        );
     } else {
-        assert!(matches!(col("pt"), Value::Unknown { type_oid: 600, .. }), "point travels as text with its OID");
+        assert!(
+            matches!(col("pt"), Value::Unknown { type_oid: 600, .. }),
+            "point travels as text with its OID"
+        );
     }
     let ChangeEvent::Insert { new: specials, .. } = inserts[1] else { unreachable!() };
     let at = |name: &str| &specials[relation.columns.iter().position(|c| c.name == name).unwrap()];
@@ -118,7 +141,9 @@ async fn every_type_round_trips(binary: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn toast_values_stream_whole_and_unchanged_toast_is_marked_on_update() {
     let db = TestDb::new();
-    db.sql("CREATE TABLE docs (id int PRIMARY KEY, version int, body text); CREATE PUBLICATION p FOR TABLE docs");
+    db.sql(
+        "CREATE TABLE docs (id int PRIMARY KEY, version int, body text); CREATE PUBLICATION p FOR TABLE docs",
+    );
     let mut stream = db.stream(db.replication("toast", "p")).await;
     // ~40 KB of poorly compressible text: stored out of line in the TOAST table.
     db.sql("INSERT INTO docs SELECT 1, 1, string_agg(md5(g::text), '') FROM generate_series(1, 1250) g");
@@ -134,7 +159,9 @@ async fn toast_values_stream_whole_and_unchanged_toast_is_marked_on_update() {
         panic!("an update that leaves the TOASTed column alone carries a partial row: {:?}", changes[1])
     };
     assert_eq!(values, &vec![Some(Value::Int4(1)), Some(Value::Int4(2)), None]);
-    let ChangeEvent::Update { new: NewRow::Full(values), .. } = changes[2] else { panic!("full row when the column changed") };
+    let ChangeEvent::Update { new: NewRow::Full(values), .. } = changes[2] else {
+        panic!("full row when the column changed")
+    };
     assert_eq!(values[2], Value::Text(format!("{body}more")));
     stream.stop().await.unwrap();
 }

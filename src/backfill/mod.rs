@@ -112,17 +112,20 @@ impl BackfillConfig {
 
     /// The progress table, quoted for SQL.
     pub fn quoted_table(&self) -> String {
-        let (schema, name) = sluice_postgres::catalog::split_table(&self.progress_table).unwrap_or(("public", "sluice_backfill"));
+        let (schema, name) = sluice_postgres::catalog::split_table(&self.progress_table)
+            .unwrap_or(("public", "sluice_backfill"));
         format!("{}.{}", quote_ident(schema), quote_ident(name))
     }
 }
 
-
-
 /// Creates the progress table when it is missing.
-pub async fn ensure_progress_table(sql: &tokio_postgres::Client, config: &BackfillConfig) -> Result<(), tokio_postgres::Error> {
+pub async fn ensure_progress_table(
+    sql: &tokio_postgres::Client,
+    config: &BackfillConfig,
+) -> Result<(), tokio_postgres::Error> {
     // Looked up first: CREATE … IF NOT EXISTS would log a notice at every start.
-    let exists: bool = sql.query_one("SELECT to_regclass($1) IS NOT NULL", &[&config.quoted_table()]).await?.get(0);
+    let exists: bool =
+        sql.query_one("SELECT to_regclass($1) IS NOT NULL", &[&config.quoted_table()]).await?.get(0);
     if exists {
         return Ok(());
     }
@@ -149,7 +152,13 @@ pub async fn ensure_progress_table(sql: &tokio_postgres::Client, config: &Backfi
 
 /// Inserts a request for `table` (every row, or the listed keys as text in key order);
 /// returns its id.
-pub async fn request(sql: &tokio_postgres::Client, config: &BackfillConfig, pipeline: &str, table: &str, keys: Option<&[Vec<String>]>) -> Result<i64, tokio_postgres::Error> {
+pub async fn request(
+    sql: &tokio_postgres::Client,
+    config: &BackfillConfig,
+    pipeline: &str,
+    table: &str,
+    keys: Option<&[Vec<String>]>,
+) -> Result<i64, tokio_postgres::Error> {
     let keys: Option<String> = keys.map(|k| serde_json::to_string(k).unwrap_or_default());
     let (schema, name) = sluice_postgres::catalog::split_table(table).unwrap_or(("", table));
     let row = sql
@@ -181,7 +190,12 @@ pub struct Progress {
 }
 
 /// The requests of `pipeline` with these ids.
-pub async fn progress(sql: &tokio_postgres::Client, config: &BackfillConfig, pipeline: &str, ids: &[i64]) -> Result<Vec<Progress>, tokio_postgres::Error> {
+pub async fn progress(
+    sql: &tokio_postgres::Client,
+    config: &BackfillConfig,
+    pipeline: &str,
+    ids: &[i64],
+) -> Result<Vec<Progress>, tokio_postgres::Error> {
     let rows = sql
         .query(
             &format!(
@@ -193,7 +207,15 @@ pub async fn progress(sql: &tokio_postgres::Client, config: &BackfillConfig, pip
         .await?;
     Ok(rows
         .iter()
-        .map(|r| Progress { id: r.get(0), table: r.get(1), state: r.get(2), rows_done: r.get(3), chunks_done: r.get(4), rows_estimate: r.get(5), error: r.get(6) })
+        .map(|r| Progress {
+            id: r.get(0),
+            table: r.get(1),
+            state: r.get(2),
+            rows_done: r.get(3),
+            chunks_done: r.get(4),
+            rows_estimate: r.get(5),
+            error: r.get(6),
+        })
         .collect())
 }
 
@@ -248,7 +270,9 @@ pub async fn run(
     let mut announced = false;
     let mut initial_done = false;
     loop {
-        match serve(&connection, &pipeline, &publication, &config, &chunks, &shutdown, &mut initial_done).await {
+        match serve(&connection, &pipeline, &publication, &config, &chunks, &shutdown, &mut initial_done)
+            .await
+        {
             Ok(()) => return,
             Err(BackfillError::Stopped) => return,
             Err(error) => {
@@ -279,7 +303,10 @@ async fn serve(
     if config.initial && !*initial_done {
         let requested = request_initial(&sql, config, pipeline, publication).await?;
         if requested > 0 {
-            tracing::info!(tables = requested, "initial backfill requested for every published table without one");
+            tracing::info!(
+                tables = requested,
+                "initial backfill requested for every published table without one"
+            );
         }
         *initial_done = true;
     }
@@ -312,7 +339,9 @@ async fn serve(
                 };
                 serving.push(request.id);
                 let id = request.id;
-                running.push(async move { (id, serve_request(connection, pipeline, config, chunks, shutdown.clone(), request).await) });
+                running.push(async move {
+                    (id, serve_request(connection, pipeline, config, chunks, shutdown.clone(), request).await)
+                });
             }
         }
         metrics::gauge!(crate::metrics::BACKFILL_ACTIVE).set(running.len() as f64);
@@ -340,11 +369,22 @@ async fn serve(
 }
 
 /// Requests a backfill of each published table that has none yet; returns how many.
-async fn request_initial(sql: &tokio_postgres::Client, config: &BackfillConfig, pipeline: &str, publication: &str) -> Result<u64, BackfillError> {
+async fn request_initial(
+    sql: &tokio_postgres::Client,
+    config: &BackfillConfig,
+    pipeline: &str,
+    publication: &str,
+) -> Result<u64, BackfillError> {
     let mut requested = 0;
     for table in published_tables(sql, config, publication).await? {
         let known = sql
-            .query_opt(&format!("SELECT 1 FROM {} WHERE pipeline = $1 AND source_table = $2 LIMIT 1", config.quoted_table()), &[&pipeline, &table])
+            .query_opt(
+                &format!(
+                    "SELECT 1 FROM {} WHERE pipeline = $1 AND source_table = $2 LIMIT 1",
+                    config.quoted_table()
+                ),
+                &[&pipeline, &table],
+            )
             .await?
             .is_some();
         if !known {
@@ -356,7 +396,11 @@ async fn request_initial(sql: &tokio_postgres::Client, config: &BackfillConfig, 
 }
 
 /// The publication's tables (`schema.table`), the progress table aside.
-async fn published_tables(sql: &tokio_postgres::Client, config: &BackfillConfig, publication: &str) -> Result<Vec<String>, tokio_postgres::Error> {
+async fn published_tables(
+    sql: &tokio_postgres::Client,
+    config: &BackfillConfig,
+    publication: &str,
+) -> Result<Vec<String>, tokio_postgres::Error> {
     Ok(sql
         .query("SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables WHERE pubname = $1 ORDER BY 1", &[&publication])
         .await?
@@ -385,9 +429,14 @@ async fn serve_request(
         Some((schema, name)) => sluice_postgres::catalog::table(&sql, schema, name).await?,
         None => None,
     };
-    let Some(table) = table else { return Err(BackfillError::Request(format!("table {} does not exist", request.table))) };
+    let Some(table) = table else {
+        return Err(BackfillError::Request(format!("table {} does not exist", request.table)));
+    };
     if table.primary_key.is_empty() {
-        return Err(BackfillError::Request(format!("table {} has no primary key; backfill reads in primary-key order", request.table)));
+        return Err(BackfillError::Request(format!(
+            "table {} has no primary key; backfill reads in primary-key order",
+            request.table
+        )));
     }
     sql.execute(
         &format!("UPDATE {progress} SET state = 'running', started_at = coalesce(started_at, now()) WHERE pipeline = $1 AND id = $2"),
@@ -417,7 +466,8 @@ async fn serve_request(
             None => None,
         };
         emit(&sql, &Watermark::text(false, pipeline, &chunk_id, &request.table)).await?;
-        let (values, next_key) = read_chunk(&mut sql, &table, config.chunk_size, read_key.as_deref(), keys).await?;
+        let (values, next_key) =
+            read_chunk(&mut sql, &table, config.chunk_size, read_key.as_deref(), keys).await?;
         if keys.is_none() && values.is_empty() {
             // Close the window, so that the pipeline forgets it.
             emit(&sql, &Watermark::text(true, pipeline, &chunk_id, &request.table)).await?;
@@ -434,11 +484,21 @@ async fn serve_request(
             read_key = next_key;
         }
         let (done, durable) = oneshot::channel();
-        let chunk = Chunk { id: chunk_id.clone(), relation: relation.clone(), primary_key: table.primary_key.clone(), rows: values, absent_keys, done };
+        let chunk = Chunk {
+            id: chunk_id.clone(),
+            relation: relation.clone(),
+            primary_key: table.primary_key.clone(),
+            rows: values,
+            absent_keys,
+            done,
+        };
         chunks.send(chunk).map_err(|_| BackfillError::Stopped)?;
         emit(&sql, &Watermark::text(true, pipeline, &chunk_id, &request.table)).await?;
-        if let Some(previous) = in_flight.replace(InFlight { durable, advanced, read, last_key: read_key.clone() }) {
-            rows_this_run += record(&sql, &progress, pipeline, &request, previous, &mut shutdown, &label).await? as u64;
+        if let Some(previous) =
+            in_flight.replace(InFlight { durable, advanced, read, last_key: read_key.clone() })
+        {
+            rows_this_run +=
+                record(&sql, &progress, pipeline, &request, previous, &mut shutdown, &label).await? as u64;
         }
         if last_log.elapsed() >= Duration::from_secs(10) {
             let done = offset as u64 + rows_this_run;
@@ -449,7 +509,9 @@ async fn serve_request(
             break;
         }
         if config.max_rows_per_second > 0 {
-            let due = Duration::from_secs_f64(read_offset.saturating_sub(offset) as f64 / config.max_rows_per_second as f64);
+            let due = Duration::from_secs_f64(
+                read_offset.saturating_sub(offset) as f64 / config.max_rows_per_second as f64,
+            );
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -459,9 +521,14 @@ async fn serve_request(
         }
     }
     if let Some(last) = in_flight.take() {
-        rows_this_run += record(&sql, &progress, pipeline, &request, last, &mut shutdown, &label).await? as u64;
+        rows_this_run +=
+            record(&sql, &progress, pipeline, &request, last, &mut shutdown, &label).await? as u64;
     }
-    sql.execute(&format!("UPDATE {progress} SET state = 'done', finished_at = now() WHERE pipeline = $1 AND id = $2"), &[&pipeline, &request.id]).await?;
+    sql.execute(
+        &format!("UPDATE {progress} SET state = 'done', finished_at = now() WHERE pipeline = $1 AND id = $2"),
+        &[&pipeline, &request.id],
+    )
+    .await?;
     tracing::info!(request = request.id, table = %request.table, rows = rows_this_run, seconds = started.elapsed().as_secs_f64(), "backfill finished");
     Ok(())
 }
@@ -496,7 +563,8 @@ async fn record(
         &[&pipeline, &request.id, &chunk.last_key, &(chunk.advanced as i64)],
     )
     .await?;
-    metrics::counter!(crate::metrics::BACKFILL_ROWS_TOTAL, "table" => label.to_owned()).increment(chunk.read as u64);
+    metrics::counter!(crate::metrics::BACKFILL_ROWS_TOTAL, "table" => label.to_owned())
+        .increment(chunk.read as u64);
     metrics::counter!(crate::metrics::BACKFILL_CHUNKS_TOTAL, "table" => label.to_owned()).increment(1);
     Ok(chunk.advanced)
 }
@@ -524,7 +592,12 @@ async fn read_chunk(
     };
     let statement = format!("COPY ({query}) TO STDOUT");
     for _ in 0..100 {
-        let txn = sql.build_transaction().isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).read_only(true).start().await?;
+        let txn = sql
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
         // The first statement fixes the snapshot.
         let lagging: i64 = txn
             .query_one("SELECT count(*) FROM pg_snapshot_xip(pg_current_snapshot()) x WHERE pg_xact_status(x) = 'committed'", &[])
@@ -541,7 +614,8 @@ async fn read_chunk(
         let stream = txn.copy_out(&statement).await?;
         futures_util::pin_mut!(stream);
         let mut decoder = CopyDecoder::new(table);
-        let bad = |e: String| BackfillError::Request(format!("table {}: {e}", table.relation.qualified_name()));
+        let bad =
+            |e: String| BackfillError::Request(format!("table {}: {e}", table.relation.qualified_name()));
         while let Some(part) = stream.next().await {
             decoder.feed(&part?).map_err(bad)?;
         }
@@ -569,7 +643,13 @@ pub struct CopyDecoder<'a> {
 
 impl<'a> CopyDecoder<'a> {
     pub fn new(table: &'a Table) -> Self {
-        CopyDecoder { table, rows: Vec::new(), carry: Vec::new(), last_line: Vec::new(), unescaped: Vec::new() }
+        CopyDecoder {
+            table,
+            rows: Vec::new(),
+            carry: Vec::new(),
+            last_line: Vec::new(),
+            unescaped: Vec::new(),
+        }
     }
 
     pub fn feed(&mut self, mut data: &[u8]) -> Result<(), String> {
@@ -600,7 +680,9 @@ impl<'a> CopyDecoder<'a> {
         let columns = &self.table.relation.columns;
         let mut row = Vec::with_capacity(columns.len());
         for (index, field) in line.split(|&b| b == b'\t').enumerate() {
-            let column = columns.get(index).ok_or_else(|| format!("a COPY row has more fields than the table's {} columns", columns.len()))?;
+            let column = columns.get(index).ok_or_else(|| {
+                format!("a COPY row has more fields than the table's {} columns", columns.len())
+            })?;
             row.push(column.decode_text(field_text(field, &mut self.unescaped)?)?);
         }
         if row.len() != columns.len() {
@@ -639,7 +721,9 @@ fn field_text<'b>(field: &'b [u8], buffer: &'b mut Vec<u8>) -> Result<Option<&'b
     } else {
         field
     };
-    std::str::from_utf8(bytes).map(Some).map_err(|_| "COPY data is not UTF-8 (the database encoding must be UTF8)".to_string())
+    std::str::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| "COPY data is not UTF-8 (the database encoding must be UTF8)".to_string())
 }
 
 /// Decodes a whole COPY text (see `CopyDecoder`).
@@ -675,14 +759,25 @@ fn unescape(field: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
 /// with `SLUICE_TEST_BACKFILL_WINDOW_DELAY_MS`, so that concurrent writes land inside it.
 fn test_window_delay() -> Option<Duration> {
     static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
-    *DELAY.get_or_init(|| std::env::var("SLUICE_TEST_BACKFILL_WINDOW_DELAY_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis))
+    *DELAY.get_or_init(|| {
+        std::env::var("SLUICE_TEST_BACKFILL_WINDOW_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    })
 }
 
 /// The requested keys the rows read do not have, decoded (compared as values, so that `01`
 /// and `1` are one integer key).
-fn absent(table: &Table, keys: &[Vec<String>], rows: &[Vec<Value>]) -> Result<Vec<Vec<Value>>, BackfillError> {
-    let found: std::collections::HashSet<String> =
-        rows.iter().map(|row| format!("{:?}", table.primary_key.iter().map(|&i| &row[i]).collect::<Vec<_>>())).collect();
+fn absent(
+    table: &Table,
+    keys: &[Vec<String>],
+    rows: &[Vec<Value>],
+) -> Result<Vec<Vec<Value>>, BackfillError> {
+    let found: std::collections::HashSet<String> = rows
+        .iter()
+        .map(|row| format!("{:?}", table.primary_key.iter().map(|&i| &row[i]).collect::<Vec<_>>()))
+        .collect();
     let mut missing = Vec::new();
     for key in keys {
         let values = table.decode_key(key).map_err(BackfillError::Request)?;
@@ -701,8 +796,15 @@ pub async fn snapshot(config: &crate::config::Config, tables: &[String], wait: b
     let Some(replication) = &config.source.replication else {
         anyhow::bail!("backfill needs the logical replication source ([source.replication]); a polled outbox has nothing to backfill");
     };
-    let sql = sluice_postgres::connect_sql(&config.source.connection).await.context("cannot connect to the source database")?;
-    ensure_progress_table(&sql, &config.backfill).await.with_context(|| format!("cannot create the progress table {} (backfill.progress_table)", config.backfill.progress_table))?;
+    let sql = sluice_postgres::connect_sql(&config.source.connection)
+        .await
+        .context("cannot connect to the source database")?;
+    ensure_progress_table(&sql, &config.backfill).await.with_context(|| {
+        format!(
+            "cannot create the progress table {} (backfill.progress_table)",
+            config.backfill.progress_table
+        )
+    })?;
     let tables: Vec<String> = if tables.is_empty() {
         published_tables(&sql, &config.backfill, &replication.publication).await?
     } else {
@@ -724,7 +826,12 @@ pub async fn snapshot(config: &crate::config::Config, tables: &[String], wait: b
 }
 
 /// Follows requests until all have ended; fails when one failed.
-pub async fn follow(sql: &tokio_postgres::Client, config: &BackfillConfig, pipeline: &str, ids: &[i64]) -> anyhow::Result<()> {
+pub async fn follow(
+    sql: &tokio_postgres::Client,
+    config: &BackfillConfig,
+    pipeline: &str,
+    ids: &[i64],
+) -> anyhow::Result<()> {
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let started = Instant::now();
     let mut last_line = Instant::now();
@@ -736,7 +843,10 @@ pub async fn follow(sql: &tokio_postgres::Client, config: &BackfillConfig, pipel
         let estimate: i64 = requests.iter().map(|r| r.rows_estimate.unwrap_or(0).max(r.rows_done)).sum();
         let rate = rows as f64 / started.elapsed().as_secs_f64().max(0.001);
         let percent = if estimate > 0 { 100.0 * rows as f64 / estimate as f64 } else { 0.0 };
-        let line = format!("backfill: {ended}/{} requests ended, {rows}/~{estimate} rows ({percent:.0}%), {rate:.0} rows/s", requests.len());
+        let line = format!(
+            "backfill: {ended}/{} requests ended, {rows}/~{estimate} rows ({percent:.0}%), {rate:.0} rows/s",
+            requests.len()
+        );
         if terminal {
             let filled = (percent / 5.0).round().clamp(0.0, 20.0) as usize;
             eprint!("\r[{}{}] {line}   ", "#".repeat(filled), "-".repeat(20 - filled));
@@ -744,7 +854,10 @@ pub async fn follow(sql: &tokio_postgres::Client, config: &BackfillConfig, pipel
             eprintln!("{line}");
             last_line = Instant::now();
         }
-        if !hinted && started.elapsed() > Duration::from_secs(30) && requests.iter().all(|r| r.state == "pending") {
+        if !hinted
+            && started.elapsed() > Duration::from_secs(30)
+            && requests.iter().all(|r| r.state == "pending")
+        {
             eprintln!("\nno daemon has picked the request up yet: is `sluice run` streaming this pipeline ({pipeline}) with backfill.enabled?");
             hinted = true;
         }
@@ -752,7 +865,11 @@ pub async fn follow(sql: &tokio_postgres::Client, config: &BackfillConfig, pipel
             if terminal {
                 eprintln!();
             }
-            let failed: Vec<String> = requests.iter().filter(|r| r.state == "failed").map(|r| format!("{} ({})", r.table, r.error.as_deref().unwrap_or("?"))).collect();
+            let failed: Vec<String> = requests
+                .iter()
+                .filter(|r| r.state == "failed")
+                .map(|r| format!("{} ({})", r.table, r.error.as_deref().unwrap_or("?")))
+                .collect();
             if !failed.is_empty() {
                 anyhow::bail!("backfill failed for {}", failed.join(", "));
             }
@@ -770,14 +887,24 @@ mod tests {
     fn copy_text_decodes_into_values_with_nulls_escapes_and_the_last_key() {
         use sluice_postgres::types::TypeKind;
         use sluice_postgres::{Column, Relation, ReplicaIdentity};
-        let column = |name: &str, kind: TypeKind| Column { name: name.into(), type_oid: 0, type_modifier: -1, is_key: name == "id", kind };
+        let column = |name: &str, kind: TypeKind| Column {
+            name: name.into(),
+            type_oid: 0,
+            type_modifier: -1,
+            is_key: name == "id",
+            kind,
+        };
         let table = Table {
             relation: Relation {
                 oid: 1,
                 namespace: "public".into(),
                 name: "t".into(),
                 replica_identity: ReplicaIdentity::Default,
-                columns: vec![column("id", TypeKind::Int8), column("name", TypeKind::Text), column("note", TypeKind::Text)],
+                columns: vec![
+                    column("id", TypeKind::Int8),
+                    column("name", TypeKind::Text),
+                    column("note", TypeKind::Text),
+                ],
             },
             primary_key: vec![0],
             sql_types: vec!["bigint".into(), "text".into(), "text".into()],

@@ -106,7 +106,14 @@ pub struct Watermarks {
 
 impl Watermarks {
     pub fn new(pipeline: &str, incoming: Option<mpsc::UnboundedReceiver<Chunk>>) -> Self {
-        Watermarks { pipeline: pipeline.to_owned(), windows: HashMap::new(), chunks: HashMap::new(), arrivals: 0, progress_table: None, incoming }
+        Watermarks {
+            pipeline: pipeline.to_owned(),
+            windows: HashMap::new(),
+            chunks: HashMap::new(),
+            arrivals: 0,
+            progress_table: None,
+            incoming,
+        }
     }
 
     /// Drops the changes of the progress table from the stream.
@@ -118,7 +125,9 @@ impl Watermarks {
     fn is_progress_table(&self, event: &ChangeEvent) -> bool {
         let Some(progress) = &self.progress_table else { return false };
         match event {
-            ChangeEvent::Insert { relation, .. } | ChangeEvent::Update { relation, .. } | ChangeEvent::Delete { relation, .. } => {
+            ChangeEvent::Insert { relation, .. }
+            | ChangeEvent::Update { relation, .. }
+            | ChangeEvent::Delete { relation, .. } => {
                 progress.len() == relation.namespace.len() + 1 + relation.name.len()
                     && progress.starts_with(relation.namespace.as_str())
                     && progress.as_bytes()[relation.namespace.len()] == b'.'
@@ -132,7 +141,10 @@ impl Watermarks {
     /// window. The last part keeps the batch's acknowledgement; the others carry none.
     /// Watermark messages are consumed here.
     pub fn split(&mut self, mut batch: EventBatch) -> Vec<Part> {
-        let special = batch.events.iter().any(|e| matches!(e, ChangeEvent::Message { prefix, .. } if prefix == WATERMARK_PREFIX) || self.is_progress_table(e));
+        let special = batch.events.iter().any(|e| {
+            matches!(e, ChangeEvent::Message { prefix, .. } if prefix == WATERMARK_PREFIX)
+                || self.is_progress_table(e)
+        });
         if !special && self.windows.is_empty() {
             return vec![Part { batch, chunk_done: None }];
         }
@@ -142,7 +154,13 @@ impl Watermarks {
             if let ChangeEvent::Message { prefix, content, position, .. } = &event {
                 if prefix == WATERMARK_PREFIX {
                     if let Some(merged) = self.watermark(content, *position) {
-                        parts.push(Part { batch: EventBatch { events: std::mem::take(&mut current), ..EventBatch::default() }, chunk_done: None });
+                        parts.push(Part {
+                            batch: EventBatch {
+                                events: std::mem::take(&mut current),
+                                ..EventBatch::default()
+                            },
+                            chunk_done: None,
+                        });
                         parts.push(merged);
                     }
                     continue;
@@ -156,14 +174,21 @@ impl Watermarks {
         }
         batch.events = current;
         parts.push(Part { batch, chunk_done: None });
-        parts.retain(|p| !p.batch.events.is_empty() || p.batch.ack_lsn.is_some() || p.chunk_done.is_some() || p.batch.commit_time.is_some());
+        parts.retain(|p| {
+            !p.batch.events.is_empty()
+                || p.batch.ack_lsn.is_some()
+                || p.chunk_done.is_some()
+                || p.batch.commit_time.is_some()
+        });
         parts
     }
 
     /// Records a row change in the open window of its table.
     fn observe(&mut self, event: &ChangeEvent) {
         let relation = match event {
-            ChangeEvent::Insert { relation, .. } | ChangeEvent::Update { relation, .. } | ChangeEvent::Delete { relation, .. } => relation,
+            ChangeEvent::Insert { relation, .. }
+            | ChangeEvent::Update { relation, .. }
+            | ChangeEvent::Delete { relation, .. } => relation,
             _ => return,
         };
         if let Some(window) = self.windows.get_mut(&relation.qualified_name()) {
@@ -179,7 +204,8 @@ impl Watermarks {
         }
         if !mark.high {
             // A new window for the table replaces one whose high watermark never came.
-            self.windows.insert(mark.table.to_owned(), Window { chunk: mark.chunk.to_owned(), events: Vec::new() });
+            self.windows
+                .insert(mark.table.to_owned(), Window { chunk: mark.chunk.to_owned(), events: Vec::new() });
             return None;
         }
         let window = match self.windows.remove(mark.table) {
@@ -220,12 +246,17 @@ fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
     let relation = chunk.relation.clone();
     if window.is_empty() && chunk.absent_keys.is_empty() {
         // Nothing changed while the chunk was read: its rows as they are.
-        let events = chunk.rows.into_iter().map(|new| ChangeEvent::Insert { position, relation: relation.clone(), new, snapshot: true }).collect();
+        let events = chunk
+            .rows
+            .into_iter()
+            .map(|new| ChangeEvent::Insert { position, relation: relation.clone(), new, snapshot: true })
+            .collect();
         return Part { batch: EventBatch { events, ..EventBatch::default() }, chunk_done: Some(chunk.done) };
     }
     let names: Vec<&str> = chunk.primary_key.iter().map(|&i| relation.columns[i].name.as_str()).collect();
     // Each key's final state: None (deleted) or the full row.
-    let mut rows: Vec<(String, Option<Vec<Value>>)> = Vec::with_capacity(chunk.rows.len() + chunk.absent_keys.len());
+    let mut rows: Vec<(String, Option<Vec<Value>>)> =
+        Vec::with_capacity(chunk.rows.len() + chunk.absent_keys.len());
     let mut index: HashMap<String, usize> = HashMap::new();
     for row in chunk.rows {
         let key = key_of(&relation, &names, &row.iter().map(Some).collect::<Vec<_>>()).unwrap_or_default();
@@ -242,7 +273,9 @@ fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
     for event in window {
         match event {
             ChangeEvent::Insert { relation: r, new, .. } => {
-                if let Some(&i) = key_of(r, &names, &new.iter().map(Some).collect::<Vec<_>>()).and_then(|k| index.get(&k)) {
+                if let Some(&i) =
+                    key_of(r, &names, &new.iter().map(Some).collect::<Vec<_>>()).and_then(|k| index.get(&k))
+                {
                     rows[i].1 = Some(aligned(r, &relation, new.iter().map(Some)));
                 }
             }
@@ -289,11 +322,17 @@ fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
             _ => {}
         }
     }
-    let absent: std::collections::HashSet<String> = chunk.absent_keys.iter().map(|k| format!("{:?}", k.iter().collect::<Vec<_>>())).collect();
+    let absent: std::collections::HashSet<String> =
+        chunk.absent_keys.iter().map(|k| format!("{:?}", k.iter().collect::<Vec<_>>())).collect();
     let mut events = Vec::with_capacity(rows.len());
     for (key, row) in rows {
         match row {
-            Some(values) => events.push(ChangeEvent::Insert { position, relation: relation.clone(), new: values, snapshot: true }),
+            Some(values) => events.push(ChangeEvent::Insert {
+                position,
+                relation: relation.clone(),
+                new: values,
+                snapshot: true,
+            }),
             None if absent.contains(&key) => {
                 let key_values: Vec<Value> = chunk
                     .absent_keys
@@ -305,7 +344,11 @@ fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
                 for (&column, value) in chunk.primary_key.iter().zip(key_values) {
                     old[column] = value;
                 }
-                events.push(ChangeEvent::Delete { position, relation: relation.clone(), old: OldRow::Key(old) });
+                events.push(ChangeEvent::Delete {
+                    position,
+                    relation: relation.clone(),
+                    old: OldRow::Key(old),
+                });
             }
             None => {}
         }
@@ -314,12 +357,21 @@ fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
 }
 
 /// A row of relation `from` as the columns of `to` (by name; absent ones Null).
-fn aligned<'a>(from: &Relation, to: &Relation, values: impl Iterator<Item = Option<&'a Value>>) -> Vec<Value> {
+fn aligned<'a>(
+    from: &Relation,
+    to: &Relation,
+    values: impl Iterator<Item = Option<&'a Value>>,
+) -> Vec<Value> {
     let values: Vec<Option<&Value>> = values.collect();
     to.columns
         .iter()
         .map(|column| {
-            from.columns.iter().position(|c| c.name == column.name).and_then(|i| values.get(i).copied().flatten()).cloned().unwrap_or(Value::Null)
+            from.columns
+                .iter()
+                .position(|c| c.name == column.name)
+                .and_then(|i| values.get(i).copied().flatten())
+                .cloned()
+                .unwrap_or(Value::Null)
         })
         .collect()
 }
@@ -332,13 +384,23 @@ mod tests {
     use super::*;
 
     fn accounts() -> Arc<Relation> {
-        let columns = [("id", true, TypeKind::Int8), ("name", false, TypeKind::Text), ("bio", false, TypeKind::Text)];
+        let columns =
+            [("id", true, TypeKind::Int8), ("name", false, TypeKind::Text), ("bio", false, TypeKind::Text)];
         Arc::new(Relation {
             oid: 1,
             namespace: "public".into(),
             name: "accounts".into(),
             replica_identity: ReplicaIdentity::Default,
-            columns: columns.iter().map(|(n, k, t)| Column { name: (*n).into(), type_oid: 0, type_modifier: -1, is_key: *k, kind: t.clone() }).collect(),
+            columns: columns
+                .iter()
+                .map(|(n, k, t)| Column {
+                    name: (*n).into(),
+                    type_oid: 0,
+                    type_modifier: -1,
+                    is_key: *k,
+                    kind: t.clone(),
+                })
+                .collect(),
         })
     }
 
@@ -361,7 +423,17 @@ mod tests {
 
     fn chunk(rows: Vec<Vec<Value>>, absent: Vec<Vec<Value>>) -> (Chunk, oneshot::Receiver<()>) {
         let (done, rx) = oneshot::channel();
-        (Chunk { id: "1.1".into(), relation: accounts(), primary_key: vec![0], rows, absent_keys: absent, done }, rx)
+        (
+            Chunk {
+                id: "1.1".into(),
+                relation: accounts(),
+                primary_key: vec![0],
+                rows,
+                absent_keys: absent,
+                done,
+            },
+            rx,
+        )
     }
 
     fn batch(events: Vec<ChangeEvent>, ack: u64) -> EventBatch {
@@ -382,7 +454,10 @@ mod tests {
     #[test]
     fn watermarks_parse_and_print_alike_and_garbage_is_no_watermark() {
         let text = Watermark::text(true, "orders", "7.3", "public.accounts");
-        assert_eq!(Watermark::parse(text.as_bytes()), Some(Watermark { high: true, pipeline: "orders", chunk: "7.3", table: "public.accounts" }));
+        assert_eq!(
+            Watermark::parse(text.as_bytes()),
+            Some(Watermark { high: true, pipeline: "orders", chunk: "7.3", table: "public.accounts" })
+        );
         assert_eq!(Watermark::parse(b"middle orders 7.3 public.accounts"), None);
         assert_eq!(Watermark::parse(b"low orders 7.3"), None);
     }
@@ -392,27 +467,61 @@ mod tests {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut watermarks = Watermarks::new("p", Some(rx));
         let relation = accounts();
-        let (chunk, mut done) = chunk(vec![row(1, "ada", "long bio"), row(2, "bob", "b"), row(3, "cy", "c")], vec![]);
+        let (chunk, mut done) =
+            chunk(vec![row(1, "ada", "long bio"), row(2, "bob", "b"), row(3, "cy", "c")], vec![]);
         tx.send(chunk).unwrap();
         let events = vec![
             mark(false, "p", "1.1", 100),
             // A partial update (bio unchanged, not sent) of key 1; a delete of key 2; a change
             // to a key outside the chunk.
-            ChangeEvent::Update { position: at(110, 1), relation: relation.clone(), old: None, new: NewRow::Partial(vec![Some(Value::Int8(1)), Some(Value::Text("ada l.".into())), None]) },
-            ChangeEvent::Delete { position: at(120, 1), relation: relation.clone(), old: OldRow::Key(vec![Value::Int8(2), Value::Null, Value::Null]) },
-            ChangeEvent::Insert { position: at(125, 1), relation: relation.clone(), new: row(9, "new", "n"), snapshot: false },
+            ChangeEvent::Update {
+                position: at(110, 1),
+                relation: relation.clone(),
+                old: None,
+                new: NewRow::Partial(vec![Some(Value::Int8(1)), Some(Value::Text("ada l.".into())), None]),
+            },
+            ChangeEvent::Delete {
+                position: at(120, 1),
+                relation: relation.clone(),
+                old: OldRow::Key(vec![Value::Int8(2), Value::Null, Value::Null]),
+            },
+            ChangeEvent::Insert {
+                position: at(125, 1),
+                relation: relation.clone(),
+                new: row(9, "new", "n"),
+                snapshot: false,
+            },
             mark(false, "other", "5.5", 126),
             mark(true, "p", "1.1", 130),
-            ChangeEvent::Update { position: at(140, 1), relation: relation.clone(), old: None, new: NewRow::Full(row(3, "cy 2", "c")) },
+            ChangeEvent::Update {
+                position: at(140, 1),
+                relation: relation.clone(),
+                old: None,
+                new: NewRow::Full(row(3, "cy 2", "c")),
+            },
         ];
         let parts = watermarks.split(batch(events, 150));
         assert_eq!(parts.len(), 3, "window, chunk, rest");
         assert_eq!(parts[0].batch.events.len(), 3, "the window's changes, watermarks consumed");
         assert_eq!(parts[0].batch.ack_lsn, None);
         let merged = inserted(&parts[1]);
-        assert_eq!(merged, vec![(at(130, 1), row(1, "ada l.", "long bio")), (at(130, 1), row(3, "cy", "c"))], "key 2 was deleted in the window");
-        let snapshots = |part: &Part| part.batch.events.iter().filter(|e| matches!(e, ChangeEvent::Insert { snapshot: true, .. })).count();
-        assert_eq!((snapshots(&parts[0]), snapshots(&parts[1])), (0, 2), "the chunk's rows are reads, the window's insert stays an insert");
+        assert_eq!(
+            merged,
+            vec![(at(130, 1), row(1, "ada l.", "long bio")), (at(130, 1), row(3, "cy", "c"))],
+            "key 2 was deleted in the window"
+        );
+        let snapshots = |part: &Part| {
+            part.batch
+                .events
+                .iter()
+                .filter(|e| matches!(e, ChangeEvent::Insert { snapshot: true, .. }))
+                .count()
+        };
+        assert_eq!(
+            (snapshots(&parts[0]), snapshots(&parts[1])),
+            (0, 2),
+            "the chunk's rows are reads, the window's insert stays an insert"
+        );
         assert!(parts[1].chunk_done.is_some());
         assert_eq!(parts[2].batch.events.len(), 1);
         assert_eq!(parts[2].batch.ack_lsn, Some(Lsn(150)));
@@ -429,9 +538,14 @@ mod tests {
         // The backfill has sent both before the stream reaches the first high watermark.
         tx.send(first).unwrap();
         tx.send(second).unwrap();
-        let parts = watermarks.split(batch(vec![mark(false, "p", "1.1", 100), mark(true, "p", "1.1", 110)], 115));
-        assert_eq!(inserted(parts.iter().find(|p| p.chunk_done.is_some()).unwrap()), vec![(at(110, 1), row(1, "a", ""))]);
-        let parts = watermarks.split(batch(vec![mark(false, "p", "1.2", 120), mark(true, "p", "1.2", 130)], 135));
+        let parts =
+            watermarks.split(batch(vec![mark(false, "p", "1.1", 100), mark(true, "p", "1.1", 110)], 115));
+        assert_eq!(
+            inserted(parts.iter().find(|p| p.chunk_done.is_some()).unwrap()),
+            vec![(at(110, 1), row(1, "a", ""))]
+        );
+        let parts =
+            watermarks.split(batch(vec![mark(false, "p", "1.2", 120), mark(true, "p", "1.2", 130)], 135));
         let merged = parts.into_iter().find(|p| p.chunk_done.is_some()).expect("the second chunk merges");
         assert_eq!(inserted(&merged), vec![(at(130, 1), row(2, "b", ""))]);
         merged.chunk_done.unwrap().send(()).unwrap();
@@ -443,8 +557,18 @@ mod tests {
         let mut watermarks = Watermarks::new("p", None).ignoring("public.sluice_backfill");
         let progress = Arc::new(Relation { name: "sluice_backfill".into(), ..(*accounts()).clone() });
         let events = vec![
-            ChangeEvent::Insert { position: at(100, 1), relation: progress, new: row(1, "x", ""), snapshot: false },
-            ChangeEvent::Insert { position: at(100, 2), relation: accounts(), new: row(2, "y", ""), snapshot: false },
+            ChangeEvent::Insert {
+                position: at(100, 1),
+                relation: progress,
+                new: row(1, "x", ""),
+                snapshot: false,
+            },
+            ChangeEvent::Insert {
+                position: at(100, 2),
+                relation: accounts(),
+                new: row(2, "y", ""),
+                snapshot: false,
+            },
         ];
         let parts = watermarks.split(batch(events, 110));
         assert_eq!(parts.len(), 1);
@@ -457,11 +581,22 @@ mod tests {
         let mut watermarks = Watermarks::new("p", Some(rx));
         let (chunk, _done) = chunk(vec![], vec![vec![Value::Int8(4)], vec![Value::Int8(5)]]);
         tx.send(chunk).unwrap();
-        let events = vec![mark(false, "p", "1.1", 100), ChangeEvent::Insert { position: at(110, 1), relation: accounts(), new: row(5, "back", ""), snapshot: false }, mark(true, "p", "1.1", 130)];
+        let events = vec![
+            mark(false, "p", "1.1", 100),
+            ChangeEvent::Insert {
+                position: at(110, 1),
+                relation: accounts(),
+                new: row(5, "back", ""),
+                snapshot: false,
+            },
+            mark(true, "p", "1.1", 130),
+        ];
         let parts = watermarks.split(batch(events, 140));
         let chunk_part = parts.iter().find(|p| p.chunk_done.is_some()).unwrap();
         assert_eq!(chunk_part.batch.events.len(), 2);
-        assert!(matches!(&chunk_part.batch.events[0], ChangeEvent::Delete { old: OldRow::Key(k), position, .. } if k[0] == Value::Int8(4) && *position == at(130, 1)));
+        assert!(
+            matches!(&chunk_part.batch.events[0], ChangeEvent::Delete { old: OldRow::Key(k), position, .. } if k[0] == Value::Int8(4) && *position == at(130, 1))
+        );
         assert_eq!(inserted(chunk_part), vec![(at(130, 1), row(5, "back", ""))]);
     }
 
@@ -470,7 +605,8 @@ mod tests {
         let (_tx, rx) = mpsc::unbounded_channel();
         let mut watermarks = Watermarks::new("p", Some(rx));
         // A replay after a restart: the window opened before, the chunk is gone.
-        let parts = watermarks.split(batch(vec![mark(false, "p", "1.1", 100), mark(true, "p", "1.1", 130)], 140));
+        let parts =
+            watermarks.split(batch(vec![mark(false, "p", "1.1", 100), mark(true, "p", "1.1", 130)], 140));
         assert_eq!(parts.len(), 1);
         assert!(parts[0].batch.events.is_empty() && parts[0].batch.ack_lsn == Some(Lsn(140)));
         assert!(watermarks.windows.is_empty());

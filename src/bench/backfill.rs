@@ -35,7 +35,10 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
     )?;
     pg.psql(DB, "VACUUM ANALYZE bench")?;
     pg.psql(DB, "CHECKPOINT")?;
-    println!("{:>4} {:>16} {:>16} {:>7} {:>14}", "run", "COPY rows/s", "backfill rows/s", "ratio", "peak RSS MiB");
+    println!(
+        "{:>4} {:>16} {:>16} {:>7} {:>14}",
+        "run", "COPY rows/s", "backfill rows/s", "ratio", "peak RSS MiB"
+    );
     let mut samples: Vec<(f64, f64, u64)> = Vec::new();
     for run in 0..args.runs {
         let (copy, (backfill, rss)) = if run % 2 == 0 {
@@ -45,7 +48,14 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
             let backfill = backfill_rate(&pg, &sluice, &args, run, None).await?;
             (copy_rate(&pg, args.rows)?, backfill)
         };
-        println!("{:>4} {:>16.0} {:>16.0} {:>7.3} {:>14.1}", run + 1, copy, backfill, backfill / copy, rss as f64 / 1024.0);
+        println!(
+            "{:>4} {:>16.0} {:>16.0} {:>7.3} {:>14.1}",
+            run + 1,
+            copy,
+            backfill,
+            backfill / copy,
+            rss as f64 / 1024.0
+        );
         samples.push((copy, backfill, rss));
     }
     let median = |f: &dyn Fn(&(f64, f64, u64)) -> f64| {
@@ -95,16 +105,31 @@ fn config_text(pg: &LocalPostgres, args: &BenchArgs, slot: &str, target: &str) -
 
 /// Starts `sluice run`, requests a backfill of the whole table, waits for it: rows/s by the
 /// progress table's own timestamps, and sluice's peak RSS.
-async fn backfill_rate(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, run: usize, target: Option<&str>) -> BenchResult<(f64, u64)> {
+async fn backfill_rate(
+    pg: &LocalPostgres,
+    sluice: &Path,
+    args: &BenchArgs,
+    run: usize,
+    target: Option<&str>,
+) -> BenchResult<(f64, u64)> {
     let dir = tempfile::tempdir()?;
     let slot = format!("bench_backfill_{run}");
     let config = dir.path().join("bench.toml");
     std::fs::write(&config, config_text(pg, args, &slot, target.unwrap_or("[target]\nkind = \"null\"\n")))?;
-    let mut child = Command::new(sluice).args(["run", "-c"]).arg(&config).env("SLUICE_LOG", "warn").stdin(Stdio::null()).spawn()?;
+    let mut child = Command::new(sluice)
+        .args(["run", "-c"])
+        .arg(&config)
+        .env("SLUICE_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()?;
     let sql = sluice_postgres::connect_sql(&pg.connection(DB)).await?;
     // Wait until the slot streams, then request.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while sql.query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot]).await?.is_none() {
+    while sql
+        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot])
+        .await?
+        .is_none()
+    {
         if Instant::now() > deadline {
             let _ = child.kill();
             return Err("sluice did not start streaming within 60 s".into());
@@ -113,7 +138,14 @@ async fn backfill_rate(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, run:
     }
     let config_parsed = crate::config::Config::load(&config)?;
     crate::backfill::ensure_progress_table(&sql, &config_parsed.backfill).await?;
-    let id = crate::backfill::request(&sql, &config_parsed.backfill, &config_parsed.pipeline.name, "public.bench", None).await?;
+    let id = crate::backfill::request(
+        &sql,
+        &config_parsed.backfill,
+        &config_parsed.pipeline.name,
+        "public.bench",
+        None,
+    )
+    .await?;
     let mut peak = 0;
     let seconds: f64 = loop {
         peak = peak.max(peak_rss_kib(child.id()).unwrap_or(0));
@@ -146,7 +178,8 @@ async fn backfill_rate(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, run:
 
 /// Backfills the table into DynamoDB once, then times `sluice verify` over it `runs` times.
 async fn verify_rate(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, endpoint: &str) -> BenchResult<()> {
-    let client = sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions::local(endpoint)).await;
+    let client =
+        sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions::local(endpoint)).await;
     let table = format!("bench_verify_{}", std::process::id());
     client.create_table(&table, "pk", None).await?;
     // Some servers create tables asynchronously: wait until the table answers.
@@ -190,10 +223,26 @@ fn time_verify(sluice: &Path, config: &Path, runs: usize) -> BenchResult<()> {
     println!("{:>4} {:>16}", "run", "verify rows/s");
     let mut rates = Vec::new();
     for run in 0..runs {
-        let out = Command::new(sluice).args(["verify", "--json", "--chunk-size", "1000", "-c"]).arg(config).env("SLUICE_LOG", "warn").output()?;
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("verify output: {e}: {}", String::from_utf8_lossy(&out.stderr)))?;
+        let out = Command::new(sluice)
+            .args(["verify", "--json", "--chunk-size", "1000", "-c"])
+            .arg(config)
+            .env("SLUICE_LOG", "warn")
+            .output()?;
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("verify output: {e}: {}", String::from_utf8_lossy(&out.stderr)))?;
         let rate = report["rows_per_second"].as_f64().unwrap_or(0.0);
-        let differences: u64 = report["tables"].as_array().map(|t| t.iter().map(|t| t["missing"].as_u64().unwrap_or(0) + t["different"].as_u64().unwrap_or(0) + t["extra"].as_u64().unwrap_or(0)).sum()).unwrap_or(0);
+        let differences: u64 = report["tables"]
+            .as_array()
+            .map(|t| {
+                t.iter()
+                    .map(|t| {
+                        t["missing"].as_u64().unwrap_or(0)
+                            + t["different"].as_u64().unwrap_or(0)
+                            + t["extra"].as_u64().unwrap_or(0)
+                    })
+                    .sum()
+            })
+            .unwrap_or(0);
         println!("{:>4} {:>16.0}   ({differences} differences)", run + 1, rate);
         rates.push(rate);
     }

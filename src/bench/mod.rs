@@ -111,7 +111,9 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
         return backfill::run(args).await;
     }
     match args.target {
-        BenchTarget::Null | BenchTarget::Postgres => tokio::task::spawn_blocking(move || run_blocking(&args)).await?,
+        BenchTarget::Null | BenchTarget::Postgres => {
+            tokio::task::spawn_blocking(move || run_blocking(&args)).await?
+        }
         BenchTarget::Kafka => {
             let brokers = args.kafka_brokers.clone().ok_or("--target kafka needs --kafka-brokers")?;
             sluice_kafka::create_topics(&brokers, &[(KAFKA_TOPIC, 4)]).await?;
@@ -125,7 +127,8 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
 async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
     let endpoint = args.dynamodb_endpoint.clone().ok_or("--target dynamodb needs --dynamodb-endpoint")?;
     let pg = tokio::task::spawn_blocking(|| LocalPostgres::start(&ClusterOptions::default())).await??;
-    let client = sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions::local(&endpoint)).await;
+    let client =
+        sluice_dynamodb::DynamoClient::connect(&sluice_dynamodb::ClientOptions::local(&endpoint)).await;
     let sluice = std::env::current_exe()?;
     println!(
         "sluice bench --target dynamodb: {} rows per run in transactions of {}, {} runs, concurrency {}, write_mode {}, {}",
@@ -136,7 +139,10 @@ async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
         args.write_mode,
         if args.live { "live (rows loaded while sluice streams)" } else { "backlog (rows loaded before sluice starts)" }
     );
-    println!("{:>4} {:>18} {:>16} {:>7} {:>14}", "run", "BatchWriteItem/s", "sluice items/s", "ratio", "peak RSS MiB");
+    println!(
+        "{:>4} {:>18} {:>16} {:>7} {:>14}",
+        "run", "BatchWriteItem/s", "sluice items/s", "ratio", "peak RSS MiB"
+    );
     let mut ratios = Vec::new();
     for run in 0..args.runs {
         let db = format!("bench_ddb_{run}");
@@ -161,7 +167,10 @@ async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
         };
         let backlog_end = if args.live { None } else { Some(load()?) };
         pg.psql(&db, "CHECKPOINT")?;
-        let (base_table, sluice_table) = (format!("bench_base_{run}_{}", std::process::id()), format!("bench_sluice_{run}_{}", std::process::id()));
+        let (base_table, sluice_table) = (
+            format!("bench_base_{run}_{}", std::process::id()),
+            format!("bench_sluice_{run}_{}", std::process::id()),
+        );
         client.create_table(&base_table, "pk", None).await?;
         client.create_table(&sluice_table, "pk", None).await?;
 
@@ -221,11 +230,15 @@ async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
             }
             None => {
                 // Load only once sluice streams, so that every change is new to it.
-                let mut child = command.env("SLUICE_LOG", "warn,sluice_postgres::source=info").stderr(Stdio::piped()).spawn()?;
+                let mut child = command
+                    .env("SLUICE_LOG", "warn,sluice_postgres::source=info")
+                    .stderr(Stdio::piped())
+                    .spawn()?;
                 let (streaming_tx, streaming_rx) = std::sync::mpsc::channel();
                 let stderr = child.stderr.take().ok_or("no stderr")?;
                 std::thread::spawn(move || {
-                    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+                    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok)
+                    {
                         if line.contains(" streaming") {
                             let _ = streaming_tx.send(());
                         } else if !line.contains(" INFO ") {
@@ -233,7 +246,9 @@ async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
                         }
                     }
                 });
-                streaming_rx.recv_timeout(Duration::from_secs(60)).map_err(|_| "sluice did not start streaming within 60 s")?;
+                streaming_rx
+                    .recv_timeout(Duration::from_secs(60))
+                    .map_err(|_| "sluice did not start streaming within 60 s")?;
                 let started = Instant::now();
                 let end = load()?;
                 (started, child, end)
@@ -263,9 +278,21 @@ async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
         }
         let streamed = (args.rows + 1) as f64 / elapsed.as_secs_f64();
         ratios.push(streamed / baseline);
-        println!("{:>4} {:>18.0} {:>16.0} {:>7.3} {:>14.1}", run + 1, baseline, streamed, streamed / baseline, peak as f64 / 1024.0);
+        println!(
+            "{:>4} {:>18.0} {:>16.0} {:>7.3} {:>14.1}",
+            run + 1,
+            baseline,
+            streamed,
+            streamed / baseline,
+            peak as f64 / 1024.0
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
-        while pg.psql(&db, "SELECT count(*) FROM pg_replication_slots WHERE active AND database = current_database()")? != "0" && Instant::now() < deadline {
+        while pg.psql(
+            &db,
+            "SELECT count(*) FROM pg_replication_slots WHERE active AND database = current_database()",
+        )? != "0"
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         pg.psql(&db, "SELECT pg_drop_replication_slot('sluice')")?;
@@ -310,7 +337,9 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
     );
     for &shape in shapes {
         let label = match shape {
-            Shape::Many => format!("{} transactions of {} rows", args.rows.div_ceil(args.tx_rows), args.tx_rows),
+            Shape::Many => {
+                format!("{} transactions of {} rows", args.rows.div_ceil(args.tx_rows), args.tx_rows)
+            }
             _ => format!("one transaction of {} rows", args.rows),
         };
         println!("\n== {label}");
@@ -349,7 +378,13 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
     Ok(())
 }
 
-fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, run: usize) -> BenchResult<Sample> {
+fn run_once(
+    pg: &LocalPostgres,
+    sluice: &Path,
+    args: &BenchArgs,
+    shape: Shape,
+    run: usize,
+) -> BenchResult<Sample> {
     let db = format!("bench_{}_{run}", if shape == Shape::Many { "many" } else { "one" });
     pg.create_database(&db)?;
     let kafka = args.target == BenchTarget::Kafka;
@@ -389,13 +424,29 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
 
     let baseline = || -> BenchResult<f64> {
         let mut cmd = pg.client_command("pg_recvlogical");
-        cmd.args(["-h", "127.0.0.1", "-U", "postgres", "-S", "baseline", "--start", "-f", "/dev/null", "--no-loop"])
-            .arg("-p")
-            .arg(pg.port.to_string())
-            .arg("-d")
-            .arg(&db)
-            .arg(format!("--endpos={end}"))
-            .args(["-o", &format!("proto_version={}", args.proto_version), "-o", "publication_names=bench_pub"]);
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-S",
+            "baseline",
+            "--start",
+            "-f",
+            "/dev/null",
+            "--no-loop",
+        ])
+        .arg("-p")
+        .arg(pg.port.to_string())
+        .arg("-d")
+        .arg(&db)
+        .arg(format!("--endpos={end}"))
+        .args([
+            "-o",
+            &format!("proto_version={}", args.proto_version),
+            "-o",
+            "publication_names=bench_pub",
+        ]);
         if args.streaming {
             cmd.args(["-o", "streaming=on"]);
         }
@@ -482,7 +533,11 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
     };
     // A walsender lingers for a moment after its client exits; its slot blocks the drop until then.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while pg.psql(&db, "SELECT count(*) FROM pg_replication_slots WHERE active AND database = current_database()")? != "0" {
+    while pg.psql(
+        &db,
+        "SELECT count(*) FROM pg_replication_slots WHERE active AND database = current_database()",
+    )? != "0"
+    {
         if Instant::now() > deadline {
             return Err(format!("slots of {db} still active after 30 s").into());
         }
@@ -503,7 +558,8 @@ fn run_once(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, shape: Shape, r
 }
 
 /// The table the null, Postgres and backfill benchmarks stream.
-const BENCH_TABLE: &str = "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL)";
+const BENCH_TABLE: &str =
+    "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL)";
 
 /// A Postgres target for the bench table: creates `target_db` in the cluster with an empty
 /// `bench` table, writes the mapping into `dir`, and returns the config's `[target]` sections.
@@ -522,7 +578,10 @@ fn postgres_target(pg: &LocalPostgres, target_db: &str, dir: &Path) -> BenchResu
 /// The process's peak resident set (VmHWM) in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// User plus system CPU time of a running process, in seconds (Linux clock ticks of 1/100 s).

@@ -16,12 +16,12 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use sluice_postgres::{EventBatch, Lsn, PollSource, ReplicationSource, SourceOptions, SourceStats};
 use tokio::sync::{mpsc, watch};
 
+use crate::backfill::window::{Part, Watermarks};
 use crate::config::Config;
 use crate::error::{PipelineError, TargetError};
 use crate::event::ChangeEvent;
 use crate::monitor::PipelineState;
 use crate::target::{AnyTarget, Target};
-use crate::backfill::window::{Part, Watermarks};
 use ack::AckTracker;
 
 /// Batches buffered between source and target: with `batch_max_events` this bounds memory.
@@ -36,7 +36,12 @@ pub struct Pipeline {
 /// Runs the pipeline until `shutdown` turns true (a graceful drain) or a fatal error.
 /// `on_start` receives the handles once the tasks exist; `state` is kept current for the
 /// monitoring endpoints.
-pub async fn run(config: &Config, state: &Arc<PipelineState>, shutdown: watch::Receiver<bool>, on_start: impl FnOnce(Pipeline)) -> Result<(), PipelineError> {
+pub async fn run(
+    config: &Config,
+    state: &Arc<PipelineState>,
+    shutdown: watch::Receiver<bool>,
+    on_start: impl FnOnce(Pipeline),
+) -> Result<(), PipelineError> {
     let target = AnyTarget::open(&config.target, &config.pipeline.name, state.target.clone()).await?;
     let options = SourceOptions {
         batch_max_events: config.pipeline.batch_max_events,
@@ -55,7 +60,8 @@ pub async fn run(config: &Config, state: &Arc<PipelineState>, shutdown: watch::R
             if config.backfill.enabled {
                 // The backfill serves requests beside the stream; its chunks merge at watermarks.
                 let (chunk_tx, chunk_rx) = mpsc::unbounded_channel();
-                watermarks = Watermarks::new(&config.pipeline.name, Some(chunk_rx)).ignoring(&config.backfill.progress_table);
+                watermarks = Watermarks::new(&config.pipeline.name, Some(chunk_rx))
+                    .ignoring(&config.backfill.progress_table);
                 tokio::spawn(crate::backfill::run(
                     connection,
                     config.pipeline.name.clone(),
@@ -147,7 +153,9 @@ fn count_events(events: &[ChangeEvent]) {
     let mut counts: Vec<(&str, &str, &'static str, u64)> = Vec::new();
     for event in events {
         let (relation, op) = match event {
-            ChangeEvent::Insert { relation, snapshot, .. } => (relation, if *snapshot { "read" } else { "insert" }),
+            ChangeEvent::Insert { relation, snapshot, .. } => {
+                (relation, if *snapshot { "read" } else { "insert" })
+            }
             ChangeEvent::Update { relation, .. } => (relation, "update"),
             ChangeEvent::Delete { relation, .. } => (relation, "delete"),
             ChangeEvent::Truncate { relations, .. } => match relations.first() {
@@ -157,7 +165,11 @@ fn count_events(events: &[ChangeEvent]) {
             _ => continue,
         };
         // Runs of one table's changes are the common case: compare with the last entry first.
-        if let Some(last) = counts.last_mut().filter(|c| c.2 == op && std::ptr::eq(c.0, relation.namespace.as_str()) && std::ptr::eq(c.1, relation.name.as_str())) {
+        if let Some(last) = counts.last_mut().filter(|c| {
+            c.2 == op
+                && std::ptr::eq(c.0, relation.namespace.as_str())
+                && std::ptr::eq(c.1, relation.name.as_str())
+        }) {
             last.3 += 1;
             continue;
         }
@@ -167,7 +179,8 @@ fn count_events(events: &[ChangeEvent]) {
         }
     }
     for (namespace, name, op, n) in counts {
-        metrics::counter!(crate::metrics::EVENTS_TOTAL, "table" => format!("{namespace}.{name}"), "op" => op).increment(n);
+        metrics::counter!(crate::metrics::EVENTS_TOTAL, "table" => format!("{namespace}.{name}"), "op" => op)
+            .increment(n);
     }
 }
 
@@ -194,7 +207,12 @@ mod tests {
             Ok(Box::pin(async move {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
                 if fail {
-                    Err(TargetError { target: "test", kind: ErrorKind::Fatal, message: "injected".into(), source: None })
+                    Err(TargetError {
+                        target: "test",
+                        kind: ErrorKind::Fatal,
+                        message: "injected".into(),
+                        source: None,
+                    })
                 } else {
                     Ok(())
                 }
@@ -207,7 +225,12 @@ mod tests {
     }
 
     fn batch(ack: u64) -> EventBatch {
-        EventBatch { events: Vec::new(), ack_lsn: Some(Lsn(ack)), redelivery_horizon: Lsn::ZERO, commit_time: None }
+        EventBatch {
+            events: Vec::new(),
+            ack_lsn: Some(Lsn(ack)),
+            redelivery_horizon: Lsn::ZERO,
+            commit_time: None,
+        }
     }
 
     #[tokio::test]
@@ -218,7 +241,16 @@ mod tests {
             tx.send(batch(ack)).await.unwrap();
         }
         drop(tx);
-        apply(ReorderingTarget { submitted: 0, fail_at: None }, rx, durable_tx, 4, &test_state(), &mut Watermarks::new("test", None)).await.unwrap();
+        apply(
+            ReorderingTarget { submitted: 0, fail_at: None },
+            rx,
+            durable_tx,
+            4,
+            &test_state(),
+            &mut Watermarks::new("test", None),
+        )
+        .await
+        .unwrap();
         assert_eq!(*durable_rx.borrow(), Lsn(40));
     }
 
@@ -230,7 +262,16 @@ mod tests {
             tx.send(batch(ack)).await.unwrap();
         }
         drop(tx);
-        let err = apply(ReorderingTarget { submitted: 0, fail_at: Some(2) }, rx, durable_tx, 4, &test_state(), &mut Watermarks::new("test", None)).await.unwrap_err();
+        let err = apply(
+            ReorderingTarget { submitted: 0, fail_at: Some(2) },
+            rx,
+            durable_tx,
+            4,
+            &test_state(),
+            &mut Watermarks::new("test", None),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err.message, "injected");
         assert_eq!(*durable_rx.borrow(), Lsn(20), "nothing at or after the failed batch may be durable");
     }

@@ -23,8 +23,12 @@ pub struct DeadLetter {
 /// The table(s) an event belongs to, or `message:<prefix>`, for dead-letter entries.
 pub fn source_name(event: &ChangeEvent) -> String {
     match event {
-        ChangeEvent::Insert { relation, .. } | ChangeEvent::Update { relation, .. } | ChangeEvent::Delete { relation, .. } => relation.qualified_name(),
-        ChangeEvent::Truncate { relations, .. } => relations.iter().map(|r| r.qualified_name()).collect::<Vec<_>>().join(","),
+        ChangeEvent::Insert { relation, .. }
+        | ChangeEvent::Update { relation, .. }
+        | ChangeEvent::Delete { relation, .. } => relation.qualified_name(),
+        ChangeEvent::Truncate { relations, .. } => {
+            relations.iter().map(|r| r.qualified_name()).collect::<Vec<_>>().join(",")
+        }
         ChangeEvent::Message { prefix, .. } => format!("message:{prefix}"),
         _ => String::new(),
     }
@@ -34,15 +38,20 @@ pub fn source_name(event: &ChangeEvent) -> String {
 pub type Details<'a> = &'a (dyn Fn(&mut Vec<u8>) + Sync);
 
 impl DeadLetter {
-    pub async fn open(target: &'static str, path: Option<PathBuf>, stats: Arc<TargetStats>) -> Result<Self, TargetError> {
+    pub async fn open(
+        target: &'static str,
+        path: Option<PathBuf>,
+        stats: Arc<TargetStats>,
+    ) -> Result<Self, TargetError> {
         let file = match &path {
             Some(path) => Some(tokio::sync::Mutex::new(
-                tokio::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .await
-                    .map_err(|e| TargetError::fatal(target, format!("cannot open dead-letter file {} (target.dead_letter)", path.display()), e))?,
+                tokio::fs::OpenOptions::new().create(true).append(true).open(path).await.map_err(|e| {
+                    TargetError::fatal(
+                        target,
+                        format!("cannot open dead-letter file {} (target.dead_letter)", path.display()),
+                        e,
+                    )
+                })?,
             )),
             None => None,
         };
@@ -50,14 +59,26 @@ impl DeadLetter {
     }
 
     /// Appends and syncs an entry, and counts it.
-    pub async fn record(&self, position: Position, source_table: &str, details: Option<Details<'_>>, reason: &str) -> Result<(), TargetError> {
+    pub async fn record(
+        &self,
+        position: Position,
+        source_table: &str,
+        details: Option<Details<'_>>,
+        reason: &str,
+    ) -> Result<(), TargetError> {
         tracing::warn!(table = source_table, commit_lsn = %position.commit_lsn, ordinal = position.tx_ordinal, reason, "dead-lettered a change");
         let Some(file) = &self.file else {
             self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         };
         let mut line = Vec::new();
-        line.extend_from_slice(format!("{{\"commit_lsn\":\"{}\",\"ordinal\":{},\"table\":", position.commit_lsn, position.tx_ordinal).as_bytes());
+        line.extend_from_slice(
+            format!(
+                "{{\"commit_lsn\":\"{}\",\"ordinal\":{},\"table\":",
+                position.commit_lsn, position.tx_ordinal
+            )
+            .as_bytes(),
+        );
         crate::json::string(&mut line, source_table);
         line.extend_from_slice(b",\"reason\":");
         crate::json::string(&mut line, reason);

@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use sluice_dynamodb::{item_size, Attr, ClientOptions, DynamoClient, GuardedWrite, Item, Outcome, WriteAction, MAX_ITEM_BYTES};
+use sluice_dynamodb::{
+    item_size, Attr, ClientOptions, DynamoClient, GuardedWrite, Item, Outcome, WriteAction, MAX_ITEM_BYTES,
+};
 use tokio::sync::{mpsc, Notify};
 
 use super::dead_letter::{source_name, DeadLetter};
@@ -28,9 +30,9 @@ use crate::config::{DynamoConfig, WriteMode};
 use crate::error::{ErrorKind, TargetError};
 use crate::event::{ChangeEvent, EventBatch, Position, Relation};
 use crate::translate::dynamodb::DynamoTranslator;
-use crate::translate::TranslateError;
-use crate::translate::outbox::{OutboxConfig, Routed};
 use crate::translate::mapping::Mapping;
+use crate::translate::outbox::{OutboxConfig, Routed};
+use crate::translate::TranslateError;
 
 pub struct DynamoTarget {
     /// Mapped tables; `None` when the target only logs outbox events.
@@ -88,21 +90,32 @@ pub fn client_options(config: &DynamoConfig) -> ClientOptions {
 impl DynamoTarget {
     pub async fn open(config: &DynamoConfig, stats: Arc<TargetStats>) -> Result<Self, TargetError> {
         let translator = match &config.mapping {
-            Some(path) => Some(DynamoTranslator::new(&Mapping::load(path).map_err(|problems| TargetError {
-                target: "dynamodb",
-                kind: ErrorKind::Fatal,
-                message: problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
-                source: None,
-            })?)),
+            Some(path) => {
+                Some(DynamoTranslator::new(&Mapping::load(path).map_err(|problems| TargetError {
+                    target: "dynamodb",
+                    kind: ErrorKind::Fatal,
+                    message: problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+                    source: None,
+                })?))
+            }
             None => None,
         };
-        let outbox = config.outbox.as_ref().and_then(|outbox| outbox.event_table.clone().map(|table| (outbox.clone(), table)));
+        let outbox = config
+            .outbox
+            .as_ref()
+            .and_then(|outbox| outbox.event_table.clone().map(|table| (outbox.clone(), table)));
         let client = DynamoClient::connect(&client_options(config)).await;
-        let dead_letter = Arc::new(DeadLetter::open("dynamodb", config.dead_letter.clone(), stats.clone()).await?);
+        let dead_letter =
+            Arc::new(DeadLetter::open("dynamodb", config.dead_letter.clone(), stats.clone()).await?);
         let workers = (0..config.concurrency)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(256);
-                let settings = WorkerSettings { mode: config.write_mode, transaction_size: config.transaction_size, batch_size: config.batch_size, retry_for: config.retry_for };
+                let settings = WorkerSettings {
+                    mode: config.write_mode,
+                    transaction_size: config.transaction_size,
+                    batch_size: config.batch_size,
+                    retry_for: config.retry_for,
+                };
                 tokio::spawn(worker(client.clone(), rx, dead_letter.clone(), stats.clone(), settings));
                 tx
             })
@@ -112,9 +125,18 @@ impl DynamoTarget {
 
     /// The writes for one event, appended to `writes`; returns the name of the event's source
     /// (for dead-letter entries), or `None` when the event writes nothing.
-    fn translate(&self, event: &ChangeEvent, now: u64, writes: &mut Vec<GuardedWrite>) -> Result<Option<Arc<str>>, TranslateError> {
+    fn translate(
+        &self,
+        event: &ChangeEvent,
+        now: u64,
+        writes: &mut Vec<GuardedWrite>,
+    ) -> Result<Option<Arc<str>>, TranslateError> {
         if let Some((outbox, table)) = &self.outbox {
-            let poison = |p: crate::translate::outbox::Poison| TranslateError::Poison { table: p.table, column: None, reason: p.reason };
+            let poison = |p: crate::translate::outbox::Poison| TranslateError::Poison {
+                table: p.table,
+                column: None,
+                reason: p.reason,
+            };
             match outbox.route(event).map_err(poison)? {
                 Routed::Event(routed) => {
                     writes.push(routed.event_log_item(outbox, table).map_err(poison)?);
@@ -159,7 +181,12 @@ impl Target for DynamoTarget {
                     continue;
                 }
                 Err(error @ TranslateError::Fatal { .. }) => {
-                    return Err(TargetError { target: "dynamodb", kind: ErrorKind::Fatal, message: error.to_string(), source: None })
+                    return Err(TargetError {
+                        target: "dynamodb",
+                        kind: ErrorKind::Fatal,
+                        message: error.to_string(),
+                        source: None,
+                    })
                 }
             };
             for write in writes.drain(..) {
@@ -167,14 +194,25 @@ impl Target for DynamoTarget {
                     let size = item_size(item) + item_size(&write.key) + write.version_attribute.len() + 21;
                     if size > MAX_ITEM_BYTES {
                         let reason = format!("item of {size} bytes exceeds DynamoDB's 400 KB limit");
-                        self.dead_letter.record(position, &source, Some(&|line: &mut Vec<u8>| write_details(line, &write)), &reason).await?;
+                        self.dead_letter
+                            .record(
+                                position,
+                                &source,
+                                Some(&|line: &mut Vec<u8>| write_details(line, &write)),
+                                &reason,
+                            )
+                            .await?;
                         continue;
                     }
                 }
                 jobs.push((write, position, source.clone()));
             }
         }
-        let state = Arc::new(BatchState { remaining: AtomicUsize::new(jobs.len() + 1), done: Notify::new(), failure: Mutex::new(None) });
+        let state = Arc::new(BatchState {
+            remaining: AtomicUsize::new(jobs.len() + 1),
+            done: Notify::new(),
+            failure: Mutex::new(None),
+        });
         for (write, position, source) in jobs {
             let worker = self.worker_for(&write);
             let fresh = position.commit_lsn > batch.redelivery_horizon;
@@ -206,12 +244,20 @@ impl Target for DynamoTarget {
 
 fn row_relation(event: &ChangeEvent) -> Option<&Arc<Relation>> {
     match event {
-        ChangeEvent::Insert { relation, .. } | ChangeEvent::Update { relation, .. } | ChangeEvent::Delete { relation, .. } => Some(relation),
+        ChangeEvent::Insert { relation, .. }
+        | ChangeEvent::Update { relation, .. }
+        | ChangeEvent::Delete { relation, .. } => Some(relation),
         _ => None,
     }
 }
 
-async fn worker(client: DynamoClient, mut jobs: mpsc::Receiver<Job>, dead_letter: Arc<DeadLetter>, stats: Arc<TargetStats>, settings: WorkerSettings) {
+async fn worker(
+    client: DynamoClient,
+    mut jobs: mpsc::Receiver<Job>,
+    dead_letter: Arc<DeadLetter>,
+    stats: Arc<TargetStats>,
+    settings: WorkerSettings,
+) {
     let mut group: Vec<Job> = Vec::new();
     let mut held: Option<Job> = None;
     loop {
@@ -231,7 +277,8 @@ async fn worker(client: DynamoClient, mut jobs: mpsc::Receiver<Job>, dead_letter
                 group.push(first);
                 while group.len() < settings.transaction_size {
                     let Ok(job) = jobs.try_recv() else { break };
-                    if group.iter().any(|g| g.write.table == job.write.table && g.write.key == job.write.key) {
+                    if group.iter().any(|g| g.write.table == job.write.table && g.write.key == job.write.key)
+                    {
                         held = Some(job);
                         break;
                     }
@@ -280,19 +327,40 @@ struct WorkerSettings {
 }
 
 pub(super) fn new_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default().with_min_delay(Duration::from_millis(50)).with_max_delay(Duration::from_secs(5)).with_jitter().without_max_times().build()
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// One write: retried while transient, dead-lettered when poison, failing its batch when fatal.
-async fn apply_one(client: &DynamoClient, job: &Job, dead_letter: &DeadLetter, stats: &TargetStats, retry_for: Duration) {
+async fn apply_one(
+    client: &DynamoClient,
+    job: &Job,
+    dead_letter: &DeadLetter,
+    stats: &TargetStats,
+    retry_for: Duration,
+) {
     let started = Instant::now();
     let mut backoff = new_backoff();
     loop {
         match timed(client.apply(&job.write)).await {
             Ok(outcome) => return count(stats, outcome),
-            Err(error) if error.is_transient() && started.elapsed() < retry_for => pause(stats, &mut backoff, &error, "write").await,
+            Err(error) if error.is_transient() && started.elapsed() < retry_for => {
+                pause(stats, &mut backoff, &error, "write").await
+            }
             Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
-                if let Err(e) = dead_letter.record(job.position, &job.source, Some(&|line: &mut Vec<u8>| write_details(line, &job.write)), &error.to_string()).await {
+                if let Err(e) = dead_letter
+                    .record(
+                        job.position,
+                        &job.source,
+                        Some(&|line: &mut Vec<u8>| write_details(line, &job.write)),
+                        &error.to_string(),
+                    )
+                    .await
+                {
                     job.batch.fail(e);
                 }
                 return;
@@ -303,14 +371,29 @@ async fn apply_one(client: &DynamoClient, job: &Job, dead_letter: &DeadLetter, s
 }
 
 /// Several writes to distinct items in one TransactWriteItems request.
-async fn apply_group(client: &DynamoClient, group: &[Job], dead_letter: &DeadLetter, stats: &TargetStats, retry_for: Duration) {
+async fn apply_group(
+    client: &DynamoClient,
+    group: &[Job],
+    dead_letter: &DeadLetter,
+    stats: &TargetStats,
+    retry_for: Duration,
+) {
     let writes: Vec<GuardedWrite> = group.iter().map(|j| j.write.clone()).collect();
-    apply_together(client, group, dead_letter, stats, retry_for, "transaction", 0, || client.apply_transaction(&writes)).await;
+    apply_together(client, group, dead_letter, stats, retry_for, "transaction", 0, || {
+        client.apply_transaction(&writes)
+    })
+    .await;
 }
 
 /// `batch` mode: the group's puts and deletes, the last write per item only (each is the whole
 /// item, so earlier ones in the group are superseded), read and written together.
-async fn apply_batch(client: &DynamoClient, group: &[Job], dead_letter: &DeadLetter, stats: &TargetStats, retry_for: Duration) {
+async fn apply_batch(
+    client: &DynamoClient,
+    group: &[Job],
+    dead_letter: &DeadLetter,
+    stats: &TargetStats,
+    retry_for: Duration,
+) {
     let mut last: Vec<&Job> = Vec::with_capacity(group.len());
     for job in group {
         match last.iter_mut().find(|l| l.write.table == job.write.table && l.write.key == job.write.key) {
@@ -321,7 +404,10 @@ async fn apply_batch(client: &DynamoClient, group: &[Job], dead_letter: &DeadLet
     let writes: Vec<GuardedWrite> = last.iter().map(|j| j.write.clone()).collect();
     let fresh: Vec<bool> = last.iter().map(|j| j.fresh).collect();
     let superseded = (group.len() - last.len()) as u64;
-    apply_together(client, group, dead_letter, stats, retry_for, "batch", superseded, || client.apply_batch(&writes, &fresh)).await;
+    apply_together(client, group, dead_letter, stats, retry_for, "batch", superseded, || {
+        client.apply_batch(&writes, &fresh)
+    })
+    .await;
 }
 
 /// One multi-item request for a group, retried while transient. A request DynamoDB rejects
@@ -353,7 +439,9 @@ async fn apply_together<F, Fut>(
                 stats.already_applied.fetch_add(superseded, Ordering::Relaxed);
                 return;
             }
-            Err(error) if error.is_transient() && started.elapsed() < retry_for => pause(stats, &mut backoff, &error, what).await,
+            Err(error) if error.is_transient() && started.elapsed() < retry_for => {
+                pause(stats, &mut backoff, &error, what).await
+            }
             Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
                 for job in group {
                     apply_one(client, job, dead_letter, stats, retry_for).await;
@@ -363,7 +451,12 @@ async fn apply_together<F, Fut>(
             Err(error) => {
                 let message = fatal(error, retry_for).message;
                 for job in group {
-                    job.batch.fail(TargetError { target: "dynamodb", kind: ErrorKind::Fatal, message: message.clone(), source: None });
+                    job.batch.fail(TargetError {
+                        target: "dynamodb",
+                        kind: ErrorKind::Fatal,
+                        message: message.clone(),
+                        source: None,
+                    });
                 }
                 return;
             }
@@ -372,7 +465,12 @@ async fn apply_together<F, Fut>(
 }
 
 /// Counts a retry and waits out the next backoff step after a transient failure.
-async fn pause(stats: &TargetStats, backoff: &mut impl Iterator<Item = Duration>, error: &sluice_dynamodb::DynamoError, what: &str) {
+async fn pause(
+    stats: &TargetStats,
+    backoff: &mut impl Iterator<Item = Duration>,
+    error: &sluice_dynamodb::DynamoError,
+    what: &str,
+) {
     stats.retries.fetch_add(1, Ordering::Relaxed);
     let delay = backoff.next().unwrap_or(Duration::from_secs(5));
     tracing::warn!(table = %error.table, error = %error.message, retry_in_ms = delay.as_millis() as u64, "DynamoDB {what} failed; retrying");
@@ -383,7 +481,8 @@ async fn pause(stats: &TargetStats, backoff: &mut impl Iterator<Item = Duration>
 async fn timed<T>(request: impl std::future::Future<Output = T>) -> T {
     let started = Instant::now();
     let result = request.await;
-    metrics::histogram!(crate::metrics::TARGET_WRITE_SECONDS, "target" => "dynamodb").record(started.elapsed().as_secs_f64());
+    metrics::histogram!(crate::metrics::TARGET_WRITE_SECONDS, "target" => "dynamodb")
+        .record(started.elapsed().as_secs_f64());
     result
 }
 
@@ -395,7 +494,11 @@ fn count(stats: &TargetStats, outcome: Outcome) {
 }
 
 fn fatal(error: sluice_dynamodb::DynamoError, retry_for: Duration) -> TargetError {
-    let message = if error.is_transient() { format!("{error} (still failing after {retry_for:?})") } else { error.to_string() };
+    let message = if error.is_transient() {
+        format!("{error} (still failing after {retry_for:?})")
+    } else {
+        error.to_string()
+    };
     TargetError { target: "dynamodb", kind: ErrorKind::Fatal, message, source: Some(Box::new(error)) }
 }
 
@@ -435,7 +538,9 @@ fn attr_json(out: &mut Vec<u8>, value: &Attr) {
     match value {
         Attr::S(s) => tagged(out, "S", &|o| crate::json::string(o, s)),
         Attr::N(n) => tagged(out, "N", &|o| crate::json::string(o, n)),
-        Attr::B(b) => tagged(out, "B", &|o| crate::json::string(o, &base64::engine::general_purpose::STANDARD.encode(b))),
+        Attr::B(b) => tagged(out, "B", &|o| {
+            crate::json::string(o, &base64::engine::general_purpose::STANDARD.encode(b))
+        }),
         Attr::Bool(b) => tagged(out, "BOOL", &|o| o.extend_from_slice(if *b { b"true" } else { b"false" })),
         Attr::Null => out.extend_from_slice(b"{\"NULL\":true}"),
         Attr::L(items) => tagged(out, "L", &|o| crate::json::array(o, items, attr_json)),

@@ -30,15 +30,24 @@ impl JsonlTarget {
         let out = if config.path.as_os_str() == "-" {
             Output::Stdout(tokio::io::stdout())
         } else {
-            let file = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&config.path)
-                .await
-                .map_err(|e| TargetError::fatal("jsonl", format!("cannot open {} (target.path)", config.path.display()), e))?;
+            let file =
+                tokio::fs::OpenOptions::new().create(true).append(true).open(&config.path).await.map_err(
+                    |e| {
+                        TargetError::fatal(
+                            "jsonl",
+                            format!("cannot open {} (target.path)", config.path.display()),
+                            e,
+                        )
+                    },
+                )?;
             Output::File(file)
         };
-        Ok(JsonlTarget { out, fsync: config.fsync, transactions: config.transactions, buffer: Vec::with_capacity(1 << 20) })
+        Ok(JsonlTarget {
+            out,
+            fsync: config.fsync,
+            transactions: config.transactions,
+            buffer: Vec::with_capacity(1 << 20),
+        })
     }
 
     fn writer(&mut self) -> &mut (dyn AsyncWrite + Unpin + Send) {
@@ -55,7 +64,12 @@ impl Target for JsonlTarget {
         for event in &batch.events {
             json::write_event(&mut self.buffer, event, self.transactions);
         }
-        let io_error = |e: std::io::Error| TargetError { target: "jsonl", kind: ErrorKind::Fatal, message: "write failed".into(), source: Some(Box::new(e)) };
+        let io_error = |e: std::io::Error| TargetError {
+            target: "jsonl",
+            kind: ErrorKind::Fatal,
+            message: "write failed".into(),
+            source: Some(Box::new(e)),
+        };
         let buffer = std::mem::take(&mut self.buffer);
         let writer = self.writer();
         writer.write_all(&buffer).await.map_err(io_error)?;

@@ -45,10 +45,25 @@ impl KafkaTarget {
             client_id: "sluice".into(),
             extra: config.properties.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         };
-        let producer = KafkaProducer::new(&options).map_err(|e| TargetError::fatal("kafka", "cannot create the Kafka producer (target.properties)", e))?;
-        let translator = KafkaTranslator::new(&config.topic, config.topics.clone(), config.tombstones_on_delete, config.outbox.clone());
-        let dead_letter = Arc::new(DeadLetter::open("kafka", config.dead_letter.clone(), stats.clone()).await?);
-        Ok(KafkaTarget { producer, translator, dead_letter, stats, records: Vec::new(), known_topics: Default::default() })
+        let producer = KafkaProducer::new(&options).map_err(|e| {
+            TargetError::fatal("kafka", "cannot create the Kafka producer (target.properties)", e)
+        })?;
+        let translator = KafkaTranslator::new(
+            &config.topic,
+            config.topics.clone(),
+            config.tombstones_on_delete,
+            config.outbox.clone(),
+        );
+        let dead_letter =
+            Arc::new(DeadLetter::open("kafka", config.dead_letter.clone(), stats.clone()).await?);
+        Ok(KafkaTarget {
+            producer,
+            translator,
+            dead_letter,
+            stats,
+            records: Vec::new(),
+            known_topics: Default::default(),
+        })
     }
 }
 
@@ -74,7 +89,8 @@ impl Target for KafkaTarget {
         for (index, event) in batch.events.iter().enumerate() {
             let Some(position) = event.position() else { continue };
             records.clear();
-            if let Err(TranslateError::Poison { reason, .. }) = self.translator.translate(event, &mut records) {
+            if let Err(TranslateError::Poison { reason, .. }) = self.translator.translate(event, &mut records)
+            {
                 self.dead_letter.record(position, &source_name(event), None, &reason).await?;
                 continue;
             }
@@ -106,10 +122,14 @@ impl Target for KafkaTarget {
                     }
                 }
                 match self.producer.enqueue(&record).await {
-                    Ok(delivery) => deliveries.push((index, position, record.topic, record.key, Instant::now(), delivery)),
+                    Ok(delivery) => {
+                        deliveries.push((index, position, record.topic, record.key, Instant::now(), delivery))
+                    }
                     Err(error) if error.is_poison() => {
                         let details = record_details(record.topic, record.key);
-                        self.dead_letter.record(position, &source_name(event), Some(&details), &error.to_string()).await?;
+                        self.dead_letter
+                            .record(position, &source_name(event), Some(&details), &error.to_string())
+                            .await?;
                     }
                     Err(error) => return Err(TargetError::fatal("kafka", "cannot produce to Kafka", error)),
                 }
@@ -128,10 +148,22 @@ impl Target for KafkaTarget {
                     }
                     Err(error) if error.is_poison() => {
                         let details = record_details(topic, key);
-                        dead_letter.record(position, &source_name(&batch.events[index]), Some(&details), &error.to_string()).await?;
+                        dead_letter
+                            .record(
+                                position,
+                                &source_name(&batch.events[index]),
+                                Some(&details),
+                                &error.to_string(),
+                            )
+                            .await?;
                     }
                     Err(error) => {
-                        return Err(TargetError { target: "kafka", kind: ErrorKind::Fatal, message: error.to_string(), source: Some(Box::new(error)) });
+                        return Err(TargetError {
+                            target: "kafka",
+                            kind: ErrorKind::Fatal,
+                            message: error.to_string(),
+                            source: Some(Box::new(error)),
+                        });
                     }
                 }
             }

@@ -51,7 +51,8 @@ pub type Receipt = Pin<Box<dyn Future<Output = Result<(), TargetError>> + Send>>
 ///   position, so a target sees some changes again and must absorb them (position guards, or
 ///   duplicates documented as such).
 pub trait Target: Send {
-    fn submit(&mut self, batch: Arc<EventBatch>) -> impl Future<Output = Result<Receipt, TargetError>> + Send;
+    fn submit(&mut self, batch: Arc<EventBatch>)
+        -> impl Future<Output = Result<Receipt, TargetError>> + Send;
 }
 
 /// The targets known at build time.
@@ -65,7 +66,11 @@ pub enum AnyTarget {
 
 impl AnyTarget {
     /// The target `config` describes, for the pipeline named `pipeline`; it counts into `stats`.
-    pub async fn open(config: &TargetConfig, pipeline: &str, stats: Arc<TargetStats>) -> Result<Self, TargetError> {
+    pub async fn open(
+        config: &TargetConfig,
+        pipeline: &str,
+        stats: Arc<TargetStats>,
+    ) -> Result<Self, TargetError> {
         Ok(match config {
             TargetConfig::Dynamodb(c) => AnyTarget::Dynamodb(DynamoTarget::open(c, stats).await?),
             TargetConfig::Kafka(c) => AnyTarget::Kafka(KafkaTarget::open(c, stats).await?),

@@ -39,8 +39,8 @@ use super::{Receipt, Target, TargetStats};
 use crate::config::PostgresTargetConfig;
 use crate::error::{ErrorKind, TargetError};
 use crate::event::{EventBatch, Position};
-use crate::translate::TranslateError;
 use crate::translate::postgres::{row_position, PgMapping, PgTranslator, RowOp, Text};
+use crate::translate::TranslateError;
 
 const TARGET: &str = "postgres";
 /// Rows per multi-row statement.
@@ -65,7 +65,10 @@ pub(crate) struct TargetTable {
 
 /// Reads every target table of `mapping` from the target catalog, and checks that each has a
 /// primary key and every column the mapping names.
-pub(crate) async fn target_tables(client: &tokio_postgres::Client, mapping: &PgMapping) -> Result<HashMap<Arc<str>, TargetTable>, TargetError> {
+pub(crate) async fn target_tables(
+    client: &tokio_postgres::Client,
+    mapping: &PgMapping,
+) -> Result<HashMap<Arc<str>, TargetTable>, TargetError> {
     let mut tables: HashMap<Arc<str>, TargetTable> = HashMap::new();
     for (i, table) in mapping.tables.iter().enumerate() {
         if tables.contains_key(table.target.as_str()) {
@@ -73,20 +76,34 @@ pub(crate) async fn target_tables(client: &tokio_postgres::Client, mapping: &PgM
         }
         let found = required_table(client, &table.target, &format!("target.mapping tables[{i}].target"))
             .await
-            .map_err(|e| TargetError { target: TARGET, kind: ErrorKind::Fatal, message: "cannot read the target table".into(), source: Some(Box::new(e)) })?;
+            .map_err(|e| TargetError {
+                target: TARGET,
+                kind: ErrorKind::Fatal,
+                message: "cannot read the target table".into(),
+                source: Some(Box::new(e)),
+            })?;
         if found.primary_key.is_empty() {
-            return Err(fatal(format!("target table {} has no primary key: rows are upserted and deleted by it", table.target)));
+            return Err(fatal(format!(
+                "target table {} has no primary key: rows are upserted and deleted by it",
+                table.target
+            )));
         }
         let columns = &found.relation.columns;
         let key: Vec<String> = found.primary_key.iter().map(|&i| columns[i].name.clone()).collect();
         let types = columns.iter().zip(&found.sql_types).map(|(c, t)| (c.name.clone(), t.clone())).collect();
-        tables.insert(Arc::from(table.target.as_str()), TargetTable { quoted: found.quoted_name(), types, key, table: found });
+        tables.insert(
+            Arc::from(table.target.as_str()),
+            TargetTable { quoted: found.quoted_name(), types, key, table: found },
+        );
     }
     for table in &mapping.tables {
         let target = &tables[table.target.as_str()];
         for name in table.rename.values().chain(table.constants.keys()) {
             if !target.types.contains_key(name) {
-                return Err(fatal(format!("target table {} has no column {name} (mapped from {})", table.target, table.source)));
+                return Err(fatal(format!(
+                    "target table {} has no column {name} (mapped from {})",
+                    table.target, table.source
+                )));
             }
         }
     }
@@ -114,11 +131,17 @@ pub(crate) struct OwnedSequence {
 
 /// The sequences owned by the target tables' columns (ascending ones: a descending sequence
 /// has no "past the highest value"). The role must be able to read and set each one.
-pub(crate) async fn owned_sequences(client: &tokio_postgres::Client, tables: &HashMap<Arc<str>, TargetTable>) -> Result<HashMap<Arc<str>, Vec<OwnedSequence>>, TargetError> {
+pub(crate) async fn owned_sequences(
+    client: &tokio_postgres::Client,
+    tables: &HashMap<Arc<str>, TargetTable>,
+) -> Result<HashMap<Arc<str>, Vec<OwnedSequence>>, TargetError> {
     let query = "SELECT a.attname, quote_ident(n.nspname) || '.' || quote_ident(c.relname),                         has_sequence_privilege(c.oid, 'SELECT') AND has_sequence_privilege(c.oid, 'UPDATE')                  FROM pg_attribute a                  JOIN pg_depend d ON d.refobjid = a.attrelid AND d.refobjsubid = a.attnum AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')                  JOIN pg_class c ON c.oid = d.objid AND c.relkind = 'S'                  JOIN pg_namespace n ON n.oid = c.relnamespace                  JOIN pg_sequence s ON s.seqrelid = c.oid                  WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped AND s.seqincrement > 0";
     let mut owned = HashMap::new();
     for (name, table) in tables {
-        let rows = client.query(query, &[&table.quoted]).await.map_err(|e| sql_error(&format!("cannot read the sequences of target table {name}"), e))?;
+        let rows = client
+            .query(query, &[&table.quoted])
+            .await
+            .map_err(|e| sql_error(&format!("cannot read the sequences of target table {name}"), e))?;
         let mut sequences = Vec::new();
         for row in rows {
             let (column, quoted, allowed): (String, String, bool) = (row.get(0), row.get(1), row.get(2));
@@ -161,7 +184,8 @@ fn sql_error(context: &str, error: tokio_postgres::Error) -> TargetError {
     let (kind, message) = (classify(&error), format!("{context}: {}", describe(&error)));
     // A server error is not kept as the source: its text (printed with the error chain) may
     // quote row values; `describe` kept what is safe to print.
-    let source: Option<Box<dyn std::error::Error + Send + Sync>> = if error.as_db_error().is_some() { None } else { Some(Box::new(error)) };
+    let source: Option<Box<dyn std::error::Error + Send + Sync>> =
+        if error.as_db_error().is_some() { None } else { Some(Box::new(error)) };
     TargetError { target: TARGET, kind, message, source }
 }
 
@@ -173,7 +197,9 @@ fn sql_error(context: &str, error: tokio_postgres::Error) -> TargetError {
 fn describe(error: &tokio_postgres::Error) -> String {
     const SAFE_CLASSES: [&str; 10] = ["08", "40", "53", "55", "57", "42", "3D", "3F", "28", "0A"];
     match error.as_db_error() {
-        Some(db) if SAFE_CLASSES.iter().any(|class| db.code().code().starts_with(class)) => format!("SQLSTATE {}: {}", db.code().code(), db.message()),
+        Some(db) if SAFE_CLASSES.iter().any(|class| db.code().code().starts_with(class)) => {
+            format!("SQLSTATE {}: {}", db.code().code(), db.message())
+        }
         Some(_) => error_fields(error),
         None => error.to_string(),
     }
@@ -185,7 +211,11 @@ fn classify(error: &tokio_postgres::Error) -> ErrorKind {
     match error.code().map(|c| c.code()) {
         None => ErrorKind::Transient,
         Some(code) if code.starts_with("22") || code.starts_with("23") => ErrorKind::Poison,
-        Some(code) if ["08", "40", "53", "57P"].iter().any(|class| code.starts_with(class)) || code == "55P03" => ErrorKind::Transient,
+        Some(code)
+            if ["08", "40", "53", "57P"].iter().any(|class| code.starts_with(class)) || code == "55P03" =>
+        {
+            ErrorKind::Transient
+        }
         Some(_) => ErrorKind::Fatal,
     }
 }
@@ -199,7 +229,12 @@ fn refusal(error: &tokio_postgres::Error) -> String {
 fn error_fields(error: &tokio_postgres::Error) -> String {
     let Some(db) = error.as_db_error() else { return error.to_string() };
     let mut fields = format!("SQLSTATE {}", db.code().code());
-    for (label, value) in [("table", db.table()), ("column", db.column()), ("constraint", db.constraint()), ("type", db.datatype())] {
+    for (label, value) in [
+        ("table", db.table()),
+        ("column", db.column()),
+        ("constraint", db.constraint()),
+        ("type", db.datatype()),
+    ] {
         if let Some(value) = value {
             let _ = write!(fields, ", {label} {value}");
         }
@@ -210,17 +245,30 @@ fn error_fields(error: &tokio_postgres::Error) -> String {
 impl PgTarget {
     /// Connects, checks the mapping against the target tables, creates the checkpoint table
     /// when missing and reads this pipeline's checkpoint.
-    pub async fn open(config: &PostgresTargetConfig, pipeline: &str, stats: Arc<TargetStats>) -> Result<Self, TargetError> {
+    pub async fn open(
+        config: &PostgresTargetConfig,
+        pipeline: &str,
+        stats: Arc<TargetStats>,
+    ) -> Result<Self, TargetError> {
         let mapping = PgMapping::load(&config.mapping).map_err(|problems| {
-            fatal(format!("target.mapping {}: {}", config.mapping.display(), problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))
+            fatal(format!(
+                "target.mapping {}: {}",
+                config.mapping.display(),
+                problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+            ))
         })?;
-        let client = connect(&config.connection, config.lock_timeout)
-            .await
-            .map_err(|e| TargetError { target: TARGET, kind: ErrorKind::Fatal, message: "cannot connect to the target database (target.connection)".into(), source: Some(Box::new(e)) })?;
+        let client = connect(&config.connection, config.lock_timeout).await.map_err(|e| TargetError {
+            target: TARGET,
+            kind: ErrorKind::Fatal,
+            message: "cannot connect to the target database (target.connection)".into(),
+            source: Some(Box::new(e)),
+        })?;
         let tables = target_tables(&client, &mapping).await?;
-        let sequences = if config.sync_sequences { owned_sequences(&client, &tables).await? } else { HashMap::new() };
+        let sequences =
+            if config.sync_sequences { owned_sequences(&client, &tables).await? } else { HashMap::new() };
         let checkpoint_table = {
-            let (schema, name) = sluice_postgres::catalog::split_table(&config.checkpoint_table).ok_or_else(|| fatal("target.checkpoint_table must be schema.table"))?;
+            let (schema, name) = sluice_postgres::catalog::split_table(&config.checkpoint_table)
+                .ok_or_else(|| fatal("target.checkpoint_table must be schema.table"))?;
             format!("{}.{}", quote_ident(schema), quote_ident(name))
         };
         client
@@ -243,7 +291,8 @@ impl PgTarget {
             dead_letter: DeadLetter::open(TARGET, config.dead_letter.clone(), stats.clone()).await?,
             stats,
         };
-        applier.applied = applier.read_checkpoint().await.map_err(|e| sql_error("cannot read the checkpoint", e))?;
+        applier.applied =
+            applier.read_checkpoint().await.map_err(|e| sql_error("cannot read the checkpoint", e))?;
         tracing::info!(pipeline, commit_lsn = %applier.applied.commit_lsn, ordinal = applier.applied.tx_ordinal, "postgres target checkpoint");
         let (jobs, mut rx) = mpsc::channel::<Job>(4);
         tokio::spawn(async move {
@@ -263,7 +312,10 @@ impl PgTarget {
 /// A session for applying changes. A lock held on a target table (a migration's DDL) makes a
 /// statement fail after `lock_timeout` and the batch retry, with a warning each time, instead
 /// of waiting silently.
-async fn connect(config: &ConnectionConfig, lock_timeout: Duration) -> sluice_postgres::Result<tokio_postgres::Client> {
+async fn connect(
+    config: &ConnectionConfig,
+    lock_timeout: Duration,
+) -> sluice_postgres::Result<tokio_postgres::Client> {
     let client = sluice_postgres::connect_sql(config).await?;
     client.batch_execute(&format!("SET lock_timeout = {}", lock_timeout.as_millis().max(1))).await?;
     Ok(client)
@@ -281,10 +333,19 @@ impl Applier {
     async fn read_checkpoint(&self) -> Result<Position, tokio_postgres::Error> {
         let Some(client) = &self.client else { return Ok(self.applied) };
         let row = client
-            .query_opt(&format!("SELECT commit_lsn::text, tx_ordinal FROM {} WHERE pipeline = $1", self.checkpoint_table), &[&self.pipeline])
+            .query_opt(
+                &format!(
+                    "SELECT commit_lsn::text, tx_ordinal FROM {} WHERE pipeline = $1",
+                    self.checkpoint_table
+                ),
+                &[&self.pipeline],
+            )
             .await?;
         Ok(match row {
-            Some(row) => Position { commit_lsn: row.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO), tx_ordinal: row.get::<_, i64>(1) as u32 },
+            Some(row) => Position {
+                commit_lsn: row.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO),
+                tx_ordinal: row.get::<_, i64>(1) as u32,
+            },
             None => Position::default(),
         })
     }
@@ -315,7 +376,8 @@ impl Applier {
         let mut backoff = super::dynamodb::new_backoff();
         let mut careful = false;
         loop {
-            let result = if careful { self.apply_each(&ops, last).await } else { self.apply_all(&ops, last).await };
+            let result =
+                if careful { self.apply_each(&ops, last).await } else { self.apply_all(&ops, last).await };
             let error = match result {
                 Ok(()) => {
                     self.applied = last;
@@ -361,7 +423,12 @@ impl Applier {
     }
 
     fn client(&self) -> Result<&tokio_postgres::Client, TargetError> {
-        self.client.as_ref().ok_or_else(|| TargetError { target: TARGET, kind: ErrorKind::Transient, message: "not connected".into(), source: None })
+        self.client.as_ref().ok_or_else(|| TargetError {
+            target: TARGET,
+            kind: ErrorKind::Transient,
+            message: "not connected".into(),
+            source: None,
+        })
     }
 
     /// Every operation in one transaction and one round trip.
@@ -411,8 +478,18 @@ impl Applier {
                         }
                     }
                     Err(error) if classify(&error) == ErrorKind::Poison => {
-                        client.batch_execute("ROLLBACK TO SAVEPOINT sluice_op; RELEASE SAVEPOINT sluice_op").await.map_err(|e| sql_error("cannot roll back to a savepoint", e))?;
-                        self.dead_letter.record(op.position, &op.source, Some(&|line: &mut Vec<u8>| details(line, &op.op)), &refusal(&error)).await?;
+                        client
+                            .batch_execute("ROLLBACK TO SAVEPOINT sluice_op; RELEASE SAVEPOINT sluice_op")
+                            .await
+                            .map_err(|e| sql_error("cannot roll back to a savepoint", e))?;
+                        self.dead_letter
+                            .record(
+                                op.position,
+                                &op.source,
+                                Some(&|line: &mut Vec<u8>| details(line, &op.op)),
+                                &refusal(&error),
+                            )
+                            .await?;
                     }
                     Err(error) => return Err(sql_error("cannot apply a change", error)),
                 }
@@ -434,8 +511,11 @@ impl Applier {
     /// completed: the unchanged values are not in the stream. Dead-lettered, so a backfill of
     /// the table can repair it.
     async fn missing_row(&self, op: &Op) -> Result<(), TargetError> {
-        let reason = "partial update (unchanged TOAST columns) of a row the target does not hold; backfill the table";
-        self.dead_letter.record(op.position, &op.source, Some(&|line: &mut Vec<u8>| details(line, &op.op)), reason).await?;
+        let reason =
+            "partial update (unchanged TOAST columns) of a row the target does not hold; backfill the table";
+        self.dead_letter
+            .record(op.position, &op.source, Some(&|line: &mut Vec<u8>| details(line, &op.op)), reason)
+            .await?;
         Ok(())
     }
 
@@ -457,7 +537,10 @@ impl Applier {
             };
             let Some(sequences) = self.sequences.get(table) else { continue };
             for sequence in sequences {
-                let written = columns.iter().find(|(name, _)| *name == sequence.column).and_then(|(_, text)| text.as_deref()?.parse::<i64>().ok());
+                let written = columns
+                    .iter()
+                    .find(|(name, _)| *name == sequence.column)
+                    .and_then(|(_, text)| text.as_deref()?.parse::<i64>().ok());
                 let Some(value) = written else { continue };
                 highest.entry(&sequence.quoted).and_modify(|max| *max = (*max).max(value)).or_insert(value);
             }
@@ -508,14 +591,23 @@ impl Applier {
                         rows.push(index);
                         index += 1;
                     }
-                    let _ = write!(sql, "INSERT INTO {} ({}) VALUES ", table.quoted, names.iter().map(|n| quote_ident(n)).collect::<Vec<_>>().join(", "));
+                    let _ = write!(
+                        sql,
+                        "INSERT INTO {} ({}) VALUES ",
+                        table.quoted,
+                        names.iter().map(|n| quote_ident(n)).collect::<Vec<_>>().join(", ")
+                    );
                     for (n, &row) in rows.iter().enumerate() {
                         let RowOp::Upsert { columns, .. } = &ops[row].op else { unreachable!() };
                         sql.push_str(if n == 0 { "(" } else { ", (" });
                         table.values(columns, sql)?;
                         sql.push(')');
                     }
-                    let updates: Vec<String> = names.iter().filter(|n| !table.key.iter().any(|k| k == *n)).map(|n| format!("{0} = EXCLUDED.{0}", quote_ident(n))).collect();
+                    let updates: Vec<String> = names
+                        .iter()
+                        .filter(|n| !table.key.iter().any(|k| k == *n))
+                        .map(|n| format!("{0} = EXCLUDED.{0}", quote_ident(n)))
+                        .collect();
                     let key = table.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
                     if updates.is_empty() {
                         let _ = writeln!(sql, " ON CONFLICT ({key}) DO NOTHING;");
@@ -525,7 +617,12 @@ impl Applier {
                     statements.push(Statement::Upsert);
                 }
                 RowOp::Delete { .. } => {
-                    let _ = write!(sql, "DELETE FROM {} WHERE ({}) IN (", table.quoted, table.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", "));
+                    let _ = write!(
+                        sql,
+                        "DELETE FROM {} WHERE ({}) IN (",
+                        table.quoted,
+                        table.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ")
+                    );
                     let mut n = 0;
                     while let Some(Op { op: RowOp::Delete { table: t, key }, .. }) = ops.get(index) {
                         if t != ops[index - n].op.table() || n == ROWS_PER_STATEMENT {
@@ -551,7 +648,11 @@ impl Applier {
                         let _ = write!(sql, "{}{} = ", if n == 0 { "" } else { ", " }, quote_ident(name));
                         table.value(name, text, sql)?;
                     }
-                    let _ = write!(sql, " WHERE ({}) = (", table.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", "));
+                    let _ = write!(
+                        sql,
+                        " WHERE ({}) = (",
+                        table.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ")
+                    );
                     table.values(key, sql)?;
                     sql.push_str(");\n");
                     statements.push(Statement::Update(index));
@@ -568,9 +669,10 @@ impl Applier {
     }
 
     fn table(&self, name: &Arc<str>) -> Result<&TargetTable, TargetError> {
-        self.tables.get(name).ok_or_else(|| fatal(format!("target table {name} is not in the catalog read at start")))
+        self.tables
+            .get(name)
+            .ok_or_else(|| fatal(format!("target table {name} is not in the catalog read at start")))
     }
-
 }
 
 impl TargetTable {
@@ -587,7 +689,10 @@ impl TargetTable {
 
     /// Appends a value for `column` as a literal cast to the column's type.
     pub(crate) fn value(&self, column: &str, text: &Text, sql: &mut String) -> Result<(), TargetError> {
-        let sql_type = self.types.get(column).ok_or_else(|| fatal(format!("target table {} has no column {column}", self.quoted)))?;
+        let sql_type = self
+            .types
+            .get(column)
+            .ok_or_else(|| fatal(format!("target table {} has no column {column}", self.quoted)))?;
         match text {
             Some(text) => {
                 let _ = write!(sql, "CAST({} AS {sql_type})", quote_literal(text));
@@ -602,7 +707,10 @@ impl TargetTable {
 
 /// The rows each statement of a simple query affected, in statement order.
 fn row_counts(messages: &[SimpleQueryMessage]) -> Vec<u64> {
-    messages.iter().filter_map(|m| if let SimpleQueryMessage::CommandComplete(n) = m { Some(*n) } else { None }).collect()
+    messages
+        .iter()
+        .filter_map(|m| if let SimpleQueryMessage::CommandComplete(n) = m { Some(*n) } else { None })
+        .collect()
 }
 
 /// What a statement was, to read its row count.

@@ -15,7 +15,11 @@ struct CatalogColumn {
 }
 
 /// Every problem of `mapping` against the database behind `sql`, with dotted keys.
-pub async fn check(sql: &Client, mapping: &Mapping, publication: &str) -> Result<Vec<Problem>, tokio_postgres::Error> {
+pub async fn check(
+    sql: &Client,
+    mapping: &Mapping,
+    publication: &str,
+) -> Result<Vec<Problem>, tokio_postgres::Error> {
     let mut problems = Vec::new();
     for (i, table) in mapping.tables.iter().enumerate() {
         let prefix = format!("target.mapping.tables[{i}]");
@@ -38,7 +42,11 @@ pub async fn check(sql: &Client, mapping: &Mapping, publication: &str) -> Result
             .await?
             .is_some();
         if !published {
-            problems.push(Problem::new(&prefix, "source", format!("table {} is not in publication {publication:?}", table.source)));
+            problems.push(Problem::new(
+                &prefix,
+                "source",
+                format!("table {} is not in publication {publication:?}", table.source),
+            ));
         }
         let columns: Vec<CatalogColumn> = sql
             .query(
@@ -56,10 +64,16 @@ pub async fn check(sql: &Client, mapping: &Mapping, publication: &str) -> Result
         let find = |column: &str| columns.iter().find(|c| c.name == column);
         let require = |key: String, column: &str, problems: &mut Vec<Problem>| {
             if find(column).is_none() {
-                problems.push(Problem::new(&prefix, &key, format!("column {column} does not exist in {}", table.source)));
+                problems.push(Problem::new(
+                    &prefix,
+                    &key,
+                    format!("column {column} does not exist in {}", table.source),
+                ));
             }
         };
-        for (key_name, key) in [("partition_key", Some(&table.partition_key)), ("sort_key", table.sort_key.as_ref())] {
+        for (key_name, key) in
+            [("partition_key", Some(&table.partition_key)), ("sort_key", table.sort_key.as_ref())]
+        {
             let Some(key) = key else { continue };
             let Ok(segments) = parse_template(&key.template) else { continue };
             for segment in segments {
@@ -94,7 +108,9 @@ pub async fn check(sql: &Client, mapping: &Mapping, publication: &str) -> Result
                 continue;
             };
             let Some(kind) = rule.as_ else { continue };
-            let temporal = ["date", "timestamp without time zone", "timestamp with time zone"].iter().any(|t| c.type_name.starts_with(t));
+            let temporal = ["date", "timestamp without time zone", "timestamp with time zone"]
+                .iter()
+                .any(|t| c.type_name.starts_with(t));
             let fits = match kind {
                 AttrKind::String => true,
                 AttrKind::Number => c.category == "N",
@@ -103,7 +119,11 @@ pub async fn check(sql: &Client, mapping: &Mapping, publication: &str) -> Result
                 AttrKind::List | AttrKind::Set => c.category == "A",
             };
             if !fits {
-                problems.push(Problem::new(&prefix, &format!("columns.{column}.as"), format!("{kind:?} does not fit column {column} of type {}", c.type_name)));
+                problems.push(Problem::new(
+                    &prefix,
+                    &format!("columns.{column}.as"),
+                    format!("{kind:?} does not fit column {column} of type {}", c.type_name),
+                ));
             }
         }
     }

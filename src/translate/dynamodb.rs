@@ -13,7 +13,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use sluice_dynamodb::{Attr, GuardedWrite, Item, WriteAction};
 
 use super::filter::passes_filter;
-use super::mapping::{parse_template, AttrKind, Constant, Mapping, NullPolicy, Segment, TableMapping, TruncatePolicy};
+use super::mapping::{
+    parse_template, AttrKind, Constant, Mapping, NullPolicy, Segment, TableMapping, TruncatePolicy,
+};
 use super::{iso, text_of, TranslateError};
 use crate::event::{ChangeEvent, Column, NewRow, Position, Relation, Value};
 
@@ -66,7 +68,10 @@ impl DynamoTranslator {
             .map(|t| {
                 let compiled = CompiledTable {
                     partition_key: parse_template(&t.partition_key.template).expect("validated template"),
-                    sort_key: t.sort_key.as_ref().map(|k| parse_template(&k.template).expect("validated template")),
+                    sort_key: t
+                        .sort_key
+                        .as_ref()
+                        .map(|k| parse_template(&k.template).expect("validated template")),
                     dropped: t.drop.iter().cloned().collect(),
                     mapping: t.clone(),
                 };
@@ -89,7 +94,12 @@ impl DynamoTranslator {
     }
 
     /// The writes for one event, appended to `out`. `now_unix_secs` dates tombstone TTLs.
-    pub fn translate(&self, event: &ChangeEvent, now_unix_secs: u64, out: &mut Vec<GuardedWrite>) -> Result<(), TranslateError> {
+    pub fn translate(
+        &self,
+        event: &ChangeEvent,
+        now_unix_secs: u64,
+        out: &mut Vec<GuardedWrite>,
+    ) -> Result<(), TranslateError> {
         match event {
             ChangeEvent::Insert { position, relation, new, .. } => {
                 let Some(table) = self.table(relation) else { return Ok(()) };
@@ -102,7 +112,9 @@ impl DynamoTranslator {
                 let Some(table) = self.table(relation) else { return Ok(()) };
                 let row = match new {
                     NewRow::Full(values) => Row::full(relation, values),
-                    NewRow::Partial(values) => Row { relation, values: values.iter().map(Option::as_ref).collect() },
+                    NewRow::Partial(values) => {
+                        Row { relation, values: values.iter().map(Option::as_ref).collect() }
+                    }
                 };
                 let new_key = self.key(table, &row)?;
                 if let Some(old) = old {
@@ -111,7 +123,9 @@ impl DynamoTranslator {
                         TranslateError::Poison { table, column, reason } => TranslateError::Poison {
                             table,
                             column,
-                            reason: format!("old key: {reason} (is the column part of the replica identity?)"),
+                            reason: format!(
+                                "old key: {reason} (is the column part of the replica identity?)"
+                            ),
                         },
                         other => other,
                     })?;
@@ -142,7 +156,10 @@ impl DynamoTranslator {
                     }
                 }
             }
-            ChangeEvent::Begin { .. } | ChangeEvent::Commit { .. } | ChangeEvent::Relation(_) | ChangeEvent::Message { .. } => {}
+            ChangeEvent::Begin { .. }
+            | ChangeEvent::Commit { .. }
+            | ChangeEvent::Relation(_)
+            | ChangeEvent::Message { .. } => {}
         }
         Ok(())
     }
@@ -151,7 +168,13 @@ impl DynamoTranslator {
         self.tables.get(&relation.qualified_name())
     }
 
-    fn guarded(&self, table: &CompiledTable, key: Item, position: Position, action: WriteAction) -> GuardedWrite {
+    fn guarded(
+        &self,
+        table: &CompiledTable,
+        key: Item,
+        position: Position,
+        action: WriteAction,
+    ) -> GuardedWrite {
         GuardedWrite {
             table: table.mapping.target.clone(),
             key,
@@ -172,13 +195,24 @@ impl DynamoTranslator {
         Ok(key)
     }
 
-    fn put(&self, table: &CompiledTable, row: &Row<'_>, position: Position) -> Result<GuardedWrite, TranslateError> {
+    fn put(
+        &self,
+        table: &CompiledTable,
+        row: &Row<'_>,
+        position: Position,
+    ) -> Result<GuardedWrite, TranslateError> {
         let key = self.key(table, row)?;
         let (item, _) = self.attributes(table, row)?;
         Ok(self.guarded(table, key, position, WriteAction::Put(item)))
     }
 
-    fn partial_update(&self, table: &CompiledTable, row: &Row<'_>, key: Item, position: Position) -> Result<GuardedWrite, TranslateError> {
+    fn partial_update(
+        &self,
+        table: &CompiledTable,
+        row: &Row<'_>,
+        key: Item,
+        position: Position,
+    ) -> Result<GuardedWrite, TranslateError> {
         let (mut set, mut remove) = self.attributes(table, row)?;
         for name in key.keys() {
             set.remove(name);
@@ -187,11 +221,20 @@ impl DynamoTranslator {
         Ok(self.guarded(table, key, position, WriteAction::Update { set, remove }))
     }
 
-    fn delete(&self, table: &CompiledTable, key: Item, position: Position, now_unix_secs: u64) -> GuardedWrite {
+    fn delete(
+        &self,
+        table: &CompiledTable,
+        key: Item,
+        position: Position,
+        now_unix_secs: u64,
+    ) -> GuardedWrite {
         let action = if self.tombstones.enabled {
             let mut item = Item::from([(self.tombstones.marker_attribute.clone(), Attr::Bool(true))]);
             if let Some(ttl) = &self.tombstones.ttl_attribute {
-                item.insert(ttl.clone(), Attr::N((now_unix_secs + self.tombstones.ttl.as_secs()).to_string()));
+                item.insert(
+                    ttl.clone(),
+                    Attr::N((now_unix_secs + self.tombstones.ttl.as_secs()).to_string()),
+                );
             }
             WriteAction::Put(item)
         } else {
@@ -202,7 +245,11 @@ impl DynamoTranslator {
 
     /// The mapped attributes of the present columns, and the names of NULL columns left out
     /// (a partial update removes those).
-    fn attributes(&self, table: &CompiledTable, row: &Row<'_>) -> Result<(Item, Vec<String>), TranslateError> {
+    fn attributes(
+        &self,
+        table: &CompiledTable,
+        row: &Row<'_>,
+    ) -> Result<(Item, Vec<String>), TranslateError> {
         let m = &table.mapping;
         let mut item = Item::new();
         let mut nulls = Vec::new();
@@ -220,7 +267,13 @@ impl DynamoTranslator {
                     item.insert(name, attr);
                 }
                 Ok(None) => nulls.push(name),
-                Err(reason) => return Err(TranslateError::Poison { table: m.source.clone(), column: Some(column.name.clone()), reason }),
+                Err(reason) => {
+                    return Err(TranslateError::Poison {
+                        table: m.source.clone(),
+                        column: Some(column.name.clone()),
+                        reason,
+                    })
+                }
             }
         }
         for (name, constant) in &m.constants {
@@ -240,9 +293,18 @@ fn render(segments: &[Segment], row: &Row<'_>, table: &str) -> Result<String, Tr
         match segment {
             Segment::Literal(text) => out.push_str(text),
             Segment::Column(column) => {
-                let poison = |reason: &str| TranslateError::Poison { table: table.to_owned(), column: Some(column.clone()), reason: reason.into() };
+                let poison = |reason: &str| TranslateError::Poison {
+                    table: table.to_owned(),
+                    column: Some(column.clone()),
+                    reason: reason.into(),
+                };
                 match row.get(column) {
-                    None => return Err(TranslateError::Fatal { table: table.to_owned(), reason: format!("key template column {column} is not in the table") }),
+                    None => {
+                        return Err(TranslateError::Fatal {
+                            table: table.to_owned(),
+                            reason: format!("key template column {column} is not in the table"),
+                        })
+                    }
                     Some(None) => return Err(poison("key column arrived as an unchanged TOAST value")),
                     Some(Some(Value::Null)) => return Err(poison("key column is NULL")),
                     Some(Some(value)) => out.push_str(&text_of(value)),
@@ -267,12 +329,18 @@ fn dynamo_number(text: &str) -> Result<String, String> {
         return Ok("0".into());
     }
     if significant.len() > 38 {
-        return Err(format!("{} significant digits exceed DynamoDB's 38; map the column with as = \"string\"", significant.len()));
+        return Err(format!(
+            "{} significant digits exceed DynamoDB's 38; map the column with as = \"string\"",
+            significant.len()
+        ));
     }
     let leading_zeros = digits.len() - digits.trim_start_matches('0').len();
     let magnitude = int.len() as i64 - leading_zeros as i64 + exponent;
     if !(-129..=126).contains(&magnitude) {
-        return Err("magnitude outside DynamoDB's range (1e-130 to 1e126); map the column with as = \"string\"".into());
+        return Err(
+            "magnitude outside DynamoDB's range (1e-130 to 1e126); map the column with as = \"string\""
+                .into(),
+        );
     }
     Ok(text.to_owned())
 }
@@ -281,7 +349,8 @@ fn float_text(v: f64) -> Result<String, String> {
     if !v.is_finite() {
         return Err(format!("{v} is not a DynamoDB number; map the column with as = \"string\""));
     }
-    let text = if v != 0.0 && (v.abs() >= 1e21 || v.abs() < 1e-7) { format!("{v:e}") } else { format!("{v}") };
+    let text =
+        if v != 0.0 && (v.abs() >= 1e21 || v.abs() < 1e-7) { format!("{v:e}") } else { format!("{v}") };
     dynamo_number(&text)
 }
 
@@ -306,32 +375,44 @@ fn to_attr(value: &Value, kind: Option<AttrKind>, nulls: NullPolicy) -> Result<O
         (Value::Float8(v), None | Some(AttrKind::Number)) => Attr::N(float_text(*v)?),
         (Value::Numeric(n), None | Some(AttrKind::Number)) => match n {
             sluice_postgres::Numeric::Finite(text) => Attr::N(dynamo_number(text)?),
-            other => return Err(format!("numeric {other} is not a DynamoDB number; map the column with as = \"string\"")),
+            other => {
+                return Err(format!(
+                    "numeric {other} is not a DynamoDB number; map the column with as = \"string\""
+                ))
+            }
         },
         (Value::Text(s) | Value::Enum(s), None) => Attr::S(s.clone()),
         (Value::Unknown { text, .. }, None) => Attr::S(text.clone()),
         (Value::Bytea(b) | Value::UnknownBinary { bytes: b, .. }, None) => Attr::B(b.clone()),
         (Value::Uuid(_) | Value::Time(_) | Value::Interval(_), None) => Attr::S(value.to_string()),
         (Value::Json(text), None | Some(AttrKind::Map)) => {
-            let json: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+            let json: serde_json::Value =
+                serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
             json_attr(&json)?
         }
         (Value::Timestamp(ts), None | Some(AttrKind::Iso8601)) => Attr::S(iso(*ts, false)),
         (Value::TimestampTz(ts), None | Some(AttrKind::Iso8601)) => Attr::S(iso(*ts, true)),
         (Value::Timestamp(ts) | Value::TimestampTz(ts), Some(AttrKind::EpochMillis)) => {
-            let micros = ts.unix_micros().ok_or("an infinite timestamp has no epoch millis; map the column with as = \"string\"")?;
+            let micros = ts
+                .unix_micros()
+                .ok_or("an infinite timestamp has no epoch millis; map the column with as = \"string\"")?;
             Attr::N(micros.div_euclid(1000).to_string())
         }
         (Value::Date(_), None | Some(AttrKind::Iso8601)) => Attr::S(text_of(value)),
         (Value::Date(date), Some(AttrKind::EpochMillis)) => {
             if date.ymd().is_none() {
-                return Err("an infinite date has no epoch millis; map the column with as = \"string\"".into());
+                return Err(
+                    "an infinite date has no epoch millis; map the column with as = \"string\"".into()
+                );
             }
             Attr::N(((date.0 as i64 + 10_957) * 86_400_000).to_string())
         }
-        (Value::Array(items), None | Some(AttrKind::List)) => {
-            Attr::L(items.iter().map(|i| to_attr(i, None, NullPolicy::Null).map(|a| a.unwrap_or(Attr::Null))).collect::<Result<_, _>>()?)
-        }
+        (Value::Array(items), None | Some(AttrKind::List)) => Attr::L(
+            items
+                .iter()
+                .map(|i| to_attr(i, None, NullPolicy::Null).map(|a| a.unwrap_or(Attr::Null)))
+                .collect::<Result<_, _>>()?,
+        ),
         (Value::Array(items), Some(AttrKind::Set)) => return set_attr(items),
         (_, Some(kind)) => return wrong(kind),
         (Value::Null, None) => unreachable!("NULL is handled above"),
@@ -353,7 +434,9 @@ fn set_attr(items: &[Value]) -> Result<Option<Attr>, String> {
             Some(Attr::N(n)) => {
                 numbers.insert(n);
             }
-            Some(Attr::Null) | None => return Err("a set cannot hold NULL; map the column with as = \"list\"".into()),
+            Some(Attr::Null) | None => {
+                return Err("a set cannot hold NULL; map the column with as = \"list\"".into())
+            }
             Some(_) => return Err("only arrays of text or numbers can be sets".into()),
         }
     }
@@ -371,7 +454,11 @@ pub(crate) fn json_attr(json: &serde_json::Value) -> Result<Attr, String> {
         serde_json::Value::Number(n) => Attr::N(dynamo_number(&n.to_string())?),
         serde_json::Value::String(s) => Attr::S(s.clone()),
         serde_json::Value::Array(items) => Attr::L(items.iter().map(json_attr).collect::<Result<_, _>>()?),
-        serde_json::Value::Object(map) => Attr::M(map.iter().map(|(k, v)| Ok((k.clone(), json_attr(v)?))).collect::<Result<BTreeMap<_, _>, String>>()?),
+        serde_json::Value::Object(map) => Attr::M(
+            map.iter()
+                .map(|(k, v)| Ok((k.clone(), json_attr(v)?)))
+                .collect::<Result<BTreeMap<_, _>, String>>()?,
+        ),
     })
 }
 
@@ -440,7 +527,11 @@ mod tests {
                 column("status", TypeKind::Text, false),
                 column("balance", TypeKind::Numeric, false),
                 column("seen_at", TypeKind::TimestampTz, false),
-                column("tags", TypeKind::Array { element: Box::new(TypeKind::Text), element_oid: 25, delimiter: b',' }, false),
+                column(
+                    "tags",
+                    TypeKind::Array { element: Box::new(TypeKind::Text), element_oid: 25, delimiter: b',' },
+                    false,
+                ),
                 column("bio", TypeKind::Text, false),
             ],
         })
@@ -478,7 +569,13 @@ mod tests {
 
     #[test]
     fn insert_becomes_a_guarded_put_of_the_mapped_item() {
-        let writes = translate(&ChangeEvent::Insert { position: at(0x10, 2), relation: users(), new: user_row(7, "active"), snapshot: false }).unwrap();
+        let writes = translate(&ChangeEvent::Insert {
+            position: at(0x10, 2),
+            relation: users(),
+            new: user_row(7, "active"),
+            snapshot: false,
+        })
+        .unwrap();
         let expected_item = Item::from([
             ("id".to_string(), Attr::N("7".into())),
             ("emailAddress".to_string(), s("a@x")),
@@ -514,7 +611,13 @@ mod tests {
         .unwrap();
         assert_eq!(writes.len(), 2);
         assert_eq!(writes[0].key, user_key(7));
-        assert_eq!(writes[0].action, WriteAction::Put(Item::from([("_deleted".to_string(), Attr::Bool(true)), ("expires_at".to_string(), Attr::N("4600".into()))])));
+        assert_eq!(
+            writes[0].action,
+            WriteAction::Put(Item::from([
+                ("_deleted".to_string(), Attr::Bool(true)),
+                ("expires_at".to_string(), Attr::N("4600".into()))
+            ]))
+        );
         assert_eq!(writes[1].key, user_key(8));
         assert!(matches!(writes[1].action, WriteAction::Put(_)));
     }
@@ -524,56 +627,124 @@ mod tests {
         let mut values: Vec<Option<Value>> = user_row(7, "active").into_iter().map(Some).collect();
         values[7] = None;
         values[1] = Some(Value::Null);
-        let writes = translate(&ChangeEvent::Update { position: at(0x20, 1), relation: users(), old: None, new: NewRow::Partial(values) }).unwrap();
-        let WriteAction::Update { set, remove } = &writes[0].action else { panic!("expected an update: {writes:?}") };
+        let writes = translate(&ChangeEvent::Update {
+            position: at(0x20, 1),
+            relation: users(),
+            old: None,
+            new: NewRow::Partial(values),
+        })
+        .unwrap();
+        let WriteAction::Update { set, remove } = &writes[0].action else {
+            panic!("expected an update: {writes:?}")
+        };
         assert!(!set.contains_key("bio") && !set.contains_key("pk") && set.contains_key("status"));
-        assert_eq!(remove, &vec!["emailAddress".to_string(), "_deleted".to_string()], "a NULL column is removed, the tombstone marker too");
+        assert_eq!(
+            remove,
+            &vec!["emailAddress".to_string(), "_deleted".to_string()],
+            "a NULL column is removed, the tombstone marker too"
+        );
     }
 
     #[test]
     fn leaving_the_filter_deletes_the_item_and_filtered_inserts_write_nothing() {
-        let writes = translate(&ChangeEvent::Update { position: at(0x30, 1), relation: users(), old: None, new: NewRow::Full(user_row(7, "deleted")) }).unwrap();
+        let writes = translate(&ChangeEvent::Update {
+            position: at(0x30, 1),
+            relation: users(),
+            old: None,
+            new: NewRow::Full(user_row(7, "deleted")),
+        })
+        .unwrap();
         assert_eq!(writes.len(), 1);
         assert!(matches!(&writes[0].action, WriteAction::Put(item) if item.contains_key("_deleted")));
-        assert!(translate(&ChangeEvent::Insert { position: at(0x30, 1), relation: users(), new: user_row(7, "deleted"), snapshot: false }).unwrap().is_empty());
+        assert!(translate(&ChangeEvent::Insert {
+            position: at(0x30, 1),
+            relation: users(),
+            new: user_row(7, "deleted"),
+            snapshot: false
+        })
+        .unwrap()
+        .is_empty());
     }
 
     #[test]
     fn numeric_past_38_digits_is_poison_naming_the_column() {
-        let relation = Arc::new(Relation { name: "orders".into(), columns: vec![column("id", TypeKind::Int8, true), column("user_id", TypeKind::Int8, false), column("total", TypeKind::Numeric, false)], ..(*users()).clone() });
+        let relation = Arc::new(Relation {
+            name: "orders".into(),
+            columns: vec![
+                column("id", TypeKind::Int8, true),
+                column("user_id", TypeKind::Int8, false),
+                column("total", TypeKind::Numeric, false),
+            ],
+            ..(*users()).clone()
+        });
         let big = Value::Numeric(Numeric::Finite("1234567890123456789012345678901234567890".into()));
-        let err = translate(&ChangeEvent::Insert { position: at(1, 1), relation, new: vec![Value::Int8(1), Value::Int8(2), big], snapshot: false }).unwrap_err();
+        let err = translate(&ChangeEvent::Insert {
+            position: at(1, 1),
+            relation,
+            new: vec![Value::Int8(1), Value::Int8(2), big],
+            snapshot: false,
+        })
+        .unwrap_err();
         assert_eq!(
             err,
             TranslateError::Poison {
                 table: "public.orders".into(),
                 column: Some("total".into()),
-                reason: "39 significant digits exceed DynamoDB's 38; map the column with as = \"string\"".into()
+                reason: "39 significant digits exceed DynamoDB's 38; map the column with as = \"string\""
+                    .into()
             }
         );
     }
 
     #[test]
     fn two_tables_share_one_target_table_with_their_own_keys() {
-        let relation = Arc::new(Relation { name: "orders".into(), columns: vec![column("id", TypeKind::Int8, true), column("user_id", TypeKind::Int8, false)], ..(*users()).clone() });
-        let writes = translate(&ChangeEvent::Insert { position: at(1, 1), relation, new: vec![Value::Int8(3), Value::Int8(7)], snapshot: false }).unwrap();
+        let relation = Arc::new(Relation {
+            name: "orders".into(),
+            columns: vec![column("id", TypeKind::Int8, true), column("user_id", TypeKind::Int8, false)],
+            ..(*users()).clone()
+        });
+        let writes = translate(&ChangeEvent::Insert {
+            position: at(1, 1),
+            relation,
+            new: vec![Value::Int8(3), Value::Int8(7)],
+            snapshot: false,
+        })
+        .unwrap();
         assert_eq!(writes[0].table, "app");
-        assert_eq!(writes[0].key, Item::from([("pk".to_string(), s("USER#7")), ("sk".to_string(), s("ORDER#3"))]));
+        assert_eq!(
+            writes[0].key,
+            Item::from([("pk".to_string(), s("USER#7")), ("sk".to_string(), s("ORDER#3"))])
+        );
     }
 
     #[test]
     fn truncate_of_a_mapped_table_stops_by_default() {
-        let err = translate(&ChangeEvent::Truncate { position: at(1, 1), relations: vec![users()], cascade: false, restart_identity: false }).unwrap_err();
+        let err = translate(&ChangeEvent::Truncate {
+            position: at(1, 1),
+            relations: vec![users()],
+            cascade: false,
+            restart_identity: false,
+        })
+        .unwrap_err();
         assert!(matches!(err, TranslateError::Fatal { ref table, .. } if table == "public.users"));
     }
 
     #[test]
     fn json_becomes_nested_maps_with_exact_numbers() {
-        let attr = to_attr(&Value::Json(r#"{"a": [1, 12345678901234567890.5, null], "b": {"c": true}}"#.into()), None, NullPolicy::Omit).unwrap().unwrap();
+        let attr = to_attr(
+            &Value::Json(r#"{"a": [1, 12345678901234567890.5, null], "b": {"c": true}}"#.into()),
+            None,
+            NullPolicy::Omit,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(
             attr,
             Attr::M(BTreeMap::from([
-                ("a".to_string(), Attr::L(vec![Attr::N("1".into()), Attr::N("12345678901234567890.5".into()), Attr::Null])),
+                (
+                    "a".to_string(),
+                    Attr::L(vec![Attr::N("1".into()), Attr::N("12345678901234567890.5".into()), Attr::Null])
+                ),
                 ("b".to_string(), Attr::M(BTreeMap::from([("c".to_string(), Attr::Bool(true))]))),
             ]))
         );
@@ -588,7 +759,10 @@ mod tests {
         assert!(dynamo_number("1e-130").is_ok());
         assert!(dynamo_number("1e-131").is_err());
         assert!(float_text(f64::NAN).is_err());
-        assert_eq!(float_text(1e300).unwrap_err(), "magnitude outside DynamoDB's range (1e-130 to 1e126); map the column with as = \"string\"");
+        assert_eq!(
+            float_text(1e300).unwrap_err(),
+            "magnitude outside DynamoDB's range (1e-130 to 1e126); map the column with as = \"string\""
+        );
         assert_eq!(float_text(0.1).unwrap(), "0.1");
     }
 

@@ -9,11 +9,18 @@ use crate::event::{Relation, Value};
 
 /// Whether a row (values in `relation`'s column order; `None` for unchanged TOAST) satisfies
 /// every predicate of a table mapping's filter.
-pub fn passes_filter(filter: &[Predicate], source: &str, relation: &Relation, row: &[Option<&Value>]) -> Result<bool, TranslateError> {
+pub fn passes_filter(
+    filter: &[Predicate],
+    source: &str,
+    relation: &Relation,
+    row: &[Option<&Value>],
+) -> Result<bool, TranslateError> {
     for predicate in filter {
-        let index = relation.columns.iter().position(|c| c.name == predicate.column).ok_or_else(|| TranslateError::Fatal {
-            table: source.to_owned(),
-            reason: format!("filter column {} is not in the table", predicate.column),
+        let index = relation.columns.iter().position(|c| c.name == predicate.column).ok_or_else(|| {
+            TranslateError::Fatal {
+                table: source.to_owned(),
+                reason: format!("filter column {} is not in the table", predicate.column),
+            }
         })?;
         // An unchanged TOASTed column did not change: it cannot move the row across the filter.
         let Some(value) = row[index] else { continue };
@@ -27,12 +34,19 @@ pub fn passes_filter(filter: &[Predicate], source: &str, relation: &Relation, ro
 /// Problems of a table mapping's filter: operators without the value they compare with.
 pub fn filter_problems(prefix: &str, filter: &[Predicate], problems: &mut Vec<Problem>) {
     for (j, predicate) in filter.iter().enumerate() {
-        let needs_value = !matches!(predicate.op, PredicateOp::IsNull | PredicateOp::NotNull | PredicateOp::In | PredicateOp::NotIn);
+        let needs_value = !matches!(
+            predicate.op,
+            PredicateOp::IsNull | PredicateOp::NotNull | PredicateOp::In | PredicateOp::NotIn
+        );
         if needs_value && predicate.value.is_none() {
             problems.push(Problem::new(prefix, &format!("filter[{j}].value"), "this operator needs a value"));
         }
         if matches!(predicate.op, PredicateOp::In | PredicateOp::NotIn) && predicate.values.is_empty() {
-            problems.push(Problem::new(prefix, &format!("filter[{j}].values"), "in / not_in need a list of values"));
+            problems.push(Problem::new(
+                prefix,
+                &format!("filter[{j}].values"),
+                "in / not_in need a list of values",
+            ));
         }
     }
 }
@@ -55,7 +69,8 @@ fn matches(predicate: &Predicate, value: &Value) -> bool {
             (Constant::Bool(_), _) => None,
         }
     };
-    let is = |wanted: &[Ordering]| predicate.value.as_ref().and_then(compare).is_some_and(|o| wanted.contains(&o));
+    let is =
+        |wanted: &[Ordering]| predicate.value.as_ref().and_then(compare).is_some_and(|o| wanted.contains(&o));
     match predicate.op {
         PredicateOp::IsNull => matches!(value, Value::Null),
         PredicateOp::NotNull => !matches!(value, Value::Null),
@@ -66,7 +81,10 @@ fn matches(predicate: &Predicate, value: &Value) -> bool {
         PredicateOp::Gt => is(&[Ordering::Greater]),
         PredicateOp::Ge => is(&[Ordering::Greater, Ordering::Equal]),
         PredicateOp::In => predicate.values.iter().any(|c| compare(c) == Some(Ordering::Equal)),
-        PredicateOp::NotIn => !matches!(value, Value::Null) && !predicate.values.iter().any(|c| compare(c) == Some(Ordering::Equal)),
+        PredicateOp::NotIn => {
+            !matches!(value, Value::Null)
+                && !predicate.values.iter().any(|c| compare(c) == Some(Ordering::Equal))
+        }
     }
 }
 
@@ -79,7 +97,13 @@ mod tests {
     use crate::event::{Column, ReplicaIdentity};
 
     fn relation() -> Relation {
-        let column = |name: &str, kind: TypeKind| Column { name: name.into(), type_oid: 0, type_modifier: -1, is_key: false, kind };
+        let column = |name: &str, kind: TypeKind| Column {
+            name: name.into(),
+            type_oid: 0,
+            type_modifier: -1,
+            is_key: false,
+            kind,
+        };
         Relation {
             oid: 1,
             namespace: "public".into(),
@@ -94,7 +118,13 @@ mod tests {
     }
 
     fn passes(predicate: &Predicate, total: Option<Value>, status: Option<Value>) -> bool {
-        passes_filter(std::slice::from_ref(predicate), "public.orders", &relation(), &[total.as_ref(), status.as_ref()]).unwrap()
+        passes_filter(
+            std::slice::from_ref(predicate),
+            "public.orders",
+            &relation(),
+            &[total.as_ref(), status.as_ref()],
+        )
+        .unwrap()
     }
 
     #[test]
@@ -114,10 +144,20 @@ mod tests {
     fn null_matches_only_is_null_as_in_sql() {
         let null = Some(Value::Null);
         for op in [PredicateOp::Eq, PredicateOp::Ne, PredicateOp::Lt, PredicateOp::Ge, PredicateOp::NotNull] {
-            assert!(!passes(&predicate("status", op, Some(Constant::Text("x".into())), vec![]), None, null.clone()), "{op:?}");
+            assert!(
+                !passes(
+                    &predicate("status", op, Some(Constant::Text("x".into())), vec![]),
+                    None,
+                    null.clone()
+                ),
+                "{op:?}"
+            );
         }
         for op in [PredicateOp::In, PredicateOp::NotIn] {
-            assert!(!passes(&predicate("status", op, None, vec![Constant::Text("x".into())]), None, null.clone()), "{op:?}");
+            assert!(
+                !passes(&predicate("status", op, None, vec![Constant::Text("x".into())]), None, null.clone()),
+                "{op:?}"
+            );
         }
         assert!(passes(&predicate("status", PredicateOp::IsNull, None, vec![]), None, null));
     }
@@ -138,7 +178,10 @@ mod tests {
     #[test]
     fn operators_without_their_values_are_problems() {
         let mut problems = Vec::new();
-        let filter = [predicate("total", PredicateOp::Gt, None, vec![]), predicate("status", PredicateOp::In, None, vec![])];
+        let filter = [
+            predicate("total", PredicateOp::Gt, None, vec![]),
+            predicate("status", PredicateOp::In, None, vec![]),
+        ];
         filter_problems("mapping.tables[0]", &filter, &mut problems);
         let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["mapping.tables[0].filter[0].value", "mapping.tables[0].filter[1].values"]);

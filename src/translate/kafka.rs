@@ -41,7 +41,12 @@ pub const HEADER_TABLE: &str = "sluice.table";
 pub const HEADER_POSITION: &str = "sluice.position";
 
 impl KafkaTranslator {
-    pub fn new(topic: &str, topics: HashMap<String, String>, tombstones_on_delete: bool, outbox: Option<OutboxConfig>) -> Self {
+    pub fn new(
+        topic: &str,
+        topics: HashMap<String, String>,
+        tombstones_on_delete: bool,
+        outbox: Option<OutboxConfig>,
+    ) -> Self {
         KafkaTranslator { topic: topic.to_owned(), topics, tombstones_on_delete, outbox }
     }
 
@@ -52,11 +57,15 @@ impl KafkaTranslator {
                 Ok(Routed::Event(routed)) => return push_event(outbox, routed, out),
                 Ok(Routed::Ignored) => return Ok(()),
                 Ok(Routed::NotOutbox) => {}
-                Err(poison) => return Err(TranslateError::Poison { table: poison.table, reason: poison.reason }),
+                Err(poison) => {
+                    return Err(TranslateError::Poison { table: poison.table, reason: poison.reason })
+                }
             }
         }
         let (relation, position, op) = match event {
-            ChangeEvent::Insert { relation, position, snapshot, .. } => (relation, *position, if *snapshot { "read" } else { "insert" }),
+            ChangeEvent::Insert { relation, position, snapshot, .. } => {
+                (relation, *position, if *snapshot { "read" } else { "insert" })
+            }
             ChangeEvent::Update { relation, position, .. } => (relation, *position, "update"),
             ChangeEvent::Delete { relation, position, .. } => (relation, *position, "delete"),
             ChangeEvent::Truncate { relations, position, .. } => {
@@ -64,7 +73,12 @@ impl KafkaTranslator {
                     let mut value = Vec::new();
                     crate::json::write_event(&mut value, event, false);
                     trim_newline(&mut value);
-                    out.push(Record { topic: self.topic_for(relation), key: None, payload: Some(value), headers: headers("truncate", relation, *position) });
+                    out.push(Record {
+                        topic: self.topic_for(relation),
+                        key: None,
+                        payload: Some(value),
+                        headers: headers("truncate", relation, *position),
+                    });
                 }
                 return Ok(());
             }
@@ -73,15 +87,24 @@ impl KafkaTranslator {
         let topic = self.topic_for(relation);
         let key = match event {
             ChangeEvent::Insert { new, .. } => key_json(relation, new.iter().map(Some)),
-            ChangeEvent::Update { new: NewRow::Full(values), .. } => key_json(relation, values.iter().map(Some)),
-            ChangeEvent::Update { new: NewRow::Partial(values), .. } => key_json(relation, values.iter().map(Option::as_ref)),
+            ChangeEvent::Update { new: NewRow::Full(values), .. } => {
+                key_json(relation, values.iter().map(Some))
+            }
+            ChangeEvent::Update { new: NewRow::Partial(values), .. } => {
+                key_json(relation, values.iter().map(Option::as_ref))
+            }
             ChangeEvent::Delete { old, .. } => key_json(relation, old.values().iter().map(Some)),
             _ => None,
         };
         let mut value = Vec::new();
         crate::json::write_event(&mut value, event, false);
         trim_newline(&mut value);
-        out.push(Record { topic: topic.clone(), key: key.clone(), payload: Some(value), headers: headers(op, relation, position) });
+        out.push(Record {
+            topic: topic.clone(),
+            key: key.clone(),
+            payload: Some(value),
+            headers: headers(op, relation, position),
+        });
         if self.tombstones_on_delete {
             let dead_key = match event {
                 ChangeEvent::Delete { .. } => key,
@@ -97,7 +120,12 @@ impl KafkaTranslator {
                 _ => None,
             };
             if let Some(dead_key) = dead_key {
-                out.push(Record { topic, key: Some(dead_key), payload: None, headers: headers("tombstone", relation, position) });
+                out.push(Record {
+                    topic,
+                    key: Some(dead_key),
+                    payload: None,
+                    headers: headers("tombstone", relation, position),
+                });
             }
         }
         Ok(())
@@ -147,13 +175,22 @@ fn key_json<'a>(relation: &Relation, values: impl Iterator<Item = Option<&'a Val
 
 /// A topic name Kafka accepts: 1–249 of `[A-Za-z0-9._-]`.
 fn valid_topic(topic: &str) -> bool {
-    !topic.is_empty() && topic.len() <= 249 && topic.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    !topic.is_empty()
+        && topic.len() <= 249
+        && topic.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
-fn push_event(outbox: &OutboxConfig, event: OutboxEvent, out: &mut Vec<Record>) -> Result<(), TranslateError> {
+fn push_event(
+    outbox: &OutboxConfig,
+    event: OutboxEvent,
+    out: &mut Vec<Record>,
+) -> Result<(), TranslateError> {
     let topic = outbox.topic.replace("{aggregatetype}", &event.aggregate_type);
     if !valid_topic(&topic) {
-        return Err(TranslateError::Poison { table: event.source, reason: format!("topic {topic:?} (from the aggregate type) is not a valid Kafka topic name") });
+        return Err(TranslateError::Poison {
+            table: event.source,
+            reason: format!("topic {topic:?} (from the aggregate type) is not a valid Kafka topic name"),
+        });
     }
     let mut headers = Vec::with_capacity(event.headers.len() + 2);
     if let Some(id) = event.id {
@@ -161,7 +198,12 @@ fn push_event(outbox: &OutboxConfig, event: OutboxEvent, out: &mut Vec<Record>) 
     }
     headers.extend(event.headers.into_iter().map(|(name, value)| (name, value.into_bytes())));
     headers.push((HEADER_POSITION.into(), position_text(event.position).into_bytes()));
-    out.push(Record { topic, key: event.aggregate_id.map(String::into_bytes), payload: event.payload.map(|p| p.into_bytes()), headers });
+    out.push(Record {
+        topic,
+        key: event.aggregate_id.map(String::into_bytes),
+        payload: event.payload.map(|p| p.into_bytes()),
+        headers,
+    });
     Ok(())
 }
 
@@ -182,7 +224,13 @@ mod tests {
             replica_identity: ReplicaIdentity::Default,
             columns: columns
                 .iter()
-                .map(|(name, is_key, kind)| Column { name: (*name).into(), type_oid: 0, type_modifier: -1, is_key: *is_key, kind: kind.clone() })
+                .map(|(name, is_key, kind)| Column {
+                    name: (*name).into(),
+                    type_oid: 0,
+                    type_modifier: -1,
+                    is_key: *is_key,
+                    kind: kind.clone(),
+                })
                 .collect(),
         })
     }
@@ -198,12 +246,19 @@ mod tests {
     fn outbox_relation() -> Arc<Relation> {
         relation(
             "outbox",
-            &[("id", true, TypeKind::Uuid), ("aggregatetype", false, TypeKind::Text), ("aggregateid", false, TypeKind::Text), ("type", false, TypeKind::Text), ("payload", false, TypeKind::Jsonb)],
+            &[
+                ("id", true, TypeKind::Uuid),
+                ("aggregatetype", false, TypeKind::Text),
+                ("aggregateid", false, TypeKind::Text),
+                ("type", false, TypeKind::Text),
+                ("payload", false, TypeKind::Jsonb),
+            ],
         )
     }
 
     fn outbox_translator() -> KafkaTranslator {
-        let outbox: OutboxConfig = toml::from_str("table = \"public.outbox\"\nmessage_prefix = \"outbox\"").unwrap();
+        let outbox: OutboxConfig =
+            toml::from_str("table = \"public.outbox\"\nmessage_prefix = \"outbox\"").unwrap();
         KafkaTranslator::new("{schema}.{table}", HashMap::new(), true, Some(outbox))
     }
 
@@ -239,15 +294,26 @@ mod tests {
         let row = |aggregate_type: Value, payload: Value| ChangeEvent::Insert {
             position: position(0),
             relation: outbox_relation(),
-            new: vec![Value::Uuid([2; 16]), aggregate_type, Value::Text("a".into()), Value::Text("Deleted".into()), payload],
+            new: vec![
+                Value::Uuid([2; 16]),
+                aggregate_type,
+                Value::Text("a".into()),
+                Value::Text("Deleted".into()),
+                payload,
+            ],
             snapshot: false,
         };
         let mut out = Vec::new();
         translator.translate(&row(Value::Text("Order".into()), Value::Null), &mut out).unwrap();
         assert_eq!(out[0].payload, None);
         let error = translator.translate(&row(Value::Null, Value::Null), &mut Vec::new()).unwrap_err();
-        assert!(matches!(error, TranslateError::Poison { ref reason, .. } if reason.contains("aggregatetype")), "{error}");
-        let error = translator.translate(&row(Value::Text("Order Lines".into()), Value::Null), &mut Vec::new()).unwrap_err();
+        assert!(
+            matches!(error, TranslateError::Poison { ref reason, .. } if reason.contains("aggregatetype")),
+            "{error}"
+        );
+        let error = translator
+            .translate(&row(Value::Text("Order Lines".into()), Value::Null), &mut Vec::new())
+            .unwrap_err();
         assert!(error.to_string().contains("not a valid Kafka topic name"), "{error}");
     }
 
@@ -255,7 +321,11 @@ mod tests {
     fn outbox_updates_and_deletes_are_ignored_and_messages_route_like_rows() {
         let translator = outbox_translator();
         let mut out = Vec::new();
-        let delete = ChangeEvent::Delete { position: position(1), relation: outbox_relation(), old: OldRow::Key(vec![Value::Uuid([3; 16]), Value::Null, Value::Null, Value::Null, Value::Null]) };
+        let delete = ChangeEvent::Delete {
+            position: position(1),
+            relation: outbox_relation(),
+            old: OldRow::Key(vec![Value::Uuid([3; 16]), Value::Null, Value::Null, Value::Null, Value::Null]),
+        };
         translator.translate(&delete, &mut out).unwrap();
         assert!(out.is_empty());
         let message = ChangeEvent::Message {
@@ -269,7 +339,12 @@ mod tests {
         assert_eq!(out[0].key.as_deref(), Some(&b"c-1"[..]));
         assert_eq!(out[0].payload.as_deref(), Some(&br#"{"name":"Ada"}"#[..]));
         assert_eq!(header(&out[0], "id"), Some("e1"));
-        let other = ChangeEvent::Message { position: position(0), transactional: true, prefix: "audit".into(), content: bytes::Bytes::from_static(b"x") };
+        let other = ChangeEvent::Message {
+            position: position(0),
+            transactional: true,
+            prefix: "audit".into(),
+            content: bytes::Bytes::from_static(b"x"),
+        };
         out.clear();
         translator.translate(&other, &mut out).unwrap();
         assert!(out.is_empty(), "messages with another prefix are not events");
@@ -278,9 +353,19 @@ mod tests {
     #[test]
     fn cdc_changes_are_keyed_by_identity_and_deletes_and_key_changes_leave_tombstones() {
         let accounts = relation("accounts", &[("id", true, TypeKind::Int8), ("name", false, TypeKind::Text)]);
-        let translator = KafkaTranslator::new("cdc.{schema}.{table}", HashMap::from([("public.special".to_string(), "special-topic".to_string())]), true, None);
+        let translator = KafkaTranslator::new(
+            "cdc.{schema}.{table}",
+            HashMap::from([("public.special".to_string(), "special-topic".to_string())]),
+            true,
+            None,
+        );
         let mut out = Vec::new();
-        let insert = ChangeEvent::Insert { position: position(0), relation: accounts.clone(), new: vec![Value::Int8(7), Value::Text("ada".into())], snapshot: false };
+        let insert = ChangeEvent::Insert {
+            position: position(0),
+            relation: accounts.clone(),
+            new: vec![Value::Int8(7), Value::Text("ada".into())],
+            snapshot: false,
+        };
         translator.translate(&insert, &mut out).unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].topic, "cdc.public.accounts");
@@ -301,10 +386,18 @@ mod tests {
         translator.translate(&rekey, &mut out).unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].key.as_deref(), Some(&br#"{"id":8}"#[..]));
-        assert_eq!((out[1].key.as_deref(), out[1].payload.as_ref()), (Some(&br#"{"id":7}"#[..]), None), "the old key is tombstoned");
+        assert_eq!(
+            (out[1].key.as_deref(), out[1].payload.as_ref()),
+            (Some(&br#"{"id":7}"#[..]), None),
+            "the old key is tombstoned"
+        );
 
         out.clear();
-        let delete = ChangeEvent::Delete { position: position(2), relation: accounts, old: OldRow::Key(vec![Value::Int8(8), Value::Null]) };
+        let delete = ChangeEvent::Delete {
+            position: position(2),
+            relation: accounts,
+            old: OldRow::Key(vec![Value::Int8(8), Value::Null]),
+        };
         translator.translate(&delete, &mut out).unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(header(&out[0], HEADER_OP), Some("delete"));
@@ -312,7 +405,17 @@ mod tests {
 
         out.clear();
         let special = relation("special", &[("id", true, TypeKind::Int8)]);
-        translator.translate(&ChangeEvent::Insert { position: position(3), relation: special, new: vec![Value::Int8(1)], snapshot: false }, &mut out).unwrap();
+        translator
+            .translate(
+                &ChangeEvent::Insert {
+                    position: position(3),
+                    relation: special,
+                    new: vec![Value::Int8(1)],
+                    snapshot: false,
+                },
+                &mut out,
+            )
+            .unwrap();
         assert_eq!(out[0].topic, "special-topic");
     }
 
@@ -321,7 +424,12 @@ mod tests {
         let accounts = relation("accounts", &[("id", true, TypeKind::Int8), ("name", false, TypeKind::Text)]);
         let translator = KafkaTranslator::new("cdc.{schema}.{table}", HashMap::new(), true, None);
         let mut out = Vec::new();
-        let read = ChangeEvent::Insert { position: position(0), relation: accounts, new: vec![Value::Int8(7), Value::Text("ada".into())], snapshot: true };
+        let read = ChangeEvent::Insert {
+            position: position(0),
+            relation: accounts,
+            new: vec![Value::Int8(7), Value::Text("ada".into())],
+            snapshot: true,
+        };
         translator.translate(&read, &mut out).unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].key.as_deref(), Some(&br#"{"id":7}"#[..]));

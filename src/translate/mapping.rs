@@ -57,7 +57,12 @@ pub struct Tombstones {
 
 impl Default for Tombstones {
     fn default() -> Self {
-        Tombstones { enabled: true, marker_attribute: default_marker(), ttl_attribute: None, ttl: default_tombstone_ttl() }
+        Tombstones {
+            enabled: true,
+            marker_attribute: default_marker(),
+            ttl_attribute: None,
+            ttl: default_tombstone_ttl(),
+        }
     }
 }
 
@@ -254,7 +259,11 @@ impl Mapping {
         for (i, table) in self.tables.iter().enumerate() {
             let prefix = format!("mapping.tables[{i}]");
             if table.source.split('.').count() != 2 {
-                problems.push(Problem::new(&prefix, "source", format!("{:?} must be schema.table", table.source)));
+                problems.push(Problem::new(
+                    &prefix,
+                    "source",
+                    format!("{:?} must be schema.table", table.source),
+                ));
             }
             if !sources.insert(&table.source) {
                 problems.push(Problem::new(&prefix, "source", format!("{} is mapped twice", table.source)));
@@ -262,7 +271,9 @@ impl Mapping {
             if table.target.len() < 3 || table.target.len() > 255 {
                 problems.push(Problem::new(&prefix, "target", "DynamoDB table names are 3-255 characters"));
             }
-            for (name, key) in [("partition_key", Some(&table.partition_key)), ("sort_key", table.sort_key.as_ref())] {
+            for (name, key) in
+                [("partition_key", Some(&table.partition_key)), ("sort_key", table.sort_key.as_ref())]
+            {
                 let Some(key) = key else { continue };
                 if let Err(message) = parse_template(&key.template) {
                     problems.push(Problem::new(&prefix, &format!("{name}.template"), message));
@@ -282,12 +293,20 @@ impl Mapping {
             .collect();
             for (column, attribute) in &table.rename {
                 if reserved.contains(&attribute.as_str()) {
-                    problems.push(Problem::new(&prefix, &format!("rename.{column}"), format!("{attribute:?} is a key, version or tombstone attribute")));
+                    problems.push(Problem::new(
+                        &prefix,
+                        &format!("rename.{column}"),
+                        format!("{attribute:?} is a key, version or tombstone attribute"),
+                    ));
                 }
             }
             for name in table.constants.keys() {
                 if reserved.contains(&name.as_str()) {
-                    problems.push(Problem::new(&prefix, &format!("constants.{name}"), "collides with a key, version or tombstone attribute"));
+                    problems.push(Problem::new(
+                        &prefix,
+                        &format!("constants.{name}"),
+                        "collides with a key, version or tombstone attribute",
+                    ));
                 }
             }
             filter_problems(&prefix, &table.filter, &mut problems);
@@ -298,15 +317,21 @@ impl Mapping {
 
 /// A mapping file's text; the error names the file.
 pub fn read(path: &Path) -> Result<String, Vec<Problem>> {
-    std::fs::read_to_string(path).map_err(|e| vec![Problem::new("", "mapping", format!("cannot read {}: {e}", path.display()))])
+    std::fs::read_to_string(path)
+        .map_err(|e| vec![Problem::new("", "mapping", format!("cannot read {}: {e}", path.display()))])
 }
 
 /// A mapping document that `validate` finds no problem in; errors are named by their dotted
 /// key under `mapping`.
-pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, validate: impl Fn(&T) -> Vec<Problem>) -> Result<T, Vec<Problem>> {
-    let value: toml::Value = toml::from_str(text).map_err(|e| vec![Problem::new("", "mapping", e.message().to_owned())])?;
-    let mapping: T = serde_path_to_error::deserialize(value)
-        .map_err(|e| vec![Problem { key: format!("mapping.{}", e.path()), message: e.into_inner().message().to_owned() }])?;
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    validate: impl Fn(&T) -> Vec<Problem>,
+) -> Result<T, Vec<Problem>> {
+    let value: toml::Value =
+        toml::from_str(text).map_err(|e| vec![Problem::new("", "mapping", e.message().to_owned())])?;
+    let mapping: T = serde_path_to_error::deserialize(value).map_err(|e| {
+        vec![Problem { key: format!("mapping.{}", e.path()), message: e.into_inner().message().to_owned() }]
+    })?;
     let problems = validate(&mapping);
     if problems.is_empty() {
         Ok(mapping)
@@ -320,7 +345,13 @@ mod tests {
     use super::*;
 
     /// The subset of JSON Schema that `schemas/mapping.schema.json` uses.
-    fn conforms(schema: &serde_json::Value, root: &serde_json::Value, value: &serde_json::Value, path: &str, errors: &mut Vec<String>) {
+    fn conforms(
+        schema: &serde_json::Value,
+        root: &serde_json::Value,
+        value: &serde_json::Value,
+        path: &str,
+        errors: &mut Vec<String>,
+    ) {
         use serde_json::Value as J;
         if let Some(reference) = schema.get("$ref").and_then(J::as_str) {
             let name = reference.trim_start_matches("#/$defs/");
@@ -366,7 +397,9 @@ mod tests {
                 match (properties.and_then(|p| p.get(key)), schema.get("additionalProperties")) {
                     (Some(sub), _) => conforms(sub, root, item, &format!("{path}.{key}"), errors),
                     (None, Some(J::Bool(false))) => errors.push(format!("{path}: unknown key {key}")),
-                    (None, Some(sub)) if sub.is_object() => conforms(sub, root, item, &format!("{path}.{key}"), errors),
+                    (None, Some(sub)) if sub.is_object() => {
+                        conforms(sub, root, item, &format!("{path}.{key}"), errors)
+                    }
                     _ => {}
                 }
             }
@@ -384,7 +417,8 @@ mod tests {
 
     fn schema_errors_for(schema_text: &str, toml_text: &str) -> Vec<String> {
         let schema: serde_json::Value = serde_json::from_str(schema_text).expect("the schema is JSON");
-        let document: serde_json::Value = serde_json::to_value(toml::from_str::<toml::Value>(toml_text).unwrap()).unwrap();
+        let document: serde_json::Value =
+            serde_json::to_value(toml::from_str::<toml::Value>(toml_text).unwrap()).unwrap();
         let mut errors = Vec::new();
         conforms(&schema, &schema, &document, "mapping", &mut errors);
         errors
@@ -403,16 +437,26 @@ mod tests {
     #[test]
     fn postgres_examples_conform_to_their_schema_and_parse() {
         let schema = include_str!("../../schemas/postgres/mapping.schema.json");
-        for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/postgres/examples")).unwrap() {
+        for entry in
+            std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/postgres/examples")).unwrap()
+        {
             let path = entry.unwrap().path();
             let text = std::fs::read_to_string(&path).unwrap();
             assert_eq!(schema_errors_for(schema, &text), Vec::<String>::new(), "{}", path.display());
-            crate::translate::postgres::PgMapping::parse(&text).unwrap_or_else(|p| panic!("{}: {p:?}", path.display()));
-            for (from, to) in [("drop = ", "dorp = "), ("op = \"ne\"", "op = \"neq\""), ("on_truncate = \"truncate\"", "on_truncate = \"mirror\"")] {
+            crate::translate::postgres::PgMapping::parse(&text)
+                .unwrap_or_else(|p| panic!("{}: {p:?}", path.display()));
+            for (from, to) in [
+                ("drop = ", "dorp = "),
+                ("op = \"ne\"", "op = \"neq\""),
+                ("on_truncate = \"truncate\"", "on_truncate = \"mirror\""),
+            ] {
                 let broken = text.replacen(from, to, 1);
                 assert_ne!(broken, text);
                 assert!(!schema_errors_for(schema, &broken).is_empty(), "schema accepts {to}");
-                assert!(crate::translate::postgres::PgMapping::parse(&broken).is_err(), "parser accepts {to}");
+                assert!(
+                    crate::translate::postgres::PgMapping::parse(&broken).is_err(),
+                    "parser accepts {to}"
+                );
             }
         }
     }
@@ -420,7 +464,12 @@ mod tests {
     #[test]
     fn the_schema_and_the_parser_reject_the_same_unknown_keys() {
         let example = include_str!("../../schemas/examples/shop.toml");
-        for (from, to) in [("drop = ", "dorp = "), ("marker_attribute", "marker"), ("as = \"set\"", "as = \"bag\""), ("op = \"ne\"", "op = \"neq\"")] {
+        for (from, to) in [
+            ("drop = ", "dorp = "),
+            ("marker_attribute", "marker"),
+            ("as = \"set\"", "as = \"bag\""),
+            ("op = \"ne\"", "op = \"neq\""),
+        ] {
             let broken = example.replacen(from, to, 1);
             assert_ne!(broken, example);
             assert!(!schema_errors(&broken).is_empty(), "schema accepts {to}");
@@ -462,9 +511,18 @@ mod tests {
         let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(
             keys,
-            ["mapping.tables[0].source", "mapping.tables[0].partition_key.template", "mapping.tables[0].rename.email", "mapping.tables[0].filter[0].value"]
+            [
+                "mapping.tables[0].source",
+                "mapping.tables[0].partition_key.template",
+                "mapping.tables[0].rename.email",
+                "mapping.tables[0].filter[0].value"
+            ]
         );
         let problems = Mapping::parse("[[tables]]\nsource = \"public.users\"\ntarget = \"app\"\npartition_key = { attribute = \"pk\", templat = \"x\" }\n").unwrap_err();
-        assert!(problems[0].key.starts_with("mapping.tables[0].partition_key") && problems[0].message.contains("templat"), "{problems:?}");
+        assert!(
+            problems[0].key.starts_with("mapping.tables[0].partition_key")
+                && problems[0].message.contains("templat"),
+            "{problems:?}"
+        );
     }
 }

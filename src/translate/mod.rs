@@ -4,8 +4,8 @@
 pub mod catalog;
 pub mod dynamodb;
 pub mod filter;
-pub mod mapping;
 pub mod kafka;
+pub mod mapping;
 pub mod outbox;
 pub mod postgres;
 

@@ -140,18 +140,32 @@ pub enum Routed {
 impl OutboxConfig {
     /// Routes one change.
     pub fn route(&self, event: &ChangeEvent) -> Result<Routed, Poison> {
-        let is_outbox = |relation: &Relation| self.table.as_deref() == Some(relation.qualified_name().as_str());
+        let is_outbox =
+            |relation: &Relation| self.table.as_deref() == Some(relation.qualified_name().as_str());
         match event {
-            ChangeEvent::Insert { relation, new, position, .. } if is_outbox(relation) => self.route_row(relation, new, *position).map(Routed::Event),
-            ChangeEvent::Update { relation, .. } | ChangeEvent::Delete { relation, .. } if is_outbox(relation) => Ok(Routed::Ignored),
-            ChangeEvent::Message { prefix, content, position, .. } if self.message_prefix.as_deref() == Some(prefix.as_str()) => {
+            ChangeEvent::Insert { relation, new, position, .. } if is_outbox(relation) => {
+                self.route_row(relation, new, *position).map(Routed::Event)
+            }
+            ChangeEvent::Update { relation, .. } | ChangeEvent::Delete { relation, .. }
+                if is_outbox(relation) =>
+            {
+                Ok(Routed::Ignored)
+            }
+            ChangeEvent::Message { prefix, content, position, .. }
+                if self.message_prefix.as_deref() == Some(prefix.as_str()) =>
+            {
                 self.route_message(prefix, content, *position).map(Routed::Event)
             }
             _ => Ok(Routed::NotOutbox),
         }
     }
 
-    fn route_row(&self, relation: &Relation, values: &[Value], position: Position) -> Result<OutboxEvent, Poison> {
+    fn route_row(
+        &self,
+        relation: &Relation,
+        values: &[Value],
+        position: Position,
+    ) -> Result<OutboxEvent, Poison> {
         let table = relation.qualified_name();
         let column = |name: &str| relation.columns.iter().position(|c| c.name == name).map(|i| &values[i]);
         let poison = |reason: String| Poison { table: table.clone(), reason };
@@ -161,7 +175,8 @@ impl OutboxConfig {
                 None => Err(poison(format!("the outbox table has no column {name:?}"))),
             }
         };
-        let aggregate_type = field_text(&self.aggregate_type_column)?.ok_or_else(|| poison(format!("column {:?} is NULL", self.aggregate_type_column)))?;
+        let aggregate_type = field_text(&self.aggregate_type_column)?
+            .ok_or_else(|| poison(format!("column {:?} is NULL", self.aggregate_type_column)))?;
         let payload = match column(&self.payload_column) {
             None => return Err(poison(format!("the outbox table has no column {:?}", self.payload_column))),
             Some(Value::Null) => None,
@@ -189,21 +204,26 @@ impl OutboxConfig {
     fn route_message(&self, prefix: &str, content: &[u8], position: Position) -> Result<OutboxEvent, Poison> {
         let table = format!("message:{prefix}");
         let poison = |reason: String| Poison { table: table.clone(), reason };
-        let object: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(content).map_err(|e| poison(format!("message content is not a JSON object: {e}")))?;
+        let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(content)
+            .map_err(|e| poison(format!("message content is not a JSON object: {e}")))?;
         let text = |name: &str| match object.get(name) {
             None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             Some(other) => Some(other.to_string()),
         };
-        let aggregate_type = text(&self.aggregate_type_column).ok_or_else(|| poison(format!("message field {:?} is missing", self.aggregate_type_column)))?;
+        let aggregate_type = text(&self.aggregate_type_column)
+            .ok_or_else(|| poison(format!("message field {:?} is missing", self.aggregate_type_column)))?;
         let payload = match object.get(&self.payload_column) {
             None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::String(s)) => Some(Payload::Text(s.clone())),
             Some(other) => Some(Payload::Json(other.to_string())),
         };
         Ok(OutboxEvent {
-            headers: self.header_columns.iter().filter_map(|name| text(name).map(|v| (name.clone(), v))).collect(),
+            headers: self
+                .header_columns
+                .iter()
+                .filter_map(|name| text(name).map(|v| (name.clone(), v)))
+                .collect(),
             aggregate_id: text(&self.aggregate_id_column),
             id: text(&self.id_column),
             source: table,
@@ -246,10 +266,9 @@ impl OutboxEvent {
     /// nothing.
     pub fn event_log_item(&self, config: &OutboxConfig, table: &str) -> Result<GuardedWrite, Poison> {
         let poison = |reason: String| Poison { table: self.source.clone(), reason };
-        let aggregate_id = self
-            .aggregate_id
-            .as_deref()
-            .ok_or_else(|| poison(format!("{:?} is NULL, and the event-log key needs it", config.aggregate_id_column)))?;
+        let aggregate_id = self.aggregate_id.as_deref().ok_or_else(|| {
+            poison(format!("{:?} is NULL, and the event-log key needs it", config.aggregate_id_column))
+        })?;
         let mut key = Item::new();
         key.insert(config.partition_key.clone(), Attr::S(format!("{}#{aggregate_id}", self.aggregate_type)));
         key.insert(config.sort_key.clone(), Attr::S(self.sequence()));
@@ -265,8 +284,12 @@ impl OutboxEvent {
         match &self.payload {
             None => {}
             Some(Payload::Json(text)) => {
-                let json: serde_json::Value = serde_json::from_str(text).map_err(|e| poison(format!("payload is not valid JSON: {e}")))?;
-                item.insert("payload".to_string(), super::dynamodb::json_attr(&json).map_err(|e| poison(format!("payload: {e}")))?);
+                let json: serde_json::Value = serde_json::from_str(text)
+                    .map_err(|e| poison(format!("payload is not valid JSON: {e}")))?;
+                item.insert(
+                    "payload".to_string(),
+                    super::dynamodb::json_attr(&json).map_err(|e| poison(format!("payload: {e}")))?,
+                );
             }
             Some(Payload::Text(text)) => {
                 item.insert("payload".to_string(), Attr::S(text.clone()));
@@ -300,7 +323,13 @@ mod tests {
     use super::*;
 
     fn outbox_relation() -> Arc<Relation> {
-        let columns = [("id", true, TypeKind::Uuid), ("aggregatetype", false, TypeKind::Text), ("aggregateid", false, TypeKind::Text), ("type", false, TypeKind::Text), ("payload", false, TypeKind::Jsonb)];
+        let columns = [
+            ("id", true, TypeKind::Uuid),
+            ("aggregatetype", false, TypeKind::Text),
+            ("aggregateid", false, TypeKind::Text),
+            ("type", false, TypeKind::Text),
+            ("payload", false, TypeKind::Jsonb),
+        ];
         Arc::new(Relation {
             oid: 1,
             namespace: "public".into(),
@@ -308,13 +337,20 @@ mod tests {
             replica_identity: ReplicaIdentity::Default,
             columns: columns
                 .iter()
-                .map(|(name, is_key, kind)| Column { name: (*name).into(), type_oid: 0, type_modifier: -1, is_key: *is_key, kind: kind.clone() })
+                .map(|(name, is_key, kind)| Column {
+                    name: (*name).into(),
+                    type_oid: 0,
+                    type_modifier: -1,
+                    is_key: *is_key,
+                    kind: kind.clone(),
+                })
                 .collect(),
         })
     }
 
     fn config() -> OutboxConfig {
-        toml::from_str("table = \"public.outbox\"\nmessage_prefix = \"outbox\"\nevent_table = \"events\"").unwrap()
+        toml::from_str("table = \"public.outbox\"\nmessage_prefix = \"outbox\"\nevent_table = \"events\"")
+            .unwrap()
     }
 
     fn position(ordinal: u32) -> Position {
@@ -325,7 +361,13 @@ mod tests {
         ChangeEvent::Insert {
             position: position(3),
             relation: outbox_relation(),
-            new: vec![Value::Uuid([1; 16]), Value::Text("Order".into()), aggregate_id, Value::Text("OrderCreated".into()), payload],
+            new: vec![
+                Value::Uuid([1; 16]),
+                Value::Text("Order".into()),
+                aggregate_id,
+                Value::Text("OrderCreated".into()),
+                payload,
+            ],
             snapshot: false,
         }
     }
@@ -340,26 +382,49 @@ mod tests {
     #[test]
     fn an_outbox_row_routes_with_its_fields_and_updates_and_deletes_are_ignored() {
         let config = config();
-        let routed = event(config.route(&insert(Value::Text("o-17".into()), Value::Json("{\"total\": 9.50}".into()))).unwrap());
+        let routed = event(
+            config
+                .route(&insert(Value::Text("o-17".into()), Value::Json("{\"total\": 9.50}".into())))
+                .unwrap(),
+        );
         assert_eq!(routed.aggregate_type, "Order");
         assert_eq!(routed.aggregate_id.as_deref(), Some("o-17"));
         assert_eq!(routed.id.as_deref(), Some("01010101-0101-0101-0101-010101010101"));
         assert_eq!(routed.payload, Some(Payload::Json("{\"total\": 9.50}".into())));
         assert_eq!(routed.headers, vec![("type".to_string(), "OrderCreated".to_string())]);
-        let delete = ChangeEvent::Delete { position: position(1), relation: outbox_relation(), old: OldRow::Key(vec![Value::Uuid([3; 16]), Value::Null, Value::Null, Value::Null, Value::Null]) };
+        let delete = ChangeEvent::Delete {
+            position: position(1),
+            relation: outbox_relation(),
+            old: OldRow::Key(vec![Value::Uuid([3; 16]), Value::Null, Value::Null, Value::Null, Value::Null]),
+        };
         assert_eq!(config.route(&delete).unwrap(), Routed::Ignored);
-        let other = ChangeEvent::Message { position: position(0), transactional: true, prefix: "audit".into(), content: bytes::Bytes::from_static(b"x") };
+        let other = ChangeEvent::Message {
+            position: position(0),
+            transactional: true,
+            prefix: "audit".into(),
+            content: bytes::Bytes::from_static(b"x"),
+        };
         assert_eq!(config.route(&other).unwrap(), Routed::NotOutbox);
     }
 
     #[test]
     fn an_event_log_item_is_keyed_by_aggregate_and_sequence_and_keeps_json_payloads_as_maps() {
         let config = config();
-        let routed = event(config.route(&insert(Value::Text("o-17".into()), Value::Json("{\"total\": 9.50, \"lines\": [1]}".into()))).unwrap());
+        let routed = event(
+            config
+                .route(&insert(
+                    Value::Text("o-17".into()),
+                    Value::Json("{\"total\": 9.50, \"lines\": [1]}".into()),
+                ))
+                .unwrap(),
+        );
         let write = routed.event_log_item(&config, "events").unwrap();
         assert_eq!(write.table, "events");
         assert_eq!(write.key.get("aggregate"), Some(&Attr::S("Order#o-17".into())));
-        assert_eq!(write.key.get("sequence"), Some(&Attr::S("00000000016B3748.00000003.01010101-0101-0101-0101-010101010101".into())));
+        assert_eq!(
+            write.key.get("sequence"),
+            Some(&Attr::S("00000000016B3748.00000003.01010101-0101-0101-0101-010101010101".into()))
+        );
         let WriteAction::Put(item) = &write.action else { panic!("a put: {write:?}") };
         let payload = item.get("payload").unwrap();
         let Attr::M(map) = payload else { panic!("a map: {payload:?}") };
@@ -368,7 +433,10 @@ mod tests {
         assert_eq!(item.get("position"), Some(&Attr::S("0/16B3748/3".into())));
         assert_eq!(write.version, super::super::dynamodb::version(position(3)));
 
-        let later = OutboxEvent { position: Position { commit_lsn: Lsn(0x1_0000_0000), tx_ordinal: 0 }, ..routed.clone() };
+        let later = OutboxEvent {
+            position: Position { commit_lsn: Lsn(0x1_0000_0000), tx_ordinal: 0 },
+            ..routed.clone()
+        };
         assert!(later.sequence() > routed.sequence(), "text order is position order");
 
         let orphan = event(config.route(&insert(Value::Null, Value::Null)).unwrap());
@@ -386,9 +454,17 @@ mod tests {
             content: bytes::Bytes::from_static(br#"{"id":"e1","aggregatetype":"Customer","aggregateid":"c-1","type":"Renamed","payload":{"name":"Ada"}}"#),
         };
         let routed = event(config.route(&message).unwrap());
-        assert_eq!((routed.aggregate_type.as_str(), routed.aggregate_id.as_deref(), routed.id.as_deref()), ("Customer", Some("c-1"), Some("e1")));
+        assert_eq!(
+            (routed.aggregate_type.as_str(), routed.aggregate_id.as_deref(), routed.id.as_deref()),
+            ("Customer", Some("c-1"), Some("e1"))
+        );
         assert_eq!(routed.payload, Some(Payload::Json(r#"{"name":"Ada"}"#.into())));
-        let bad = ChangeEvent::Message { position: position(0), transactional: true, prefix: "outbox".into(), content: bytes::Bytes::from_static(b"[1]") };
+        let bad = ChangeEvent::Message {
+            position: position(0),
+            transactional: true,
+            prefix: "outbox".into(),
+            content: bytes::Bytes::from_static(b"[1]"),
+        };
         let error = config.route(&bad).unwrap_err();
         assert_eq!(error.table, "message:outbox");
     }

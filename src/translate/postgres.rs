@@ -95,12 +95,20 @@ impl PgMapping {
             let mut written: HashMap<&str, &str> = HashMap::new();
             for (column, target) in &table.rename {
                 if let Some(other) = written.insert(target, column) {
-                    problems.push(Problem::new(&prefix, &format!("rename.{column}"), format!("{other} is renamed to {target:?} too")));
+                    problems.push(Problem::new(
+                        &prefix,
+                        &format!("rename.{column}"),
+                        format!("{other} is renamed to {target:?} too"),
+                    ));
                 }
             }
             for name in table.constants.keys() {
                 if written.contains_key(name.as_str()) {
-                    problems.push(Problem::new(&prefix, &format!("constants.{name}"), "collides with a renamed column"));
+                    problems.push(Problem::new(
+                        &prefix,
+                        &format!("constants.{name}"),
+                        "collides with a renamed column",
+                    ));
                 }
             }
             filter_problems(&prefix, &table.filter, &mut problems);
@@ -116,17 +124,32 @@ pub type Text = Option<String>;
 #[derive(Clone, Debug, PartialEq)]
 pub enum RowOp {
     /// Insert the row, or overwrite the row with its key.
-    Upsert { table: Arc<str>, columns: Vec<(String, Text)> },
+    Upsert {
+        table: Arc<str>,
+        columns: Vec<(String, Text)>,
+    },
     /// Set these columns of the row with this key (unchanged TOAST columns keep their values).
-    Update { table: Arc<str>, key: Vec<(String, Text)>, set: Vec<(String, Text)> },
-    Delete { table: Arc<str>, key: Vec<(String, Text)> },
-    Truncate { table: Arc<str> },
+    Update {
+        table: Arc<str>,
+        key: Vec<(String, Text)>,
+        set: Vec<(String, Text)>,
+    },
+    Delete {
+        table: Arc<str>,
+        key: Vec<(String, Text)>,
+    },
+    Truncate {
+        table: Arc<str>,
+    },
 }
 
 impl RowOp {
     pub fn table(&self) -> &Arc<str> {
         match self {
-            RowOp::Upsert { table, .. } | RowOp::Update { table, .. } | RowOp::Delete { table, .. } | RowOp::Truncate { table } => table,
+            RowOp::Upsert { table, .. }
+            | RowOp::Update { table, .. }
+            | RowOp::Delete { table, .. }
+            | RowOp::Truncate { table } => table,
         }
     }
 }
@@ -172,9 +195,17 @@ impl PgTranslator {
 
     /// The target column each source column of `relation` is written to (`None` when dropped),
     /// and the constants' columns: for checking the mapping against the target catalog.
-    pub fn target_columns<'a>(&'a self, source: &str, source_columns: impl IntoIterator<Item = &'a str>) -> Option<Vec<String>> {
+    pub fn target_columns<'a>(
+        &'a self,
+        source: &str,
+        source_columns: impl IntoIterator<Item = &'a str>,
+    ) -> Option<Vec<String>> {
         let table = self.tables.get(source)?;
-        let mut columns: Vec<String> = source_columns.into_iter().filter(|c| !table.dropped.contains(*c)).map(|c| target_name(table, c).to_owned()).collect();
+        let mut columns: Vec<String> = source_columns
+            .into_iter()
+            .filter(|c| !table.dropped.contains(*c))
+            .map(|c| target_name(table, c).to_owned())
+            .collect();
         columns.extend(table.mapping.constants.keys().cloned());
         Some(columns)
     }
@@ -186,7 +217,10 @@ impl PgTranslator {
                 let Some(table) = self.table(relation) else { return Ok(()) };
                 let row: Vec<Option<&Value>> = new.iter().map(Some).collect();
                 if self.passes(table, relation, &row)? {
-                    out.push(RowOp::Upsert { table: table.target.clone(), columns: self.columns(table, relation, &row)? });
+                    out.push(RowOp::Upsert {
+                        table: table.target.clone(),
+                        columns: self.columns(table, relation, &row)?,
+                    });
                 }
             }
             ChangeEvent::Update { relation, old, new, .. } => {
@@ -199,10 +233,17 @@ impl PgTranslator {
                 let key = self.key(table, &columns)?;
                 if let Some(old) = old {
                     let old_row: Vec<Option<&Value>> = old.values().iter().map(Some).collect();
-                    let old_key = self.columns(table, relation, &old_row).and_then(|c| self.key(table, &c)).map_err(|e| match e {
-                        TranslateError::Poison { table, column, reason } => {
-                            TranslateError::Poison { table, column, reason: format!("old key: {reason} (is the column part of the replica identity?)") }
-                        }
+                    let old_key = self
+                        .columns(table, relation, &old_row)
+                        .and_then(|c| self.key(table, &c))
+                        .map_err(|e| match e {
+                        TranslateError::Poison { table, column, reason } => TranslateError::Poison {
+                            table,
+                            column,
+                            reason: format!(
+                                "old key: {reason} (is the column part of the replica identity?)"
+                            ),
+                        },
                         other => other,
                     })?;
                     if old_key != key {
@@ -248,7 +289,10 @@ impl PgTranslator {
                     }
                 }
             }
-            ChangeEvent::Begin { .. } | ChangeEvent::Commit { .. } | ChangeEvent::Relation(_) | ChangeEvent::Message { .. } => {}
+            ChangeEvent::Begin { .. }
+            | ChangeEvent::Commit { .. }
+            | ChangeEvent::Relation(_)
+            | ChangeEvent::Message { .. } => {}
         }
         Ok(())
     }
@@ -257,12 +301,22 @@ impl PgTranslator {
         self.tables.get(&relation.qualified_name())
     }
 
-    fn passes(&self, table: &CompiledTable, relation: &Relation, row: &[Option<&Value>]) -> Result<bool, TranslateError> {
+    fn passes(
+        &self,
+        table: &CompiledTable,
+        relation: &Relation,
+        row: &[Option<&Value>],
+    ) -> Result<bool, TranslateError> {
         passes_filter(&table.mapping.filter, &table.mapping.source, relation, row)
     }
 
     /// The present columns of a row under their target names, with the constants.
-    fn columns(&self, table: &CompiledTable, relation: &Relation, row: &[Option<&Value>]) -> Result<Vec<(String, Text)>, TranslateError> {
+    fn columns(
+        &self,
+        table: &CompiledTable,
+        relation: &Relation,
+        row: &[Option<&Value>],
+    ) -> Result<Vec<(String, Text)>, TranslateError> {
         let mut columns = Vec::with_capacity(row.len() + table.mapping.constants.len());
         for (column, value) in relation.columns.iter().zip(row) {
             let Some(value) = value else { continue };
@@ -295,7 +349,11 @@ impl PgTranslator {
     }
 
     /// The target key of a mapped row, in the key's column order.
-    fn key(&self, table: &CompiledTable, columns: &[(String, Text)]) -> Result<Vec<(String, Text)>, TranslateError> {
+    fn key(
+        &self,
+        table: &CompiledTable,
+        columns: &[(String, Text)],
+    ) -> Result<Vec<(String, Text)>, TranslateError> {
         table
             .key
             .iter()
@@ -319,9 +377,10 @@ fn target_name<'a>(table: &'a CompiledTable, column: &'a str) -> &'a str {
 /// The position of an event that writes rows, for the target's checkpoint.
 pub fn row_position(event: &ChangeEvent) -> Option<Position> {
     match event {
-        ChangeEvent::Insert { position, .. } | ChangeEvent::Update { position, .. } | ChangeEvent::Delete { position, .. } | ChangeEvent::Truncate { position, .. } => {
-            Some(*position)
-        }
+        ChangeEvent::Insert { position, .. }
+        | ChangeEvent::Update { position, .. }
+        | ChangeEvent::Delete { position, .. }
+        | ChangeEvent::Truncate { position, .. } => Some(*position),
         _ => None,
     }
 }
@@ -333,7 +392,13 @@ mod tests {
     use sluice_postgres::types::TypeKind;
 
     fn relation() -> Arc<Relation> {
-        let column = |name: &str, kind: TypeKind, key: bool| Column { name: name.into(), type_oid: 0, type_modifier: -1, is_key: key, kind };
+        let column = |name: &str, kind: TypeKind, key: bool| Column {
+            name: name.into(),
+            type_oid: 0,
+            type_modifier: -1,
+            is_key: key,
+            kind,
+        };
         Arc::new(Relation {
             oid: 1,
             namespace: "public".into(),
@@ -356,11 +421,20 @@ mod tests {
              drop = [\"secret\"]\nconstants = {{ origin = \"legacy\" }}\nfilter = [{{ column = \"status\", op = \"ne\", value = \"deleted\" }}]\n{extra}"
         ))
         .unwrap();
-        PgTranslator::new(&mapping, &HashMap::from([("v2.customers".to_owned(), vec!["customer_id".to_owned()])]))
+        PgTranslator::new(
+            &mapping,
+            &HashMap::from([("v2.customers".to_owned(), vec!["customer_id".to_owned()])]),
+        )
     }
 
     fn row(id: i64, email: &str, status: &str) -> Vec<Value> {
-        vec![Value::Int8(id), Value::Text(email.into()), Value::Text("pw".into()), Value::Text(status.into()), Value::Null]
+        vec![
+            Value::Int8(id),
+            Value::Text(email.into()),
+            Value::Text("pw".into()),
+            Value::Text(status.into()),
+            Value::Null,
+        ]
     }
 
     fn at(ordinal: u32) -> Position {
@@ -379,12 +453,23 @@ mod tests {
 
     #[test]
     fn an_insert_becomes_an_upsert_renamed_without_dropped_columns_and_with_constants() {
-        let out = ops(ChangeEvent::Insert { position: at(1), relation: relation(), new: row(7, "a@x", "active"), snapshot: false });
+        let out = ops(ChangeEvent::Insert {
+            position: at(1),
+            relation: relation(),
+            new: row(7, "a@x", "active"),
+            snapshot: false,
+        });
         assert_eq!(
             out,
             vec![RowOp::Upsert {
                 table: "v2.customers".into(),
-                columns: vec![text("customer_id", "7"), text("email_address", "a@x"), text("status", "active"), ("bio".into(), None), text("origin", "legacy")],
+                columns: vec![
+                    text("customer_id", "7"),
+                    text("email_address", "a@x"),
+                    text("status", "active"),
+                    ("bio".into(), None),
+                    text("origin", "legacy")
+                ],
             }]
         );
     }
@@ -393,27 +478,59 @@ mod tests {
     fn a_key_change_deletes_the_old_key_and_a_partial_update_sets_only_present_columns() {
         let mut partial: Vec<Option<Value>> = row(8, "b@x", "active").into_iter().map(Some).collect();
         partial[4] = None;
-        let out = ops(ChangeEvent::Update { position: at(1), relation: relation(), old: Some(OldRow::Key(row(7, "", ""))), new: NewRow::Partial(partial) });
+        let out = ops(ChangeEvent::Update {
+            position: at(1),
+            relation: relation(),
+            old: Some(OldRow::Key(row(7, "", ""))),
+            new: NewRow::Partial(partial),
+        });
         assert_eq!(out.len(), 2);
-        assert_eq!(out[0], RowOp::Delete { table: "v2.customers".into(), key: vec![text("customer_id", "7")] });
+        assert_eq!(
+            out[0],
+            RowOp::Delete { table: "v2.customers".into(), key: vec![text("customer_id", "7")] }
+        );
         let RowOp::Update { key, set, .. } = &out[1] else { panic!("{out:?}") };
         assert_eq!(key, &vec![text("customer_id", "8")]);
-        assert_eq!(set.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(), ["email_address", "status", "origin"]);
+        assert_eq!(
+            set.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
+            ["email_address", "status", "origin"]
+        );
     }
 
     #[test]
     fn a_row_leaving_the_filter_is_deleted_and_one_outside_it_is_never_written() {
-        let out = ops(ChangeEvent::Update { position: at(1), relation: relation(), old: None, new: NewRow::Full(row(7, "a@x", "deleted")) });
-        assert_eq!(out, vec![RowOp::Delete { table: "v2.customers".into(), key: vec![text("customer_id", "7")] }]);
-        assert!(ops(ChangeEvent::Insert { position: at(1), relation: relation(), new: row(7, "a@x", "deleted"), snapshot: false }).is_empty());
+        let out = ops(ChangeEvent::Update {
+            position: at(1),
+            relation: relation(),
+            old: None,
+            new: NewRow::Full(row(7, "a@x", "deleted")),
+        });
+        assert_eq!(
+            out,
+            vec![RowOp::Delete { table: "v2.customers".into(), key: vec![text("customer_id", "7")] }]
+        );
+        assert!(ops(ChangeEvent::Insert {
+            position: at(1),
+            relation: relation(),
+            new: row(7, "a@x", "deleted"),
+            snapshot: false
+        })
+        .is_empty());
     }
 
     #[test]
     fn truncate_follows_the_policy_and_is_refused_for_a_shared_target() {
-        let event = ChangeEvent::Truncate { position: at(1), relations: vec![relation()], cascade: false, restart_identity: false };
+        let event = ChangeEvent::Truncate {
+            position: at(1),
+            relations: vec![relation()],
+            cascade: false,
+            restart_identity: false,
+        };
         assert_eq!(ops(event.clone()), vec![RowOp::Truncate { table: "v2.customers".into() }]);
         let mut out = Vec::new();
-        assert!(translator("on_truncate = \"ignore\"", "").translate(&event, &mut out).is_ok() && out.is_empty());
+        assert!(
+            translator("on_truncate = \"ignore\"", "").translate(&event, &mut out).is_ok() && out.is_empty()
+        );
         let shared = translator("", "[[tables]]\nsource = \"public.leads\"\ntarget = \"v2.customers\"\n");
         assert!(matches!(shared.translate(&event, &mut out), Err(TranslateError::Fatal { .. })));
     }
@@ -423,15 +540,27 @@ mod tests {
         let mut values = row(7, "a@x", "active");
         values[0] = Value::Null;
         let mut out = Vec::new();
-        let error = translator("", "").translate(&ChangeEvent::Delete { position: at(1), relation: relation(), old: OldRow::Key(values) }, &mut out).unwrap_err();
-        assert!(matches!(&error, TranslateError::Poison { column: Some(c), .. } if c == "customer_id"), "{error:?}");
+        let error = translator("", "")
+            .translate(
+                &ChangeEvent::Delete { position: at(1), relation: relation(), old: OldRow::Key(values) },
+                &mut out,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&error, TranslateError::Poison { column: Some(c), .. } if c == "customer_id"),
+            "{error:?}"
+        );
     }
 
     #[test]
     fn bad_mappings_name_the_key() {
         let problems = PgMapping::parse("[[tables]]\nsource = \"customers\"\ntarget = \"v2.customers\"\nrename = { a = \"x\", b = \"x\" }\n").unwrap_err();
         let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
-        assert!(keys.contains(&"mapping.tables[0].source") && keys.contains(&"mapping.tables[0].rename.b"), "{problems:?}");
-        assert!(PgMapping::parse("[[tables]]\nsource = \"public.a\"\ntarget = \"v2.a\"\nkey = [\"id\"]\n").is_err());
+        assert!(
+            keys.contains(&"mapping.tables[0].source") && keys.contains(&"mapping.tables[0].rename.b"),
+            "{problems:?}"
+        );
+        assert!(PgMapping::parse("[[tables]]\nsource = \"public.a\"\ntarget = \"v2.a\"\nkey = [\"id\"]\n")
+            .is_err());
     }
 }

@@ -34,8 +34,8 @@ use sluice_postgres::catalog::Table;
 use crate::config::{Config, TargetConfig};
 use crate::event::{ChangeEvent, Lsn, Position, Value};
 use crate::translate::dynamodb::DynamoTranslator;
-use crate::translate::TranslateError;
 use crate::translate::mapping::{parse_template, Mapping, Segment, TableMapping};
+use crate::translate::TranslateError;
 
 mod postgres;
 
@@ -161,20 +161,33 @@ impl Verifier {
     async fn open(config: &Config) -> anyhow::Result<Self> {
         let (side, pairs): (Side, Vec<(String, String)>) = match &config.target {
             TargetConfig::Dynamodb(dynamo) => {
-                let Some(path) = &dynamo.mapping else { anyhow::bail!("verify needs target.mapping: an outbox event log has no row-for-item mapping") };
-                let mapping = Mapping::load(path).map_err(|p| anyhow::anyhow!("{}", p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))?;
+                let Some(path) = &dynamo.mapping else {
+                    anyhow::bail!(
+                        "verify needs target.mapping: an outbox event log has no row-for-item mapping"
+                    )
+                };
+                let mapping = Mapping::load(path).map_err(|p| {
+                    anyhow::anyhow!("{}", p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+                })?;
                 let client = DynamoClient::connect(&crate::target::dynamodb::client_options(dynamo)).await;
                 let pairs = mapping.tables.iter().map(|t| (t.source.clone(), t.target.clone())).collect();
-                (Side::Dynamo(DynamoSide { translator: DynamoTranslator::new(&mapping), mapping, client }), pairs)
+                (
+                    Side::Dynamo(DynamoSide { translator: DynamoTranslator::new(&mapping), mapping, client }),
+                    pairs,
+                )
             }
             TargetConfig::Postgres(pg) => {
                 let side = postgres::PgSide::open(pg).await?;
                 let pairs = side.pairs();
                 (Side::Postgres(side), pairs)
             }
-            _ => anyhow::bail!("verify compares a DynamoDB or Postgres target with its source; target.kind is neither"),
+            _ => anyhow::bail!(
+                "verify compares a DynamoDB or Postgres target with its source; target.kind is neither"
+            ),
         };
-        let sql = sluice_postgres::connect_sql(&config.source.connection).await.context("cannot connect to the source database")?;
+        let sql = sluice_postgres::connect_sql(&config.source.connection)
+            .await
+            .context("cannot connect to the source database")?;
         let mut tables = HashMap::new();
         for (source, _) in &pairs {
             let found = sluice_postgres::catalog::required_table(&sql, source, "mapping source").await?;
@@ -192,13 +205,23 @@ impl Verifier {
                 anyhow::bail!("table {name} is not in the mapping");
             }
         }
-        Ok(self.pairs.iter().filter(|(source, _)| names.is_empty() || names.contains(source)).cloned().collect())
+        Ok(self
+            .pairs
+            .iter()
+            .filter(|(source, _)| names.is_empty() || names.contains(source))
+            .cloned()
+            .collect())
     }
 
     /// Compares rows of `source` with what `target` holds for them; returns each row's key, the
     /// digest of the target key it must have (none when filtered out or untranslatable), and
     /// the finding.
-    async fn check_rows(&self, source: &str, target: &str, rows: Vec<Vec<Value>>) -> anyhow::Result<Vec<(SourceKey, Option<u128>, Finding)>> {
+    async fn check_rows(
+        &self,
+        source: &str,
+        target: &str,
+        rows: Vec<Vec<Value>>,
+    ) -> anyhow::Result<Vec<(SourceKey, Option<u128>, Finding)>> {
         let table = &self.tables[source];
         match &self.side {
             Side::Dynamo(side) => side.check_rows(target, table, rows).await,
@@ -208,8 +231,12 @@ impl Verifier {
 
     /// Rows of `table` with these keys, in a fresh snapshot.
     async fn rows_by_key(&self, table: &Table, keys: &[SourceKey]) -> anyhow::Result<Vec<Vec<Value>>> {
-        let names: Vec<&String> = table.primary_key.iter().map(|&i| &table.relation.columns[i].name).collect();
-        let lists: Vec<Vec<String>> = keys.iter().map(|k| names.iter().map(|n| k.get(*n).cloned().unwrap_or_default()).collect()).collect();
+        let names: Vec<&String> =
+            table.primary_key.iter().map(|&i| &table.relation.columns[i].name).collect();
+        let lists: Vec<Vec<String>> = keys
+            .iter()
+            .map(|k| names.iter().map(|n| k.get(*n).cloned().unwrap_or_default()).collect())
+            .collect();
         let mut rows = Vec::new();
         for group in lists.chunks(1000) {
             for row in self.sql.query(&table.keys_query(&table.select_list(true), group), &[]).await? {
@@ -227,7 +254,12 @@ impl DynamoSide {
 
     /// The item a row must be (key and attributes), or why there is none.
     fn expected(&self, table: &Table, row: Vec<Value>) -> Result<Option<(Item, Item)>, ()> {
-        let event = ChangeEvent::Insert { position: Position::default(), relation: std::sync::Arc::new(table.relation.clone()), new: row, snapshot: true };
+        let event = ChangeEvent::Insert {
+            position: Position::default(),
+            relation: std::sync::Arc::new(table.relation.clone()),
+            new: row,
+            snapshot: true,
+        };
         let mut writes = Vec::new();
         match self.translator.translate(&event, now(), &mut writes) {
             Ok(()) => {}
@@ -239,14 +271,26 @@ impl DynamoSide {
         }))
     }
 
-    async fn check_rows(&self, target: &str, table: &Table, rows: Vec<Vec<Value>>) -> anyhow::Result<Vec<(SourceKey, Option<u128>, Finding)>> {
+    async fn check_rows(
+        &self,
+        target: &str,
+        table: &Table,
+        rows: Vec<Vec<Value>>,
+    ) -> anyhow::Result<Vec<(SourceKey, Option<u128>, Finding)>> {
         let mut expected = Vec::with_capacity(rows.len());
         for row in rows {
             let key = source_key(table, &row);
             expected.push((key, self.expected(table, row)));
         }
-        let keys: Vec<Item> = expected.iter().filter_map(|(_, e)| e.as_ref().ok().and_then(|x| x.as_ref()).map(|(k, _)| k.clone())).collect();
-        let stored = self.client.get_items(target, &keys).await.with_context(|| format!("cannot read items of DynamoDB table {target}"))?;
+        let keys: Vec<Item> = expected
+            .iter()
+            .filter_map(|(_, e)| e.as_ref().ok().and_then(|x| x.as_ref()).map(|(k, _)| k.clone()))
+            .collect();
+        let stored = self
+            .client
+            .get_items(target, &keys)
+            .await
+            .with_context(|| format!("cannot read items of DynamoDB table {target}"))?;
         let mut stored = stored.into_iter();
         let mut out = Vec::with_capacity(expected.len());
         for (key, expectation) in expected {
@@ -278,42 +322,73 @@ impl DynamoSide {
 
     /// Live items of `target` that no verified row produced (`expected` holds their digests),
     /// each with the source table it is reported under.
-    async fn extras(&self, target: &str, sources: &[String], expected: &HashSet<u128>, tables: &HashMap<String, Table>) -> anyhow::Result<Vec<(String, Extra)>> {
+    async fn extras(
+        &self,
+        target: &str,
+        sources: &[String],
+        expected: &HashSet<u128>,
+        tables: &HashMap<String, Table>,
+    ) -> anyhow::Result<Vec<(String, Extra)>> {
         let mappings: Vec<&TableMapping> = sources.iter().map(|s| self.mapping(s)).collect();
         let key_names = key_attributes(&mappings);
         let mut extras = Vec::new();
         // Page by page: memory holds one page, plus the expected keys.
         let mut cursor = Some(sluice_dynamodb::ScanCursor::default());
         while let Some(start) = cursor.take() {
-            let (items, next) = self.client.scan_page(target, start).await.with_context(|| format!("cannot scan DynamoDB table {target}"))?;
+            let (items, next) = self
+                .client
+                .scan_page(target, start)
+                .await
+                .with_context(|| format!("cannot scan DynamoDB table {target}"))?;
             cursor = next;
             for item in items {
                 if self.is_tombstone(&item) {
                     continue;
                 }
-                let key: Item = key_names.iter().filter_map(|n| item.get(n).map(|a| (n.clone(), a.clone()))).collect();
+                let key: Item =
+                    key_names.iter().filter_map(|n| item.get(n).map(|a| (n.clone(), a.clone()))).collect();
                 if expected.contains(&key_digest(&key)) {
                     continue;
                 }
                 // The source table whose templates fit the key, and the source key.
-                let owner = mappings.iter().find_map(|m| source_key_of(m, &tables[&m.source], &item).map(|k| (m.source.clone(), k)));
-                let report_table = owner.as_ref().map(|(t, _)| t.clone()).unwrap_or_else(|| sources[0].clone());
-                extras.push((report_table, Extra { item_key: key.iter().map(|(k, v)| (k.clone(), attr_text(v))).collect(), source_key: owner.map(|(_, k)| k) }));
+                let owner = mappings
+                    .iter()
+                    .find_map(|m| source_key_of(m, &tables[&m.source], &item).map(|k| (m.source.clone(), k)));
+                let report_table =
+                    owner.as_ref().map(|(t, _)| t.clone()).unwrap_or_else(|| sources[0].clone());
+                extras.push((
+                    report_table,
+                    Extra {
+                        item_key: key.iter().map(|(k, v)| (k.clone(), attr_text(v))).collect(),
+                        source_key: owner.map(|(_, k)| k),
+                    },
+                ));
             }
         }
         Ok(extras)
     }
 
     /// For a wrong key whose row is gone: the item's key when a live item is still there.
-    async fn left_behind(&self, target: &str, table: &Table, key: &SourceKey) -> anyhow::Result<Option<BTreeMap<String, String>>> {
-        let texts: Vec<String> = table.primary_key.iter().map(|&i| key.get(&table.relation.columns[i].name).cloned().unwrap_or_default()).collect();
+    async fn left_behind(
+        &self,
+        target: &str,
+        table: &Table,
+        key: &SourceKey,
+    ) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+        let texts: Vec<String> = table
+            .primary_key
+            .iter()
+            .map(|&i| key.get(&table.relation.columns[i].name).cloned().unwrap_or_default())
+            .collect();
         let mut row = vec![Value::Null; table.relation.columns.len()];
         for (&i, value) in table.primary_key.iter().zip(table.decode_key(&texts).unwrap_or_default()) {
             row[i] = value;
         }
         let Some(item_key) = self.translator.key_for(&table.relation, &row) else { return Ok(None) };
         let item = self.client.get_items(target, std::slice::from_ref(&item_key)).await?.pop().flatten();
-        Ok(item.filter(|i| !self.is_tombstone(i)).map(|_| item_key.iter().map(|(k, v)| (k.clone(), attr_text(v))).collect()))
+        Ok(item
+            .filter(|i| !self.is_tombstone(i))
+            .map(|_| item_key.iter().map(|(k, v)| (k.clone(), attr_text(v))).collect()))
     }
 
     /// Whether an extra item is still live and still produced by no row.
@@ -321,7 +396,10 @@ impl DynamoSide {
         let mapping = self.mapping(source);
         let table = &verifier.tables[source];
         let key_names = key_attributes(&[mapping]);
-        let key: Item = key_names.iter().filter_map(|n| extra.item_key.get(n).map(|v| (n.clone(), Attr::S(v.clone())))).collect();
+        let key: Item = key_names
+            .iter()
+            .filter_map(|n| extra.item_key.get(n).map(|v| (n.clone(), Attr::S(v.clone()))))
+            .collect();
         let item = self.client.get_items(&mapping.target, std::slice::from_ref(&key)).await?.pop().flatten();
         let live = item.as_ref().is_some_and(|i| !self.is_tombstone(i));
         let produced = match &extra.source_key {
@@ -342,7 +420,11 @@ fn now() -> u64 {
 fn decode_row(table: &Table, row: &tokio_postgres::Row) -> anyhow::Result<Vec<Value>> {
     let mut values = Vec::with_capacity(row.len());
     for (i, column) in table.relation.columns.iter().enumerate() {
-        values.push(column.decode_text(row.get(i)).map_err(|e| anyhow::anyhow!("table {}: {e}", table.relation.qualified_name()))?);
+        values.push(
+            column
+                .decode_text(row.get(i))
+                .map_err(|e| anyhow::anyhow!("table {}: {e}", table.relation.qualified_name()))?,
+        );
     }
     Ok(values)
 }
@@ -363,7 +445,8 @@ fn pg_text(value: &Value) -> String {
 fn compare(expected: &Item, stored: &Item, version_attribute: &str) -> Finding {
     let mut names: Vec<String> = Vec::new();
     let mut values = BTreeMap::new();
-    let all: std::collections::BTreeSet<&String> = expected.keys().chain(stored.keys()).filter(|n| *n != version_attribute).collect();
+    let all: std::collections::BTreeSet<&String> =
+        expected.keys().chain(stored.keys()).filter(|n| *n != version_attribute).collect();
     for name in all {
         let (want, have) = (expected.get(name), stored.get(name));
         let same = match (want, have) {
@@ -532,16 +615,29 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> anyhow::Result<R
     let pass = async {
         for (source, target) in &selected {
             let table = &verifier.tables[source];
-            let mut report = TableReport { table: source.clone(), target: target.clone(), ..TableReport::default() };
+            let mut report =
+                TableReport { table: source.clone(), target: target.clone(), ..TableReport::default() };
             let mut after: Option<Vec<String>> = None;
             let sample = args.sample.map(|f| format!("random() < {f}"));
             loop {
-                let statement = table.page_query(&table.select_list(true), after.as_deref(), args.chunk_size, sample.as_deref());
+                let statement = table.page_query(
+                    &table.select_list(true),
+                    after.as_deref(),
+                    args.chunk_size,
+                    sample.as_deref(),
+                );
                 let rows = verifier.sql.query(&statement, &[]).await?;
                 let Some(last_row) = rows.last() else { break };
-                after = Some(table.primary_key.iter().map(|&i| last_row.get::<_, Option<String>>(i).unwrap_or_default()).collect());
+                after = Some(
+                    table
+                        .primary_key
+                        .iter()
+                        .map(|&i| last_row.get::<_, Option<String>>(i).unwrap_or_default())
+                        .collect(),
+                );
                 let count = rows.len();
-                let decoded = rows.iter().map(|r| decode_row(table, r)).collect::<anyhow::Result<Vec<_>>>()?;
+                let decoded =
+                    rows.iter().map(|r| decode_row(table, r)).collect::<anyhow::Result<Vec<_>>>()?;
                 for (key, digest, finding) in verifier.check_rows(source, target, decoded).await? {
                     report.rows += 1;
                     if let Some(digest) = digest {
@@ -564,7 +660,12 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> anyhow::Result<R
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!();
     }
-    let end_lsn: Option<Lsn> = verifier.sql.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.ok().and_then(|r| r.get::<_, String>(0).parse().ok());
+    let end_lsn: Option<Lsn> = verifier
+        .sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .ok()
+        .and_then(|r| r.get::<_, String>(0).parse().ok());
     verifier.sql.batch_execute("COMMIT").await?;
     outcome?;
 
@@ -572,7 +673,8 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> anyhow::Result<R
     if args.sample.is_none() {
         let targets: HashSet<&String> = selected.iter().map(|(_, target)| target).collect();
         for target in targets {
-            let sources: Vec<String> = verifier.pairs.iter().filter(|(_, t)| t == target).map(|(s, _)| s.clone()).collect();
+            let sources: Vec<String> =
+                verifier.pairs.iter().filter(|(_, t)| t == target).map(|(s, _)| s.clone()).collect();
             if !sources.iter().all(|m| selected.iter().any(|(s, _)| s == m)) {
                 continue;
             }
@@ -592,7 +694,13 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> anyhow::Result<R
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    let mut report = Report { tables: reports, rows_per_second: rows_read as f64 / seconds.max(0.001), seconds, rechecked: false, recheck_note: None };
+    let mut report = Report {
+        tables: reports,
+        rows_per_second: rows_read as f64 / seconds.max(0.001),
+        seconds,
+        rechecked: false,
+        recheck_note: None,
+    };
     // A key can be caught again by a write after the pass: re-check up to three times, each
     // time once the stream has passed the newest position. Real drift stays through all.
     let mut end = end_lsn;
@@ -604,7 +712,12 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> anyhow::Result<R
         if !report.rechecked {
             break;
         }
-        end = verifier.sql.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.ok().and_then(|r| r.get::<_, String>(0).parse().ok());
+        end = verifier
+            .sql
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .ok()
+            .and_then(|r| r.get::<_, String>(0).parse().ok());
     }
     Ok(report)
 }
@@ -620,7 +733,10 @@ fn key_attributes(sources: &[&TableMapping]) -> Vec<String> {
 /// A progress line on a terminal (standard error), rewritten in place.
 fn progress_line(table: &str, table_rows: u64, rows: u64, started: Instant) {
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        eprint!("\rverify: {table} {table_rows} rows, {rows} in all, {:.0} rows/s   ", rows as f64 / started.elapsed().as_secs_f64().max(0.001));
+        eprint!(
+            "\rverify: {table} {table_rows} rows, {rows} in all, {:.0} rows/s   ",
+            rows as f64 / started.elapsed().as_secs_f64().max(0.001)
+        );
     }
 }
 
@@ -651,7 +767,12 @@ async fn throttle(max_rows_per_second: u64, rows: u64, started: Instant) {
 
 /// Waits until the slot has confirmed `end`, then checks every wrong key again with fresh
 /// reads; keeps only what is still wrong.
-async fn recheck(verifier: &Verifier, report: &mut Report, end: Option<Lsn>, timeout: Duration) -> anyhow::Result<()> {
+async fn recheck(
+    verifier: &Verifier,
+    report: &mut Report,
+    end: Option<Lsn>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let (Some(end), Some(replication)) = (end, &verifier.config.source.replication) else {
         report.recheck_note = Some("not re-checked: no logical replication source".into());
         return Ok(());
@@ -660,14 +781,20 @@ async fn recheck(verifier: &Verifier, report: &mut Report, end: Option<Lsn>, tim
     loop {
         let confirmed: Option<String> = verifier
             .sql
-            .query_opt("SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots WHERE slot_name = $1", &[&replication.slot])
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                &[&replication.slot],
+            )
             .await?
             .and_then(|r| r.get(0));
         if confirmed.and_then(|c| c.parse::<Lsn>().ok()).is_some_and(|c| c >= end) {
             break;
         }
         if Instant::now() >= deadline {
-            report.recheck_note = Some(format!("not re-checked: slot {} did not confirm {end} within {timeout:?} (is the pipeline running?)", replication.slot));
+            report.recheck_note = Some(format!(
+                "not re-checked: slot {} did not confirm {end} within {timeout:?} (is the pipeline running?)",
+                replication.slot
+            ));
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -735,10 +862,16 @@ pub fn print(report: &Report, args: &VerifyArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("{:<28} {:>10} {:>10} {:>9} {:>10} {:>7}", "table", "rows", "matched", "missing", "different", "extra");
+    println!(
+        "{:<28} {:>10} {:>10} {:>9} {:>10} {:>7}",
+        "table", "rows", "matched", "missing", "different", "extra"
+    );
     for t in &report.tables {
         let extra = if t.extra_checked { t.extra.to_string() } else { "-".into() };
-        println!("{:<28} {:>10} {:>10} {:>9} {:>10} {:>7}", t.table, t.rows, t.matched, t.missing, t.different, extra);
+        println!(
+            "{:<28} {:>10} {:>10} {:>9} {:>10} {:>7}",
+            t.table, t.rows, t.matched, t.missing, t.different, extra
+        );
         for key in &t.missing_keys {
             println!("  missing    {}", show_key(key));
         }
@@ -746,13 +879,21 @@ pub fn print(report: &Report, args: &VerifyArgs) -> anyhow::Result<()> {
             println!("  different  {}  attributes: {}", show_key(&d.key), d.attributes.join(", "));
             if let Some(values) = &d.values {
                 for (name, (want, have)) in values {
-                    println!("             {name}: source {} / target {}", want.as_deref().unwrap_or("(absent)"), have.as_deref().unwrap_or("(absent)"));
+                    println!(
+                        "             {name}: source {} / target {}",
+                        want.as_deref().unwrap_or("(absent)"),
+                        have.as_deref().unwrap_or("(absent)")
+                    );
                 }
             }
         }
         for e in &t.extra_keys {
             let item: Vec<String> = e.item_key.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            println!("  extra      {}{}", item.join(" "), e.source_key.as_ref().map(|k| format!("  (source key {})", show_key(k))).unwrap_or_default());
+            println!(
+                "  extra      {}{}",
+                item.join(" "),
+                e.source_key.as_ref().map(|k| format!("  (source key {})", show_key(k))).unwrap_or_default()
+            );
         }
     }
     println!("{:.0} rows/s over {:.1} s", report.rows_per_second, report.seconds);
@@ -780,9 +921,12 @@ pub async fn reconcile(config: &Config, args: &VerifyArgs) -> anyhow::Result<Rep
     let mut unreachable = 0;
     for table_report in &report.tables {
         let table = &verifier.tables[&table_report.table];
-        let names: Vec<&String> = table.primary_key.iter().map(|&i| &table.relation.columns[i].name).collect();
+        let names: Vec<&String> =
+            table.primary_key.iter().map(|&i| &table.relation.columns[i].name).collect();
         let mut keys: Vec<Vec<String>> = Vec::new();
-        let as_list = |key: &SourceKey| names.iter().map(|n| key.get(*n).cloned().unwrap_or_default()).collect::<Vec<_>>();
+        let as_list = |key: &SourceKey| {
+            names.iter().map(|n| key.get(*n).cloned().unwrap_or_default()).collect::<Vec<_>>()
+        };
         keys.extend(table_report.missing_keys.iter().map(as_list));
         keys.extend(table_report.different_keys.iter().map(|d| as_list(&d.key)));
         for extra in &table_report.extra_keys {
@@ -794,7 +938,14 @@ pub async fn reconcile(config: &Config, args: &VerifyArgs) -> anyhow::Result<Rep
         if keys.is_empty() {
             continue;
         }
-        let id = crate::backfill::request(sql, &config.backfill, &config.pipeline.name, &table_report.table, Some(&keys)).await?;
+        let id = crate::backfill::request(
+            sql,
+            &config.backfill,
+            &config.pipeline.name,
+            &table_report.table,
+            Some(&keys),
+        )
+        .await?;
         eprintln!("requested reconcile {id}: {} keys of {}", keys.len(), table_report.table);
         ids.push(id);
     }

@@ -37,8 +37,12 @@ fn digest(key: &BTreeMap<String, String>) -> u128 {
 
 impl PgSide {
     pub(super) async fn open(config: &PostgresTargetConfig) -> anyhow::Result<Self> {
-        let mapping = PgMapping::load(&config.mapping).map_err(|p| anyhow::anyhow!("{}", p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))?;
-        let client = sluice_postgres::connect_sql(&config.connection).await.context("cannot connect to the target database (target.connection)")?;
+        let mapping = PgMapping::load(&config.mapping).map_err(|p| {
+            anyhow::anyhow!("{}", p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+        })?;
+        let client = sluice_postgres::connect_sql(&config.connection)
+            .await
+            .context("cannot connect to the target database (target.connection)")?;
         let tables = target_tables(&client, &mapping).await?;
         Ok(PgSide { translator: PgTranslator::new(&mapping, &target_keys(&tables)), mapping, client, tables })
     }
@@ -53,7 +57,12 @@ impl PgSide {
 
     /// The target row a source row must be (its mapped columns), or why there is none.
     fn expected(&self, table: &Table, row: Vec<Value>) -> Result<Option<Vec<(String, Text)>>, ()> {
-        let event = ChangeEvent::Insert { position: Position::default(), relation: Arc::new(table.relation.clone()), new: row, snapshot: true };
+        let event = ChangeEvent::Insert {
+            position: Position::default(),
+            relation: Arc::new(table.relation.clone()),
+            new: row,
+            snapshot: true,
+        };
         let mut ops = Vec::new();
         self.translator.translate(&event, &mut ops).map_err(drop)?;
         Ok(ops.into_iter().find_map(|op| match op {
@@ -62,7 +71,12 @@ impl PgSide {
         }))
     }
 
-    pub(super) async fn check_rows(&self, target: &str, table: &Table, rows: Vec<Vec<Value>>) -> anyhow::Result<Vec<(SourceKey, Option<u128>, Finding)>> {
+    pub(super) async fn check_rows(
+        &self,
+        target: &str,
+        table: &Table,
+        rows: Vec<Vec<Value>>,
+    ) -> anyhow::Result<Vec<(SourceKey, Option<u128>, Finding)>> {
         let t = &self.tables[target];
         let mut out: Vec<(SourceKey, Option<u128>, Finding)> = Vec::with_capacity(rows.len());
         let mut expected: Vec<(usize, Vec<(String, Text)>)> = Vec::new();
@@ -83,7 +97,10 @@ impl PgSide {
         // Rows of one source table map to the same columns.
         let names: Vec<String> = first.iter().map(|(c, _)| c.clone()).collect();
         if let Some(missing) = names.iter().find(|n| !t.types.contains_key(*n)) {
-            anyhow::bail!("target table {target} has no column {missing} (from {}); the stream stops at it too", table.relation.qualified_name());
+            anyhow::bail!(
+                "target table {target} has no column {missing} (from {}); the stream stops at it too",
+                table.relation.qualified_name()
+            );
         }
         let rows = match self.compare_query(t, &names, &expected).await {
             Ok(rows) => rows,
@@ -94,17 +111,34 @@ impl PgSide {
                 for one in &expected {
                     match self.compare_query(t, &names, std::slice::from_ref(one)).await {
                         Ok(found) => rows.extend(found),
-                        Err(error) if error.code().is_some_and(|c| c.code().starts_with("22")) => out[one.0].2 = Finding::Untranslatable,
-                        Err(error) => return Err(anyhow::anyhow!("cannot read rows of target table {target}: SQLSTATE {}", error.code().map_or("?", |c| c.code()))),
+                        Err(error) if error.code().is_some_and(|c| c.code().starts_with("22")) => {
+                            out[one.0].2 = Finding::Untranslatable
+                        }
+                        Err(error) => {
+                            return Err(anyhow::anyhow!(
+                                "cannot read rows of target table {target}: SQLSTATE {}",
+                                error.code().map_or("?", |c| c.code())
+                            ))
+                        }
                     }
                 }
                 rows
             }
-            Err(error) => return Err(anyhow::anyhow!("cannot read rows of target table {target}: SQLSTATE {}", error.code().map_or("?", |c| c.code()))),
+            Err(error) => {
+                return Err(anyhow::anyhow!(
+                    "cannot read rows of target table {target}: SQLSTATE {}",
+                    error.code().map_or("?", |c| c.code())
+                ))
+            }
         };
         for row in rows {
             let index = row.get::<_, i32>(0) as usize;
-            let key: BTreeMap<String, String> = t.key.iter().enumerate().map(|(i, k)| (k.clone(), row.get::<_, Option<String>>(1 + i).unwrap_or_default())).collect();
+            let key: BTreeMap<String, String> = t
+                .key
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (k.clone(), row.get::<_, Option<String>>(1 + i).unwrap_or_default()))
+                .collect();
             let base = 1 + t.key.len();
             let finding = if row.get::<_, bool>(base) {
                 Finding::Missing
@@ -112,7 +146,8 @@ impl PgSide {
                 let mut different = Vec::new();
                 let mut values = DifferentValues::new();
                 for (i, name) in names.iter().enumerate() {
-                    let (want, have): (Option<String>, Option<String>) = (row.get(base + 1 + 2 * i), row.get(base + 2 + 2 * i));
+                    let (want, have): (Option<String>, Option<String>) =
+                        (row.get(base + 1 + 2 * i), row.get(base + 2 + 2 * i));
                     if want != have {
                         different.push(name.clone());
                         values.insert(name.clone(), (want, have));
@@ -133,7 +168,12 @@ impl PgSide {
     /// The expected rows (`(index, columns)`) cast to the target types and left-joined with
     /// the target table: per row its index, the key as the target prints it, whether the
     /// target lacks the row, and each column's expected and stored text.
-    async fn compare_query(&self, t: &TargetTable, names: &[String], expected: &[(usize, Vec<(String, Text)>)]) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    async fn compare_query(
+        &self,
+        t: &TargetTable,
+        names: &[String],
+        expected: &[(usize, Vec<(String, Text)>)],
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
         let mut sql = String::from("SELECT e.n");
         for k in &t.key {
             let i = names.iter().position(|n| n == k).expect("key column checked above");
@@ -153,27 +193,53 @@ impl PgSide {
             sql.push(')');
         }
         let aliases: Vec<String> = (0..names.len()).map(|i| format!("c{i}")).collect();
-        let join: Vec<String> = t.key.iter().map(|k| format!("t.{0} = e.c{1}", quote_ident(k), names.iter().position(|n| n == k).unwrap_or(0))).collect();
-        sql.push_str(&format!(") AS e(n, {}) LEFT JOIN {} t ON {}", aliases.join(", "), t.quoted, join.join(" AND ")));
+        let join: Vec<String> = t
+            .key
+            .iter()
+            .map(|k| {
+                format!("t.{0} = e.c{1}", quote_ident(k), names.iter().position(|n| n == k).unwrap_or(0))
+            })
+            .collect();
+        sql.push_str(&format!(
+            ") AS e(n, {}) LEFT JOIN {} t ON {}",
+            aliases.join(", "),
+            t.quoted,
+            join.join(" AND ")
+        ));
         self.client.query(&sql, &[]).await
     }
 
     /// Target rows no verified row produced, by keyset pages over the target's primary key.
-    pub(super) async fn extras(&self, target: &str, sources: &[String], expected: &HashSet<u128>, tables: &HashMap<String, Table>) -> anyhow::Result<Vec<(String, Extra)>> {
+    pub(super) async fn extras(
+        &self,
+        target: &str,
+        sources: &[String],
+        expected: &HashSet<u128>,
+        tables: &HashMap<String, Table>,
+    ) -> anyhow::Result<Vec<(String, Extra)>> {
         let t = &self.tables[target];
         let columns: Vec<String> = t.key.iter().map(|k| format!("s.{}::text", quote_ident(k))).collect();
         let mut extras = Vec::new();
         let mut after: Option<Vec<String>> = None;
         loop {
             let statement = t.table.page_query(&columns.join(", "), after.as_deref(), KEY_PAGE, None);
-            let rows = self.client.query(&statement, &[]).await.with_context(|| format!("cannot scan target table {target}"))?;
+            let rows = self
+                .client
+                .query(&statement, &[])
+                .await
+                .with_context(|| format!("cannot scan target table {target}"))?;
             let count = rows.len();
             for row in &rows {
-                let texts: Vec<String> = (0..t.key.len()).map(|i| row.get::<_, Option<String>>(i).unwrap_or_default()).collect();
-                let key: BTreeMap<String, String> = t.key.iter().cloned().zip(texts.iter().cloned()).collect();
+                let texts: Vec<String> =
+                    (0..t.key.len()).map(|i| row.get::<_, Option<String>>(i).unwrap_or_default()).collect();
+                let key: BTreeMap<String, String> =
+                    t.key.iter().cloned().zip(texts.iter().cloned()).collect();
                 if !expected.contains(&digest(&key)) {
-                    let owner = sources.iter().find_map(|s| self.source_key_of(s, &tables[s], &key).map(|k| (s.clone(), k)));
-                    let report_table = owner.as_ref().map(|(s, _)| s.clone()).unwrap_or_else(|| sources[0].clone());
+                    let owner = sources
+                        .iter()
+                        .find_map(|s| self.source_key_of(s, &tables[s], &key).map(|k| (s.clone(), k)));
+                    let report_table =
+                        owner.as_ref().map(|(s, _)| s.clone()).unwrap_or_else(|| sources[0].clone());
                     extras.push((report_table, Extra { item_key: key, source_key: owner.map(|(_, k)| k) }));
                 }
                 after = Some(texts);
@@ -186,7 +252,12 @@ impl PgSide {
 
     /// The source key a target key leads back to through the renames, when the target key
     /// holds every source key column.
-    fn source_key_of(&self, source: &str, table: &Table, key: &BTreeMap<String, String>) -> Option<SourceKey> {
+    fn source_key_of(
+        &self,
+        source: &str,
+        table: &Table,
+        key: &BTreeMap<String, String>,
+    ) -> Option<SourceKey> {
         let mapping = self.mapping(source);
         table
             .primary_key
@@ -202,7 +273,8 @@ impl PgSide {
     fn target_key_of(&self, source: &str, key: &SourceKey) -> Option<BTreeMap<String, String>> {
         let mapping = self.mapping(source);
         let t = &self.tables[mapping.target.as_str()];
-        let by_target: HashMap<&String, &String> = key.iter().map(|(c, v)| (mapping.rename.get(c).unwrap_or(c), v)).collect();
+        let by_target: HashMap<&String, &String> =
+            key.iter().map(|(c, v)| (mapping.rename.get(c).unwrap_or(c), v)).collect();
         t.key.iter().map(|k| by_target.get(k).map(|v| (k.clone(), (*v).clone()))).collect()
     }
 
@@ -214,17 +286,34 @@ impl PgSide {
             sql.push_str(&format!("{}t.{} = ", if n == 0 { "" } else { " AND " }, quote_ident(k)));
             t.value(k, &key.get(k).cloned(), &mut sql)?;
         }
-        Ok(self.client.query_opt(&sql, &[]).await.with_context(|| format!("cannot read target table {target}"))?.is_some())
+        Ok(self
+            .client
+            .query_opt(&sql, &[])
+            .await
+            .with_context(|| format!("cannot read target table {target}"))?
+            .is_some())
     }
 
     /// For a wrong key whose row is gone: the target key when the target still holds the row.
-    pub(super) async fn left_behind(&self, source: &str, target: &str, _table: &Table, key: &SourceKey) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+    pub(super) async fn left_behind(
+        &self,
+        source: &str,
+        target: &str,
+        _table: &Table,
+        key: &SourceKey,
+    ) -> anyhow::Result<Option<BTreeMap<String, String>>> {
         let Some(target_key) = self.target_key_of(source, key) else { return Ok(None) };
         Ok(self.holds(target, &target_key).await?.then_some(target_key))
     }
 
     /// Whether an extra row is still in the target and still produced by no source row.
-    pub(super) async fn still_extra(&self, verifier: &Verifier, source: &str, target: &str, extra: &Extra) -> anyhow::Result<bool> {
+    pub(super) async fn still_extra(
+        &self,
+        verifier: &Verifier,
+        source: &str,
+        target: &str,
+        extra: &Extra,
+    ) -> anyhow::Result<bool> {
         if !self.holds(target, &extra.item_key).await? {
             return Ok(false);
         }

@@ -64,7 +64,9 @@ impl Attr {
             AttributeValue::Bool(b) => Attr::Bool(*b),
             AttributeValue::Null(_) => Attr::Null,
             AttributeValue::L(items) => Attr::L(items.iter().map(Attr::from_sdk).collect::<Option<_>>()?),
-            AttributeValue::M(map) => Attr::M(map.iter().map(|(k, v)| Some((k.clone(), Attr::from_sdk(v)?))).collect::<Option<_>>()?),
+            AttributeValue::M(map) => Attr::M(
+                map.iter().map(|(k, v)| Some((k.clone(), Attr::from_sdk(v)?))).collect::<Option<_>>()?,
+            ),
             AttributeValue::Ss(items) => Attr::Ss(items.clone()),
             AttributeValue::Ns(items) => Attr::Ns(items.clone()),
             _ => return None,
@@ -97,7 +99,10 @@ mod tests {
 
     #[test]
     fn size_counts_names_and_values() {
-        let item = Item::from([("pk".to_string(), Attr::S("USER#1".into())), ("n".to_string(), Attr::N("12345".into()))]);
+        let item = Item::from([
+            ("pk".to_string(), Attr::S("USER#1".into())),
+            ("n".to_string(), Attr::N("12345".into())),
+        ]);
         assert_eq!(item_size(&item), 2 + 6 + 1 + 4);
     }
 }

@@ -12,11 +12,11 @@ use aws_config::BehaviorVersion;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::config::{Credentials, Region};
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, Delete, DeleteRequest, KeySchemaElement, KeyType, KeysAndAttributes, Put,
-    PutRequest, ScalarAttributeType, TransactWriteItem, Update, WriteRequest,
-};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, Delete, DeleteRequest, KeySchemaElement, KeyType,
+    KeysAndAttributes, Put, PutRequest, ScalarAttributeType, TransactWriteItem, Update, WriteRequest,
+};
 use aws_sdk_dynamodb::Client;
 
 use crate::attr::{Attr, Item};
@@ -99,13 +99,17 @@ enum Operation {
 
 impl Prepared {
     fn new(write: &GuardedWrite) -> Self {
-        let mut names = HashMap::from([("#pk".to_string(), write.partition_key.clone()), ("#v".to_string(), write.version_attribute.clone())]);
+        let mut names = HashMap::from([
+            ("#pk".to_string(), write.partition_key.clone()),
+            ("#v".to_string(), write.version_attribute.clone()),
+        ]);
         let version = AttributeValue::N(write.version.clone());
         let mut values = HashMap::from([(":v".to_string(), version.clone())]);
         let key = || write.key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect::<HashMap<_, _>>();
         let operation = match &write.action {
             WriteAction::Put(attributes) => {
-                let mut item: HashMap<String, AttributeValue> = attributes.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect();
+                let mut item: HashMap<String, AttributeValue> =
+                    attributes.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect();
                 item.extend(key());
                 item.insert(write.version_attribute.clone(), version);
                 Operation::Put(item)
@@ -201,7 +205,10 @@ impl DynamoClient {
         let mut builder = aws_sdk_dynamodb::config::Builder::from(&shared);
         if let Some(timeout) = options.request_timeout {
             builder = builder.timeout_config(
-                aws_config::timeout::TimeoutConfig::builder().operation_attempt_timeout(timeout).connect_timeout(timeout).build(),
+                aws_config::timeout::TimeoutConfig::builder()
+                    .operation_attempt_timeout(timeout)
+                    .connect_timeout(timeout)
+                    .build(),
             );
         }
         if shared.region().is_none() {
@@ -229,7 +236,9 @@ impl DynamoClient {
         }
         let result = match operation {
             Operation::Put(item) => guarded!(self.client.put_item().set_item(Some(item))),
-            Operation::Update { key, expression } => guarded!(self.client.update_item().set_key(Some(key)).update_expression(expression)),
+            Operation::Update { key, expression } => {
+                guarded!(self.client.update_item().set_key(Some(key)).update_expression(expression))
+            }
             Operation::Delete(key) => guarded!(self.client.delete_item().set_key(Some(key))),
         };
         match result {
@@ -251,7 +260,10 @@ impl DynamoClient {
                 outcomes[i] = Some(self.apply(&writes[i]).await?);
                 break;
             }
-            let items: Vec<TransactWriteItem> = remaining.iter().map(|&i| Prepared::new(&writes[i]).into_transact_item(&writes[i].table)).collect();
+            let items: Vec<TransactWriteItem> = remaining
+                .iter()
+                .map(|&i| Prepared::new(&writes[i]).into_transact_item(&writes[i].table))
+                .collect();
             let table = &writes[remaining[0]].table;
             match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
                 Ok(_) => {
@@ -267,7 +279,9 @@ impl DynamoClient {
                             TransactWriteItemsError::TransactionCanceledException(c) => Some(c),
                             _ => None,
                         })
-                        .map(|c| c.cancellation_reasons().iter().map(|r| r.code().map(str::to_owned)).collect());
+                        .map(|c| {
+                            c.cancellation_reasons().iter().map(|r| r.code().map(str::to_owned)).collect()
+                        });
                     let Some(reasons) = reasons.filter(|r| r.len() == remaining.len()) else {
                         return Err(classify(error, table));
                     };
@@ -276,8 +290,14 @@ impl DynamoClient {
                         match reason.as_deref() {
                             Some("ConditionalCheckFailed") => outcomes[i] = Some(Outcome::AlreadyApplied),
                             None | Some("None") => again.push(i),
-                            Some("ThrottlingError" | "TransactionConflict" | "ProvisionedThroughputExceeded") => {
-                                return Err(DynamoError::new(ErrorKind::Transient, &writes[i].table, format!("transaction cancelled: {}", reason.as_deref().unwrap_or(""))));
+                            Some(
+                                "ThrottlingError" | "TransactionConflict" | "ProvisionedThroughputExceeded",
+                            ) => {
+                                return Err(DynamoError::new(
+                                    ErrorKind::Transient,
+                                    &writes[i].table,
+                                    format!("transaction cancelled: {}", reason.as_deref().unwrap_or("")),
+                                ));
                             }
                             // A write the server rejects (ValidationError…): applied alone, it is classified.
                             Some(_) => outcomes[i] = Some(self.apply(&writes[i]).await?),
@@ -303,10 +323,18 @@ impl DynamoClient {
     /// Nothing else may write these items between the read and the write, so this is correct
     /// only while sluice is the items' one writer (one active replica, which the HA lock
     /// ensures). Updates (partial rows) are not batchable: callers apply them with [`Self::apply`].
-    pub async fn apply_batch(&self, writes: &[GuardedWrite], fresh: &[bool]) -> Result<Vec<Outcome>, DynamoError> {
-        let unknown: Vec<&GuardedWrite> = writes.iter().zip(fresh).filter(|(_, fresh)| !**fresh).map(|(w, _)| w).collect();
+    pub async fn apply_batch(
+        &self,
+        writes: &[GuardedWrite],
+        fresh: &[bool],
+    ) -> Result<Vec<Outcome>, DynamoError> {
+        let unknown: Vec<&GuardedWrite> =
+            writes.iter().zip(fresh).filter(|(_, fresh)| !**fresh).map(|(w, _)| w).collect();
         let mut read = self.read_versions(&unknown).await?.into_iter();
-        let stored = fresh.iter().map(|&fresh| if fresh { Stored::Older } else { read.next().unwrap_or(Stored::Absent) });
+        let stored =
+            fresh
+                .iter()
+                .map(|&fresh| if fresh { Stored::Older } else { read.next().unwrap_or(Stored::Absent) });
         let mut outcomes = Vec::with_capacity(writes.len());
         let mut requests: Vec<(String, WriteRequest)> = Vec::new();
         for (write, stored) in writes.iter().zip(stored) {
@@ -323,12 +351,18 @@ impl DynamoClient {
                 continue;
             }
             let request = match Prepared::new(write).operation {
-                Operation::Put(item) => WriteRequest::builder().put_request(PutRequest::builder().set_item(Some(item)).build().expect("item set")).build(),
-                Operation::Delete(key) => {
-                    WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(key)).build().expect("key set")).build()
-                }
+                Operation::Put(item) => WriteRequest::builder()
+                    .put_request(PutRequest::builder().set_item(Some(item)).build().expect("item set"))
+                    .build(),
+                Operation::Delete(key) => WriteRequest::builder()
+                    .delete_request(DeleteRequest::builder().set_key(Some(key)).build().expect("key set"))
+                    .build(),
                 Operation::Update { .. } => {
-                    return Err(DynamoError::new(ErrorKind::Fatal, &write.table, "an update is not batchable (internal error)"));
+                    return Err(DynamoError::new(
+                        ErrorKind::Fatal,
+                        &write.table,
+                        "an update is not batchable (internal error)",
+                    ));
                 }
             };
             requests.push((write.table.clone(), request));
@@ -341,14 +375,24 @@ impl DynamoClient {
             let table = chunk[0].0.clone();
             let mut delay = Duration::from_millis(20);
             for round in 0.. {
-                let out = self.client.batch_write_item().set_request_items(Some(items)).send().await.map_err(|e| classify(e, &table))?;
+                let out = self
+                    .client
+                    .batch_write_item()
+                    .set_request_items(Some(items))
+                    .send()
+                    .await
+                    .map_err(|e| classify(e, &table))?;
                 items = out.unprocessed_items.unwrap_or_default();
                 items.retain(|_, requests| !requests.is_empty());
                 if items.is_empty() {
                     break;
                 }
                 if round == 8 {
-                    return Err(DynamoError::new(ErrorKind::Transient, &table, "BatchWriteItem left items unprocessed (throttled)"));
+                    return Err(DynamoError::new(
+                        ErrorKind::Transient,
+                        &table,
+                        "BatchWriteItem left items unprocessed (throttled)",
+                    ));
                 }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
@@ -361,12 +405,19 @@ impl DynamoClient {
     async fn read_versions(&self, writes: &[&GuardedWrite]) -> Result<Vec<Stored>, DynamoError> {
         let Some(first) = writes.first() else { return Ok(Vec::new()) };
         if writes.len() > 100 {
-            return Err(DynamoError::new(ErrorKind::Fatal, &first.table, "more than 100 keys in one BatchGetItem (internal error)"));
+            return Err(DynamoError::new(
+                ErrorKind::Fatal,
+                &first.table,
+                "more than 100 keys in one BatchGetItem (internal error)",
+            ));
         }
         let mut request: HashMap<String, KeysAndAttributes> = HashMap::new();
         let mut tables: HashMap<&str, Vec<HashMap<String, AttributeValue>>> = HashMap::new();
         for write in writes {
-            tables.entry(&write.table).or_default().push(write.key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect());
+            tables
+                .entry(&write.table)
+                .or_default()
+                .push(write.key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect());
         }
         for (table, keys) in tables {
             let write = writes.iter().find(|w| w.table == table).expect("a write of this table");
@@ -388,11 +439,21 @@ impl DynamoClient {
         let mut found: HashMap<(String, String), Option<String>> = HashMap::new();
         let mut delay = Duration::from_millis(20);
         for round in 0.. {
-            let out = self.client.batch_get_item().set_request_items(Some(request)).send().await.map_err(|e| classify(e, &first.table))?;
+            let out = self
+                .client
+                .batch_get_item()
+                .set_request_items(Some(request))
+                .send()
+                .await
+                .map_err(|e| classify(e, &first.table))?;
             for (table, items) in out.responses.unwrap_or_default() {
                 let Some(write) = writes.iter().find(|w| w.table == table) else { continue };
                 for item in items {
-                    let key: Option<Item> = write.key.keys().map(|name| item.get(name).and_then(Attr::from_sdk).map(|a| (name.clone(), a))).collect();
+                    let key: Option<Item> = write
+                        .key
+                        .keys()
+                        .map(|name| item.get(name).and_then(Attr::from_sdk).map(|a| (name.clone(), a)))
+                        .collect();
                     let key = key.map(|key| key_text(&key));
                     let version = match item.get(&write.version_attribute) {
                         Some(AttributeValue::N(n)) => Some(n.clone()),
@@ -409,19 +470,21 @@ impl DynamoClient {
                 break;
             }
             if round == 8 {
-                return Err(DynamoError::new(ErrorKind::Transient, &first.table, "BatchGetItem left keys unprocessed (throttled)"));
+                return Err(DynamoError::new(
+                    ErrorKind::Transient,
+                    &first.table,
+                    "BatchGetItem left keys unprocessed (throttled)",
+                ));
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
         }
         Ok(writes
             .iter()
-            .map(|w| {
-                match found.remove(&(w.table.clone(), key_text(&w.key))) {
-                    None => Stored::Absent,
-                    Some(Some(version)) => Stored::Version(version),
-                    Some(None) => Stored::Unversioned,
-                }
+            .map(|w| match found.remove(&(w.table.clone(), key_text(&w.key))) {
+                None => Stored::Absent,
+                Some(Some(version)) => Stored::Version(version),
+                Some(None) => Stored::Unversioned,
             })
             .collect())
     }
@@ -433,7 +496,9 @@ impl DynamoClient {
             .into_iter()
             .map(|item| {
                 let item = item.into_iter().map(|(k, v)| (k, v.to_sdk())).collect();
-                WriteRequest::builder().put_request(PutRequest::builder().set_item(Some(item)).build().expect("item set")).build()
+                WriteRequest::builder()
+                    .put_request(PutRequest::builder().set_item(Some(item)).build().expect("item set"))
+                    .build()
             })
             .collect();
         let mut delay = Duration::from_millis(20);
@@ -456,18 +521,47 @@ impl DynamoClient {
 
     /// Creates an on-demand table with a string partition key and optional string sort key;
     /// an existing table is fine.
-    pub async fn create_table(&self, table: &str, partition_key: &str, sort_key: Option<&str>) -> Result<(), DynamoError> {
+    pub async fn create_table(
+        &self,
+        table: &str,
+        partition_key: &str,
+        sort_key: Option<&str>,
+    ) -> Result<(), DynamoError> {
         let mut request = self
             .client
             .create_table()
             .table_name(table)
             .billing_mode(BillingMode::PayPerRequest)
-            .attribute_definitions(AttributeDefinition::builder().attribute_name(partition_key).attribute_type(ScalarAttributeType::S).build().expect("definition"))
-            .key_schema(KeySchemaElement::builder().attribute_name(partition_key).key_type(KeyType::Hash).build().expect("schema"));
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name(partition_key)
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .expect("definition"),
+            )
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name(partition_key)
+                    .key_type(KeyType::Hash)
+                    .build()
+                    .expect("schema"),
+            );
         if let Some(sort_key) = sort_key {
             request = request
-                .attribute_definitions(AttributeDefinition::builder().attribute_name(sort_key).attribute_type(ScalarAttributeType::S).build().expect("definition"))
-                .key_schema(KeySchemaElement::builder().attribute_name(sort_key).key_type(KeyType::Range).build().expect("schema"));
+                .attribute_definitions(
+                    AttributeDefinition::builder()
+                        .attribute_name(sort_key)
+                        .attribute_type(ScalarAttributeType::S)
+                        .build()
+                        .expect("definition"),
+                )
+                .key_schema(
+                    KeySchemaElement::builder()
+                        .attribute_name(sort_key)
+                        .key_type(KeyType::Range)
+                        .build()
+                        .expect("schema"),
+                );
         }
         match request.send().await {
             Ok(_) => Ok(()),
@@ -481,17 +575,31 @@ impl DynamoClient {
     pub async fn get_items(&self, table: &str, keys: &[Item]) -> Result<Vec<Option<Item>>, DynamoError> {
         let mut found: HashMap<String, Item> = HashMap::new();
         for group in keys.chunks(100) {
-            let sdk_keys: Vec<HashMap<String, AttributeValue>> = group.iter().map(|key| key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect()).collect();
+            let sdk_keys: Vec<HashMap<String, AttributeValue>> =
+                group.iter().map(|key| key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect()).collect();
             let mut request = HashMap::from([(
                 table.to_owned(),
-                KeysAndAttributes::builder().set_keys(Some(sdk_keys)).consistent_read(true).build().expect("keys set"),
+                KeysAndAttributes::builder()
+                    .set_keys(Some(sdk_keys))
+                    .consistent_read(true)
+                    .build()
+                    .expect("keys set"),
             )]);
             let mut delay = Duration::from_millis(20);
             for round in 0.. {
-                let out = self.client.batch_get_item().set_request_items(Some(request)).send().await.map_err(|e| classify(e, table))?;
+                let out = self
+                    .client
+                    .batch_get_item()
+                    .set_request_items(Some(request))
+                    .send()
+                    .await
+                    .map_err(|e| classify(e, table))?;
                 for raw in out.responses.unwrap_or_default().remove(table).unwrap_or_default() {
                     let item = item_from_sdk(&raw, table)?;
-                    let key: Item = group[0].keys().filter_map(|name| item.get(name).map(|a| (name.clone(), a.clone()))).collect();
+                    let key: Item = group[0]
+                        .keys()
+                        .filter_map(|name| item.get(name).map(|a| (name.clone(), a.clone())))
+                        .collect();
                     found.insert(key_text(&key), item);
                 }
                 request = out.unprocessed_keys.unwrap_or_default();
@@ -500,7 +608,11 @@ impl DynamoClient {
                     break;
                 }
                 if round == 8 {
-                    return Err(DynamoError::new(ErrorKind::Transient, table, "BatchGetItem left keys unprocessed (throttled)"));
+                    return Err(DynamoError::new(
+                        ErrorKind::Transient,
+                        table,
+                        "BatchGetItem left keys unprocessed (throttled)",
+                    ));
                 }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
@@ -523,8 +635,19 @@ impl DynamoClient {
 
     /// One page of a scan: its items, and where the next page starts (`None` after the last).
     /// Start with `ScanCursor::default()`.
-    pub async fn scan_page(&self, table: &str, cursor: ScanCursor) -> Result<(Vec<Item>, Option<ScanCursor>), DynamoError> {
-        let out = self.client.scan().table_name(table).set_exclusive_start_key(cursor.0).send().await.map_err(|e| classify(e, table))?;
+    pub async fn scan_page(
+        &self,
+        table: &str,
+        cursor: ScanCursor,
+    ) -> Result<(Vec<Item>, Option<ScanCursor>), DynamoError> {
+        let out = self
+            .client
+            .scan()
+            .table_name(table)
+            .set_exclusive_start_key(cursor.0)
+            .send()
+            .await
+            .map_err(|e| classify(e, table))?;
         let mut items = Vec::new();
         for raw in out.items.unwrap_or_default() {
             let item = item_from_sdk(&raw, table)?;
@@ -572,10 +695,9 @@ enum Stored {
 /// A key's attributes as one comparable text (key attributes are S, N or B).
 /// An item as the SDK returned it; an attribute type sluice does not read is an error.
 fn item_from_sdk(raw: &HashMap<String, AttributeValue>, table: &str) -> Result<Item, DynamoError> {
-    raw.iter()
-        .map(|(k, v)| Attr::from_sdk(v).map(|a| (k.clone(), a)))
-        .collect::<Option<Item>>()
-        .ok_or_else(|| DynamoError::new(ErrorKind::Fatal, table, "item with an attribute type sluice does not read"))
+    raw.iter().map(|(k, v)| Attr::from_sdk(v).map(|a| (k.clone(), a))).collect::<Option<Item>>().ok_or_else(
+        || DynamoError::new(ErrorKind::Fatal, table, "item with an attribute type sluice does not read"),
+    )
 }
 
 fn key_text(key: &Item) -> String {
@@ -603,21 +725,29 @@ where
         SdkError::ServiceError(service) => match service.err().code() {
             Some("ConditionalCheckFailedException") => ErrorKind::ConditionFailed,
             Some(
-                "ProvisionedThroughputExceededException" | "ThrottlingException" | "RequestLimitExceeded" | "InternalServerError"
-                | "ServiceUnavailable" | "TransactionConflictException",
+                "ProvisionedThroughputExceededException"
+                | "ThrottlingException"
+                | "RequestLimitExceeded"
+                | "InternalServerError"
+                | "ServiceUnavailable"
+                | "TransactionConflictException",
             ) => ErrorKind::Transient,
             Some("ValidationException" | "ItemCollectionSizeLimitExceededException") => ErrorKind::Poison,
             _ if status >= 500 => ErrorKind::Transient,
             _ => ErrorKind::Fatal,
         },
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => ErrorKind::Transient,
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            ErrorKind::Transient
+        }
         _ => ErrorKind::Fatal,
     };
     let message = match error.as_service_error() {
         Some(service) => match (service.code(), service.message()) {
             (Some(code), Some(message)) => format!("{code}: {message}"),
             (Some(code), None) => code.to_owned(),
-            (None, message) => format!("HTTP {status}{}", message.map(|m| format!(": {m}")).unwrap_or_default()),
+            (None, message) => {
+                format!("HTTP {status}{}", message.map(|m| format!(": {m}")).unwrap_or_default())
+            }
         },
         None => aws_sdk_dynamodb::error::DisplayErrorContext(&error).to_string(),
     };
@@ -640,9 +770,17 @@ mod tests {
 
     #[test]
     fn keys_with_the_same_attributes_match() {
-        let a = Item::from([("pk".to_string(), Attr::S("A".into())), ("sk".to_string(), Attr::N("1".into()))]);
-        let b = Item::from([("sk".to_string(), Attr::N("1".into())), ("pk".to_string(), Attr::S("A".into()))]);
+        let a =
+            Item::from([("pk".to_string(), Attr::S("A".into())), ("sk".to_string(), Attr::N("1".into()))]);
+        let b =
+            Item::from([("sk".to_string(), Attr::N("1".into())), ("pk".to_string(), Attr::S("A".into()))]);
         assert_eq!(key_text(&a), key_text(&b));
-        assert_ne!(key_text(&a), key_text(&Item::from([("pk".to_string(), Attr::S("A".into())), ("sk".to_string(), Attr::S("1".into()))])));
+        assert_ne!(
+            key_text(&a),
+            key_text(&Item::from([
+                ("pk".to_string(), Attr::S("A".into())),
+                ("sk".to_string(), Attr::S("1".into()))
+            ]))
+        );
     }
 }

@@ -76,7 +76,12 @@ impl Error {
         };
         matches!(
             code,
-            Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize | RDKafkaErrorCode::InvalidMessage | RDKafkaErrorCode::InvalidTopic)
+            Some(
+                RDKafkaErrorCode::MessageSizeTooLarge
+                    | RDKafkaErrorCode::InvalidMessageSize
+                    | RDKafkaErrorCode::InvalidMessage
+                    | RDKafkaErrorCode::InvalidTopic
+            )
         )
     }
 }
@@ -133,7 +138,14 @@ impl QuietContext {
 
 impl ClientContext for QuietContext {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        let important = matches!(level, RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning);
+        let important = matches!(
+            level,
+            RDKafkaLogLevel::Emerg
+                | RDKafkaLogLevel::Alert
+                | RDKafkaLogLevel::Critical
+                | RDKafkaLogLevel::Error
+                | RDKafkaLogLevel::Warning
+        );
         if !important {
             tracing::debug!(target: "librdkafka", facility, "{message}");
             return;
@@ -171,13 +183,17 @@ impl KafkaProducer {
         }
         let context = QuietContext::default();
         let last_error = context.last_error.clone();
-        let inner: FutureProducer<QuietContext> = config.create_with_context(context).map_err(Error::Config)?;
+        let inner: FutureProducer<QuietContext> =
+            config.create_with_context(context).map_err(Error::Config)?;
         Ok(KafkaProducer { inner, last_error })
     }
 
     /// Enqueues `record`, waiting while librdkafka's local queue is full, and returns a future
     /// that resolves once the broker has it (every in-sync replica), or with the failure.
-    pub async fn enqueue(&self, record: &Record) -> Result<impl Future<Output = Result<(), Error>> + Send + 'static, Error> {
+    pub async fn enqueue(
+        &self,
+        record: &Record,
+    ) -> Result<impl Future<Output = Result<(), Error>> + Send + 'static, Error> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (name, value) in &record.headers {
             headers = headers.insert(Header { key: name, value: Some(value) });
@@ -200,7 +216,8 @@ impl KafkaProducer {
                             Ok(Err((source, _))) => source,
                             Err(_) => KafkaError::Canceled,
                         };
-                        let last_client_error = last_error.lock().unwrap_or_else(|e| e.into_inner()).as_deref().map(Box::from);
+                        let last_client_error =
+                            last_error.lock().unwrap_or_else(|e| e.into_inner()).as_deref().map(Box::from);
                         Err(Error::Delivery { topic, source, last_client_error })
                     });
                 }
@@ -217,8 +234,14 @@ impl KafkaProducer {
     pub async fn topic_exists(&self, topic: &str) -> Result<bool, Error> {
         let (producer, topic) = (self.inner.clone(), topic.to_owned());
         tokio::task::spawn_blocking(move || {
-            let metadata = producer.client().fetch_metadata(Some(&topic), Duration::from_secs(10)).map_err(|source| Error::Produce { topic: topic.clone(), source })?;
-            Ok(metadata.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+            let metadata = producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .map_err(|source| Error::Produce { topic: topic.clone(), source })?;
+            Ok(metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
         })
         .await
         .map_err(|e| Error::Admin(e.to_string()))?
@@ -234,7 +257,10 @@ impl KafkaProducer {
 pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<(), Error> {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", brokers).create().map_err(Error::Config)?;
-    let new: Vec<NewTopic> = topics.iter().map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1))).collect();
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .collect();
     let results = admin
         .create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
         .await

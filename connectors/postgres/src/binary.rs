@@ -40,7 +40,9 @@ impl TypeKind {
             TypeKind::Date => Value::Date(Date(i32::from_be_bytes(fixed(raw, "date")?))),
             TypeKind::Time => Value::Time(Time(i64::from_be_bytes(fixed(raw, "time")?))),
             TypeKind::Timestamp => Value::Timestamp(Timestamp(i64::from_be_bytes(fixed(raw, "timestamp")?))),
-            TypeKind::TimestampTz => Value::TimestampTz(Timestamp(i64::from_be_bytes(fixed(raw, "timestamptz")?))),
+            TypeKind::TimestampTz => {
+                Value::TimestampTz(Timestamp(i64::from_be_bytes(fixed(raw, "timestamptz")?)))
+            }
             TypeKind::Interval => {
                 let b: [u8; 16] = fixed(raw, "interval")?;
                 Value::Interval(Interval {
@@ -63,7 +65,9 @@ const NUMERIC_NINF: u16 = 0xF000;
 /// `ndigits, weight, sign, dscale` then `ndigits` base-10000 groups; printed as numeric_out does.
 fn decode_numeric(raw: &[u8]) -> Result<Numeric, ValueError> {
     let word = |i: usize| -> Result<u16, ValueError> {
-        raw.get(i * 2..i * 2 + 2).map(|b| u16::from_be_bytes([b[0], b[1]])).ok_or_else(|| invalid("numeric", "too short"))
+        raw.get(i * 2..i * 2 + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .ok_or_else(|| invalid("numeric", "too short"))
     };
     let ndigits = word(0)? as usize;
     let weight = word(1)? as i16 as i64;
@@ -83,7 +87,8 @@ fn decode_numeric(raw: &[u8]) -> Result<Numeric, ValueError> {
     if digits.iter().any(|&d| d >= 10_000) {
         return Err(invalid("numeric", "digit group out of range"));
     }
-    let group = |index: i64| -> u16 { usize::try_from(index).ok().and_then(|i| digits.get(i)).copied().unwrap_or(0) };
+    let group =
+        |index: i64| -> u16 { usize::try_from(index).ok().and_then(|i| digits.get(i)).copied().unwrap_or(0) };
     let mut text = String::new();
     if sign == NUMERIC_NEG {
         text.push('-');
@@ -134,7 +139,10 @@ fn decode_array(raw: &[u8], element: &TypeKind, element_oid: u32) -> Result<Valu
         let _lower_bound = int(&mut pos)?;
         dims.push(usize::try_from(len).map_err(|_| invalid("array", "negative dimension"))?);
     }
-    let total: usize = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| invalid("array", "too large"))?;
+    let total: usize = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| invalid("array", "too large"))?;
     let total = if ndim == 0 { 0 } else { total };
     if total > raw.len() {
         return Err(invalid("array", "more elements than bytes"));
@@ -146,7 +154,8 @@ fn decode_array(raw: &[u8], element: &TypeKind, element_oid: u32) -> Result<Valu
             elements.push(Value::Null);
             continue;
         }
-        let bytes = raw.get(pos..pos + len as usize).ok_or_else(|| invalid("array", "element past the end"))?;
+        let bytes =
+            raw.get(pos..pos + len as usize).ok_or_else(|| invalid("array", "element past the end"))?;
         pos += len as usize;
         elements.push(element.decode_binary(element_oid, bytes)?);
     }
@@ -182,8 +191,14 @@ mod tests {
 
     #[test]
     fn numerics_print_as_numeric_out_does() {
-        assert_eq!(decode_numeric(&numeric(&[1, 2345], 1, 0, 2)).unwrap(), Numeric::Finite("12345.00".into()));
-        assert_eq!(decode_numeric(&numeric(&[12, 3400], 0, NUMERIC_NEG, 3)).unwrap(), Numeric::Finite("-12.340".into()));
+        assert_eq!(
+            decode_numeric(&numeric(&[1, 2345], 1, 0, 2)).unwrap(),
+            Numeric::Finite("12345.00".into())
+        );
+        assert_eq!(
+            decode_numeric(&numeric(&[12, 3400], 0, NUMERIC_NEG, 3)).unwrap(),
+            Numeric::Finite("-12.340".into())
+        );
         assert_eq!(decode_numeric(&numeric(&[5], -2, 0, 8)).unwrap(), Numeric::Finite("0.00000005".into()));
         assert_eq!(decode_numeric(&numeric(&[], 0, 0, 0)).unwrap(), Numeric::Finite("0".into()));
         assert_eq!(decode_numeric(&numeric(&[], 0, NUMERIC_NAN, 0)).unwrap(), Numeric::NaN);

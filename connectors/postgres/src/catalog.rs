@@ -28,52 +28,89 @@ impl Table {
     /// `as_text`.
     pub fn select_list(&self, as_text: bool) -> String {
         let cast = if as_text { "::text" } else { "" };
-        self.relation.columns.iter().map(|c| format!("s.{}{cast}", quote_ident(&c.name))).collect::<Vec<_>>().join(", ")
+        self.relation
+            .columns
+            .iter()
+            .map(|c| format!("s.{}{cast}", quote_ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The primary key's columns, qualified: a bare name in ORDER BY would mean an output
     /// column of the same name (a `::text` one, which orders as text).
     fn key_list(&self) -> String {
-        self.primary_key.iter().map(|&i| format!("s.{}", quote_ident(&self.relation.columns[i].name))).collect::<Vec<_>>().join(", ")
+        self.primary_key
+            .iter()
+            .map(|&i| format!("s.{}", quote_ident(&self.relation.columns[i].name)))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The primary key's values given as text, cast to the columns' types, as a row.
     fn key_literal(&self, texts: &[String]) -> String {
-        let casts: Vec<String> = self.primary_key.iter().zip(texts).map(|(&i, text)| format!("CAST({} AS {})", quote_literal(text), self.sql_types[i])).collect();
+        let casts: Vec<String> = self
+            .primary_key
+            .iter()
+            .zip(texts)
+            .map(|(&i, text)| format!("CAST({} AS {})", quote_literal(text), self.sql_types[i]))
+            .collect();
         format!("({})", casts.join(", "))
     }
 
     /// The next page of `columns` in primary-key order: `limit` rows after the key `after`
     /// (text values, in key order), that also meet `condition`. Values are written as
     /// literals, so that the query serves COPY too.
-    pub fn page_query(&self, columns: &str, after: Option<&[String]>, limit: usize, condition: Option<&str>) -> String {
+    pub fn page_query(
+        &self,
+        columns: &str,
+        after: Option<&[String]>,
+        limit: usize,
+        condition: Option<&str>,
+    ) -> String {
         let keys = self.key_list();
         let mut conditions: Vec<String> = Vec::new();
         if let Some(after) = after {
             conditions.push(format!("({keys}) > {}", self.key_literal(after)));
         }
         conditions.extend(condition.map(str::to_owned));
-        let filter = if conditions.is_empty() { String::new() } else { format!(" WHERE {}", conditions.join(" AND ")) };
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        };
         format!("SELECT {columns} FROM {} s{filter} ORDER BY {keys} LIMIT {limit}", self.quoted_name())
     }
 
     /// The rows with these primary keys (text values, in key order); `keys` must not be empty.
     pub fn keys_query(&self, columns: &str, keys: &[Vec<String>]) -> String {
         let rows: Vec<String> = keys.iter().map(|key| self.key_literal(key)).collect();
-        format!("SELECT {columns} FROM {} s WHERE ({}) IN (VALUES {})", self.quoted_name(), self.key_list(), rows.join(", "))
+        format!(
+            "SELECT {columns} FROM {} s WHERE ({}) IN (VALUES {})",
+            self.quoted_name(),
+            self.key_list(),
+            rows.join(", ")
+        )
     }
 
     /// A primary key given as text, decoded with the columns' types.
     pub fn decode_key(&self, texts: &[String]) -> Result<Vec<crate::value::Value>, String> {
         if texts.len() != self.primary_key.len() {
-            return Err(format!("a key of {} has {} values; the primary key has {}", self.relation.qualified_name(), texts.len(), self.primary_key.len()));
+            return Err(format!(
+                "a key of {} has {} values; the primary key has {}",
+                self.relation.qualified_name(),
+                texts.len(),
+                self.primary_key.len()
+            ));
         }
         self.primary_key
             .iter()
             .zip(texts)
             .map(|(&i, text)| {
                 let column = &self.relation.columns[i];
-                column.kind.decode_text(column.type_oid, text).map_err(|e| format!("key value for column {}: {}", column.name, e.reason))
+                column
+                    .kind
+                    .decode_text(column.type_oid, text)
+                    .map_err(|e| format!("key value for column {}: {}", column.name, e.reason))
             })
             .collect()
     }
@@ -131,19 +168,37 @@ pub async fn table(sql: &tokio_postgres::Client, schema: &str, name: &str) -> Re
                 key_positions.push((position, index));
             }
             sql_types.push(row.get(5));
-            Column { name: row.get(1), type_oid, type_modifier: row.get(3), is_key: key_position.is_some(), kind: types.resolve(type_oid) }
+            Column {
+                name: row.get(1),
+                type_oid,
+                type_modifier: row.get(3),
+                is_key: key_position.is_some(),
+                kind: types.resolve(type_oid),
+            }
         })
         .collect();
     key_positions.sort();
-    let relation =
-        Relation { oid: rows[0].get::<_, i64>(0) as u32, namespace: schema.to_owned(), name: name.to_owned(), replica_identity: ReplicaIdentity::Default, columns };
-    Ok(Some(Table { relation, primary_key: key_positions.into_iter().map(|(_, index)| index).collect(), sql_types }))
+    let relation = Relation {
+        oid: rows[0].get::<_, i64>(0) as u32,
+        namespace: schema.to_owned(),
+        name: name.to_owned(),
+        replica_identity: ReplicaIdentity::Default,
+        columns,
+    };
+    Ok(Some(Table {
+        relation,
+        primary_key: key_positions.into_iter().map(|(_, index)| index).collect(),
+        sql_types,
+    }))
 }
 
 /// Like `table`, with a missing table as an error naming `key` (the configuration key).
 pub async fn required_table(sql: &tokio_postgres::Client, qualified: &str, key: &str) -> Result<Table> {
-    let (schema, name) = split_table(qualified).ok_or_else(|| Error::Setup(format!("{key}: {qualified:?} must be schema.table")))?;
-    table(sql, schema, name).await?.ok_or_else(|| Error::Setup(format!("{key}: table {qualified} does not exist")))
+    let (schema, name) = split_table(qualified)
+        .ok_or_else(|| Error::Setup(format!("{key}: {qualified:?} must be schema.table")))?;
+    table(sql, schema, name)
+        .await?
+        .ok_or_else(|| Error::Setup(format!("{key}: table {qualified} does not exist")))
 }
 
 #[cfg(test)]
@@ -152,7 +207,13 @@ mod tests {
     use crate::types::TypeKind;
 
     fn orders() -> Table {
-        let column = |name: &str| Column { name: name.into(), type_oid: 20, type_modifier: -1, is_key: name != "total", kind: TypeKind::Int8 };
+        let column = |name: &str| Column {
+            name: name.into(),
+            type_oid: 20,
+            type_modifier: -1,
+            is_key: name != "total",
+            kind: TypeKind::Int8,
+        };
         Table {
             relation: Relation {
                 oid: 1,
@@ -175,12 +236,18 @@ mod tests {
             "SELECT x FROM \"public\".\"orders\" s WHERE (s.\"customer_id\", s.\"id\") > (CAST(E'7' AS bigint), CAST(E'it''s\\\\' AS bigint)) \
              AND random() < 0.5 ORDER BY s.\"customer_id\", s.\"id\" LIMIT 10"
         );
-        assert_eq!(table.page_query("x", None, 5, None), "SELECT x FROM \"public\".\"orders\" s ORDER BY s.\"customer_id\", s.\"id\" LIMIT 5");
+        assert_eq!(
+            table.page_query("x", None, 5, None),
+            "SELECT x FROM \"public\".\"orders\" s ORDER BY s.\"customer_id\", s.\"id\" LIMIT 5"
+        );
         assert_eq!(
             table.keys_query("x", &[vec!["1".into(), "2".into()]]),
             "SELECT x FROM \"public\".\"orders\" s WHERE (s.\"customer_id\", s.\"id\") IN (VALUES (CAST(E'1' AS bigint), CAST(E'2' AS bigint)))"
         );
-        assert_eq!(table.decode_key(&["01".into(), "2".into()]), Ok(vec![crate::value::Value::Int8(1), crate::value::Value::Int8(2)]));
+        assert_eq!(
+            table.decode_key(&["01".into(), "2".into()]),
+            Ok(vec![crate::value::Value::Int8(1), crate::value::Value::Int8(2)])
+        );
         assert!(table.decode_key(&["1".into()]).unwrap_err().contains("the primary key has 2"));
     }
 }

@@ -10,8 +10,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::backend::{ErrorFields, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -51,25 +51,33 @@ impl ReplicationClient {
     /// Connects, negotiates TLS as configured and logs in as a replication client.
     pub async fn connect(config: &ConnectionConfig) -> Result<Self> {
         let addr = config.addr();
-        let tcp = tokio::time::timeout(config.connect_timeout, TcpStream::connect((config.host.as_str(), config.port)))
-            .await
-            .map_err(|_| Error::Connect {
-                addr: addr.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
-            })?
-            .map_err(|source| Error::Connect { addr: addr.clone(), source })?;
+        let tcp = tokio::time::timeout(
+            config.connect_timeout,
+            TcpStream::connect((config.host.as_str(), config.port)),
+        )
+        .await
+        .map_err(|_| Error::Connect {
+            addr: addr.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+        })?
+        .map_err(|source| Error::Connect { addr: addr.clone(), source })?;
         tcp.set_nodelay(true).map_err(|source| Error::Connect { addr: addr.clone(), source })?;
         let stream: Box<dyn Stream> = match tls::client_config(config)? {
             None => Box::new(tcp),
             Some(tls_config) => Box::new(start_tls(tcp, config, tls_config).await?),
         };
-        let mut client = ReplicationClient { stream, read_buf: BytesMut::with_capacity(64 * 1024), write_buf: BytesMut::new(), addr };
-        tokio::time::timeout(config.connect_timeout, client.startup(config))
-            .await
-            .map_err(|_| Error::Connect {
+        let mut client = ReplicationClient {
+            stream,
+            read_buf: BytesMut::with_capacity(64 * 1024),
+            write_buf: BytesMut::new(),
+            addr,
+        };
+        tokio::time::timeout(config.connect_timeout, client.startup(config)).await.map_err(|_| {
+            Error::Connect {
                 addr: client.addr.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::TimedOut, "login timed out"),
-            })??;
+            }
+        })??;
         Ok(client)
     }
 
@@ -81,7 +89,8 @@ impl ReplicationClient {
             ("application_name", "sluice"),
             ("options", SESSION_OPTIONS),
         ];
-        frontend::startup_message(params.iter().copied(), &mut self.write_buf).map_err(Error::ConnectionLost)?;
+        frontend::startup_message(params.iter().copied(), &mut self.write_buf)
+            .map_err(Error::ConnectionLost)?;
         self.flush().await?;
         let password = || {
             config.password.as_ref().map(|p| p.expose().as_bytes()).ok_or_else(|| Error::Auth {
@@ -93,24 +102,29 @@ impl ReplicationClient {
             match self.read_frame().await? {
                 Frame::Other(Message::AuthenticationOk) => {}
                 Frame::Other(Message::AuthenticationCleartextPassword) => {
-                    frontend::password_message(password()?, &mut self.write_buf).map_err(Error::ConnectionLost)?;
+                    frontend::password_message(password()?, &mut self.write_buf)
+                        .map_err(Error::ConnectionLost)?;
                     self.flush().await?;
                 }
                 Frame::Other(Message::AuthenticationMd5Password(body)) => {
                     let hash = md5_hash(config.user.as_bytes(), password()?, body.salt());
-                    frontend::password_message(hash.as_bytes(), &mut self.write_buf).map_err(Error::ConnectionLost)?;
+                    frontend::password_message(hash.as_bytes(), &mut self.write_buf)
+                        .map_err(Error::ConnectionLost)?;
                     self.flush().await?;
                 }
                 Frame::Other(Message::AuthenticationSasl(body)) => {
                     let mut mechanisms = body.mechanisms();
                     let mut scram_offered = false;
-                    while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechanisms).map_err(Error::ConnectionLost)? {
+                    while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechanisms)
+                        .map_err(Error::ConnectionLost)?
+                    {
                         scram_offered |= m == SCRAM_SHA_256;
                     }
                     if !scram_offered {
                         return Err(Error::Auth {
                             user: config.user.clone(),
-                            message: "the server offers no SASL mechanism sluice supports (SCRAM-SHA-256)".into(),
+                            message: "the server offers no SASL mechanism sluice supports (SCRAM-SHA-256)"
+                                .into(),
                         });
                     }
                     self.scram(config, password()?).await?;
@@ -118,9 +132,10 @@ impl ReplicationClient {
                 Frame::Other(Message::ErrorResponse(body)) => {
                     let err = server_error(body.fields());
                     return Err(match err {
-                        Error::Server { code, message, .. } if code.starts_with("28") => {
-                            Error::Auth { user: config.user.clone(), message: format!("{message} (SQLSTATE {code})") }
-                        }
+                        Error::Server { code, message, .. } if code.starts_with("28") => Error::Auth {
+                            user: config.user.clone(),
+                            message: format!("{message} (SQLSTATE {code})"),
+                        },
                         other => other,
                     });
                 }
@@ -131,7 +146,8 @@ impl ReplicationClient {
                 Frame::Other(_) => {
                     return Err(Error::Auth {
                         user: config.user.clone(),
-                        message: "the server asks for an authentication method sluice does not support".into(),
+                        message: "the server asks for an authentication method sluice does not support"
+                            .into(),
                     })
                 }
                 Frame::CopyData(_) | Frame::CopyBothResponse => {
@@ -143,14 +159,17 @@ impl ReplicationClient {
 
     async fn scram(&mut self, config: &ConnectionConfig, password: &[u8]) -> Result<()> {
         let mut scram = ScramSha256::new(password, ChannelBinding::unsupported());
-        frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), &mut self.write_buf).map_err(Error::ConnectionLost)?;
+        frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), &mut self.write_buf)
+            .map_err(Error::ConnectionLost)?;
         self.flush().await?;
         let auth_error = |message: String| Error::Auth { user: config.user.clone(), message };
         match self.read_frame().await? {
             Frame::Other(Message::AuthenticationSaslContinue(body)) => {
                 scram.update(body.data()).map_err(|e| auth_error(e.to_string()))?;
             }
-            Frame::Other(Message::ErrorResponse(body)) => return Err(auth_error(error_message(body.fields()))),
+            Frame::Other(Message::ErrorResponse(body)) => {
+                return Err(auth_error(error_message(body.fields())))
+            }
             _ => return Err(auth_error("unexpected message during SCRAM".into())),
         }
         frontend::sasl_response(scram.message(), &mut self.write_buf).map_err(Error::ConnectionLost)?;
@@ -176,7 +195,9 @@ impl ReplicationClient {
                     let buf = row.buffer();
                     let mut ranges = row.ranges();
                     let mut values = Vec::new();
-                    while let Some(range) = fallible_iterator::FallibleIterator::next(&mut ranges).map_err(Error::ConnectionLost)? {
+                    while let Some(range) = fallible_iterator::FallibleIterator::next(&mut ranges)
+                        .map_err(Error::ConnectionLost)?
+                    {
                         values.push(range.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
                     }
                     rows.push(values);
@@ -209,7 +230,9 @@ impl ReplicationClient {
                     return Err(err);
                 }
                 Frame::Other(_) => {}
-                Frame::CopyData(_) => return Err(Error::protocol(Lsn::ZERO, "copy data before CopyBothResponse")),
+                Frame::CopyData(_) => {
+                    return Err(Error::protocol(Lsn::ZERO, "copy data before CopyBothResponse"))
+                }
             }
         }
     }
@@ -233,7 +256,12 @@ impl ReplicationClient {
     }
 
     /// Sends a standby status update ('r'): what was received, what is durable, what is applied.
-    pub async fn send_standby_status(&mut self, received: Lsn, flushed: Lsn, reply_requested: bool) -> Result<()> {
+    pub async fn send_standby_status(
+        &mut self,
+        received: Lsn,
+        flushed: Lsn,
+        reply_requested: bool,
+    ) -> Result<()> {
         let mut body = BytesMut::with_capacity(34);
         body.put_u8(b'r');
         body.put_u64(received.0);
@@ -248,7 +276,9 @@ impl ReplicationClient {
     /// True when a whole frame is already buffered, so reading it will not wait for the network.
     pub fn has_buffered_frame(&self) -> bool {
         self.read_buf.len() >= 5 && {
-            let len = u32::from_be_bytes([self.read_buf[1], self.read_buf[2], self.read_buf[3], self.read_buf[4]]) as usize;
+            let len =
+                u32::from_be_bytes([self.read_buf[1], self.read_buf[2], self.read_buf[3], self.read_buf[4]])
+                    as usize;
             self.read_buf.len() > len
         }
     }
@@ -270,7 +300,12 @@ impl ReplicationClient {
         loop {
             if self.read_buf.len() >= 5 {
                 let tag = self.read_buf[0];
-                let len = u32::from_be_bytes([self.read_buf[1], self.read_buf[2], self.read_buf[3], self.read_buf[4]]) as usize;
+                let len = u32::from_be_bytes([
+                    self.read_buf[1],
+                    self.read_buf[2],
+                    self.read_buf[3],
+                    self.read_buf[4],
+                ]) as usize;
                 if len < 4 {
                     return Err(Error::protocol(Lsn::ZERO, format!("frame length {len} below 4")));
                 }
@@ -286,7 +321,8 @@ impl ReplicationClient {
                             return Ok(Frame::CopyBothResponse);
                         }
                         _ => {
-                            let message = Message::parse(&mut self.read_buf).map_err(Error::ConnectionLost)?;
+                            let message =
+                                Message::parse(&mut self.read_buf).map_err(Error::ConnectionLost)?;
                             return message
                                 .map(Frame::Other)
                                 .ok_or_else(|| Error::protocol(Lsn::ZERO, "incomplete frame"));
@@ -317,7 +353,10 @@ async fn start_tls(
     tcp.write_all(&request).await.map_err(|source| Error::Connect { addr: addr.clone(), source })?;
     let answer = tcp.read_u8().await.map_err(|source| Error::Connect { addr: addr.clone(), source })?;
     if answer != b'S' {
-        return Err(Error::Tls { addr, reason: "the server does not accept TLS connections (ssl = off)".into() });
+        return Err(Error::Tls {
+            addr,
+            reason: "the server does not accept TLS connections (ssl = off)".into(),
+        });
     }
     let connector = tokio_rustls::TlsConnector::from(tls_config);
     connector
@@ -371,7 +410,10 @@ pub async fn connect_sql(config: &ConnectionConfig) -> Result<tokio_postgres::Cl
 fn classify_sql_error(config: &ConnectionConfig, e: tokio_postgres::Error) -> Error {
     if let Some(db) = e.as_db_error() {
         if db.code().code().starts_with("28") {
-            return Error::Auth { user: config.user.clone(), message: format!("{} (SQLSTATE {})", db.message(), db.code().code()) };
+            return Error::Auth {
+                user: config.user.clone(),
+                message: format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+            };
         }
         return Error::Sql(e);
     }

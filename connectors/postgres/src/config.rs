@@ -106,7 +106,11 @@ impl ConnectionConfig {
         }
         if let Some(path) = &self.sslrootcert {
             if !path.is_file() {
-                problems.push(Problem::new(prefix, "sslrootcert", format!("{} is not a readable file", path.display())));
+                problems.push(Problem::new(
+                    prefix,
+                    "sslrootcert",
+                    format!("{} is not a readable file", path.display()),
+                ));
             }
         }
         if self.connect_timeout.is_zero() {
@@ -222,7 +226,11 @@ impl ReplicationConfig {
         }
         if let Some(dir) = &self.spill_dir {
             if !dir.is_dir() {
-                problems.push(Problem::new(prefix, "spill_dir", format!("{} is not a directory", dir.display())));
+                problems.push(Problem::new(
+                    prefix,
+                    "spill_dir",
+                    format!("{} is not a directory", dir.display()),
+                ));
             }
         }
     }

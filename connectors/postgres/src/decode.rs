@@ -49,7 +49,12 @@ pub struct Decoder {
 
 impl Default for Decoder {
     fn default() -> Self {
-        Decoder { relations: HashMap::new(), types: TypeRegistry::new(), transaction: None, fallback_count: 0 }
+        Decoder {
+            relations: HashMap::new(),
+            types: TypeRegistry::new(),
+            transaction: None,
+            fallback_count: 0,
+        }
     }
 }
 
@@ -73,7 +78,11 @@ impl Decoder {
             return Err(StreamError::NestedBegin);
         }
         self.transaction = Some(OpenTransaction { commit_lsn, ordinal: 0 });
-        Ok(ChangeEvent::Begin { position: Position { commit_lsn, tx_ordinal: 0 }, xid, commit_time: Timestamp(commit_time) })
+        Ok(ChangeEvent::Begin {
+            position: Position { commit_lsn, tx_ordinal: 0 },
+            xid,
+            commit_time: Timestamp(commit_time),
+        })
     }
 
     /// Ends the open transaction.
@@ -155,7 +164,13 @@ impl Decoder {
                 is_key: c.flags & 1 != 0,
             })
             .collect();
-        let relation = Arc::new(Relation { oid: body.oid, namespace: body.namespace, name: body.name, replica_identity, columns });
+        let relation = Arc::new(Relation {
+            oid: body.oid,
+            namespace: body.namespace,
+            name: body.name,
+            replica_identity,
+            columns,
+        });
         self.relations.insert(relation.oid, relation.clone());
         Ok(relation)
     }
@@ -172,7 +187,12 @@ fn check_width(relation: &Relation, tuple: &TupleData) -> Result<(), StreamError
     Ok(())
 }
 
-fn decode_column(relation: &Relation, column: &Column, data: ColumnData, fallbacks: &mut u64) -> Result<Option<Value>, StreamError> {
+fn decode_column(
+    relation: &Relation,
+    column: &Column,
+    data: ColumnData,
+    fallbacks: &mut u64,
+) -> Result<Option<Value>, StreamError> {
     Ok(Some(match data {
         ColumnData::Null => Value::Null,
         ColumnData::UnchangedToast => return Ok(None),
@@ -181,9 +201,16 @@ fn decode_column(relation: &Relation, column: &Column, data: ColumnData, fallbac
     }))
 }
 
-fn decode_text(relation: &Relation, column: &Column, bytes: &Bytes, fallbacks: &mut u64) -> Result<Value, StreamError> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| StreamError::NotUtf8 { table: relation.qualified_name(), column: column.name.clone() })?;
+fn decode_text(
+    relation: &Relation,
+    column: &Column,
+    bytes: &Bytes,
+    fallbacks: &mut u64,
+) -> Result<Value, StreamError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| StreamError::NotUtf8 {
+        table: relation.qualified_name(),
+        column: column.name.clone(),
+    })?;
     match column.kind.decode_text(column.type_oid, text) {
         Ok(value) => Ok(value),
         Err(error) => {
@@ -212,9 +239,11 @@ fn full_row(relation: &Relation, tuple: TupleData, fallbacks: &mut u64) -> Resul
         .iter()
         .zip(tuple.0)
         .map(|(column, data)| {
-            decode_column(relation, column, data, fallbacks)?.ok_or_else(|| StreamError::UnexpectedToastMarker {
-                table: relation.qualified_name(),
-                column: column.name.clone(),
+            decode_column(relation, column, data, fallbacks)?.ok_or_else(|| {
+                StreamError::UnexpectedToastMarker {
+                    table: relation.qualified_name(),
+                    column: column.name.clone(),
+                }
             })
         })
         .collect()
@@ -244,7 +273,9 @@ fn old_row(relation: &Relation, old: OldTuple, fallbacks: &mut u64) -> Result<Ol
             .columns
             .iter()
             .zip(tuple.0)
-            .map(|(column, data)| Ok(decode_column(relation, column, data, fallbacks)?.unwrap_or(Value::Null)))
+            .map(
+                |(column, data)| Ok(decode_column(relation, column, data, fallbacks)?.unwrap_or(Value::Null)),
+            )
             .collect()
     };
     Ok(match old {
@@ -283,7 +314,11 @@ mod tests {
         let begin = decoder.begin(Lsn(100), 7, 0).unwrap();
         assert_eq!(begin.position(), Some(Position { commit_lsn: Lsn(100), tx_ordinal: 0 }));
         let insert = decoder
-            .change(LogicalMessage::Insert { xid: None, oid: 16384, new: TupleData(vec![text("1"), text("hi")]) })
+            .change(LogicalMessage::Insert {
+                xid: None,
+                oid: 16384,
+                new: TupleData(vec![text("1"), text("hi")]),
+            })
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -306,7 +341,12 @@ mod tests {
         decoder.change(users()).unwrap();
         decoder.begin(Lsn(100), 7, 0).unwrap();
         let update = decoder
-            .change(LogicalMessage::Update { xid: None, oid: 16384, old: None, new: TupleData(vec![text("1"), ColumnData::UnchangedToast]) })
+            .change(LogicalMessage::Update {
+                xid: None,
+                oid: 16384,
+                old: None,
+                new: TupleData(vec![text("1"), ColumnData::UnchangedToast]),
+            })
             .unwrap()
             .unwrap();
         let ChangeEvent::Update { new, .. } = update else { panic!("expected update") };
@@ -317,7 +357,8 @@ mod tests {
     fn change_for_unknown_relation_is_an_error() {
         let mut decoder = Decoder::default();
         decoder.begin(Lsn(1), 1, 0).unwrap();
-        let err = decoder.change(LogicalMessage::Insert { xid: None, oid: 5, new: TupleData(vec![]) }).unwrap_err();
+        let err =
+            decoder.change(LogicalMessage::Insert { xid: None, oid: 5, new: TupleData(vec![]) }).unwrap_err();
         assert_eq!(err, StreamError::UnknownRelation { oid: 5 });
     }
 
@@ -327,7 +368,11 @@ mod tests {
         decoder.change(users()).unwrap();
         decoder.begin(Lsn(100), 7, 0).unwrap();
         let insert = decoder
-            .change(LogicalMessage::Insert { xid: None, oid: 16384, new: TupleData(vec![text("not-a-number"), ColumnData::Null]) })
+            .change(LogicalMessage::Insert {
+                xid: None,
+                oid: 16384,
+                new: TupleData(vec![text("not-a-number"), ColumnData::Null]),
+            })
             .unwrap()
             .unwrap();
         let ChangeEvent::Insert { new, .. } = insert else { panic!("expected insert") };
@@ -340,7 +385,9 @@ mod tests {
         let mut decoder = Decoder::default();
         decoder.change(users()).unwrap();
         decoder.begin(Lsn(100), 7, 0).unwrap();
-        let err = decoder.change(LogicalMessage::Insert { xid: None, oid: 16384, new: TupleData(vec![text("1")]) }).unwrap_err();
+        let err = decoder
+            .change(LogicalMessage::Insert { xid: None, oid: 16384, new: TupleData(vec![text("1")]) })
+            .unwrap_err();
         assert!(err.to_string().contains("public.users"), "{err}");
     }
 }

@@ -9,9 +9,9 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected a whole number and a unit, like \"10s\""))?;
+    let number: u64 = number.parse().map_err(|_| {
+        format!("invalid duration {text:?}: expected a whole number and a unit, like \"10s\"")
+    })?;
     let seconds = |factor: u64| number.checked_mul(factor).map(Duration::from_secs);
     let duration = match unit {
         "ms" => Some(Duration::from_millis(number)),

@@ -20,11 +20,7 @@ pub enum Error {
     #[error("Postgres refused the login of user {user:?}: {message}")]
     Auth { user: String, message: String },
     #[error("Postgres error {code}: {message}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
-    Server {
-        code: String,
-        message: String,
-        detail: Option<String>,
-    },
+    Server { code: String, message: String, detail: Option<String> },
     /// Set-up found the server unable to serve this pipeline (wal_level, publication, slot).
     #[error("{0}")]
     Setup(String),
@@ -61,7 +57,9 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Connect { .. } | Error::ConnectionLost(_) => true,
-            Error::Server { code, .. } => code.starts_with("08") || TRANSIENT_SQLSTATES.contains(&code.as_str()),
+            Error::Server { code, .. } => {
+                code.starts_with("08") || TRANSIENT_SQLSTATES.contains(&code.as_str())
+            }
             Error::Sql(e) => match e.code() {
                 Some(state) => {
                     let code = state.code();

@@ -93,7 +93,9 @@ impl Column {
     pub fn decode_text(&self, text: Option<&str>) -> Result<Value, String> {
         match text {
             None => Ok(Value::Null),
-            Some(text) => self.kind.decode_text(self.type_oid, text).map_err(|e| format!("column {}: cannot decode a {} value: {}", self.name, e.type_name, e.reason)),
+            Some(text) => self.kind.decode_text(self.type_oid, text).map_err(|e| {
+                format!("column {}: cannot decode a {} value: {}", self.name, e.type_name, e.reason)
+            }),
         }
     }
 }
@@ -127,19 +129,51 @@ impl OldRow {
 /// One change, in commit order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ChangeEvent {
-    Begin { position: Position, xid: u32, commit_time: Timestamp },
-    Commit { position: Position, end_lsn: Lsn, commit_time: Timestamp },
+    Begin {
+        position: Position,
+        xid: u32,
+        commit_time: Timestamp,
+    },
+    Commit {
+        position: Position,
+        end_lsn: Lsn,
+        commit_time: Timestamp,
+    },
     /// The shape of a table, sent before its first change and after every schema change.
     Relation(Arc<Relation>),
     /// A new row. `snapshot`: not a change but a row a backfill read from the table (brought up
     /// to date with the changes made while it was read); targets write it like an insert, and
     /// records name it `read`.
-    Insert { position: Position, relation: Arc<Relation>, new: Vec<Value>, snapshot: bool },
-    Update { position: Position, relation: Arc<Relation>, old: Option<OldRow>, new: NewRow },
-    Delete { position: Position, relation: Arc<Relation>, old: OldRow },
-    Truncate { position: Position, relations: Vec<Arc<Relation>>, cascade: bool, restart_identity: bool },
+    Insert {
+        position: Position,
+        relation: Arc<Relation>,
+        new: Vec<Value>,
+        snapshot: bool,
+    },
+    Update {
+        position: Position,
+        relation: Arc<Relation>,
+        old: Option<OldRow>,
+        new: NewRow,
+    },
+    Delete {
+        position: Position,
+        relation: Arc<Relation>,
+        old: OldRow,
+    },
+    Truncate {
+        position: Position,
+        relations: Vec<Arc<Relation>>,
+        cascade: bool,
+        restart_identity: bool,
+    },
     /// A `pg_logical_emit_message` message. Non-transactional ones have no Begin/Commit around them.
-    Message { position: Position, transactional: bool, prefix: String, content: Bytes },
+    Message {
+        position: Position,
+        transactional: bool,
+        prefix: String,
+        content: Bytes,
+    },
 }
 
 impl ChangeEvent {

@@ -143,7 +143,8 @@ impl Reader {
         Ok(self.buf.split_to(n))
     }
     fn string(&mut self) -> Result<String, DecodeError> {
-        let end = self.buf.iter().position(|&b| b == 0).ok_or_else(|| self.err("string without terminator"))?;
+        let end =
+            self.buf.iter().position(|&b| b == 0).ok_or_else(|| self.err("string without terminator"))?;
         let raw = self.buf.split_to(end);
         self.buf.advance(1);
         String::from_utf8(raw.to_vec()).map_err(|_| self.err("string is not UTF-8"))
@@ -184,7 +185,12 @@ pub fn parse(data: Bytes, in_stream: bool) -> Result<LogicalMessage, DecodeError
     let mut r = Reader { buf: data.slice(1..), tag: tag as char };
     let message = match tag {
         b'B' => LogicalMessage::Begin { final_lsn: r.lsn()?, commit_time: r.i64()?, xid: r.u32()? },
-        b'C' => LogicalMessage::Commit { flags: r.u8()?, commit_lsn: r.lsn()?, end_lsn: r.lsn()?, commit_time: r.i64()? },
+        b'C' => LogicalMessage::Commit {
+            flags: r.u8()?,
+            commit_lsn: r.lsn()?,
+            end_lsn: r.lsn()?,
+            commit_time: r.i64()?,
+        },
         b'O' => LogicalMessage::Origin { lsn: r.lsn()?, name: r.string()? },
         b'R' => {
             let xid = r.xid_if(in_stream)?;
@@ -195,11 +201,21 @@ pub fn parse(data: Bytes, in_stream: bool) -> Result<LogicalMessage, DecodeError
             let count = r.u16()? as usize;
             let mut columns = Vec::with_capacity(count);
             for _ in 0..count {
-                columns.push(ColumnBody { flags: r.u8()?, name: r.string()?, type_oid: r.u32()?, type_modifier: r.i32()? });
+                columns.push(ColumnBody {
+                    flags: r.u8()?,
+                    name: r.string()?,
+                    type_oid: r.u32()?,
+                    type_modifier: r.i32()?,
+                });
             }
             LogicalMessage::Relation(RelationBody { xid, oid, namespace, name, replica_identity, columns })
         }
-        b'Y' => LogicalMessage::Type { xid: r.xid_if(in_stream)?, oid: r.u32()?, namespace: r.string()?, name: r.string()? },
+        b'Y' => LogicalMessage::Type {
+            xid: r.xid_if(in_stream)?,
+            oid: r.u32()?,
+            namespace: r.string()?,
+            name: r.string()?,
+        },
         b'I' => {
             let xid = r.xid_if(in_stream)?;
             let oid = r.u32()?;
@@ -249,7 +265,13 @@ pub fn parse(data: Bytes, in_stream: bool) -> Result<LogicalMessage, DecodeError
             let lsn = r.lsn()?;
             let prefix = r.string()?;
             let len = r.u32()? as usize;
-            LogicalMessage::Message { xid, transactional: flags & 1 == 1, lsn, prefix, content: r.bytes(len)? }
+            LogicalMessage::Message {
+                xid,
+                transactional: flags & 1 == 1,
+                lsn,
+                prefix,
+                content: r.bytes(len)?,
+            }
         }
         b'S' => LogicalMessage::StreamStart { xid: r.u32()?, first_segment: r.u8()? == 1 },
         b'E' => LogicalMessage::StreamStop,
@@ -413,31 +435,66 @@ pub(crate) mod tests {
     fn message() -> impl Strategy<Value = LogicalMessage> {
         let xid = proptest::option::of(any::<u32>());
         prop_oneof![
-            (any::<u64>(), any::<i64>(), any::<u32>())
-                .prop_map(|(l, t, x)| LogicalMessage::Begin { final_lsn: Lsn(l), commit_time: t, xid: x }),
-            (any::<u8>(), any::<u64>(), any::<u64>(), any::<i64>()).prop_map(|(f, c, e, t)| LogicalMessage::Commit {
-                flags: f,
-                commit_lsn: Lsn(c),
-                end_lsn: Lsn(e),
-                commit_time: t
+            (any::<u64>(), any::<i64>(), any::<u32>()).prop_map(|(l, t, x)| LogicalMessage::Begin {
+                final_lsn: Lsn(l),
+                commit_time: t,
+                xid: x
             }),
-            (xid.clone(), any::<u32>(), "[a-z]{0,8}", "[a-z ]{1,8}", any::<u8>(), proptest::collection::vec((any::<u8>(), "[a-z_]{1,8}", any::<u32>(), any::<i32>()), 0..5))
-                .prop_map(|(xid, oid, namespace, name, ri, cols)| LogicalMessage::Relation(RelationBody {
-                    xid,
-                    oid,
-                    namespace,
-                    name,
-                    replica_identity: ri,
-                    columns: cols.into_iter().map(|(flags, name, type_oid, type_modifier)| ColumnBody { flags, name, type_oid, type_modifier }).collect(),
-                })),
-            (xid.clone(), any::<u32>(), tuple()).prop_map(|(xid, oid, new)| LogicalMessage::Insert { xid, oid, new }),
-            (xid.clone(), any::<u32>(), proptest::option::of(prop_oneof![tuple().prop_map(OldTuple::Key), tuple().prop_map(OldTuple::Full)]), tuple())
+            (any::<u8>(), any::<u64>(), any::<u64>(), any::<i64>()).prop_map(|(f, c, e, t)| {
+                LogicalMessage::Commit { flags: f, commit_lsn: Lsn(c), end_lsn: Lsn(e), commit_time: t }
+            }),
+            (
+                xid.clone(),
+                any::<u32>(),
+                "[a-z]{0,8}",
+                "[a-z ]{1,8}",
+                any::<u8>(),
+                proptest::collection::vec((any::<u8>(), "[a-z_]{1,8}", any::<u32>(), any::<i32>()), 0..5)
+            )
+                .prop_map(|(xid, oid, namespace, name, ri, cols)| LogicalMessage::Relation(
+                    RelationBody {
+                        xid,
+                        oid,
+                        namespace,
+                        name,
+                        replica_identity: ri,
+                        columns: cols
+                            .into_iter()
+                            .map(|(flags, name, type_oid, type_modifier)| ColumnBody {
+                                flags,
+                                name,
+                                type_oid,
+                                type_modifier
+                            })
+                            .collect(),
+                    }
+                )),
+            (xid.clone(), any::<u32>(), tuple()).prop_map(|(xid, oid, new)| LogicalMessage::Insert {
+                xid,
+                oid,
+                new
+            }),
+            (
+                xid.clone(),
+                any::<u32>(),
+                proptest::option::of(prop_oneof![
+                    tuple().prop_map(OldTuple::Key),
+                    tuple().prop_map(OldTuple::Full)
+                ]),
+                tuple()
+            )
                 .prop_map(|(xid, oid, old, new)| LogicalMessage::Update { xid, oid, old, new }),
-            (xid, any::<u32>(), prop_oneof![tuple().prop_map(OldTuple::Key), tuple().prop_map(OldTuple::Full)])
+            (
+                xid,
+                any::<u32>(),
+                prop_oneof![tuple().prop_map(OldTuple::Key), tuple().prop_map(OldTuple::Full)]
+            )
                 .prop_map(|(xid, oid, old)| LogicalMessage::Delete { xid, oid, old }),
-            (any::<u32>(), any::<bool>()).prop_map(|(xid, first_segment)| LogicalMessage::StreamStart { xid, first_segment }),
+            (any::<u32>(), any::<bool>())
+                .prop_map(|(xid, first_segment)| LogicalMessage::StreamStart { xid, first_segment }),
             Just(LogicalMessage::StreamStop),
-            (any::<u32>(), any::<u32>()).prop_map(|(xid, subxid)| LogicalMessage::StreamAbort { xid, subxid }),
+            (any::<u32>(), any::<u32>())
+                .prop_map(|(xid, subxid)| LogicalMessage::StreamAbort { xid, subxid }),
         ]
     }
 

@@ -130,10 +130,16 @@ pub async fn load_relation(sql: &tokio_postgres::Client, config: &PollConfig) ->
     let table = crate::catalog::required_table(sql, &config.table, "source.poll.table").await?;
     let has = |column: &str| table.relation.columns.iter().any(|c| c.name == column);
     if !has(&config.id_column) {
-        return Err(Error::Setup(format!("source.poll.id_column: table {} has no column {:?}", config.table, config.id_column)));
+        return Err(Error::Setup(format!(
+            "source.poll.id_column: table {} has no column {:?}",
+            config.table, config.id_column
+        )));
     }
     if config.after_publish == AfterPublish::Mark && !has(&config.mark_column) {
-        return Err(Error::Setup(format!("source.poll.mark_column: table {} has no column {:?}", config.table, config.mark_column)));
+        return Err(Error::Setup(format!(
+            "source.poll.mark_column: table {} has no column {:?}",
+            config.table, config.mark_column
+        )));
     }
     Ok(table.relation)
 }
@@ -149,7 +155,8 @@ pub async fn load_relation(sql: &tokio_postgres::Client, config: &PollConfig) ->
 /// ctid), drops out when the lock's recheck finds it gone.
 fn poll_statement(config: &PollConfig, relation: &Relation) -> String {
     let table = format!("{}.{}", quote_ident(&relation.namespace), quote_ident(&relation.name));
-    let columns: Vec<String> = relation.columns.iter().map(|c| format!("t.{}::text", quote_ident(&c.name))).collect();
+    let columns: Vec<String> =
+        relation.columns.iter().map(|c| format!("t.{}::text", quote_ident(&c.name))).collect();
     let unpublished = match config.after_publish {
         AfterPublish::Delete => String::new(),
         AfterPublish::Mark => format!("t.{} IS NULL AND ", quote_ident(&config.mark_column)),
@@ -173,12 +180,18 @@ fn poll_statement(config: &PollConfig, relation: &Relation) -> String {
 
 /// Rows not yet published (the whole table, or its unmarked rows).
 pub async fn backlog(sql: &tokio_postgres::Client, config: &PollConfig) -> Result<i64> {
-    let (schema, name) = split_table(&config.table).ok_or_else(|| Error::Setup(format!("source.poll.table {:?} must be schema.table", config.table)))?;
+    let (schema, name) = split_table(&config.table)
+        .ok_or_else(|| Error::Setup(format!("source.poll.table {:?} must be schema.table", config.table)))?;
     let filter = match config.after_publish {
         AfterPublish::Delete => String::new(),
         AfterPublish::Mark => format!(" WHERE {} IS NULL", quote_ident(&config.mark_column)),
     };
-    let row = sql.query_one(&format!("SELECT count(*) FROM {}.{}{filter}", quote_ident(schema), quote_ident(name)), &[]).await?;
+    let row = sql
+        .query_one(
+            &format!("SELECT count(*) FROM {}.{}{filter}", quote_ident(schema), quote_ident(name)),
+            &[],
+        )
+        .await?;
     Ok(row.get(0))
 }
 
@@ -186,7 +199,10 @@ fn finish_statement(config: &PollConfig, relation: &Relation) -> String {
     let table = format!("{}.{}", quote_ident(&relation.namespace), quote_ident(&relation.name));
     match config.after_publish {
         AfterPublish::Delete => format!("DELETE FROM {table} WHERE ctid = ANY($1::text[]::tid[])"),
-        AfterPublish::Mark => format!("UPDATE {table} SET {} = now() WHERE ctid = ANY($1::text[]::tid[])", quote_ident(&config.mark_column)),
+        AfterPublish::Mark => format!(
+            "UPDATE {table} SET {} = now() WHERE ctid = ANY($1::text[]::tid[])",
+            quote_ident(&config.mark_column)
+        ),
     }
 }
 
@@ -224,7 +240,12 @@ impl PollSource {
     /// Polls until `shutdown` turns true (a batch in flight is still finished, within
     /// `shutdown_timeout`), until the pipeline drops its receiver or durable channel, or until
     /// a fatal error. Transient failures reconnect with backoff for up to `retry_for`.
-    pub async fn run(mut self, tx: mpsc::Sender<EventBatch>, mut durable: watch::Receiver<Lsn>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+    pub async fn run(
+        mut self,
+        tx: mpsc::Sender<EventBatch>,
+        mut durable: watch::Receiver<Lsn>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<()> {
         let mut failing_since: Option<Instant> = None;
         let mut delay = Duration::from_millis(100);
         loop {
@@ -287,21 +308,41 @@ impl PollSource {
             let mut bytes = 0;
             for row in &rows {
                 ctids.push(row.get(0));
-                let xmin: u32 = row.get::<_, String>(1).parse().map_err(|_| Error::Setup("xmin is not a transaction id".into()))?;
-                let horizon: u64 = row.get::<_, String>(2).parse().map_err(|_| Error::Setup("the snapshot horizon is not a transaction id".into()))?;
+                let xmin: u32 = row
+                    .get::<_, String>(1)
+                    .parse()
+                    .map_err(|_| Error::Setup("xmin is not a transaction id".into()))?;
+                let horizon: u64 = row
+                    .get::<_, String>(2)
+                    .parse()
+                    .map_err(|_| Error::Setup("the snapshot horizon is not a transaction id".into()))?;
                 let mut values = Vec::with_capacity(relation.columns.len());
                 for (i, column) in relation.columns.iter().enumerate() {
                     let text: Option<&str> = row.get(i + 3);
                     bytes += text.map_or(0, str::len);
-                    values.push(column.decode_text(text).map_err(|e| Error::Setup(format!("table {}: {e}", self.config.table)))?);
+                    values.push(
+                        column
+                            .decode_text(text)
+                            .map_err(|e| Error::Setup(format!("table {}: {e}", self.config.table)))?,
+                    );
                 }
                 let position = Position { commit_lsn: Lsn(full_xid(xmin, horizon)), tx_ordinal: 0 };
-                events.push(ChangeEvent::Insert { position, relation: relation.clone(), new: values, snapshot: false });
+                events.push(ChangeEvent::Insert {
+                    position,
+                    relation: relation.clone(),
+                    new: values,
+                    snapshot: false,
+                });
             }
             self.sent += 1;
             let ack = Lsn(self.sent);
             let count = events.len() as u64;
-            let batch = EventBatch { events, ack_lsn: Some(ack), redelivery_horizon: Lsn(u64::MAX), commit_time: None };
+            let batch = EventBatch {
+                events,
+                ack_lsn: Some(ack),
+                redelivery_horizon: Lsn(u64::MAX),
+                commit_time: None,
+            };
             if tx.send(batch).await.is_err() {
                 return Err(Error::Stopped);
             }
@@ -314,7 +355,10 @@ impl PollSource {
             }
             let finished = txn.execute(&finish, &[&ctids]).await?;
             if finished != count {
-                return Err(Error::Setup(format!("table {}: {count} rows were published but {finished} were deleted or marked", self.config.table)));
+                return Err(Error::Setup(format!(
+                    "table {}: {count} rows were published but {finished} were deleted or marked",
+                    self.config.table
+                )));
             }
             txn.commit().await?;
             self.stats.confirmed_lsn.store(ack.0, Ordering::Relaxed);
@@ -329,7 +373,12 @@ impl PollSource {
 
     /// Waits until `ack` is durable: true. False when shutdown came and `shutdown_timeout`
     /// passed first; `Stopped` when the pipeline went away (a failed target).
-    async fn wait_durable(&self, ack: Lsn, durable: &mut watch::Receiver<Lsn>, shutdown: &mut watch::Receiver<bool>) -> Result<bool> {
+    async fn wait_durable(
+        &self,
+        ack: Lsn,
+        durable: &mut watch::Receiver<Lsn>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<bool> {
         let timeout = self.options.shutdown_timeout;
         let deadline = async {
             let _ = shutdown.wait_for(|&stop| stop).await;
@@ -355,7 +404,11 @@ mod tests {
         assert_eq!(full_xid(724, 725), 724);
         let horizon = (5u64 << 32) | 10;
         assert_eq!(full_xid(4, horizon), (5 << 32) | 4);
-        assert_eq!(full_xid(u32::MAX - 5, horizon), (4 << 32) | (u32::MAX as u64 - 5), "an id from before the wrap is in the previous epoch");
+        assert_eq!(
+            full_xid(u32::MAX - 5, horizon),
+            (4 << 32) | (u32::MAX as u64 - 5),
+            "an id from before the wrap is in the previous epoch"
+        );
         assert_eq!(full_xid(2, horizon), 0, "frozen rows are the oldest");
     }
 
@@ -374,12 +427,22 @@ mod tests {
             namespace: "app".into(),
             name: "outbox".into(),
             replica_identity: ReplicaIdentity::Default,
-            columns: vec![Column { name: "id".into(), type_oid: 20, type_modifier: -1, is_key: true, kind: crate::types::TypeKind::Int8 }],
+            columns: vec![Column {
+                name: "id".into(),
+                type_oid: 20,
+                type_modifier: -1,
+                is_key: true,
+                kind: crate::types::TypeKind::Int8,
+            }],
         };
         let statement = poll_statement(&config, &relation);
         assert!(statement.contains("ORDER BY age(t.xmin) DESC, t.\"id\" LIMIT $1"), "{statement}");
-        assert!(statement.contains("WHERE t.\"published_at\" IS NULL AND age(t.xmin) > h.age"), "{statement}");
+        assert!(
+            statement.contains("WHERE t.\"published_at\" IS NULL AND age(t.xmin) > h.age"),
+            "{statement}"
+        );
         assert!(statement.ends_with("ORDER BY p.tx_age DESC, p.id FOR UPDATE OF t"), "{statement}");
-        assert!(finish_statement(&config, &relation).starts_with("UPDATE \"app\".\"outbox\" SET \"published_at\" = now()"));
+        assert!(finish_statement(&config, &relation)
+            .starts_with("UPDATE \"app\".\"outbox\" SET \"published_at\" = now()"));
     }
 }

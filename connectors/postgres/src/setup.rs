@@ -41,7 +41,10 @@ pub async fn check(sql: &Client, conn: &ConnectionConfig, repl: &ReplicationConf
         )));
     }
     let publication = sql
-        .query_opt("SELECT pubupdate, pubdelete FROM pg_catalog.pg_publication WHERE pubname = $1", &[&repl.publication])
+        .query_opt(
+            "SELECT pubupdate, pubdelete FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[&repl.publication],
+        )
         .await?;
     if publication.is_none() {
         return Err(Error::Setup(format!(
@@ -102,7 +105,11 @@ pub async fn check(sql: &Client, conn: &ConnectionConfig, repl: &ReplicationConf
             confirmed.as_deref().unwrap_or("its confirmed position")
         )));
     }
-    Ok(SlotState { exists: true, confirmed_flush_lsn: confirmed.and_then(|c| c.parse().ok()), dropped_lost: false })
+    Ok(SlotState {
+        exists: true,
+        confirmed_flush_lsn: confirmed.and_then(|c| c.parse().ok()),
+        dropped_lost: false,
+    })
 }
 
 pub(crate) fn slot_in_use(slot: &str, pid: Option<i32>) -> Error {

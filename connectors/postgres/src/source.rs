@@ -234,7 +234,11 @@ impl ReplicationSource {
         }
         self.sql = Some(sql);
         let identity = client.simple_query("IDENTIFY_SYSTEM").await?;
-        let server_lsn = identity.first().and_then(|r| r.get(2)).and_then(|v| v.as_deref()).and_then(|v| v.parse::<Lsn>().ok());
+        let server_lsn = identity
+            .first()
+            .and_then(|r| r.get(2))
+            .and_then(|v| v.as_deref())
+            .and_then(|v| v.parse::<Lsn>().ok());
         if slot.dropped_lost {
             tracing::error!(slot = %self.repl.slot, "the replication slot was invalidated and is recreated (on_slot_lost = \"recreate\"): \
                 changes made before now and after its last confirmed position are lost; backfill the tables");
@@ -260,7 +264,8 @@ impl ReplicationSource {
         let mut ticker = tokio::time::interval(self.repl.status_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut session = Session { client, ticker, tx, durable };
-        let mut heartbeat = tokio::time::interval(self.repl.heartbeat_interval.max(Duration::from_millis(100)));
+        let mut heartbeat =
+            tokio::time::interval(self.repl.heartbeat_interval.max(Duration::from_millis(100)));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -331,7 +336,10 @@ impl ReplicationSource {
 
     async fn create_slot(&mut self, client: &mut ReplicationClient) -> Result<()> {
         let temporary = if self.repl.temporary_slot { " TEMPORARY" } else { "" };
-        let command = format!("CREATE_REPLICATION_SLOT {}{temporary} LOGICAL pgoutput NOEXPORT_SNAPSHOT", quote_ident(&self.repl.slot));
+        let command = format!(
+            "CREATE_REPLICATION_SLOT {}{temporary} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+            quote_ident(&self.repl.slot)
+        );
         match client.simple_query(&command).await {
             Ok(rows) => {
                 let lsn = rows.first().and_then(|r| r.get(1)).and_then(|v| v.as_deref()).unwrap_or("?");
@@ -357,7 +365,11 @@ impl ReplicationSource {
         if self.repl.binary {
             options.push("binary 'true'".into());
         }
-        format!("START_REPLICATION SLOT {} LOGICAL {start} ({})", quote_ident(&self.repl.slot), options.join(", "))
+        format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} ({})",
+            quote_ident(&self.repl.slot),
+            options.join(", ")
+        )
     }
 
     async fn on_copy_data(&mut self, mut data: Bytes, session: &mut Session<'_>) -> Result<()> {
@@ -379,12 +391,15 @@ impl ReplicationSource {
                 let reply_requested = data.get_u8() == 1;
                 self.stats.server_wal_end.store(wal_end.0, Ordering::Relaxed);
                 self.received = self.received.max(wal_end);
-                if !self.decoder.in_transaction() && self.stream_xid.is_none() && self.batch.events.is_empty() {
+                if !self.decoder.in_transaction() && self.stream_xid.is_none() && self.batch.events.is_empty()
+                {
                     self.idle_wal_end = self.idle_wal_end.max(wal_end);
                 }
                 if reply_requested {
                     self.send_status(session, false).await?;
-                } else if self.status_due.is_none() && self.confirmable(*session.durable.borrow()) > self.reported_flush {
+                } else if self.status_due.is_none()
+                    && self.confirmable(*session.durable.borrow()) > self.reported_flush
+                {
                     // Idle WAL can be confirmed: do it soon so the slot does not hold it.
                     let earliest = tokio::time::Instant::from_std(self.last_status) + STATUS_MIN_INTERVAL;
                     self.status_due = Some(earliest.max(tokio::time::Instant::now()));
@@ -398,7 +413,8 @@ impl ReplicationSource {
     async fn on_message(&mut self, payload: Bytes, wal_start: Lsn, session: &mut Session<'_>) -> Result<()> {
         let size = payload.len();
         if let Some(top_xid) = self.stream_xid {
-            let message = pgoutput::parse(payload.clone(), true).map_err(|e| Error::protocol(wal_start, e.to_string()))?;
+            let message = pgoutput::parse(payload.clone(), true)
+                .map_err(|e| Error::protocol(wal_start, e.to_string()))?;
             if message == LogicalMessage::StreamStop {
                 self.stream_xid = None;
                 return Ok(());
@@ -410,14 +426,21 @@ impl ReplicationSource {
             self.stats.spilled_bytes.store(self.spill.bytes_spilled(), Ordering::Relaxed);
             return Ok(());
         }
-        let message = pgoutput::parse(payload, false).map_err(|e| Error::protocol(wal_start, e.to_string()))?;
+        let message =
+            pgoutput::parse(payload, false).map_err(|e| Error::protocol(wal_start, e.to_string()))?;
         match message {
             LogicalMessage::Begin { final_lsn, commit_time, xid } => {
-                let event = self.decoder.begin(final_lsn, xid, commit_time).map_err(|e| Error::protocol(wal_start, e.to_string()))?;
+                let event = self
+                    .decoder
+                    .begin(final_lsn, xid, commit_time)
+                    .map_err(|e| Error::protocol(wal_start, e.to_string()))?;
                 self.push(event, size, session).await?;
             }
             LogicalMessage::Commit { end_lsn, commit_time, .. } => {
-                let event = self.decoder.commit(end_lsn, commit_time).map_err(|e| Error::protocol(wal_start, e.to_string()))?;
+                let event = self
+                    .decoder
+                    .commit(end_lsn, commit_time)
+                    .map_err(|e| Error::protocol(wal_start, e.to_string()))?;
                 self.push(event, size, session).await?;
                 self.batch.commit_time = Some(commit_time);
                 self.transaction_done(end_lsn);
@@ -430,13 +453,17 @@ impl ReplicationSource {
             LogicalMessage::StreamCommit { xid, commit_lsn, end_lsn, commit_time, .. } => {
                 self.replay_streamed(xid, commit_lsn, end_lsn, commit_time, session).await?;
             }
-            LogicalMessage::Message { transactional: false, lsn, ref prefix, ref content, .. } if !self.decoder.in_transaction() => {
+            LogicalMessage::Message { transactional: false, lsn, ref prefix, ref content, .. }
+                if !self.decoder.in_transaction() =>
+            {
                 if prefix == HEARTBEAT_PREFIX {
                     // Confirmed like any change once the batch is durable; never delivered.
                     self.batch.commit_time = heartbeat_time(content).or(self.batch.commit_time);
                     self.stats.heartbeats_received.fetch_add(1, Ordering::Relaxed);
                 } else if self.repl.messages {
-                    if let Some(event) = self.decoder.change(message).map_err(|e| Error::protocol(wal_start, e.to_string()))? {
+                    if let Some(event) =
+                        self.decoder.change(message).map_err(|e| Error::protocol(wal_start, e.to_string()))?
+                    {
                         self.push(event, size, session).await?;
                     }
                 }
@@ -447,7 +474,13 @@ impl ReplicationSource {
         Ok(())
     }
 
-    async fn on_change(&mut self, message: LogicalMessage, at: Lsn, size: usize, session: &mut Session<'_>) -> Result<()> {
+    async fn on_change(
+        &mut self,
+        message: LogicalMessage,
+        at: Lsn,
+        size: usize,
+        session: &mut Session<'_>,
+    ) -> Result<()> {
         // Messages may be requested for heartbeats only: then the application's are not wanted.
         // Both live and spilled (streamed) transactions pass here.
         if let LogicalMessage::Message { prefix, .. } = &message {
@@ -473,17 +506,24 @@ impl ReplicationSource {
         commit_time: i64,
         session: &mut Session<'_>,
     ) -> Result<()> {
-        let begin = self.decoder.begin(commit_lsn, xid, commit_time).map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;
+        let begin = self
+            .decoder
+            .begin(commit_lsn, xid, commit_time)
+            .map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;
         self.push(begin, 0, session).await?;
         if let Some(mut reader) = self.spill.take(xid).map_err(|source| Error::Spill { xid, source })? {
             while let Some(raw) = reader.next_message().map_err(|source| Error::Spill { xid, source })? {
                 let size = raw.len();
-                let message = pgoutput::parse(raw, true).map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;
+                let message =
+                    pgoutput::parse(raw, true).map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;
                 self.on_change(message, commit_lsn, size, session).await?;
             }
         }
         self.stats.spilled_bytes.store(self.spill.bytes_spilled(), Ordering::Relaxed);
-        let commit = self.decoder.commit(end_lsn, commit_time).map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;
+        let commit = self
+            .decoder
+            .commit(end_lsn, commit_time)
+            .map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;
         self.push(commit, 0, session).await?;
         self.transaction_done(end_lsn);
         Ok(())
@@ -496,7 +536,8 @@ impl ReplicationSource {
             if missing.is_empty() {
                 return Ok(());
             }
-            let sql = self.sql.as_ref().ok_or_else(|| Error::protocol(self.received, "no catalog connection"))?;
+            let sql =
+                self.sql.as_ref().ok_or_else(|| Error::protocol(self.received, "no catalog connection"))?;
             let found = crate::types::catalog_types(sql, &missing).await?;
             if found.is_empty() {
                 return Ok(());
@@ -510,7 +551,9 @@ impl ReplicationSource {
         self.batch.events.push(event);
         self.batch_bytes += size;
         self.stats.events.fetch_add(1, Ordering::Relaxed);
-        if self.batch.events.len() >= self.options.batch_max_events || self.batch_bytes >= self.options.batch_max_bytes {
+        if self.batch.events.len() >= self.options.batch_max_events
+            || self.batch_bytes >= self.options.batch_max_bytes
+        {
             self.send_batch(session).await?;
         }
         Ok(())

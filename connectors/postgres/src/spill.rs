@@ -42,7 +42,11 @@ impl SpillStore {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let file = tempfile::tempfile_in(&self.dir)?;
-                e.insert(SpillFile { writer: BufWriter::with_capacity(BUFFER_SIZE, file), len: 0, subxacts: Vec::new() })
+                e.insert(SpillFile {
+                    writer: BufWriter::with_capacity(BUFFER_SIZE, file),
+                    len: 0,
+                    subxacts: Vec::new(),
+                })
             }
         };
         if subxid != xid && !file.subxacts.iter().any(|&(s, _)| s == subxid) {

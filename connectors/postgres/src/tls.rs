@@ -30,7 +30,8 @@ pub(crate) fn client_config(config: &ConnectionConfig) -> Result<Option<Arc<Clie
                     let pem = std::fs::read(path)
                         .map_err(|e| tls_error(format!("cannot read sslrootcert {}: {e}", path.display())))?;
                     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                        let cert = cert.map_err(|e| tls_error(format!("sslrootcert {}: {e}", path.display())))?;
+                        let cert =
+                            cert.map_err(|e| tls_error(format!("sslrootcert {}: {e}", path.display())))?;
                         roots
                             .add(cert)
                             .map_err(|e| tls_error(format!("sslrootcert {}: {e}", path.display())))?;

@@ -24,7 +24,11 @@ pub enum TypeKind {
     TimestampTz,
     Interval,
     Enum,
-    Array { element: Box<TypeKind>, element_oid: u32, delimiter: u8 },
+    Array {
+        element: Box<TypeKind>,
+        element_oid: u32,
+        delimiter: u8,
+    },
     /// Passed on as text with the type OID.
     Unknown,
 }
@@ -197,7 +201,10 @@ impl TypeRegistry {
 }
 
 /// Reads the catalog rows of these type OIDs (`CATALOG_QUERY`).
-pub async fn catalog_types(sql: &tokio_postgres::Client, oids: &[u32]) -> Result<Vec<CatalogType>, tokio_postgres::Error> {
+pub async fn catalog_types(
+    sql: &tokio_postgres::Client,
+    oids: &[u32],
+) -> Result<Vec<CatalogType>, tokio_postgres::Error> {
     let rows = sql.query(CATALOG_QUERY, &[&oids]).await?;
     Ok(rows
         .iter()
@@ -216,7 +223,8 @@ pub async fn catalog_types(sql: &tokio_postgres::Client, oids: &[u32]) -> Result
 }
 
 /// The catalog query for `TypeRegistry::missing` OIDs.
-pub const CATALOG_QUERY: &str = "SELECT oid::int8, typtype::text, typelem::int8, typbasetype::int8, typdelim::text, \
+pub const CATALOG_QUERY: &str =
+    "SELECT oid::int8, typtype::text, typelem::int8, typbasetype::int8, typdelim::text, \
      (typcategory = 'A' AND typelem <> 0) FROM pg_catalog.pg_type WHERE oid = ANY($1::oid[])";
 
 #[cfg(test)]
@@ -236,9 +244,30 @@ mod tests {
         let mut registry = TypeRegistry::new();
         assert_eq!(registry.missing([70000, 70001, 70002]), vec![70002, 70001, 70000]);
         registry.add_catalog_rows([
-            CatalogType { oid: 70000, typtype: b'e', typelem: 0, typbasetype: 0, typdelim: b',', is_array: false },
-            CatalogType { oid: 70001, typtype: b'b', typelem: 70000, typbasetype: 0, typdelim: b',', is_array: true },
-            CatalogType { oid: 70002, typtype: b'd', typelem: 0, typbasetype: oid::INT8, typdelim: b',', is_array: false },
+            CatalogType {
+                oid: 70000,
+                typtype: b'e',
+                typelem: 0,
+                typbasetype: 0,
+                typdelim: b',',
+                is_array: false,
+            },
+            CatalogType {
+                oid: 70001,
+                typtype: b'b',
+                typelem: 70000,
+                typbasetype: 0,
+                typdelim: b',',
+                is_array: true,
+            },
+            CatalogType {
+                oid: 70002,
+                typtype: b'd',
+                typelem: 0,
+                typbasetype: oid::INT8,
+                typdelim: b',',
+                is_array: false,
+            },
         ]);
         assert!(registry.missing([70000, 70001, 70002]).is_empty());
         assert_eq!(registry.resolve(70000), TypeKind::Enum);

@@ -38,10 +38,16 @@ pub enum Value {
     /// A one- or multi-dimensional array; inner dimensions are nested arrays.
     Array(Vec<Value>),
     /// A type sluice does not decode: its text form and type OID, passed on unchanged.
-    Unknown { type_oid: u32, text: String },
+    Unknown {
+        type_oid: u32,
+        text: String,
+    },
     /// A type sluice does not decode, received in pgoutput's binary format (`binary = true`):
     /// the type's send-function bytes and type OID.
-    UnknownBinary { type_oid: u32, bytes: Vec<u8> },
+    UnknownBinary {
+        type_oid: u32,
+        bytes: Vec<u8>,
+    },
 }
 
 /// An exact decimal. Finite values keep the server's text (any precision, trailing zeros of the scale).
@@ -116,7 +122,9 @@ impl TypeKind {
             TypeKind::Interval => Value::Interval(Interval::parse(text)?),
             TypeKind::Enum => Value::Enum(text.to_owned()),
             TypeKind::Array { element, element_oid, delimiter } => {
-                Value::Array(parse_array(text, *delimiter, &mut |item| element.decode_text(*element_oid, item))?)
+                Value::Array(parse_array(text, *delimiter, &mut |item| {
+                    element.decode_text(*element_oid, item)
+                })?)
             }
             TypeKind::Unknown => Value::Unknown { type_oid, text: text.to_owned() },
         })
@@ -134,7 +142,11 @@ impl Numeric {
         let digits = text.strip_prefix('-').unwrap_or(text);
         let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
         let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-        if int.is_empty() || !all_digits(int) || !all_digits(frac) || (digits.contains('.') && frac.is_empty()) {
+        if int.is_empty()
+            || !all_digits(int)
+            || !all_digits(frac)
+            || (digits.contains('.') && frac.is_empty())
+        {
             return Err(invalid("numeric", "not a decimal number"));
         }
         Ok(Numeric::Finite(text.to_owned()))
@@ -266,7 +278,8 @@ impl Date {
 
     /// The calendar date (astronomical year, month, day); `None` for the infinities.
     pub fn ymd(self) -> Option<(i64, u32, u32)> {
-        (self != Date::INFINITY && self != Date::NEG_INFINITY).then(|| civil_from_days(self.0 as i64 + UNIX_TO_PG_DAYS))
+        (self != Date::INFINITY && self != Date::NEG_INFINITY)
+            .then(|| civil_from_days(self.0 as i64 + UNIX_TO_PG_DAYS))
     }
 }
 
@@ -363,14 +376,15 @@ impl Timestamp {
             Some(rest) => (rest, true),
             None => (text, false),
         };
-        let (date, time) = text
-            .split_once(' ')
-            .ok_or_else(|| invalid(type_name, "expected a date and a time"))?;
+        let (date, time) =
+            text.split_once(' ').ok_or_else(|| invalid(type_name, "expected a date and a time"))?;
         let (time, offset_seconds) = if with_zone {
-            let sign_at = time
-                .rfind(['+', '-'])
-                .ok_or_else(|| invalid(type_name, "missing time zone offset"))?;
-            (&time[..sign_at], parse_offset(&time[sign_at..]).ok_or_else(|| invalid(type_name, "bad time zone offset"))?)
+            let sign_at =
+                time.rfind(['+', '-']).ok_or_else(|| invalid(type_name, "missing time zone offset"))?;
+            (
+                &time[..sign_at],
+                parse_offset(&time[sign_at..]).ok_or_else(|| invalid(type_name, "bad time zone offset"))?,
+            )
         } else {
             (time, 0)
         };
@@ -425,7 +439,13 @@ impl Timestamp {
                 } else {
                     write!(f, "{year:04}")?;
                 }
-                write!(f, "-{month:02}-{day:02}T{:02}:{:02}:{:02}", seconds / 3600, seconds / 60 % 60, seconds % 60)?;
+                write!(
+                    f,
+                    "-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+                    seconds / 3600,
+                    seconds / 60 % 60,
+                    seconds % 60
+                )?;
                 let frac = time % MICROS_PER_SECOND;
                 if frac != 0 {
                     write!(f, ".{}", format!("{frac:06}").trim_end_matches('0'))?;
@@ -473,9 +493,17 @@ impl Interval {
             let n: i64 = number.parse().map_err(|_| bad())?;
             let n32 = |v: i64| i32::try_from(v).map_err(|_| invalid("interval", "field out of range"));
             match unit {
-                'Y' => interval.months = interval.months.checked_add(n32(n.checked_mul(12).ok_or_else(bad)?)?).ok_or_else(bad)?,
+                'Y' => {
+                    interval.months = interval
+                        .months
+                        .checked_add(n32(n.checked_mul(12).ok_or_else(bad)?)?)
+                        .ok_or_else(bad)?
+                }
                 'M' => interval.months = interval.months.checked_add(n32(n)?).ok_or_else(bad)?,
-                'W' => interval.days = interval.days.checked_add(n32(n.checked_mul(7).ok_or_else(bad)?)?).ok_or_else(bad)?,
+                'W' => {
+                    interval.days =
+                        interval.days.checked_add(n32(n.checked_mul(7).ok_or_else(bad)?)?).ok_or_else(bad)?
+                }
                 'D' => interval.days = interval.days.checked_add(n32(n)?).ok_or_else(bad)?,
                 _ => return Err(bad()),
             }
@@ -516,7 +544,8 @@ fn parse_signed_seconds(text: &str) -> Option<i64> {
         None => (false, text.strip_prefix('+').unwrap_or(text)),
     };
     let (whole, frac) = digits.split_once('.').unwrap_or((digits, ""));
-    let micros = whole.parse::<i64>().ok()?.checked_mul(MICROS_PER_SECOND)?.checked_add(parse_fraction(frac)?)?;
+    let micros =
+        whole.parse::<i64>().ok()?.checked_mul(MICROS_PER_SECOND)?.checked_add(parse_fraction(frac)?)?;
     Some(if negative { -micros } else { micros })
 }
 
@@ -597,7 +626,10 @@ impl ArrayParser<'_> {
         }
     }
 
-    fn parse_level(&mut self, element: &mut dyn FnMut(&str) -> Result<Value, ValueError>) -> Result<Vec<Value>, ValueError> {
+    fn parse_level(
+        &mut self,
+        element: &mut dyn FnMut(&str) -> Result<Value, ValueError>,
+    ) -> Result<Vec<Value>, ValueError> {
         self.expect(b'{')?;
         let mut values = Vec::new();
         if self.bytes.get(self.pos) == Some(&b'}') {
@@ -616,7 +648,8 @@ impl ArrayParser<'_> {
                         }
                         self.pos += 1;
                     }
-                    let raw = std::str::from_utf8(&self.bytes[start..self.pos]).map_err(|_| invalid("array", "invalid UTF-8"))?;
+                    let raw = std::str::from_utf8(&self.bytes[start..self.pos])
+                        .map_err(|_| invalid("array", "invalid UTF-8"))?;
                     if raw.eq_ignore_ascii_case("NULL") {
                         Value::Null
                     } else {
@@ -643,7 +676,10 @@ impl ArrayParser<'_> {
         loop {
             match self.bytes.get(self.pos) {
                 Some(b'\\') => {
-                    let escaped = *self.bytes.get(self.pos + 1).ok_or_else(|| invalid("array", "unterminated escape"))?;
+                    let escaped = *self
+                        .bytes
+                        .get(self.pos + 1)
+                        .ok_or_else(|| invalid("array", "unterminated escape"))?;
                     out.push(escaped);
                     self.pos += 2;
                 }
@@ -710,7 +746,9 @@ impl fmt::Display for Value {
 fn write_array_element(f: &mut fmt::Formatter<'_>, text: &str) -> fmt::Result {
     let needs_quotes = text.is_empty()
         || text.eq_ignore_ascii_case("NULL")
-        || text.bytes().any(|b| matches!(b, b'{' | b'}' | b',' | b'"' | b'\\' | b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c));
+        || text.bytes().any(|b| {
+            matches!(b, b'{' | b'}' | b',' | b'"' | b'\\' | b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+        });
     if !needs_quotes {
         return f.write_str(text);
     }
@@ -760,16 +798,29 @@ mod tests {
 
     #[test]
     fn temporal_values_print_as_postgres_does() {
-        for text in ["2000-01-01", "1970-01-01", "0044-03-15 BC", "5874897-12-31", "infinity", "-infinity", "2024-02-29"] {
+        for text in [
+            "2000-01-01",
+            "1970-01-01",
+            "0044-03-15 BC",
+            "5874897-12-31",
+            "infinity",
+            "-infinity",
+            "2024-02-29",
+        ] {
             assert_eq!(round_trip(&TypeKind::Date, text), text);
         }
         for text in ["00:00:00", "23:59:59.999999", "24:00:00", "12:30:00.5"] {
             assert_eq!(round_trip(&TypeKind::Time, text), text);
         }
-        for text in ["2024-05-01 12:00:00", "1999-12-31 23:59:59.000001", "0001-01-01 00:00:00 BC", "infinity"] {
+        for text in
+            ["2024-05-01 12:00:00", "1999-12-31 23:59:59.000001", "0001-01-01 00:00:00 BC", "infinity"]
+        {
             assert_eq!(round_trip(&TypeKind::Timestamp, text), text);
         }
-        assert_eq!(round_trip(&TypeKind::TimestampTz, "2024-05-01 12:00:00.25+00"), "2024-05-01 12:00:00.25+00");
+        assert_eq!(
+            round_trip(&TypeKind::TimestampTz, "2024-05-01 12:00:00.25+00"),
+            "2024-05-01 12:00:00.25+00"
+        );
         assert_eq!(round_trip(&TypeKind::TimestampTz, "2024-05-01 14:30:00+02:30"), "2024-05-01 12:00:00+00");
     }
 
@@ -781,7 +832,9 @@ mod tests {
 
     #[test]
     fn interval_round_trips_iso_8601() {
-        for text in ["PT0S", "P1Y2M3DT4H5M6.5S", "P-1Y-2M3DT-4H-5M-6.000001S", "PT-0.5S", "P10D", "PT1000000H"] {
+        for text in
+            ["PT0S", "P1Y2M3DT4H5M6.5S", "P-1Y-2M3DT-4H-5M-6.000001S", "PT-0.5S", "P10D", "PT1000000H"]
+        {
             assert_eq!(round_trip(&TypeKind::Interval, text), text);
         }
     }
@@ -798,8 +851,10 @@ mod tests {
 
     #[test]
     fn arrays_parse_quotes_nulls_and_dimensions() {
-        let text_array = TypeKind::Array { element: Box::new(TypeKind::Text), element_oid: 25, delimiter: b',' };
-        let value = text_array.decode_text(1009, r#"{plain,"with space","quote\"d",NULL,"NULL",""}"#).unwrap();
+        let text_array =
+            TypeKind::Array { element: Box::new(TypeKind::Text), element_oid: 25, delimiter: b',' };
+        let value =
+            text_array.decode_text(1009, r#"{plain,"with space","quote\"d",NULL,"NULL",""}"#).unwrap();
         assert_eq!(
             value,
             Value::Array(vec![
@@ -812,7 +867,8 @@ mod tests {
             ])
         );
         assert_eq!(value.to_string(), r#"{plain,"with space","quote\"d",NULL,"NULL",""}"#);
-        let int_array = TypeKind::Array { element: Box::new(TypeKind::Int4), element_oid: 23, delimiter: b',' };
+        let int_array =
+            TypeKind::Array { element: Box::new(TypeKind::Int4), element_oid: 23, delimiter: b',' };
         assert_eq!(round_trip(&int_array, "{{1,2},{3,4}}"), "{{1,2},{3,4}}");
         assert_eq!(round_trip(&int_array, "{}"), "{}");
         assert!(int_array.decode_text(1007, "{1,2").is_err());
