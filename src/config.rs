@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use sluice_postgres::{ConnectionConfig, Problem, ReplicationConfig, Secret};
+use sluice_core::{Problem, Secret};
+use sluice_postgres::{ConnectionConfig, ReplicationConfig};
 
 /// The whole configuration of one sluice process (one pipeline).
 #[derive(Clone, Debug, Deserialize)]
@@ -32,10 +33,10 @@ pub struct MonitoringConfig {
     #[serde(default = "default_listen")]
     pub listen: String,
     /// /readyz answers 503 while the lag exceeds this (with heartbeats on).
-    #[serde(default = "default_ready_max_lag", with = "sluice_postgres::duration")]
+    #[serde(default = "default_ready_max_lag", with = "sluice_core::duration")]
     pub ready_max_lag: Duration,
     /// How often the slot is inspected in pg_replication_slots.
-    #[serde(default = "default_slot_check_interval", with = "sluice_postgres::duration")]
+    #[serde(default = "default_slot_check_interval", with = "sluice_core::duration")]
     pub slot_check_interval: Duration,
     /// A warning is logged while the slot retains more WAL than this.
     #[serde(default = "default_retained_wal_warn_bytes")]
@@ -75,7 +76,7 @@ pub struct HaConfig {
     #[serde(default = "yes")]
     pub enabled: bool,
     /// How often a standby tries to take the lock.
-    #[serde(default = "default_ha_retry_interval", with = "sluice_postgres::duration")]
+    #[serde(default = "default_ha_retry_interval", with = "sluice_core::duration")]
     pub retry_interval: Duration,
 }
 
@@ -102,10 +103,10 @@ pub struct PipelineConfig {
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
     /// How long transient source failures are retried before sluice stops with an error.
-    #[serde(default = "default_retry_for", with = "sluice_postgres::duration")]
+    #[serde(default = "default_retry_for", with = "sluice_core::duration")]
     pub retry_for: Duration,
     /// On SIGTERM/SIGINT, how long to wait for in-flight batches before exiting.
-    #[serde(default = "default_shutdown_timeout", with = "sluice_postgres::duration")]
+    #[serde(default = "default_shutdown_timeout", with = "sluice_core::duration")]
     pub shutdown_timeout: Duration,
 }
 
@@ -212,7 +213,7 @@ pub struct KafkaConfig {
     pub compression: String,
     /// How long the producer retries a record (broker down, leader moving) before the pipeline
     /// stops; nothing is confirmed meanwhile.
-    #[serde(default = "default_dynamo_retry_for", with = "sluice_postgres::duration")]
+    #[serde(default = "default_dynamo_retry_for", with = "sluice_core::duration")]
     pub retry_for: Duration,
     /// A JSON-lines file for changes that can never become records (see `dead_letter` of the
     /// DynamoDB target).
@@ -297,7 +298,7 @@ pub struct PostgresTargetConfig {
     pub checkpoint_table: String,
     /// How long connection failures, deadlocks and serialization failures are retried before
     /// the pipeline stops; nothing is confirmed meanwhile.
-    #[serde(default = "default_dynamo_retry_for", with = "sluice_postgres::duration")]
+    #[serde(default = "default_dynamo_retry_for", with = "sluice_core::duration")]
     pub retry_for: Duration,
     /// A JSON-lines file for rows the target refuses (a value its column type rejects, a
     /// constraint violation); without it they are only logged and counted.
@@ -305,7 +306,7 @@ pub struct PostgresTargetConfig {
     pub dead_letter: Option<PathBuf>,
     /// How long a statement waits for a lock on a target table (a migration's DDL holding it)
     /// before the batch is retried with a warning.
-    #[serde(default = "default_lock_timeout", with = "sluice_postgres::duration")]
+    #[serde(default = "default_lock_timeout", with = "sluice_core::duration")]
     pub lock_timeout: Duration,
     /// Advance each target column's own sequence (serial or identity) past the highest value
     /// written, in the batch's transaction, so that rows the application inserts after the
@@ -360,9 +361,9 @@ pub struct DynamoConfig {
     #[serde(default = "default_dynamo_concurrency")]
     pub concurrency: usize,
     /// How long throttling, 5xx and network errors are retried before the pipeline stops.
-    #[serde(default = "default_dynamo_retry_for", with = "sluice_postgres::duration")]
+    #[serde(default = "default_dynamo_retry_for", with = "sluice_core::duration")]
     pub retry_for: Duration,
-    #[serde(default = "default_dynamo_timeout", with = "sluice_postgres::duration")]
+    #[serde(default = "default_dynamo_timeout", with = "sluice_core::duration")]
     pub request_timeout: Duration,
     /// A JSON-lines file receiving writes that can never apply; without it they are only logged and counted.
     #[serde(default)]

@@ -10,8 +10,8 @@ use sluice_postgres::{ReplicationConfig, SourceStats};
 use tokio::sync::watch;
 
 use crate::config::{Config, JsonlConfig, PipelineConfig, SourceConfig, TargetConfig};
-use crate::event::Lsn;
 use crate::localpg::{ClusterOptions, LocalPostgres};
+use sluice_core::Lsn;
 
 type DemoResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -111,7 +111,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
             endpoint_url: Some(local.url.clone()),
             region: Some("us-east-1".into()),
             access_key_id: Some("demo".into()),
-            secret_access_key: Some(sluice_postgres::Secret::new("demo")),
+            secret_access_key: Some(sluice_core::Secret::new("demo")),
             concurrency: 4,
             retry_for: Duration::from_secs(60),
             request_timeout: Duration::from_secs(5),

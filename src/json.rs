@@ -9,7 +9,7 @@ use std::io::Write;
 
 use base64::Engine;
 
-use crate::event::{ChangeEvent, Lsn, NewRow, OldRow, Position, Relation, Timestamp, Value};
+use sluice_core::{ChangeEvent, Lsn, NewRow, OldRow, Position, Relation, Timestamp, Value};
 
 /// Appends one JSON line (with the trailing newline) for `event`; `false` when the event has no line.
 pub fn write_event(out: &mut Vec<u8>, event: &ChangeEvent, transactions: bool) -> bool {
@@ -239,7 +239,7 @@ pub fn write_value(out: &mut Vec<u8>, value: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Date, Numeric};
+    use sluice_core::{Date, Numeric};
 
     fn json(value: &Value) -> serde_json::Value {
         let mut out = Vec::new();
@@ -279,8 +279,8 @@ mod tests {
 
     #[test]
     fn row_events_have_the_documented_shape() {
-        use crate::event::{Column, Lsn, NewRow, OldRow, Position, Relation, ReplicaIdentity};
-        use sluice_postgres::types::TypeKind;
+        use sluice_core::TypeKind;
+        use sluice_core::{Column, Lsn, NewRow, OldRow, Position, Relation, ReplicaIdentity};
         let column = |name: &str, is_key: bool| Column {
             name: name.into(),
             type_oid: 20,

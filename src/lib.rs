@@ -9,7 +9,6 @@ pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod error;
-pub mod event;
 pub mod ha;
 pub mod http;
 pub mod json;

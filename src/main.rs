@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice::config::{Config, ConfigError};
-use sluice::event::Lsn;
+use sluice_core::Lsn;
 use tokio::sync::watch;
 
 #[derive(Parser)]

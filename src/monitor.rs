@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::Serialize;
-use sluice_postgres::{ConnectionConfig, Lsn, SourceStats};
+use sluice_core::Lsn;
+use sluice_postgres::{ConnectionConfig, SourceStats};
 use tokio::sync::watch;
 
 use crate::config::Config;

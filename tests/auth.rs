@@ -5,9 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice::localpg::{ClusterOptions, LocalPostgres};
-use sluice_postgres::{
-    ChangeEvent, ConnectionConfig, Error, EventBatch, Lsn, ReplicationSource, Secret, SourceOptions, SslMode,
-};
+use sluice_core::{ChangeEvent, EventBatch, Lsn, Secret};
+use sluice_postgres::{ConnectionConfig, Error, ReplicationSource, SourceOptions, SslMode};
 use tokio::sync::{mpsc, watch};
 
 use crate::harness::{row_changes, Stream, TestDb};

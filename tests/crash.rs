@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use sluice_postgres::Lsn;
+use sluice_core::Lsn;
 
 use crate::harness::{kill_9, sluice, wait_for, TestDb};
 

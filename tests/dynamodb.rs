@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice::config::{Config, DynamoConfig, PipelineConfig, SourceConfig, TargetConfig};
+use sluice_core::Lsn;
 use sluice_dynamodb::{Attr, DynamoClient, GuardedWrite, Item, Outcome, WriteAction};
-use sluice_postgres::Lsn;
 use tokio::sync::watch;
 
 use crate::harness::{dynamo_client, moto, sluice_output, wait_for, Outage, TestDb};
@@ -44,7 +44,7 @@ fn dynamo_config(url: &str, mapping: PathBuf, dead_letter: Option<PathBuf>) -> D
         endpoint_url: Some(url.into()),
         region: Some("us-east-1".into()),
         access_key_id: Some("test".into()),
-        secret_access_key: Some(sluice_postgres::Secret::new("test")),
+        secret_access_key: Some(sluice_core::Secret::new("test")),
         concurrency: 8,
         retry_for: Duration::from_secs(120),
         request_timeout: Duration::from_secs(2),

@@ -11,10 +11,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use sluice::localpg::{ClusterOptions, LocalPostgres};
-use sluice_postgres::{
-    ChangeEvent, ConnectionConfig, EventBatch, Lsn, ReplicationConfig, ReplicationSource, SourceOptions,
-    SourceStats,
-};
+use sluice_core::{ChangeEvent, EventBatch, Lsn};
+use sluice_postgres::{ConnectionConfig, ReplicationConfig, ReplicationSource, SourceOptions, SourceStats};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -304,7 +302,7 @@ pub fn inserted_ids(events: &[ChangeEvent]) -> Vec<i64> {
         .iter()
         .map(|e| match e {
             ChangeEvent::Insert { new, .. } => match new[0] {
-                sluice_postgres::Value::Int8(id) => id,
+                sluice_core::Value::Int8(id) => id,
                 ref other => panic!("id {other:?}"),
             },
             other => panic!("expected inserts only, got {other:?}"),

@@ -1,6 +1,6 @@
 //! REPLICA IDENTITY DEFAULT, FULL, USING INDEX and NOTHING each stream what the README says.
 
-use sluice_postgres::{ChangeEvent, OldRow, Value};
+use sluice_core::{ChangeEvent, OldRow, Value};
 
 use crate::harness::{row_changes, TestDb};
 

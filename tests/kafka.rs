@@ -290,7 +290,7 @@ async fn kill_9_of_sluice_loses_no_event() {
     for record in &records {
         if !seen.insert(seqs(&[record])[0]) {
             let position = record.header("sluice.position").unwrap();
-            let commit_lsn: sluice_postgres::Lsn = position.rsplit_once('/').unwrap().0.parse().unwrap();
+            let commit_lsn: sluice_core::Lsn = position.rsplit_once('/').unwrap().0.parse().unwrap();
             assert!(
                 commit_lsn >= confirmed_at_kill,
                 "a duplicate of a confirmed change: {position} (confirmed {confirmed_at_kill})"

@@ -235,11 +235,11 @@ async fn heartbeats_keep_an_idle_slot_close_to_the_wal_end_while_unpublished_tab
     db.wait_slot_active(&db.slot_name("idle")).await;
 
     // About 40 MB of WAL in tables the publication does not include.
-    let start_lsn: sluice_postgres::Lsn = db.sql("SELECT pg_current_wal_lsn()").parse().unwrap();
+    let start_lsn: sluice_core::Lsn = db.sql("SELECT pg_current_wal_lsn()").parse().unwrap();
     for _ in 0..8 {
         db.sql("INSERT INTO busy SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g; DELETE FROM busy; CHECKPOINT");
     }
-    let end_lsn: sluice_postgres::Lsn = db.sql("SELECT pg_current_wal_lsn()").parse().unwrap();
+    let end_lsn: sluice_core::Lsn = db.sql("SELECT pg_current_wal_lsn()").parse().unwrap();
     let churned = end_lsn.0 - start_lsn.0;
     assert!(churned > 20 << 20, "the churn wrote {churned} bytes of WAL");
     // The slot's confirmed position follows the WAL end, and its retained WAL stays far below the churn.

@@ -1,7 +1,9 @@
 //! Slot life cycle: an existing slot is reused and resumes exactly after the confirmed position;
 //! a temporary slot disappears with the connection; `create_slot = false` refuses a missing slot.
 
-use sluice_postgres::{ChangeEvent, Error, Lsn, ReplicationConfig};
+use sluice_core::{ChangeEvent, Lsn};
+
+use sluice_postgres::{Error, ReplicationConfig};
 
 use crate::harness::{inserted_ids, TestDb};
 

@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use sluice_postgres::ChangeEvent;
+use sluice_core::ChangeEvent;
 
 use crate::harness::{inserted_ids, sluice, wait_for, TestDb};
 
@@ -80,7 +80,7 @@ async fn streamed_transaction_is_held_on_disk_until_commit_and_aborted_ones_vani
 }
 
 /// Runs `sluice run` to the null target until `until` is durable; returns (peak RSS KiB, seconds).
-fn run_to_null(db: &TestDb, slot: &str, replication_extra: &str, until: sluice_postgres::Lsn) -> (u64, f64) {
+fn run_to_null(db: &TestDb, slot: &str, replication_extra: &str, until: sluice_core::Lsn) -> (u64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let spill = format!("spill_dir = \"{}\"\n", dir.path().display());
     let config = db.config_file(dir.path(), slot, "p", "[target]\nkind = \"null\"\n");

@@ -1,7 +1,7 @@
 //! Every supported type streams through the real server and decodes to exactly the value
 //! Postgres holds: the decoded value prints the same text Postgres prints for the column.
 
-use sluice_postgres::{ChangeEvent, NewRow, Numeric, Value};
+use sluice_core::{ChangeEvent, NewRow, Numeric, Value};
 
 use crate::harness::{row_changes, TestDb};
 

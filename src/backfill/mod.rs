@@ -30,9 +30,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde::Deserialize;
+use sluice_core::{Problem, Value};
 use sluice_postgres::catalog::Table;
 use sluice_postgres::setup::quote_ident;
-use sluice_postgres::{ConnectionConfig, Problem, Value};
+use sluice_postgres::ConnectionConfig;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use window::{Chunk, Watermark, WATERMARK_PREFIX};
@@ -60,7 +61,7 @@ pub struct BackfillConfig {
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// How often the daemon looks for new requests.
-    #[serde(default = "default_poll_interval", with = "sluice_postgres::duration")]
+    #[serde(default = "default_poll_interval", with = "sluice_core::duration")]
     pub poll_interval: Duration,
 }
 
@@ -885,8 +886,8 @@ mod tests {
 
     #[test]
     fn copy_text_decodes_into_values_with_nulls_escapes_and_the_last_key() {
-        use sluice_postgres::types::TypeKind;
-        use sluice_postgres::{Column, Relation, ReplicaIdentity};
+        use sluice_core::TypeKind;
+        use sluice_core::{Column, Relation, ReplicaIdentity};
         let column = |name: &str, kind: TypeKind| Column {
             name: name.into(),
             type_oid: 0,

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::event::{ChangeEvent, EventBatch, NewRow, OldRow, Position, Relation, Value};
+use sluice_core::{ChangeEvent, EventBatch, NewRow, OldRow, Position, Relation, Value};
 
 pub use sluice_postgres::source::WATERMARK_PREFIX;
 
@@ -378,8 +378,8 @@ fn aligned<'a>(
 
 #[cfg(test)]
 mod tests {
-    use sluice_postgres::types::TypeKind;
-    use sluice_postgres::{Column, Lsn, ReplicaIdentity};
+    use sluice_core::TypeKind;
+    use sluice_core::{Column, Lsn, ReplicaIdentity};
 
     use super::*;
 

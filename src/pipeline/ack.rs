@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use sluice_postgres::Lsn;
+use sluice_core::Lsn;
 
 #[derive(Debug, Default)]
 pub struct AckTracker {

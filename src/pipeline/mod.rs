@@ -13,16 +13,17 @@ pub mod ack;
 use std::sync::Arc;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use sluice_postgres::{EventBatch, Lsn, PollSource, ReplicationSource, SourceOptions, SourceStats};
+use sluice_core::{EventBatch, Lsn};
+use sluice_postgres::{PollSource, ReplicationSource, SourceOptions, SourceStats};
 use tokio::sync::{mpsc, watch};
 
 use crate::backfill::window::{Part, Watermarks};
 use crate::config::Config;
 use crate::error::{PipelineError, TargetError};
-use crate::event::ChangeEvent;
 use crate::monitor::PipelineState;
 use crate::target::{AnyTarget, Target};
 use ack::AckTracker;
+use sluice_core::ChangeEvent;
 
 /// Batches buffered between source and target: with `batch_max_events` this bounds memory.
 const CHANNEL_BATCHES: usize = 4;

@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::TargetStats;
 use crate::error::TargetError;
-use crate::event::{ChangeEvent, Position};
+use sluice_core::{ChangeEvent, Position};
 
 pub struct DeadLetter {
     target: &'static str,

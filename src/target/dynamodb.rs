@@ -28,11 +28,11 @@ use super::dead_letter::{source_name, DeadLetter};
 use super::{Receipt, Target, TargetStats};
 use crate::config::{DynamoConfig, WriteMode};
 use crate::error::{ErrorKind, TargetError};
-use crate::event::{ChangeEvent, EventBatch, Position, Relation};
 use crate::translate::dynamodb::DynamoTranslator;
 use crate::translate::mapping::Mapping;
 use crate::translate::outbox::{OutboxConfig, Routed};
 use crate::translate::TranslateError;
+use sluice_core::{ChangeEvent, EventBatch, Position, Relation};
 
 pub struct DynamoTarget {
     /// Mapped tables; `None` when the target only logs outbox events.

@@ -10,8 +10,8 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use super::{Receipt, Target};
 use crate::config::JsonlConfig;
 use crate::error::{ErrorKind, TargetError};
-use crate::event::EventBatch;
 use crate::json;
+use sluice_core::EventBatch;
 
 pub struct JsonlTarget {
     out: Output,

@@ -23,8 +23,8 @@ use super::dead_letter::{source_name, DeadLetter};
 use super::{Receipt, Target, TargetStats};
 use crate::config::KafkaConfig;
 use crate::error::{ErrorKind, TargetError};
-use crate::event::EventBatch;
 use crate::translate::kafka::{KafkaTranslator, TranslateError};
+use sluice_core::EventBatch;
 
 pub struct KafkaTarget {
     producer: KafkaProducer,

@@ -19,7 +19,7 @@ pub use postgres::PgTarget;
 
 use crate::config::TargetConfig;
 use crate::error::TargetError;
-use crate::event::EventBatch;
+use sluice_core::EventBatch;
 
 /// Counters every target keeps, for metrics and `sluice status`.
 #[derive(Debug, Default)]

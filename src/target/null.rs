@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{Receipt, Target};
 use crate::error::TargetError;
-use crate::event::EventBatch;
+use sluice_core::EventBatch;
 
 #[derive(Debug, Default)]
 pub struct NullTarget {

@@ -28,9 +28,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sluice_core::Lsn;
 use sluice_postgres::catalog::{quote_literal, required_table};
 use sluice_postgres::setup::quote_ident;
-use sluice_postgres::{ConnectionConfig, Lsn};
+use sluice_postgres::ConnectionConfig;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::SimpleQueryMessage;
 
@@ -38,9 +39,9 @@ use super::dead_letter::{source_name, DeadLetter};
 use super::{Receipt, Target, TargetStats};
 use crate::config::PostgresTargetConfig;
 use crate::error::{ErrorKind, TargetError};
-use crate::event::{EventBatch, Position};
 use crate::translate::postgres::{row_position, PgMapping, PgTranslator, RowOp, Text};
 use crate::translate::TranslateError;
+use sluice_core::{EventBatch, Position};
 
 const TARGET: &str = "postgres";
 /// Rows per multi-row statement.

@@ -2,7 +2,7 @@
 //! exist and are published, every named column exists, key template columns belong to the
 //! replica identity (or the identity is FULL), and type rules fit the column types.
 
-use sluice_postgres::Problem;
+use sluice_core::Problem;
 use tokio_postgres::Client;
 
 use super::mapping::{parse_template, AttrKind, Mapping, Segment};

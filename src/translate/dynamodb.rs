@@ -17,7 +17,7 @@ use super::mapping::{
     parse_template, AttrKind, Constant, Mapping, NullPolicy, Segment, TableMapping, TruncatePolicy,
 };
 use super::{iso, text_of, TranslateError};
-use crate::event::{ChangeEvent, Column, NewRow, Position, Relation, Value};
+use sluice_core::{ChangeEvent, Column, NewRow, Position, Relation, Value};
 
 /// The version number of a position.
 pub fn version(position: Position) -> String {
@@ -374,7 +374,7 @@ fn to_attr(value: &Value, kind: Option<AttrKind>, nulls: NullPolicy) -> Result<O
         (Value::Float4(v), None | Some(AttrKind::Number)) => Attr::N(float_text(*v as f64)?),
         (Value::Float8(v), None | Some(AttrKind::Number)) => Attr::N(float_text(*v)?),
         (Value::Numeric(n), None | Some(AttrKind::Number)) => match n {
-            sluice_postgres::Numeric::Finite(text) => Attr::N(dynamo_number(text)?),
+            sluice_core::Numeric::Finite(text) => Attr::N(dynamo_number(text)?),
             other => {
                 return Err(format!(
                     "numeric {other} is not a DynamoDB number; map the column with as = \"string\""
@@ -476,11 +476,11 @@ mod tests {
     use std::sync::Arc;
 
     use proptest::prelude::*;
-    use sluice_postgres::types::TypeKind;
-    use sluice_postgres::Numeric;
+    use sluice_core::Numeric;
+    use sluice_core::TypeKind;
 
     use super::*;
-    use crate::event::{Lsn, OldRow, ReplicaIdentity, Timestamp};
+    use sluice_core::{Lsn, OldRow, ReplicaIdentity, Timestamp};
 
     const MAPPING: &str = r#"
         [tombstones]

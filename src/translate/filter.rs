@@ -1,11 +1,11 @@
 //! Table-mapping filters: which rows a mapping writes. Shared by the DynamoDB and Postgres
 //! translators; a row that leaves the filter is deleted from the target.
 
-use sluice_postgres::Problem;
+use sluice_core::Problem;
 
 use super::mapping::{Constant, Predicate, PredicateOp};
 use super::{text_of, TranslateError};
-use crate::event::{Relation, Value};
+use sluice_core::{Relation, Value};
 
 /// Whether a row (values in `relation`'s column order; `None` for unchanged TOAST) satisfies
 /// every predicate of a table mapping's filter.
@@ -91,10 +91,10 @@ fn matches(predicate: &Predicate, value: &Value) -> bool {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use sluice_postgres::types::TypeKind;
+    use sluice_core::TypeKind;
 
     use super::*;
-    use crate::event::{Column, ReplicaIdentity};
+    use sluice_core::{Column, ReplicaIdentity};
 
     fn relation() -> Relation {
         let column = |name: &str, kind: TypeKind| Column {

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use sluice_kafka::Record;
 
 use super::outbox::{OutboxConfig, OutboxEvent, Routed};
-use crate::event::{ChangeEvent, NewRow, OldRow, Position, Relation, Value};
+use sluice_core::{ChangeEvent, NewRow, OldRow, Position, Relation, Value};
 
 /// Why a change produced no record.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -211,8 +211,8 @@ fn push_event(
 mod tests {
     use std::sync::Arc;
 
-    use sluice_postgres::types::TypeKind;
-    use sluice_postgres::{Column, Lsn, ReplicaIdentity};
+    use sluice_core::TypeKind;
+    use sluice_core::{Column, Lsn, ReplicaIdentity};
 
     use super::*;
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
-use sluice_postgres::Problem;
+use sluice_core::Problem;
 
 use super::filter::filter_problems;
 
@@ -51,7 +51,7 @@ pub struct Tombstones {
     /// A TTL attribute (epoch seconds) set on tombstones so DynamoDB expires them.
     #[serde(default)]
     pub ttl_attribute: Option<String>,
-    #[serde(default = "default_tombstone_ttl", with = "sluice_postgres::duration")]
+    #[serde(default = "default_tombstone_ttl", with = "sluice_core::duration")]
     pub ttl: Duration,
 }
 

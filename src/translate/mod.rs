@@ -9,7 +9,7 @@ pub mod mapping;
 pub mod outbox;
 pub mod postgres;
 
-use crate::event::{Timestamp, Value};
+use sluice_core::{Timestamp, Value};
 
 /// A change that cannot be translated.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

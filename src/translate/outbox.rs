@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use sluice_dynamodb::{Attr, GuardedWrite, Item, WriteAction};
 
-use crate::event::{ChangeEvent, Position, Relation, Value};
+use sluice_core::{ChangeEvent, Position, Relation, Value};
 
 /// The router's settings (a target's `[target.outbox]`).
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -317,8 +317,8 @@ impl OutboxEvent {
 mod tests {
     use std::sync::Arc;
 
-    use sluice_postgres::types::TypeKind;
-    use sluice_postgres::{Column, Lsn, OldRow, ReplicaIdentity};
+    use sluice_core::TypeKind;
+    use sluice_core::{Column, Lsn, OldRow, ReplicaIdentity};
 
     use super::*;
 

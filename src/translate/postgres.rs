@@ -16,12 +16,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde::Deserialize;
-use sluice_postgres::Problem;
+use sluice_core::Problem;
 
 use super::filter::{filter_problems, passes_filter};
 use super::mapping::{parse_toml, read, Constant, Predicate};
 use super::TranslateError;
-use crate::event::{ChangeEvent, NewRow, Position, Relation, Value};
+use sluice_core::{ChangeEvent, NewRow, Position, Relation, Value};
 
 /// The mapping of a Postgres target.
 #[derive(Clone, Debug, Deserialize)]
@@ -388,8 +388,8 @@ pub fn row_position(event: &ChangeEvent) -> Option<Position> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Column, Lsn, OldRow, ReplicaIdentity};
-    use sluice_postgres::types::TypeKind;
+    use sluice_core::TypeKind;
+    use sluice_core::{Column, Lsn, OldRow, ReplicaIdentity};
 
     fn relation() -> Arc<Relation> {
         let column = |name: &str, kind: TypeKind, key: bool| Column {

@@ -32,10 +32,10 @@ use sluice_dynamodb::{Attr, DynamoClient, Item, WriteAction};
 use sluice_postgres::catalog::Table;
 
 use crate::config::{Config, TargetConfig};
-use crate::event::{ChangeEvent, Lsn, Position, Value};
 use crate::translate::dynamodb::DynamoTranslator;
 use crate::translate::mapping::{parse_template, Mapping, Segment, TableMapping};
 use crate::translate::TranslateError;
+use sluice_core::{ChangeEvent, Lsn, Position, Value};
 
 mod postgres;
 
@@ -65,7 +65,7 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub sample: Option<f64>,
     /// How long to wait for the stream to pass the end of the pass before re-checking.
-    #[arg(long, default_value = "60s", value_parser = sluice_postgres::duration::parse)]
+    #[arg(long, default_value = "60s", value_parser = sluice_core::duration::parse)]
     pub recheck_timeout: Duration,
 }
 

@@ -16,9 +16,9 @@ use sluice_postgres::setup::quote_ident;
 
 use super::{source_key, DifferentValues, Extra, Finding, SourceKey, Verifier};
 use crate::config::PostgresTargetConfig;
-use crate::event::{ChangeEvent, Position, Value};
 use crate::target::postgres::{target_keys, target_tables, TargetTable};
 use crate::translate::postgres::{PgMapping, PgTableMapping, PgTranslator, RowOp, Text};
+use sluice_core::{ChangeEvent, Position, Value};
 
 /// Target keys read per page when looking for extra rows.
 const KEY_PAGE: usize = 10_000;

@@ -2,8 +2,8 @@
 //! send-function output. Temporal types are Postgres' own integers, numerics base-10000 digit
 //! groups, arrays a header with dimensions followed by length-prefixed elements.
 
-use crate::types::TypeKind;
-use crate::value::{Date, Interval, Numeric, Time, Timestamp, Value, ValueError};
+use sluice_core::value::{Date, Interval, Numeric, Time, Timestamp, Value, ValueError};
+use sluice_core::TypeKind;
 
 fn invalid(type_name: &'static str, reason: impl Into<String>) -> ValueError {
     ValueError { type_name, reason: reason.into() }
@@ -17,9 +17,14 @@ fn utf8(raw: &[u8], type_name: &'static str) -> Result<String, ValueError> {
     String::from_utf8(raw.to_vec()).map_err(|_| invalid(type_name, "not UTF-8"))
 }
 
-impl TypeKind {
-    /// Decodes the binary (send function) form of a value of this type.
-    pub fn decode_binary(&self, type_oid: u32, raw: &[u8]) -> Result<Value, ValueError> {
+/// Decoding of a type's binary (send function) form.
+pub(crate) trait DecodeBinary {
+    /// Decodes the binary form of a value of this type.
+    fn decode_binary(&self, type_oid: u32, raw: &[u8]) -> Result<Value, ValueError>;
+}
+
+impl DecodeBinary for TypeKind {
+    fn decode_binary(&self, type_oid: u32, raw: &[u8]) -> Result<Value, ValueError> {
         Ok(match self {
             TypeKind::Bool => Value::Bool(fixed::<1>(raw, "bool")?[0] != 0),
             TypeKind::Int2 => Value::Int2(i16::from_be_bytes(fixed(raw, "int2")?)),

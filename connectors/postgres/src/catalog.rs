@@ -3,9 +3,9 @@
 //! `Relation` the stream would carry, with the primary key marking the key columns.
 
 use crate::error::{Error, Result};
-use crate::event::{Column, Relation, ReplicaIdentity};
 use crate::setup::quote_ident;
 use crate::types::TypeRegistry;
+use sluice_core::event::{Column, Relation, ReplicaIdentity};
 
 /// A table read from the catalog.
 #[derive(Clone, Debug)]
@@ -93,7 +93,7 @@ impl Table {
     }
 
     /// A primary key given as text, decoded with the columns' types.
-    pub fn decode_key(&self, texts: &[String]) -> Result<Vec<crate::value::Value>, String> {
+    pub fn decode_key(&self, texts: &[String]) -> Result<Vec<sluice_core::value::Value>, String> {
         if texts.len() != self.primary_key.len() {
             return Err(format!(
                 "a key of {} has {} values; the primary key has {}",
@@ -204,7 +204,7 @@ pub async fn required_table(sql: &tokio_postgres::Client, qualified: &str, key: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::TypeKind;
+    use sluice_core::TypeKind;
 
     fn orders() -> Table {
         let column = |name: &str| Column {
@@ -246,7 +246,7 @@ mod tests {
         );
         assert_eq!(
             table.decode_key(&["01".into(), "2".into()]),
-            Ok(vec![crate::value::Value::Int8(1), crate::value::Value::Int8(2)])
+            Ok(vec![sluice_core::value::Value::Int8(1), sluice_core::value::Value::Int8(2)])
         );
         assert!(table.decode_key(&["1".into()]).unwrap_err().contains("the primary key has 2"));
     }

@@ -19,8 +19,8 @@ use tokio::net::TcpStream;
 
 use crate::config::ConnectionConfig;
 use crate::error::{Error, Result};
-use crate::lsn::Lsn;
 use crate::tls;
+use sluice_core::lsn::Lsn;
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}

@@ -1,38 +1,10 @@
 //! Connection and replication settings for the Postgres source, with their validation.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-
-/// A secret (password) that never prints: `Debug` and `Display` show `<redacted>`.
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The secret itself, for the one place that sends it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+use sluice_core::{Problem, Secret};
 
 /// How the connection uses TLS, with libpq's names.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -65,7 +37,7 @@ pub struct ConnectionConfig {
     /// PEM file of the certificate authorities trusted with `sslmode = "verify-full"`.
     #[serde(default)]
     pub sslrootcert: Option<PathBuf>,
-    #[serde(default = "default_connect_timeout", with = "crate::duration")]
+    #[serde(default = "default_connect_timeout", with = "sluice_core::duration")]
     pub connect_timeout: Duration,
 }
 
@@ -147,7 +119,7 @@ pub struct ReplicationConfig {
     #[serde(default)]
     pub messages: bool,
     /// How often a standby status update is sent when the server does not ask.
-    #[serde(default = "default_status_interval", with = "crate::duration")]
+    #[serde(default = "default_status_interval", with = "sluice_core::duration")]
     pub status_interval: Duration,
     /// Where streamed transactions are spilled; the system temp dir when unset.
     #[serde(default)]
@@ -155,7 +127,7 @@ pub struct ReplicationConfig {
     /// How often a heartbeat (`pg_logical_emit_message` with prefix `sluice.heartbeat`, not
     /// transactional) is written while streaming, so that the slot advances and lag stays
     /// measurable on an idle database. `0s` disables it.
-    #[serde(default = "default_heartbeat_interval", with = "crate::duration")]
+    #[serde(default = "default_heartbeat_interval", with = "sluice_core::duration")]
     pub heartbeat_interval: Duration,
     /// What to do when the slot was invalidated (the server dropped WAL it still needed):
     /// `stop` with an error (default), or `recreate` it, which loses the changes in between
@@ -241,24 +213,4 @@ fn is_identifier(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-}
-
-/// One configuration problem, named by its dotted key.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    pub key: String,
-    pub message: String,
-}
-
-impl Problem {
-    pub fn new(prefix: &str, key: &str, message: impl Into<String>) -> Self {
-        let key = if prefix.is_empty() { key.to_owned() } else { format!("{prefix}.{key}") };
-        Problem { key, message: message.into() }
-    }
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
-    }
 }

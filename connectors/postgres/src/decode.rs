@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::event::{ChangeEvent, Column, NewRow, OldRow, Position, Relation, ReplicaIdentity};
-use crate::lsn::Lsn;
+use crate::binary::DecodeBinary;
 use crate::pgoutput::{ColumnData, LogicalMessage, OldTuple, RelationBody, TupleData};
 use crate::types::TypeRegistry;
-use crate::value::{Timestamp, Value};
+use sluice_core::event::{ChangeEvent, Column, NewRow, OldRow, Position, Relation, ReplicaIdentity};
+use sluice_core::lsn::Lsn;
+use sluice_core::value::{Timestamp, Value};
 
 /// Something in the stream contradicts what came before it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

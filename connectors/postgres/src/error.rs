@@ -2,7 +2,7 @@
 
 use std::io;
 
-use crate::lsn::Lsn;
+use sluice_core::lsn::Lsn;
 
 /// Everything that can go wrong talking to Postgres.
 #[derive(Debug, thiserror::Error)]

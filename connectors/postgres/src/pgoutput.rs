@@ -14,7 +14,7 @@
 
 use bytes::{Buf, Bytes};
 
-use crate::lsn::Lsn;
+use sluice_core::lsn::Lsn;
 
 /// One pgoutput message.
 #[derive(Clone, Debug, PartialEq)]

@@ -48,10 +48,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::ConnectionConfig;
 use crate::error::{Error, Result};
-use crate::event::{ChangeEvent, EventBatch, Position, Relation};
-use crate::lsn::Lsn;
 use crate::setup::quote_ident;
 use crate::source::{SourceOptions, SourceStats};
+use sluice_core::event::{ChangeEvent, EventBatch, Position, Relation};
+use sluice_core::lsn::Lsn;
 
 /// `[source.poll]`.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -67,7 +67,7 @@ pub struct PollConfig {
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// The pause after a poll that found less than a full batch.
-    #[serde(default = "default_interval", with = "crate::duration")]
+    #[serde(default = "default_interval", with = "sluice_core::duration")]
     pub interval: Duration,
     /// What happens to a published row: `delete` it, or `mark` it (set `mark_column`).
     #[serde(default)]
@@ -99,21 +99,21 @@ fn default_mark_column() -> String {
 }
 
 impl PollConfig {
-    pub fn validate(&self, prefix: &str, problems: &mut Vec<crate::config::Problem>) {
+    pub fn validate(&self, prefix: &str, problems: &mut Vec<sluice_core::Problem>) {
         if split_table(&self.table).is_none() {
-            problems.push(crate::config::Problem::new(prefix, "table", "must be schema.table"));
+            problems.push(sluice_core::Problem::new(prefix, "table", "must be schema.table"));
         }
         if self.batch_size == 0 || self.batch_size > 100_000 {
-            problems.push(crate::config::Problem::new(prefix, "batch_size", "must be between 1 and 100000"));
+            problems.push(sluice_core::Problem::new(prefix, "batch_size", "must be between 1 and 100000"));
         }
         if self.interval.is_zero() {
-            problems.push(crate::config::Problem::new(prefix, "interval", "must be more than 0s"));
+            problems.push(sluice_core::Problem::new(prefix, "interval", "must be more than 0s"));
         }
         if self.id_column.is_empty() {
-            problems.push(crate::config::Problem::new(prefix, "id_column", "must name a column"));
+            problems.push(sluice_core::Problem::new(prefix, "id_column", "must name a column"));
         }
         if self.after_publish == AfterPublish::Mark && self.mark_column.is_empty() {
-            problems.push(crate::config::Problem::new(prefix, "mark_column", "must name a column"));
+            problems.push(sluice_core::Problem::new(prefix, "mark_column", "must name a column"));
         }
     }
 
@@ -397,7 +397,7 @@ impl PollSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Column, ReplicaIdentity};
+    use sluice_core::event::{Column, ReplicaIdentity};
 
     #[test]
     fn full_transaction_ids_extend_32_bit_ids_below_the_horizon_across_wrap_around() {
@@ -432,7 +432,7 @@ mod tests {
                 type_oid: 20,
                 type_modifier: -1,
                 is_key: true,
-                kind: crate::types::TypeKind::Int8,
+                kind: sluice_core::TypeKind::Int8,
             }],
         };
         let statement = poll_statement(&config, &relation);

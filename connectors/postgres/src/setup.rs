@@ -5,7 +5,7 @@ use tokio_postgres::Client;
 
 use crate::config::{ConnectionConfig, ReplicationConfig, SlotLostPolicy};
 use crate::error::{Error, Result};
-use crate::lsn::Lsn;
+use sluice_core::lsn::Lsn;
 
 /// What is known of the slot before streaming.
 #[derive(Clone, Debug)]

@@ -25,11 +25,11 @@ use crate::client::{connect_sql, ReplicationClient};
 use crate::config::{ConnectionConfig, ReplicationConfig};
 use crate::decode::Decoder;
 use crate::error::{Error, Result};
-use crate::event::{ChangeEvent, EventBatch};
-use crate::lsn::Lsn;
 use crate::pgoutput::{self, LogicalMessage};
 use crate::setup::{self, publication_option, quote_ident};
 use crate::spill::SpillStore;
+use sluice_core::event::{ChangeEvent, EventBatch};
+use sluice_core::lsn::Lsn;
 
 /// Tuning that is not part of the user-facing replication settings.
 #[derive(Clone, Debug)]

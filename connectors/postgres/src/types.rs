@@ -3,58 +3,7 @@
 
 use std::collections::HashMap;
 
-/// How values of a type are decoded.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TypeKind {
-    Bool,
-    Int2,
-    Int4,
-    Int8,
-    Float4,
-    Float8,
-    Numeric,
-    Text,
-    Bytea,
-    Uuid,
-    Json,
-    Jsonb,
-    Date,
-    Time,
-    Timestamp,
-    TimestampTz,
-    Interval,
-    Enum,
-    Array {
-        element: Box<TypeKind>,
-        element_oid: u32,
-        delimiter: u8,
-    },
-    /// Passed on as text with the type OID.
-    Unknown,
-}
-
-pub mod oid {
-    pub const BOOL: u32 = 16;
-    pub const BYTEA: u32 = 17;
-    pub const NAME: u32 = 19;
-    pub const INT8: u32 = 20;
-    pub const INT2: u32 = 21;
-    pub const INT4: u32 = 23;
-    pub const TEXT: u32 = 25;
-    pub const JSON: u32 = 114;
-    pub const FLOAT4: u32 = 700;
-    pub const FLOAT8: u32 = 701;
-    pub const BPCHAR: u32 = 1042;
-    pub const VARCHAR: u32 = 1043;
-    pub const DATE: u32 = 1082;
-    pub const TIME: u32 = 1083;
-    pub const TIMESTAMP: u32 = 1114;
-    pub const TIMESTAMPTZ: u32 = 1184;
-    pub const INTERVAL: u32 = 1186;
-    pub const NUMERIC: u32 = 1700;
-    pub const UUID: u32 = 2950;
-    pub const JSONB: u32 = 3802;
-}
+use sluice_core::types::{oid, TypeKind};
 
 /// Built-in scalar types by OID.
 fn builtin_scalar(type_oid: u32) -> Option<TypeKind> {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::lsn::Lsn;
-use crate::types::TypeKind;
 use crate::value::{Timestamp, Value};
+use crate::TypeKind;
 
 /// Where a change stands in the source's commit order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
