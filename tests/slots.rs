@@ -99,3 +99,27 @@ async fn redelivered_changes_lie_at_or_below_the_redelivery_horizon_and_new_ones
     assert!(again[2].1 > horizon, "made while this session streamed: new");
     stream.stop().await.unwrap();
 }
+
+/// Two processes starting at once (a daemon and `sluice snapshot`, or two replicas) both create
+/// the progress and checkpoint tables; plain `CREATE TABLE IF NOT EXISTS` collides on `pg_type`
+/// then (CI hit it). Every one of many concurrent creations must succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creations_of_one_table_all_succeed() {
+    let db = TestDb::new();
+    for round in 0..5 {
+        let table = format!("public.created_{round}");
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let connection = db.connection();
+            let table = table.clone();
+            tasks.spawn(async move {
+                let sql = sluice_postgres::connect_sql(&connection).await.unwrap();
+                sluice_postgres::setup::create_table_if_missing(&sql, &table, "(id int8 PRIMARY KEY)").await
+            });
+        }
+        while let Some(created) = tasks.join_next().await {
+            created.unwrap().unwrap_or_else(|e| panic!("a concurrent creation of {table} failed: {e:?}"));
+        }
+        assert_eq!(db.sql(&format!("SELECT count(*) FROM {table}")), "0");
+    }
+}

@@ -124,14 +124,10 @@ pub async fn ensure_progress_table(
     sql: &tokio_postgres::Client,
     config: &BackfillConfig,
 ) -> Result<(), tokio_postgres::Error> {
-    // Looked up first: CREATE … IF NOT EXISTS would log a notice at every start.
-    let exists: bool =
-        sql.query_one("SELECT to_regclass($1) IS NOT NULL", &[&config.quoted_table()]).await?.get(0);
-    if exists {
-        return Ok(());
-    }
-    sql.batch_execute(&format!(
-        "CREATE TABLE IF NOT EXISTS {} (
+    sluice_postgres::setup::create_table_if_missing(
+        sql,
+        &config.quoted_table(),
+        "(
            pipeline text NOT NULL,
            id bigint GENERATED ALWAYS AS IDENTITY,
            source_table text NOT NULL,
@@ -146,8 +142,7 @@ pub async fn ensure_progress_table(
            started_at timestamptz,
            finished_at timestamptz,
            PRIMARY KEY (pipeline, id))",
-        config.quoted_table()
-    ))
+    )
     .await
 }
 

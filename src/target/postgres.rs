@@ -272,11 +272,12 @@ impl PgTarget {
                 .ok_or_else(|| fatal("target.checkpoint_table must be schema.table"))?;
             format!("{}.{}", quote_ident(schema), quote_ident(name))
         };
-        client
-            .batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS {checkpoint_table} (pipeline text PRIMARY KEY, commit_lsn pg_lsn NOT NULL, tx_ordinal int8 NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())"
-            ))
-            .await
+        sluice_postgres::setup::create_table_if_missing(
+            &client,
+            &checkpoint_table,
+            "(pipeline text PRIMARY KEY, commit_lsn pg_lsn NOT NULL, tx_ordinal int8 NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
             .map_err(|e| sql_error(&format!("cannot create the checkpoint table {} (target.checkpoint_table)", config.checkpoint_table), e))?;
         let mut applier = Applier {
             connection: config.connection.clone(),

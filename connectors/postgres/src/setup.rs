@@ -157,6 +157,33 @@ pub(crate) fn publication_option(name: &str) -> String {
     format!("'{}'", ident.replace('\'', "''"))
 }
 
+/// Creates `table` (quoted, `schema.table`) with `columns` (the parenthesised column list) when
+/// it is missing. Safe when several processes start at once: `CREATE TABLE IF NOT EXISTS` alone
+/// is not (two concurrent creations collide on `pg_type` with a unique violation), so the
+/// creation holds a transaction-scoped advisory lock named after the table.
+pub async fn create_table_if_missing(
+    sql: &Client,
+    table: &str,
+    columns: &str,
+) -> std::result::Result<(), tokio_postgres::Error> {
+    // Looked up first: CREATE … IF NOT EXISTS would log a notice at every start.
+    let exists: bool = sql.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await?.get(0);
+    if exists {
+        return Ok(());
+    }
+    let created = sql
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(hashtext({})); CREATE TABLE IF NOT EXISTS {table} {columns}; COMMIT",
+            crate::catalog::quote_literal(&format!("sluice create {table}"))
+        ))
+        .await;
+    if created.is_err() {
+        // The failed statement leaves the connection in the aborted transaction.
+        let _ = sql.batch_execute("ROLLBACK").await;
+    }
+    created
+}
+
 /// `"name"` as an identifier in a replication command.
 /// An identifier quoted for SQL.
 pub fn quote_ident(name: &str) -> String {
