@@ -9,8 +9,10 @@ use std::time::Duration;
 use sluice_postgres::{ReplicationConfig, SourceStats};
 use tokio::sync::watch;
 
-use crate::config::{Config, JsonlConfig, PipelineConfig, SourceConfig, TargetConfig};
+use crate::config::{Config, PipelineConfig, SourceConfig};
 use crate::localpg::{ClusterOptions, LocalPostgres};
+use crate::targets::jsonl::config::JsonlConfig;
+use crate::targets::TargetConfig;
 use sluice_core::Lsn;
 
 type DemoResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -105,7 +107,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
         let mapping = dir.path().join("mapping.toml");
         std::fs::write(&mapping, DEMO_MAPPING)?;
         eprintln!("demo: mapping public.accounts → DynamoDB table demo_accounts:{DEMO_MAPPING}");
-        config.target = TargetConfig::Dynamodb(crate::config::DynamoConfig {
+        config.target = TargetConfig::Dynamodb(crate::targets::dynamodb::config::DynamoConfig {
             mapping: Some(mapping),
             outbox: None,
             endpoint_url: Some(local.url.clone()),
@@ -116,7 +118,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
             retry_for: Duration::from_secs(60),
             request_timeout: Duration::from_secs(5),
             dead_letter: None,
-            write_mode: crate::config::WriteMode::Single,
+            write_mode: crate::targets::dynamodb::config::WriteMode::Single,
             transaction_size: 25,
             batch_size: 100,
         });
@@ -128,7 +130,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
         let mapping = dir.path().join("mapping.toml");
         std::fs::write(&mapping, PG_DEMO_MAPPING)?;
         eprintln!("demo: mapping public.accounts → database demo_v2, table v2.accounts:\n{PG_DEMO_MAPPING}");
-        config.target = TargetConfig::Postgres(crate::config::PostgresTargetConfig {
+        config.target = TargetConfig::Postgres(crate::targets::postgres::config::PostgresTargetConfig {
             connection: pg.connection("demo_v2"),
             mapping,
             checkpoint_table: "public.sluice_checkpoint".into(),

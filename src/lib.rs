@@ -17,7 +17,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod pipeline;
 pub mod status;
-pub mod target;
+pub mod targets;
 pub mod translate;
 pub mod validate;
 pub mod verify;

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::metrics as m;
-use crate::target::TargetStats;
+use crate::targets::TargetStats;
 
 /// The slot as `pg_replication_slots` shows it.
 #[derive(Clone, Debug, Default, Serialize)]

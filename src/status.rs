@@ -7,7 +7,8 @@ use anyhow::Context;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::{Config, TargetConfig};
+use crate::config::Config;
+use crate::targets::TargetConfig;
 
 pub async fn print(config: &Config, as_json: bool) -> anyhow::Result<()> {
     let status = match from_daemon(&config.monitoring.listen).await {

@@ -5,10 +5,13 @@ use sluice_core::Problem;
 
 use sluice_postgres::catalog;
 
-use crate::config::{Config, PostgresTargetConfig, TargetConfig};
-use crate::target::postgres::{owned_sequences, target_keys, target_tables};
-use crate::translate::mapping::Mapping;
-use crate::translate::postgres::{PgMapping, PgTranslator};
+use crate::config::Config;
+use crate::targets::dynamodb::mapping::Mapping;
+use crate::targets::postgres::apply::{owned_sequences, target_keys, target_tables};
+use crate::targets::postgres::config::PostgresTargetConfig;
+use crate::targets::postgres::mapping::PgMapping;
+use crate::targets::postgres::translate::PgTranslator;
+use crate::targets::TargetConfig;
 
 /// Problems found in the database; `Err` when the database cannot be asked.
 pub async fn against_database(config: &Config) -> Result<Vec<Problem>, sluice_postgres::Error> {
@@ -41,7 +44,7 @@ pub async fn against_database(config: &Config) -> Result<Vec<Problem>, sluice_po
     }
     if let (TargetConfig::Dynamodb(dynamo), Some(publication)) = (&config.target, publication) {
         if let Some(Ok(mapping)) = dynamo.mapping.as_deref().map(Mapping::load) {
-            problems.extend(crate::translate::catalog::check(&sql, &mapping, publication).await?);
+            problems.extend(crate::targets::dynamodb::check::check(&sql, &mapping, publication).await?);
         }
     }
     if let (TargetConfig::Postgres(pg), Some(publication)) = (&config.target, publication) {

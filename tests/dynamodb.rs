@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice::config::{Config, DynamoConfig, PipelineConfig, SourceConfig, TargetConfig};
+use sluice::config::{Config, PipelineConfig, SourceConfig};
+use sluice::targets::dynamodb::config::DynamoConfig;
+use sluice::targets::TargetConfig;
 use sluice_core::Lsn;
 use sluice_dynamodb::{Attr, DynamoClient, GuardedWrite, Item, Outcome, WriteAction};
 use tokio::sync::watch;
@@ -49,7 +51,7 @@ fn dynamo_config(url: &str, mapping: PathBuf, dead_letter: Option<PathBuf>) -> D
         retry_for: Duration::from_secs(120),
         request_timeout: Duration::from_secs(2),
         dead_letter,
-        write_mode: sluice::config::WriteMode::Single,
+        write_mode: sluice::targets::dynamodb::config::WriteMode::Single,
         transaction_size: 25,
         batch_size: 100,
     }
@@ -170,20 +172,20 @@ impl Shop {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_stream_into_one_table_through_the_mapping_and_converge() {
-    converges(sluice::config::WriteMode::Single).await;
+    converges(sluice::targets::dynamodb::config::WriteMode::Single).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_stream_into_one_table_in_transactions_and_converge() {
-    converges(sluice::config::WriteMode::Transaction).await;
+    converges(sluice::targets::dynamodb::config::WriteMode::Transaction).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_stream_into_one_table_in_read_then_write_batches_and_converge() {
-    converges(sluice::config::WriteMode::Batch).await;
+    converges(sluice::targets::dynamodb::config::WriteMode::Batch).await;
 }
 
-async fn converges(write_mode: sluice::config::WriteMode) {
+async fn converges(write_mode: sluice::targets::dynamodb::config::WriteMode) {
     let shop = Shop::new().await;
     let (db, table, client) = (&shop.db, &shop.table, &shop.client);
     let target = DynamoConfig { write_mode, ..shop.target(&shop.moto.url, None) };

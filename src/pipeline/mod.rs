@@ -21,7 +21,7 @@ use crate::backfill::window::{Part, Watermarks};
 use crate::config::Config;
 use crate::error::{PipelineError, TargetError};
 use crate::monitor::PipelineState;
-use crate::target::{AnyTarget, Target};
+use crate::targets::{AnyTarget, Target};
 use ack::AckTracker;
 use sluice_core::ChangeEvent;
 
@@ -189,7 +189,7 @@ fn count_events(events: &[ChangeEvent]) {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
-    use crate::target::Receipt;
+    use crate::targets::Receipt;
     use std::time::Duration;
 
     /// A target whose receipts resolve out of submission order (odd batches first), and which

@@ -1,13 +1,11 @@
-//! Semantic translators: pure functions from change events to target operations, driven by
-//! the declarative mappings in `schemas/`.
+//! What the targets' translators share: the translation error, a value's text, the mapping
+//! vocabulary every format uses (`mapping`), row filters (`filter`) and the outbox event router
+//! (`outbox`), which both Kafka and DynamoDB targets route through. Each target's own
+//! translator lives in `targets/<name>/translate.rs`.
 
-pub mod catalog;
-pub mod dynamodb;
 pub mod filter;
-pub mod kafka;
 pub mod mapping;
 pub mod outbox;
-pub mod postgres;
 
 use sluice_core::{Timestamp, Value};
 

@@ -11,9 +11,7 @@
 //! type's topic (`translate::kafka`), or an item of a DynamoDB event-log table
 //! ([`OutboxEvent::event_log_item`]).
 
-use std::collections::BTreeMap;
-
-use sluice_dynamodb::{Attr, GuardedWrite, Item, WriteAction};
+use sluice_core::Problem;
 
 use sluice_core::{ChangeEvent, Position, Relation, Value};
 
@@ -138,6 +136,25 @@ pub enum Routed {
 }
 
 impl OutboxConfig {
+    /// Problems of the router that do not depend on the target; `messages`: the source
+    /// decodes logical messages.
+    pub fn problems(&self, messages: bool, problems: &mut Vec<Problem>) {
+        if self.message_prefix.is_some() && !messages {
+            problems.push(Problem::new(
+                "target.outbox",
+                "message_prefix",
+                "needs source.replication.messages = true",
+            ));
+        }
+        if self.table.is_none() && self.message_prefix.is_none() {
+            problems.push(Problem::new(
+                "target.outbox",
+                "table",
+                "name the outbox table, or a message_prefix, or both",
+            ));
+        }
+    }
+
     /// Routes one change.
     pub fn route(&self, event: &ChangeEvent) -> Result<Routed, Poison> {
         let is_outbox =
@@ -243,9 +260,6 @@ pub fn text_of(value: &Value) -> Option<String> {
     }
 }
 
-/// The version attribute of event-log items (the position guard, as in mapped tables).
-pub const EVENT_LOG_VERSION_ATTRIBUTE: &str = "_version";
-
 impl OutboxEvent {
     /// The event's sort key in an event log: the source position as fixed-width hex (so that
     /// text order is position order), then the event id. Positions of polled events name the
@@ -258,63 +272,10 @@ impl OutboxEvent {
         }
         sequence
     }
-
-    /// The event as an item of a DynamoDB event-log table: key `{aggregatetype}#{aggregateid}`
-    /// and the sequence; attributes `id`, `aggregatetype`, `aggregateid`, the header columns,
-    /// `payload` (JSON becomes a map, bytea binary, anything else a string; absent when NULL)
-    /// and `position`. Written with the position guard, so a redelivered event rewrites
-    /// nothing.
-    pub fn event_log_item(&self, config: &OutboxConfig, table: &str) -> Result<GuardedWrite, Poison> {
-        let poison = |reason: String| Poison { table: self.source.clone(), reason };
-        let aggregate_id = self.aggregate_id.as_deref().ok_or_else(|| {
-            poison(format!("{:?} is NULL, and the event-log key needs it", config.aggregate_id_column))
-        })?;
-        let mut key = Item::new();
-        key.insert(config.partition_key.clone(), Attr::S(format!("{}#{aggregate_id}", self.aggregate_type)));
-        key.insert(config.sort_key.clone(), Attr::S(self.sequence()));
-        let mut item = BTreeMap::new();
-        if let Some(id) = &self.id {
-            item.insert("id".to_string(), Attr::S(id.clone()));
-        }
-        item.insert("aggregatetype".to_string(), Attr::S(self.aggregate_type.clone()));
-        item.insert("aggregateid".to_string(), Attr::S(aggregate_id.to_owned()));
-        for (name, value) in &self.headers {
-            item.insert(name.clone(), Attr::S(value.clone()));
-        }
-        match &self.payload {
-            None => {}
-            Some(Payload::Json(text)) => {
-                let json: serde_json::Value = serde_json::from_str(text)
-                    .map_err(|e| poison(format!("payload is not valid JSON: {e}")))?;
-                item.insert(
-                    "payload".to_string(),
-                    super::dynamodb::json_attr(&json).map_err(|e| poison(format!("payload: {e}")))?,
-                );
-            }
-            Some(Payload::Text(text)) => {
-                item.insert("payload".to_string(), Attr::S(text.clone()));
-            }
-            Some(Payload::Bytes(bytes)) => {
-                item.insert("payload".to_string(), Attr::B(bytes.clone()));
-            }
-        }
-        item.insert("position".to_string(), Attr::S(super::kafka::position_text(self.position)));
-        for name in [&config.partition_key, &config.sort_key] {
-            item.remove(name);
-        }
-        Ok(GuardedWrite {
-            table: table.to_owned(),
-            partition_key: config.partition_key.clone(),
-            key,
-            version_attribute: EVENT_LOG_VERSION_ATTRIBUTE.to_owned(),
-            version: super::dynamodb::version(self.position),
-            action: WriteAction::Put(item.into_iter().collect()),
-        })
-    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use sluice_core::TypeKind;
@@ -322,7 +283,7 @@ mod tests {
 
     use super::*;
 
-    fn outbox_relation() -> Arc<Relation> {
+    pub(crate) fn outbox_relation() -> Arc<Relation> {
         let columns = [
             ("id", true, TypeKind::Uuid),
             ("aggregatetype", false, TypeKind::Text),
@@ -348,16 +309,16 @@ mod tests {
         })
     }
 
-    fn config() -> OutboxConfig {
+    pub(crate) fn config() -> OutboxConfig {
         toml::from_str("table = \"public.outbox\"\nmessage_prefix = \"outbox\"\nevent_table = \"events\"")
             .unwrap()
     }
 
-    fn position(ordinal: u32) -> Position {
+    pub(crate) fn position(ordinal: u32) -> Position {
         Position { commit_lsn: Lsn(0x16B3748), tx_ordinal: ordinal }
     }
 
-    fn insert(aggregate_id: Value, payload: Value) -> ChangeEvent {
+    pub(crate) fn insert(aggregate_id: Value, payload: Value) -> ChangeEvent {
         ChangeEvent::Insert {
             position: position(3),
             relation: outbox_relation(),
@@ -372,7 +333,7 @@ mod tests {
         }
     }
 
-    fn event(routed: Routed) -> OutboxEvent {
+    pub(crate) fn event(routed: Routed) -> OutboxEvent {
         match routed {
             Routed::Event(event) => event,
             other => panic!("not an event: {other:?}"),
@@ -405,43 +366,6 @@ mod tests {
             content: bytes::Bytes::from_static(b"x"),
         };
         assert_eq!(config.route(&other).unwrap(), Routed::NotOutbox);
-    }
-
-    #[test]
-    fn an_event_log_item_is_keyed_by_aggregate_and_sequence_and_keeps_json_payloads_as_maps() {
-        let config = config();
-        let routed = event(
-            config
-                .route(&insert(
-                    Value::Text("o-17".into()),
-                    Value::Json("{\"total\": 9.50, \"lines\": [1]}".into()),
-                ))
-                .unwrap(),
-        );
-        let write = routed.event_log_item(&config, "events").unwrap();
-        assert_eq!(write.table, "events");
-        assert_eq!(write.key.get("aggregate"), Some(&Attr::S("Order#o-17".into())));
-        assert_eq!(
-            write.key.get("sequence"),
-            Some(&Attr::S("00000000016B3748.00000003.01010101-0101-0101-0101-010101010101".into()))
-        );
-        let WriteAction::Put(item) = &write.action else { panic!("a put: {write:?}") };
-        let payload = item.get("payload").unwrap();
-        let Attr::M(map) = payload else { panic!("a map: {payload:?}") };
-        assert_eq!(map.get("total"), Some(&Attr::N("9.50".into())));
-        assert_eq!(item.get("type"), Some(&Attr::S("OrderCreated".into())));
-        assert_eq!(item.get("position"), Some(&Attr::S("0/16B3748/3".into())));
-        assert_eq!(write.version, super::super::dynamodb::version(position(3)));
-
-        let later = OutboxEvent {
-            position: Position { commit_lsn: Lsn(0x1_0000_0000), tx_ordinal: 0 },
-            ..routed.clone()
-        };
-        assert!(later.sequence() > routed.sequence(), "text order is position order");
-
-        let orphan = event(config.route(&insert(Value::Null, Value::Null)).unwrap());
-        let error = orphan.event_log_item(&config, "events").unwrap_err();
-        assert!(error.reason.contains("aggregateid"), "{error}");
     }
 
     #[test]

@@ -31,9 +31,10 @@ use serde::Serialize;
 use sluice_dynamodb::{Attr, DynamoClient, Item, WriteAction};
 use sluice_postgres::catalog::Table;
 
-use crate::config::{Config, TargetConfig};
-use crate::translate::dynamodb::DynamoTranslator;
-use crate::translate::mapping::{parse_template, Mapping, Segment, TableMapping};
+use crate::config::Config;
+use crate::targets::dynamodb::mapping::{parse_template, Mapping, Segment, TableMapping};
+use crate::targets::dynamodb::translate::DynamoTranslator;
+use crate::targets::TargetConfig;
 use crate::translate::TranslateError;
 use sluice_core::{ChangeEvent, Lsn, Position, Value};
 
@@ -169,7 +170,8 @@ impl Verifier {
                 let mapping = Mapping::load(path).map_err(|p| {
                     anyhow::anyhow!("{}", p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
                 })?;
-                let client = DynamoClient::connect(&crate::target::dynamodb::client_options(dynamo)).await;
+                let client =
+                    DynamoClient::connect(&crate::targets::dynamodb::apply::client_options(dynamo)).await;
                 let pairs = mapping.tables.iter().map(|t| (t.source.clone(), t.target.clone())).collect();
                 (
                     Side::Dynamo(DynamoSide { translator: DynamoTranslator::new(&mapping), mapping, client }),

@@ -15,9 +15,10 @@ use sluice_postgres::catalog::Table;
 use sluice_postgres::setup::quote_ident;
 
 use super::{source_key, DifferentValues, Extra, Finding, SourceKey, Verifier};
-use crate::config::PostgresTargetConfig;
-use crate::target::postgres::{target_keys, target_tables, TargetTable};
-use crate::translate::postgres::{PgMapping, PgTableMapping, PgTranslator, RowOp, Text};
+use crate::targets::postgres::apply::{target_keys, target_tables, TargetTable};
+use crate::targets::postgres::config::PostgresTargetConfig;
+use crate::targets::postgres::mapping::{PgMapping, PgTableMapping};
+use crate::targets::postgres::translate::{PgTranslator, RowOp, Text};
 use sluice_core::{ChangeEvent, Position, Value};
 
 /// Target keys read per page when looking for extra rows.

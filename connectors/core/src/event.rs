@@ -209,3 +209,10 @@ pub struct EventBatch {
     /// transaction this batch completes, or the time a heartbeat in it was emitted.
     pub commit_time: Option<i64>,
 }
+
+impl std::fmt::Display for Position {
+    /// `commit_lsn/tx_ordinal`, as records, dead-letter entries and event logs name a change.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.commit_lsn, self.tx_ordinal)
+    }
+}

@@ -35,11 +35,12 @@ use sluice_postgres::ConnectionConfig;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::SimpleQueryMessage;
 
-use super::dead_letter::{source_name, DeadLetter};
-use super::{Receipt, Target, TargetStats};
-use crate::config::PostgresTargetConfig;
 use crate::error::{ErrorKind, TargetError};
-use crate::translate::postgres::{row_position, PgMapping, PgTranslator, RowOp, Text};
+use crate::targets::dead_letter::{source_name, DeadLetter};
+use crate::targets::postgres::config::PostgresTargetConfig;
+use crate::targets::postgres::mapping::PgMapping;
+use crate::targets::postgres::translate::{row_position, PgTranslator, RowOp, Text};
+use crate::targets::{Receipt, Target, TargetStats};
 use crate::translate::TranslateError;
 use sluice_core::{EventBatch, Position};
 
@@ -375,7 +376,7 @@ impl Applier {
         }
         let (Some(last), false) = (last, ops.is_empty()) else { return Ok(()) };
         let started = Instant::now();
-        let mut backoff = super::dynamodb::new_backoff();
+        let mut backoff = crate::targets::dynamodb::apply::new_backoff();
         let mut careful = false;
         loop {
             let result =

@@ -19,11 +19,11 @@ use std::time::Instant;
 
 use sluice_kafka::{KafkaProducer, ProducerOptions, Record};
 
-use super::dead_letter::{source_name, DeadLetter};
-use super::{Receipt, Target, TargetStats};
-use crate::config::KafkaConfig;
 use crate::error::{ErrorKind, TargetError};
-use crate::translate::kafka::{KafkaTranslator, TranslateError};
+use crate::targets::dead_letter::{source_name, DeadLetter};
+use crate::targets::kafka::config::KafkaConfig;
+use crate::targets::kafka::translate::{KafkaTranslator, TranslateError};
+use crate::targets::{Receipt, Target, TargetStats};
 use sluice_core::EventBatch;
 
 pub struct KafkaTarget {

@@ -24,12 +24,12 @@ use sluice_dynamodb::{
 };
 use tokio::sync::{mpsc, Notify};
 
-use super::dead_letter::{source_name, DeadLetter};
-use super::{Receipt, Target, TargetStats};
-use crate::config::{DynamoConfig, WriteMode};
 use crate::error::{ErrorKind, TargetError};
-use crate::translate::dynamodb::DynamoTranslator;
-use crate::translate::mapping::Mapping;
+use crate::targets::dead_letter::{source_name, DeadLetter};
+use crate::targets::dynamodb::config::{DynamoConfig, WriteMode};
+use crate::targets::dynamodb::mapping::Mapping;
+use crate::targets::dynamodb::translate::DynamoTranslator;
+use crate::targets::{Receipt, Target, TargetStats};
 use crate::translate::outbox::{OutboxConfig, Routed};
 use crate::translate::TranslateError;
 use sluice_core::{ChangeEvent, EventBatch, Position, Relation};
@@ -139,7 +139,7 @@ impl DynamoTarget {
             };
             match outbox.route(event).map_err(poison)? {
                 Routed::Event(routed) => {
-                    writes.push(routed.event_log_item(outbox, table).map_err(poison)?);
+                    writes.push(super::event_log::event_log_item(&routed, outbox, table).map_err(poison)?);
                     return Ok(Some(routed.source.into()));
                 }
                 Routed::Ignored => return Ok(None),
@@ -326,7 +326,7 @@ struct WorkerSettings {
     retry_for: Duration,
 }
 
-pub(super) fn new_backoff() -> impl Iterator<Item = Duration> {
+pub(crate) fn new_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
         .with_max_delay(Duration::from_secs(5))

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 
 use sluice_kafka::Record;
 
-use super::outbox::{OutboxConfig, OutboxEvent, Routed};
+use crate::translate::outbox::{OutboxConfig, OutboxEvent, Routed};
 use sluice_core::{ChangeEvent, NewRow, OldRow, Position, Relation, Value};
 
 /// Why a change produced no record.
@@ -149,13 +149,8 @@ fn headers(op: &str, relation: &Relation, position: Position) -> Vec<(String, Ve
     vec![
         (HEADER_OP.into(), op.as_bytes().to_vec()),
         (HEADER_TABLE.into(), relation.qualified_name().into_bytes()),
-        (HEADER_POSITION.into(), position_text(position).into_bytes()),
+        (HEADER_POSITION.into(), position.to_string().into_bytes()),
     ]
-}
-
-/// `commit_lsn/ordinal`, e.g. `0/16B3748/3`: orders changes exactly, for deduplication.
-pub fn position_text(position: Position) -> String {
-    format!("{}/{}", position.commit_lsn, position.tx_ordinal)
 }
 
 /// `{"col":value,…}` over the replica-identity columns; `None` when the table has none, or
@@ -197,7 +192,7 @@ fn push_event(
         headers.push(("id".to_string(), id.into_bytes()));
     }
     headers.extend(event.headers.into_iter().map(|(name, value)| (name, value.into_bytes())));
-    headers.push((HEADER_POSITION.into(), position_text(event.position).into_bytes()));
+    headers.push((HEADER_POSITION.into(), event.position.to_string().into_bytes()));
     out.push(Record {
         topic,
         key: event.aggregate_id.map(String::into_bytes),

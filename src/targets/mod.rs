@@ -1,25 +1,78 @@
-//! Targets: where change events are made durable.
+//! Targets: where change events are made durable. One folder per target, each with the same
+//! split: `config.rs` (its configuration and the checks that need no server), `mapping.rs`
+//! (where it has a mapping format), `translate.rs` (pure: change events to the target's
+//! operations), `apply.rs` (the [`Target`] that makes them durable), `verify.rs` (its side of
+//! `sluice verify`, where it has one) and `check.rs` (its live checks for `sluice validate`).
+//! A new target is a new folder here and a variant of [`TargetConfig`] and [`AnyTarget`].
 
-mod dead_letter;
+pub mod dead_letter;
 pub mod dynamodb;
-mod jsonl;
-mod kafka;
-mod null;
-pub(crate) mod postgres;
+pub mod jsonl;
+pub mod kafka;
+pub mod null;
+pub mod postgres;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-pub use dynamodb::DynamoTarget;
-pub use jsonl::JsonlTarget;
-pub use kafka::KafkaTarget;
-pub use null::NullTarget;
-pub use postgres::PgTarget;
+use serde::Deserialize;
+use sluice_core::Problem;
 
-use crate::config::TargetConfig;
+pub use dynamodb::apply::DynamoTarget;
+use dynamodb::config::DynamoConfig;
+pub use jsonl::apply::JsonlTarget;
+use jsonl::config::JsonlConfig;
+pub use kafka::apply::KafkaTarget;
+use kafka::config::KafkaConfig;
+pub use null::NullTarget;
+pub use postgres::apply::PgTarget;
+use postgres::config::PostgresTargetConfig;
+
 use crate::error::TargetError;
 use sluice_core::EventBatch;
+
+/// Where changes go.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum TargetConfig {
+    /// Items in DynamoDB tables, through a mapping, with position-guarded writes.
+    Dynamodb(DynamoConfig),
+    /// Records in Kafka topics: plain CDC per table, and the outbox event router.
+    Kafka(KafkaConfig),
+    /// Rows in tables of another Postgres database or schema, through a mapping, applied in
+    /// source order with a transactional checkpoint.
+    Postgres(PostgresTargetConfig),
+    /// One JSON object per change, to a file or standard output.
+    Jsonl(JsonlConfig),
+    /// Discards everything at once (benchmarks).
+    Null,
+}
+
+impl TargetConfig {
+    /// The outbox event router, when the target has one.
+    pub fn outbox(&self) -> Option<&crate::translate::outbox::OutboxConfig> {
+        match self {
+            TargetConfig::Kafka(kafka) => kafka.outbox.as_ref(),
+            TargetConfig::Dynamodb(dynamo) => dynamo.outbox.as_ref(),
+            TargetConfig::Jsonl(_) | TargetConfig::Postgres(_) | TargetConfig::Null => None,
+        }
+    }
+}
+
+impl TargetConfig {
+    /// Every problem of the target's configuration visible without the target, named by its
+    /// dotted key; `messages`: the source decodes logical messages.
+    pub fn validate(&self, messages: bool, problems: &mut Vec<Problem>) {
+        match self {
+            TargetConfig::Dynamodb(c) => c.validate(messages, problems),
+            TargetConfig::Kafka(c) => c.validate(messages, problems),
+            TargetConfig::Postgres(c) => c.validate(problems),
+            TargetConfig::Jsonl(c) => c.validate(problems),
+            TargetConfig::Null => {}
+        }
+    }
+}
 
 /// Counters every target keeps, for metrics and `sluice status`.
 #[derive(Debug, Default)]

@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::{Receipt, Target};
-use crate::config::JsonlConfig;
 use crate::error::{ErrorKind, TargetError};
 use crate::json;
+use crate::targets::jsonl::config::JsonlConfig;
+use crate::targets::{Receipt, Target};
 use sluice_core::EventBatch;
 
 pub struct JsonlTarget {

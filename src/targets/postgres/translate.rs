@@ -11,111 +11,14 @@
 //! functions convert them to the target column types, and a value the target type refuses is
 //! a row that can never apply (dead-lettered by the target).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use serde::Deserialize;
-use sluice_core::Problem;
-
-use super::filter::{filter_problems, passes_filter};
-use super::mapping::{parse_toml, read, Constant, Predicate};
-use super::TranslateError;
+use super::mapping::{PgMapping, PgTableMapping, PgTruncatePolicy};
+use crate::translate::filter::passes_filter;
+use crate::translate::mapping::Constant;
+use crate::translate::TranslateError;
 use sluice_core::{ChangeEvent, NewRow, Position, Relation, Value};
-
-/// The mapping of a Postgres target.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PgMapping {
-    /// What a TRUNCATE of a mapped table does.
-    #[serde(default)]
-    pub on_truncate: PgTruncatePolicy,
-    pub tables: Vec<PgTableMapping>,
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum PgTruncatePolicy {
-    /// Truncate the target table (refused for a target table fed by several sources).
-    #[default]
-    Truncate,
-    /// Skip it (the target keeps its rows).
-    Ignore,
-    /// Stop with an error naming the table.
-    Error,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PgTableMapping {
-    /// `schema.table` in the source.
-    pub source: String,
-    /// `schema.table` in the target; its primary key identifies rows.
-    pub target: String,
-    /// Source column → target column.
-    #[serde(default)]
-    pub rename: BTreeMap<String, String>,
-    /// Columns never written (secrets, PII).
-    #[serde(default)]
-    pub drop: Vec<String>,
-    /// Target columns set to the same value in every row (a tenant, an origin marker).
-    #[serde(default)]
-    pub constants: BTreeMap<String, Constant>,
-    /// Rows must satisfy every predicate; a row that stops satisfying them is deleted.
-    #[serde(default)]
-    pub filter: Vec<Predicate>,
-}
-
-impl PgMapping {
-    pub fn load(path: &Path) -> Result<PgMapping, Vec<Problem>> {
-        PgMapping::parse(&read(path)?)
-    }
-
-    pub fn parse(text: &str) -> Result<PgMapping, Vec<Problem>> {
-        parse_toml(text, PgMapping::validate)
-    }
-
-    /// Problems visible without either database.
-    pub fn validate(&self) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        if self.tables.is_empty() {
-            problems.push(Problem::new("mapping", "tables", "at least one table mapping is needed"));
-        }
-        let mut sources = HashSet::new();
-        for (i, table) in self.tables.iter().enumerate() {
-            let prefix = format!("mapping.tables[{i}]");
-            for (key, name) in [("source", &table.source), ("target", &table.target)] {
-                if sluice_postgres::catalog::split_table(name).is_none() || name.split('.').count() != 2 {
-                    problems.push(Problem::new(&prefix, key, format!("{name:?} must be schema.table")));
-                }
-            }
-            if !sources.insert(&table.source) {
-                problems.push(Problem::new(&prefix, "source", format!("{} is mapped twice", table.source)));
-            }
-            let mut written: HashMap<&str, &str> = HashMap::new();
-            for (column, target) in &table.rename {
-                if let Some(other) = written.insert(target, column) {
-                    problems.push(Problem::new(
-                        &prefix,
-                        &format!("rename.{column}"),
-                        format!("{other} is renamed to {target:?} too"),
-                    ));
-                }
-            }
-            for name in table.constants.keys() {
-                if written.contains_key(name.as_str()) {
-                    problems.push(Problem::new(
-                        &prefix,
-                        &format!("constants.{name}"),
-                        "collides with a renamed column",
-                    ));
-                }
-            }
-            filter_problems(&prefix, &table.filter, &mut problems);
-        }
-        problems
-    }
-}
 
 /// A target column's value as Postgres text; `None` is NULL.
 pub type Text = Option<String>;

@@ -12,11 +12,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sluice_dynamodb::{Attr, GuardedWrite, Item, WriteAction};
 
-use super::filter::passes_filter;
-use super::mapping::{
-    parse_template, AttrKind, Constant, Mapping, NullPolicy, Segment, TableMapping, TruncatePolicy,
-};
-use super::{iso, text_of, TranslateError};
+use super::mapping::{parse_template, AttrKind, Mapping, NullPolicy, Segment, TableMapping, TruncatePolicy};
+use crate::translate::filter::passes_filter;
+use crate::translate::mapping::Constant;
+use crate::translate::{iso, text_of, TranslateError};
 use sluice_core::{ChangeEvent, Column, NewRow, Position, Relation, Value};
 
 /// The version number of a position.

@@ -1,0 +1,4 @@
+//! The jsonl target: one JSON object per change, to a file or standard output.
+
+pub mod apply;
+pub mod config;

@@ -1,0 +1,7 @@
+//! The Postgres target: rows of another database or schema through a mapping, applied in source
+//! order with a transactional checkpoint.
+
+pub mod apply;
+pub mod config;
+pub mod mapping;
+pub mod translate;
