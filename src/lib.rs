@@ -6,6 +6,7 @@
 
 pub mod backfill;
 pub mod bench;
+pub mod compare;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -772,12 +772,12 @@ fn absent(
 ) -> Result<Vec<Vec<Value>>, BackfillError> {
     let found: std::collections::HashSet<String> = rows
         .iter()
-        .map(|row| format!("{:?}", table.primary_key.iter().map(|&i| &row[i]).collect::<Vec<_>>()))
+        .map(|row| sluice_core::value::key_identity(table.primary_key.iter().map(|&i| &row[i])))
         .collect();
     let mut missing = Vec::new();
     for key in keys {
         let values = table.decode_key(key).map_err(BackfillError::Request)?;
-        if !found.contains(&format!("{:?}", values.iter().collect::<Vec<_>>())) {
+        if !found.contains(&sluice_core::value::key_identity(&values)) {
             missing.push(values);
         }
     }

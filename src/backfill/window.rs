@@ -238,7 +238,7 @@ fn key_of(relation: &Relation, names: &[&str], values: &[Option<&Value>]) -> Opt
         let index = relation.columns.iter().position(|c| c.name == *name)?;
         key.push((*values.get(index)?)?);
     }
-    Some(format!("{key:?}"))
+    Some(sluice_core::value::key_identity(key))
 }
 
 /// The chunk rows brought up to date with the window, at `position`.
@@ -264,7 +264,7 @@ fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
         rows.push((key, Some(row)));
     }
     for key_values in &chunk.absent_keys {
-        let key = format!("{:?}", key_values.iter().collect::<Vec<_>>());
+        let key = sluice_core::value::key_identity(key_values);
         index.entry(key.clone()).or_insert_with(|| {
             rows.push((key, None));
             rows.len() - 1
@@ -323,7 +323,7 @@ fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
         }
     }
     let absent: std::collections::HashSet<String> =
-        chunk.absent_keys.iter().map(|k| format!("{:?}", k.iter().collect::<Vec<_>>())).collect();
+        chunk.absent_keys.iter().map(|k| sluice_core::value::key_identity(k)).collect();
     let mut events = Vec::with_capacity(rows.len());
     for (key, row) in rows {
         match row {
@@ -337,7 +337,7 @@ fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
                 let key_values: Vec<Value> = chunk
                     .absent_keys
                     .iter()
-                    .find(|k| format!("{:?}", k.iter().collect::<Vec<_>>()) == key)
+                    .find(|k| sluice_core::value::key_identity(k.iter()) == key)
                     .cloned()
                     .unwrap_or_default();
                 let mut old = vec![Value::Null; relation.columns.len()];

@@ -82,6 +82,65 @@ pub fn item_size(item: &Item) -> usize {
 /// DynamoDB's item size limit.
 pub const MAX_ITEM_BYTES: usize = 400 * 1024;
 
+/// A key's (or item's) identity as text, for maps and sets of keys: each attribute name
+/// length-prefixed, then its value's identity. Numbers compare as written: normalize them
+/// first where `1.0` and `1` must be one key.
+pub fn key_identity(key: &Item) -> String {
+    let mut text = String::new();
+    for (name, value) in key {
+        length_prefixed(&mut text, name);
+        canonical(value, &mut text);
+    }
+    text
+}
+
+/// An attribute's identity as text: a type tag, then its parts length-prefixed, so that no two
+/// different values (or a name and a value) read the same.
+fn canonical(attr: &Attr, out: &mut String) {
+    match attr {
+        Attr::S(s) => {
+            out.push('S');
+            length_prefixed(out, s);
+        }
+        Attr::N(n) => {
+            out.push('N');
+            length_prefixed(out, n);
+        }
+        Attr::B(bytes) => {
+            out.push('B');
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            length_prefixed(out, &hex);
+        }
+        Attr::Bool(b) => out.push_str(if *b { "T" } else { "F" }),
+        Attr::Null => out.push('0'),
+        Attr::Ss(items) | Attr::Ns(items) => {
+            out.push(if matches!(attr, Attr::Ss(_)) { 's' } else { 'n' });
+            out.push_str(&format!("{}:", items.len()));
+            for item in items {
+                length_prefixed(out, item);
+            }
+        }
+        Attr::L(items) => {
+            out.push_str(&format!("L{}:", items.len()));
+            for item in items {
+                canonical(item, out);
+            }
+        }
+        Attr::M(map) => {
+            out.push_str(&format!("M{}:", map.len()));
+            for (name, value) in map {
+                length_prefixed(out, name);
+                canonical(value, out);
+            }
+        }
+    }
+}
+
+fn length_prefixed(out: &mut String, text: &str) {
+    out.push_str(&format!("{}:", text.len()));
+    out.push_str(text);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

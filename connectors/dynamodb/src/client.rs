@@ -701,7 +701,7 @@ fn item_from_sdk(raw: &HashMap<String, AttributeValue>, table: &str) -> Result<I
 }
 
 fn key_text(key: &Item) -> String {
-    format!("{key:?}")
+    crate::attr::key_identity(key)
 }
 
 /// `stored < new` for the version attribute's decimal numbers, as DynamoDB compares them.

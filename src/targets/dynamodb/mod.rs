@@ -7,3 +7,4 @@ pub mod config;
 pub mod event_log;
 pub mod mapping;
 pub mod translate;
+pub mod verify;

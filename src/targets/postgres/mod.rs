@@ -5,3 +5,4 @@ pub mod apply;
 pub mod config;
 pub mod mapping;
 pub mod translate;
+pub mod verify;

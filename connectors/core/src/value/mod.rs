@@ -202,6 +202,44 @@ fn write_float(f: &mut fmt::Formatter<'_>, v: f64, finite: bool, digits: i32, sh
     }
 }
 
+/// Key values' identity as text, for maps and sets of keys: each value's type and its text
+/// (what Postgres prints), length-prefixed, so that no two different keys read the same.
+pub fn key_identity<'a>(values: impl IntoIterator<Item = &'a Value>) -> String {
+    use fmt::Write;
+    let mut text = String::new();
+    for value in values {
+        let shown = value.to_string();
+        let _ = write!(text, "{}:{}:{shown}", value.type_tag(), shown.len());
+    }
+    text
+}
+
+impl Value {
+    /// A short name of the value's type, for identities.
+    fn type_tag(&self) -> &'static str {
+        match self {
+            Value::Null => "null",
+            Value::Bool(_) => "bool",
+            Value::Int2(_) | Value::Int4(_) | Value::Int8(_) => "int",
+            Value::Float4(_) | Value::Float8(_) => "float",
+            Value::Numeric(_) => "numeric",
+            Value::Text(_) => "text",
+            Value::Bytea(_) => "bytea",
+            Value::Uuid(_) => "uuid",
+            Value::Json(_) => "json",
+            Value::Date(_) => "date",
+            Value::Time(_) => "time",
+            Value::Timestamp(_) => "timestamp",
+            Value::TimestampTz(_) => "timestamptz",
+            Value::Interval(_) => "interval",
+            Value::Enum(_) => "enum",
+            Value::Array(_) => "array",
+            Value::Unknown { .. } => "unknown",
+            Value::UnknownBinary { .. } => "unknown-binary",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +248,14 @@ mod tests {
 
     fn round_trip(kind: &TypeKind, text: &str) -> String {
         kind.decode_text(0, text).unwrap().to_string()
+    }
+
+    #[test]
+    fn key_identities_tell_keys_apart() {
+        let text = |s: &str| Value::Text(s.into());
+        assert_ne!(key_identity(&[text("1:b"), text("")]), key_identity(&[text("1"), text("b:")]));
+        assert_ne!(key_identity(&[Value::Int8(1)]), key_identity(&[text("1")]));
+        assert_eq!(key_identity(&[Value::Int4(7)]), key_identity(&[Value::Int8(7)]));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use anyhow::Context;
 use sluice_postgres::catalog::Table;
 use sluice_postgres::setup::quote_ident;
 
-use super::{source_key, DifferentValues, Extra, Finding, SourceKey, Verifier};
+use crate::compare::{source_key, DifferentValues, Extra, Finding, SourceKey};
 use crate::targets::postgres::apply::{target_keys, target_tables, TargetTable};
 use crate::targets::postgres::config::PostgresTargetConfig;
 use crate::targets::postgres::mapping::{PgMapping, PgTableMapping};
@@ -24,7 +24,7 @@ use sluice_core::{ChangeEvent, Position, Value};
 /// Target keys read per page when looking for extra rows.
 const KEY_PAGE: usize = 10_000;
 
-pub(super) struct PgSide {
+pub(crate) struct PgSide {
     mapping: PgMapping,
     translator: PgTranslator,
     client: tokio_postgres::Client,
@@ -33,11 +33,11 @@ pub(super) struct PgSide {
 
 /// A 128-bit digest of a target key as the target prints it.
 fn digest(key: &BTreeMap<String, String>) -> u128 {
-    super::digest(&format!("{key:?}"))
+    crate::compare::digest(&crate::compare::key_identity(key))
 }
 
 impl PgSide {
-    pub(super) async fn open(config: &PostgresTargetConfig) -> anyhow::Result<Self> {
+    pub(crate) async fn open(config: &PostgresTargetConfig) -> anyhow::Result<Self> {
         let mapping = PgMapping::load(&config.mapping).map_err(|p| {
             anyhow::anyhow!("{}", p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
         })?;
@@ -48,7 +48,7 @@ impl PgSide {
         Ok(PgSide { translator: PgTranslator::new(&mapping, &target_keys(&tables)), mapping, client, tables })
     }
 
-    pub(super) fn pairs(&self) -> Vec<(String, String)> {
+    pub(crate) fn pairs(&self) -> Vec<(String, String)> {
         self.mapping.tables.iter().map(|t| (t.source.clone(), t.target.clone())).collect()
     }
 
@@ -72,7 +72,7 @@ impl PgSide {
         }))
     }
 
-    pub(super) async fn check_rows(
+    pub(crate) async fn check_rows(
         &self,
         target: &str,
         table: &Table,
@@ -211,7 +211,7 @@ impl PgSide {
     }
 
     /// Target rows no verified row produced, by keyset pages over the target's primary key.
-    pub(super) async fn extras(
+    pub(crate) async fn extras(
         &self,
         target: &str,
         sources: &[String],
@@ -296,7 +296,7 @@ impl PgSide {
     }
 
     /// For a wrong key whose row is gone: the target key when the target still holds the row.
-    pub(super) async fn left_behind(
+    pub(crate) async fn left_behind(
         &self,
         source: &str,
         target: &str,
@@ -308,19 +308,20 @@ impl PgSide {
     }
 
     /// Whether an extra row is still in the target and still produced by no source row.
-    pub(super) async fn still_extra(
+    pub(crate) async fn still_extra(
         &self,
-        verifier: &Verifier,
-        source: &str,
+        table: &Table,
+        _source: &str,
         target: &str,
         extra: &Extra,
+        rows: Vec<Vec<Value>>,
     ) -> anyhow::Result<bool> {
         if !self.holds(target, &extra.item_key).await? {
             return Ok(false);
         }
-        let Some(source_key) = &extra.source_key else { return Ok(true) };
-        let table = &verifier.tables[source];
-        let rows = verifier.rows_by_key(table, std::slice::from_ref(source_key)).await?;
+        if extra.source_key.is_none() {
+            return Ok(true);
+        }
         let produced = rows.into_iter().any(|row| matches!(self.expected(table, row), Ok(Some(_))));
         Ok(!produced)
     }

@@ -1,0 +1,138 @@
+//! The comparison model of `sluice verify` and `sluice reconcile`, shared by the command
+//! (`verify/`) and each target's side of it (`targets/<name>/verify.rs`): what a key is found
+//! to be, the report, and a source row's key.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use sluice_core::Value;
+use sluice_postgres::catalog::Table;
+
+/// A source key: the primary key's values as text, by column.
+pub type SourceKey = BTreeMap<String, String>;
+
+/// Differing attributes' values: (from the source through the mapping, stored in the target).
+pub type DifferentValues = BTreeMap<String, (Option<String>, Option<String>)>;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Difference {
+    pub key: SourceKey,
+    pub attributes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub values: Option<DifferentValues>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Extra {
+    /// The item's key.
+    pub item_key: BTreeMap<String, String>,
+    /// The source key the item's key templates lead back to, when they do.
+    pub source_key: Option<SourceKey>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TableReport {
+    pub table: String,
+    pub target: String,
+    pub rows: u64,
+    pub matched: u64,
+    pub missing: u64,
+    pub different: u64,
+    pub extra: u64,
+    /// Rows the mapping cannot translate (the stream dead-letters them).
+    pub untranslatable: u64,
+    pub missing_keys: Vec<SourceKey>,
+    pub different_keys: Vec<Difference>,
+    pub extra_keys: Vec<Extra>,
+    /// Whether extra items were looked for (the whole DynamoDB table was covered).
+    pub extra_checked: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub tables: Vec<TableReport>,
+    pub rows_per_second: f64,
+    pub seconds: f64,
+    /// Whether the keys found wrong were checked again after the stream passed the pass's end.
+    pub rechecked: bool,
+    pub recheck_note: Option<String>,
+}
+
+impl Report {
+    pub fn differences(&self) -> u64 {
+        self.tables.iter().map(|t| t.missing + t.different + t.extra).sum()
+    }
+}
+
+/// What one key is found to be.
+pub enum Finding {
+    Matched,
+    Missing,
+    Different(Vec<String>, DifferentValues),
+    /// Filtered out by the mapping: no item expected.
+    NotExpected,
+    Untranslatable,
+}
+
+pub fn decode_row(table: &Table, row: &tokio_postgres::Row) -> anyhow::Result<Vec<Value>> {
+    let mut values = Vec::with_capacity(row.len());
+    for (i, column) in table.relation.columns.iter().enumerate() {
+        values.push(
+            column
+                .decode_text(row.get(i))
+                .map_err(|e| anyhow::anyhow!("table {}: {e}", table.relation.qualified_name()))?,
+        );
+    }
+    Ok(values)
+}
+
+/// A row's primary key as text (the values' Postgres text form, which casts back exactly).
+pub fn source_key(table: &Table, row: &[Value]) -> SourceKey {
+    table.primary_key.iter().map(|&i| (table.relation.columns[i].name.clone(), pg_text(&row[i]))).collect()
+}
+
+pub fn pg_text(value: &Value) -> String {
+    match value {
+        Value::Text(s) | Value::Enum(s) | Value::Json(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A 128-bit digest of a key's text.
+pub fn digest(text: &str) -> u128 {
+    use std::hash::{Hash, Hasher};
+    let mut high = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut high);
+    let mut low = std::collections::hash_map::DefaultHasher::new();
+    "sluice-verify".hash(&mut low);
+    text.hash(&mut low);
+    ((high.finish() as u128) << 64) | low.finish() as u128
+}
+
+/// A key's identity as text: each column name and value length-prefixed, so that no two
+/// different keys read the same.
+pub fn key_identity(key: &BTreeMap<String, String>) -> String {
+    let mut text = String::new();
+    for (name, value) in key {
+        text.push_str(&format!("{}:{name}{}:{value}", name.len(), value.len()));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_identities_of_different_keys_differ() {
+        let key = |pairs: &[(&str, &str)]| -> SourceKey {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        assert_ne!(
+            key_identity(&key(&[("a", "1:b"), ("c", "")])),
+            key_identity(&key(&[("a", "1"), ("b:c", "")]))
+        );
+        assert_eq!(key_identity(&key(&[("id", "7")])), key_identity(&key(&[("id", "7")])));
+        assert_ne!(digest(&key_identity(&key(&[("id", "7")]))), digest(&key_identity(&key(&[("id", "8")]))));
+    }
+}

@@ -1,0 +1,159 @@
+//! Tests of parsing, overrides and validation.
+
+use super::*;
+
+const MINIMAL: &str = r#"
+    [source.connection]
+    dbname = "app"
+    [source.replication]
+    slot = "sluice"
+    publication = "sluice_pub"
+    [target]
+    kind = "null"
+"#;
+
+fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    Config::from_toml(text, env.iter().map(|(k, v)| (k.to_string(), v.to_string())), Path::new("test.toml"))
+}
+
+#[test]
+fn json_config_reads_like_toml_with_env_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.json");
+    std::fs::write(
+        &path,
+        r#"{"source": {"connection": {"dbname": "app", "port": 6432}, "replication": {"slot": "s", "publication": "p"}},
+            "target": {"kind": "null"}, "monitoring": {"listen": "0.0.0.0:9187"}}"#,
+    )
+    .unwrap();
+    let config = Config::load(&path).unwrap();
+    assert_eq!(config.source.connection.port, 6432);
+    assert_eq!(config.monitoring.listen, "0.0.0.0:9187");
+    std::fs::write(&path, r#"{"source": {"connection": {"dbname": "app", "port": 6432.5}}}"#).unwrap();
+    let err = Config::load(&path).unwrap_err().to_string();
+    assert!(err.contains("source.connection.port"), "{err}");
+    std::fs::write(&path, "{").unwrap();
+    assert!(Config::load(&path).unwrap_err().to_string().contains("not valid JSON"));
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let config = load(MINIMAL, &[]).unwrap();
+    assert_eq!(config.source.connection.port, 5432);
+    assert_eq!(config.pipeline.max_in_flight, 4);
+    assert!(matches!(config.target, TargetConfig::Null));
+}
+
+#[test]
+fn environment_overrides_nested_keys_with_types() {
+    let config = load(
+        MINIMAL,
+        &[
+            ("SLUICE__SOURCE__CONNECTION__PORT", "6543"),
+            ("SLUICE__SOURCE__CONNECTION__PASSWORD", "s3cret"),
+            ("OTHER", "x"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(config.source.connection.port, 6543);
+    assert_eq!(config.source.connection.password.as_ref().unwrap().expose(), "s3cret");
+    assert!(!format!("{config:?}").contains("s3cret"), "the password must not print");
+}
+
+#[test]
+fn unknown_key_is_named_with_its_path() {
+    let text = MINIMAL.replace("dbname = \"app\"", "dbname = \"app\"\nhots = \"x\"");
+    let err = load(&text, &[]).unwrap_err().to_string();
+    assert!(err.contains("source.connection") && err.contains("hots"), "{err}");
+}
+
+#[test]
+fn every_semantic_problem_is_reported_with_its_key() {
+    let text = MINIMAL
+        .replace("slot = \"sluice\"", "slot = \"Bad-Slot\"\nstreaming = true\nstatus_interval = \"0s\"")
+        + "\n[pipeline]\nmax_in_flight = 0\n";
+    let ConfigError::Invalid { problems } = load(&text, &[]).unwrap_err() else {
+        panic!("expected problems")
+    };
+    let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "pipeline.max_in_flight",
+            "source.replication.slot",
+            "source.replication.streaming",
+            "source.replication.status_interval"
+        ]
+    );
+}
+
+#[test]
+fn bad_duration_names_the_key() {
+    let text = MINIMAL
+        .replace("publication = \"sluice_pub\"", "publication = \"sluice_pub\"\nstatus_interval = \"10\"");
+    let err = load(&text, &[]).unwrap_err().to_string();
+    assert!(err.contains("source.replication.status_interval") && err.contains("unit"), "{err}");
+}
+
+#[test]
+fn a_dynamodb_target_needs_a_mapping_or_an_outbox_with_an_event_table() {
+    let dynamo = MINIMAL.replace("kind = \"null\"", "kind = \"dynamodb\"");
+    let err = load(&dynamo, &[]).unwrap_err().to_string();
+    assert!(err.contains("target.mapping: is required"), "{err}");
+    let err = load(&format!("{dynamo}\n[target.outbox]\ntable = \"public.outbox\"\n"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("target.outbox.event_table: is required"), "{err}");
+    let config = load(
+        &format!("{dynamo}\n[target.outbox]\ntable = \"public.outbox\"\nevent_table = \"events\"\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(config.target.outbox().and_then(|o| o.event_table.as_deref()), Some("events"));
+}
+
+#[test]
+fn a_pipeline_has_exactly_one_source_and_a_polled_table_is_the_outbox_table() {
+    let neither = MINIMAL.replace(
+        "[source.replication]\n        slot = \"sluice\"\n        publication = \"sluice_pub\"\n",
+        "",
+    );
+    let err = load(&neither, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "source.replication: configure [source.replication] (logical replication) or [source.poll]"
+        ),
+        "{err}"
+    );
+    let both = MINIMAL.replace("[target]", "[source.poll]\ntable = \"public.outbox\"\n[target]");
+    let err = load(&both, &[]).unwrap_err().to_string();
+    assert!(err.contains("source.poll: [source.replication] and [source.poll] exclude each other"), "{err}");
+    let kafka =
+        "[target]\nkind = \"kafka\"\nbrokers = \"k:9092\"\n[target.outbox]\ntable = \"public.outbox\"\n";
+    let poll = |poll: &str| format!("[source.connection]\ndbname = \"app\"\n[source.poll]\n{poll}\n{kafka}");
+    let config = load(&poll("table = \"public.outbox\"\ninterval = \"250ms\""), &[]).unwrap();
+    let polled = config.source.poll.as_ref().unwrap();
+    assert_eq!(
+        (polled.batch_size, polled.interval, polled.after_publish),
+        (500, Duration::from_millis(250), sluice_postgres::AfterPublish::Delete)
+    );
+    assert_eq!(config.source.lock_name(), "poll:public.outbox");
+    let err = load(&poll("table = \"public.events\"\nbatch_size = 0"), &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("source.poll.batch_size")
+            && err.contains("source.poll.table: must be the table of target.outbox.table"),
+        "{err}"
+    );
+}
+
+#[test]
+fn kafka_properties_take_any_scalar_and_hide_secrets() {
+    let text =
+        "[source.connection]\ndbname = \"app\"\n[source.replication]\nslot = \"s\"\npublication = \"p\"\n\
+                [target]\nkind = \"kafka\"\nbrokers = \"k:9092\"\n[target.properties]\n\"linger.ms\" = 20\n";
+    let config = load(text, &[("SLUICE__TARGET__PROPERTIES__SASL.PASSWORD", "12345")]).unwrap();
+    let TargetConfig::Kafka(kafka) = &config.target else { panic!("kafka") };
+    assert_eq!(kafka.properties.0.get("linger.ms").map(String::as_str), Some("20"));
+    assert_eq!(kafka.properties.0.get("sasl.password").map(String::as_str), Some("12345"));
+    assert!(!format!("{config:?}").contains("12345"), "{config:?}");
+}
