@@ -114,10 +114,8 @@ fn a_dynamodb_target_needs_a_mapping_or_an_outbox_with_an_event_table() {
 
 #[test]
 fn a_pipeline_has_exactly_one_source_and_a_polled_table_is_the_outbox_table() {
-    let neither = MINIMAL.replace(
-        "[source.replication]\n    slot = \"sluice\"\n    publication = \"sluice_pub\"\n",
-        "",
-    );
+    let neither = MINIMAL
+        .replace("[source.replication]\n    slot = \"sluice\"\n    publication = \"sluice_pub\"\n", "");
     let err = load(&neither, &[]).unwrap_err().to_string();
     assert!(
         err.contains(

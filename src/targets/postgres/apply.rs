@@ -29,12 +29,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_core::Lsn;
-use sluice_postgres::catalog::{quote_literal, required_table};
+use sluice_postgres::catalog::quote_literal;
 use sluice_postgres::setup::quote_ident;
 use sluice_postgres::ConnectionConfig;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::SimpleQueryMessage;
 
+use super::catalog::{owned_sequences, target_keys, target_tables, OwnedSequence, TargetTable};
+use super::error::{classify, fatal, refusal, sql_error, TARGET};
 use crate::error::{ErrorKind, TargetError};
 use crate::targets::dead_letter::{source_name, DeadLetter};
 use crate::targets::postgres::config::PostgresTargetConfig;
@@ -44,7 +46,6 @@ use crate::targets::{Receipt, Target, TargetStats};
 use crate::translate::TranslateError;
 use sluice_core::{EventBatch, Position};
 
-const TARGET: &str = "postgres";
 /// Rows per multi-row statement.
 const ROWS_PER_STATEMENT: usize = 500;
 
@@ -55,110 +56,11 @@ pub struct PgTarget {
 /// A batch to apply and where its outcome goes.
 type Job = (Arc<EventBatch>, oneshot::Sender<Result<(), TargetError>>);
 
-/// A target table as the catalog describes it.
-pub(crate) struct TargetTable {
-    pub quoted: String,
-    /// Column → SQL type, for casts.
-    pub types: HashMap<String, String>,
-    /// The primary key's columns, in key order.
-    pub key: Vec<String>,
-    pub table: sluice_postgres::catalog::Table,
-}
-
-/// Reads every target table of `mapping` from the target catalog, and checks that each has a
-/// primary key and every column the mapping names.
-pub(crate) async fn target_tables(
-    client: &tokio_postgres::Client,
-    mapping: &PgMapping,
-) -> Result<HashMap<Arc<str>, TargetTable>, TargetError> {
-    let mut tables: HashMap<Arc<str>, TargetTable> = HashMap::new();
-    for (i, table) in mapping.tables.iter().enumerate() {
-        if tables.contains_key(table.target.as_str()) {
-            continue;
-        }
-        let found = required_table(client, &table.target, &format!("target.mapping tables[{i}].target"))
-            .await
-            .map_err(|e| TargetError {
-                target: TARGET,
-                kind: ErrorKind::Fatal,
-                message: "cannot read the target table".into(),
-                source: Some(Box::new(e)),
-            })?;
-        if found.primary_key.is_empty() {
-            return Err(fatal(format!(
-                "target table {} has no primary key: rows are upserted and deleted by it",
-                table.target
-            )));
-        }
-        let columns = &found.relation.columns;
-        let key: Vec<String> = found.primary_key.iter().map(|&i| columns[i].name.clone()).collect();
-        let types = columns.iter().zip(&found.sql_types).map(|(c, t)| (c.name.clone(), t.clone())).collect();
-        tables.insert(
-            Arc::from(table.target.as_str()),
-            TargetTable { quoted: found.quoted_name(), types, key, table: found },
-        );
-    }
-    for table in &mapping.tables {
-        let target = &tables[table.target.as_str()];
-        for name in table.rename.values().chain(table.constants.keys()) {
-            if !target.types.contains_key(name) {
-                return Err(fatal(format!(
-                    "target table {} has no column {name} (mapped from {})",
-                    table.target, table.source
-                )));
-            }
-        }
-    }
-    Ok(tables)
-}
-
-/// Each target table's primary key columns, for the translator.
-pub(crate) fn target_keys(tables: &HashMap<Arc<str>, TargetTable>) -> HashMap<String, Vec<String>> {
-    tables.iter().map(|(name, t)| (name.to_string(), t.key.clone())).collect()
-}
-
 /// An operation with where it came from, for the checkpoint and dead-letter entries.
 struct Op {
     op: RowOp,
     position: Position,
     source: String,
-}
-
-/// A sequence that fills a target column (serial or identity), advanced as rows are written.
-pub(crate) struct OwnedSequence {
-    column: String,
-    /// The sequence's qualified, quoted name.
-    quoted: String,
-}
-
-/// The sequences owned by the target tables' columns (ascending ones: a descending sequence
-/// has no "past the highest value"). The role must be able to read and set each one.
-pub(crate) async fn owned_sequences(
-    client: &tokio_postgres::Client,
-    tables: &HashMap<Arc<str>, TargetTable>,
-) -> Result<HashMap<Arc<str>, Vec<OwnedSequence>>, TargetError> {
-    let query = "SELECT a.attname, quote_ident(n.nspname) || '.' || quote_ident(c.relname),                         has_sequence_privilege(c.oid, 'SELECT') AND has_sequence_privilege(c.oid, 'UPDATE')                  FROM pg_attribute a                  JOIN pg_depend d ON d.refobjid = a.attrelid AND d.refobjsubid = a.attnum AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')                  JOIN pg_class c ON c.oid = d.objid AND c.relkind = 'S'                  JOIN pg_namespace n ON n.oid = c.relnamespace                  JOIN pg_sequence s ON s.seqrelid = c.oid                  WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped AND s.seqincrement > 0";
-    let mut owned = HashMap::new();
-    for (name, table) in tables {
-        let rows = client
-            .query(query, &[&table.quoted])
-            .await
-            .map_err(|e| sql_error(&format!("cannot read the sequences of target table {name}"), e))?;
-        let mut sequences = Vec::new();
-        for row in rows {
-            let (column, quoted, allowed): (String, String, bool) = (row.get(0), row.get(1), row.get(2));
-            if !allowed {
-                return Err(fatal(format!(
-                    "target sequence {quoted} (of {name}.{column}): the target role cannot read and set it; grant SELECT, UPDATE on it, or set target.sync_sequences = false"
-                )));
-            }
-            sequences.push(OwnedSequence { column, quoted });
-        }
-        if !sequences.is_empty() {
-            owned.insert(name.clone(), sequences);
-        }
-    }
-    Ok(owned)
 }
 
 struct Applier {
@@ -176,72 +78,6 @@ struct Applier {
     lock_timeout: Duration,
     dead_letter: DeadLetter,
     stats: Arc<TargetStats>,
-}
-
-fn fatal(message: impl Into<String>) -> TargetError {
-    TargetError { target: TARGET, kind: ErrorKind::Fatal, message: message.into(), source: None }
-}
-
-fn sql_error(context: &str, error: tokio_postgres::Error) -> TargetError {
-    let (kind, message) = (classify(&error), format!("{context}: {}", describe(&error)));
-    // A server error is not kept as the source: its text (printed with the error chain) may
-    // quote row values; `describe` kept what is safe to print.
-    let source: Option<Box<dyn std::error::Error + Send + Sync>> =
-        if error.as_db_error().is_some() { None } else { Some(Box::new(error)) };
-    TargetError { target: TARGET, kind, message, source }
-}
-
-/// What went wrong, fit for logs: the server's SQLSTATE, with its message for the classes
-/// whose messages name only objects and conditions (connection, transaction rollback,
-/// resources, locks, operator intervention, names and permissions, login, unsupported
-/// features). Other messages may quote values (invalid input, constraint details, a trigger's
-/// RAISE): those errors are named by SQLSTATE, table, column and constraint only.
-fn describe(error: &tokio_postgres::Error) -> String {
-    const SAFE_CLASSES: [&str; 10] = ["08", "40", "53", "55", "57", "42", "3D", "3F", "28", "0A"];
-    match error.as_db_error() {
-        Some(db) if SAFE_CLASSES.iter().any(|class| db.code().code().starts_with(class)) => {
-            format!("SQLSTATE {}: {}", db.code().code(), db.message())
-        }
-        Some(_) => error_fields(error),
-        None => error.to_string(),
-    }
-}
-
-/// Transient: the connection, a deadlock, a serialization failure, resources, a shutdown.
-/// Poison: this row (data exceptions and integrity violations). Fatal: anything else.
-fn classify(error: &tokio_postgres::Error) -> ErrorKind {
-    match error.code().map(|c| c.code()) {
-        None => ErrorKind::Transient,
-        Some(code) if code.starts_with("22") || code.starts_with("23") => ErrorKind::Poison,
-        Some(code)
-            if ["08", "40", "53", "57P"].iter().any(|class| code.starts_with(class)) || code == "55P03" =>
-        {
-            ErrorKind::Transient
-        }
-        Some(_) => ErrorKind::Fatal,
-    }
-}
-
-/// Why the target refused a row, without the server's message (it quotes values).
-fn refusal(error: &tokio_postgres::Error) -> String {
-    format!("the target refused the change: {}", error_fields(error))
-}
-
-/// A server error by its SQLSTATE and the objects it names (table, column, constraint, type).
-fn error_fields(error: &tokio_postgres::Error) -> String {
-    let Some(db) = error.as_db_error() else { return error.to_string() };
-    let mut fields = format!("SQLSTATE {}", db.code().code());
-    for (label, value) in [
-        ("table", db.table()),
-        ("column", db.column()),
-        ("constraint", db.constraint()),
-        ("type", db.datatype()),
-    ] {
-        if let Some(value) = value {
-            let _ = write!(fields, ", {label} {value}");
-        }
-    }
-    fields
 }
 
 impl PgTarget {
@@ -675,36 +511,6 @@ impl Applier {
         self.tables
             .get(name)
             .ok_or_else(|| fatal(format!("target table {name} is not in the catalog read at start")))
-    }
-}
-
-impl TargetTable {
-    /// Appends the values of `columns`, comma-separated, each cast to its column's type.
-    pub(crate) fn values(&self, columns: &[(String, Text)], sql: &mut String) -> Result<(), TargetError> {
-        for (n, (name, text)) in columns.iter().enumerate() {
-            if n > 0 {
-                sql.push_str(", ");
-            }
-            self.value(name, text, sql)?;
-        }
-        Ok(())
-    }
-
-    /// Appends a value for `column` as a literal cast to the column's type.
-    pub(crate) fn value(&self, column: &str, text: &Text, sql: &mut String) -> Result<(), TargetError> {
-        let sql_type = self
-            .types
-            .get(column)
-            .ok_or_else(|| fatal(format!("target table {} has no column {column}", self.quoted)))?;
-        match text {
-            Some(text) => {
-                let _ = write!(sql, "CAST({} AS {sql_type})", quote_literal(text));
-            }
-            None => {
-                let _ = write!(sql, "CAST(NULL AS {sql_type})");
-            }
-        }
-        Ok(())
     }
 }
 

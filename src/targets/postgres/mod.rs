@@ -2,7 +2,10 @@
 //! order with a transactional checkpoint.
 
 pub mod apply;
+pub mod catalog;
+pub mod check;
 pub mod config;
+pub mod error;
 pub mod mapping;
 pub mod translate;
 pub mod verify;

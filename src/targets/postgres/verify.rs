@@ -14,8 +14,8 @@ use anyhow::Context;
 use sluice_postgres::catalog::Table;
 use sluice_postgres::setup::quote_ident;
 
+use super::catalog::{target_keys, target_tables, TargetTable};
 use crate::compare::{source_key, DifferentValues, Extra, Finding, SourceKey};
-use crate::targets::postgres::apply::{target_keys, target_tables, TargetTable};
 use crate::targets::postgres::config::PostgresTargetConfig;
 use crate::targets::postgres::mapping::{PgMapping, PgTableMapping};
 use crate::targets::postgres::translate::{PgTranslator, RowOp, Text};
