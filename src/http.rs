@@ -38,7 +38,7 @@ pub async fn serve(
             },
             _ = crate::monitor::stopped(&mut shutdown) => return,
         };
-        let (state, metrics) = (state.clone(), metrics.clone());
+        let (state, metrics) = (Arc::clone(&state), metrics.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let response = respond(&request, &state, &metrics);

@@ -298,7 +298,7 @@ mod tests {
         let position = Position { commit_lsn: Lsn(0x1_0000_0010), tx_ordinal: 3 };
         let update = ChangeEvent::Update {
             position,
-            relation: relation.clone(),
+            relation: std::sync::Arc::clone(&relation),
             old: Some(OldRow::Key(vec![Value::Int8(1), Value::Null, Value::Null])),
             new: NewRow::Partial(vec![Some(Value::Int8(2)), Some(Value::Null), None]),
         };

@@ -168,9 +168,14 @@ async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {} (monitoring.listen)", config.monitoring.listen))?;
         tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz and /status");
-        tokio::spawn(sluice::http::serve(listener, state.clone(), metrics, shutdown_rx.clone()));
+        tokio::spawn(sluice::http::serve(
+            listener,
+            std::sync::Arc::clone(&state),
+            metrics,
+            shutdown_rx.clone(),
+        ));
     }
-    tokio::spawn(sluice::monitor::run(state.clone(), config.clone(), shutdown_rx.clone()));
+    tokio::spawn(sluice::monitor::run(std::sync::Arc::clone(&state), config.clone(), shutdown_rx.clone()));
 
     let lock = if config.ha.enabled {
         let mut shutdown = shutdown_rx.clone();

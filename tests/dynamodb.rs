@@ -342,7 +342,7 @@ async fn an_outage_of_dynamodb_loses_nothing_and_acknowledges_nothing_early() {
 
     outage.begin();
     let commit = db.commit_lsn_of("INSERT INTO orders SELECT 1, g, g FROM generate_series(2, 200) g");
-    let stats = running.source_stats.clone();
+    let stats = Arc::clone(&running.source_stats);
     wait_for("sluice to receive the change", Duration::from_secs(30), || {
         let received = Lsn(stats.received_lsn.load(Ordering::Relaxed));
         async move { received >= commit }
@@ -833,4 +833,46 @@ async fn outbox_events_land_in_an_event_log_table_in_order_per_aggregate() {
     assert!(dead[0]["reason"].as_str().unwrap().contains("aggregateid"), "{}", dead[0]);
     shutdown.send_replace(true);
     tokio::time::timeout(Duration::from_secs(60), task).await.unwrap().unwrap().unwrap();
+}
+
+/// The reads `verify` and `reconcile` make (scans, BatchGetItem) and the plain writes of
+/// commands retry a transient failure under the one retry policy instead of failing at the
+/// first timeout (on a loaded CI machine one Scan attempt timed out and verify died). Through
+/// a proxy that refuses every connection for a few seconds, the scan waits and then succeeds;
+/// with no retry budget the same scan fails at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_reads_retry_through_an_outage_of_dynamodb() {
+    let moto = moto();
+    let direct = dynamo_client(&moto.url).await;
+    let table = format!("retry_{}", std::process::id());
+    direct.create_table(&table, "pk", None).await.unwrap();
+    let items: Vec<Item> =
+        (0..30).map(|i| Item::from([("pk".to_string(), Attr::S(format!("k{i}")))])).collect();
+    direct.batch_put(&table, items).await.unwrap();
+
+    let outage = Outage::start(moto.port).await;
+    let options = |retry_for: Duration| sluice_dynamodb::ClientOptions {
+        request_timeout: Some(Duration::from_secs(2)),
+        retry_for,
+        ..sluice_dynamodb::ClientOptions::local(&outage.url())
+    };
+    let without_retry = DynamoClient::connect(&options(Duration::ZERO)).await;
+    let with_retry = DynamoClient::connect(&options(Duration::from_secs(120))).await;
+
+    outage.begin();
+    let error = without_retry.scan_all(&table).await.expect_err("no retry budget: the outage fails the scan");
+    assert!(error.is_transient(), "an outage is transient: {error}");
+
+    let started = std::time::Instant::now();
+    let scan = tokio::spawn(async move { with_retry.scan_all(&table).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!scan.is_finished(), "the scan waits out the outage");
+    outage.end();
+    let found = tokio::time::timeout(Duration::from_secs(90), scan)
+        .await
+        .expect("the scan ends once DynamoDB is back")
+        .unwrap()
+        .expect("the retried scan succeeds");
+    assert_eq!(found.len(), 30);
+    assert!(started.elapsed() >= Duration::from_secs(3));
 }

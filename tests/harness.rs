@@ -93,7 +93,7 @@ impl TestDb {
         let slot = repl.slot.clone();
         let stream = Stream::start(self.connection(), repl);
         self.wait_slot_active(&slot).await;
-        let stats = stream.stats.clone();
+        let stats = Arc::clone(&stream.stats);
         wait_for("the source to stream", Duration::from_secs(90), || {
             let streaming = stats.streaming.load(std::sync::atomic::Ordering::Relaxed);
             async move { streaming }
@@ -550,7 +550,7 @@ impl Outage {
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let cut = Arc::new(tokio::sync::Notify::new());
-        let (down2, cut2) = (down.clone(), cut.clone());
+        let (down2, cut2) = (Arc::clone(&down), Arc::clone(&cut));
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else { return };
@@ -558,7 +558,7 @@ impl Outage {
                     drop(inbound);
                     continue;
                 }
-                let cut = cut2.clone();
+                let cut = Arc::clone(&cut2);
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
                     else {

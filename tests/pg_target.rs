@@ -40,7 +40,7 @@ fn config(db: &TestDb, target: &TestDb, dir: &Path, slot: &str, extra: &str) -> 
 }
 
 fn target_db(db: &TestDb) -> TestDb {
-    let target = TestDb::in_cluster(db.pg.clone());
+    let target = TestDb::in_cluster(std::sync::Arc::clone(&db.pg));
     target.sql(TARGET_SCHEMA);
     target
 }

@@ -11,7 +11,7 @@ use crate::harness::{inserted_ids, TestDb};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_restart_mid_stream_reconnects_and_loses_nothing() {
     let pg = Arc::new(LocalPostgres::start(&Default::default()).unwrap());
-    let db = TestDb::in_cluster(pg.clone());
+    let db = TestDb::in_cluster(Arc::clone(&pg));
     db.sql("CREATE TABLE t (id int8 PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t");
     let mut stream = db.stream(db.replication("restart", "p")).await;
     db.sql("INSERT INTO t VALUES (1)");

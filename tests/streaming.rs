@@ -36,7 +36,7 @@ async fn streamed_transaction_is_held_on_disk_until_commit_and_aborted_ones_vani
         .batch_execute("BEGIN; INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g")
         .await
         .unwrap();
-    let stats = stream.stats.clone();
+    let stats = std::sync::Arc::clone(&stream.stats);
     wait_for("the open transaction to be spilled", Duration::from_secs(30), || {
         let spilled = stats.spilled_bytes.load(Ordering::Relaxed);
         async move { spilled > 100_000 }

@@ -482,7 +482,7 @@ async fn serve_request(
         let (done, durable) = oneshot::channel();
         let chunk = Chunk {
             id: chunk_id.clone(),
-            relation: relation.clone(),
+            relation: Arc::clone(&relation),
             primary_key: table.primary_key.clone(),
             rows: values,
             absent_keys,

@@ -243,13 +243,13 @@ fn key_of(relation: &Relation, names: &[&str], values: &[Option<&Value>]) -> Opt
 
 /// The chunk rows brought up to date with the window, at `position`.
 fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
-    let relation = chunk.relation.clone();
+    let relation = Arc::clone(&chunk.relation);
     if window.is_empty() && chunk.absent_keys.is_empty() {
         // Nothing changed while the chunk was read: its rows as they are.
         let events = chunk
             .rows
             .into_iter()
-            .map(|new| ChangeEvent::Insert { position, relation: relation.clone(), new, snapshot: true })
+            .map(|new| ChangeEvent::Insert { position, relation: Arc::clone(&relation), new, snapshot: true })
             .collect();
         return Part { batch: EventBatch { events, ..EventBatch::default() }, chunk_done: Some(chunk.done) };
     }
@@ -323,13 +323,13 @@ fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
         }
     }
     let absent: std::collections::HashSet<String> =
-        chunk.absent_keys.iter().map(|k| sluice_core::value::key_identity(k)).collect();
+        chunk.absent_keys.iter().map(sluice_core::value::key_identity).collect();
     let mut events = Vec::with_capacity(rows.len());
     for (key, row) in rows {
         match row {
             Some(values) => events.push(ChangeEvent::Insert {
                 position,
-                relation: relation.clone(),
+                relation: Arc::clone(&relation),
                 new: values,
                 snapshot: true,
             }),
@@ -346,7 +346,7 @@ fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
                 }
                 events.push(ChangeEvent::Delete {
                     position,
-                    relation: relation.clone(),
+                    relation: Arc::clone(&relation),
                     old: OldRow::Key(old),
                 });
             }
@@ -476,18 +476,18 @@ mod tests {
             // to a key outside the chunk.
             ChangeEvent::Update {
                 position: at(110, 1),
-                relation: relation.clone(),
+                relation: Arc::clone(&relation),
                 old: None,
                 new: NewRow::Partial(vec![Some(Value::Int8(1)), Some(Value::Text("ada l.".into())), None]),
             },
             ChangeEvent::Delete {
                 position: at(120, 1),
-                relation: relation.clone(),
+                relation: Arc::clone(&relation),
                 old: OldRow::Key(vec![Value::Int8(2), Value::Null, Value::Null]),
             },
             ChangeEvent::Insert {
                 position: at(125, 1),
-                relation: relation.clone(),
+                relation: Arc::clone(&relation),
                 new: row(9, "new", "n"),
                 snapshot: false,
             },
@@ -495,7 +495,7 @@ mod tests {
             mark(true, "p", "1.1", 130),
             ChangeEvent::Update {
                 position: at(140, 1),
-                relation: relation.clone(),
+                relation: Arc::clone(&relation),
                 old: None,
                 new: NewRow::Full(row(3, "cy 2", "c")),
             },

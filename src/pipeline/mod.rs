@@ -9,6 +9,7 @@
 //! ```
 
 pub mod ack;
+mod stage;
 
 use std::sync::Arc;
 
@@ -21,9 +22,11 @@ use crate::backfill::window::{Part, Watermarks};
 use crate::config::Config;
 use crate::error::{PipelineError, TargetError};
 use crate::monitor::PipelineState;
-use crate::targets::{AnyTarget, Target};
+use crate::targets::{DeadLetter, Opened, Target};
+use crate::translate::Translator;
 use ack::AckTracker;
 use sluice_core::ChangeEvent;
+use stage::SourceNames;
 
 /// Batches buffered between source and target: with `batch_max_events` this bounds memory.
 const CHANNEL_BATCHES: usize = 4;
@@ -43,7 +46,21 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
     on_start: impl FnOnce(Pipeline),
 ) -> Result<(), PipelineError> {
-    let target = AnyTarget::open(&config.target, &config.pipeline.name, state.target.clone()).await?;
+    let dead_letter = Arc::new(
+        DeadLetter::open(
+            config.target.kind(),
+            config.target.dead_letter().map(Into::into),
+            Arc::clone(&state.target),
+        )
+        .await?,
+    );
+    let target = Opened::open(
+        &config.target,
+        &config.pipeline.name,
+        Arc::clone(&state.target),
+        Arc::clone(&dead_letter),
+    )
+    .await?;
     let options = SourceOptions {
         batch_max_events: config.pipeline.batch_max_events,
         retry_for: config.pipeline.retry_for,
@@ -81,14 +98,14 @@ pub async fn run(
         }
         (None, None) => return Err(PipelineError::Task("no source configured".into())),
     };
-    state.set_source(stats.clone());
+    state.set_source(Arc::clone(&stats));
     on_start(Pipeline { source_stats: stats, durable: durable_rx });
     // On shutdown the source waits `shutdown_timeout` for in-flight batches, confirms what is
     // durable and stops; a target still retrying after that is abandoned (its batches were not
     // confirmed and will be streamed again).
     let grace = config.pipeline.shutdown_timeout + std::time::Duration::from_secs(5);
     let applied = tokio::select! {
-        applied = apply(target, batch_rx, durable_tx, config.pipeline.max_in_flight, state, &mut watermarks) => applied,
+        applied = apply_opened(target, Stage { target: config.target.kind(), dead_letter: &dead_letter, max_in_flight: config.pipeline.max_in_flight, state }, batch_rx, durable_tx, &mut watermarks) => applied,
         _ = async {
             let _ = shutdown_started.wait_for(|&stop| stop).await;
             tokio::time::sleep(grace).await;
@@ -104,17 +121,45 @@ pub async fn run(
     Ok(())
 }
 
+/// Runs [`apply`] with the target and translator that were opened.
+async fn apply_opened(
+    opened: Opened,
+    stage: Stage<'_>,
+    batches: mpsc::Receiver<EventBatch>,
+    durable: watch::Sender<Lsn>,
+    watermarks: &mut Watermarks,
+) -> Result<(), TargetError> {
+    match opened {
+        Opened::Dynamodb(x, t) => Box::pin(apply(x, t, stage, batches, durable, watermarks)).await,
+        Opened::Kafka(x, t) => Box::pin(apply(x, t, stage, batches, durable, watermarks)).await,
+        Opened::Postgres(x, t) => Box::pin(apply(x, t, stage, batches, durable, watermarks)).await,
+        Opened::Jsonl(x, t) => Box::pin(apply(x, t, stage, batches, durable, watermarks)).await,
+        Opened::Null(x, t) => Box::pin(apply(x, t, stage, batches, durable, watermarks)).await,
+    }
+}
+
+/// What the apply loop shares with the rest of the pipeline.
+struct Stage<'a> {
+    /// The target's name, for errors.
+    target: &'static str,
+    dead_letter: &'a DeadLetter,
+    max_in_flight: usize,
+    state: &'a PipelineState,
+}
+
 /// Submits batches in order, keeps at most `max_in_flight` unconfirmed, and publishes the
 /// durable position. Returns when the source closes the channel and everything submitted is
 /// durable, or at the first target failure (nothing past the durable prefix is published).
-async fn apply<T: Target>(
+async fn apply<X: Translator, T: Target<Op = X::Op>>(
+    mut translator: X,
     mut target: T,
+    stage: Stage<'_>,
     mut batches: mpsc::Receiver<EventBatch>,
     durable: watch::Sender<Lsn>,
-    max_in_flight: usize,
-    state: &PipelineState,
     watermarks: &mut Watermarks,
 ) -> Result<(), TargetError> {
+    let Stage { target: target_name, dead_letter, max_in_flight, state } = stage;
+    let mut names = SourceNames::default();
     let mut tracker = AckTracker::default();
     let mut in_flight = FuturesUnordered::new();
     let mut source_open = true;
@@ -136,7 +181,16 @@ async fn apply<T: Target>(
                     for Part { batch, chunk_done } in watermarks.split(batch) {
                         count_events(&batch.events);
                         let seq = tracker.register_with_time(batch.ack_lsn, batch.commit_time);
-                        let receipt = target.submit(Arc::new(batch)).await?;
+                        let ops = stage::translate(
+                            &mut translator,
+                            &batch,
+                            target.applied_through(),
+                            dead_letter,
+                            &mut names,
+                            target_name,
+                        )
+                        .await?;
+                        let receipt = target.submit(ops).await?;
                         let chunk_done: Option<tokio::sync::oneshot::Sender<()>> = chunk_done;
                         in_flight.push(async move { (seq, receipt.await, chunk_done) });
                     }
@@ -200,7 +254,9 @@ mod tests {
     }
 
     impl Target for ReorderingTarget {
-        async fn submit(&mut self, _batch: Arc<EventBatch>) -> Result<Receipt, TargetError> {
+        type Op = ();
+
+        async fn submit(&mut self, _batch: crate::targets::OpBatch<()>) -> Result<Receipt, TargetError> {
             let n = self.submitted;
             self.submitted += 1;
             let fail = self.fail_at == Some(n);
@@ -219,6 +275,10 @@ mod tests {
                 }
             }))
         }
+    }
+
+    async fn dead_letter() -> DeadLetter {
+        DeadLetter::open("test", None, Arc::default()).await.unwrap()
     }
 
     fn test_state() -> PipelineState {
@@ -243,11 +303,16 @@ mod tests {
         }
         drop(tx);
         apply(
+            crate::targets::NullTranslator,
             ReorderingTarget { submitted: 0, fail_at: None },
+            Stage {
+                target: "test",
+                dead_letter: &dead_letter().await,
+                max_in_flight: 4,
+                state: &test_state(),
+            },
             rx,
             durable_tx,
-            4,
-            &test_state(),
             &mut Watermarks::new("test", None),
         )
         .await
@@ -264,11 +329,16 @@ mod tests {
         }
         drop(tx);
         let err = apply(
+            crate::targets::NullTranslator,
             ReorderingTarget { submitted: 0, fail_at: Some(2) },
+            Stage {
+                target: "test",
+                dead_letter: &dead_letter().await,
+                max_in_flight: 4,
+                state: &test_state(),
+            },
             rx,
             durable_tx,
-            4,
-            &test_state(),
             &mut Watermarks::new("test", None),
         )
         .await

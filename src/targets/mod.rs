@@ -19,18 +19,23 @@ use std::sync::Arc;
 use serde::Deserialize;
 use sluice_core::Problem;
 
+pub use dead_letter::DeadLetter;
 pub use dynamodb::apply::DynamoTarget;
 use dynamodb::config::DynamoConfig;
+use dynamodb::translate::DynamoTranslator;
 pub use jsonl::apply::JsonlTarget;
 use jsonl::config::JsonlConfig;
+use jsonl::translate::JsonlTranslator;
 pub use kafka::apply::KafkaTarget;
 use kafka::config::KafkaConfig;
-pub use null::NullTarget;
+use kafka::translate::KafkaTranslator;
+pub use null::{NullTarget, NullTranslator};
 pub use postgres::apply::PgTarget;
 use postgres::config::PostgresTargetConfig;
+use postgres::translate::PgTranslator;
+use sluice_core::{Lsn, Position};
 
 use crate::error::TargetError;
-use sluice_core::EventBatch;
 
 /// Where changes go.
 #[derive(Clone, Debug, Deserialize)]
@@ -90,58 +95,115 @@ pub struct TargetStats {
 /// Resolves when a submitted batch is durable (or failed).
 pub type Receipt = Pin<Box<dyn Future<Output = Result<(), TargetError>> + Send>>;
 
-/// A destination for change events.
+/// An operation with the change it came from: its position (the guard, the checkpoint, the
+/// dead-letter entry) and its source (the table, or `message:<prefix>`, named only when the
+/// operation is dead-lettered).
+#[derive(Debug)]
+pub struct Sourced<Op> {
+    pub op: Op,
+    pub position: Position,
+    pub source: Arc<str>,
+}
+
+/// The operations of one batch of changes, in source order.
+#[derive(Debug)]
+pub struct OpBatch<Op> {
+    pub ops: Vec<Sourced<Op>>,
+    /// Changes the batch held (translated or not).
+    pub events: usize,
+    /// Changes at or before this commit LSN may have been delivered before (see
+    /// [`sluice_core::EventBatch::redelivery_horizon`]).
+    pub redelivery_horizon: Lsn,
+}
+
+/// A destination for change events. The pipeline translates each batch with the target's
+/// [`Translator`] (dead-lettering the changes that cannot be translated), then submits the
+/// operations; a target only applies them.
 ///
 /// Contract:
 /// - `submit` is called with batches in source commit order, one call at a time. It may wait
 ///   for capacity (backpressure) and returns a receipt.
-/// - The receipt resolves `Ok` only once every event of the batch is durable: it would survive
-///   a crash of sluice (and of the target's process, as far as the target can promise).
+/// - The receipt resolves `Ok` only once every operation of the batch is durable (applied,
+///   found already applied, or dead-lettered): it would survive a crash of sluice (and of the
+///   target's process, as far as the target can promise).
 /// - Receipts may resolve in any order; the pipeline confirms source positions only over an
 ///   unbroken run of durable batches, so a target may apply independent keys concurrently, but
 ///   must keep the order of changes to the same key.
 /// - Delivery is at least once: after a restart the source replays from the last confirmed
 ///   position, so a target sees some changes again and must absorb them (position guards, or
-///   duplicates documented as such).
+///   duplicates documented as such). A target that knows exactly what it applied says so in
+///   [`Target::applied_through`], and those changes are skipped before translation.
 pub trait Target: Send {
-    fn submit(&mut self, batch: Arc<EventBatch>)
-        -> impl Future<Output = Result<Receipt, TargetError>> + Send;
+    /// What the target applies: its translator's operation.
+    type Op: Send + 'static;
+
+    /// Submits one batch's operations.
+    fn submit(
+        &mut self,
+        batch: OpBatch<Self::Op>,
+    ) -> impl Future<Output = Result<Receipt, TargetError>> + Send;
+
+    /// The position through which every change is known to be applied (a transactional
+    /// checkpoint), when the target keeps one.
+    fn applied_through(&self) -> Option<Position> {
+        None
+    }
 }
 
-/// The targets known at build time.
-pub enum AnyTarget {
-    Dynamodb(DynamoTarget),
-    Kafka(KafkaTarget),
-    Postgres(PgTarget),
-    Jsonl(JsonlTarget),
-    Null(NullTarget),
+/// A target opened from its configuration, with the translator that feeds it.
+pub enum Opened {
+    Dynamodb(DynamoTranslator, DynamoTarget),
+    Kafka(KafkaTranslator, KafkaTarget),
+    Postgres(PgTranslator, PgTarget),
+    Jsonl(JsonlTranslator, JsonlTarget),
+    Null(NullTranslator, NullTarget),
 }
 
-impl AnyTarget {
-    /// The target `config` describes, for the pipeline named `pipeline`; it counts into `stats`.
+impl Opened {
+    /// The target `config` describes, for the pipeline named `pipeline`; it counts into `stats`
+    /// and dead-letters into `dead_letter`.
     pub async fn open(
         config: &TargetConfig,
         pipeline: &str,
         stats: Arc<TargetStats>,
+        dead_letter: Arc<DeadLetter>,
     ) -> Result<Self, TargetError> {
         Ok(match config {
-            TargetConfig::Dynamodb(c) => AnyTarget::Dynamodb(DynamoTarget::open(c, stats).await?),
-            TargetConfig::Kafka(c) => AnyTarget::Kafka(KafkaTarget::open(c, stats).await?),
-            TargetConfig::Postgres(c) => AnyTarget::Postgres(PgTarget::open(c, pipeline, stats).await?),
-            TargetConfig::Jsonl(c) => AnyTarget::Jsonl(JsonlTarget::open(c).await?),
-            TargetConfig::Null => AnyTarget::Null(NullTarget::default()),
+            TargetConfig::Dynamodb(c) => {
+                Opened::Dynamodb(DynamoTranslator::open(c)?, DynamoTarget::open(c, stats, dead_letter).await?)
+            }
+            TargetConfig::Kafka(c) => {
+                Opened::Kafka(KafkaTranslator::open(c), KafkaTarget::open(c, stats, dead_letter)?)
+            }
+            TargetConfig::Postgres(c) => {
+                let (translator, target) = PgTarget::open(c, pipeline, stats, dead_letter).await?;
+                Opened::Postgres(translator, target)
+            }
+            TargetConfig::Jsonl(c) => Opened::Jsonl(JsonlTranslator::new(c), JsonlTarget::open(c).await?),
+            TargetConfig::Null => Opened::Null(NullTranslator, NullTarget::default()),
         })
     }
 }
 
-impl Target for AnyTarget {
-    async fn submit(&mut self, batch: Arc<EventBatch>) -> Result<Receipt, TargetError> {
+impl TargetConfig {
+    /// The target's name in metrics, logs and dead-letter entries.
+    pub fn kind(&self) -> &'static str {
         match self {
-            AnyTarget::Dynamodb(t) => t.submit(batch).await,
-            AnyTarget::Kafka(t) => t.submit(batch).await,
-            AnyTarget::Postgres(t) => t.submit(batch).await,
-            AnyTarget::Jsonl(t) => t.submit(batch).await,
-            AnyTarget::Null(t) => t.submit(batch).await,
+            TargetConfig::Dynamodb(_) => "dynamodb",
+            TargetConfig::Kafka(_) => "kafka",
+            TargetConfig::Postgres(_) => "postgres",
+            TargetConfig::Jsonl(_) => "jsonl",
+            TargetConfig::Null => "null",
+        }
+    }
+
+    /// The dead-letter file, when the target has one configured.
+    pub fn dead_letter(&self) -> Option<&std::path::Path> {
+        match self {
+            TargetConfig::Dynamodb(c) => c.dead_letter.as_deref(),
+            TargetConfig::Kafka(c) => c.dead_letter.as_deref(),
+            TargetConfig::Postgres(c) => c.dead_letter.as_deref(),
+            TargetConfig::Jsonl(_) | TargetConfig::Null => None,
         }
     }
 }

@@ -7,7 +7,36 @@ pub mod filter;
 pub mod mapping;
 pub mod outbox;
 
-use sluice_core::{Timestamp, Value};
+use sluice_core::{ChangeEvent, Timestamp, Value};
+
+/// What a translator may know besides the change: read once per batch by the pipeline, so
+/// that translators stay pure.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Context {
+    /// The wall clock, seconds since 1970 (for time-to-live attributes of tombstones).
+    pub now_unix_seconds: u64,
+}
+
+/// A target's translator: change events to the target's operations. Pure and synchronous: no
+/// I/O, the same event gives the same operations (verify relies on it to compute what the
+/// target must hold).
+///
+/// The pipeline calls it for every change of a batch in source order (Relation events too:
+/// a translator ignores what it does not map). A `Poison` error means this change can never
+/// apply as mapped: the pipeline dead-letters it and goes on; `Fatal` stops the pipeline with
+/// nothing confirmed past the last durable batch.
+pub trait Translator: Send {
+    /// What the target applies.
+    type Op: Send + 'static;
+
+    /// Appends the operations `event` makes to `out` (none when it maps to nothing).
+    fn translate(
+        &mut self,
+        event: &ChangeEvent,
+        context: &Context,
+        out: &mut Vec<Self::Op>,
+    ) -> Result<(), TranslateError>;
+}
 
 /// A change that cannot be translated.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

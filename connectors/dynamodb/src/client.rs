@@ -21,6 +21,8 @@ use aws_sdk_dynamodb::Client;
 
 use crate::attr::{Attr, Item};
 use crate::error::{DynamoError, ErrorKind};
+use sluice_core::retry::retry;
+use sluice_core::{Backoff, GaveUp, RetryPolicy, Secret, Shutdown};
 
 /// How to reach DynamoDB.
 #[derive(Clone, Debug, Default)]
@@ -28,9 +30,15 @@ pub struct ClientOptions {
     /// A DynamoDB-API endpoint other than AWS's (a local server).
     pub endpoint_url: Option<String>,
     pub region: Option<String>,
-    /// Static credentials; otherwise the AWS default chain (environment, profile, web identity, IMDS).
-    pub static_credentials: Option<(String, String)>,
+    /// Static credentials (access key id, secret access key); otherwise the AWS default chain
+    /// (environment, profile, web identity, IMDS). The secret never prints.
+    pub static_credentials: Option<(String, Secret)>,
     pub request_timeout: Option<Duration>,
+    /// How long the reads and plain writes of commands (`get_items`, scans, `batch_put`,
+    /// `delete_item`) retry transient failures (a timeout on a loaded server, throttling, 5xx)
+    /// under the one retry policy; zero for no retry. Guarded writes are retried by their
+    /// caller, which also decides about dead letters.
+    pub retry_for: Duration,
 }
 
 impl ClientOptions {
@@ -39,8 +47,9 @@ impl ClientOptions {
         ClientOptions {
             endpoint_url: Some(endpoint_url.to_owned()),
             region: Some("us-east-1".into()),
-            static_credentials: Some(("local".into(), "local".into())),
+            static_credentials: Some(("local".into(), Secret::new("local"))),
             request_timeout: Some(Duration::from_secs(30)),
+            retry_for: Duration::from_secs(60),
         }
     }
 }
@@ -187,6 +196,8 @@ impl Prepared {
 #[derive(Clone, Debug)]
 pub struct DynamoClient {
     client: Client,
+    /// The retry policy of reads and plain writes.
+    retry: RetryPolicy,
 }
 
 impl DynamoClient {
@@ -199,7 +210,13 @@ impl DynamoClient {
             loader = loader.endpoint_url(endpoint);
         }
         if let Some((id, secret)) = &options.static_credentials {
-            loader = loader.credentials_provider(Credentials::new(id, secret, None, None, "sluice-config"));
+            loader = loader.credentials_provider(Credentials::new(
+                id,
+                secret.expose(),
+                None,
+                None,
+                "sluice-config",
+            ));
         }
         let shared = loader.load().await;
         let mut builder = aws_sdk_dynamodb::config::Builder::from(&shared);
@@ -214,7 +231,35 @@ impl DynamoClient {
         if shared.region().is_none() {
             builder = builder.region(Region::new("us-east-1"));
         }
-        DynamoClient { client: Client::from_conf(builder.build()) }
+        DynamoClient {
+            client: Client::from_conf(builder.build()),
+            retry: RetryPolicy::new(options.retry_for),
+        }
+    }
+
+    /// The backoff for items or keys a batch request left unprocessed (throttling): short first
+    /// delays, the client's budget (at least ten seconds).
+    fn unprocessed_backoff(&self) -> Backoff {
+        let policy =
+            RetryPolicy { retry_for: self.retry.retry_for.max(Duration::from_secs(10)), ..self.retry };
+        Backoff::new(policy.with_delays(Duration::from_millis(20), Duration::from_secs(2)))
+    }
+
+    /// Runs one request, retrying transient failures under the client's retry policy.
+    async fn retried<T, F, Fut>(&self, what: &str, request: F) -> Result<T, DynamoError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, DynamoError>>,
+    {
+        retry(self.retry, &Shutdown::never(), what, request, |_| {}).await.map_err(|gave_up| match gave_up {
+            GaveUp::Failed { error, exhausted: true, failing_for } => DynamoError::new(
+                error.kind,
+                &error.table,
+                format!("{} (still failing after {}s of retries)", error.message, failing_for.as_secs()),
+            ),
+            GaveUp::Failed { error, .. } => error,
+            GaveUp::Shutdown => DynamoError::new(ErrorKind::Fatal, "", "stopped"),
+        })
     }
 
     /// Applies one guarded write.
@@ -373,8 +418,8 @@ impl DynamoClient {
                 items.entry(table.clone()).or_default().push(request.clone());
             }
             let table = chunk[0].0.clone();
-            let mut delay = Duration::from_millis(20);
-            for round in 0.. {
+            let mut unprocessed = self.unprocessed_backoff();
+            loop {
                 let out = self
                     .client
                     .batch_write_item()
@@ -387,15 +432,14 @@ impl DynamoClient {
                 if items.is_empty() {
                     break;
                 }
-                if round == 8 {
+                let Some(delay) = unprocessed.next_delay() else {
                     return Err(DynamoError::new(
                         ErrorKind::Transient,
                         &table,
                         "BatchWriteItem left items unprocessed (throttled)",
                     ));
-                }
+                };
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
         Ok(outcomes)
@@ -437,8 +481,8 @@ impl DynamoClient {
             request.insert(table.to_owned(), keys);
         }
         let mut found: HashMap<(String, String), Option<String>> = HashMap::new();
-        let mut delay = Duration::from_millis(20);
-        for round in 0.. {
+        let mut unprocessed = self.unprocessed_backoff();
+        loop {
             let out = self
                 .client
                 .batch_get_item()
@@ -469,15 +513,14 @@ impl DynamoClient {
             if request.is_empty() {
                 break;
             }
-            if round == 8 {
+            let Some(delay) = unprocessed.next_delay() else {
                 return Err(DynamoError::new(
                     ErrorKind::Transient,
                     &first.table,
                     "BatchGetItem left keys unprocessed (throttled)",
                 ));
-            }
+            };
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
         Ok(writes
             .iter()
@@ -501,19 +544,28 @@ impl DynamoClient {
                     .build()
             })
             .collect();
-        let mut delay = Duration::from_millis(20);
+        let mut unprocessed = self.unprocessed_backoff();
         while !requests.is_empty() {
             let out = self
-                .client
-                .batch_write_item()
-                .request_items(table, std::mem::take(&mut requests))
-                .send()
-                .await
-                .map_err(|e| classify(e, table))?;
+                .retried("DynamoDB BatchWriteItem", || async {
+                    self.client
+                        .batch_write_item()
+                        .request_items(table, requests.clone())
+                        .send()
+                        .await
+                        .map_err(|e| classify(e, table))
+                })
+                .await?;
             requests = out.unprocessed_items.and_then(|mut u| u.remove(table)).unwrap_or_default();
             if !requests.is_empty() {
+                let Some(delay) = unprocessed.next_delay() else {
+                    return Err(DynamoError::new(
+                        ErrorKind::Transient,
+                        table,
+                        "BatchWriteItem left items unprocessed (throttled)",
+                    ));
+                };
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
         Ok(())
@@ -585,15 +637,18 @@ impl DynamoClient {
                     .build()
                     .expect("keys set"),
             )]);
-            let mut delay = Duration::from_millis(20);
-            for round in 0.. {
+            let mut unprocessed = self.unprocessed_backoff();
+            loop {
                 let out = self
-                    .client
-                    .batch_get_item()
-                    .set_request_items(Some(request))
-                    .send()
-                    .await
-                    .map_err(|e| classify(e, table))?;
+                    .retried("DynamoDB BatchGetItem", || async {
+                        self.client
+                            .batch_get_item()
+                            .set_request_items(Some(request.clone()))
+                            .send()
+                            .await
+                            .map_err(|e| classify(e, table))
+                    })
+                    .await?;
                 for raw in out.responses.unwrap_or_default().remove(table).unwrap_or_default() {
                     let item = item_from_sdk(&raw, table)?;
                     let key: Item = group[0]
@@ -607,15 +662,14 @@ impl DynamoClient {
                 if request.is_empty() {
                     break;
                 }
-                if round == 8 {
+                let Some(delay) = unprocessed.next_delay() else {
                     return Err(DynamoError::new(
                         ErrorKind::Transient,
                         table,
                         "BatchGetItem left keys unprocessed (throttled)",
                     ));
-                }
+                };
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
         Ok(keys.iter().map(|key| found.remove(&key_text(key))).collect())
@@ -623,13 +677,16 @@ impl DynamoClient {
 
     /// Deletes an item unconditionally (tests and repairs by hand).
     pub async fn delete_item(&self, table: &str, key: &Item) -> Result<(), DynamoError> {
-        self.client
-            .delete_item()
-            .table_name(table)
-            .set_key(Some(key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect()))
-            .send()
-            .await
-            .map_err(|e| classify(e, table))?;
+        self.retried("DynamoDB DeleteItem", || async {
+            self.client
+                .delete_item()
+                .table_name(table)
+                .set_key(Some(key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect()))
+                .send()
+                .await
+                .map_err(|e| classify(e, table))
+        })
+        .await?;
         Ok(())
     }
 
@@ -641,13 +698,16 @@ impl DynamoClient {
         cursor: ScanCursor,
     ) -> Result<(Vec<Item>, Option<ScanCursor>), DynamoError> {
         let out = self
-            .client
-            .scan()
-            .table_name(table)
-            .set_exclusive_start_key(cursor.0)
-            .send()
-            .await
-            .map_err(|e| classify(e, table))?;
+            .retried("DynamoDB Scan", || async {
+                self.client
+                    .scan()
+                    .table_name(table)
+                    .set_exclusive_start_key(cursor.0.clone())
+                    .send()
+                    .await
+                    .map_err(|e| classify(e, table))
+            })
+            .await?;
         let mut items = Vec::new();
         for raw in out.items.unwrap_or_default() {
             let item = item_from_sdk(&raw, table)?;
@@ -663,13 +723,16 @@ impl DynamoClient {
         let mut start: Option<HashMap<String, AttributeValue>> = None;
         loop {
             let out = self
-                .client
-                .scan()
-                .table_name(table)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| classify(e, table))?;
+                .retried("DynamoDB Scan", || async {
+                    self.client
+                        .scan()
+                        .table_name(table)
+                        .set_exclusive_start_key(start.clone())
+                        .send()
+                        .await
+                        .map_err(|e| classify(e, table))
+                })
+                .await?;
             for raw in out.items.unwrap_or_default() {
                 let item = item_from_sdk(&raw, table)?;
                 items.push(item);

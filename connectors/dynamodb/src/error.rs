@@ -30,3 +30,15 @@ impl DynamoError {
         self.kind == ErrorKind::Transient
     }
 }
+
+impl sluice_core::Classify for DynamoError {
+    /// A failed guard is no error of its callers (they report it as already applied); should one
+    /// reach a retry loop it is not retried.
+    fn kind(&self) -> sluice_core::ErrorKind {
+        match self.kind {
+            ErrorKind::Transient => sluice_core::ErrorKind::Transient,
+            ErrorKind::Poison => sluice_core::ErrorKind::Poison,
+            ErrorKind::ConditionFailed | ErrorKind::Fatal => sluice_core::ErrorKind::Fatal,
+        }
+    }
+}

@@ -182,7 +182,7 @@ impl KafkaProducer {
             config.set(key, value);
         }
         let context = QuietContext::default();
-        let last_error = context.last_error.clone();
+        let last_error = Arc::clone(&context.last_error);
         let inner: FutureProducer<QuietContext> =
             config.create_with_context(context).map_err(Error::Config)?;
         Ok(KafkaProducer { inner, last_error })
@@ -209,7 +209,7 @@ impl KafkaProducer {
             match self.inner.send_result(future) {
                 Ok(delivery) => {
                     let topic = record.topic.clone();
-                    let last_error = self.last_error.clone();
+                    let last_error = Arc::clone(&self.last_error);
                     return Ok(async move {
                         let source = match delivery.await {
                             Ok(Ok(_)) => return Ok(()),

@@ -172,7 +172,7 @@ impl Decoder {
             replica_identity,
             columns,
         });
-        self.relations.insert(relation.oid, relation.clone());
+        self.relations.insert(relation.oid, Arc::clone(&relation));
         Ok(relation)
     }
 }
@@ -326,7 +326,7 @@ mod tests {
             insert,
             ChangeEvent::Insert {
                 position: Position { commit_lsn: Lsn(100), tx_ordinal: 1 },
-                relation: decoder.relation(16384).unwrap().clone(),
+                relation: Arc::clone(decoder.relation(16384).unwrap()),
                 new: vec![Value::Int8(1), Value::Text("hi".into())],
                 snapshot: false,
             }

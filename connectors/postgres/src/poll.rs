@@ -234,7 +234,7 @@ impl PollSource {
     }
 
     pub fn stats(&self) -> Arc<SourceStats> {
-        self.stats.clone()
+        Arc::clone(&self.stats)
     }
 
     /// Polls until `shutdown` turns true (a batch in flight is still finished, within
@@ -329,7 +329,7 @@ impl PollSource {
                 let position = Position { commit_lsn: Lsn(full_xid(xmin, horizon)), tx_ordinal: 0 };
                 events.push(ChangeEvent::Insert {
                     position,
-                    relation: relation.clone(),
+                    relation: Arc::clone(&relation),
                     new: values,
                     snapshot: false,
                 });

@@ -149,7 +149,7 @@ impl ReplicationSource {
     }
 
     pub fn stats(&self) -> Arc<SourceStats> {
-        self.stats.clone()
+        Arc::clone(&self.stats)
     }
 
     /// Streams until `shutdown` turns true (then drains: waits for sent batches to become

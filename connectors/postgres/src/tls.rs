@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 pub(crate) fn client_config(config: &ConnectionConfig) -> Result<Option<Arc<ClientConfig>>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls_error = |reason: String| Error::Tls { addr: config.addr(), reason };
-    let builder = ClientConfig::builder_with_provider(provider.clone())
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_error(e.to_string()))?;
     let client_config = match config.sslmode {

@@ -16,7 +16,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use sluice_dynamodb::{
@@ -25,20 +25,12 @@ use sluice_dynamodb::{
 use tokio::sync::{mpsc, Notify};
 
 use crate::error::{ErrorKind, TargetError};
-use crate::targets::dead_letter::{source_name, DeadLetter};
+use crate::targets::dead_letter::DeadLetter;
 use crate::targets::dynamodb::config::{DynamoConfig, WriteMode};
-use crate::targets::dynamodb::mapping::Mapping;
-use crate::targets::dynamodb::translate::DynamoTranslator;
-use crate::targets::{Receipt, Target, TargetStats};
-use crate::translate::outbox::{OutboxConfig, Routed};
-use crate::translate::TranslateError;
-use sluice_core::{ChangeEvent, EventBatch, Position, Relation};
+use crate::targets::{OpBatch, Receipt, Sourced, Target, TargetStats};
+use sluice_core::Position;
 
 pub struct DynamoTarget {
-    /// Mapped tables; `None` when the target only logs outbox events.
-    translator: Option<DynamoTranslator>,
-    /// The outbox router and the event-log table it writes to.
-    outbox: Option<(OutboxConfig, String)>,
     workers: Vec<mpsc::Sender<Job>>,
     dead_letter: Arc<DeadLetter>,
     pub stats: Arc<TargetStats>,
@@ -80,33 +72,21 @@ pub fn client_options(config: &DynamoConfig) -> ClientOptions {
         endpoint_url: config.endpoint_url.clone(),
         region: config.region.clone(),
         static_credentials: match (&config.access_key_id, &config.secret_access_key) {
-            (Some(id), Some(secret)) => Some((id.clone(), secret.expose().to_owned())),
+            (Some(id), Some(secret)) => Some((id.clone(), secret.clone())),
             _ => None,
         },
         request_timeout: Some(config.request_timeout),
+        retry_for: config.retry_for,
     }
 }
 
 impl DynamoTarget {
-    pub async fn open(config: &DynamoConfig, stats: Arc<TargetStats>) -> Result<Self, TargetError> {
-        let translator = match &config.mapping {
-            Some(path) => {
-                Some(DynamoTranslator::new(&Mapping::load(path).map_err(|problems| TargetError {
-                    target: "dynamodb",
-                    kind: ErrorKind::Fatal,
-                    message: problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
-                    source: None,
-                })?))
-            }
-            None => None,
-        };
-        let outbox = config
-            .outbox
-            .as_ref()
-            .and_then(|outbox| outbox.event_table.clone().map(|table| (outbox.clone(), table)));
+    pub async fn open(
+        config: &DynamoConfig,
+        stats: Arc<TargetStats>,
+        dead_letter: Arc<DeadLetter>,
+    ) -> Result<Self, TargetError> {
         let client = DynamoClient::connect(&client_options(config)).await;
-        let dead_letter =
-            Arc::new(DeadLetter::open("dynamodb", config.dead_letter.clone(), stats.clone()).await?);
         let workers = (0..config.concurrency)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(256);
@@ -116,40 +96,17 @@ impl DynamoTarget {
                     batch_size: config.batch_size,
                     retry_for: config.retry_for,
                 };
-                tokio::spawn(worker(client.clone(), rx, dead_letter.clone(), stats.clone(), settings));
+                tokio::spawn(worker(
+                    client.clone(),
+                    rx,
+                    Arc::clone(&dead_letter),
+                    Arc::clone(&stats),
+                    settings,
+                ));
                 tx
             })
             .collect();
-        Ok(DynamoTarget { translator, outbox, workers, dead_letter, stats })
-    }
-
-    /// The writes for one event, appended to `writes`; returns the name of the event's source
-    /// (for dead-letter entries), or `None` when the event writes nothing.
-    fn translate(
-        &self,
-        event: &ChangeEvent,
-        now: u64,
-        writes: &mut Vec<GuardedWrite>,
-    ) -> Result<Option<Arc<str>>, TranslateError> {
-        if let Some((outbox, table)) = &self.outbox {
-            let poison = |p: crate::translate::outbox::Poison| TranslateError::Poison {
-                table: p.table,
-                column: None,
-                reason: p.reason,
-            };
-            match outbox.route(event).map_err(poison)? {
-                Routed::Event(routed) => {
-                    writes.push(super::event_log::event_log_item(&routed, outbox, table).map_err(poison)?);
-                    return Ok(Some(routed.source.into()));
-                }
-                Routed::Ignored => return Ok(None),
-                Routed::NotOutbox => {}
-            }
-        }
-        let Some(translator) = &self.translator else { return Ok(None) };
-        translator.translate(event, now, writes)?;
-        // Only row changes produce writes.
-        Ok(row_relation(event).map(|relation| relation.qualified_name().into()))
+        Ok(DynamoTarget { workers, dead_letter, stats })
     }
 
     fn worker_for(&self, write: &GuardedWrite) -> usize {
@@ -166,47 +123,27 @@ impl DynamoTarget {
 }
 
 impl Target for DynamoTarget {
-    async fn submit(&mut self, batch: Arc<EventBatch>) -> Result<Receipt, TargetError> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let mut jobs = Vec::new();
-        let mut writes = Vec::new();
-        for event in &batch.events {
-            writes.clear();
-            let Some(position) = event.position() else { continue };
-            let source: Arc<str> = match self.translate(event, now, &mut writes) {
-                Ok(Some(source)) => source,
-                Ok(None) => continue,
-                Err(error @ TranslateError::Poison { .. }) => {
-                    self.dead_letter.record(position, &source_name(event), None, &error.to_string()).await?;
+    type Op = GuardedWrite;
+
+    async fn submit(&mut self, batch: OpBatch<GuardedWrite>) -> Result<Receipt, TargetError> {
+        let mut jobs = Vec::with_capacity(batch.ops.len());
+        for Sourced { op: write, position, source } in batch.ops {
+            if let WriteAction::Put(item) | WriteAction::Update { set: item, .. } = &write.action {
+                let size = item_size(item) + item_size(&write.key) + write.version_attribute.len() + 21;
+                if size > MAX_ITEM_BYTES {
+                    let reason = format!("item of {size} bytes exceeds DynamoDB's 400 KB limit");
+                    self.dead_letter
+                        .record(
+                            position,
+                            &source,
+                            Some(&|line: &mut Vec<u8>| write_details(line, &write)),
+                            &reason,
+                        )
+                        .await?;
                     continue;
                 }
-                Err(error @ TranslateError::Fatal { .. }) => {
-                    return Err(TargetError {
-                        target: "dynamodb",
-                        kind: ErrorKind::Fatal,
-                        message: error.to_string(),
-                        source: None,
-                    })
-                }
-            };
-            for write in writes.drain(..) {
-                if let WriteAction::Put(item) | WriteAction::Update { set: item, .. } = &write.action {
-                    let size = item_size(item) + item_size(&write.key) + write.version_attribute.len() + 21;
-                    if size > MAX_ITEM_BYTES {
-                        let reason = format!("item of {size} bytes exceeds DynamoDB's 400 KB limit");
-                        self.dead_letter
-                            .record(
-                                position,
-                                &source,
-                                Some(&|line: &mut Vec<u8>| write_details(line, &write)),
-                                &reason,
-                            )
-                            .await?;
-                        continue;
-                    }
-                }
-                jobs.push((write, position, source.clone()));
             }
+            jobs.push((write, position, source));
         }
         let state = Arc::new(BatchState {
             remaining: AtomicUsize::new(jobs.len() + 1),
@@ -216,7 +153,7 @@ impl Target for DynamoTarget {
         for (write, position, source) in jobs {
             let worker = self.worker_for(&write);
             let fresh = position.commit_lsn > batch.redelivery_horizon;
-            let job = Job { write, position, fresh, source, batch: state.clone() };
+            let job = Job { write, position, fresh, source, batch: Arc::clone(&state) };
             self.workers[worker].send(job).await.map_err(|_| TargetError {
                 target: "dynamodb",
                 kind: ErrorKind::Fatal,
@@ -239,15 +176,6 @@ impl Target for DynamoTarget {
                 None => Ok(()),
             }
         }))
-    }
-}
-
-fn row_relation(event: &ChangeEvent) -> Option<&Arc<Relation>> {
-    match event {
-        ChangeEvent::Insert { relation, .. }
-        | ChangeEvent::Update { relation, .. }
-        | ChangeEvent::Delete { relation, .. } => Some(relation),
-        _ => None,
     }
 }
 

@@ -12,10 +12,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sluice_dynamodb::{Attr, GuardedWrite, Item, WriteAction};
 
+use super::config::DynamoConfig;
 use super::mapping::{parse_template, AttrKind, Mapping, NullPolicy, Segment, TableMapping, TruncatePolicy};
+use crate::error::TargetError;
 use crate::translate::filter::passes_filter;
 use crate::translate::mapping::Constant;
-use crate::translate::{iso, text_of, TranslateError};
+use crate::translate::outbox::{OutboxConfig, Routed};
+use crate::translate::{iso, text_of, Context, TranslateError, Translator};
 use sluice_core::{ChangeEvent, Column, NewRow, Position, Relation, Value};
 
 /// The version number of a position.
@@ -30,7 +33,7 @@ struct CompiledTable {
     dropped: HashSet<String>,
 }
 
-pub struct DynamoTranslator {
+pub struct MappingTranslator {
     tables: HashMap<String, CompiledTable>,
     version_attribute: String,
     tombstones: super::mapping::Tombstones,
@@ -58,7 +61,7 @@ impl<'a> Row<'a> {
     }
 }
 
-impl DynamoTranslator {
+impl MappingTranslator {
     /// Compiles a validated mapping.
     pub fn new(mapping: &Mapping) -> Self {
         let tables = mapping
@@ -77,7 +80,7 @@ impl DynamoTranslator {
                 (t.source.clone(), compiled)
             })
             .collect();
-        DynamoTranslator {
+        MappingTranslator {
             tables,
             version_attribute: mapping.version_attribute.clone(),
             tombstones: mapping.tombstones.clone(),
@@ -470,6 +473,68 @@ fn constant_attr(constant: &Constant) -> Attr {
     }
 }
 
+/// The DynamoDB target's translator: mapped tables' rows through the mapping, and (with
+/// `target.outbox`) outbox events into the event-log table.
+pub struct DynamoTranslator {
+    /// Mapped tables; `None` when the target only logs outbox events.
+    mapping: Option<MappingTranslator>,
+    /// The outbox router and the event-log table it writes to.
+    outbox: Option<(OutboxConfig, String)>,
+}
+
+impl DynamoTranslator {
+    /// The translator a DynamoDB target's configuration describes (its mapping file is read).
+    pub fn open(config: &DynamoConfig) -> Result<Self, TargetError> {
+        let mapping = match &config.mapping {
+            Some(path) => {
+                Some(MappingTranslator::new(&Mapping::load(path).map_err(|problems| TargetError {
+                    target: "dynamodb",
+                    kind: crate::error::ErrorKind::Fatal,
+                    message: problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+                    source: None,
+                })?))
+            }
+            None => None,
+        };
+        let outbox = config
+            .outbox
+            .as_ref()
+            .and_then(|outbox| outbox.event_table.clone().map(|table| (outbox.clone(), table)));
+        Ok(DynamoTranslator { mapping, outbox })
+    }
+}
+
+impl Translator for DynamoTranslator {
+    type Op = GuardedWrite;
+
+    fn translate(
+        &mut self,
+        event: &ChangeEvent,
+        context: &Context,
+        out: &mut Vec<GuardedWrite>,
+    ) -> Result<(), TranslateError> {
+        if let Some((outbox, table)) = &self.outbox {
+            let poison = |p: crate::translate::outbox::Poison| TranslateError::Poison {
+                table: p.table,
+                column: None,
+                reason: p.reason,
+            };
+            match outbox.route(event).map_err(poison)? {
+                Routed::Event(routed) => {
+                    out.push(super::event_log::event_log_item(&routed, outbox, table).map_err(poison)?);
+                    return Ok(());
+                }
+                Routed::Ignored => return Ok(()),
+                Routed::NotOutbox => {}
+            }
+        }
+        match &self.mapping {
+            Some(mapping) => mapping.translate(event, context.now_unix_seconds, out),
+            None => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -505,8 +570,8 @@ mod tests {
         constants = { entity = "Order" }
     "#;
 
-    fn translator() -> DynamoTranslator {
-        DynamoTranslator::new(&Mapping::parse(MAPPING).unwrap())
+    fn translator() -> MappingTranslator {
+        MappingTranslator::new(&Mapping::parse(MAPPING).unwrap())
     }
 
     fn column(name: &str, kind: TypeKind, is_key: bool) -> Column {

@@ -12,14 +12,14 @@ use sluice_postgres::catalog::Table;
 
 use super::config::DynamoConfig;
 use super::mapping::{parse_template, Mapping, Segment, TableMapping};
-use super::translate::DynamoTranslator;
+use super::translate::MappingTranslator;
 use crate::compare::{digest, source_key, Extra, Finding, SourceKey};
 use crate::translate::TranslateError;
 use sluice_core::{ChangeEvent, Position, Value};
 
 pub struct DynamoSide {
     mapping: Mapping,
-    translator: DynamoTranslator,
+    translator: MappingTranslator,
     client: DynamoClient,
 }
 
@@ -33,7 +33,7 @@ impl DynamoSide {
             anyhow::anyhow!("{}", p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
         })?;
         let client = DynamoClient::connect(&super::apply::client_options(config)).await;
-        Ok(DynamoSide { translator: DynamoTranslator::new(&mapping), mapping, client })
+        Ok(DynamoSide { translator: MappingTranslator::new(&mapping), mapping, client })
     }
 
     /// (source table, target table) of every table mapping, in mapping order.

@@ -3,20 +3,15 @@
 //! synced to disk. Replays after a restart append the replayed changes again: consumers
 //! deduplicate by (`commit_lsn`, `ordinal`), which identifies a change exactly.
 
-use std::sync::Arc;
-
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::error::{ErrorKind, TargetError};
-use crate::json;
 use crate::targets::jsonl::config::JsonlConfig;
-use crate::targets::{Receipt, Target};
-use sluice_core::EventBatch;
+use crate::targets::{OpBatch, Receipt, Target};
 
 pub struct JsonlTarget {
     out: Output,
     fsync: bool,
-    transactions: bool,
     buffer: Vec<u8>,
 }
 
@@ -42,12 +37,7 @@ impl JsonlTarget {
                 )?;
             Output::File(file)
         };
-        Ok(JsonlTarget {
-            out,
-            fsync: config.fsync,
-            transactions: config.transactions,
-            buffer: Vec::with_capacity(1 << 20),
-        })
+        Ok(JsonlTarget { out, fsync: config.fsync, buffer: Vec::with_capacity(1 << 20) })
     }
 
     fn writer(&mut self) -> &mut (dyn AsyncWrite + Unpin + Send) {
@@ -59,10 +49,12 @@ impl JsonlTarget {
 }
 
 impl Target for JsonlTarget {
-    async fn submit(&mut self, batch: Arc<EventBatch>) -> Result<Receipt, TargetError> {
+    type Op = Vec<u8>;
+
+    async fn submit(&mut self, batch: OpBatch<Vec<u8>>) -> Result<Receipt, TargetError> {
         self.buffer.clear();
-        for event in &batch.events {
-            json::write_event(&mut self.buffer, event, self.transactions);
+        for line in batch.ops {
+            self.buffer.extend_from_slice(&line.op);
         }
         let io_error = |e: std::io::Error| TargetError {
             target: "jsonl",

@@ -20,24 +20,25 @@ use std::time::Instant;
 use sluice_kafka::{KafkaProducer, ProducerOptions, Record};
 
 use crate::error::{ErrorKind, TargetError};
-use crate::targets::dead_letter::{source_name, DeadLetter};
+use crate::targets::dead_letter::DeadLetter;
 use crate::targets::kafka::config::KafkaConfig;
-use crate::targets::kafka::translate::{KafkaTranslator, TranslateError};
-use crate::targets::{Receipt, Target, TargetStats};
-use sluice_core::EventBatch;
+
+use crate::targets::{OpBatch, Receipt, Sourced, Target, TargetStats};
 
 pub struct KafkaTarget {
     producer: KafkaProducer,
-    translator: KafkaTranslator,
     dead_letter: Arc<DeadLetter>,
     stats: Arc<TargetStats>,
-    records: Vec<Record>,
     /// Topics the broker is known to have.
     known_topics: std::collections::HashSet<String>,
 }
 
 impl KafkaTarget {
-    pub async fn open(config: &KafkaConfig, stats: Arc<TargetStats>) -> Result<Self, TargetError> {
+    pub fn open(
+        config: &KafkaConfig,
+        stats: Arc<TargetStats>,
+        dead_letter: Arc<DeadLetter>,
+    ) -> Result<Self, TargetError> {
         let options = ProducerOptions {
             brokers: config.brokers.clone(),
             compression: config.compression.clone(),
@@ -48,22 +49,7 @@ impl KafkaTarget {
         let producer = KafkaProducer::new(&options).map_err(|e| {
             TargetError::fatal("kafka", "cannot create the Kafka producer (target.properties)", e)
         })?;
-        let translator = KafkaTranslator::new(
-            &config.topic,
-            config.topics.clone(),
-            config.tombstones_on_delete,
-            config.outbox.clone(),
-        );
-        let dead_letter =
-            Arc::new(DeadLetter::open("kafka", config.dead_letter.clone(), stats.clone()).await?);
-        Ok(KafkaTarget {
-            producer,
-            translator,
-            dead_letter,
-            stats,
-            records: Vec::new(),
-            known_topics: Default::default(),
-        })
+        Ok(KafkaTarget { producer, dead_letter, stats, known_topics: Default::default() })
     }
 }
 
@@ -81,65 +67,53 @@ fn record_details(topic: String, key: Option<Vec<u8>>) -> impl Fn(&mut Vec<u8>) 
 }
 
 impl Target for KafkaTarget {
-    async fn submit(&mut self, batch: Arc<EventBatch>) -> Result<Receipt, TargetError> {
-        // Per record: the event's index (its table is named only if the record fails), topic and
-        // key (for a dead-letter entry), when it was enqueued, and its delivery.
-        let mut deliveries = Vec::new();
-        let mut records = std::mem::take(&mut self.records);
-        for (index, event) in batch.events.iter().enumerate() {
-            let Some(position) = event.position() else { continue };
-            records.clear();
-            if let Err(TranslateError::Poison { reason, .. }) = self.translator.translate(event, &mut records)
-            {
-                self.dead_letter.record(position, &source_name(event), None, &reason).await?;
-                continue;
+    type Op = Record;
+
+    async fn submit(&mut self, batch: OpBatch<Record>) -> Result<Receipt, TargetError> {
+        // Per record: its position and source (named only if the record fails), topic and key
+        // (for a dead-letter entry), when it was enqueued, and its delivery.
+        let mut deliveries = Vec::with_capacity(batch.ops.len());
+        for Sourced { op: record, position, source } in batch.ops {
+            // A missing topic would only fail after retry_for: say so now.
+            if !self.known_topics.contains(&record.topic) {
+                match self.producer.topic_exists(&record.topic).await {
+                    Ok(true) => {
+                        self.known_topics.insert(record.topic.clone());
+                    }
+                    Ok(false) => {
+                        return Err(TargetError {
+                            target: "kafka",
+                            kind: ErrorKind::Fatal,
+                            message: format!(
+                                "Kafka topic {:?} (for {source}) does not exist; create it, or change target.topic, target.topics or target.outbox.topic",
+                                record.topic,
+                            ),
+                            source: None,
+                        });
+                    }
+                    // The broker is unreachable: the producer's retries decide, and the
+                    // topic is not checked again (each check may wait 10 s).
+                    Err(error) => {
+                        tracing::warn!(topic = %record.topic, error = %error, "cannot check that the Kafka topic exists");
+                        self.known_topics.insert(record.topic.clone());
+                    }
+                }
             }
-            for record in records.drain(..) {
-                // A missing topic would only fail after retry_for: say so now.
-                if !self.known_topics.contains(&record.topic) {
-                    match self.producer.topic_exists(&record.topic).await {
-                        Ok(true) => {
-                            self.known_topics.insert(record.topic.clone());
-                        }
-                        Ok(false) => {
-                            return Err(TargetError {
-                                target: "kafka",
-                                kind: ErrorKind::Fatal,
-                                message: format!(
-                                    "Kafka topic {:?} (for {}) does not exist; create it, or change target.topic, target.topics or target.outbox.topic",
-                                    record.topic,
-                                    source_name(event)
-                                ),
-                                source: None,
-                            });
-                        }
-                        // The broker is unreachable: the producer's retries decide, and the
-                        // topic is not checked again (each check may wait 10 s).
-                        Err(error) => {
-                            tracing::warn!(topic = %record.topic, error = %error, "cannot check that the Kafka topic exists");
-                            self.known_topics.insert(record.topic.clone());
-                        }
-                    }
+            match self.producer.enqueue(&record).await {
+                Ok(delivery) => {
+                    deliveries.push((source, position, record.topic, record.key, Instant::now(), delivery))
                 }
-                match self.producer.enqueue(&record).await {
-                    Ok(delivery) => {
-                        deliveries.push((index, position, record.topic, record.key, Instant::now(), delivery))
-                    }
-                    Err(error) if error.is_poison() => {
-                        let details = record_details(record.topic, record.key);
-                        self.dead_letter
-                            .record(position, &source_name(event), Some(&details), &error.to_string())
-                            .await?;
-                    }
-                    Err(error) => return Err(TargetError::fatal("kafka", "cannot produce to Kafka", error)),
+                Err(error) if error.is_poison() => {
+                    let details = record_details(record.topic, record.key);
+                    self.dead_letter.record(position, &source, Some(&details), &error.to_string()).await?;
                 }
+                Err(error) => return Err(TargetError::fatal("kafka", "cannot produce to Kafka", error)),
             }
         }
-        self.records = records;
-        let (dead_letter, stats) = (self.dead_letter.clone(), self.stats.clone());
+        let (dead_letter, stats) = (Arc::clone(&self.dead_letter), Arc::clone(&self.stats));
         let latency = metrics::histogram!(crate::metrics::TARGET_WRITE_SECONDS, "target" => "kafka");
         Ok(Box::pin(async move {
-            for (index, position, topic, key, enqueued, delivery) in deliveries {
+            for (source, position, topic, key, enqueued, delivery) in deliveries {
                 let delivered: Result<(), sluice_kafka::Error> = delivery.await;
                 latency.record(enqueued.elapsed().as_secs_f64());
                 match delivered {
@@ -148,14 +122,7 @@ impl Target for KafkaTarget {
                     }
                     Err(error) if error.is_poison() => {
                         let details = record_details(topic, key);
-                        dead_letter
-                            .record(
-                                position,
-                                &source_name(&batch.events[index]),
-                                Some(&details),
-                                &error.to_string(),
-                            )
-                            .await?;
+                        dead_letter.record(position, &source, Some(&details), &error.to_string()).await?;
                     }
                     Err(error) => {
                         return Err(TargetError {

@@ -16,18 +16,12 @@ use std::collections::HashMap;
 
 use sluice_kafka::Record;
 
+use super::config::KafkaConfig;
 use crate::translate::outbox::{OutboxConfig, OutboxEvent, Routed};
+use crate::translate::{Context, TranslateError, Translator};
 use sluice_core::{ChangeEvent, NewRow, OldRow, Position, Relation, Value};
 
-/// Why a change produced no record.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TranslateError {
-    /// This change can never become a record (an outbox row without an aggregate type):
-    /// dead-letter it.
-    #[error("{table}: {reason}")]
-    Poison { table: String, reason: String },
-}
-
+/// Table changes to plain CDC records, outbox rows and messages to events.
 pub struct KafkaTranslator {
     topic: String,
     topics: HashMap<String, String>,
@@ -40,7 +34,30 @@ pub const HEADER_OP: &str = "sluice.op";
 pub const HEADER_TABLE: &str = "sluice.table";
 pub const HEADER_POSITION: &str = "sluice.position";
 
+impl Translator for KafkaTranslator {
+    type Op = Record;
+
+    fn translate(
+        &mut self,
+        event: &ChangeEvent,
+        _context: &Context,
+        out: &mut Vec<Record>,
+    ) -> Result<(), TranslateError> {
+        KafkaTranslator::translate(self, event, out)
+    }
+}
+
 impl KafkaTranslator {
+    /// The translator a Kafka target's configuration describes.
+    pub fn open(config: &KafkaConfig) -> Self {
+        KafkaTranslator::new(
+            &config.topic,
+            config.topics.clone(),
+            config.tombstones_on_delete,
+            config.outbox.clone(),
+        )
+    }
+
     pub fn new(
         topic: &str,
         topics: HashMap<String, String>,
@@ -58,7 +75,11 @@ impl KafkaTranslator {
                 Ok(Routed::Ignored) => return Ok(()),
                 Ok(Routed::NotOutbox) => {}
                 Err(poison) => {
-                    return Err(TranslateError::Poison { table: poison.table, reason: poison.reason })
+                    return Err(TranslateError::Poison {
+                        table: poison.table,
+                        column: None,
+                        reason: poison.reason,
+                    })
                 }
             }
         }
@@ -184,6 +205,7 @@ fn push_event(
     if !valid_topic(&topic) {
         return Err(TranslateError::Poison {
             table: event.source,
+            column: None,
             reason: format!("topic {topic:?} (from the aggregate type) is not a valid Kafka topic name"),
         });
     }
@@ -357,7 +379,7 @@ mod tests {
         let mut out = Vec::new();
         let insert = ChangeEvent::Insert {
             position: position(0),
-            relation: accounts.clone(),
+            relation: Arc::clone(&accounts),
             new: vec![Value::Int8(7), Value::Text("ada".into())],
             snapshot: false,
         };
@@ -374,7 +396,7 @@ mod tests {
         out.clear();
         let rekey = ChangeEvent::Update {
             position: position(1),
-            relation: accounts.clone(),
+            relation: Arc::clone(&accounts),
             old: Some(OldRow::Key(vec![Value::Int8(7), Value::Null])),
             new: NewRow::Full(vec![Value::Int8(8), Value::Text("ada".into())]),
         };

@@ -38,35 +38,40 @@ use tokio_postgres::SimpleQueryMessage;
 use super::catalog::{owned_sequences, target_keys, target_tables, OwnedSequence, TargetTable};
 use super::error::{classify, fatal, refusal, sql_error, TARGET};
 use crate::error::{ErrorKind, TargetError};
-use crate::targets::dead_letter::{source_name, DeadLetter};
+use crate::targets::dead_letter::DeadLetter;
 use crate::targets::postgres::config::PostgresTargetConfig;
 use crate::targets::postgres::mapping::PgMapping;
-use crate::targets::postgres::translate::{row_position, PgTranslator, RowOp, Text};
-use crate::targets::{Receipt, Target, TargetStats};
-use crate::translate::TranslateError;
-use sluice_core::{EventBatch, Position};
+use crate::targets::postgres::translate::{PgTranslator, RowOp, Text};
+use crate::targets::{OpBatch, Receipt, Sourced, Target, TargetStats};
+use sluice_core::Position;
+
+/// A checkpoint row's position, or why it is not one.
+fn checkpoint_position(commit_lsn: &str, tx_ordinal: i64) -> Result<Position, String> {
+    let commit_lsn =
+        commit_lsn.parse::<Lsn>().map_err(|_| format!("commit_lsn {commit_lsn:?} is not an LSN"))?;
+    let tx_ordinal =
+        u32::try_from(tx_ordinal).map_err(|_| format!("tx_ordinal {tx_ordinal} is not an ordinal"))?;
+    Ok(Position { commit_lsn, tx_ordinal })
+}
 
 /// Rows per multi-row statement.
 const ROWS_PER_STATEMENT: usize = 500;
 
 pub struct PgTarget {
     jobs: mpsc::Sender<Job>,
+    /// The checkpoint as the applier last committed (or read) it.
+    applied: Arc<std::sync::Mutex<Position>>,
 }
 
 /// A batch to apply and where its outcome goes.
-type Job = (Arc<EventBatch>, oneshot::Sender<Result<(), TargetError>>);
+type Job = (OpBatch<RowOp>, oneshot::Sender<Result<(), TargetError>>);
 
 /// An operation with where it came from, for the checkpoint and dead-letter entries.
-struct Op {
-    op: RowOp,
-    position: Position,
-    source: String,
-}
+type Op = Sourced<RowOp>;
 
 struct Applier {
     connection: ConnectionConfig,
     client: Option<tokio_postgres::Client>,
-    translator: PgTranslator,
     tables: HashMap<Arc<str>, TargetTable>,
     /// With `sync_sequences`: the sequences to advance, by target table.
     sequences: HashMap<Arc<str>, Vec<OwnedSequence>>,
@@ -74,20 +79,24 @@ struct Applier {
     pipeline: String,
     /// The position of the last change applied (from the checkpoint table).
     applied: Position,
+    /// `applied`, for the pipeline to skip what is applied before translating it.
+    shared_applied: Arc<std::sync::Mutex<Position>>,
     retry_for: Duration,
     lock_timeout: Duration,
-    dead_letter: DeadLetter,
+    dead_letter: Arc<DeadLetter>,
     stats: Arc<TargetStats>,
 }
 
 impl PgTarget {
     /// Connects, checks the mapping against the target tables, creates the checkpoint table
-    /// when missing and reads this pipeline's checkpoint.
+    /// when missing and reads this pipeline's checkpoint; the target and its translator (which
+    /// needs the target tables' keys).
     pub async fn open(
         config: &PostgresTargetConfig,
         pipeline: &str,
         stats: Arc<TargetStats>,
-    ) -> Result<Self, TargetError> {
+        dead_letter: Arc<DeadLetter>,
+    ) -> Result<(PgTranslator, Self), TargetError> {
         let mapping = PgMapping::load(&config.mapping).map_err(|problems| {
             fatal(format!(
                 "target.mapping {}: {}",
@@ -119,24 +128,26 @@ impl PgTarget {
         let mut applier = Applier {
             connection: config.connection.clone(),
             client: Some(client),
-            translator: PgTranslator::new(&mapping, &target_keys(&tables)),
             tables,
             sequences,
             checkpoint_table,
             pipeline: pipeline.to_owned(),
             applied: Position::default(),
+            shared_applied: Arc::default(),
             retry_for: config.retry_for,
             lock_timeout: config.lock_timeout,
-            dead_letter: DeadLetter::open(TARGET, config.dead_letter.clone(), stats.clone()).await?,
+            dead_letter,
             stats,
         };
-        applier.applied =
-            applier.read_checkpoint().await.map_err(|e| sql_error("cannot read the checkpoint", e))?;
+        let translator = PgTranslator::new(&mapping, &target_keys(&applier.tables));
+        applier.applied = applier.read_checkpoint().await?;
+        applier.publish_applied();
         tracing::info!(pipeline, commit_lsn = %applier.applied.commit_lsn, ordinal = applier.applied.tx_ordinal, "postgres target checkpoint");
+        let applied = Arc::clone(&applier.shared_applied);
         let (jobs, mut rx) = mpsc::channel::<Job>(4);
         tokio::spawn(async move {
             while let Some((batch, done)) = rx.recv().await {
-                let result = applier.apply_batch(&batch).await;
+                let result = applier.apply_batch(batch).await;
                 let failed = result.is_err();
                 let _ = done.send(result);
                 if failed {
@@ -144,7 +155,7 @@ impl PgTarget {
                 }
             }
         });
-        Ok(PgTarget { jobs })
+        Ok((translator, PgTarget { jobs, applied }))
     }
 }
 
@@ -161,7 +172,13 @@ async fn connect(
 }
 
 impl Target for PgTarget {
-    async fn submit(&mut self, batch: Arc<EventBatch>) -> Result<Receipt, TargetError> {
+    type Op = RowOp;
+
+    fn applied_through(&self) -> Option<Position> {
+        Some(*self.applied.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    async fn submit(&mut self, batch: OpBatch<RowOp>) -> Result<Receipt, TargetError> {
         let (done, receipt) = oneshot::channel();
         self.jobs.send((batch, done)).await.map_err(|_| fatal("the apply task stopped"))?;
         Ok(Box::pin(async move { receipt.await.unwrap_or_else(|_| Err(fatal("the apply task stopped"))) }))
@@ -169,7 +186,9 @@ impl Target for PgTarget {
 }
 
 impl Applier {
-    async fn read_checkpoint(&self) -> Result<Position, tokio_postgres::Error> {
+    /// This pipeline's checkpoint; a row sluice cannot read is an error naming the table and
+    /// the pipeline (read as "nothing applied", it would apply everything again).
+    async fn read_checkpoint(&self) -> Result<Position, TargetError> {
         let Some(client) = &self.client else { return Ok(self.applied) };
         let row = client
             .query_opt(
@@ -179,37 +198,30 @@ impl Applier {
                 ),
                 &[&self.pipeline],
             )
-            .await?;
-        Ok(match row {
-            Some(row) => Position {
-                commit_lsn: row.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO),
-                tx_ordinal: row.get::<_, i64>(1) as u32,
-            },
-            None => Position::default(),
-        })
+            .await
+            .map_err(|e| {
+                sql_error(&format!("cannot read the checkpoint from {}", self.checkpoint_table), e)
+            })?;
+        match row {
+            Some(row) => checkpoint_position(&row.get::<_, String>(0), row.get::<_, i64>(1)).map_err(|reason| {
+                fatal(format!(
+                    "the checkpoint of pipeline {:?} in {} is corrupt ({reason}); fix or delete that row (deleting it re-applies every change the source replays)",
+                    self.pipeline, self.checkpoint_table
+                ))
+            }),
+            None => Ok(Position::default()),
+        }
     }
 
-    /// Translates the changes past the checkpoint and applies them in one transaction.
-    async fn apply_batch(&mut self, batch: &EventBatch) -> Result<(), TargetError> {
-        let mut ops = Vec::new();
-        let mut last = None;
-        for event in &batch.events {
-            let Some(position) = row_position(event) else { continue };
-            if position <= self.applied {
-                continue;
-            }
-            let mut out = Vec::new();
-            match self.translator.translate(event, &mut out) {
-                Ok(()) => {}
-                Err(error @ TranslateError::Poison { .. }) => {
-                    self.dead_letter.record(position, &source_name(event), None, &error.to_string()).await?;
-                }
-                Err(error @ TranslateError::Fatal { .. }) => return Err(fatal(error.to_string())),
-            }
-            let source = if out.is_empty() { String::new() } else { source_name(event) };
-            ops.extend(out.into_iter().map(|op| Op { op, position, source: source.clone() }));
-            last = Some(position);
-        }
+    fn publish_applied(&self) {
+        *self.shared_applied.lock().unwrap_or_else(|e| e.into_inner()) = self.applied;
+    }
+
+    /// Applies the operations past the checkpoint in one transaction.
+    async fn apply_batch(&mut self, batch: OpBatch<RowOp>) -> Result<(), TargetError> {
+        let applied = self.applied;
+        let ops: Vec<Op> = batch.ops.into_iter().filter(|op| op.position > applied).collect();
+        let last = ops.last().map(|op| op.position);
         let (Some(last), false) = (last, ops.is_empty()) else { return Ok(()) };
         let started = Instant::now();
         let mut backoff = crate::targets::dynamodb::apply::new_backoff();
@@ -220,6 +232,7 @@ impl Applier {
             let error = match result {
                 Ok(()) => {
                     self.applied = last;
+                    self.publish_applied();
                     return Ok(());
                 }
                 Err(error) => error,
@@ -232,13 +245,14 @@ impl Applier {
                     self.client = None;
                     tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(5))).await;
                     if let Err(error) = self.reconnect().await {
-                        if classify(&error) != ErrorKind::Transient {
-                            return Err(sql_error("cannot reconnect to the target database", error));
+                        if error.kind != ErrorKind::Transient {
+                            return Err(error);
                         }
                         continue;
                     }
                     // The lost commit may have landed.
                     if self.applied >= last {
+                        self.publish_applied();
                         return Ok(());
                     }
                 }
@@ -247,10 +261,12 @@ impl Applier {
         }
     }
 
-    async fn reconnect(&mut self) -> Result<(), tokio_postgres::Error> {
+    async fn reconnect(&mut self) -> Result<(), TargetError> {
         let client = match connect(&self.connection, self.lock_timeout).await {
             Ok(client) => client,
-            Err(sluice_postgres::Error::Sql(e)) => return Err(e),
+            Err(sluice_postgres::Error::Sql(e)) => {
+                return Err(sql_error("cannot reconnect to the target database", e))
+            }
             Err(other) => {
                 tracing::warn!(error = %other, "postgres target: cannot connect");
                 return Ok(());
@@ -547,4 +563,20 @@ fn details(line: &mut Vec<u8>, op: &RowOp) {
         RowOp::Truncate { .. } => "truncate",
     };
     line.extend_from_slice(format!(",\"operation\":\"{kind}\"").as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_row_out_of_range_is_an_error_not_position_zero() {
+        assert_eq!(
+            checkpoint_position("0/16B3748", 3),
+            Ok(Position { commit_lsn: "0/16B3748".parse().unwrap(), tx_ordinal: 3 })
+        );
+        assert!(checkpoint_position("0/16B3748", -1).unwrap_err().contains("tx_ordinal -1"));
+        assert!(checkpoint_position("0/16B3748", 1 << 40).is_err());
+        assert!(checkpoint_position("garbage", 0).unwrap_err().contains("commit_lsn"));
+    }
 }

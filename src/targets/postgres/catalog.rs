@@ -105,7 +105,7 @@ pub(crate) async fn owned_sequences(
             sequences.push(OwnedSequence { column, quoted });
         }
         if !sequences.is_empty() {
-            owned.insert(name.clone(), sequences);
+            owned.insert(Arc::clone(name), sequences);
         }
     }
     Ok(owned)

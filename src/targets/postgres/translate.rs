@@ -17,7 +17,7 @@ use std::sync::Arc;
 use super::mapping::{PgMapping, PgTableMapping, PgTruncatePolicy};
 use crate::translate::filter::passes_filter;
 use crate::translate::mapping::Constant;
-use crate::translate::TranslateError;
+use crate::translate::{Context, TranslateError, Translator};
 use sluice_core::{ChangeEvent, NewRow, Position, Relation, Value};
 
 /// A target column's value as Postgres text; `None` is NULL.
@@ -72,6 +72,19 @@ pub struct PgTranslator {
     on_truncate: PgTruncatePolicy,
 }
 
+impl Translator for PgTranslator {
+    type Op = RowOp;
+
+    fn translate(
+        &mut self,
+        event: &ChangeEvent,
+        _context: &Context,
+        out: &mut Vec<RowOp>,
+    ) -> Result<(), TranslateError> {
+        PgTranslator::translate(self, event, out)
+    }
+}
+
 impl PgTranslator {
     /// Compiles a validated mapping; `keys` holds each target table's primary key columns.
     pub fn new(mapping: &PgMapping, keys: &HashMap<String, Vec<String>>) -> Self {
@@ -121,7 +134,7 @@ impl PgTranslator {
                 let row: Vec<Option<&Value>> = new.iter().map(Some).collect();
                 if self.passes(table, relation, &row)? {
                     out.push(RowOp::Upsert {
-                        table: table.target.clone(),
+                        table: Arc::clone(&table.target),
                         columns: self.columns(table, relation, &row)?,
                     });
                 }
@@ -150,23 +163,23 @@ impl PgTranslator {
                         other => other,
                     })?;
                     if old_key != key {
-                        out.push(RowOp::Delete { table: table.target.clone(), key: old_key });
+                        out.push(RowOp::Delete { table: Arc::clone(&table.target), key: old_key });
                     }
                 }
                 if !self.passes(table, relation, &row)? {
-                    out.push(RowOp::Delete { table: table.target.clone(), key });
+                    out.push(RowOp::Delete { table: Arc::clone(&table.target), key });
                 } else if matches!(new, NewRow::Partial(_)) {
                     let set = columns.into_iter().filter(|(name, _)| !table.key.contains(name)).collect();
-                    out.push(RowOp::Update { table: table.target.clone(), key, set });
+                    out.push(RowOp::Update { table: Arc::clone(&table.target), key, set });
                 } else {
-                    out.push(RowOp::Upsert { table: table.target.clone(), columns });
+                    out.push(RowOp::Upsert { table: Arc::clone(&table.target), columns });
                 }
             }
             ChangeEvent::Delete { relation, old, .. } => {
                 let Some(table) = self.table(relation) else { return Ok(()) };
                 let row: Vec<Option<&Value>> = old.values().iter().map(Some).collect();
                 let key = self.key(table, &self.columns(table, relation, &row)?)?;
-                out.push(RowOp::Delete { table: table.target.clone(), key });
+                out.push(RowOp::Delete { table: Arc::clone(&table.target), key });
             }
             ChangeEvent::Truncate { relations, .. } => {
                 for relation in relations {
@@ -188,7 +201,7 @@ impl PgTranslator {
                                 ),
                             })
                         }
-                        PgTruncatePolicy::Truncate => out.push(RowOp::Truncate { table: table.target.clone() }),
+                        PgTruncatePolicy::Truncate => out.push(RowOp::Truncate { table: Arc::clone(&table.target) }),
                     }
                 }
             }
