@@ -876,3 +876,41 @@ async fn command_reads_retry_through_an_outage_of_dynamodb() {
     assert_eq!(found.len(), 30);
     assert!(started.elapsed() >= Duration::from_secs(3));
 }
+
+/// Worker tasks are owned: a DynamoDB worker that panics fails its batch and the pipeline
+/// (sluice exits 1 naming the worker) instead of leaving the batch's receipt unresolved
+/// forever, and nothing past the unapplied change is confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_worker_stops_the_pipeline_and_confirms_nothing_past_it() {
+    let shop = Shop::new().await;
+    let db = &shop.db;
+    let mapping = shop_mapping(shop.dir.path(), &shop.table);
+    let config = db.config_file(shop.dir.path(), "panic", "p", &target_toml(&mapping, &shop.moto.url, ""));
+    let child = crate::harness::sluice()
+        .args(["run", "-c", config.to_str().unwrap()])
+        .env("SLUICE_TEST_PANIC_IN_DYNAMODB_WORKER", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    db.wait_slot_active(&db.slot_name("panic")).await;
+    let commit = db.commit_lsn_of("INSERT INTO orders VALUES (1, 1, 1)");
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("sluice stops instead of waiting on the lost write forever")
+    .unwrap()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    // The batch's own receipt fails (not merely a later submit finding the worker gone).
+    assert!(
+        stderr.contains("a DynamoDB worker stopped before applying a write of this batch"),
+        "the error names the worker: {stderr}"
+    );
+    let confirmed = db.slot_confirmed("panic").unwrap();
+    assert!(confirmed < commit, "slot confirmed {confirmed}, past the unapplied change ending at {commit}");
+    assert_eq!(shop.item_count().await, 0);
+}

@@ -753,6 +753,13 @@ fn unescape(field: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
 
 /// Tests widen each chunk's window (the time between the snapshot and the high watermark)
 /// with `SLUICE_TEST_BACKFILL_WINDOW_DELAY_MS`, so that concurrent writes land inside it.
+#[cfg(not(feature = "test-hooks"))]
+fn test_window_delay() -> Option<Duration> {
+    None
+}
+
+/// See above; only in builds with the `test-hooks` feature.
+#[cfg(feature = "test-hooks")]
 fn test_window_delay() -> Option<Duration> {
     static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
     *DELAY.get_or_init(|| {

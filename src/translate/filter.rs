@@ -57,14 +57,19 @@ fn matches(predicate: &Predicate, value: &Value) -> bool {
         match (constant, value) {
             (_, Value::Null) => None,
             (Constant::Bool(b), Value::Bool(v)) => Some(v.cmp(b)),
-            (Constant::Integer(_) | Constant::Float(_), _) => {
-                let c = match constant {
-                    Constant::Integer(i) => *i as f64,
-                    Constant::Float(f) => *f,
-                    _ => unreachable!(),
-                };
-                text_of(value).parse::<f64>().ok()?.partial_cmp(&c)
+            // Integers compare exactly (an f64 is wrong above 2^53); floats as floats.
+            (Constant::Integer(c), Value::Int2(v)) => Some(i64::from(*v).cmp(c)),
+            (Constant::Integer(c), Value::Int4(v)) => Some(i64::from(*v).cmp(c)),
+            (Constant::Integer(c), Value::Int8(v)) => Some(v.cmp(c)),
+            (Constant::Integer(c), Value::Float4(_) | Value::Float8(_)) => {
+                text_of(value).parse::<f64>().ok()?.partial_cmp(&(*c as f64))
             }
+            (Constant::Integer(c), _) => {
+                let text = text_of(value);
+                decimal_cmp(&text, &c.to_string())
+                    .or_else(|| text.parse::<f64>().ok()?.partial_cmp(&(*c as f64)))
+            }
+            (Constant::Float(c), _) => text_of(value).parse::<f64>().ok()?.partial_cmp(c),
             (Constant::Text(t), _) => Some(text_of(value).as_str().cmp(t.as_str())),
             (Constant::Bool(_), _) => None,
         }
@@ -88,6 +93,48 @@ fn matches(predicate: &Predicate, value: &Value) -> bool {
     }
 }
 
+/// Compares two plain decimal texts (`-12.50`) exactly; `None` when either is not one.
+fn decimal_cmp(a: &str, b: &str) -> Option<std::cmp::Ordering> {
+    let (a_negative, a_int, a_frac) = decimal_parts(a)?;
+    let (b_negative, b_int, b_frac) = decimal_parts(b)?;
+    let a_zero = a_int.is_empty() && a_frac.is_empty();
+    let b_zero = b_int.is_empty() && b_frac.is_empty();
+    let a_sign = if a_zero {
+        0
+    } else if a_negative {
+        -1
+    } else {
+        1
+    };
+    let b_sign = if b_zero {
+        0
+    } else if b_negative {
+        -1
+    } else {
+        1
+    };
+    if a_sign != b_sign {
+        return Some(a_sign.cmp(&b_sign));
+    }
+    let magnitude =
+        a_int.len().cmp(&b_int.len()).then_with(|| a_int.cmp(b_int)).then_with(|| a_frac.cmp(b_frac));
+    Some(if a_sign < 0 { magnitude.reverse() } else { magnitude })
+}
+
+/// Sign, integer digits without leading zeros, fraction digits without trailing zeros.
+fn decimal_parts(text: &str) -> Option<(bool, &str, &str)> {
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if (int.is_empty() && frac.is_empty()) || !all_digits(int) || !all_digits(frac) {
+        return None;
+    }
+    Some((negative, int.trim_start_matches('0'), frac.trim_end_matches('0')))
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -95,6 +142,44 @@ mod tests {
 
     use super::*;
     use sluice_core::{Column, ReplicaIdentity};
+
+    fn single(op: PredicateOp, value: Constant) -> Predicate {
+        Predicate { column: "n".into(), op, value: Some(value), values: Vec::new() }
+    }
+
+    #[test]
+    fn integers_above_two_to_the_53_compare_exactly() {
+        // 9007199254740993 = 2^53 + 1 reads as 2^53 in an f64.
+        let big = Constant::Integer(9_007_199_254_740_993);
+        for value in [
+            Value::Int8(9_007_199_254_740_992),
+            Value::Numeric(sluice_core::Numeric::Finite("9007199254740992".into())),
+            Value::Text("9007199254740992".into()),
+        ] {
+            assert!(!matches(&single(PredicateOp::Eq, big.clone()), &value), "{value:?}");
+            assert!(matches(&single(PredicateOp::Lt, big.clone()), &value), "{value:?}");
+        }
+        assert!(matches(&single(PredicateOp::Eq, big.clone()), &Value::Int8(9_007_199_254_740_993)));
+        let numeric = Value::Numeric(sluice_core::Numeric::Finite("9007199254740993.000".into()));
+        assert!(matches(&single(PredicateOp::Eq, big), &numeric));
+    }
+
+    #[test]
+    fn decimal_texts_compare_by_value() {
+        use std::cmp::Ordering::*;
+        for (a, b, want) in [
+            ("1", "1.0", Equal),
+            ("-0", "0.00", Equal),
+            ("-2", "-10", Greater),
+            ("10.5", "9.99", Greater),
+            ("0.1", "0.10001", Less),
+            ("-0.5", "0", Less),
+        ] {
+            assert_eq!(decimal_cmp(a, b), Some(want), "{a} vs {b}");
+        }
+        assert_eq!(decimal_cmp("1e5", "1"), None);
+        assert_eq!(decimal_cmp("NaN", "1"), None);
+    }
 
     fn relation() -> Relation {
         let column = |name: &str, kind: TypeKind| Column {

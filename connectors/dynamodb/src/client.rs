@@ -847,3 +847,19 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod options_tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_prints_the_secret_access_key() {
+        let options = ClientOptions {
+            static_credentials: Some(("AKIDEXAMPLE".into(), Secret::new("wJalrXUtnFEMI"))),
+            ..ClientOptions::default()
+        };
+        let shown = format!("{options:?}");
+        assert!(!shown.contains("wJalrXUtnFEMI"), "{shown}");
+        assert!(shown.contains("AKIDEXAMPLE"), "{shown}");
+    }
+}

@@ -20,8 +20,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-/// How to reach the brokers and how to produce.
-#[derive(Clone, Debug)]
+/// How to reach the brokers and how to produce. `Debug` hides the values of `extra`
+/// properties that hold secrets (passwords, keys, tokens).
+#[derive(Clone)]
 pub struct ProducerOptions {
     /// `host:port[,host:port…]`
     pub brokers: String,
@@ -32,6 +33,30 @@ pub struct ProducerOptions {
     pub client_id: String,
     /// Further librdkafka properties (`security.protocol`, `linger.ms`, …).
     pub extra: Vec<(String, String)>,
+}
+
+/// True for librdkafka properties whose values are secrets.
+pub fn is_secret_property(key: &str) -> bool {
+    ["password", "secret", "key.pem", "sasl.oauthbearer.config", "token"]
+        .iter()
+        .any(|word| key.contains(word))
+}
+
+impl std::fmt::Debug for ProducerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let extra: Vec<(&str, &str)> = self
+            .extra
+            .iter()
+            .map(|(k, v)| (k.as_str(), if is_secret_property(k) { "<redacted>" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("ProducerOptions")
+            .field("brokers", &self.brokers)
+            .field("compression", &self.compression)
+            .field("message_timeout", &self.message_timeout)
+            .field("client_id", &self.client_id)
+            .field("extra", &extra)
+            .finish()
+    }
 }
 
 /// One record to produce.
@@ -276,6 +301,24 @@ pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<(), 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn debug_never_prints_secret_properties() {
+        let options = ProducerOptions {
+            brokers: "b:9092".into(),
+            compression: "lz4".into(),
+            message_timeout: std::time::Duration::from_secs(1),
+            client_id: "sluice".into(),
+            extra: vec![
+                ("sasl.password".into(), "hunter2".into()),
+                ("ssl.key.password".into(), "k3y".into()),
+                ("linger.ms".into(), "5".into()),
+            ],
+        };
+        let shown = format!("{options:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("k3y"), "{shown}");
+        assert!(shown.contains("linger.ms") && shown.contains("\"5\""), "{shown}");
+    }
+
     use super::*;
 
     #[test]

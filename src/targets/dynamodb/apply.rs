@@ -32,6 +32,8 @@ use sluice_core::Position;
 
 pub struct DynamoTarget {
     workers: Vec<mpsc::Sender<Job>>,
+    /// The worker tasks: one that ends (a panic) fails the pipeline at the next submit.
+    tasks: tokio::task::JoinSet<()>,
     dead_letter: Arc<DeadLetter>,
     pub stats: Arc<TargetStats>,
 }
@@ -44,6 +46,31 @@ struct Job {
     /// The source table (or `message:<prefix>`), named only when a write is dead-lettered.
     source: Arc<str>,
     batch: Arc<BatchState>,
+    /// Set once a worker has applied (or dead-lettered, or failed) the write.
+    handled: bool,
+}
+
+impl Job {
+    /// The write is handled: its batch counts it done (on drop).
+    fn handled(mut self) {
+        self.handled = true;
+    }
+}
+
+impl Drop for Job {
+    /// A job dropped unhandled (its worker panicked, or stopped with jobs queued) fails its
+    /// batch, so that the batch's receipt resolves instead of waiting forever.
+    fn drop(&mut self) {
+        if !self.handled {
+            self.batch.fail(TargetError {
+                target: "dynamodb",
+                kind: ErrorKind::Fatal,
+                message: "a DynamoDB worker stopped before applying a write of this batch".into(),
+                source: None,
+            });
+        }
+        self.batch.finish_one();
+    }
 }
 
 /// Completion of one batch's writes.
@@ -87,6 +114,7 @@ impl DynamoTarget {
         dead_letter: Arc<DeadLetter>,
     ) -> Result<Self, TargetError> {
         let client = DynamoClient::connect(&client_options(config)).await;
+        let mut tasks = tokio::task::JoinSet::new();
         let workers = (0..config.concurrency)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(256);
@@ -96,7 +124,7 @@ impl DynamoTarget {
                     batch_size: config.batch_size,
                     retry_for: config.retry_for,
                 };
-                tokio::spawn(worker(
+                tasks.spawn(worker(
                     client.clone(),
                     rx,
                     Arc::clone(&dead_letter),
@@ -106,7 +134,7 @@ impl DynamoTarget {
                 tx
             })
             .collect();
-        Ok(DynamoTarget { workers, dead_letter, stats })
+        Ok(DynamoTarget { workers, tasks, dead_letter, stats })
     }
 
     fn worker_for(&self, write: &GuardedWrite) -> usize {
@@ -126,6 +154,13 @@ impl Target for DynamoTarget {
     type Op = GuardedWrite;
 
     async fn submit(&mut self, batch: OpBatch<GuardedWrite>) -> Result<Receipt, TargetError> {
+        if let Some(ended) = self.tasks.try_join_next() {
+            let message = match ended {
+                Err(error) if error.is_panic() => format!("a DynamoDB worker panicked: {error}"),
+                _ => "a DynamoDB worker stopped".to_owned(),
+            };
+            return Err(TargetError { target: "dynamodb", kind: ErrorKind::Fatal, message, source: None });
+        }
         let mut jobs = Vec::with_capacity(batch.ops.len());
         for Sourced { op: write, position, source } in batch.ops {
             if let WriteAction::Put(item) | WriteAction::Update { set: item, .. } = &write.action {
@@ -153,7 +188,7 @@ impl Target for DynamoTarget {
         for (write, position, source) in jobs {
             let worker = self.worker_for(&write);
             let fresh = position.commit_lsn > batch.redelivery_horizon;
-            let job = Job { write, position, fresh, source, batch: Arc::clone(&state) };
+            let job = Job { write, position, fresh, source, batch: Arc::clone(&state), handled: false };
             self.workers[worker].send(job).await.map_err(|_| TargetError {
                 target: "dynamodb",
                 kind: ErrorKind::Fatal,
@@ -196,6 +231,10 @@ async fn worker(
                 None => return,
             },
         };
+        #[cfg(feature = "test-hooks")]
+        if std::env::var_os("SLUICE_TEST_PANIC_IN_DYNAMODB_WORKER").is_some() {
+            panic!("injected panic (SLUICE_TEST_PANIC_IN_DYNAMODB_WORKER)");
+        }
         let batchable = |job: &Job| !matches!(job.write.action, WriteAction::Update { .. });
         match settings.mode {
             WriteMode::Single => group.push(first),
@@ -226,9 +265,7 @@ async fn worker(
                     group.push(job);
                 }
                 apply_batch(&client, &group, &dead_letter, &stats, settings.retry_for).await;
-                for job in group.drain(..) {
-                    job.batch.finish_one();
-                }
+                group.drain(..).for_each(Job::handled);
                 continue;
             }
             WriteMode::Batch => group.push(first),
@@ -236,12 +273,10 @@ async fn worker(
         if group.len() == 1 {
             let job = group.pop().expect("one job");
             apply_one(&client, &job, &dead_letter, &stats, settings.retry_for).await;
-            job.batch.finish_one();
+            job.handled();
         } else {
             apply_group(&client, &group, &dead_letter, &stats, settings.retry_for).await;
-            for job in group.drain(..) {
-                job.batch.finish_one();
-            }
+            group.drain(..).for_each(Job::handled);
         }
     }
 }

@@ -51,7 +51,7 @@ pub struct KafkaProperties(pub std::collections::BTreeMap<String, String>);
 
 impl KafkaProperties {
     fn is_secret(key: &str) -> bool {
-        ["password", "secret", "key.pem", "sasl.oauthbearer.config"].iter().any(|word| key.contains(word))
+        sluice_kafka::is_secret_property(key)
     }
 }
 
