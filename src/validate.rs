@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::targets::dynamodb::mapping::Mapping;
 use crate::targets::postgres::mapping::PgMapping;
 use crate::targets::TargetConfig;
+use crate::translate::mapping::MappingFile;
 
 /// Problems found in the database; `Err` when the database cannot be asked.
 pub async fn against_database(config: &Config) -> Result<Vec<Problem>, sluice_postgres::Error> {

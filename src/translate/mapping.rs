@@ -66,3 +66,44 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
         Err(problems)
     }
 }
+
+/// A mapping format: a TOML document with a `tables` list whose `source` tables are each mapped
+/// once, read with its problems named by their dotted key under `mapping`.
+pub trait MappingFile: serde::de::DeserializeOwned {
+    /// The source table of each table mapping, in order.
+    fn sources(&self) -> Vec<&str>;
+
+    /// The format's own problems, visible without any database.
+    fn problems(&self, problems: &mut Vec<Problem>);
+
+    /// Every problem: no table mapping, a source mapped twice, and the format's own.
+    fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let sources = self.sources();
+        if sources.is_empty() {
+            problems.push(Problem::new("mapping", "tables", "at least one table mapping is needed"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, source) in sources.iter().enumerate() {
+            if !seen.insert(*source) {
+                problems.push(Problem::new(
+                    &format!("mapping.tables[{i}]"),
+                    "source",
+                    format!("{source} is mapped twice"),
+                ));
+            }
+        }
+        self.problems(&mut problems);
+        problems
+    }
+
+    /// Reads and checks the file at `path`.
+    fn load(path: &Path) -> Result<Self, Vec<Problem>> {
+        Self::parse(&read(path)?)
+    }
+
+    /// Parses and checks a mapping document.
+    fn parse(text: &str) -> Result<Self, Vec<Problem>> {
+        parse_toml(text, Self::validate)
+    }
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use sluice_core::{Problem, Secret};
 
+use crate::translate::mapping::MappingFile;
 use crate::translate::outbox::OutboxConfig;
 
 #[derive(Clone, Debug, Deserialize)]

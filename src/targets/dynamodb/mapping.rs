@@ -3,14 +3,13 @@
 //! columns are renamed, dropped or typed how, and which rows are kept.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 use sluice_core::Problem;
 
 use crate::translate::filter::filter_problems;
-use crate::translate::mapping::{parse_toml, read, Constant, Predicate};
+use crate::translate::mapping::{Constant, MappingFile, Predicate};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -205,22 +204,13 @@ pub fn parse_template(template: &str) -> Result<Vec<Segment>, String> {
     Ok(segments)
 }
 
-impl Mapping {
-    pub fn load(path: &Path) -> Result<Mapping, Vec<Problem>> {
-        Mapping::parse(&read(path)?)
-    }
-
-    pub fn parse(text: &str) -> Result<Mapping, Vec<Problem>> {
-        parse_toml(text, Mapping::validate)
+impl MappingFile for Mapping {
+    fn sources(&self) -> Vec<&str> {
+        self.tables.iter().map(|t| t.source.as_str()).collect()
     }
 
     /// Problems visible without the database: templates, names, collisions.
-    pub fn validate(&self) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        if self.tables.is_empty() {
-            problems.push(Problem::new("mapping", "tables", "at least one table mapping is needed"));
-        }
-        let mut sources = std::collections::BTreeSet::new();
+    fn problems(&self, problems: &mut Vec<Problem>) {
         for (i, table) in self.tables.iter().enumerate() {
             let prefix = format!("mapping.tables[{i}]");
             if table.source.split('.').count() != 2 {
@@ -229,9 +219,6 @@ impl Mapping {
                     "source",
                     format!("{:?} must be schema.table", table.source),
                 ));
-            }
-            if !sources.insert(&table.source) {
-                problems.push(Problem::new(&prefix, "source", format!("{} is mapped twice", table.source)));
             }
             if table.target.len() < 3 || table.target.len() > 255 {
                 problems.push(Problem::new(&prefix, "target", "DynamoDB table names are 3-255 characters"));
@@ -274,9 +261,8 @@ impl Mapping {
                     ));
                 }
             }
-            filter_problems(&prefix, &table.filter, &mut problems);
+            filter_problems(&prefix, &table.filter, problems);
         }
-        problems
     }
 }
 

@@ -17,6 +17,7 @@ use super::mapping::{parse_template, AttrKind, Mapping, NullPolicy, Segment, Tab
 use crate::error::TargetError;
 use crate::translate::filter::passes_filter;
 use crate::translate::mapping::Constant;
+use crate::translate::mapping::MappingFile;
 use crate::translate::outbox::{OutboxConfig, Routed};
 use crate::translate::{iso, text_of, Context, TranslateError, Translator};
 use sluice_core::{ChangeEvent, Column, NewRow, Position, Relation, Value};

@@ -14,6 +14,7 @@ use super::config::DynamoConfig;
 use super::mapping::{parse_template, Mapping, Segment, TableMapping};
 use super::translate::MappingTranslator;
 use crate::compare::{digest, source_key, Extra, Finding, SourceKey};
+use crate::translate::mapping::MappingFile;
 use crate::translate::TranslateError;
 use sluice_core::{ChangeEvent, Position, Value};
 

@@ -43,6 +43,7 @@ use crate::targets::postgres::config::PostgresTargetConfig;
 use crate::targets::postgres::mapping::PgMapping;
 use crate::targets::postgres::translate::{PgTranslator, RowOp, Text};
 use crate::targets::{OpBatch, Receipt, Sourced, Target, TargetStats};
+use crate::translate::mapping::MappingFile;
 use sluice_core::Position;
 
 /// A checkpoint row's position, or why it is not one.

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use sluice_core::Problem;
+
+use crate::translate::mapping::MappingFile;
 use sluice_postgres::ConnectionConfig;
 
 #[derive(Clone, Debug, Deserialize)]

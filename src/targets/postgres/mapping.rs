@@ -2,14 +2,13 @@
 //! `schemas/postgres/mapping.schema.json`): which source table feeds which target table, with
 //! renames, dropped columns, constants and a row filter.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 use sluice_core::Problem;
 
 use crate::translate::filter::filter_problems;
-use crate::translate::mapping::{parse_toml, read, Constant, Predicate};
+use crate::translate::mapping::{Constant, MappingFile, Predicate};
 
 /// The mapping of a Postgres target.
 #[derive(Clone, Debug, Deserialize)]
@@ -54,31 +53,19 @@ pub struct PgTableMapping {
     pub filter: Vec<Predicate>,
 }
 
-impl PgMapping {
-    pub fn load(path: &Path) -> Result<PgMapping, Vec<Problem>> {
-        PgMapping::parse(&read(path)?)
-    }
-
-    pub fn parse(text: &str) -> Result<PgMapping, Vec<Problem>> {
-        parse_toml(text, PgMapping::validate)
+impl MappingFile for PgMapping {
+    fn sources(&self) -> Vec<&str> {
+        self.tables.iter().map(|t| t.source.as_str()).collect()
     }
 
     /// Problems visible without either database.
-    pub fn validate(&self) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        if self.tables.is_empty() {
-            problems.push(Problem::new("mapping", "tables", "at least one table mapping is needed"));
-        }
-        let mut sources = HashSet::new();
+    fn problems(&self, problems: &mut Vec<Problem>) {
         for (i, table) in self.tables.iter().enumerate() {
             let prefix = format!("mapping.tables[{i}]");
             for (key, name) in [("source", &table.source), ("target", &table.target)] {
                 if sluice_postgres::catalog::split_table(name).is_none() || name.split('.').count() != 2 {
                     problems.push(Problem::new(&prefix, key, format!("{name:?} must be schema.table")));
                 }
-            }
-            if !sources.insert(&table.source) {
-                problems.push(Problem::new(&prefix, "source", format!("{} is mapped twice", table.source)));
             }
             let mut written: HashMap<&str, &str> = HashMap::new();
             for (column, target) in &table.rename {
@@ -99,8 +86,7 @@ impl PgMapping {
                     ));
                 }
             }
-            filter_problems(&prefix, &table.filter, &mut problems);
+            filter_problems(&prefix, &table.filter, problems);
         }
-        problems
     }
 }

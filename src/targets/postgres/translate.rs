@@ -304,6 +304,7 @@ pub fn row_position(event: &ChangeEvent) -> Option<Position> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::translate::mapping::MappingFile;
     use sluice_core::TypeKind;
     use sluice_core::{Column, Lsn, OldRow, ReplicaIdentity};
 

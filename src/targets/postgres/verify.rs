@@ -19,6 +19,7 @@ use crate::compare::{source_key, DifferentValues, Extra, Finding, SourceKey};
 use crate::targets::postgres::config::PostgresTargetConfig;
 use crate::targets::postgres::mapping::{PgMapping, PgTableMapping};
 use crate::targets::postgres::translate::{PgTranslator, RowOp, Text};
+use crate::translate::mapping::MappingFile;
 use sluice_core::{ChangeEvent, Position, Value};
 
 /// Target keys read per page when looking for extra rows.
