@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod backfill;
 mod env;
+
+pub use backfill::BackfillConfig;
 use env::apply_env_overrides;
 use sluice_core::Problem;
 
@@ -27,7 +30,7 @@ pub struct Config {
     #[serde(default)]
     pub ha: HaConfig,
     #[serde(default)]
-    pub backfill: crate::backfill::BackfillConfig,
+    pub backfill: BackfillConfig,
 }
 
 /// `[monitoring]`: the HTTP endpoints and the health thresholds.

@@ -1,0 +1,88 @@
+//! `[backfill]`: the backfill beside the stream.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use sluice_core::Problem;
+use sluice_postgres::setup::quote_ident;
+
+/// `[backfill]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackfillConfig {
+    /// Serve backfill and reconcile requests while streaming.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Request a backfill of every published table that has never had one, at each start.
+    #[serde(default)]
+    pub initial: bool,
+    /// The progress table in the source database (`schema.table`), created when missing.
+    #[serde(default = "default_progress_table")]
+    pub progress_table: String,
+    /// Rows per chunk.
+    #[serde(default = "default_chunk_size")]
+    pub chunk_size: usize,
+    /// Most rows read per second for each table being backfilled; 0 for no limit.
+    #[serde(default)]
+    pub max_rows_per_second: u64,
+    /// Requests served at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// How often the daemon looks for new requests.
+    #[serde(default = "default_poll_interval", with = "sluice_core::duration")]
+    pub poll_interval: Duration,
+}
+
+impl Default for BackfillConfig {
+    fn default() -> Self {
+        BackfillConfig {
+            enabled: true,
+            initial: false,
+            progress_table: default_progress_table(),
+            chunk_size: default_chunk_size(),
+            max_rows_per_second: 0,
+            concurrency: default_concurrency(),
+            poll_interval: default_poll_interval(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_progress_table() -> String {
+    "public.sluice_backfill".into()
+}
+fn default_chunk_size() -> usize {
+    20_000
+}
+fn default_concurrency() -> usize {
+    1
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(2)
+}
+
+impl BackfillConfig {
+    pub fn validate(&self, problems: &mut Vec<Problem>) {
+        if sluice_postgres::catalog::split_table(&self.progress_table).is_none() {
+            problems.push(Problem::new("backfill", "progress_table", "must be schema.table"));
+        }
+        if !(1..=100_000).contains(&self.chunk_size) {
+            problems.push(Problem::new("backfill", "chunk_size", "must be between 1 and 100000"));
+        }
+        if self.concurrency == 0 {
+            problems.push(Problem::new("backfill", "concurrency", "must be at least 1"));
+        }
+        if self.poll_interval.is_zero() {
+            problems.push(Problem::new("backfill", "poll_interval", "must be more than 0s"));
+        }
+    }
+
+    /// The progress table, quoted for SQL.
+    pub fn quoted_table(&self) -> String {
+        let (schema, name) = sluice_postgres::catalog::split_table(&self.progress_table)
+            .unwrap_or(("public", "sluice_backfill"));
+        format!("{}.{}", quote_ident(schema), quote_ident(name))
+    }
+}
