@@ -6,6 +6,7 @@ mod binary;
 pub mod catalog;
 mod client;
 pub mod config;
+pub mod copy;
 pub mod decode;
 pub mod error;
 pub mod pgoutput;
