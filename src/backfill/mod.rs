@@ -670,4 +670,3 @@ pub async fn follow(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
-
