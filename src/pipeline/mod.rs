@@ -294,17 +294,18 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn durable_position_reaches_the_last_batch_despite_reordering() {
+    /// Applies four batches (acks 10 to 40) through the reordering target; the outcome and
+    /// the durable position it left.
+    async fn apply_four(fail_at: Option<u64>) -> (Result<(), TargetError>, Lsn) {
         let (tx, rx) = mpsc::channel(8);
         let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
         for ack in [10, 20, 30, 40] {
             tx.send(batch(ack)).await.unwrap();
         }
         drop(tx);
-        apply(
+        let result = apply(
             crate::targets::NullTranslator,
-            ReorderingTarget { submitted: 0, fail_at: None },
+            ReorderingTarget { submitted: 0, fail_at },
             Stage {
                 target: "test",
                 dead_letter: &dead_letter().await,
@@ -315,35 +316,22 @@ mod tests {
             durable_tx,
             &mut Watermarks::new("test", None),
         )
-        .await
-        .unwrap();
-        assert_eq!(*durable_rx.borrow(), Lsn(40));
+        .await;
+        let durable = *durable_rx.borrow();
+        (result, durable)
+    }
+
+    #[tokio::test]
+    async fn durable_position_reaches_the_last_batch_despite_reordering() {
+        let (result, durable) = apply_four(None).await;
+        result.unwrap();
+        assert_eq!(durable, Lsn(40));
     }
 
     #[tokio::test]
     async fn failed_batch_stops_the_position_before_it() {
-        let (tx, rx) = mpsc::channel(8);
-        let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
-        for ack in [10, 20, 30, 40] {
-            tx.send(batch(ack)).await.unwrap();
-        }
-        drop(tx);
-        let err = apply(
-            crate::targets::NullTranslator,
-            ReorderingTarget { submitted: 0, fail_at: Some(2) },
-            Stage {
-                target: "test",
-                dead_letter: &dead_letter().await,
-                max_in_flight: 4,
-                state: &test_state(),
-            },
-            rx,
-            durable_tx,
-            &mut Watermarks::new("test", None),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(err.message, "injected");
-        assert_eq!(*durable_rx.borrow(), Lsn(20), "nothing at or after the failed batch may be durable");
+        let (result, durable) = apply_four(Some(2)).await;
+        assert_eq!(result.unwrap_err().message, "injected");
+        assert_eq!(durable, Lsn(20), "nothing at or after the failed batch may be durable");
     }
 }

@@ -237,12 +237,14 @@ impl DynamoClient {
         }
     }
 
-    /// The backoff for items or keys a batch request left unprocessed (throttling): short first
-    /// delays, the client's budget (at least ten seconds).
+    /// The backoff for items or keys a batch request left unprocessed (throttling): short
+    /// delays for about ten seconds (as the eight doubling rounds before it), then a transient
+    /// error for the caller's own retry, so the two budgets do not add up.
     fn unprocessed_backoff(&self) -> Backoff {
-        let policy =
-            RetryPolicy { retry_for: self.retry.retry_for.max(Duration::from_secs(10)), ..self.retry };
-        Backoff::new(policy.with_delays(Duration::from_millis(20), Duration::from_secs(2)))
+        Backoff::new(
+            RetryPolicy::new(Duration::from_secs(10))
+                .with_delays(Duration::from_millis(20), Duration::from_secs(2)),
+        )
     }
 
     /// Runs one request, retrying transient failures under the client's retry policy.

@@ -289,7 +289,7 @@ struct WorkerSettings {
     retry_for: Duration,
 }
 
-pub(crate) fn new_backoff() -> impl Iterator<Item = Duration> {
+fn new_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
         .with_max_delay(Duration::from_secs(5))

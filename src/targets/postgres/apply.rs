@@ -28,7 +28,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_core::Lsn;
+use sluice_core::{Backoff, Lsn, RetryPolicy};
 use sluice_postgres::catalog::quote_literal;
 use sluice_postgres::setup::quote_ident;
 use sluice_postgres::ConnectionConfig;
@@ -222,10 +222,12 @@ impl Applier {
     async fn apply_batch(&mut self, batch: OpBatch<RowOp>) -> Result<(), TargetError> {
         let applied = self.applied;
         let ops: Vec<Op> = batch.ops.into_iter().filter(|op| op.position > applied).collect();
-        let last = ops.last().map(|op| op.position);
-        let (Some(last), false) = (last, ops.is_empty()) else { return Ok(()) };
+        let Some(last) = ops.last().map(|op| op.position) else { return Ok(()) };
         let started = Instant::now();
-        let mut backoff = crate::targets::dynamodb::apply::new_backoff();
+        // The budget is `retry_for` from `started`, checked below; the delays are the policy's.
+        let mut backoff = Backoff::new(
+            RetryPolicy::new(self.retry_for).with_delays(Duration::from_millis(50), Duration::from_secs(5)),
+        );
         let mut careful = false;
         loop {
             let result =
@@ -244,7 +246,7 @@ impl Applier {
                     tracing::warn!(error = %error, "postgres target: retrying");
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     self.client = None;
-                    tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(5))).await;
+                    tokio::time::sleep(backoff.next_delay().unwrap_or(Duration::from_secs(5))).await;
                     if let Err(error) = self.reconnect().await {
                         if error.kind != ErrorKind::Transient {
                             return Err(error);

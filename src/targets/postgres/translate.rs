@@ -18,7 +18,7 @@ use super::mapping::{PgMapping, PgTableMapping, PgTruncatePolicy};
 use crate::translate::filter::passes_filter;
 use crate::translate::mapping::Constant;
 use crate::translate::{Context, TranslateError, Translator};
-use sluice_core::{ChangeEvent, NewRow, Position, Relation, Value};
+use sluice_core::{ChangeEvent, NewRow, Relation, Value};
 
 /// A target column's value as Postgres text; `None` is NULL.
 pub type Text = Option<String>;
@@ -290,23 +290,12 @@ fn target_name<'a>(table: &'a CompiledTable, column: &'a str) -> &'a str {
     table.mapping.rename.get(column).map(String::as_str).unwrap_or(column)
 }
 
-/// The position of an event that writes rows, for the target's checkpoint.
-pub fn row_position(event: &ChangeEvent) -> Option<Position> {
-    match event {
-        ChangeEvent::Insert { position, .. }
-        | ChangeEvent::Update { position, .. }
-        | ChangeEvent::Delete { position, .. }
-        | ChangeEvent::Truncate { position, .. } => Some(*position),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::translate::mapping::MappingFile;
     use sluice_core::TypeKind;
-    use sluice_core::{Column, Lsn, OldRow, ReplicaIdentity};
+    use sluice_core::{Column, Lsn, OldRow, Position, ReplicaIdentity};
 
     fn relation() -> Arc<Relation> {
         let column = |name: &str, kind: TypeKind, key: bool| Column {
