@@ -140,7 +140,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
             sync_sequences: true,
         });
     }
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (shutdown_tx, shutdown_rx) = sluice_core::Shutdown::new();
     let (handles_tx, mut handles_rx) =
         watch::channel(None::<(std::sync::Arc<SourceStats>, watch::Receiver<Lsn>)>);
     let state = crate::monitor::PipelineState::new(&config);
@@ -164,7 +164,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
     }
     // The last change commits after `before_last`: once that is durable, everything is.
     tokio::time::timeout(Duration::from_secs(30), durable.wait_for(|&lsn| lsn > before_last)).await??;
-    shutdown_tx.send_replace(true);
+    shutdown_tx.trigger();
     pipeline.await??;
     if let Some((_server, client)) = &dynamo {
         eprintln!("demo: read back with aws-sdk-dynamodb (Scan of demo_accounts):");

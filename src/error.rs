@@ -1,15 +1,7 @@
-//! Errors of the daemon core, with the one function that decides what happens after a failure.
+//! Errors of the daemon core. Their kinds are the one [`ErrorKind`] of `sluice_core`, and
+//! [`sluice_core::action`] alone decides what follows from a kind.
 
-/// How a failure is handled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// Try again with backoff; nothing is acknowledged meanwhile.
-    Transient,
-    /// Stop with a clear message; nothing past the last durable position is acknowledged.
-    Fatal,
-    /// This one change can never apply: dead-letter it and go on.
-    Poison,
-}
+pub use sluice_core::{action, Action, Classify, ErrorKind};
 
 /// A target failed to make a batch durable.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +12,12 @@ pub struct TargetError {
     pub message: String,
     #[source]
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Classify for TargetError {
+    fn kind(&self) -> ErrorKind {
+        self.kind
+    }
 }
 
 impl TargetError {

@@ -13,10 +13,10 @@
 //! the lock's session (10 s idle, 5 s interval, 3 probes) make the server notice a vanished
 //! client within about half a minute, so the lock is not held by a dead peer for long.
 
+use sluice_core::{Backoff, Classify, RetryPolicy, Shutdown};
 use std::time::Duration;
 
 use sluice_postgres::{connect_sql, ConnectionConfig};
-use tokio::sync::watch;
 
 /// The held lock; dropping it closes the connection and releases the lock.
 pub struct HaLock {
@@ -40,11 +40,12 @@ pub async fn acquire(
     retry_interval: Duration,
     retry_for: Duration,
     standby_healthy: &std::sync::atomic::AtomicBool,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &mut Shutdown,
 ) -> Result<Option<HaLock>, sluice_postgres::Error> {
     let key = format!("sluice:{slot}");
     let mut announced_standby = false;
-    let mut failing_since: Option<std::time::Instant> = None;
+    // Polls every `retry_interval`; a run of network failures is given up after `retry_for`.
+    let mut failures = Backoff::new(RetryPolicy::new(retry_for).with_delays(retry_interval, retry_interval));
     // A standby keeps its connection between attempts and opens a new one only after a failure.
     let mut client: Option<tokio_postgres::Client> = None;
     loop {
@@ -63,20 +64,23 @@ pub async fn acquire(
                     tracing::info!(slot, "standing by: another replica holds the HA lock");
                     announced_standby = true;
                 }
-                failing_since = None;
+                failures.reset();
             }
             Err(error) if error.is_transient() => {
-                let since = *failing_since.get_or_insert_with(std::time::Instant::now);
-                if since.elapsed() >= retry_for {
+                if failures.next_delay().is_none() {
                     return Err(error);
                 }
-                tracing::warn!(error = %sluice_postgres::error::Chain(&error), "cannot reach Postgres for the HA lock; retrying");
+                tracing::warn!(
+                    error = %sluice_postgres::error::Chain(&error),
+                    gives_up_in_s = failures.gives_up_in().as_secs(),
+                    "cannot reach Postgres for the HA lock; retrying"
+                );
             }
             Err(error) => return Err(error),
         }
         tokio::select! {
             _ = tokio::time::sleep(retry_interval) => {}
-            _ = crate::monitor::stopped(shutdown) => return Ok(None),
+            _ = shutdown.requested() => return Ok(None),
         }
     }
 }

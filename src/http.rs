@@ -5,6 +5,7 @@
 //!   else 503 with the reason; `/readyz?standby=ok` also answers 200 for a healthy standby;
 //! - `GET /status`: the pipeline's status as JSON (what `sluice status` prints).
 
+use sluice_core::Shutdown;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -15,7 +16,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::monitor::PipelineState;
 
@@ -24,7 +24,7 @@ pub async fn serve(
     listener: TcpListener,
     state: Arc<PipelineState>,
     metrics: PrometheusHandle,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     loop {
         let (stream, _) = tokio::select! {
@@ -36,7 +36,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = crate::monitor::stopped(&mut shutdown) => return,
+            _ = shutdown.requested() => return,
         };
         let (state, metrics) = (Arc::clone(&state), metrics.clone());
         tokio::spawn(async move {

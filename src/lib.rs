@@ -10,6 +10,7 @@ pub mod compare;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod faults;
 pub mod ha;
 pub mod http;
 pub mod json;

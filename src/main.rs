@@ -7,7 +7,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice::config::{Config, ConfigError};
 use sluice_core::Lsn;
-use tokio::sync::watch;
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Change-data capture from Postgres logical replication")]
@@ -154,12 +153,12 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (shutdown_tx, shutdown_rx) = sluice_core::Shutdown::new();
     let signals = shutdown_tx.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("signal received; draining");
-        signals.send_replace(true);
+        signals.trigger();
     });
     let state = sluice::monitor::PipelineState::new(&config);
     let metrics = sluice::metrics::install(&config.pipeline.name);
@@ -203,7 +202,7 @@ async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {
             tokio::spawn(async move {
                 if durable.wait_for(|&lsn| lsn >= until).await.is_ok() {
                     tracing::info!(lsn = %until, "reached --until-lsn");
-                    shutdown_tx.send_replace(true);
+                    shutdown_tx.trigger();
                 }
             });
         }

@@ -12,6 +12,7 @@
 //!   transactions here, so on an idle database the figure stays below the heartbeat interval
 //!   plus the real delay, and it grows when the stream stalls.
 
+use sluice_core::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -19,7 +20,6 @@ use std::time::Duration;
 use serde::Serialize;
 use sluice_core::Lsn;
 use sluice_postgres::{ConnectionConfig, SourceStats};
-use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::metrics as m;
@@ -262,7 +262,7 @@ pub async fn inspect_slot(
 /// Samples the state into gauges every second and inspects the slot every
 /// `monitoring.slot_check_interval`, warning while it retains more than
 /// `monitoring.retained_wal_warn_bytes`. Runs until `shutdown`.
-pub async fn run(state: Arc<PipelineState>, config: Config, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(state: Arc<PipelineState>, config: Config, mut shutdown: Shutdown) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let check_every = config.monitoring.slot_check_interval;
@@ -273,7 +273,7 @@ pub async fn run(state: Arc<PipelineState>, config: Config, mut shutdown: watch:
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = crate::monitor::stopped(&mut shutdown) => return,
+            _ = shutdown.requested() => return,
         }
         if tokio::time::Instant::now() >= next_check {
             next_check = tokio::time::Instant::now() + check_every;
@@ -390,9 +390,4 @@ fn record_slot(info: &SlotInfo) {
     if info.wal_status.as_deref() == Some("lost") {
         tracing::error!(slot = %info.name, "the replication slot was invalidated (wal_status = lost): changes were lost; see source.replication.on_slot_lost");
     }
-}
-
-/// Resolves once `shutdown` is true (or its sender is gone).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|&stop| stop).await;
 }

@@ -1,6 +1,7 @@
 //! `sluice validate` beyond the files: the source database can serve the pipeline (the same
 //! checks `run` makes before streaming) and the mapping fits its catalog.
 
+use sluice_core::Classify;
 use sluice_core::Problem;
 
 use crate::config::Config;

@@ -30,7 +30,7 @@ async fn fails(db: &TestDb, conn: ConnectionConfig, slot: &str) -> Error {
     );
     let (tx, _rx) = mpsc::channel::<EventBatch>(1);
     let (_durable_tx, durable) = watch::channel(Lsn::ZERO);
-    let (_shutdown_tx, shutdown) = watch::channel(false);
+    let (_shutdown_tx, shutdown) = sluice_core::Shutdown::new();
     tokio::time::timeout(Duration::from_secs(30), source.run(tx, durable, shutdown))
         .await
         .expect("fails quickly")

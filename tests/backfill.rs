@@ -307,3 +307,38 @@ async fn verify_finds_injected_drift_exactly_and_reconcile_repairs_it() {
 fn table_report(report: &serde_json::Value) -> &serde_json::Value {
     table(report, "public.customers")
 }
+
+/// A panic in the backfill task is a defect, not a failure to retry: the pipeline stops with
+/// an error naming it (instead of streaming on beside a request that never finishes), and the
+/// request stays open for the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_backfill_task_stops_the_pipeline() {
+    let setup = setup("bfpanic", "").await;
+    let db = &setup.db;
+    preload(db, 10);
+    let _logs = LogsOnPanic(vec![setup.log("run.log")]);
+    let mut child = setup.start_with("run.log", &[("SLUICE_TEST_PANIC_IN", "backfill")]);
+    db.wait_slot_active(&db.slot_name("bfpanic")).await;
+    let (code, out) = setup.command(&["snapshot", "--no-wait", "--table", "public.customers"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    let status = wait_for_exit(&mut child, Duration::from_secs(60)).await;
+    let log = std::fs::read_to_string(setup.log("run.log")).unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("the backfill task panicked"), "the error names the task: {log}");
+    assert_ne!(
+        db.sql("SELECT state FROM sluice_backfill WHERE source_table = 'public.customers'").trim(),
+        "done"
+    );
+}
+
+/// Waits up to `limit` for the child to exit.
+async fn wait_for_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "sluice still runs after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -58,7 +58,7 @@ fn dynamo_config(url: &str, mapping: PathBuf, dead_letter: Option<PathBuf>) -> D
 }
 
 struct Running {
-    shutdown: watch::Sender<bool>,
+    shutdown: sluice_core::ShutdownTrigger,
     task: tokio::task::JoinHandle<Result<(), sluice::error::PipelineError>>,
     source_stats: Arc<sluice_postgres::SourceStats>,
 }
@@ -76,7 +76,7 @@ async fn start_pipeline(db: &TestDb, slot: &str, target: DynamoConfig) -> Runnin
         ha: Default::default(),
         backfill: Default::default(),
     };
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (shutdown, shutdown_rx) = sluice_core::Shutdown::new();
     let (stats_tx, mut stats_rx) = watch::channel(None);
     let state = sluice::monitor::PipelineState::new(&config);
     let task = tokio::spawn(async move {
@@ -92,7 +92,7 @@ async fn start_pipeline(db: &TestDb, slot: &str, target: DynamoConfig) -> Runnin
 
 impl Running {
     async fn stop(self) {
-        self.shutdown.send_replace(true);
+        self.shutdown.trigger();
         tokio::time::timeout(Duration::from_secs(60), self.task)
             .await
             .expect("pipeline stops")
@@ -767,7 +767,7 @@ async fn outbox_events_land_in_an_event_log_table_in_order_per_aggregate() {
         backfill: Default::default(),
     };
     assert!(config.validate().is_empty(), "{:?}", config.validate());
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (shutdown, shutdown_rx) = sluice_core::Shutdown::new();
     let state = sluice::monitor::PipelineState::new(&config);
     let task = tokio::spawn(async move { sluice::pipeline::run(&config, &state, shutdown_rx, |_| {}).await });
     db.wait_slot_active(&db.slot_name("log")).await;
@@ -831,7 +831,7 @@ async fn outbox_events_land_in_an_event_log_table_in_order_per_aggregate() {
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0]["table"], "public.outbox");
     assert!(dead[0]["reason"].as_str().unwrap().contains("aggregateid"), "{}", dead[0]);
-    shutdown.send_replace(true);
+    shutdown.trigger();
     tokio::time::timeout(Duration::from_secs(60), task).await.unwrap().unwrap().unwrap();
 }
 
@@ -888,7 +888,7 @@ async fn a_panicking_worker_stops_the_pipeline_and_confirms_nothing_past_it() {
     let config = db.config_file(shop.dir.path(), "panic", "p", &target_toml(&mapping, &shop.moto.url, ""));
     let child = crate::harness::sluice()
         .args(["run", "-c", config.to_str().unwrap()])
-        .env("SLUICE_TEST_PANIC_IN_DYNAMODB_WORKER", "1")
+        .env("SLUICE_TEST_PANIC_IN", "dynamodb-worker")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

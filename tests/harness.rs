@@ -202,7 +202,7 @@ impl Drop for CommitPeek<'_> {
 pub struct Stream {
     batches: mpsc::Receiver<EventBatch>,
     durable: watch::Sender<Lsn>,
-    shutdown: watch::Sender<bool>,
+    shutdown: sluice_core::ShutdownTrigger,
     pub task: JoinHandle<sluice_postgres::Result<()>>,
     pub acknowledge: bool,
     pub stats: Arc<SourceStats>,
@@ -217,7 +217,7 @@ impl Stream {
         let stats = source.stats();
         let (tx, batches) = mpsc::channel(4);
         let (durable, durable_rx) = watch::channel(Lsn::ZERO);
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (shutdown, shutdown_rx) = sluice_core::Shutdown::new();
         let task = tokio::spawn(source.run(tx, durable_rx, shutdown_rx));
         Stream { batches, durable, shutdown, task, acknowledge: true, stats, redelivery_horizon: Lsn::ZERO }
     }
@@ -275,7 +275,7 @@ impl Stream {
     }
 
     pub async fn stop(self) -> sluice_postgres::Result<()> {
-        self.shutdown.send_replace(true);
+        self.shutdown.trigger();
         let Stream { mut batches, task, durable, acknowledge, .. } = self;
         // Keep draining so that the source can hand over its last batch. Batches without
         // events (heartbeats) are acknowledged, so the drain does not wait for them; batches

@@ -610,3 +610,34 @@ async fn verify_counts_a_row_the_target_type_refuses_as_untranslatable_without_q
     );
     assert!(!report.to_string().contains("987654321"), "{report:#}");
 }
+
+/// A panic in the apply task fails the batch it was given (its receipt resolves with an
+/// error instead of never), so sluice stops and confirms nothing past the unapplied change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_apply_task_stops_sluice_and_confirms_nothing_past_it() {
+    let (db, target, dir, config) = setup("pgpanic", "");
+    let child = sluice()
+        .args(["run", "-c", config.to_str().unwrap()])
+        .env("SLUICE_TEST_PANIC_IN", "postgres-applier")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    db.wait_slot_active(&db.slot_name("pgpanic")).await;
+    let commit = db.commit_lsn_of("INSERT INTO orders VALUES (1, 1, 1)");
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("sluice stops instead of waiting on the lost batch forever")
+    .unwrap()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the apply task"), "the error names the task: {stderr}");
+    let confirmed = db.slot_confirmed("pgpanic").unwrap();
+    assert!(confirmed < commit, "slot confirmed {confirmed}, past the unapplied change ending at {commit}");
+    assert_eq!(target.sql("SELECT count(*) FROM v2.orders"), "0");
+    drop(dir);
+}

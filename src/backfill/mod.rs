@@ -25,6 +25,7 @@
 
 pub mod window;
 
+use sluice_core::Shutdown;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,7 +33,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use sluice_core::Value;
 use sluice_postgres::catalog::Table;
 use sluice_postgres::ConnectionConfig;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 pub use crate::config::BackfillConfig;
 use sluice_postgres::copy::{CopyDecoder, Page};
@@ -170,16 +171,16 @@ pub async fn run(
     pipeline: String,
     publication: String,
     config: BackfillConfig,
-    chunks: mpsc::UnboundedSender<Chunk>,
+    chunks: mpsc::Sender<Chunk>,
     source: Arc<sluice_postgres::SourceStats>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     // Watermarks written before the slot exists would never come back through the stream:
     // wait until the source streams once.
     while !source.streaming.load(std::sync::atomic::Ordering::Relaxed) {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = crate::monitor::stopped(&mut shutdown) => return,
+            _ = shutdown.requested() => return,
         }
     }
     let mut announced = false;
@@ -199,7 +200,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(config.poll_interval.max(Duration::from_secs(5))) => {}
-            _ = crate::monitor::stopped(&mut shutdown) => return,
+            _ = shutdown.requested() => return,
         }
     }
 }
@@ -209,8 +210,8 @@ async fn serve(
     pipeline: &str,
     publication: &str,
     config: &BackfillConfig,
-    chunks: &mpsc::UnboundedSender<Chunk>,
-    shutdown: &watch::Receiver<bool>,
+    chunks: &mpsc::Sender<Chunk>,
+    shutdown: &Shutdown,
     initial_done: &mut bool,
 ) -> Result<(), BackfillError> {
     let sql = sluice_postgres::connect_sql(connection).await?;
@@ -230,7 +231,7 @@ async fn serve(
     let mut serving: Vec<i64> = Vec::new();
     let mut shutdown_wait = shutdown.clone();
     loop {
-        if *shutdown.borrow() {
+        if shutdown.is_requested() {
             return Ok(());
         }
         if running.len() < config.concurrency {
@@ -278,7 +279,7 @@ async fn serve(
                 }
             }
             _ = tokio::time::sleep(config.poll_interval) => {}
-            _ = crate::monitor::stopped(&mut shutdown_wait) => return Ok(()),
+            _ = shutdown_wait.requested() => return Ok(()),
         }
     }
 }
@@ -330,10 +331,11 @@ async fn serve_request(
     connection: &ConnectionConfig,
     pipeline: &str,
     config: &BackfillConfig,
-    chunks: &mpsc::UnboundedSender<Chunk>,
-    mut shutdown: watch::Receiver<bool>,
+    chunks: &mpsc::Sender<Chunk>,
+    mut shutdown: Shutdown,
     request: Request,
 ) -> Result<(), BackfillError> {
+    crate::faults::panic_at("backfill");
     let mut sql = sluice_postgres::connect_sql(connection).await?;
     // The high watermark must reach the stream at once: flush its commit locally even where
     // synchronous_commit is off (the walsender sends only flushed WAL), without waiting for
@@ -407,7 +409,12 @@ async fn serve_request(
             absent_keys,
             done,
         };
-        chunks.send(chunk).map_err(|_| BackfillError::Stopped)?;
+        // Never waits long: each request has at most two chunks unmerged (the channel holds two
+        // per request), and the one before this was merged once its high watermark streamed.
+        tokio::select! {
+            sent = chunks.send(chunk) => sent.map_err(|_| BackfillError::Stopped)?,
+            _ = shutdown.requested() => return Err(BackfillError::Stopped),
+        }
         emit(&sql, &Watermark::text(true, pipeline, &chunk_id, &request.table)).await?;
         if let Some(previous) =
             in_flight.replace(InFlight { durable, advanced, read, last_key: read_key.clone() })
@@ -430,7 +437,7 @@ async fn serve_request(
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = crate::monitor::stopped(&mut shutdown) => return Err(BackfillError::Stopped),
+                    _ = shutdown.requested() => return Err(BackfillError::Stopped),
                 }
             }
         }
@@ -466,12 +473,12 @@ async fn record(
     pipeline: &str,
     request: &Request,
     chunk: InFlight,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &mut Shutdown,
     label: &str,
 ) -> Result<usize, BackfillError> {
     tokio::select! {
         result = chunk.durable => result.map_err(|_| BackfillError::ChunkLost)?,
-        _ = crate::monitor::stopped(shutdown) => return Err(BackfillError::Stopped),
+        _ = shutdown.requested() => return Err(BackfillError::Stopped),
     }
     sql.execute(
         &format!("UPDATE {progress} SET last_key = $3, rows_done = rows_done + $4, chunks_done = chunks_done + 1 WHERE pipeline = $1 AND id = $2"),
@@ -523,7 +530,7 @@ async fn read_chunk(
             tokio::time::sleep(Duration::from_millis(2)).await;
             continue;
         }
-        if let Some(delay) = test_window_delay() {
+        if let Some(delay) = crate::faults::backfill_window_delay() {
             tokio::time::sleep(delay).await;
         }
         let stream = txn.copy_out(&statement).await?;
@@ -538,25 +545,6 @@ async fn read_chunk(
         return decoder.finish().map_err(bad);
     }
     Err(BackfillError::Request("no snapshot without committed-but-running transactions in 100 tries".into()))
-}
-
-/// Tests widen each chunk's window (the time between the snapshot and the high watermark)
-/// with `SLUICE_TEST_BACKFILL_WINDOW_DELAY_MS`, so that concurrent writes land inside it.
-#[cfg(not(feature = "test-hooks"))]
-fn test_window_delay() -> Option<Duration> {
-    None
-}
-
-/// See above; only in builds with the `test-hooks` feature.
-#[cfg(feature = "test-hooks")]
-fn test_window_delay() -> Option<Duration> {
-    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
-    *DELAY.get_or_init(|| {
-        std::env::var("SLUICE_TEST_BACKFILL_WINDOW_DELAY_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_millis)
-    })
 }
 
 /// The requested keys the rows read do not have, decoded (compared as values, so that `01`

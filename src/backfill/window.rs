@@ -101,11 +101,11 @@ pub struct Watermarks {
     /// The progress table (`schema.table`): its changes are the backfill's bookkeeping, never
     /// data, even under a publication FOR ALL TABLES.
     progress_table: Option<String>,
-    incoming: Option<mpsc::UnboundedReceiver<Chunk>>,
+    incoming: Option<mpsc::Receiver<Chunk>>,
 }
 
 impl Watermarks {
-    pub fn new(pipeline: &str, incoming: Option<mpsc::UnboundedReceiver<Chunk>>) -> Self {
+    pub fn new(pipeline: &str, incoming: Option<mpsc::Receiver<Chunk>>) -> Self {
         Watermarks {
             pipeline: pipeline.to_owned(),
             windows: HashMap::new(),
@@ -464,12 +464,12 @@ mod tests {
 
     #[test]
     fn the_chunk_follows_its_window_up_to_date_and_the_batch_keeps_its_acknowledgement_at_the_end() {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(4);
         let mut watermarks = Watermarks::new("p", Some(rx));
         let relation = accounts();
         let (chunk, mut done) =
             chunk(vec![row(1, "ada", "long bio"), row(2, "bob", "b"), row(3, "cy", "c")], vec![]);
-        tx.send(chunk).unwrap();
+        tx.try_send(chunk).unwrap();
         let events = vec![
             mark(false, "p", "1.1", 100),
             // A partial update (bio unchanged, not sent) of key 1; a delete of key 2; a change
@@ -530,14 +530,14 @@ mod tests {
 
     #[test]
     fn the_next_chunk_read_ahead_survives_the_merge_of_the_one_before() {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(4);
         let mut watermarks = Watermarks::new("p", Some(rx));
         let (first, _first_done) = chunk(vec![row(1, "a", "")], vec![]);
         let (mut second, mut second_done) = chunk(vec![row(2, "b", "")], vec![]);
         second.id = "1.2".into();
         // The backfill has sent both before the stream reaches the first high watermark.
-        tx.send(first).unwrap();
-        tx.send(second).unwrap();
+        tx.try_send(first).unwrap();
+        tx.try_send(second).unwrap();
         let parts =
             watermarks.split(batch(vec![mark(false, "p", "1.1", 100), mark(true, "p", "1.1", 110)], 115));
         assert_eq!(
@@ -577,10 +577,10 @@ mod tests {
 
     #[test]
     fn absent_keys_become_deletes_unless_the_window_inserts_them() {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(4);
         let mut watermarks = Watermarks::new("p", Some(rx));
         let (chunk, _done) = chunk(vec![], vec![vec![Value::Int8(4)], vec![Value::Int8(5)]]);
-        tx.send(chunk).unwrap();
+        tx.try_send(chunk).unwrap();
         let events = vec![
             mark(false, "p", "1.1", 100),
             ChangeEvent::Insert {
@@ -602,7 +602,7 @@ mod tests {
 
     #[test]
     fn a_high_watermark_without_its_window_or_chunk_emits_nothing() {
-        let (_tx, rx) = mpsc::unbounded_channel();
+        let (_tx, rx) = mpsc::channel(4);
         let mut watermarks = Watermarks::new("p", Some(rx));
         // A replay after a restart: the window opened before, the chunk is gone.
         let parts =

@@ -11,6 +11,7 @@
 pub mod ack;
 mod stage;
 
+use sluice_core::Shutdown;
 use std::sync::Arc;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -43,7 +44,7 @@ pub struct Pipeline {
 pub async fn run(
     config: &Config,
     state: &Arc<PipelineState>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
     on_start: impl FnOnce(Pipeline),
 ) -> Result<(), PipelineError> {
     let dead_letter = Arc::new(
@@ -72,15 +73,18 @@ pub async fn run(
     let mut shutdown_started = shutdown.clone();
     let connection = config.source.connection.clone();
     let mut watermarks = Watermarks::new(&config.pipeline.name, None);
+    let mut backfill_task = None;
     let (stats, source_task) = match (&config.source.replication, &config.source.poll) {
         (Some(replication), _) => {
             let source = ReplicationSource::new(connection.clone(), replication.clone(), options);
             if config.backfill.enabled {
                 // The backfill serves requests beside the stream; its chunks merge at watermarks.
-                let (chunk_tx, chunk_rx) = mpsc::unbounded_channel();
+                // Each request keeps at most two chunks unmerged (one read ahead): the channel
+                // bounds what the backfill holds in memory to that.
+                let (chunk_tx, chunk_rx) = mpsc::channel(2 * config.backfill.concurrency.max(1));
                 watermarks = Watermarks::new(&config.pipeline.name, Some(chunk_rx))
                     .ignoring(&config.backfill.progress_table);
-                tokio::spawn(crate::backfill::run(
+                backfill_task = Some(tokio::spawn(crate::backfill::run(
                     connection,
                     config.pipeline.name.clone(),
                     replication.publication.clone(),
@@ -88,7 +92,7 @@ pub async fn run(
                     chunk_tx,
                     source.stats(),
                     shutdown.clone(),
-                ));
+                )));
             }
             (source.stats(), tokio::spawn(source.run(batch_tx, durable_rx.clone(), shutdown)))
         }
@@ -104,10 +108,19 @@ pub async fn run(
     // durable and stops; a target still retrying after that is abandoned (its batches were not
     // confirmed and will be streamed again).
     let grace = config.pipeline.shutdown_timeout + std::time::Duration::from_secs(5);
+    let stage = Stage {
+        target: config.target.kind(),
+        dead_letter: &dead_letter,
+        max_in_flight: config.pipeline.max_in_flight,
+        state,
+    };
     let applied = tokio::select! {
-        applied = apply_opened(target, Stage { target: config.target.kind(), dead_letter: &dead_letter, max_in_flight: config.pipeline.max_in_flight, state }, batch_rx, durable_tx, &mut watermarks) => applied,
+        applied = apply_opened(target, stage, batch_rx, durable_tx, &mut watermarks) => applied.map_err(PipelineError::from),
+        // The backfill is never fatal by its failures (it retries them), but a panic in it is a
+        // defect: stop rather than stream on with requests that will never finish.
+        panicked = panicked(&mut backfill_task) => Err(PipelineError::Task(format!("the backfill task panicked ({panicked})"))),
         _ = async {
-            let _ = shutdown_started.wait_for(|&stop| stop).await;
+            shutdown_started.requested().await;
             tokio::time::sleep(grace).await;
         } => {
             tracing::warn!("shutdown timeout: abandoning target writes still in flight; they will be streamed again");
@@ -119,6 +132,26 @@ pub async fn run(
     applied?;
     sourced?;
     Ok(())
+}
+
+/// Resolves with the panic's message if the task panics; never otherwise (also not when it
+/// ends normally, at shutdown or once the pipeline stops taking chunks).
+async fn panicked(task: &mut Option<tokio::task::JoinHandle<()>>) -> String {
+    if let Some(handle) = task {
+        if let Err(error) = handle.await {
+            *task = None;
+            if error.is_panic() {
+                let panic = error.into_panic();
+                return panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_default();
+            }
+        }
+        *task = None;
+    }
+    std::future::pending().await
 }
 
 /// Runs [`apply`] with the target and translator that were opened.

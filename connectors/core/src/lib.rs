@@ -18,12 +18,12 @@ pub mod shutdown;
 pub mod types;
 pub mod value;
 
-pub use error::{Classify, ErrorKind};
+pub use error::{action, Action, Classify, ErrorKind};
 pub use event::{ChangeEvent, Column, EventBatch, NewRow, OldRow, Position, Relation, ReplicaIdentity};
 pub use lsn::Lsn;
 pub use problem::Problem;
 pub use retry::{Backoff, GaveUp, RetryPolicy};
 pub use secret::Secret;
-pub use shutdown::Shutdown;
+pub use shutdown::{Shutdown, ShutdownTrigger};
 pub use types::TypeKind;
 pub use value::{Date, Interval, Numeric, Time, Timestamp, Value};

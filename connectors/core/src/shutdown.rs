@@ -8,7 +8,7 @@ use tokio::sync::watch;
 pub struct Shutdown(watch::Receiver<bool>);
 
 /// Requests shutdown of every [`Shutdown`] made from it.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ShutdownTrigger(watch::Sender<bool>);
 
 impl Shutdown {
@@ -26,11 +26,6 @@ impl Shutdown {
         Shutdown(rx)
     }
 
-    /// Listens to an existing watch channel whose `true` means "shut down".
-    pub fn from_watch(rx: watch::Receiver<bool>) -> Shutdown {
-        Shutdown(rx)
-    }
-
     /// True once shutdown was requested.
     pub fn is_requested(&self) -> bool {
         *self.0.borrow()
@@ -41,11 +36,6 @@ impl Shutdown {
         if self.0.wait_for(|&stop| stop).await.is_err() {
             std::future::pending::<()>().await;
         }
-    }
-
-    /// The underlying watch channel, for code that selects on it directly.
-    pub fn as_watch(&self) -> &watch::Receiver<bool> {
-        &self.0
     }
 }
 

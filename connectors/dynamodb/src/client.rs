@@ -277,21 +277,24 @@ impl DynamoClient {
                     .set_expression_attribute_values(Some(values))
                     .send()
                     .await
-                    .map(drop)
-                    .map_err(|e| classify(e, &write.table))
             };
         }
-        let result = match operation {
-            Operation::Put(item) => guarded!(self.client.put_item().set_item(Some(item))),
+        // A failed guard means the item already holds this position or a newer one.
+        macro_rules! outcome {
+            ($result:expr) => {
+                match $result {
+                    Ok(_) => Ok(Outcome::Applied),
+                    Err(e) if condition_failed(&e) => Ok(Outcome::AlreadyApplied),
+                    Err(e) => Err(classify(e, &write.table)),
+                }
+            };
+        }
+        match operation {
+            Operation::Put(item) => outcome!(guarded!(self.client.put_item().set_item(Some(item)))),
             Operation::Update { key, expression } => {
-                guarded!(self.client.update_item().set_key(Some(key)).update_expression(expression))
+                outcome!(guarded!(self.client.update_item().set_key(Some(key)).update_expression(expression)))
             }
-            Operation::Delete(key) => guarded!(self.client.delete_item().set_key(Some(key))),
-        };
-        match result {
-            Ok(()) => Ok(Outcome::Applied),
-            Err(e) if e.kind == ErrorKind::ConditionFailed => Ok(Outcome::AlreadyApplied),
-            Err(e) => Err(e),
+            Operation::Delete(key) => outcome!(guarded!(self.client.delete_item().set_key(Some(key)))),
         }
     }
 
@@ -780,7 +783,15 @@ fn version_older(stored: &str, new: &str) -> bool {
     }
 }
 
-/// Sorts an SDK failure into retry, stop, dead-letter, or "condition failed".
+/// True when a guarded write failed its condition: an outcome, not an error.
+fn condition_failed<E>(error: &SdkError<E, HttpResponse>) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    error.as_service_error().and_then(|e| e.code()) == Some("ConditionalCheckFailedException")
+}
+
+/// Sorts an SDK failure into retry, dead-letter or stop.
 fn classify<E>(error: SdkError<E, HttpResponse>, table: &str) -> DynamoError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -788,7 +799,6 @@ where
     let status = error.raw_response().map(|r| r.status().as_u16()).unwrap_or(0);
     let kind = match &error {
         SdkError::ServiceError(service) => match service.err().code() {
-            Some("ConditionalCheckFailedException") => ErrorKind::ConditionFailed,
             Some(
                 "ProvisionedThroughputExceededException"
                 | "ThrottlingException"

@@ -1,8 +1,9 @@
-//! One error type for the Postgres connector, with the single function that decides retry.
+//! One error type for the Postgres connector, classified under the one error policy.
 
 use std::io;
 
 use sluice_core::lsn::Lsn;
+use sluice_core::{Classify, ErrorKind};
 
 /// Everything that can go wrong talking to Postgres.
 #[derive(Debug, thiserror::Error)]
@@ -51,11 +52,12 @@ const TRANSIENT_SQLSTATES: &[&str] = &[
     "40P01", // deadlock_detected
 ];
 
-impl Error {
-    /// True when retrying with a new connection can succeed: network trouble and server restarts.
-    /// Authentication, missing objects, protocol violations and local I/O are fatal.
-    pub fn is_transient(&self) -> bool {
-        match self {
+impl Classify for Error {
+    /// Transient when a new connection can succeed: network trouble and server restarts.
+    /// Authentication, missing objects, protocol violations and local I/O are fatal. (A change
+    /// the source cannot decode is a protocol violation: the stream cannot skip it.)
+    fn kind(&self) -> ErrorKind {
+        let transient = match self {
             Error::Connect { .. } | Error::ConnectionLost(_) => true,
             Error::Server { code, .. } => {
                 code.starts_with("08") || TRANSIENT_SQLSTATES.contains(&code.as_str())
@@ -74,9 +76,16 @@ impl Error {
             | Error::Stopped
             | Error::Protocol { .. }
             | Error::Spill { .. } => false,
+        };
+        if transient {
+            ErrorKind::Transient
+        } else {
+            ErrorKind::Fatal
         }
     }
+}
 
+impl Error {
     pub(crate) fn protocol(lsn: Lsn, reason: impl Into<String>) -> Self {
         Error::Protocol { lsn, reason: reason.into() }
     }

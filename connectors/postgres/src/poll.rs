@@ -40,9 +40,10 @@
 //! Positions: an event's position is the full (epoch-extended) id of the transaction that
 //! inserted the row, with ordinal 0; within one transaction the id column orders events.
 
+use sluice_core::{Backoff, Classify, RetryPolicy, Shutdown};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
@@ -244,10 +245,12 @@ impl PollSource {
         mut self,
         tx: mpsc::Sender<EventBatch>,
         mut durable: watch::Receiver<Lsn>,
-        mut shutdown: watch::Receiver<bool>,
+        mut shutdown: Shutdown,
     ) -> Result<()> {
-        let mut failing_since: Option<Instant> = None;
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(
+            RetryPolicy::new(self.options.retry_for)
+                .with_delays(Duration::from_millis(100), Duration::from_secs(10)),
+        );
         loop {
             let worked = std::sync::atomic::AtomicBool::new(false);
             match self.session(&tx, &mut durable, &mut shutdown, &worked).await {
@@ -255,20 +258,23 @@ impl PollSource {
                 Err(error) => {
                     self.stats.streaming.store(false, Ordering::Relaxed);
                     if worked.load(Ordering::Relaxed) {
-                        failing_since = None;
-                        delay = Duration::from_millis(100);
+                        backoff.reset();
                     }
-                    let since = *failing_since.get_or_insert_with(Instant::now);
-                    if !error.is_transient() || since.elapsed() >= self.options.retry_for {
+                    let Some(delay) = backoff.next_delay().filter(|_| error.is_transient()) else {
                         return Err(error);
-                    }
-                    tracing::warn!(error = %crate::error::Chain(&error), retry_in_ms = delay.as_millis() as u64, table = %self.config.table, "outbox poll failed; retrying");
+                    };
+                    tracing::warn!(
+                        error = %crate::error::Chain(&error),
+                        retry_in_ms = delay.as_millis() as u64,
+                        gives_up_in_s = backoff.gives_up_in().as_secs(),
+                        table = %self.config.table,
+                        "outbox poll failed; retrying"
+                    );
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.wait_for(|&stop| stop) => return Ok(()),
+                        _ = shutdown.requested() => return Ok(()),
                     }
-                    delay = (delay * 2).min(Duration::from_secs(10));
                 }
             }
         }
@@ -278,7 +284,7 @@ impl PollSource {
         &mut self,
         tx: &mpsc::Sender<EventBatch>,
         durable: &mut watch::Receiver<Lsn>,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &mut Shutdown,
         worked: &std::sync::atomic::AtomicBool,
     ) -> Result<()> {
         let mut sql = crate::connect_sql(&self.conn).await?;
@@ -288,7 +294,7 @@ impl PollSource {
         self.stats.streaming.store(true, Ordering::Relaxed);
         let limit = self.config.batch_size as i64;
         loop {
-            if *shutdown.borrow() {
+            if shutdown.is_requested() {
                 return Ok(());
             }
             let txn = sql.transaction().await?;
@@ -298,7 +304,7 @@ impl PollSource {
                 txn.rollback().await?;
                 tokio::select! {
                     _ = tokio::time::sleep(self.config.interval) => {}
-                    _ = shutdown.wait_for(|&stop| stop) => return Ok(()),
+                    _ = shutdown.requested() => return Ok(()),
                 }
                 continue;
             }
@@ -365,7 +371,7 @@ impl PollSource {
             if !full_batch {
                 tokio::select! {
                     _ = tokio::time::sleep(self.config.interval) => {}
-                    _ = shutdown.wait_for(|&stop| stop) => return Ok(()),
+                    _ = shutdown.requested() => return Ok(()),
                 }
             }
         }
@@ -377,11 +383,11 @@ impl PollSource {
         &self,
         ack: Lsn,
         durable: &mut watch::Receiver<Lsn>,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &mut Shutdown,
     ) -> Result<bool> {
         let timeout = self.options.shutdown_timeout;
         let deadline = async {
-            let _ = shutdown.wait_for(|&stop| stop).await;
+            shutdown.requested().await;
             tokio::time::sleep(timeout).await;
         };
         tokio::select! {

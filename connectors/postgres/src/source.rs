@@ -12,11 +12,11 @@
 //! - After a lost connection the stream restarts after the last transaction handed over
 //!   completely; a transaction cut in the middle is sent again from its Begin.
 
+use sluice_core::{Backoff, Classify, RetryPolicy, Shutdown};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::{Buf, Bytes};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Interval;
@@ -159,11 +159,13 @@ impl ReplicationSource {
         mut self,
         tx: mpsc::Sender<EventBatch>,
         mut durable: watch::Receiver<Lsn>,
-        mut shutdown: watch::Receiver<bool>,
+        mut shutdown: Shutdown,
     ) -> Result<()> {
         let mut first = true;
-        let mut backoff = new_backoff();
-        let mut failing_since: Option<Instant> = None;
+        let mut backoff = Backoff::new(
+            RetryPolicy::new(self.options.retry_for)
+                .with_delays(Duration::from_millis(200), Duration::from_secs(10)),
+        );
         loop {
             let started_streaming = AtomicBool::new(false);
             let mut shutdown_during_setup = shutdown.clone();
@@ -171,7 +173,7 @@ impl ReplicationSource {
                 outcome = self.session(first, &tx, &mut durable, &mut shutdown, &started_streaming) => outcome,
                 // Before streaming starts, shutdown abandons set-up; after, the session drains itself.
                 _ = async {
-                    wait_true(&mut shutdown_during_setup).await;
+                    shutdown_during_setup.requested().await;
                     if started_streaming.load(Ordering::Relaxed) {
                         std::future::pending::<()>().await;
                     }
@@ -185,20 +187,22 @@ impl ReplicationSource {
                     // killed process whose walsender has not noticed yet): wait within retry_for.
                     let retryable = error.is_transient() || matches!(error, Error::SlotInUse { .. });
                     if started_streaming.load(Ordering::Relaxed) {
-                        failing_since = None;
-                        backoff = new_backoff();
+                        backoff.reset();
                     }
-                    let since = *failing_since.get_or_insert_with(Instant::now);
-                    if !retryable || since.elapsed() >= self.options.retry_for {
+                    let Some(delay) = backoff.next_delay().filter(|_| retryable) else {
                         return Err(error);
-                    }
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(10));
-                    tracing::warn!(error = %crate::error::Chain(&error), retry_in_ms = delay.as_millis() as u64, "replication connection failed; retrying");
+                    };
+                    tracing::warn!(
+                        error = %crate::error::Chain(&error),
+                        retry_in_ms = delay.as_millis() as u64,
+                        gives_up_in_s = backoff.gives_up_in().as_secs(),
+                        "replication connection failed; retrying"
+                    );
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     self.reset_session_state();
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = wait_true(&mut shutdown) => return Ok(()),
+                        _ = shutdown.requested() => return Ok(()),
                     }
                     first = false;
                 }
@@ -220,7 +224,7 @@ impl ReplicationSource {
         first: bool,
         tx: &mpsc::Sender<EventBatch>,
         durable: &mut watch::Receiver<Lsn>,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &mut Shutdown,
         started: &AtomicBool,
     ) -> Result<()> {
         // The replication connection first: its login errors are the most precise.
@@ -270,7 +274,7 @@ impl ReplicationSource {
         loop {
             tokio::select! {
                 biased;
-                _ = wait_true(shutdown) => return self.drain(session).await,
+                _ = shutdown.requested() => return self.drain(session).await,
                 _ = session.ticker.tick() => self.send_status(&mut session, false).await?,
                 _ = heartbeat.tick(), if self.heartbeat_enabled => self.emit_heartbeat().await,
                 changed = session.durable.changed() => {
@@ -646,18 +650,4 @@ async fn sleep_until_due(due: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-fn new_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
-
-/// Resolves when the flag becomes true (or its sender is gone).
-async fn wait_true(flag: &mut watch::Receiver<bool>) {
-    let _ = flag.wait_for(|&v| v).await;
 }

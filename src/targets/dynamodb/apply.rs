@@ -18,9 +18,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use sluice_core::retry::retry;
+use sluice_core::{action, Action, GaveUp, RetryPolicy, Shutdown};
 use sluice_dynamodb::{
-    item_size, Attr, ClientOptions, DynamoClient, GuardedWrite, Item, Outcome, WriteAction, MAX_ITEM_BYTES,
+    item_size, Attr, ClientOptions, DynamoClient, DynamoError, GuardedWrite, Item, Outcome, WriteAction,
+    MAX_ITEM_BYTES,
 };
 use tokio::sync::{mpsc, Notify};
 
@@ -231,10 +233,7 @@ async fn worker(
                 None => return,
             },
         };
-        #[cfg(feature = "test-hooks")]
-        if std::env::var_os("SLUICE_TEST_PANIC_IN_DYNAMODB_WORKER").is_some() {
-            panic!("injected panic (SLUICE_TEST_PANIC_IN_DYNAMODB_WORKER)");
-        }
+        crate::faults::panic_at("dynamodb-worker");
         let batchable = |job: &Job| !matches!(job.write.action, WriteAction::Update { .. });
         match settings.mode {
             WriteMode::Single => group.push(first),
@@ -289,13 +288,32 @@ struct WorkerSettings {
     retry_for: Duration,
 }
 
-fn new_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
+/// The retry policy of the target's writes: `pipeline.retry_for`, from 50 ms up to 5 s.
+fn write_policy(retry_for: Duration) -> RetryPolicy {
+    RetryPolicy::new(retry_for).with_delays(Duration::from_millis(50), Duration::from_secs(5))
+}
+
+/// Runs one request under the write policy, counting each retry. The target's writes do not
+/// stop on shutdown: the pipeline abandons writes still in flight after `shutdown_timeout`.
+async fn retried<T, F, Fut>(
+    stats: &TargetStats,
+    retry_for: Duration,
+    what: &str,
+    request: F,
+) -> Result<T, DynamoError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DynamoError>>,
+{
+    let on_retry = |_: &DynamoError| {
+        stats.retries.fetch_add(1, Ordering::Relaxed);
+    };
+    let what = format!("DynamoDB {what}");
+    match retry(write_policy(retry_for), &Shutdown::never(), &what, request, on_retry).await {
+        Ok(value) => Ok(value),
+        Err(GaveUp::Failed { error, .. }) => Err(error),
+        Err(GaveUp::Shutdown) => unreachable!("a signal that is never requested stopped a retry"),
+    }
 }
 
 /// One write: retried while transient, dead-lettered when poison, failing its batch when fatal.
@@ -306,30 +324,25 @@ async fn apply_one(
     stats: &TargetStats,
     retry_for: Duration,
 ) {
-    let started = Instant::now();
-    let mut backoff = new_backoff();
-    loop {
-        match timed(client.apply(&job.write)).await {
-            Ok(outcome) => return count(stats, outcome),
-            Err(error) if error.is_transient() && started.elapsed() < retry_for => {
-                pause(stats, &mut backoff, &error, "write").await
+    let error = match retried(stats, retry_for, "write", || timed(client.apply(&job.write))).await {
+        Ok(outcome) => return count(stats, outcome),
+        Err(error) => error,
+    };
+    match action(error.kind) {
+        Action::DeadLetter => {
+            if let Err(e) = dead_letter
+                .record(
+                    job.position,
+                    &job.source,
+                    Some(&|line: &mut Vec<u8>| write_details(line, &job.write)),
+                    &error.to_string(),
+                )
+                .await
+            {
+                job.batch.fail(e);
             }
-            Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
-                if let Err(e) = dead_letter
-                    .record(
-                        job.position,
-                        &job.source,
-                        Some(&|line: &mut Vec<u8>| write_details(line, &job.write)),
-                        &error.to_string(),
-                    )
-                    .await
-                {
-                    job.batch.fail(e);
-                }
-                return;
-            }
-            Err(error) => return job.batch.fail(fatal(error, retry_for)),
         }
+        Action::Retry | Action::Stop => job.batch.fail(fatal(error, retry_for)),
     }
 }
 
@@ -389,55 +402,37 @@ async fn apply_together<F, Fut>(
     mut request: F,
 ) where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Vec<Outcome>, sluice_dynamodb::DynamoError>>,
+    Fut: std::future::Future<Output = Result<Vec<Outcome>, DynamoError>>,
 {
-    let started = Instant::now();
-    let mut backoff = new_backoff();
-    loop {
-        match timed(request()).await {
-            Ok(outcomes) => {
-                for outcome in outcomes {
-                    count(stats, outcome);
-                }
-                stats.already_applied.fetch_add(superseded, Ordering::Relaxed);
-                return;
+    let error = match retried(stats, retry_for, what, || timed(request())).await {
+        Ok(outcomes) => {
+            for outcome in outcomes {
+                count(stats, outcome);
             }
-            Err(error) if error.is_transient() && started.elapsed() < retry_for => {
-                pause(stats, &mut backoff, &error, what).await
+            stats.already_applied.fetch_add(superseded, Ordering::Relaxed);
+            return;
+        }
+        Err(error) => error,
+    };
+    match action(error.kind) {
+        Action::DeadLetter => {
+            for job in group {
+                apply_one(client, job, dead_letter, stats, retry_for).await;
             }
-            Err(error) if error.kind == sluice_dynamodb::ErrorKind::Poison => {
-                for job in group {
-                    apply_one(client, job, dead_letter, stats, retry_for).await;
-                }
-                return;
-            }
-            Err(error) => {
-                let message = fatal(error, retry_for).message;
-                for job in group {
-                    job.batch.fail(TargetError {
-                        target: "dynamodb",
-                        kind: ErrorKind::Fatal,
-                        message: message.clone(),
-                        source: None,
-                    });
-                }
-                return;
+        }
+        Action::Retry | Action::Stop => {
+            let message = fatal_message(&error, retry_for);
+            let error = Arc::new(error);
+            for job in group {
+                job.batch.fail(TargetError {
+                    target: "dynamodb",
+                    kind: ErrorKind::Fatal,
+                    message: message.clone(),
+                    source: Some(Box::new(Arc::clone(&error))),
+                });
             }
         }
     }
-}
-
-/// Counts a retry and waits out the next backoff step after a transient failure.
-async fn pause(
-    stats: &TargetStats,
-    backoff: &mut impl Iterator<Item = Duration>,
-    error: &sluice_dynamodb::DynamoError,
-    what: &str,
-) {
-    stats.retries.fetch_add(1, Ordering::Relaxed);
-    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-    tracing::warn!(table = %error.table, error = %error.message, retry_in_ms = delay.as_millis() as u64, "DynamoDB {what} failed; retrying");
-    tokio::time::sleep(delay).await;
 }
 
 /// Records a request's latency.
@@ -456,13 +451,19 @@ fn count(stats: &TargetStats, outcome: Outcome) {
     };
 }
 
-fn fatal(error: sluice_dynamodb::DynamoError, retry_for: Duration) -> TargetError {
-    let message = if error.is_transient() {
-        format!("{error} (still failing after {retry_for:?})")
-    } else {
-        error.to_string()
-    };
+/// The error that stops the pipeline after a write failed for good; the DynamoDB error is its
+/// source.
+fn fatal(error: DynamoError, retry_for: Duration) -> TargetError {
+    let message = fatal_message(&error, retry_for);
     TargetError { target: "dynamodb", kind: ErrorKind::Fatal, message, source: Some(Box::new(error)) }
+}
+
+fn fatal_message(error: &DynamoError, retry_for: Duration) -> String {
+    if error.is_transient() {
+        format!("a write is still failing after {}s of retries (pipeline.retry_for)", retry_for.as_secs())
+    } else {
+        "a write failed".to_owned()
+    }
 }
 
 /// The dead-letter entry's fields for a write: target table, key and item.

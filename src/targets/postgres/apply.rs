@@ -62,6 +62,17 @@ pub struct PgTarget {
     jobs: mpsc::Sender<Job>,
     /// The checkpoint as the applier last committed (or read) it.
     applied: Arc<std::sync::Mutex<Position>>,
+    /// The apply task: when it ends early (a failed batch, or a panic) the next submit says
+    /// why; dropping the target stops it (an open transaction rolls back).
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for PgTarget {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
 }
 
 /// A batch to apply and where its outcome goes.
@@ -146,8 +157,9 @@ impl PgTarget {
         tracing::info!(pipeline, commit_lsn = %applier.applied.commit_lsn, ordinal = applier.applied.tx_ordinal, "postgres target checkpoint");
         let applied = Arc::clone(&applier.shared_applied);
         let (jobs, mut rx) = mpsc::channel::<Job>(4);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             while let Some((batch, done)) = rx.recv().await {
+                crate::faults::panic_at("postgres-applier");
                 let result = applier.apply_batch(batch).await;
                 let failed = result.is_err();
                 let _ = done.send(result);
@@ -156,7 +168,7 @@ impl PgTarget {
                 }
             }
         });
-        Ok((translator, PgTarget { jobs, applied }))
+        Ok((translator, PgTarget { jobs, applied, task: Some(task) }))
     }
 }
 
@@ -181,8 +193,21 @@ impl Target for PgTarget {
 
     async fn submit(&mut self, batch: OpBatch<RowOp>) -> Result<Receipt, TargetError> {
         let (done, receipt) = oneshot::channel();
-        self.jobs.send((batch, done)).await.map_err(|_| fatal("the apply task stopped"))?;
-        Ok(Box::pin(async move { receipt.await.unwrap_or_else(|_| Err(fatal("the apply task stopped"))) }))
+        if self.jobs.send((batch, done)).await.is_err() {
+            // The task dropped its queue: it has ended, or is unwinding.
+            let ended = match self.task.take() {
+                Some(task) => task.await,
+                None => Ok(()),
+            };
+            return Err(match ended {
+                Err(error) if error.is_panic() => fatal("the apply task panicked"),
+                _ => fatal("the apply task stopped"),
+            });
+        }
+        // A panic drops the batch's sender: its receipt fails rather than waiting forever.
+        Ok(Box::pin(async move {
+            receipt.await.unwrap_or_else(|_| Err(fatal("the apply task stopped before applying this batch")))
+        }))
     }
 }
 
