@@ -2,6 +2,7 @@
 //! (`verify/`) and each target's side of it (`targets/<name>/verify.rs`): what a key is found
 //! to be, the report, and a source row's key.
 
+use crate::error::CommandError;
 use std::collections::BTreeMap;
 
 use serde::Serialize;
@@ -74,13 +75,13 @@ pub enum Finding {
     Untranslatable,
 }
 
-pub fn decode_row(table: &Table, row: &tokio_postgres::Row) -> anyhow::Result<Vec<Value>> {
+pub fn decode_row(table: &Table, row: &tokio_postgres::Row) -> Result<Vec<Value>, CommandError> {
     let mut values = Vec::with_capacity(row.len());
     for (i, column) in table.relation.columns.iter().enumerate() {
         values.push(
-            column
-                .decode_text(row.get(i))
-                .map_err(|e| anyhow::anyhow!("table {}: {e}", table.relation.qualified_name()))?,
+            column.decode_text(row.get(i)).map_err(|e| {
+                CommandError::invalid(format!("table {}: {e}", table.relation.qualified_name()))
+            })?,
         );
     }
     Ok(values)

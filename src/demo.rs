@@ -9,7 +9,7 @@ use std::time::Duration;
 use sluice_postgres::{ReplicationConfig, SourceStats};
 use tokio::sync::watch;
 
-use crate::config::{Config, PipelineConfig, SourceConfig};
+use crate::config::{Config, PipelineConfig, SourceConfig, SourceMode};
 use crate::localpg::{ClusterOptions, LocalPostgres};
 use crate::targets::jsonl::config::JsonlConfig;
 use crate::targets::TargetConfig;
@@ -87,8 +87,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
         pipeline: PipelineConfig::default(),
         source: SourceConfig {
             connection: pg.connection("demo"),
-            replication: Some(ReplicationConfig::new("demo_slot", "demo_pub")),
-            poll: None,
+            mode: SourceMode::Replication(ReplicationConfig::new("demo_slot", "demo_pub")),
         },
         target: TargetConfig::Jsonl(JsonlConfig { path: "-".into(), fsync: false, transactions: true }),
         monitoring: Default::default(),

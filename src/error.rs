@@ -45,3 +45,40 @@ pub enum PipelineError {
     #[error("pipeline task failed: {0}")]
     Task(String),
 }
+
+/// Why a one-shot command (`verify`, `reconcile`, `status`, `backfill`) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The command cannot run as configured or asked; the message names the key or table.
+    #[error("{0}")]
+    Invalid(String),
+    /// A read or write failed, after its retries; `what` says which, the cause is the source.
+    #[error("{what}")]
+    Failed {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl CommandError {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        CommandError::Invalid(message.into())
+    }
+}
+
+/// Names what failed, keeping the error as the cause: `.context("cannot read table t")`.
+pub trait CommandContext<T> {
+    fn context(self, what: impl Into<String>) -> Result<T, CommandError>;
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T, CommandError>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> CommandContext<T> for Result<T, E> {
+    fn context(self, what: impl Into<String>) -> Result<T, CommandError> {
+        self.map_err(|source| CommandError::Failed { what: what.into(), source: Box::new(source) })
+    }
+
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T, CommandError> {
+        self.map_err(|source| CommandError::Failed { what: what(), source: Box::new(source) })
+    }
+}

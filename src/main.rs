@@ -120,11 +120,17 @@ fn main() -> ExitCode {
             report(runtime.block_on(run(config, until_lsn)))
         }
         Command::Status { config, json } => match Config::load(&config) {
-            Ok(config) => report(runtime.block_on(sluice::status::print(&config, json))),
+            Ok(config) => {
+                report(runtime.block_on(sluice::status::print(&config, json)).map_err(anyhow::Error::from))
+            }
             Err(e) => config_failure(&e),
         },
         Command::Snapshot { config, tables, no_wait } => match Config::load(&config) {
-            Ok(config) => report(runtime.block_on(sluice::backfill::snapshot(&config, &tables, !no_wait))),
+            Ok(config) => report(
+                runtime
+                    .block_on(sluice::backfill::snapshot(&config, &tables, !no_wait))
+                    .map_err(anyhow::Error::from),
+            ),
             Err(e) => config_failure(&e),
         },
         Command::Verify(args) | Command::Reconcile(args) if Config::load(&args.config).is_err() => {
@@ -162,10 +168,10 @@ async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {
     });
     let state = sluice::monitor::PipelineState::new(&config);
     let metrics = sluice::metrics::install(&config.pipeline.name);
-    if !config.monitoring.listen.is_empty() {
-        let listener = tokio::net::TcpListener::bind(&config.monitoring.listen)
+    if let Some(listen) = config.monitoring.listen {
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| format!("cannot listen on {} (monitoring.listen)", config.monitoring.listen))?;
+            .with_context(|| format!("cannot listen on {listen} (monitoring.listen)"))?;
         tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz and /status");
         tokio::spawn(sluice::http::serve(
             listener,

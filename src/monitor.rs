@@ -13,7 +13,7 @@
 //!   plus the real delay, and it grows when the stream stalls.
 
 use sluice_core::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -51,15 +51,15 @@ pub struct PipelineState {
     source: OnceLock<Arc<SourceStats>>,
     pub target: Arc<TargetStats>,
     durable_lsn: AtomicU64,
-    /// Postgres-epoch microseconds; `i64::MIN` until the first durable transaction.
-    durable_commit_time: AtomicI64,
+    /// Postgres-epoch microseconds of the newest durable commit; none before the first.
+    durable_commit_time: Mutex<Option<i64>>,
     /// This process holds the HA lock (or HA is off) and runs the pipeline.
     pub active: AtomicBool,
     /// A standby's last attempt at the HA lock reached Postgres (the lock is held elsewhere).
     pub standby_healthy: AtomicBool,
     slot: Mutex<Option<SlotInfo>>,
-    /// Unpublished rows of a polled outbox table; -1 when not polling or not counted yet.
-    outbox_backlog: AtomicI64,
+    /// Unpublished rows of a polled outbox table; none when not polling or not counted yet.
+    outbox_backlog: Mutex<Option<i64>>,
     ready_max_lag: Duration,
     heartbeats: bool,
 }
@@ -95,7 +95,7 @@ impl PipelineState {
         Arc::new(Self::with(
             &config.pipeline.name,
             config.monitoring.ready_max_lag,
-            config.source.replication.as_ref().is_some_and(|r| !r.heartbeat_interval.is_zero()),
+            config.source.replication().is_some_and(|r| !r.heartbeat_interval.is_zero()),
         ))
     }
 
@@ -105,11 +105,11 @@ impl PipelineState {
             source: OnceLock::new(),
             target: Arc::new(TargetStats::default()),
             durable_lsn: AtomicU64::new(0),
-            durable_commit_time: AtomicI64::new(i64::MIN),
+            durable_commit_time: Mutex::new(None),
             active: AtomicBool::new(false),
             standby_healthy: AtomicBool::new(false),
             slot: Mutex::new(None),
-            outbox_backlog: AtomicI64::new(-1),
+            outbox_backlog: Mutex::new(None),
             ready_max_lag,
             heartbeats,
         }
@@ -123,7 +123,8 @@ impl PipelineState {
     pub fn set_durable(&self, lsn: Lsn, commit_time: Option<i64>) {
         self.durable_lsn.fetch_max(lsn.0, Ordering::Relaxed);
         if let Some(time) = commit_time {
-            self.durable_commit_time.fetch_max(time, Ordering::Relaxed);
+            let mut newest = self.durable_commit_time.lock().unwrap_or_else(|e| e.into_inner());
+            *newest = Some(newest.map_or(time, |t| t.max(time)));
         }
     }
 
@@ -133,8 +134,8 @@ impl PipelineState {
 
     /// Seconds since the last durable commit (or heartbeat); none before the first.
     pub fn lag_seconds(&self) -> Option<f64> {
-        let time = self.durable_commit_time.load(Ordering::Relaxed);
-        (time != i64::MIN).then(|| ((sluice_postgres::now_pg_micros() - time) as f64 / 1e6).max(0.0))
+        let time = (*self.durable_commit_time.lock().unwrap_or_else(|e| e.into_inner()))?;
+        Some(((sluice_postgres::now_pg_micros() - time) as f64 / 1e6).max(0.0))
     }
 
     /// Ready: this replica streams, and (with heartbeats) the target is within `ready_max_lag`.
@@ -193,7 +194,7 @@ impl PipelineState {
             dead_lettered: self.target.dead_lettered.load(Ordering::Relaxed),
             reconnects: load(|s| &s.reconnects),
             slot: self.slot.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-            outbox_backlog_rows: Some(self.outbox_backlog.load(Ordering::Relaxed)).filter(|&n| n >= 0),
+            outbox_backlog_rows: *self.outbox_backlog.lock().unwrap_or_else(|e| e.into_inner()),
         }
     }
 
@@ -278,10 +279,12 @@ pub async fn run(state: Arc<PipelineState>, config: Config, mut shutdown: Shutdo
         if tokio::time::Instant::now() >= next_check {
             next_check = tokio::time::Instant::now() + check_every;
             // A polling source has no slot to inspect: count its backlog instead.
-            let Some(replication) = &config.source.replication else {
-                if let Some(poll) = &config.source.poll {
+            let Some(replication) = config.source.replication() else {
+                if let Some(poll) = config.source.poll() {
                     match count_backlog(&mut sql, &config.source.connection, poll).await {
-                        Ok(rows) => state.outbox_backlog.store(rows, Ordering::Relaxed),
+                        Ok(rows) => {
+                            *state.outbox_backlog.lock().unwrap_or_else(|e| e.into_inner()) = Some(rows)
+                        }
                         Err(error) => {
                             sql = None;
                             tracing::warn!(error = %sluice_postgres::error::Chain(&error), table = %poll.table, "cannot count the outbox backlog");

@@ -3,20 +3,26 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use serde_json::{json, Value};
+use sluice_core::retry::RetryPolicy;
+use sluice_postgres::ReadSession;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::Config;
+use crate::config::{Config, SourceMode};
+use crate::error::{CommandContext, CommandError};
 use crate::targets::TargetConfig;
 
-pub async fn print(config: &Config, as_json: bool) -> anyhow::Result<()> {
-    let status = match from_daemon(&config.monitoring.listen).await {
+pub async fn print(config: &Config, as_json: bool) -> Result<(), CommandError> {
+    let answer = match config.monitoring.listen {
+        Some(listen) => from_daemon(listen).await,
+        None => None,
+    };
+    let status = match answer {
         Some(status) => status,
         None => from_postgres(config).await?,
     };
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        println!("{}", serde_json::to_string_pretty(&status).context("cannot write the status as JSON")?);
     } else {
         print!("{}", table(&status));
     }
@@ -24,8 +30,7 @@ pub async fn print(config: &Config, as_json: bool) -> anyhow::Result<()> {
 }
 
 /// The daemon's `/status`, if it answers within two seconds.
-async fn from_daemon(listen: &str) -> Option<Value> {
-    let mut addr: std::net::SocketAddr = listen.parse().ok()?;
+async fn from_daemon(mut addr: std::net::SocketAddr) -> Option<Value> {
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
             std::net::Ipv4Addr::LOCALHOST.into()
@@ -55,24 +60,29 @@ async fn from_daemon(listen: &str) -> Option<Value> {
     tokio::time::timeout(Duration::from_secs(2), fetch).await.ok().flatten()
 }
 
-async fn from_postgres(config: &Config) -> anyhow::Result<Value> {
-    let sql = sluice_postgres::connect_sql(&config.source.connection)
+async fn from_postgres(config: &Config) -> Result<Value, CommandError> {
+    // A short budget: an operator is waiting for the answer.
+    let policy = RetryPolicy::new(config.pipeline.retry_for.min(Duration::from_secs(10)));
+    let mut sql = ReadSession::connect(&config.source.connection, "sluice status", policy)
         .await
-        .context("no daemon answered on monitoring.listen, and Postgres")?;
-    let (slot, backlog) = match (&config.source.replication, &config.source.poll) {
-        (Some(replication), _) => {
-            let slot = crate::monitor::inspect_slot(&sql, &replication.slot).await.with_context(|| {
-                format!("cannot read replication slot {:?} from pg_replication_slots", replication.slot)
-            })?;
+        .context("no daemon answered on monitoring.listen, and Postgres (source.connection)")?;
+    let (slot, backlog) = match &config.source.mode {
+        SourceMode::Replication(replication) => {
+            let slot = sql
+                .run(async |c| Ok(crate::monitor::inspect_slot(c, &replication.slot).await?))
+                .await
+                .with_context(|| {
+                    format!("cannot read replication slot {:?} from pg_replication_slots", replication.slot)
+                })?;
             (json!(slot), Value::Null)
         }
-        (None, Some(poll)) => {
-            let rows = sluice_postgres::poll::backlog(&sql, poll)
+        SourceMode::Poll(poll) => {
+            let rows = sql
+                .run(async |c| sluice_postgres::poll::backlog(c, poll).await)
                 .await
                 .with_context(|| format!("cannot count the rows of outbox table {}", poll.table))?;
             (Value::Null, json!(rows))
         }
-        (None, None) => (Value::Null, Value::Null),
     };
     let dead_letter = match &config.target {
         TargetConfig::Dynamodb(dynamo) => &dynamo.dead_letter,

@@ -15,7 +15,7 @@ pub async fn against_database(config: &Config) -> Result<Vec<Problem>, sluice_po
     let source = &config.source;
     let sql = sluice_postgres::connect_sql(&source.connection).await?;
     let mut problems = Vec::new();
-    if let Some(replication) = &source.replication {
+    if let Some(replication) = source.replication() {
         match sluice_postgres::setup::check(&sql, &source.connection, replication).await {
             Ok(_) | Err(sluice_postgres::Error::SlotInUse { .. }) => {}
             Err(e) => problems.push(Problem::new("source", "replication", e.to_string())),
@@ -28,14 +28,14 @@ pub async fn against_database(config: &Config) -> Result<Vec<Problem>, sluice_po
             ));
         }
     }
-    if let Some(poll) = &source.poll {
+    if let Some(poll) = source.poll() {
         match sluice_postgres::poll::load_relation(&sql, poll).await {
             Ok(_) => {}
             Err(e) if e.is_transient() => return Err(e),
             Err(e) => problems.push(Problem::new("source", "poll", e.to_string())),
         }
     }
-    let publication = source.replication.as_ref().map(|r| r.publication.as_str());
+    let publication = source.replication().map(|r| r.publication.as_str());
     if let Some(outbox) = config.target.outbox() {
         problems.extend(outbox_table(&sql, outbox, publication).await?);
     }

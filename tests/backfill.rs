@@ -250,6 +250,7 @@ async fn verify_finds_injected_drift_exactly_and_reconcile_repairs_it() {
     .await;
     setup.wait_confirmed_past_now("drift").await;
     assert_eq!(differences(&setup.verify().await), 0);
+    verify_survives_a_lost_source_connection(&setup).await;
 
     // Drift made behind sluice's back: an item deleted, one modified, one added that no row
     // produces (a stray item of an earlier run: it carries a version).
@@ -302,6 +303,35 @@ async fn verify_finds_injected_drift_exactly_and_reconcile_repairs_it() {
     );
     assert_eq!(differences(&setup.verify().await), 0);
     stop(child);
+}
+
+/// The source connection is cut in the middle of a (throttled) verify pass: verify reconnects,
+/// opens a new snapshot, reads on after the last key it had, and reports every row once.
+async fn verify_survives_a_lost_source_connection(setup: &Setup) {
+    let db = &setup.db;
+    let mut command = sluice();
+    command.args(["verify", "--json", "--chunk-size", "50", "--max-rows-per-second", "300", "-c"]);
+    command.arg(&setup.config);
+    let run = tokio::task::spawn_blocking(move || command.output().expect("run sluice verify"));
+    let verify_sessions = "FROM pg_stat_activity WHERE application_name = 'sluice verify'";
+    wait_for("verify to connect", Duration::from_secs(60), || async {
+        db.sql(&format!("SELECT count(*) {verify_sessions}")).trim() != "0"
+    })
+    .await;
+    // 900 rows at 300 rows/s: a second in, the pass is reading.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cut = db.sql(&format!("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) {verify_sessions}"));
+    assert_eq!(cut.trim(), "1", "verify's source session was cut");
+    let out = run.await.unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    // Cut while idle (between throttled chunks) it reconnects before the next read; cut during
+    // a read it retries that read.
+    assert!(stderr.contains("reconnected to Postgres"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(differences(&report), 0, "{report:#}");
+    assert_eq!(table(&report, "public.customers")["rows"], 300, "each row once: {report:#}");
+    assert_eq!(table(&report, "public.orders")["rows"], 600, "each row once: {report:#}");
 }
 
 fn table_report(report: &serde_json::Value) -> &serde_json::Value {

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice::config::{Config, PipelineConfig, SourceConfig};
+use sluice::config::{Config, PipelineConfig, SourceConfig, SourceMode};
 use sluice::targets::dynamodb::config::DynamoConfig;
 use sluice::targets::TargetConfig;
 use sluice_core::Lsn;
@@ -68,8 +68,7 @@ async fn start_pipeline(db: &TestDb, slot: &str, target: DynamoConfig) -> Runnin
         pipeline: PipelineConfig::default(),
         source: SourceConfig {
             connection: db.connection(),
-            replication: Some(db.replication(slot, "p")),
-            poll: None,
+            mode: SourceMode::Replication(db.replication(slot, "p")),
         },
         target: TargetConfig::Dynamodb(target),
         monitoring: Default::default(),
@@ -755,11 +754,10 @@ async fn outbox_events_land_in_an_event_log_table_in_order_per_aggregate() {
         pipeline: PipelineConfig::default(),
         source: SourceConfig {
             connection: db.connection(),
-            replication: Some(sluice_postgres::ReplicationConfig {
+            mode: SourceMode::Replication(sluice_postgres::ReplicationConfig {
                 messages: true,
                 ..db.replication("log", "p")
             }),
-            poll: None,
         },
         target: TargetConfig::Dynamodb(target),
         monitoring: Default::default(),

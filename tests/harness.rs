@@ -238,7 +238,8 @@ impl Stream {
                 let result = (&mut self.task).await;
                 panic!("the source stopped: {result:?}");
             };
-            self.redelivery_horizon = batch.redelivery_horizon;
+            self.redelivery_horizon =
+                batch.redelivery_horizon.expect("a streaming session knows its redelivery horizon");
             if self.acknowledge {
                 if let Some(ack) = batch.ack_lsn {
                     self.durable.send_replace(ack);

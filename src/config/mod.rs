@@ -2,6 +2,7 @@
 //! (the `default_*` functions below and in the connector), environment overrides
 //! `SLUICE__SECTION__KEY=value`, and a pure `validate()` whose problems name the dotted key.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -37,9 +38,10 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MonitoringConfig {
-    /// Address of the HTTP server for /metrics, /healthz, /readyz and /status; empty disables it.
-    #[serde(default = "default_listen")]
-    pub listen: String,
+    /// Address of the HTTP server for /metrics, /healthz, /readyz and /status; empty (none)
+    /// disables it.
+    #[serde(default = "default_listen", deserialize_with = "listen_address")]
+    pub listen: Option<SocketAddr>,
     /// /readyz answers 503 while the lag exceeds this (with heartbeats on).
     #[serde(default = "default_ready_max_lag", with = "sluice_core::duration")]
     pub ready_max_lag: Duration,
@@ -62,8 +64,19 @@ impl Default for MonitoringConfig {
     }
 }
 
-fn default_listen() -> String {
-    "0.0.0.0:9187".into()
+fn default_listen() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([0, 0, 0, 0], 9187)))
+}
+
+/// An address such as `0.0.0.0:9187`, or the empty string for none.
+fn listen_address<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|_| serde::de::Error::custom("must be an address such as 0.0.0.0:9187, or empty to disable"))
 }
 fn default_ready_max_lag() -> Duration {
     Duration::from_secs(60)
@@ -147,30 +160,92 @@ fn default_shutdown_timeout() -> Duration {
 }
 
 /// The Postgres source: logical replication (`[source.replication]`), or polling an outbox
-/// table (`[source.poll]`) where logical replication is not allowed.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// table (`[source.poll]`) where logical replication is not allowed. Exactly one of the two.
+#[derive(Clone, Debug)]
 pub struct SourceConfig {
     pub connection: ConnectionConfig,
+    pub mode: SourceMode,
+}
+
+/// How the source reads changes.
+#[derive(Clone, Debug)]
+pub enum SourceMode {
+    /// A replication slot on a publication (`[source.replication]`).
+    Replication(ReplicationConfig),
+    /// An outbox table polled in commit order (`[source.poll]`).
+    Poll(sluice_postgres::PollConfig),
+}
+
+/// `[source]` as written: both ways are optional in the file, exactly one in the config.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceFields {
+    connection: ConnectionConfig,
     #[serde(default)]
-    pub replication: Option<ReplicationConfig>,
+    replication: Option<ReplicationConfig>,
     #[serde(default)]
-    pub poll: Option<sluice_postgres::PollConfig>,
+    poll: Option<sluice_postgres::PollConfig>,
+}
+
+const NO_SOURCE: &str =
+    "configure [source.replication] (logical replication) or [source.poll] (an outbox table)";
+const TWO_SOURCES: &str =
+    "[source.replication] and [source.poll] exclude each other: one source per pipeline";
+
+impl<'de> Deserialize<'de> for SourceConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let fields = SourceFields::deserialize(deserializer)?;
+        let mode = match (fields.replication, fields.poll) {
+            (Some(replication), None) => SourceMode::Replication(replication),
+            (None, Some(poll)) => SourceMode::Poll(poll),
+            (None, None) => return Err(D::Error::custom(NO_SOURCE)),
+            (Some(_), Some(_)) => return Err(D::Error::custom(TWO_SOURCES)),
+        };
+        Ok(SourceConfig { connection: fields.connection, mode })
+    }
+}
+
+/// The problem with `[source]` when it does not name exactly one way to read, by the key at
+/// fault (found before deserializing, so that the message names `source.replication` or
+/// `source.poll` rather than `source`).
+fn source_choice(table: &toml::Table) -> Option<Problem> {
+    let source = table.get("source")?.as_table()?;
+    match (source.contains_key("replication"), source.contains_key("poll")) {
+        (false, false) => Some(Problem::new("source", "replication", NO_SOURCE)),
+        (true, true) => Some(Problem::new("source", "poll", TWO_SOURCES)),
+        _ => None,
+    }
 }
 
 impl SourceConfig {
     /// The name of the HA lock: one per slot, or per polled table.
     pub fn lock_name(&self) -> String {
-        match (&self.replication, &self.poll) {
-            (Some(replication), _) => replication.slot.clone(),
-            (None, Some(poll)) => poll.lock_name(),
-            (None, None) => String::new(),
+        match &self.mode {
+            SourceMode::Replication(replication) => replication.slot.clone(),
+            SourceMode::Poll(poll) => poll.lock_name(),
+        }
+    }
+
+    /// The replication settings, when the source is a replication slot.
+    pub fn replication(&self) -> Option<&ReplicationConfig> {
+        match &self.mode {
+            SourceMode::Replication(replication) => Some(replication),
+            SourceMode::Poll(_) => None,
+        }
+    }
+
+    /// The polling settings, when the source is a polled outbox table.
+    pub fn poll(&self) -> Option<&sluice_postgres::PollConfig> {
+        match &self.mode {
+            SourceMode::Poll(poll) => Some(poll),
+            SourceMode::Replication(_) => None,
         }
     }
 
     /// True when logical messages are decoded (`source.replication.messages`).
     fn messages(&self) -> bool {
-        self.replication.as_ref().is_some_and(|r| r.messages)
+        self.replication().is_some_and(|r| r.messages)
     }
 }
 
@@ -232,12 +307,17 @@ impl Config {
         if !problems.is_empty() {
             return Err(ConfigError::Invalid { problems });
         }
+        let choice = source_choice(&table);
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
             let key = if key == "." { "(top level)".to_owned() } else { key };
-            ConfigError::Invalid {
-                problems: vec![Problem { key, message: e.into_inner().message().to_owned() }],
+            let message = e.into_inner().message().to_owned();
+            // The choice of source, named by its key, in place of serde's `source`.
+            let mut problems: Vec<Problem> = choice.into_iter().collect();
+            if !(key == "source" && [NO_SOURCE, TWO_SOURCES].contains(&message.as_str())) {
+                problems.push(Problem { key, message });
             }
+            ConfigError::Invalid { problems }
         })?;
         let problems = config.validate();
         if problems.is_empty() {
@@ -260,15 +340,6 @@ impl Config {
         if p.max_in_flight == 0 {
             problems.push(Problem::new("pipeline", "max_in_flight", "must be at least 1"));
         }
-        if !self.monitoring.listen.is_empty()
-            && self.monitoring.listen.parse::<std::net::SocketAddr>().is_err()
-        {
-            problems.push(Problem::new(
-                "monitoring",
-                "listen",
-                "must be an address such as 0.0.0.0:9187, or empty to disable",
-            ));
-        }
         if self.monitoring.slot_check_interval.is_zero() {
             problems.push(Problem::new("monitoring", "slot_check_interval", "must be more than 0s"));
         }
@@ -277,9 +348,9 @@ impl Config {
             problems.push(Problem::new("ha", "retry_interval", "must be more than 0s"));
         }
         self.source.connection.validate("source.connection", &mut problems);
-        match (&self.source.replication, &self.source.poll) {
-            (Some(replication), None) => replication.validate("source.replication", &mut problems),
-            (None, Some(poll)) => {
+        match &self.source.mode {
+            SourceMode::Replication(replication) => replication.validate("source.replication", &mut problems),
+            SourceMode::Poll(poll) => {
                 poll.validate("source.poll", &mut problems);
                 match self.target.outbox() {
                     Some(outbox) if outbox.table.as_deref() == Some(poll.table.as_str()) => {}
@@ -295,16 +366,6 @@ impl Config {
                     )),
                 }
             }
-            (None, None) => problems.push(Problem::new(
-                "source",
-                "replication",
-                "configure [source.replication] (logical replication) or [source.poll] (an outbox table)",
-            )),
-            (Some(_), Some(_)) => problems.push(Problem::new(
-                "source",
-                "poll",
-                "[source.replication] and [source.poll] exclude each other: one source per pipeline",
-            )),
         }
         self.target.validate(self.source.messages(), &mut problems);
         problems

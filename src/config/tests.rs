@@ -28,7 +28,7 @@ fn json_config_reads_like_toml_with_env_overrides() {
     .unwrap();
     let config = Config::load(&path).unwrap();
     assert_eq!(config.source.connection.port, 6432);
-    assert_eq!(config.monitoring.listen, "0.0.0.0:9187");
+    assert_eq!(config.monitoring.listen, Some("0.0.0.0:9187".parse().unwrap()));
     std::fs::write(&path, r#"{"source": {"connection": {"dbname": "app", "port": 6432.5}}}"#).unwrap();
     let err = Config::load(&path).unwrap_err().to_string();
     assert!(err.contains("source.connection.port"), "{err}");
@@ -130,7 +130,7 @@ fn a_pipeline_has_exactly_one_source_and_a_polled_table_is_the_outbox_table() {
         "[target]\nkind = \"kafka\"\nbrokers = \"k:9092\"\n[target.outbox]\ntable = \"public.outbox\"\n";
     let poll = |poll: &str| format!("[source.connection]\ndbname = \"app\"\n[source.poll]\n{poll}\n{kafka}");
     let config = load(&poll("table = \"public.outbox\"\ninterval = \"250ms\""), &[]).unwrap();
-    let polled = config.source.poll.as_ref().unwrap();
+    let polled = config.source.poll().unwrap();
     assert_eq!(
         (polled.batch_size, polled.interval, polled.after_publish),
         (500, Duration::from_millis(250), sluice_postgres::AfterPublish::Delete)

@@ -20,7 +20,7 @@ use sluice_postgres::{PollSource, ReplicationSource, SourceOptions, SourceStats}
 use tokio::sync::{mpsc, watch};
 
 use crate::backfill::window::{Part, Watermarks};
-use crate::config::Config;
+use crate::config::{Config, SourceMode};
 use crate::error::{PipelineError, TargetError};
 use crate::monitor::PipelineState;
 use crate::targets::{DeadLetter, Opened, Target};
@@ -74,8 +74,8 @@ pub async fn run(
     let connection = config.source.connection.clone();
     let mut watermarks = Watermarks::new(&config.pipeline.name, None);
     let mut backfill_task = None;
-    let (stats, source_task) = match (&config.source.replication, &config.source.poll) {
-        (Some(replication), _) => {
+    let (stats, source_task) = match &config.source.mode {
+        SourceMode::Replication(replication) => {
             let source = ReplicationSource::new(connection.clone(), replication.clone(), options);
             if config.backfill.enabled {
                 // The backfill serves requests beside the stream; its chunks merge at watermarks.
@@ -96,11 +96,10 @@ pub async fn run(
             }
             (source.stats(), tokio::spawn(source.run(batch_tx, durable_rx.clone(), shutdown)))
         }
-        (None, Some(poll)) => {
+        SourceMode::Poll(poll) => {
             let source = PollSource::new(connection, poll.clone(), options);
             (source.stats(), tokio::spawn(source.run(batch_tx, durable_rx.clone(), shutdown)))
         }
-        (None, None) => return Err(PipelineError::Task("no source configured".into())),
     };
     state.set_source(Arc::clone(&stats));
     on_start(Pipeline { source_stats: stats, durable: durable_rx });
@@ -322,7 +321,7 @@ mod tests {
         EventBatch {
             events: Vec::new(),
             ack_lsn: Some(Lsn(ack)),
-            redelivery_horizon: Lsn::ZERO,
+            redelivery_horizon: None,
             commit_time: None,
         }
     }

@@ -113,7 +113,7 @@ pub struct OpBatch<Op> {
     pub events: usize,
     /// Changes at or before this commit LSN may have been delivered before (see
     /// [`sluice_core::EventBatch::redelivery_horizon`]).
-    pub redelivery_horizon: Lsn,
+    pub redelivery_horizon: Option<Lsn>,
 }
 
 /// A destination for change events. The pipeline translates each batch with the target's

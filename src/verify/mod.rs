@@ -26,12 +26,15 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use sluice_core::retry::RetryPolicy;
 use sluice_postgres::catalog::Table;
+use sluice_postgres::ReadSession;
+use tokio::sync::Mutex;
 
 use crate::compare::{decode_row, source_key, Finding};
 pub use crate::compare::{Difference, Extra, Report, SourceKey, TableReport};
 use crate::config::Config;
+use crate::error::{CommandContext, CommandError};
 use crate::targets::dynamodb::verify::DynamoSide;
 use crate::targets::postgres::verify::PgSide;
 use crate::targets::TargetConfig;
@@ -75,7 +78,9 @@ pub struct VerifyArgs {
 
 struct Verifier {
     config: Config,
-    sql: tokio_postgres::Client,
+    /// The source database: one session, used by one step at a time (the lock lets a step
+    /// reconnect through `&self`).
+    sql: Mutex<ReadSession>,
     /// The mapped source tables.
     tables: HashMap<String, Table>,
     /// (source table, target table) of every table mapping, in mapping order.
@@ -84,46 +89,57 @@ struct Verifier {
 }
 
 /// The target side of a comparison.
+#[expect(clippy::large_enum_variant, reason = "one side per command, never moved in a loop")]
 enum Side {
     Dynamo(DynamoSide),
     Postgres(PgSide),
 }
 
 impl Verifier {
-    async fn open(config: &Config) -> anyhow::Result<Self> {
-        let (side, pairs): (Side, Vec<(String, String)>) = match &config.target {
-            TargetConfig::Dynamodb(dynamo) => {
-                let side = DynamoSide::open(dynamo).await?;
-                let pairs = side.pairs();
-                (Side::Dynamo(side), pairs)
-            }
-            TargetConfig::Postgres(pg) => {
-                let side = PgSide::open(pg).await?;
-                let pairs = side.pairs();
-                (Side::Postgres(side), pairs)
-            }
-            _ => anyhow::bail!(
-                "verify compares a DynamoDB or Postgres target with its source; target.kind is neither"
-            ),
-        };
-        let sql = sluice_postgres::connect_sql(&config.source.connection)
+    async fn open(config: &Config) -> Result<Self, CommandError> {
+        // Every read of the command retries transient failures for the pipeline's budget.
+        let retry = RetryPolicy::new(config.pipeline.retry_for);
+        let (side, pairs): (Side, Vec<(String, String)>) =
+            match &config.target {
+                TargetConfig::Dynamodb(dynamo) => {
+                    let side = DynamoSide::open(dynamo).await?;
+                    let pairs = side.pairs();
+                    (Side::Dynamo(side), pairs)
+                }
+                TargetConfig::Postgres(pg) => {
+                    let side = PgSide::open(pg, retry).await?;
+                    let pairs = side.pairs();
+                    (Side::Postgres(side), pairs)
+                }
+                _ => return Err(CommandError::invalid(
+                    "verify compares a DynamoDB or Postgres target with its source; target.kind is neither",
+                )),
+            };
+        let mut sql = ReadSession::connect(&config.source.connection, "sluice verify", retry)
             .await
-            .context("cannot connect to the source database")?;
+            .context("cannot connect to the source database (source.connection)")?;
         let mut tables = HashMap::new();
         for (source, _) in &pairs {
-            let found = sluice_postgres::catalog::required_table(&sql, source, "mapping source").await?;
+            let found = sql
+                .run(async |client| {
+                    sluice_postgres::catalog::required_table(client, source, "mapping source").await
+                })
+                .await
+                .with_context(|| format!("cannot read the catalog of source table {source}"))?;
             if found.primary_key.is_empty() {
-                anyhow::bail!("table {source} has no primary key; verify reads in primary-key order");
+                return Err(CommandError::invalid(format!(
+                    "table {source} has no primary key; verify reads in primary-key order"
+                )));
             }
             tables.insert(source.clone(), found);
         }
-        Ok(Verifier { config: config.clone(), sql, tables, pairs, side })
+        Ok(Verifier { config: config.clone(), sql: Mutex::new(sql), tables, pairs, side })
     }
 
-    fn selected(&self, names: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    fn selected(&self, names: &[String]) -> Result<Vec<(String, String)>, CommandError> {
         for name in names {
             if !self.pairs.iter().any(|(source, _)| source == name) {
-                anyhow::bail!("table {name} is not in the mapping");
+                return Err(CommandError::invalid(format!("table {name} is not in the mapping")));
             }
         }
         Ok(self
@@ -142,7 +158,7 @@ impl Verifier {
         source: &str,
         target: &str,
         rows: Vec<Vec<Value>>,
-    ) -> anyhow::Result<Vec<(SourceKey, Option<u128>, Finding)>> {
+    ) -> Result<Vec<(SourceKey, Option<u128>, Finding)>, CommandError> {
         let table = &self.tables[source];
         match &self.side {
             Side::Dynamo(side) => side.check_rows(target, table, rows).await,
@@ -151,7 +167,7 @@ impl Verifier {
     }
 
     /// Rows of `table` with these keys, in a fresh snapshot.
-    async fn rows_by_key(&self, table: &Table, keys: &[SourceKey]) -> anyhow::Result<Vec<Vec<Value>>> {
+    async fn rows_by_key(&self, table: &Table, keys: &[SourceKey]) -> Result<Vec<Vec<Value>>, CommandError> {
         let names: Vec<&String> =
             table.primary_key.iter().map(|&i| &table.relation.columns[i].name).collect();
         let lists: Vec<Vec<String>> = keys
@@ -160,7 +176,11 @@ impl Verifier {
             .collect();
         let mut rows = Vec::new();
         for group in lists.chunks(1000) {
-            for row in self.sql.query(&table.keys_query(&table.select_list(true), group), &[]).await? {
+            let statement = table.keys_query(&table.select_list(true), group);
+            let found = self.sql.lock().await.query(&statement, &[]).await.with_context(|| {
+                format!("cannot read rows of source table {}", table.relation.qualified_name())
+            })?;
+            for row in found {
                 rows.push(decode_row(table, &row)?);
             }
         }
@@ -169,18 +189,25 @@ impl Verifier {
 }
 
 /// Runs a verify pass and the re-check; the report.
-pub async fn verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<Report> {
+pub async fn verify(config: &Config, args: &VerifyArgs) -> Result<Report, CommandError> {
     verify_with(&Verifier::open(config).await?, args).await
 }
 
-async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> anyhow::Result<Report> {
+async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> Result<Report, CommandError> {
     let selected = verifier.selected(&args.tables)?;
     let started = Instant::now();
     let mut reports: Vec<TableReport> = Vec::new();
     let mut expected_keys: HashMap<String, HashSet<u128>> = HashMap::new();
     let mut rows_read: u64 = 0;
-    // One snapshot for the whole pass.
-    verifier.sql.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+    // One snapshot for the whole pass (a new one after a lost connection: the pass keeps its
+    // place by key, and the re-check below covers rows that changed in between).
+    verifier
+        .sql
+        .lock()
+        .await
+        .begin_snapshot()
+        .await
+        .context("cannot open a snapshot of the source database")?;
     let pass = async {
         for (source, target) in &selected {
             let table = &verifier.tables[source];
@@ -195,7 +222,13 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> anyhow::Result<R
                     args.chunk_size,
                     sample.as_deref(),
                 );
-                let rows = verifier.sql.query(&statement, &[]).await?;
+                let rows = verifier
+                    .sql
+                    .lock()
+                    .await
+                    .query(&statement, &[])
+                    .await
+                    .with_context(|| format!("cannot read rows of source table {source}"))?;
                 let Some(last_row) = rows.last() else { break };
                 after = Some(
                     table
@@ -205,8 +238,7 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> anyhow::Result<R
                         .collect(),
                 );
                 let count = rows.len();
-                let decoded =
-                    rows.iter().map(|r| decode_row(table, r)).collect::<anyhow::Result<Vec<_>>>()?;
+                let decoded = rows.iter().map(|r| decode_row(table, r)).collect::<Result<Vec<_>, _>>()?;
                 for (key, digest, finding) in verifier.check_rows(source, target, decoded).await? {
                     report.rows += 1;
                     if let Some(digest) = digest {
@@ -223,19 +255,20 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> anyhow::Result<R
             }
             reports.push(report);
         }
-        anyhow::Ok(())
+        Ok::<(), CommandError>(())
     };
     let outcome = pass.await;
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!();
     }
-    let end_lsn: Option<Lsn> = verifier
+    let end_lsn = current_lsn(verifier).await;
+    verifier
         .sql
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .lock()
         .await
-        .ok()
-        .and_then(|r| r.get::<_, String>(0).parse().ok());
-    verifier.sql.batch_execute("COMMIT").await?;
+        .end_snapshot()
+        .await
+        .context("cannot end the snapshot of the source database")?;
     outcome?;
 
     // Extra items: only in target tables whose every source table was verified whole.
@@ -281,14 +314,15 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> anyhow::Result<R
         if !report.rechecked {
             break;
         }
-        end = verifier
-            .sql
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .ok()
-            .and_then(|r| r.get::<_, String>(0).parse().ok());
+        end = current_lsn(verifier).await;
     }
     Ok(report)
+}
+
+/// The source's current WAL position, or none when it cannot be read (then no re-check).
+async fn current_lsn(verifier: &Verifier) -> Option<Lsn> {
+    let row = verifier.sql.lock().await.query_opt("SELECT pg_current_wal_lsn()::text", &[]).await.ok()??;
+    row.get::<_, String>(0).parse().ok()
 }
 
 /// A progress line on a terminal (standard error), rewritten in place.
@@ -333,8 +367,8 @@ async fn recheck(
     report: &mut Report,
     end: Option<Lsn>,
     timeout: Duration,
-) -> anyhow::Result<()> {
-    let (Some(end), Some(replication)) = (end, &verifier.config.source.replication) else {
+) -> Result<(), CommandError> {
+    let (Some(end), Some(replication)) = (end, verifier.config.source.replication()) else {
         report.recheck_note = Some("not re-checked: no logical replication source".into());
         return Ok(());
     };
@@ -342,11 +376,14 @@ async fn recheck(
     loop {
         let confirmed: Option<String> = verifier
             .sql
+            .lock()
+            .await
             .query_opt(
                 "SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
                 &[&replication.slot],
             )
-            .await?
+            .await
+            .with_context(|| format!("cannot read the position of slot {}", replication.slot))?
             .and_then(|r| r.get(0));
         if confirmed.and_then(|c| c.parse::<Lsn>().ok()).is_some_and(|c| c >= end) {
             break;

@@ -2,9 +2,10 @@
 //! as JSON.
 
 use super::{Report, SourceKey, VerifyArgs};
+use crate::error::{CommandContext, CommandError};
 
 /// Prints a report: a table per source table, the first `show` keys of each kind.
-pub fn print(report: &Report, args: &VerifyArgs) -> anyhow::Result<()> {
+pub fn print(report: &Report, args: &VerifyArgs) -> Result<(), CommandError> {
     let mut report = report.clone();
     for table in &mut report.tables {
         table.missing_keys.truncate(args.show);
@@ -17,7 +18,7 @@ pub fn print(report: &Report, args: &VerifyArgs) -> anyhow::Result<()> {
         }
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", serde_json::to_string_pretty(&report).context("cannot write the report as JSON")?);
         return Ok(());
     }
     println!(

@@ -3,17 +3,18 @@
 
 use super::{verify_with, Report, SourceKey, Verifier, VerifyArgs};
 use crate::config::Config;
+use crate::error::CommandError;
 
 /// `sluice reconcile`: verify, re-drive the wrong keys through the daemon, verify them again.
-pub async fn reconcile(config: &Config, args: &VerifyArgs) -> anyhow::Result<Report> {
+pub async fn reconcile(config: &Config, args: &VerifyArgs) -> Result<Report, CommandError> {
     let verifier = Verifier::open(config).await?;
     let report = verify_with(&verifier, args).await?;
     if report.differences() == 0 {
         eprintln!("nothing to reconcile: the target equals the source");
         return Ok(report);
     }
-    let sql = &verifier.sql;
-    crate::backfill::ensure_progress_table(sql, &config.backfill).await?;
+    let mut sql = verifier.sql.lock().await;
+    crate::backfill::open_progress_table(&mut sql, &config.backfill).await?;
     let mut ids = Vec::new();
     let mut unreachable = 0;
     for table_report in &report.tables {
@@ -35,8 +36,8 @@ pub async fn reconcile(config: &Config, args: &VerifyArgs) -> anyhow::Result<Rep
         if keys.is_empty() {
             continue;
         }
-        let id = crate::backfill::request(
-            sql,
+        let id = crate::backfill::add_request(
+            &mut sql,
             &config.backfill,
             &config.pipeline.name,
             &table_report.table,
@@ -49,7 +50,8 @@ pub async fn reconcile(config: &Config, args: &VerifyArgs) -> anyhow::Result<Rep
     if unreachable > 0 {
         eprintln!("{unreachable} extra items lead back to no source key (their key templates do not parse); delete them by hand");
     }
-    crate::backfill::follow(sql, &config.backfill, &config.pipeline.name, &ids).await?;
+    crate::backfill::follow(&mut sql, &config.backfill, &config.pipeline.name, &ids).await?;
+    drop(sql);
     // Verify again: the keys were re-driven through the stream, so the whole check applies.
     verify_with(&verifier, args).await
 }

@@ -204,7 +204,9 @@ pub struct EventBatch {
     /// session on the slot had ended when this one started streaming, and this is the server's
     /// WAL insert position at that moment. Changes at or below it may be redeliveries. Targets
     /// that are the only writer of their items may skip reading stored versions above it.
-    pub redelivery_horizon: Lsn,
+    /// `None` when the source knows no such position (a polled table): any change may be a
+    /// redelivery.
+    pub redelivery_horizon: Option<Lsn>,
     /// Commit time (microseconds since 2000-01-01 UTC, Postgres' epoch) of the last
     /// transaction this batch completes, or the time a heartbeat in it was emitted.
     pub commit_time: Option<i64>,

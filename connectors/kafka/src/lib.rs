@@ -26,13 +26,35 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 pub struct ProducerOptions {
     /// `host:port[,host:port…]`
     pub brokers: String,
-    /// `none`, `gzip`, `snappy` or `lz4`.
-    pub compression: String,
+    pub compression: Compression,
     /// How long librdkafka retries a record before reporting it failed.
     pub message_timeout: Duration,
     pub client_id: String,
     /// Further librdkafka properties (`security.protocol`, `linger.ms`, …).
     pub extra: Vec<(String, String)>,
+}
+
+/// How record batches are compressed (`compression.type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    #[default]
+    Lz4,
+}
+
+impl Compression {
+    /// The librdkafka name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+        }
+    }
 }
 
 /// True for librdkafka properties whose values are secrets.
@@ -200,7 +222,7 @@ impl KafkaProducer {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("max.in.flight.requests.per.connection", "5")
-            .set("compression.type", &options.compression)
+            .set("compression.type", options.compression.as_str())
             .set("message.timeout.ms", options.message_timeout.as_millis().to_string())
             .set("linger.ms", "5");
         for (key, value) in &options.extra {
@@ -305,7 +327,7 @@ mod tests {
     fn debug_never_prints_secret_properties() {
         let options = ProducerOptions {
             brokers: "b:9092".into(),
-            compression: "lz4".into(),
+            compression: Compression::Lz4,
             message_timeout: std::time::Duration::from_secs(1),
             client_id: "sluice".into(),
             extra: vec![

@@ -367,12 +367,20 @@ async fn start_tls(
 
 /// Opens an ordinary SQL session with the same settings (TLS included).
 pub async fn connect_sql(config: &ConnectionConfig) -> Result<tokio_postgres::Client> {
+    connect_sql_as(config, "sluice").await
+}
+
+/// [`connect_sql`], named `application_name` in `pg_stat_activity`.
+pub async fn connect_sql_as(
+    config: &ConnectionConfig,
+    application_name: &str,
+) -> Result<tokio_postgres::Client> {
     let mut pg = tokio_postgres::Config::new();
     pg.host(&config.host)
         .port(config.port)
         .user(&config.user)
         .dbname(&config.dbname)
-        .application_name("sluice")
+        .application_name(application_name)
         .connect_timeout(config.connect_timeout)
         .options(SESSION_OPTIONS);
     if let Some(password) = &config.password {

@@ -11,14 +11,16 @@ pub mod decode;
 pub mod error;
 pub mod pgoutput;
 pub mod poll;
+pub mod session;
 pub mod setup;
 pub mod source;
 pub mod spill;
 mod tls;
 pub mod types;
 
-pub use client::{connect_sql, now_pg_micros, ReplicationClient, PG_EPOCH_OFFSET_MICROS};
+pub use client::{connect_sql, connect_sql_as, now_pg_micros, ReplicationClient, PG_EPOCH_OFFSET_MICROS};
 pub use config::{ConnectionConfig, ReplicationConfig, SlotLostPolicy, SslMode};
 pub use error::{Error, Result};
 pub use poll::{AfterPublish, PollConfig, PollSource};
+pub use session::ReadSession;
 pub use source::{ReplicationSource, SourceOptions, SourceStats};

@@ -343,12 +343,8 @@ impl PollSource {
             self.sent += 1;
             let ack = Lsn(self.sent);
             let count = events.len() as u64;
-            let batch = EventBatch {
-                events,
-                ack_lsn: Some(ack),
-                redelivery_horizon: Lsn(u64::MAX),
-                commit_time: None,
-            };
+            let batch =
+                EventBatch { events, ack_lsn: Some(ack), redelivery_horizon: None, commit_time: None };
             if tx.send(batch).await.is_err() {
                 return Err(Error::Stopped);
             }

@@ -103,7 +103,7 @@ pub struct ReplicationSource {
     /// End LSN of the last transaction handed to the pipeline completely.
     last_sent_ack: Lsn,
     /// This session's `EventBatch::redelivery_horizon`.
-    redelivery_horizon: Lsn,
+    redelivery_horizon: Option<Lsn>,
     /// Off when `heartbeat_interval` is zero or the role may not write heartbeats.
     heartbeat_enabled: bool,
     /// WAL end of a keepalive seen while no transaction was open.
@@ -139,7 +139,7 @@ impl ReplicationSource {
             batch_bytes: 0,
             received: Lsn::ZERO,
             last_sent_ack: Lsn::ZERO,
-            redelivery_horizon: Lsn(u64::MAX),
+            redelivery_horizon: None,
             heartbeat_enabled,
             idle_wal_end: Lsn::ZERO,
             reported_flush: Lsn::ZERO,
@@ -259,7 +259,7 @@ impl ReplicationSource {
             _ => e,
         })?;
         // The slot is ours now, so whatever earlier sessions were sent lies below this position.
-        self.redelivery_horizon = self.current_wal_insert_lsn().await?;
+        self.redelivery_horizon = Some(self.current_wal_insert_lsn().await?);
         tracing::info!(slot = %self.repl.slot, publication = %self.repl.publication,
             start = %start, confirmed_flush = %slot.confirmed_flush_lsn.unwrap_or_default(),
             server_lsn = %server_lsn.unwrap_or_default(), "streaming");

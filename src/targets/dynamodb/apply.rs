@@ -189,7 +189,7 @@ impl Target for DynamoTarget {
         });
         for (write, position, source) in jobs {
             let worker = self.worker_for(&write);
-            let fresh = position.commit_lsn > batch.redelivery_horizon;
+            let fresh = batch.redelivery_horizon.is_some_and(|horizon| position.commit_lsn > horizon);
             let job = Job { write, position, fresh, source, batch: Arc::clone(&state), handled: false };
             self.workers[worker].send(job).await.map_err(|_| TargetError {
                 target: "dynamodb",

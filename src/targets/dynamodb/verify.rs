@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
 use sluice_dynamodb::{Attr, DynamoClient, Item, WriteAction};
 use sluice_postgres::catalog::Table;
 
@@ -14,6 +13,7 @@ use super::config::DynamoConfig;
 use super::mapping::{parse_template, Mapping, Segment, TableMapping};
 use super::translate::MappingTranslator;
 use crate::compare::{digest, source_key, Extra, Finding, SourceKey};
+use crate::error::{CommandContext, CommandError};
 use crate::translate::mapping::MappingFile;
 use crate::translate::TranslateError;
 use sluice_core::{ChangeEvent, Position, Value};
@@ -26,12 +26,14 @@ pub struct DynamoSide {
 
 impl DynamoSide {
     /// The side for a DynamoDB target's configuration.
-    pub(crate) async fn open(config: &DynamoConfig) -> anyhow::Result<Self> {
+    pub(crate) async fn open(config: &DynamoConfig) -> Result<Self, CommandError> {
         let Some(path) = &config.mapping else {
-            anyhow::bail!("verify needs target.mapping: an outbox event log has no row-for-item mapping")
+            return Err(CommandError::invalid(
+                "verify needs target.mapping: an outbox event log has no row-for-item mapping",
+            ));
         };
         let mapping = Mapping::load(path).map_err(|p| {
-            anyhow::anyhow!("{}", p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+            CommandError::invalid(p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
         })?;
         let client = DynamoClient::connect(&super::apply::client_options(config)).await;
         Ok(DynamoSide { translator: MappingTranslator::new(&mapping), mapping, client })
@@ -70,7 +72,7 @@ impl DynamoSide {
         target: &str,
         table: &Table,
         rows: Vec<Vec<Value>>,
-    ) -> anyhow::Result<Vec<(SourceKey, Option<u128>, Finding)>> {
+    ) -> Result<Vec<(SourceKey, Option<u128>, Finding)>, CommandError> {
         let mut expected = Vec::with_capacity(rows.len());
         for row in rows {
             let key = source_key(table, &row);
@@ -122,7 +124,7 @@ impl DynamoSide {
         sources: &[String],
         expected: &HashSet<u128>,
         tables: &HashMap<String, Table>,
-    ) -> anyhow::Result<Vec<(String, Extra)>> {
+    ) -> Result<Vec<(String, Extra)>, CommandError> {
         let mappings: Vec<&TableMapping> = sources.iter().map(|s| self.mapping(s)).collect();
         let key_names = key_attributes(&mappings);
         let mut extras = Vec::new();
@@ -168,7 +170,7 @@ impl DynamoSide {
         target: &str,
         table: &Table,
         key: &SourceKey,
-    ) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+    ) -> Result<Option<BTreeMap<String, String>>, CommandError> {
         let texts: Vec<String> = table
             .primary_key
             .iter()
@@ -179,7 +181,13 @@ impl DynamoSide {
             row[i] = value;
         }
         let Some(item_key) = self.translator.key_for(&table.relation, &row) else { return Ok(None) };
-        let item = self.client.get_items(target, std::slice::from_ref(&item_key)).await?.pop().flatten();
+        let item = self
+            .client
+            .get_items(target, std::slice::from_ref(&item_key))
+            .await
+            .with_context(|| format!("cannot read an item of DynamoDB table {target}"))?
+            .pop()
+            .flatten();
         Ok(item
             .filter(|i| !self.is_tombstone(i))
             .map(|_| item_key.iter().map(|(k, v)| (k.clone(), attr_text(v))).collect()))
@@ -193,14 +201,20 @@ impl DynamoSide {
         source: &str,
         extra: &Extra,
         rows: Vec<Vec<Value>>,
-    ) -> anyhow::Result<bool> {
+    ) -> Result<bool, CommandError> {
         let mapping = self.mapping(source);
         let key_names = key_attributes(&[mapping]);
         let key: Item = key_names
             .iter()
             .filter_map(|n| extra.item_key.get(n).map(|v| (n.clone(), Attr::S(v.clone()))))
             .collect();
-        let item = self.client.get_items(&mapping.target, std::slice::from_ref(&key)).await?.pop().flatten();
+        let item = self
+            .client
+            .get_items(&mapping.target, std::slice::from_ref(&key))
+            .await
+            .with_context(|| format!("cannot read an item of DynamoDB table {}", mapping.target))?
+            .pop()
+            .flatten();
         let live = item.as_ref().is_some_and(|i| !self.is_tombstone(i));
         let produced = rows.into_iter().any(
             |row| matches!(self.expected(table, row), Ok(Some((k, _))) if key_text(&k) == key_text(&key)),

@@ -41,7 +41,7 @@ impl KafkaTarget {
     ) -> Result<Self, TargetError> {
         let options = ProducerOptions {
             brokers: config.brokers.clone(),
-            compression: config.compression.clone(),
+            compression: config.compression,
             message_timeout: config.retry_for,
             client_id: "sluice".into(),
             extra: config.properties.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),

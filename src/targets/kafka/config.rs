@@ -23,9 +23,9 @@ pub struct KafkaConfig {
     /// Follow a delete (and a key change) with a tombstone for the key, for compacted topics.
     #[serde(default = "yes")]
     pub tombstones_on_delete: bool,
-    /// `none`, `gzip`, `snappy` or `lz4`.
-    #[serde(default = "default_kafka_compression")]
-    pub compression: String,
+    /// `none`, `gzip`, `snappy` or `lz4` (the default).
+    #[serde(default)]
+    pub compression: sluice_kafka::Compression,
     /// How long the producer retries a record (broker down, leader moving) before the pipeline
     /// stops; nothing is confirmed meanwhile.
     #[serde(default = "default_retry_for", with = "sluice_core::duration")]
@@ -95,18 +95,12 @@ impl<'de> Deserialize<'de> for KafkaProperties {
 fn default_kafka_topic() -> String {
     "{schema}.{table}".into()
 }
-fn default_kafka_compression() -> String {
-    "lz4".into()
-}
 
 impl KafkaConfig {
     /// Problems visible without the broker; `messages`: the source decodes logical messages.
     pub fn validate(&self, messages: bool, problems: &mut Vec<Problem>) {
         if self.brokers.trim().is_empty() {
             problems.push(Problem::new("target", "brokers", "must name at least one broker (host:port)"));
-        }
-        if !["none", "gzip", "snappy", "lz4"].contains(&self.compression.as_str()) {
-            problems.push(Problem::new("target", "compression", "must be none, gzip, snappy or lz4"));
         }
         for fixed in ["enable.idempotence", "acks", "bootstrap.servers"] {
             if self.properties.0.contains_key(fixed) {

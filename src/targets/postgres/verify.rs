@@ -10,12 +10,14 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use anyhow::Context;
+use sluice_core::retry::RetryPolicy;
 use sluice_postgres::catalog::Table;
 use sluice_postgres::setup::quote_ident;
+use sluice_postgres::ReadSession;
 
 use super::catalog::{target_keys, target_tables, TargetTable};
 use crate::compare::{source_key, DifferentValues, Extra, Finding, SourceKey};
+use crate::error::{CommandContext, CommandError};
 use crate::targets::postgres::config::PostgresTargetConfig;
 use crate::targets::postgres::mapping::{PgMapping, PgTableMapping};
 use crate::targets::postgres::translate::{PgTranslator, RowOp, Text};
@@ -28,8 +30,30 @@ const KEY_PAGE: usize = 10_000;
 pub(crate) struct PgSide {
     mapping: PgMapping,
     translator: PgTranslator,
-    client: tokio_postgres::Client,
+    /// One session, used by one command at a time: a lock only to reconnect through `&self`.
+    client: tokio::sync::Mutex<ReadSession>,
     tables: HashMap<Arc<str>, TargetTable>,
+}
+
+/// A value the target type refuses (SQLSTATE class 22): the stream dead-letters such a row.
+fn refused_value(error: &sluice_postgres::Error) -> bool {
+    error.sqlstate().is_some_and(|code| code.starts_with("22"))
+}
+
+/// A failed comparison read, named by its SQLSTATE only: the server's message may quote a value.
+/// (A failure without a SQLSTATE, such as a lost connection, keeps its cause.)
+fn withheld(target: &str, error: sluice_postgres::Error) -> CommandError {
+    if error.sqlstate().is_none() {
+        return CommandError::Failed {
+            what: format!("cannot read rows of target table {target}"),
+            source: Box::new(error),
+        };
+    }
+    CommandError::invalid(format!(
+        "cannot read rows of target table {target}: SQLSTATE {} (the server's message is not shown: it may \
+         quote a row's value)",
+        error.sqlstate().unwrap_or("?")
+    ))
 }
 
 /// A 128-bit digest of a target key as the target prints it.
@@ -38,15 +62,26 @@ fn digest(key: &BTreeMap<String, String>) -> u128 {
 }
 
 impl PgSide {
-    pub(crate) async fn open(config: &PostgresTargetConfig) -> anyhow::Result<Self> {
+    pub(crate) async fn open(
+        config: &PostgresTargetConfig,
+        retry: RetryPolicy,
+    ) -> Result<Self, CommandError> {
         let mapping = PgMapping::load(&config.mapping).map_err(|p| {
-            anyhow::anyhow!("{}", p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+            CommandError::invalid(p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
         })?;
-        let client = sluice_postgres::connect_sql(&config.connection)
+        let mut session = ReadSession::connect(&config.connection, "sluice verify", retry)
             .await
             .context("cannot connect to the target database (target.connection)")?;
-        let tables = target_tables(&client, &mapping).await?;
-        Ok(PgSide { translator: PgTranslator::new(&mapping, &target_keys(&tables)), mapping, client, tables })
+        let client =
+            session.client().await.context("cannot connect to the target database (target.connection)")?;
+        let tables =
+            target_tables(client, &mapping).await.context("cannot read the target tables' catalog")?;
+        Ok(PgSide {
+            translator: PgTranslator::new(&mapping, &target_keys(&tables)),
+            mapping,
+            client: tokio::sync::Mutex::new(session),
+            tables,
+        })
     }
 
     pub(crate) fn pairs(&self) -> Vec<(String, String)> {
@@ -78,7 +113,7 @@ impl PgSide {
         target: &str,
         table: &Table,
         rows: Vec<Vec<Value>>,
-    ) -> anyhow::Result<Vec<(SourceKey, Option<u128>, Finding)>> {
+    ) -> Result<Vec<(SourceKey, Option<u128>, Finding)>, CommandError> {
         let t = &self.tables[target];
         let mut out: Vec<(SourceKey, Option<u128>, Finding)> = Vec::with_capacity(rows.len());
         let mut expected: Vec<(usize, Vec<(String, Text)>)> = Vec::new();
@@ -99,39 +134,27 @@ impl PgSide {
         // Rows of one source table map to the same columns.
         let names: Vec<String> = first.iter().map(|(c, _)| c.clone()).collect();
         if let Some(missing) = names.iter().find(|n| !t.types.contains_key(*n)) {
-            anyhow::bail!(
+            return Err(CommandError::invalid(format!(
                 "target table {target} has no column {missing} (from {}); the stream stops at it too",
                 table.relation.qualified_name()
-            );
+            )));
         }
         let rows = match self.compare_query(t, &names, &expected).await {
             Ok(rows) => rows,
             // A value the target type refuses (the stream dead-letters such a row): find the
             // rows row by row; the server's message, which quotes the value, is not shown.
-            Err(error) if error.code().is_some_and(|c| c.code().starts_with("22")) => {
+            Err(error) if refused_value(&error) => {
                 let mut rows = Vec::new();
                 for one in &expected {
                     match self.compare_query(t, &names, std::slice::from_ref(one)).await {
                         Ok(found) => rows.extend(found),
-                        Err(error) if error.code().is_some_and(|c| c.code().starts_with("22")) => {
-                            out[one.0].2 = Finding::Untranslatable
-                        }
-                        Err(error) => {
-                            return Err(anyhow::anyhow!(
-                                "cannot read rows of target table {target}: SQLSTATE {}",
-                                error.code().map_or("?", |c| c.code())
-                            ))
-                        }
+                        Err(error) if refused_value(&error) => out[one.0].2 = Finding::Untranslatable,
+                        Err(error) => return Err(withheld(target, error)),
                     }
                 }
                 rows
             }
-            Err(error) => {
-                return Err(anyhow::anyhow!(
-                    "cannot read rows of target table {target}: SQLSTATE {}",
-                    error.code().map_or("?", |c| c.code())
-                ))
-            }
+            Err(error) => return Err(withheld(target, error)),
         };
         for row in rows {
             let index = row.get::<_, i32>(0) as usize;
@@ -175,7 +198,7 @@ impl PgSide {
         t: &TargetTable,
         names: &[String],
         expected: &[(usize, Vec<(String, Text)>)],
-    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    ) -> Result<Vec<tokio_postgres::Row>, sluice_postgres::Error> {
         let mut sql = String::from("SELECT e.n");
         for k in &t.key {
             let i = names.iter().position(|n| n == k).expect("key column checked above");
@@ -208,7 +231,7 @@ impl PgSide {
             t.quoted,
             join.join(" AND ")
         ));
-        self.client.query(&sql, &[]).await
+        self.client.lock().await.query(&sql, &[]).await
     }
 
     /// Target rows no verified row produced, by keyset pages over the target's primary key.
@@ -218,7 +241,7 @@ impl PgSide {
         sources: &[String],
         expected: &HashSet<u128>,
         tables: &HashMap<String, Table>,
-    ) -> anyhow::Result<Vec<(String, Extra)>> {
+    ) -> Result<Vec<(String, Extra)>, CommandError> {
         let t = &self.tables[target];
         let columns: Vec<String> = t.key.iter().map(|k| format!("s.{}::text", quote_ident(k))).collect();
         let mut extras = Vec::new();
@@ -227,6 +250,8 @@ impl PgSide {
             let statement = t.table.page_query(&columns.join(", "), after.as_deref(), KEY_PAGE, None);
             let rows = self
                 .client
+                .lock()
+                .await
                 .query(&statement, &[])
                 .await
                 .with_context(|| format!("cannot scan target table {target}"))?;
@@ -281,15 +306,18 @@ impl PgSide {
     }
 
     /// Whether the target holds a row with this key.
-    async fn holds(&self, target: &str, key: &BTreeMap<String, String>) -> anyhow::Result<bool> {
+    async fn holds(&self, target: &str, key: &BTreeMap<String, String>) -> Result<bool, CommandError> {
         let t = &self.tables[target];
         let mut sql = format!("SELECT 1 FROM {} t WHERE ", t.quoted);
         for (n, k) in t.key.iter().enumerate() {
             sql.push_str(&format!("{}t.{} = ", if n == 0 { "" } else { " AND " }, quote_ident(k)));
-            t.value(k, &key.get(k).cloned(), &mut sql)?;
+            t.value(k, &key.get(k).cloned(), &mut sql)
+                .with_context(|| format!("target table {target} cannot hold this key"))?;
         }
         Ok(self
             .client
+            .lock()
+            .await
             .query_opt(&sql, &[])
             .await
             .with_context(|| format!("cannot read target table {target}"))?
@@ -303,7 +331,7 @@ impl PgSide {
         target: &str,
         _table: &Table,
         key: &SourceKey,
-    ) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+    ) -> Result<Option<BTreeMap<String, String>>, CommandError> {
         let Some(target_key) = self.target_key_of(source, key) else { return Ok(None) };
         Ok(self.holds(target, &target_key).await?.then_some(target_key))
     }
@@ -316,7 +344,7 @@ impl PgSide {
         target: &str,
         extra: &Extra,
         rows: Vec<Vec<Value>>,
-    ) -> anyhow::Result<bool> {
+    ) -> Result<bool, CommandError> {
         if !self.holds(target, &extra.item_key).await? {
             return Ok(false);
         }

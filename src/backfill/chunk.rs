@@ -1,0 +1,257 @@
+//! Serving one request: chunk after chunk between watermarks, each recorded as progress once
+//! the target made it durable.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::StreamExt;
+use sluice_core::{Shutdown, Value};
+use sluice_postgres::catalog::Table;
+use sluice_postgres::copy::{CopyDecoder, Page};
+use sluice_postgres::ConnectionConfig;
+use tokio::sync::{mpsc, oneshot};
+
+use super::window::{Chunk, Watermark, WATERMARK_PREFIX};
+use super::{BackfillConfig, BackfillError, Request};
+
+/// Serves one request to the end (or to shutdown).
+pub(super) async fn serve_request(
+    connection: &ConnectionConfig,
+    pipeline: &str,
+    config: &BackfillConfig,
+    chunks: &mpsc::Sender<Chunk>,
+    mut shutdown: Shutdown,
+    request: Request,
+) -> Result<(), BackfillError> {
+    crate::faults::panic_at("backfill");
+    let mut sql = sluice_postgres::connect_sql(connection).await?;
+    // The high watermark must reach the stream at once: flush its commit locally even where
+    // synchronous_commit is off (the walsender sends only flushed WAL), without waiting for
+    // synchronous standbys.
+    sql.batch_execute("SET synchronous_commit = local").await?;
+    let progress = config.quoted_table();
+    let table = match sluice_postgres::catalog::split_table(&request.table) {
+        Some((schema, name)) => sluice_postgres::catalog::table(&sql, schema, name).await?,
+        None => None,
+    };
+    let Some(table) = table else {
+        return Err(BackfillError::Request(format!("table {} does not exist", request.table)));
+    };
+    if table.primary_key.is_empty() {
+        return Err(BackfillError::Request(format!(
+            "table {} has no primary key; backfill reads in primary-key order",
+            request.table
+        )));
+    }
+    sql.execute(
+        &format!("UPDATE {progress} SET state = 'running', started_at = coalesce(started_at, now()) WHERE pipeline = $1 AND id = $2"),
+        &[&pipeline, &request.id],
+    )
+    .await?;
+    tracing::info!(request = request.id, table = %request.table, resume_after = ?request.last_key.as_ref().map(|k| k.len()), "backfill started");
+    let relation = Arc::new(table.relation.clone());
+    let label = request.table.clone();
+    let started = Instant::now();
+    let mut rows_this_run: u64 = 0;
+    let offset = request.rows_done.max(0) as usize;
+    let mut chunk_no: u64 = 0;
+    // One chunk is read while the one before it travels through the stream and the target:
+    // `in_flight` is that one, recorded as progress once durable (in order).
+    let mut in_flight: Option<InFlight> = None;
+    let mut last_log = Instant::now();
+    let mut read_key = request.last_key.clone();
+    let mut read_offset = offset;
+    loop {
+        chunk_no += 1;
+        let chunk_id = format!("{}.{}.{}", request.id, std::process::id(), chunk_no);
+        // The keys of this chunk (reconcile), or the next keyset page.
+        let keys: Option<&[Vec<String>]> = match &request.keys {
+            Some(all) if read_offset >= all.len() => break,
+            Some(all) => Some(&all[read_offset..(read_offset + config.chunk_size).min(all.len())]),
+            None => None,
+        };
+        emit(&sql, &Watermark::text(false, pipeline, &chunk_id, &request.table)).await?;
+        let (values, next_key) =
+            read_chunk(&mut sql, &table, config.chunk_size, read_key.as_deref(), keys).await?;
+        if keys.is_none() && values.is_empty() {
+            // Close the window, so that the pipeline forgets it.
+            emit(&sql, &Watermark::text(true, pipeline, &chunk_id, &request.table)).await?;
+            break;
+        }
+        let absent_keys = match keys {
+            Some(keys) => absent(&table, keys, &values)?,
+            None => Vec::new(),
+        };
+        let read = values.len();
+        let advanced = keys.map_or(read, <[_]>::len);
+        read_offset += advanced;
+        if keys.is_none() {
+            read_key = next_key;
+        }
+        let (done, durable) = oneshot::channel();
+        let chunk = Chunk {
+            id: chunk_id.clone(),
+            relation: Arc::clone(&relation),
+            primary_key: table.primary_key.clone(),
+            rows: values,
+            absent_keys,
+            done,
+        };
+        // Never waits long: each request has at most two chunks unmerged (the channel holds two
+        // per request), and the one before this was merged once its high watermark streamed.
+        tokio::select! {
+            sent = chunks.send(chunk) => sent.map_err(|_| BackfillError::Stopped)?,
+            _ = shutdown.requested() => return Err(BackfillError::Stopped),
+        }
+        emit(&sql, &Watermark::text(true, pipeline, &chunk_id, &request.table)).await?;
+        if let Some(previous) =
+            in_flight.replace(InFlight { durable, advanced, read, last_key: read_key.clone() })
+        {
+            rows_this_run +=
+                record(&sql, &progress, pipeline, &request, previous, &mut shutdown, &label).await? as u64;
+        }
+        if last_log.elapsed() >= Duration::from_secs(10) {
+            let done = offset as u64 + rows_this_run;
+            tracing::info!(request = request.id, table = %request.table, rows = done, rows_per_second = (rows_this_run as f64 / started.elapsed().as_secs_f64()) as u64, "backfill progress");
+            last_log = Instant::now();
+        }
+        if keys.is_none() && read < config.chunk_size {
+            break;
+        }
+        if config.max_rows_per_second > 0 {
+            let due = Duration::from_secs_f64(
+                read_offset.saturating_sub(offset) as f64 / config.max_rows_per_second as f64,
+            );
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.requested() => return Err(BackfillError::Stopped),
+                }
+            }
+        }
+    }
+    if let Some(last) = in_flight.take() {
+        rows_this_run +=
+            record(&sql, &progress, pipeline, &request, last, &mut shutdown, &label).await? as u64;
+    }
+    sql.execute(
+        &format!("UPDATE {progress} SET state = 'done', finished_at = now() WHERE pipeline = $1 AND id = $2"),
+        &[&pipeline, &request.id],
+    )
+    .await?;
+    tracing::info!(request = request.id, table = %request.table, rows = rows_this_run, seconds = started.elapsed().as_secs_f64(), "backfill finished");
+    Ok(())
+}
+
+/// A chunk handed to the pipeline, not yet known durable.
+struct InFlight {
+    durable: oneshot::Receiver<()>,
+    /// Keys (reconcile) or rows (table) the chunk advances the request by.
+    advanced: usize,
+    read: usize,
+    /// The keyset position after it.
+    last_key: Option<Vec<String>>,
+}
+
+/// Waits until the chunk is durable, then records it in the progress table; returns how far
+/// it advanced the request.
+async fn record(
+    sql: &tokio_postgres::Client,
+    progress: &str,
+    pipeline: &str,
+    request: &Request,
+    chunk: InFlight,
+    shutdown: &mut Shutdown,
+    label: &str,
+) -> Result<usize, BackfillError> {
+    tokio::select! {
+        result = chunk.durable => result.map_err(|_| BackfillError::ChunkLost)?,
+        _ = shutdown.requested() => return Err(BackfillError::Stopped),
+    }
+    sql.execute(
+        &format!("UPDATE {progress} SET last_key = $3, rows_done = rows_done + $4, chunks_done = chunks_done + 1 WHERE pipeline = $1 AND id = $2"),
+        &[&pipeline, &request.id, &chunk.last_key, &(chunk.advanced as i64)],
+    )
+    .await?;
+    metrics::counter!(crate::metrics::BACKFILL_ROWS_TOTAL, "table" => label.to_owned())
+        .increment(chunk.read as u64);
+    metrics::counter!(crate::metrics::BACKFILL_CHUNKS_TOTAL, "table" => label.to_owned()).increment(1);
+    Ok(chunk.advanced)
+}
+
+async fn emit(sql: &tokio_postgres::Client, text: &str) -> Result<(), tokio_postgres::Error> {
+    sql.execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&WATERMARK_PREFIX, &text]).await.map(|_| ())
+}
+
+/// Reads one chunk in a snapshot that sees every transaction committed before the low
+/// watermark (see the module header): the rows' columns as text.
+async fn read_chunk(
+    sql: &mut tokio_postgres::Client,
+    table: &Table,
+    chunk_size: usize,
+    after: Option<&[String]>,
+    keys: Option<&[Vec<String>]>,
+) -> Result<Page, BackfillError> {
+    // Pages go through COPY (text format, the types' output functions, as `::text` gives):
+    // several times cheaper than a SELECT's rows. COPY takes no parameters: the queries write
+    // the keys as literals.
+    let columns = table.select_list(false);
+    let query = match keys {
+        Some(keys) => table.keys_query(&columns, keys),
+        None => table.page_query(&columns, after, chunk_size, None),
+    };
+    let statement = format!("COPY ({query}) TO STDOUT");
+    for _ in 0..100 {
+        let txn = sql
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        // The first statement fixes the snapshot.
+        let lagging: i64 = txn
+            .query_one("SELECT count(*) FROM pg_snapshot_xip(pg_current_snapshot()) x WHERE pg_xact_status(x) = 'committed'", &[])
+            .await?
+            .get(0);
+        if lagging > 0 {
+            txn.rollback().await?;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        if let Some(delay) = crate::faults::backfill_window_delay() {
+            tokio::time::sleep(delay).await;
+        }
+        let stream = txn.copy_out(&statement).await?;
+        futures_util::pin_mut!(stream);
+        let mut decoder = CopyDecoder::new(table);
+        let bad =
+            |e: String| BackfillError::Request(format!("table {}: {e}", table.relation.qualified_name()));
+        while let Some(part) = stream.next().await {
+            decoder.feed(&part?).map_err(bad)?;
+        }
+        txn.commit().await?;
+        return decoder.finish().map_err(bad);
+    }
+    Err(BackfillError::Request("no snapshot without committed-but-running transactions in 100 tries".into()))
+}
+
+/// The requested keys the rows read do not have, decoded (compared as values, so that `01`
+/// and `1` are one integer key).
+fn absent(
+    table: &Table,
+    keys: &[Vec<String>],
+    rows: &[Vec<Value>],
+) -> Result<Vec<Vec<Value>>, BackfillError> {
+    let found: std::collections::HashSet<String> = rows
+        .iter()
+        .map(|row| sluice_core::value::key_identity(table.primary_key.iter().map(|&i| &row[i])))
+        .collect();
+    let mut missing = Vec::new();
+    for key in keys {
+        let values = table.decode_key(key).map_err(BackfillError::Request)?;
+        if !found.contains(&sluice_core::value::key_identity(&values)) {
+            missing.push(values);
+        }
+    }
+    Ok(missing)
+}
