@@ -426,6 +426,7 @@ impl ReplicationSource {
             let subxid = message.stream_xid().unwrap_or(top_xid);
             self.spill
                 .append(top_xid, subxid, &payload)
+                .await
                 .map_err(|source| Error::Spill { xid: top_xid, source })?;
             self.stats.spilled_bytes.store(self.spill.bytes_spilled(), Ordering::Relaxed);
             return Ok(());
@@ -451,7 +452,7 @@ impl ReplicationSource {
             }
             LogicalMessage::StreamStart { xid, .. } => self.stream_xid = Some(xid),
             LogicalMessage::StreamAbort { xid, subxid } => {
-                self.spill.abort(xid, subxid).map_err(|source| Error::Spill { xid, source })?;
+                self.spill.abort(xid, subxid).await.map_err(|source| Error::Spill { xid, source })?;
                 self.stats.spilled_bytes.store(self.spill.bytes_spilled(), Ordering::Relaxed);
             }
             LogicalMessage::StreamCommit { xid, commit_lsn, end_lsn, commit_time, .. } => {
@@ -515,8 +516,8 @@ impl ReplicationSource {
             .begin(commit_lsn, xid, commit_time)
             .map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;
         self.push(begin, 0, session).await?;
-        if let Some(mut reader) = self.spill.take(xid).map_err(|source| Error::Spill { xid, source })? {
-            while let Some(raw) = reader.next_message().map_err(|source| Error::Spill { xid, source })? {
+        if let Some(mut reader) = self.spill.take(xid).await.map_err(|source| Error::Spill { xid, source })? {
+            while let Some(raw) = reader.next_message().await.map_err(|source| Error::Spill { xid, source })? {
                 let size = raw.len();
                 let message =
                     pgoutput::parse(raw, true).map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;

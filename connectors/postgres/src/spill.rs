@@ -10,14 +10,17 @@
 //! children. Postgres' own apply worker uses the same rule.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, SeekFrom};
 use std::path::PathBuf;
 
 use bytes::Bytes;
+use tokio::fs::File;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader, BufWriter};
 
 const BUFFER_SIZE: usize = 256 * 1024;
 
+/// The files are written through tokio's file type: each write past the buffer runs on the
+/// blocking pool, never on the thread that drives the replication connection.
 struct SpillFile {
     writer: BufWriter<File>,
     len: u64,
@@ -37,31 +40,35 @@ impl SpillStore {
     }
 
     /// Appends one raw message of subtransaction `subxid` of top-level transaction `xid`.
-    pub fn append(&mut self, xid: u32, subxid: u32, message: &[u8]) -> io::Result<()> {
-        let file = match self.open.entry(xid) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let file = tempfile::tempfile_in(&self.dir)?;
-                e.insert(SpillFile {
-                    writer: BufWriter::with_capacity(BUFFER_SIZE, file),
+    pub async fn append(&mut self, xid: u32, subxid: u32, message: &[u8]) -> io::Result<()> {
+        if !self.open.contains_key(&xid) {
+            let dir = self.dir.clone();
+            let file = tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir))
+                .await
+                .map_err(io::Error::other)??;
+            self.open.insert(
+                xid,
+                SpillFile {
+                    writer: BufWriter::with_capacity(BUFFER_SIZE, File::from_std(file)),
                     len: 0,
                     subxacts: Vec::new(),
-                })
-            }
-        };
+                },
+            );
+        }
+        let file = self.open.get_mut(&xid).expect("inserted above");
         if subxid != xid && !file.subxacts.iter().any(|&(s, _)| s == subxid) {
             file.subxacts.push((subxid, file.len));
         }
         let len = u32::try_from(message.len()).map_err(|_| io::Error::other("message over 4 GiB"))?;
-        file.writer.write_all(&len.to_be_bytes())?;
-        file.writer.write_all(message)?;
+        file.writer.write_all(&len.to_be_bytes()).await?;
+        file.writer.write_all(message).await?;
         file.len += 4 + message.len() as u64;
         Ok(())
     }
 
     /// Drops a whole transaction (`subxid == xid`) or the changes of one subtransaction and
     /// everything written after it.
-    pub fn abort(&mut self, xid: u32, subxid: u32) -> io::Result<()> {
+    pub async fn abort(&mut self, xid: u32, subxid: u32) -> io::Result<()> {
         if subxid == xid {
             self.open.remove(&xid);
             return Ok(());
@@ -70,19 +77,20 @@ impl SpillStore {
         let Some(index) = file.subxacts.iter().position(|&(s, _)| s == subxid) else { return Ok(()) };
         let offset = file.subxacts[index].1;
         file.subxacts.truncate(index);
-        file.writer.flush()?;
+        file.writer.flush().await?;
         let inner = file.writer.get_mut();
-        inner.set_len(offset)?;
-        inner.seek(SeekFrom::Start(offset))?;
+        inner.set_len(offset).await?;
+        inner.seek(SeekFrom::Start(offset)).await?;
         file.len = offset;
         Ok(())
     }
 
     /// Hands over a committed transaction's messages for replay; `None` when nothing was spilled.
-    pub fn take(&mut self, xid: u32) -> io::Result<Option<SpillReader>> {
-        let Some(file) = self.open.remove(&xid) else { return Ok(None) };
-        let mut inner = file.writer.into_inner().map_err(|e| e.into_error())?;
-        inner.seek(SeekFrom::Start(0))?;
+    pub async fn take(&mut self, xid: u32) -> io::Result<Option<SpillReader>> {
+        let Some(mut file) = self.open.remove(&xid) else { return Ok(None) };
+        file.writer.flush().await?;
+        let mut inner = file.writer.into_inner();
+        inner.seek(SeekFrom::Start(0)).await?;
         Ok(Some(SpillReader { reader: BufReader::with_capacity(BUFFER_SIZE, inner.take(file.len)) }))
     }
 
@@ -99,19 +107,19 @@ impl SpillStore {
 
 /// Reads a spilled transaction back, one message at a time.
 pub struct SpillReader {
-    reader: BufReader<io::Take<File>>,
+    reader: BufReader<tokio::io::Take<File>>,
 }
 
 impl SpillReader {
-    pub fn next_message(&mut self) -> io::Result<Option<Bytes>> {
+    pub async fn next_message(&mut self) -> io::Result<Option<Bytes>> {
         let mut len = [0u8; 4];
-        match self.reader.read_exact(&mut len) {
-            Ok(()) => {}
+        match self.reader.read_exact(&mut len).await {
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e),
         }
         let mut message = vec![0u8; u32::from_be_bytes(len) as usize];
-        self.reader.read_exact(&mut message)?;
+        self.reader.read_exact(&mut message).await?;
         Ok(Some(Bytes::from(message)))
     }
 }
@@ -120,43 +128,43 @@ impl SpillReader {
 mod tests {
     use super::*;
 
-    fn read_all(store: &mut SpillStore, xid: u32) -> Vec<Vec<u8>> {
-        let mut reader = store.take(xid).unwrap().unwrap();
+    async fn read_all(store: &mut SpillStore, xid: u32) -> Vec<Vec<u8>> {
+        let mut reader = store.take(xid).await.unwrap().unwrap();
         let mut out = Vec::new();
-        while let Some(m) = reader.next_message().unwrap() {
+        while let Some(m) = reader.next_message().await.unwrap() {
             out.push(m.to_vec());
         }
         out
     }
 
-    #[test]
-    fn committed_transaction_replays_in_order() {
+    #[tokio::test]
+    async fn committed_transaction_replays_in_order() {
         let mut store = SpillStore::new(None);
-        store.append(10, 10, b"a").unwrap();
-        store.append(11, 11, b"other").unwrap();
-        store.append(10, 10, b"bb").unwrap();
-        assert_eq!(read_all(&mut store, 10), vec![b"a".to_vec(), b"bb".to_vec()]);
+        store.append(10, 10, b"a").await.unwrap();
+        store.append(11, 11, b"other").await.unwrap();
+        store.append(10, 10, b"bb").await.unwrap();
+        assert_eq!(read_all(&mut store, 10).await, vec![b"a".to_vec(), b"bb".to_vec()]);
         assert_eq!(store.bytes_spilled(), 4 + 5);
     }
 
-    #[test]
-    fn subtransaction_abort_drops_it_and_its_children_only() {
+    #[tokio::test]
+    async fn subtransaction_abort_drops_it_and_its_children_only() {
         let mut store = SpillStore::new(None);
-        store.append(10, 10, b"keep1").unwrap();
-        store.append(10, 20, b"sub1").unwrap();
-        store.append(10, 21, b"child").unwrap();
-        store.abort(10, 20).unwrap();
-        store.append(10, 10, b"keep2").unwrap();
-        store.append(10, 22, b"sub2").unwrap();
-        assert_eq!(read_all(&mut store, 10), vec![b"keep1".to_vec(), b"keep2".to_vec(), b"sub2".to_vec()]);
+        store.append(10, 10, b"keep1").await.unwrap();
+        store.append(10, 20, b"sub1").await.unwrap();
+        store.append(10, 21, b"child").await.unwrap();
+        store.abort(10, 20).await.unwrap();
+        store.append(10, 10, b"keep2").await.unwrap();
+        store.append(10, 22, b"sub2").await.unwrap();
+        assert_eq!(read_all(&mut store, 10).await, vec![b"keep1".to_vec(), b"keep2".to_vec(), b"sub2".to_vec()]);
     }
 
-    #[test]
-    fn top_level_abort_drops_everything() {
+    #[tokio::test]
+    async fn top_level_abort_drops_everything() {
         let mut store = SpillStore::new(None);
-        store.append(10, 10, b"x").unwrap();
-        store.abort(10, 10).unwrap();
-        assert!(store.take(10).unwrap().is_none());
+        store.append(10, 10, b"x").await.unwrap();
+        store.abort(10, 10).await.unwrap();
+        assert!(store.take(10).await.unwrap().is_none());
         assert_eq!(store.bytes_spilled(), 0);
     }
 }
