@@ -19,6 +19,7 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use sluice_core::{Classify, ErrorKind};
 
 /// How to reach the brokers and how to produce. `Debug` hides the values of `extra`
 /// properties that hold secrets (passwords, keys, tokens).
@@ -93,15 +94,15 @@ pub struct Record {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Kafka producer configuration: {0}")]
+    #[error("the Kafka producer's configuration is refused")]
     Config(#[source] KafkaError),
-    #[error("Kafka rejected a record for topic {topic}: {source}")]
+    #[error("Kafka rejected a record for topic {topic}")]
     Produce {
         topic: String,
         #[source]
         source: KafkaError,
     },
-    #[error("Kafka did not confirm a record for topic {topic}: {source}{}", last_client_error.as_deref().map(|e| format!(" (last client error: {e})")).unwrap_or_default())]
+    #[error("Kafka did not confirm a record for topic {topic}{}", last_client_error.as_deref().map(|e| format!(" (last client error: {e})")).unwrap_or_default())]
     Delivery {
         topic: String,
         #[source]
@@ -114,9 +115,21 @@ pub enum Error {
     Admin(String),
 }
 
+impl Classify for Error {
+    /// Poison for a record that can never be produced (too large, invalid topic): dead-letter
+    /// material. Everything else is fatal to the pipeline: the producer has already retried
+    /// for `message_timeout` before it reports a record failed.
+    fn kind(&self) -> ErrorKind {
+        if self.is_poison() {
+            ErrorKind::Poison
+        } else {
+            ErrorKind::Fatal
+        }
+    }
+}
+
 impl Error {
-    /// A record that can never be produced (too large, invalid topic): dead-letter material.
-    pub fn is_poison(&self) -> bool {
+    fn is_poison(&self) -> bool {
         let code = match self {
             Error::Produce { source, .. } | Error::Delivery { source, .. } => source.rdkafka_error_code(),
             _ => None,
@@ -354,5 +367,26 @@ mod tests {
         context.seen.lock().unwrap().get_mut("broker down").unwrap().0 -= QuietContext::REPEAT;
         assert_eq!(context.admit("broker down"), Some(2));
         assert_eq!(context.admit("broker down"), None);
+    }
+
+    #[test]
+    fn a_record_kafka_can_never_take_is_poison_and_the_rest_stops_the_pipeline() {
+        let produce =
+            |code| Error::Produce { topic: "t".into(), source: KafkaError::MessageProduction(code) };
+        assert_eq!(produce(RDKafkaErrorCode::MessageSizeTooLarge).kind(), ErrorKind::Poison);
+        assert_eq!(produce(RDKafkaErrorCode::InvalidTopic).kind(), ErrorKind::Poison);
+        let timed_out = Error::Delivery {
+            topic: "t".into(),
+            source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+            last_client_error: Some("broker down".into()),
+        };
+        assert_eq!(timed_out.kind(), ErrorKind::Fatal);
+        assert_eq!(Error::Admin("x".into()).kind(), ErrorKind::Fatal);
+        // The cause is the source, not repeated in the message.
+        assert_eq!(
+            timed_out.to_string(),
+            "Kafka did not confirm a record for topic t (last client error: broker down)"
+        );
+        assert!(std::error::Error::source(&timed_out).is_some());
     }
 }

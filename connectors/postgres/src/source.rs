@@ -517,7 +517,9 @@ impl ReplicationSource {
             .map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;
         self.push(begin, 0, session).await?;
         if let Some(mut reader) = self.spill.take(xid).await.map_err(|source| Error::Spill { xid, source })? {
-            while let Some(raw) = reader.next_message().await.map_err(|source| Error::Spill { xid, source })? {
+            while let Some(raw) =
+                reader.next_message().await.map_err(|source| Error::Spill { xid, source })?
+            {
                 let size = raw.len();
                 let message =
                     pgoutput::parse(raw, true).map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;

@@ -156,7 +156,10 @@ mod tests {
         store.abort(10, 20).await.unwrap();
         store.append(10, 10, b"keep2").await.unwrap();
         store.append(10, 22, b"sub2").await.unwrap();
-        assert_eq!(read_all(&mut store, 10).await, vec![b"keep1".to_vec(), b"keep2".to_vec(), b"sub2".to_vec()]);
+        assert_eq!(
+            read_all(&mut store, 10).await,
+            vec![b"keep1".to_vec(), b"keep2".to_vec(), b"sub2".to_vec()]
+        );
     }
 
     #[tokio::test]

@@ -19,9 +19,10 @@ use std::time::Instant;
 
 use sluice_kafka::{KafkaProducer, ProducerOptions, Record};
 
-use crate::error::{ErrorKind, TargetError};
+use crate::error::{action, Action, Classify, ErrorKind, TargetError};
 use crate::targets::dead_letter::DeadLetter;
 use crate::targets::kafka::config::KafkaConfig;
+use sluice_postgres::error::Chain;
 
 use crate::targets::{OpBatch, Receipt, Sourced, Target, TargetStats};
 
@@ -103,9 +104,10 @@ impl Target for KafkaTarget {
                 Ok(delivery) => {
                     deliveries.push((source, position, record.topic, record.key, Instant::now(), delivery))
                 }
-                Err(error) if error.is_poison() => {
+                Err(error) if action(error.kind()) == Action::DeadLetter => {
                     let details = record_details(record.topic, record.key);
-                    self.dead_letter.record(position, &source, Some(&details), &error.to_string()).await?;
+                    let reason = Chain(&error).to_string();
+                    self.dead_letter.record(position, &source, Some(&details), &reason).await?;
                 }
                 Err(error) => return Err(TargetError::fatal("kafka", "cannot produce to Kafka", error)),
             }
@@ -120,17 +122,13 @@ impl Target for KafkaTarget {
                     Ok(()) => {
                         stats.applied.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(error) if error.is_poison() => {
+                    Err(error) if action(error.kind()) == Action::DeadLetter => {
                         let details = record_details(topic, key);
-                        dead_letter.record(position, &source, Some(&details), &error.to_string()).await?;
+                        let reason = Chain(&error).to_string();
+                        dead_letter.record(position, &source, Some(&details), &reason).await?;
                     }
                     Err(error) => {
-                        return Err(TargetError {
-                            target: "kafka",
-                            kind: ErrorKind::Fatal,
-                            message: error.to_string(),
-                            source: Some(Box::new(error)),
-                        });
+                        return Err(TargetError::fatal("kafka", "a record was not confirmed", error));
                     }
                 }
             }
