@@ -15,14 +15,19 @@ pub type SourceKey = BTreeMap<String, String>;
 /// Differing attributes' values: (from the source through the mapping, stored in the target).
 pub type DifferentValues = BTreeMap<String, (Option<String>, Option<String>)>;
 
+/// A key whose target row or item differs from what the source row maps to.
 #[derive(Clone, Debug, Serialize)]
 pub struct Difference {
+    /// The source row's primary key, column by column.
     pub key: SourceKey,
+    /// The attributes (or columns) that differ.
     pub attributes: Vec<String>,
+    /// Their values, when `--values` asked for them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub values: Option<DifferentValues>,
 }
 
+/// A target row or item that no source row produces.
 #[derive(Clone, Debug, Serialize)]
 pub struct Extra {
     /// The item's key.
@@ -31,35 +36,52 @@ pub struct Extra {
     pub source_key: Option<SourceKey>,
 }
 
+/// What verify found for one source table.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct TableReport {
+    /// The source table, `schema.table`.
     pub table: String,
+    /// The target table it maps to.
     pub target: String,
+    /// Rows read.
     pub rows: u64,
+    /// Rows whose target row or item is as the mapping makes it.
     pub matched: u64,
+    /// Rows without their target row or item.
     pub missing: u64,
+    /// Rows whose target row or item differs.
     pub different: u64,
+    /// Target rows or items no row produces.
     pub extra: u64,
     /// Rows the mapping cannot translate (the stream dead-letters them).
     pub untranslatable: u64,
+    /// The first missing keys.
     pub missing_keys: Vec<SourceKey>,
+    /// The first differing keys.
     pub different_keys: Vec<Difference>,
+    /// The first extra rows or items.
     pub extra_keys: Vec<Extra>,
     /// Whether extra items were looked for (the whole DynamoDB table was covered).
     pub extra_checked: bool,
 }
 
+/// A whole verify report.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    /// One report per source table.
     pub tables: Vec<TableReport>,
+    /// The pass's read rate.
     pub rows_per_second: f64,
+    /// How long the pass took.
     pub seconds: f64,
     /// Whether the keys found wrong were checked again after the stream passed the pass's end.
     pub rechecked: bool,
+    /// Why the re-check did not run, when it did not.
     pub recheck_note: Option<String>,
 }
 
 impl Report {
+    /// Missing, different and extra keys over all tables.
     pub fn differences(&self) -> u64 {
         self.tables.iter().map(|t| t.missing + t.different + t.extra).sum()
     }

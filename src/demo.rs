@@ -76,6 +76,7 @@ fn start_dynamo(server: &std::path::Path) -> Result<LocalDynamo, Box<dyn std::er
     Ok(dynamo)
 }
 
+/// Runs the quick-start: a throwaway cluster, a pipeline into the chosen target, changes, and what arrived.
 pub async fn run(options: DemoOptions) -> DemoResult {
     eprintln!("demo: starting a throwaway Postgres cluster (wal_level=logical) …");
     let pg = tokio::task::spawn_blocking(|| LocalPostgres::start(&ClusterOptions::default())).await??;

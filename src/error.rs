@@ -7,9 +7,13 @@ pub use sluice_core::{action, Action, Classify, ErrorKind};
 #[derive(Debug, thiserror::Error)]
 #[error("target {target}: {message}")]
 pub struct TargetError {
+    /// The target's name (`dynamodb`, `kafka`, …).
     pub target: &'static str,
+    /// What follows: retry, dead-letter, stop.
     pub kind: ErrorKind,
+    /// What failed, for the operator (never a row's values).
     pub message: String,
+    /// The cause.
     #[source]
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
@@ -21,6 +25,7 @@ impl Classify for TargetError {
 }
 
 impl TargetError {
+    /// A fatal error with its cause.
     pub fn fatal(
         target: &'static str,
         message: impl Into<String>,
@@ -38,10 +43,13 @@ impl TargetError {
 /// Why a pipeline stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
+    /// The source stopped with an error.
     #[error("source failed")]
     Source(#[from] sluice_postgres::Error),
+    /// The target stopped with an error.
     #[error(transparent)]
     Target(#[from] TargetError),
+    /// A task of the pipeline panicked or stopped.
     #[error("pipeline task failed: {0}")]
     Task(String),
 }
@@ -55,13 +63,16 @@ pub enum CommandError {
     /// A read or write failed, after its retries; `what` says which, the cause is the source.
     #[error("{what}")]
     Failed {
+        /// What was being done.
         what: String,
+        /// Why it failed.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
 impl CommandError {
+    /// A command that cannot run as asked; `message` names the key or table at fault.
     pub fn invalid(message: impl Into<String>) -> Self {
         CommandError::Invalid(message.into())
     }
@@ -69,7 +80,9 @@ impl CommandError {
 
 /// Names what failed, keeping the error as the cause: `.context("cannot read table t")`.
 pub trait CommandContext<T> {
+    /// `what` failed; the error becomes its source.
     fn context(self, what: impl Into<String>) -> Result<T, CommandError>;
+    /// Like `context`, with the message made only on failure.
     fn with_context(self, what: impl FnOnce() -> String) -> Result<T, CommandError>;
 }
 

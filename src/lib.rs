@@ -6,20 +6,20 @@
 
 pub mod backfill;
 pub mod bench;
-pub mod compare;
+pub(crate) mod compare;
 pub mod config;
 pub mod demo;
 pub mod error;
-pub mod faults;
+pub(crate) mod faults;
 pub mod ha;
 pub mod http;
-pub mod json;
+pub(crate) mod json;
 pub mod localpg;
 pub mod metrics;
 pub mod monitor;
 pub mod pipeline;
 pub mod status;
 pub mod targets;
-pub mod translate;
+pub(crate) mod translate;
 pub mod validate;
 pub mod verify;

@@ -63,10 +63,12 @@ pub struct LocalPostgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     as_root: bool,
+    /// The TCP port on 127.0.0.1.
     pub port: u16,
 }
 
 impl LocalPostgres {
+    /// Creates, configures and starts a cluster in a temporary directory.
     pub fn start(options: &ClusterOptions) -> io::Result<Self> {
         let bin = pg_bin_dir()?;
         let dir = tempfile::Builder::new().prefix("sluice-pg-").tempdir()?;
@@ -160,10 +162,12 @@ impl LocalPostgres {
         self.pg_ctl_start()
     }
 
+    /// The cluster's data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 
+    /// The server's log file.
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("postgres.log")
     }
@@ -206,6 +210,7 @@ impl LocalPostgres {
         Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
     }
 
+    /// Creates a database.
     pub fn create_database(&self, name: &str) -> io::Result<()> {
         self.psql("postgres", &format!("CREATE DATABASE \"{name}\"")).map(drop)
     }

@@ -26,8 +26,11 @@ pub const APPLY_LAG_BYTES: &str = "sluice_apply_lag_bytes";
 pub const LAG_SECONDS: &str = "sluice_lag_seconds";
 /// Positions, as numbers (byte offsets in the WAL).
 pub const RECEIVED_LSN: &str = "sluice_received_lsn";
+/// The position through which changes are durable in the target.
 pub const DURABLE_LSN: &str = "sluice_durable_lsn";
+/// The server's current WAL position.
 pub const SERVER_WAL_LSN: &str = "sluice_server_wal_lsn";
+/// The slot's confirmed position.
 pub const CONFIRMED_FLUSH_LSN: &str = "sluice_slot_confirmed_flush_lsn";
 /// WAL the slot keeps on the server (current WAL position minus the slot's restart_lsn).
 pub const SLOT_RETAINED_WAL_BYTES: &str = "sluice_slot_retained_wal_bytes";
@@ -38,6 +41,7 @@ pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "sluice_slot_safe_wal_size_bytes";
 pub const SLOT_WAL_STATUS: &str = "sluice_slot_wal_status";
 /// Heartbeats written into the WAL, and received back through the stream.
 pub const HEARTBEATS_SENT_TOTAL: &str = "sluice_heartbeats_sent_total";
+/// Heartbeats received back through the stream.
 pub const HEARTBEATS_RECEIVED_TOTAL: &str = "sluice_heartbeats_received_total";
 /// Bytes of streamed in-progress transactions currently spilled to disk.
 pub const SPILLED_BYTES: &str = "sluice_spilled_bytes";
@@ -56,6 +60,7 @@ pub const HA_ACTIVE: &str = "sluice_ha_active";
 pub const OUTBOX_BACKLOG_ROWS: &str = "sluice_outbox_backlog_rows";
 /// Rows and chunks the backfill made durable in the target, by `table`.
 pub const BACKFILL_ROWS_TOTAL: &str = "sluice_backfill_rows_total";
+/// Chunks the backfill made durable, by `table`.
 pub const BACKFILL_CHUNKS_TOTAL: &str = "sluice_backfill_chunks_total";
 /// Backfill and reconcile requests being served.
 pub const BACKFILL_ACTIVE: &str = "sluice_backfill_active_requests";

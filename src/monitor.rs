@@ -28,13 +28,21 @@ use crate::targets::TargetStats;
 /// The slot as `pg_replication_slots` shows it.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SlotInfo {
+    /// The slot's name.
     pub name: String,
+    /// The slot exists.
     pub exists: bool,
+    /// A client streams from it now.
     pub active: bool,
+    /// The server process streaming from it.
     pub active_pid: Option<i32>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
     pub wal_status: Option<String>,
+    /// The oldest WAL the slot keeps.
     pub restart_lsn: Option<String>,
+    /// The position the consumer confirmed.
     pub confirmed_flush_lsn: Option<String>,
+    /// The server's current WAL position.
     pub server_wal_lsn: Option<String>,
     /// Current WAL position minus restart_lsn.
     pub retained_wal_bytes: Option<i64>,
@@ -47,8 +55,10 @@ pub struct SlotInfo {
 /// State shared by the pipeline, the sampler and the HTTP endpoints.
 #[derive(Debug)]
 pub struct PipelineState {
+    /// The pipeline's name.
     pub name: String,
     source: OnceLock<Arc<SourceStats>>,
+    /// The target's counters.
     pub target: Arc<TargetStats>,
     durable_lsn: AtomicU64,
     /// Postgres-epoch microseconds of the newest durable commit; none before the first.
@@ -67,23 +77,39 @@ pub struct PipelineState {
 /// A point-in-time view for `/status` and `sluice status`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
+    /// The pipeline's name.
     pub pipeline: String,
     /// `active` (streams), `standby` (waits for the HA lock).
     pub role: &'static str,
+    /// The source streams (or polls) now.
     pub streaming: bool,
+    /// `/readyz` answers 200.
     pub ready: bool,
+    /// Why it does not, when it does not.
     pub not_ready_reason: Option<String>,
+    /// The newest position received from the source.
     pub received_lsn: String,
+    /// The position through which changes are durable in the target.
     pub durable_lsn: String,
+    /// The position the slot confirmed.
     pub confirmed_lsn: String,
+    /// WAL bytes between the received and the durable position.
     pub apply_lag_bytes: u64,
+    /// Seconds since the newest durable commit was made in the source.
     pub lag_seconds: Option<f64>,
+    /// Change events received.
     pub events: u64,
+    /// Operations applied by the target.
     pub applied: u64,
+    /// Operations the target found already applied (replays).
     pub already_applied: u64,
+    /// Target requests retried.
     pub retries: u64,
+    /// Changes dead-lettered.
     pub dead_lettered: u64,
+    /// Source sessions started again.
     pub reconnects: u64,
+    /// The slot, as last inspected.
     pub slot: Option<SlotInfo>,
     /// Polling source: rows of the outbox table not yet published.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -91,6 +117,7 @@ pub struct Status {
 }
 
 impl PipelineState {
+    /// The state of `config`'s pipeline.
     pub fn new(config: &Config) -> Arc<Self> {
         Arc::new(Self::with(
             &config.pipeline.name,
@@ -99,6 +126,7 @@ impl PipelineState {
         ))
     }
 
+    /// A state for a pipeline named `name` (tests and the benchmark).
     pub fn with(name: &str, ready_max_lag: Duration, heartbeats: bool) -> Self {
         PipelineState {
             name: name.to_owned(),
@@ -120,6 +148,7 @@ impl PipelineState {
         let _ = self.source.set(stats);
     }
 
+    /// Records that changes through `lsn` are durable (committed at `commit_time`).
     pub fn set_durable(&self, lsn: Lsn, commit_time: Option<i64>) {
         self.durable_lsn.fetch_max(lsn.0, Ordering::Relaxed);
         if let Some(time) = commit_time {
@@ -169,6 +198,7 @@ impl PipelineState {
         Ok(())
     }
 
+    /// A snapshot of the state.
     pub fn status(&self) -> Status {
         let source = self.source.get();
         let load =

@@ -12,6 +12,7 @@ use crate::config::{Config, SourceMode};
 use crate::error::{CommandContext, CommandError};
 use crate::targets::TargetConfig;
 
+/// Prints the status (a table, or JSON with `as_json`).
 pub async fn print(config: &Config, as_json: bool) -> Result<(), CommandError> {
     let answer = match config.monitoring.listen {
         Some(listen) => from_daemon(listen).await,

@@ -26,7 +26,7 @@
 mod chunk;
 mod command;
 mod progress;
-pub mod window;
+pub(crate) mod window;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

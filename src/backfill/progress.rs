@@ -61,12 +61,19 @@ pub async fn request(
 /// One request as the progress table holds it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Progress {
+    /// The request's id.
     pub id: i64,
+    /// The table, `schema.table`.
     pub table: String,
+    /// `pending`, `running`, `done` or `failed`.
     pub state: String,
+    /// Rows (or keys) made durable so far.
     pub rows_done: i64,
+    /// Chunks made durable so far.
     pub chunks_done: i64,
+    /// The table's estimated rows (`reltuples`), or the number of keys.
     pub rows_estimate: Option<i64>,
+    /// Why the request failed.
     pub error: Option<String>,
 }
 

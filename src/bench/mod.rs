@@ -14,6 +14,7 @@ mod backfill;
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+/// `sluice bench`'s arguments (see the README's Benchmark section).
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
     /// Rows per shape and run.
@@ -78,23 +79,35 @@ pub struct BenchArgs {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// Where sluice reads the outbox rows (`--source`).
 pub enum BenchSource {
+    /// Logical replication.
     Wal,
+    /// The polling source.
     Poll,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// Where sluice writes (`--target`).
 pub enum BenchTarget {
+    /// Nowhere: the decoder and pipeline alone.
     Null,
+    /// A Kafka broker (`--kafka-brokers`).
     Kafka,
+    /// A DynamoDB-API server (`--dynamodb-endpoint`).
     Dynamodb,
+    /// A second database of the same cluster.
     Postgres,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// How the rows are committed (`--shape`).
 pub enum Shape {
+    /// Transactions of `--tx-rows` rows.
     Many,
+    /// One transaction of all rows.
     One,
+    /// Both, one after the other.
     Both,
 }
 
@@ -106,6 +119,7 @@ struct Sample {
     sluice_cpu_s: f64,
 }
 
+/// Runs the benchmark `args` describe and prints its table.
 pub async fn run(args: BenchArgs) -> BenchResult<()> {
     if args.backfill {
         return backfill::run(args).await;

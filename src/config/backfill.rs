@@ -64,6 +64,7 @@ fn default_poll_interval() -> Duration {
 }
 
 impl BackfillConfig {
+    /// Adds a problem for each setting that cannot work.
     pub fn validate(&self, problems: &mut Vec<Problem>) {
         if sluice_postgres::catalog::split_table(&self.progress_table).is_none() {
             problems.push(Problem::new("backfill", "progress_table", "must be schema.table"));

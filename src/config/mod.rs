@@ -22,14 +22,20 @@ use sluice_postgres::{ConnectionConfig, ReplicationConfig};
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Batching, retries, shutdown.
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    /// Where changes come from.
     pub source: SourceConfig,
+    /// Where they go.
     pub target: TargetConfig,
+    /// The HTTP endpoints and health thresholds.
     #[serde(default)]
     pub monitoring: MonitoringConfig,
+    /// High availability: one active replica per slot.
     #[serde(default)]
     pub ha: HaConfig,
+    /// Backfill beside the stream.
     #[serde(default)]
     pub backfill: BackfillConfig,
 }
@@ -111,6 +117,7 @@ fn default_ha_retry_interval() -> Duration {
     Duration::from_secs(1)
 }
 
+/// `[pipeline]`: how changes move through sluice.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
@@ -163,7 +170,9 @@ fn default_shutdown_timeout() -> Duration {
 /// table (`[source.poll]`) where logical replication is not allowed. Exactly one of the two.
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
+    /// How to reach the source database.
     pub connection: ConnectionConfig,
+    /// How changes are read.
     pub mode: SourceMode,
 }
 
@@ -256,16 +265,29 @@ fn yes() -> bool {
 /// Reading or checking the configuration failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file cannot be read.
     #[error("cannot read config file {path}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// The file is not TOML (or JSON).
     #[error("config file {path} is {message}")]
-    Syntax { path: PathBuf, message: String },
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// What the parser says, and where.
+        message: String,
+    },
+    /// Keys at fault, each with its problem.
     #[error("{}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
-    Invalid { problems: Vec<Problem> },
+    Invalid {
+        /// The problems, in file order.
+        problems: Vec<Problem>,
+    },
 }
 
 impl Config {

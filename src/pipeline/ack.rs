@@ -22,11 +22,13 @@ pub struct AckTracker {
 
 impl AckTracker {
     /// Starts after a position already known to be durable (e.g. the slot's confirmed LSN).
+    #[cfg(test)]
     pub fn starting_at(durable: Lsn) -> Self {
         AckTracker { durable, ..AckTracker::default() }
     }
 
     /// Records a submitted batch; returns its sequence number.
+    #[cfg(test)]
     pub fn register(&mut self, ack: Option<Lsn>) -> u64 {
         self.register_with_time(ack, None)
     }
@@ -61,6 +63,8 @@ impl AckTracker {
         (self.durable > before).then_some(self.durable)
     }
 
+    /// The position through which every batch is durable.
+    #[cfg(test)]
     pub fn durable(&self) -> Lsn {
         self.durable
     }
@@ -71,6 +75,7 @@ impl AckTracker {
     }
 
     /// Batches submitted and not yet released.
+    #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.pending.len()
     }

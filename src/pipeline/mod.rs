@@ -8,7 +8,7 @@
 //!        └──── durable Lsn (watch) ◀── AckTracker (unbroken prefix only)
 //! ```
 
-pub mod ack;
+pub(crate) mod ack;
 mod stage;
 
 use sluice_core::Shutdown;
@@ -34,7 +34,9 @@ const CHANNEL_BATCHES: usize = 4;
 
 /// A running pipeline's handles for status and tests.
 pub struct Pipeline {
+    /// The source's counters.
     pub source_stats: Arc<SourceStats>,
+    /// The position through which changes are durable in the target.
     pub durable: watch::Receiver<Lsn>,
 }
 

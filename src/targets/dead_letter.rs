@@ -13,6 +13,7 @@ use super::TargetStats;
 use crate::error::TargetError;
 use sluice_core::{ChangeEvent, Position};
 
+/// Where changes that can never apply go: a JSON-lines file, counted.
 pub struct DeadLetter {
     target: &'static str,
     file: Option<tokio::sync::Mutex<tokio::fs::File>>,
@@ -38,6 +39,8 @@ pub fn source_name(event: &ChangeEvent) -> String {
 pub type Details<'a> = &'a (dyn Fn(&mut Vec<u8>) + Sync);
 
 impl DeadLetter {
+    /// Opens (creating) `path` for `target`; without a path, dead-lettered changes are only
+    /// counted and logged.
     pub async fn open(
         target: &'static str,
         path: Option<PathBuf>,

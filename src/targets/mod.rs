@@ -5,11 +5,11 @@
 //! `sluice verify`, where it has one) and `check.rs` (its live checks for `sluice validate`).
 //! A new target is a new folder here and a variant of [`TargetConfig`] and [`AnyTarget`].
 
-pub mod dead_letter;
+pub(crate) mod dead_letter;
 pub mod dynamodb;
 pub mod jsonl;
 pub mod kafka;
-pub mod null;
+pub(crate) mod null;
 pub mod postgres;
 
 use std::future::Future;
@@ -20,17 +20,17 @@ use serde::Deserialize;
 use sluice_core::Problem;
 
 pub use dead_letter::DeadLetter;
-pub use dynamodb::apply::DynamoTarget;
+use dynamodb::apply::DynamoTarget;
 use dynamodb::config::DynamoConfig;
 use dynamodb::translate::DynamoTranslator;
-pub use jsonl::apply::JsonlTarget;
+use jsonl::apply::JsonlTarget;
 use jsonl::config::JsonlConfig;
 use jsonl::translate::JsonlTranslator;
-pub use kafka::apply::KafkaTarget;
+use kafka::apply::KafkaTarget;
 use kafka::config::KafkaConfig;
 use kafka::translate::KafkaTranslator;
 pub use null::{NullTarget, NullTranslator};
-pub use postgres::apply::PgTarget;
+use postgres::apply::PgTarget;
 use postgres::config::PostgresTargetConfig;
 use postgres::translate::PgTranslator;
 use sluice_core::{Lsn, Position};
@@ -100,14 +100,18 @@ pub type Receipt = Pin<Box<dyn Future<Output = Result<(), TargetError>> + Send>>
 /// operation is dead-lettered).
 #[derive(Debug)]
 pub struct Sourced<Op> {
+    /// The operation.
     pub op: Op,
+    /// The position of the change it came from.
     pub position: Position,
+    /// The change's table, or `message:<prefix>`.
     pub source: Arc<str>,
 }
 
 /// The operations of one batch of changes, in source order.
 #[derive(Debug)]
 pub struct OpBatch<Op> {
+    /// The operations, in source order.
     pub ops: Vec<Sourced<Op>>,
     /// Changes the batch held (translated or not).
     pub events: usize,
@@ -151,7 +155,7 @@ pub trait Target: Send {
 }
 
 /// A target opened from its configuration, with the translator that feeds it.
-pub enum Opened {
+pub(crate) enum Opened {
     Dynamodb(DynamoTranslator, DynamoTarget),
     Kafka(KafkaTranslator, KafkaTarget),
     Postgres(PgTranslator, PgTarget),
@@ -162,7 +166,7 @@ pub enum Opened {
 impl Opened {
     /// The target `config` describes, for the pipeline named `pipeline`; it counts into `stats`
     /// and dead-letters into `dead_letter`.
-    pub async fn open(
+    pub(crate) async fn open(
         config: &TargetConfig,
         pipeline: &str,
         stats: Arc<TargetStats>,

@@ -11,6 +11,7 @@ use sluice_core::ChangeEvent;
 /// Counts the changes it is given and discards them.
 #[derive(Debug, Default)]
 pub struct NullTarget {
+    /// Events received.
     pub events: Arc<AtomicU64>,
 }
 

@@ -48,8 +48,10 @@ pub use print::print;
 use recheck::{current_lsn, recheck};
 pub use reconcile::reconcile;
 
+/// `sluice verify` and `sluice reconcile`'s arguments.
 #[derive(Clone, Debug, clap::Args)]
 pub struct VerifyArgs {
+    /// The configuration file.
     #[arg(short, long)]
     pub config: std::path::PathBuf,
     /// A source table (`schema.table`) to verify; repeat for several. Default: every mapped table.

@@ -23,6 +23,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     duration.ok_or_else(|| format!("invalid duration {text:?}: too large"))
 }
 
+/// Reads a duration written with a unit (`250ms`, `10s`, `5m`, `1h`), for serde's `with`.
 pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(deserializer)?;
     parse(&text).map_err(serde::de::Error::custom)

@@ -16,6 +16,7 @@ use crate::TypeKind;
 /// Where a change stands in the source's commit order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Position {
+    /// The LSN of the transaction's commit record: the order of transactions.
     pub commit_lsn: Lsn,
     /// 0 for Begin, then 1, 2, … for each change, in the order the transaction made them.
     pub tx_ordinal: u32,
@@ -35,6 +36,7 @@ pub enum ReplicaIdentity {
 }
 
 impl ReplicaIdentity {
+    /// The identity from pgoutput's Relation message byte (`d`, `n`, `f`, `i`).
     pub fn from_byte(b: u8) -> Option<Self> {
         Some(match b {
             b'd' => ReplicaIdentity::Default,
@@ -45,6 +47,7 @@ impl ReplicaIdentity {
         })
     }
 
+    /// The name `pg_class.relreplident` values stand for, for messages and status.
     pub fn as_str(self) -> &'static str {
         match self {
             ReplicaIdentity::Default => "default",
@@ -58,10 +61,15 @@ impl ReplicaIdentity {
 /// A published table as the stream describes it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Relation {
+    /// The table's OID: how changes refer to this relation.
     pub oid: u32,
+    /// The schema.
     pub namespace: String,
+    /// The table's name.
     pub name: String,
+    /// What the old row of updates and deletes carries.
     pub replica_identity: ReplicaIdentity,
+    /// The columns, in table order: a row's values come in this order.
     pub columns: Vec<Column>,
 }
 
@@ -77,13 +85,18 @@ impl Relation {
     }
 }
 
+/// One column of a published table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Column {
+    /// The column's name.
     pub name: String,
+    /// The OID of its type (`pg_type.oid`).
     pub type_oid: u32,
+    /// The type modifier (`atttypmod`: length, precision), -1 when there is none.
     pub type_modifier: i32,
     /// Part of the replica identity.
     pub is_key: bool,
+    /// How its values decode.
     pub kind: TypeKind,
 }
 
@@ -103,6 +116,7 @@ impl Column {
 /// The new row of an update.
 #[derive(Clone, Debug, PartialEq)]
 pub enum NewRow {
+    /// Every column's new value.
     Full(Vec<Value>),
     /// Some TOASTed columns were not changed and not sent: `None` at their places.
     /// A target must keep what it stored for them.
@@ -119,6 +133,7 @@ pub enum OldRow {
 }
 
 impl OldRow {
+    /// The values of the old row, whichever kind it is.
     pub fn values(&self) -> &[Value] {
         match self {
             OldRow::Key(v) | OldRow::Full(v) => v,
@@ -129,14 +144,22 @@ impl OldRow {
 /// One change, in commit order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ChangeEvent {
+    /// A transaction starts.
     Begin {
+        /// Its commit LSN, ordinal 0.
         position: Position,
+        /// The transaction id.
         xid: u32,
+        /// When the transaction committed.
         commit_time: Timestamp,
     },
+    /// A transaction ends: every change before it, back to its Begin, is complete.
     Commit {
+        /// The position of the commit (ordinal after the last change).
         position: Position,
+        /// The end of the commit record: the position a slot may confirm once it is applied.
         end_lsn: Lsn,
+        /// When the transaction committed.
         commit_time: Timestamp,
     },
     /// The shape of a table, sent before its first change and after every schema change.
@@ -145,38 +168,61 @@ pub enum ChangeEvent {
     /// to date with the changes made while it was read); targets write it like an insert, and
     /// records name it `read`.
     Insert {
+        /// Where the change stands.
         position: Position,
+        /// Its table.
         relation: Arc<Relation>,
+        /// The row, in the relation's column order.
         new: Vec<Value>,
+        /// True when a backfill read the row (see above).
         snapshot: bool,
     },
+    /// A changed row.
     Update {
+        /// Where the change stands.
         position: Position,
+        /// Its table.
         relation: Arc<Relation>,
+        /// The old row, when the replica identity sends it (a key change, or REPLICA IDENTITY FULL).
         old: Option<OldRow>,
+        /// The new row.
         new: NewRow,
     },
+    /// A deleted row.
     Delete {
+        /// Where the change stands.
         position: Position,
+        /// Its table.
         relation: Arc<Relation>,
+        /// The old row: its identity columns, or every column.
         old: OldRow,
     },
+    /// Tables emptied by TRUNCATE.
     Truncate {
+        /// Where the change stands.
         position: Position,
+        /// The tables, in the order the statement named them.
         relations: Vec<Arc<Relation>>,
+        /// `TRUNCATE … CASCADE`.
         cascade: bool,
+        /// `TRUNCATE … RESTART IDENTITY`.
         restart_identity: bool,
     },
     /// A `pg_logical_emit_message` message. Non-transactional ones have no Begin/Commit around them.
     Message {
+        /// Where the message stands (transactional ones inside their transaction).
         position: Position,
+        /// Sent inside a transaction (true) or at once (false).
         transactional: bool,
+        /// The prefix the message was emitted with.
         prefix: String,
+        /// The message's bytes.
         content: Bytes,
     },
 }
 
 impl ChangeEvent {
+    /// Where the event stands; none for a Relation, which describes and does not change.
     pub fn position(&self) -> Option<Position> {
         match self {
             ChangeEvent::Relation(_) => None,
@@ -194,6 +240,7 @@ impl ChangeEvent {
 /// Events handed to the target together, in order.
 #[derive(Debug, Default)]
 pub struct EventBatch {
+    /// The events, in commit order.
     pub events: Vec<ChangeEvent>,
     /// The source position that may be confirmed once this batch and every batch before it are
     /// durable: the end LSN of the last transaction the batch completes. `None` when the batch

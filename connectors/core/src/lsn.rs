@@ -8,8 +8,10 @@ use std::str::FromStr;
 pub struct Lsn(pub u64);
 
 impl Lsn {
+    /// The start of the WAL: nothing confirmed yet.
     pub const ZERO: Lsn = Lsn(0);
 
+    /// True for [`Lsn::ZERO`].
     pub fn is_zero(self) -> bool {
         self.0 == 0
     }

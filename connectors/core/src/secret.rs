@@ -10,6 +10,7 @@ use serde::Deserialize;
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a secret value; `Debug` and `Display` never show it.
     pub fn new(value: impl Into<String>) -> Self {
         Secret(value.into())
     }

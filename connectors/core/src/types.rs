@@ -1,7 +1,8 @@
 //! Column types as the decoder knows them: a type OID's kind decides how its values are read.
 
-/// How values of a type are decoded.
+/// How values of a type are decoded: one variant per Postgres type of that name.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[expect(missing_docs, reason = "each variant is the Postgres type it names")]
 pub enum TypeKind {
     Bool,
     Int2,
@@ -30,6 +31,8 @@ pub enum TypeKind {
     Unknown,
 }
 
+/// The OIDs of the built-in types the decoder knows, named as in `pg_type`.
+#[expect(missing_docs, reason = "each constant is the pg_type row it names")]
 pub mod oid {
     pub const BOOL: u32 = 16;
     pub const BYTEA: u32 = 17;

@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::AttributeValue;
 
-/// One attribute value.
+/// One attribute value, by DynamoDB's type descriptor (`S`, `N`, `B`, `BOOL`, `NULL`, `L`, `M`,
+/// `SS`, `NS`).
 #[derive(Clone, Debug, PartialEq)]
+#[expect(missing_docs, reason = "each variant is the DynamoDB type descriptor it names")]
 pub enum Attr {
     S(String),
     /// A number as its decimal text (DynamoDB: up to 38 significant digits).
@@ -41,6 +43,7 @@ impl Attr {
         }
     }
 
+    /// The SDK's form of the value.
     pub fn to_sdk(&self) -> AttributeValue {
         match self {
             Attr::S(s) => AttributeValue::S(s.clone()),

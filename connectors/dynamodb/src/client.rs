@@ -29,10 +29,12 @@ use sluice_core::{Backoff, GaveUp, RetryPolicy, Secret, Shutdown};
 pub struct ClientOptions {
     /// A DynamoDB-API endpoint other than AWS's (a local server).
     pub endpoint_url: Option<String>,
+    /// The AWS region; the SDK's default chain when none.
     pub region: Option<String>,
     /// Static credentials (access key id, secret access key); otherwise the AWS default chain
     /// (environment, profile, web identity, IMDS). The secret never prints.
     pub static_credentials: Option<(String, Secret)>,
+    /// How long one request may take before it is retried; the SDK's default when none.
     pub request_timeout: Option<Duration>,
     /// How long the reads and plain writes of commands (`get_items`, scans, `batch_put`,
     /// `delete_item`) retry transient failures (a timeout on a loaded server, throttling, 5xx)
@@ -57,24 +59,33 @@ impl ClientOptions {
 /// One position-guarded write.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GuardedWrite {
+    /// The DynamoDB table.
     pub table: String,
     /// The key attributes (partition key, and sort key when the table has one).
     pub key: Item,
     /// The attribute checked with `attribute_not_exists` (the partition key's name).
     pub partition_key: String,
+    /// The attribute holding the source position that guards the write.
     pub version_attribute: String,
     /// The source position as a decimal number.
     pub version: String,
+    /// What the write does when the guard holds.
     pub action: WriteAction,
 }
 
+/// What a guarded write does to its item.
 #[derive(Clone, Debug, PartialEq)]
 pub enum WriteAction {
     /// Replace the whole item with these attributes (key and version are added).
     Put(Item),
     /// Set these attributes and keep the others (a row whose unchanged TOAST columns were not
     /// sent); removes the listed attributes (a tombstone marker).
-    Update { set: Item, remove: Vec<String> },
+    Update {
+        /// Attributes to set.
+        set: Item,
+        /// Attributes to remove.
+        remove: Vec<String>,
+    },
     /// Delete the item.
     Delete,
 }
@@ -86,6 +97,7 @@ pub struct ScanCursor(Option<HashMap<String, AttributeValue>>);
 /// What a guarded write did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
+    /// The write was made.
     Applied,
     /// The item already holds this position or a newer one.
     AlreadyApplied,
@@ -193,6 +205,7 @@ impl Prepared {
     }
 }
 
+/// A DynamoDB client with sluice's retry and position-guarded writes.
 #[derive(Clone, Debug)]
 pub struct DynamoClient {
     client: Client,
@@ -201,6 +214,7 @@ pub struct DynamoClient {
 }
 
 impl DynamoClient {
+    /// A client for these options (credentials from the options, or the SDK's default chain).
     pub async fn connect(options: &ClientOptions) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(region) = &options.region {

@@ -27,9 +27,11 @@ use sluice_core::{Classify, ErrorKind};
 pub struct ProducerOptions {
     /// `host:port[,host:port…]`
     pub brokers: String,
+    /// How record batches are compressed.
     pub compression: Compression,
     /// How long librdkafka retries a record before reporting it failed.
     pub message_timeout: Duration,
+    /// `client.id`, as brokers log the producer.
     pub client_id: String,
     /// Further librdkafka properties (`security.protocol`, `linger.ms`, …).
     pub extra: Vec<(String, String)>,
@@ -38,6 +40,7 @@ pub struct ProducerOptions {
 /// How record batches are compressed (`compression.type`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[expect(missing_docs, reason = "each variant is the codec it names")]
 pub enum Compression {
     None,
     Gzip,
@@ -85,32 +88,44 @@ impl std::fmt::Debug for ProducerOptions {
 /// One record to produce.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Record {
+    /// The topic.
     pub topic: String,
+    /// The record key (the partition follows it); none for round-robin.
     pub key: Option<Vec<u8>>,
     /// `None` is a tombstone.
     pub payload: Option<Vec<u8>>,
+    /// Record headers, in order.
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+/// What can go wrong producing to Kafka.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// librdkafka refused the producer's properties.
     #[error("the Kafka producer's configuration is refused")]
     Config(#[source] KafkaError),
+    /// The record could not be queued.
     #[error("Kafka rejected a record for topic {topic}")]
     Produce {
+        /// The record's topic.
         topic: String,
+        /// librdkafka's error.
         #[source]
         source: KafkaError,
     },
     #[error("Kafka did not confirm a record for topic {topic}{}", last_client_error.as_deref().map(|e| format!(" (last client error: {e})")).unwrap_or_default())]
+    /// The broker did not acknowledge the record within `message_timeout`, or refused it.
     Delivery {
+        /// The record's topic.
         topic: String,
+        /// librdkafka's error.
         #[source]
         source: KafkaError,
         /// What the client last reported (an unreachable broker, a TLS failure): why a record
         /// timed out.
         last_client_error: Option<Box<str>>,
     },
+    /// A metadata or admin request failed.
     #[error("Kafka admin request failed: {0}")]
     Admin(String),
 }
@@ -227,6 +242,7 @@ impl ClientContext for QuietContext {
 }
 
 impl KafkaProducer {
+    /// An idempotent producer (`enable.idempotence`, `acks=all`) with these options.
     pub fn new(options: &ProducerOptions) -> Result<Self, Error> {
         let mut config = ClientConfig::new();
         config

@@ -10,6 +10,7 @@ use sluice_core::event::{Column, Relation, ReplicaIdentity};
 /// A table read from the catalog.
 #[derive(Clone, Debug)]
 pub struct Table {
+    /// The table's columns, as a change event's relation.
     pub relation: Relation,
     /// Indexes into `relation.columns` of the primary key, in the key's order; empty when the
     /// table has none.

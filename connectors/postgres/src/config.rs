@@ -23,20 +23,27 @@ pub enum SslMode {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectionConfig {
+    /// Host name or address of the server.
     #[serde(default = "default_host")]
     pub host: String,
+    /// TCP port.
     #[serde(default = "default_port")]
     pub port: u16,
+    /// The role to log in as.
     #[serde(default = "default_user")]
     pub user: String,
+    /// Its password, when the server asks for one.
     #[serde(default)]
     pub password: Option<Secret>,
+    /// The database.
     pub dbname: String,
+    /// Whether and how TLS is used.
     #[serde(default)]
     pub sslmode: SslMode,
     /// PEM file of the certificate authorities trusted with `sslmode = "verify-full"`.
     #[serde(default)]
     pub sslrootcert: Option<PathBuf>,
+    /// How long connecting and logging in may take.
     #[serde(default = "default_connect_timeout", with = "sluice_core::duration")]
     pub connect_timeout: Duration,
 }
@@ -60,6 +67,7 @@ impl ConnectionConfig {
         format!("{}:{}", self.host, self.port)
     }
 
+    /// Adds a problem for each setting that cannot work, under `prefix`.
     pub fn validate(&self, prefix: &str, problems: &mut Vec<Problem>) {
         if self.host.trim().is_empty() {
             problems.push(Problem::new(prefix, "host", "must not be empty"));
@@ -99,6 +107,7 @@ pub struct ReplicationConfig {
     pub slot: String,
     /// Publication whose tables are streamed. It must exist.
     pub publication: String,
+    /// Create the slot when it is missing (else a missing slot is an error).
     #[serde(default = "yes")]
     pub create_slot: bool,
     /// A temporary slot disappears with the connection: no WAL is retained after sluice stops,
@@ -136,11 +145,14 @@ pub struct ReplicationConfig {
     pub on_slot_lost: SlotLostPolicy,
 }
 
+/// What to do when the slot was invalidated (`wal_status = lost`): changes are gone.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum SlotLostPolicy {
+    /// Stop with an error naming the slot: an operator decides (the default).
     #[default]
     Stop,
+    /// Drop and create the slot and go on from now; what was lost must be backfilled.
     Recreate,
 }
 
@@ -176,6 +188,7 @@ impl ReplicationConfig {
         }
     }
 
+    /// Adds a problem for each setting that cannot work, under `prefix`.
     pub fn validate(&self, prefix: &str, problems: &mut Vec<Problem>) {
         if !is_identifier(&self.slot) {
             problems.push(Problem::new(

@@ -22,6 +22,7 @@ pub struct CopyDecoder<'a> {
 }
 
 impl<'a> CopyDecoder<'a> {
+    /// A decoder for rows of `table`.
     pub fn new(table: &'a Table) -> Self {
         CopyDecoder {
             table,
@@ -32,6 +33,7 @@ impl<'a> CopyDecoder<'a> {
         }
     }
 
+    /// Decodes the rows complete in `data`, keeping a partial last line for the next call.
     pub fn feed(&mut self, mut data: &[u8]) -> Result<(), String> {
         if !self.carry.is_empty() {
             let Some(end) = data.iter().position(|&b| b == b'\n') else {
@@ -74,6 +76,7 @@ impl<'a> CopyDecoder<'a> {
         Ok(())
     }
 
+    /// The rows and the key of the last one; an error when data ends inside a row.
     pub fn finish(mut self) -> Result<Page, String> {
         if !self.carry.is_empty() {
             return Err("the COPY data ends inside a row".into());

@@ -15,6 +15,7 @@ use sluice_core::value::{Timestamp, Value};
 
 /// Something in the stream contradicts what came before it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[expect(missing_docs, reason = "each variant's message says what it is")]
 pub enum StreamError {
     #[error("change for relation OID {oid} arrived before its Relation message")]
     UnknownRelation { oid: u32 },
@@ -42,6 +43,7 @@ struct OpenTransaction {
 #[derive(Debug)]
 pub struct Decoder {
     relations: HashMap<u32, Arc<Relation>>,
+    /// The types the stream described (Type messages), and the built-in ones.
     pub types: TypeRegistry,
     transaction: Option<OpenTransaction>,
     /// Values that did not decode as their type and travel as text instead.
@@ -60,6 +62,7 @@ impl Default for Decoder {
 }
 
 impl Decoder {
+    /// Between a Begin and its Commit.
     pub fn in_transaction(&self) -> bool {
         self.transaction.is_some()
     }
@@ -69,6 +72,7 @@ impl Decoder {
         self.transaction = None;
     }
 
+    /// The table with this OID, as its last Relation message described it.
     pub fn relation(&self, oid: u32) -> Option<&Arc<Relation>> {
         self.relations.get(&oid)
     }

@@ -7,6 +7,7 @@ use sluice_core::{Classify, ErrorKind};
 
 /// Everything that can go wrong talking to Postgres.
 #[derive(Debug, thiserror::Error)]
+#[expect(missing_docs, reason = "each variant's message says what it is; fields are named by it")]
 pub enum Error {
     #[error("cannot connect to Postgres at {addr}")]
     Connect {
@@ -106,6 +107,7 @@ impl From<tokio_postgres::Error> for Error {
     }
 }
 
+/// A result whose error is the connector's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Displays an error with its causes: `outer: cause: root cause`, for logs.

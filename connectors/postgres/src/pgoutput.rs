@@ -16,22 +16,39 @@ use bytes::{Buf, Bytes};
 
 use sluice_core::lsn::Lsn;
 
-/// One pgoutput message.
+/// One pgoutput message. Fields carry the names of the Postgres documentation's "Logical
+/// Replication Message Formats"; `xid` is the (sub)transaction's, sent only inside a
+/// streamed block; times are microseconds since 2000-01-01 UTC.
 #[derive(Clone, Debug, PartialEq)]
+#[expect(missing_docs, reason = "fields are the protocol's, documented in Postgres' message formats")]
 pub enum LogicalMessage {
+    /// A transaction starts; `final_lsn` is its commit LSN.
     Begin { final_lsn: Lsn, commit_time: i64, xid: u32 },
+    /// A transaction commits; `end_lsn` is the end of its commit record.
     Commit { flags: u8, commit_lsn: Lsn, end_lsn: Lsn, commit_time: i64 },
+    /// The changes that follow came from this replication origin.
     Origin { lsn: Lsn, name: String },
+    /// A table's shape, before its first change and after every schema change.
     Relation(RelationBody),
+    /// A non-built-in type's name.
     Type { xid: Option<u32>, oid: u32, namespace: String, name: String },
+    /// A new row of table `oid`.
     Insert { xid: Option<u32>, oid: u32, new: TupleData },
+    /// A changed row; `old` when the replica identity sends it.
     Update { xid: Option<u32>, oid: u32, old: Option<OldTuple>, new: TupleData },
+    /// A deleted row.
     Delete { xid: Option<u32>, oid: u32, old: OldTuple },
+    /// Tables emptied; `options` bit 1 is CASCADE, bit 2 RESTART IDENTITY.
     Truncate { xid: Option<u32>, options: u8, oids: Vec<u32> },
+    /// A `pg_logical_emit_message` message.
     Message { xid: Option<u32>, transactional: bool, lsn: Lsn, prefix: String, content: Bytes },
+    /// A block of an in-progress transaction's changes starts (protocol 2, `streaming`).
     StreamStart { xid: u32, first_segment: bool },
+    /// The block ends.
     StreamStop,
+    /// A streamed transaction commits: its spilled changes may be applied now.
     StreamCommit { xid: u32, flags: u8, commit_lsn: Lsn, end_lsn: Lsn, commit_time: i64 },
+    /// A streamed transaction (`subxid == xid`) or one of its subtransactions rolled back.
     StreamAbort { xid: u32, subxid: u32 },
 }
 
@@ -51,40 +68,59 @@ impl LogicalMessage {
     }
 }
 
+/// A Relation message's body.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RelationBody {
+    /// The (sub)transaction, inside a streamed block.
     pub xid: Option<u32>,
+    /// The table's OID.
     pub oid: u32,
+    /// The schema.
     pub namespace: String,
+    /// The table's name.
     pub name: String,
+    /// `relreplident`: `d`, `n`, `f` or `i`.
     pub replica_identity: u8,
+    /// The published columns, in order.
     pub columns: Vec<ColumnBody>,
 }
 
+/// One column of a Relation message.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ColumnBody {
     /// Bit 1: part of the replica identity key.
     pub flags: u8,
+    /// The column's name.
     pub name: String,
+    /// Its type's OID.
     pub type_oid: u32,
+    /// `atttypmod`.
     pub type_modifier: i32,
 }
 
 /// The old row of an update or delete: the key columns (`K`) or the whole row (`O`, REPLICA IDENTITY FULL).
 #[derive(Clone, Debug, PartialEq)]
 pub enum OldTuple {
+    /// The replica identity's columns only (`K`).
     Key(TupleData),
+    /// The whole old row (`O`).
     Full(TupleData),
 }
 
+/// A row's columns, in the relation's order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TupleData(pub Vec<ColumnData>);
 
+/// One column of a row as sent.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ColumnData {
+    /// NULL (`n`).
     Null,
+    /// A TOASTed value the change did not touch, not sent (`u`).
     UnchangedToast,
+    /// The value in text format (`t`).
     Text(Bytes),
+    /// The value in binary format (`b`).
     Binary(Bytes),
 }
 
@@ -92,7 +128,9 @@ pub enum ColumnData {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed pgoutput message {tag:?}: {reason}")]
 pub struct DecodeError {
+    /// The message's tag byte (`B`, `I`, …).
     pub tag: char,
+    /// What was wrong.
     pub reason: &'static str,
 }
 

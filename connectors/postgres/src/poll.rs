@@ -78,11 +78,14 @@ pub struct PollConfig {
     pub mark_column: String,
 }
 
+/// What happens to an outbox row once its event is durable in the target.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AfterPublish {
+    /// Delete it (the default).
     #[default]
     Delete,
+    /// Set its `published_at` column.
     Mark,
 }
 
@@ -100,6 +103,7 @@ fn default_mark_column() -> String {
 }
 
 impl PollConfig {
+    /// Adds a problem for each setting that cannot work, under `prefix`.
     pub fn validate(&self, prefix: &str, problems: &mut Vec<sluice_core::Problem>) {
         if split_table(&self.table).is_none() {
             problems.push(sluice_core::Problem::new(prefix, "table", "must be schema.table"));
@@ -230,10 +234,12 @@ pub struct PollSource {
 }
 
 impl PollSource {
+    /// A source that polls `config.table` on this connection.
     pub fn new(conn: ConnectionConfig, config: PollConfig, options: SourceOptions) -> Self {
         PollSource { conn, config, options, stats: Arc::new(SourceStats::default()), sent: 0 }
     }
 
+    /// Counters shared with the monitor.
     pub fn stats(&self) -> Arc<SourceStats> {
         Arc::clone(&self.stats)
     }

@@ -10,7 +10,9 @@ use sluice_core::lsn::Lsn;
 /// What is known of the slot before streaming.
 #[derive(Clone, Debug)]
 pub struct SlotState {
+    /// The slot exists.
     pub exists: bool,
+    /// Its confirmed position, when it has one.
     pub confirmed_flush_lsn: Option<Lsn>,
     /// The slot was invalidated and dropped (`on_slot_lost = "recreate"`): create it anew.
     pub dropped_lost: bool,
@@ -19,7 +21,9 @@ pub struct SlotState {
 /// A published table whose updates or deletes cannot be followed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdentityWarning {
+    /// The published table, `schema.table`.
     pub table: String,
+    /// Why its updates and deletes cannot be matched to target rows.
     pub reason: &'static str,
 }
 

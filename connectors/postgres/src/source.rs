@@ -34,7 +34,9 @@ use sluice_core::lsn::Lsn;
 /// Tuning that is not part of the user-facing replication settings.
 #[derive(Clone, Debug)]
 pub struct SourceOptions {
+    /// Most events in one batch handed to the pipeline.
     pub batch_max_events: usize,
+    /// Most bytes of change data in one batch.
     pub batch_max_bytes: usize,
     /// How long transient failures (network, server restart) are retried before giving up.
     pub retry_for: Duration,
@@ -62,13 +64,19 @@ pub struct SourceStats {
     pub confirmed_lsn: AtomicU64,
     /// Server WAL end from the latest keepalive.
     pub server_wal_end: AtomicU64,
+    /// Change events delivered.
     pub events: AtomicU64,
+    /// Bytes of change data received.
     pub bytes: AtomicU64,
+    /// Sessions started again after a lost connection.
     pub reconnects: AtomicU64,
+    /// Bytes of streamed transactions held in spill files now.
     pub spilled_bytes: AtomicU64,
     /// True while a session is streaming (after START_REPLICATION and set-up).
     pub streaming: AtomicBool,
+    /// Heartbeat messages emitted.
     pub heartbeats_sent: AtomicU64,
+    /// Heartbeat messages received back through the stream.
     pub heartbeats_received: AtomicU64,
     /// Invalidated slots dropped and created anew (`on_slot_lost = "recreate"`).
     pub slots_recreated: AtomicU64,
@@ -123,6 +131,7 @@ struct Session<'a> {
 }
 
 impl ReplicationSource {
+    /// A source for this slot, not yet connected.
     pub fn new(conn: ConnectionConfig, repl: ReplicationConfig, options: SourceOptions) -> Self {
         let spill = SpillStore::new(repl.spill_dir.clone());
         let heartbeat_enabled = !repl.heartbeat_interval.is_zero();
@@ -148,6 +157,7 @@ impl ReplicationSource {
         }
     }
 
+    /// Counters shared with the monitor.
     pub fn stats(&self) -> Arc<SourceStats> {
         Arc::clone(&self.stats)
     }

@@ -35,6 +35,7 @@ pub struct SpillStore {
 }
 
 impl SpillStore {
+    /// A store whose files go to `dir` (the system's temporary directory when none).
     pub fn new(dir: Option<PathBuf>) -> Self {
         SpillStore { dir: dir.unwrap_or_else(std::env::temp_dir), open: HashMap::new() }
     }
@@ -111,6 +112,7 @@ pub struct SpillReader {
 }
 
 impl SpillReader {
+    /// The next message in order; none at the end.
     pub async fn next_message(&mut self) -> io::Result<Option<Bytes>> {
         let mut len = [0u8; 4];
         match self.reader.read_exact(&mut len).await {

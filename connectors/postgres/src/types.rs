@@ -57,12 +57,17 @@ const BUILTIN_ARRAYS: &[(u32, u32)] = &[
 /// What `pg_type` says of a type that is not built in.
 #[derive(Clone, Debug)]
 pub struct CatalogType {
+    /// The type's OID.
     pub oid: u32,
     /// `typtype`: b base, d domain, e enum, c composite, r range, m multirange, p pseudo.
     pub typtype: u8,
+    /// `pg_type.typelem`: the element type of an array type, else 0.
     pub typelem: u32,
+    /// `pg_type.typbasetype`: the base type of a domain, else 0.
     pub typbasetype: u32,
+    /// `pg_type.typdelim`: the array element delimiter.
     pub typdelim: u8,
+    /// An array type.
     pub is_array: bool,
 }
 
@@ -74,6 +79,7 @@ pub struct TypeRegistry {
 }
 
 impl TypeRegistry {
+    /// An empty cache.
     pub fn new() -> Self {
         let mut registry = TypeRegistry::default();
         for &(array, element) in BUILTIN_ARRAYS {

@@ -37,7 +37,6 @@ pub struct DynamoTarget {
     /// The worker tasks: one that ends (a panic) fails the pipeline at the next submit.
     tasks: tokio::task::JoinSet<()>,
     dead_letter: Arc<DeadLetter>,
-    pub stats: Arc<TargetStats>,
 }
 
 struct Job {
@@ -136,7 +135,7 @@ impl DynamoTarget {
                 tx
             })
             .collect();
-        Ok(DynamoTarget { workers, tasks, dead_letter, stats })
+        Ok(DynamoTarget { workers, tasks, dead_letter })
     }
 
     fn worker_for(&self, write: &GuardedWrite) -> usize {

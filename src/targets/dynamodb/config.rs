@@ -9,6 +9,7 @@ use sluice_core::{Problem, Secret};
 use crate::translate::mapping::MappingFile;
 use crate::translate::outbox::OutboxConfig;
 
+/// `[target]` with `kind = "dynamodb"`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DynamoConfig {
@@ -27,6 +28,7 @@ pub struct DynamoConfig {
     /// Static credentials; otherwise the AWS default chain (environment, profile, web identity, instance role).
     #[serde(default)]
     pub access_key_id: Option<String>,
+    /// The secret of `access_key_id` (never printed).
     #[serde(default)]
     pub secret_access_key: Option<Secret>,
     /// Writes in flight at once (items are spread over workers by key; one key stays in order).
@@ -35,6 +37,7 @@ pub struct DynamoConfig {
     /// How long throttling, 5xx and network errors are retried before the pipeline stops.
     #[serde(default = "default_retry_for", with = "sluice_core::duration")]
     pub retry_for: Duration,
+    /// How long one request may take before it is retried.
     #[serde(default = "default_dynamo_timeout", with = "sluice_core::duration")]
     pub request_timeout: Duration,
     /// A JSON-lines file receiving writes that can never apply; without it they are only logged and counted.
@@ -53,11 +56,14 @@ pub struct DynamoConfig {
     pub batch_size: usize,
 }
 
+/// How items are written (`write_mode`).
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum WriteMode {
+    /// One conditional PutItem, UpdateItem or DeleteItem per change (the default).
     #[default]
     Single,
+    /// Each source transaction's items in TransactWriteItems, conditional on their positions.
     Transaction,
     /// Versions read with BatchGetItem, then unconditional BatchWriteItem of the newer
     /// writes: fastest, and correct only while sluice is the target items' single writer.

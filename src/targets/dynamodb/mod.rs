@@ -1,10 +1,10 @@
 //! The DynamoDB target: items through a mapping (or outbox events into an event log), written with
 //! position guards.
 
-pub mod apply;
-pub mod check;
+pub(crate) mod apply;
+pub(crate) mod check;
 pub mod config;
-pub mod event_log;
-pub mod mapping;
-pub mod translate;
-pub mod verify;
+pub(crate) mod event_log;
+pub(crate) mod mapping;
+pub(crate) mod translate;
+pub(crate) mod verify;

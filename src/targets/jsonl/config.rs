@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sluice_core::Problem;
 
+/// `[target]` with `kind = "jsonl"`: one JSON object per change, to a file or standard output.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JsonlConfig {

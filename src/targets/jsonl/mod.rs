@@ -1,5 +1,5 @@
 //! The jsonl target: one JSON object per change, to a file or standard output.
 
-pub mod apply;
+pub(crate) mod apply;
 pub mod config;
-pub mod translate;
+pub(crate) mod translate;

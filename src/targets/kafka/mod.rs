@@ -1,6 +1,6 @@
 //! The Kafka target: plain CDC records per table and the outbox event router, through an
 //! idempotent producer whose delivery reports drive acknowledgements.
 
-pub mod apply;
+pub(crate) mod apply;
 pub mod config;
-pub mod translate;
+pub(crate) mod translate;

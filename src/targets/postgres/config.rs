@@ -9,6 +9,7 @@ use sluice_core::Problem;
 use crate::translate::mapping::MappingFile;
 use sluice_postgres::ConnectionConfig;
 
+/// `[target]` with `kind = "postgres"`: rows into tables of a Postgres database.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresTargetConfig {

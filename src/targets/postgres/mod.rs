@@ -1,11 +1,11 @@
 //! The Postgres target: rows of another database or schema through a mapping, applied in source
 //! order with a transactional checkpoint.
 
-pub mod apply;
-pub mod catalog;
-pub mod check;
+pub(crate) mod apply;
+pub(crate) mod catalog;
+pub(crate) mod check;
 pub mod config;
-pub mod error;
-pub mod mapping;
-pub mod translate;
-pub mod verify;
+pub(crate) mod error;
+pub(crate) mod mapping;
+pub(crate) mod translate;
+pub(crate) mod verify;

@@ -8,8 +8,11 @@ use super::{invalid, ValueError};
 /// Postgres' three-field interval.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Interval {
+    /// Whole months.
     pub months: i32,
+    /// Whole days (not folded into months: a day is not always 24 hours).
     pub days: i32,
+    /// Microseconds.
     pub micros: i64,
 }
 

@@ -19,9 +19,11 @@ mod text;
 pub use interval::Interval;
 pub use temporal::{Date, Time, Timestamp};
 
-/// One column value of a row.
+/// One column value of a row. Variants without a comment hold the Postgres type they name.
 #[derive(Clone, Debug, PartialEq)]
+#[expect(missing_docs, reason = "uncommented variants are the Postgres type they name")]
 pub enum Value {
+    /// SQL NULL.
     Null,
     Bool(bool),
     Int2(i16),
@@ -47,13 +49,17 @@ pub enum Value {
     Array(Vec<Value>),
     /// A type sluice does not decode: its text form and type OID, passed on unchanged.
     Unknown {
+        /// The column's type.
         type_oid: u32,
+        /// The value as the type's output function printed it.
         text: String,
     },
     /// A type sluice does not decode, received in pgoutput's binary format (`binary = true`):
     /// the type's send-function bytes and type OID.
     UnknownBinary {
+        /// The column's type.
         type_oid: u32,
+        /// The type's send-function bytes.
         bytes: Vec<u8>,
     },
 }
@@ -61,9 +67,13 @@ pub enum Value {
 /// An exact decimal. Finite values keep the server's text (any precision, trailing zeros of the scale).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Numeric {
+    /// A finite value's text, as the server printed it.
     Finite(String),
+    /// `NaN`.
     NaN,
+    /// `Infinity`.
     Infinity,
+    /// `-Infinity`.
     NegativeInfinity,
 }
 
@@ -71,7 +81,9 @@ pub enum Numeric {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot decode {type_name} value: {reason}")]
 pub struct ValueError {
+    /// The type the text was read as.
     pub type_name: &'static str,
+    /// What is wrong with the text (never the text itself: it may be personal data).
     pub reason: String,
 }
 
@@ -80,6 +92,7 @@ fn invalid(type_name: &'static str, reason: impl Into<String>) -> ValueError {
 }
 
 impl Numeric {
+    /// Reads the server's text form of a numeric; checks it is one.
     pub fn parse(text: &str) -> Result<Numeric, ValueError> {
         match text {
             "NaN" => return Ok(Numeric::NaN),

@@ -83,9 +83,12 @@ fn write_ymd(f: &mut fmt::Formatter<'_>, pg_days: i64) -> Result<bool, fmt::Erro
 }
 
 impl Date {
+    /// `-infinity`.
     pub const NEG_INFINITY: Date = Date(i32::MIN);
+    /// `infinity`.
     pub const INFINITY: Date = Date(i32::MAX);
 
+    /// Reads the server's ISO text form (`2024-01-31`, BC years, the infinities).
     pub fn parse(text: &str) -> Result<Date, ValueError> {
         match text {
             "infinity" => return Ok(Date::INFINITY),
@@ -169,6 +172,7 @@ pub(super) fn write_fraction(f: &mut fmt::Formatter<'_>, frac: i64) -> fmt::Resu
 }
 
 impl Time {
+    /// Reads `HH:MM:SS[.ffffff]`.
     pub fn parse(text: &str) -> Result<Time, ValueError> {
         let micros = parse_hms(text, "time")?;
         if micros > MICROS_PER_DAY {
@@ -185,7 +189,9 @@ impl fmt::Display for Time {
 }
 
 impl Timestamp {
+    /// `-infinity`.
     pub const NEG_INFINITY: Timestamp = Timestamp(i64::MIN);
+    /// `infinity`.
     pub const INFINITY: Timestamp = Timestamp(i64::MAX);
 
     /// Parses `YYYY-MM-DD HH:MM:SS[.ffffff][±HH[:MM[:SS]]][ BC]`; the offset only `with_zone`.
