@@ -6,7 +6,7 @@ use crate::error::CommandError;
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use sluice_core::Value;
+use sluice_core::{ChangeEvent, Position, Value};
 use sluice_postgres::catalog::Table;
 
 /// A source key: the primary key's values as text, by column.
@@ -107,6 +107,17 @@ pub fn decode_row(table: &Table, row: &tokio_postgres::Row) -> Result<Vec<Value>
         );
     }
     Ok(values)
+}
+
+/// A row read from the source as the stream would carry it: a snapshot insert, for a target's
+/// translator to say what the target must hold for it.
+pub(crate) fn as_snapshot_insert(table: &Table, row: Vec<Value>) -> ChangeEvent {
+    ChangeEvent::Insert {
+        position: Position::default(),
+        relation: std::sync::Arc::new(table.relation.clone()),
+        new: row,
+        snapshot: true,
+    }
 }
 
 /// A row's primary key as text (the values' Postgres text form, which casts back exactly).

@@ -133,7 +133,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
         config.target = TargetConfig::Postgres(crate::targets::postgres::config::PostgresTargetConfig {
             connection: pg.connection("demo_v2"),
             mapping,
-            checkpoint_table: "public.sluice_checkpoint".into(),
+            checkpoint_table: sluice_core::TableName::new("public", "sluice_checkpoint"),
             retry_for: Duration::from_secs(60),
             dead_letter: None,
             lock_timeout: Duration::from_secs(10),

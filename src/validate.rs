@@ -70,10 +70,7 @@ async fn outbox_table(
 ) -> Result<Vec<Problem>, tokio_postgres::Error> {
     let mut problems = Vec::new();
     let Some(table) = &outbox.table else { return Ok(problems) };
-    let Some((schema, name)) = table.split_once('.') else {
-        problems.push(Problem::new("target.outbox", "table", format!("{table:?} must be schema.table")));
-        return Ok(problems);
-    };
+    let (schema, name) = (table.schema(), table.name());
     let columns: Vec<String> = sql
         .query(
             "SELECT a.attname::text FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \

@@ -118,6 +118,6 @@ pub(super) async fn published_tables(
         .await?
         .iter()
         .map(|row| row.get::<_, String>(0))
-        .filter(|table| *table != config.progress_table)
+        .filter(|table| config.progress_table != *table.as_str())
         .collect())
 }

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use sluice_core::{ChangeEvent, EventBatch, NewRow, OldRow, Position, Relation, Value};
+use sluice_core::{ChangeEvent, EventBatch, NewRow, OldRow, Position, Relation, TableName, Value};
 
 pub use sluice_postgres::source::WATERMARK_PREFIX;
 
@@ -100,7 +100,7 @@ pub struct Watermarks {
     arrivals: u64,
     /// The progress table (`schema.table`): its changes are the backfill's bookkeeping, never
     /// data, even under a publication FOR ALL TABLES.
-    progress_table: Option<String>,
+    progress_table: Option<TableName>,
     incoming: Option<mpsc::Receiver<Chunk>>,
 }
 
@@ -117,8 +117,8 @@ impl Watermarks {
     }
 
     /// Drops the changes of the progress table from the stream.
-    pub fn ignoring(mut self, progress_table: &str) -> Self {
-        self.progress_table = Some(progress_table.to_owned());
+    pub fn ignoring(mut self, progress_table: &TableName) -> Self {
+        self.progress_table = Some(progress_table.clone());
         self
     }
 
@@ -127,12 +127,7 @@ impl Watermarks {
         match event {
             ChangeEvent::Insert { relation, .. }
             | ChangeEvent::Update { relation, .. }
-            | ChangeEvent::Delete { relation, .. } => {
-                progress.len() == relation.namespace.len() + 1 + relation.name.len()
-                    && progress.starts_with(relation.namespace.as_str())
-                    && progress.as_bytes()[relation.namespace.len()] == b'.'
-                    && progress.ends_with(relation.name.as_str())
-            }
+            | ChangeEvent::Delete { relation, .. } => progress.is(relation),
             _ => false,
         }
     }
@@ -554,7 +549,8 @@ mod tests {
 
     #[test]
     fn changes_of_the_progress_table_never_reach_the_target() {
-        let mut watermarks = Watermarks::new("p", None).ignoring("public.sluice_backfill");
+        let mut watermarks =
+            Watermarks::new("p", None).ignoring(&TableName::new("public", "sluice_backfill"));
         let progress = Arc::new(Relation { name: "sluice_backfill".into(), ..(*accounts()).clone() });
         let events = vec![
             ChangeEvent::Insert {

@@ -3,8 +3,7 @@
 use std::time::Duration;
 
 use serde::Deserialize;
-use sluice_core::Problem;
-use sluice_postgres::setup::quote_ident;
+use sluice_core::{Problem, TableName};
 
 /// `[backfill]`.
 #[derive(Clone, Debug, Deserialize)]
@@ -18,7 +17,7 @@ pub struct BackfillConfig {
     pub initial: bool,
     /// The progress table in the source database (`schema.table`), created when missing.
     #[serde(default = "default_progress_table")]
-    pub progress_table: String,
+    pub progress_table: TableName,
     /// Rows per chunk.
     #[serde(default = "default_chunk_size")]
     pub chunk_size: usize,
@@ -50,8 +49,8 @@ impl Default for BackfillConfig {
 fn yes() -> bool {
     true
 }
-fn default_progress_table() -> String {
-    "public.sluice_backfill".into()
+fn default_progress_table() -> TableName {
+    TableName::new("public", "sluice_backfill")
 }
 fn default_chunk_size() -> usize {
     20_000
@@ -66,9 +65,6 @@ fn default_poll_interval() -> Duration {
 impl BackfillConfig {
     /// Adds a problem for each setting that cannot work.
     pub fn validate(&self, problems: &mut Vec<Problem>) {
-        if sluice_postgres::catalog::split_table(&self.progress_table).is_none() {
-            problems.push(Problem::new("backfill", "progress_table", "must be schema.table"));
-        }
         if !(1..=100_000).contains(&self.chunk_size) {
             problems.push(Problem::new("backfill", "chunk_size", "must be between 1 and 100000"));
         }
@@ -82,8 +78,6 @@ impl BackfillConfig {
 
     /// The progress table, quoted for SQL.
     pub fn quoted_table(&self) -> String {
-        let (schema, name) = sluice_postgres::catalog::split_table(&self.progress_table)
-            .unwrap_or(("public", "sluice_backfill"));
-        format!("{}.{}", quote_ident(schema), quote_ident(name))
+        self.progress_table.quoted()
     }
 }

@@ -375,7 +375,7 @@ impl Config {
             SourceMode::Poll(poll) => {
                 poll.validate("source.poll", &mut problems);
                 match self.target.outbox() {
-                    Some(outbox) if outbox.table.as_deref() == Some(poll.table.as_str()) => {}
+                    Some(outbox) if outbox.table.as_ref() == Some(&poll.table) => {}
                     Some(_) => problems.push(Problem::new(
                         "source.poll",
                         "table",

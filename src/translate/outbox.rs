@@ -13,7 +13,7 @@
 
 use sluice_core::Problem;
 
-use sluice_core::{ChangeEvent, Position, Relation, Value};
+use sluice_core::{ChangeEvent, Position, Relation, TableName, Value};
 
 /// The router's settings (a target's `[target.outbox]`).
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -21,7 +21,7 @@ use sluice_core::{ChangeEvent, Position, Relation, Value};
 pub struct OutboxConfig {
     /// The outbox table (`schema.table`) whose inserts are events.
     #[serde(default)]
-    pub table: Option<String>,
+    pub table: Option<TableName>,
     /// Also route `pg_logical_emit_message` messages with this prefix (content: a JSON object).
     #[serde(default)]
     pub message_prefix: Option<String>,
@@ -157,8 +157,7 @@ impl OutboxConfig {
 
     /// Routes one change.
     pub fn route(&self, event: &ChangeEvent) -> Result<Routed, Poison> {
-        let is_outbox =
-            |relation: &Relation| self.table.as_deref() == Some(relation.qualified_name().as_str());
+        let is_outbox = |relation: &Relation| self.table.as_ref().is_some_and(|table| table.is(relation));
         match event {
             ChangeEvent::Insert { relation, new, position, .. } if is_outbox(relation) => {
                 self.route_row(relation, new, *position).map(Routed::Event)
@@ -283,18 +282,12 @@ pub(crate) mod tests {
 
     use super::*;
 
-    pub(crate) fn outbox_relation() -> Arc<Relation> {
-        let columns = [
-            ("id", true, TypeKind::Uuid),
-            ("aggregatetype", false, TypeKind::Text),
-            ("aggregateid", false, TypeKind::Text),
-            ("type", false, TypeKind::Text),
-            ("payload", false, TypeKind::Jsonb),
-        ];
+    /// A test relation `public.<name>` with these (name, is key, kind) columns.
+    pub(crate) fn relation(name: &str, columns: &[(&str, bool, TypeKind)]) -> Arc<Relation> {
         Arc::new(Relation {
             oid: 1,
             namespace: "public".into(),
-            name: "outbox".into(),
+            name: name.into(),
             replica_identity: ReplicaIdentity::Default,
             columns: columns
                 .iter()
@@ -307,6 +300,20 @@ pub(crate) mod tests {
                 })
                 .collect(),
         })
+    }
+
+    /// The outbox table of the Debezium convention.
+    pub(crate) fn outbox_relation() -> Arc<Relation> {
+        relation(
+            "outbox",
+            &[
+                ("id", true, TypeKind::Uuid),
+                ("aggregatetype", false, TypeKind::Text),
+                ("aggregateid", false, TypeKind::Text),
+                ("type", false, TypeKind::Text),
+                ("payload", false, TypeKind::Jsonb),
+            ],
+        )
     }
 
     pub(crate) fn config() -> OutboxConfig {

@@ -15,6 +15,7 @@ pub mod problem;
 pub mod retry;
 pub mod secret;
 pub mod shutdown;
+pub mod table;
 pub mod types;
 pub mod value;
 
@@ -25,5 +26,6 @@ pub use problem::Problem;
 pub use retry::{Backoff, GaveUp, RetryPolicy};
 pub use secret::Secret;
 pub use shutdown::{Shutdown, ShutdownTrigger};
+pub use table::TableName;
 pub use types::TypeKind;
 pub use value::{Date, Interval, Numeric, Time, Timestamp, Value};

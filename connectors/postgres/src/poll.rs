@@ -40,7 +40,7 @@
 //! Positions: an event's position is the full (epoch-extended) id of the transaction that
 //! inserted the row, with ordinal 0; within one transaction the id column orders events.
 
-use sluice_core::{Backoff, Classify, RetryPolicy, Shutdown};
+use sluice_core::{Backoff, Classify, RetryPolicy, Shutdown, TableName};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,7 +59,7 @@ use sluice_core::lsn::Lsn;
 #[serde(deny_unknown_fields)]
 pub struct PollConfig {
     /// The outbox table, `schema.table`.
-    pub table: String,
+    pub table: TableName,
     /// A unique column (the primary key) that orders the events of one transaction; a
     /// `bigserial` keeps insertion order.
     #[serde(default = "default_id_column")]
@@ -105,9 +105,6 @@ fn default_mark_column() -> String {
 impl PollConfig {
     /// Adds a problem for each setting that cannot work, under `prefix`.
     pub fn validate(&self, prefix: &str, problems: &mut Vec<sluice_core::Problem>) {
-        if split_table(&self.table).is_none() {
-            problems.push(sluice_core::Problem::new(prefix, "table", "must be schema.table"));
-        }
         if self.batch_size == 0 || self.batch_size > 100_000 {
             problems.push(sluice_core::Problem::new(prefix, "batch_size", "must be between 1 and 100000"));
         }
@@ -128,11 +125,9 @@ impl PollConfig {
     }
 }
 
-use crate::catalog::split_table;
-
 /// The outbox table as the catalog describes it, as a `Relation` for the router.
 pub async fn load_relation(sql: &tokio_postgres::Client, config: &PollConfig) -> Result<Relation> {
-    let table = crate::catalog::required_table(sql, &config.table, "source.poll.table").await?;
+    let table = crate::catalog::required_table(sql, &config.table.to_string(), "source.poll.table").await?;
     let has = |column: &str| table.relation.columns.iter().any(|c| c.name == column);
     if !has(&config.id_column) {
         return Err(Error::Setup(format!(
@@ -185,18 +180,11 @@ fn poll_statement(config: &PollConfig, relation: &Relation) -> String {
 
 /// Rows not yet published (the whole table, or its unmarked rows).
 pub async fn backlog(sql: &tokio_postgres::Client, config: &PollConfig) -> Result<i64> {
-    let (schema, name) = split_table(&config.table)
-        .ok_or_else(|| Error::Setup(format!("source.poll.table {:?} must be schema.table", config.table)))?;
     let filter = match config.after_publish {
         AfterPublish::Delete => String::new(),
         AfterPublish::Mark => format!(" WHERE {} IS NULL", quote_ident(&config.mark_column)),
     };
-    let row = sql
-        .query_one(
-            &format!("SELECT count(*) FROM {}.{}{filter}", quote_ident(schema), quote_ident(name)),
-            &[],
-        )
-        .await?;
+    let row = sql.query_one(&format!("SELECT count(*) FROM {}{filter}", config.table.quoted()), &[]).await?;
     Ok(row.get(0))
 }
 
@@ -423,7 +411,7 @@ mod tests {
     #[test]
     fn the_poll_statement_orders_by_transaction_then_id_and_guards_the_horizon() {
         let config = PollConfig {
-            table: "app.outbox".into(),
+            table: TableName::new("app", "outbox"),
             id_column: "id".into(),
             batch_size: 10,
             interval: Duration::from_secs(1),

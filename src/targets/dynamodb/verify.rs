@@ -12,11 +12,11 @@ use sluice_postgres::catalog::Table;
 use super::config::DynamoConfig;
 use super::mapping::{parse_template, Mapping, Segment, TableMapping};
 use super::translate::MappingTranslator;
-use crate::compare::{digest, source_key, Extra, Finding, SourceKey};
+use crate::compare::{as_snapshot_insert, digest, source_key, Extra, Finding, SourceKey};
 use crate::error::{CommandContext, CommandError};
 use crate::translate::mapping::MappingFile;
 use crate::translate::TranslateError;
-use sluice_core::{ChangeEvent, Position, Value};
+use sluice_core::Value;
 
 pub struct DynamoSide {
     mapping: Mapping,
@@ -50,12 +50,7 @@ impl DynamoSide {
 
     /// The item a row must be (key and attributes), or why there is none.
     pub(crate) fn expected(&self, table: &Table, row: Vec<Value>) -> Result<Option<(Item, Item)>, ()> {
-        let event = ChangeEvent::Insert {
-            position: Position::default(),
-            relation: std::sync::Arc::new(table.relation.clone()),
-            new: row,
-            snapshot: true,
-        };
+        let event = as_snapshot_insert(table, row);
         let mut writes = Vec::new();
         match self.translator.translate(&event, now(), &mut writes) {
             Ok(()) => {}

@@ -228,29 +228,11 @@ fn push_event(
 mod tests {
     use std::sync::Arc;
 
+    use sluice_core::Lsn;
     use sluice_core::TypeKind;
-    use sluice_core::{Column, Lsn, ReplicaIdentity};
 
     use super::*;
-
-    fn relation(name: &str, columns: &[(&str, bool, TypeKind)]) -> Arc<Relation> {
-        Arc::new(Relation {
-            oid: 1,
-            namespace: "public".into(),
-            name: name.into(),
-            replica_identity: ReplicaIdentity::Default,
-            columns: columns
-                .iter()
-                .map(|(name, is_key, kind)| Column {
-                    name: (*name).into(),
-                    type_oid: 0,
-                    type_modifier: -1,
-                    is_key: *is_key,
-                    kind: kind.clone(),
-                })
-                .collect(),
-        })
-    }
+    use crate::translate::outbox::tests::{outbox_relation, relation};
 
     fn position(ordinal: u32) -> Position {
         Position { commit_lsn: Lsn(0x1000), tx_ordinal: ordinal }
@@ -258,19 +240,6 @@ mod tests {
 
     fn header<'a>(record: &'a Record, name: &str) -> Option<&'a str> {
         record.headers.iter().find(|(n, _)| n == name).map(|(_, v)| std::str::from_utf8(v).unwrap())
-    }
-
-    fn outbox_relation() -> Arc<Relation> {
-        relation(
-            "outbox",
-            &[
-                ("id", true, TypeKind::Uuid),
-                ("aggregatetype", false, TypeKind::Text),
-                ("aggregateid", false, TypeKind::Text),
-                ("type", false, TypeKind::Text),
-                ("payload", false, TypeKind::Jsonb),
-            ],
-        )
     }
 
     fn outbox_translator() -> KafkaTranslator {

@@ -125,11 +125,7 @@ impl PgTarget {
         let tables = target_tables(&client, &mapping).await?;
         let sequences =
             if config.sync_sequences { owned_sequences(&client, &tables).await? } else { HashMap::new() };
-        let checkpoint_table = {
-            let (schema, name) = sluice_postgres::catalog::split_table(&config.checkpoint_table)
-                .ok_or_else(|| fatal("target.checkpoint_table must be schema.table"))?;
-            format!("{}.{}", quote_ident(schema), quote_ident(name))
-        };
+        let checkpoint_table = config.checkpoint_table.quoted();
         sluice_postgres::setup::create_table_if_missing(
             &client,
             &checkpoint_table,

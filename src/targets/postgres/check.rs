@@ -130,7 +130,7 @@ pub async fn check(
         for looped in tables
             .keys()
             .map(|t| t.to_string())
-            .chain([pg.checkpoint_table.clone()])
+            .chain([pg.checkpoint_table.to_string()])
             .filter(|t| published.contains(t))
         {
             problems.push(Problem::new("target", "mapping", format!("table {looped} is written by sluice and published in {publication:?}: its changes would stream back")));

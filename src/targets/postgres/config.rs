@@ -21,7 +21,7 @@ pub struct PostgresTargetConfig {
     /// `schema.table` holding each pipeline's applied position, written in the same transaction
     /// as the rows; created when missing.
     #[serde(default = "default_checkpoint_table")]
-    pub checkpoint_table: String,
+    pub checkpoint_table: sluice_core::TableName,
     /// How long connection failures, deadlocks and serialization failures are retried before
     /// the pipeline stops; nothing is confirmed meanwhile.
     #[serde(default = "default_retry_for", with = "sluice_core::duration")]
@@ -45,21 +45,14 @@ fn default_lock_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
-fn default_checkpoint_table() -> String {
-    "public.sluice_checkpoint".into()
+fn default_checkpoint_table() -> sluice_core::TableName {
+    sluice_core::TableName::new("public", "sluice_checkpoint")
 }
 
 impl PostgresTargetConfig {
     /// Problems visible without either database (the mapping file is read and checked).
     pub fn validate(&self, problems: &mut Vec<Problem>) {
         self.connection.validate("target.connection", problems);
-        if sluice_postgres::catalog::split_table(&self.checkpoint_table).is_none() {
-            problems.push(Problem::new(
-                "target",
-                "checkpoint_table",
-                format!("{:?} must be schema.table", self.checkpoint_table),
-            ));
-        }
         if let Err(mapping_problems) = super::mapping::PgMapping::load(&self.mapping) {
             problems.extend(mapping_problems.into_iter().map(|p| Problem {
                 key: if p.key == "mapping" { "target.mapping".into() } else { format!("target.{}", p.key) },

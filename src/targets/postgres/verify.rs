@@ -16,13 +16,13 @@ use sluice_postgres::setup::quote_ident;
 use sluice_postgres::ReadSession;
 
 use super::catalog::{target_keys, target_tables, TargetTable};
-use crate::compare::{source_key, DifferentValues, Extra, Finding, SourceKey};
+use crate::compare::{as_snapshot_insert, source_key, DifferentValues, Extra, Finding, SourceKey};
 use crate::error::{CommandContext, CommandError};
 use crate::targets::postgres::config::PostgresTargetConfig;
 use crate::targets::postgres::mapping::{PgMapping, PgTableMapping};
 use crate::targets::postgres::translate::{PgTranslator, RowOp, Text};
 use crate::translate::mapping::MappingFile;
-use sluice_core::{ChangeEvent, Position, Value};
+use sluice_core::Value;
 
 /// Target keys read per page when looking for extra rows.
 const KEY_PAGE: usize = 10_000;
@@ -94,12 +94,7 @@ impl PgSide {
 
     /// The target row a source row must be (its mapped columns), or why there is none.
     fn expected(&self, table: &Table, row: Vec<Value>) -> Result<Option<Vec<(String, Text)>>, ()> {
-        let event = ChangeEvent::Insert {
-            position: Position::default(),
-            relation: Arc::new(table.relation.clone()),
-            new: row,
-            snapshot: true,
-        };
+        let event = as_snapshot_insert(table, row);
         let mut ops = Vec::new();
         self.translator.translate(&event, &mut ops).map_err(drop)?;
         Ok(ops.into_iter().find_map(|op| match op {
