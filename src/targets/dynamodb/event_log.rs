@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use sluice_dynamodb::{Attr, GuardedWrite, Item, WriteAction};
 
-use super::translate::{json_attr, version};
+use super::attrs::{json_attr, version};
 use crate::translate::outbox::{OutboxConfig, OutboxEvent, Payload, Poison};
 
 /// The version attribute of event-log items (the position guard, as in mapped tables).
@@ -97,7 +97,7 @@ mod tests {
         assert_eq!(map.get("total"), Some(&Attr::N("9.50".into())));
         assert_eq!(item.get("type"), Some(&Attr::S("OrderCreated".into())));
         assert_eq!(item.get("position"), Some(&Attr::S("0/16B3748/3".into())));
-        assert_eq!(write.version, crate::targets::dynamodb::translate::version(position(3)));
+        assert_eq!(write.version, crate::targets::dynamodb::attrs::version(position(3)));
 
         let later = OutboxEvent {
             position: Position { commit_lsn: Lsn(0x1_0000_0000), tx_ordinal: 0 },

@@ -2,6 +2,7 @@
 //! position guards.
 
 pub(crate) mod apply;
+mod attrs;
 pub(crate) mod check;
 pub mod config;
 pub(crate) mod event_log;
