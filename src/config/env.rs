@@ -7,11 +7,13 @@ const ENV_PREFIX: &str = "SLUICE__";
 
 /// `SLUICE__SOURCE__CONNECTION__PASSWORD=x` sets `source.connection.password = "x"`. Values
 /// that read as TOML integers, floats or booleans keep that type; anything else is a string.
+/// Returns each dotted key set, with the variable that set it.
 pub(super) fn apply_env_overrides(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
     problems: &mut Vec<Problem>,
-) {
+) -> Vec<(String, String)> {
+    let mut set = Vec::new();
     for (name, raw) in env {
         let Some(path) = name.strip_prefix(ENV_PREFIX) else { continue };
         let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
@@ -22,8 +24,27 @@ pub(super) fn apply_env_overrides(
             });
             continue;
         }
-        if let Err(message) = set_path(table, &keys, parse_env_value(&raw)) {
-            problems.push(Problem { key: keys.join("."), message: format!("{name}: {message}") });
+        match set_path(table, &keys, parse_env_value(&raw)) {
+            Ok(()) => set.push((keys.join("."), name)),
+            Err(message) => {
+                problems.push(Problem { key: keys.join("."), message: format!("{name}: {message}") })
+            }
+        }
+    }
+    set
+}
+
+/// Names the environment variable behind a problem with a key it set (the file does not
+/// hold the value the message is about).
+pub(super) fn name_overrides(problems: &mut [Problem], set: &[(String, String)]) {
+    for problem in problems {
+        let by = set.iter().find(|(key, _)| {
+            problem.key == *key
+                || problem.key.starts_with(&format!("{key}."))
+                || problem.key.starts_with(&format!("{key}["))
+        });
+        if let Some((_, name)) = by {
+            problem.message.push_str(&format!(" (the value comes from the environment variable {name})"));
         }
     }
 }

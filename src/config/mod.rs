@@ -136,6 +136,10 @@ pub struct PipelineConfig {
     /// On SIGTERM/SIGINT, how long to wait for in-flight batches before exiting.
     #[serde(default = "default_shutdown_timeout", with = "sluice_core::duration")]
     pub shutdown_timeout: Duration,
+    /// `run` streams despite the start checks' warnings (a published table no mapping
+    /// names, a table whose updates Postgres rejects); their problems always stop it.
+    #[serde(default)]
+    pub allow_warnings: bool,
 }
 
 impl Default for PipelineConfig {
@@ -146,6 +150,7 @@ impl Default for PipelineConfig {
             max_in_flight: default_max_in_flight(),
             retry_for: default_retry_for(),
             shutdown_timeout: default_shutdown_timeout(),
+            allow_warnings: false,
         }
     }
 }
@@ -325,7 +330,7 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
-        apply_env_overrides(&mut table, env, &mut problems);
+        let overridden = apply_env_overrides(&mut table, env, &mut problems);
         if !problems.is_empty() {
             return Err(ConfigError::Invalid { problems });
         }
@@ -339,9 +344,11 @@ impl Config {
             if !(key == "source" && [NO_SOURCE, TWO_SOURCES].contains(&message.as_str())) {
                 problems.push(Problem { key, message });
             }
+            env::name_overrides(&mut problems, &overridden);
             ConfigError::Invalid { problems }
         })?;
-        let problems = config.validate();
+        let mut problems = config.validate();
+        env::name_overrides(&mut problems, &overridden);
         if problems.is_empty() {
             Ok(config)
         } else {

@@ -61,6 +61,24 @@ fn environment_overrides_nested_keys_with_types() {
 }
 
 #[test]
+fn an_invalid_override_names_its_variable_and_the_expected_format() {
+    let err = load(MINIMAL, &[("SLUICE__PIPELINE__RETRY_FOR", "soon")]).unwrap_err().to_string();
+    assert!(
+        err.contains("pipeline.retry_for")
+            && err.contains("like \"10s\"")
+            && err.contains("environment variable SLUICE__PIPELINE__RETRY_FOR"),
+        "{err}"
+    );
+    let err = load(MINIMAL, &[("SLUICE__PIPELINE__MAX_IN_FLIGHT", "0")]).unwrap_err().to_string();
+    assert!(
+        err.contains("pipeline.max_in_flight") && err.contains("SLUICE__PIPELINE__MAX_IN_FLIGHT"),
+        "{err}"
+    );
+    let err = load(MINIMAL, &[("SLUICE__PIPELINE__MAX_IN_FLIGHT", "many")]).unwrap_err().to_string();
+    assert!(err.contains("SLUICE__PIPELINE__MAX_IN_FLIGHT") && err.contains("expected usize"), "{err}");
+}
+
+#[test]
 fn unknown_key_is_named_with_its_path() {
     let text = MINIMAL.replace("dbname = \"app\"", "dbname = \"app\"\nhots = \"x\"");
     let err = load(&text, &[]).unwrap_err().to_string();
