@@ -28,6 +28,10 @@ pub struct OutboxConfig {
     /// Kafka: the topic template over `{aggregatetype}`.
     #[serde(default = "default_outbox_topic")]
     pub topic: String,
+    /// Kafka: what an event whose topic does not exist does: `stop` the pipeline (nothing past
+    /// it is confirmed), or go to the dead-letter file and let the other events flow.
+    #[serde(default)]
+    pub missing_topic: MissingTopic,
     /// DynamoDB: the event-log table the events are written to.
     #[serde(default)]
     pub event_table: Option<String>,
@@ -52,6 +56,17 @@ pub struct OutboxConfig {
     /// DynamoDB); the event type column is one by default.
     #[serde(default = "default_header_columns")]
     pub header_columns: Vec<String>,
+}
+
+/// `target.outbox.missing_topic`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingTopic {
+    /// Stop with an error naming the topic (the default).
+    #[default]
+    Stop,
+    /// Dead-letter the event (counted), and go on.
+    DeadLetter,
 }
 
 fn default_outbox_topic() -> String {

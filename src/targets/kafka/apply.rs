@@ -32,7 +32,15 @@ pub struct KafkaTarget {
     stats: Arc<TargetStats>,
     /// Topics the broker is known to have.
     known_topics: std::collections::HashSet<String>,
+    /// With `target.outbox.missing_topic = "dead_letter"`: the outbox's sources (its table, and
+    /// `message:<prefix>`), whose events to a missing topic are dead-lettered.
+    dead_letter_missing: Vec<String>,
+    /// Topics found missing, and when: asked again after `MISSING_RECHECK`.
+    missing_topics: std::collections::HashMap<String, Instant>,
 }
+
+/// How long a topic found missing is taken as missing before the broker is asked again.
+const MISSING_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl KafkaTarget {
     pub fn open(
@@ -50,7 +58,25 @@ impl KafkaTarget {
         let producer = KafkaProducer::new(&options).map_err(|e| {
             TargetError::fatal("kafka", "cannot create the Kafka producer (target.properties)", e)
         })?;
-        Ok(KafkaTarget { producer, dead_letter, stats, known_topics: Default::default() })
+        let dead_letter_missing = match &config.outbox {
+            Some(outbox) if outbox.missing_topic == crate::translate::outbox::MissingTopic::DeadLetter => {
+                outbox
+                    .table
+                    .iter()
+                    .map(|t| t.to_string())
+                    .chain(outbox.message_prefix.iter().map(|p| format!("message:{p}")))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        Ok(KafkaTarget {
+            producer,
+            dead_letter,
+            stats,
+            known_topics: Default::default(),
+            dead_letter_missing,
+            missing_topics: Default::default(),
+        })
     }
 }
 
@@ -77,16 +103,52 @@ impl Target for KafkaTarget {
         for Sourced { op: record, position, source } in batch.ops {
             // A missing topic would only fail after retry_for: say so now.
             if !self.known_topics.contains(&record.topic) {
-                match self.producer.topic_exists(&record.topic).await {
+                let missing_since =
+                    self.missing_topics.get(&record.topic).filter(|at| at.elapsed() < MISSING_RECHECK);
+                let exists = match missing_since {
+                    Some(_) => Ok(false),
+                    None => self.producer.topic_exists(&record.topic).await,
+                };
+                match exists {
                     Ok(true) => {
+                        self.missing_topics.remove(&record.topic);
                         self.known_topics.insert(record.topic.clone());
+                    }
+                    Ok(false) if self.dead_letter_missing.iter().any(|s| **s == *source) => {
+                        self.missing_topics.entry(record.topic.clone()).or_insert_with(Instant::now);
+                        let reason = format!(
+                            "Kafka topic {:?} does not exist (target.outbox.missing_topic = \"dead_letter\"); the event is in this entry",
+                            record.topic
+                        );
+                        // The whole event (headers, payload): it exists nowhere else once the
+                        // outbox row is cleaned up.
+                        let event = |line: &mut Vec<u8>| {
+                            record_details(record.topic.clone(), record.key.clone())(line);
+                            line.extend_from_slice(b",\"headers\":{");
+                            for (i, (name, value)) in record.headers.iter().enumerate() {
+                                if i > 0 {
+                                    line.push(b',');
+                                }
+                                crate::json::string(line, name);
+                                line.push(b':');
+                                crate::json::string(line, &String::from_utf8_lossy(value));
+                            }
+                            line.extend_from_slice(b"},\"payload\":");
+                            match &record.payload {
+                                Some(payload) => crate::json::string(line, &String::from_utf8_lossy(payload)),
+                                None => line.extend_from_slice(b"null"),
+                            }
+                        };
+                        self.dead_letter.record(position, &source, Some(&event), &reason).await?;
+                        continue;
                     }
                     Ok(false) => {
                         return Err(TargetError {
                             target: "kafka",
                             kind: ErrorKind::Fatal,
                             message: format!(
-                                "Kafka topic {:?} (for {source}) does not exist; create it, or change target.topic, target.topics or target.outbox.topic",
+                                "Kafka topic {:?} (for {source}) does not exist; create it, or change target.topic, target.topics or target.outbox.topic \
+                                 (or set target.outbox.missing_topic = \"dead_letter\" for outbox events)",
                                 record.topic,
                             ),
                             source: None,

@@ -126,6 +126,15 @@ impl KafkaConfig {
                     "is a DynamoDB setting; Kafka events go to `topic`",
                 ));
             }
+            if outbox.missing_topic == crate::translate::outbox::MissingTopic::DeadLetter
+                && self.dead_letter.is_none()
+            {
+                problems.push(Problem::new(
+                    "target.outbox",
+                    "missing_topic",
+                    "\"dead_letter\" needs a dead-letter file (target.dead_letter): the events would only be counted",
+                ));
+            }
             outbox.problems(messages, problems);
         }
     }
