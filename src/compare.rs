@@ -25,6 +25,22 @@ pub struct Difference {
     /// Their values, when `--values` asked for them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub values: Option<DifferentValues>,
+    /// Why it differs, when more than values tell (an item without its version attribute).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Items of a target table that no mapping of this pipeline could produce (no key template
+/// fits their key): another writer's, in a shared single-table design. Reported apart, never
+/// as differences.
+#[derive(Clone, Debug, Serialize)]
+pub struct Foreign {
+    /// The target table.
+    pub target: String,
+    /// How many such items the scan found.
+    pub items: u64,
+    /// The first ones' keys.
+    pub keys: Vec<BTreeMap<String, String>>,
 }
 
 /// A target row or item that no source row produces.
@@ -78,6 +94,8 @@ pub struct Report {
     pub rechecked: bool,
     /// Why the re-check did not run, when it did not.
     pub recheck_note: Option<String>,
+    /// Other writers' items, per target table (DynamoDB).
+    pub foreign: Vec<Foreign>,
 }
 
 impl Report {
@@ -92,6 +110,9 @@ pub enum Finding {
     Matched,
     Missing,
     Different(Vec<String>, DifferentValues),
+    /// The item lacks its version attribute (written around sluice): the position guard keeps
+    /// every write of sluice's from it; `reconcile --force` rewrites it.
+    Unversioned(Vec<String>, DifferentValues),
     /// Filtered out by the mapping: no item expected.
     NotExpected,
     Untranslatable,

@@ -169,7 +169,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
     if let Some((_server, client)) = &dynamo {
         eprintln!("demo: read back with aws-sdk-dynamodb (Scan of demo_accounts):");
         for item in client.scan_all("demo_accounts").await? {
-            let fields: Vec<String> = item.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+            let fields: Vec<String> = item.iter().map(|(k, v)| format!("{k}={v}")).collect();
             println!("{}", fields.join("  "));
         }
     }

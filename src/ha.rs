@@ -12,6 +12,10 @@
 //! the lock may already be someone else's; a supervisor restarts it as a standby. Keepalives on
 //! the lock's session (10 s idle, 5 s interval, 3 probes) make the server notice a vanished
 //! client within about half a minute, so the lock is not held by a dead peer for long.
+//!
+//! The pipeline's name is claimed the same way (`claim_name`, a second lock on
+//! `'sluice-pipeline:' || pipeline.name`): backfill and reconcile requests are addressed by
+//! it, so two running pipelines of one name (two configs left at `default`) are refused.
 
 use sluice_core::{Backoff, Classify, RetryPolicy, Shutdown};
 use std::time::Duration;
@@ -104,6 +108,60 @@ async fn try_lock(
     let held: bool =
         connected.query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key]).await?.get(0);
     Ok(if held { client.take().map(|client| HaLock { client }) } else { None })
+}
+
+/// Why the pipeline's name could not be claimed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// A process of another pipeline (another slot) holds the name.
+    #[error(
+        "another sluice process already runs pipeline {0:?} against this database; pipeline.name addresses backfill and reconcile requests, so give each pipeline of one database its own name"
+    )]
+    Taken(String),
+    /// Postgres could not be asked.
+    #[error("cannot claim the pipeline name {0:?}")]
+    Postgres(String, #[source] sluice_postgres::Error),
+}
+
+/// Claims `pipeline.name` in the source database for as long as the returned lock lives.
+/// A process that just took over from a dead one may find the name still held for a moment
+/// (its sessions end one by one): it asks again for up to ten seconds before giving up.
+pub async fn claim_name(conn: &ConnectionConfig, pipeline: &str) -> Result<HaLock, ClaimError> {
+    let key = format!("sluice-pipeline:{pipeline}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut client = None;
+    loop {
+        match try_lock(&mut client, conn, &key).await {
+            Ok(Some(lock)) => return Ok(lock),
+            Ok(None) if std::time::Instant::now() >= deadline => {
+                return Err(ClaimError::Taken(pipeline.to_owned()))
+            }
+            Ok(None) => {}
+            Err(error) => return Err(ClaimError::Postgres(pipeline.to_owned(), error)),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Whether a running sluice holds pipeline `name`'s lock in the connected database: a daemon
+/// that serves the pipeline's backfill and reconcile requests (`claim_name`).
+pub async fn pipeline_running(
+    sql: &tokio_postgres::Client,
+    name: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    // A bigint advisory lock shows in pg_locks as classid (high half), objid (low half) and
+    // objsubid 1.
+    let row = sql
+        .query_one(
+            "WITH k AS (SELECT hashtextextended($1, 0) AS key) \
+             SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks l, k WHERE l.locktype = 'advisory' AND l.granted \
+               AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()) \
+               AND l.objsubid = 1 AND l.classid::text::int8 = (k.key >> 32) & 4294967295 \
+               AND l.objid::text::int8 = k.key & 4294967295)",
+            &[&format!("sluice-pipeline:{name}")],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 impl HaLock {

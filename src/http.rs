@@ -41,8 +41,8 @@ pub async fn serve(
         let (state, metrics) = (Arc::clone(&state), metrics.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                let response = respond(&request, &state, &metrics);
-                async move { Ok::<_, Infallible>(response) }
+                let (state, metrics) = (Arc::clone(&state), metrics.clone());
+                async move { Ok::<_, Infallible>(respond(&request, &state, &metrics).await) }
             });
             // Clients that hang up early are not worth a log line.
             let _ = hyper::server::conn::http1::Builder::new()
@@ -52,7 +52,7 @@ pub async fn serve(
     }
 }
 
-fn respond(
+async fn respond(
     request: &Request<Incoming>,
     state: &PipelineState,
     metrics: &PrometheusHandle,
@@ -75,7 +75,7 @@ fn respond(
             Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
         },
         "/status" => {
-            let body = serde_json::to_string_pretty(&state.status())
+            let body = serde_json::to_string_pretty(&state.status_now().await)
                 .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
             let mut response = text(StatusCode::OK, body + "\n");
             response.headers_mut().insert(

@@ -8,6 +8,7 @@ pub mod backfill;
 pub mod bench;
 pub(crate) mod compare;
 pub mod config;
+pub mod dead_letters;
 pub mod demo;
 pub mod error;
 pub(crate) mod faults;

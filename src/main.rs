@@ -34,9 +34,13 @@ enum Command {
         /// Stop (gracefully) once this source position is durable in the target.
         #[arg(long, value_name = "LSN")]
         until_lsn: Option<Lsn>,
+        /// Stream despite the start checks' warnings (as `pipeline.allow_warnings = true`);
+        /// problems always stop `run`.
+        #[arg(long)]
+        allow_warnings: bool,
     },
-    /// Check a configuration file, and its mapping against the source database; prints every
-    /// problem with its dotted key.
+    /// Check a configuration file, its mapping against the source database, and the target
+    /// (tables, topics, rights); prints every problem with its dotted key, and what it skipped.
     Validate {
         #[arg(short, long)]
         config: PathBuf,
@@ -64,6 +68,10 @@ enum Command {
         /// Request and return at once instead of following the progress.
         #[arg(long)]
         no_wait: bool,
+        /// Cancel these pending or running requests (snapshot or reconcile) instead; the
+        /// daemon stops a running one after its current chunk. Repeat for several.
+        #[arg(long, value_name = "ID", conflicts_with_all = ["tables", "no_wait"])]
+        cancel: Vec<i64>,
     },
     /// Compare the target (DynamoDB or Postgres) with the source through the mapping: matched, missing,
     /// different and extra keys per table. Exit 0 when equal, 3 when anything differs.
@@ -82,8 +90,34 @@ enum Command {
         #[arg(long, conflicts_with = "dynamodb")]
         postgres: bool,
     },
+    /// The dead-letter file (`target.dead_letter`): list its entries, or replay them once the
+    /// mapping is fixed (keyed backfill requests served by the running daemon; see the README).
+    #[command(subcommand)]
+    DeadLetter(DeadLetterCommand),
     /// Benchmark the stream against pg_recvlogical on the same data (see the README).
     Bench(sluice::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Every entry: line, position, table, whether replayed, and the reason (no values).
+    List {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// The entries as written (values included), one JSON object a line, with `replayed`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-drives the entries not yet replayed: their rows are read again from the source and
+    /// written through the current mapping and the position guard. Exits 0 when every entry
+    /// that leads back to a source row was replayed.
+    Replay {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Request and return, without waiting (nothing is marked replayed).
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -99,24 +133,51 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { config: path, offline } => match Config::load(&path) {
             Ok(_) if offline => {
-                println!("{}: ok (offline: the database was not consulted)", path.display());
+                println!(
+                    "{}: ok (offline: neither the source database nor the target was consulted)",
+                    path.display()
+                );
                 ExitCode::SUCCESS
             }
-            Ok(config) => match runtime.block_on(sluice::validate::against_database(&config)) {
-                Ok(problems) if problems.is_empty() => {
-                    println!("{}: ok", path.display());
-                    ExitCode::SUCCESS
+            Ok(config) => match runtime.block_on(sluice::validate::live(&config)) {
+                Ok(findings) => {
+                    for skipped in &findings.skipped {
+                        println!("skipped: {skipped}");
+                    }
+                    if findings.is_clean() {
+                        println!("{}: ok (checked {})", path.display(), findings.checked.join(", "));
+                        ExitCode::SUCCESS
+                    } else {
+                        let problems: Vec<_> =
+                            findings.problems.into_iter().chain(findings.unreachable).collect();
+                        refused("error: invalid configuration", &problems, &findings.warnings)
+                    }
                 }
-                Ok(problems) => config_failure(&ConfigError::Invalid { problems }),
-                Err(e) => report(Err(anyhow::Error::from(e))),
+                Err(e) => report(Err(anyhow::Error::from(e).context(format!(
+                    "cannot check the source database {} (source.connection)",
+                    config.source.connection.addr()
+                )))),
             },
             Err(e) => config_failure(&e),
         },
-        Command::Run { config, until_lsn } => {
-            let config = match Config::load(&config) {
+        Command::Run { config, until_lsn, allow_warnings } => {
+            let mut config = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => return config_failure(&e),
             };
+            config.pipeline.allow_warnings |= allow_warnings;
+            match runtime.block_on(start_checks(&config)) {
+                Ok(Some((problems, warnings))) => {
+                    let count = problems.len() + warnings.len();
+                    let header = format!(
+                        "error: the pipeline cannot start: the start checks found {count} problem{}",
+                        if count == 1 { "" } else { "s" }
+                    );
+                    return refused(&header, &problems, &warnings);
+                }
+                Ok(None) => {}
+                Err(e) => return report(Err(e)),
+            }
             report(runtime.block_on(run(config, until_lsn)))
         }
         Command::Status { config, json } => match Config::load(&config) {
@@ -125,7 +186,13 @@ fn main() -> ExitCode {
             }
             Err(e) => config_failure(&e),
         },
-        Command::Snapshot { config, tables, no_wait } => match Config::load(&config) {
+        Command::Snapshot { config, cancel, .. } if !cancel.is_empty() => match Config::load(&config) {
+            Ok(config) => report(
+                runtime.block_on(sluice::backfill::cancel(&config, &cancel)).map_err(anyhow::Error::from),
+            ),
+            Err(e) => config_failure(&e),
+        },
+        Command::Snapshot { config, tables, no_wait, .. } => match Config::load(&config) {
             Ok(config) => report(
                 runtime
                     .block_on(sluice::backfill::snapshot(&config, &tables, !no_wait))
@@ -152,6 +219,19 @@ fn main() -> ExitCode {
             let options = sluice::demo::DemoOptions { dynamodb_server: dynamodb, postgres_target: postgres };
             report(runtime.block_on(sluice::demo::run(options)).map_err(anyhow::Error::from_boxed))
         }
+        Command::DeadLetter(DeadLetterCommand::List { config, json }) => match Config::load(&config) {
+            Ok(config) => report(sluice::dead_letters::list(&config, json).map_err(anyhow::Error::from)),
+            Err(e) => config_failure(&e),
+        },
+        Command::DeadLetter(DeadLetterCommand::Replay { config, no_wait }) => match Config::load(&config) {
+            Ok(config) => report(
+                runtime
+                    .block_on(sluice::dead_letters::replay(&config, !no_wait))
+                    .map(|_| ())
+                    .map_err(anyhow::Error::from),
+            ),
+            Err(e) => config_failure(&e),
+        },
         Command::Bench(args) => {
             report(runtime.block_on(sluice::bench::run(args)).map_err(anyhow::Error::from_boxed))
         }
@@ -201,6 +281,12 @@ async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {
     } else {
         None
     };
+    // Requests are addressed by pipeline name: one running pipeline per name and database.
+    // A polled outbox serves none (and its replicas may run without the HA lock).
+    let name = match config.source.replication() {
+        Some(_) => Some(sluice::ha::claim_name(&config.source.connection, &config.pipeline.name).await?),
+        None => None,
+    };
     state.active.store(true, std::sync::atomic::Ordering::Relaxed);
     let pipeline = sluice::pipeline::run(&config, &state, shutdown_rx, |pipeline| {
         if let Some(until) = until_lsn {
@@ -213,12 +299,22 @@ async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {
             });
         }
     });
-    match lock {
-        Some(lock) => tokio::select! {
-            result = pipeline => result?,
-            reason = lock.lost() => anyhow::bail!("{reason}: stopping, since another replica may hold the HA lock now"),
-        },
-        None => pipeline.await?,
+    let lock_lost = async {
+        match &lock {
+            Some(lock) => lock.lost().await,
+            None => std::future::pending().await,
+        }
+    };
+    let name_lost = async {
+        match &name {
+            Some(name) => name.lost().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = pipeline => result?,
+        reason = lock_lost => anyhow::bail!("{reason}: stopping, since another replica may hold the HA lock now"),
+        reason = name_lost => anyhow::bail!("{}: stopping, since another process may claim pipeline {:?} now", reason.replace("HA lock", "pipeline name's lock"), config.pipeline.name),
     }
     Ok(())
 }
@@ -242,7 +338,10 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => {
+            JSON_LOGS.store(true, std::sync::atomic::Ordering::Relaxed);
+            builder.json().flatten_event(true).with_current_span(false).init()
+        }
         LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
     }
 }
@@ -256,11 +355,67 @@ fn verify_exit(result: anyhow::Result<u64>) -> ExitCode {
     }
 }
 
-fn config_failure(error: &ConfigError) -> ExitCode {
-    eprintln!("error: invalid configuration");
-    for line in error.to_string().lines() {
-        eprintln!("  {line}");
+/// `validate`'s live checks, made by `run` before it streams: the problems that refuse the
+/// start (with the warnings, unless allowed), or `None`. A source that does not answer yet
+/// is retried within `pipeline.retry_for`; an unreachable target is logged, and left to the
+/// target's own retries.
+#[allow(clippy::type_complexity)]
+async fn start_checks(
+    config: &Config,
+) -> anyhow::Result<Option<(Vec<sluice_core::Problem>, Vec<sluice_core::Problem>)>> {
+    let policy = sluice_core::RetryPolicy::new(config.pipeline.retry_for);
+    let findings = sluice_core::retry::retry(
+        policy,
+        &sluice_core::Shutdown::never(),
+        "the start checks against the source database",
+        || sluice::validate::live(config),
+        |_| {},
+    )
+    .await
+    .map_err(|gave_up| match gave_up {
+        sluice_core::GaveUp::Failed { error, .. } => anyhow::Error::from(error).context(format!(
+            "cannot check the source database {} (source.connection)",
+            config.source.connection.addr()
+        )),
+        sluice_core::GaveUp::Shutdown => anyhow::anyhow!("stopped"),
+    })?;
+    for unreachable in &findings.unreachable {
+        tracing::warn!(key = %unreachable.key, "start check skipped: {}; streaming starts, and writes retry within the target's retry_for", unreachable.message);
     }
+    if config.pipeline.allow_warnings {
+        for warning in &findings.warnings {
+            tracing::warn!(key = %warning.key, "{} (allowed by pipeline.allow_warnings)", warning.message);
+        }
+        if findings.problems.is_empty() {
+            return Ok(None);
+        }
+        return Ok(Some((findings.problems, Vec::new())));
+    }
+    if findings.problems.is_empty() && findings.warnings.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((findings.problems, findings.warnings)))
+}
+
+/// The live checks failed (`validate`, or `run` refusing to stream): every problem and
+/// warning, how to go on, and exit 2.
+fn refused(header: &str, problems: &[sluice_core::Problem], warnings: &[sluice_core::Problem]) -> ExitCode {
+    let mut lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    lines.extend(warnings.iter().map(|w| format!("warning: {w}")));
+    if !warnings.is_empty() {
+        lines.push(
+            "(`sluice validate` makes the same checks; a warning that describes the setup as intended is allowed \
+             with pipeline.allow_warnings = true or `run --allow-warnings`)"
+                .into(),
+        );
+    }
+    fatal(header, &lines);
+    ExitCode::from(2)
+}
+
+fn config_failure(error: &ConfigError) -> ExitCode {
+    let lines: Vec<String> = error.to_string().lines().map(str::to_owned).collect();
+    fatal("error: invalid configuration", &lines);
     ExitCode::from(2)
 }
 
@@ -268,8 +423,29 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {}", sluice_postgres::error::Chain(error.as_ref()));
+            fatal(&format!("error: {}", sluice_postgres::error::Chain(error.as_ref())), &[]);
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Set by `--log-format json`: the last words are a JSON line too.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Why sluice stops, as its last words on standard error: a line and its details indented
+/// below it, or, with `--log-format json`, one JSON log line (the details in `problems`).
+fn fatal(message: &str, details: &[String]) {
+    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        let message = message.strip_prefix("error: ").unwrap_or(message);
+        if details.is_empty() {
+            tracing::error!("{message}");
+        } else {
+            tracing::error!(problems = %details.join("; "), "{message}");
+        }
+    } else {
+        eprintln!("{message}");
+        for line in details {
+            eprintln!("  {line}");
         }
     }
 }

@@ -72,6 +72,12 @@ pub struct PipelineState {
     outbox_backlog: Mutex<Option<i64>>,
     ready_max_lag: Duration,
     heartbeats: bool,
+    /// Changes handed to the target: the sum of `sluice_events_total`.
+    changes: AtomicU64,
+    /// The source is a replication slot (positions are LSNs), not a polled table.
+    replication: bool,
+    /// Where to inspect the slot afresh for `/status`: the source connection and the slot.
+    inspect: Option<(ConnectionConfig, String)>,
 }
 
 /// A point-in-time view for `/status` and `sluice status`.
@@ -87,17 +93,22 @@ pub struct Status {
     pub ready: bool,
     /// Why it does not, when it does not.
     pub not_ready_reason: Option<String>,
-    /// The newest position received from the source.
-    pub received_lsn: String,
+    /// The newest position received from the source (replication sources).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub received_lsn: Option<String>,
     /// The position through which changes are durable in the target.
-    pub durable_lsn: String,
-    /// The position the slot confirmed.
-    pub confirmed_lsn: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub durable_lsn: Option<String>,
+    /// The position sluice confirmed to the slot, read before the slot (so never ahead of the
+    /// server's WAL position shown with it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirmed_lsn: Option<String>,
     /// WAL bytes between the received and the durable position.
-    pub apply_lag_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apply_lag_bytes: Option<u64>,
     /// Seconds since the newest durable commit was made in the source.
     pub lag_seconds: Option<f64>,
-    /// Change events received.
+    /// Changes handed to the target (row changes and truncates, as `sluice_events_total`).
     pub events: u64,
     /// Operations applied by the target.
     pub applied: u64,
@@ -109,7 +120,8 @@ pub struct Status {
     pub dead_lettered: u64,
     /// Source sessions started again.
     pub reconnects: u64,
-    /// The slot, as last inspected.
+    /// The slot, as last inspected (replication sources).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub slot: Option<SlotInfo>,
     /// Polling source: rows of the outbox table not yet published.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -119,11 +131,15 @@ pub struct Status {
 impl PipelineState {
     /// The state of `config`'s pipeline.
     pub fn new(config: &Config) -> Arc<Self> {
-        Arc::new(Self::with(
+        let mut state = Self::with(
             &config.pipeline.name,
             config.monitoring.ready_max_lag,
             config.source.replication().is_some_and(|r| !r.heartbeat_interval.is_zero()),
-        ))
+        );
+        state.replication = config.source.replication().is_some();
+        state.inspect =
+            config.source.replication().map(|r| (config.source.connection.clone(), r.slot.clone()));
+        Arc::new(state)
     }
 
     /// A state for a pipeline named `name` (tests and the benchmark).
@@ -140,7 +156,38 @@ impl PipelineState {
             outbox_backlog: Mutex::new(None),
             ready_max_lag,
             heartbeats,
+            changes: AtomicU64::new(0),
+            replication: true,
+            inspect: None,
         }
+    }
+
+    /// The status with the slot inspected after the positions were read, so that the two
+    /// agree (the confirmed position is never ahead of the server's WAL position beside it).
+    /// Without an answer within two seconds, the slot as last inspected.
+    pub async fn status_now(&self) -> Status {
+        let mut status = self.status();
+        if let Some((connection, slot)) = &self.inspect {
+            let fresh = async {
+                let client = sluice_postgres::connect_sql(connection).await.ok()?;
+                inspect_slot(&client, slot).await.ok()
+            };
+            if let Ok(Some(info)) = tokio::time::timeout(Duration::from_secs(2), fresh).await {
+                status.slot = Some(info.clone());
+                self.set_slot(info);
+            }
+        }
+        status
+    }
+
+    /// Counts changes handed to the target (the pipeline, beside `sluice_events_total`).
+    pub fn count_changes(&self, n: u64) {
+        self.changes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Stores the slot as just inspected.
+    pub fn set_slot(&self, slot: SlotInfo) {
+        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(slot);
     }
 
     /// Called once by the pipeline when its source exists.
@@ -206,24 +253,29 @@ impl PipelineState {
         let received = load(|s| &s.received_lsn);
         let durable = self.durable_lsn.load(Ordering::Relaxed);
         let readiness = self.readiness(false);
+        let replication = self.replication;
         Status {
             pipeline: self.name.clone(),
             role: if self.active.load(Ordering::Relaxed) { "active" } else { "standby" },
             streaming: self.streaming(),
             ready: readiness.is_ok(),
             not_ready_reason: readiness.err(),
-            received_lsn: Lsn(received).to_string(),
-            durable_lsn: Lsn(durable).to_string(),
-            confirmed_lsn: Lsn(load(|s| &s.confirmed_lsn)).to_string(),
-            apply_lag_bytes: received.saturating_sub(durable),
+            received_lsn: replication.then(|| Lsn(received).to_string()),
+            durable_lsn: replication.then(|| Lsn(durable).to_string()),
+            confirmed_lsn: replication.then(|| Lsn(load(|s| &s.confirmed_lsn)).to_string()),
+            apply_lag_bytes: replication.then(|| received.saturating_sub(durable)),
             lag_seconds: self.lag_seconds(),
-            events: load(|s| &s.events),
+            events: self.changes.load(Ordering::Relaxed),
             applied: self.target.applied.load(Ordering::Relaxed),
             already_applied: self.target.already_applied.load(Ordering::Relaxed),
             retries: self.target.retries.load(Ordering::Relaxed),
             dead_lettered: self.target.dead_lettered.load(Ordering::Relaxed),
             reconnects: load(|s| &s.reconnects),
-            slot: self.slot.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            slot: if replication {
+                self.slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            } else {
+                None
+            },
             outbox_backlog_rows: *self.outbox_backlog.lock().unwrap_or_else(|e| e.into_inner()),
         }
     }
@@ -234,7 +286,9 @@ impl PipelineState {
         metrics::gauge!(m::HA_ACTIVE).set(if self.active.load(Ordering::Relaxed) { 1.0 } else { 0.0 });
         metrics::gauge!(m::READY).set(if status.ready { 1.0 } else { 0.0 });
         metrics::gauge!(m::SOURCE_STREAMING).set(if status.streaming { 1.0 } else { 0.0 });
-        metrics::gauge!(m::APPLY_LAG_BYTES).set(status.apply_lag_bytes as f64);
+        if let Some(lag) = status.apply_lag_bytes {
+            metrics::gauge!(m::APPLY_LAG_BYTES).set(lag as f64);
+        }
         if let Some(lag) = status.lag_seconds {
             metrics::gauge!(m::LAG_SECONDS).set(lag);
         }

@@ -22,12 +22,17 @@ pub async fn print(config: &Config, as_json: bool) -> Result<(), CommandError> {
         Some(status) => status,
         None => from_postgres(config).await?,
     };
-    if as_json {
-        println!("{}", serde_json::to_string_pretty(&status).context("cannot write the status as JSON")?);
+    let text = if as_json {
+        serde_json::to_string_pretty(&status).context("cannot write the status as JSON")? + "\n"
     } else {
-        print!("{}", table(&status));
+        table(&status)
+    };
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        // A reader that stopped early (`| head`).
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("cannot write the status to standard output"),
     }
-    Ok(())
 }
 
 /// The daemon's `/status`, if it answers within two seconds.
@@ -103,14 +108,18 @@ async fn from_postgres(config: &Config) -> Result<Value, CommandError> {
         },
         None => Value::Null,
     };
-    Ok(json!({
+    let mut status = json!({
         "pipeline": config.pipeline.name,
         "role": "unknown (no daemon answered; read from Postgres)",
         "source_of_status": "postgres",
         "dead_lettered": dead_lettered,
-        "slot": slot,
-        "outbox_backlog_rows": backlog,
-    }))
+    });
+    // Only what applies to the source kind: a slot, or a polled table's backlog.
+    match &config.source.mode {
+        SourceMode::Replication(_) => status["slot"] = slot,
+        SourceMode::Poll(_) => status["outbox_backlog_rows"] = backlog,
+    }
+    Ok(status)
 }
 
 /// Two columns, for people: what the daemon (or Postgres) said, in a fixed order.
@@ -172,8 +181,10 @@ fn table(status: &Value) -> String {
                 ));
             }
         }
-        // A polling source has no slot.
-        _ if status.get("outbox_backlog_rows").is_some_and(|b| !b.is_null()) => {}
+        // A polling source has no slot (nor LSNs).
+        _ if status.get("outbox_backlog_rows").is_some_and(|b| !b.is_null())
+            || (status.get("source_of_status") != Some(&Value::String("postgres".into()))
+                && status.get("received_lsn").is_none()) => {}
         _ => rows.push(("slot".into(), "not inspected yet".into())),
     }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);

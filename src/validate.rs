@@ -1,5 +1,8 @@
-//! `sluice validate` beyond the files: the source database can serve the pipeline (the same
-//! checks `run` makes before streaming) and the mapping fits its catalog.
+//! `sluice validate` beyond the files, and `run`'s checks before it streams: the source
+//! database can serve the pipeline (settings, publication, slot, the role's rights), the
+//! mapping fits its catalog and the publication, and the target has what sluice writes to
+//! (DynamoDB tables and their keys, Kafka topics, Postgres tables and rights). Each
+//! connector's own checks live in its `targets/<name>/check.rs`.
 
 use sluice_core::Classify;
 use sluice_core::Problem;
@@ -10,18 +13,58 @@ use crate::targets::postgres::mapping::PgMapping;
 use crate::targets::TargetConfig;
 use crate::translate::mapping::MappingFile;
 
-/// Problems found in the database; `Err` when the database cannot be asked.
-pub async fn against_database(config: &Config) -> Result<Vec<Problem>, sluice_postgres::Error> {
+/// What the live checks found, by weight.
+#[derive(Debug, Default)]
+pub struct Findings {
+    /// The pipeline cannot work as configured: `validate` and `run` exit 2.
+    pub problems: Vec<Problem>,
+    /// It can work, but maybe not as meant (a published table no mapping names): `run`
+    /// refuses them too, unless `pipeline.allow_warnings` (or `run --allow-warnings`).
+    pub warnings: Vec<Problem>,
+    /// A side that could not be asked (an endpoint down): a problem for `validate`; `run`
+    /// starts anyway, and its writes retry within the target's `retry_for`.
+    pub unreachable: Vec<Problem>,
+    /// What was checked, for the closing line (`source database`, `DynamoDB tables`).
+    pub checked: Vec<String>,
+    /// What was not, and why.
+    pub skipped: Vec<String>,
+}
+
+impl Findings {
+    /// True when nothing stands in the way.
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty() && self.warnings.is_empty() && self.unreachable.is_empty()
+    }
+}
+
+/// Every live check of `config`: the source database, then the target. `Err` when the
+/// source database cannot be asked at all.
+pub async fn live(config: &Config) -> Result<Findings, sluice_postgres::Error> {
+    let mut findings = Findings::default();
+    let sql = sluice_postgres::connect_sql(&config.source.connection).await?;
+    source(config, &sql, &mut findings).await?;
+    findings.checked.push(format!("source database {}", config.source.connection.dbname));
+    target(config, &sql, &mut findings).await?;
+    Ok(findings)
+}
+
+async fn source(
+    config: &Config,
+    sql: &tokio_postgres::Client,
+    findings: &mut Findings,
+) -> Result<(), sluice_postgres::Error> {
     let source = &config.source;
-    let sql = sluice_postgres::connect_sql(&source.connection).await?;
-    let mut problems = Vec::new();
+    let problems = &mut findings.problems;
     if let Some(replication) = source.replication() {
-        match sluice_postgres::setup::check(&sql, &source.connection, replication).await {
+        match sluice_postgres::setup::check_only(sql, &source.connection, replication).await {
             Ok(_) | Err(sluice_postgres::Error::SlotInUse { .. }) => {}
             Err(e) => problems.push(Problem::new("source", "replication", e.to_string())),
         }
-        for warning in sluice_postgres::setup::identity_warnings(&sql, &replication.publication).await? {
-            problems.push(Problem::new(
+        if let Some(problem) = replication_role(sql, &source.connection).await? {
+            problems.push(problem);
+        }
+        for warning in sluice_postgres::setup::identity_warnings(sql, &replication.publication).await? {
+            findings.warnings.push(Problem::new(
                 "source.replication",
                 "publication",
                 format!("table {}: {}", warning.table, warning.reason),
@@ -29,36 +72,135 @@ pub async fn against_database(config: &Config) -> Result<Vec<Problem>, sluice_po
         }
     }
     if let Some(poll) = source.poll() {
-        match sluice_postgres::poll::load_relation(&sql, poll).await {
+        match sluice_postgres::poll::load_relation(sql, poll).await {
             Ok(_) => {}
             Err(e) if e.is_transient() => return Err(e),
-            Err(e) => problems.push(Problem::new("source", "poll", e.to_string())),
+            Err(e) => findings.problems.push(Problem::new("source", "poll", e.to_string())),
         }
     }
     let publication = source.replication().map(|r| r.publication.as_str());
     if let Some(outbox) = config.target.outbox() {
-        problems.extend(outbox_table(&sql, outbox, publication).await?);
+        findings.problems.extend(outbox_table(sql, outbox, publication).await?);
     }
-    if let (TargetConfig::Dynamodb(dynamo), Some(publication)) = (&config.target, publication) {
-        if let Some(Ok(mapping)) = dynamo.mapping.as_deref().map(Mapping::load) {
-            problems.extend(crate::targets::dynamodb::check::check(&sql, &mapping, publication).await?);
-        }
-    }
-    if let (TargetConfig::Postgres(pg), Some(publication)) = (&config.target, publication) {
-        if let Ok(mapping) = PgMapping::load(&pg.mapping) {
-            problems.extend(
+    let Some(publication) = publication else { return Ok(()) };
+    // The tables a mapping names; published tables outside it are skipped by the stream.
+    let mapped: Option<Vec<String>> = match &config.target {
+        TargetConfig::Dynamodb(dynamo) => match dynamo.mapping.as_deref().map(Mapping::load) {
+            Some(Ok(mapping)) => {
+                findings
+                    .problems
+                    .extend(crate::targets::dynamodb::check::check(sql, &mapping, publication).await?);
+                Some(mapping.tables.iter().map(|t| t.source.clone()).collect())
+            }
+            _ => None,
+        },
+        TargetConfig::Postgres(pg) => match PgMapping::load(&pg.mapping) {
+            Ok(mapping) => {
                 crate::targets::postgres::check::check(
-                    &sql,
+                    sql,
                     &config.source.connection,
                     pg,
                     &mapping,
                     publication,
+                    findings,
                 )
-                .await?,
-            );
+                .await?;
+                findings.checked.push(format!("target database {}", pg.connection.dbname));
+                Some(mapping.tables.iter().map(|t| t.source.clone()).collect())
+            }
+            Err(_) => None,
+        },
+        _ => None,
+    };
+    if let Some(mapped) = mapped {
+        let own = [config.backfill.progress_table.to_string()];
+        let outbox = config.target.outbox().and_then(|o| o.table.as_ref()).map(|t| t.to_string());
+        let published: Vec<String> = sql
+            .query(
+                "SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+                &[&publication],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        for table in published {
+            if !mapped.contains(&table) && !own.contains(&table) && outbox.as_ref() != Some(&table) {
+                findings.warnings.push(Problem::new(
+                    "source.replication",
+                    "publication",
+                    format!(
+                        "table {table} is in publication {publication:?} but no table of the mapping names it: its changes are skipped; \
+                         map it (target.mapping) or drop it from the publication (ALTER PUBLICATION {publication} DROP TABLE {table})"
+                    ),
+                ));
+            }
         }
     }
-    Ok(problems)
+    Ok(())
+}
+
+/// A role that may not stream: neither `REPLICATION` nor superuser (nor, on RDS and Aurora,
+/// a member of `rds_replication`).
+async fn replication_role(
+    sql: &tokio_postgres::Client,
+    connection: &sluice_postgres::ConnectionConfig,
+) -> Result<Option<Problem>, tokio_postgres::Error> {
+    let row = sql
+        .query_one(
+            "SELECT current_user::text, r.rolreplication OR r.rolsuper \
+                 OR (to_regrole('rds_replication') IS NOT NULL AND pg_has_role(current_user, 'rds_replication', 'member')) \
+             FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await?;
+    let (role, may): (String, bool) = (row.get(0), row.get(1));
+    Ok((!may).then(|| {
+        Problem::new(
+            "source.connection",
+            "user",
+            format!(
+                "role {role:?} on {} may not stream changes: it lacks the REPLICATION attribute; \
+                 grant it with ALTER ROLE {role} REPLICATION (as a superuser), or connect as a role that has it",
+                connection.addr()
+            ),
+        )
+    }))
+}
+
+/// The target side: each connector's own checks.
+async fn target(
+    config: &Config,
+    sql: &tokio_postgres::Client,
+    findings: &mut Findings,
+) -> Result<(), sluice_postgres::Error> {
+    match &config.target {
+        TargetConfig::Dynamodb(dynamo) => crate::targets::dynamodb::check::target(dynamo, findings).await,
+        TargetConfig::Kafka(kafka) => {
+            crate::targets::kafka::check::target(
+                kafka,
+                sql,
+                config.source.replication(),
+                &[config.backfill.progress_table.to_string()],
+                findings,
+            )
+            .await?
+        }
+        TargetConfig::Postgres(_) => {}
+        TargetConfig::Jsonl(jsonl) if jsonl.path.as_os_str() == "-" => {
+            findings.skipped.push("target: standard output needs no check".into())
+        }
+        TargetConfig::Jsonl(jsonl) => match jsonl.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(dir) if !dir.is_dir() => findings.problems.push(Problem::new(
+                "target",
+                "path",
+                format!("directory {} does not exist", dir.display()),
+            )),
+            _ => findings.checked.push("target directory".into()),
+        },
+        other => findings.skipped.push(format!("target {}: nothing to check", other.kind())),
+    }
+    Ok(())
 }
 
 /// The outbox table exists, is published (when streamed from a publication), and has the

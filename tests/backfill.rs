@@ -39,6 +39,11 @@ struct Setup {
 }
 
 async fn setup(slot: &str, backfill: &str) -> Setup {
+    setup_with(slot, backfill, |_| String::new()).await
+}
+
+/// `setup` with more `[target]` settings, made from the test's directory.
+async fn setup_with(slot: &str, backfill: &str, target: impl FnOnce(&std::path::Path) -> String) -> Setup {
     let moto = moto();
     let db = TestDb::new();
     db.sql(SCHEMA);
@@ -50,13 +55,14 @@ async fn setup(slot: &str, backfill: &str) -> Setup {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/examples/shop.toml")).unwrap();
     let mapping = dir.path().join("mapping.toml");
     std::fs::write(&mapping, example.replace("target = \"shop\"", &format!("target = \"{table}\""))).unwrap();
+    let extra = target(dir.path());
     let config = db.config_file(
         dir.path(),
         slot,
         "p",
         &format!(
             "{}\n[backfill]\npoll_interval = \"200ms\"\n{backfill}",
-            crate::dynamodb::target_toml(&mapping, &moto.url, "")
+            crate::dynamodb::target_toml(&mapping, &moto.url, &extra)
         ),
     );
     Setup { _moto: moto, db, client, table, dir, config }
@@ -176,6 +182,20 @@ async fn a_backfill_beside_concurrent_writes_leaves_the_target_equal_to_the_sour
     writer.await.unwrap();
     assert_eq!(differences(&report), 0, "{report:#}");
     assert_eq!(report["recheck_note"], serde_json::Value::Null);
+
+    // A reader that closes the pipe at once (`verify --json | head -c0`): no panic, and the
+    // exit code still says the target matches.
+    let mut verify = sluice()
+        .args(["verify", "--json", "-c", setup.config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(verify.stdout.take());
+    let out = tokio::task::spawn_blocking(move || verify.wait_with_output().unwrap()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
     stop(child);
 }
 
@@ -214,7 +234,7 @@ async fn kill_9_mid_backfill_resumes_at_the_last_finished_chunk() {
     // Progress counts each durable chunk once: a restart from the beginning would count more.
     assert_eq!(done(), 6000, "resumed after the last finished chunk ({at_kill} rows were done at the kill)");
     let log = std::fs::read_to_string(&logs[1]).unwrap();
-    assert!(log.contains("backfill started") && log.contains("resume_after=Some(1)"), "{log}");
+    assert!(log.contains("backfill started") && log.contains("resuming=true"), "{log}");
     setup.wait_confirmed_past_now("resume").await;
     let report = setup.verify().await;
     assert_eq!(differences(&report), 0, "{report:#}");
@@ -371,4 +391,344 @@ async fn wait_for_exit(child: &mut Child, limit: Duration) -> std::process::Exit
         assert!(std::time::Instant::now() < deadline, "sluice still runs after {limit:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Two pipelines of one database, both left at the default `pipeline.name`: the second is
+/// refused at start; once named apart, neither serves a request meant for the other, nor one
+/// for a table outside its own publication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pipelines_on_one_database_never_serve_each_others_backfill_requests() {
+    let setup = setup("xa", "").await;
+    let db = &setup.db;
+    db.sql(
+        "CREATE TABLE notes (id int8 PRIMARY KEY, body text);
+         INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 3) g;
+         CREATE PUBLICATION q FOR TABLE notes;",
+    );
+    let other = tempfile::tempdir().unwrap();
+    let output = other.path().join("out.jsonl");
+    let jsonl_config = db.config_file(
+        other.path(),
+        "xb",
+        "q",
+        &format!("[target]\nkind = \"jsonl\"\npath = \"{}\"\nfsync = true\n", output.display()),
+    );
+    let logs =
+        [setup.log("dynamodb.log"), other.path().join("same-name.log"), other.path().join("notes.log")];
+    let _logs = LogsOnPanic(logs.to_vec());
+    let dynamodb = setup.start("dynamodb.log");
+    db.wait_slot_active(&db.slot_name("xa")).await;
+
+    // Same name, same database, another slot: refused, naming the key that sets them apart.
+    let same_name = sluice()
+        .args(["run", "-c", jsonl_config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&logs[1]).unwrap())
+        .spawn()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = same_name;
+        child.wait().unwrap()
+    });
+    let status =
+        tokio::time::timeout(Duration::from_secs(60), status).await.expect("refused within 60 s").unwrap();
+    let log = std::fs::read_to_string(&logs[1]).unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("another sluice process already runs pipeline \"default\"")
+            && log.contains("pipeline.name"),
+        "{log}"
+    );
+
+    // A snapshot through the DynamoDB pipeline's config, of a table it does not publish.
+    let (code, out) = setup.command(&["snapshot", "--no-wait", "--table", "public.notes"]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("table public.notes is not in publication \"p\""), "{out}");
+    let count = |sql: &str| db.sql(sql).trim().parse::<i64>().unwrap();
+    assert_eq!(count("SELECT count(*) FROM sluice_backfill"), 0, "nothing was requested");
+
+    // Named apart, the jsonl pipeline runs beside the DynamoDB one.
+    let text = std::fs::read_to_string(&jsonl_config).unwrap();
+    std::fs::write(&jsonl_config, text.replacen("[pipeline]\n", "[pipeline]\nname = \"notes\"\n", 1))
+        .unwrap();
+    let notes = sluice()
+        .args(["run", "-c", jsonl_config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&logs[2]).unwrap())
+        .spawn()
+        .unwrap();
+    db.wait_slot_active(&db.slot_name("xb")).await;
+
+    // Requests written by hand, as an older sluice or a script would: one for the DynamoDB
+    // pipeline's slot but a table it does not publish fails with the reason; one with no slot
+    // is left to the pipeline that publishes the table.
+    let slot = db.slot_name("xa");
+    let foreign: i64 = db
+        .sql(&format!(
+            "INSERT INTO sluice_backfill (pipeline, slot, source_table) VALUES ('default', '{slot}', 'public.notes') RETURNING id"
+        ))
+        .trim()
+        .parse()
+        .unwrap();
+    let unslotted: i64 = db
+        .sql("INSERT INTO sluice_backfill (pipeline, source_table) VALUES ('default', 'public.notes') RETURNING id")
+        .trim()
+        .parse()
+        .unwrap();
+    wait_for("the foreign request to fail", Duration::from_secs(60), || async {
+        db.sql(&format!("SELECT state FROM sluice_backfill WHERE id = {foreign}")).trim() == "failed"
+    })
+    .await;
+    let error = db.sql(&format!("SELECT error FROM sluice_backfill WHERE id = {foreign}"));
+    assert!(error.contains("public.notes is not in publication p"), "{error}");
+    wait_for(
+        "the DynamoDB pipeline to pass over the request without a slot",
+        Duration::from_secs(60),
+        || async {
+            std::fs::read_to_string(&logs[0])
+                .unwrap()
+                .contains("leaving it to the pipeline that streams the table")
+        },
+    )
+    .await;
+    assert_eq!(
+        db.sql(&format!("SELECT state FROM sluice_backfill WHERE id = {unslotted}")).trim(),
+        "pending"
+    );
+
+    // The jsonl pipeline's own snapshot goes to its own target, and only there.
+    let mut command = sluice();
+    command.args(["snapshot", "-c", jsonl_config.to_str().unwrap()]);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = || std::fs::read_to_string(&output).unwrap_or_default();
+    wait_for("the notes to reach the jsonl output", Duration::from_secs(60), || async {
+        lines().lines().filter(|l| l.contains("\"public.notes\"")).count() >= 3
+    })
+    .await;
+    assert_eq!(count("SELECT count(*) FROM sluice_backfill WHERE pipeline = 'notes' AND state = 'done'"), 1);
+    assert_eq!(
+        db.sql(&format!("SELECT state FROM sluice_backfill WHERE id = {unslotted}")).trim(),
+        "pending"
+    );
+    let items = setup.client.scan_all(&setup.table).await.unwrap();
+    assert!(items.is_empty(), "no note reached DynamoDB: {} items", items.len());
+    stop(notes);
+    stop(dynamodb);
+}
+
+/// A change the mapping cannot translate (a numeric past DynamoDB's 38 digits) and an item
+/// DynamoDB refuses (over 400 KB) are dead-lettered with their key and row; once the mapping is
+/// fixed, `dead-letter replay` re-drives both through the guarded path, and only once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_carry_the_row_and_replay_once_the_mapping_is_fixed() {
+    let setup =
+        setup_with("dl", "", |dir| format!("dead_letter = \"{}\"\n", dir.join("dead.jsonl").display())).await;
+    let db = &setup.db;
+    let logs = [setup.log("first.log"), setup.log("second.log")];
+    let _logs = LogsOnPanic(logs.to_vec());
+    let first = setup.start("first.log");
+    db.wait_slot_active(&db.slot_name("dl")).await;
+    db.sql("INSERT INTO customers (id, email) VALUES (1, 'a@x')");
+    db.sql("INSERT INTO orders VALUES (1, 1, 1234567890123456789012345678901234567890.5)");
+    db.sql("INSERT INTO customers (id, bio) SELECT 2, string_agg(md5(g::text), '') FROM generate_series(1, 15000) g");
+    let dead = setup.dir.path().join("dead.jsonl");
+    let entries = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&dead)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    wait_for("two dead letters", Duration::from_secs(60), || async { entries().len() == 2 }).await;
+    let lines = entries();
+    assert_eq!(lines[0]["table"], "public.orders");
+    assert_eq!(
+        lines[0]["change"]["op"], "insert",
+        "the translation failure carries its change: {}",
+        lines[0]
+    );
+    assert_eq!(lines[0]["change"]["new"]["customer_id"], 1);
+    assert_eq!(lines[0]["change"]["new"]["id"], 1);
+    assert_eq!(lines[1]["key"]["pk"]["S"], "CUSTOMER#2", "{}", lines[1]);
+
+    let (code, out) = setup.command(&["dead-letter", "list"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("2 entries, 2 not replayed") && out.contains("public.orders") && out.contains("waiting"),
+        "{out}"
+    );
+    assert!(!out.contains("12345678901234567890"), "no values without --json: {out}");
+
+    // Fix the mapping: the total as a string, the bio dropped; the daemon restarts with it.
+    stop(first);
+    let mapping = setup.dir.path().join("mapping.toml");
+    let text = std::fs::read_to_string(&mapping).unwrap();
+    let text = text.replace("drop = [\"password_hash\"]", "drop = [\"password_hash\", \"bio\"]");
+    let text = text.replace(
+        "sort_key = { attribute = \"sk\", template = \"ORDER#{id}\" }",
+        "sort_key = { attribute = \"sk\", template = \"ORDER#{id}\" }\ncolumns = { total = { as = \"string\" } }",
+    );
+    std::fs::write(&mapping, text).unwrap();
+    let second = setup.start("second.log");
+    db.wait_slot_active(&db.slot_name("dl")).await;
+    let (code, out) = setup.command(&["dead-letter", "replay"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("replayed 2 entries"), "{out}");
+    let order =
+        item(&setup.client, &setup.table, "CUSTOMER#1", "ORDER#1").await.expect("the order was replayed");
+    assert_eq!(order.get("total"), Some(&s("1234567890123456789012345678901234567890.5")));
+    assert!(
+        item(&setup.client, &setup.table, "CUSTOMER#2", "PROFILE").await.is_some(),
+        "the customer was replayed"
+    );
+
+    let (code, out) = setup.command(&["dead-letter", "list"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("2 entries, 0 not replayed"), "{out}");
+    let (code, out) = setup.command(&["dead-letter", "replay"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("nothing to replay"), "{out}");
+    stop(second);
+}
+
+/// A snapshot says at once that no daemon serves the pipeline; its estimate is not 0 before
+/// ANALYZE; a pending request and a running one can be cancelled, and the follower says how
+/// its requests ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_says_when_no_daemon_serves_it_and_requests_can_be_cancelled() {
+    let setup = setup("cancel", "chunk_size = 100\nmax_rows_per_second = 500\n").await;
+    let db = &setup.db;
+    preload(db, 3000);
+    let follower_log = setup.log("follower.log");
+    let daemon_log = setup.log("daemon.log");
+    let _logs = LogsOnPanic(vec![follower_log.clone(), daemon_log.clone()]);
+    let never_analyzed = db.sql("SELECT reltuples < 0 FROM pg_class WHERE relname = 'customers'");
+    let mut follower = sluice()
+        .args(["snapshot", "--table", "public.customers", "-c", setup.config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&follower_log).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&follower_log).unwrap_or_default();
+    wait_for("the follower to say no daemon serves it", Duration::from_secs(30), || async {
+        log().contains("no sluice process runs pipeline \"default\" against this database")
+    })
+    .await;
+    let id: i64 = db
+        .sql("SELECT id FROM sluice_backfill WHERE source_table = 'public.customers'")
+        .trim()
+        .parse()
+        .unwrap();
+    let estimate: i64 =
+        db.sql(&format!("SELECT rows_estimate FROM sluice_backfill WHERE id = {id}")).trim().parse().unwrap();
+    if never_analyzed.trim() == "t" {
+        assert_eq!(estimate, 3000, "a table never analyzed is counted");
+    } else {
+        assert!(estimate > 1000, "{estimate}");
+    }
+    let (code, out) = setup.command(&["snapshot", "--cancel", &id.to_string()]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("cancelled request {id} (public.customers)")), "{out}");
+    let status = tokio::task::spawn_blocking(move || follower.wait().unwrap()).await.unwrap();
+    assert_eq!(status.code(), Some(1), "{}", log());
+    assert!(log().contains("backfill ended: 0 done, 0 failed, 1 cancelled"), "{}", log());
+    let (code, out) = setup.command(&["snapshot", "--cancel", &id.to_string()]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&format!("request {id} has already ended (cancelled)")), "{out}");
+
+    // A running request stops after its current chunk; the cancelled one is never served.
+    let daemon = setup.start("daemon.log");
+    db.wait_slot_active(&db.slot_name("cancel")).await;
+    let (code, out) = setup.command(&["snapshot", "--no-wait", "--table", "public.orders"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    let orders: i64 =
+        db.sql("SELECT id FROM sluice_backfill WHERE source_table = 'public.orders'").trim().parse().unwrap();
+    let done = |id: i64| {
+        db.sql(&format!("SELECT rows_done FROM sluice_backfill WHERE id = {id}"))
+            .trim()
+            .parse::<i64>()
+            .unwrap()
+    };
+    wait_for("some chunks of orders", Duration::from_secs(60), || async { done(orders) >= 200 }).await;
+    let (code, out) = setup.command(&["snapshot", "--cancel", &orders.to_string()]).await;
+    assert_eq!(code, Some(0), "{out}");
+    wait_for("the daemon to stop the request", Duration::from_secs(30), || async {
+        std::fs::read_to_string(&daemon_log).unwrap().contains("backfill cancelled")
+    })
+    .await;
+    let stopped_at = done(orders);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(done(orders), stopped_at, "nothing more was copied");
+    assert!(stopped_at < 6000, "{stopped_at}");
+    assert_eq!(db.sql(&format!("SELECT state FROM sluice_backfill WHERE id = {orders}")).trim(), "cancelled");
+    assert_eq!(
+        db.sql(&format!("SELECT state || ':' || rows_done FROM sluice_backfill WHERE id = {id}")).trim(),
+        "cancelled:0"
+    );
+    stop(daemon);
+}
+
+/// In a shared single-table design another writer's items (keys no mapping of this pipeline
+/// produces) are reported apart and do not fail verify; an item whose version attribute was
+/// removed is named with the reason, and `reconcile --force` rewrites it from the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_leaves_other_writers_items_apart_and_reconcile_force_restores_a_lost_version() {
+    let setup = setup("shared", "initial = true\n").await;
+    let db = &setup.db;
+    preload(db, 200);
+    let _logs = LogsOnPanic(vec![setup.log("sluice.log")]);
+    let child = setup.start("sluice.log");
+    db.wait_slot_active(&db.slot_name("shared")).await;
+    wait_for("the initial backfill", Duration::from_secs(120), || async {
+        db.sql("SELECT to_regclass('sluice_backfill') IS NOT NULL").trim() == "t"
+            && db.sql("SELECT count(*) FROM sluice_backfill WHERE state = 'done'").trim() == "2"
+    })
+    .await;
+    setup.wait_confirmed_past_now("shared").await;
+    // Another service's items in the same table.
+    setup
+        .client
+        .batch_put(
+            &setup.table,
+            vec![
+                Item::from([
+                    ("pk".into(), s("SESSION#1")),
+                    ("sk".into(), s("TOKEN")),
+                    ("owner".into(), s("auth")),
+                ]),
+                Item::from([("pk".into(), s("SESSION#2")), ("sk".into(), s("TOKEN"))]),
+            ],
+        )
+        .await
+        .unwrap();
+    let report = setup.verify().await;
+    assert_eq!(differences(&report), 0, "{report:#}");
+    let foreign = report["foreign"].as_array().unwrap();
+    assert_eq!(foreign.len(), 1, "{report:#}");
+    assert_eq!(foreign[0]["target"], setup.table.as_str());
+    assert_eq!(foreign[0]["items"], 2);
+
+    // The version attribute removed behind sluice's back: the stream's guard cannot overwrite
+    // the item any more.
+    let mut customer = item(&setup.client, &setup.table, "CUSTOMER#7", "PROFILE").await.expect("customer 7");
+    customer.remove("_version");
+    setup.client.batch_put(&setup.table, vec![customer]).await.unwrap();
+    let report = setup.verify().await;
+    assert_eq!(differences(&report), 1, "{report:#}");
+    let different = &table(&report, "public.customers")["different_keys"][0];
+    assert_eq!(different["key"]["id"], "7");
+    assert!(different["reason"].as_str().unwrap().contains("reconcile --force"), "{different}");
+    // Plain reconcile goes through the guard, which holds: still different.
+    let (code, out) = setup.command(&["reconcile", "--json"]).await;
+    assert_eq!(code, Some(3), "{out}");
+    let (code, out) = setup.command(&["reconcile", "--force", "--json"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    let restored = item(&setup.client, &setup.table, "CUSTOMER#7", "PROFILE").await.expect("customer 7");
+    assert!(restored.contains_key("_version"), "{restored:?}");
+    assert!(
+        item(&setup.client, &setup.table, "SESSION#1", "TOKEN").await.is_some(),
+        "other writers' items stay"
+    );
+    stop(child);
 }

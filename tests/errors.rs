@@ -65,7 +65,7 @@ fn missing_publication_is_named_and_no_slot_is_created() {
     let dir = tempfile::tempdir().unwrap();
     let config = db.config_file(dir.path(), "nopub", "no_such_pub", null_target());
     let (code, stderr) = run(&config);
-    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(code, Some(2), "refused by the start checks: {stderr}");
     assert!(stderr.contains("publication \"no_such_pub\" does not exist"), "{stderr}");
     assert_eq!(db.slot_confirmed("nopub"), None, "nothing created, nothing acknowledged");
 }
@@ -80,7 +80,7 @@ fn wal_level_below_logical_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let config = db.config_file(dir.path(), "s", "p", null_target());
     let (code, stderr) = run(&config);
-    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(code, Some(2), "refused by the start checks: {stderr}");
     assert!(
         stderr.contains("wal_level is \"replica\"") && stderr.contains("wal_level = logical"),
         "{stderr}"
@@ -183,4 +183,66 @@ fn wrong_password_is_named_and_not_retried() {
     );
     assert!(!stderr.contains("wrong"), "the password never appears: {stderr}");
     assert!(!stderr.contains("retrying"), "authentication failures are fatal: {stderr}");
+}
+
+/// Every line of standard error as JSON (`--log-format json`): the last one says why sluice
+/// stopped.
+fn json_lines(stderr: &str) -> Vec<serde_json::Value> {
+    stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}\n{stderr}")))
+        .collect()
+}
+
+#[test]
+fn with_json_logs_even_the_last_words_are_json() {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = db.config_file(dir.path(), "jsonpub", "no_such_pub", null_target());
+    let (code, stderr) =
+        sluice_output(&["--log-format", "json", "run", "-c", config.to_str().unwrap()], LIMIT);
+    assert_eq!(code, Some(2), "{stderr}");
+    let lines = json_lines(&stderr);
+    let last = lines.last().unwrap();
+    assert_eq!(last["level"], "ERROR", "{stderr}");
+    assert!(last["message"].as_str().unwrap().contains("the pipeline cannot start"), "{stderr}");
+    assert!(
+        last["problems"].as_str().unwrap().contains("publication \"no_such_pub\" does not exist"),
+        "{stderr}"
+    );
+
+    // A failure after retries, and a configuration that does not parse.
+    let port = free_port().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[pipeline]\nretry_for = \"1s\"\n[source.connection]\nport = {port}\ndbname = \"app\"\nconnect_timeout = \"2s\"\n\
+             [source.replication]\nslot = \"s\"\npublication = \"p\"\n{}",
+            null_target()
+        ),
+    )
+    .unwrap();
+    let (code, stderr) = sluice_output(&["--log-format", "json", "run", "-c", path.to_str().unwrap()], LIMIT);
+    assert_eq!(code, Some(1), "{stderr}");
+    let lines = json_lines(&stderr);
+    let retrying =
+        lines.iter().find(|l| l["message"].as_str().unwrap_or("").contains("retrying")).expect(&stderr);
+    assert!(retrying["gives_up_in_s"].is_u64(), "a retry says how long it keeps trying: {stderr}");
+    let last = lines.last().unwrap();
+    assert_eq!(last["level"], "ERROR");
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("cannot connect to Postgres at 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    std::fs::write(&path, "[source.connection\n").unwrap();
+    let (code, stderr) = sluice_output(&["--log-format", "json", "run", "-c", path.to_str().unwrap()], LIMIT);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        json_lines(&stderr).last().unwrap()["problems"].as_str().unwrap().contains("not valid TOML"),
+        "{stderr}"
+    );
 }

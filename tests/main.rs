@@ -2,6 +2,7 @@
 
 mod auth;
 mod backfill;
+mod checks;
 mod crash;
 mod demo;
 mod dynamodb;

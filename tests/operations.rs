@@ -186,6 +186,23 @@ async fn metrics_show_lag_falling_after_catch_up_and_rising_while_the_target_is_
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["streaming"], true);
     assert_eq!(json["slot"]["active"], true);
+    // The same counts as /metrics, and positions read in order: what sluice confirmed is never
+    // ahead of the server's WAL position shown beside it.
+    let body = scrape(port);
+    let events: f64 = ["insert", "update"]
+        .iter()
+        .map(|op| {
+            metric(
+                &body,
+                &format!("sluice_events_total{{op=\"{op}\",pipeline=\"default\",table=\"public.accounts\"}}"),
+            )
+            .unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(json["events"].as_f64(), Some(events), "{out}");
+    assert_eq!(events, 350.0);
+    let lsn = |v: &serde_json::Value| v.as_str().unwrap().parse::<sluice_core::Lsn>().unwrap();
+    assert!(lsn(&json["confirmed_lsn"]) <= lsn(&json["slot"]["server_wal_lsn"]), "{out}");
 
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(child.wait().unwrap().success());
@@ -416,7 +433,7 @@ fn an_invalidated_slot_stops_with_a_clear_error_or_is_recreated_when_configured(
     let dir = tempfile::tempdir().unwrap();
     let config = db.config_file(dir.path(), "lost", "p", "[target]\nkind = \"null\"\n");
     let (code, stderr) = sluice_output(&["run", "-c", config.to_str().unwrap()], Duration::from_secs(60));
-    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(code, Some(2), "refused by the start checks: {stderr}");
     assert!(
         stderr.contains(&format!("replication slot \"{slot}\" was invalidated"))
             && stderr.contains("on_slot_lost"),

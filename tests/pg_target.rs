@@ -283,7 +283,7 @@ fn a_mapped_column_the_target_lacks_is_named_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(&db, &target, dir.path(), "pgm", "");
     let (code, stderr) = sluice_output(&["run", "-c", config.to_str().unwrap()], Duration::from_secs(60));
-    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(code, Some(2), "refused by the start checks: {stderr}");
     assert!(stderr.contains("target table v2.customers has no column origin"), "{stderr}");
 }
 
@@ -313,7 +313,7 @@ fn a_sequence_the_target_role_cannot_advance_is_named_at_start_unless_sync_is_of
     assert!(stderr.contains("target.sync_sequences: target sequence v2.customers_customer_id_seq (of v2.customers.customer_id)"), "{stderr}");
     let (code, stderr) =
         sluice_output(&["run", "-c", as_writer("").to_str().unwrap()], Duration::from_secs(60));
-    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(code, Some(2), "refused by the start checks: {stderr}");
     assert!(
         stderr.contains("target sequence v2.customers_customer_id_seq (of v2.customers.customer_id): the target role cannot read and set it; grant SELECT, UPDATE on it, or set target.sync_sequences = false"),
         "{stderr}"
@@ -519,7 +519,7 @@ async fn a_target_server_restart_mid_stream_is_retried_and_each_change_still_app
         "each change applied exactly once"
     );
     let log = std::fs::read_to_string(dir.path().join("sluice.log")).unwrap();
-    assert!(log.contains("postgres target: retrying"), "{log}");
+    assert!(log.contains("postgres target: the batch failed; retrying"), "{log}");
 }
 
 #[test]
@@ -527,7 +527,9 @@ fn a_column_added_to_the_source_stops_sluice_until_the_target_has_it_and_loses_n
     let (db, target, _dir, config) = setup("pga", "");
     run_to_now(&db, &config);
     db.sql("ALTER TABLE customers ADD COLUMN nickname text; INSERT INTO customers (id, email, nickname) VALUES (1, 'a', 'ace')");
-    let stderr = run_to_now_failing(&db, &config);
+    // Caught by the start checks (exit 2) before anything streams; a daemon already running
+    // stops at the change instead (exit 1).
+    let stderr = run_to_now_exiting(&db, &config, 2, Duration::from_secs(60));
     assert!(stderr.contains("has no column nickname"), "{stderr}");
     assert!(!stderr.contains("ace"), "no values in the error: {stderr}");
     target.sql("ALTER TABLE v2.customers ADD COLUMN nickname text");

@@ -155,6 +155,12 @@ async fn polled_events_wait_for_older_open_transactions_and_concurrent_writers_l
     let status = sluice().args(["status", "--json", "-c"]).arg(&config).output().unwrap();
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["outbox_backlog_rows"], 0, "{status}");
+    for lsn_only in ["received_lsn", "durable_lsn", "confirmed_lsn", "apply_lag_bytes", "slot"] {
+        assert!(status.get(lsn_only).is_none(), "a polled source has no {lsn_only}: {status}");
+    }
+    let text = sluice().args(["status", "-c"]).arg(&config).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(!text.contains("lsn") && !text.contains("slot"), "{text}");
     stop(child);
     let records: Vec<Consumed> =
         records.into_iter().filter(|r| r.key.as_deref().is_some_and(|k| k.starts_with('w'))).collect();

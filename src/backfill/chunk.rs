@@ -44,11 +44,11 @@ pub(super) async fn serve_request(
         )));
     }
     sql.execute(
-        &format!("UPDATE {progress} SET state = 'running', started_at = coalesce(started_at, now()) WHERE pipeline = $1 AND id = $2"),
+        &format!("UPDATE {progress} SET state = 'running', started_at = coalesce(started_at, now()) WHERE pipeline = $1 AND id = $2 AND state <> 'cancelled'"),
         &[&pipeline, &request.id],
     )
     .await?;
-    tracing::info!(request = request.id, table = %request.table, resume_after = ?request.last_key.as_ref().map(|k| k.len()), "backfill started");
+    tracing::info!(request = request.id, table = %request.table, resuming = request.last_key.is_some(), rows_done = request.rows_done, "backfill started");
     let relation = Arc::new(table.relation.clone());
     let label = request.table.clone();
     let started = Instant::now();
@@ -62,6 +62,22 @@ pub(super) async fn serve_request(
     let mut read_key = request.last_key.clone();
     let mut read_offset = offset;
     loop {
+        // `sluice snapshot --cancel`: stop between chunks (what is durable stays).
+        let state: Option<String> = sql
+            .query_opt(
+                &format!("SELECT state FROM {progress} WHERE pipeline = $1 AND id = $2"),
+                &[&pipeline, &request.id],
+            )
+            .await?
+            .map(|row| row.get(0));
+        if state.as_deref() == Some("cancelled") {
+            if let Some(last) = in_flight.take() {
+                rows_this_run +=
+                    record(&sql, &progress, pipeline, &request, last, &mut shutdown, &label).await? as u64;
+            }
+            tracing::info!(request = request.id, table = %request.table, rows = rows_this_run, "backfill cancelled");
+            return Ok(());
+        }
         chunk_no += 1;
         let chunk_id = format!("{}.{}.{}", request.id, std::process::id(), chunk_no);
         // The keys of this chunk (reconcile), or the next keyset page.
@@ -135,7 +151,7 @@ pub(super) async fn serve_request(
             record(&sql, &progress, pipeline, &request, last, &mut shutdown, &label).await? as u64;
     }
     sql.execute(
-        &format!("UPDATE {progress} SET state = 'done', finished_at = now() WHERE pipeline = $1 AND id = $2"),
+        &format!("UPDATE {progress} SET state = 'done', finished_at = now() WHERE pipeline = $1 AND id = $2 AND state = 'running'"),
         &[&pipeline, &request.id],
     )
     .await?;

@@ -6,7 +6,8 @@
 //! created when missing): one row per request, a whole table or a list of keys (reconcile),
 //! with its state (`pending`, `running`, `done`, `failed`), the last key of the last chunk
 //! made durable, and counts. `sluice snapshot` and `sluice reconcile` insert requests and
-//! watch them; the running daemon (the replica holding the HA lock) serves them. Progress is
+//! watch them; the running daemon (the replica holding the HA lock) serves them — only its
+//! own (by pipeline name and slot: `progress::Scope`), and only for tables of its publication. Progress is
 //! written only after the chunk's writes are durable in the target, so a kill -9 resumes at
 //! the last finished chunk, and a chunk done twice writes the same rows again at a newer
 //! position.
@@ -39,9 +40,9 @@ use tokio::sync::mpsc;
 
 pub use crate::config::BackfillConfig;
 use chunk::serve_request;
-pub use command::{add_request, follow, open_progress_table, snapshot};
+pub use command::{add_request, cancel, follow, open_progress_table, snapshot};
 use progress::published_tables;
-pub use progress::{ensure_progress_table, progress, request, Progress};
+pub use progress::{ensure_progress_table, estimate_rows, progress, request, Progress, Scope};
 use window::Chunk;
 
 /// A request as the daemon serves it.
@@ -78,8 +79,7 @@ enum BackfillError {
 /// long as it takes).
 pub async fn run(
     connection: ConnectionConfig,
-    pipeline: String,
-    publication: String,
+    scope: Scope,
     config: BackfillConfig,
     chunks: mpsc::Sender<Chunk>,
     source: Arc<sluice_postgres::SourceStats>,
@@ -99,9 +99,7 @@ pub async fn run(
     let mut initial_done = false;
     loop {
         let started = Instant::now();
-        match serve(&connection, &pipeline, &publication, &config, &chunks, &shutdown, &mut initial_done)
-            .await
-        {
+        match serve(&connection, &scope, &config, &chunks, &shutdown, &mut initial_done).await {
             Ok(()) | Err(BackfillError::Stopped) => return,
             Err(error) => {
                 // A session that served for a while starts a fresh run of failures.
@@ -110,7 +108,7 @@ pub async fn run(
                 }
                 let delay = backoff.next_delay().unwrap_or(policy.max_delay);
                 if backoff.attempts() == 1 {
-                    tracing::warn!(error = %sluice_postgres::error::Chain(&error), table = %config.progress_table, retry_in_ms = delay.as_millis() as u64, "backfill requests cannot be served now; retrying");
+                    tracing::warn!(error = %sluice_postgres::error::Chain(&error), table = %config.progress_table, retry_in_ms = delay.as_millis() as u64, "backfill requests cannot be served now; retrying for as long as the pipeline runs");
                 } else {
                     tracing::debug!(error = %sluice_postgres::error::Chain(&error), attempt = backoff.attempts(), "backfill requests still cannot be served; retrying");
                 }
@@ -125,8 +123,7 @@ pub async fn run(
 
 async fn serve(
     connection: &ConnectionConfig,
-    pipeline: &str,
-    publication: &str,
+    scope: &Scope,
     config: &BackfillConfig,
     chunks: &mpsc::Sender<Chunk>,
     shutdown: &Shutdown,
@@ -135,7 +132,7 @@ async fn serve(
     let sql = sluice_postgres::connect_sql(connection).await?;
     ensure_progress_table(&sql, config).await?;
     if config.initial && !*initial_done {
-        let requested = request_initial(&sql, config, pipeline, publication).await?;
+        let requested = request_initial(&sql, config, scope).await?;
         if requested > 0 {
             tracing::info!(
                 tables = requested,
@@ -144,7 +141,11 @@ async fn serve(
         }
         *initial_done = true;
     }
+    let pipeline = scope.pipeline.as_str();
     let table = config.quoted_table();
+    let mut published = published_tables(&sql, config, &scope.publication).await?;
+    // Requests from before the slot column, for a table another pipeline publishes: left to it.
+    let mut left: Vec<i64> = Vec::new();
     let mut running = FuturesUnordered::new();
     let mut serving: Vec<i64> = Vec::new();
     let mut shutdown_wait = shutdown.clone();
@@ -156,17 +157,38 @@ async fn serve(
             let rows = sql
                 .query(
                     &format!(
-                        "SELECT id, source_table, keys::text, last_key, rows_done FROM {table} \
-                         WHERE pipeline = $1 AND state IN ('pending', 'running') AND NOT (id = ANY($2)) ORDER BY id LIMIT $3"
+                        "SELECT id, source_table, keys::text, last_key, rows_done, slot FROM {table} \
+                         WHERE pipeline = $1 AND (slot = $4 OR slot IS NULL) AND state IN ('pending', 'running') \
+                           AND NOT (id = ANY($2)) ORDER BY id LIMIT $3"
                     ),
-                    &[&pipeline, &serving, &((config.concurrency - running.len()) as i64)],
+                    &[&pipeline, &[serving.as_slice(), left.as_slice()].concat(), &((config.concurrency - running.len()) as i64), &scope.slot],
                 )
                 .await?;
             for row in rows {
+                let (id, source_table, slot): (i64, String, Option<String>) =
+                    (row.get(0), row.get(1), row.get(5));
+                if !published.contains(&source_table) {
+                    // The publication may have grown since the last look.
+                    published = published_tables(&sql, config, &scope.publication).await?;
+                }
+                if !published.contains(&source_table) {
+                    if slot.is_none() {
+                        tracing::warn!(request = id, table = %source_table, publication = %scope.publication, "a backfill request without a slot names a table outside this pipeline's publication; leaving it to the pipeline that streams the table");
+                        left.push(id);
+                        continue;
+                    }
+                    let reason = format!(
+                        "table {source_table} is not in publication {} of pipeline {pipeline} (slot {})",
+                        scope.publication, scope.slot
+                    );
+                    tracing::error!(request = id, reason = %reason, "backfill request failed");
+                    sql.execute(&format!("UPDATE {table} SET state = 'failed', error = $3, finished_at = now() WHERE pipeline = $1 AND id = $2"), &[&pipeline, &id, &reason]).await?;
+                    continue;
+                }
                 let keys: Option<String> = row.get(2);
                 let request = Request {
-                    id: row.get(0),
-                    table: row.get(1),
+                    id,
+                    table: source_table,
                     keys: keys.and_then(|k| serde_json::from_str(&k).ok()),
                     last_key: row.get(3),
                     rows_done: row.get(4),
@@ -206,23 +228,22 @@ async fn serve(
 async fn request_initial(
     sql: &tokio_postgres::Client,
     config: &BackfillConfig,
-    pipeline: &str,
-    publication: &str,
+    scope: &Scope,
 ) -> Result<u64, BackfillError> {
     let mut requested = 0;
-    for table in published_tables(sql, config, publication).await? {
+    for table in published_tables(sql, config, &scope.publication).await? {
         let known = sql
             .query_opt(
                 &format!(
-                    "SELECT 1 FROM {} WHERE pipeline = $1 AND source_table = $2 LIMIT 1",
+                    "SELECT 1 FROM {} WHERE pipeline = $1 AND (slot = $3 OR slot IS NULL) AND source_table = $2 LIMIT 1",
                     config.quoted_table()
                 ),
-                &[&pipeline, &table],
+                &[&scope.pipeline, &table, &scope.slot],
             )
             .await?
             .is_some();
         if !known {
-            request(sql, config, pipeline, &table, None).await?;
+            request(sql, config, scope, &table, None).await?;
             requested += 1;
         }
     }

@@ -1,10 +1,40 @@
 //! The progress table: one row per backfill request (a whole table, or a list of keys), its
 //! state and how far it got. `sluice snapshot` and `sluice reconcile` insert requests; the
 //! daemon serves them and records progress.
+//!
+//! A request is addressed to one pipeline by two names: `pipeline` (`pipeline.name`) and
+//! `slot` (`source.replication.slot`). The slot is unique in the database, so two pipelines
+//! left at the default name never serve each other's requests; rows written before the slot
+//! column existed have none, and are served by the same-named pipeline whose publication has
+//! the table.
 
 use super::BackfillConfig;
 
-/// Creates the progress table when it is missing.
+/// Which pipeline a request is for, and what it may serve.
+#[derive(Clone, Debug)]
+pub struct Scope {
+    /// `pipeline.name`.
+    pub pipeline: String,
+    /// `source.replication.slot`.
+    pub slot: String,
+    /// `source.replication.publication`: the only tables the pipeline backfills.
+    pub publication: String,
+}
+
+impl Scope {
+    /// The scope of a replication pipeline; `None` for a polled source (nothing to backfill).
+    pub fn of(config: &crate::config::Config) -> Option<Scope> {
+        let replication = config.source.replication()?;
+        Some(Scope {
+            pipeline: config.pipeline.name.clone(),
+            slot: replication.slot.clone(),
+            publication: replication.publication.clone(),
+        })
+    }
+}
+
+/// Creates the progress table when it is missing, and adds the `slot` column to one an
+/// older sluice created.
 pub async fn ensure_progress_table(
     sql: &tokio_postgres::Client,
     config: &BackfillConfig,
@@ -14,10 +44,11 @@ pub async fn ensure_progress_table(
         &config.quoted_table(),
         "(
            pipeline text NOT NULL,
+           slot text,
            id bigint GENERATED ALWAYS AS IDENTITY,
            source_table text NOT NULL,
            keys jsonb,
-           state text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'running', 'done', 'failed')),
+           state text NOT NULL DEFAULT 'pending' CONSTRAINT sluice_backfill_state_check CHECK (state IN ('pending', 'running', 'done', 'failed', 'cancelled')),
            last_key text[],
            rows_done bigint NOT NULL DEFAULT 0,
            chunks_done bigint NOT NULL DEFAULT 0,
@@ -28,7 +59,39 @@ pub async fn ensure_progress_table(
            finished_at timestamptz,
            PRIMARY KEY (pipeline, id))",
     )
-    .await
+    .await?;
+    let has_slot = sql
+        .query_opt(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 AND column_name = 'slot'",
+            &[&config.progress_table.schema(), &config.progress_table.name()],
+        )
+        .await?
+        .is_some();
+    if !has_slot {
+        sql.batch_execute(&format!(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS slot text",
+            config.quoted_table()
+        ))
+        .await?;
+    }
+    // A table of an older sluice: its state check lacks 'cancelled'.
+    let old_check = sql
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_constraint WHERE conrelid = $1::text::regclass AND contype = 'c' \
+               AND pg_catalog.pg_get_constraintdef(oid) LIKE '%state%' AND pg_catalog.pg_get_constraintdef(oid) NOT LIKE '%cancelled%'",
+            &[&config.quoted_table()],
+        )
+        .await?;
+    if old_check.is_some() {
+        sql.batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(hashtext('sluice-progress-table')); \
+             ALTER TABLE {t} DROP CONSTRAINT IF EXISTS sluice_backfill_state_check; \
+             ALTER TABLE {t} ADD CONSTRAINT sluice_backfill_state_check CHECK (state IN ('pending', 'running', 'done', 'failed', 'cancelled')); COMMIT",
+            t = config.quoted_table()
+        ))
+        .await?;
+    }
+    Ok(())
 }
 
 /// Inserts a request for `table` (every row, or the listed keys as text in key order);
@@ -36,26 +99,61 @@ pub async fn ensure_progress_table(
 pub async fn request(
     sql: &tokio_postgres::Client,
     config: &BackfillConfig,
-    pipeline: &str,
+    scope: &Scope,
     table: &str,
     keys: Option<&[Vec<String>]>,
 ) -> Result<i64, tokio_postgres::Error> {
+    let estimate = match keys {
+        Some(keys) => Some(keys.len() as i64),
+        None => estimate_rows(sql, table).await?,
+    };
     let keys: Option<String> = keys.map(|k| serde_json::to_string(k).unwrap_or_default());
-    let (schema, name) = sluice_postgres::catalog::split_table(table).unwrap_or(("", table));
     let row = sql
         .query_one(
             &format!(
-                "INSERT INTO {} (pipeline, source_table, keys, rows_estimate) \
-                 SELECT $1, $2, $3::text::jsonb, CASE WHEN $3::text IS NULL THEN \
-                   (SELECT greatest(c.reltuples, 0)::int8 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                    WHERE n.nspname = $4 AND c.relname = $5) ELSE jsonb_array_length($3::text::jsonb) END \
-                 RETURNING id",
+                "INSERT INTO {} (pipeline, slot, source_table, keys, rows_estimate) \
+                 VALUES ($1, $5, $2, $3::text::jsonb, $4) RETURNING id",
                 config.quoted_table()
             ),
-            &[&pipeline, &table, &keys, &schema, &name],
+            &[&scope.pipeline, &table, &keys, &estimate, &scope.slot],
         )
         .await?;
     Ok(row.get(0))
+}
+
+/// Pages up to which a table is counted exactly when it was never analyzed (8 MB).
+const EXACT_COUNT_PAGES: i64 = 1000;
+
+/// How many rows `table` (`schema.table`) has, roughly: the planner's estimate (`reltuples`)
+/// once ANALYZE or VACUUM has run; before that, an exact count of a small table, or a count of
+/// a 1% sample of a larger one's pages. `None` for a table that does not exist.
+pub async fn estimate_rows(
+    sql: &tokio_postgres::Client,
+    table: &str,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let (schema, name) = sluice_postgres::catalog::split_table(table).unwrap_or(("", table));
+    let Some(row) = sql
+        .query_opt(
+            "SELECT c.reltuples::float8, pg_catalog.pg_relation_size(c.oid) / current_setting('block_size')::int8, \
+                    format('%I.%I', n.nspname, c.relname) \
+             FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&schema, &name],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let (reltuples, pages, quoted): (f64, i64, String) = (row.get(0), row.get(1), row.get(2));
+    if reltuples > 0.0 {
+        return Ok(Some(reltuples as i64));
+    }
+    let count = if pages <= EXACT_COUNT_PAGES {
+        format!("SELECT count(*) FROM {quoted}")
+    } else {
+        format!("SELECT count(*) * 100 FROM {quoted} TABLESAMPLE SYSTEM (1)")
+    };
+    Ok(Some(sql.query_one(&count, &[]).await?.get(0)))
 }
 
 /// One request as the progress table holds it.
@@ -65,13 +163,13 @@ pub struct Progress {
     pub id: i64,
     /// The table, `schema.table`.
     pub table: String,
-    /// `pending`, `running`, `done` or `failed`.
+    /// `pending`, `running`, `done`, `failed` or `cancelled`.
     pub state: String,
     /// Rows (or keys) made durable so far.
     pub rows_done: i64,
     /// Chunks made durable so far.
     pub chunks_done: i64,
-    /// The table's estimated rows (`reltuples`), or the number of keys.
+    /// The table's estimated rows (`estimate_rows`), or the number of keys.
     pub rows_estimate: Option<i64>,
     /// Why the request failed.
     pub error: Option<String>,

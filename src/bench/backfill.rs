@@ -141,7 +141,7 @@ async fn backfill_rate(
     let id = crate::backfill::request(
         &sql,
         &config_parsed.backfill,
-        &config_parsed.pipeline.name,
+        &crate::backfill::Scope::of(&config_parsed).ok_or("the bench pipeline reads a replication slot")?,
         "public.bench",
         None,
     )

@@ -88,8 +88,11 @@ pub async fn run(
                     .ignoring(&config.backfill.progress_table);
                 backfill_task = Some(tokio::spawn(crate::backfill::run(
                     connection,
-                    config.pipeline.name.clone(),
-                    replication.publication.clone(),
+                    crate::backfill::Scope {
+                        pipeline: config.pipeline.name.clone(),
+                        slot: replication.slot.clone(),
+                        publication: replication.publication.clone(),
+                    },
                     config.backfill.clone(),
                     chunk_tx,
                     source.stats(),
@@ -213,7 +216,7 @@ async fn apply<X: Translator, T: Target<Op = X::Op>>(
             batch = batches.recv(), if source_open && in_flight.len() < max_in_flight => match batch {
                 Some(batch) => {
                     for Part { batch, chunk_done } in watermarks.split(batch) {
-                        count_events(&batch.events);
+                        state.count_changes(count_events(&batch.events));
                         let seq = tracker.register_with_time(batch.ack_lsn, batch.commit_time);
                         let ops = stage::translate(
                             &mut translator,
@@ -237,8 +240,8 @@ async fn apply<X: Translator, T: Target<Op = X::Op>>(
 }
 
 /// Counts a batch's changes by table and operation (aggregated first: one counter update per
-/// table and operation, not per event).
-fn count_events(events: &[ChangeEvent]) {
+/// table and operation, not per event); returns how many it counted.
+fn count_events(events: &[ChangeEvent]) -> u64 {
     let mut counts: Vec<(&str, &str, &'static str, u64)> = Vec::new();
     for event in events {
         let (relation, op) = match event {
@@ -267,10 +270,13 @@ fn count_events(events: &[ChangeEvent]) {
             None => counts.push((&relation.namespace, &relation.name, op, 1)),
         }
     }
+    let mut total = 0;
     for (namespace, name, op, n) in counts {
         metrics::counter!(crate::metrics::EVENTS_TOTAL, "table" => format!("{namespace}.{name}"), "op" => op)
             .increment(n);
+        total += n;
     }
+    total
 }
 
 #[cfg(test)]

@@ -63,7 +63,15 @@ pub(super) async fn translate<X: Translator>(
             Ok(()) => {}
             Err(error @ TranslateError::Poison { .. }) => {
                 let position = position.unwrap_or_default();
-                dead_letter.record(position, &source_name(event), None, &error.to_string()).await?;
+                // The change itself (its key and row): what `dead-letter replay` re-drives.
+                let change = |line: &mut Vec<u8>| {
+                    line.extend_from_slice(b",\"change\":");
+                    crate::json::write_event(line, event, false);
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
+                    }
+                };
+                dead_letter.record(position, &source_name(event), Some(&change), &error.to_string()).await?;
                 out.clear();
                 continue;
             }

@@ -78,6 +78,11 @@ pub struct VerifyArgs {
     /// How long to wait for the stream to pass the end of the pass before re-checking.
     #[arg(long, default_value = "60s", value_parser = sluice_core::duration::parse)]
     pub recheck_timeout: Duration,
+    /// `reconcile` only: also rewrite items the position guard protects from the stream
+    /// because their version attribute was removed (they are deleted, then written again
+    /// from the source through the guarded path).
+    #[arg(long)]
+    pub force: bool,
 }
 
 struct Verifier {
@@ -194,6 +199,9 @@ impl Verifier {
 
 /// Runs a verify pass and the re-check; the report.
 pub async fn verify(config: &Config, args: &VerifyArgs) -> Result<Report, CommandError> {
+    if args.force {
+        return Err(CommandError::invalid("--force is for `sluice reconcile`: verify changes nothing"));
+    }
     verify_with(&Verifier::open(config).await?, args).await
 }
 
@@ -203,6 +211,39 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> Result<Report, C
     let mut reports: Vec<TableReport> = Vec::new();
     let mut expected_keys: HashMap<String, HashSet<u128>> = HashMap::new();
     let mut rows_read: u64 = 0;
+    // Differences caught in flight are re-checked once the stream has passed them: without a
+    // daemon, that wait can only run out.
+    let pipeline = verifier.config.pipeline.name.clone();
+    let running = verifier
+        .sql
+        .lock()
+        .await
+        .run(async |c| Ok(crate::ha::pipeline_running(c, &pipeline).await?))
+        .await
+        .context("cannot ask the source database whether the pipeline runs")?;
+    if !running && verifier.config.source.replication().is_some() {
+        eprintln!(
+            "verify: no sluice process runs pipeline {pipeline:?} against this database: differences are re-checked after \
+             waiting at most {} s (--recheck-timeout) for a stream that is not running",
+            args.recheck_timeout.as_secs()
+        );
+    }
+    // The total to show a percentage against: the tables' estimated rows.
+    let mut total: i64 = 0;
+    for (source, _) in &selected {
+        let estimate = verifier
+            .sql
+            .lock()
+            .await
+            .run(async |c| Ok(crate::backfill::estimate_rows(c, source).await?))
+            .await
+            .with_context(|| format!("cannot estimate the rows of source table {source}"))?;
+        total += estimate.unwrap_or(0);
+    }
+    if let Some(fraction) = args.sample {
+        total = (total as f64 * fraction) as i64;
+    }
+    let mut last_line = Instant::now();
     // One snapshot for the whole pass (a new one after a lost connection: the pass keeps its
     // place by key, and the re-check below covers rows that changed in between).
     verifier
@@ -251,7 +292,7 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> Result<Report, C
                     tally(&mut report, key, finding);
                 }
                 rows_read += count as u64;
-                progress_line(source, report.rows, rows_read, started);
+                progress_line(source, report.rows, rows_read, total, started, &mut last_line);
                 throttle(args.max_rows_per_second, rows_read, started).await;
                 if count < args.chunk_size && args.sample.is_none() {
                     break;
@@ -276,6 +317,7 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> Result<Report, C
     outcome?;
 
     // Extra items: only in target tables whose every source table was verified whole.
+    let mut foreigners = Vec::new();
     if args.sample.is_none() {
         let targets: HashSet<&String> = selected.iter().map(|(_, target)| target).collect();
         for target in targets {
@@ -285,10 +327,23 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> Result<Report, C
                 continue;
             }
             let expected = expected_keys.remove(target.as_str()).unwrap_or_default();
-            let extras = match &verifier.side {
+            eprintln!(
+                "verify: scanning target {target} for items no source row maps to ({} expected; a full scan)",
+                expected.len()
+            );
+            let scan_started = Instant::now();
+            let (extras, foreign) = match &verifier.side {
                 Side::Dynamo(side) => side.extras(target, &sources, &expected, &verifier.tables).await?,
-                Side::Postgres(side) => side.extras(target, &sources, &expected, &verifier.tables).await?,
+                Side::Postgres(side) => {
+                    (side.extras(target, &sources, &expected, &verifier.tables).await?, None)
+                }
             };
+            foreigners.extend(foreign);
+            eprintln!(
+                "verify: scanned {target} in {:.1} s: {} extra items",
+                scan_started.elapsed().as_secs_f64(),
+                extras.len()
+            );
             for (report_table, extra) in extras {
                 let report = reports.iter_mut().find(|r| r.table == report_table).expect("verified table");
                 report.extra += 1;
@@ -306,6 +361,7 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> Result<Report, C
         seconds,
         rechecked: false,
         recheck_note: None,
+        foreign: foreigners,
     };
     // A key can be caught again by a write after the pass: re-check up to three times, each
     // time once the stream has passed the newest position. Real drift stays through all.
@@ -323,15 +379,33 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> Result<Report, C
     Ok(report)
 }
 
-/// A progress line on a terminal (standard error), rewritten in place.
-fn progress_line(table: &str, table_rows: u64, rows: u64, started: Instant) {
+/// A progress line on standard error: rewritten in place on a terminal, else every ten
+/// seconds; against the tables' estimated rows.
+fn progress_line(
+    table: &str,
+    table_rows: u64,
+    rows: u64,
+    total: i64,
+    started: Instant,
+    last_line: &mut Instant,
+) {
+    let percent = if total > 0 { (100.0 * rows as f64 / total as f64).min(100.0) } else { 0.0 };
+    let line = format!(
+        "verify: {table} {table_rows} rows; {rows}/~{total} in all ({percent:.0}%), {:.0} rows/s",
+        rows as f64 / started.elapsed().as_secs_f64().max(0.001)
+    );
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        eprint!(
-            "\rverify: {table} {table_rows} rows, {rows} in all, {:.0} rows/s   ",
-            rows as f64 / started.elapsed().as_secs_f64().max(0.001)
-        );
+        eprint!("\r{line}   ");
+    } else if last_line.elapsed() >= std::time::Duration::from_secs(10) {
+        eprintln!("{line}");
+        *last_line = Instant::now();
     }
 }
+
+/// The reason given for an item without its version attribute.
+pub(crate) const UNVERSIONED: &str =
+    "the item has no version attribute (written or changed around sluice): the position guard \
+     keeps the stream's writes from it; `sluice reconcile --force` rewrites it from the source";
 
 fn tally(report: &mut TableReport, key: SourceKey, finding: Finding) {
     match finding {
@@ -344,7 +418,16 @@ fn tally(report: &mut TableReport, key: SourceKey, finding: Finding) {
         }
         Finding::Different(attributes, values) => {
             report.different += 1;
-            report.different_keys.push(Difference { key, attributes, values: Some(values) });
+            report.different_keys.push(Difference { key, attributes, values: Some(values), reason: None });
+        }
+        Finding::Unversioned(attributes, values) => {
+            report.different += 1;
+            report.different_keys.push(Difference {
+                key,
+                attributes,
+                values: Some(values),
+                reason: Some(UNVERSIONED.into()),
+            });
         }
     }
 }

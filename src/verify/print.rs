@@ -1,6 +1,8 @@
 //! The verify report as a person reads it (tables of counts, the first keys of each kind), or
 //! as JSON.
 
+use std::io::Write;
+
 use super::{Report, SourceKey, VerifyArgs};
 use crate::error::{CommandContext, CommandError};
 
@@ -17,47 +19,76 @@ pub fn print(report: &Report, args: &VerifyArgs) -> Result<(), CommandError> {
             }
         }
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).context("cannot write the report as JSON")?);
-        return Ok(());
+    let written = if args.json {
+        let json = serde_json::to_string_pretty(&report).context("cannot write the report as JSON")?;
+        writeln!(std::io::stdout().lock(), "{json}")
+    } else {
+        write_table(&report, &mut std::io::stdout().lock())
+    };
+    match written {
+        // A reader that stopped early (`| head`): the report is theirs to cut; the exit code
+        // still says whether the target matches.
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("cannot write the report to standard output"),
     }
-    println!(
+}
+
+fn write_table(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(
+        out,
         "{:<28} {:>10} {:>10} {:>9} {:>10} {:>7}",
         "table", "rows", "matched", "missing", "different", "extra"
-    );
+    )?;
     for t in &report.tables {
         let extra = if t.extra_checked { t.extra.to_string() } else { "-".into() };
-        println!(
+        writeln!(
+            out,
             "{:<28} {:>10} {:>10} {:>9} {:>10} {:>7}",
             t.table, t.rows, t.matched, t.missing, t.different, extra
-        );
+        )?;
         for key in &t.missing_keys {
-            println!("  missing    {}", show_key(key));
+            writeln!(out, "  missing    {}", show_key(key))?;
         }
         for d in &t.different_keys {
-            println!("  different  {}  attributes: {}", show_key(&d.key), d.attributes.join(", "));
+            writeln!(out, "  different  {}  attributes: {}", show_key(&d.key), d.attributes.join(", "))?;
+            if let Some(reason) = &d.reason {
+                writeln!(out, "             {reason}")?;
+            }
             if let Some(values) = &d.values {
                 for (name, (want, have)) in values {
-                    println!(
+                    writeln!(
+                        out,
                         "             {name}: source {} / target {}",
                         want.as_deref().unwrap_or("(absent)"),
                         have.as_deref().unwrap_or("(absent)")
-                    );
+                    )?;
                 }
             }
         }
         for e in &t.extra_keys {
             let item: Vec<String> = e.item_key.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            println!(
+            writeln!(
+                out,
                 "  extra      {}{}",
                 item.join(" "),
                 e.source_key.as_ref().map(|k| format!("  (source key {})", show_key(k))).unwrap_or_default()
-            );
+            )?;
         }
     }
-    println!("{:.0} rows/s over {:.1} s", report.rows_per_second, report.seconds);
+    for foreign in &report.foreign {
+        writeln!(
+            out,
+            "foreign    {} items in {} that no mapping of this pipeline produces (another writer's keys; not differences)",
+            foreign.items, foreign.target
+        )?;
+        for key in &foreign.keys {
+            let key: Vec<String> = key.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            writeln!(out, "  foreign    {}", key.join(" "))?;
+        }
+    }
+    writeln!(out, "{:.0} rows/s over {:.1} s", report.rows_per_second, report.seconds)?;
     if let Some(note) = &report.recheck_note {
-        println!("{note}");
+        writeln!(out, "{note}")?;
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! `sluice reconcile`: verify, ask the running daemon to backfill exactly the keys found wrong,
 //! follow the request, and verify again.
 
-use super::{verify_with, Report, SourceKey, Verifier, VerifyArgs};
+use super::{verify_with, Report, Side, SourceKey, Verifier, VerifyArgs, UNVERSIONED};
 use crate::config::Config;
 use crate::error::CommandError;
 
@@ -12,6 +12,40 @@ pub async fn reconcile(config: &Config, args: &VerifyArgs) -> Result<Report, Com
     if report.differences() == 0 {
         eprintln!("nothing to reconcile: the target equals the source");
         return Ok(report);
+    }
+    let Some(scope) = crate::backfill::Scope::of(config) else {
+        return Err(CommandError::invalid(
+            "reconcile re-drives keys through the backfill, which needs the logical replication source ([source.replication])",
+        ));
+    };
+    // Items without their version attribute: the guard keeps the backfill's writes from them
+    // too, so --force deletes them first (only while they still have none).
+    let unversioned: usize = report
+        .tables
+        .iter()
+        .flat_map(|t| &t.different_keys)
+        .filter(|d| d.reason.as_deref() == Some(UNVERSIONED))
+        .count();
+    if unversioned > 0 && !args.force {
+        eprintln!("{unversioned} items have no version attribute: reconcile cannot rewrite them through the guard; use --force");
+    }
+    if unversioned > 0 && args.force {
+        if let Side::Dynamo(side) = &verifier.side {
+            let mut deleted = 0;
+            for table_report in &report.tables {
+                let keys: Vec<SourceKey> = table_report
+                    .different_keys
+                    .iter()
+                    .filter(|d| d.reason.as_deref() == Some(UNVERSIONED))
+                    .map(|d| d.key.clone())
+                    .collect();
+                if !keys.is_empty() {
+                    let table = &verifier.tables[&table_report.table];
+                    deleted += side.delete_unversioned(&table_report.target, table, &keys).await?;
+                }
+            }
+            eprintln!("--force: deleted {deleted} unversioned items, to be written again from the source");
+        }
     }
     let mut sql = verifier.sql.lock().await;
     crate::backfill::open_progress_table(&mut sql, &config.backfill).await?;
@@ -39,7 +73,7 @@ pub async fn reconcile(config: &Config, args: &VerifyArgs) -> Result<Report, Com
         let id = crate::backfill::add_request(
             &mut sql,
             &config.backfill,
-            &config.pipeline.name,
+            &scope,
             &table_report.table,
             Some(&keys),
         )

@@ -26,6 +26,57 @@ pub enum Attr {
 /// An item: attribute name to value.
 pub type Item = BTreeMap<String, Attr>;
 
+/// A value as an operator reads it: strings quoted, numbers as their text, binaries in hex,
+/// sets as `<<…>>` (the console's notation), maps and lists in JSON's brackets. Printed only
+/// where an operator asked for values (`verify --values`, the demo), never in a log line.
+impl std::fmt::Display for Attr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let quoted = |f: &mut std::fmt::Formatter<'_>, s: &str| write!(f, "{}", serde_json::Value::from(s));
+        match self {
+            Attr::S(s) => quoted(f, s),
+            Attr::N(n) => f.write_str(n),
+            Attr::B(bytes) => {
+                f.write_str("0x")?;
+                bytes.iter().try_for_each(|b| write!(f, "{b:02x}"))
+            }
+            Attr::Bool(b) => write!(f, "{b}"),
+            Attr::Null => f.write_str("null"),
+            Attr::L(items) => {
+                f.write_str("[")?;
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{item}")?;
+                }
+                f.write_str("]")
+            }
+            Attr::M(map) => {
+                f.write_str("{")?;
+                for (i, (key, value)) in map.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    quoted(f, key)?;
+                    write!(f, ": {value}")?;
+                }
+                f.write_str("}")
+            }
+            Attr::Ss(set) => {
+                f.write_str("<<")?;
+                for (i, s) in set.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    quoted(f, s)?;
+                }
+                f.write_str(">>")
+            }
+            Attr::Ns(set) => write!(f, "<<{}>>", set.join(", ")),
+        }
+    }
+}
+
 impl Attr {
     /// DynamoDB's size accounting: UTF-8 bytes of strings, about 21 bytes per number,
     /// raw bytes of binaries, 1 byte for booleans and null, 3 bytes of overhead per list or map
@@ -146,6 +197,22 @@ fn length_prefixed(out: &mut String, text: &str) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn values_display_as_an_operator_reads_them() {
+        use super::Attr;
+        let map = Attr::M(
+            [("n".to_string(), Attr::N("75.00".into())), ("s".to_string(), Attr::S("a\"b".into()))].into(),
+        );
+        assert_eq!(map.to_string(), r#"{"n": 75.00, "s": "a\"b"}"#);
+        assert_eq!(Attr::M(Default::default()).to_string(), "{}");
+        assert_eq!(
+            Attr::L(vec![Attr::Null, Attr::Bool(true), Attr::B(vec![1, 255])]).to_string(),
+            "[null, true, 0x01ff]"
+        );
+        assert_eq!(Attr::Ss(vec!["x".into()]).to_string(), r#"<<"x">>"#);
+        assert_eq!(Attr::Ns(vec!["1".into(), "2".into()]).to_string(), "<<1, 2>>");
+    }
+
     use super::*;
 
     #[test]

@@ -90,6 +90,15 @@ pub enum WriteAction {
     Delete,
 }
 
+/// A table's primary key: each key attribute's name and type (`S`, `N` or `B`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeySchema {
+    /// The partition (hash) key.
+    pub partition_key: (String, String),
+    /// The sort (range) key, when the table has one.
+    pub sort_key: Option<(String, String)>,
+}
+
 /// Where a scan goes on (`DynamoClient::scan_page`).
 #[derive(Debug, Default)]
 pub struct ScanCursor(Option<HashMap<String, AttributeValue>>);
@@ -641,6 +650,44 @@ impl DynamoClient {
         }
     }
 
+    /// The table's primary key as DynamoDB describes it (DescribeTable), or `None` when the
+    /// table does not exist; transient failures are retried under the client's policy.
+    pub async fn key_schema(&self, table: &str) -> Result<Option<KeySchema>, DynamoError> {
+        let described = self
+            .retried(&format!("DescribeTable {table}"), || async {
+                match self.client.describe_table().table_name(table).send().await {
+                    Ok(output) => Ok(output.table),
+                    Err(e)
+                        if e.as_service_error().and_then(|s| s.code())
+                            == Some("ResourceNotFoundException") =>
+                    {
+                        Ok(None)
+                    }
+                    Err(e) => Err(classify(e, table)),
+                }
+            })
+            .await?;
+        let Some(described) = described else { return Ok(None) };
+        let type_of = |name: &str| {
+            described
+                .attribute_definitions()
+                .iter()
+                .find(|d| d.attribute_name() == name)
+                .map(|d| d.attribute_type().as_str().to_owned())
+                .unwrap_or_default()
+        };
+        let mut schema = KeySchema::default();
+        for element in described.key_schema() {
+            let name = element.attribute_name().to_owned();
+            let key = (type_of(&name), name);
+            match element.key_type() {
+                KeyType::Hash => schema.partition_key = (key.1, key.0),
+                _ => schema.sort_key = Some((key.1, key.0)),
+            }
+        }
+        Ok(Some(schema))
+    }
+
     /// The items with these keys, read consistently (BatchGetItem, 100 keys a request,
     /// unprocessed keys retried); `None` where there is no item.
     pub async fn get_items(&self, table: &str, keys: &[Item]) -> Result<Vec<Option<Item>>, DynamoError> {
@@ -707,6 +754,34 @@ impl DynamoClient {
         })
         .await?;
         Ok(())
+    }
+
+    /// Deletes the item only while it has no `version_attribute` (it was written around
+    /// sluice); true when it was deleted, false when it has one (or is gone).
+    pub async fn delete_unversioned(
+        &self,
+        table: &str,
+        key: &Item,
+        version_attribute: &str,
+    ) -> Result<bool, DynamoError> {
+        self.retried("DynamoDB DeleteItem", || async {
+            match self
+                .client
+                .delete_item()
+                .table_name(table)
+                .set_key(Some(key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect()))
+                .condition_expression("attribute_exists(#pk) AND attribute_not_exists(#v)")
+                .expression_attribute_names("#pk", key.keys().next().cloned().unwrap_or_default())
+                .expression_attribute_names("#v", version_attribute)
+                .send()
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(e) if condition_failed(&e) => Ok(false),
+                Err(e) => Err(classify(e, table)),
+            }
+        })
+        .await
     }
 
     /// One page of a scan: its items, and where the next page starts (`None` after the last).
@@ -838,9 +913,24 @@ where
                 format!("HTTP {status}{}", message.map(|m| format!(": {m}")).unwrap_or_default())
             }
         },
-        None => aws_sdk_dynamodb::error::DisplayErrorContext(&error).to_string(),
+        None => transport_message(&error),
     };
     DynamoError::new(kind, table, message)
+}
+
+/// A failure before any answer (no connection, a timeout) in one line: each cause of the
+/// chain once, as it displays itself (the SDK's `Debug` forms never reach an operator).
+fn transport_message(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = cause.source();
+    }
+    parts.join(": ")
 }
 
 #[cfg(test)]

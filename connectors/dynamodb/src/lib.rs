@@ -5,5 +5,5 @@ pub mod client;
 pub mod error;
 
 pub use attr::{item_size, Attr, Item, MAX_ITEM_BYTES};
-pub use client::{ClientOptions, DynamoClient, GuardedWrite, Outcome, ScanCursor, WriteAction};
+pub use client::{ClientOptions, DynamoClient, GuardedWrite, KeySchema, Outcome, ScanCursor, WriteAction};
 pub use error::{DynamoError, ErrorKind};

@@ -29,6 +29,25 @@ pub struct IdentityWarning {
 
 /// Checks the server and the publication; returns what is known of the slot.
 pub async fn check(sql: &Client, conn: &ConnectionConfig, repl: &ReplicationConfig) -> Result<SlotState> {
+    check_with(sql, conn, repl, true).await
+}
+
+/// `check` without changing anything: a lost slot that `on_slot_lost = "recreate"` would drop
+/// is reported as `dropped_lost` but left in place (`sluice validate`, `run`'s start checks).
+pub async fn check_only(
+    sql: &Client,
+    conn: &ConnectionConfig,
+    repl: &ReplicationConfig,
+) -> Result<SlotState> {
+    check_with(sql, conn, repl, false).await
+}
+
+async fn check_with(
+    sql: &Client,
+    conn: &ConnectionConfig,
+    repl: &ReplicationConfig,
+    mutate: bool,
+) -> Result<SlotState> {
     let wal_level: String = sql.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
         return Err(Error::Setup(format!(
@@ -98,7 +117,9 @@ pub async fn check(sql: &Client, conn: &ConnectionConfig, repl: &ReplicationConf
     }
     if wal_status.as_deref() == Some("lost") {
         if repl.on_slot_lost == SlotLostPolicy::Recreate {
-            sql.execute("SELECT pg_catalog.pg_drop_replication_slot($1)", &[&repl.slot]).await?;
+            if mutate {
+                sql.execute("SELECT pg_catalog.pg_drop_replication_slot($1)", &[&repl.slot]).await?;
+            }
             return Ok(SlotState { exists: false, confirmed_flush_lsn: None, dropped_lost: true });
         }
         return Err(Error::Setup(format!(

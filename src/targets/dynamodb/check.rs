@@ -1,11 +1,16 @@
-//! Checks of a mapping against the live Postgres catalog, for `sluice validate`: mapped tables
-//! exist and are published, every named column exists, key template columns belong to the
-//! replica identity (or the identity is FULL), and type rules fit the column types.
+//! Live checks of a DynamoDB target, for `sluice validate` and `run`'s start: the mapping
+//! against the Postgres catalog (mapped tables exist and are published, every named column
+//! exists, key template columns belong to the replica identity or the identity is FULL, type
+//! rules fit the column types), and the DynamoDB tables against what sluice writes to them
+//! (each exists, with the key attributes the mapping or the event log writes).
 
 use sluice_core::Problem;
 use tokio_postgres::Client;
 
+use super::config::DynamoConfig;
 use super::mapping::{parse_template, AttrKind, Mapping, Segment};
+use crate::translate::mapping::MappingFile;
+use crate::validate::Findings;
 
 struct CatalogColumn {
     name: String,
@@ -128,4 +133,107 @@ pub async fn check(
         }
     }
     Ok(problems)
+}
+
+/// A DynamoDB table sluice writes, with the key it writes and where the config names it.
+struct Expected {
+    table: String,
+    key: String,
+    partition_key: String,
+    sort_key: Option<String>,
+}
+
+/// Describes every table the target writes and compares its key schema with the keys
+/// sluice writes (every key attribute is a string). An endpoint that cannot be reached is
+/// one `unreachable` line, and no further table is asked.
+pub async fn target(config: &DynamoConfig, findings: &mut Findings) {
+    let mut expected: Vec<Expected> = Vec::new();
+    if let Some(Ok(mapping)) = config.mapping.as_deref().map(Mapping::load) {
+        for (i, table) in mapping.tables.iter().enumerate() {
+            if expected.iter().any(|e| e.table == table.target) {
+                continue;
+            }
+            expected.push(Expected {
+                table: table.target.clone(),
+                key: format!("target.mapping.tables[{i}].target"),
+                partition_key: table.partition_key.attribute.clone(),
+                sort_key: table.sort_key.as_ref().map(|k| k.attribute.clone()),
+            });
+        }
+    }
+    if let Some(outbox) = &config.outbox {
+        if let Some(table) = outbox.event_table.as_deref().filter(|t| !t.is_empty()) {
+            expected.push(Expected {
+                table: table.to_owned(),
+                key: "target.outbox.event_table".into(),
+                partition_key: outbox.partition_key.clone(),
+                sort_key: Some(outbox.sort_key.clone()),
+            });
+        }
+    }
+    if expected.is_empty() {
+        return;
+    }
+    let mut options = super::apply::client_options(config);
+    // A check answers within seconds; the pipeline's own budget is for streaming.
+    options.retry_for = options.retry_for.min(std::time::Duration::from_secs(10));
+    let client = sluice_dynamodb::DynamoClient::connect(&options).await;
+    let endpoint = config.endpoint_url.clone().unwrap_or_else(|| {
+        format!("AWS (region {})", config.region.as_deref().unwrap_or("from the environment"))
+    });
+    for want in &expected {
+        let key_text = |pk: &(String, String), sk: &Option<(String, String)>| {
+            let mut text = format!("{} ({})", pk.0, pk.1);
+            if let Some(sk) = sk {
+                text.push_str(&format!(" and sort key {} ({})", sk.0, sk.1));
+            }
+            text
+        };
+        let want_pk = (want.partition_key.clone(), "S".to_owned());
+        let want_sk = want.sort_key.clone().map(|k| (k, "S".to_owned()));
+        match client.key_schema(&want.table).await {
+            Ok(Some(found)) if found.partition_key == want_pk && found.sort_key == want_sk => {}
+            Ok(Some(found)) => findings.problems.push(Problem::new(
+                "",
+                &want.key,
+                format!(
+                    "DynamoDB table {} has partition key {}, but sluice writes partition key {}; \
+                     create a table with that key, or change the key attributes sluice writes",
+                    want.table,
+                    key_text(&found.partition_key, &found.sort_key),
+                    key_text(&want_pk, &want_sk),
+                ),
+            )),
+            Ok(None) => {
+                let mut definitions = format!("AttributeName={},AttributeType=S", want_pk.0);
+                let mut schema = format!("AttributeName={},KeyType=HASH", want_pk.0);
+                if let Some((sk, _)) = &want_sk {
+                    definitions.push_str(&format!(" AttributeName={sk},AttributeType=S"));
+                    schema.push_str(&format!(" AttributeName={sk},KeyType=RANGE"));
+                }
+                findings.problems.push(Problem::new(
+                    "",
+                    &want.key,
+                    format!(
+                        "DynamoDB table {} does not exist at {endpoint}; create it with partition key {}: \
+                         aws dynamodb create-table --table-name {} --attribute-definitions {definitions} \
+                         --key-schema {schema} --billing-mode PAY_PER_REQUEST",
+                        want.table,
+                        key_text(&want_pk, &want_sk),
+                        want.table,
+                    ),
+                ));
+            }
+            Err(error) if error.is_transient() => {
+                findings.unreachable.push(Problem::new(
+                    "target",
+                    if config.endpoint_url.is_some() { "endpoint_url" } else { "region" },
+                    format!("cannot reach DynamoDB at {endpoint}: {}", error.message),
+                ));
+                return;
+            }
+            Err(error) => findings.problems.push(Problem::new("", &want.key, error.to_string())),
+        }
+    }
+    findings.checked.push(format!("DynamoDB tables at {endpoint}"));
 }

@@ -12,7 +12,7 @@ use sluice_postgres::catalog::Table;
 use super::config::DynamoConfig;
 use super::mapping::{parse_template, Mapping, Segment, TableMapping};
 use super::translate::MappingTranslator;
-use crate::compare::{as_snapshot_insert, digest, source_key, Extra, Finding, SourceKey};
+use crate::compare::{as_snapshot_insert, digest, source_key, Extra, Finding, Foreign, SourceKey};
 use crate::error::{CommandContext, CommandError};
 use crate::translate::mapping::MappingFile;
 use crate::translate::TranslateError;
@@ -112,14 +112,18 @@ impl DynamoSide {
     }
 
     /// Live items of `target` that no verified row produced (`expected` holds their digests),
-    /// each with the source table it is reported under.
+    /// each with the source table it is reported under; and apart, the items whose key no
+    /// mapping's key templates fit (another writer's).
     pub(crate) async fn extras(
         &self,
         target: &str,
         sources: &[String],
         expected: &HashSet<u128>,
         tables: &HashMap<String, Table>,
-    ) -> Result<Vec<(String, Extra)>, CommandError> {
+    ) -> Result<(Vec<(String, Extra)>, Option<Foreign>), CommandError> {
+        // Every mapping into this table, verified or not, decides what sluice could write.
+        let all: Vec<&TableMapping> = self.mapping.tables.iter().filter(|m| m.target == target).collect();
+        let mut foreign = Foreign { target: target.to_owned(), items: 0, keys: Vec::new() };
         let mappings: Vec<&TableMapping> = sources.iter().map(|s| self.mapping(s)).collect();
         let key_names = key_attributes(&mappings);
         let mut extras = Vec::new();
@@ -145,6 +149,13 @@ impl DynamoSide {
                 let owner = mappings
                     .iter()
                     .find_map(|m| source_key_of(m, &tables[&m.source], &item).map(|k| (m.source.clone(), k)));
+                if owner.is_none() && !all.iter().any(|m| key_fits(m, &item)) {
+                    foreign.items += 1;
+                    if foreign.keys.len() < FOREIGN_KEYS {
+                        foreign.keys.push(key.iter().map(|(k, v)| (k.clone(), attr_text(v))).collect());
+                    }
+                    continue;
+                }
                 let report_table =
                     owner.as_ref().map(|(t, _)| t.clone()).unwrap_or_else(|| sources[0].clone());
                 extras.push((
@@ -156,7 +167,38 @@ impl DynamoSide {
                 ));
             }
         }
-        Ok(extras)
+        Ok((extras, (foreign.items > 0).then_some(foreign)))
+    }
+
+    /// Deletes the item of each key that has no version attribute (`reconcile --force`), so
+    /// that the guarded write of a keyed backfill recreates it; an item that has one again is
+    /// left to the guard. Returns how many were deleted.
+    pub(crate) async fn delete_unversioned(
+        &self,
+        target: &str,
+        table: &Table,
+        keys: &[SourceKey],
+    ) -> Result<usize, CommandError> {
+        let mut deleted = 0;
+        for key in keys {
+            let texts: Vec<String> = table
+                .primary_key
+                .iter()
+                .map(|&i| key.get(&table.relation.columns[i].name).cloned().unwrap_or_default())
+                .collect();
+            let mut row = vec![Value::Null; table.relation.columns.len()];
+            for (&i, value) in table.primary_key.iter().zip(table.decode_key(&texts).unwrap_or_default()) {
+                row[i] = value;
+            }
+            let Some(item_key) = self.translator.key_for(&table.relation, &row) else { continue };
+            let gone = self
+                .client
+                .delete_unversioned(target, &item_key, &self.mapping.version_attribute)
+                .await
+                .with_context(|| format!("cannot delete an unversioned item of DynamoDB table {target}"))?;
+            deleted += usize::from(gone);
+        }
+        Ok(deleted)
     }
 
     /// For a wrong key whose row is gone: the item's key when a live item is still there.
@@ -223,6 +265,21 @@ fn now() -> u64 {
 }
 
 /// The attributes whose values differ (the version attribute aside), and their values.
+/// Keys of the other writers' items listed in the report.
+const FOREIGN_KEYS: usize = 10;
+
+/// Whether a key template of `mapping` fits the item's key (whatever the columns' values).
+fn key_fits(mapping: &TableMapping, item: &Item) -> bool {
+    let mut templates = vec![(&mapping.partition_key.attribute, &mapping.partition_key.template)];
+    if let Some(sort) = &mapping.sort_key {
+        templates.push((&sort.attribute, &sort.template));
+    }
+    templates.into_iter().all(|(attribute, template)| {
+        let Some(Attr::S(text)) = item.get(attribute) else { return false };
+        parse_template(template).ok().and_then(|segments| match_template(&segments, text)).is_some()
+    })
+}
+
 fn compare(expected: &Item, stored: &Item, version_attribute: &str) -> Finding {
     let mut names: Vec<String> = Vec::new();
     let mut values = BTreeMap::new();
@@ -239,6 +296,11 @@ fn compare(expected: &Item, stored: &Item, version_attribute: &str) -> Finding {
             names.push(name.clone());
             values.insert(name.clone(), (want.map(attr_text), have.map(attr_text)));
         }
+    }
+    if !stored.contains_key(version_attribute) {
+        names.push(version_attribute.to_owned());
+        values.insert(version_attribute.to_owned(), (Some("(a position)".into()), None));
+        return Finding::Unversioned(names, values);
     }
     if names.is_empty() {
         Finding::Matched
@@ -292,7 +354,7 @@ fn canonical_number(n: &str) -> String {
 fn attr_text(attr: &Attr) -> String {
     match attr {
         Attr::S(s) | Attr::N(s) => s.clone(),
-        other => format!("{other:?}"),
+        other => other.to_string(),
     }
 }
 
@@ -309,7 +371,7 @@ fn key_text(key: &Item) -> String {
 
 /// The source key a DynamoDB key leads back to through a table's key templates, with the
 /// item's attributes as a fallback for columns no template holds.
-fn source_key_of(mapping: &TableMapping, table: &Table, item: &Item) -> Option<SourceKey> {
+pub(crate) fn source_key_of(mapping: &TableMapping, table: &Table, item: &Item) -> Option<SourceKey> {
     let mut found: HashMap<String, String> = HashMap::new();
     let mut templates = vec![(&mapping.partition_key.attribute, &mapping.partition_key.template)];
     if let Some(sort) = &mapping.sort_key {

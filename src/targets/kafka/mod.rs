@@ -2,5 +2,6 @@
 //! idempotent producer whose delivery reports drive acknowledgements.
 
 pub(crate) mod apply;
+pub(crate) mod check;
 pub mod config;
 pub(crate) mod translate;

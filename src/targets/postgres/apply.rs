@@ -264,10 +264,16 @@ impl Applier {
             match error.kind {
                 ErrorKind::Poison if !careful => careful = true,
                 ErrorKind::Transient if started.elapsed() < self.retry_for => {
-                    tracing::warn!(error = %error, "postgres target: retrying");
+                    let delay = backoff.next_delay().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(
+                        error = %error,
+                        retry_in_ms = delay.as_millis() as u64,
+                        gives_up_in_s = self.retry_for.saturating_sub(started.elapsed()).as_secs(),
+                        "postgres target: the batch failed; retrying (target.retry_for)"
+                    );
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     self.client = None;
-                    tokio::time::sleep(backoff.next_delay().unwrap_or(Duration::from_secs(5))).await;
+                    tokio::time::sleep(delay).await;
                     if let Err(error) = self.reconnect().await {
                         if error.kind != ErrorKind::Transient {
                             return Err(error);

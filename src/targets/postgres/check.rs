@@ -7,6 +7,8 @@ use super::catalog::{owned_sequences, target_keys, target_tables};
 use super::config::PostgresTargetConfig;
 use super::mapping::PgMapping;
 use super::translate::PgTranslator;
+use crate::validate::Findings;
+use sluice_core::Classify;
 
 /// A Postgres target's mapping against both catalogs: the source tables exist, are published
 /// and have the columns the mapping names; the target tables exist with a primary key and
@@ -18,21 +20,38 @@ pub async fn check(
     pg: &PostgresTargetConfig,
     mapping: &PgMapping,
     publication: &str,
-) -> Result<Vec<Problem>, sluice_postgres::Error> {
-    let mut problems = Vec::new();
+    findings: &mut Findings,
+) -> Result<(), sluice_postgres::Error> {
     let target = match sluice_postgres::connect_sql(&pg.connection).await {
         Ok(client) => client,
+        Err(e) if e.is_transient() => {
+            findings.unreachable.push(Problem::new(
+                "target",
+                "connection",
+                format!(
+                    "cannot reach the target database at {}: {}",
+                    pg.connection.addr(),
+                    sluice_postgres::error::Chain(&e)
+                ),
+            ));
+            return Ok(());
+        }
         Err(e) => {
-            problems.push(Problem::new("target", "connection", e.to_string()));
-            return Ok(problems);
+            findings.problems.push(Problem::new(
+                "target",
+                "connection",
+                sluice_postgres::error::Chain(&e).to_string(),
+            ));
+            return Ok(());
         }
     };
+    let problems = &mut findings.problems;
     let tables = match target_tables(&target, mapping).await {
         Ok(tables) => tables,
         Err(e) => {
             let cause = std::error::Error::source(&e).map(|c| format!(": {c}")).unwrap_or_default();
             problems.push(Problem::new("target", "mapping", format!("{}{cause}", e.message)));
-            return Ok(problems);
+            return Ok(());
         }
     };
     let translator = PgTranslator::new(mapping, &target_keys(&tables));
@@ -136,5 +155,84 @@ pub async fn check(
             problems.push(Problem::new("target", "mapping", format!("table {looped} is written by sluice and published in {publication:?}: its changes would stream back")));
         }
     }
-    Ok(problems)
+    rights(&target, &tables, pg, problems).await?;
+    Ok(())
+}
+
+/// The target role may write every target table, and keep its checkpoint (create the table
+/// once, then read and write it).
+async fn rights(
+    target: &tokio_postgres::Client,
+    tables: &std::collections::HashMap<std::sync::Arc<str>, super::catalog::TargetTable>,
+    pg: &PostgresTargetConfig,
+    problems: &mut Vec<Problem>,
+) -> Result<(), tokio_postgres::Error> {
+    let role: String = target.query_one("SELECT current_user::text", &[]).await?.get(0);
+    let lacking = async |table: &str, privileges: &[&str]| -> Result<Vec<String>, tokio_postgres::Error> {
+        let mut missing = Vec::new();
+        for privilege in privileges {
+            let has: bool = target
+                .query_one("SELECT has_table_privilege($1::text::regclass, $2)", &[&table, privilege])
+                .await?
+                .get(0);
+            if !has {
+                missing.push((*privilege).to_owned());
+            }
+        }
+        Ok(missing)
+    };
+    let mut names: Vec<&std::sync::Arc<str>> = tables.keys().collect();
+    names.sort();
+    for name in names {
+        let quoted = &tables[name].quoted;
+        let missing = lacking(quoted, &["SELECT", "INSERT", "UPDATE", "DELETE"]).await?;
+        if !missing.is_empty() {
+            problems.push(Problem::new(
+                "target",
+                "mapping",
+                format!(
+                    "role {role:?} lacks {} on target table {name}; grant it with GRANT {} ON {quoted} TO {role}",
+                    missing.join(", "),
+                    missing.join(", ")
+                ),
+            ));
+        }
+    }
+    let checkpoint = pg.checkpoint_table.quoted();
+    let exists: bool = target.query_one("SELECT to_regclass($1) IS NOT NULL", &[&checkpoint]).await?.get(0);
+    if exists {
+        let missing = lacking(&checkpoint, &["SELECT", "INSERT", "UPDATE"]).await?;
+        if !missing.is_empty() {
+            problems.push(Problem::new(
+                "target",
+                "checkpoint_table",
+                format!(
+                    "role {role:?} lacks {} on the checkpoint table {}; grant it with GRANT {} ON {checkpoint} TO {role}",
+                    missing.join(", "),
+                    pg.checkpoint_table,
+                    missing.join(", ")
+                ),
+            ));
+        }
+    } else {
+        let schema = pg.checkpoint_table.schema();
+        let may: bool = target
+            .query_one("SELECT has_schema_privilege($1, 'CREATE')", &[&schema])
+            .await
+            .map(|row| row.get(0))
+            .unwrap_or(false);
+        if !may {
+            problems.push(Problem::new(
+                "target",
+                "checkpoint_table",
+                format!(
+                    "the checkpoint table {} does not exist and role {role:?} may not create it in schema {schema}; \
+                     grant it with GRANT CREATE ON SCHEMA {} TO {role}, or create the table beforehand",
+                    pg.checkpoint_table,
+                    sluice_postgres::setup::quote_ident(schema)
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
