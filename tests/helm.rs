@@ -209,6 +209,12 @@ fn chart_refuses_bad_values_and_the_validator_catches_bad_manifests() {
         ("metricsPort=0", "/metricsPort"),
         ("config.source.poll.table=outbox", "/config/source"),
         ("config.target.connection.password=plaintext", "/config/target"),
+        // Unknown keys and wrong types in the configuration's own sections.
+        ("config.pipline.name=orders", "pipline"),
+        ("config.pipeline.max_in_flght=8", "max_in_flght"),
+        ("config.pipeline.max_in_flight=many", "/config/pipeline/max_in_flight"),
+        ("config.ha.retry_interval=soon", "/config/ha/retry_interval"),
+        ("config.monitoring.listen=0.0.0.0:1", "listen"),
     ] {
         let out = helm(dir.path(), &["template", "release", CHART, "--set", setting]);
         assert!(!out.status.success(), "{setting} must be refused");
