@@ -22,14 +22,7 @@ pub async fn snapshot(
             "backfill needs the logical replication source ([source.replication]); a polled outbox has nothing to backfill",
         ));
     };
-    let mut sql = ReadSession::connect(
-        &config.source.connection,
-        "sluice snapshot",
-        RetryPolicy::new(config.pipeline.retry_for),
-    )
-    .await
-    .context("cannot connect to the source database (source.connection)")?;
-    open_progress_table(&mut sql, &config.backfill).await?;
+    let mut sql = progress_session(config, "sluice snapshot").await?;
     let published = sql
         .run(async |c| Ok(published_tables(c, &config.backfill, &scope.publication).await?))
         .await
@@ -71,6 +64,23 @@ pub async fn snapshot(
     follow(&mut sql, &config.backfill, &config.pipeline.name, &ids).await
 }
 
+/// A session on the source database, named `application_name`, with the progress table
+/// there: what the commands that write or cancel requests start with.
+pub async fn progress_session(
+    config: &crate::config::Config,
+    application_name: &str,
+) -> Result<ReadSession, CommandError> {
+    let mut sql = ReadSession::connect(
+        &config.source.connection,
+        application_name,
+        RetryPolicy::new(config.pipeline.retry_for),
+    )
+    .await
+    .context("cannot connect to the source database (source.connection)")?;
+    open_progress_table(&mut sql, &config.backfill).await?;
+    Ok(sql)
+}
+
 /// Creates the progress table when it is missing (retried: it is idempotent).
 pub async fn open_progress_table(sql: &mut ReadSession, config: &BackfillConfig) -> Result<(), CommandError> {
     sql.run(async |c| Ok(ensure_progress_table(c, config).await?)).await.with_context(|| {
@@ -95,14 +105,7 @@ pub async fn add_request(
 /// Cancels pending or running requests of the pipeline (snapshot or reconcile): a pending one
 /// is never served, a running one stops after its current chunk, and what is durable stays.
 pub async fn cancel(config: &crate::config::Config, ids: &[i64]) -> Result<(), CommandError> {
-    let mut sql = ReadSession::connect(
-        &config.source.connection,
-        "sluice snapshot",
-        RetryPolicy::new(config.pipeline.retry_for),
-    )
-    .await
-    .context("cannot connect to the source database (source.connection)")?;
-    open_progress_table(&mut sql, &config.backfill).await?;
+    let mut sql = progress_session(config, "sluice snapshot").await?;
     let table = config.backfill.quoted_table();
     let pipeline = &config.pipeline.name;
     let mut refused = Vec::new();

@@ -14,9 +14,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use sluice_core::retry::RetryPolicy;
-use sluice_postgres::ReadSession;
-
 use crate::config::Config;
 use crate::error::{CommandContext, CommandError};
 
@@ -135,14 +132,7 @@ pub async fn replay(config: &Config, wait: bool) -> Result<Replay, CommandError>
         eprintln!("nothing to replay in {}", path.display());
         return Ok(summary);
     }
-    let mut sql = ReadSession::connect(
-        &config.source.connection,
-        "sluice dead-letter replay",
-        RetryPolicy::new(config.pipeline.retry_for),
-    )
-    .await
-    .context("cannot connect to the source database (source.connection)")?;
-    crate::backfill::open_progress_table(&mut sql, &config.backfill).await?;
+    let mut sql = crate::backfill::progress_session(config, "sluice dead-letter replay").await?;
     let mut finder = keys::Finder::new(config);
     // Source table → its keys (text, in key order), and the entries they replay.
     let mut by_table: BTreeMap<String, (Vec<Vec<String>>, Vec<String>)> = BTreeMap::new();

@@ -181,16 +181,7 @@ impl DynamoSide {
     ) -> Result<usize, CommandError> {
         let mut deleted = 0;
         for key in keys {
-            let texts: Vec<String> = table
-                .primary_key
-                .iter()
-                .map(|&i| key.get(&table.relation.columns[i].name).cloned().unwrap_or_default())
-                .collect();
-            let mut row = vec![Value::Null; table.relation.columns.len()];
-            for (&i, value) in table.primary_key.iter().zip(table.decode_key(&texts).unwrap_or_default()) {
-                row[i] = value;
-            }
-            let Some(item_key) = self.translator.key_for(&table.relation, &row) else { continue };
+            let Some(item_key) = self.item_key(table, key) else { continue };
             let gone = self
                 .client
                 .delete_unversioned(target, &item_key, &self.mapping.version_attribute)
@@ -201,13 +192,9 @@ impl DynamoSide {
         Ok(deleted)
     }
 
-    /// For a wrong key whose row is gone: the item's key when a live item is still there.
-    pub(crate) async fn left_behind(
-        &self,
-        target: &str,
-        table: &Table,
-        key: &SourceKey,
-    ) -> Result<Option<BTreeMap<String, String>>, CommandError> {
+    /// The DynamoDB key a source key maps to through the key templates (a row of only its key
+    /// columns), or `None` when the templates need other columns.
+    fn item_key(&self, table: &Table, key: &SourceKey) -> Option<Item> {
         let texts: Vec<String> = table
             .primary_key
             .iter()
@@ -217,7 +204,17 @@ impl DynamoSide {
         for (&i, value) in table.primary_key.iter().zip(table.decode_key(&texts).unwrap_or_default()) {
             row[i] = value;
         }
-        let Some(item_key) = self.translator.key_for(&table.relation, &row) else { return Ok(None) };
+        self.translator.key_for(&table.relation, &row)
+    }
+
+    /// For a wrong key whose row is gone: the item's key when a live item is still there.
+    pub(crate) async fn left_behind(
+        &self,
+        target: &str,
+        table: &Table,
+        key: &SourceKey,
+    ) -> Result<Option<BTreeMap<String, String>>, CommandError> {
+        let Some(item_key) = self.item_key(table, key) else { return Ok(None) };
         let item = self
             .client
             .get_items(target, std::slice::from_ref(&item_key))
@@ -268,12 +265,18 @@ fn now() -> u64 {
 /// Keys of the other writers' items listed in the report.
 const FOREIGN_KEYS: usize = 10;
 
-/// Whether a key template of `mapping` fits the item's key (whatever the columns' values).
-fn key_fits(mapping: &TableMapping, item: &Item) -> bool {
+/// The mapping's key attributes with their templates: the partition key's, then the sort key's.
+fn key_templates(mapping: &TableMapping) -> Vec<(&String, &String)> {
     let mut templates = vec![(&mapping.partition_key.attribute, &mapping.partition_key.template)];
     if let Some(sort) = &mapping.sort_key {
         templates.push((&sort.attribute, &sort.template));
     }
+    templates
+}
+
+/// Whether a key template of `mapping` fits the item's key (whatever the columns' values).
+fn key_fits(mapping: &TableMapping, item: &Item) -> bool {
+    let templates = key_templates(mapping);
     templates.into_iter().all(|(attribute, template)| {
         let Some(Attr::S(text)) = item.get(attribute) else { return false };
         parse_template(template).ok().and_then(|segments| match_template(&segments, text)).is_some()
@@ -373,10 +376,7 @@ fn key_text(key: &Item) -> String {
 /// item's attributes as a fallback for columns no template holds.
 pub(crate) fn source_key_of(mapping: &TableMapping, table: &Table, item: &Item) -> Option<SourceKey> {
     let mut found: HashMap<String, String> = HashMap::new();
-    let mut templates = vec![(&mapping.partition_key.attribute, &mapping.partition_key.template)];
-    if let Some(sort) = &mapping.sort_key {
-        templates.push((&sort.attribute, &sort.template));
-    }
+    let templates = key_templates(mapping);
     for (attribute, template) in templates {
         let Some(Attr::S(text)) = item.get(attribute) else { return None };
         let segments = parse_template(template).ok()?;
