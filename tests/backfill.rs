@@ -329,11 +329,16 @@ async fn verify_finds_injected_drift_exactly_and_reconcile_repairs_it() {
 /// opens a new snapshot, reads on after the last key it had, and reports every row once.
 async fn verify_survives_a_lost_source_connection(setup: &Setup) {
     let db = &setup.db;
+    let verify_sessions = "FROM pg_stat_activity WHERE application_name = 'sluice verify'";
+    // The backend of the verify before this one may still be ending on a loaded server.
+    wait_for("earlier verify sessions to end", Duration::from_secs(30), || async {
+        db.sql(&format!("SELECT count(*) {verify_sessions}")).trim() == "0"
+    })
+    .await;
     let mut command = sluice();
     command.args(["verify", "--json", "--chunk-size", "50", "--max-rows-per-second", "300", "-c"]);
     command.arg(&setup.config);
     let run = tokio::task::spawn_blocking(move || command.output().expect("run sluice verify"));
-    let verify_sessions = "FROM pg_stat_activity WHERE application_name = 'sluice verify'";
     wait_for("verify to connect", Duration::from_secs(60), || async {
         db.sql(&format!("SELECT count(*) {verify_sessions}")).trim() != "0"
     })
