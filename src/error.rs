@@ -95,3 +95,19 @@ impl<T, E: std::error::Error + Send + Sync + 'static> CommandContext<T> for Resu
         self.map_err(|source| CommandError::Failed { what: what(), source: Box::new(source) })
     }
 }
+
+/// What writing a command's output to standard output came to, with a reader that stopped
+/// early (`| head`) counted as success: the output is theirs to cut, and the exit code still
+/// tells the outcome.
+pub fn reader_gone_ok(written: std::io::Result<()>) -> std::io::Result<()> {
+    match written {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+/// Writes `text` to standard output, as [`reader_gone_ok`] counts it.
+pub fn print(text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    reader_gone_ok(std::io::stdout().lock().write_all(text.as_bytes()))
+}

@@ -123,6 +123,10 @@ pub struct Status {
     /// The slot, as last inspected (replication sources).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slot: Option<SlotInfo>,
+    /// The slot was read for this answer, after the positions above; false: it is the
+    /// sampler's last inspection (Postgres did not answer in time), older than the positions.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub slot_fresh: bool,
     /// Polling source: rows of the outbox table not yet published.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbox_backlog_rows: Option<i64>,
@@ -164,7 +168,7 @@ impl PipelineState {
 
     /// The status with the slot inspected after the positions were read, so that the two
     /// agree (the confirmed position is never ahead of the server's WAL position beside it).
-    /// Without an answer within two seconds, the slot as last inspected.
+    /// Without an answer within five seconds, the slot as last inspected (`slot_fresh` false).
     pub async fn status_now(&self) -> Status {
         let mut status = self.status();
         if let Some((connection, slot)) = &self.inspect {
@@ -172,8 +176,9 @@ impl PipelineState {
                 let client = sluice_postgres::connect_sql(connection).await.ok()?;
                 inspect_slot(&client, slot).await.ok()
             };
-            if let Ok(Some(info)) = tokio::time::timeout(Duration::from_secs(2), fresh).await {
+            if let Ok(Some(info)) = tokio::time::timeout(Duration::from_secs(5), fresh).await {
                 status.slot = Some(info.clone());
+                status.slot_fresh = true;
                 self.set_slot(info);
             }
         }
@@ -276,6 +281,7 @@ impl PipelineState {
             } else {
                 None
             },
+            slot_fresh: false,
             outbox_backlog_rows: *self.outbox_backlog.lock().unwrap_or_else(|e| e.into_inner()),
         }
     }

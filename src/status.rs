@@ -27,15 +27,11 @@ pub async fn print(config: &Config, as_json: bool) -> Result<(), CommandError> {
     } else {
         table(&status)
     };
-    use std::io::Write as _;
-    match std::io::stdout().lock().write_all(text.as_bytes()) {
-        // A reader that stopped early (`| head`).
-        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("cannot write the status to standard output"),
-    }
+    crate::error::print(&text).context("cannot write the status to standard output")
 }
 
-/// The daemon's `/status`, if it answers within two seconds.
+/// The daemon's `/status`, if it answers within ten seconds (it reads the slot for the answer,
+/// which a loaded server can make slow).
 async fn from_daemon(mut addr: std::net::SocketAddr) -> Option<Value> {
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
@@ -63,7 +59,7 @@ async fn from_daemon(mut addr: std::net::SocketAddr) -> Option<Value> {
         status["source_of_status"] = json!(format!("daemon at {addr}"));
         Some(status)
     };
-    tokio::time::timeout(Duration::from_secs(2), fetch).await.ok().flatten()
+    tokio::time::timeout(Duration::from_secs(10), fetch).await.ok().flatten()
 }
 
 async fn from_postgres(config: &Config) -> Result<Value, CommandError> {

@@ -200,7 +200,9 @@ async fn metrics_show_lag_falling_after_catch_up_and_rising_while_the_target_is_
         })
         .sum();
     assert_eq!(json["events"].as_f64(), Some(events), "{out}");
-    assert_eq!(events, 350.0);
+    // 350 changes, and any the source sent again after a reconnect during the outage.
+    assert!(events >= 350.0, "{out}");
+    assert_eq!(json["slot_fresh"], true, "{out}");
     let lsn = |v: &serde_json::Value| v.as_str().unwrap().parse::<sluice_core::Lsn>().unwrap();
     assert!(lsn(&json["confirmed_lsn"]) <= lsn(&json["slot"]["server_wal_lsn"]), "{out}");
 

@@ -101,10 +101,7 @@ pub fn list(config: &Config, json: bool) -> Result<(), CommandError> {
         }
         Ok(())
     })();
-    match written {
-        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("cannot write the list to standard output"),
-    }
+    crate::error::reader_gone_ok(written).context("cannot write the list to standard output")
 }
 
 /// What a replay did.

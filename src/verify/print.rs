@@ -25,12 +25,9 @@ pub fn print(report: &Report, args: &VerifyArgs) -> Result<(), CommandError> {
     } else {
         write_table(&report, &mut std::io::stdout().lock())
     };
-    match written {
-        // A reader that stopped early (`| head`): the report is theirs to cut; the exit code
-        // still says whether the target matches.
-        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("cannot write the report to standard output"),
-    }
+    // A reader that stopped early (`| head`) cuts the report; the exit code still says
+    // whether the target matches.
+    crate::error::reader_gone_ok(written).context("cannot write the report to standard output")
 }
 
 fn write_table(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
