@@ -8,7 +8,8 @@ use std::time::Duration;
 use sluice_dynamodb::{Attr, DynamoClient, Item};
 
 use crate::harness::{
-    differences, dynamo_client, kill_9, moto, sluice, verify_report, wait_for, LogsOnPanic, Moto, TestDb,
+    differences, dynamo_client, kill_9, moto, sluice, verify_report, wait_for, LogsOnPanic, Moto, Outage,
+    TestDb,
 };
 
 const SCHEMA: &str = "CREATE TABLE customers (id int8 PRIMARY KEY, email text, password_hash text, status text NOT NULL DEFAULT 'active',
@@ -736,4 +737,49 @@ async fn verify_leaves_other_writers_items_apart_and_reconcile_force_restores_a_
         "other writers' items stay"
     );
     stop(child);
+}
+
+/// Progress moves within a chunk: one chunk of 1,000 rows applied in parts of 100 through a
+/// slow link to the target shows rows durable before the chunk is recorded, and the request
+/// ends with every row counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_progress_moves_within_a_chunk() {
+    let setup = setup_with("inchunk", "chunk_size = 5000\n", |_| "concurrency = 2\n".into()).await;
+    let db = &setup.db;
+    preload(db, 1000);
+    let link = Outage::start(setup._moto.port).await;
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    std::fs::write(&setup.config, text.replace(&setup._moto.url, &link.url())).unwrap();
+    let _logs = LogsOnPanic(vec![setup.log("daemon.log")]);
+    let daemon = setup.start_with("daemon.log", &[("SLUICE__PIPELINE__BATCH_MAX_EVENTS", "100")]);
+    db.wait_slot_active(&db.slot_name("inchunk")).await;
+    // Each write waits 20 ms on the way: two at a time, 1,000 rows take at least 10 s.
+    link.slow(Duration::from_millis(20));
+    let (code, out) = setup.command(&["snapshot", "--no-wait", "--table", "public.customers"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    let progress = || {
+        let row = db.sql(
+            "SELECT state || ' ' || rows_done || ' ' || chunk_rows_durable FROM sluice_backfill \
+             WHERE source_table = 'public.customers'",
+        );
+        let fields: Vec<String> = row.split_whitespace().map(str::to_owned).collect();
+        (fields[0].clone(), fields[1].parse::<i64>().unwrap(), fields[2].parse::<i64>().unwrap())
+    };
+    let mut seen = Vec::new();
+    wait_for("rows durable within the chunk, before it is recorded", Duration::from_secs(60), || {
+        let now = progress();
+        seen.push(now.clone());
+        async move { now.0 == "running" && now.1 == 0 && now.2 > 0 && now.2 < 1000 }
+    })
+    .await;
+    let first = seen.last().unwrap().2;
+    wait_for("more rows durable within the chunk", Duration::from_secs(60), || {
+        let now = progress();
+        async move { now.1 == 0 && now.2 > first || now.1 == 1000 }
+    })
+    .await;
+    link.slow(Duration::ZERO);
+    wait_for("the request to finish", Duration::from_secs(120), || async { progress().0 == "done" }).await;
+    assert_eq!(progress(), ("done".to_owned(), 1000, 0), "every row counted once, the chunk recorded");
+    stop(daemon);
 }

@@ -538,6 +538,8 @@ pub struct Outage {
     pub port: u16,
     down: Arc<std::sync::atomic::AtomicBool>,
     cut: Arc<tokio::sync::Notify>,
+    /// Milliseconds each piece of a request waits before it is passed on (a slow link).
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Outage {
@@ -551,28 +553,56 @@ impl Outage {
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let cut = Arc::new(tokio::sync::Notify::new());
-        let (down2, cut2) = (Arc::clone(&down), Arc::clone(&cut));
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (down2, cut2, delay2) = (Arc::clone(&down), Arc::clone(&cut), Arc::clone(&delay_ms));
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok((inbound, _)) = listener.accept().await else { return };
                 if down2.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
                 let cut = Arc::clone(&cut2);
+                let delay = Arc::clone(&delay2);
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
                     else {
                         return;
                     };
+                    let (mut from_client, mut to_client) = inbound.into_split();
+                    let (mut from_server, mut to_server) = outbound.into_split();
+                    let up = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = from_client.read(&mut buf).await?;
+                            if n == 0 {
+                                return to_server.shutdown().await;
+                            }
+                            let wait = delay.load(Ordering::SeqCst);
+                            if wait > 0 {
+                                tokio::time::sleep(Duration::from_millis(wait)).await;
+                            }
+                            to_server.write_all(&buf[..n]).await?;
+                        }
+                    };
+                    let down = async move {
+                        tokio::io::copy(&mut from_server, &mut to_client).await?;
+                        to_client.shutdown().await
+                    };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = async { tokio::join!(up, down) } => {}
                         _ = cut.notified() => {}
                     }
                 });
             }
         });
-        Outage { port, down, cut }
+        Outage { port, down, cut, delay_ms }
+    }
+
+    /// Holds each piece of a request for `delay` before passing it on (zero: no delay).
+    pub fn slow(&self, delay: Duration) {
+        self.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn url(&self) -> String {

@@ -1,6 +1,7 @@
 //! Serving one request: chunk after chunk between watermarks, each recorded as progress once
 //! the target made it durable.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,7 +45,7 @@ pub(super) async fn serve_request(
         )));
     }
     sql.execute(
-        &format!("UPDATE {progress} SET state = 'running', started_at = coalesce(started_at, now()) WHERE pipeline = $1 AND id = $2 AND state <> 'cancelled'"),
+        &format!("UPDATE {progress} SET state = 'running', started_at = coalesce(started_at, now()), chunk_rows_durable = 0 WHERE pipeline = $1 AND id = $2 AND state <> 'cancelled'"),
         &[&pipeline, &request.id],
     )
     .await?;
@@ -73,7 +74,8 @@ pub(super) async fn serve_request(
         if state.as_deref() == Some("cancelled") {
             if let Some(last) = in_flight.take() {
                 rows_this_run +=
-                    record(&sql, &progress, pipeline, &request, last, &mut shutdown, &label).await? as u64;
+                    record(&sql, &progress, pipeline, &request, last, None, &mut shutdown, &label).await?
+                        as u64;
             }
             tracing::info!(request = request.id, table = %request.table, rows = rows_this_run, "backfill cancelled");
             return Ok(());
@@ -105,6 +107,7 @@ pub(super) async fn serve_request(
             read_key = next_key;
         }
         let (done, durable) = oneshot::channel();
+        let applied = Arc::new(AtomicU64::new(0));
         let chunk = Chunk {
             id: chunk_id.clone(),
             relation: Arc::clone(&relation),
@@ -112,6 +115,7 @@ pub(super) async fn serve_request(
             rows: values,
             absent_keys,
             done,
+            applied: Arc::clone(&applied),
         };
         // Never waits long: each request has at most two chunks unmerged (the channel holds two
         // per request), and the one before this was merged once its high watermark streamed.
@@ -121,10 +125,19 @@ pub(super) async fn serve_request(
         }
         emit(&sql, &Watermark::text(true, pipeline, &chunk_id, &request.table)).await?;
         if let Some(previous) =
-            in_flight.replace(InFlight { durable, advanced, read, last_key: read_key.clone() })
+            in_flight.replace(InFlight { durable, advanced, read, last_key: read_key.clone(), applied })
         {
-            rows_this_run +=
-                record(&sql, &progress, pipeline, &request, previous, &mut shutdown, &label).await? as u64;
+            rows_this_run += record(
+                &sql,
+                &progress,
+                pipeline,
+                &request,
+                previous,
+                in_flight.as_ref(),
+                &mut shutdown,
+                &label,
+            )
+            .await? as u64;
         }
         if last_log.elapsed() >= Duration::from_secs(10) {
             let done = offset as u64 + rows_this_run;
@@ -148,10 +161,10 @@ pub(super) async fn serve_request(
     }
     if let Some(last) = in_flight.take() {
         rows_this_run +=
-            record(&sql, &progress, pipeline, &request, last, &mut shutdown, &label).await? as u64;
+            record(&sql, &progress, pipeline, &request, last, None, &mut shutdown, &label).await? as u64;
     }
     sql.execute(
-        &format!("UPDATE {progress} SET state = 'done', finished_at = now() WHERE pipeline = $1 AND id = $2 AND state = 'running'"),
+        &format!("UPDATE {progress} SET state = 'done', finished_at = now(), chunk_rows_durable = 0 WHERE pipeline = $1 AND id = $2 AND state = 'running'"),
         &[&pipeline, &request.id],
     )
     .await?;
@@ -167,26 +180,62 @@ struct InFlight {
     read: usize,
     /// The keyset position after it.
     last_key: Option<Vec<String>>,
+    /// Its writes durable so far (the pipeline counts them part by part).
+    applied: Arc<AtomicU64>,
 }
 
+impl InFlight {
+    /// Rows (keys) of the chunk already durable, at most what it advances the request by.
+    fn durable_so_far(&self) -> i64 {
+        self.applied.load(Ordering::Relaxed).min(self.advanced as u64) as i64
+    }
+}
+
+/// How often progress within the chunks in flight is written to the progress table.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
 /// Waits until the chunk is durable, then records it in the progress table; returns how far
-/// it advanced the request.
+/// it advanced the request. Meanwhile, once a second, the rows of it and of the `newer` chunk
+/// already durable go to `chunk_rows_durable`, so that progress moves within a chunk (the
+/// resumable position, `last_key`, moves only by whole chunks).
+#[allow(clippy::too_many_arguments)]
 async fn record(
     sql: &tokio_postgres::Client,
     progress: &str,
     pipeline: &str,
     request: &Request,
-    chunk: InFlight,
+    mut chunk: InFlight,
+    newer: Option<&InFlight>,
     shutdown: &mut Shutdown,
     label: &str,
 ) -> Result<usize, BackfillError> {
-    tokio::select! {
-        result = chunk.durable => result.map_err(|_| BackfillError::ChunkLost)?,
-        _ = shutdown.requested() => return Err(BackfillError::Stopped),
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shown = 0;
+    loop {
+        tokio::select! {
+            result = &mut chunk.durable => {
+                result.map_err(|_| BackfillError::ChunkLost)?;
+                break;
+            }
+            _ = tick.tick() => {
+                let now = chunk.durable_so_far() + newer.map_or(0, InFlight::durable_so_far);
+                if now != shown {
+                    sql.execute(
+                        &format!("UPDATE {progress} SET chunk_rows_durable = $3 WHERE pipeline = $1 AND id = $2"),
+                        &[&pipeline, &request.id, &now],
+                    )
+                    .await?;
+                    shown = now;
+                }
+            }
+            _ = shutdown.requested() => return Err(BackfillError::Stopped),
+        }
     }
+    let still_in_flight = newer.map_or(0, InFlight::durable_so_far);
     sql.execute(
-        &format!("UPDATE {progress} SET last_key = $3, rows_done = rows_done + $4, chunks_done = chunks_done + 1 WHERE pipeline = $1 AND id = $2"),
-        &[&pipeline, &request.id, &chunk.last_key, &(chunk.advanced as i64)],
+        &format!("UPDATE {progress} SET last_key = $3, rows_done = rows_done + $4, chunks_done = chunks_done + 1, chunk_rows_durable = $5 WHERE pipeline = $1 AND id = $2"),
+        &[&pipeline, &request.id, &chunk.last_key, &(chunk.advanced as i64), &still_in_flight],
     )
     .await?;
     metrics::counter!(crate::metrics::BACKFILL_ROWS_TOTAL, "table" => label.to_owned())

@@ -200,8 +200,9 @@ pub async fn follow(
                 serving = Some(running);
             }
         }
-        let rows: i64 = requests.iter().map(|r| r.rows_done).sum();
-        let estimate: i64 = requests.iter().map(|r| r.rows_estimate.unwrap_or(0).max(r.rows_done)).sum();
+        let done = |r: &super::Progress| r.rows_done + r.chunk_rows_durable;
+        let rows: i64 = requests.iter().map(done).sum();
+        let estimate: i64 = requests.iter().map(|r| r.rows_estimate.unwrap_or(0).max(done(r))).sum();
         let now = Instant::now();
         samples.push_back((now, rows));
         while samples.len() > 2 && now.duration_since(samples[0].0) > Duration::from_secs(10) {

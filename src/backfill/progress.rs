@@ -52,6 +52,7 @@ pub async fn ensure_progress_table(
            last_key text[],
            rows_done bigint NOT NULL DEFAULT 0,
            chunks_done bigint NOT NULL DEFAULT 0,
+           chunk_rows_durable bigint NOT NULL DEFAULT 0,
            rows_estimate bigint,
            error text,
            requested_at timestamptz NOT NULL DEFAULT now(),
@@ -60,19 +61,24 @@ pub async fn ensure_progress_table(
            PRIMARY KEY (pipeline, id))",
     )
     .await?;
-    let has_slot = sql
-        .query_opt(
-            "SELECT 1 FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 AND column_name = 'slot'",
+    // A table of an older sluice: the columns added since.
+    let columns: Vec<String> = sql
+        .query(
+            "SELECT column_name::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
             &[&config.progress_table.schema(), &config.progress_table.name()],
         )
         .await?
-        .is_some();
-    if !has_slot {
-        sql.batch_execute(&format!(
-            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS slot text",
-            config.quoted_table()
-        ))
-        .await?;
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for (column, definition) in [("slot", "text"), ("chunk_rows_durable", "bigint NOT NULL DEFAULT 0")] {
+        if !columns.iter().any(|c| c == column) {
+            sql.batch_execute(&format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {column} {definition}",
+                config.quoted_table()
+            ))
+            .await?;
+        }
     }
     // A table of an older sluice: its state check lacks 'cancelled'.
     let old_check = sql
@@ -165,8 +171,10 @@ pub struct Progress {
     pub table: String,
     /// `pending`, `running`, `done`, `failed` or `cancelled`.
     pub state: String,
-    /// Rows (or keys) made durable so far.
+    /// Rows (or keys) of whole chunks made durable so far (the resumable position).
     pub rows_done: i64,
+    /// Rows of the chunks in flight already durable (progress within a chunk).
+    pub chunk_rows_durable: i64,
     /// Chunks made durable so far.
     pub chunks_done: i64,
     /// The table's estimated rows (`estimate_rows`), or the number of keys.
@@ -185,7 +193,7 @@ pub async fn progress(
     let rows = sql
         .query(
             &format!(
-                "SELECT id, source_table, state, rows_done, chunks_done, rows_estimate, error FROM {} WHERE pipeline = $1 AND id = ANY($2) ORDER BY id",
+                "SELECT id, source_table, state, rows_done, chunks_done, rows_estimate, error, chunk_rows_durable FROM {} WHERE pipeline = $1 AND id = ANY($2) ORDER BY id",
                 config.quoted_table()
             ),
             &[&pipeline, &ids],
@@ -201,6 +209,7 @@ pub async fn progress(
             chunks_done: r.get(4),
             rows_estimate: r.get(5),
             error: r.get(6),
+            chunk_rows_durable: r.get(7),
         })
         .collect())
 }

@@ -26,6 +26,7 @@
 //! replaces the old window, so at most one window per table is held in memory.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -48,6 +49,9 @@ pub struct Chunk {
     pub absent_keys: Vec<Vec<Value>>,
     /// Told once the chunk's writes are durable in the target.
     pub done: oneshot::Sender<()>,
+    /// The chunk's writes durable so far: the pipeline adds each part's as it becomes
+    /// durable, so that progress moves within a chunk.
+    pub applied: Arc<AtomicU64>,
 }
 
 /// A watermark message's content.
@@ -80,7 +84,16 @@ impl<'a> Watermark<'a> {
 /// A batch to submit, and what to tell when it is durable.
 pub struct Part {
     pub batch: EventBatch,
+    /// The chunk's last part: its sender, told when durable.
     pub chunk_done: Option<oneshot::Sender<()>>,
+    /// A part of a chunk: its counter, and the writes to add to it when durable.
+    pub chunk_applied: Option<(Arc<AtomicU64>, u64)>,
+}
+
+impl Part {
+    fn of_stream(batch: EventBatch) -> Self {
+        Part { batch, chunk_done: None, chunk_applied: None }
+    }
 }
 
 struct Window {
@@ -102,6 +115,8 @@ pub struct Watermarks {
     /// data, even under a publication FOR ALL TABLES.
     progress_table: Option<TableName>,
     incoming: Option<mpsc::Receiver<Chunk>>,
+    /// Most writes of a merged chunk in one part (`pipeline.batch_max_events`).
+    part_max_events: usize,
 }
 
 impl Watermarks {
@@ -113,7 +128,15 @@ impl Watermarks {
             arrivals: 0,
             progress_table: None,
             incoming,
+            part_max_events: usize::MAX,
         }
+    }
+
+    /// Splits each merged chunk into parts of at most `events` writes, each counted into the
+    /// chunk's progress as it becomes durable.
+    pub fn with_part_max_events(mut self, events: usize) -> Self {
+        self.part_max_events = events.max(1);
+        self
     }
 
     /// Drops the changes of the progress table from the stream.
@@ -141,7 +164,7 @@ impl Watermarks {
                 || self.is_progress_table(e)
         });
         if !special && self.windows.is_empty() {
-            return vec![Part { batch, chunk_done: None }];
+            return vec![Part::of_stream(batch)];
         }
         let mut parts = Vec::new();
         let mut current = Vec::with_capacity(batch.events.len());
@@ -149,14 +172,11 @@ impl Watermarks {
             if let ChangeEvent::Message { prefix, content, position, .. } = &event {
                 if prefix == WATERMARK_PREFIX {
                     if let Some(merged) = self.watermark(content, *position) {
-                        parts.push(Part {
-                            batch: EventBatch {
-                                events: std::mem::take(&mut current),
-                                ..EventBatch::default()
-                            },
-                            chunk_done: None,
-                        });
-                        parts.push(merged);
+                        parts.push(Part::of_stream(EventBatch {
+                            events: std::mem::take(&mut current),
+                            ..EventBatch::default()
+                        }));
+                        parts.extend(merged);
                     }
                     continue;
                 }
@@ -168,7 +188,7 @@ impl Watermarks {
             current.push(event);
         }
         batch.events = current;
-        parts.push(Part { batch, chunk_done: None });
+        parts.push(Part::of_stream(batch));
         parts.retain(|p| {
             !p.batch.events.is_empty()
                 || p.batch.ack_lsn.is_some()
@@ -191,8 +211,8 @@ impl Watermarks {
         }
     }
 
-    /// Handles one watermark; returns the merged chunk at a high watermark.
-    fn watermark(&mut self, content: &[u8], position: Position) -> Option<Part> {
+    /// Handles one watermark; returns the merged chunk's parts at a high watermark.
+    fn watermark(&mut self, content: &[u8], position: Position) -> Option<Vec<Part>> {
         let mark = Watermark::parse(content)?;
         if mark.pipeline != self.pipeline {
             return None;
@@ -222,8 +242,38 @@ impl Watermarks {
         // Chunks of the table that arrived before this one had their windows replaced: they
         // are never merged (their senders learn it when the chunk is dropped).
         self.chunks.retain(|_, (at, c)| *at > arrival || c.relation.qualified_name() != mark.table);
-        Some(merge(chunk, &window.events, position))
+        let applied = Arc::clone(&chunk.applied);
+        let (events, done) = merge(chunk, &window.events, position);
+        Some(split_chunk(events, done, applied, self.part_max_events))
     }
+}
+
+/// A merged chunk's writes as parts of at most `max` (one, empty, for a chunk without any),
+/// the last one telling `done`.
+fn split_chunk(
+    events: Vec<ChangeEvent>,
+    done: oneshot::Sender<()>,
+    applied: Arc<AtomicU64>,
+    max: usize,
+) -> Vec<Part> {
+    let mut parts = Vec::with_capacity(events.len().div_ceil(max).max(1));
+    let mut events = events.into_iter().peekable();
+    loop {
+        let piece: Vec<ChangeEvent> = events.by_ref().take(max).collect();
+        let count = piece.len() as u64;
+        parts.push(Part {
+            batch: EventBatch { events: piece, ..EventBatch::default() },
+            chunk_done: None,
+            chunk_applied: Some((Arc::clone(&applied), count)),
+        });
+        if events.peek().is_none() {
+            break;
+        }
+    }
+    if let Some(last) = parts.last_mut() {
+        last.chunk_done = Some(done);
+    }
+    parts
 }
 
 /// The key of a row as comparable text: the primary key's values, by column name.
@@ -236,8 +286,12 @@ fn key_of(relation: &Relation, names: &[&str], values: &[Option<&Value>]) -> Opt
     Some(sluice_core::value::key_identity(key))
 }
 
-/// The chunk rows brought up to date with the window, at `position`.
-fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
+/// The chunk rows brought up to date with the window, at `position`, and the chunk's sender.
+fn merge(
+    chunk: Chunk,
+    window: &[ChangeEvent],
+    position: Position,
+) -> (Vec<ChangeEvent>, oneshot::Sender<()>) {
     let relation = Arc::clone(&chunk.relation);
     if window.is_empty() && chunk.absent_keys.is_empty() {
         // Nothing changed while the chunk was read: its rows as they are.
@@ -246,7 +300,7 @@ fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
             .into_iter()
             .map(|new| ChangeEvent::Insert { position, relation: Arc::clone(&relation), new, snapshot: true })
             .collect();
-        return Part { batch: EventBatch { events, ..EventBatch::default() }, chunk_done: Some(chunk.done) };
+        return (events, chunk.done);
     }
     let names: Vec<&str> = chunk.primary_key.iter().map(|&i| relation.columns[i].name.as_str()).collect();
     // Each key's final state: None (deleted) or the full row.
@@ -348,7 +402,7 @@ fn merge(chunk: Chunk, window: &[ChangeEvent], position: Position) -> Part {
             None => {}
         }
     }
-    Part { batch: EventBatch { events, ..EventBatch::default() }, chunk_done: Some(chunk.done) }
+    (events, chunk.done)
 }
 
 /// A row of relation `from` as the columns of `to` (by name; absent ones Null).
@@ -426,6 +480,7 @@ mod tests {
                 rows,
                 absent_keys: absent,
                 done,
+                applied: Arc::default(),
             },
             rx,
         )
@@ -444,6 +499,27 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_merged_chunk_is_split_into_counted_parts_and_only_the_last_tells_done() {
+        let (tx, rx) = mpsc::channel(4);
+        let mut watermarks = Watermarks::new("p", Some(rx)).with_part_max_events(2);
+        let (chunk, mut done) = chunk((1..=5).map(|i| row(i, "n", "b")).collect(), vec![]);
+        let applied = Arc::clone(&chunk.applied);
+        tx.try_send(chunk).unwrap();
+        let parts =
+            watermarks.split(batch(vec![mark(false, "p", "1.1", 100), mark(true, "p", "1.1", 130)], 140));
+        let sizes: Vec<usize> = parts.iter().map(|p| p.batch.events.len()).collect();
+        assert_eq!(sizes, [2, 2, 1, 0], "three parts of the chunk, then the batch's acknowledgement");
+        let counted: Vec<u64> =
+            parts.iter().filter_map(|p| p.chunk_applied.as_ref().map(|(_, n)| *n)).collect();
+        assert_eq!(counted, [2, 2, 1]);
+        assert!(parts[..2].iter().all(|p| p.chunk_done.is_none()));
+        assert!(parts[2].chunk_done.is_some() && parts[3].chunk_done.is_none());
+        assert_eq!(parts[3].batch.ack_lsn, Some(Lsn(140)));
+        assert!(parts.iter().all(|p| p.chunk_applied.as_ref().is_none_or(|(a, _)| Arc::ptr_eq(a, &applied))));
+        assert!(done.try_recv().is_err());
     }
 
     #[test]

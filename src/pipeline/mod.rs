@@ -85,7 +85,8 @@ pub async fn run(
                 // bounds what the backfill holds in memory to that.
                 let (chunk_tx, chunk_rx) = mpsc::channel(2 * config.backfill.concurrency.max(1));
                 watermarks = Watermarks::new(&config.pipeline.name, Some(chunk_rx))
-                    .ignoring(&config.backfill.progress_table);
+                    .ignoring(&config.backfill.progress_table)
+                    .with_part_max_events(config.pipeline.batch_max_events);
                 backfill_task = Some(tokio::spawn(crate::backfill::run(
                     connection,
                     crate::backfill::Scope {
@@ -202,9 +203,13 @@ async fn apply<X: Translator, T: Target<Op = X::Op>>(
     let mut source_open = true;
     while source_open || !in_flight.is_empty() {
         tokio::select! {
-            Some((seq, result, chunk_done)) = in_flight.next(), if !in_flight.is_empty() => {
+            Some((seq, result, chunk_done, chunk_applied)) = in_flight.next(), if !in_flight.is_empty() => {
                 let result: Result<(), TargetError> = result;
                 result?;
+                if let Some((applied, n)) = chunk_applied {
+                    let applied: Arc<std::sync::atomic::AtomicU64> = applied;
+                    applied.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                }
                 if let Some(done) = chunk_done {
                     let _ = tokio::sync::oneshot::Sender::<()>::send(done, ());
                 }
@@ -215,7 +220,7 @@ async fn apply<X: Translator, T: Target<Op = X::Op>>(
             }
             batch = batches.recv(), if source_open && in_flight.len() < max_in_flight => match batch {
                 Some(batch) => {
-                    for Part { batch, chunk_done } in watermarks.split(batch) {
+                    for Part { batch, chunk_done, chunk_applied } in watermarks.split(batch) {
                         state.count_changes(count_events(&batch.events));
                         let seq = tracker.register_with_time(batch.ack_lsn, batch.commit_time);
                         let ops = stage::translate(
@@ -229,7 +234,7 @@ async fn apply<X: Translator, T: Target<Op = X::Op>>(
                         .await?;
                         let receipt = target.submit(ops).await?;
                         let chunk_done: Option<tokio::sync::oneshot::Sender<()>> = chunk_done;
-                        in_flight.push(async move { (seq, receipt.await, chunk_done) });
+                        in_flight.push(async move { (seq, receipt.await, chunk_done, chunk_applied) });
                     }
                 }
                 None => source_open = false,
