@@ -96,6 +96,9 @@ enum Command {
     DeadLetter(DeadLetterCommand),
     /// Benchmark the stream against pg_recvlogical on the same data (see the README).
     Bench(sluice::bench::BenchArgs),
+    /// Print the configuration file's JSON Schema (draft-07), generated from the types that
+    /// read it: for editors (taplo's `#:schema`, VS Code) and other tooling.
+    ConfigSchema,
 }
 
 #[derive(Subcommand)]
@@ -234,6 +237,10 @@ fn main() -> ExitCode {
         },
         Command::Bench(args) => {
             report(runtime.block_on(sluice::bench::run(args)).map_err(anyhow::Error::from_boxed))
+        }
+        Command::ConfigSchema => {
+            let schema = sluice::config::schema::config_schema();
+            report(sluice::error::print(&format!("{schema:#}\n")).map_err(anyhow::Error::from))
         }
     }
 }

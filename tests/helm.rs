@@ -195,8 +195,44 @@ fn chart_renders_valid_manifests_with_default_and_full_values() {
         pg.contains("name: SLUICE__TARGET__CONNECTION__PASSWORD") && pg.contains("name: shop-v2-db"),
         "target password from the Secret"
     );
-    let out = helm(dir.path(), &["template", "release", CHART, "--set", "config.target.kind=postgres"]);
+    let out = helm(
+        dir.path(),
+        &[
+            "template",
+            "release",
+            CHART,
+            "--set",
+            "config.target.kind=postgres",
+            "--set",
+            "config.target.connection.dbname=v2",
+        ],
+    );
     assert!(!out.status.success() && text(&out).contains("Postgres mapping"), "{}", text(&out));
+}
+
+/// The `config` part of `values.schema.json` is generated from sluice's configuration types
+/// (`sluice::config::schema`), so that the chart refuses exactly what sluice would. After a
+/// change to the configuration, `SLUICE_UPDATE_CHART_SCHEMA=1 cargo test chart_schema` writes it.
+#[test]
+fn chart_schema_config_is_the_generated_one() {
+    let path = Path::new(CHART).join("values.schema.json");
+    let current: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let generated = sluice::config::schema::with_chart_config(&current);
+    if std::env::var_os("SLUICE_UPDATE_CHART_SCHEMA").is_some() {
+        std::fs::write(&path, format!("{generated:#}\n")).unwrap();
+        return;
+    }
+    // `sluice config-schema` prints the configuration's schema the chart's is made from.
+    let out = crate::harness::sluice().arg("config-schema").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed, sluice::config::schema::config_schema());
+    assert!(printed.pointer("/properties/source/properties/connection/properties/password").is_some());
+    assert!(
+        current == generated,
+        "helm/sluice/values.schema.json's config is not the one generated from the configuration \
+         types: run SLUICE_UPDATE_CHART_SCHEMA=1 cargo test --test main chart_schema"
+    );
 }
 
 #[test]
@@ -215,11 +251,31 @@ fn chart_refuses_bad_values_and_the_validator_catches_bad_manifests() {
         ("config.pipeline.max_in_flight=many", "/config/pipeline/max_in_flight"),
         ("config.ha.retry_interval=soon", "/config/ha/retry_interval"),
         ("config.monitoring.listen=0.0.0.0:1", "listen"),
+        ("config.backfill.chunk_size=-5", "/config/backfill/chunk_size"),
+        ("config.source.replication.streaming=yes", "/config/source/replication/streaming"),
+        ("config.source.connection.sslmode=prefer", "/config/source/connection/sslmode"),
+        // A key of another kind of target, named against the kind chosen.
+        ("config.target.brokers=kafka:9092", "additional properties 'brokers' not allowed"),
+        ("config.target.kind=kafka", "missing property 'brokers'"),
+        ("config.target.kind=s3", "/config/target/kind"),
     ] {
         let out = helm(dir.path(), &["template", "release", CHART, "--set", setting]);
         assert!(!out.status.success(), "{setting} must be refused");
-        assert!(text(&out).contains(complaint), "{setting}: {}", text(&out));
+        let message = text(&out);
+        assert!(message.contains(complaint), "{setting}: {message}");
+        // Messages a person reads: no bare "'not' failed" nor "none matched" without a reason.
+        assert!(!message.contains("'not' failed"), "{setting}: {message}");
     }
+    let mut args = vec!["template", "release", CHART];
+    for setting in ["config.target.kind=dynamodb", "config.target.secret_access_key=x", "mapping=x"] {
+        args.extend(["--set", setting]);
+    }
+    let out = helm(dir.path(), &args);
+    assert!(
+        !out.status.success() && text(&out).contains("additional properties 'secret_access_key' not allowed"),
+        "{}",
+        text(&out)
+    );
     let out = helm(dir.path(), &["template", "release", CHART, "--set", "config.target.kind=dynamodb"]);
     assert!(!out.status.success() && text(&out).contains("set mapping"), "{}", text(&out));
 

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use sluice_core::{Problem, TableName};
 
 /// `[backfill]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackfillConfig {
     /// Serve backfill and reconcile requests while streaming.
@@ -28,7 +28,8 @@ pub struct BackfillConfig {
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// How often the daemon looks for new requests.
-    #[serde(default = "default_poll_interval", with = "sluice_core::duration")]
+    #[serde(default = "default_poll_interval", deserialize_with = "sluice_core::duration::deserialize")]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
     pub poll_interval: Duration,
 }
 

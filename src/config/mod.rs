@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 mod backfill;
 mod env;
+pub mod schema;
 
 pub use backfill::BackfillConfig;
 use env::apply_env_overrides;
@@ -19,7 +20,7 @@ pub use crate::targets::TargetConfig;
 use sluice_postgres::{ConnectionConfig, ReplicationConfig};
 
 /// The whole configuration of one sluice process (one pipeline).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Batching, retries, shutdown.
@@ -41,18 +42,24 @@ pub struct Config {
 }
 
 /// `[monitoring]`: the HTTP endpoints and the health thresholds.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MonitoringConfig {
     /// Address of the HTTP server for /metrics, /healthz, /readyz and /status; empty (none)
     /// disables it.
     #[serde(default = "default_listen", deserialize_with = "listen_address")]
+    #[schemars(schema_with = "listen_schema")]
     pub listen: Option<SocketAddr>,
     /// /readyz answers 503 while the lag exceeds this (with heartbeats on).
-    #[serde(default = "default_ready_max_lag", with = "sluice_core::duration")]
+    #[serde(default = "default_ready_max_lag", deserialize_with = "sluice_core::duration::deserialize")]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
     pub ready_max_lag: Duration,
     /// How often the slot is inspected in pg_replication_slots.
-    #[serde(default = "default_slot_check_interval", with = "sluice_core::duration")]
+    #[serde(
+        default = "default_slot_check_interval",
+        deserialize_with = "sluice_core::duration::deserialize"
+    )]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
     pub slot_check_interval: Duration,
     /// A warning is logged while the slot retains more WAL than this.
     #[serde(default = "default_retained_wal_warn_bytes")]
@@ -84,6 +91,9 @@ fn listen_address<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<O
         .map(Some)
         .map_err(|_| serde::de::Error::custom("must be an address such as 0.0.0.0:9187, or empty to disable"))
 }
+fn listen_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "type": "string", "pattern": "^$|^.+:[0-9]+$" })
+}
 fn default_ready_max_lag() -> Duration {
     Duration::from_secs(60)
 }
@@ -95,7 +105,7 @@ fn default_retained_wal_warn_bytes() -> u64 {
 }
 
 /// `[ha]`: several replicas of one pipeline, one of which streams.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HaConfig {
     /// Hold a Postgres advisory lock (named after the slot) while streaming; replicas without
@@ -103,7 +113,8 @@ pub struct HaConfig {
     #[serde(default = "yes")]
     pub enabled: bool,
     /// How often a standby tries to take the lock.
-    #[serde(default = "default_ha_retry_interval", with = "sluice_core::duration")]
+    #[serde(default = "default_ha_retry_interval", deserialize_with = "sluice_core::duration::deserialize")]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
     pub retry_interval: Duration,
 }
 
@@ -118,7 +129,7 @@ fn default_ha_retry_interval() -> Duration {
 }
 
 /// `[pipeline]`: how changes move through sluice.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
     /// Names the pipeline in logs and metrics.
@@ -131,10 +142,12 @@ pub struct PipelineConfig {
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
     /// How long transient source failures are retried before sluice stops with an error.
-    #[serde(default = "default_retry_for", with = "sluice_core::duration")]
+    #[serde(default = "default_retry_for", deserialize_with = "sluice_core::duration::deserialize")]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
     pub retry_for: Duration,
     /// On SIGTERM/SIGINT, how long to wait for in-flight batches before exiting.
-    #[serde(default = "default_shutdown_timeout", with = "sluice_core::duration")]
+    #[serde(default = "default_shutdown_timeout", deserialize_with = "sluice_core::duration::deserialize")]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
     pub shutdown_timeout: Duration,
     /// `run` streams despite the start checks' warnings (a published table no mapping
     /// names, a table whose updates Postgres rejects); their problems always stop it.
@@ -191,14 +204,33 @@ pub enum SourceMode {
 }
 
 /// `[source]` as written: both ways are optional in the file, exactly one in the config.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct SourceFields {
+    /// How to reach the source database.
     connection: ConnectionConfig,
+    /// Logical replication: a slot on a publication.
     #[serde(default)]
     replication: Option<ReplicationConfig>,
+    /// An outbox table polled in commit order, where logical replication is not allowed.
     #[serde(default)]
     poll: Option<sluice_postgres::PollConfig>,
+}
+
+impl schemars::JsonSchema for SourceConfig {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "SourceConfig".into()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let mut schema = SourceFields::json_schema(generator);
+        // One of the two (that both are not set is left to sluice's own message: a values
+        // file cannot unset the chart's default `replication` but with null).
+        schema.insert(
+            "anyOf".into(),
+            serde_json::json!([{ "required": ["replication"] }, { "required": ["poll"] }]),
+        );
+        schema
+    }
 }
 
 const NO_SOURCE: &str =

@@ -38,7 +38,7 @@ use sluice_core::{Lsn, Position};
 use crate::error::TargetError;
 
 /// Where changes go.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum TargetConfig {
     /// Items in DynamoDB tables, through a mapping, with position-guarded writes.

@@ -16,7 +16,7 @@ use sluice_core::Problem;
 use sluice_core::{ChangeEvent, Position, Relation, TableName, Value};
 
 /// The router's settings (a target's `[target.outbox]`).
-#[derive(Clone, Debug, serde::Deserialize)]
+#[derive(Clone, Debug, serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxConfig {
     /// The outbox table (`schema.table`) whose inserts are events.
@@ -59,7 +59,7 @@ pub struct OutboxConfig {
 }
 
 /// `target.outbox.missing_topic`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MissingTopic {
     /// Stop with an error naming the topic (the default).

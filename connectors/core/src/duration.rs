@@ -29,6 +29,15 @@ pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duratio
     parse(&text).map_err(serde::de::Error::custom)
 }
 
+/// The JSON Schema of a duration written with a unit, for `#[schemars(schema_with)]`.
+pub fn schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "pattern": "^[0-9]+(ms|s|m|h)$",
+        "description": "A whole number and a unit: ms, s, m or h (\"250ms\", \"10s\", \"5m\", \"1h\")."
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

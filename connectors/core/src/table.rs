@@ -69,6 +69,18 @@ impl fmt::Display for TableName {
     }
 }
 
+impl schemars::JsonSchema for TableName {
+    fn inline_schema() -> bool {
+        true
+    }
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "TableName".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "pattern": "^[^.]+\\..+$", "description": "schema.table" })
+    }
+}
+
 impl<'de> serde::Deserialize<'de> for TableName {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;

@@ -38,7 +38,7 @@ pub struct ProducerOptions {
 }
 
 /// How record batches are compressed (`compression.type`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 #[expect(missing_docs, reason = "each variant is the codec it names")]
 pub enum Compression {

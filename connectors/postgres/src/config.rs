@@ -7,7 +7,7 @@ use serde::Deserialize;
 use sluice_core::{Problem, Secret};
 
 /// How the connection uses TLS, with libpq's names.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum SslMode {
     /// Plain TCP.
@@ -20,7 +20,7 @@ pub enum SslMode {
 }
 
 /// Where and as whom to connect.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectionConfig {
     /// Host name or address of the server.
@@ -44,7 +44,8 @@ pub struct ConnectionConfig {
     #[serde(default)]
     pub sslrootcert: Option<PathBuf>,
     /// How long connecting and logging in may take.
-    #[serde(default = "default_connect_timeout", with = "sluice_core::duration")]
+    #[serde(default = "default_connect_timeout", deserialize_with = "sluice_core::duration::deserialize")]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
     pub connect_timeout: Duration,
 }
 
@@ -100,7 +101,7 @@ impl ConnectionConfig {
 }
 
 /// How to stream from the slot.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationConfig {
     /// Replication slot name; created when missing (unless `create_slot = false`), reused when present.
@@ -128,7 +129,8 @@ pub struct ReplicationConfig {
     #[serde(default)]
     pub messages: bool,
     /// How often a standby status update is sent when the server does not ask.
-    #[serde(default = "default_status_interval", with = "sluice_core::duration")]
+    #[serde(default = "default_status_interval", deserialize_with = "sluice_core::duration::deserialize")]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
     pub status_interval: Duration,
     /// Where streamed transactions are spilled; the system temp dir when unset.
     #[serde(default)]
@@ -136,7 +138,8 @@ pub struct ReplicationConfig {
     /// How often a heartbeat (`pg_logical_emit_message` with prefix `sluice.heartbeat`, not
     /// transactional) is written while streaming, so that the slot advances and lag stays
     /// measurable on an idle database. `0s` disables it.
-    #[serde(default = "default_heartbeat_interval", with = "sluice_core::duration")]
+    #[serde(default = "default_heartbeat_interval", deserialize_with = "sluice_core::duration::deserialize")]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
     pub heartbeat_interval: Duration,
     /// What to do when the slot was invalidated (the server dropped WAL it still needed):
     /// `stop` with an error (default), or `recreate` it, which loses the changes in between
@@ -146,7 +149,7 @@ pub struct ReplicationConfig {
 }
 
 /// What to do when the slot was invalidated (`wal_status = lost`): changes are gone.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SlotLostPolicy {
     /// Stop with an error naming the slot: an operator decides (the default).

@@ -55,7 +55,7 @@ use sluice_core::event::{ChangeEvent, EventBatch, Position, Relation};
 use sluice_core::lsn::Lsn;
 
 /// `[source.poll]`.
-#[derive(Clone, Debug, serde::Deserialize)]
+#[derive(Clone, Debug, serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PollConfig {
     /// The outbox table, `schema.table`.
@@ -68,7 +68,8 @@ pub struct PollConfig {
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// The pause after a poll that found less than a full batch.
-    #[serde(default = "default_interval", with = "sluice_core::duration")]
+    #[serde(default = "default_interval", deserialize_with = "sluice_core::duration::deserialize")]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
     pub interval: Duration,
     /// What happens to a published row: `delete` it, or `mark` it (set `mark_column`).
     #[serde(default)]
@@ -79,7 +80,7 @@ pub struct PollConfig {
 }
 
 /// What happens to an outbox row once its event is durable in the target.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AfterPublish {
     /// Delete it (the default).

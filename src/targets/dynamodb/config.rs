@@ -10,7 +10,7 @@ use crate::translate::mapping::MappingFile;
 use crate::translate::outbox::OutboxConfig;
 
 /// `[target]` with `kind = "dynamodb"`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DynamoConfig {
     /// The mapping file (format in `schemas/README.md`); optional when `outbox` is set.
@@ -35,10 +35,12 @@ pub struct DynamoConfig {
     #[serde(default = "default_dynamo_concurrency")]
     pub concurrency: usize,
     /// How long throttling, 5xx and network errors are retried before the pipeline stops.
-    #[serde(default = "default_retry_for", with = "sluice_core::duration")]
+    #[serde(default = "default_retry_for", deserialize_with = "sluice_core::duration::deserialize")]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
     pub retry_for: Duration,
     /// How long one request may take before it is retried.
-    #[serde(default = "default_dynamo_timeout", with = "sluice_core::duration")]
+    #[serde(default = "default_dynamo_timeout", deserialize_with = "sluice_core::duration::deserialize")]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
     pub request_timeout: Duration,
     /// A JSON-lines file receiving writes that can never apply; without it they are only logged and counted.
     #[serde(default)]
@@ -57,7 +59,7 @@ pub struct DynamoConfig {
 }
 
 /// How items are written (`write_mode`).
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WriteMode {
     /// One conditional PutItem, UpdateItem or DeleteItem per change (the default).

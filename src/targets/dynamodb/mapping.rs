@@ -51,7 +51,7 @@ pub struct Tombstones {
     /// A TTL attribute (epoch seconds) set on tombstones so DynamoDB expires them.
     #[serde(default)]
     pub ttl_attribute: Option<String>,
-    #[serde(default = "default_tombstone_ttl", with = "sluice_core::duration")]
+    #[serde(default = "default_tombstone_ttl", deserialize_with = "sluice_core::duration::deserialize")]
     pub ttl: Duration,
 }
 

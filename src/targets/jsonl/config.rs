@@ -6,7 +6,7 @@ use serde::Deserialize;
 use sluice_core::Problem;
 
 /// `[target]` with `kind = "jsonl"`: one JSON object per change, to a file or standard output.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JsonlConfig {
     /// A file path, or `-` for standard output.

@@ -8,7 +8,7 @@ use sluice_core::Problem;
 
 use crate::translate::outbox::OutboxConfig;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 /// `[target]` with `kind = "kafka"`.
 pub struct KafkaConfig {
@@ -28,7 +28,8 @@ pub struct KafkaConfig {
     pub compression: sluice_kafka::Compression,
     /// How long the producer retries a record (broker down, leader moving) before the pipeline
     /// stops; nothing is confirmed meanwhile.
-    #[serde(default = "default_retry_for", with = "sluice_core::duration")]
+    #[serde(default = "default_retry_for", deserialize_with = "sluice_core::duration::deserialize")]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
     pub retry_for: Duration,
     /// A JSON-lines file for changes that can never become records (see `dead_letter` of the
     /// DynamoDB target).
@@ -62,6 +63,21 @@ impl std::fmt::Debug for KafkaProperties {
                 self.0.iter().map(|(k, v)| (k, if Self::is_secret(k) { "<redacted>" } else { v.as_str() })),
             )
             .finish()
+    }
+}
+
+impl schemars::JsonSchema for KafkaProperties {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "KafkaProperties".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "object",
+            "additionalProperties": { "type": ["string", "number", "boolean"] }
+        })
     }
 }
 

@@ -10,7 +10,7 @@ use crate::translate::mapping::MappingFile;
 use sluice_postgres::ConnectionConfig;
 
 /// `[target]` with `kind = "postgres"`: rows into tables of a Postgres database.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresTargetConfig {
     /// The target database (it may be the source database: then the target tables must not be
@@ -24,7 +24,8 @@ pub struct PostgresTargetConfig {
     pub checkpoint_table: sluice_core::TableName,
     /// How long connection failures, deadlocks and serialization failures are retried before
     /// the pipeline stops; nothing is confirmed meanwhile.
-    #[serde(default = "default_retry_for", with = "sluice_core::duration")]
+    #[serde(default = "default_retry_for", deserialize_with = "sluice_core::duration::deserialize")]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
     pub retry_for: Duration,
     /// A JSON-lines file for rows the target refuses (a value its column type rejects, a
     /// constraint violation); without it they are only logged and counted.
@@ -32,7 +33,8 @@ pub struct PostgresTargetConfig {
     pub dead_letter: Option<PathBuf>,
     /// How long a statement waits for a lock on a target table (a migration's DDL holding it)
     /// before the batch is retried with a warning.
-    #[serde(default = "default_lock_timeout", with = "sluice_core::duration")]
+    #[serde(default = "default_lock_timeout", deserialize_with = "sluice_core::duration::deserialize")]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
     pub lock_timeout: Duration,
     /// Advance each target column's own sequence (serial or identity) past the highest value
     /// written, in the batch's transaction, so that rows the application inserts after the
