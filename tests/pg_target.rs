@@ -232,7 +232,7 @@ async fn kill_9_mid_stream_then_restart_applies_every_change_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_row_the_target_refuses_is_dead_lettered_without_its_values_and_the_rest_applies() {
+async fn a_row_the_target_refuses_is_dead_lettered_with_its_row_not_logged_and_replays_once_fixed() {
     let (db, target, dir, config) = setup("pgd", "");
     run_to_now(&db, &config);
     // The target's CHECK (balance >= 0) refuses customer 3; the others in the same
@@ -248,12 +248,15 @@ async fn a_row_the_target_refuses_is_dead_lettered_without_its_values_and_the_re
     assert_eq!(lines[0]["target_table"], "v2.customers");
     let reason = lines[0]["reason"].as_str().unwrap();
     assert!(reason.contains("23514") && reason.contains("customers_balance_check"), "{reason}");
-    for text in [&dead, &stderr] {
-        assert!(
-            !text.contains("987.65") && !text.contains("refused-secret"),
-            "values never leave in logs or dead letters: {text}"
-        );
-    }
+    // The entry carries the row as the target was to hold it (target column names), so that
+    // it can be led back to its source key; the log never carries values.
+    assert_eq!(lines[0]["operation"], "upsert");
+    assert_eq!(lines[0]["row"]["customer_id"], "3", "{}", lines[0]);
+    assert_eq!(lines[0]["row"]["email_address"], "refused-secret");
+    assert!(
+        !stderr.contains("987.65") && !stderr.contains("refused-secret"),
+        "values never leave in logs: {stderr}"
+    );
     // The position moved past it: a restart does not apply or dead-letter it again.
     run_to_now(&db, &config);
     assert_eq!(std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap().lines().count(), 1);
@@ -272,6 +275,34 @@ async fn a_row_the_target_refuses_is_dead_lettered_without_its_values_and_the_re
         "{last}"
     );
     assert_eq!(target.sql("SELECT count(*) FROM v2.customers WHERE customer_id = 6"), "0");
+    assert_eq!(last["key"]["customer_id"], "6", "{last}");
+
+    // Fixed (the target takes negative balances now), both entries replay through the running
+    // daemon: the rows are read again from the source and written whole.
+    target.sql("ALTER TABLE v2.customers DROP CONSTRAINT customers_balance_check");
+    let log = dir.path().join("daemon.log");
+    let _logs = LogsOnPanic(vec![log.clone()]);
+    let mut daemon = sluice()
+        .args(["run", "-c", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    db.wait_slot_active(&db.slot_name("pgd")).await;
+    let config_text = config.to_str().unwrap().to_owned();
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        sluice_output(&["dead-letter", "replay", "-c", &config_text], Duration::from_secs(120))
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("replayed 2 entries"), "{out}");
+    assert_eq!(
+        target.sql("SELECT concat_ws(' ', customer_id, balance, md5(bio)) FROM v2.customers WHERE customer_id IN (3, 6) ORDER BY customer_id"),
+        db.sql("SELECT concat_ws(' ', id, balance, md5(bio)) FROM customers WHERE id IN (3, 6) ORDER BY id"),
+    );
+    std::process::Command::new("kill").arg("-TERM").arg(daemon.id().to_string()).status().unwrap();
+    assert!(daemon.wait().unwrap().success());
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The source row a dead-letter entry leads back to: its table and primary key, from the
 //! change the entry carries (translation failures), from a DynamoDB key through the mapping's
-//! key templates, or from a Kafka record's key (the identity columns as JSON).
+//! key templates, from a Postgres target's row through the mapping's renames, or from a Kafka
+//! record's key (the identity columns as JSON).
 
 use std::collections::HashMap;
 
@@ -19,11 +20,12 @@ pub struct Finder<'a> {
     config: &'a Config,
     tables: HashMap<String, Option<Table>>,
     mapping: Option<Option<Mapping>>,
+    pg_mapping: Option<Option<crate::targets::postgres::mapping::PgMapping>>,
 }
 
 impl<'a> Finder<'a> {
     pub fn new(config: &'a Config) -> Self {
-        Finder { config, tables: HashMap::new(), mapping: None }
+        Finder { config, tables: HashMap::new(), mapping: None, pg_mapping: None }
     }
 
     /// The entry's source table and primary key (text, in key order), or why it has none.
@@ -90,6 +92,31 @@ impl<'a> Finder<'a> {
                     )),
                 });
             }
+        }
+        // A Postgres target's row: the source key columns under their target names (renames).
+        if let (Some(target_table), TargetConfig::Postgres(pg)) =
+            (entry["target_table"].as_str(), &self.config.target)
+        {
+            let mapping = self
+                .pg_mapping
+                .get_or_insert_with(|| crate::targets::postgres::mapping::PgMapping::load(&pg.mapping).ok());
+            let Some(mapping) = mapping else {
+                return Ok(Err("the mapping (target.mapping) does not load".into()));
+            };
+            let Some(table_mapping) =
+                mapping.tables.iter().find(|m| m.source == name && m.target == target_table)
+            else {
+                return Ok(Err(format!("the mapping no longer maps {name} to {target_table}")));
+            };
+            let mut row = serde_json::Map::new();
+            for part in ["row", "key"] {
+                if let Some(columns) = entry[part].as_object() {
+                    row.extend(columns.iter().map(|(k, v)| (k.clone(), v.clone())));
+                }
+            }
+            let renamed: Vec<&str> =
+                columns.iter().map(|c| table_mapping.rename.get(*c).map_or(*c, String::as_str)).collect();
+            return Ok(from_json(name, &renamed, &serde_json::Value::Object(row)));
         }
         // A Kafka record: its key is the identity columns as a JSON object.
         if let (Some(_topic), Some(key)) = (entry["topic"].as_str(), entry["key"].as_str()) {

@@ -583,21 +583,59 @@ fn key_values(columns: &[(String, Text)], key: &[String]) -> Vec<Text> {
 
 /// The dead-letter entry's fields for an operation: the target table and the operation, not the
 /// values.
+/// What a dead-letter entry of the Postgres target carries beside the change's position: the
+/// target table, the operation, the target row's key (updates and deletes) and the columns
+/// written (upserts and updates), with target column names and values as text. `sluice
+/// dead-letter replay` leads the key back to the source row through the mapping's renames.
 fn details(line: &mut Vec<u8>, op: &RowOp) {
     line.extend_from_slice(b",\"target_table\":");
     crate::json::string(line, op.table());
-    let kind = match op {
-        RowOp::Upsert { .. } => "upsert",
-        RowOp::Update { .. } => "update",
-        RowOp::Delete { .. } => "delete",
-        RowOp::Truncate { .. } => "truncate",
+    let (kind, key, row) = match op {
+        RowOp::Upsert { columns, .. } => ("upsert", None, Some(columns)),
+        RowOp::Update { key, set, .. } => ("update", Some(key), Some(set)),
+        RowOp::Delete { key, .. } => ("delete", Some(key), None),
+        RowOp::Truncate { .. } => ("truncate", None, None),
     };
     line.extend_from_slice(format!(",\"operation\":\"{kind}\"").as_bytes());
+    for (name, columns) in [("key", key), ("row", row)] {
+        let Some(columns) = columns else { continue };
+        line.extend_from_slice(format!(",\"{name}\":{{").as_bytes());
+        for (i, (column, value)) in columns.iter().enumerate() {
+            if i > 0 {
+                line.push(b',');
+            }
+            crate::json::string(line, column);
+            line.push(b':');
+            match value {
+                Some(text) => crate::json::string(line, text),
+                None => line.extend_from_slice(b"null"),
+            }
+        }
+        line.push(b'}');
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letter_details_carry_the_key_and_the_row_as_json() {
+        let mut line = b"{".to_vec();
+        let op = RowOp::Update {
+            table: "v2.clients".into(),
+            key: vec![("client_id".into(), Some("7".into()))],
+            set: vec![("note".into(), Some("say \"hi\"".into())), ("gone".into(), None)],
+        };
+        details(&mut line, &op);
+        line.push(b'}');
+        let json: serde_json::Value = serde_json::from_slice(&line[..]).unwrap();
+        assert_eq!(json["target_table"], "v2.clients");
+        assert_eq!(json["operation"], "update");
+        assert_eq!(json["key"]["client_id"], "7");
+        assert_eq!(json["row"]["note"], "say \"hi\"");
+        assert!(json["row"]["gone"].is_null());
+    }
 
     #[test]
     fn a_checkpoint_row_out_of_range_is_an_error_not_position_zero() {
