@@ -17,6 +17,7 @@ pub mod http;
 pub(crate) mod json;
 pub mod localpg;
 pub mod metrics;
+pub mod migration;
 pub mod monitor;
 pub mod pipeline;
 pub mod status;

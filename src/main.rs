@@ -73,6 +73,35 @@ enum Command {
         #[arg(long, value_name = "ID", conflicts_with_all = ["tables", "no_wait"])]
         cancel: Vec<i64>,
     },
+    /// Each published table's migration phase (forward, fenced, reversed, rolling_back,
+    /// finished) and whether it is fenced; with `--history`, every move, who made it and when.
+    Migration {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also list every move of the pipeline's tables, oldest first.
+        #[arg(long)]
+        history: bool,
+    },
+    /// Fence tables of the source database: a trigger refuses every write to them (SQLSTATE
+    /// SL001) but those of sluice's reverse session. `cutover` does this itself.
+    Fence {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// A table (`schema.table`) of the pipeline's publication; repeat for several.
+        #[arg(long = "table", value_name = "TABLE", required = true)]
+        tables: Vec<String>,
+    },
+    /// Take the fence down from tables of the source database.
+    Unfence {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// A table (`schema.table`) of the pipeline's publication; repeat for several.
+        #[arg(long = "table", value_name = "TABLE", required = true)]
+        tables: Vec<String>,
+    },
     /// Compare the target (DynamoDB or Postgres) with the source through the mapping: matched, missing,
     /// different and extra keys per table. Exit 0 when equal, 3 when anything differs.
     Verify(sluice::verify::VerifyArgs),
@@ -203,6 +232,35 @@ fn main() -> ExitCode {
             ),
             Err(e) => config_failure(&e),
         },
+        Command::Migration { config, json, history } => match Config::load(&config) {
+            Ok(config) => report(
+                runtime
+                    .block_on(sluice::migration::show(&config, json, history))
+                    .map_err(anyhow::Error::from),
+            ),
+            Err(e) => config_failure(&e),
+        },
+        Command::Fence { config, .. } | Command::Unfence { config, .. } if Config::load(&config).is_err() => {
+            config_failure(&Config::load(&config).expect_err("checked"))
+        }
+        Command::Fence { config, tables } => report(
+            runtime
+                .block_on(sluice::migration::fence_tables(
+                    &Config::load(&config).expect("checked"),
+                    &tables,
+                    true,
+                ))
+                .map_err(anyhow::Error::from),
+        ),
+        Command::Unfence { config, tables } => report(
+            runtime
+                .block_on(sluice::migration::fence_tables(
+                    &Config::load(&config).expect("checked"),
+                    &tables,
+                    false,
+                ))
+                .map_err(anyhow::Error::from),
+        ),
         Command::Verify(args) | Command::Reconcile(args) if Config::load(&args.config).is_err() => {
             config_failure(&Config::load(&args.config).expect_err("checked"))
         }

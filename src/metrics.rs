@@ -11,6 +11,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Changes handed to the target, by `table` and `op` (insert, update, delete, truncate, message).
 pub const EVENTS_TOTAL: &str = "sluice_events_total";
+/// 1 for each table's migration phase (`forward`, `fenced`, `reversed`, `rolling_back`,
+/// `finished`), 0 for the others.
+pub const MIGRATION_PHASE: &str = "sluice_migration_phase";
 /// Bytes of replication payload received from Postgres.
 pub const SOURCE_BYTES_TOTAL: &str = "sluice_source_received_bytes_total";
 /// Replication connections re-established after a failure.
@@ -95,6 +98,7 @@ pub fn install(pipeline: &str) -> PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(EVENTS_TOTAL, "Changes handed to the target, by table and operation");
+    describe_gauge!(MIGRATION_PHASE, "1 for each table's current migration phase, 0 for the other phases");
     describe_counter!(SOURCE_BYTES_TOTAL, Unit::Bytes, "Replication payload received from Postgres");
     describe_counter!(SOURCE_RECONNECTS_TOTAL, "Replication connections re-established after a failure");
     describe_gauge!(SOURCE_STREAMING, "1 while the replication stream is open");

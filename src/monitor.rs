@@ -68,6 +68,8 @@ pub struct PipelineState {
     /// A standby's last attempt at the HA lock reached Postgres (the lock is held elsewhere).
     pub standby_healthy: AtomicBool,
     slot: Mutex<Option<SlotInfo>>,
+    /// Each published table's migration phase, as last read.
+    migration: Mutex<Option<std::collections::BTreeMap<String, crate::migration::Phase>>>,
     /// Unpublished rows of a polled outbox table; none when not polling or not counted yet.
     outbox_backlog: Mutex<Option<i64>>,
     ready_max_lag: Duration,
@@ -130,6 +132,9 @@ pub struct Status {
     /// Polling source: rows of the outbox table not yet published.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbox_backlog_rows: Option<i64>,
+    /// Each published table's migration phase, as last read (replication sources).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<std::collections::BTreeMap<String, crate::migration::Phase>>,
 }
 
 impl PipelineState {
@@ -157,6 +162,7 @@ impl PipelineState {
             active: AtomicBool::new(false),
             standby_healthy: AtomicBool::new(false),
             slot: Mutex::new(None),
+            migration: Mutex::new(None),
             outbox_backlog: Mutex::new(None),
             ready_max_lag,
             heartbeats,
@@ -283,6 +289,7 @@ impl PipelineState {
             },
             slot_fresh: false,
             outbox_backlog_rows: *self.outbox_backlog.lock().unwrap_or_else(|e| e.into_inner()),
+            migration: self.migration.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
 
@@ -390,6 +397,26 @@ pub async fn run(state: Arc<PipelineState>, config: Config, mut shutdown: Shutdo
                     record_slot(&info);
                     retention.check(&info, config.monitoring.retained_wal_warn_bytes);
                     *state.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
+                    if let Some(client) = &sql {
+                        let phases = crate::migration::published_phases(
+                            client,
+                            &config.migration,
+                            &config.pipeline.name,
+                            &replication.publication,
+                        );
+                        match tokio::time::timeout(Duration::from_secs(10), phases).await {
+                            Ok(Ok(phases)) => {
+                                record_phases(&phases);
+                                *state.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(phases);
+                            }
+                            Ok(Err(error)) => {
+                                tracing::warn!(%error, "cannot read the tables' migration phases")
+                            }
+                            Err(_) => {
+                                tracing::warn!("reading the tables' migration phases timed out after 10 s")
+                            }
+                        }
+                    }
                 }
                 Err(error) => {
                     sql = None;
@@ -401,6 +428,16 @@ pub async fn run(state: Arc<PipelineState>, config: Config, mut shutdown: Shutdo
             }
         }
         state.sample();
+    }
+}
+
+/// `sluice_migration_phase{table, phase}`: 1 for each table's phase, 0 for the others.
+fn record_phases(phases: &std::collections::BTreeMap<String, crate::migration::Phase>) {
+    for (table, current) in phases {
+        for phase in crate::migration::Phase::ALL {
+            metrics::gauge!(m::MIGRATION_PHASE, "table" => table.clone(), "phase" => phase.as_str())
+                .set(if phase == *current { 1.0 } else { 0.0 });
+        }
     }
 }
 

@@ -68,6 +68,7 @@ async fn from_postgres(config: &Config) -> Result<Value, CommandError> {
     let mut sql = ReadSession::connect(&config.source.connection, "sluice status", policy)
         .await
         .context("no daemon answered on monitoring.listen, and Postgres (source.connection)")?;
+    let mut migration = None;
     let (slot, backlog) = match &config.source.mode {
         SourceMode::Replication(replication) => {
             let slot = sql
@@ -76,6 +77,21 @@ async fn from_postgres(config: &Config) -> Result<Value, CommandError> {
                 .with_context(|| {
                     format!("cannot read replication slot {:?} from pg_replication_slots", replication.slot)
                 })?;
+            let phases = sql
+                .run(async |c| {
+                    Ok(crate::migration::published_phases(
+                        c,
+                        &config.migration,
+                        &config.pipeline.name,
+                        &replication.publication,
+                    )
+                    .await
+                    .ok())
+                })
+                .await
+                .ok()
+                .flatten();
+            migration = phases.map(|p| json!(p));
             (json!(slot), Value::Null)
         }
         SourceMode::Poll(poll) => {
@@ -114,6 +130,9 @@ async fn from_postgres(config: &Config) -> Result<Value, CommandError> {
     match &config.source.mode {
         SourceMode::Replication(_) => status["slot"] = slot,
         SourceMode::Poll(_) => status["outbox_backlog_rows"] = backlog,
+    }
+    if let Some(migration) = migration {
+        status["migration"] = migration;
     }
     Ok(status)
 }
@@ -182,6 +201,11 @@ fn table(status: &Value) -> String {
             || (status.get("source_of_status") != Some(&Value::String("postgres".into()))
                 && status.get("received_lsn").is_none()) => {}
         _ => rows.push(("slot".into(), "not inspected yet".into())),
+    }
+    if let Some(Value::Object(phases)) = status.get("migration") {
+        for (table, phase) in phases {
+            rows.push((format!("migration {table}"), show(phase)));
+        }
     }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     rows.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect()

@@ -74,6 +74,7 @@ async fn start_pipeline(db: &TestDb, slot: &str, target: DynamoConfig) -> Runnin
         monitoring: Default::default(),
         ha: Default::default(),
         backfill: Default::default(),
+        migration: Default::default(),
     };
     let (shutdown, shutdown_rx) = sluice_core::Shutdown::new();
     let (stats_tx, mut stats_rx) = watch::channel(None);
@@ -763,6 +764,7 @@ async fn outbox_events_land_in_an_event_log_table_in_order_per_aggregate() {
         monitoring: Default::default(),
         ha: Default::default(),
         backfill: Default::default(),
+        migration: Default::default(),
     };
     assert!(config.validate().is_empty(), "{:?}", config.validate());
     let (shutdown, shutdown_rx) = sluice_core::Shutdown::new();

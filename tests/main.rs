@@ -11,6 +11,7 @@ mod harness;
 mod helm;
 mod identity;
 mod kafka;
+mod migration;
 mod operations;
 mod pg_target;
 mod poll;

@@ -36,22 +36,7 @@ pub async fn snapshot(
     }
     // The daemon streams only its publication's tables: a backfill of any other would be
     // written nowhere the stream keeps up to date.
-    let outside: Vec<&str> = tables.iter().filter(|t| !published.contains(t)).map(String::as_str).collect();
-    if !outside.is_empty() {
-        return Err(CommandError::invalid(format!(
-            "{} not in publication {:?} of pipeline {:?} (source.replication.publication); \
-             add {} with ALTER PUBLICATION … ADD TABLE, or use the config of the pipeline that streams {}",
-            if outside.len() == 1 {
-                format!("table {} is", outside[0])
-            } else {
-                format!("tables {} are", outside.join(", "))
-            },
-            scope.publication,
-            scope.pipeline,
-            if outside.len() == 1 { "it" } else { "them" },
-            if outside.len() == 1 { "it" } else { "them" },
-        )));
-    }
+    outside_publication(&scope, &published, &tables)?;
     let mut ids = Vec::new();
     for table in &tables {
         let id = add_request(&mut sql, &config.backfill, &scope, table, None).await?;
@@ -62,6 +47,27 @@ pub async fn snapshot(
         return Ok(());
     }
     follow(&mut sql, &config.backfill, &config.pipeline.name, &ids).await
+}
+
+/// Refuses `tables` that are not all in the pipeline's publication (`published`), naming them.
+pub(crate) fn outside_publication(
+    scope: &Scope,
+    published: &[String],
+    tables: &[String],
+) -> Result<(), CommandError> {
+    let outside: Vec<&str> = tables.iter().filter(|t| !published.contains(t)).map(String::as_str).collect();
+    if outside.is_empty() {
+        return Ok(());
+    }
+    let (them, are) = match outside.as_slice() {
+        [one] => ("it", format!("table {one} is")),
+        _ => ("them", format!("tables {} are", outside.join(", "))),
+    };
+    Err(CommandError::invalid(format!(
+        "{are} not in publication {:?} of pipeline {:?} (source.replication.publication); \
+         add {them} with ALTER PUBLICATION … ADD TABLE, or use the config of the pipeline that streams {them}",
+        scope.publication, scope.pipeline,
+    )))
 }
 
 /// A session on the source database, named `application_name`, with the progress table

@@ -215,7 +215,7 @@ pub async fn progress(
 }
 
 /// The publication's tables (`schema.table`), the progress table aside.
-pub(super) async fn published_tables(
+pub(crate) async fn published_tables(
     sql: &tokio_postgres::Client,
     config: &BackfillConfig,
     publication: &str,

@@ -39,6 +39,9 @@ pub struct Config {
     /// Backfill beside the stream.
     #[serde(default)]
     pub backfill: BackfillConfig,
+    /// The migration state: tables' phases and the fence.
+    #[serde(default)]
+    pub migration: crate::migration::MigrationConfig,
 }
 
 /// `[monitoring]`: the HTTP endpoints and the health thresholds.
@@ -405,6 +408,7 @@ impl Config {
             problems.push(Problem::new("monitoring", "slot_check_interval", "must be more than 0s"));
         }
         self.backfill.validate(&mut problems);
+        self.migration.validate(&mut problems);
         if self.ha.retry_interval.is_zero() {
             problems.push(Problem::new("ha", "retry_interval", "must be more than 0s"));
         }

@@ -621,7 +621,7 @@ mod tests {
 
     #[test]
     fn dead_letter_details_carry_the_key_and_the_row_as_json() {
-        let mut line = b"{".to_vec();
+        let mut line = br#"{"table":"public.customers""#.to_vec();
         let op = RowOp::Update {
             table: "v2.clients".into(),
             key: vec![("client_id".into(), Some("7".into()))],
