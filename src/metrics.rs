@@ -48,6 +48,9 @@ pub const HEARTBEATS_SENT_TOTAL: &str = "sluice_heartbeats_sent_total";
 pub const HEARTBEATS_RECEIVED_TOTAL: &str = "sluice_heartbeats_received_total";
 /// Bytes of streamed in-progress transactions currently spilled to disk.
 pub const SPILLED_BYTES: &str = "sluice_spilled_bytes";
+/// Transactions the source did not deliver because they carry sluice's own replication
+/// origin from the other direction (no loops).
+pub const ORIGIN_DROPPED_TOTAL: &str = "sluice_source_origin_dropped_total";
 /// Target requests' latency, by `target`, seconds.
 pub const TARGET_WRITE_SECONDS: &str = "sluice_target_write_duration_seconds";
 /// Writes by `target` and `outcome` (applied, already_applied: absorbed by the position guard).
@@ -127,6 +130,10 @@ fn describe() {
     describe_counter!(HEARTBEATS_SENT_TOTAL, "Heartbeats written into the WAL");
     describe_counter!(HEARTBEATS_RECEIVED_TOTAL, "Heartbeats received back through the stream");
     describe_gauge!(SPILLED_BYTES, Unit::Bytes, "Streamed in-progress transactions spilled to disk");
+    describe_counter!(
+        ORIGIN_DROPPED_TOTAL,
+        "Transactions not delivered: sluice's own writes from the other direction (their replication origin)"
+    );
     describe_histogram!(TARGET_WRITE_SECONDS, Unit::Seconds, "Latency of target requests");
     describe_counter!(
         TARGET_WRITES_TOTAL,

@@ -314,6 +314,8 @@ impl PipelineState {
             metrics::gauge!(m::SPILLED_BYTES).set(source.spilled_bytes.load(Ordering::Relaxed) as f64);
             metrics::counter!(m::SOURCE_BYTES_TOTAL).absolute(source.bytes.load(Ordering::Relaxed));
             metrics::counter!(m::SOURCE_RECONNECTS_TOTAL).absolute(source.reconnects.load(Ordering::Relaxed));
+            metrics::counter!(m::ORIGIN_DROPPED_TOTAL)
+                .absolute(source.origin_dropped.load(Ordering::Relaxed));
             metrics::counter!(m::HEARTBEATS_SENT_TOTAL)
                 .absolute(source.heartbeats_sent.load(Ordering::Relaxed));
             metrics::counter!(m::HEARTBEATS_RECEIVED_TOTAL)

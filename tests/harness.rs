@@ -151,6 +151,9 @@ impl Drop for TestDb {
             format!("SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"),
             format!("SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE database = '{name}' AND NOT active"),
             format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+            // Replication origins are cluster-wide, and each takes one of the
+            // max_replication_slots progress entries: the test's (named after its slots).
+            format!("SELECT count(pg_replication_origin_drop(roname)) FROM pg_replication_origin WHERE roname LIKE '%{name}%'"),
         ];
         for _ in 0..3 {
             if steps.iter().all(|sql| self.pg.psql("postgres", sql).is_ok()) {

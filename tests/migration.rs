@@ -166,10 +166,11 @@ async fn a_fenced_table_refuses_the_applications_writes_and_takes_the_reverse_se
     app.batch_execute("INSERT INTO orders VALUES (1, 1)").await.unwrap();
     // sluice's forward session is refused too; its reverse session writes.
     let forward = client(&db).await;
-    fence::as_origin(&forward, "default", Direction::Forward).await.unwrap();
+    let slot = db.slot_name("fence");
+    fence::as_origin(&forward, &slot, Direction::Forward).await.unwrap();
     assert!(forward.batch_execute("INSERT INTO accounts VALUES (3, 3)").await.is_err());
     let reverse = client(&db).await;
-    fence::as_origin(&reverse, "default", Direction::Reverse).await.unwrap();
+    fence::as_origin(&reverse, &slot, Direction::Reverse).await.unwrap();
     reverse
         .batch_execute("INSERT INTO accounts VALUES (4, 4); UPDATE accounts SET n = n + 1 WHERE id = 1")
         .await
@@ -177,7 +178,7 @@ async fn a_fenced_table_refuses_the_applications_writes_and_takes_the_reverse_se
     assert_eq!(db.sql("SELECT string_agg(id || ':' || n, ',' ORDER BY id) FROM accounts").trim(), "1:2,4:4");
     // Faking the setting alone is not enough: the session needs the origin.
     let faker = client(&db).await;
-    faker.batch_execute("SET sluice.origin = 'sluice_default_reverse'").await.unwrap();
+    faker.batch_execute(&format!("SET sluice.origin = 'sluice_{slot}_reverse'")).await.unwrap();
     assert!(faker.batch_execute("INSERT INTO accounts VALUES (5, 5)").await.is_err());
 
     let (code, out, err) = cli(&["migration", "-c", path]);
@@ -211,4 +212,58 @@ async fn a_fenced_table_refuses_the_applications_writes_and_takes_the_reverse_se
     assert!(out.contains("public.accounts: fence taken down"), "{out}");
     app.batch_execute("INSERT INTO accounts VALUES (6, 6)").await.unwrap();
     db.sql(&format!("DROP OWNED BY {role}; DROP ROLE {role}"));
+}
+
+/// No loops: a transaction sluice wrote into the source with the reverse direction's origin is
+/// never sent forward (its commit still advances the slot); the application's are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forward_stream_drops_sluices_own_reverse_writes_by_their_origin() {
+    let db = TestDb::new();
+    db.sql(SCHEMA);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("changes.jsonl");
+    let config_path = db.config_file(
+        dir.path(),
+        "origins",
+        "p",
+        &format!("[target]\nkind = \"jsonl\"\npath = \"{}\"\n", out.display()),
+    );
+    let path = config_path.to_str().unwrap();
+    // The first run creates the slot.
+    let now = db.insert_lsn().to_string();
+    let (code, _, err) = cli(&["run", "-c", path, "--until-lsn", &now]);
+    assert_eq!(code, Some(0), "{err}");
+    db.sql("INSERT INTO accounts VALUES (1, 1)");
+    let reverse = client(&db).await;
+    fence::as_origin(&reverse, &db.slot_name("origins"), Direction::Reverse).await.unwrap();
+    reverse
+        .batch_execute("INSERT INTO accounts VALUES (2, 2); UPDATE accounts SET n = 10 WHERE id = 1")
+        .await
+        .unwrap();
+    // Another tool's origin is not sluice's: delivered.
+    let other = client(&db).await;
+    other
+        .batch_execute(
+            &format!(
+                "SELECT pg_replication_origin_create('other_{slot}'); SELECT pg_replication_origin_session_setup('other_{slot}'); \
+                 INSERT INTO accounts VALUES (3, 3)",
+                slot = db.slot_name("origins")
+            ),
+        )
+        .await
+        .unwrap();
+    db.sql("INSERT INTO accounts VALUES (4, 4)");
+    let end = db.insert_lsn();
+    let (code, _, err) = cli(&["run", "-c", path, "--until-lsn", &end.to_string()]);
+    assert_eq!(code, Some(0), "{err}");
+    let ids: Vec<i64> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["op"] == "insert" || e["op"] == "update")
+        .map(|e| e["new"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 3, 4], "the reverse session's insert and update never came forward");
+    // The slot moved past them all the same.
+    assert!(db.slot_confirmed("origins").unwrap() >= end);
 }

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use crate::harness::{kill_9, sluice, sluice_output, verify_report, wait_for, LogsOnPanic, TestDb};
+use crate::harness::{
+    kill_9, sluice, sluice_output, verify_report, wait_for, wait_for_blocking, LogsOnPanic, TestDb,
+};
 
 const SOURCE_SCHEMA: &str = "CREATE TABLE customers (id int8 PRIMARY KEY, email text, password_hash text, status text NOT NULL DEFAULT 'active',
     balance numeric(12,2), created_at timestamptz, tags text[], prefs jsonb, bio text);
@@ -673,4 +675,33 @@ async fn a_panicking_apply_task_stops_sluice_and_confirms_nothing_past_it() {
     assert!(confirmed < commit, "slot confirmed {confirmed}, past the unapplied change ending at {commit}");
     assert_eq!(target.sql("SELECT count(*) FROM v2.orders"), "0");
     drop(dir);
+}
+
+/// sluice's writes into the target carry the forward direction's replication origin, so that
+/// a stream reading the target back (the reverse direction) can tell them apart: decoding with
+/// `only-local` sees none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_into_the_target_carry_the_forward_origin() {
+    let (db, target, _dir, config) = setup("pgo", "");
+    run_to_now(&db, &config);
+    target.sql("SELECT pg_create_logical_replication_slot('origin_check', 'test_decoding')");
+    db.sql("INSERT INTO customers (id, email) SELECT g, 'c' || g FROM generate_series(1, 5) g");
+    run_to_now(&db, &config);
+    let count = |only_local: &str| {
+        target.sql(&format!(
+            "SELECT count(*) FROM pg_logical_slot_peek_changes('origin_check', NULL, NULL, 'only-local', '{only_local}') \
+             WHERE data LIKE 'table v2.customers: INSERT:%'"
+        ))
+    };
+    // The slot decodes flushed WAL only, which the WAL writer flushes a moment later.
+    wait_for_blocking("sluice's five rows in the target's WAL", Duration::from_secs(30), || {
+        count("0") == "5"
+    });
+    assert_eq!(count("1"), "0", "every one of them with sluice's origin");
+    let origin = format!("sluice_{}_forward", db.slot_name("pgo"));
+    assert_eq!(
+        target.sql(&format!("SELECT count(*) FROM pg_replication_origin WHERE roname = '{origin}'")),
+        "1"
+    );
+    target.sql("SELECT pg_drop_replication_slot('origin_check')");
 }

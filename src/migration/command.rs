@@ -132,8 +132,7 @@ pub async fn fence_tables(
             let lsn = sql
                 .run(async |c| {
                     split_fence(
-                        fence::fence(c, &config.migration, &scope.pipeline, &name, super::Direction::Reverse)
-                            .await,
+                        fence::fence(c, &config.migration, &scope, &name, super::Direction::Reverse).await,
                     )
                 })
                 .await

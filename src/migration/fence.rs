@@ -17,11 +17,13 @@ pub const TRIGGER: &str = "sluice_fence";
 /// The SQLSTATE of a write the fence refuses (`SL001`): an application can tell it apart.
 pub const REFUSED_SQLSTATE: &str = "SL001";
 
-/// The replication origin of `pipeline`'s sessions that write in `direction`. The streams
-/// drop transactions that carry the other direction's origin (no loops), and the fence lets
-/// the writes of the direction that feeds a fenced table through.
-pub fn origin_name(pipeline: &str, direction: Direction) -> String {
-    format!("sluice_{pipeline}_{}", direction.as_str())
+/// The replication origin of a pipeline's sessions that write in `direction`, named after
+/// its source (the slot, or the polled table: `SourceConfig::lock_name`), which is unique in
+/// the source cluster; origins are cluster-wide, so two pipelines writing into one cluster
+/// need two. The streams drop transactions that carry the other direction's origin (no
+/// loops), and the fence lets the writes of the direction that feeds a fenced table through.
+pub fn origin_name(source: &str, direction: Direction) -> String {
+    format!("sluice_{source}_{}", direction.as_str())
 }
 
 /// The fence could not be put up or taken down.
@@ -70,16 +72,17 @@ fn function(config: &MigrationConfig) -> String {
     TableName::new(config.state_table.schema(), "sluice_fence").quoted()
 }
 
-/// Fences `table` for `pipeline`, letting through only writes of sessions with the origin of
+/// Fences `table` for the pipeline of `scope`, letting through only writes of sessions with the origin of
 /// `allowed` (the direction that feeds the table once it is fenced). Returns the fence
 /// position, read after the trigger is in place; a table already fenced is left as it is.
 pub async fn fence(
     sql: &tokio_postgres::Client,
     config: &MigrationConfig,
-    pipeline: &str,
+    scope: &crate::backfill::Scope,
     table: &TableName,
     allowed: Direction,
 ) -> Result<sluice_core::Lsn, FenceError> {
+    let pipeline = scope.pipeline.as_str();
     let err = sql_error(table);
     let quoted = table.quoted();
     let row = sql
@@ -127,7 +130,7 @@ pub async fn fence(
              COMMIT",
             function = function(config),
             pipeline = literal(pipeline),
-            origin = literal(&origin_name(pipeline, allowed)),
+            origin = literal(&origin_name(&scope.slot, allowed)),
         );
         if let Err(error) = sql.batch_execute(&statements).await {
             let _ = sql.batch_execute("ROLLBACK").await;
@@ -172,14 +175,22 @@ pub async fn is_fenced(
         .get(0))
 }
 
-/// Sets up `session` as sluice's writer for `pipeline` in `direction`: the replication origin
-/// (created when missing) that the other direction's stream drops and the fence lets through.
+/// Sets up `session` as sluice's writer in `direction` for the pipeline reading `source` (its
+/// slot): the replication origin (created when missing) that the other direction's stream
+/// drops and the fence lets through.
 pub async fn as_origin(
     session: &tokio_postgres::Client,
-    pipeline: &str,
+    source: &str,
     direction: Direction,
 ) -> Result<(), tokio_postgres::Error> {
-    let name = origin_name(pipeline, direction);
+    as_origin_named(session, &origin_name(source, direction)).await
+}
+
+/// Sets up `session` with the replication origin `name` (created when missing).
+pub async fn as_origin_named(
+    session: &tokio_postgres::Client,
+    name: &str,
+) -> Result<(), tokio_postgres::Error> {
     session
         .execute(
             "SELECT pg_replication_origin_create($1) WHERE pg_replication_origin_oid($1) IS NULL",

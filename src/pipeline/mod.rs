@@ -60,6 +60,10 @@ pub async fn run(
     let target = Opened::open(
         &config.target,
         &config.pipeline.name,
+        &crate::migration::fence::origin_name(
+            &config.source.lock_name(),
+            crate::migration::Direction::Forward,
+        ),
         Arc::clone(&state.target),
         Arc::clone(&dead_letter),
     )
@@ -68,6 +72,11 @@ pub async fn run(
         batch_max_events: config.pipeline.batch_max_events,
         retry_for: config.pipeline.retry_for,
         shutdown_timeout: config.pipeline.shutdown_timeout,
+        // sluice's own writes into the source (the reverse direction's): never sent forward.
+        drop_origins: vec![crate::migration::fence::origin_name(
+            &config.source.lock_name(),
+            crate::migration::Direction::Reverse,
+        )],
         ..SourceOptions::default()
     };
     let (batch_tx, batch_rx) = mpsc::channel(CHANNEL_BATCHES);

@@ -165,10 +165,12 @@ pub(crate) enum Opened {
 
 impl Opened {
     /// The target `config` describes, for the pipeline named `pipeline`; it counts into `stats`
-    /// and dead-letters into `dead_letter`.
+    /// and dead-letters into `dead_letter`. A database target's sessions carry the replication
+    /// origin `origin` (the forward direction's).
     pub(crate) async fn open(
         config: &TargetConfig,
         pipeline: &str,
+        origin: &str,
         stats: Arc<TargetStats>,
         dead_letter: Arc<DeadLetter>,
     ) -> Result<Self, TargetError> {
@@ -180,7 +182,7 @@ impl Opened {
                 Opened::Kafka(KafkaTranslator::open(c), KafkaTarget::open(c, stats, dead_letter)?)
             }
             TargetConfig::Postgres(c) => {
-                let (translator, target) = PgTarget::open(c, pipeline, stats, dead_letter).await?;
+                let (translator, target) = PgTarget::open(c, pipeline, origin, stats, dead_letter).await?;
                 Opened::Postgres(translator, target)
             }
             TargetConfig::Jsonl(c) => Opened::Jsonl(JsonlTranslator::new(c), JsonlTarget::open(c).await?),

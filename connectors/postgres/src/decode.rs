@@ -37,6 +37,8 @@ pub enum StreamError {
 struct OpenTransaction {
     commit_lsn: Lsn,
     ordinal: u32,
+    /// Its Origin message named an origin whose changes are dropped.
+    dropped: bool,
 }
 
 /// Turns the pgoutput message sequence of one replication session into change events.
@@ -48,6 +50,11 @@ pub struct Decoder {
     transaction: Option<OpenTransaction>,
     /// Values that did not decode as their type and travel as text instead.
     pub fallback_count: u64,
+    /// Replication origins whose transactions' changes are dropped (sluice's own writes in
+    /// the other direction): their Begin and Commit still pass, so the position advances.
+    drop_origins: Vec<String>,
+    /// Transactions dropped for their origin.
+    pub dropped_transactions: u64,
 }
 
 impl Default for Decoder {
@@ -57,11 +64,19 @@ impl Default for Decoder {
             types: TypeRegistry::new(),
             transaction: None,
             fallback_count: 0,
+            drop_origins: Vec::new(),
+            dropped_transactions: 0,
         }
     }
 }
 
 impl Decoder {
+    /// Drops the changes of transactions that carry one of these replication origins.
+    pub fn dropping_origins(mut self, origins: Vec<String>) -> Self {
+        self.drop_origins = origins;
+        self
+    }
+
     /// Between a Begin and its Commit.
     pub fn in_transaction(&self) -> bool {
         self.transaction.is_some()
@@ -82,7 +97,7 @@ impl Decoder {
         if self.transaction.is_some() {
             return Err(StreamError::NestedBegin);
         }
-        self.transaction = Some(OpenTransaction { commit_lsn, ordinal: 0 });
+        self.transaction = Some(OpenTransaction { commit_lsn, ordinal: 0, dropped: false });
         Ok(ChangeEvent::Begin {
             position: Position { commit_lsn, tx_ordinal: 0 },
             xid,
@@ -106,6 +121,28 @@ impl Decoder {
     /// Decodes a message that belongs to a transaction (or a non-transactional logical message).
     /// Begin, Commit and the Stream* messages are handled by the caller.
     pub fn change(&mut self, message: LogicalMessage) -> Result<Option<ChangeEvent>, StreamError> {
+        let dropped = self.transaction.as_ref().is_some_and(|t| t.dropped);
+        match &message {
+            LogicalMessage::Origin { name, .. } => {
+                if let Some(tx) = self.transaction.as_mut().filter(|_| self.drop_origins.contains(name)) {
+                    if !tx.dropped {
+                        tx.dropped = true;
+                        self.dropped_transactions += 1;
+                    }
+                }
+                return Ok(None);
+            }
+            LogicalMessage::Insert { .. }
+            | LogicalMessage::Update { .. }
+            | LogicalMessage::Delete { .. }
+            | LogicalMessage::Truncate { .. }
+            | LogicalMessage::Message { transactional: true, .. }
+                if dropped =>
+            {
+                return Ok(None)
+            }
+            _ => {}
+        }
         Ok(Some(match message {
             LogicalMessage::Relation(body) => ChangeEvent::Relation(self.add_relation(body)?),
             LogicalMessage::Insert { oid, new, .. } => {
@@ -338,6 +375,35 @@ mod tests {
         let commit = decoder.commit(Lsn(120), 0).unwrap();
         assert_eq!(commit.position(), Some(Position { commit_lsn: Lsn(100), tx_ordinal: 2 }));
         assert!(!decoder.in_transaction());
+    }
+
+    #[test]
+    fn a_transaction_of_a_dropped_origin_keeps_its_begin_and_commit_only() {
+        let mut decoder = Decoder::default().dropping_origins(vec!["sluice_p_reverse".into()]);
+        decoder.change(users()).unwrap();
+        let insert =
+            || LogicalMessage::Insert { xid: None, oid: 16384, new: TupleData(vec![text("1"), text("hi")]) };
+        let origin = |name: &str| LogicalMessage::Origin { lsn: Lsn(90), name: name.into() };
+        // sluice's own reverse write: dropped, but its commit still passes.
+        decoder.begin(Lsn(100), 7, 0).unwrap();
+        assert_eq!(decoder.change(origin("sluice_p_reverse")).unwrap(), None);
+        assert_eq!(decoder.change(insert()).unwrap(), None);
+        assert_eq!(
+            decoder.change(users()).unwrap().map(|e| matches!(e, ChangeEvent::Relation(_))),
+            Some(true)
+        );
+        assert!(matches!(decoder.commit(Lsn(120), 0).unwrap(), ChangeEvent::Commit { .. }));
+        assert_eq!(decoder.dropped_transactions, 1);
+        // Another origin (another replication tool) and no origin at all: delivered.
+        for name in [Some("other_tool"), None] {
+            decoder.begin(Lsn(200), 8, 0).unwrap();
+            if let Some(name) = name {
+                decoder.change(origin(name)).unwrap();
+            }
+            assert!(decoder.change(insert()).unwrap().is_some(), "{name:?}");
+            decoder.commit(Lsn(220), 0).unwrap();
+        }
+        assert_eq!(decoder.dropped_transactions, 1);
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub struct SourceOptions {
     pub retry_for: Duration,
     /// On shutdown, how long to wait for the pipeline to make sent batches durable.
     pub shutdown_timeout: Duration,
+    /// Replication origins whose transactions are not delivered (sluice's own writes into
+    /// this database from the other direction): no loops. Their commits still advance the
+    /// position.
+    pub drop_origins: Vec<String>,
 }
 
 impl Default for SourceOptions {
@@ -51,6 +55,7 @@ impl Default for SourceOptions {
             batch_max_bytes: 8 * 1024 * 1024,
             retry_for: Duration::from_secs(300),
             shutdown_timeout: Duration::from_secs(30),
+            drop_origins: Vec::new(),
         }
     }
 }
@@ -80,6 +85,8 @@ pub struct SourceStats {
     pub heartbeats_received: AtomicU64,
     /// Invalidated slots dropped and created anew (`on_slot_lost = "recreate"`).
     pub slots_recreated: AtomicU64,
+    /// Transactions not delivered because they carry a dropped replication origin.
+    pub origin_dropped: AtomicU64,
 }
 
 /// The prefix of heartbeat messages; their content is the emit time in Unix microseconds.
@@ -135,12 +142,13 @@ impl ReplicationSource {
     pub fn new(conn: ConnectionConfig, repl: ReplicationConfig, options: SourceOptions) -> Self {
         let spill = SpillStore::new(repl.spill_dir.clone());
         let heartbeat_enabled = !repl.heartbeat_interval.is_zero();
+        let decoder = Decoder::default().dropping_origins(options.drop_origins.clone());
         ReplicationSource {
             conn,
             repl,
             options,
             stats: Arc::new(SourceStats::default()),
-            decoder: Decoder::default(),
+            decoder,
             spill,
             sql: None,
             stream_xid: None,
@@ -458,6 +466,7 @@ impl ReplicationSource {
                     .map_err(|e| Error::protocol(wal_start, e.to_string()))?;
                 self.push(event, size, session).await?;
                 self.batch.commit_time = Some(commit_time);
+                self.stats.origin_dropped.store(self.decoder.dropped_transactions, Ordering::Relaxed);
                 self.transaction_done(end_lsn);
             }
             LogicalMessage::StreamStart { xid, .. } => self.stream_xid = Some(xid),
@@ -542,6 +551,7 @@ impl ReplicationSource {
             .commit(end_lsn, commit_time)
             .map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;
         self.push(commit, 0, session).await?;
+        self.stats.origin_dropped.store(self.decoder.dropped_transactions, Ordering::Relaxed);
         self.transaction_done(end_lsn);
         Ok(())
     }

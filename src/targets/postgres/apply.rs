@@ -83,6 +83,8 @@ type Op = Sourced<RowOp>;
 
 struct Applier {
     connection: ConnectionConfig,
+    /// The replication origin of the apply session.
+    origin: String,
     client: Option<tokio_postgres::Client>,
     tables: HashMap<Arc<str>, TargetTable>,
     /// With `sync_sequences`: the sequences to advance, by target table.
@@ -106,6 +108,7 @@ impl PgTarget {
     pub async fn open(
         config: &PostgresTargetConfig,
         pipeline: &str,
+        origin: &str,
         stats: Arc<TargetStats>,
         dead_letter: Arc<DeadLetter>,
     ) -> Result<(PgTranslator, Self), TargetError> {
@@ -116,12 +119,14 @@ impl PgTarget {
                 problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
             ))
         })?;
-        let client = connect(&config.connection, config.lock_timeout).await.map_err(|e| TargetError {
-            target: TARGET,
-            kind: ErrorKind::Fatal,
-            message: "cannot connect to the target database (target.connection)".into(),
-            source: Some(Box::new(e)),
-        })?;
+        let origin = origin.to_owned();
+        let client =
+            connect(&config.connection, config.lock_timeout, &origin).await.map_err(|e| TargetError {
+                target: TARGET,
+                kind: ErrorKind::Fatal,
+                message: "cannot connect to the target database (target.connection)".into(),
+                source: Some(Box::new(e)),
+            })?;
         let tables = target_tables(&client, &mapping).await?;
         let sequences =
             if config.sync_sequences { owned_sequences(&client, &tables).await? } else { HashMap::new() };
@@ -135,6 +140,7 @@ impl PgTarget {
             .map_err(|e| sql_error(&format!("cannot create the checkpoint table {} (target.checkpoint_table)", config.checkpoint_table), e))?;
         let mut applier = Applier {
             connection: config.connection.clone(),
+            origin,
             client: Some(client),
             tables,
             sequences,
@@ -171,13 +177,56 @@ impl PgTarget {
 /// A session for applying changes. A lock held on a target table (a migration's DDL) makes a
 /// statement fail after `lock_timeout` and the batch retry, with a warning each time, instead
 /// of waiting silently.
+///
+/// The session carries the replication origin `origin` (`sluice_<pipeline>_forward`) where the
+/// role may set one up: a reverse stream reading this database then drops sluice's own writes
+/// (no loops), and a fence on these tables would refuse them. Without the right it applies
+/// all the same and says once what is missing.
 async fn connect(
     config: &ConnectionConfig,
     lock_timeout: Duration,
+    origin: &str,
 ) -> sluice_postgres::Result<tokio_postgres::Client> {
     let client = sluice_postgres::connect_sql(config).await?;
     client.batch_execute(&format!("SET lock_timeout = {}", lock_timeout.as_millis().max(1))).await?;
-    Ok(client)
+    let may: bool = client
+        .query_one(
+            "SELECT has_function_privilege('pg_catalog.pg_replication_origin_session_setup(text)', 'EXECUTE') \
+               AND has_function_privilege('pg_catalog.pg_replication_origin_create(text)', 'EXECUTE')",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !may {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::warn!(
+                origin,
+                "postgres target: the role may not set up a replication origin, so a reverse stream from this \
+                 database could not tell sluice's own writes apart: GRANT EXECUTE ON FUNCTION \
+                 pg_replication_origin_create(text), pg_replication_origin_session_setup(text) TO the target role"
+            )
+        });
+        return Ok(client);
+    }
+    // A session of a process that just died may still hold the origin for a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match crate::migration::fence::as_origin_named(&client, origin).await {
+            Ok(()) => return Ok(client),
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+                    && std::time::Instant::now() < deadline =>
+            {
+                tracing::info!(
+                    origin,
+                    "postgres target: the replication origin is still held by an ended session; waiting"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 impl Target for PgTarget {
@@ -292,7 +341,7 @@ impl Applier {
     }
 
     async fn reconnect(&mut self) -> Result<(), TargetError> {
-        let client = match connect(&self.connection, self.lock_timeout).await {
+        let client = match connect(&self.connection, self.lock_timeout, &self.origin).await {
             Ok(client) => client,
             Err(sluice_postgres::Error::Sql(e)) => {
                 return Err(sql_error("cannot reconnect to the target database", e))
