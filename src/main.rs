@@ -176,6 +176,9 @@ fn main() -> ExitCode {
                     for skipped in &findings.skipped {
                         println!("skipped: {skipped}");
                     }
+                    for way_back in &findings.irreversible {
+                        println!("way back: {way_back}");
+                    }
                     if findings.is_clean() {
                         println!("{}: ok (checked {})", path.display(), findings.checked.join(", "));
                         ExitCode::SUCCESS

@@ -28,6 +28,11 @@ pub struct Findings {
     pub checked: Vec<String>,
     /// What was not, and why.
     pub skipped: Vec<String>,
+    /// What the way back could not do: a reverse direction (after a cutover) could not
+    /// write some source rows from the target's (a dropped NOT NULL column without a default,
+    /// two tables in one target table that nothing tells apart). The forward direction does
+    /// not need it: `validate` prints these as `way back:` lines, `run` streams.
+    pub irreversible: Vec<Problem>,
 }
 
 impl Findings {

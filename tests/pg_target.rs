@@ -705,3 +705,24 @@ async fn writes_into_the_target_carry_the_forward_origin() {
     );
     target.sql("SELECT pg_drop_replication_slot('origin_check')");
 }
+
+/// `validate` names what the mapping read backwards could not do, without failing the forward
+/// direction: a dropped column the source requires.
+#[test]
+fn validate_names_a_mapping_the_way_back_cannot_invert() {
+    let (db, _target, _dir, config) = setup("pgw", "");
+    let path = config.to_str().unwrap();
+    let before = sluice().args(["validate", "-c", path]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&before.stdout);
+    assert!(before.status.success() && !stdout.contains("way back"), "{stdout}");
+    db.sql("ALTER TABLE customers ALTER COLUMN password_hash SET NOT NULL");
+    let run = sluice().args(["validate", "-c", path]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "the forward direction still works: {stdout}");
+    assert!(
+        stdout.contains(
+            "way back: target.mapping.tables[0].drop: column password_hash of public.customers is dropped but NOT NULL without a default"
+        ),
+        "{stdout}"
+    );
+}

@@ -138,6 +138,7 @@ pub async fn check(
             ));
         }
     }
+    way_back(sql, mapping, &mut findings.irreversible).await?;
     if pg.sync_sequences {
         if let Err(e) = owned_sequences(&target, &tables).await {
             problems.push(Problem::new("target", "sync_sequences", e.message));
@@ -157,6 +158,77 @@ pub async fn check(
     }
     rights(&target, &tables, pg, problems).await?;
     Ok(())
+}
+
+/// What the mapping read backwards could not do: write a source row whose dropped column is
+/// NOT NULL without a default, or tell apart the rows of two source tables in one target
+/// table when no constant column holds a different value for each.
+async fn way_back(
+    sql: &tokio_postgres::Client,
+    mapping: &PgMapping,
+    irreversible: &mut Vec<Problem>,
+) -> Result<(), tokio_postgres::Error> {
+    for (i, table) in mapping.tables.iter().enumerate() {
+        let prefix = format!("target.mapping.tables[{i}]");
+        if table.drop.is_empty() {
+            continue;
+        }
+        let required: Vec<String> = sql
+            .query(
+                "SELECT a.attname::text FROM pg_catalog.pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 \
+                   AND NOT a.attisdropped AND a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''",
+                &[&catalog::split_table(&table.source)
+                    .map(|(s, n)| sluice_core::TableName::new(s, n).quoted())
+                    .unwrap_or_default()],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        for column in table.drop.iter().filter(|c| required.contains(c)) {
+            irreversible.push(Problem::new(
+                &prefix,
+                "drop",
+                format!(
+                    "column {column} of {} is dropped but NOT NULL without a default: a row written back from {} \
+                     could not be inserted; give it a default in the source, or map it",
+                    table.source, table.target
+                ),
+            ));
+        }
+    }
+    irreversible.extend(untold_sources(mapping));
+    Ok(())
+}
+
+/// Target tables several source tables write without a constant column that holds a
+/// different value for each: the way back cannot tell which source a row belongs to.
+fn untold_sources(mapping: &PgMapping) -> Vec<Problem> {
+    let mut by_target: std::collections::BTreeMap<&str, Vec<usize>> = std::collections::BTreeMap::new();
+    for (i, table) in mapping.tables.iter().enumerate() {
+        by_target.entry(table.target.as_str()).or_default().push(i);
+    }
+    let mut found = Vec::new();
+    for (target, sources) in by_target.into_iter().filter(|(_, s)| s.len() > 1) {
+        let tables: Vec<_> = sources.iter().map(|&i| &mapping.tables[i]).collect();
+        let told_apart = tables[0].constants.keys().any(|column| {
+            let values: Vec<_> = tables.iter().map(|t| t.constants.get(column)).collect();
+            values.iter().all(Option::is_some)
+                && values.iter().enumerate().all(|(a, x)| values[a + 1..].iter().all(|y| y != x))
+        });
+        if !told_apart {
+            found.push(Problem::new(
+                &format!("target.mapping.tables[{}]", sources[0]),
+                "target",
+                format!(
+                    "{} all write {target}, and no constant column holds a different value for each: the way back \
+                     cannot tell which source table a row of {target} belongs to; add one (constants = {{ entity = \"…\" }})",
+                    tables.iter().map(|t| t.source.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
+    found
 }
 
 /// The target role may write every target table, and keep its checkpoint (create the table
@@ -235,4 +307,33 @@ async fn rights(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::mapping::MappingFile;
+
+    #[test]
+    fn two_sources_in_one_target_table_need_a_constant_that_tells_them_apart() {
+        let mapping = |a: &str, b: &str| {
+            PgMapping::parse(&format!(
+                "[[tables]]\nsource = \"public.people\"\ntarget = \"v2.parties\"\n{a}\n\
+                 [[tables]]\nsource = \"public.firms\"\ntarget = \"v2.parties\"\n{b}\n"
+            ))
+            .unwrap()
+        };
+        let untold = untold_sources(&mapping("", ""));
+        assert_eq!(untold.len(), 1);
+        let text = untold[0].to_string();
+        assert!(text.contains("public.people, public.firms all write v2.parties"), "{text}");
+        // The same value in both tells nothing either.
+        let same = "constants = { kind = \"x\" }";
+        assert_eq!(untold_sources(&mapping(same, same)).len(), 1);
+        assert!(untold_sources(&mapping(
+            "constants = { kind = \"person\" }",
+            "constants = { kind = \"firm\" }"
+        ))
+        .is_empty());
+    }
 }
