@@ -120,15 +120,7 @@ async fn source(
     if let Some(mapped) = mapped {
         let own = [config.backfill.progress_table.to_string()];
         let outbox = config.target.outbox().and_then(|o| o.table.as_ref()).map(|t| t.to_string());
-        let published: Vec<String> = sql
-            .query(
-                "SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables WHERE pubname = $1 ORDER BY 1",
-                &[&publication],
-            )
-            .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+        let published = sluice_postgres::catalog::publication_tables(sql, publication).await?;
         for table in published {
             if !mapped.contains(&table) && !own.contains(&table) && outbox.as_ref() != Some(&table) {
                 findings.warnings.push(Problem::new(

@@ -76,15 +76,24 @@ pub async fn progress_session(
     config: &crate::config::Config,
     application_name: &str,
 ) -> Result<ReadSession, CommandError> {
-    let mut sql = ReadSession::connect(
+    let mut sql = source_session(config, application_name).await?;
+    open_progress_table(&mut sql, &config.backfill).await?;
+    Ok(sql)
+}
+
+/// A session on the source database named `application_name`, its reads retried within
+/// `pipeline.retry_for`.
+pub async fn source_session(
+    config: &crate::config::Config,
+    application_name: &str,
+) -> Result<ReadSession, CommandError> {
+    ReadSession::connect(
         &config.source.connection,
         application_name,
         RetryPolicy::new(config.pipeline.retry_for),
     )
     .await
-    .context("cannot connect to the source database (source.connection)")?;
-    open_progress_table(&mut sql, &config.backfill).await?;
-    Ok(sql)
+    .context("cannot connect to the source database (source.connection)")
 }
 
 /// Creates the progress table when it is missing (retried: it is idempotent).

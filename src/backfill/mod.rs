@@ -41,7 +41,9 @@ use tokio::sync::mpsc;
 pub use crate::config::BackfillConfig;
 use chunk::serve_request;
 pub(crate) use command::outside_publication;
-pub use command::{add_request, cancel, follow, open_progress_table, progress_session, snapshot};
+pub use command::{
+    add_request, cancel, follow, open_progress_table, progress_session, snapshot, source_session,
+};
 pub(crate) use progress::published_tables;
 pub use progress::{ensure_progress_table, estimate_rows, progress, request, Progress, Scope};
 use window::Chunk;

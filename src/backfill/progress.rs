@@ -220,11 +220,7 @@ pub(crate) async fn published_tables(
     config: &BackfillConfig,
     publication: &str,
 ) -> Result<Vec<String>, tokio_postgres::Error> {
-    Ok(sql
-        .query("SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables WHERE pubname = $1 ORDER BY 1", &[&publication])
-        .await?
-        .iter()
-        .map(|row| row.get::<_, String>(0))
-        .filter(|table| config.progress_table != *table.as_str())
-        .collect())
+    let mut tables = sluice_postgres::catalog::publication_tables(sql, publication).await?;
+    tables.retain(|table| config.progress_table != *table.as_str());
+    Ok(tables)
 }

@@ -1,7 +1,6 @@
 //! `sluice migration` (each table's phase, fence and moves), `sluice fence` and
 //! `sluice unfence`.
 
-use sluice_core::retry::RetryPolicy;
 use sluice_core::TableName;
 use sluice_postgres::ReadSession;
 
@@ -20,13 +19,7 @@ async fn session(
             "migration phases need the logical replication source ([source.replication])",
         ));
     };
-    let mut sql = ReadSession::connect(
-        &config.source.connection,
-        application_name,
-        RetryPolicy::new(config.pipeline.retry_for),
-    )
-    .await
-    .context("cannot connect to the source database (source.connection)")?;
+    let mut sql = crate::backfill::source_session(config, application_name).await?;
     sql.run(async |c| Ok(ensure_state_tables(c, &config.migration).await?)).await.with_context(|| {
         format!(
             "cannot create the migration state table {} (migration.state_table)",

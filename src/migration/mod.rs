@@ -159,16 +159,8 @@ pub async fn published_phases(
     pipeline: &str,
     publication: &str,
 ) -> Result<BTreeMap<String, Phase>, MigrationError> {
-    let tables: Vec<String> = sql
-        .query(
-            "SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables WHERE pubname = $1",
-            &[&publication],
-        )
-        .await?
-        .iter()
-        .map(|row| row.get(0))
-        .filter(|t: &String| config.state_table != *t.as_str())
-        .collect();
+    let mut tables = sluice_postgres::catalog::publication_tables(sql, publication).await?;
+    tables.retain(|t| config.state_table != *t.as_str());
     let exists: bool =
         sql.query_one("SELECT to_regclass($1) IS NOT NULL", &[&config.quoted_table()]).await?.get(0);
     let known = if exists { phases(sql, config, pipeline).await? } else { BTreeMap::new() };

@@ -127,6 +127,22 @@ pub fn split_table(table: &str) -> Option<(&str, &str)> {
     table.split_once('.').filter(|(schema, name)| !schema.is_empty() && !name.is_empty())
 }
 
+/// The tables of `publication`, as `schema.table`, in order.
+pub async fn publication_tables(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+) -> std::result::Result<Vec<String>, tokio_postgres::Error> {
+    Ok(sql
+        .query(
+            "SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+            &[&publication],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect())
+}
+
 /// Reads `schema.table` from the catalog; `Ok(None)` when there is no such table.
 pub async fn table(sql: &tokio_postgres::Client, schema: &str, name: &str) -> Result<Option<Table>> {
     let rows = sql

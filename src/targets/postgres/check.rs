@@ -55,15 +55,7 @@ pub async fn check(
         }
     };
     let translator = PgTranslator::new(mapping, &target_keys(&tables));
-    let published: Vec<String> = sql
-        .query(
-            "SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables WHERE pubname = $1",
-            &[&publication],
-        )
-        .await?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let published = catalog::publication_tables(sql, publication).await?;
     for (i, table) in mapping.tables.iter().enumerate() {
         let prefix = format!("target.mapping.tables[{i}]");
         let (schema, name) = catalog::split_table(&table.source).unwrap_or_default();
