@@ -243,27 +243,8 @@ fn main() -> ExitCode {
             ),
             Err(e) => config_failure(&e),
         },
-        Command::Fence { config, .. } | Command::Unfence { config, .. } if Config::load(&config).is_err() => {
-            config_failure(&Config::load(&config).expect_err("checked"))
-        }
-        Command::Fence { config, tables } => report(
-            runtime
-                .block_on(sluice::migration::fence_tables(
-                    &Config::load(&config).expect("checked"),
-                    &tables,
-                    true,
-                ))
-                .map_err(anyhow::Error::from),
-        ),
-        Command::Unfence { config, tables } => report(
-            runtime
-                .block_on(sluice::migration::fence_tables(
-                    &Config::load(&config).expect("checked"),
-                    &tables,
-                    false,
-                ))
-                .map_err(anyhow::Error::from),
-        ),
+        Command::Fence { config, tables } => fence(&runtime, &config, &tables, true),
+        Command::Unfence { config, tables } => fence(&runtime, &config, &tables, false),
         Command::Verify(args) | Command::Reconcile(args) if Config::load(&args.config).is_err() => {
             config_failure(&Config::load(&args.config).expect_err("checked"))
         }
@@ -303,6 +284,18 @@ fn main() -> ExitCode {
             let schema = sluice::config::schema::config_schema();
             report(sluice::error::print(&format!("{schema:#}\n")).map_err(anyhow::Error::from))
         }
+    }
+}
+
+/// `sluice fence` (`up`) and `sluice unfence`.
+fn fence(runtime: &tokio::runtime::Runtime, path: &std::path::Path, tables: &[String], up: bool) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => report(
+            runtime
+                .block_on(sluice::migration::fence_tables(&config, tables, up))
+                .map_err(anyhow::Error::from),
+        ),
+        Err(e) => config_failure(&e),
     }
 }
 

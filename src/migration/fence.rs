@@ -141,8 +141,9 @@ pub async fn fence(
         }
         tracing::info!(pipeline, table = %table, "fenced: writes refused but from sluice's {} session", allowed.as_str());
     }
-    let lsn: String = sql.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.map_err(&err)?.get(0);
-    Ok(lsn.parse().unwrap_or(sluice_core::Lsn::ZERO))
+    let lsn: i64 =
+        sql.query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8", &[]).await.map_err(&err)?.get(0);
+    Ok(sluice_core::Lsn(lsn as u64))
 }
 
 /// Takes the fence down; `false` when there was none.

@@ -178,7 +178,7 @@ impl PgTarget {
 /// statement fail after `lock_timeout` and the batch retry, with a warning each time, instead
 /// of waiting silently.
 ///
-/// The session carries the replication origin `origin` (`sluice_<pipeline>_forward`) where the
+/// The session carries the replication origin `origin` (`sluice_<slot>_forward`) where the
 /// role may set one up: a reverse stream reading this database then drops sluice's own writes
 /// (no loops), and a fence on these tables would refuse them. Without the right it applies
 /// all the same and says once what is missing.
