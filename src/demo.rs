@@ -95,6 +95,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
         ha: Default::default(),
         backfill: Default::default(),
         migration: Default::default(),
+        reverse_of: None,
     };
     let dir = tempfile::tempdir()?;
     let mut dynamo = None;
@@ -139,6 +140,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
             dead_letter: None,
             lock_timeout: Duration::from_secs(10),
             sync_sequences: true,
+            inverted: false,
         });
     }
     let (shutdown_tx, shutdown_rx) = sluice_core::Shutdown::new();

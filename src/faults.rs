@@ -4,6 +4,7 @@
 //! - `SLUICE_TEST_PANIC_IN=<point>`: panics at `point` (`dynamodb-worker`, `postgres-applier`,
 //!   `backfill`), to prove that a background task's panic fails the pipeline.
 //! - `SLUICE_TEST_BACKFILL_WINDOW_DELAY_MS`: widens each backfill chunk's window.
+//! - `SLUICE_TEST_KILL_AT=<point>`: kills the process (SIGKILL) at a step of a command.
 
 use std::time::Duration;
 
@@ -39,3 +40,20 @@ pub fn backfill_window_delay() -> Option<Duration> {
 pub fn backfill_window_delay() -> Option<Duration> {
     None
 }
+
+/// Kills the process with SIGKILL (as `kill -9` does: no cleanup, no unwinding) when the
+/// tests asked for it at `point` (`SLUICE_TEST_KILL_AT=<point>`): the steps of `cutover` and
+/// `rollback` (`cutover-1` … `cutover-4`, `rollback-1` … `rollback-4`).
+#[cfg(feature = "test-hooks")]
+pub fn kill_at(point: &str) {
+    if std::env::var("SLUICE_TEST_KILL_AT").is_ok_and(|p| p == point) {
+        eprintln!("injected kill -9 at {point} (SLUICE_TEST_KILL_AT)");
+        let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
+        std::process::abort();
+    }
+}
+
+/// See above; only in builds with the `test-hooks` feature.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn kill_at(_point: &str) {}

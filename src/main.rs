@@ -38,6 +38,11 @@ enum Command {
         /// problems always stop `run`.
         #[arg(long)]
         allow_warnings: bool,
+        /// Run the way back of the configured pipeline: read the new (target) database
+        /// through its own slot and publication and apply to the old tables through the
+        /// inverted mapping, for the tables a `cutover` reversed (Postgres targets).
+        #[arg(long)]
+        reverse: bool,
     },
     /// Check a configuration file, its mapping against the source database, and the target
     /// (tables, topics, rights); prints every problem with its dotted key, and what it skipped.
@@ -102,6 +107,15 @@ enum Command {
         #[arg(long = "table", value_name = "TABLE", required = true)]
         tables: Vec<String>,
     },
+    /// Move tables to the new store: check (phase forward, lag, the way back set up, verify
+    /// clean), fence the old tables, drain the forward stream to the fence, verify, record
+    /// `reversed`. Safe to re-run after a crash at any step.
+    Cutover(sluice::migration::MoveArgs),
+    /// Move reversed tables back to the old store: fence the new tables, drain the way back,
+    /// verify, record `forward` and unfence the old tables. Safe to re-run.
+    Rollback(sluice::migration::MoveArgs),
+    /// The point of no return: the way back stops applying the tables for good.
+    Finish(sluice::migration::MoveArgs),
     /// Compare the target (DynamoDB or Postgres) with the source through the mapping: matched, missing,
     /// different and extra keys per table. Exit 0 when equal, 3 when anything differs.
     Verify(sluice::verify::VerifyArgs),
@@ -195,11 +209,20 @@ fn main() -> ExitCode {
             },
             Err(e) => config_failure(&e),
         },
-        Command::Run { config, until_lsn, allow_warnings } => {
+        Command::Run { config, until_lsn, allow_warnings, reverse } => {
             let mut config = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => return config_failure(&e),
             };
+            if reverse {
+                config = match sluice::migration::reverse::reversed(&config) {
+                    Ok(c) => c,
+                    Err(problems) => return config_failure(&ConfigError::Invalid { problems }),
+                };
+                if let Err(e) = runtime.block_on(sluice::migration::reverse::prepare(&config)) {
+                    return report(Err(e.into()));
+                }
+            }
             config.pipeline.allow_warnings |= allow_warnings;
             match runtime.block_on(start_checks(&config)) {
                 Ok(Some((problems, warnings))) => {
@@ -245,6 +268,9 @@ fn main() -> ExitCode {
         },
         Command::Fence { config, tables } => fence(&runtime, &config, &tables, true),
         Command::Unfence { config, tables } => fence(&runtime, &config, &tables, false),
+        Command::Cutover(args) => move_tables(&runtime, &args, "cutover"),
+        Command::Rollback(args) => move_tables(&runtime, &args, "rollback"),
+        Command::Finish(args) => move_tables(&runtime, &args, "finish"),
         Command::Verify(args) | Command::Reconcile(args) if Config::load(&args.config).is_err() => {
             config_failure(&Config::load(&args.config).expect_err("checked"))
         }
@@ -297,6 +323,26 @@ fn fence(runtime: &tokio::runtime::Runtime, path: &std::path::Path, tables: &[St
         ),
         Err(e) => config_failure(&e),
     }
+}
+
+/// `sluice cutover`, `rollback` and `finish`.
+fn move_tables(
+    runtime: &tokio::runtime::Runtime,
+    args: &sluice::migration::MoveArgs,
+    command: &str,
+) -> ExitCode {
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => return config_failure(&e),
+    };
+    let moved = runtime.block_on(async {
+        match command {
+            "cutover" => sluice::migration::cutover(&config, args).await,
+            "rollback" => sluice::migration::rollback(&config, args).await,
+            _ => sluice::migration::finish(&config, args).await,
+        }
+    });
+    report(moved.map_err(anyhow::Error::from))
 }
 
 async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {

@@ -51,6 +51,9 @@ pub const SPILLED_BYTES: &str = "sluice_spilled_bytes";
 /// Transactions the source did not deliver because they carry sluice's own replication
 /// origin from the other direction (no loops).
 pub const ORIGIN_DROPPED_TOTAL: &str = "sluice_source_origin_dropped_total";
+/// The way back: changes of new tables not applied because their table does not stream
+/// back in its migration phase, by new `table`.
+pub const REVERSE_SKIPPED_TOTAL: &str = "sluice_reverse_skipped_total";
 /// Target requests' latency, by `target`, seconds.
 pub const TARGET_WRITE_SECONDS: &str = "sluice_target_write_duration_seconds";
 /// Writes by `target` and `outcome` (applied, already_applied: absorbed by the position guard).
@@ -133,6 +136,10 @@ fn describe() {
     describe_counter!(
         ORIGIN_DROPPED_TOTAL,
         "Transactions not delivered: sluice's own writes from the other direction (their replication origin)"
+    );
+    describe_counter!(
+        REVERSE_SKIPPED_TOTAL,
+        "The way back: changes of tables not streaming back in their migration phase"
     );
     describe_histogram!(TARGET_WRITE_SECONDS, Unit::Seconds, "Latency of target requests");
     describe_counter!(

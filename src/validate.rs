@@ -9,7 +9,6 @@ use sluice_core::Problem;
 
 use crate::config::Config;
 use crate::targets::dynamodb::mapping::Mapping;
-use crate::targets::postgres::mapping::PgMapping;
 use crate::targets::TargetConfig;
 use crate::translate::mapping::MappingFile;
 
@@ -99,7 +98,7 @@ async fn source(
             }
             _ => None,
         },
-        TargetConfig::Postgres(pg) => match PgMapping::load(&pg.mapping) {
+        TargetConfig::Postgres(pg) => match pg.load_mapping() {
             Ok(mapping) => {
                 crate::targets::postgres::check::check(
                     sql,

@@ -195,6 +195,29 @@ fn chart_renders_valid_manifests_with_default_and_full_values() {
         pg.contains("name: SLUICE__TARGET__CONNECTION__PASSWORD") && pg.contains("name: shop-v2-db"),
         "target password from the Secret"
     );
+    // The way back as a second Deployment of the release: `run --reverse`, its pods selected
+    // apart from the forward ones.
+    let reverse = helm(
+        dir.path(),
+        &["template", "release", CHART, "-f", pg_values.to_str().unwrap(), "--set", "reverse.enabled=true"],
+    );
+    assert!(reverse.status.success(), "{}", text(&reverse));
+    let reverse = String::from_utf8_lossy(&reverse.stdout).into_owned();
+    check_rendering(dir.path(), "reverse", &reverse);
+    assert_eq!(reverse.matches("kind: Deployment").count(), 2, "{reverse}");
+    assert!(
+        reverse.contains("name: release-sluice-reverse")
+            && reverse.contains(r#"args: ["run", "--reverse", "--config", "/etc/sluice/sluice.json"]"#)
+            && reverse.contains("app.kubernetes.io/name: sluice-reverse")
+            && !pg.contains("sluice-reverse"),
+        "{reverse}"
+    );
+    let out = helm(dir.path(), &["template", "release", CHART, "--set", "reverse.enabled=true"]);
+    assert!(
+        !out.status.success() && text(&out).contains("config.target.kind must be postgres"),
+        "{}",
+        text(&out)
+    );
     let out = helm(
         dir.path(),
         &[

@@ -4,6 +4,7 @@ mod auth;
 mod backfill;
 mod checks;
 mod crash;
+mod cutover;
 mod demo;
 mod dynamodb;
 mod errors;

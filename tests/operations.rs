@@ -113,6 +113,13 @@ async fn metrics_show_lag_falling_after_catch_up_and_rising_while_the_target_is_
                 body,
                 "sluice_events_total{op=\"insert\",pipeline=\"default\",table=\"public.accounts\"}",
             ) == Some(200.0)
+            && metric(
+                body,
+                "sluice_events_total{op=\"update\",pipeline=\"default\",table=\"public.accounts\"}",
+            ) == Some(50.0)
+            // Both transactions applied: a loaded target may still be retrying the second one
+            // when the first is already confirmed.
+            && metric(body, "sluice_target_writes_total{outcome=\"applied\",pipeline=\"default\"}") == Some(250.0)
     })
     .await;
     assert_eq!(http_get(port, "/readyz").unwrap().0, 200);

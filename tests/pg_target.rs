@@ -49,7 +49,7 @@ fn target_db(db: &TestDb) -> TestDb {
 
 /// A source database with the shop schema, a target database with schema v2, a temp dir and
 /// a config streaming slot `slot` into the target (`extra`: further `[target]` keys).
-fn setup(slot: &str, extra: &str) -> (TestDb, TestDb, tempfile::TempDir, PathBuf) {
+pub(crate) fn setup(slot: &str, extra: &str) -> (TestDb, TestDb, tempfile::TempDir, PathBuf) {
     let db = TestDb::new();
     db.sql(SOURCE_SCHEMA);
     let target = target_db(&db);
@@ -160,7 +160,7 @@ async fn changes_apply_through_the_mapping_and_the_target_equals_the_source() {
     assert_eq!(app_row, "100001", "the application's insert after the cut-over takes a fresh key");
 }
 
-fn start(config: &Path, log: &Path) -> Child {
+pub(crate) fn start(config: &Path, log: &Path) -> Child {
     sluice()
         .arg("run")
         .arg("-c")

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::localpg::{ClusterOptions, LocalPostgres};
 
 mod backfill;
+mod cutover;
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -76,6 +77,14 @@ pub struct BenchArgs {
     /// `--backfill`: rows per chunk.
     #[arg(long, default_value_t = 20_000)]
     pub chunk_size: usize,
+    /// Benchmark a table's cut-over instead: the time from `sluice cutover` to `reversed`
+    /// with the application writing, its write unavailability, and the way back's rows/s
+    /// against the forward stream's on the same data (both directions Postgres).
+    #[arg(long, conflicts_with = "backfill")]
+    pub cutover: bool,
+    /// `--cutover`: the application's writes per second.
+    #[arg(long, default_value_t = 200)]
+    pub writes_per_second: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -123,6 +132,9 @@ struct Sample {
 pub async fn run(args: BenchArgs) -> BenchResult<()> {
     if args.backfill {
         return backfill::run(args).await;
+    }
+    if args.cutover {
+        return cutover::run(args).await;
     }
     match args.target {
         BenchTarget::Null | BenchTarget::Postgres => {

@@ -42,6 +42,9 @@ pub struct Config {
     /// The migration state: tables' phases and the fence.
     #[serde(default)]
     pub migration: crate::migration::MigrationConfig,
+    /// Set on the way back's configuration (`migration::reverse::reversed`), never in a file.
+    #[serde(skip)]
+    pub reverse_of: Option<crate::migration::reverse::ReverseOf>,
 }
 
 /// `[monitoring]`: the HTTP endpoints and the health thresholds.

@@ -149,7 +149,7 @@ pub async fn fence_tables(
 
 /// SQL failures to the session (which retries the transient ones), the others kept apart
 /// for the command to report.
-fn split<T>(
+pub(super) fn split<T>(
     result: Result<T, super::MigrationError>,
 ) -> sluice_postgres::Result<Result<T, super::MigrationError>> {
     match result {
@@ -158,7 +158,7 @@ fn split<T>(
     }
 }
 
-fn split_fence<T>(
+pub(super) fn split_fence<T>(
     result: Result<T, fence::FenceError>,
 ) -> sluice_postgres::Result<Result<T, fence::FenceError>> {
     match result {

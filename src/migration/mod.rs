@@ -8,10 +8,13 @@
 //! while the first still runs) cannot both move a table.
 
 mod command;
+pub mod cutover;
 pub mod fence;
 pub mod phase;
+pub mod reverse;
 
 pub use command::{fence_tables, show};
+pub use cutover::{cutover, finish, rollback, MoveArgs};
 
 use std::collections::BTreeMap;
 
@@ -28,11 +31,18 @@ pub struct MigrationConfig {
     /// when missing; its moves go to `<table>_log`.
     #[serde(default = "default_state_table")]
     pub state_table: TableName,
+    /// The way back's replication slot, in the new database (default `<slot>_reverse`).
+    #[serde(default)]
+    pub reverse_slot: Option<String>,
+    /// The way back's publication in the new database, created by `run --reverse` for the
+    /// mapped new tables when missing (default `<slot>_reverse`).
+    #[serde(default)]
+    pub reverse_publication: Option<String>,
 }
 
 impl Default for MigrationConfig {
     fn default() -> Self {
-        MigrationConfig { state_table: default_state_table() }
+        MigrationConfig { state_table: default_state_table(), reverse_slot: None, reverse_publication: None }
     }
 }
 

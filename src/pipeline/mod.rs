@@ -57,26 +57,43 @@ pub async fn run(
         )
         .await?,
     );
+    // Origins are named after the forward slot; each direction writes with its own and drops
+    // the other's.
+    use crate::migration::{fence::origin_name, Direction};
+    let (origins_of, writes, drops) = match &config.reverse_of {
+        None => (config.source.lock_name(), Direction::Forward, Direction::Reverse),
+        Some(of) => (of.slot.clone(), Direction::Reverse, Direction::Forward),
+    };
     let target = Opened::open(
         &config.target,
         &config.pipeline.name,
-        &crate::migration::fence::origin_name(
-            &config.source.lock_name(),
-            crate::migration::Direction::Forward,
-        ),
+        &origin_name(&origins_of, writes),
         Arc::clone(&state.target),
         Arc::clone(&dead_letter),
     )
     .await?;
+    let gate = match &config.reverse_of {
+        Some(_) => Some(
+            crate::migration::reverse::PhaseGate::open(
+                config,
+                sluice_core::RetryPolicy::new(config.pipeline.retry_for),
+            )
+            .await
+            .map_err(|message| TargetError {
+                target: config.target.kind(),
+                kind: crate::error::ErrorKind::Fatal,
+                message,
+                source: None,
+            })?,
+        ),
+        None => None,
+    };
     let options = SourceOptions {
         batch_max_events: config.pipeline.batch_max_events,
         retry_for: config.pipeline.retry_for,
         shutdown_timeout: config.pipeline.shutdown_timeout,
-        // sluice's own writes into the source (the reverse direction's): never sent forward.
-        drop_origins: vec![crate::migration::fence::origin_name(
-            &config.source.lock_name(),
-            crate::migration::Direction::Reverse,
-        )],
+        // sluice's own writes into the source (the other direction's): never sent on.
+        drop_origins: vec![origin_name(&origins_of, drops)],
         ..SourceOptions::default()
     };
     let (batch_tx, batch_rx) = mpsc::channel(CHANNEL_BATCHES);
@@ -127,6 +144,7 @@ pub async fn run(
         dead_letter: &dead_letter,
         max_in_flight: config.pipeline.max_in_flight,
         state,
+        gate,
     };
     let applied = tokio::select! {
         applied = apply_opened(target, stage, batch_rx, durable_tx, &mut watermarks) => applied.map_err(PipelineError::from),
@@ -192,6 +210,8 @@ struct Stage<'a> {
     dead_letter: &'a DeadLetter,
     max_in_flight: usize,
     state: &'a PipelineState,
+    /// The way back: only tables that stream back in their phase.
+    gate: Option<crate::migration::reverse::PhaseGate>,
 }
 
 /// Submits batches in order, keeps at most `max_in_flight` unconfirmed, and publishes the
@@ -205,7 +225,7 @@ async fn apply<X: Translator, T: Target<Op = X::Op>>(
     durable: watch::Sender<Lsn>,
     watermarks: &mut Watermarks,
 ) -> Result<(), TargetError> {
-    let Stage { target: target_name, dead_letter, max_in_flight, state } = stage;
+    let Stage { target: target_name, dead_letter, max_in_flight, state, mut gate } = stage;
     let mut names = SourceNames::default();
     let mut tracker = AckTracker::default();
     let mut in_flight = FuturesUnordered::new();
@@ -229,7 +249,15 @@ async fn apply<X: Translator, T: Target<Op = X::Op>>(
             }
             batch = batches.recv(), if source_open && in_flight.len() < max_in_flight => match batch {
                 Some(batch) => {
-                    for Part { batch, chunk_done, chunk_applied } in watermarks.split(batch) {
+                    for Part { mut batch, chunk_done, chunk_applied } in watermarks.split(batch) {
+                        if let Some(gate) = &mut gate {
+                            gate.retain(&mut batch).await.map_err(|message| TargetError {
+                                target: target_name,
+                                kind: crate::error::ErrorKind::Fatal,
+                                message,
+                                source: None,
+                            })?;
+                        }
                         state.count_changes(count_events(&batch.events));
                         let seq = tracker.register_with_time(batch.ack_lsn, batch.commit_time);
                         let ops = stage::translate(
@@ -365,6 +393,7 @@ mod tests {
                 dead_letter: &dead_letter().await,
                 max_in_flight: 4,
                 state: &test_state(),
+                gate: None,
             },
             rx,
             durable_tx,

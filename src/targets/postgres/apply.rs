@@ -40,10 +40,8 @@ use super::error::{classify, fatal, refusal, sql_error, TARGET};
 use crate::error::{ErrorKind, TargetError};
 use crate::targets::dead_letter::DeadLetter;
 use crate::targets::postgres::config::PostgresTargetConfig;
-use crate::targets::postgres::mapping::PgMapping;
 use crate::targets::postgres::translate::{PgTranslator, RowOp, Text};
 use crate::targets::{OpBatch, Receipt, Sourced, Target, TargetStats};
-use crate::translate::mapping::MappingFile;
 use sluice_core::Position;
 
 /// A checkpoint row's position, or why it is not one.
@@ -112,7 +110,7 @@ impl PgTarget {
         stats: Arc<TargetStats>,
         dead_letter: Arc<DeadLetter>,
     ) -> Result<(PgTranslator, Self), TargetError> {
-        let mapping = PgMapping::load(&config.mapping).map_err(|problems| {
+        let mapping = config.load_mapping().map_err(|problems| {
             fatal(format!(
                 "target.mapping {}: {}",
                 config.mapping.display(),

@@ -41,6 +41,10 @@ pub struct PostgresTargetConfig {
     /// cut-over get fresh keys. A sequence is never moved back.
     #[serde(default = "yes")]
     pub sync_sequences: bool,
+    /// The way back: the mapping is read inverted (`PgMapping::inverted`). Set by
+    /// `Config::reversed`, never in a file.
+    #[serde(skip)]
+    pub inverted: bool,
 }
 
 fn default_lock_timeout() -> Duration {
@@ -55,11 +59,23 @@ impl PostgresTargetConfig {
     /// Problems visible without either database (the mapping file is read and checked).
     pub fn validate(&self, problems: &mut Vec<Problem>) {
         self.connection.validate("target.connection", problems);
-        if let Err(mapping_problems) = super::mapping::PgMapping::load(&self.mapping) {
+        if let Err(mapping_problems) = self.load_mapping() {
             problems.extend(mapping_problems.into_iter().map(|p| Problem {
                 key: if p.key == "mapping" { "target.mapping".into() } else { format!("target.{}", p.key) },
                 message: p.message,
             }));
+        }
+    }
+}
+
+impl PostgresTargetConfig {
+    /// Reads and checks the mapping file; inverted for the way back.
+    pub(crate) fn load_mapping(&self) -> Result<super::mapping::PgMapping, Vec<Problem>> {
+        let mapping = super::mapping::PgMapping::load(&self.mapping)?;
+        if self.inverted {
+            mapping.inverted()
+        } else {
+            Ok(mapping)
         }
     }
 }

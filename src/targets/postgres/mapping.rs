@@ -51,6 +51,75 @@ pub struct PgTableMapping {
     /// Rows must satisfy every predicate; a row that stops satisfying them is deleted.
     #[serde(default)]
     pub filter: Vec<Predicate>,
+    /// The way back (an inverted mapping): a row that fails the filter is not the mapping's
+    /// to carry, and is refused (dead-lettered) rather than deleted from the old table.
+    #[serde(skip)]
+    pub refuse_filtered: bool,
+}
+
+impl PgMapping {
+    /// The mapping of the way back, new tables → old tables: targets become sources, renames
+    /// are undone, constants' columns dropped, and the filter, renamed onto the new columns,
+    /// refuses rows instead of deleting them. A mapping that cannot be inverted is named by
+    /// table: a target table several sources feed (its rows cannot be told apart), a filter
+    /// on a column that is not written.
+    pub fn inverted(&self) -> Result<PgMapping, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut feeds: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for t in &self.tables {
+            feeds.entry(t.target.as_str()).or_default().push(t.source.as_str());
+        }
+        let mut tables = Vec::with_capacity(self.tables.len());
+        for (i, t) in self.tables.iter().enumerate() {
+            let prefix = format!("mapping.tables[{i}]");
+            let sources = &feeds[t.target.as_str()];
+            if sources.len() > 1 {
+                problems.push(Problem::new(
+                    &prefix,
+                    "target",
+                    format!(
+                        "{} is fed by {}: the way back cannot tell their rows apart",
+                        t.target,
+                        sources.join(" and ")
+                    ),
+                ));
+                continue;
+            }
+            let target_name =
+                |column: &str| t.rename.get(column).cloned().unwrap_or_else(|| column.to_owned());
+            let mut filter = Vec::with_capacity(t.filter.len());
+            for (j, predicate) in t.filter.iter().enumerate() {
+                if t.drop.contains(&predicate.column) {
+                    problems.push(Problem::new(
+                        &prefix,
+                        &format!("filter[{j}].column"),
+                        format!(
+                            "the filter reads {}, which the mapping drops: the way back cannot check it",
+                            predicate.column
+                        ),
+                    ));
+                    continue;
+                }
+                let mut renamed = predicate.clone();
+                renamed.column = target_name(&predicate.column);
+                filter.push(renamed);
+            }
+            tables.push(PgTableMapping {
+                source: t.target.clone(),
+                target: t.source.clone(),
+                rename: t.rename.iter().map(|(from, to)| (to.clone(), from.clone())).collect(),
+                drop: t.constants.keys().cloned().collect(),
+                constants: BTreeMap::new(),
+                filter,
+                refuse_filtered: true,
+            });
+        }
+        if problems.is_empty() {
+            Ok(PgMapping { on_truncate: self.on_truncate, tables })
+        } else {
+            Err(problems)
+        }
+    }
 }
 
 impl MappingFile for PgMapping {

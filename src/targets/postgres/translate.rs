@@ -223,7 +223,18 @@ impl PgTranslator {
         relation: &Relation,
         row: &[Option<&Value>],
     ) -> Result<bool, TranslateError> {
-        passes_filter(&table.mapping.filter, &table.mapping.source, relation, row)
+        let passes = passes_filter(&table.mapping.filter, &table.mapping.source, relation, row)?;
+        if !passes && table.mapping.refuse_filtered {
+            return Err(TranslateError::Poison {
+                table: table.mapping.source.clone(),
+                column: None,
+                reason: format!(
+                    "the row fails the mapping's filter, so the way back does not carry it into {} (the old table keeps its row)",
+                    table.target
+                ),
+            });
+        }
+        Ok(passes)
     }
 
     /// The present columns of a row under their target names, with the constants.
@@ -468,5 +479,129 @@ mod tests {
         );
         assert!(PgMapping::parse("[[tables]]\nsource = \"public.a\"\ntarget = \"v2.a\"\nkey = [\"id\"]\n")
             .is_err());
+    }
+
+    /// The new table's columns, as the forward mapping writes them.
+    fn new_relation() -> Arc<Relation> {
+        let column = |name: &str, key: bool| Column {
+            name: name.into(),
+            type_oid: 0,
+            type_modifier: -1,
+            is_key: key,
+            kind: TypeKind::Text,
+        };
+        Arc::new(Relation {
+            oid: 2,
+            namespace: "v2".into(),
+            name: "customers".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![
+                column("customer_id", true),
+                column("email_address", false),
+                column("status", false),
+                column("bio", false),
+                column("origin", false),
+            ],
+        })
+    }
+
+    fn inverted() -> PgTranslator {
+        let forward = PgMapping::parse(
+            "[[tables]]\nsource = \"public.customers\"\ntarget = \"v2.customers\"\nrename = { email = \"email_address\", id = \"customer_id\" }\n\
+             drop = [\"secret\"]\nconstants = { origin = \"legacy\" }\nfilter = [{ column = \"status\", op = \"ne\", value = \"deleted\" }]\n",
+        )
+        .unwrap();
+        PgTranslator::new(
+            &forward.inverted().unwrap(),
+            &HashMap::from([("public.customers".to_owned(), vec!["id".to_owned()])]),
+        )
+    }
+
+    #[test]
+    fn the_way_back_renames_back_drops_the_constant_and_refuses_rows_outside_the_filter() {
+        let new = |status: &str| {
+            vec![
+                Value::Text("7".into()),
+                Value::Text("a@x".into()),
+                Value::Text(status.into()),
+                Value::Null,
+                Value::Text("legacy".into()),
+            ]
+        };
+        let mut out = Vec::new();
+        let back = inverted();
+        back.translate(
+            &ChangeEvent::Insert {
+                position: at(1),
+                relation: new_relation(),
+                new: new("active"),
+                snapshot: false,
+            },
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            vec![RowOp::Upsert {
+                table: "public.customers".into(),
+                columns: vec![
+                    text("id", "7"),
+                    text("email", "a@x"),
+                    text("status", "active"),
+                    ("bio".into(), None)
+                ],
+            }]
+        );
+        // A row the forward filter would never have written is not deleted from the old
+        // table: it is refused, for the dead-letter store.
+        out.clear();
+        let refused = back
+            .translate(
+                &ChangeEvent::Update {
+                    position: at(2),
+                    relation: new_relation(),
+                    old: None,
+                    new: NewRow::Full(new("deleted")),
+                },
+                &mut out,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&refused, TranslateError::Poison { table, .. } if table == "v2.customers"),
+            "{refused:?}"
+        );
+        assert!(out.is_empty(), "{out:?}");
+        // A delete carries the key only: deleted by the old key.
+        back.translate(
+            &ChangeEvent::Delete {
+                position: at(3),
+                relation: new_relation(),
+                old: OldRow::Key(new("active")),
+            },
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, vec![RowOp::Delete { table: "public.customers".into(), key: vec![text("id", "7")] }]);
+    }
+
+    #[test]
+    fn mappings_the_way_back_cannot_invert_are_named() {
+        let shared = PgMapping::parse(
+            "[[tables]]\nsource = \"public.a\"\ntarget = \"v2.all\"\nconstants = { kind = \"a\" }\n\
+             [[tables]]\nsource = \"public.b\"\ntarget = \"v2.all\"\nconstants = { kind = \"b\" }\n\
+             [[tables]]\nsource = \"public.c\"\ntarget = \"v2.c\"\ndrop = [\"flag\"]\nfilter = [{ column = \"flag\", op = \"is_null\" }]\n",
+        )
+        .unwrap();
+        let problems = shared.inverted().unwrap_err();
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(problems.len(), 3, "{text:?}");
+        assert!(
+            text[0].contains("mapping.tables[0].target") && text[0].contains("public.a and public.b"),
+            "{text:?}"
+        );
+        assert!(
+            text[2].contains("mapping.tables[2].filter[0].column") && text[2].contains("flag"),
+            "{text:?}"
+        );
     }
 }

@@ -21,7 +21,6 @@ use crate::error::{CommandContext, CommandError};
 use crate::targets::postgres::config::PostgresTargetConfig;
 use crate::targets::postgres::mapping::{PgMapping, PgTableMapping};
 use crate::targets::postgres::translate::{PgTranslator, RowOp, Text};
-use crate::translate::mapping::MappingFile;
 use sluice_core::Value;
 
 /// Target keys read per page when looking for extra rows.
@@ -66,7 +65,7 @@ impl PgSide {
         config: &PostgresTargetConfig,
         retry: RetryPolicy,
     ) -> Result<Self, CommandError> {
-        let mapping = PgMapping::load(&config.mapping).map_err(|p| {
+        let mapping = config.load_mapping().map_err(|p| {
             CommandError::invalid(p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
         })?;
         let mut session = ReadSession::connect(&config.connection, "sluice verify", retry)
