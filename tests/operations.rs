@@ -86,7 +86,7 @@ async fn metrics_show_lag_falling_after_catch_up_and_rising_while_the_target_is_
         &crate::dynamodb::target_toml(
             &mapping,
             &outage.url(),
-            "request_timeout = \"1s\"\nretry_for = \"5m\"\n",
+            "request_timeout = \"3s\"\nretry_for = \"5m\"\n",
         ),
     );
     let config = with_monitoring(
