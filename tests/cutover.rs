@@ -311,17 +311,21 @@ async fn cutover_refuses_bad_input_with_nothing_fenced_or_moved() {
     assert_eq!(phase(&config, "public.orders"), "forward");
     new.sql("DELETE FROM v2.orders WHERE customer_id = 2");
 
-    // The forward stream far behind (its target table locked): above the lag bound.
-    let locker = sluice_postgres::connect_sql(&new.connection()).await.unwrap();
-    locker.batch_execute("BEGIN; LOCK TABLE v2.orders IN ACCESS EXCLUSIVE MODE").await.unwrap();
-    db.sql("INSERT INTO orders SELECT 3, i, i FROM generate_series(1, 1000) i");
+    // The forward stream behind (its daemon stopped with SIGSTOP, its connection still open):
+    // above the lag bound, refused before anything is verified or fenced.
+    let signal = |sig: &str| {
+        let pid = children[0].id().to_string();
+        assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    };
+    signal("-STOP");
+    db.sql("INSERT INTO orders SELECT 3, i, i FROM generate_series(1, 100) i");
     let (code, out) = sluice_output(
         &["cutover", "--table", "public.orders", "--max-lag-bytes", "1", "-c", path],
         Duration::from_secs(120),
     );
+    signal("-CONT");
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("above --max-lag-bytes 1"), "{out}");
-    locker.batch_execute("ROLLBACK").await.unwrap();
+    assert!(out.contains("bytes of WAL behind, above --max-lag-bytes 1"), "{out}");
     assert_eq!(unmoved(&db).trim(), "0");
     assert_eq!(phase(&config, "public.orders"), "forward");
 
