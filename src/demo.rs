@@ -94,6 +94,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
         monitoring: Default::default(),
         ha: Default::default(),
         backfill: Default::default(),
+        verify: Default::default(),
         migration: Default::default(),
         reverse_of: None,
     };

@@ -75,6 +75,16 @@ pub const BACKFILL_CHUNKS_TOTAL: &str = "sluice_backfill_chunks_total";
 pub const BACKFILL_ACTIVE: &str = "sluice_backfill_active_requests";
 /// 1 when /readyz answers ready.
 pub const READY: &str = "sluice_ready";
+/// The background verify (`[verify]`): source rows checked, by `table`.
+pub const VERIFY_ROWS_CHECKED_TOTAL: &str = "sluice_verify_rows_checked_total";
+/// Keys still wrong after the re-check in the newest finished pass, by `table`.
+pub const VERIFY_MISMATCHES: &str = "sluice_verify_mismatches";
+/// The same for the newest pass over every row (which also looks for extra items), by `table`.
+pub const VERIFY_LAST_FULL_MISMATCHES: &str = "sluice_verify_last_full_mismatches";
+/// When that full pass finished, Unix seconds, by `table`.
+pub const VERIFY_LAST_FULL_TIMESTAMP: &str = "sluice_verify_last_full_timestamp_seconds";
+/// Background verify passes by `outcome` (clean, drift, failed).
+pub const VERIFY_PASSES_TOTAL: &str = "sluice_verify_passes_total";
 
 /// Latency buckets for target requests, seconds.
 const WRITE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -154,4 +164,16 @@ fn describe() {
     describe_counter!(BACKFILL_ROWS_TOTAL, "Rows the backfill made durable in the target, by table");
     describe_counter!(BACKFILL_CHUNKS_TOTAL, "Chunks the backfill made durable in the target, by table");
     describe_gauge!(BACKFILL_ACTIVE, "Backfill and reconcile requests being served");
+    describe_counter!(VERIFY_ROWS_CHECKED_TOTAL, "Background verify: source rows checked, by table");
+    describe_gauge!(VERIFY_MISMATCHES, "Background verify: keys still wrong in the newest pass, by table");
+    describe_gauge!(
+        VERIFY_LAST_FULL_MISMATCHES,
+        "Background verify: keys still wrong in the newest pass over every row, by table"
+    );
+    describe_gauge!(
+        VERIFY_LAST_FULL_TIMESTAMP,
+        Unit::Seconds,
+        "Background verify: when the newest pass over every row finished (Unix time), by table"
+    );
+    describe_counter!(VERIFY_PASSES_TOTAL, "Background verify passes by outcome (clean, drift, failed)");
 }

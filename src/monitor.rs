@@ -72,6 +72,8 @@ pub struct PipelineState {
     migration: Mutex<Option<std::collections::BTreeMap<String, crate::migration::Phase>>>,
     /// Unpublished rows of a polled outbox table; none when not polling or not counted yet.
     outbox_backlog: Mutex<Option<i64>>,
+    /// The background verify's passes; none when it is off (or this replica stands by).
+    verify: Mutex<Option<crate::verify::background::VerifySummary>>,
     ready_max_lag: Duration,
     heartbeats: bool,
     /// Changes handed to the target: the sum of `sluice_events_total`.
@@ -135,6 +137,9 @@ pub struct Status {
     /// Each published table's migration phase, as last read (replication sources).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migration: Option<std::collections::BTreeMap<String, crate::migration::Phase>>,
+    /// The background verify's passes (`[verify]`), when it runs here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<crate::verify::background::VerifySummary>,
 }
 
 impl PipelineState {
@@ -164,6 +169,7 @@ impl PipelineState {
             slot: Mutex::new(None),
             migration: Mutex::new(None),
             outbox_backlog: Mutex::new(None),
+            verify: Mutex::new(None),
             ready_max_lag,
             heartbeats,
             changes: AtomicU64::new(0),
@@ -194,6 +200,11 @@ impl PipelineState {
     /// Counts changes handed to the target (the pipeline, beside `sluice_events_total`).
     pub fn count_changes(&self, n: u64) {
         self.changes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Changes the background verify's summary (made on first use).
+    pub fn update_verify(&self, change: impl FnOnce(&mut crate::verify::background::VerifySummary)) {
+        change(self.verify.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(Default::default));
     }
 
     /// Stores the slot as just inspected.
@@ -290,6 +301,7 @@ impl PipelineState {
             slot_fresh: false,
             outbox_backlog_rows: *self.outbox_backlog.lock().unwrap_or_else(|e| e.into_inner()),
             migration: self.migration.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            verify: self.verify.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
 

@@ -207,6 +207,36 @@ fn table(status: &Value) -> String {
             rows.push((format!("migration {table}"), show(phase)));
         }
     }
+    if let Some(Value::Object(verify)) = status.get("verify") {
+        let pass = |key: &str| match verify.get(key) {
+            Some(Value::Object(pass)) => {
+                let wrong: u64 = match pass.get("differences") {
+                    Some(Value::Object(tables)) => tables.values().filter_map(Value::as_u64).sum(),
+                    _ => 0,
+                };
+                format!(
+                    "{} rows, {wrong} differences, finished {} s ago",
+                    show(pass.get("rows").unwrap_or(&Value::Null)),
+                    pass.get("finished_at")
+                        .and_then(Value::as_u64)
+                        .map(|at| {
+                            let now = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map(|d| d.as_secs())
+                                .unwrap_or(at);
+                            now.saturating_sub(at)
+                        })
+                        .unwrap_or(0)
+                )
+            }
+            _ => "none yet".into(),
+        };
+        rows.push(("verify last pass".into(), pass("last_pass")));
+        rows.push(("verify last full pass".into(), pass("last_full_pass")));
+        if let Some(Value::String(error)) = verify.get("last_error") {
+            rows.push(("verify last error".into(), error.clone()));
+        }
+    }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     rows.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect()
 }

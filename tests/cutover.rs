@@ -350,3 +350,64 @@ async fn cutover_refuses_bad_input_with_nothing_fenced_or_moved() {
         kill_9(child);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_background_verify_keeps_the_drift_between_the_stores_on_the_dashboard() {
+    let (db, new, dir, config) = crate::pg_target::setup("bgverify", "");
+    let port = sluice::localpg::free_port().unwrap();
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[monitoring]\nlisten = \"127.0.0.1:0\"\n",
+        &format!("[monitoring]\nlisten = \"127.0.0.1:{port}\"\n"),
+    ) + "\n[verify]\nmax_rows_per_second = 5000\ninterval = \"1s\"\nchunk_size = 100\nrecheck_timeout = \"5s\"\n";
+    std::fs::write(&config, text).unwrap();
+    let mut forward = daemon(&config, false, &dir.path().join("forward.log"));
+    let _logs = LogsOnPanic(vec![dir.path().join("forward.log")]);
+    db.wait_slot_active(&db.slot_name("bgverify")).await;
+    db.sql("INSERT INTO orders SELECT i % 7, i, i FROM generate_series(1, 300) i");
+    let scrape = || crate::harness::http_get(port, "/metrics").map(|(_, body)| body).unwrap_or_default();
+    let series = |name: &str| format!("{name}{{pipeline=\"default\",table=\"public.orders\"}}");
+    let clean_full_pass_after = |body: &str, at: f64| {
+        crate::harness::metric(body, &series("sluice_verify_last_full_timestamp_seconds"))
+            .is_some_and(|t| t > at)
+            && crate::harness::metric(body, &series("sluice_verify_last_full_mismatches")) == Some(0.0)
+            && crate::harness::metric(body, &series("sluice_verify_mismatches")) == Some(0.0)
+    };
+    wait_for("a clean full pass over the streamed orders", Duration::from_secs(120), || async {
+        let body = scrape();
+        clean_full_pass_after(&body, 0.0)
+            && crate::harness::metric(&body, &series("sluice_verify_rows_checked_total"))
+                .is_some_and(|n| n >= 300.0)
+    })
+    .await;
+
+    // Drift made behind sluice's back in the new store (a changed row, a lost row, a row no
+    // source row maps to) shows as three keys, through the re-check.
+    new.sql(
+        "UPDATE v2.orders SET total = -1 WHERE customer_id = 1 AND id = 1;
+         DELETE FROM v2.orders WHERE customer_id = 2 AND id = 2;
+         INSERT INTO v2.orders VALUES (9, 9999, 1);",
+    );
+    wait_for("the drift to show in the mismatch gauges", Duration::from_secs(120), || async {
+        let body = scrape();
+        crate::harness::metric(&body, &series("sluice_verify_mismatches")) == Some(3.0)
+            && crate::harness::metric(&body, &series("sluice_verify_last_full_mismatches")) == Some(3.0)
+    })
+    .await;
+    let out = sluice().args(["status", "--json", "-c"]).arg(&config).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(json["verify"]["passes"].as_u64().is_some_and(|n| n >= 2), "{json:#}");
+    let log = std::fs::read_to_string(dir.path().join("forward.log")).unwrap();
+    assert!(log.contains("background verify found keys that differ"), "{log}");
+    assert!(!log.contains("9999"), "no key or value of a row in the log: {log}");
+
+    // Repaired (the source rows written again, the stray row removed): clean again.
+    let repaired = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    db.sql("UPDATE orders SET total = total WHERE (customer_id, id) IN ((1, 1), (2, 2))");
+    new.sql("DELETE FROM v2.orders WHERE id = 9999");
+    wait_for("the repaired stores to verify clean", Duration::from_secs(120), || async {
+        clean_full_pass_after(&scrape(), repaired)
+    })
+    .await;
+    kill_9(&mut forward);
+}

@@ -75,6 +75,7 @@ async fn start_pipeline(db: &TestDb, slot: &str, target: DynamoConfig) -> Runnin
         ha: Default::default(),
         backfill: Default::default(),
         migration: Default::default(),
+        verify: Default::default(),
         reverse_of: None,
     };
     let (shutdown, shutdown_rx) = sluice_core::Shutdown::new();
@@ -766,6 +767,7 @@ async fn outbox_events_land_in_an_event_log_table_in_order_per_aggregate() {
         ha: Default::default(),
         backfill: Default::default(),
         migration: Default::default(),
+        verify: Default::default(),
         reverse_of: None,
     };
     assert!(config.validate().is_empty(), "{:?}", config.validate());

@@ -11,10 +11,12 @@ use serde::Deserialize;
 mod backfill;
 mod env;
 pub mod schema;
+mod verify;
 
 pub use backfill::BackfillConfig;
 use env::apply_env_overrides;
 use sluice_core::Problem;
+pub use verify::VerifyConfig;
 
 pub use crate::targets::TargetConfig;
 use sluice_postgres::{ConnectionConfig, ReplicationConfig};
@@ -39,6 +41,9 @@ pub struct Config {
     /// Backfill beside the stream.
     #[serde(default)]
     pub backfill: BackfillConfig,
+    /// The daemon's background verify (off unless `max_rows_per_second` is set).
+    #[serde(default)]
+    pub verify: VerifyConfig,
     /// The migration state: tables' phases and the fence.
     #[serde(default)]
     pub migration: crate::migration::MigrationConfig,
@@ -411,6 +416,7 @@ impl Config {
             problems.push(Problem::new("monitoring", "slot_check_interval", "must be more than 0s"));
         }
         self.backfill.validate(&mut problems);
+        self.verify.validate(&mut problems);
         self.migration.validate(&mut problems);
         if self.ha.retry_interval.is_zero() {
             problems.push(Problem::new("ha", "retry_interval", "must be more than 0s"));

@@ -302,6 +302,7 @@ async fn verify_clean(config: &Config, args: &MoveArgs, tables: &[&TableName]) -
         sample: None,
         recheck_timeout: args.recheck_timeout,
         force: false,
+        background: false,
     };
     let report = crate::verify::verify(config, &verify).await?;
     let differences = report.differences();

@@ -74,6 +74,8 @@ pub fn reversed(config: &Config) -> Result<Config, Vec<Problem>> {
     reversed.target = TargetConfig::Postgres(back);
     reversed.backfill.enabled = false;
     reversed.backfill.initial = false;
+    // The forward daemon's background verify already compares the two stores, in every phase.
+    reversed.verify.max_rows_per_second = 0;
     reversed.reverse_of =
         Some(ReverseOf { pipeline: config.pipeline.name.clone(), slot: forward.slot.clone() });
     let problems = reversed.validate();

@@ -134,6 +134,15 @@ pub async fn run(
         }
     };
     state.set_source(Arc::clone(&stats));
+    // The background verify reads both stores while this replica streams; it ends with the
+    // pipeline (dropping its handle stops it), and never fails it.
+    let _verify = (config.verify.enabled()
+        && config.source.replication().is_some()
+        && matches!(
+            config.target,
+            crate::targets::TargetConfig::Dynamodb(_) | crate::targets::TargetConfig::Postgres(_)
+        ))
+    .then(|| crate::verify::background::spawn(config.clone(), Arc::clone(state), shutdown_started.clone()));
     on_start(Pipeline { source_stats: stats, durable: durable_rx });
     // On shutdown the source waits `shutdown_timeout` for in-flight batches, confirms what is
     // durable and stops; a target still retrying after that is abandoned (its batches were not

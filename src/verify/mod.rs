@@ -40,6 +40,7 @@ use crate::targets::postgres::verify::PgSide;
 use crate::targets::TargetConfig;
 use sluice_core::Value;
 
+pub mod background;
 mod print;
 mod recheck;
 mod reconcile;
@@ -83,6 +84,11 @@ pub struct VerifyArgs {
     /// from the source through the guarded path).
     #[arg(long)]
     pub force: bool,
+    /// The daemon's background pass: nothing printed, and no snapshot held across the pass
+    /// (each chunk is its own read, so a slow, throttled pass never holds back vacuum; the
+    /// re-check covers rows that changed in between).
+    #[arg(skip)]
+    pub background: bool,
 }
 
 struct Verifier {
@@ -221,7 +227,7 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> Result<Report, C
         .run(async |c| Ok(crate::ha::pipeline_running(c, &pipeline).await?))
         .await
         .context("cannot ask the source database whether the pipeline runs")?;
-    if !running && verifier.config.source.replication().is_some() {
+    if !running && !args.background && verifier.config.source.replication().is_some() {
         eprintln!(
             "verify: no sluice process runs pipeline {pipeline:?} against this database: differences are re-checked after \
              waiting at most {} s (--recheck-timeout) for a stream that is not running",
@@ -246,13 +252,15 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> Result<Report, C
     let mut last_line = Instant::now();
     // One snapshot for the whole pass (a new one after a lost connection: the pass keeps its
     // place by key, and the re-check below covers rows that changed in between).
-    verifier
-        .sql
-        .lock()
-        .await
-        .begin_snapshot()
-        .await
-        .context("cannot open a snapshot of the source database")?;
+    if !args.background {
+        verifier
+            .sql
+            .lock()
+            .await
+            .begin_snapshot()
+            .await
+            .context("cannot open a snapshot of the source database")?;
+    }
     let pass = async {
         for (source, target) in &selected {
             let table = &verifier.tables[source];
@@ -292,7 +300,11 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> Result<Report, C
                     tally(&mut report, key, finding);
                 }
                 rows_read += count as u64;
-                progress_line(source, report.rows, rows_read, total, started, &mut last_line);
+                metrics::counter!(crate::metrics::VERIFY_ROWS_CHECKED_TOTAL, "table" => source.clone())
+                    .increment(count as u64);
+                if !args.background {
+                    progress_line(source, report.rows, rows_read, total, started, &mut last_line);
+                }
                 throttle(args.max_rows_per_second, rows_read, started).await;
                 if count < args.chunk_size && args.sample.is_none() {
                     break;
@@ -303,17 +315,19 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> Result<Report, C
         Ok::<(), CommandError>(())
     };
     let outcome = pass.await;
-    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+    if !args.background && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!();
     }
     let end_lsn = current_lsn(verifier).await;
-    verifier
-        .sql
-        .lock()
-        .await
-        .end_snapshot()
-        .await
-        .context("cannot end the snapshot of the source database")?;
+    if !args.background {
+        verifier
+            .sql
+            .lock()
+            .await
+            .end_snapshot()
+            .await
+            .context("cannot end the snapshot of the source database")?;
+    }
     outcome?;
 
     // Extra items: only in target tables whose every source table was verified whole.
@@ -327,10 +341,12 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> Result<Report, C
                 continue;
             }
             let expected = expected_keys.remove(target.as_str()).unwrap_or_default();
-            eprintln!(
-                "verify: scanning target {target} for items no source row maps to ({} expected; a full scan)",
-                expected.len()
-            );
+            if !args.background {
+                eprintln!(
+                    "verify: scanning target {target} for items no source row maps to ({} expected; a full scan)",
+                    expected.len()
+                );
+            }
             let scan_started = Instant::now();
             let (extras, foreign) = match &verifier.side {
                 Side::Dynamo(side) => side.extras(target, &sources, &expected, &verifier.tables).await?,
@@ -339,11 +355,13 @@ async fn verify_with(verifier: &Verifier, args: &VerifyArgs) -> Result<Report, C
                 }
             };
             foreigners.extend(foreign);
-            eprintln!(
-                "verify: scanned {target} in {:.1} s: {} extra items",
-                scan_started.elapsed().as_secs_f64(),
-                extras.len()
-            );
+            if !args.background {
+                eprintln!(
+                    "verify: scanned {target} in {:.1} s: {} extra items",
+                    scan_started.elapsed().as_secs_f64(),
+                    extras.len()
+                );
+            }
             for (report_table, extra) in extras {
                 let report = reports.iter_mut().find(|r| r.table == report_table).expect("verified table");
                 report.extra += 1;
