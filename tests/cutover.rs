@@ -193,6 +193,18 @@ async fn a_table_cuts_over_rolls_back_and_finishes_with_every_change_applied_onc
          UPDATE v2.orders SET id = 1110 WHERE customer_id = 9 AND id = 110;",
     );
     m.wait_equal("the new side's changes to reach the old orders").await;
+    // The forward stream drops the way back's transactions but still confirms past them: the
+    // old database keeps no WAL for them.
+    let written = db.sql("SELECT pg_current_wal_lsn()");
+    let confirmed = format!(
+        "SELECT confirmed_flush_lsn >= '{}'::pg_lsn FROM pg_replication_slots WHERE slot_name = '{}'",
+        written.trim(),
+        m.forward_slot()
+    );
+    wait_for("the forward slot to confirm past the way back's writes", Duration::from_secs(120), || async {
+        db.sql(&confirmed).trim() == "t"
+    })
+    .await;
     // The other table still flows forward meanwhile.
     db.sql("INSERT INTO customers (id, email) VALUES (100, 'late')");
     wait_for("a forward customer", Duration::from_secs(60), || async {
