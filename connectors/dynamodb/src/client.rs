@@ -99,6 +99,15 @@ pub struct KeySchema {
     pub sort_key: Option<(String, String)>,
 }
 
+/// A table's DynamoDB stream (`DynamoClient::stream_of`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableStream {
+    /// The stream's ARN (DescribeTable's `LatestStreamArn`).
+    pub arn: String,
+    /// What its records carry: `KEYS_ONLY`, `NEW_IMAGE`, `OLD_IMAGE` or `NEW_AND_OLD_IMAGES`.
+    pub view_type: String,
+}
+
 /// Where a scan goes on (`DynamoClient::scan_page`).
 #[derive(Debug, Default)]
 pub struct ScanCursor(Option<HashMap<String, AttributeValue>>);
@@ -225,39 +234,8 @@ pub struct DynamoClient {
 impl DynamoClient {
     /// A client for these options (credentials from the options, or the SDK's default chain).
     pub async fn connect(options: &ClientOptions) -> Self {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest());
-        if let Some(region) = &options.region {
-            loader = loader.region(Region::new(region.clone()));
-        }
-        if let Some(endpoint) = &options.endpoint_url {
-            loader = loader.endpoint_url(endpoint);
-        }
-        if let Some((id, secret)) = &options.static_credentials {
-            loader = loader.credentials_provider(Credentials::new(
-                id,
-                secret.expose(),
-                None,
-                None,
-                "sluice-config",
-            ));
-        }
-        let shared = loader.load().await;
-        let mut builder = aws_sdk_dynamodb::config::Builder::from(&shared);
-        if let Some(timeout) = options.request_timeout {
-            builder = builder.timeout_config(
-                aws_config::timeout::TimeoutConfig::builder()
-                    .operation_attempt_timeout(timeout)
-                    .connect_timeout(timeout)
-                    .build(),
-            );
-        }
-        if shared.region().is_none() {
-            builder = builder.region(Region::new("us-east-1"));
-        }
-        DynamoClient {
-            client: Client::from_conf(builder.build()),
-            retry: RetryPolicy::new(options.retry_for),
-        }
+        let shared = sdk_config(options).await;
+        DynamoClient { client: Client::new(&shared), retry: RetryPolicy::new(options.retry_for) }
     }
 
     /// The backoff for items or keys a batch request left unprocessed (throttling): short
@@ -688,6 +666,53 @@ impl DynamoClient {
         Ok(Some(schema))
     }
 
+    /// Turns on the table's stream with `view_type` (`NEW_AND_OLD_IMAGES` for the way back);
+    /// a stream already on with that view is fine.
+    pub async fn enable_stream(&self, table: &str, view_type: &str) -> Result<(), DynamoError> {
+        if self.stream_of(table).await?.is_some_and(|s| s.view_type == view_type) {
+            return Ok(());
+        }
+        let specification = aws_sdk_dynamodb::types::StreamSpecification::builder()
+            .stream_enabled(true)
+            .stream_view_type(aws_sdk_dynamodb::types::StreamViewType::from(view_type))
+            .build()
+            .map_err(|e| DynamoError::new(ErrorKind::Fatal, table, e.to_string()))?;
+        self.client
+            .update_table()
+            .table_name(table)
+            .stream_specification(specification)
+            .send()
+            .await
+            .map_err(|e| classify(e, table))?;
+        Ok(())
+    }
+
+    /// The table's stream as DescribeTable gives it: its ARN and what its records carry
+    /// (`NEW_AND_OLD_IMAGES`, …), or `None` when the table has no stream enabled; an error
+    /// names a missing table.
+    pub async fn stream_of(&self, table: &str) -> Result<Option<TableStream>, DynamoError> {
+        let described = self
+            .retried(&format!("DescribeTable {table}"), || async {
+                self.client.describe_table().table_name(table).send().await.map_err(|e| classify(e, table))
+            })
+            .await?;
+        let Some(described) = described.table else {
+            return Err(DynamoError::new(ErrorKind::Fatal, table, "DescribeTable returned no table"));
+        };
+        let enabled = described.stream_specification().is_some_and(|s| s.stream_enabled());
+        Ok(match (enabled, described.latest_stream_arn()) {
+            (true, Some(arn)) => Some(TableStream {
+                arn: arn.to_owned(),
+                view_type: described
+                    .stream_specification()
+                    .and_then(|s| s.stream_view_type())
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default(),
+            }),
+            _ => None,
+        })
+    }
+
     /// The items with these keys, read consistently (BatchGetItem, 100 keys a request,
     /// unprocessed keys retried); `None` where there is no item.
     pub async fn get_items(&self, table: &str, keys: &[Item]) -> Result<Vec<Option<Item>>, DynamoError> {
@@ -872,6 +897,35 @@ fn version_older(stored: &str, new: &str) -> bool {
     }
 }
 
+/// The SDK configuration both DynamoDB clients (tables and streams) are built from: region
+/// (us-east-1 when the chain finds none), endpoint, credentials and timeouts.
+pub(crate) async fn sdk_config(options: &ClientOptions) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(region) = &options.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    if let Some(endpoint) = &options.endpoint_url {
+        loader = loader.endpoint_url(endpoint);
+    }
+    if let Some((id, secret)) = &options.static_credentials {
+        loader =
+            loader.credentials_provider(Credentials::new(id, secret.expose(), None, None, "sluice-config"));
+    }
+    if let Some(timeout) = options.request_timeout {
+        loader = loader.timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .operation_attempt_timeout(timeout)
+                .connect_timeout(timeout)
+                .build(),
+        );
+    }
+    let shared = loader.load().await;
+    if shared.region().is_none() {
+        return shared.into_builder().region(Region::new("us-east-1")).build();
+    }
+    shared
+}
+
 /// True when a guarded write failed its condition: an outcome, not an error.
 fn condition_failed<E>(error: &SdkError<E, HttpResponse>) -> bool
 where
@@ -881,7 +935,7 @@ where
 }
 
 /// Sorts an SDK failure into retry, dead-letter or stop.
-fn classify<E>(error: SdkError<E, HttpResponse>, table: &str) -> DynamoError
+pub(crate) fn classify<E>(error: SdkError<E, HttpResponse>, table: &str) -> DynamoError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
