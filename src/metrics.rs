@@ -54,6 +54,13 @@ pub const ORIGIN_DROPPED_TOTAL: &str = "sluice_source_origin_dropped_total";
 /// The way back: changes of new tables not applied because their table does not stream
 /// back in its migration phase, by new `table`.
 pub const REVERSE_SKIPPED_TOTAL: &str = "sluice_reverse_skipped_total";
+/// The way back from DynamoDB: stream records by DynamoDB `table` and `outcome` (applied,
+/// own: sluice's forward writes, foreign: items no mapping fits, unchanged, skipped: the
+/// table does not stream back in its phase, dead_letter).
+pub const REVERSE_RECORDS_TOTAL: &str = "sluice_reverse_records_total";
+/// The way back from DynamoDB: now minus the creation time of the newest stream record
+/// applied, by DynamoDB `table` (the service rounds it to the second).
+pub const REVERSE_LAG_SECONDS: &str = "sluice_reverse_lag_seconds";
 /// Target requests' latency, by `target`, seconds.
 pub const TARGET_WRITE_SECONDS: &str = "sluice_target_write_duration_seconds";
 /// Writes by `target` and `outcome` (applied, already_applied: absorbed by the position guard).
@@ -114,6 +121,15 @@ pub fn install(pipeline: &str) -> PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(EVENTS_TOTAL, "Changes handed to the target, by table and operation");
+    describe_counter!(
+        REVERSE_RECORDS_TOTAL,
+        "DynamoDB stream records read by the way back, by table and outcome"
+    );
+    describe_gauge!(
+        REVERSE_LAG_SECONDS,
+        Unit::Seconds,
+        "Now minus the creation time of the newest DynamoDB stream record applied by the way back"
+    );
     describe_gauge!(MIGRATION_PHASE, "1 for each table's current migration phase, 0 for the other phases");
     describe_counter!(SOURCE_BYTES_TOTAL, Unit::Bytes, "Replication payload received from Postgres");
     describe_counter!(SOURCE_RECONNECTS_TOTAL, "Replication connections re-established after a failure");

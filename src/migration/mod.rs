@@ -12,6 +12,7 @@ pub mod cutover;
 pub mod fence;
 pub mod phase;
 pub mod reverse;
+pub mod reverse_dynamodb;
 
 pub use command::{fence_tables, show};
 pub use cutover::{cutover, finish, rollback, MoveArgs};
@@ -38,16 +39,29 @@ pub struct MigrationConfig {
     /// mapped new tables when missing (default `<slot>_reverse`).
     #[serde(default)]
     pub reverse_publication: Option<String>,
+    /// Where the way back from a DynamoDB target keeps each stream shard's last applied
+    /// sequence number (`schema.table`, in the source database, created when missing).
+    #[serde(default = "default_stream_checkpoint_table")]
+    pub stream_checkpoint_table: TableName,
 }
 
 impl Default for MigrationConfig {
     fn default() -> Self {
-        MigrationConfig { state_table: default_state_table(), reverse_slot: None, reverse_publication: None }
+        MigrationConfig {
+            state_table: default_state_table(),
+            reverse_slot: None,
+            reverse_publication: None,
+            stream_checkpoint_table: default_stream_checkpoint_table(),
+        }
     }
 }
 
 fn default_state_table() -> TableName {
     TableName::new("public", "sluice_migration")
+}
+
+fn default_stream_checkpoint_table() -> TableName {
+    TableName::new("public", "sluice_stream_checkpoint")
 }
 
 impl MigrationConfig {

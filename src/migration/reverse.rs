@@ -171,9 +171,31 @@ impl PhaseGate {
         Ok(gate)
     }
 
+    /// A gate over old tables by their own names (the way back from DynamoDB), for the
+    /// forward pipeline `pipeline`, reading the phases in the old database at `connection`.
+    pub async fn of_old_tables(
+        connection: &sluice_postgres::ConnectionConfig,
+        migration: &MigrationConfig,
+        pipeline: &str,
+        tables: impl IntoIterator<Item = String>,
+        retry: RetryPolicy,
+    ) -> Result<Self, String> {
+        let mut gate = PhaseGate {
+            connection: connection.clone(),
+            sql: None,
+            retry,
+            migration: migration.clone(),
+            pipeline: pipeline.to_owned(),
+            old_of: tables.into_iter().map(|t| (t.clone(), t)).collect(),
+            phases: BTreeMap::new(),
+        };
+        gate.refresh().await?;
+        Ok(gate)
+    }
+
     /// Reads the phases again; a lost connection or a slow server is retried within the
     /// pipeline's `retry_for` (reconnecting), what is not transient fails at once.
-    async fn refresh(&mut self) -> Result<(), String> {
+    pub async fn refresh(&mut self) -> Result<(), String> {
         use sluice_core::Classify;
         let mut backoff = sluice_core::Backoff::new(self.retry);
         loop {
@@ -226,7 +248,8 @@ impl PhaseGate {
             .collect()
     }
 
-    fn allowed(&self, new_table: &str) -> bool {
+    /// Whether changes of `new_table` (by its old table's phase, as last read) stream back.
+    pub fn allowed(&self, new_table: &str) -> bool {
         match self.old_of.get(new_table) {
             // Not mapped: the translator skips it.
             None => true,

@@ -628,24 +628,30 @@ impl DynamoClient {
         }
     }
 
+    /// DescribeTable, or `None` when the table does not exist; transient failures are retried
+    /// under the client's policy.
+    async fn describe(
+        &self,
+        table: &str,
+    ) -> Result<Option<aws_sdk_dynamodb::types::TableDescription>, DynamoError> {
+        self.retried(&format!("DescribeTable {table}"), || async {
+            match self.client.describe_table().table_name(table).send().await {
+                Ok(output) => Ok(output.table),
+                Err(e)
+                    if e.as_service_error().and_then(|s| s.code()) == Some("ResourceNotFoundException") =>
+                {
+                    Ok(None)
+                }
+                Err(e) => Err(classify(e, table)),
+            }
+        })
+        .await
+    }
+
     /// The table's primary key as DynamoDB describes it (DescribeTable), or `None` when the
     /// table does not exist; transient failures are retried under the client's policy.
     pub async fn key_schema(&self, table: &str) -> Result<Option<KeySchema>, DynamoError> {
-        let described = self
-            .retried(&format!("DescribeTable {table}"), || async {
-                match self.client.describe_table().table_name(table).send().await {
-                    Ok(output) => Ok(output.table),
-                    Err(e)
-                        if e.as_service_error().and_then(|s| s.code())
-                            == Some("ResourceNotFoundException") =>
-                    {
-                        Ok(None)
-                    }
-                    Err(e) => Err(classify(e, table)),
-                }
-            })
-            .await?;
-        let Some(described) = described else { return Ok(None) };
+        let Some(described) = self.describe(table).await? else { return Ok(None) };
         let type_of = |name: &str| {
             described
                 .attribute_definitions()
@@ -691,13 +697,12 @@ impl DynamoClient {
     /// (`NEW_AND_OLD_IMAGES`, …), or `None` when the table has no stream enabled; an error
     /// names a missing table.
     pub async fn stream_of(&self, table: &str) -> Result<Option<TableStream>, DynamoError> {
-        let described = self
-            .retried(&format!("DescribeTable {table}"), || async {
-                self.client.describe_table().table_name(table).send().await.map_err(|e| classify(e, table))
-            })
-            .await?;
-        let Some(described) = described.table else {
-            return Err(DynamoError::new(ErrorKind::Fatal, table, "DescribeTable returned no table"));
+        let Some(described) = self.describe(table).await? else {
+            return Err(DynamoError::new(
+                ErrorKind::Fatal,
+                table,
+                "ResourceNotFoundException: the table does not exist",
+            ));
         };
         let enabled = described.stream_specification().is_some_and(|s| s.stream_enabled());
         Ok(match (enabled, described.latest_stream_arn()) {

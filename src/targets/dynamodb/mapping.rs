@@ -204,6 +204,42 @@ pub fn parse_template(template: &str) -> Result<Vec<Segment>, String> {
     Ok(segments)
 }
 
+/// Matches `text` against literal and column segments (each column takes the shortest text up
+/// to the next literal); the columns' values, or None when the text does not fit.
+pub(crate) fn match_template(segments: &[Segment], text: &str) -> Option<Vec<(String, String)>> {
+    let mut values = Vec::new();
+    let mut rest = text;
+    let mut iter = segments.iter().peekable();
+    while let Some(segment) = iter.next() {
+        match segment {
+            Segment::Literal(literal) => rest = rest.strip_prefix(literal.as_str())?,
+            Segment::Column(column) => {
+                let value = match iter.peek() {
+                    Some(Segment::Literal(next)) => {
+                        let end = rest.find(next.as_str())?;
+                        let (value, after) = rest.split_at(end);
+                        rest = after;
+                        value
+                    }
+                    Some(Segment::Column(_)) => return None,
+                    None => std::mem::take(&mut rest),
+                };
+                values.push((column.clone(), value.to_owned()));
+            }
+        }
+    }
+    rest.is_empty().then_some(values)
+}
+
+/// The mapping's key attributes with their templates: the partition key's, then the sort key's.
+pub(crate) fn key_templates(mapping: &TableMapping) -> Vec<(&String, &String)> {
+    let mut templates = vec![(&mapping.partition_key.attribute, &mapping.partition_key.template)];
+    if let Some(sort) = &mapping.sort_key {
+        templates.push((&sort.attribute, &sort.template));
+    }
+    templates
+}
+
 impl MappingFile for Mapping {
     fn sources(&self) -> Vec<&str> {
         self.tables.iter().map(|t| t.source.as_str()).collect()

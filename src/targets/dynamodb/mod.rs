@@ -6,6 +6,7 @@ mod attrs;
 pub(crate) mod check;
 pub mod config;
 pub(crate) mod event_log;
+pub(crate) mod inverse;
 pub(crate) mod mapping;
 pub(crate) mod translate;
 pub(crate) mod verify;

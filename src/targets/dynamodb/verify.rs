@@ -10,7 +10,7 @@ use sluice_dynamodb::{Attr, DynamoClient, Item, WriteAction};
 use sluice_postgres::catalog::Table;
 
 use super::config::DynamoConfig;
-use super::mapping::{parse_template, Mapping, Segment, TableMapping};
+use super::mapping::{key_templates, match_template, parse_template, Mapping, TableMapping};
 use super::translate::MappingTranslator;
 use crate::compare::{as_snapshot_insert, digest, source_key, Extra, Finding, Foreign, SourceKey};
 use crate::error::{CommandContext, CommandError};
@@ -265,15 +265,6 @@ fn now() -> u64 {
 /// Keys of the other writers' items listed in the report.
 const FOREIGN_KEYS: usize = 10;
 
-/// The mapping's key attributes with their templates: the partition key's, then the sort key's.
-fn key_templates(mapping: &TableMapping) -> Vec<(&String, &String)> {
-    let mut templates = vec![(&mapping.partition_key.attribute, &mapping.partition_key.template)];
-    if let Some(sort) = &mapping.sort_key {
-        templates.push((&sort.attribute, &sort.template));
-    }
-    templates
-}
-
 /// Whether a key template of `mapping` fits the item's key (whatever the columns' values).
 fn key_fits(mapping: &TableMapping, item: &Item) -> bool {
     let templates = key_templates(mapping);
@@ -403,33 +394,6 @@ pub(crate) fn source_key_of(mapping: &TableMapping, table: &Table, item: &Item) 
         key.insert(column.clone(), value);
     }
     Some(key)
-}
-
-/// Matches `text` against literal and column segments (each column takes the shortest text up
-/// to the next literal); the columns' values, or None when the text does not fit.
-fn match_template(segments: &[Segment], text: &str) -> Option<Vec<(String, String)>> {
-    let mut values = Vec::new();
-    let mut rest = text;
-    let mut iter = segments.iter().peekable();
-    while let Some(segment) = iter.next() {
-        match segment {
-            Segment::Literal(literal) => rest = rest.strip_prefix(literal.as_str())?,
-            Segment::Column(column) => {
-                let value = match iter.peek() {
-                    Some(Segment::Literal(next)) => {
-                        let end = rest.find(next.as_str())?;
-                        let (value, after) = rest.split_at(end);
-                        rest = after;
-                        value
-                    }
-                    Some(Segment::Column(_)) => return None,
-                    None => std::mem::take(&mut rest),
-                };
-                values.push((column.clone(), value.to_owned()));
-            }
-        }
-    }
-    rest.is_empty().then_some(values)
 }
 
 pub(crate) fn key_attributes(sources: &[&TableMapping]) -> Vec<String> {

@@ -53,6 +53,38 @@ fn checkpoint_position(commit_lsn: &str, tx_ordinal: i64) -> Result<Position, St
     Ok(Position { commit_lsn, tx_ordinal })
 }
 
+/// What a batch's transaction writes beside its rows, so that both commit together or not at
+/// all.
+#[derive(Clone, Debug)]
+pub(crate) enum Checkpoint {
+    /// The pipeline's source position (`target.checkpoint_table`).
+    Position(Position),
+    /// Stream positions per shard (the way back from DynamoDB Streams).
+    Shards(Vec<ShardPosition>),
+}
+
+/// A shard's progress, as the way back from DynamoDB records it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ShardPosition {
+    /// The stream the shard belongs to.
+    pub stream_arn: String,
+    /// The shard id.
+    pub shard: String,
+    /// The sequence number of the last record applied (or skipped); `None` when none new.
+    pub sequence: Option<String>,
+    /// The shard is closed and read to its end.
+    pub finished: bool,
+    /// Every record written before this time (seconds since the epoch) has been read: the
+    /// time of the last read that found the shard at its end.
+    pub read_to: Option<f64>,
+}
+
+/// The columns of the shard checkpoint table (`migration.stream_checkpoint_table`).
+pub(crate) const SHARD_CHECKPOINT_COLUMNS: &str =
+    "(pipeline text NOT NULL, shard text NOT NULL, stream_arn text NOT NULL, \
+     sequence_number numeric, finished boolean NOT NULL DEFAULT false, read_to timestamptz, \
+     updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, shard))";
+
 /// Rows per multi-row statement.
 const ROWS_PER_STATEMENT: usize = 500;
 
@@ -77,9 +109,9 @@ impl Drop for PgTarget {
 type Job = (OpBatch<RowOp>, oneshot::Sender<Result<(), TargetError>>);
 
 /// An operation with where it came from, for the checkpoint and dead-letter entries.
-type Op = Sourced<RowOp>;
+pub(crate) type Op = Sourced<RowOp>;
 
-struct Applier {
+pub(crate) struct Applier {
     connection: ConnectionConfig,
     /// The replication origin of the apply session.
     origin: String,
@@ -88,6 +120,8 @@ struct Applier {
     /// With `sync_sequences`: the sequences to advance, by target table.
     sequences: HashMap<Arc<str>, Vec<OwnedSequence>>,
     checkpoint_table: String,
+    /// The checkpoint table holds shard positions (the way back from DynamoDB).
+    shards: bool,
     pipeline: String,
     /// The position of the last change applied (from the checkpoint table).
     applied: Position,
@@ -143,6 +177,7 @@ impl PgTarget {
             tables,
             sequences,
             checkpoint_table,
+            shards: false,
             pipeline: pipeline.to_owned(),
             applied: Position::default(),
             shared_applied: Arc::default(),
@@ -254,6 +289,108 @@ impl Target for PgTarget {
     }
 }
 
+/// A shard's row in the shard checkpoint table.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct StoredShard {
+    pub shard: String,
+    pub stream_arn: String,
+    /// The last sequence number applied, as decimal text.
+    pub sequence: Option<String>,
+    pub finished: bool,
+}
+
+impl Applier {
+    /// The applier of the way back from DynamoDB: rows into `tables` of the old database, in
+    /// sessions with the replication origin `origin`, shard positions in `checkpoint_table`
+    /// (created when missing) under `pipeline`.
+    #[expect(clippy::too_many_arguments, reason = "the applier's parts, each named")]
+    pub(crate) async fn for_shards(
+        connection: &ConnectionConfig,
+        origin: &str,
+        tables: HashMap<Arc<str>, TargetTable>,
+        checkpoint_table: &sluice_core::TableName,
+        pipeline: &str,
+        retry_for: Duration,
+        dead_letter: Arc<DeadLetter>,
+        stats: Arc<TargetStats>,
+    ) -> Result<Self, TargetError> {
+        let lock_timeout = Duration::from_secs(10);
+        let client = connect(connection, lock_timeout, origin).await.map_err(|e| TargetError {
+            target: TARGET,
+            kind: ErrorKind::Fatal,
+            message: "cannot connect to the old database (source.connection)".into(),
+            source: Some(Box::new(e)),
+        })?;
+        let quoted = checkpoint_table.quoted();
+        sluice_postgres::setup::create_table_if_missing(&client, &quoted, SHARD_CHECKPOINT_COLUMNS)
+            .await
+            .map_err(|e| {
+                sql_error(
+                    &format!(
+                        "cannot create the stream checkpoint table {checkpoint_table} (migration.stream_checkpoint_table)"
+                    ),
+                    e,
+                )
+            })?;
+        Ok(Applier {
+            connection: connection.clone(),
+            origin: origin.to_owned(),
+            client: Some(client),
+            tables,
+            sequences: HashMap::new(),
+            checkpoint_table: quoted,
+            shards: true,
+            pipeline: pipeline.to_owned(),
+            applied: Position::default(),
+            shared_applied: Arc::default(),
+            retry_for,
+            lock_timeout,
+            dead_letter,
+            stats,
+        })
+    }
+
+    /// The shard positions this pipeline recorded; rows of shards finished more than two days
+    /// ago (past the stream's 24 h retention, never listed again) are deleted first.
+    pub(crate) async fn stored_shards(&mut self) -> Result<Vec<StoredShard>, TargetError> {
+        if self.client.is_none() {
+            self.reconnect().await?;
+        }
+        let client = self.client()?;
+        let table = &self.checkpoint_table;
+        let read = async {
+            client
+                .execute(
+                    &format!(
+                        "DELETE FROM {table} WHERE pipeline = $1 AND finished AND updated_at < now() - interval '2 days'"
+                    ),
+                    &[&self.pipeline],
+                )
+                .await?;
+            client
+                .query(
+                    &format!(
+                        "SELECT shard, stream_arn, sequence_number::text, finished FROM {table} WHERE pipeline = $1"
+                    ),
+                    &[&self.pipeline],
+                )
+                .await
+        };
+        let rows = read
+            .await
+            .map_err(|e| sql_error(&format!("cannot read the stream checkpoints from {table}"), e))?;
+        Ok(rows
+            .iter()
+            .map(|r| StoredShard {
+                shard: r.get(0),
+                stream_arn: r.get(1),
+                sequence: r.get(2),
+                finished: r.get(3),
+            })
+            .collect())
+    }
+}
+
 impl Applier {
     /// This pipeline's checkpoint; a row sluice cannot read is an error naming the table and
     /// the pipeline (read as "nothing applied", it would apply everything again).
@@ -291,6 +428,14 @@ impl Applier {
         let applied = self.applied;
         let ops: Vec<Op> = batch.ops.into_iter().filter(|op| op.position > applied).collect();
         let Some(last) = ops.last().map(|op| op.position) else { return Ok(()) };
+        self.apply(&ops, &Checkpoint::Position(last)).await
+    }
+
+    /// Applies `ops` and writes `checkpoint` in one transaction: all of it, or (when the
+    /// target refuses a row) each operation under a savepoint with the refused ones
+    /// dead-lettered. A lost connection or another transient failure is retried for
+    /// `retry_for`, after checking whether the lost commit landed.
+    pub(crate) async fn apply(&mut self, ops: &[Op], checkpoint: &Checkpoint) -> Result<(), TargetError> {
         let started = Instant::now();
         // The budget is `retry_for` from `started`, checked below; the delays are the policy's.
         let mut backoff = Backoff::new(
@@ -298,12 +443,17 @@ impl Applier {
         );
         let mut careful = false;
         loop {
-            let result =
-                if careful { self.apply_each(&ops, last).await } else { self.apply_all(&ops, last).await };
+            let result = if careful {
+                self.apply_each(ops, checkpoint).await
+            } else {
+                self.apply_all(ops, checkpoint).await
+            };
             let error = match result {
                 Ok(()) => {
-                    self.applied = last;
-                    self.publish_applied();
+                    if let Checkpoint::Position(last) = checkpoint {
+                        self.applied = *last;
+                        self.publish_applied();
+                    }
                     return Ok(());
                 }
                 Err(error) => error,
@@ -328,12 +478,34 @@ impl Applier {
                         continue;
                     }
                     // The lost commit may have landed.
-                    if self.applied >= last {
+                    if self.landed(checkpoint).await? {
                         self.publish_applied();
                         return Ok(());
                     }
                 }
                 _ => return Err(error),
+            }
+        }
+    }
+
+    /// Whether the checkpoint table holds `checkpoint` already (read after reconnecting).
+    async fn landed(&self, checkpoint: &Checkpoint) -> Result<bool, TargetError> {
+        match checkpoint {
+            Checkpoint::Position(last) => Ok(self.applied >= *last),
+            Checkpoint::Shards(shards) => {
+                let Some(shard) = shards.iter().find(|s| s.sequence.is_some()) else { return Ok(false) };
+                let Some(client) = &self.client else { return Ok(false) };
+                let row = client
+                    .query_opt(
+                        &format!(
+                            "SELECT sequence_number >= $3::text::numeric FROM {} WHERE pipeline = $1 AND shard = $2",
+                            self.checkpoint_table
+                        ),
+                        &[&self.pipeline, &shard.shard, &shard.sequence],
+                    )
+                    .await
+                    .map_err(|e| sql_error(&format!("cannot read the checkpoint from {}", self.checkpoint_table), e))?;
+                Ok(row.and_then(|r| r.get::<_, Option<bool>>(0)).unwrap_or(false))
             }
         }
     }
@@ -350,7 +522,9 @@ impl Applier {
             }
         };
         self.client = Some(client);
-        self.applied = self.read_checkpoint().await?;
+        if !self.shards {
+            self.applied = self.read_checkpoint().await?;
+        }
         Ok(())
     }
 
@@ -364,11 +538,11 @@ impl Applier {
     }
 
     /// Every operation in one transaction and one round trip.
-    async fn apply_all(&self, ops: &[Op], last: Position) -> Result<(), TargetError> {
+    async fn apply_all(&self, ops: &[Op], checkpoint: &Checkpoint) -> Result<(), TargetError> {
         let mut sql = String::from("BEGIN;\n");
         let statements = self.statements(ops, &mut sql)?;
         self.sequence_statements(ops, &mut sql);
-        self.checkpoint_statement(last, &mut sql);
+        self.checkpoint_statement(checkpoint, &mut sql);
         sql.push_str("COMMIT");
         let client = self.client()?;
         let messages = match client.simple_query(&sql).await {
@@ -393,7 +567,7 @@ impl Applier {
 
     /// Each operation under its own savepoint, so refused ones are dead-lettered and the rest
     /// commits: the path of a batch holding a row the target refuses.
-    async fn apply_each(&self, ops: &[Op], last: Position) -> Result<(), TargetError> {
+    async fn apply_each(&self, ops: &[Op], checkpoint: &Checkpoint) -> Result<(), TargetError> {
         let client = self.client()?;
         client.batch_execute("BEGIN").await.map_err(|e| sql_error("cannot begin", e))?;
         let result = async {
@@ -428,7 +602,7 @@ impl Applier {
             }
             let mut sql = String::new();
             self.sequence_statements(ops, &mut sql);
-            self.checkpoint_statement(last, &mut sql);
+            self.checkpoint_statement(checkpoint, &mut sql);
             sql.push_str("COMMIT");
             client.batch_execute(&sql).await.map_err(|e| sql_error("cannot commit", e))
         }
@@ -486,16 +660,52 @@ impl Applier {
         }
     }
 
-    fn checkpoint_statement(&self, last: Position, sql: &mut String) {
-        let _ = writeln!(
-            sql,
-            "INSERT INTO {} (pipeline, commit_lsn, tx_ordinal, updated_at) VALUES ({}, '{}', {}, now()) \
-             ON CONFLICT (pipeline) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, tx_ordinal = EXCLUDED.tx_ordinal, updated_at = EXCLUDED.updated_at;",
-            self.checkpoint_table,
-            quote_literal(&self.pipeline),
-            last.commit_lsn,
-            last.tx_ordinal
-        );
+    fn checkpoint_statement(&self, checkpoint: &Checkpoint, sql: &mut String) {
+        match checkpoint {
+            Checkpoint::Position(last) => {
+                let _ = writeln!(
+                    sql,
+                    "INSERT INTO {} (pipeline, commit_lsn, tx_ordinal, updated_at) VALUES ({}, '{}', {}, now()) \
+                     ON CONFLICT (pipeline) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, tx_ordinal = EXCLUDED.tx_ordinal, updated_at = EXCLUDED.updated_at;",
+                    self.checkpoint_table,
+                    quote_literal(&self.pipeline),
+                    last.commit_lsn,
+                    last.tx_ordinal
+                );
+            }
+            Checkpoint::Shards(shards) if shards.is_empty() => {}
+            Checkpoint::Shards(shards) => {
+                let _ = write!(
+                    sql,
+                    "INSERT INTO {} AS c (pipeline, shard, stream_arn, sequence_number, finished, read_to, updated_at) VALUES ",
+                    self.checkpoint_table
+                );
+                for (n, shard) in shards.iter().enumerate() {
+                    let _ = write!(
+                        sql,
+                        "{}({}, {}, {}, {}, {}, {}, now())",
+                        if n == 0 { "" } else { ", " },
+                        quote_literal(&self.pipeline),
+                        quote_literal(&shard.shard),
+                        quote_literal(&shard.stream_arn),
+                        shard
+                            .sequence
+                            .as_deref()
+                            .map(|s| format!("CAST({} AS numeric)", quote_literal(s)))
+                            .unwrap_or_else(|| "NULL".into()),
+                        shard.finished,
+                        shard.read_to.map(|t| format!("to_timestamp({t})")).unwrap_or_else(|| "NULL".into()),
+                    );
+                }
+                // Never backwards: a shard's sequence number and read time only grow.
+                sql.push_str(
+                    " ON CONFLICT (pipeline, shard) DO UPDATE SET \
+                     sequence_number = GREATEST(c.sequence_number, EXCLUDED.sequence_number), \
+                     finished = c.finished OR EXCLUDED.finished, read_to = GREATEST(c.read_to, EXCLUDED.read_to), \
+                     updated_at = now();\n",
+                );
+            }
+        }
     }
 
     /// Appends the statements for `ops` to `sql`, one per line, grouping consecutive upserts of

@@ -33,27 +33,9 @@ pub(crate) async fn target_tables(
         if tables.contains_key(table.target.as_str()) {
             continue;
         }
-        let found = required_table(client, &table.target, &format!("target.mapping tables[{i}].target"))
-            .await
-            .map_err(|e| TargetError {
-                target: TARGET,
-                kind: ErrorKind::Fatal,
-                message: "cannot read the target table".into(),
-                source: Some(Box::new(e)),
-            })?;
-        if found.primary_key.is_empty() {
-            return Err(fatal(format!(
-                "target table {} has no primary key: rows are upserted and deleted by it",
-                table.target
-            )));
-        }
-        let columns = &found.relation.columns;
-        let key: Vec<String> = found.primary_key.iter().map(|&i| columns[i].name.clone()).collect();
-        let types = columns.iter().zip(&found.sql_types).map(|(c, t)| (c.name.clone(), t.clone())).collect();
-        tables.insert(
-            Arc::from(table.target.as_str()),
-            TargetTable { quoted: found.quoted_name(), types, key, table: found },
-        );
+        let found =
+            target_table(client, &table.target, &format!("target.mapping tables[{i}].target")).await?;
+        tables.insert(Arc::from(table.target.as_str()), found);
     }
     for table in &mapping.tables {
         let target = &tables[table.target.as_str()];
@@ -67,6 +49,30 @@ pub(crate) async fn target_tables(
         }
     }
     Ok(tables)
+}
+
+/// One table as the catalog describes it; a missing table, or one without a primary key, is an
+/// error naming it and the configuration key `key`.
+pub(crate) async fn target_table(
+    client: &tokio_postgres::Client,
+    qualified: &str,
+    key: &str,
+) -> Result<TargetTable, TargetError> {
+    let found = required_table(client, qualified, key).await.map_err(|e| TargetError {
+        target: TARGET,
+        kind: ErrorKind::Fatal,
+        message: "cannot read the target table".into(),
+        source: Some(Box::new(e)),
+    })?;
+    if found.primary_key.is_empty() {
+        return Err(fatal(format!(
+            "target table {qualified} has no primary key: rows are upserted and deleted by it"
+        )));
+    }
+    let columns = &found.relation.columns;
+    let key: Vec<String> = found.primary_key.iter().map(|&i| columns[i].name.clone()).collect();
+    let types = columns.iter().zip(&found.sql_types).map(|(c, t)| (c.name.clone(), t.clone())).collect();
+    Ok(TargetTable { quoted: found.quoted_name(), types, key, table: found })
 }
 
 /// Each target table's primary key columns, for the translator.

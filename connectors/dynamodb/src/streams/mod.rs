@@ -311,7 +311,7 @@ impl ShardCursor {
                 self.iterator = Some((iterator, now));
                 renewed = true;
             }
-            let (iterator, obtained) = self.iterator.clone().expect("an iterator was just obtained");
+            let (iterator, _) = self.iterator.clone().expect("an iterator was just obtained");
             match api.records(&iterator).await {
                 Ok(page) => {
                     if let Some(last) = page.records.last() {
@@ -319,7 +319,7 @@ impl ShardCursor {
                     }
                     let finished = page.next_iterator.is_none();
                     // A page's next iterator is new: it lives 15 minutes from now.
-                    self.iterator = page.next_iterator.map(|next| (next, Instant::now().max(obtained)));
+                    self.iterator = page.next_iterator.map(|next| (next, Instant::now()));
                     return Ok(ShardRead { records: page.records, finished });
                 }
                 Err(StreamsError::ExpiredIterator) if !renewed => {
@@ -361,7 +361,13 @@ pub struct ShardBatch {
     pub records: Vec<StreamRecord>,
     /// True on the shard's last batch: it is closed and read to its end.
     pub finished: bool,
+    /// On a batch without records: the shard was found at its end by a read sent at this
+    /// time, so every record written before it has been sent (sent at most once a second).
+    pub read_to: Option<std::time::SystemTime>,
 }
+
+/// How often a shard found at its end says so ([`ShardBatch::read_to`]).
+pub const READ_TO_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Reads a table's stream until shutdown or a fatal error.
 pub struct StreamReader<A> {
@@ -475,10 +481,12 @@ async fn read_shard<A: StreamsApi>(
     mut shutdown: Shutdown,
 ) -> Result<Option<String>, StreamsError> {
     let mut backoff = sluice_core::Backoff::new(retry);
+    let mut said_read_to: Option<Instant> = None;
     loop {
         if shutdown.is_requested() {
             return Ok(None);
         }
+        let asked = std::time::SystemTime::now();
         let read = tokio::select! {
             read = cursor.read(api.as_ref()) => read,
             _ = shutdown.requested() => return Ok(None),
@@ -487,8 +495,18 @@ async fn read_shard<A: StreamsApi>(
             Ok(read) => {
                 backoff.reset();
                 let (empty, finished) = (read.records.is_empty(), read.finished);
-                if !empty || finished {
-                    let batch = ShardBatch { shard: cursor.shard.clone(), records: read.records, finished };
+                let at_end =
+                    empty && !finished && said_read_to.is_none_or(|t| t.elapsed() >= READ_TO_INTERVAL);
+                if !empty || finished || at_end {
+                    if at_end {
+                        said_read_to = Some(Instant::now());
+                    }
+                    let batch = ShardBatch {
+                        shard: cursor.shard.clone(),
+                        records: read.records,
+                        finished,
+                        read_to: at_end.then_some(asked),
+                    };
                     if out.send(batch).await.is_err() {
                         return Ok(None);
                     }
