@@ -214,6 +214,9 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_failure(&e),
             };
+            if reverse && matches!(config.target, sluice::targets::TargetConfig::Dynamodb(_)) {
+                return report(runtime.block_on(run_way_back_from_dynamodb(config)));
+            }
             if reverse {
                 config = match sluice::migration::reverse::reversed(&config) {
                     Ok(c) => c,
@@ -343,6 +346,45 @@ fn move_tables(
         }
     });
     report(moved.map_err(anyhow::Error::from))
+}
+
+/// `run --reverse` with a DynamoDB target: the tables' streams into the old tables, until a
+/// signal; one process per pipeline (its name lock, `<name>-reverse`, in the old database).
+async fn run_way_back_from_dynamodb(config: Config) -> anyhow::Result<()> {
+    let (shutdown_tx, shutdown_rx) = sluice_core::Shutdown::new();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received; stopping the way back");
+        shutdown_tx.trigger();
+    });
+    let name = sluice::migration::reverse_dynamodb::pipeline_name(&config);
+    let state = std::sync::Arc::new(sluice::monitor::PipelineState::with(
+        &name,
+        config.monitoring.ready_max_lag,
+        false,
+    ));
+    let metrics = sluice::metrics::install(&name);
+    if let Some(listen) = config.monitoring.listen {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen} (monitoring.listen)"))?;
+        tracing::info!(addr = %listener.local_addr()?, "serving /metrics and /healthz");
+        tokio::spawn(sluice::http::serve(
+            listener,
+            std::sync::Arc::clone(&state),
+            metrics,
+            shutdown_rx.clone(),
+        ));
+    }
+    let claimed = sluice::ha::claim_name(&config.source.connection, &name).await?;
+    state.active.store(true, std::sync::atomic::Ordering::Relaxed);
+    let way_back =
+        sluice::migration::reverse_dynamodb::run(&config, std::sync::Arc::clone(&state.target), shutdown_rx);
+    tokio::select! {
+        result = way_back => result?,
+        reason = claimed.lost() => anyhow::bail!("{}: stopping, since another process may claim pipeline {name:?} now", reason.replace("HA lock", "pipeline name's lock")),
+    }
+    Ok(())
 }
 
 async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {

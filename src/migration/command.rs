@@ -149,7 +149,7 @@ pub async fn fence_tables(
 
 /// SQL failures to the session (which retries the transient ones), the others kept apart
 /// for the command to report.
-pub(super) fn split<T>(
+pub(crate) fn split<T>(
     result: Result<T, super::MigrationError>,
 ) -> sluice_postgres::Result<Result<T, super::MigrationError>> {
     match result {

@@ -19,6 +19,7 @@
 //!           the table for good (the old table keeps its fence)
 //! ```
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use sluice_core::{Lsn, RetryPolicy, TableName};
@@ -31,6 +32,7 @@ use super::{decide, ensure_state_tables, phases, transition, Direction, Move, Ph
 use crate::backfill::Scope;
 use crate::config::{Config, TargetConfig};
 use crate::error::{CommandContext, CommandError};
+use crate::targets::dynamodb::verify::DynamoSide;
 
 /// The arguments of `cutover`, `rollback` and `finish`.
 #[derive(Clone, Debug, clap::Args)]
@@ -51,17 +53,29 @@ pub struct MoveArgs {
     /// How long verify waits for the stream before re-checking a key found wrong.
     #[arg(long, default_value = "60s", value_parser = sluice_core::duration::parse)]
     pub recheck_timeout: Duration,
+    /// `rollback` with a DynamoDB target: the application no longer writes the DynamoDB
+    /// tables (an IAM deny, or its writers stopped). sluice cannot fence DynamoDB itself.
+    #[arg(long)]
+    pub new_side_fenced: bool,
 }
 
-/// Both databases, the pipeline's names, and the tables asked for with their new tables.
+/// The new store, as the moves see it.
+enum NewStore {
+    /// A Postgres database, with the way back's slot in it.
+    Postgres { sql: ReadSession, reverse_slot: String },
+    /// DynamoDB: the way back reads the tables' streams; the application's writes are
+    /// fenced by the operator.
+    Dynamodb { side: DynamoSide, streams: BTreeSet<String> },
+}
+
+/// Both stores, the pipeline's names, and the tables asked for with their new tables.
 struct Stores {
     old: ReadSession,
-    new: ReadSession,
+    new: NewStore,
     scope: Scope,
-    /// (old table, new table) of each table asked for.
-    tables: Vec<(TableName, TableName)>,
-    /// The reverse slot in the new database.
-    reverse_slot: String,
+    /// (old table, new table) of each table asked for: `schema.table` in a Postgres
+    /// database, a DynamoDB table's name.
+    tables: Vec<(TableName, String)>,
     started: Instant,
     command: &'static str,
 }
@@ -69,35 +83,47 @@ struct Stores {
 impl Stores {
     async fn open(config: &Config, args: &MoveArgs, command: &'static str) -> Result<Stores, CommandError> {
         let started = Instant::now();
-        let back = reversed(config).map_err(|problems| {
-            CommandError::invalid(format!(
-                "{command} needs the way back, which this configuration cannot run: {}",
-                problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
-            ))
-        })?;
-        let TargetConfig::Postgres(target) = &config.target else {
-            unreachable!("reversed checked the target")
+        let Some(scope) = Scope::of(config) else {
+            return Err(CommandError::invalid(format!(
+                "{command} needs a logical replication source ([source.replication])"
+            )));
         };
-        let scope = Scope::of(config).expect("reversed checked the source");
-        let (reverse_slot, _) = reverse_names(config).expect("a replication source");
-        let mapping = target.load_mapping().map_err(|p| {
-            CommandError::invalid(p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
-        })?;
+        // (source table, new table) of the mapping.
+        let (pairs, mapping_file): (Vec<(String, String)>, std::path::PathBuf) = match &config.target {
+            TargetConfig::Dynamodb(dynamo) => {
+                let mapping = super::reverse_dynamodb::mapping(config)?;
+                let pairs = mapping.tables.iter().map(|t| (t.source.clone(), t.target.clone())).collect();
+                (pairs, dynamo.mapping.clone().unwrap_or_default())
+            }
+            _ => {
+                let back = reversed(config).map_err(|problems| {
+                    CommandError::invalid(format!(
+                        "{command} needs the way back, which this configuration cannot run: {}",
+                        problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+                    ))
+                })?;
+                drop(back);
+                let TargetConfig::Postgres(target) = &config.target else {
+                    unreachable!("reversed checked the target")
+                };
+                let mapping = target.load_mapping().map_err(|p| {
+                    CommandError::invalid(p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+                })?;
+                let pairs = mapping.tables.iter().map(|t| (t.source.clone(), t.target.clone())).collect();
+                (pairs, target.mapping.clone())
+            }
+        };
         let mut tables = Vec::new();
         for table in &args.tables {
             let old: TableName =
                 table.parse().map_err(|_| CommandError::invalid(format!("{table} is no schema.table")))?;
-            let Some(mapped) = mapping.tables.iter().find(|t| t.source == old.to_string()) else {
+            let Some((_, new)) = pairs.iter().find(|(source, _)| *source == old.to_string()) else {
                 return Err(CommandError::invalid(format!(
                     "table {table} is not in the mapping ({})",
-                    target.mapping.display()
+                    mapping_file.display()
                 )));
             };
-            let new: TableName = mapped
-                .target
-                .parse()
-                .map_err(|_| CommandError::invalid(format!("{} is no schema.table", mapped.target)))?;
-            tables.push((old, new));
+            tables.push((old, new.clone()));
         }
         let retry = RetryPolicy::new(config.pipeline.retry_for);
         let mut old = crate::backfill::source_session(config, &format!("sluice {command}")).await?;
@@ -114,11 +140,32 @@ impl Stores {
             .await
             .with_context(|| format!("cannot list the tables of publication {}", scope.publication))?;
         crate::backfill::outside_publication(&scope, &published, &args.tables)?;
-        let new = ReadSession::connect(&target.connection, &format!("sluice {command}"), retry)
-            .await
-            .context("cannot connect to the new database (target.connection)")?;
-        drop(back);
-        Ok(Stores { old, new, scope, tables, reverse_slot, started, command })
+        let new = match &config.target {
+            TargetConfig::Dynamodb(dynamo) => {
+                let side = DynamoSide::open(dynamo).await?;
+                let names: BTreeSet<&str> = tables.iter().map(|(_, new)| new.as_str()).collect();
+                let streams =
+                    super::reverse_dynamodb::streams(side.client(), &names.into_iter().collect::<Vec<_>>())
+                        .await
+                        .map_err(|e| {
+                            CommandError::invalid(format!("the way back cannot read DynamoDB: {e}"))
+                        })?;
+                NewStore::Dynamodb { side, streams: streams.into_iter().map(|(_, arn)| arn).collect() }
+            }
+            TargetConfig::Postgres(target) => {
+                let sql = ReadSession::connect(&target.connection, &format!("sluice {command}"), retry)
+                    .await
+                    .context("cannot connect to the new database (target.connection)")?;
+                let (reverse_slot, _) = reverse_names(config).expect("a replication source");
+                for (_, new) in &tables {
+                    new.parse::<TableName>()
+                        .map_err(|_| CommandError::invalid(format!("{new} is no schema.table")))?;
+                }
+                NewStore::Postgres { sql, reverse_slot }
+            }
+            _ => unreachable!("only Postgres and DynamoDB targets have a way back"),
+        };
+        Ok(Stores { old, new, scope, tables, started, command })
     }
 
     /// A progress line on standard error, with the time since the command started.
@@ -161,15 +208,41 @@ impl Stores {
         let (migration, scope) = (&config.migration, &self.scope);
         // The old tables let the way back's session through; the new ones the forward one's.
         let allowed = if new_side { Direction::Forward } else { Direction::Reverse };
-        let sql = if new_side { &mut self.new } else { &mut self.old };
+        let sql = match (&mut self.new, new_side) {
+            (NewStore::Postgres { sql, .. }, true) => sql,
+            (NewStore::Dynamodb { .. }, true) => {
+                return Err(CommandError::invalid("the new store is DynamoDB: sluice does not fence it"))
+            }
+            (_, false) => &mut self.old,
+        };
         sql.run(async |c| split_fence(fence::fence(c, migration, scope, table, allowed).await))
             .await
             .with_context(|| format!("cannot fence {table}"))?
             .map_err(|e| CommandError::invalid(e.to_string()))
     }
 
+    /// The new database's session; an error for a new store that is not Postgres.
+    fn new_sql(&mut self) -> Result<&mut ReadSession, CommandError> {
+        match &mut self.new {
+            NewStore::Postgres { sql, .. } => Ok(sql),
+            NewStore::Dynamodb { .. } => {
+                Err(CommandError::invalid("the new store is DynamoDB: sluice does not fence it"))
+            }
+        }
+    }
+
+    /// Takes the fence down from a new table; nothing to do in DynamoDB (the operator fences it).
+    async fn unfence_new(&mut self, table: &str) -> Result<bool, CommandError> {
+        if matches!(self.new, NewStore::Dynamodb { .. }) {
+            return Ok(false);
+        }
+        let table: TableName =
+            table.parse().map_err(|_| CommandError::invalid(format!("{table} is no schema.table")))?;
+        self.unfence(&table, true).await
+    }
+
     async fn unfence(&mut self, table: &TableName, new_side: bool) -> Result<bool, CommandError> {
-        let sql = if new_side { &mut self.new } else { &mut self.old };
+        let sql = if new_side { self.new_sql()? } else { &mut self.old };
         sql.run(async |c| split_fence(fence::unfence(c, table).await))
             .await
             .with_context(|| format!("cannot take the fence of {table} down"))?
@@ -179,8 +252,11 @@ impl Stores {
     /// The slot of the stream that drains, in the old database (`new_side` false: the forward
     /// one) or the new one (the way back's).
     async fn slot(&mut self, new_side: bool) -> Result<SlotLag, CommandError> {
-        let slot = if new_side { self.reverse_slot.clone() } else { self.scope.slot.clone() };
-        let sql = if new_side { &mut self.new } else { &mut self.old };
+        let slot = match (&self.new, new_side) {
+            (NewStore::Postgres { reverse_slot, .. }, true) => reverse_slot.clone(),
+            _ => self.scope.slot.clone(),
+        };
+        let sql = if new_side { self.new_sql()? } else { &mut self.old };
         let row = sql
             .run(async |c| {
                 Ok(c.query_opt(
@@ -326,12 +402,12 @@ pub async fn cutover(config: &Config, args: &MoveArgs) -> Result<(), CommandErro
     }
     let fresh: Vec<&TableName> =
         tables.iter().zip(&phases).filter(|(_, p)| **p == Phase::Forward).map(|((old, _), _)| old).collect();
-    let moving: Vec<&(TableName, TableName)> =
+    let moving: Vec<&(TableName, String)> =
         tables.iter().zip(&phases).filter(|(_, p)| **p != Phase::Reversed).map(|(t, _)| t).collect();
     for ((old, new), phase) in tables.iter().zip(&phases) {
         if *phase == Phase::Reversed {
             // A cutover that stopped after its last move: the new table takes writes.
-            stores.unfence(new, true).await?;
+            stores.unfence_new(new).await?;
             stores.say(old, "already reversed");
         } else if *phase == Phase::Fenced {
             stores.say(old, "fenced by an earlier cutover: going on from the drain");
@@ -343,14 +419,18 @@ pub async fn cutover(config: &Config, args: &MoveArgs) -> Result<(), CommandErro
     // 1. The checks, for the tables that are not fenced yet.
     let forward = stores.slot(false).await?;
     forward.ready(args.max_lag_bytes, "start `sluice run` so that the fenced tables can drain")?;
-    let back = stores.slot(true).await?;
-    if !back.exists {
-        return Err(CommandError::invalid(format!(
-            "the way back is not set up: replication slot {} does not exist in the new database; start \
-             `sluice run --reverse -c {}` first, so that it keeps the new tables' changes from the first one",
-            back.slot,
-            args.config.display()
-        )));
+    // A DynamoDB stream keeps the new tables' changes for 24 hours from the start: its
+    // configuration was checked when the stores were opened.
+    if let NewStore::Postgres { .. } = stores.new {
+        let back = stores.slot(true).await?;
+        if !back.exists {
+            return Err(CommandError::invalid(format!(
+                "the way back is not set up: replication slot {} does not exist in the new database; start \
+                 `sluice run --reverse -c {}` first, so that it keeps the new tables' changes from the first one",
+                back.slot,
+                args.config.display()
+            )));
+        }
     }
     if !fresh.is_empty() {
         for table in &fresh {
@@ -417,7 +497,7 @@ pub async fn cutover(config: &Config, args: &MoveArgs) -> Result<(), CommandErro
         stores.say(old, "4/5 verified: 0 differences");
         stores.step(config, old, Step::Reverse).await?;
         crate::faults::kill_at("cutover-4");
-        if stores.unfence(new, true).await? {
+        if stores.unfence_new(new).await? {
             stores.say(new, "fence of an earlier rollback taken down");
         }
         stores.say(old,
@@ -438,7 +518,7 @@ pub async fn rollback(config: &Config, args: &MoveArgs) -> Result<(), CommandErr
                 .map_err(|e| CommandError::invalid(e.to_string()))?;
         }
     }
-    let moving: Vec<&(TableName, TableName)> =
+    let moving: Vec<&(TableName, String)> =
         tables.iter().zip(&phases).filter(|(_, p)| **p != Phase::Forward).map(|(t, _)| t).collect();
     for ((old, _), phase) in tables.iter().zip(&phases) {
         if *phase == Phase::Forward {
@@ -449,6 +529,9 @@ pub async fn rollback(config: &Config, args: &MoveArgs) -> Result<(), CommandErr
     }
     if moving.is_empty() {
         return Ok(());
+    }
+    if let NewStore::Dynamodb { .. } = stores.new {
+        return rollback_from_dynamodb(config, args, &mut stores, &moving).await;
     }
     let back = stores.slot(true).await?;
     back.ready(
@@ -468,7 +551,9 @@ pub async fn rollback(config: &Config, args: &MoveArgs) -> Result<(), CommandErr
     for (old, new) in &moving {
         stores.step(config, old, Step::StartRollback).await?;
         crate::faults::kill_at("rollback-1");
-        let lsn = stores.fence(config, new, true).await?;
+        let new_table: TableName =
+            new.parse().map_err(|_| CommandError::invalid(format!("{new} is no schema.table")))?;
+        let lsn = stores.fence(config, &new_table, true).await?;
         fence_lsn = fence_lsn.max(lsn);
         stores.say(
             new,
@@ -489,7 +574,7 @@ pub async fn rollback(config: &Config, args: &MoveArgs) -> Result<(), CommandErr
     let differences = verify_clean(config, args, &olds).await?;
     if differences > 0 {
         for (old, new) in &moving {
-            stores.unfence(new, true).await?;
+            stores.unfence_new(new).await?;
             stores.step(config, old, Step::AbortRollback).await?;
             stores.say(old, &format!("{new} unfenced: back to reversed"));
         }
@@ -519,6 +604,18 @@ pub async fn finish(config: &Config, args: &MoveArgs) -> Result<(), CommandError
         decide(&old.to_string(), *phase, Step::Finish).map_err(|e| CommandError::invalid(e.to_string()))?;
     }
     // What the application wrote so far reaches the old tables first, when the way back runs.
+    if let NewStore::Dynamodb { .. } = stores.new {
+        let now = unix_now();
+        if stores.streamed_since(config, now - WAY_BACK_STREAMING).await? {
+            stores.drain_streams(config, now, args.drain_timeout, "nothing was finished").await?;
+            for (old, _) in &tables {
+                stores.say(old, "1/2 drained: the way back applied every record the streams held");
+            }
+        } else {
+            tracing::warn!("no process streams the way back from DynamoDB: finishing without draining it");
+        }
+        return finish_moves(config, &mut stores, &tables, &phases).await;
+    }
     let back = stores.slot(true).await?;
     if back.active {
         let target = back.server;
@@ -529,7 +626,17 @@ pub async fn finish(config: &Config, args: &MoveArgs) -> Result<(), CommandError
     } else {
         tracing::warn!(slot = %back.slot, "no process streams the way back: finishing without draining it");
     }
-    for ((old, new), phase) in tables.iter().zip(&phases) {
+    finish_moves(config, &mut stores, &tables, &phases).await
+}
+
+/// `finish`'s last step: each table not finished yet is recorded `finished`.
+async fn finish_moves(
+    config: &Config,
+    stores: &mut Stores,
+    tables: &[(TableName, String)],
+    phases: &[Phase],
+) -> Result<(), CommandError> {
+    for ((old, new), phase) in tables.iter().zip(phases) {
         if *phase == Phase::Finished {
             stores.say(old, "already finished");
             continue;
@@ -538,6 +645,136 @@ pub async fn finish(config: &Config, args: &MoveArgs) -> Result<(), CommandError
         stores.say(
             old,
             &format!("2/2 finished: {new} is the table from now on; the way back no longer applies to {old}"),
+        );
+    }
+    Ok(())
+}
+
+/// How recently the way back from DynamoDB must have read every shard to its end for it to
+/// count as streaming (seconds).
+const WAY_BACK_STREAMING: f64 = 30.0;
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+impl Stores {
+    /// Whether the way back has read every shard of the new tables' streams to its end at
+    /// or after `since` (seconds since the epoch).
+    async fn streamed_since(&mut self, config: &Config, since: f64) -> Result<bool, CommandError> {
+        let NewStore::Dynamodb { streams, .. } = &self.new else { return Ok(false) };
+        let read_to = self
+            .old
+            .run(async |c| Ok(super::reverse_dynamodb::read_to(c, config, streams).await?))
+            .await
+            .with_context(|| format!("cannot read {}", config.migration.stream_checkpoint_table))?;
+        Ok(read_to.is_some_and(|t| t >= since))
+    }
+
+    /// Waits until the way back has read every shard to its end after `from` (and the records
+    /// written before it have settled into the streams), within `timeout`.
+    async fn drain_streams(
+        &mut self,
+        config: &Config,
+        from: f64,
+        timeout: Duration,
+        label: &str,
+    ) -> Result<(), CommandError> {
+        let target = from + super::reverse_dynamodb::STREAM_SETTLE.as_secs_f64();
+        let deadline = Instant::now() + timeout;
+        let mut said = Instant::now();
+        while !self.streamed_since(config, target).await? {
+            if Instant::now() >= deadline {
+                return Err(CommandError::invalid(format!(
+                    "the way back did not read the DynamoDB streams to their end within {}: {label}; is \
+                     `sluice run --reverse` running? Re-run the command to go on waiting",
+                    humantime_secs(timeout)
+                )));
+            }
+            if said.elapsed() >= Duration::from_secs(5) {
+                said = Instant::now();
+                eprintln!(
+                    "{}: waiting for the way back to read the DynamoDB streams to their end",
+                    self.command
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+}
+
+/// `rollback` with a DynamoDB target: the operator has fenced the DynamoDB tables
+/// (`--new-side-fenced`); the way back drains the streams, verify, the application's items
+/// get a version so that the forward stream can write them again, then `forward`.
+async fn rollback_from_dynamodb(
+    config: &Config,
+    args: &MoveArgs,
+    stores: &mut Stores,
+    moving: &[&(TableName, String)],
+) -> Result<(), CommandError> {
+    let news: BTreeSet<&str> = moving.iter().map(|(_, new)| new.as_str()).collect();
+    let news = news.into_iter().collect::<Vec<_>>().join(", ");
+    if !args.new_side_fenced {
+        return Err(CommandError::invalid(format!(
+            "the new store is DynamoDB, which sluice cannot fence: stop the application's writes to DynamoDB table {news} \
+             (an IAM deny on PutItem, UpdateItem, DeleteItem, BatchWriteItem and TransactWriteItems, or stop its writers), \
+             then run rollback again with --new-side-fenced; nothing was moved"
+        )));
+    }
+    if !stores.streamed_since(config, unix_now() - WAY_BACK_STREAMING).await? {
+        return Err(CommandError::invalid(format!(
+            "no process streams the way back from DynamoDB (it has not read the streams to their end in the last {WAY_BACK_STREAMING} s): \
+             start `sluice run --reverse -c {}` so that the new tables can drain; nothing was moved",
+            args.config.display()
+        )));
+    }
+    for (old, _) in moving {
+        stores.say(old, "1/5 checks: the way back streams DynamoDB");
+    }
+    for (old, new) in moving {
+        stores.step(config, old, Step::StartRollback).await?;
+        crate::faults::kill_at("rollback-1");
+        stores.say(
+            old,
+            &format!("2/5 rolling_back: DynamoDB table {new} fenced by the operator (--new-side-fenced)"),
+        );
+    }
+    let fenced_at = unix_now();
+    crate::faults::kill_at("rollback-2");
+    stores.drain_streams(config, fenced_at, args.drain_timeout, "the tables stay rolling_back").await?;
+    for (old, _) in moving {
+        stores.say(old, "3/5 drained: the way back applied every record the streams held");
+    }
+    crate::faults::kill_at("rollback-3");
+    let olds: Vec<&TableName> = moving.iter().map(|(old, _)| old).collect();
+    let differences = verify_clean(config, args, &olds).await?;
+    if differences > 0 {
+        for (old, _) in moving {
+            stores.step(config, old, Step::AbortRollback).await?;
+            stores.say(old, "back to reversed: the application may write DynamoDB again");
+        }
+        return Err(CommandError::invalid(format!(
+            "verify found {differences} difference{} after the drain (above): the tables are reversed again",
+            if differences == 1 { "" } else { "s" }
+        )));
+    }
+    let NewStore::Dynamodb { side, .. } = &stores.new else { unreachable!("a DynamoDB rollback") };
+    let sources: Vec<String> = olds.iter().map(|t| t.to_string()).collect();
+    let stamped = side.stamp_unversioned(&sources).await?;
+    for (old, _) in moving {
+        stores.say(
+            old,
+            &format!("4/5 verified: 0 differences; {stamped} items the application wrote now carry version 0, for the forward stream's guard"),
+        );
+    }
+    for (old, new) in moving {
+        stores.step(config, old, Step::CompleteRollback).await?;
+        crate::faults::kill_at("rollback-4");
+        stores.unfence(old, false).await?;
+        stores.say(
+            old,
+            &format!("5/5 forward: the application writes to {old} again; the forward stream writes DynamoDB table {new}"),
         );
     }
     Ok(())

@@ -7,7 +7,7 @@
 //! the first move. Moves are made under a row lock, so two operators (or a command re-run
 //! while the first still runs) cannot both move a table.
 
-mod command;
+pub(crate) mod command;
 pub mod cutover;
 pub mod fence;
 pub mod phase;
@@ -173,6 +173,26 @@ pub async fn phases(
             }
         })
         .collect()
+}
+
+/// The tables of `pipeline` whose writers moved to the new store (reversed, rolling_back,
+/// finished); none while the state table does not exist.
+pub async fn moved_tables(
+    sql: &tokio_postgres::Client,
+    config: &MigrationConfig,
+    pipeline: &str,
+) -> Result<std::collections::HashSet<String>, MigrationError> {
+    let exists: bool =
+        sql.query_one("SELECT to_regclass($1) IS NOT NULL", &[&config.quoted_table()]).await?.get(0);
+    if !exists {
+        return Ok(Default::default());
+    }
+    Ok(phases(sql, config, pipeline)
+        .await?
+        .into_iter()
+        .filter(|(_, phase)| phase.direction() != Some(Direction::Forward))
+        .map(|(table, _)| table)
+        .collect())
 }
 
 /// The phase of every table of `publication` (the state table aside): `forward` where the

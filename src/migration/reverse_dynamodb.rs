@@ -54,7 +54,7 @@ pub fn pipeline_name(config: &Config) -> String {
 }
 
 /// The mapping of a DynamoDB target, or why the way back cannot use it.
-fn mapping(config: &Config) -> Result<Mapping, CommandError> {
+pub(crate) fn mapping(config: &Config) -> Result<Mapping, CommandError> {
     let TargetConfig::Dynamodb(dynamo) = &config.target else {
         return Err(CommandError::invalid("the way back from DynamoDB needs a DynamoDB target"));
     };

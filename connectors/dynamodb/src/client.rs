@@ -814,6 +814,37 @@ impl DynamoClient {
         .await
     }
 
+    /// Sets `version_attribute` to 0 on the item only while it has none (the application wrote
+    /// it while the way back ran), so that a guarded write of any position overwrites it; true
+    /// when it was set, false when the item has a version (or is gone).
+    pub async fn stamp_unversioned(
+        &self,
+        table: &str,
+        key: &Item,
+        version_attribute: &str,
+    ) -> Result<bool, DynamoError> {
+        self.retried("DynamoDB UpdateItem", || async {
+            match self
+                .client
+                .update_item()
+                .table_name(table)
+                .set_key(Some(key.iter().map(|(k, v)| (k.clone(), v.to_sdk())).collect()))
+                .update_expression("SET #v = :zero")
+                .condition_expression("attribute_exists(#pk) AND attribute_not_exists(#v)")
+                .expression_attribute_names("#pk", key.keys().next().cloned().unwrap_or_default())
+                .expression_attribute_names("#v", version_attribute)
+                .expression_attribute_values(":zero", AttributeValue::N("0".into()))
+                .send()
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(e) if condition_failed(&e) => Ok(false),
+                Err(e) => Err(classify(e, table)),
+            }
+        })
+        .await
+    }
+
     /// One page of a scan: its items, and where the next page starts (`None` after the last).
     /// Start with `ScanCursor::default()`.
     pub async fn scan_page(

@@ -22,6 +22,10 @@ pub struct DynamoSide {
     mapping: Mapping,
     translator: MappingTranslator,
     client: DynamoClient,
+    /// Source tables whose items the application writes now (their phase is reversed,
+    /// rolling_back or finished): an item without the version attribute is the application's,
+    /// not a difference.
+    app_written: HashSet<String>,
 }
 
 impl DynamoSide {
@@ -36,7 +40,72 @@ impl DynamoSide {
             CommandError::invalid(p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
         })?;
         let client = DynamoClient::connect(&super::apply::client_options(config)).await;
-        Ok(DynamoSide { translator: MappingTranslator::new(&mapping), mapping, client })
+        Ok(DynamoSide {
+            translator: MappingTranslator::new(&mapping),
+            mapping,
+            client,
+            app_written: HashSet::new(),
+        })
+    }
+
+    /// The DynamoDB client.
+    pub(crate) fn client(&self) -> &DynamoClient {
+        &self.client
+    }
+
+    /// Marks the source tables whose items the application writes (a cutover moved them).
+    pub(crate) fn set_app_written(&mut self, tables: HashSet<String>) {
+        self.app_written = tables;
+    }
+
+    /// Gives the items of `sources` (source tables) that carry no version attribute (the
+    /// application's, written while the tables were reversed) the version 0, so that the
+    /// forward stream's position guard lets its next writes through; tombstones and items of
+    /// other tables are left alone. Scans each DynamoDB table once; the number stamped.
+    pub(crate) async fn stamp_unversioned(&self, sources: &[String]) -> Result<u64, CommandError> {
+        let version = &self.mapping.version_attribute;
+        let mappings: Vec<&TableMapping> =
+            self.mapping.tables.iter().filter(|t| sources.contains(&t.source)).collect();
+        let targets: std::collections::BTreeSet<&str> = mappings.iter().map(|m| m.target.as_str()).collect();
+        let mut stamped = 0;
+        for target in targets {
+            let ours: Vec<&&TableMapping> = mappings.iter().filter(|m| m.target == target).collect();
+            let key_names = key_attributes(&[ours[0]]);
+            let mut cursor = sluice_dynamodb::ScanCursor::default();
+            loop {
+                let (items, next) = self
+                    .client
+                    .scan_page(target, cursor)
+                    .await
+                    .with_context(|| format!("cannot scan DynamoDB table {target}"))?;
+                for item in items {
+                    if item.contains_key(version)
+                        || self.is_tombstone(&item)
+                        || !ours.iter().any(|m| key_fits(m, &item))
+                    {
+                        continue;
+                    }
+                    let key: Item = item
+                        .iter()
+                        .filter(|(k, _)| key_names.contains(k))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    if self
+                        .client
+                        .stamp_unversioned(target, &key, version)
+                        .await
+                        .with_context(|| format!("cannot stamp an item of DynamoDB table {target}"))?
+                    {
+                        stamped += 1;
+                    }
+                }
+                match next {
+                    Some(next) => cursor = next,
+                    None => break,
+                }
+            }
+        }
+        Ok(stamped)
     }
 
     /// (source table, target table) of every table mapping, in mapping order.
@@ -96,7 +165,8 @@ impl DynamoSide {
                         Some(item) => {
                             let mut want = attributes;
                             want.extend(item_key.clone());
-                            compare(&want, item, &self.mapping.version_attribute)
+                            let versioned = !self.app_written.contains(&table.relation.qualified_name());
+                            compare(&want, item, &self.mapping.version_attribute, versioned)
                         }
                     };
                     (Some(key_digest(&item_key)), finding)
@@ -274,7 +344,8 @@ fn key_fits(mapping: &TableMapping, item: &Item) -> bool {
     })
 }
 
-fn compare(expected: &Item, stored: &Item, version_attribute: &str) -> Finding {
+/// `versioned`: the item must carry the version attribute (the forward stream wrote it).
+fn compare(expected: &Item, stored: &Item, version_attribute: &str, versioned: bool) -> Finding {
     let mut names: Vec<String> = Vec::new();
     let mut values = BTreeMap::new();
     let all: std::collections::BTreeSet<&String> =
@@ -291,7 +362,7 @@ fn compare(expected: &Item, stored: &Item, version_attribute: &str) -> Finding {
             values.insert(name.clone(), (want.map(attr_text), have.map(attr_text)));
         }
     }
-    if !stored.contains_key(version_attribute) {
+    if versioned && !stored.contains_key(version_attribute) {
         names.push(version_attribute.to_owned());
         values.insert(version_attribute.to_owned(), (Some("(a position)".into()), None));
         return Finding::Unversioned(names, values);
