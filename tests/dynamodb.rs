@@ -15,13 +15,13 @@ use tokio::sync::watch;
 
 use crate::harness::{dynamo_client, moto, sluice_output, wait_for, Outage, TestDb};
 
-const SCHEMA: &str = "CREATE TABLE customers (id int8 PRIMARY KEY, email text, password_hash text, status text NOT NULL DEFAULT 'active',
+pub(crate) const SCHEMA: &str = "CREATE TABLE customers (id int8 PRIMARY KEY, email text, password_hash text, status text NOT NULL DEFAULT 'active',
     balance numeric(12,2), created_at timestamptz, tags text[], prefs jsonb, bio text);
   CREATE TABLE orders (customer_id int8, id int8, total numeric, PRIMARY KEY (customer_id, id));
   CREATE PUBLICATION p FOR TABLE customers, orders;";
 
 /// The worked example mapping, pointed at `table`.
-fn shop_mapping(dir: &Path, table: &str) -> PathBuf {
+pub(crate) fn shop_mapping(dir: &Path, table: &str) -> PathBuf {
     let example =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/examples/shop.toml")).unwrap();
     let path = dir.join("mapping.toml");
@@ -108,7 +108,7 @@ fn s(v: &str) -> Attr {
 }
 
 /// Items by (pk, sk).
-async fn items(client: &DynamoClient, table: &str) -> BTreeMap<(String, String), Item> {
+pub(crate) async fn items(client: &DynamoClient, table: &str) -> BTreeMap<(String, String), Item> {
     client
         .scan_all(table)
         .await

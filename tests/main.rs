@@ -7,6 +7,7 @@ mod crash;
 mod cutover;
 mod demo;
 mod dynamodb;
+mod dynamodb_back;
 mod dynamodb_streams;
 mod errors;
 mod harness;
