@@ -376,6 +376,25 @@ async fn run_way_back_from_dynamodb(config: Config) -> anyhow::Result<()> {
             shutdown_rx.clone(),
         ));
     }
+    // With HA, replicas stand by on the way back's own lock, as the forward ones do on theirs.
+    let _lock = if config.ha.enabled {
+        let mut shutdown = shutdown_rx.clone();
+        match sluice::ha::acquire(
+            &config.source.connection,
+            &format!("{}-reverse", config.source.lock_name()),
+            config.ha.retry_interval,
+            config.pipeline.retry_for,
+            &state.standby_healthy,
+            &mut shutdown,
+        )
+        .await?
+        {
+            Some(lock) => Some(lock),
+            None => return Ok(()),
+        }
+    } else {
+        None
+    };
     let claimed = sluice::ha::claim_name(&config.source.connection, &name).await?;
     state.active.store(true, std::sync::atomic::Ordering::Relaxed);
     let way_back =

@@ -212,6 +212,23 @@ fn chart_renders_valid_manifests_with_default_and_full_values() {
             && !pg.contains("sluice-reverse"),
         "{reverse}"
     );
+    // A DynamoDB target's way back reads the tables' streams: the same second Deployment.
+    let shop =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/examples/shop.toml")).unwrap();
+    let dynamo_values = dir.path().join("dynamo-values.yaml");
+    let mapping: String = shop.lines().map(|l| format!("  {l}\n")).collect();
+    std::fs::write(
+        &dynamo_values,
+        format!("config:\n  target:\n    kind: dynamodb\nreverse:\n  enabled: true\nmapping: |\n{mapping}"),
+    )
+    .unwrap();
+    let dynamo = render(dir.path(), Some(dynamo_values.to_str().unwrap()));
+    check_rendering(dir.path(), "dynamo-reverse", &dynamo);
+    assert_eq!(dynamo.matches("kind: Deployment").count(), 2, "{dynamo}");
+    assert!(
+        dynamo.contains(r#"args: ["run", "--reverse", "--config", "/etc/sluice/sluice.json"]"#),
+        "{dynamo}"
+    );
     let out = helm(dir.path(), &["template", "release", CHART, "--set", "reverse.enabled=true"]);
     assert!(
         !out.status.success() && text(&out).contains("config.target.kind must be postgres"),
