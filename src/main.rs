@@ -178,7 +178,10 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Validate { config: path, offline } => match Config::load(&path) {
-            Ok(_) if offline => {
+            Ok(config) if offline => {
+                for way_back in sluice::validate::offline_way_back(&config) {
+                    println!("way back: {way_back}");
+                }
                 println!(
                     "{}: ok (offline: neither the source database nor the target was consulted)",
                     path.display()

@@ -41,6 +41,17 @@ impl Findings {
     }
 }
 
+/// What the way back could not do, visible in the files alone (`validate --offline`).
+pub fn offline_way_back(config: &Config) -> Vec<Problem> {
+    match &config.target {
+        TargetConfig::Dynamodb(dynamo) => match dynamo.mapping.as_deref().map(Mapping::load) {
+            Some(Ok(mapping)) => crate::targets::dynamodb::inverse::offline_problems(&mapping),
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
 /// Every live check of `config`: the source database, then the target. `Err` when the
 /// source database cannot be asked at all.
 pub async fn live(config: &Config) -> Result<Findings, sluice_postgres::Error> {
@@ -94,6 +105,7 @@ async fn source(
                 findings
                     .problems
                     .extend(crate::targets::dynamodb::check::check(sql, &mapping, publication).await?);
+                crate::targets::dynamodb::check::way_back(sql, &mapping, &mut findings.irreversible).await?;
                 Some(mapping.tables.iter().map(|t| t.source.clone()).collect())
             }
             _ => None,

@@ -352,3 +352,45 @@ async fn the_application_s_dynamodb_writes_reach_the_old_tables_once_and_roll_ba
     shop.verify_clean().await;
     shop.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_names_what_the_way_back_from_dynamodb_cannot_do() {
+    let moto = moto();
+    let db = TestDb::new();
+    db.sql(SCHEMA);
+    db.sql("ALTER TABLE customers ALTER COLUMN password_hash SET NOT NULL");
+    let dir = tempfile::tempdir().unwrap();
+    let table = format!("novalid_{}", db.name);
+    dynamo_client(&moto.url).await.create_table(&table, "pk", Some("sk")).await.unwrap();
+    // Orders keyed like profiles, with no constant to tell them apart.
+    let mapping = shop_mapping(dir.path(), &table);
+    let text = std::fs::read_to_string(&mapping).unwrap().replace(
+        "template = \"ORDER#{id}\" }\nconstants = { entity = \"Order\" }",
+        "template = \"PROFILE\" }",
+    );
+    assert!(!text.contains("\"Order\""));
+    std::fs::write(&mapping, text).unwrap();
+    let config = db.config_file(dir.path(), "novalid", "p", &target_toml(&mapping, &moto.url, ""));
+    let stdout = |args: &[&str]| {
+        let out = sluice().args(args).arg("-c").arg(&config).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, offline) = stdout(&["validate", "--offline"]);
+    assert_eq!(code, Some(0), "the forward direction is fine: {offline}");
+    assert!(
+        offline.contains("way back: mapping.tables[1].partition_key")
+            && offline.contains("public.customers and public.orders"),
+        "{offline}"
+    );
+    let (_, live) = stdout(&["validate"]);
+    assert!(live.contains("public.customers and public.orders"), "{live}");
+    assert!(
+        live.contains("column password_hash is dropped by the mapping, NOT NULL and without a default"),
+        "{live}"
+    );
+    assert!(
+        live.contains(&format!("DynamoDB table {table} has no stream enabled"))
+            && live.contains("NEW_AND_OLD_IMAGES"),
+        "{live}"
+    );
+}

@@ -235,5 +235,79 @@ pub async fn target(config: &DynamoConfig, findings: &mut Findings) {
             Err(error) => findings.problems.push(Problem::new("", &want.key, error.to_string())),
         }
     }
+    // The way back reads the mapped tables' streams: not needed forward, named as a way-back
+    // finding.
+    let tables: Vec<&str> =
+        expected.iter().filter(|e| !e.key.starts_with("target.outbox")).map(|e| e.table.as_str()).collect();
+    if !tables.is_empty() {
+        for table in tables {
+            if let Err(reason) = crate::migration::reverse_dynamodb::streams(&client, &[table]).await {
+                findings.irreversible.push(Problem::new("target", "mapping", reason));
+            }
+        }
+    }
     findings.checked.push(format!("DynamoDB tables at {endpoint}"));
+}
+
+/// What the way back could not do with `mapping` against the old tables' catalog: a column
+/// the mapping drops that is NOT NULL without a default (rows the application adds could not
+/// be inserted), and a primary key column neither a key template nor an attribute holds.
+/// With the mapping's own problems (`inverse::offline_problems`).
+pub async fn way_back(
+    sql: &Client,
+    mapping: &Mapping,
+    irreversible: &mut Vec<Problem>,
+) -> Result<(), sluice_postgres::Error> {
+    irreversible.extend(super::inverse::offline_problems(mapping));
+    for (i, table) in mapping.tables.iter().enumerate() {
+        let Some((schema, name)) = table.source.split_once('.') else { continue };
+        let Some(found) = sluice_postgres::catalog::table(sql, schema, name).await? else { continue };
+        let in_templates: Vec<String> = super::mapping::key_templates(table)
+            .into_iter()
+            .filter_map(|(_, template)| parse_template(template).ok())
+            .flatten()
+            .filter_map(|s| match s {
+                Segment::Column(c) => Some(c),
+                Segment::Literal(_) => None,
+            })
+            .collect();
+        let required: Vec<String> = sql
+            .query(
+                "SELECT a.attname::text FROM pg_catalog.pg_attribute a \
+                 WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+                   AND a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''",
+                &[&found.quoted_name()],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for column in &table.drop {
+            if required.contains(column) && !in_templates.contains(column) {
+                irreversible.push(Problem::new(
+                    &format!("mapping.tables[{i}]"),
+                    "drop",
+                    format!(
+                        "table {}: column {column} is dropped by the mapping, NOT NULL and without a default: the way back \
+                         cannot insert the rows the application adds in DynamoDB; give it a default or map it",
+                        table.source
+                    ),
+                ));
+            }
+        }
+        for &k in &found.primary_key {
+            let column = &found.relation.columns[k].name;
+            if table.drop.contains(column) && !in_templates.contains(column) {
+                irreversible.push(Problem::new(
+                    &format!("mapping.tables[{i}]"),
+                    "drop",
+                    format!(
+                        "table {}: key column {column} is dropped and in no key template: the way back cannot find the row of an item",
+                        table.source
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
