@@ -12,6 +12,7 @@ use crate::localpg::{ClusterOptions, LocalPostgres};
 
 mod backfill;
 mod cutover;
+mod way_back;
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -82,9 +83,17 @@ pub struct BenchArgs {
     /// against the forward stream's on the same data (both directions Postgres).
     #[arg(long, conflicts_with = "backfill")]
     pub cutover: bool,
-    /// `--cutover`: the application's writes per second.
+    /// `--cutover`, `--way-back`: the application's writes per second.
     #[arg(long, default_value_t = 200)]
     pub writes_per_second: u64,
+    /// Benchmark the way back from DynamoDB instead (`--dynamodb-endpoint`, a server with
+    /// DynamoDB Streams): its rows/s into Postgres against a plain client reading the same
+    /// stream, and the lag from an application's write to its row at `--writes-per-second`.
+    #[arg(long, conflicts_with_all = ["backfill", "cutover"])]
+    pub way_back: bool,
+    /// `--way-back`: how long the application writes at its steady rate for the lag.
+    #[arg(long, default_value_t = 20)]
+    pub lag_seconds: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -135,6 +144,9 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
     }
     if args.cutover {
         return cutover::run(args).await;
+    }
+    if args.way_back {
+        return way_back::run(args).await;
     }
     match args.target {
         BenchTarget::Null | BenchTarget::Postgres => {
