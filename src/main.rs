@@ -38,9 +38,10 @@ enum Command {
         /// problems always stop `run`.
         #[arg(long)]
         allow_warnings: bool,
-        /// Run the way back of the configured pipeline: read the new (target) database
-        /// through its own slot and publication and apply to the old tables through the
-        /// inverted mapping, for the tables a `cutover` reversed (Postgres targets).
+        /// Run the way back of the configured pipeline: read the new store (a Postgres
+        /// target's database through its own slot and publication, a DynamoDB target's
+        /// tables' streams) and apply to the old tables through the inverted mapping, for the
+        /// tables a `cutover` reversed.
         #[arg(long)]
         reverse: bool,
     },
