@@ -381,24 +381,8 @@ async fn run_way_back_from_dynamodb(config: Config) -> anyhow::Result<()> {
         ));
     }
     // With HA, replicas stand by on the way back's own lock, as the forward ones do on theirs.
-    let _lock = if config.ha.enabled {
-        let mut shutdown = shutdown_rx.clone();
-        match sluice::ha::acquire(
-            &config.source.connection,
-            &format!("{}-reverse", config.source.lock_name()),
-            config.ha.retry_interval,
-            config.pipeline.retry_for,
-            &state.standby_healthy,
-            &mut shutdown,
-        )
-        .await?
-        {
-            Some(lock) => Some(lock),
-            None => return Ok(()),
-        }
-    } else {
-        None
-    };
+    let lock_name = format!("{}-reverse", config.source.lock_name());
+    let Some(_lock) = ha_lock(&config, &lock_name, &state, &shutdown_rx).await? else { return Ok(()) };
     let claimed = sluice::ha::claim_name(&config.source.connection, &name).await?;
     state.active.store(true, std::sync::atomic::Ordering::Relaxed);
     let way_back =
@@ -408,6 +392,30 @@ async fn run_way_back_from_dynamodb(config: Config) -> anyhow::Result<()> {
         reason = claimed.lost() => anyhow::bail!("{}: stopping, since another process may claim pipeline {name:?} now", reason.replace("HA lock", "pipeline name's lock")),
     }
     Ok(())
+}
+
+/// With `ha.enabled`, stands by until this replica holds the HA lock `lock_name`: `Some(lock)`,
+/// or `None` when shutdown came first. Without HA, `Some(None)` at once.
+async fn ha_lock(
+    config: &Config,
+    lock_name: &str,
+    state: &sluice::monitor::PipelineState,
+    shutdown: &sluice_core::Shutdown,
+) -> anyhow::Result<Option<Option<sluice::ha::HaLock>>> {
+    if !config.ha.enabled {
+        return Ok(Some(None));
+    }
+    let mut shutdown = shutdown.clone();
+    let lock = sluice::ha::acquire(
+        &config.source.connection,
+        lock_name,
+        config.ha.retry_interval,
+        config.pipeline.retry_for,
+        &state.standby_healthy,
+        &mut shutdown,
+    )
+    .await?;
+    Ok(lock.map(Some))
 }
 
 async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {
@@ -434,25 +442,8 @@ async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {
     }
     tokio::spawn(sluice::monitor::run(std::sync::Arc::clone(&state), config.clone(), shutdown_rx.clone()));
 
-    let lock = if config.ha.enabled {
-        let mut shutdown = shutdown_rx.clone();
-        let lock_name = config.source.lock_name();
-        match sluice::ha::acquire(
-            &config.source.connection,
-            &lock_name,
-            config.ha.retry_interval,
-            config.pipeline.retry_for,
-            &state.standby_healthy,
-            &mut shutdown,
-        )
-        .await?
-        {
-            Some(lock) => Some(lock),
-            None => return Ok(()),
-        }
-    } else {
-        None
-    };
+    let lock_name = config.source.lock_name();
+    let Some(lock) = ha_lock(&config, &lock_name, &state, &shutdown_rx).await? else { return Ok(()) };
     // Requests are addressed by pipeline name: one running pipeline per name and database.
     // A polled outbox serves none (and its replicas may run without the HA lock).
     let name = match config.source.replication() {

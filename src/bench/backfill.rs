@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{peak_rss_kib, BenchArgs, BenchResult};
+use super::{median, peak_rss_kib, BenchArgs, BenchResult};
 use crate::localpg::{ClusterOptions, LocalPostgres};
 
 const DB: &str = "bench_backfill";
@@ -58,17 +58,12 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
         );
         samples.push((copy, backfill, rss));
     }
-    let median = |f: &dyn Fn(&(f64, f64, u64)) -> f64| {
-        let mut v: Vec<f64> = samples.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     println!(
         "median {:>14.0} {:>16.0} {:>7.3} {:>14.1}",
-        median(&|s| s.0),
-        median(&|s| s.1),
-        median(&|s| s.1 / s.0),
-        median(&|s| s.2 as f64 / 1024.0)
+        median(&samples, |s| s.0),
+        median(&samples, |s| s.1),
+        median(&samples, |s| s.1 / s.0),
+        median(&samples, |s| s.2 as f64 / 1024.0)
     );
     if let Some(endpoint) = &args.dynamodb_endpoint {
         verify_rate(&pg, &sluice, &args, endpoint).await?;

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{BenchArgs, BenchResult, BENCH_TABLE};
+use super::{median, BenchArgs, BenchResult, BENCH_TABLE};
 use crate::localpg::{ClusterOptions, LocalPostgres};
 
 struct Sample {
@@ -57,18 +57,13 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
         );
         samples.push(sample);
     }
-    let median = |f: &dyn Fn(&Sample) -> f64| {
-        let mut v: Vec<f64> = samples.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     println!(
         "median {:>14.0} {:>16.0} {:>7.3} {:>11.2} {:>15.2}",
-        median(&|s| s.forward_rows_per_s),
-        median(&|s| s.reverse_rows_per_s),
-        median(&|s| s.reverse_rows_per_s / s.forward_rows_per_s),
-        median(&|s| s.cutover_s),
-        median(&|s| s.unavailable_s)
+        median(&samples, |s| s.forward_rows_per_s),
+        median(&samples, |s| s.reverse_rows_per_s),
+        median(&samples, |s| s.reverse_rows_per_s / s.forward_rows_per_s),
+        median(&samples, |s| s.cutover_s),
+        median(&samples, |s| s.unavailable_s)
     );
     Ok(())
 }

@@ -16,6 +16,13 @@ mod way_back;
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+/// The median of `f` over the samples (the upper one of an even count).
+fn median<T>(samples: &[T], f: impl Fn(&T) -> f64) -> f64 {
+    let mut values: Vec<f64> = samples.iter().map(f).collect();
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 /// `sluice bench`'s arguments (see the README's Benchmark section).
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
@@ -399,18 +406,13 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
             );
             samples.push(sample);
         }
-        let median = |f: &dyn Fn(&Sample) -> f64| {
-            let mut v: Vec<f64> = samples.iter().map(f).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         println!(
             "median {:>14.0} {:>16.0} {:>7.3} {:>14.1} {:>14.2}",
-            median(&|s| s.baseline_rows_per_s),
-            median(&|s| s.sluice_rows_per_s),
-            median(&|s| s.sluice_rows_per_s / s.baseline_rows_per_s),
-            median(&|s| s.peak_rss_kib as f64 / 1024.0),
-            median(&|s| s.sluice_cpu_s)
+            median(&samples, |s| s.baseline_rows_per_s),
+            median(&samples, |s| s.sluice_rows_per_s),
+            median(&samples, |s| s.sluice_rows_per_s / s.baseline_rows_per_s),
+            median(&samples, |s| s.peak_rss_kib as f64 / 1024.0),
+            median(&samples, |s| s.sluice_cpu_s)
         );
     }
     Ok(())

@@ -17,7 +17,7 @@ use sluice_dynamodb::streams::sdk::StreamsClient;
 use sluice_dynamodb::streams::{describe_all, ShardStart, StreamsApi};
 use sluice_dynamodb::{Attr, ClientOptions, DynamoClient, Item};
 
-use super::{BenchArgs, BenchResult};
+use super::{median, BenchArgs, BenchResult};
 use crate::localpg::{ClusterOptions, LocalPostgres};
 use crate::migration::{ensure_state_tables, transition, MigrationConfig, Step};
 
@@ -29,7 +29,8 @@ struct Sample {
     lag_rows: u64,
 }
 
-const TABLE: &str = "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL, \
+const TABLE: &str =
+    "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL, \
      sent_ms bigint, arrived timestamptz NOT NULL DEFAULT clock_timestamp()); \
      CREATE PUBLICATION bench_pub FOR TABLE bench;";
 
@@ -62,18 +63,13 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
         );
         samples.push(sample);
     }
-    let median = |f: &dyn Fn(&Sample) -> f64| {
-        let mut v: Vec<f64> = samples.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     println!(
         "median {:>20.0} {:>16.0} {:>7.3} {:>12.0} {:>12.0}",
-        median(&|s| s.baseline_rows_per_s),
-        median(&|s| s.sluice_rows_per_s),
-        median(&|s| s.sluice_rows_per_s / s.baseline_rows_per_s),
-        median(&|s| s.lag_p50_ms),
-        median(&|s| s.lag_p99_ms)
+        median(&samples, |s| s.baseline_rows_per_s),
+        median(&samples, |s| s.sluice_rows_per_s),
+        median(&samples, |s| s.sluice_rows_per_s / s.baseline_rows_per_s),
+        median(&samples, |s| s.lag_p50_ms),
+        median(&samples, |s| s.lag_p99_ms)
     );
     Ok(())
 }
