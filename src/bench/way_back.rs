@@ -160,7 +160,7 @@ async fn run_once(
         }
         Ok(read as f64 / started.elapsed().as_secs_f64())
     };
-    let mut baseline_rows_per_s = if run % 2 == 0 { baseline().await? } else { 0.0 };
+    let mut baseline_rows_per_s = if run.is_multiple_of(2) { baseline().await? } else { 0.0 };
 
     let dir = tempfile::tempdir()?;
     let mapping = dir.path().join("mapping.toml");
@@ -199,7 +199,7 @@ async fn run_once(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let sluice_rows_per_s = args.rows as f64 / started.elapsed().as_secs_f64();
-    if run % 2 == 1 {
+    if !run.is_multiple_of(2) {
         baseline_rows_per_s = baseline().await?;
     }
 
