@@ -385,8 +385,14 @@ async fn run_way_back_from_dynamodb(config: Config) -> anyhow::Result<()> {
     let Some(_lock) = ha_lock(&config, &lock_name, &state, &shutdown_rx).await? else { return Ok(()) };
     let claimed = sluice::ha::claim_name(&config.source.connection, &name).await?;
     state.active.store(true, std::sync::atomic::Ordering::Relaxed);
-    let way_back =
-        sluice::migration::reverse_dynamodb::run(&config, std::sync::Arc::clone(&state.target), shutdown_rx);
+    let source = std::sync::Arc::new(sluice_postgres::SourceStats::default());
+    state.set_source(std::sync::Arc::clone(&source));
+    let way_back = sluice::migration::reverse_dynamodb::run(
+        &config,
+        std::sync::Arc::clone(&state.target),
+        source,
+        shutdown_rx,
+    );
     tokio::select! {
         result = way_back => result?,
         reason = claimed.lost() => anyhow::bail!("{}: stopping, since another process may claim pipeline {name:?} now", reason.replace("HA lock", "pipeline name's lock")),

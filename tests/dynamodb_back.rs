@@ -15,8 +15,8 @@ use sluice_dynamodb::{Attr, DynamoClient};
 
 use crate::dynamodb::{items, shop_mapping, target_toml, SCHEMA};
 use crate::harness::{
-    differences, dynamo_client, kill_9, moto, sluice, sluice_output, verify_report, wait_for, LogsOnPanic,
-    Moto, TestDb,
+    differences, dynamo_client, http_get, kill_9, moto, sluice, sluice_output, verify_report, wait_for,
+    LogsOnPanic, Moto, TestDb,
 };
 
 const COUNT_WRITES: &str = "CREATE TABLE writes (n int8 NOT NULL); INSERT INTO writes VALUES (0);
@@ -193,8 +193,11 @@ impl Shop {
             .await
             .expect("DeleteItem");
     }
+}
 
-    fn stop(mut self) {
+/// The daemons end with the test, however it ends (a panic too).
+impl Drop for Shop {
+    fn drop(&mut self) {
         kill_9(&mut self.forward);
         self.kill_back();
     }
@@ -283,6 +286,29 @@ async fn the_application_s_dynamodb_writes_reach_the_old_tables_once_and_roll_ba
     assert_eq!(customer["emailAddress"], Attr::S("new@x".into()));
     shop.verify_clean().await;
 
+    // The way back's endpoints: ready while it streams, its records counted by outcome.
+    let log = std::fs::read_to_string(shop.dir.path().join("reverse.log")).unwrap();
+    let port: u16 = log
+        .lines()
+        .find_map(|l| l.split("addr=127.0.0.1:").nth(1))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("the way back's address in its log");
+    let (code, body) = http_get(port, "/readyz").expect("/readyz answers");
+    assert_eq!(code, 200, "{body}");
+    let (_, metrics) = http_get(port, "/metrics").expect("/metrics answers");
+    let outcome = |o: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("sluice_reverse_records_total{") && l.contains(&format!("outcome=\"{o}\""))
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(outcome("own"), 15.0, "the forward stream's 15 items: {metrics}");
+    assert_eq!(outcome("applied"), 5.0, "{metrics}");
+    assert_eq!((outcome("foreign"), outcome("unchanged")), (1.0, 1.0), "{metrics}");
+
     // kill -9 mid-stream: nothing lost, nothing applied twice.
     let before = writes(db);
     for i in 0..150 {
@@ -350,7 +376,6 @@ async fn the_application_s_dynamodb_writes_reach_the_old_tables_once_and_roll_ba
     })
     .await;
     shop.verify_clean().await;
-    shop.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

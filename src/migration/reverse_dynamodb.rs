@@ -114,8 +114,14 @@ fn unix_seconds(time: SystemTime) -> f64 {
 }
 
 /// Runs the way back of `config` (the forward configuration, with a DynamoDB target) until
-/// `shutdown` or a fatal error. `stats` counts the rows applied and dead-lettered.
-pub async fn run(config: &Config, stats: Arc<TargetStats>, shutdown: Shutdown) -> Result<(), TargetError> {
+/// `shutdown` or a fatal error. `stats` counts the rows applied and dead-lettered; `source`
+/// says `streaming` while the streams are read (for `/readyz`).
+pub async fn run(
+    config: &Config,
+    stats: Arc<TargetStats>,
+    source: Arc<sluice_postgres::SourceStats>,
+    shutdown: Shutdown,
+) -> Result<(), TargetError> {
     let mapping = mapping(config).map_err(|e| fatal(e.to_string()))?;
     let TargetConfig::Dynamodb(dynamo) = &config.target else { unreachable!("mapping checked the target") };
     let Some(forward) = config.source.replication() else {
@@ -207,6 +213,8 @@ pub async fn run(config: &Config, stats: Arc<TargetStats>, shutdown: Shutdown) -
         });
     }
     drop(tx);
+    source.streaming.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _not_streaming = NotStreaming(Arc::clone(&source));
 
     let most = config.pipeline.batch_max_events.max(1);
     let mut shutdown = shutdown;
@@ -235,6 +243,15 @@ pub async fn run(config: &Config, stats: Arc<TargetStats>, shutdown: Shutdown) -
             }
         }
         apply_batches(&batches, &streams, &inverse, &mut gate, &mut applier, &dead_letter).await?;
+    }
+}
+
+/// Says the way back no longer streams when it ends, however it ends.
+struct NotStreaming(Arc<sluice_postgres::SourceStats>);
+
+impl Drop for NotStreaming {
+    fn drop(&mut self) {
+        self.0.streaming.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
