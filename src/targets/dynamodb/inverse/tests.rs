@@ -264,19 +264,7 @@ fn validate_names_mappings_the_way_back_cannot_read() {
 }
 
 fn forward_item(id: i64, email: &str, balance: &str, millis: i64, tags: &[String]) -> Item {
-    let relation = relation(
-        "customers",
-        &[
-            ("id", true, TypeKind::Int8),
-            ("email", false, TypeKind::Text),
-            ("password_hash", false, TypeKind::Text),
-            ("status", false, TypeKind::Text),
-            ("balance", false, TypeKind::Numeric),
-            ("created_at", false, TypeKind::TimestampTz),
-            ("tags", false, array_of(TypeKind::Text)),
-            ("prefs", false, TypeKind::Jsonb),
-        ],
-    );
+    let relation = std::sync::Arc::new(customers().relation);
     let event = ChangeEvent::Insert {
         position: Position { commit_lsn: Lsn(1), tx_ordinal: 0 },
         relation,
