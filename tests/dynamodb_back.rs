@@ -376,6 +376,23 @@ async fn the_application_s_dynamodb_writes_reach_the_old_tables_once_and_roll_ba
     })
     .await;
     shop.verify_clean().await;
+
+    // Cut over again, then finish: the point of no return. The way back applies the
+    // application's writes until then, and none after.
+    let (code, out) = shop.command(&["cutover", "--table", "public.customers", "--table", "public.orders"]);
+    assert_eq!(code, Some(0), "{out}");
+    let before = writes(db);
+    shop.update("CUSTOMER#4", "PROFILE", "emailAddress", s("before-finish@x")).await;
+    wait_for("the write before finish", Duration::from_secs(120), || async { writes(db) == before + 1 })
+        .await;
+    let (code, out) = shop.command(&["finish", "--table", "public.customers", "--table", "public.orders"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("1/2 drained") && out.contains("2/2 finished"), "{out}");
+    assert_eq!(shop.phase("public.customers"), "finished");
+    shop.update("CUSTOMER#4", "PROFILE", "emailAddress", s("after-finish@x")).await;
+    shop.back_caught_up().await;
+    assert_eq!(writes(db), before + 1, "nothing applied after finish");
+    assert_eq!(db.sql("SELECT email FROM customers WHERE id = 4"), "before-finish@x");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

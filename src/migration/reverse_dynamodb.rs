@@ -15,9 +15,10 @@
 //! - **No loops.** The rows are written in a session with the reverse origin
 //!   (`sluice_<slot>_reverse`): the forward stream drops them, and the old tables' fence
 //!   lets them through. Records of sluice's own forward writes are skipped by their version.
-//! - **Phases.** Only tables in `reversed` or `rolling_back` are applied (read again before a
-//!   table is skipped); the records of the others still advance their shard's position:
-//!   before a cutover the stream holds only sluice's own forward writes.
+//! - **Phases.** Only tables in `reversed` or `rolling_back` are applied (read again for each
+//!   batch with something to apply, after its records were read, so that a record written
+//!   after `finish` meets `finished`); the records of the others still advance their shard's
+//!   position: before a cutover the stream holds only sluice's own forward writes.
 //! - **Caught up.** A shard read to its current end records when (`read_to`), so that
 //!   `rollback` and `finish` can wait until everything written before their fence is applied.
 
@@ -309,11 +310,10 @@ async fn apply_batches(
             position.read_to = Some(unix_seconds(read_to));
         }
     }
-    // The phases are read again before a table is skipped: it may have just moved.
+    // The phases are read again after the records were: a record written after a table moved
+    // (a `finish`, a `rollback`) meets the new phase.
     let blocked = |gate: &PhaseGate, old: Option<&str>| old.is_some_and(|t| !gate.allowed(t));
-    if placed.iter().any(|(_, old, _)| blocked(gate, Some(old)))
-        || poison.iter().any(|p| blocked(gate, p.3.table.as_deref()))
-    {
+    if !placed.is_empty() || !poison.is_empty() {
         gate.refresh().await.map_err(fatal)?;
     }
     let mut ops: Vec<Op> = Vec::new();
