@@ -5,8 +5,9 @@
 //!
 //! It is the same configuration run with `--reverse`: [`reversed`] turns the forward
 //! configuration around. Only tables whose phase streams back (`reversed`, `rolling_back`)
-//! are applied: [`PhaseGate`] reads the phases from the state table in the old database, and
-//! reads them again before it skips a change (a table may have just moved).
+//! are applied: [`PhaseGate`] reads the phases from the state table in the old database, again
+//! for every batch that holds changes of mapped tables, after the batch was received (a table
+//! may have just moved: a change made after `finish` meets `finished`).
 
 use std::collections::{BTreeMap, HashMap};
 
