@@ -16,6 +16,13 @@ pub fn pg_bin_dir() -> io::Result<PathBuf> {
     if let Ok(dir) = std::env::var("SLUICE_TEST_PG_BIN") {
         return Ok(PathBuf::from(dir));
     }
+    system_bin_dir()
+}
+
+/// The system's Postgres programs: `pg_config --bindir`, else the newest
+/// `/usr/lib/postgresql/*/bin`. Their clients (psql, pg_recvlogical) serve a server directory
+/// that has none (the embedded-postgres packages of other versions hold only the server).
+fn system_bin_dir() -> io::Result<PathBuf> {
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         if out.status.success() && dir.join("initdb").exists() {
@@ -172,19 +179,32 @@ impl LocalPostgres {
         self.dir.path().join("postgres.log")
     }
 
-    /// A Postgres client program (psql, pg_recvlogical, pgbench): run as the current user.
+    /// A Postgres client program (psql, pg_recvlogical, pgbench): run as the current user;
+    /// the system's when the server's directory has none.
     pub fn client_command(&self, program: &str) -> Command {
-        Command::new(self.bin.join(program))
+        let own = self.bin.join(program);
+        match system_bin_dir() {
+            Ok(system) if !own.exists() => Command::new(system.join(program)),
+            _ => Command::new(own),
+        }
     }
 
+    /// A server program. Beside a `lib` holding its own libpq (an embedded-postgres package),
+    /// it runs with that `lib` on the library path.
     fn server_command(&self, program: &str) -> Command {
-        if self.as_root {
+        let lib = self.bin.parent().map(|p| p.join("lib")).filter(|lib| lib.join("libpq.so.5").exists());
+        let mut cmd = if self.as_root {
             let mut cmd = Command::new("runuser");
-            cmd.args(["-u", "postgres", "--"]).arg(self.bin.join(program));
+            cmd.args(["-u", "postgres", "--", "env"]);
             cmd
         } else {
-            Command::new(self.bin.join(program))
+            Command::new("env")
+        };
+        if let Some(lib) = lib {
+            cmd.arg(format!("LD_LIBRARY_PATH={}", lib.display()));
         }
+        cmd.arg(self.bin.join(program));
+        cmd
     }
 
     fn write_as_owner(&self, path: &Path, text: &str) -> io::Result<()> {
