@@ -35,6 +35,12 @@ pub fn reverse_names(config: &Config) -> Option<(String, String)> {
     Some((slot, publication))
 }
 
+/// The way back's dead-letter file beside the forward one's: `.reverse` before its extension.
+pub fn reverse_dead_letter(forward: &std::path::Path) -> std::path::PathBuf {
+    let ext = forward.extension().and_then(|e| e.to_str()).unwrap_or("jsonl");
+    forward.with_extension(format!("reverse.{ext}"))
+}
+
 /// The configuration of the way back: source and target swapped, the new database read
 /// through the reverse slot and publication, the mapping inverted, the pipeline named
 /// `<name>-reverse`, no backfill. Problems name the key at fault.
@@ -64,10 +70,7 @@ pub fn reversed(config: &Config) -> Result<Config, Vec<Problem>> {
     let mut back = target.clone();
     back.connection = config.source.connection.clone();
     back.inverted = true;
-    back.dead_letter = target.dead_letter.as_ref().map(|path| {
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("jsonl");
-        path.with_extension(format!("reverse.{ext}"))
-    });
+    back.dead_letter = target.dead_letter.as_deref().map(reverse_dead_letter);
     let mut reversed = config.clone();
     reversed.pipeline.name = format!("{}-reverse", config.pipeline.name);
     reversed.source =

@@ -160,10 +160,7 @@ pub async fn run(
     let client = DynamoClient::connect(&options).await;
     let streams = streams(&client, &inverse.dynamodb_tables()).await.map_err(fatal)?;
 
-    let dead_letter_path = dynamo.dead_letter.as_ref().map(|path| {
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("jsonl");
-        path.with_extension(format!("reverse.{ext}"))
-    });
+    let dead_letter_path = dynamo.dead_letter.as_deref().map(super::reverse::reverse_dead_letter);
     let dead_letter = Arc::new(DeadLetter::open("postgres", dead_letter_path, Arc::clone(&stats)).await?);
     let mut applier = Applier::for_shards(
         &config.source.connection,

@@ -239,11 +239,9 @@ pub async fn target(config: &DynamoConfig, findings: &mut Findings) {
     // finding.
     let tables: Vec<&str> =
         expected.iter().filter(|e| !e.key.starts_with("target.outbox")).map(|e| e.table.as_str()).collect();
-    if !tables.is_empty() {
-        for table in tables {
-            if let Err(reason) = crate::migration::reverse_dynamodb::streams(&client, &[table]).await {
-                findings.irreversible.push(Problem::new("target", "mapping", reason));
-            }
+    for table in tables {
+        if let Err(reason) = crate::migration::reverse_dynamodb::streams(&client, &[table]).await {
+            findings.irreversible.push(Problem::new("target", "mapping", reason));
         }
     }
     findings.checked.push(format!("DynamoDB tables at {endpoint}"));
