@@ -654,6 +654,8 @@ async fn a_panicking_apply_task_stops_sluice_and_confirms_nothing_past_it() {
     let child = sluice()
         .args(["run", "-c", config.to_str().unwrap()])
         .env("SLUICE_TEST_PANIC_IN", "postgres-applier")
+        // The first batch must be the insert's: a heartbeat's would panic before the slot is seen active.
+        .env("SLUICE__SOURCE__REPLICATION__HEARTBEAT_INTERVAL", "0s")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
