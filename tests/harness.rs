@@ -110,6 +110,16 @@ impl TestDb {
         text.parse().ok()
     }
 
+    /// The server's major version: 15 for 15.4.
+    pub fn server_major(&self) -> u32 {
+        self.sql("SHOW server_version_num").parse::<u32>().expect("server_version_num") / 10000
+    }
+
+    /// `server_version`, as the server words it.
+    pub fn server_version(&self) -> String {
+        self.sql("SHOW server_version")
+    }
+
     pub fn connection(&self) -> ConnectionConfig {
         self.pg.connection(&self.name)
     }

@@ -22,3 +22,4 @@ mod reconnect;
 mod slots;
 mod streaming;
 mod types;
+mod versions;

@@ -22,7 +22,11 @@ fn streaming_db() -> TestDb {
 }
 
 fn streaming_replication(db: &TestDb, slot: &str) -> sluice_postgres::ReplicationConfig {
-    sluice_postgres::ReplicationConfig { proto_version: 2, streaming: true, ..db.replication(slot, "p") }
+    sluice_postgres::ReplicationConfig {
+        proto_version: 2,
+        streaming: sluice_postgres::Streaming::On,
+        ..db.replication(slot, "p")
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,9 +41,10 @@ pub struct BenchArgs {
     /// pgoutput protocol version for both consumers.
     #[arg(long, default_value_t = 1)]
     pub proto_version: u8,
-    /// Protocol 2 streaming of in-progress transactions (sluice spills them locally).
-    #[arg(long)]
-    pub streaming: bool,
+    /// Streaming of in-progress transactions (sluice spills them locally): `--streaming` or
+    /// `--streaming on` (protocol 2+), `--streaming parallel` (protocol 4, PG 16+).
+    #[arg(long, value_enum, num_args = 0..=1, default_value_t = BenchStreaming::Off, default_missing_value = "on")]
+    pub streaming: BenchStreaming,
     /// pgoutput's binary value format for both consumers.
     #[arg(long)]
     pub binary: bool,
@@ -123,6 +124,27 @@ pub enum BenchTarget {
     Dynamodb,
     /// A second database of the same cluster.
     Postgres,
+}
+
+/// `--streaming`: pgoutput's `streaming` option for both consumers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchStreaming {
+    /// Transactions arrive when they commit.
+    Off,
+    /// In-progress transactions, one at a time.
+    On,
+    /// In-progress transactions, interleaved (protocol 4).
+    Parallel,
+}
+
+impl BenchStreaming {
+    fn option(self) -> &'static str {
+        match self {
+            BenchStreaming::Off => "off",
+            BenchStreaming::On => "on",
+            BenchStreaming::Parallel => "parallel",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -352,8 +374,14 @@ async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
 const KAFKA_TOPIC: &str = "outbox.event.Order";
 
 fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
-    if args.streaming && args.proto_version < 2 {
-        return Err("--streaming needs --proto-version 2".into());
+    match args.streaming {
+        BenchStreaming::On if args.proto_version < 2 => {
+            return Err("--streaming needs --proto-version 2 or later".into())
+        }
+        BenchStreaming::Parallel if args.proto_version < 4 => {
+            return Err("--streaming parallel needs --proto-version 4".into())
+        }
+        _ => {}
     }
     let poll = args.source == BenchSource::Poll;
     if poll && args.target != BenchTarget::Kafka {
@@ -377,7 +405,11 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
         args.rows,
         args.runs,
         args.proto_version,
-        if args.streaming { ", streaming" } else { "" },
+        if args.streaming == BenchStreaming::Off {
+            String::new()
+        } else {
+            format!(", streaming {}", args.streaming.option())
+        },
         if args.binary { ", binary" } else { "" }
     );
     for &shape in shapes {
@@ -487,8 +519,8 @@ fn run_once(
             "-o",
             "publication_names=bench_pub",
         ]);
-        if args.streaming {
-            cmd.args(["-o", "streaming=on"]);
+        if args.streaming != BenchStreaming::Off {
+            cmd.args(["-o", &format!("streaming={}", args.streaming.option())]);
         }
         if args.binary {
             cmd.args(["-o", "binary=true"]);
@@ -514,9 +546,9 @@ fn run_once(
                 } else {
                     format!(
                         "[source.replication]\nslot = \"sluice\"\npublication = \"bench_pub\"\ncreate_slot = false\n\
-                         proto_version = {}\nstreaming = {}\nbinary = {}\nspill_dir = \"{}\"\n",
+                         proto_version = {}\nstreaming = \"{}\"\nbinary = {}\nspill_dir = \"{}\"\n",
                         args.proto_version,
-                        args.streaming,
+                        args.streaming.option(),
                         args.binary,
                         dir.path().display()
                     )

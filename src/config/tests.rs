@@ -173,3 +173,40 @@ fn kafka_properties_take_any_scalar_and_hide_secrets() {
     assert_eq!(kafka.properties.0.get("sasl.password").map(String::as_str), Some("12345"));
     assert!(!format!("{config:?}").contains("12345"), "{config:?}");
 }
+
+#[test]
+fn streaming_takes_a_flag_or_a_word_and_parallel_needs_protocol_4() {
+    let replication = |extra: &str| {
+        let config = load(&MINIMAL.replace("slot = \"sluice\"", &format!("slot = \"sluice\"\n{extra}")), &[]);
+        config.map(|c| match c.source.mode {
+            SourceMode::Replication(r) => r,
+            SourceMode::Poll(_) => unreachable!(),
+        })
+    };
+    use sluice_postgres::Streaming;
+    assert_eq!(replication("proto_version = 2\nstreaming = true").unwrap().streaming, Streaming::On);
+    assert_eq!(replication("proto_version = 2\nstreaming = \"on\"").unwrap().streaming, Streaming::On);
+    assert_eq!(replication("streaming = false").unwrap().streaming, Streaming::Off);
+    let parallel =
+        replication("proto_version = 4\nstreaming = \"parallel\"\nfailover = true\norigin = \"none\"")
+            .unwrap();
+    assert_eq!(parallel.streaming, Streaming::Parallel);
+    assert!(parallel.failover);
+    assert_eq!(parallel.origin, sluice_postgres::OriginFilter::None);
+
+    let ConfigError::Invalid { problems } =
+        replication("proto_version = 2\nstreaming = \"parallel\"").unwrap_err()
+    else {
+        panic!("expected problems")
+    };
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].key, "source.replication.streaming");
+    assert!(problems[0].to_string().contains("proto_version = 4, not 2"), "{}", problems[0]);
+
+    let err = replication("streaming = \"sometimes\"").unwrap_err().to_string();
+    assert!(err.contains("source.replication.streaming") && err.contains("parallel"), "{err}");
+    let ConfigError::Invalid { problems } = replication("proto_version = 5").unwrap_err() else {
+        panic!("expected problems")
+    };
+    assert_eq!(problems[0].key, "source.replication.proto_version");
+}

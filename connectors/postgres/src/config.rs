@@ -115,13 +115,24 @@ pub struct ReplicationConfig {
     /// and nothing is resumed either. For trials only.
     #[serde(default)]
     pub temporary_slot: bool,
-    /// pgoutput protocol version: 1, or 2 for streamed in-progress transactions (PG 14+).
+    /// pgoutput protocol version: 1; 2 for streamed in-progress transactions; 3 (PG 15+) is 2
+    /// with two-phase commit, which sluice does not ask for; 4 (PG 16+) for `streaming = "parallel"`.
     #[serde(default = "default_proto_version")]
     pub proto_version: u8,
-    /// With protocol 2: receive large transactions while they are in progress, spilled to
-    /// `spill_dir` until their commit is known.
+    /// Receive large transactions while they are in progress (protocol 2 or later), spilled to
+    /// `spill_dir` until their commit is known: `false`, `true`, or `"parallel"` (protocol 4,
+    /// PG 16+: the server streams several at once, and an abort carries its LSN and time).
     #[serde(default)]
-    pub streaming: bool,
+    pub streaming: Streaming,
+    /// Create the slot as a failover slot (PG 17+), which the server synchronises to standbys
+    /// with `sync_replication_slots = on`, so a promoted standby still has it; an existing slot
+    /// that is not one is altered to be one.
+    #[serde(default)]
+    pub failover: bool,
+    /// `"none"` (PG 16+): the server leaves out changes that were themselves replicated (that
+    /// carry any replication origin); `"any"` (default) sends them all.
+    #[serde(default)]
+    pub origin: OriginFilter,
     /// pgoutput's binary value format (PG 14+). Unknown types then arrive in their binary form.
     #[serde(default)]
     pub binary: bool,
@@ -146,6 +157,77 @@ pub struct ReplicationConfig {
     /// and logs that a backfill is needed.
     #[serde(default)]
     pub on_slot_lost: SlotLostPolicy,
+}
+
+/// Whether in-progress transactions are streamed (pgoutput's `streaming` option).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Streaming {
+    /// Transactions arrive when they commit.
+    #[default]
+    Off,
+    /// Large transactions arrive in blocks while in progress, one transaction at a time.
+    On,
+    /// Several in-progress transactions may interleave, and aborts carry their LSN and time.
+    Parallel,
+}
+
+impl Streaming {
+    /// The option's value in START_REPLICATION, when streaming is on.
+    pub fn option(self) -> Option<&'static str> {
+        match self {
+            Streaming::Off => None,
+            Streaming::On => Some("on"),
+            Streaming::Parallel => Some("parallel"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Streaming {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Flag(bool),
+            Word(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Flag(false) => Ok(Streaming::Off),
+            Raw::Flag(true) => Ok(Streaming::On),
+            Raw::Word(word) => match word.as_str() {
+                "off" => Ok(Streaming::Off),
+                "on" => Ok(Streaming::On),
+                "parallel" => Ok(Streaming::Parallel),
+                _ => Err(serde::de::Error::custom(format!(
+                    "unknown value {word:?}: expected true, false, \"on\", \"off\" or \"parallel\""
+                ))),
+            },
+        }
+    }
+}
+
+impl schemars::JsonSchema for Streaming {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Streaming".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "oneOf": [
+                { "type": "boolean" },
+                { "type": "string", "enum": ["off", "on", "parallel"] }
+            ]
+        })
+    }
+}
+
+/// Which changes the server sends by their replication origin (pgoutput's `origin` option).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OriginFilter {
+    /// Every change (the default; sluice still drops its own way back's changes by name).
+    #[default]
+    Any,
+    /// Only changes made on this server, none replicated into it (PG 16+).
+    None,
 }
 
 /// What to do when the slot was invalidated (`wal_status = lost`): changes are gone.
@@ -181,7 +263,9 @@ impl ReplicationConfig {
             create_slot: yes(),
             temporary_slot: false,
             proto_version: default_proto_version(),
-            streaming: false,
+            streaming: Streaming::Off,
+            failover: false,
+            origin: OriginFilter::Any,
             binary: false,
             messages: false,
             status_interval: default_status_interval(),
@@ -203,11 +287,22 @@ impl ReplicationConfig {
         if self.publication.is_empty() || self.publication.len() > 63 {
             problems.push(Problem::new(prefix, "publication", "must be 1-63 characters"));
         }
-        if !matches!(self.proto_version, 1 | 2) {
-            problems.push(Problem::new(prefix, "proto_version", "must be 1 or 2"));
+        if !matches!(self.proto_version, 1..=4) {
+            problems.push(Problem::new(prefix, "proto_version", "must be 1, 2, 3 or 4"));
         }
-        if self.streaming && self.proto_version < 2 {
-            problems.push(Problem::new(prefix, "streaming", "needs proto_version = 2"));
+        match self.streaming {
+            Streaming::On if self.proto_version < 2 => {
+                problems.push(Problem::new(prefix, "streaming", "needs proto_version = 2 or later"))
+            }
+            Streaming::Parallel if self.proto_version < 4 => problems.push(Problem::new(
+                prefix,
+                "streaming",
+                format!("\"parallel\" needs proto_version = 4, not {}", self.proto_version),
+            )),
+            _ => {}
+        }
+        if self.failover && self.temporary_slot {
+            problems.push(Problem::new(prefix, "failover", "a temporary slot cannot be a failover slot"));
         }
         if self.status_interval.is_zero() {
             problems.push(Problem::new(prefix, "status_interval", "must be greater than zero"));

@@ -49,7 +49,8 @@ pub enum LogicalMessage {
     /// A streamed transaction commits: its spilled changes may be applied now.
     StreamCommit { xid: u32, flags: u8, commit_lsn: Lsn, end_lsn: Lsn, commit_time: i64 },
     /// A streamed transaction (`subxid == xid`) or one of its subtransactions rolled back.
-    StreamAbort { xid: u32, subxid: u32 },
+    /// With `streaming = parallel` (protocol 4) the abort's LSN and time come along.
+    StreamAbort { xid: u32, subxid: u32, abort: Option<(Lsn, i64)> },
 }
 
 impl LogicalMessage {
@@ -321,7 +322,13 @@ pub fn parse(data: Bytes, in_stream: bool) -> Result<LogicalMessage, DecodeError
             commit_time: r.i64()?,
         },
         // Protocol 4 adds the abort LSN and time after these; they are not needed here.
-        b'A' => LogicalMessage::StreamAbort { xid: r.u32()?, subxid: r.u32()? },
+        b'A' => {
+            let (xid, subxid) = (r.u32()?, r.u32()?);
+            // Protocol 4 with `streaming = parallel` appends the abort LSN and time; the
+            // message's length says which form the server sent.
+            let abort = if r.buf.is_empty() { None } else { Some((r.lsn()?, r.i64()?)) };
+            LogicalMessage::StreamAbort { xid, subxid, abort }
+        }
         _ => return Err(r.err("unknown message type")),
     };
     Ok(message)
@@ -447,10 +454,14 @@ pub(crate) mod tests {
                 b.put_u64(end_lsn.0);
                 b.put_i64(*commit_time);
             }
-            LogicalMessage::StreamAbort { xid, subxid } => {
+            LogicalMessage::StreamAbort { xid, subxid, abort } => {
                 b.put_u8(b'A');
                 b.put_u32(*xid);
                 b.put_u32(*subxid);
+                if let Some((lsn, time)) = abort {
+                    b.put_u64(lsn.0);
+                    b.put_i64(*time);
+                }
             }
             other => unimplemented!("test encoder for {other:?}"),
         }
@@ -531,8 +542,13 @@ pub(crate) mod tests {
             (any::<u32>(), any::<bool>())
                 .prop_map(|(xid, first_segment)| LogicalMessage::StreamStart { xid, first_segment }),
             Just(LogicalMessage::StreamStop),
-            (any::<u32>(), any::<u32>())
-                .prop_map(|(xid, subxid)| LogicalMessage::StreamAbort { xid, subxid }),
+            (any::<u32>(), any::<u32>(), proptest::option::of((any::<u64>(), any::<i64>()))).prop_map(
+                |(xid, subxid, abort)| LogicalMessage::StreamAbort {
+                    xid,
+                    subxid,
+                    abort: abort.map(|(lsn, time)| (Lsn(lsn), time)),
+                }
+            ),
         ]
     }
 

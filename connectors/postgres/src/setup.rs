@@ -3,7 +3,7 @@
 
 use tokio_postgres::Client;
 
-use crate::config::{ConnectionConfig, ReplicationConfig, SlotLostPolicy};
+use crate::config::{ConnectionConfig, OriginFilter, ReplicationConfig, SlotLostPolicy, Streaming};
 use crate::error::{Error, Result};
 use sluice_core::lsn::Lsn;
 
@@ -16,6 +16,78 @@ pub struct SlotState {
     pub confirmed_flush_lsn: Option<Lsn>,
     /// The slot was invalidated and dropped (`on_slot_lost = "recreate"`): create it anew.
     pub dropped_lost: bool,
+    /// The existing slot is a failover slot (PG 17+; `None` before 17 or without a slot).
+    pub failover: Option<bool>,
+    /// The server: its version and whether it is a standby.
+    pub server: ServerInfo,
+}
+
+/// What the source server is.
+#[derive(Clone, Debug, Default)]
+pub struct ServerInfo {
+    /// `server_version_num`, e.g. 170002.
+    pub version_num: u32,
+    /// `server_version`, for messages.
+    pub version: String,
+    /// In recovery: a standby.
+    pub in_recovery: bool,
+}
+
+impl ServerInfo {
+    /// Reads the version and recovery state.
+    pub async fn read(sql: &Client) -> Result<ServerInfo> {
+        let row = sql
+            .query_one(
+                "SELECT current_setting('server_version_num')::int, current_setting('server_version'), pg_is_in_recovery()",
+                &[],
+            )
+            .await?;
+        let num: i32 = row.get(0);
+        Ok(ServerInfo { version_num: num as u32, version: row.get(1), in_recovery: row.get(2) })
+    }
+
+    /// The major version: 15 for 150004.
+    pub fn major(&self) -> u32 {
+        self.version_num / 10000
+    }
+}
+
+/// Settings the server at `addr` cannot honour, each named with the version it needs.
+pub fn version_problems(server: &ServerInfo, addr: &str, repl: &ReplicationConfig) -> Vec<String> {
+    let mut problems = Vec::new();
+    let runs = format!("the server at {addr} runs Postgres {}", server.version);
+    let mut needs = |setting: String, major: u32| {
+        if server.major() < major {
+            problems.push(format!("{setting} needs Postgres {major} or later; {runs}"));
+        }
+    };
+    if repl.failover {
+        needs("source.replication.failover = true".into(), 17);
+    }
+    if repl.streaming == Streaming::Parallel {
+        needs("source.replication.streaming = \"parallel\"".into(), 16);
+    }
+    match repl.proto_version {
+        4 => needs("source.replication.proto_version = 4".into(), 16),
+        3 => needs("source.replication.proto_version = 3".into(), 15),
+        _ => {}
+    }
+    if repl.origin == OriginFilter::None {
+        needs("source.replication.origin = \"none\"".into(), 16);
+    }
+    if server.in_recovery {
+        needs(
+            "source.connection points at a standby (in recovery); logical decoding on a standby".into(),
+            16,
+        );
+        if repl.failover {
+            problems.push(format!(
+                "source.replication.failover = true: a failover slot is created on the primary (the standby \
+                 synchronises it); source.connection points at a standby ({addr})"
+            ));
+        }
+    }
+    problems
 }
 
 /// A published table whose updates or deletes cannot be followed.
@@ -56,6 +128,11 @@ async fn check_with(
             conn.addr()
         )));
     }
+    let server = ServerInfo::read(sql).await?;
+    let problems = version_problems(&server, &conn.addr(), repl);
+    if !problems.is_empty() {
+        return Err(Error::Setup(problems.join("; ")));
+    }
     let encoding: String = sql.query_one("SHOW server_encoding", &[]).await?.get(0);
     if encoding != "UTF8" && encoding != "SQL_ASCII" {
         return Err(Error::Setup(format!(
@@ -76,10 +153,13 @@ async fn check_with(
             repl.publication, conn.dbname, repl.publication
         )));
     }
+    let failover = if server.major() >= 17 { "failover" } else { "NULL::bool" };
     let slot = sql
         .query_opt(
-            "SELECT plugin, database, active_pid, confirmed_flush_lsn::text, wal_status \
-             FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            &format!(
+                "SELECT plugin, database, active_pid, confirmed_flush_lsn::text, wal_status, {failover} \
+                 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1"
+            ),
             &[&repl.slot],
         )
         .await?;
@@ -90,13 +170,20 @@ async fn check_with(
                 repl.slot
             )));
         }
-        return Ok(SlotState { exists: false, confirmed_flush_lsn: None, dropped_lost: false });
+        return Ok(SlotState {
+            exists: false,
+            confirmed_flush_lsn: None,
+            dropped_lost: false,
+            failover: None,
+            server,
+        });
     };
     let plugin: Option<String> = slot.get(0);
     let database: Option<String> = slot.get(1);
     let active_pid: Option<i32> = slot.get(2);
     let confirmed: Option<String> = slot.get(3);
     let wal_status: Option<String> = slot.get(4);
+    let slot_failover: Option<bool> = slot.get(5);
     if plugin.as_deref() != Some("pgoutput") {
         return Err(Error::Setup(format!(
             "replication slot {:?} uses plugin {:?}, not pgoutput; choose another slot name",
@@ -120,7 +207,13 @@ async fn check_with(
             if mutate {
                 sql.execute("SELECT pg_catalog.pg_drop_replication_slot($1)", &[&repl.slot]).await?;
             }
-            return Ok(SlotState { exists: false, confirmed_flush_lsn: None, dropped_lost: true });
+            return Ok(SlotState {
+                exists: false,
+                confirmed_flush_lsn: None,
+                dropped_lost: true,
+                failover: None,
+                server,
+            });
         }
         return Err(Error::Setup(format!(
             "replication slot {:?} was invalidated: the server removed WAL it still needed \
@@ -134,6 +227,8 @@ async fn check_with(
         exists: true,
         confirmed_flush_lsn: confirmed.and_then(|c| c.parse().ok()),
         dropped_lost: false,
+        failover: slot_failover,
+        server,
     })
 }
 
@@ -218,6 +313,43 @@ pub fn quote_ident(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn server(version_num: u32, in_recovery: bool) -> ServerInfo {
+        ServerInfo { version_num, version: format!("{}.3", version_num / 10000), in_recovery }
+    }
+
+    #[test]
+    fn each_setting_names_the_version_it_needs_and_the_server_s() {
+        let repl = ReplicationConfig {
+            failover: true,
+            proto_version: 4,
+            streaming: Streaming::Parallel,
+            origin: OriginFilter::None,
+            ..ReplicationConfig::new("s", "p")
+        };
+        let on_15 = version_problems(&server(150013, false), "db:5432", &repl);
+        assert_eq!(on_15.len(), 4, "{on_15:?}");
+        assert!(
+            on_15[0].starts_with("source.replication.failover = true needs Postgres 17 or later"),
+            "{on_15:?}"
+        );
+        assert!(on_15.iter().all(|p| p.ends_with("the server at db:5432 runs Postgres 15.3")), "{on_15:?}");
+        let on_16 = version_problems(&server(160009, false), "db:5432", &repl);
+        assert_eq!(on_16.len(), 1, "{on_16:?}");
+        assert!(version_problems(&server(170005, false), "db:5432", &repl).is_empty());
+
+        let plain = ReplicationConfig::new("s", "p");
+        let standby_15 = version_problems(&server(150013, true), "replica:5432", &plain);
+        assert_eq!(standby_15.len(), 1);
+        assert!(
+            standby_15[0].contains("standby") && standby_15[0].contains("needs Postgres 16"),
+            "{standby_15:?}"
+        );
+        assert!(version_problems(&server(160009, true), "replica:5432", &plain).is_empty());
+        let failover_on_standby = version_problems(&server(170005, true), "replica:5432", &repl);
+        assert_eq!(failover_on_standby.len(), 1);
+        assert!(failover_on_standby[0].contains("created on the primary"), "{failover_on_standby:?}");
+    }
 
     #[test]
     fn publication_names_are_quoted_for_the_option_string() {

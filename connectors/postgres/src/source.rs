@@ -87,6 +87,13 @@ pub struct SourceStats {
     pub slots_recreated: AtomicU64,
     /// Transactions not delivered because they carry a dropped replication origin.
     pub origin_dropped: AtomicU64,
+    /// Transactions with nothing to deliver (PG 14 sends one for every transaction, published or not).
+    pub empty_transactions: AtomicU64,
+    /// Streamed transactions (or subtransactions) that rolled back; with `streaming = "parallel"`
+    /// the abort's LSN comes along and is logged.
+    pub streamed_aborts: AtomicU64,
+    /// The LSN of the last streamed abort, when the server sends it (`streaming = "parallel"`).
+    pub last_abort_lsn: AtomicU64,
 }
 
 /// The prefix of heartbeat messages; their content is the emit time in Unix microseconds.
@@ -112,6 +119,9 @@ pub struct ReplicationSource {
     sql: Option<tokio_postgres::Client>,
     /// Inside Stream Start … Stream Stop: the top-level xid.
     stream_xid: Option<u32>,
+    /// The open transaction's Begin, held back until its first change: a transaction without
+    /// one (PG 14 sends those for every transaction on unpublished tables) is never delivered.
+    pending_begin: Option<ChangeEvent>,
     batch: EventBatch,
     batch_bytes: usize,
     received: Lsn,
@@ -152,6 +162,7 @@ impl ReplicationSource {
             spill,
             sql: None,
             stream_xid: None,
+            pending_begin: None,
             batch: EventBatch::default(),
             batch_bytes: 0,
             received: Lsn::ZERO,
@@ -232,6 +243,7 @@ impl ReplicationSource {
         self.decoder.reset_transaction();
         self.spill.clear();
         self.stream_xid = None;
+        self.pending_begin = None;
         self.batch = EventBatch::default();
         self.batch_bytes = 0;
         self.sql = None;
@@ -269,6 +281,14 @@ impl ReplicationSource {
         }
         if !slot.exists {
             self.create_slot(&mut client).await?;
+        } else if self.repl.failover && slot.failover == Some(false) {
+            client
+                .simple_query(&format!(
+                    "ALTER_REPLICATION_SLOT {} (FAILOVER true)",
+                    quote_ident(&self.repl.slot)
+                ))
+                .await?;
+            tracing::info!(slot = %self.repl.slot, "made the replication slot a failover slot (source.replication.failover)");
         }
         let start = self.last_sent_ack;
         client.start_replication(&self.start_command(start)).await.map_err(|e| match e.sqlstate() {
@@ -358,14 +378,18 @@ impl ReplicationSource {
 
     async fn create_slot(&mut self, client: &mut ReplicationClient) -> Result<()> {
         let temporary = if self.repl.temporary_slot { " TEMPORARY" } else { "" };
+        // The option list (PG 15+) is needed for FAILOVER; older servers know only the keyword.
+        let options =
+            if self.repl.failover { "(SNAPSHOT 'nothing', FAILOVER true)" } else { "NOEXPORT_SNAPSHOT" };
         let command = format!(
-            "CREATE_REPLICATION_SLOT {}{temporary} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+            "CREATE_REPLICATION_SLOT {}{temporary} LOGICAL pgoutput {options}",
             quote_ident(&self.repl.slot)
         );
         match client.simple_query(&command).await {
             Ok(rows) => {
                 let lsn = rows.first().and_then(|r| r.get(1)).and_then(|v| v.as_deref()).unwrap_or("?");
-                tracing::info!(slot = %self.repl.slot, consistent_point = lsn, temporary = self.repl.temporary_slot, "created replication slot");
+                tracing::info!(slot = %self.repl.slot, consistent_point = lsn, temporary = self.repl.temporary_slot,
+                    failover = self.repl.failover, "created replication slot");
                 Ok(())
             }
             // Created meanwhile by another process: reuse it.
@@ -381,8 +405,11 @@ impl ReplicationSource {
         ];
         // Always: the backfill's watermarks travel as messages.
         options.push("messages 'true'".into());
-        if self.repl.streaming {
-            options.push("streaming 'on'".into());
+        if let Some(streaming) = self.repl.streaming.option() {
+            options.push(format!("streaming '{streaming}'"));
+        }
+        if self.repl.origin == crate::config::OriginFilter::None {
+            options.push("origin 'none'".into());
         }
         if self.repl.binary {
             options.push("binary 'true'".into());
@@ -457,20 +484,22 @@ impl ReplicationSource {
                     .decoder
                     .begin(final_lsn, xid, commit_time)
                     .map_err(|e| Error::protocol(wal_start, e.to_string()))?;
-                self.push(event, size, session).await?;
+                self.pending_begin = Some(event);
             }
             LogicalMessage::Commit { end_lsn, commit_time, .. } => {
                 let event = self
                     .decoder
                     .commit(end_lsn, commit_time)
                     .map_err(|e| Error::protocol(wal_start, e.to_string()))?;
-                self.push(event, size, session).await?;
-                self.batch.commit_time = Some(commit_time);
-                self.stats.origin_dropped.store(self.decoder.dropped_transactions, Ordering::Relaxed);
-                self.transaction_done(end_lsn);
+                self.end_transaction(event, end_lsn, commit_time, session).await?;
             }
             LogicalMessage::StreamStart { xid, .. } => self.stream_xid = Some(xid),
-            LogicalMessage::StreamAbort { xid, subxid } => {
+            LogicalMessage::StreamAbort { xid, subxid, abort } => {
+                self.stats.streamed_aborts.fetch_add(1, Ordering::Relaxed);
+                if let Some((abort_lsn, _)) = abort {
+                    self.stats.last_abort_lsn.store(abort_lsn.0, Ordering::Relaxed);
+                    tracing::debug!(xid, subxid, abort_lsn = %abort_lsn, "streamed transaction aborted");
+                }
                 self.spill.abort(xid, subxid).await.map_err(|source| Error::Spill { xid, source })?;
                 self.stats.spilled_bytes.store(self.spill.bytes_spilled(), Ordering::Relaxed);
             }
@@ -534,7 +563,7 @@ impl ReplicationSource {
             .decoder
             .begin(commit_lsn, xid, commit_time)
             .map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;
-        self.push(begin, 0, session).await?;
+        self.pending_begin = Some(begin);
         if let Some(mut reader) = self.spill.take(xid).await.map_err(|source| Error::Spill { xid, source })? {
             while let Some(raw) =
                 reader.next_message().await.map_err(|source| Error::Spill { xid, source })?
@@ -550,10 +579,7 @@ impl ReplicationSource {
             .decoder
             .commit(end_lsn, commit_time)
             .map_err(|e| Error::protocol(commit_lsn, e.to_string()))?;
-        self.push(commit, 0, session).await?;
-        self.stats.origin_dropped.store(self.decoder.dropped_transactions, Ordering::Relaxed);
-        self.transaction_done(end_lsn);
-        Ok(())
+        self.end_transaction(commit, end_lsn, commit_time, session).await
     }
 
     /// Resolves column types that are not built in (enums, domains, arrays of them).
@@ -574,7 +600,42 @@ impl ReplicationSource {
         Ok(())
     }
 
+    /// Hands the commit on, or, for a transaction that delivered nothing, treats its end like
+    /// idle WAL: confirmable once nothing before it is outstanding, without a batch.
+    async fn end_transaction(
+        &mut self,
+        commit: ChangeEvent,
+        end_lsn: Lsn,
+        commit_time: i64,
+        session: &mut Session<'_>,
+    ) -> Result<()> {
+        self.stats.origin_dropped.store(self.decoder.dropped_transactions, Ordering::Relaxed);
+        if self.pending_begin.take().is_some() {
+            self.stats.empty_transactions.fetch_add(1, Ordering::Relaxed);
+            if self.batch.events.is_empty() {
+                self.idle_wal_end = self.idle_wal_end.max(end_lsn);
+                if self.status_due.is_none()
+                    && self.confirmable(*session.durable.borrow()) > self.reported_flush
+                {
+                    let earliest = tokio::time::Instant::from_std(self.last_status) + STATUS_MIN_INTERVAL;
+                    self.status_due = Some(earliest.max(tokio::time::Instant::now()));
+                }
+            } else {
+                self.transaction_done(end_lsn);
+            }
+            return Ok(());
+        }
+        self.push(commit, 0, session).await?;
+        self.batch.commit_time = Some(commit_time);
+        self.transaction_done(end_lsn);
+        Ok(())
+    }
+
     async fn push(&mut self, event: ChangeEvent, size: usize, session: &mut Session<'_>) -> Result<()> {
+        if let Some(begin) = self.pending_begin.take() {
+            self.batch.events.push(begin);
+            self.stats.events.fetch_add(1, Ordering::Relaxed);
+        }
         self.batch.events.push(event);
         self.batch_bytes += size;
         self.stats.events.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,157 @@
+//! What depends on the server's major version: settings an older server cannot honour are
+//! refused with the setting and the version named, and where the server can, they work:
+//! failover slots (17+), `origin = none` and protocol 4's parallel streaming (16+). These run on
+//! every version of the matrix (`bash .ci/setup test`), each asserting its version's behaviour.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use sluice_core::ChangeEvent;
+use sluice_postgres::{OriginFilter, ReplicationConfig, Streaming};
+
+use crate::harness::{inserted_ids, wait_for, Stream, TestDb};
+
+/// Starts a source with `repl` and expects it to stop at set-up with an error naming `setting`,
+/// the version it needs and the server's version; returns the message.
+async fn refused(db: &TestDb, repl: ReplicationConfig, setting: &str, needs: u32) -> String {
+    let stream = Stream::start(db.connection(), repl);
+    let result = tokio::time::timeout(Duration::from_secs(60), stream.task)
+        .await
+        .expect("the source gives up at set-up")
+        .expect("source task");
+    let message = result.expect_err("refused").to_string();
+    assert!(
+        message.contains(&format!("{setting} needs Postgres {needs} or later")),
+        "names {setting} and the version it needs: {message}"
+    );
+    assert!(message.contains(&db.server_version()), "names the server's version: {message}");
+    message
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_slot_is_created_on_17_and_refused_before() {
+    let db = TestDb::new();
+    db.sql("CREATE TABLE t (id int8 PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t");
+    let repl = ReplicationConfig { failover: true, ..db.replication("fo", "p") };
+    if db.server_major() < 17 {
+        refused(&db, repl, "source.replication.failover = true", 17).await;
+        assert_eq!(
+            db.sql(&format!(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}'",
+                db.slot_name("fo")
+            )),
+            "0"
+        );
+        return;
+    }
+    let mut stream = db.stream(repl).await;
+    assert_eq!(
+        db.sql(&format!(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = '{}'",
+            db.slot_name("fo")
+        )),
+        "t"
+    );
+    db.sql("INSERT INTO t VALUES (1)");
+    assert_eq!(inserted_ids(&stream.commits(1).await), vec![1]);
+    stream.stop().await.unwrap();
+
+    // An existing slot that is not a failover slot becomes one.
+    db.sql(&format!("SELECT pg_create_logical_replication_slot('{}', 'pgoutput')", db.slot_name("plain")));
+    let stream = db.stream(ReplicationConfig { failover: true, ..db.replication("plain", "p") }).await;
+    assert_eq!(
+        db.sql(&format!(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = '{}'",
+            db.slot_name("plain")
+        )),
+        "t"
+    );
+    stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_none_leaves_out_replicated_changes_on_16_and_is_refused_before() {
+    let db = TestDb::new();
+    db.sql("CREATE TABLE t (id int8 PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t");
+    let repl = ReplicationConfig { origin: OriginFilter::None, ..db.replication("on", "p") };
+    if db.server_major() < 16 {
+        refused(&db, repl, "source.replication.origin = \"none\"", 16).await;
+        return;
+    }
+    let mut stream = db.stream(repl).await;
+    let origin = format!("{}_elsewhere", db.name);
+    // A change replicated from elsewhere (it carries an origin), then a local one.
+    db.sql(&format!(
+        "SELECT pg_replication_origin_create('{origin}'); SELECT pg_replication_origin_session_setup('{origin}'); \
+         INSERT INTO t VALUES (1); SELECT pg_replication_origin_session_reset(); INSERT INTO t VALUES (2)"
+    ));
+    let events = stream.commits(1).await;
+    assert_eq!(inserted_ids(&events), vec![2], "the replicated change is not sent");
+    stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_4_parallel_streaming_decodes_interleaved_transactions_on_16_and_is_refused_before() {
+    let repl = |db: &TestDb| ReplicationConfig {
+        proto_version: 4,
+        streaming: Streaming::Parallel,
+        ..db.replication("par", "p")
+    };
+    let db = TestDb::new();
+    if db.server_major() < 16 {
+        db.sql("CREATE TABLE t (id int8 PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t");
+        let message = refused(&db, repl(&db), "source.replication.streaming = \"parallel\"", 16).await;
+        assert!(message.contains("source.replication.proto_version = 4 needs Postgres 16"), "{message}");
+        return;
+    }
+    drop(db);
+    // Its own cluster: the open transactions would hold up other tests' slot creation.
+    let db = TestDb::in_cluster(std::sync::Arc::new(
+        sluice::localpg::LocalPostgres::start(&sluice::localpg::ClusterOptions::default()).unwrap(),
+    ));
+    db.sql(&format!("ALTER DATABASE \"{}\" SET logical_decoding_work_mem = '64kB'", db.name));
+    db.sql("CREATE TABLE t (id int8 PRIMARY KEY, pad text); CREATE PUBLICATION p FOR TABLE t");
+    let mut stream = db.stream(repl(&db)).await;
+    let stats = std::sync::Arc::clone(&stream.stats);
+    let (a, b) = (
+        sluice_postgres::connect_sql(&db.connection()).await.unwrap(),
+        sluice_postgres::connect_sql(&db.connection()).await.unwrap(),
+    );
+    // Two large transactions in progress at once, their streamed blocks interleaved; one
+    // subtransaction of the first and the whole second roll back.
+    let insert = |from: i64, to: i64, pad: &str| {
+        format!("INSERT INTO t SELECT g, repeat('{pad}', 100) FROM generate_series({from}, {to}) g")
+    };
+    a.batch_execute(&format!("BEGIN; {}", insert(1, 3000, "a"))).await.unwrap();
+    b.batch_execute(&format!("BEGIN; {}", insert(100_001, 103_000, "b"))).await.unwrap();
+    a.batch_execute(&format!("SAVEPOINT s; {}; ROLLBACK TO SAVEPOINT s", insert(200_001, 203_000, "x")))
+        .await
+        .unwrap();
+    b.batch_execute(&insert(103_001, 106_000, "b")).await.unwrap();
+    a.batch_execute(&insert(3001, 6000, "a")).await.unwrap();
+    wait_for("both transactions to be spilled", Duration::from_secs(60), || {
+        let spilled = stats.spilled_bytes.load(Ordering::Relaxed);
+        async move { spilled > 500_000 }
+    })
+    .await;
+    assert!(stream.nothing_delivered(), "nothing of an open transaction is delivered");
+    b.batch_execute("ROLLBACK").await.unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    let events = stream.commits(1).await;
+    assert_eq!(inserted_ids(&events), (1..=6000).collect::<Vec<_>>(), "the committed rows, in order, once");
+    assert!(events.iter().all(|e| !matches!(e, ChangeEvent::Delete { .. } | ChangeEvent::Update { .. })));
+    wait_for("the second transaction's abort", Duration::from_secs(30), || {
+        let aborts = stats.streamed_aborts.load(Ordering::Relaxed);
+        async move { aborts >= 1 }
+    })
+    .await;
+    let abort_lsn = sluice_core::Lsn(stats.last_abort_lsn.load(Ordering::Relaxed));
+    assert!(
+        abort_lsn > sluice_core::Lsn::ZERO && abort_lsn < db.insert_lsn(),
+        "the abort's LSN came along: {abort_lsn}"
+    );
+    b.batch_execute(&insert(300_001, 300_002, "c")).await.unwrap();
+    assert_eq!(inserted_ids(&stream.commits(1).await), vec![300_001, 300_002]);
+    assert_eq!(stats.spilled_bytes.load(Ordering::Relaxed), 0, "nothing stays spilled");
+    stream.stop().await.unwrap();
+}
