@@ -88,6 +88,7 @@ pub async fn run(options: DemoOptions) -> DemoResult {
         pipeline: PipelineConfig::default(),
         source: SourceConfig {
             connection: pg.connection("demo"),
+            heartbeat_connection: None,
             mode: SourceMode::Replication(ReplicationConfig::new("demo_slot", "demo_pub")),
         },
         target: TargetConfig::Jsonl(JsonlConfig { path: "-".into(), fsync: false, transactions: true }),

@@ -169,6 +169,71 @@ impl LocalPostgres {
         self.pg_ctl_start()
     }
 
+    /// A physical standby of this cluster, streaming from it through the physical slot
+    /// `slot` (created here), with `settings` added to its configuration. This cluster is
+    /// stopped cleanly for the copy of its data directory and started again: the embedded
+    /// server packages have no pg_basebackup.
+    pub fn standby(&self, slot: &str, settings: &[(&str, &str)]) -> io::Result<LocalPostgres> {
+        self.psql("postgres", &format!("SELECT pg_create_physical_replication_slot('{slot}')"))?;
+        self.stop("fast")?;
+        let dir = tempfile::Builder::new().prefix("sluice-pg-").tempdir()?;
+        let copied =
+            run_checked(Command::new("cp").arg("-a").arg(self.data_dir()).arg(dir.path().join("data")))
+                .and_then(|_| {
+                    if self.as_root {
+                        run_checked(Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()))?;
+                    }
+                    Ok(())
+                });
+        self.pg_ctl_start()?;
+        copied?;
+        let mut standby = LocalPostgres { dir, bin: self.bin.clone(), as_root: self.as_root, port: 0 };
+        let data = standby.data_dir();
+        // The copy holds the primary's slots; a standby keeps none of its own.
+        for entry in std::fs::read_dir(data.join("pg_replslot"))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(path)?;
+            }
+        }
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf"))?;
+        conf.push_str(&format!(
+            "unix_socket_directories = '{}'
+primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres application_name=standby'
+             primary_slot_name = '{slot}'
+hot_standby = on
+hot_standby_feedback = on
+",
+            standby.dir.path().display(),
+            self.port
+        ));
+        for (key, value) in settings {
+            conf.push_str(&format!(
+                "{key} = '{value}'
+"
+            ));
+        }
+        standby.write_as_owner(&data.join("postgresql.conf"), &conf)?;
+        standby.write_as_owner(&data.join("standby.signal"), "")?;
+        let mut last_error = None;
+        for _ in 0..3 {
+            standby.port = free_port()?;
+            match standby.pg_ctl_start() {
+                Ok(()) => return Ok(standby),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| io::Error::other("the standby did not start")))
+    }
+
+    /// Promotes a standby to a primary and waits until it is one.
+    pub fn promote(&self) -> io::Result<()> {
+        run_checked(
+            self.server_command("pg_ctl").arg("-D").arg(self.data_dir()).args(["-w", "-t", "60", "promote"]),
+        )
+        .map(drop)
+    }
+
     /// The cluster's data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
@@ -240,6 +305,7 @@ impl LocalPostgres {
         ConnectionConfig {
             host: "127.0.0.1".into(),
             port: self.port,
+            target_session_attrs: Default::default(),
             user: "postgres".into(),
             password: None,
             dbname: dbname.into(),

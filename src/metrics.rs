@@ -40,6 +40,9 @@ pub const SLOT_RETAINED_WAL_BYTES: &str = "sluice_slot_retained_wal_bytes";
 /// WAL that can still be written before the slot is in danger of invalidation
 /// (`safe_wal_size`; absent when `max_slot_wal_keep_size` is unlimited).
 pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "sluice_slot_safe_wal_size_bytes";
+/// For a failover slot (PG 17+): 1 while a standby keeps it in step (`synchronized_standby_slots`
+/// lists standbys that stream now), 0 while a promotion could lose it or its changes.
+pub const SLOT_FAILOVER_READY: &str = "sluice_slot_failover_ready";
 /// 1 for the slot's current `wal_status` (reserved, extended, unreserved, lost).
 pub const SLOT_WAL_STATUS: &str = "sluice_slot_wal_status";
 /// Heartbeats written into the WAL, and received back through the stream.
@@ -156,6 +159,7 @@ fn describe() {
         "WAL that can be written before the slot risks invalidation"
     );
     describe_gauge!(SLOT_WAL_STATUS, "1 for the slot's current wal_status");
+    describe_gauge!(SLOT_FAILOVER_READY, "1 while a standby keeps the failover slot in step");
     describe_counter!(HEARTBEATS_SENT_TOTAL, "Heartbeats written into the WAL");
     describe_counter!(HEARTBEATS_RECEIVED_TOTAL, "Heartbeats received back through the stream");
     describe_gauge!(SPILLED_BYTES, Unit::Bytes, "Streamed in-progress transactions spilled to disk");

@@ -50,6 +50,10 @@ pub struct SlotInfo {
     pub safe_wal_size_bytes: Option<i64>,
     /// Current WAL position minus confirmed_flush_lsn.
     pub lag_bytes: Option<i64>,
+    /// The server is a standby (decoding on a standby): `server_wal_lsn` is its replay position.
+    pub on_standby: bool,
+    /// Failover-slot state (PG 17+).
+    pub failover: Option<sluice_postgres::setup::FailoverState>,
 }
 
 /// State shared by the pipeline, the sampler and the HTTP endpoints.
@@ -344,7 +348,7 @@ impl PipelineState {
 }
 
 const SLOT_QUERY: &str = "SELECT s.active, s.active_pid, s.wal_status, s.restart_lsn::text, s.confirmed_flush_lsn::text, w.lsn::text,
-        (w.lsn - s.restart_lsn)::int8, s.safe_wal_size::int8, (w.lsn - s.confirmed_flush_lsn)::int8
+        (w.lsn - s.restart_lsn)::int8, s.safe_wal_size::int8, (w.lsn - s.confirmed_flush_lsn)::int8, pg_is_in_recovery()
    FROM pg_replication_slots s,
         LATERAL (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END AS lsn) w
   WHERE s.slot_name = $1";
@@ -368,6 +372,8 @@ pub async fn inspect_slot(
         retained_wal_bytes: row.get(6),
         safe_wal_size_bytes: row.get(7),
         lag_bytes: row.get(8),
+        on_standby: row.get(9),
+        failover: sluice_postgres::setup::failover_state(sql, slot).await?,
     })
 }
 
@@ -382,6 +388,7 @@ pub async fn run(state: Arc<PipelineState>, config: Config, mut shutdown: Shutdo
     let mut sql: Option<tokio_postgres::Client> = None;
     let mut warned_unreachable = false;
     let mut retention = RetentionWarning::default();
+    let mut last_failover_warning: Option<String> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -410,6 +417,16 @@ pub async fn run(state: Arc<PipelineState>, config: Config, mut shutdown: Shutdo
                     warned_unreachable = false;
                     record_slot(&info);
                     retention.check(&info, config.monitoring.retained_wal_warn_bytes);
+                    let failover_warning = info.failover.as_ref().and_then(|f| f.warning.clone());
+                    if failover_warning != last_failover_warning {
+                        match &failover_warning {
+                            Some(warning) => tracing::warn!(slot = %info.name, "{warning}"),
+                            None => {
+                                tracing::info!(slot = %info.name, "a standby keeps the failover slot in step again")
+                            }
+                        }
+                        last_failover_warning = failover_warning;
+                    }
                     *state.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
                     if let Some(client) = &sql {
                         let phases = crate::migration::published_phases(
@@ -526,6 +543,9 @@ fn record_slot(info: &SlotInfo) {
     }
     if let Some(safe) = info.safe_wal_size_bytes {
         metrics::gauge!(m::SLOT_SAFE_WAL_SIZE_BYTES).set(safe as f64);
+    }
+    if let Some(failover) = info.failover.as_ref().filter(|f| f.failover) {
+        metrics::gauge!(m::SLOT_FAILOVER_READY).set(if failover.warning.is_none() { 1.0 } else { 0.0 });
     }
     for status in ["reserved", "extended", "unreserved", "lost"] {
         let value = if info.wal_status.as_deref() == Some(status) { 1.0 } else { 0.0 };

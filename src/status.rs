@@ -195,6 +195,15 @@ fn table(status: &Value) -> String {
                     show(slot.get(key).unwrap_or(&Value::Null)),
                 ));
             }
+            if slot.get("on_standby") == Some(&Value::Bool(true)) {
+                rows.push((
+                    "slot server".into(),
+                    "a standby: server wal lsn is its replay position, behind the primary by its replication lag".into(),
+                ));
+            }
+            if let Some(Value::Object(failover)) = slot.get("failover") {
+                rows.push(("slot failover".into(), failover_text(failover)));
+            }
         }
         // A polling source has no slot (nor LSNs).
         _ if status.get("outbox_backlog_rows").is_some_and(|b| !b.is_null())
@@ -239,4 +248,25 @@ fn table(status: &Value) -> String {
     }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     rows.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect()
+}
+
+/// A failover slot's state in words.
+fn failover_text(failover: &serde_json::Map<String, Value>) -> String {
+    if failover.get("failover") != Some(&Value::Bool(true)) {
+        return "no (not a failover slot)".into();
+    }
+    if failover.get("synced") == Some(&Value::Bool(true)) {
+        return "yes, synchronised from the primary".into();
+    }
+    if let Some(Value::String(warning)) = failover.get("warning") {
+        return format!("yes, NOT protected: {warning}");
+    }
+    let standbys: Vec<&str> = match failover.get("standby_slots") {
+        Some(Value::Array(slots)) => slots
+            .iter()
+            .filter_map(|s| s.as_array().and_then(|pair| pair.first()).and_then(Value::as_str))
+            .collect(),
+        _ => Vec::new(),
+    };
+    format!("yes, kept in step by {}", standbys.join(", "))
 }

@@ -75,6 +75,11 @@ async fn source(
             Ok(_) | Err(sluice_postgres::Error::SlotInUse { .. }) => {}
             Err(e) => problems.push(Problem::new("source", "replication", e.to_string())),
         }
+        if let Some(failover) = sluice_postgres::setup::failover_state(sql, &replication.slot).await? {
+            if let Some(warning) = failover.warning {
+                findings.warnings.push(Problem::new("source.replication", "failover", warning));
+            }
+        }
         if let Some(problem) = replication_role(sql, &source.connection).await? {
             problems.push(problem);
         }

@@ -68,6 +68,7 @@ async fn start_pipeline(db: &TestDb, slot: &str, target: DynamoConfig) -> Runnin
         pipeline: PipelineConfig::default(),
         source: SourceConfig {
             connection: db.connection(),
+            heartbeat_connection: None,
             mode: SourceMode::Replication(db.replication(slot, "p")),
         },
         target: TargetConfig::Dynamodb(target),
@@ -757,6 +758,7 @@ async fn outbox_events_land_in_an_event_log_table_in_order_per_aggregate() {
         pipeline: PipelineConfig::default(),
         source: SourceConfig {
             connection: db.connection(),
+            heartbeat_connection: None,
             mode: SourceMode::Replication(sluice_postgres::ReplicationConfig {
                 messages: true,
                 ..db.replication("log", "p")

@@ -225,7 +225,15 @@ pub struct Stream {
 
 impl Stream {
     pub fn start(conn: ConnectionConfig, repl: ReplicationConfig) -> Self {
-        let options = SourceOptions { retry_for: Duration::from_secs(5), ..SourceOptions::default() };
+        Self::start_with(
+            conn,
+            repl,
+            SourceOptions { retry_for: Duration::from_secs(5), ..SourceOptions::default() },
+        )
+    }
+
+    /// [`Stream::start`] with these options (a longer `retry_for` to outlast a failover).
+    pub fn start_with(conn: ConnectionConfig, repl: ReplicationConfig, options: SourceOptions) -> Self {
         let source = ReplicationSource::new(conn, repl, options);
         let stats = source.stats();
         let (tx, batches) = mpsc::channel(4);

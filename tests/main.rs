@@ -19,6 +19,7 @@ mod operations;
 mod pg_target;
 mod poll;
 mod reconnect;
+mod replicas;
 mod slots;
 mod streaming;
 mod types;

@@ -54,6 +54,14 @@ async fn a_failover_slot_is_created_on_17_and_refused_before() {
     );
     db.sql("INSERT INTO t VALUES (1)");
     assert_eq!(inserted_ids(&stream.commits(1).await), vec![1]);
+    // No standby keeps it in step: reported, not refused.
+    let sql = sluice_postgres::connect_sql(&db.connection()).await.unwrap();
+    let state = sluice_postgres::setup::failover_state(&sql, &db.slot_name("fo")).await.unwrap().unwrap();
+    assert!(state.failover, "{state:?}");
+    assert!(
+        state.warning.as_deref().is_some_and(|w| w.contains("synchronized_standby_slots is empty")),
+        "{state:?}"
+    );
     stream.stop().await.unwrap();
 
     // An existing slot that is not a failover slot becomes one.

@@ -201,6 +201,8 @@ fn default_shutdown_timeout() -> Duration {
 pub struct SourceConfig {
     /// How to reach the source database.
     pub connection: ConnectionConfig,
+    /// The primary, when `connection` is a standby: heartbeats are written there.
+    pub heartbeat_connection: Option<ConnectionConfig>,
     /// How changes are read.
     pub mode: SourceMode,
 }
@@ -220,6 +222,11 @@ pub enum SourceMode {
 struct SourceFields {
     /// How to reach the source database.
     connection: ConnectionConfig,
+    /// With `connection` pointing at a hot standby (decoding on a standby, PG 16+): the
+    /// primary, where heartbeats are written (a standby cannot write WAL) and which creating
+    /// the slot asks for a snapshot record.
+    #[serde(default)]
+    heartbeat_connection: Option<ConnectionConfig>,
     /// Logical replication: a slot on a publication.
     #[serde(default)]
     replication: Option<ReplicationConfig>,
@@ -259,7 +266,11 @@ impl<'de> Deserialize<'de> for SourceConfig {
             (None, None) => return Err(D::Error::custom(NO_SOURCE)),
             (Some(_), Some(_)) => return Err(D::Error::custom(TWO_SOURCES)),
         };
-        Ok(SourceConfig { connection: fields.connection, mode })
+        Ok(SourceConfig {
+            connection: fields.connection,
+            heartbeat_connection: fields.heartbeat_connection,
+            mode,
+        })
     }
 }
 
@@ -422,6 +433,16 @@ impl Config {
             problems.push(Problem::new("ha", "retry_interval", "must be more than 0s"));
         }
         self.source.connection.validate("source.connection", &mut problems);
+        if let Some(primary) = &self.source.heartbeat_connection {
+            primary.validate("source.heartbeat_connection", &mut problems);
+            if self.source.replication().is_none() {
+                problems.push(Problem::new(
+                    "source",
+                    "heartbeat_connection",
+                    "is for a replication source on a standby; [source.poll] reads no slot",
+                ));
+            }
+        }
         match &self.source.mode {
             SourceMode::Replication(replication) => replication.validate("source.replication", &mut problems),
             SourceMode::Poll(poll) => {

@@ -210,3 +210,37 @@ fn streaming_takes_a_flag_or_a_word_and_parallel_needs_protocol_4() {
     };
     assert_eq!(problems[0].key, "source.replication.proto_version");
 }
+
+#[test]
+fn several_hosts_are_listed_in_order_with_their_ports() {
+    let config = load(
+        &MINIMAL.replace(
+            "dbname = \"app\"",
+            "dbname = \"app\"\nhost = \"pg-a:5433, pg-b,[::1]:5434\"\ntarget_session_attrs = \"primary\"",
+        ),
+        &[],
+    )
+    .unwrap();
+    let connection = &config.source.connection;
+    assert_eq!(
+        connection.servers().unwrap(),
+        [("pg-a".to_owned(), 5433), ("pg-b".to_owned(), 5432), ("::1".to_owned(), 5434)]
+    );
+    assert!(connection.chooses());
+    assert_eq!(connection.addr(), "pg-a:5433,pg-b:5432,::1:5434");
+    let ConfigError::Invalid { problems } =
+        load(&MINIMAL.replace("dbname = \"app\"", "dbname = \"app\"\nhost = \"pg-a:x,\""), &[]).unwrap_err()
+    else {
+        panic!("expected problems")
+    };
+    assert_eq!(problems[0].key, "source.connection.host");
+    assert!(problems[0].to_string().contains("port"), "{}", problems[0]);
+    let ConfigError::Invalid { problems } = load(
+        &MINIMAL.replace("[target]", "[source.heartbeat_connection]\ndbname = \"app\"\nport = 0\n[target]"),
+        &[],
+    )
+    .unwrap_err() else {
+        panic!("expected problems")
+    };
+    assert_eq!(problems[0].key, "source.heartbeat_connection.port");
+}

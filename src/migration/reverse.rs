@@ -73,8 +73,11 @@ pub fn reversed(config: &Config) -> Result<Config, Vec<Problem>> {
     back.dead_letter = target.dead_letter.as_deref().map(reverse_dead_letter);
     let mut reversed = config.clone();
     reversed.pipeline.name = format!("{}-reverse", config.pipeline.name);
-    reversed.source =
-        SourceConfig { connection: target.connection.clone(), mode: SourceMode::Replication(replication) };
+    reversed.source = SourceConfig {
+        connection: target.connection.clone(),
+        heartbeat_connection: None,
+        mode: SourceMode::Replication(replication),
+    };
     reversed.target = TargetConfig::Postgres(back);
     reversed.backfill.enabled = false;
     reversed.backfill.initial = false;

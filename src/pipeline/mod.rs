@@ -94,6 +94,7 @@ pub async fn run(
         shutdown_timeout: config.pipeline.shutdown_timeout,
         // sluice's own writes into the source (the other direction's): never sent on.
         drop_origins: vec![origin_name(&origins_of, drops)],
+        heartbeat_connection: config.source.heartbeat_connection.clone(),
         ..SourceOptions::default()
     };
     let (batch_tx, batch_rx) = mpsc::channel(CHANNEL_BATCHES);

@@ -375,6 +375,58 @@ pub async fn connect_sql_as(
     config: &ConnectionConfig,
     application_name: &str,
 ) -> Result<tokio_postgres::Client> {
+    Ok(connect_sql_choosing(config, application_name).await?.0)
+}
+
+/// Connects to the first of the configured hosts that accepts the connection and suits
+/// `target_session_attrs`; returns the session and the settings of that one host. When none
+/// suits (a failover in progress: the primary down, the standby not yet promoted), the error is
+/// a connection error, which callers retry.
+pub async fn connect_sql_choosing(
+    config: &ConnectionConfig,
+    application_name: &str,
+) -> Result<(tokio_postgres::Client, ConnectionConfig)> {
+    if !config.chooses() {
+        return Ok((connect_one(config, application_name).await?, config.clone()));
+    }
+    let servers =
+        config.servers().map_err(|reason| Error::Setup(format!("source.connection.host: {reason}")))?;
+    let attrs = config.target_session_attrs;
+    let mut passed = Vec::new();
+    for (host, port) in servers {
+        let one = config.single(&host, port);
+        let client = match connect_one(&one, application_name).await {
+            Ok(client) => client,
+            // Wrong credentials or certificates are not cured by another host.
+            Err(e @ (Error::Auth { .. } | Error::Tls { .. })) => return Err(e),
+            Err(e) => {
+                passed.push(format!("{}: {}", one.addr(), crate::error::Chain(&e)));
+                continue;
+            }
+        };
+        let in_recovery = match client.query_one("SELECT pg_catalog.pg_is_in_recovery()", &[]).await {
+            Ok(row) => row.get::<_, bool>(0),
+            Err(e) => {
+                passed.push(format!("{}: {e}", one.addr()));
+                continue;
+            }
+        };
+        if attrs.accepts(in_recovery) {
+            return Ok((client, one));
+        }
+        passed.push(format!("{}: {}", one.addr(), if in_recovery { "a standby" } else { "a primary" }));
+    }
+    Err(Error::Connect {
+        addr: config.addr(),
+        source: std::io::Error::other(format!(
+            "no host suits target_session_attrs = \"{}\" ({})",
+            attrs.name(),
+            passed.join("; ")
+        )),
+    })
+}
+
+async fn connect_one(config: &ConnectionConfig, application_name: &str) -> Result<tokio_postgres::Client> {
     let mut pg = tokio_postgres::Config::new();
     pg.host(&config.host)
         .port(config.port)

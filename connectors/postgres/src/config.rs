@@ -19,16 +19,55 @@ pub enum SslMode {
     VerifyFull,
 }
 
+/// Which server among several hosts a connection uses (libpq's `target_session_attrs`, in part).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionAttrs {
+    /// The first host that accepts the connection.
+    #[default]
+    Any,
+    /// The first host that is not in recovery.
+    Primary,
+    /// The first host that is in recovery.
+    Standby,
+}
+
+impl SessionAttrs {
+    /// Whether a server (in recovery or not) is acceptable.
+    pub fn accepts(self, in_recovery: bool) -> bool {
+        match self {
+            SessionAttrs::Any => true,
+            SessionAttrs::Primary => !in_recovery,
+            SessionAttrs::Standby => in_recovery,
+        }
+    }
+
+    /// Its name in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            SessionAttrs::Any => "any",
+            SessionAttrs::Primary => "primary",
+            SessionAttrs::Standby => "standby",
+        }
+    }
+}
+
 /// Where and as whom to connect.
 #[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectionConfig {
-    /// Host name or address of the server.
+    /// Host name or address of the server; or several, comma-separated, each with an optional
+    /// `:port` (`"pg-a:5432,pg-b:5432"`), tried in order (see `target_session_attrs`).
     #[serde(default = "default_host")]
     pub host: String,
-    /// TCP port.
+    /// TCP port (of every host without its own).
     #[serde(default = "default_port")]
     pub port: u16,
+    /// Which of the hosts to use: the first that accepts the connection (`any`, the default),
+    /// the first that is not in recovery (`primary`: after a failover, the promoted standby),
+    /// or the first that is (`standby`).
+    #[serde(default)]
+    pub target_session_attrs: SessionAttrs,
     /// The role to log in as.
     #[serde(default = "default_user")]
     pub user: String,
@@ -63,15 +102,62 @@ fn default_connect_timeout() -> Duration {
 }
 
 impl ConnectionConfig {
-    /// `host:port`, for messages.
+    /// `host:port`, for messages (every host's, comma-separated, when there are several).
     pub fn addr(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        match self.servers() {
+            Ok(servers) => {
+                servers.iter().map(|(host, port)| format!("{host}:{port}")).collect::<Vec<_>>().join(",")
+            }
+            Err(_) => format!("{}:{}", self.host, self.port),
+        }
+    }
+
+    /// The hosts and ports `host` lists, in order.
+    pub fn servers(&self) -> Result<Vec<(String, u16)>, String> {
+        self.host
+            .split(',')
+            .map(|entry| {
+                let entry = entry.trim();
+                let (host, port) = match entry.rsplit_once(':') {
+                    // A bare IPv6 address has colons of its own; `[addr]:port` gives it a port.
+                    Some((host, port)) if !host.contains(':') || host.starts_with('[') => {
+                        let port =
+                            port.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                                format!("{entry:?}: the port is not a number from 1 to 65535")
+                            })?;
+                        (host.trim_start_matches('[').trim_end_matches(']'), port)
+                    }
+                    _ => (entry, self.port),
+                };
+                if host.is_empty() {
+                    return Err(format!("{:?} lists an empty host", self.host));
+                }
+                Ok((host.to_owned(), port))
+            })
+            .collect()
+    }
+
+    /// Whether connecting needs a choice among hosts, or a look at the server's role.
+    pub fn chooses(&self) -> bool {
+        self.host.contains(',') || self.target_session_attrs != SessionAttrs::Any
+    }
+
+    /// These settings for one of the hosts.
+    pub fn single(&self, host: &str, port: u16) -> ConnectionConfig {
+        ConnectionConfig {
+            host: host.to_owned(),
+            port,
+            target_session_attrs: SessionAttrs::Any,
+            ..self.clone()
+        }
     }
 
     /// Adds a problem for each setting that cannot work, under `prefix`.
     pub fn validate(&self, prefix: &str, problems: &mut Vec<Problem>) {
         if self.host.trim().is_empty() {
             problems.push(Problem::new(prefix, "host", "must not be empty"));
+        } else if let Err(reason) = self.servers() {
+            problems.push(Problem::new(prefix, "host", reason));
         }
         if self.port == 0 {
             problems.push(Problem::new(prefix, "port", "must be between 1 and 65535"));

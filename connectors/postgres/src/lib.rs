@@ -18,8 +18,13 @@ pub mod spill;
 mod tls;
 pub mod types;
 
-pub use client::{connect_sql, connect_sql_as, now_pg_micros, ReplicationClient, PG_EPOCH_OFFSET_MICROS};
-pub use config::{ConnectionConfig, OriginFilter, ReplicationConfig, SlotLostPolicy, SslMode, Streaming};
+pub use client::{
+    connect_sql, connect_sql_as, connect_sql_choosing, now_pg_micros, ReplicationClient,
+    PG_EPOCH_OFFSET_MICROS,
+};
+pub use config::{
+    ConnectionConfig, OriginFilter, ReplicationConfig, SessionAttrs, SlotLostPolicy, SslMode, Streaming,
+};
 pub use error::{Error, Result};
 pub use poll::{AfterPublish, PollConfig, PollSource};
 pub use session::ReadSession;

@@ -232,6 +232,82 @@ async fn check_with(
     })
 }
 
+/// Whether a failover slot (PG 17+) is kept in step with a standby, as the server it is on
+/// sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FailoverState {
+    /// The slot is a failover slot.
+    pub failover: bool,
+    /// On a standby: the slot was synchronised from the primary (`pg_replication_slots.synced`).
+    pub synced: bool,
+    /// On the primary: `synchronized_standby_slots`, each listed physical slot and whether a
+    /// standby streams from it now (`None`: no such slot).
+    pub standby_slots: Vec<(String, Option<bool>)>,
+    /// What leaves a promotion exposed, when anything does.
+    pub warning: Option<String>,
+}
+
+/// The failover state of `slot` on the server `sql` reaches; `None` before 17 or without the slot.
+pub async fn failover_state(
+    sql: &Client,
+    slot: &str,
+) -> std::result::Result<Option<FailoverState>, tokio_postgres::Error> {
+    let row = sql
+        .query_one("SELECT current_setting('server_version_num')::int >= 170000, pg_is_in_recovery()", &[])
+        .await?;
+    let (seventeen, in_recovery): (bool, bool) = (row.get(0), row.get(1));
+    if !seventeen {
+        return Ok(None);
+    }
+    let Some(row) = sql
+        .query_opt(
+            "SELECT failover, synced FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let mut state = FailoverState { failover: row.get(0), synced: row.get(1), ..FailoverState::default() };
+    if !state.failover || in_recovery {
+        return Ok(Some(state));
+    }
+    let listed: String =
+        sql.query_one("SELECT current_setting('synchronized_standby_slots')", &[]).await?.get(0);
+    for name in listed.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let active: Option<bool> = sql
+            .query_opt(
+                "SELECT active FROM pg_catalog.pg_replication_slots WHERE slot_name = $1 AND slot_type = 'physical'",
+                &[&name],
+            )
+            .await?
+            .map(|r| r.get(0));
+        state.standby_slots.push((name.to_owned(), active));
+    }
+    state.warning = if state.standby_slots.is_empty() {
+        Some(format!(
+            "replication slot {slot:?} is a failover slot but synchronized_standby_slots is empty: changes may reach \
+             sluice before a standby has them, and a promoted standby's copy of the slot may lack them; list the \
+             standbys' physical slots there"
+        ))
+    } else {
+        let idle: Vec<&str> = state
+            .standby_slots
+            .iter()
+            .filter(|(_, active)| *active != Some(true))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        (!idle.is_empty()).then(|| {
+            format!(
+                "replication slot {slot:?} is a failover slot but no standby streams from {} (synchronized_standby_slots): \
+                 the primary holds changes back from sluice until one does",
+                idle.join(", ")
+            )
+        })
+    };
+    Ok(Some(state))
+}
+
 pub(crate) fn slot_in_use(slot: &str, pid: Option<i32>) -> Error {
     Error::SlotInUse { slot: slot.to_owned(), pid }
 }

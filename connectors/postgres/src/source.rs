@@ -21,7 +21,7 @@ use bytes::{Buf, Bytes};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Interval;
 
-use crate::client::{connect_sql, ReplicationClient};
+use crate::client::{connect_sql_choosing, ReplicationClient};
 use crate::config::{ConnectionConfig, ReplicationConfig};
 use crate::decode::Decoder;
 use crate::error::{Error, Result};
@@ -46,6 +46,9 @@ pub struct SourceOptions {
     /// this database from the other direction): no loops. Their commits still advance the
     /// position.
     pub drop_origins: Vec<String>,
+    /// The primary, when the source connection is a standby: heartbeats go there, and slot
+    /// creation asks it for the snapshot record a standby waits for.
+    pub heartbeat_connection: Option<ConnectionConfig>,
 }
 
 impl Default for SourceOptions {
@@ -56,6 +59,7 @@ impl Default for SourceOptions {
             retry_for: Duration::from_secs(300),
             shutdown_timeout: Duration::from_secs(30),
             drop_origins: Vec::new(),
+            heartbeat_connection: None,
         }
     }
 }
@@ -131,6 +135,12 @@ pub struct ReplicationSource {
     redelivery_horizon: Option<Lsn>,
     /// Off when `heartbeat_interval` is zero or the role may not write heartbeats.
     heartbeat_enabled: bool,
+    /// The host streamed from last, when several are configured.
+    server_addr: Option<String>,
+    /// The source server is a standby: heartbeats go to `primary`.
+    on_standby: bool,
+    /// A session on `SourceOptions::heartbeat_connection`, opened at the first heartbeat.
+    primary: Option<tokio_postgres::Client>,
     /// WAL end of a keepalive seen while no transaction was open.
     idle_wal_end: Lsn,
     reported_flush: Lsn,
@@ -169,6 +179,9 @@ impl ReplicationSource {
             last_sent_ack: Lsn::ZERO,
             redelivery_horizon: None,
             heartbeat_enabled,
+            server_addr: None,
+            on_standby: false,
+            primary: None,
             idle_wal_end: Lsn::ZERO,
             reported_flush: Lsn::ZERO,
             last_status: Instant::now(),
@@ -257,10 +270,21 @@ impl ReplicationSource {
         shutdown: &mut Shutdown,
         started: &AtomicBool,
     ) -> Result<()> {
-        // The replication connection first: its login errors are the most precise.
-        let mut client = ReplicationClient::connect(&self.conn).await?;
-        let sql = connect_sql(&self.conn).await?;
-        let slot = setup::check(&sql, &self.conn, &self.repl).await?;
+        // With several hosts, the SQL session picks the server; the replication connection follows.
+        let (sql, server) = connect_sql_choosing(&self.conn, "sluice").await?;
+        if self.conn.chooses() && self.server_addr.as_deref() != Some(server.addr().as_str()) {
+            tracing::info!(host = %server.addr(), target_session_attrs = self.conn.target_session_attrs.name(),
+                "source server chosen among the configured hosts");
+            self.server_addr = Some(server.addr());
+        }
+        let mut client = ReplicationClient::connect(&server).await?;
+        let slot = setup::check(&sql, &server, &self.repl).await?;
+        self.on_standby = slot.server.in_recovery;
+        if self.on_standby && self.heartbeat_enabled && self.options.heartbeat_connection.is_none() {
+            tracing::warn!(host = %server.addr(), "heartbeats disabled: source.connection is a standby, which cannot write WAL; \
+                set source.heartbeat_connection to the primary so that the slot advances while the published tables are idle");
+            self.heartbeat_enabled = false;
+        }
         if first {
             for warning in setup::identity_warnings(&sql, &self.repl.publication).await? {
                 tracing::warn!(table = %warning.table, publication = %self.repl.publication, "{}", warning.reason);
@@ -279,7 +303,27 @@ impl ReplicationSource {
             self.stats.slots_recreated.fetch_add(1, Ordering::Relaxed);
             self.last_sent_ack = Lsn::ZERO;
         }
-        if !slot.exists {
+        if !slot.exists && self.on_standby {
+            // A standby creates a logical slot at the primary's next running-transactions
+            // record: ask the primary for one every second until the slot exists.
+            let primary = self.options.heartbeat_connection.clone();
+            let nudge = async move {
+                let Some(conn) = primary else { return std::future::pending::<()>().await };
+                loop {
+                    if let Ok(sql) = connect_sql_choosing(&conn, "sluice").await {
+                        while sql.0.simple_query("SELECT pg_catalog.pg_log_standby_snapshot()").await.is_ok()
+                        {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            };
+            tokio::select! {
+                created = self.create_slot(&mut client) => created?,
+                _ = nudge => {}
+            }
+        } else if !slot.exists {
             self.create_slot(&mut client).await?;
         } else if self.repl.failover && slot.failover == Some(false) {
             client
@@ -354,7 +398,18 @@ impl ReplicationSource {
     /// Writes one heartbeat into the WAL. A role that may not call `pg_logical_emit_message`
     /// turns heartbeats off with a warning rather than stopping the stream.
     async fn emit_heartbeat(&mut self) {
-        let Some(sql) = self.sql.as_ref() else { return };
+        if self.on_standby && self.primary.as_ref().is_none_or(|c| c.is_closed()) {
+            let Some(conn) = &self.options.heartbeat_connection else { return };
+            match connect_sql_choosing(conn, "sluice").await {
+                Ok((client, _)) => self.primary = Some(client),
+                Err(e) => {
+                    tracing::warn!(error = %crate::error::Chain(&e), "heartbeat: cannot reach source.heartbeat_connection");
+                    return;
+                }
+            }
+        }
+        let sql = if self.on_standby { self.primary.as_ref() } else { self.sql.as_ref() };
+        let Some(sql) = sql else { return };
         let statement = "SELECT pg_logical_emit_message(false, 'sluice.heartbeat', \
                          (extract(epoch FROM clock_timestamp()) * 1000000)::bigint::text)";
         match tokio::time::timeout(Duration::from_secs(10), sql.simple_query(statement)).await {
