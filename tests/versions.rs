@@ -163,3 +163,64 @@ async fn protocol_4_parallel_streaming_decodes_interleaved_transactions_on_16_an
     assert_eq!(stats.spilled_bytes.load(Ordering::Relaxed), 0, "nothing stays spilled");
     stream.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_columns_arrive_when_an_18_publication_publishes_them() {
+    let db = TestDb::new();
+    db.sql("CREATE TABLE t (id int8 PRIMARY KEY, price int NOT NULL, doubled int GENERATED ALWAYS AS (price * 2) STORED)");
+    let eighteen = db.server_major() >= 18;
+    db.sql(if eighteen {
+        "CREATE PUBLICATION p FOR TABLE t WITH (publish_generated_columns = stored)"
+    } else {
+        "CREATE PUBLICATION p FOR TABLE t"
+    });
+    let mut stream = db.stream(db.replication("gen", "p")).await;
+    db.sql("INSERT INTO t (id, price) VALUES (1, 21)");
+    let events = stream.commits(1).await;
+    let Some(ChangeEvent::Insert { relation, new, .. }) =
+        events.iter().find(|e| matches!(e, ChangeEvent::Insert { .. }))
+    else {
+        panic!("an insert: {events:?}")
+    };
+    let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+    if eighteen {
+        assert_eq!(names, ["id", "price", "doubled"]);
+        assert_eq!(new[2], sluice_core::Value::Int4(42), "the generated value as stored");
+    } else {
+        assert_eq!(names, ["id", "price"], "before 18 a publication never carries generated columns");
+    }
+    stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_invalidated_for_idleness_on_18_is_named_so() {
+    // Its own cluster: the timeout applies to every slot of the cluster.
+    let pg = std::sync::Arc::new(sluice::localpg::LocalPostgres::start(&Default::default()).unwrap());
+    let db = TestDb::in_cluster(pg);
+    if db.server_major() < 18 {
+        let err = db.pg.psql("postgres", "SHOW idle_replication_slot_timeout").unwrap_err().to_string();
+        assert!(
+            err.contains("unrecognized configuration parameter"),
+            "no idle invalidation before 18: {err}"
+        );
+        return;
+    }
+    db.sql("CREATE TABLE t (id int8 PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t");
+    let slot = db.slot_name("idle");
+    db.sql(&format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"));
+    db.pg.psql("postgres", "ALTER SYSTEM SET idle_replication_slot_timeout = '1s'").unwrap();
+    db.pg.psql("postgres", "SELECT pg_reload_conf()").unwrap();
+    wait_for("the idle slot to be invalidated at a checkpoint", Duration::from_secs(60), || {
+        db.sql("CHECKPOINT");
+        let reason = db
+            .sql(&format!("SELECT invalidation_reason FROM pg_replication_slots WHERE slot_name = '{slot}'"));
+        async move { reason == "idle_timeout" }
+    })
+    .await;
+    let stream = Stream::start(db.connection(), db.replication("idle", "p"));
+    let result =
+        tokio::time::timeout(Duration::from_secs(60), stream.task).await.expect("stops").expect("task");
+    let message = result.expect_err("an invalidated slot stops the stream").to_string();
+    assert!(message.contains(&slot) && message.contains("idle_replication_slot_timeout (1s)"), "{message}");
+    assert!(message.contains("on_slot_lost"), "says what to do: {message}");
+}

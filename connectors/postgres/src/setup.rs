@@ -154,10 +154,17 @@ async fn check_with(
         )));
     }
     let failover = if server.major() >= 17 { "failover" } else { "NULL::bool" };
+    // Why the slot was invalidated: named from 17 on; 16 says only whether a standby's
+    // recovery conflicted with it.
+    let reason = match server.major() {
+        17.. => "invalidation_reason",
+        16 => "CASE WHEN conflicting THEN 'conflict' END",
+        _ => "NULL::text",
+    };
     let slot = sql
         .query_opt(
             &format!(
-                "SELECT plugin, database, active_pid, confirmed_flush_lsn::text, wal_status, {failover} \
+                "SELECT plugin, database, active_pid, confirmed_flush_lsn::text, wal_status, {failover}, {reason} \
                  FROM pg_catalog.pg_replication_slots WHERE slot_name = $1"
             ),
             &[&repl.slot],
@@ -184,6 +191,7 @@ async fn check_with(
     let confirmed: Option<String> = slot.get(3);
     let wal_status: Option<String> = slot.get(4);
     let slot_failover: Option<bool> = slot.get(5);
+    let invalidation: Option<String> = slot.get(6);
     if plugin.as_deref() != Some("pgoutput") {
         return Err(Error::Setup(format!(
             "replication slot {:?} uses plugin {:?}, not pgoutput; choose another slot name",
@@ -202,7 +210,7 @@ async fn check_with(
     if let Some(pid) = active_pid {
         return Err(slot_in_use(&repl.slot, Some(pid)));
     }
-    if wal_status.as_deref() == Some("lost") {
+    if wal_status.as_deref() == Some("lost") || invalidation.is_some() {
         if repl.on_slot_lost == SlotLostPolicy::Recreate {
             if mutate {
                 sql.execute("SELECT pg_catalog.pg_drop_replication_slot($1)", &[&repl.slot]).await?;
@@ -215,12 +223,27 @@ async fn check_with(
                 server,
             });
         }
+        let after = confirmed.as_deref().unwrap_or("its confirmed position");
+        let cause = match invalidation.as_deref() {
+            Some("idle_timeout") => {
+                let timeout: String = sql.query_one("SHOW idle_replication_slot_timeout", &[]).await?.get(0);
+                format!(
+                    "it was idle (nothing streamed from it) for longer than idle_replication_slot_timeout \
+                     ({timeout}), and the server gave up the WAL and catalog rows it kept"
+                )
+            }
+            Some("rows_removed") | Some("conflict") => {
+                "catalog rows it still needed were removed (on a standby: \
+                 the primary vacuumed them; set hot_standby_feedback = on and a primary_slot_name)"
+                    .to_owned()
+            }
+            Some("wal_level_insufficient") => "the primary's wal_level was lowered below logical".to_owned(),
+            _ => "the server removed WAL it still needed (max_slot_wal_keep_size)".to_owned(),
+        };
         return Err(Error::Setup(format!(
-            "replication slot {:?} was invalidated: the server removed WAL it still needed \
-             (max_slot_wal_keep_size), so changes after {} were lost. Drop the slot, let sluice \
-             create it and backfill the tables, or set source.replication.on_slot_lost = \"recreate\"",
+            "replication slot {:?} was invalidated: {cause}, so changes after {after} were lost. Drop the slot, \
+             let sluice create it and backfill the tables, or set source.replication.on_slot_lost = \"recreate\"",
             repl.slot,
-            confirmed.as_deref().unwrap_or("its confirmed position")
         )));
     }
     Ok(SlotState {
