@@ -483,7 +483,13 @@ fn classify_sql_error(config: &ConnectionConfig, e: tokio_postgres::Error) -> Er
         Error::Tls { addr: config.addr(), reason }
     } else if text.starts_with("authentication error") || text.starts_with("invalid configuration") {
         let reason = std::error::Error::source(&e).map(ToString::to_string).unwrap_or(text);
-        Error::Auth { user: config.user.clone(), message: reason }
+        // The same words as the replication connection's for the same failure.
+        let message = if reason == "password missing" {
+            "the server asks for a password and none is configured".to_owned()
+        } else {
+            reason
+        };
+        Error::Auth { user: config.user.clone(), message }
     } else {
         Error::Connect { addr: config.addr(), source: std::io::Error::other(e) }
     }
