@@ -63,6 +63,8 @@ pub struct ClusterOptions {
     pub wal_level_replica: bool,
     /// Files written into the data directory, owned by the server, mode 0600 (TLS keys).
     pub files: Vec<(String, Vec<u8>)>,
+    /// The server's `bin` directory, instead of [`pg_bin_dir`].
+    pub bin: Option<PathBuf>,
 }
 
 /// A running throwaway cluster; stopped and deleted on drop.
@@ -77,7 +79,10 @@ pub struct LocalPostgres {
 impl LocalPostgres {
     /// Creates, configures and starts a cluster in a temporary directory.
     pub fn start(options: &ClusterOptions) -> io::Result<Self> {
-        let bin = pg_bin_dir()?;
+        let bin = match &options.bin {
+            Some(bin) => bin.clone(),
+            None => pg_bin_dir()?,
+        };
         let dir = tempfile::Builder::new().prefix("sluice-pg-").tempdir()?;
         let as_root = running_as_root();
         if as_root {

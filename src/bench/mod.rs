@@ -26,6 +26,10 @@ fn median<T>(samples: &[T], f: impl Fn(&T) -> f64) -> f64 {
 /// `sluice bench`'s arguments (see the README's Benchmark section).
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
+    /// The `bin` directory of the Postgres server to benchmark against (e.g. one that
+    /// `bash .ci/setup pg 17` installed); the system's Postgres by default.
+    #[arg(long)]
+    pub pg_bin: Option<std::path::PathBuf>,
     /// Rows per shape and run.
     #[arg(long, default_value_t = 1_000_000)]
     pub rows: u64,
@@ -387,7 +391,8 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
     if poll && args.target != BenchTarget::Kafka {
         return Err("--source poll needs --target kafka (polled rows are outbox events)".into());
     }
-    let pg = LocalPostgres::start(&ClusterOptions::default())?;
+    let pg = LocalPostgres::start(&ClusterOptions { bin: args.pg_bin.clone(), ..ClusterOptions::default() })?;
+    println!("Postgres {}", pg.psql("postgres", "SHOW server_version")?);
     let sluice = std::env::current_exe()?;
     let shapes: &[Shape] = match args.shape {
         Shape::Both => &[Shape::Many, Shape::One],
