@@ -130,11 +130,17 @@ impl LocalPostgres {
         let mut existing = std::fs::read_to_string(data.join("postgresql.conf"))?;
         existing.push_str(&conf);
         cluster.write_as_owner(&data.join("postgresql.conf"), &existing)?;
+        cluster.start_on_a_free_port()?;
+        Ok(cluster)
+    }
+
+    /// Starts the server on a free port, trying another when the port was taken meanwhile.
+    fn start_on_a_free_port(&mut self) -> io::Result<()> {
         let mut last_error = None;
         for _ in 0..3 {
-            cluster.port = free_port()?;
-            match cluster.pg_ctl_start() {
-                Ok(()) => return Ok(cluster),
+            self.port = free_port()?;
+            match self.pg_ctl_start() {
+                Ok(()) => return Ok(()),
                 Err(e) => last_error = Some(e),
             }
         }
@@ -220,15 +226,8 @@ hot_standby_feedback = on
         }
         standby.write_as_owner(&data.join("postgresql.conf"), &conf)?;
         standby.write_as_owner(&data.join("standby.signal"), "")?;
-        let mut last_error = None;
-        for _ in 0..3 {
-            standby.port = free_port()?;
-            match standby.pg_ctl_start() {
-                Ok(()) => return Ok(standby),
-                Err(e) => last_error = Some(e),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| io::Error::other("the standby did not start")))
+        standby.start_on_a_free_port()?;
+        Ok(standby)
     }
 
     /// Promotes a standby to a primary and waits until it is one.
