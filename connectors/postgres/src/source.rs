@@ -364,8 +364,7 @@ impl ReplicationSource {
                         return Err(Error::Stopped);
                     }
                     if self.status_due.is_none() {
-                        let earliest = tokio::time::Instant::from_std(self.last_status) + STATUS_MIN_INTERVAL;
-                        self.status_due = Some(earliest.max(tokio::time::Instant::now()));
+                        self.confirm_soon();
                     }
                 }
                 _ = sleep_until_due(self.status_due) => self.send_status(&mut session, false).await?,
@@ -505,8 +504,7 @@ impl ReplicationSource {
                     && self.confirmable(*session.durable.borrow()) > self.reported_flush
                 {
                     // Idle WAL can be confirmed: do it soon so the slot does not hold it.
-                    let earliest = tokio::time::Instant::from_std(self.last_status) + STATUS_MIN_INTERVAL;
-                    self.status_due = Some(earliest.max(tokio::time::Instant::now()));
+                    self.confirm_soon();
                 }
                 Ok(())
             }
@@ -655,6 +653,12 @@ impl ReplicationSource {
         Ok(())
     }
 
+    /// Owes a status update as soon as `STATUS_MIN_INTERVAL` since the last one allows.
+    fn confirm_soon(&mut self) {
+        let earliest = tokio::time::Instant::from_std(self.last_status) + STATUS_MIN_INTERVAL;
+        self.status_due = Some(earliest.max(tokio::time::Instant::now()));
+    }
+
     /// Hands the commit on, or, for a transaction that delivered nothing, treats its end like
     /// idle WAL: confirmable once nothing before it is outstanding, without a batch.
     async fn end_transaction(
@@ -672,8 +676,7 @@ impl ReplicationSource {
                 if self.status_due.is_none()
                     && self.confirmable(*session.durable.borrow()) > self.reported_flush
                 {
-                    let earliest = tokio::time::Instant::from_std(self.last_status) + STATUS_MIN_INTERVAL;
-                    self.status_due = Some(earliest.max(tokio::time::Instant::now()));
+                    self.confirm_soon();
                 }
             } else {
                 self.transaction_done(end_lsn);
