@@ -43,6 +43,11 @@ pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "sluice_slot_safe_wal_size_bytes";
 /// For a failover slot (PG 17+): 1 while a standby keeps it in step (`synchronized_standby_slots`
 /// lists standbys that stream now), 0 while a promotion could lose it or its changes.
 pub const SLOT_FAILOVER_READY: &str = "sluice_slot_failover_ready";
+/// Decoding on a standby: the primary's WAL position minus the standby's replay position
+/// (read through `source.heartbeat_connection`).
+pub const STANDBY_REPLAY_LAG_BYTES: &str = "sluice_standby_replay_lag_bytes";
+/// Decoding on a standby: the primary's WAL position minus the slot's confirmed position.
+pub const LAG_BEHIND_PRIMARY_BYTES: &str = "sluice_lag_behind_primary_bytes";
 /// 1 for the slot's current `wal_status` (reserved, extended, unreserved, lost).
 pub const SLOT_WAL_STATUS: &str = "sluice_slot_wal_status";
 /// Heartbeats written into the WAL, and received back through the stream.
@@ -160,6 +165,14 @@ fn describe() {
     );
     describe_gauge!(SLOT_WAL_STATUS, "1 for the slot's current wal_status");
     describe_gauge!(SLOT_FAILOVER_READY, "1 while a standby keeps the failover slot in step");
+    describe_gauge!(
+        STANDBY_REPLAY_LAG_BYTES,
+        "Decoding on a standby: the primary's WAL position minus the standby's replay position"
+    );
+    describe_gauge!(
+        LAG_BEHIND_PRIMARY_BYTES,
+        "Decoding on a standby: the primary's WAL position minus the slot's confirmed position"
+    );
     describe_counter!(HEARTBEATS_SENT_TOTAL, "Heartbeats written into the WAL");
     describe_counter!(HEARTBEATS_RECEIVED_TOTAL, "Heartbeats received back through the stream");
     describe_gauge!(SPILLED_BYTES, Unit::Bytes, "Streamed in-progress transactions spilled to disk");

@@ -52,8 +52,28 @@ pub struct SlotInfo {
     pub lag_bytes: Option<i64>,
     /// The server is a standby (decoding on a standby): `server_wal_lsn` is its replay position.
     pub on_standby: bool,
+    /// On a standby: the primary's current WAL position, read through
+    /// `source.heartbeat_connection` (none without it, or while the primary does not answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub primary_wal_lsn: Option<String>,
+    /// On a standby: the primary's WAL position minus the standby's replay position.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standby_replay_lag_bytes: Option<i64>,
+    /// On a standby: the primary's WAL position minus the slot's confirmed position (the
+    /// standby's replay lag plus the slot's own lag on the standby).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_behind_primary_bytes: Option<i64>,
     /// Failover-slot state (PG 17+).
     pub failover: Option<sluice_postgres::setup::FailoverState>,
+}
+
+/// Where the daemon's `/status` reads the slot from.
+#[derive(Debug)]
+struct Inspect {
+    connection: ConnectionConfig,
+    /// `source.heartbeat_connection`: the primary, when the source is a standby.
+    primary: Option<ConnectionConfig>,
+    slot: String,
 }
 
 /// State shared by the pipeline, the sampler and the HTTP endpoints.
@@ -85,7 +105,7 @@ pub struct PipelineState {
     /// The source is a replication slot (positions are LSNs), not a polled table.
     replication: bool,
     /// Where to inspect the slot afresh for `/status`: the source connection and the slot.
-    inspect: Option<(ConnectionConfig, String)>,
+    inspect: Option<Inspect>,
 }
 
 /// A point-in-time view for `/status` and `sluice status`.
@@ -155,8 +175,11 @@ impl PipelineState {
             config.source.replication().is_some_and(|r| !r.heartbeat_interval.is_zero()),
         );
         state.replication = config.source.replication().is_some();
-        state.inspect =
-            config.source.replication().map(|r| (config.source.connection.clone(), r.slot.clone()));
+        state.inspect = config.source.replication().map(|r| Inspect {
+            connection: config.source.connection.clone(),
+            primary: config.source.heartbeat_connection.clone(),
+            slot: r.slot.clone(),
+        });
         Arc::new(state)
     }
 
@@ -187,10 +210,16 @@ impl PipelineState {
     /// Without an answer within five seconds, the slot as last inspected (`slot_fresh` false).
     pub async fn status_now(&self) -> Status {
         let mut status = self.status();
-        if let Some((connection, slot)) = &self.inspect {
+        if let Some(Inspect { connection, primary, slot }) = &self.inspect {
             let fresh = async {
                 let client = sluice_postgres::connect_sql(connection).await.ok()?;
-                inspect_slot(&client, slot).await.ok()
+                let mut info = inspect_slot(&client, slot).await.ok()?;
+                if let Some(primary) = primary.as_ref().filter(|_| info.on_standby) {
+                    if let Ok(primary) = sluice_postgres::connect_sql(primary).await {
+                        let _ = read_primary(&mut info, &primary).await;
+                    }
+                }
+                Some(info)
             };
             if let Ok(Some(info)) = tokio::time::timeout(Duration::from_secs(5), fresh).await {
                 status.slot = Some(info.clone());
@@ -374,7 +403,30 @@ pub async fn inspect_slot(
         lag_bytes: row.get(8),
         on_standby: row.get(9),
         failover: sluice_postgres::setup::failover_state(sql, slot).await?,
+        ..SlotInfo::default()
     })
+}
+
+/// On a standby, reads the primary's WAL position (through `primary`, a session on
+/// `source.heartbeat_connection`) into `info`: how far the standby's replay and the slot trail
+/// it. A "primary" that is itself in recovery has no position of its own to give.
+pub async fn read_primary(
+    info: &mut SlotInfo,
+    primary: &tokio_postgres::Client,
+) -> Result<(), tokio_postgres::Error> {
+    let row = primary
+        .query_one("SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END", &[])
+        .await?;
+    let position: Option<String> = row.get(0);
+    let lsn = position.as_deref().and_then(|p| p.parse::<Lsn>().ok());
+    let behind = |of: &Option<String>| {
+        let of = of.as_deref()?.parse::<Lsn>().ok()?;
+        Some(lsn?.0.saturating_sub(of.0).min(i64::MAX as u64) as i64)
+    };
+    info.standby_replay_lag_bytes = behind(&info.server_wal_lsn);
+    info.lag_behind_primary_bytes = behind(&info.confirmed_flush_lsn);
+    info.primary_wal_lsn = position;
+    Ok(())
 }
 
 /// Samples the state into gauges every second and inspects the slot every
@@ -386,7 +438,9 @@ pub async fn run(state: Arc<PipelineState>, config: Config, mut shutdown: Shutdo
     let check_every = config.monitoring.slot_check_interval;
     let mut next_check = tokio::time::Instant::now();
     let mut sql: Option<tokio_postgres::Client> = None;
+    let mut primary_sql: Option<tokio_postgres::Client> = None;
     let mut warned_unreachable = false;
+    let mut warned_primary = false;
     let mut retention = RetentionWarning::default();
     let mut last_failover_warning: Option<String> = None;
     loop {
@@ -413,8 +467,23 @@ pub async fn run(state: Arc<PipelineState>, config: Config, mut shutdown: Shutdo
                 continue;
             };
             match check_slot(&mut sql, &config.source.connection, &replication.slot).await {
-                Ok(info) => {
+                Ok(mut info) => {
                     warned_unreachable = false;
+                    if let Some(primary) =
+                        config.source.heartbeat_connection.as_ref().filter(|_| info.on_standby)
+                    {
+                        match check_primary(&mut primary_sql, primary, &mut info).await {
+                            Ok(()) => warned_primary = false,
+                            Err(error) => {
+                                primary_sql = None;
+                                if !warned_primary {
+                                    tracing::warn!(error = %sluice_postgres::error::Chain(&error),
+                                        "cannot read the primary's WAL position (source.heartbeat_connection)");
+                                    warned_primary = true;
+                                }
+                            }
+                        }
+                    }
                     record_slot(&info);
                     retention.check(&info, config.monitoring.retained_wal_warn_bytes);
                     let failover_warning = info.failover.as_ref().and_then(|f| f.warning.clone());
@@ -472,15 +541,23 @@ fn record_phases(phases: &std::collections::BTreeMap<String, crate::migration::P
     }
 }
 
+/// The session in `sql`, (re)connected to `conn` when there is none or it closed.
+async fn session<'a>(
+    sql: &'a mut Option<tokio_postgres::Client>,
+    conn: &ConnectionConfig,
+) -> Result<&'a tokio_postgres::Client, sluice_postgres::Error> {
+    if sql.as_ref().is_none_or(|c| c.is_closed()) {
+        *sql = Some(sluice_postgres::connect_sql(conn).await?);
+    }
+    Ok(sql.as_ref().expect("connected above"))
+}
+
 async fn count_backlog(
     sql: &mut Option<tokio_postgres::Client>,
     conn: &ConnectionConfig,
     poll: &sluice_postgres::PollConfig,
 ) -> Result<i64, sluice_postgres::Error> {
-    if sql.as_ref().is_none_or(|c| c.is_closed()) {
-        *sql = Some(sluice_postgres::connect_sql(conn).await?);
-    }
-    let client = sql.as_ref().expect("connected above");
+    let client = session(sql, conn).await?;
     match tokio::time::timeout(Duration::from_secs(10), sluice_postgres::poll::backlog(client, poll)).await {
         Ok(result) => result,
         Err(_) => {
@@ -494,13 +571,24 @@ async fn check_slot(
     conn: &ConnectionConfig,
     slot: &str,
 ) -> Result<SlotInfo, sluice_postgres::Error> {
-    if sql.as_ref().is_none_or(|c| c.is_closed()) {
-        *sql = Some(sluice_postgres::connect_sql(conn).await?);
-    }
-    let client = sql.as_ref().expect("connected above");
+    let client = session(sql, conn).await?;
     match tokio::time::timeout(Duration::from_secs(10), inspect_slot(client, slot)).await {
         Ok(result) => result.map_err(sluice_postgres::Error::Sql),
         Err(_) => Err(sluice_postgres::Error::Setup("slot inspection timed out after 10 s".into())),
+    }
+}
+
+async fn check_primary(
+    sql: &mut Option<tokio_postgres::Client>,
+    conn: &ConnectionConfig,
+    info: &mut SlotInfo,
+) -> Result<(), sluice_postgres::Error> {
+    let client = session(sql, conn).await?;
+    match tokio::time::timeout(Duration::from_secs(10), read_primary(info, client)).await {
+        Ok(result) => result.map_err(sluice_postgres::Error::Sql),
+        Err(_) => Err(sluice_postgres::Error::Setup(
+            "reading the primary's WAL position timed out after 10 s".into(),
+        )),
     }
 }
 
@@ -540,6 +628,12 @@ fn record_slot(info: &SlotInfo) {
     }
     if let Some(retained) = info.retained_wal_bytes {
         metrics::gauge!(m::SLOT_RETAINED_WAL_BYTES).set(retained.max(0) as f64);
+    }
+    if let Some(behind) = info.standby_replay_lag_bytes {
+        metrics::gauge!(m::STANDBY_REPLAY_LAG_BYTES).set(behind as f64);
+    }
+    if let Some(behind) = info.lag_behind_primary_bytes {
+        metrics::gauge!(m::LAG_BEHIND_PRIMARY_BYTES).set(behind as f64);
     }
     if let Some(safe) = info.safe_wal_size_bytes {
         metrics::gauge!(m::SLOT_SAFE_WAL_SIZE_BYTES).set(safe as f64);

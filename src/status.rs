@@ -71,12 +71,27 @@ async fn from_postgres(config: &Config) -> Result<Value, CommandError> {
     let mut migration = None;
     let (slot, backlog) = match &config.source.mode {
         SourceMode::Replication(replication) => {
-            let slot = sql
+            let mut slot = sql
                 .run(async |c| Ok(crate::monitor::inspect_slot(c, &replication.slot).await?))
                 .await
                 .with_context(|| {
                     format!("cannot read replication slot {:?} from pg_replication_slots", replication.slot)
                 })?;
+            if let Some(primary) = config.source.heartbeat_connection.as_ref().filter(|_| slot.on_standby) {
+                // Best effort: the standby's own answer stands without the primary's position.
+                if let Ok(mut primary) = ReadSession::connect(primary, "sluice status", policy).await {
+                    let read = primary
+                        .run(async |c| {
+                            let mut read = slot.clone();
+                            crate::monitor::read_primary(&mut read, c).await?;
+                            Ok(read)
+                        })
+                        .await;
+                    if let Ok(read) = read {
+                        slot = read;
+                    }
+                }
+            }
             let phases = sql
                 .run(async |c| {
                     Ok(crate::migration::published_phases(
@@ -196,10 +211,7 @@ fn table(status: &Value) -> String {
                 ));
             }
             if slot.get("on_standby") == Some(&Value::Bool(true)) {
-                rows.push((
-                    "slot server".into(),
-                    "a standby: server wal lsn is its replay position, behind the primary by its replication lag".into(),
-                ));
+                rows.push(("slot server".into(), standby_text(slot)));
             }
             if let Some(Value::Object(failover)) = slot.get("failover") {
                 rows.push(("slot failover".into(), failover_text(failover)));
@@ -248,6 +260,19 @@ fn table(status: &Value) -> String {
     }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     rows.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect()
+}
+
+/// Where a slot on a standby stands relative to the primary, in words.
+fn standby_text(slot: &serde_json::Map<String, Value>) -> String {
+    match (slot.get("primary_wal_lsn"), slot.get("standby_replay_lag_bytes"), slot.get("lag_behind_primary_bytes")) {
+        (Some(Value::String(primary)), Some(replay), Some(behind)) => format!(
+            "a standby: server wal lsn is its replay position, {replay} bytes behind the primary's {primary}; \
+             the slot confirmed {behind} bytes behind the primary"
+        ),
+        _ => "a standby: server wal lsn is its replay position, behind the primary by its replication lag \
+              (set source.heartbeat_connection to the primary to see by how much)"
+            .into(),
+    }
 }
 
 /// A failover slot's state in words.

@@ -14,7 +14,7 @@ use crate::harness::{
     http_get, kill_9, metric, moto, sluice, sluice_output, wait_for, wait_for_blocking, Outage, TestDb,
 };
 
-fn start(config: &Path, log: &Path) -> Child {
+pub(crate) fn start(config: &Path, log: &Path) -> Child {
     sluice()
         .args(["run", "-c"])
         .arg(config)
@@ -25,7 +25,7 @@ fn start(config: &Path, log: &Path) -> Child {
 }
 
 /// A config from the harness with these `[monitoring]` settings instead of the default.
-fn with_monitoring(config: PathBuf, monitoring: &str) -> PathBuf {
+pub(crate) fn with_monitoring(config: PathBuf, monitoring: &str) -> PathBuf {
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace("[monitoring]\nlisten = \"127.0.0.1:0\"\n", &format!("[monitoring]\n{monitoring}\n"));
@@ -33,17 +33,21 @@ fn with_monitoring(config: PathBuf, monitoring: &str) -> PathBuf {
     config
 }
 
-fn scrape(port: u16) -> String {
+pub(crate) fn scrape(port: u16) -> String {
     let (code, body) = http_get(port, "/metrics").expect("the metrics endpoint answers");
     assert_eq!(code, 200, "{body}");
     body
 }
 
 /// Scrapes until `ready` holds for the exposition; at the deadline, panics showing the last one.
-async fn wait_for_metrics(port: u16, what: &str, limit: Duration, ready: impl Fn(&str) -> bool) {
+pub(crate) async fn wait_for_metrics(port: u16, what: &str, limit: Duration, ready: impl Fn(&str) -> bool) {
     let deadline = std::time::Instant::now() + limit;
     loop {
-        let body = scrape(port);
+        // Until the daemon listens, there is nothing to scrape yet.
+        let body = match http_get(port, "/metrics") {
+            Some((200, body)) => body,
+            answer => format!("# no metrics yet: {answer:?}"),
+        };
         if ready(&body) {
             return;
         }
@@ -234,7 +238,7 @@ async fn metrics_show_lag_falling_after_catch_up_and_rising_while_the_target_is_
 }
 
 /// `sluice status` with its stdout (or stderr on failure).
-fn status(config: &Path, json: bool) -> (Option<i32>, String) {
+pub(crate) fn status(config: &Path, json: bool) -> (Option<i32>, String) {
     let mut command = sluice();
     command.args(["status", "-c"]).arg(config);
     if json {

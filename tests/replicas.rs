@@ -198,3 +198,83 @@ async fn a_standby_is_decoded_while_the_primary_takes_the_writes_and_the_heartbe
         "confirmed {confirmed}, replayed {last_update}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_on_a_standby_shows_how_far_the_slot_and_the_replay_trail_the_primary() {
+    use crate::harness::metric;
+    use crate::operations::{scrape, start, status, wait_for_metrics, with_monitoring};
+
+    let (primary, standby) = primary_and_standby();
+    let db = TestDb::in_cluster(Arc::clone(&primary));
+    db.sql("CREATE TABLE t (id int8 PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t");
+    wait_for("the standby to replay the publication", Duration::from_secs(60), || {
+        let replayed = standby.psql(&db.name, "SELECT count(*) FROM pg_publication WHERE pubname = 'p'").ok();
+        async move { replayed.as_deref() == Some("1") }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = sluice::localpg::free_port().unwrap();
+    let config = db.config_file(dir.path(), "st", "p", "[target]\nkind = \"null\"\n");
+    let config =
+        with_monitoring(config, &format!("listen = \"127.0.0.1:{port}\"\nslot_check_interval = \"1s\""));
+    // The source is the standby; heartbeats and the primary's position come from the primary.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&format!("port = {}\n", primary.port), &format!("port = {}\n", standby.port))
+        .replace(
+            "status_interval = \"1s\"",
+            &format!(
+                "status_interval = \"1s\"\nheartbeat_interval = \"500ms\"\n\n\
+                 [source.heartbeat_connection]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{}\"",
+                primary.port, db.name
+            ),
+        );
+    std::fs::write(&config, text).unwrap();
+    let mut child = start(&config, &dir.path().join("sluice.log"));
+    let _logs = LogsOnPanic(vec![dir.path().join("sluice.log"), primary.log_path(), standby.log_path()]);
+    // Created (which waits for the primary's snapshot to replay) and streaming.
+    wait_for_metrics(port, "the slot on the standby to stream", Duration::from_secs(90), |body| {
+        metric(body, "sluice_source_streaming") == Some(1.0)
+            && metric(body, "sluice_lag_behind_primary_bytes").is_some()
+    })
+    .await;
+
+    // Replay paused: the primary moves on, the standby and the slot stay behind, by about as
+    // much as the primary wrote since.
+    standby.psql("postgres", "SELECT pg_wal_replay_pause()").unwrap();
+    let before: sluice_core::Lsn = db.sql("SELECT pg_current_wal_lsn()").parse().unwrap();
+    db.sql("INSERT INTO t SELECT g FROM generate_series(1, 20000) g");
+    let after: sluice_core::Lsn = db.sql("SELECT pg_current_wal_lsn()").parse().unwrap();
+    let written = (after.0 - before.0) as f64;
+    wait_for_metrics(port, "the standby's replay lag to show", Duration::from_secs(60), |body| {
+        metric(body, "sluice_standby_replay_lag_bytes").is_some_and(|b| b >= written)
+            && metric(body, "sluice_lag_behind_primary_bytes").is_some_and(|b| b >= written)
+    })
+    .await;
+    let (code, out) = status(&config, true);
+    assert_eq!(code, Some(0), "{out}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let slot = &json["slot"];
+    assert_eq!(slot["on_standby"], true, "{out}");
+    let primary_lsn: sluice_core::Lsn = slot["primary_wal_lsn"].as_str().unwrap().parse().unwrap();
+    let replayed: sluice_core::Lsn = slot["server_wal_lsn"].as_str().unwrap().parse().unwrap();
+    assert!(primary_lsn >= after && replayed < after, "{out}");
+    assert_eq!(slot["standby_replay_lag_bytes"].as_i64(), Some((primary_lsn.0 - replayed.0) as i64), "{out}");
+    let (code, out) = status(&config, false);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("bytes behind the primary's") && out.contains(&primary_lsn.to_string()), "{out}");
+
+    // Replay resumed: the standby catches up, and the slot follows it to the primary's position.
+    standby.psql("postgres", "SELECT pg_wal_replay_resume()").unwrap();
+    wait_for_metrics(port, "the slot to catch up with the primary", Duration::from_secs(90), |body| {
+        metric(body, "sluice_standby_replay_lag_bytes").is_some_and(|b| b < written)
+            && metric(body, "sluice_lag_behind_primary_bytes").is_some_and(|b| b < written)
+            && metric(body, "sluice_events_total{op=\"insert\",pipeline=\"default\",table=\"public.t\"}")
+                == Some(20000.0)
+    })
+    .await;
+    let body = scrape(port);
+    assert!(metric(&body, "sluice_heartbeats_received_total").is_some_and(|n| n >= 1.0), "{body}");
+    std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(child.wait().unwrap().success());
+}
