@@ -728,3 +728,33 @@ fn validate_names_a_mapping_the_way_back_cannot_invert() {
         "{stdout}"
     );
 }
+
+/// A target server with every replication-origin state slot taken (`max_active_replication_origins`
+/// on 18, `max_replication_slots` before) cannot track sluice's progress: sluice stops with the
+/// setting named, and applies nothing.
+#[test]
+fn a_target_without_a_free_replication_origin_slot_names_the_setting() {
+    // Its own cluster: the origins taken here would starve the other tests' targets.
+    let pg = std::sync::Arc::new(sluice::localpg::LocalPostgres::start(&Default::default()).unwrap());
+    let db = TestDb::in_cluster(std::sync::Arc::clone(&pg));
+    db.sql(SOURCE_SCHEMA);
+    let target = target_db(&db);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&db, &target, dir.path(), "pgr", "");
+    let setting =
+        if db.server_major() >= 18 { "max_active_replication_origins" } else { "max_replication_slots" };
+    let limit: i32 = target.sql(&format!("SHOW {setting}")).parse().unwrap();
+    target.sql(&format!(
+        "SELECT count(pg_replication_origin_advance(name, '0/1')) FROM \
+           (SELECT 'taken_' || g AS name, pg_replication_origin_create('taken_' || g) FROM generate_series(1, {limit}) g) o"
+    ));
+    db.sql("INSERT INTO customers (id, email) VALUES (1, 'a')");
+    let stderr = run_to_now_failing(&db, &config);
+    assert!(
+        stderr.contains("max_active_replication_origins (Postgres 18+) or max_replication_slots")
+            && stderr.contains(setting)
+            && stderr.contains("target.connection"),
+        "{stderr}"
+    );
+    assert_eq!(target.sql("SELECT count(*) FROM v2.customers"), "0");
+}

@@ -156,7 +156,7 @@ impl PgTarget {
             connect(&config.connection, config.lock_timeout, &origin).await.map_err(|e| TargetError {
                 target: TARGET,
                 kind: ErrorKind::Fatal,
-                message: "cannot connect to the target database (target.connection)".into(),
+                message: "cannot open a session on the target database (target.connection)".into(),
                 source: Some(Box::new(e)),
             })?;
         let tables = target_tables(&client, &mapping).await?;
@@ -256,6 +256,15 @@ async fn connect(
                     "postgres target: the replication origin is still held by an ended session; waiting"
                 );
                 tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::CONFIGURATION_LIMIT_EXCEEDED) => {
+                return Err(sluice_postgres::Error::Setup(format!(
+                    "cannot set up replication origin {origin:?} on the target: every replication-origin \
+                     state slot of the target server is taken ({}); raise max_active_replication_origins \
+                     (Postgres 18+) or max_replication_slots (before 18) there, or drop the origins no \
+                     longer used (pg_replication_origin_drop)",
+                    sluice_postgres::error::Chain(&e)
+                )));
             }
             Err(e) => return Err(e.into()),
         }
