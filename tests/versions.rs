@@ -224,3 +224,95 @@ async fn a_slot_invalidated_for_idleness_on_18_is_named_so() {
     assert!(message.contains(&slot) && message.contains("idle_replication_slot_timeout (1s)"), "{message}");
     assert!(message.contains("on_slot_lost"), "says what to do: {message}");
 }
+
+/// Generated columns (before 18, and virtual ones on 18) and columns a publication's column
+/// list leaves out (15+) never arrive through the stream: a backfill leaves them out alike, and
+/// `validate` names a mapping that renames one, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_the_publication_leaves_out_are_left_out_of_backfill_and_named_by_validate() {
+    let db = TestDb::new();
+    let major = db.server_major();
+    let virtual_column =
+        if major >= 18 { ", tripled int GENERATED ALWAYS AS (price * 3) VIRTUAL" } else { "" };
+    db.sql(&format!(
+        "CREATE TABLE t (id int8 PRIMARY KEY, price int NOT NULL, \
+         doubled int GENERATED ALWAYS AS (price * 2) STORED, note text{virtual_column});
+         INSERT INTO t (id, price, note) SELECT g, g, 'n' FROM generate_series(1, 3) g;"
+    ));
+    // A column list needs 15; before it, every plain column is published.
+    db.sql(if major >= 15 {
+        "CREATE PUBLICATION p FOR TABLE t (id, price)"
+    } else {
+        "CREATE PUBLICATION p FOR TABLE t"
+    });
+    let carried: &[&str] = if major >= 15 { &["id", "price"] } else { &["id", "note", "price"] };
+
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out.jsonl");
+    let config = db.config_file(
+        dir.path(),
+        "lo",
+        "p",
+        &format!("[target]\nkind = \"jsonl\"\npath = \"{}\"\nfsync = true\n", output.display()),
+    );
+    let log = dir.path().join("run.log");
+    let mut child = crate::operations::start(&config, &log);
+    let _logs = crate::harness::LogsOnPanic(vec![log]);
+    db.wait_slot_active(&db.slot_name("lo")).await;
+    db.sql("INSERT INTO t (id, price, note) VALUES (4, 4, 'n')");
+    let mut snapshot = crate::harness::sluice();
+    snapshot.args(["snapshot", "-c", config.to_str().unwrap()]);
+    let out = tokio::task::spawn_blocking(move || snapshot.output().unwrap()).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&output)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|l: &serde_json::Value| l["op"] == "insert" || l["op"] == "read")
+            .collect()
+    };
+    wait_for("the streamed row and the four backfilled ones", Duration::from_secs(60), || {
+        let n = rows().len();
+        async move { n >= 5 }
+    })
+    .await;
+    for row in rows() {
+        let mut columns: Vec<&str> = row["new"].as_object().unwrap().keys().map(String::as_str).collect();
+        columns.sort();
+        assert_eq!(columns, carried, "streamed and backfilled rows carry the same columns: {row}");
+    }
+    std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(child.wait().unwrap().success());
+
+    // A Postgres target whose mapping renames the generated column.
+    let target = TestDb::in_cluster(std::sync::Arc::clone(&db.pg));
+    target.sql("CREATE TABLE t2 (id int8 PRIMARY KEY, price int, twice int, note text)");
+    let mapping = dir.path().join("mapping.toml");
+    std::fs::write(
+        &mapping,
+        "[[tables]]\nsource = \"public.t\"\ntarget = \"public.t2\"\nrename = { doubled = \"twice\" }\n",
+    )
+    .unwrap();
+    let pg_config = db.config_file(
+        dir.path(),
+        "lo2",
+        "p",
+        &format!(
+            "[target]\nkind = \"postgres\"\nmapping = \"{}\"\n[target.connection]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{}\"\nuser = \"postgres\"\n",
+            mapping.display(),
+            target.pg.port,
+            target.name
+        ),
+    );
+    let run =
+        crate::harness::sluice().args(["validate", "-c", pg_config.to_str().unwrap()]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned() + &String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("target.mapping.tables[0].rename")
+            && stdout.contains("column doubled is not carried by the publication")
+            && stdout.contains("generated column"),
+        "{stdout}"
+    );
+}

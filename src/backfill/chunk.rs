@@ -19,6 +19,7 @@ use super::{BackfillConfig, BackfillError, Request};
 pub(super) async fn serve_request(
     connection: &ConnectionConfig,
     pipeline: &str,
+    publication: &str,
     config: &BackfillConfig,
     chunks: &mpsc::Sender<Chunk>,
     mut shutdown: Shutdown,
@@ -31,13 +32,28 @@ pub(super) async fn serve_request(
     // synchronous standbys.
     sql.batch_execute("SET synchronous_commit = local").await?;
     let progress = config.quoted_table();
-    let table = match sluice_postgres::catalog::split_table(&request.table) {
-        Some((schema, name)) => sluice_postgres::catalog::table(&sql, schema, name).await?,
-        None => None,
+    let (table, left_out) = match sluice_postgres::catalog::split_table(&request.table) {
+        Some((schema, name)) => (
+            sluice_postgres::catalog::table(&sql, schema, name).await?,
+            sluice_postgres::catalog::left_out_columns(&sql, publication, schema, name).await?,
+        ),
+        None => (None, Vec::new()),
     };
     let Some(table) = table else {
         return Err(BackfillError::Request(format!("table {} does not exist", request.table)));
     };
+    // Backfilled rows carry what the stream's rows carry, no more: the same item or row
+    // whichever of the two wrote it last.
+    let keyed = !table.primary_key.is_empty();
+    let table = table.without(&left_out);
+    if keyed && table.primary_key.is_empty() {
+        return Err(BackfillError::Request(format!(
+            "table {}: a primary-key column is not carried by publication {publication:?} ({}); backfill reads in \
+             primary-key order and sends only what the stream sends",
+            request.table,
+            left_out.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        )));
+    }
     if table.primary_key.is_empty() {
         return Err(BackfillError::Request(format!(
             "table {} has no primary key; backfill reads in primary-key order",

@@ -199,7 +199,19 @@ async fn serve(
                 serving.push(request.id);
                 let id = request.id;
                 running.push(async move {
-                    (id, serve_request(connection, pipeline, config, chunks, shutdown.clone(), request).await)
+                    (
+                        id,
+                        serve_request(
+                            connection,
+                            pipeline,
+                            &scope.publication,
+                            config,
+                            chunks,
+                            shutdown.clone(),
+                            request,
+                        )
+                        .await,
+                    )
                 });
             }
         }

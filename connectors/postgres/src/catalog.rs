@@ -209,6 +209,108 @@ pub async fn table(sql: &tokio_postgres::Client, schema: &str, name: &str) -> Re
     }))
 }
 
+/// A column of a table that a publication does not carry, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeftOut {
+    /// The column's name.
+    pub column: String,
+    /// Why the stream never carries it, in words.
+    pub reason: &'static str,
+}
+
+impl std::fmt::Display for LeftOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "column {} is not carried by the publication: {}", self.column, self.reason)
+    }
+}
+
+/// The columns of `schema.name` that `publication` does not carry, so that no change event
+/// of the stream holds them: generated columns (never before Postgres 18; on 18 stored ones
+/// only where the publication sets `publish_generated_columns = stored`, virtual ones never),
+/// and those a column list (15+) leaves out. Empty for a table the publication does not include.
+pub async fn left_out_columns(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+    schema: &str,
+    name: &str,
+) -> std::result::Result<Vec<LeftOut>, tokio_postgres::Error> {
+    let version: i32 = sql.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
+    // Before 15, no column lists (and no `attnames`): every column but the generated ones.
+    let listed: Option<Vec<String>> = if version >= 150000 {
+        let Some(row) = sql
+            .query_opt(
+                "SELECT attnames::text[] FROM pg_catalog.pg_publication_tables \
+                 WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&publication, &schema, &name],
+            )
+            .await?
+        else {
+            return Ok(Vec::new());
+        };
+        Some(row.get(0))
+    } else {
+        None
+    };
+    let rows = sql
+        .query(
+            "SELECT a.attname::text, a.attgenerated::text FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_class c ON c.oid = a.attrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&schema, &name],
+        )
+        .await?;
+    let columns: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(left_out(&columns, listed.as_deref(), version))
+}
+
+/// `left_out_columns` from the catalog rows: each column's name and `attgenerated`, the
+/// publication's `attnames` (15+) and `server_version_num`.
+fn left_out(columns: &[(String, String)], listed: Option<&[String]>, version: i32) -> Vec<LeftOut> {
+    columns
+        .iter()
+        .filter_map(|(column, generated)| {
+            let reason = match generated.as_str() {
+                "v" => "it is a virtual generated column, which logical replication never carries",
+                "s" if version < 180000 => {
+                    "it is a generated column, which Postgres publishes only from 18 (publish_generated_columns = stored)"
+                }
+                "s" if listed.is_some_and(|l| !l.contains(column)) => {
+                    "it is a generated column and the publication does not publish generated columns \
+                     (publish_generated_columns = stored, or a column list naming it)"
+                }
+                _ if listed.is_some_and(|l| !l.contains(column)) => "the publication's column list leaves it out",
+                _ => return None,
+            };
+            Some(LeftOut { column: column.clone(), reason })
+        })
+        .collect()
+}
+
+impl Table {
+    /// This table without `columns` (by name): the primary key and the SQL types follow. A
+    /// primary-key column among them leaves the table without a primary key.
+    pub fn without(mut self, columns: &[LeftOut]) -> Table {
+        if columns.is_empty() {
+            return self;
+        }
+        let gone = |name: &str| columns.iter().any(|c| c.column == name);
+        let keep: Vec<bool> = self.relation.columns.iter().map(|c| !gone(&c.name)).collect();
+        let mut new_index = Vec::with_capacity(keep.len());
+        let mut next = 0;
+        for &kept in &keep {
+            new_index.push(kept.then_some(next));
+            next += usize::from(kept);
+        }
+        let key: Option<Vec<usize>> = self.primary_key.iter().map(|&k| new_index[k]).collect();
+        self.primary_key = key.unwrap_or_default();
+        let mut kept = keep.iter();
+        self.relation.columns.retain(|_| *kept.next().expect("one flag per column"));
+        let mut kept = keep.iter();
+        self.sql_types.retain(|_| *kept.next().expect("one flag per column"));
+        self
+    }
+}
+
 /// Like `table`, with a missing table as an error naming `key` (the configuration key).
 pub async fn required_table(sql: &tokio_postgres::Client, qualified: &str, key: &str) -> Result<Table> {
     let (schema, name) = split_table(qualified)
@@ -266,5 +368,53 @@ mod tests {
             Ok(vec![sluice_core::value::Value::Int8(1), sluice_core::value::Value::Int8(2)])
         );
         assert!(table.decode_key(&["1".into()]).unwrap_err().contains("the primary key has 2"));
+    }
+
+    #[test]
+    fn left_out_columns_follow_the_version_the_column_list_and_the_kind_of_generation() {
+        let columns: Vec<(String, String)> =
+            [("id", ""), ("price", ""), ("doubled", "s"), ("tripled", "v"), ("note", "")]
+                .iter()
+                .map(|(n, g)| (n.to_string(), g.to_string()))
+                .collect();
+        let names = |left: Vec<LeftOut>| left.into_iter().map(|l| l.column).collect::<Vec<_>>();
+        // 14: no column lists; generated columns never published.
+        assert_eq!(names(left_out(&columns, None, 140023)), ["doubled", "tripled"]);
+        // 15 to 17 list a stored generated column in attnames, but never send it.
+        let all: Vec<String> = ["id", "price", "doubled", "note"].map(String::from).to_vec();
+        assert_eq!(names(left_out(&columns, Some(&all), 150018)), ["doubled", "tripled"]);
+        // 18: attnames is what the stream carries; a stored column published with
+        // publish_generated_columns = stored stays.
+        assert_eq!(names(left_out(&columns, Some(&all), 180004)), ["tripled"]);
+        let without_generated: Vec<String> = ["id", "price", "note"].map(String::from).to_vec();
+        let left = left_out(&columns, Some(&without_generated), 180004);
+        assert_eq!(names(left.clone()), ["doubled", "tripled"]);
+        assert!(left[0].reason.contains("publish_generated_columns"), "{}", left[0]);
+        // A column list.
+        let listed: Vec<String> = ["id", "price"].map(String::from).to_vec();
+        let left = left_out(&columns, Some(&listed), 160010);
+        assert_eq!(names(left.clone()), ["doubled", "tripled", "note"]);
+        assert_eq!(
+            left[2].to_string(),
+            "column note is not carried by the publication: the publication's column list leaves it out"
+        );
+    }
+
+    #[test]
+    fn a_table_without_some_columns_keeps_its_key_and_types_in_step() {
+        let mut table = orders();
+        table.relation.columns.insert(1, table.relation.columns[2].clone());
+        table.relation.columns[1].name = "note".into();
+        table.sql_types.insert(1, "text".into());
+        table.primary_key = vec![0, 2];
+        let gone = |c: &str| LeftOut { column: c.into(), reason: "test" };
+        let narrowed = table.clone().without(&[gone("note")]);
+        let names: Vec<&str> = narrowed.relation.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["customer_id", "id", "total"]);
+        assert_eq!(narrowed.primary_key, [0, 1]);
+        assert_eq!(narrowed.sql_types, ["bigint", "bigint", "numeric"]);
+        let keyless = table.without(&[gone("id")]);
+        assert!(keyless.primary_key.is_empty());
+        assert_eq!(keyless.relation.columns.len(), 3);
     }
 }

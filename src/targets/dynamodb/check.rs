@@ -66,9 +66,14 @@ pub async fn check(
             .iter()
             .map(|row| CatalogColumn { name: row.get(0), type_name: row.get(1), category: row.get(2), identity: row.get(3) })
             .collect();
-        let find = |column: &str| columns.iter().find(|c| c.name == column);
+        let left_out = sluice_postgres::catalog::left_out_columns(sql, publication, schema, name).await?;
+        let find = |column: &str| {
+            columns.iter().find(|c| c.name == column).filter(|_| !left_out.iter().any(|l| l.column == column))
+        };
         let require = |key: String, column: &str, problems: &mut Vec<Problem>| {
-            if find(column).is_none() {
+            if let Some(left) = left_out.iter().find(|l| l.column == column) {
+                problems.push(Problem::new(&prefix, &key, format!("{}: {left}", table.source)));
+            } else if find(column).is_none() {
                 problems.push(Problem::new(
                     &prefix,
                     &key,
@@ -101,7 +106,8 @@ pub async fn check(
         for column in table.rename.keys() {
             require(format!("rename.{column}"), column, &mut problems);
         }
-        for column in &table.drop {
+        // Dropping a column the stream never carries is harmless: only a missing one is named.
+        for column in table.drop.iter().filter(|c| !left_out.iter().any(|l| &l.column == *c)) {
             require("drop".into(), column, &mut problems);
         }
         for (j, predicate) in table.filter.iter().enumerate() {

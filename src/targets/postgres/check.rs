@@ -70,6 +70,8 @@ pub async fn check(
                 format!("table {} is not in publication {publication:?}", table.source),
             ));
         }
+        let left_out = catalog::left_out_columns(sql, publication, schema, name).await?;
+        let source = source.without(&left_out);
         let source_columns: Vec<&str> = source.relation.columns.iter().map(|c| c.name.as_str()).collect();
         let named = table
             .rename
@@ -78,7 +80,12 @@ pub async fn check(
             .chain(table.drop.iter().map(|c| ("drop", c)))
             .chain(table.filter.iter().map(|f| ("filter", &f.column)));
         for (key, column) in named {
-            if !source_columns.contains(&column.as_str()) {
+            if let Some(left) = left_out.iter().find(|l| &l.column == column) {
+                // Dropping a column the stream never carries is harmless.
+                if key != "drop" {
+                    problems.push(Problem::new(&prefix, key, format!("{}: {left}", table.source)));
+                }
+            } else if !source_columns.contains(&column.as_str()) {
                 problems.push(Problem::new(
                     &prefix,
                     key,
