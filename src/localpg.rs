@@ -243,6 +243,11 @@ hot_standby_feedback = on
         self.dir.path().join("data")
     }
 
+    /// The directory of the server's Unix-domain socket (`host` for a connection over it).
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// The server's log file.
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("postgres.log")

@@ -196,3 +196,53 @@ async fn logical_messages_and_truncates_are_delivered() {
     assert!(!cascade);
     stream.stop().await.unwrap();
 }
+
+/// `host` as a directory path connects over the server's Unix-domain socket, for the
+/// replication stream and the SQL sessions alike (set-up, status).
+#[test]
+fn a_unix_domain_socket_carries_the_stream_and_the_sql_sessions() {
+    let db = TestDb::new();
+    db.sql("CREATE TABLE t (id int8 PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t");
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out.jsonl");
+    let config = db.config_file(
+        dir.path(),
+        "ux",
+        "p",
+        &format!("[target]\nkind = \"jsonl\"\npath = \"{}\"\n", output.display()),
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("host = \"127.0.0.1\"", &format!("host = \"{}\"", db.pg.socket_dir().display()));
+    std::fs::write(&config, text).unwrap();
+    let run_to_now = || {
+        let until = db.insert_lsn().to_string();
+        let (code, stderr) = crate::harness::sluice_output(
+            &["run", "-c", config.to_str().unwrap(), "--until-lsn", &until],
+            Duration::from_secs(90),
+        );
+        assert_eq!(code, Some(0), "{stderr}");
+        stderr
+    };
+    run_to_now(); // creates the slot
+    db.sql("INSERT INTO t SELECT g FROM generate_series(1, 100) g");
+    run_to_now();
+    let lines = std::fs::read_to_string(&output).unwrap();
+    assert_eq!(lines.lines().filter(|l| l.contains("\"insert\"")).count(), 100, "{lines}");
+    let socket = format!("{}/.s.PGSQL.{}", db.pg.socket_dir().display(), db.pg.port);
+    let status = sluice().args(["status", "--json", "-c", config.to_str().unwrap()]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{stdout}{}", String::from_utf8_lossy(&status.stderr));
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["slot"]["exists"], true, "{stdout}");
+    // A server that is not there is named by its socket path.
+    let missing =
+        std::fs::read_to_string(&config).unwrap().replace(&format!("port = {}", db.pg.port), "port = 1");
+    std::fs::write(&config, missing).unwrap();
+    let (code, stderr) = crate::harness::sluice_output(
+        &["run", "-c", config.to_str().unwrap(), "--until-lsn", "0/1"],
+        Duration::from_secs(90),
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(&socket.replace(&db.pg.port.to_string(), "1")), "names the socket: {stderr}");
+}

@@ -51,20 +51,29 @@ impl ReplicationClient {
     /// Connects, negotiates TLS as configured and logs in as a replication client.
     pub async fn connect(config: &ConnectionConfig) -> Result<Self> {
         let addr = config.addr();
-        let tcp = tokio::time::timeout(
-            config.connect_timeout,
-            TcpStream::connect((config.host.as_str(), config.port)),
-        )
-        .await
-        .map_err(|_| Error::Connect {
+        let timed_out = || Error::Connect {
             addr: addr.clone(),
             source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
-        })?
-        .map_err(|source| Error::Connect { addr: addr.clone(), source })?;
-        tcp.set_nodelay(true).map_err(|source| Error::Connect { addr: addr.clone(), source })?;
-        let stream: Box<dyn Stream> = match tls::client_config(config)? {
-            None => Box::new(tcp),
-            Some(tls_config) => Box::new(start_tls(tcp, config, tls_config).await?),
+        };
+        let stream: Box<dyn Stream> = if let Some(path) = config.unix_socket() {
+            let unix = tokio::time::timeout(config.connect_timeout, tokio::net::UnixStream::connect(&path))
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|source| Error::Connect { addr: addr.clone(), source })?;
+            Box::new(unix)
+        } else {
+            let tcp = tokio::time::timeout(
+                config.connect_timeout,
+                TcpStream::connect((config.host.as_str(), config.port)),
+            )
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|source| Error::Connect { addr: addr.clone(), source })?;
+            tcp.set_nodelay(true).map_err(|source| Error::Connect { addr: addr.clone(), source })?;
+            match tls::client_config(config)? {
+                None => Box::new(tcp),
+                Some(tls_config) => Box::new(start_tls(tcp, config, tls_config).await?),
+            }
         };
         let mut client = ReplicationClient {
             stream,

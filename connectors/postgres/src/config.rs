@@ -57,7 +57,9 @@ impl SessionAttrs {
 #[serde(deny_unknown_fields)]
 pub struct ConnectionConfig {
     /// Host name or address of the server; or several, comma-separated, each with an optional
-    /// `:port` (`"pg-a:5432,pg-b:5432"`), tried in order (see `target_session_attrs`).
+    /// `:port` (`"pg-a:5432,pg-b:5432"`), tried in order (see `target_session_attrs`). A path
+    /// (`"/var/run/postgresql"`) is the directory of the server's Unix-domain socket, as with
+    /// libpq; TLS is never used on it.
     #[serde(default = "default_host")]
     pub host: String,
     /// TCP port (of every host without its own).
@@ -94,6 +96,11 @@ fn default_host() -> String {
 fn default_port() -> u16 {
     5432
 }
+/// `<dir>/.s.PGSQL.<port>` when `host` is a directory path.
+fn socket_path(host: &str, port: u16) -> Option<std::path::PathBuf> {
+    host.starts_with('/').then(|| std::path::Path::new(host).join(format!(".s.PGSQL.{port}")))
+}
+
 fn default_user() -> String {
     "postgres".into()
 }
@@ -102,23 +109,38 @@ fn default_connect_timeout() -> Duration {
 }
 
 impl ConnectionConfig {
-    /// `host:port`, for messages (every host's, comma-separated, when there are several).
+    /// `host:port`, for messages (every host's, comma-separated, when there are several); a
+    /// Unix-domain socket as its path.
     pub fn addr(&self) -> String {
         match self.servers() {
-            Ok(servers) => {
-                servers.iter().map(|(host, port)| format!("{host}:{port}")).collect::<Vec<_>>().join(",")
-            }
+            Ok(servers) => servers
+                .iter()
+                .map(|(host, port)| match socket_path(host, *port) {
+                    Some(path) => path.display().to_string(),
+                    None => format!("{host}:{port}"),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
             Err(_) => format!("{}:{}", self.host, self.port),
         }
     }
 
-    /// The hosts and ports `host` lists, in order.
+    /// The Unix-domain socket to connect to when `host` is a directory path (as with libpq:
+    /// `<host>/.s.PGSQL.<port>`); none for a TCP host.
+    pub fn unix_socket(&self) -> Option<std::path::PathBuf> {
+        socket_path(&self.host, self.port)
+    }
+
+    /// The hosts and ports `host` lists, in order (a directory path stands for that
+    /// directory's Unix-domain socket, on `port`).
     pub fn servers(&self) -> Result<Vec<(String, u16)>, String> {
         self.host
             .split(',')
             .map(|entry| {
                 let entry = entry.trim();
                 let (host, port) = match entry.rsplit_once(':') {
+                    // A socket directory takes the common port; a colon in it is part of the path.
+                    _ if entry.starts_with('/') => (entry, self.port),
                     // A bare IPv6 address has colons of its own; `[addr]:port` gives it a port.
                     Some((host, port)) if !host.contains(':') || host.starts_with('[') => {
                         let port =
@@ -410,4 +432,40 @@ fn is_identifier(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_host(host: &str) -> ConnectionConfig {
+        ConnectionConfig {
+            host: host.into(),
+            port: 5433,
+            target_session_attrs: SessionAttrs::Any,
+            user: default_user(),
+            password: None,
+            dbname: "app".into(),
+            sslmode: SslMode::default(),
+            sslrootcert: None,
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+
+    #[test]
+    fn a_directory_path_is_a_unix_socket_and_a_name_is_tcp() {
+        let unix = with_host("/var/run/postgresql");
+        assert_eq!(unix.unix_socket(), Some(PathBuf::from("/var/run/postgresql/.s.PGSQL.5433")));
+        assert_eq!(unix.addr(), "/var/run/postgresql/.s.PGSQL.5433");
+        // A colon inside a socket path is the path's own.
+        let odd = with_host("/run/pg:a");
+        assert_eq!(odd.servers().unwrap(), [("/run/pg:a".to_owned(), 5433)]);
+        let tcp = with_host("db.internal");
+        assert_eq!(tcp.unix_socket(), None);
+        assert_eq!(tcp.addr(), "db.internal:5433");
+        // Listed together: each its own way.
+        let both = with_host("/tmp,db:5432");
+        assert_eq!(both.addr(), "/tmp/.s.PGSQL.5433,db:5432");
+        assert_eq!(both.single("/tmp", 5433).unix_socket(), Some(PathBuf::from("/tmp/.s.PGSQL.5433")));
+    }
 }

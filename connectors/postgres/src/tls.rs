@@ -17,6 +17,10 @@ pub(crate) fn client_config(config: &ConnectionConfig) -> Result<Option<Arc<Clie
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_error(e.to_string()))?;
+    // As with libpq, a Unix-domain socket never carries TLS: it does not leave the host.
+    if config.unix_socket().is_some() {
+        return Ok(None);
+    }
     let client_config = match config.sslmode {
         SslMode::Disable => return Ok(None),
         SslMode::Require => builder
