@@ -52,6 +52,9 @@ pub struct BenchArgs {
     /// pgoutput's binary value format for both consumers.
     #[arg(long)]
     pub binary: bool,
+    /// Both consumers connect over the server's Unix-domain socket instead of TCP.
+    #[arg(long)]
+    pub unix: bool,
     /// `null`: the stream against pg_recvlogical. `kafka`: outbox events (the rows, routed by
     /// the outbox event router) produced to `--kafka-brokers`, against pg_recvlogical draining
     /// the same WAL. `dynamodb`: the DynamoDB target against a plain client's BatchWriteItem
@@ -168,6 +171,77 @@ struct Sample {
     peak_rss_kib: u64,
     /// sluice's own CPU time (user + system), seconds.
     sluice_cpu_s: f64,
+    /// What each consumer cost the server: its walsender's CPU and the TCP segments.
+    baseline_cost: ServerCost,
+    sluice_cost: ServerCost,
+}
+
+/// What one consumer's run cost the server side.
+#[derive(Clone, Copy, Debug, Default)]
+struct ServerCost {
+    /// The walsender backend's CPU time (user + system), seconds.
+    walsender_cpu_s: f64,
+    /// TCP segments received on this host during the run (`/proc/net/snmp` InSegs: both
+    /// directions of a loopback connection, and anything else the host did meanwhile).
+    tcp_segments: u64,
+}
+
+/// Watches the walsender that serves `slot` of `db` while `child` (its client) runs: its CPU
+/// time as last seen, and the host's TCP segments over the run.
+struct WalsenderWatch<'a> {
+    pg: &'a LocalPostgres,
+    db: &'a str,
+    slot: &'static str,
+    pid: Option<u32>,
+    next_look: Instant,
+    cost: ServerCost,
+    segments_at_start: u64,
+}
+
+impl<'a> WalsenderWatch<'a> {
+    fn new(pg: &'a LocalPostgres, db: &'a str, slot: &'static str) -> Self {
+        WalsenderWatch {
+            pg,
+            db,
+            slot,
+            pid: None,
+            next_look: Instant::now(),
+            cost: ServerCost::default(),
+            segments_at_start: tcp_segments_received().unwrap_or(0),
+        }
+    }
+
+    /// One sample: finds the walsender (every 50 ms until it exists), then reads its CPU time.
+    fn sample(&mut self) {
+        if self.pid.is_none() && Instant::now() >= self.next_look {
+            self.next_look = Instant::now() + Duration::from_millis(50);
+            self.pid = self
+                .pg
+                .psql(
+                    self.db,
+                    &format!("SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{}'", self.slot),
+                )
+                .ok()
+                .and_then(|pid| pid.trim().parse().ok());
+        }
+        if let Some(cpu) = self.pid.and_then(cpu_seconds) {
+            self.cost.walsender_cpu_s = self.cost.walsender_cpu_s.max(cpu);
+        }
+    }
+
+    fn finish(mut self) -> ServerCost {
+        self.cost.tcp_segments = tcp_segments_received().unwrap_or(0).saturating_sub(self.segments_at_start);
+        self.cost
+    }
+}
+
+/// The host's TCP segments received so far (`/proc/net/snmp`, Tcp InSegs).
+fn tcp_segments_received() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let at = names.split_whitespace().position(|n| n == "InSegs")?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 /// Runs the benchmark `args` describe and prints its table.
@@ -400,7 +474,7 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
         Shape::One => &[Shape::One],
     };
     println!(
-        "sluice bench --target {}{}: {} rows per run, {} runs, proto_version {}{}{}",
+        "sluice bench --target {}{}: {} rows per run, {} runs, proto_version {}{}{}{}",
         match args.target {
             BenchTarget::Kafka => "kafka (outbox events)",
             BenchTarget::Postgres => "postgres (a second database, same cluster)",
@@ -415,7 +489,8 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
         } else {
             format!(", streaming {}", args.streaming.option())
         },
-        if args.binary { ", binary" } else { "" }
+        if args.binary { ", binary" } else { "" },
+        if args.unix { ", over the Unix-domain socket" } else { ", over TCP (127.0.0.1)" }
     );
     for &shape in shapes {
         let label = match shape {
@@ -425,31 +500,57 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
             _ => format!("one transaction of {} rows", args.rows),
         };
         println!("\n== {label}");
+        // Walsender CPU per 1M changes and TCP segments (thousands) over the run, per consumer.
         println!(
-            "{:>4} {:>16} {:>16} {:>7} {:>14} {:>14}",
-            "run", "pg_recvlogical/s", "sluice rows/s", "ratio", "peak RSS MiB", "sluice CPU s"
+            "{:>6} {:>16} {:>14} {:>7} {:>13} {:>12} {:>20} {:>20}",
+            "run",
+            "pg_recvlogical/s",
+            "sluice rows/s",
+            "ratio",
+            "peak RSS MiB",
+            "sluice CPU s",
+            "walsender s/1M r|s",
+            "TCP segs k r|s"
         );
+        let per_million = |cost: &ServerCost| cost.walsender_cpu_s * 1e6 / (args.rows as f64 + 1.0);
         let mut samples = Vec::new();
         for run in 0..args.runs {
             let sample = run_once(&pg, &sluice, args, shape, run)?;
             println!(
-                "{:>4} {:>16.0} {:>16.0} {:>7.3} {:>14.1} {:>14.2}",
+                "{:>6} {:>16.0} {:>14.0} {:>7.3} {:>13.1} {:>12.2} {:>20} {:>20}",
                 run + 1,
                 sample.baseline_rows_per_s,
                 sample.sluice_rows_per_s,
                 sample.sluice_rows_per_s / sample.baseline_rows_per_s,
                 sample.peak_rss_kib as f64 / 1024.0,
-                sample.sluice_cpu_s
+                sample.sluice_cpu_s,
+                format!("{:.2}|{:.2}", per_million(&sample.baseline_cost), per_million(&sample.sluice_cost)),
+                format!(
+                    "{:.0}|{:.0}",
+                    sample.baseline_cost.tcp_segments as f64 / 1e3,
+                    sample.sluice_cost.tcp_segments as f64 / 1e3
+                ),
             );
             samples.push(sample);
         }
         println!(
-            "median {:>14.0} {:>16.0} {:>7.3} {:>14.1} {:>14.2}",
+            "{:>6} {:>16.0} {:>14.0} {:>7.3} {:>13.1} {:>12.2} {:>20} {:>20}",
+            "median",
             median(&samples, |s| s.baseline_rows_per_s),
             median(&samples, |s| s.sluice_rows_per_s),
             median(&samples, |s| s.sluice_rows_per_s / s.baseline_rows_per_s),
             median(&samples, |s| s.peak_rss_kib as f64 / 1024.0),
-            median(&samples, |s| s.sluice_cpu_s)
+            median(&samples, |s| s.sluice_cpu_s),
+            format!(
+                "{:.2}|{:.2}",
+                median(&samples, |s| per_million(&s.baseline_cost)),
+                median(&samples, |s| per_million(&s.sluice_cost))
+            ),
+            format!(
+                "{:.0}|{:.0}",
+                median(&samples, |s| s.baseline_cost.tcp_segments as f64 / 1e3),
+                median(&samples, |s| s.sluice_cost.tcp_segments as f64 / 1e3)
+            ),
         );
     }
     Ok(())
@@ -499,11 +600,12 @@ fn run_once(
     // The Postgres target writes into a database of its own, made for each run.
     let target_db = format!("{db}_target");
 
-    let baseline = || -> BenchResult<f64> {
+    let baseline = || -> BenchResult<(f64, ServerCost)> {
         let mut cmd = pg.client_command("pg_recvlogical");
+        let host = if args.unix { pg.socket_dir().display().to_string() } else { "127.0.0.1".into() };
         cmd.args([
             "-h",
-            "127.0.0.1",
+            &host,
             "-U",
             "postgres",
             "-S",
@@ -530,21 +632,31 @@ fn run_once(
         if args.binary {
             cmd.args(["-o", "binary=true"]);
         }
+        let mut watch = WalsenderWatch::new(pg, &db, "baseline");
         let started = Instant::now();
-        let status = cmd.stdin(Stdio::null()).stdout(Stdio::null()).status()?;
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).spawn()?;
+        let status = loop {
+            watch.sample();
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let elapsed = started.elapsed().as_secs_f64();
         if !status.success() {
             return Err(format!("pg_recvlogical failed: {status}").into());
         }
-        Ok(total_rows / started.elapsed().as_secs_f64())
+        Ok((total_rows / elapsed, watch.finish()))
     };
-    let measured_sluice = || -> BenchResult<(f64, u64, f64)> {
+    let measured_sluice = || -> BenchResult<(f64, u64, f64, ServerCost)> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("bench.toml");
         std::fs::write(
             &config,
             format!(
-                "[monitoring]\nlisten = \"\"\n[source.connection]\nport = {}\ndbname = \"{db}\"\n\
+                "[monitoring]\nlisten = \"\"\n[source.connection]\nhost = \"{}\"\nport = {}\ndbname = \"{db}\"\n\
                  {}{}",
+                if args.unix { pg.socket_dir().display().to_string() } else { "127.0.0.1".into() },
                 pg.port,
                 if args.source == BenchSource::Poll {
                     format!("[source.poll]\ntable = \"public.bench\"\nbatch_size = {}\ninterval = \"100ms\"\n", args.poll_batch_size)
@@ -574,6 +686,7 @@ fn run_once(
         if !poll {
             command.arg("--until-lsn").arg(&end);
         }
+        let mut watch = WalsenderWatch::new(pg, &db, "sluice");
         let mut child = command.env("SLUICE_LOG", "warn").stdin(Stdio::null()).spawn()?;
         let mut peak = 0;
         let mut cpu = 0.0f64;
@@ -582,6 +695,9 @@ fn run_once(
         let status = loop {
             peak = peak.max(peak_rss_kib(child.id()).unwrap_or(0));
             cpu = cpu.max(cpu_seconds(child.id()).unwrap_or(0.0));
+            if !poll {
+                watch.sample();
+            }
             if let Some(status) = child.try_wait()? {
                 break status;
             }
@@ -599,15 +715,16 @@ fn run_once(
         if !status.success() {
             return Err(format!("sluice run failed: {status}").into());
         }
-        Ok((total_rows / elapsed, peak, cpu))
+        Ok((total_rows / elapsed, peak, cpu, watch.finish()))
     };
-    let (baseline_rows_per_s, (sluice_rows_per_s, peak_rss_kib, sluice_cpu_s)) = if run.is_multiple_of(2) {
-        let b = baseline()?;
-        (b, measured_sluice()?)
-    } else {
-        let s = measured_sluice()?;
-        (baseline()?, s)
-    };
+    let ((baseline_rows_per_s, baseline_cost), (sluice_rows_per_s, peak_rss_kib, sluice_cpu_s, sluice_cost)) =
+        if run.is_multiple_of(2) {
+            let b = baseline()?;
+            (b, measured_sluice()?)
+        } else {
+            let s = measured_sluice()?;
+            (baseline()?, s)
+        };
     // A walsender lingers for a moment after its client exits; its slot blocks the drop until then.
     let deadline = Instant::now() + Duration::from_secs(30);
     while pg.psql(
@@ -631,7 +748,14 @@ fn run_once(
         }
         pg.psql("postgres", &format!("DROP DATABASE \"{target_db}\" WITH (FORCE)"))?;
     }
-    Ok(Sample { baseline_rows_per_s, sluice_rows_per_s, peak_rss_kib, sluice_cpu_s })
+    Ok(Sample {
+        baseline_rows_per_s,
+        sluice_rows_per_s,
+        peak_rss_kib,
+        sluice_cpu_s,
+        baseline_cost,
+        sluice_cost,
+    })
 }
 
 /// The table the null, Postgres and backfill benchmarks stream.

@@ -29,6 +29,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC \
     -c extra_float_digits=3 -c bytea_output=hex -c client_encoding=UTF8";
 
+/// How much one read of the replication socket takes at most.
+const READ_CHUNK: usize = 256 * 1024;
+
 /// Microseconds between the Unix epoch and Postgres' epoch (2000-01-01).
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
@@ -77,7 +80,7 @@ impl ReplicationClient {
         };
         let mut client = ReplicationClient {
             stream,
-            read_buf: BytesMut::with_capacity(64 * 1024),
+            read_buf: BytesMut::with_capacity(READ_CHUNK),
             write_buf: BytesMut::new(),
             addr,
         };
@@ -339,6 +342,11 @@ impl ReplicationClient {
                     }
                 }
                 self.read_buf.reserve(len + 1 - self.read_buf.len());
+            }
+            // Room for a large read: once the frames split off have used the buffer up, a read
+            // into what is left would take a few bytes per system call.
+            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
+                self.read_buf.reserve(READ_CHUNK);
             }
             let n = self.stream.read_buf(&mut self.read_buf).await.map_err(Error::ConnectionLost)?;
             if n == 0 {
