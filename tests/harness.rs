@@ -373,6 +373,18 @@ impl Drop for LogsOnPanic {
 }
 
 /// Runs `sluice` to completion with a time limit; returns (exit code, stderr).
+/// Runs `sluice run -c config` until the stream passed everything `db` holds so far, expecting
+/// success; returns its log (standard error).
+pub fn run_to_now(db: &TestDb, config: &std::path::Path) -> String {
+    let until = db.insert_lsn().to_string();
+    let (code, stderr) = sluice_output(
+        &["run", "-c", config.to_str().unwrap(), "--until-lsn", &until],
+        Duration::from_secs(90),
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    stderr
+}
+
 pub fn sluice_output(args: &[&str], limit: Duration) -> (Option<i32>, String) {
     let mut child =
         sluice().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn sluice");

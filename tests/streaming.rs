@@ -215,15 +215,7 @@ fn a_unix_domain_socket_carries_the_stream_and_the_sql_sessions() {
         .unwrap()
         .replace("host = \"127.0.0.1\"", &format!("host = \"{}\"", db.pg.socket_dir().display()));
     std::fs::write(&config, text).unwrap();
-    let run_to_now = || {
-        let until = db.insert_lsn().to_string();
-        let (code, stderr) = crate::harness::sluice_output(
-            &["run", "-c", config.to_str().unwrap(), "--until-lsn", &until],
-            Duration::from_secs(90),
-        );
-        assert_eq!(code, Some(0), "{stderr}");
-        stderr
-    };
+    let run_to_now = || crate::harness::run_to_now(&db, &config);
     run_to_now(); // creates the slot
     db.sql("INSERT INTO t SELECT g FROM generate_series(1, 100) g");
     run_to_now();

@@ -319,14 +319,7 @@ async fn columns_the_publication_leaves_out_are_left_out_of_backfill_and_named_b
     // Without the rename, the rows stream into the target, and verify compares them as the
     // stream carries them: the left-out columns are no difference.
     std::fs::write(&mapping, "[[tables]]\nsource = \"public.t\"\ntarget = \"public.t2\"\n").unwrap();
-    let run_to_now = || {
-        let until = db.insert_lsn().to_string();
-        let (code, stderr) = crate::harness::sluice_output(
-            &["run", "-c", pg_config.to_str().unwrap(), "--until-lsn", &until],
-            Duration::from_secs(90),
-        );
-        assert_eq!(code, Some(0), "{stderr}");
-    };
+    let run_to_now = || crate::harness::run_to_now(&db, &pg_config);
     run_to_now(); // creates the slot
     db.sql("INSERT INTO t (id, price, note) VALUES (5, 5, 'n')");
     run_to_now();
