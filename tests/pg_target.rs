@@ -468,6 +468,8 @@ fn validate_checks_a_postgres_mapping_against_both_catalogs() {
     )
     .unwrap();
     target.sql("ALTER TABLE v2.orders ADD COLUMN channel text NOT NULL");
+    // A target column Postgres computes, which the mapping would write (source column bio).
+    target.sql("ALTER TABLE v2.customers DROP COLUMN bio, ADD COLUMN bio text GENERATED ALWAYS AS (email_address) STORED");
     db.sql("CREATE TABLE unpublished (id int8 PRIMARY KEY)");
     let (code, stderr) =
         sluice_output(&["validate", "-c", config.to_str().unwrap()], Duration::from_secs(60));
@@ -476,6 +478,7 @@ fn validate_checks_a_postgres_mapping_against_both_catalogs() {
         "target.mapping.tables[0].rename: column mail does not exist in public.customers",
         "target.mapping.tables[1].target: target column v2.orders.channel is NOT NULL without a default and written by no column of public.orders",
         "target.mapping.tables[2].source: table public.missing does not exist",
+        "target.mapping.tables[0].target: target column v2.customers.bio is a generated column: Postgres computes it and refuses a value for it, and the mapping writes one from public.customers",
     ] {
         assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
     }
