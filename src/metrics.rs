@@ -101,6 +101,13 @@ pub const VERIFY_LAST_FULL_TIMESTAMP: &str = "sluice_verify_last_full_timestamp_
 /// Background verify passes by `outcome` (clean, drift, failed).
 pub const VERIFY_PASSES_TOTAL: &str = "sluice_verify_passes_total";
 
+/// Commit at the source to durable in the target, per batch that completes a transaction (or
+/// carries a heartbeat), seconds.
+pub const APPLY_LATENCY_SECONDS: &str = "sluice_apply_latency_seconds";
+/// Buckets of `APPLY_LATENCY_SECONDS`.
+const APPLY_BUCKETS: &[f64] =
+    &[0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
 /// Latency buckets for target requests, seconds.
 const WRITE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
@@ -114,6 +121,8 @@ pub fn install(pipeline: &str) -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 .add_global_label("pipeline", pipeline)
                 .set_buckets_for_metric(Matcher::Full(TARGET_WRITE_SECONDS.into()), WRITE_BUCKETS)
+                .expect("the bucket list is not empty")
+                .set_buckets_for_metric(Matcher::Full(APPLY_LATENCY_SECONDS.into()), APPLY_BUCKETS)
                 .expect("the bucket list is not empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -185,6 +194,11 @@ fn describe() {
         "The way back: changes of tables not streaming back in their migration phase"
     );
     describe_histogram!(TARGET_WRITE_SECONDS, Unit::Seconds, "Latency of target requests");
+    describe_histogram!(
+        APPLY_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Commit at the source to durable in the target, per batch completing a transaction"
+    );
     describe_counter!(
         TARGET_WRITES_TOTAL,
         "Writes by outcome (already_applied: absorbed by the position guard)"

@@ -146,6 +146,15 @@ async fn metrics_show_lag_falling_after_catch_up_and_rising_while_the_target_is_
         "{body}"
     );
     assert!(metric(&body, "sluice_heartbeats_received_total").is_some_and(|n| n >= 1.0));
+    // Commit → durable, per batch: both transactions (and heartbeats) counted, each well under a minute.
+    let count = metric(&body, "sluice_apply_latency_seconds_count").unwrap_or(0.0);
+    let sum = metric(&body, "sluice_apply_latency_seconds_sum").unwrap_or(f64::MAX);
+    assert!(count >= 2.0 && sum / count < 60.0, "{body}");
+    assert_eq!(
+        metric(&body, "sluice_apply_latency_seconds_bucket{le=\"+Inf\",pipeline=\"default\"}"),
+        Some(count),
+        "{body}"
+    );
     assert!(metric(&body, "sluice_slot_retained_wal_bytes").is_some());
     assert_eq!(metric(&body, "sluice_slot_wal_status{pipeline=\"default\",status=\"reserved\"}"), Some(1.0));
     assert_eq!(metric(&body, "sluice_ha_active"), Some(1.0));

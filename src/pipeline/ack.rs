@@ -18,6 +18,8 @@ pub struct AckTracker {
     durable: Lsn,
     /// Commit time of the last durable transaction (Postgres epoch microseconds).
     durable_commit_time: Option<i64>,
+    /// Commit times of the batches released since `take_released`.
+    released: Vec<i64>,
 }
 
 impl AckTracker {
@@ -56,8 +58,9 @@ impl AckTracker {
             if let Some(ack) = ack {
                 self.durable = self.durable.max(ack);
             }
-            if commit_time.is_some() {
+            if let Some(time) = commit_time {
                 self.durable_commit_time = self.durable_commit_time.max(commit_time);
+                self.released.push(time);
             }
         }
         (self.durable > before).then_some(self.durable)
@@ -67,6 +70,12 @@ impl AckTracker {
     #[cfg(test)]
     pub fn durable(&self) -> Lsn {
         self.durable
+    }
+
+    /// The commit times of the batches released (made durable, in order) since the last call:
+    /// one per batch that completes a transaction or carries a heartbeat.
+    pub fn take_released(&mut self) -> Vec<i64> {
+        std::mem::take(&mut self.released)
     }
 
     /// Commit time of the last transaction (or heartbeat) made durable.
@@ -115,10 +124,14 @@ mod tests {
         let b = tracker.register_with_time(Some(Lsn(20)), Some(200));
         tracker.complete(b);
         assert_eq!(tracker.durable_commit_time(), None, "b is not durable while a is pending");
+        assert!(tracker.take_released().is_empty(), "nothing released while a is pending");
         tracker.complete(a);
         assert_eq!(tracker.durable_commit_time(), Some(100));
+        assert_eq!(tracker.take_released(), [100]);
         tracker.complete(slice);
         assert_eq!(tracker.durable_commit_time(), Some(200));
+        assert_eq!(tracker.take_released(), [200], "a slice without a commit time adds none");
+        assert!(tracker.take_released().is_empty(), "each commit time once");
     }
 
     proptest! {

@@ -252,7 +252,14 @@ async fn apply<X: Translator, T: Target<Op = X::Op>>(
                 if let Some(done) = chunk_done {
                     let _ = tokio::sync::oneshot::Sender::<()>::send(done, ());
                 }
-                if let Some(lsn) = tracker.complete(seq) {
+                let advanced = tracker.complete(seq);
+                // Commit at the source → durable in the target, per released batch.
+                let now = sluice_postgres::now_pg_micros();
+                for committed in tracker.take_released() {
+                    metrics::histogram!(crate::metrics::APPLY_LATENCY_SECONDS)
+                        .record(now.saturating_sub(committed).max(0) as f64 / 1e6);
+                }
+                if let Some(lsn) = advanced {
                     durable.send_replace(lsn);
                     state.set_durable(lsn, tracker.durable_commit_time());
                 }
