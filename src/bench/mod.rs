@@ -12,6 +12,7 @@ use crate::localpg::{ClusterOptions, LocalPostgres};
 
 mod backfill;
 mod cutover;
+mod latency;
 mod way_back;
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -109,6 +110,17 @@ pub struct BenchArgs {
     /// `--way-back`: how long the application writes at its steady rate for the lag.
     #[arg(long, default_value_t = 20)]
     pub lag_seconds: u64,
+    /// Measure commit → durable latency instead: pgbench commits `--rate` transactions/s for
+    /// `--seconds` while sluice streams into `--target` (null or postgres); p50 and p99 from
+    /// sluice's `sluice_apply_latency_seconds` histogram.
+    #[arg(long, conflicts_with_all = ["backfill", "cutover", "way_back"])]
+    pub latency: bool,
+    /// `--latency`: transactions per second pgbench commits.
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// `--latency`: how long pgbench runs, seconds.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -254,6 +266,9 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
     }
     if args.way_back {
         return way_back::run(args).await;
+    }
+    if args.latency {
+        return tokio::task::spawn_blocking(move || latency::run(&args)).await?;
     }
     match args.target {
         BenchTarget::Null | BenchTarget::Postgres => {
