@@ -105,7 +105,7 @@ pub const VERIFY_PASSES_TOTAL: &str = "sluice_verify_passes_total";
 /// carries a heartbeat), seconds.
 pub const APPLY_LATENCY_SECONDS: &str = "sluice_apply_latency_seconds";
 /// Buckets of `APPLY_LATENCY_SECONDS`.
-const APPLY_BUCKETS: &[f64] =
+pub(crate) const APPLY_BUCKETS: &[f64] =
     &[0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 /// Latency buckets for target requests, seconds.

@@ -6,10 +6,9 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{median, postgres_target, BenchArgs, BenchResult, BenchTarget, BENCH_TABLE};
+use super::{drop_slots, median, postgres_target, BenchArgs, BenchResult, BenchTarget, BENCH_TABLE};
 use crate::localpg::{free_port, ClusterOptions, LocalPostgres};
-
-const HISTOGRAM: &str = "sluice_apply_latency_seconds";
+use crate::metrics::{APPLY_BUCKETS, APPLY_LATENCY_SECONDS as HISTOGRAM};
 
 /// One run's figures.
 struct Sample {
@@ -63,7 +62,8 @@ pub fn run(args: &BenchArgs) -> BenchResult<()> {
         median(&samples, |s| s.p99 * 1e3),
         median(&samples, |s| s.max_bound * 1e3)
     );
-    println!("(quantiles interpolated within the histogram's buckets: 5, 10, 25, 50, 75, 100, 150, 200, 300, 500 ms, …)");
+    let bounds: Vec<String> = APPLY_BUCKETS.iter().map(|b| format!("{}", b * 1e3)).collect();
+    println!("(quantiles interpolated within the histogram's buckets, ms: {})", bounds.join(", "));
     Ok(())
 }
 
@@ -96,16 +96,7 @@ fn run_once(pg: &LocalPostgres, args: &BenchArgs, run: usize) -> BenchResult<Sam
     let result = measure(pg, args, &db, port, dir.path());
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     let _ = child.wait();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while pg.psql(
-        &db,
-        "SELECT count(*) FROM pg_replication_slots WHERE active AND database = current_database()",
-    )? != "0"
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    pg.psql(&db, "SELECT pg_drop_replication_slot('sluice_latency')")?;
+    drop_slots(pg, &db, &["sluice_latency"])?;
     pg.psql("postgres", &format!("DROP DATABASE \"{db}\" WITH (FORCE)"))?;
     if args.target == BenchTarget::Postgres {
         pg.psql("postgres", &format!("DROP DATABASE \"{target_db}\" WITH (FORCE)"))?;
@@ -167,17 +158,17 @@ fn measure(
         .and_then(|n| n.parse().ok())
         .unwrap_or(0.0);
     // Caught up: the histogram stops growing.
-    let mut last = total(&buckets(&scrape(port).unwrap_or_default()));
+    let mut after = buckets(&scrape(port).unwrap_or_default());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         std::thread::sleep(Duration::from_secs(1));
-        let now = total(&buckets(&scrape(port).unwrap_or_default()));
-        if now == last || Instant::now() > deadline {
+        let now = buckets(&scrape(port).unwrap_or_default());
+        let settled = total(&now) == total(&after);
+        after = now;
+        if settled || Instant::now() > deadline {
             break;
         }
-        last = now;
     }
-    let after = buckets(&scrape(port).unwrap_or_default());
     let delta: Vec<(f64, u64)> = after
         .iter()
         .map(|(bound, n)| (*bound, n - before.iter().find(|(b, _)| b == bound).map_or(0, |(_, m)| *m)))

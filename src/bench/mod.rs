@@ -446,16 +446,7 @@ async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
             streamed / baseline,
             peak as f64 / 1024.0
         );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while pg.psql(
-            &db,
-            "SELECT count(*) FROM pg_replication_slots WHERE active AND database = current_database()",
-        )? != "0"
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        pg.psql(&db, "SELECT pg_drop_replication_slot('sluice')")?;
+        drop_slots(&pg, &db, &["sluice"])?;
         pg.psql("postgres", &format!("DROP DATABASE \"{db}\" WITH (FORCE)"))?;
     }
     ratios.sort_by(f64::total_cmp);
@@ -740,21 +731,7 @@ fn run_once(
             let s = measured_sluice()?;
             (baseline()?, s)
         };
-    // A walsender lingers for a moment after its client exits; its slot blocks the drop until then.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while pg.psql(
-        &db,
-        "SELECT count(*) FROM pg_replication_slots WHERE active AND database = current_database()",
-    )? != "0"
-    {
-        if Instant::now() > deadline {
-            return Err(format!("slots of {db} still active after 30 s").into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for slot in ["baseline", "sluice"] {
-        pg.psql(&db, &format!("SELECT pg_drop_replication_slot('{slot}')"))?;
-    }
+    drop_slots(pg, &db, &["baseline", "sluice"])?;
     pg.psql("postgres", &format!("DROP DATABASE \"{db}\" WITH (FORCE)"))?;
     if args.target == BenchTarget::Postgres {
         let applied: f64 = pg.psql(&target_db, "SELECT count(*) FROM bench")?.parse()?;
@@ -771,6 +748,26 @@ fn run_once(
         baseline_cost,
         sluice_cost,
     })
+}
+
+/// Drops `slots` of `db` once their consumers are gone. A walsender lingers for a moment after
+/// its client exits, and its slot refuses the drop until then: waited out for up to 30 s.
+fn drop_slots(pg: &LocalPostgres, db: &str, slots: &[&str]) -> BenchResult<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pg.psql(
+        db,
+        "SELECT count(*) FROM pg_replication_slots WHERE active AND database = current_database()",
+    )? != "0"
+    {
+        if Instant::now() > deadline {
+            return Err(format!("slots of {db} still active after 30 s").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for slot in slots {
+        pg.psql(db, &format!("SELECT pg_drop_replication_slot('{slot}')"))?;
+    }
+    Ok(())
 }
 
 /// The table the null, Postgres and backfill benchmarks stream.
