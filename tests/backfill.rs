@@ -114,6 +114,16 @@ impl Setup {
     }
 }
 
+/// Each request's table with its key ranges done and stored: `public.t:2/3,…`.
+fn ranges_done(db: &TestDb) -> String {
+    db.sql(
+        "SELECT string_agg(source_table || ':' || (SELECT count(*) FROM jsonb_array_elements(ranges) r WHERE (r->>'done')::bool) \
+                || '/' || coalesce(jsonb_array_length(ranges), 0), ',' ORDER BY source_table) FROM sluice_backfill",
+    )
+    .trim()
+    .to_owned()
+}
+
 fn stop(mut child: Child) {
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(child.wait().unwrap().success(), "sluice exits 0 on SIGTERM");
@@ -128,12 +138,15 @@ async fn churn(connection: sluice_postgres::ConnectionConfig, customers: i64, st
     let sql = sluice_postgres::connect_sql(&connection).await.unwrap();
     for step in 0..steps {
         let id = (step * 7919) % customers + 1;
-        let statement = match step % 6 {
+        let statement = match step % 7 {
             0 => format!("UPDATE customers SET balance = balance + 1, email = 'u{step}@x' WHERE id = {id}"),
             1 => format!("INSERT INTO customers (id, email) VALUES ({}, 'new{step}@x') ON CONFLICT DO NOTHING", customers + step),
             2 => format!("DELETE FROM orders WHERE customer_id = {id}"),
             3 => format!("UPDATE customers SET status = CASE status WHEN 'banned' THEN 'active' ELSE 'banned' END WHERE id = {id}"),
             4 => format!("UPDATE customers SET bio = bio || '!' WHERE id = {}", (id / 100 + 1) * 100),
+            // A key change: the row moves from wherever it was to past the table's end (the
+            // last key range of a backfill split into ranges).
+            5 => format!("UPDATE customers SET id = id + {} WHERE id = {id}", customers * 10),
             _ => format!("DELETE FROM customers WHERE id = {id}"),
         };
         sql.batch_execute(&statement).await.unwrap();
@@ -143,7 +156,8 @@ async fn churn(connection: sluice_postgres::ConnectionConfig, customers: i64, st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backfill_beside_concurrent_writes_leaves_the_target_equal_to_the_source() {
-    let setup = setup("bf", "chunk_size = 150\n").await;
+    // Three readers per table, each a key range.
+    let setup = setup("bf", "chunk_size = 150\ntable_concurrency = 3\n").await;
     let db = &setup.db;
     preload(db, 1500);
     let _logs = LogsOnPanic(vec![setup.log("sluice.log")]);
@@ -175,6 +189,11 @@ async fn a_backfill_beside_concurrent_writes_leaves_the_target_equal_to_the_sour
     let progress = db
         .sql("SELECT string_agg(state || ':' || rows_done, ',' ORDER BY source_table) FROM sluice_backfill");
     assert!(progress.trim().starts_with("done:") && progress.contains(",done:"), "{progress}");
+    assert_eq!(
+        ranges_done(db),
+        "public.customers:3/3,public.orders:3/3",
+        "each table read in three key ranges"
+    );
 
     // Verify while rows change: the rows caught in flight are checked again once the stream
     // has passed them, and are not reported.
@@ -202,7 +221,8 @@ async fn a_backfill_beside_concurrent_writes_leaves_the_target_equal_to_the_sour
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_backfill_resumes_at_the_last_finished_chunk() {
-    let setup = setup("resume", "chunk_size = 250\nmax_rows_per_second = 2500\n").await;
+    let setup =
+        setup("resume", "chunk_size = 250\nmax_rows_per_second = 2500\ntable_concurrency = 3\n").await;
     let db = &setup.db;
     preload(db, 6000);
     let logs = [setup.log("first.log"), setup.log("second.log")];
@@ -236,6 +256,8 @@ async fn kill_9_mid_backfill_resumes_at_the_last_finished_chunk() {
     assert_eq!(done(), 6000, "resumed after the last finished chunk ({at_kill} rows were done at the kill)");
     let log = std::fs::read_to_string(&logs[1]).unwrap();
     assert!(log.contains("backfill started") && log.contains("resuming=true"), "{log}");
+    // Each of the three ranges resumed where its own reader stopped.
+    assert!(ranges_done(db).starts_with("public.customers:3/3"), "{}", ranges_done(db));
     setup.wait_confirmed_past_now("resume").await;
     let report = setup.verify().await;
     assert_eq!(differences(&report), 0, "{report:#}");

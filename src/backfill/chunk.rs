@@ -12,6 +12,7 @@ use sluice_postgres::copy::{CopyDecoder, Page};
 use sluice_postgres::ConnectionConfig;
 use tokio::sync::{mpsc, oneshot};
 
+use super::ranges;
 use super::window::{Chunk, Watermark, WATERMARK_PREFIX};
 use super::{BackfillConfig, BackfillError, Request};
 
@@ -22,15 +23,11 @@ pub(super) async fn serve_request(
     publication: &str,
     config: &BackfillConfig,
     chunks: &mpsc::Sender<Chunk>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
     request: Request,
 ) -> Result<(), BackfillError> {
     crate::faults::panic_at("backfill");
-    let mut sql = sluice_postgres::connect_sql(connection).await?;
-    // The high watermark must reach the stream at once: flush its commit locally even where
-    // synchronous_commit is off (the walsender sends only flushed WAL), without waiting for
-    // synchronous standbys.
-    sql.batch_execute("SET synchronous_commit = local").await?;
+    let mut sql = reader_session(connection).await?;
     let progress = config.quoted_table();
     let (table, left_out) = match sluice_postgres::catalog::split_table(&request.table) {
         Some((schema, name)) => (
@@ -65,55 +62,184 @@ pub(super) async fn serve_request(
         &[&pipeline, &request.id],
     )
     .await?;
-    tracing::info!(request = request.id, table = %request.table, resuming = request.last_key.is_some(), rows_done = request.rows_done, "backfill started");
-    let relation = Arc::new(table.relation.clone());
-    let label = request.table.clone();
+    let ranges = ranges::plan(&sql, &progress, pipeline, &request, &table, config).await?;
+    tracing::info!(request = request.id, table = %request.table, resuming = request.last_key.is_some() || ranges.as_ref().is_some_and(|r| r.iter().any(|r| r.after.is_some())), rows_done = request.rows_done, readers = ranges.as_ref().map_or(1, Vec::len), "backfill started");
     let started = Instant::now();
-    let mut rows_this_run: u64 = 0;
-    let offset = request.rows_done.max(0) as usize;
+    let context = Arc::new(Context {
+        connection: connection.clone(),
+        pipeline: pipeline.to_owned(),
+        progress: progress.clone(),
+        config: config.clone(),
+        chunks: chunks.clone(),
+        shutdown,
+        request: request.id,
+        label: request.table.clone(),
+        relation: Arc::new(table.relation.clone()),
+        table,
+        keys: request.keys,
+        readers: ranges.as_ref().map_or(1, |r| r.iter().filter(|r| !r.done).count().max(1)),
+    });
+    let outcome = match ranges {
+        None => {
+            let reader = Reader { index: 0, range: None, after: request.last_key, upto: None };
+            serve_reader(&mut sql, &context, reader, request.rows_done.max(0) as usize).await?
+        }
+        Some(ranges) => serve_ranges(&context, ranges).await?,
+    };
+    if outcome.cancelled {
+        tracing::info!(request = request.id, table = %request.table, rows = outcome.rows, "backfill cancelled");
+        return Ok(());
+    }
+    sql.execute(
+        &format!("UPDATE {progress} SET state = 'done', finished_at = now(), chunk_rows_durable = 0 WHERE pipeline = $1 AND id = $2 AND state = 'running'"),
+        &[&pipeline, &request.id],
+    )
+    .await?;
+    tracing::info!(request = request.id, table = %request.table, rows = outcome.rows, seconds = started.elapsed().as_secs_f64(), "backfill finished");
+    Ok(())
+}
+
+/// A connection for reading chunks and writing their watermarks.
+async fn reader_session(connection: &ConnectionConfig) -> Result<tokio_postgres::Client, BackfillError> {
+    let sql = sluice_postgres::connect_sql(connection).await?;
+    // The high watermark must reach the stream at once: flush its commit locally even where
+    // synchronous_commit is off (the walsender sends only flushed WAL), without waiting for
+    // synchronous standbys.
+    sql.batch_execute("SET synchronous_commit = local").await?;
+    Ok(sql)
+}
+
+/// What every reader of one request shares.
+struct Context {
+    connection: ConnectionConfig,
+    pipeline: String,
+    /// The progress table, quoted.
+    progress: String,
+    config: BackfillConfig,
+    chunks: mpsc::Sender<Chunk>,
+    shutdown: Shutdown,
+    /// The request's id.
+    request: i64,
+    /// The table, `schema.table`.
+    label: String,
+    table: Table,
+    relation: Arc<sluice_core::Relation>,
+    /// The keys of a reconcile request (one reader only).
+    keys: Option<Vec<Vec<String>>>,
+    /// Readers at work: each reads at its share of `max_rows_per_second`.
+    readers: usize,
+}
+
+/// One reader: the whole table (or a reconcile's keys), or one key range of the table.
+struct Reader {
+    /// Its number within the request, in its chunk ids.
+    index: usize,
+    /// Its entry in the request's `ranges`; `None` for a request read whole (its progress is
+    /// `last_key`).
+    range: Option<usize>,
+    /// The last key read (exclusive start).
+    after: Option<Vec<String>>,
+    /// The range's last key (inclusive end).
+    upto: Option<Vec<String>>,
+}
+
+/// How a reader ended.
+#[derive(Default)]
+struct Outcome {
+    /// Rows (keys) made durable.
+    rows: u64,
+    /// It stopped at `sluice snapshot --cancel`.
+    cancelled: bool,
+}
+
+/// Runs one reader per range not yet done, each on its own connection; the first error stops
+/// the others (what they made durable stays recorded).
+async fn serve_ranges(context: &Arc<Context>, ranges: Vec<ranges::Range>) -> Result<Outcome, BackfillError> {
+    let mut readers = tokio::task::JoinSet::new();
+    for (index, range) in ranges.into_iter().enumerate().filter(|(_, r)| !r.done) {
+        let context = Arc::clone(context);
+        readers.spawn(async move {
+            let mut sql = reader_session(&context.connection).await?;
+            let reader = Reader { index, range: Some(index), after: range.after, upto: range.upto };
+            serve_reader(&mut sql, &context, reader, 0).await
+        });
+    }
+    let mut total = Outcome::default();
+    while let Some(joined) = readers.join_next().await {
+        let outcome = match joined {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(error)) => {
+                readers.shutdown().await;
+                return Err(error);
+            }
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(_) => return Err(BackfillError::Stopped),
+        };
+        total.rows += outcome.rows;
+        total.cancelled |= outcome.cancelled;
+    }
+    Ok(total)
+}
+
+/// Reads chunk after chunk between watermarks until the reader's rows (or keys) are all made
+/// durable, or the request is cancelled; `offset` is how many of a reconcile's keys are done.
+async fn serve_reader(
+    sql: &mut tokio_postgres::Client,
+    context: &Context,
+    reader: Reader,
+    offset: usize,
+) -> Result<Outcome, BackfillError> {
+    let Context { pipeline, progress, config, chunks, table, relation, .. } = context;
+    let mut shutdown = context.shutdown.clone();
+    let chunk_size = config.chunk_size;
+    let started = Instant::now();
+    let mut outcome = Outcome::default();
     let mut chunk_no: u64 = 0;
     // One chunk is read while the one before it travels through the stream and the target:
     // `in_flight` is that one, recorded as progress once durable (in order).
     let mut in_flight: Option<InFlight> = None;
+    // What this reader has added to the request's `chunk_rows_durable`.
+    let mut shown: i64 = 0;
     let mut last_log = Instant::now();
-    let mut read_key = request.last_key.clone();
+    let mut read_key = reader.after.clone();
     let mut read_offset = offset;
+    let upto = reader.upto.as_ref().map(|upto| table.key_at_most(upto));
+    let rate = config.max_rows_per_second as f64 / context.readers as f64;
     loop {
         // `sluice snapshot --cancel`: stop between chunks (what is durable stays).
         let state: Option<String> = sql
             .query_opt(
                 &format!("SELECT state FROM {progress} WHERE pipeline = $1 AND id = $2"),
-                &[&pipeline, &request.id],
+                &[pipeline, &context.request],
             )
             .await?
             .map(|row| row.get(0));
         if state.as_deref() == Some("cancelled") {
             if let Some(last) = in_flight.take() {
-                rows_this_run +=
-                    record(&sql, &progress, pipeline, &request, last, None, &mut shutdown, &label).await?
-                        as u64;
+                outcome.rows +=
+                    record(sql, context, &reader, last, None, &mut shown, &mut shutdown).await? as u64;
             }
-            tracing::info!(request = request.id, table = %request.table, rows = rows_this_run, "backfill cancelled");
-            return Ok(());
+            outcome.cancelled = true;
+            return Ok(outcome);
         }
         chunk_no += 1;
-        let chunk_id = format!("{}.{}.{}", request.id, std::process::id(), chunk_no);
+        let chunk_id = format!("{}.{}.{}.{}", context.request, std::process::id(), reader.index, chunk_no);
         // The keys of this chunk (reconcile), or the next keyset page.
-        let keys: Option<&[Vec<String>]> = match &request.keys {
+        let keys: Option<&[Vec<String>]> = match &context.keys {
             Some(all) if read_offset >= all.len() => break,
-            Some(all) => Some(&all[read_offset..(read_offset + config.chunk_size).min(all.len())]),
+            Some(all) => Some(&all[read_offset..(read_offset + chunk_size).min(all.len())]),
             None => None,
         };
-        emit(&sql, &Watermark::text(false, pipeline, &chunk_id, &request.table)).await?;
+        emit(sql, &Watermark::text(false, pipeline, &chunk_id, &context.label)).await?;
         let (values, next_key) =
-            read_chunk(&mut sql, &table, config.chunk_size, read_key.as_deref(), keys).await?;
+            read_chunk(sql, table, chunk_size, read_key.as_deref(), upto.as_deref(), keys).await?;
         if keys.is_none() && values.is_empty() {
             // Close the window, so that the pipeline forgets it.
-            emit(&sql, &Watermark::text(true, pipeline, &chunk_id, &request.table)).await?;
+            emit(sql, &Watermark::text(true, pipeline, &chunk_id, &context.label)).await?;
             break;
         }
         let absent_keys = match keys {
-            Some(keys) => absent(&table, keys, &values)?,
+            Some(keys) => absent(table, keys, &values)?,
             None => Vec::new(),
         };
         let read = values.len();
@@ -126,47 +252,36 @@ pub(super) async fn serve_request(
         let applied = Arc::new(AtomicU64::new(0));
         let chunk = Chunk {
             id: chunk_id.clone(),
-            relation: Arc::clone(&relation),
+            relation: Arc::clone(relation),
             primary_key: table.primary_key.clone(),
             rows: values,
             absent_keys,
             done,
             applied: Arc::clone(&applied),
         };
-        // Never waits long: each request has at most two chunks unmerged (the channel holds two
-        // per request), and the one before this was merged once its high watermark streamed.
+        // Never waits long: each reader has at most two chunks unmerged, and the one before
+        // this was merged once its high watermark streamed.
         tokio::select! {
             sent = chunks.send(chunk) => sent.map_err(|_| BackfillError::Stopped)?,
             _ = shutdown.requested() => return Err(BackfillError::Stopped),
         }
-        emit(&sql, &Watermark::text(true, pipeline, &chunk_id, &request.table)).await?;
+        emit(sql, &Watermark::text(true, pipeline, &chunk_id, &context.label)).await?;
         if let Some(previous) =
             in_flight.replace(InFlight { durable, advanced, read, last_key: read_key.clone(), applied })
         {
-            rows_this_run += record(
-                &sql,
-                &progress,
-                pipeline,
-                &request,
-                previous,
-                in_flight.as_ref(),
-                &mut shutdown,
-                &label,
-            )
-            .await? as u64;
+            outcome.rows +=
+                record(sql, context, &reader, previous, in_flight.as_ref(), &mut shown, &mut shutdown).await?
+                    as u64;
         }
         if last_log.elapsed() >= Duration::from_secs(10) {
-            let done = offset as u64 + rows_this_run;
-            tracing::info!(request = request.id, table = %request.table, rows = done, rows_per_second = (rows_this_run as f64 / started.elapsed().as_secs_f64()) as u64, "backfill progress");
+            tracing::info!(request = context.request, table = %context.label, reader = reader.index, rows = outcome.rows, rows_per_second = (outcome.rows as f64 / started.elapsed().as_secs_f64()) as u64, "backfill progress");
             last_log = Instant::now();
         }
-        if keys.is_none() && read < config.chunk_size {
+        if keys.is_none() && read < chunk_size {
             break;
         }
-        if config.max_rows_per_second > 0 {
-            let due = Duration::from_secs_f64(
-                read_offset.saturating_sub(offset) as f64 / config.max_rows_per_second as f64,
-            );
+        if rate > 0.0 {
+            let due = Duration::from_secs_f64(read_offset.saturating_sub(offset) as f64 / rate);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -176,16 +291,16 @@ pub(super) async fn serve_request(
         }
     }
     if let Some(last) = in_flight.take() {
-        rows_this_run +=
-            record(&sql, &progress, pipeline, &request, last, None, &mut shutdown, &label).await? as u64;
+        outcome.rows += record(sql, context, &reader, last, None, &mut shown, &mut shutdown).await? as u64;
     }
-    sql.execute(
-        &format!("UPDATE {progress} SET state = 'done', finished_at = now(), chunk_rows_durable = 0 WHERE pipeline = $1 AND id = $2 AND state = 'running'"),
-        &[&pipeline, &request.id],
-    )
-    .await?;
-    tracing::info!(request = request.id, table = %request.table, rows = rows_this_run, seconds = started.elapsed().as_secs_f64(), "backfill finished");
-    Ok(())
+    if let Some(range) = reader.range {
+        sql.execute(
+            &format!("UPDATE {progress} SET ranges = jsonb_set(ranges, ARRAY[$3::int::text, 'done'], 'true') WHERE pipeline = $1 AND id = $2"),
+            &[pipeline, &context.request, &(range as i32)],
+        )
+        .await?;
+    }
+    Ok(outcome)
 }
 
 /// A chunk handed to the pipeline, not yet known durable.
@@ -212,22 +327,21 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// Waits until the chunk is durable, then records it in the progress table; returns how far
 /// it advanced the request. Meanwhile, once a second, the rows of it and of the `newer` chunk
-/// already durable go to `chunk_rows_durable`, so that progress moves within a chunk (the
-/// resumable position, `last_key`, moves only by whole chunks).
-#[allow(clippy::too_many_arguments)]
+/// already durable are added to `chunk_rows_durable` (`shown` is this reader's share), so that
+/// progress moves within a chunk (the resumable position, `last_key` or the range's `after`,
+/// moves only by whole chunks).
 async fn record(
     sql: &tokio_postgres::Client,
-    progress: &str,
-    pipeline: &str,
-    request: &Request,
+    context: &Context,
+    reader: &Reader,
     mut chunk: InFlight,
     newer: Option<&InFlight>,
+    shown: &mut i64,
     shutdown: &mut Shutdown,
-    label: &str,
 ) -> Result<usize, BackfillError> {
+    let (progress, pipeline, request) = (&context.progress, &context.pipeline, &context.request);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut shown = 0;
     loop {
         tokio::select! {
             result = &mut chunk.durable => {
@@ -236,27 +350,32 @@ async fn record(
             }
             _ = tick.tick() => {
                 let now = chunk.durable_so_far() + newer.map_or(0, InFlight::durable_so_far);
-                if now != shown {
+                if now != *shown {
                     sql.execute(
-                        &format!("UPDATE {progress} SET chunk_rows_durable = $3 WHERE pipeline = $1 AND id = $2"),
-                        &[&pipeline, &request.id, &now],
+                        &format!("UPDATE {progress} SET chunk_rows_durable = chunk_rows_durable + $3 WHERE pipeline = $1 AND id = $2"),
+                        &[pipeline, request, &(now - *shown)],
                     )
                     .await?;
-                    shown = now;
+                    *shown = now;
                 }
             }
             _ = shutdown.requested() => return Err(BackfillError::Stopped),
         }
     }
     let still_in_flight = newer.map_or(0, InFlight::durable_so_far);
+    let position = match reader.range {
+        None => "last_key = $3".to_owned(),
+        Some(range) => format!("ranges = jsonb_set(ranges, ARRAY['{range}', 'after'], to_jsonb($3::text[]))"),
+    };
     sql.execute(
-        &format!("UPDATE {progress} SET last_key = $3, rows_done = rows_done + $4, chunks_done = chunks_done + 1, chunk_rows_durable = $5 WHERE pipeline = $1 AND id = $2"),
-        &[&pipeline, &request.id, &chunk.last_key, &(chunk.advanced as i64), &still_in_flight],
+        &format!("UPDATE {progress} SET {position}, rows_done = rows_done + $4, chunks_done = chunks_done + 1, chunk_rows_durable = chunk_rows_durable + $5 WHERE pipeline = $1 AND id = $2"),
+        &[pipeline, request, &chunk.last_key, &(chunk.advanced as i64), &(still_in_flight - *shown)],
     )
     .await?;
-    metrics::counter!(crate::metrics::BACKFILL_ROWS_TOTAL, "table" => label.to_owned())
+    *shown = still_in_flight;
+    metrics::counter!(crate::metrics::BACKFILL_ROWS_TOTAL, "table" => context.label.clone())
         .increment(chunk.read as u64);
-    metrics::counter!(crate::metrics::BACKFILL_CHUNKS_TOTAL, "table" => label.to_owned()).increment(1);
+    metrics::counter!(crate::metrics::BACKFILL_CHUNKS_TOTAL, "table" => context.label.clone()).increment(1);
     Ok(chunk.advanced)
 }
 
@@ -265,12 +384,14 @@ async fn emit(sql: &tokio_postgres::Client, text: &str) -> Result<(), tokio_post
 }
 
 /// Reads one chunk in a snapshot that sees every transaction committed before the low
-/// watermark (see the module header): the rows' columns as text.
+/// watermark (see the module header): the rows' columns as text; `upto` is the condition that
+/// ends a key range.
 async fn read_chunk(
     sql: &mut tokio_postgres::Client,
     table: &Table,
     chunk_size: usize,
     after: Option<&[String]>,
+    upto: Option<&str>,
     keys: Option<&[Vec<String>]>,
 ) -> Result<Page, BackfillError> {
     // Pages go through COPY (text format, the types' output functions, as `::text` gives):
@@ -279,7 +400,7 @@ async fn read_chunk(
     let columns = table.select_list(false);
     let query = match keys {
         Some(keys) => table.keys_query(&columns, keys),
-        None => table.page_query(&columns, after, chunk_size, None),
+        None => table.page_query(&columns, after, chunk_size, upto),
     };
     let statement = format!("COPY ({query}) TO STDOUT");
     for _ in 0..100 {

@@ -27,6 +27,7 @@
 mod chunk;
 mod command;
 mod progress;
+mod ranges;
 pub(crate) mod window;
 
 use std::sync::Arc;

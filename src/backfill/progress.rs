@@ -50,6 +50,7 @@ pub async fn ensure_progress_table(
            keys jsonb,
            state text NOT NULL DEFAULT 'pending' CONSTRAINT sluice_backfill_state_check CHECK (state IN ('pending', 'running', 'done', 'failed', 'cancelled')),
            last_key text[],
+           ranges jsonb,
            rows_done bigint NOT NULL DEFAULT 0,
            chunks_done bigint NOT NULL DEFAULT 0,
            chunk_rows_durable bigint NOT NULL DEFAULT 0,
@@ -71,7 +72,9 @@ pub async fn ensure_progress_table(
         .iter()
         .map(|row| row.get(0))
         .collect();
-    for (column, definition) in [("slot", "text"), ("chunk_rows_durable", "bigint NOT NULL DEFAULT 0")] {
+    for (column, definition) in
+        [("slot", "text"), ("chunk_rows_durable", "bigint NOT NULL DEFAULT 0"), ("ranges", "jsonb")]
+    {
         if !columns.iter().any(|c| c == column) {
             sql.batch_execute(&format!(
                 "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {column} {definition}",

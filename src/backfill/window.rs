@@ -21,9 +21,15 @@
 //! A reconcile request also names keys the source no longer has: unless the window inserted
 //! them again, they become deletes at the high watermark.
 //!
+//! A table may be read by several readers at once, each a key range of it (chunk ids are
+//! `<request>.<process>.<reader>.<chunk>`): each has its own window, and a change to the
+//! table is recorded in every open window of the table, since a change may move a row from one
+//! range into another.
+//!
 //! Watermarks of other pipelines are dropped; so are windows whose high watermark never comes
-//! (a backfill task that died between the two): a new low watermark for the same table
-//! replaces the old window, so at most one window per table is held in memory.
+//! (a reader that died between the two): a reader's new low watermark replaces its old window,
+//! and one from another process (a restart) replaces every window of the table, so at most one
+//! window per reader is held in memory.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -38,7 +44,7 @@ pub use sluice_postgres::source::WATERMARK_PREFIX;
 /// One chunk read by the backfill task.
 #[derive(Debug)]
 pub struct Chunk {
-    /// `<request>.<chunk>`, unique within the pipeline.
+    /// `<request>.<process>.<reader>.<chunk>`, unique within the pipeline.
     pub id: String,
     pub relation: Arc<Relation>,
     /// Indexes of the primary key's columns in `relation.columns`, in key order.
@@ -97,12 +103,13 @@ impl Part {
 }
 
 struct Window {
-    chunk: String,
+    /// `schema.table`.
+    table: String,
     /// The window's row changes to the table, in stream order.
     events: Vec<ChangeEvent>,
 }
 
-/// The pipeline's view of the backfill: open windows by table, and chunks not yet merged.
+/// The pipeline's view of the backfill: open windows by chunk, and chunks not yet merged.
 pub struct Watermarks {
     pipeline: String,
     windows: HashMap<String, Window>,
@@ -206,7 +213,11 @@ impl Watermarks {
             | ChangeEvent::Delete { relation, .. } => relation,
             _ => return,
         };
-        if let Some(window) = self.windows.get_mut(&relation.qualified_name()) {
+        if self.windows.is_empty() {
+            return;
+        }
+        let table = relation.qualified_name();
+        for window in self.windows.values_mut().filter(|w| w.table == table) {
             window.events.push(event.clone());
         }
     }
@@ -218,19 +229,17 @@ impl Watermarks {
             return None;
         }
         if !mark.high {
-            // A new window for the table replaces one whose high watermark never came.
+            // The reader's new window replaces its own whose high watermark never came, and a
+            // new process's replaces those of the process before it.
+            let (reader, process) = (reader_of(mark.chunk), process_of(mark.chunk));
+            self.windows.retain(|chunk, window| {
+                reader_of(chunk) != reader && (window.table != mark.table || process_of(chunk) == process)
+            });
             self.windows
-                .insert(mark.table.to_owned(), Window { chunk: mark.chunk.to_owned(), events: Vec::new() });
+                .insert(mark.chunk.to_owned(), Window { table: mark.table.to_owned(), events: Vec::new() });
             return None;
         }
-        let window = match self.windows.remove(mark.table) {
-            Some(window) if window.chunk == mark.chunk => window,
-            Some(other) => {
-                self.windows.insert(mark.table.to_owned(), other);
-                return None;
-            }
-            None => return None,
-        };
+        let window = self.windows.remove(mark.chunk)?;
         if let Some(incoming) = &mut self.incoming {
             // The chunk was sent before its high watermark was written.
             while let Ok(chunk) = incoming.try_recv() {
@@ -239,13 +248,24 @@ impl Watermarks {
             }
         }
         let (arrival, chunk) = self.chunks.remove(mark.chunk)?;
-        // Chunks of the table that arrived before this one had their windows replaced: they
+        // Chunks of the reader that arrived before this one had their windows replaced: they
         // are never merged (their senders learn it when the chunk is dropped).
-        self.chunks.retain(|_, (at, c)| *at > arrival || c.relation.qualified_name() != mark.table);
+        let reader = reader_of(mark.chunk);
+        self.chunks.retain(|id, (at, _)| *at > arrival || reader_of(id) != reader);
         let applied = Arc::clone(&chunk.applied);
         let (events, done) = merge(chunk, &window.events, position);
         Some(split_chunk(events, done, applied, self.part_max_events))
     }
+}
+
+/// The reader a chunk id names: all but its last part.
+fn reader_of(chunk: &str) -> &str {
+    chunk.rsplit_once('.').map_or(chunk, |(reader, _)| reader)
+}
+
+/// The process a chunk id names: its second part.
+fn process_of(chunk: &str) -> &str {
+    chunk.split('.').nth(1).unwrap_or("")
 }
 
 /// A merged chunk's writes as parts of at most `max` (one, empty, for a chunk without any),
@@ -621,6 +641,72 @@ mod tests {
         assert_eq!(inserted(&merged), vec![(at(130, 1), row(2, "b", ""))]);
         merged.chunk_done.unwrap().send(()).unwrap();
         assert!(second_done.try_recv().is_ok());
+    }
+
+    #[test]
+    fn readers_of_one_table_keep_a_window_each_and_every_window_sees_the_tables_changes() {
+        let (tx, rx) = mpsc::channel(4);
+        let mut watermarks = Watermarks::new("p", Some(rx));
+        let (mut low, _low_done) = chunk(vec![row(1, "a", ""), row(2, "b", "")], vec![]);
+        low.id = "7.40.0.1".into();
+        let (mut high, _high_done) = chunk(vec![row(50, "x", "")], vec![]);
+        high.id = "7.40.1.1".into();
+        tx.try_send(high).unwrap();
+        tx.try_send(low).unwrap();
+        let update = |id: i64, name: &str, lsn: u64| ChangeEvent::Update {
+            position: at(lsn, 1),
+            relation: accounts(),
+            old: None,
+            new: NewRow::Full(row(id, name, "")),
+        };
+        // Both windows open; a change to each range; the ranges close in the other order.
+        let parts = watermarks.split(batch(
+            vec![
+                mark(false, "p", "7.40.0.1", 100),
+                mark(false, "p", "7.40.1.1", 101),
+                update(2, "b2", 105),
+                update(50, "x2", 106),
+                mark(true, "p", "7.40.1.1", 110),
+                update(1, "a2", 115),
+                mark(true, "p", "7.40.0.1", 120),
+            ],
+            130,
+        ));
+        let merged: Vec<_> = parts.iter().filter(|p| p.chunk_done.is_some()).map(inserted).collect();
+        assert_eq!(
+            merged,
+            vec![
+                vec![(at(110, 1), row(50, "x2", ""))],
+                vec![(at(120, 1), row(1, "a2", "")), (at(120, 1), row(2, "b2", ""))],
+            ],
+            "each chunk brought up to date with the changes of its own window, the other's read-ahead kept"
+        );
+        assert!(watermarks.windows.is_empty() && watermarks.chunks.is_empty());
+    }
+
+    #[test]
+    fn a_new_process_replaces_the_windows_a_dead_one_left_open() {
+        let mut watermarks = Watermarks::new("p", None);
+        watermarks.split(batch(
+            vec![
+                mark(false, "p", "7.40.0.3", 100),
+                mark(false, "p", "7.40.1.3", 101),
+                mark(false, "p", "8.40.0.1", 102),
+            ],
+            105,
+        ));
+        assert_eq!(watermarks.windows.len(), 3);
+        // The restarted process (pid 41) resumes request 7: the dead one's windows of the table go.
+        watermarks.split(batch(vec![mark(false, "p", "7.41.0.1", 110)], 115));
+        let mut open: Vec<&String> = watermarks.windows.keys().collect();
+        open.sort();
+        assert_eq!(open, ["7.41.0.1"]);
+        // A reader's next low watermark replaces its own unclosed window only.
+        watermarks
+            .split(batch(vec![mark(false, "p", "7.41.1.1", 120), mark(false, "p", "7.41.0.2", 121)], 125));
+        let mut open: Vec<&String> = watermarks.windows.keys().collect();
+        open.sort();
+        assert_eq!(open, ["7.41.0.2", "7.41.1.1"]);
     }
 
     #[test]

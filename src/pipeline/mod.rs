@@ -110,7 +110,9 @@ pub async fn run(
                 // The backfill serves requests beside the stream; its chunks merge at watermarks.
                 // Each request keeps at most two chunks unmerged (one read ahead): the channel
                 // bounds what the backfill holds in memory to that.
-                let (chunk_tx, chunk_rx) = mpsc::channel(2 * config.backfill.concurrency.max(1));
+                let (chunk_tx, chunk_rx) = mpsc::channel(
+                    2 * config.backfill.concurrency.max(1) * config.backfill.table_concurrency.max(1),
+                );
                 watermarks = Watermarks::new(&config.pipeline.name, Some(chunk_rx))
                     .ignoring(&config.backfill.progress_table)
                     .with_part_max_events(config.pipeline.batch_max_events);

@@ -82,6 +82,28 @@ impl Table {
         format!("SELECT {columns} FROM {} s{filter} ORDER BY {keys} LIMIT {limit}", self.quoted_name())
     }
 
+    /// The condition that a row's primary key is at most `upto` (text values, in key order),
+    /// for `page_query`: the upper end of a key range.
+    pub fn key_at_most(&self, upto: &[String]) -> String {
+        format!("({}) <= {}", self.key_list(), self.key_literal(upto))
+    }
+
+    /// The primary keys (each a text array, in key order) of a sample of about `percent` % of
+    /// the table's pages, in key order: where to split the table into key ranges.
+    pub fn key_sample_query(&self, percent: f64) -> String {
+        let texts: Vec<String> = self
+            .primary_key
+            .iter()
+            .map(|&i| format!("s.{}::text", quote_ident(&self.relation.columns[i].name)))
+            .collect();
+        format!(
+            "SELECT ARRAY[{}] FROM {} s TABLESAMPLE SYSTEM ({percent}) ORDER BY {}",
+            texts.join(", "),
+            self.quoted_name(),
+            self.key_list()
+        )
+    }
+
     /// The rows with these primary keys (text values, in key order); `keys` must not be empty.
     pub fn keys_query(&self, columns: &str, keys: &[Vec<String>]) -> String {
         let rows: Vec<String> = keys.iter().map(|key| self.key_literal(key)).collect();

@@ -1,0 +1,157 @@
+//! Reading one table over several connections: a fresh request of a whole table is split into
+//! `backfill.table_concurrency` key ranges, each read by its own reader (keyset pages between
+//! watermarks, like a whole table). The split points are primary keys sampled from the table
+//! (`TABLESAMPLE SYSTEM`, a few pages, no full scan), so the ranges hold about as many rows
+//! each. They are stored with the request (`ranges`, a JSON array of `{after, upto, done}`),
+//! and each reader records its own resumable position there, so that a restart resumes every
+//! range where it stopped, with the same ranges whatever `table_concurrency` says by then.
+
+use serde::{Deserialize, Serialize};
+use sluice_postgres::catalog::Table;
+
+use super::{BackfillConfig, BackfillError, Request};
+
+/// Sampled keys wanted per range: enough to place the split points within a few percent.
+const SAMPLE_KEYS_PER_RANGE: f64 = 5000.0;
+
+/// One key range of a table and how far its reader got.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Range {
+    /// The last key made durable, or the key before the range (exclusive); `None` from the
+    /// table's start.
+    pub after: Option<Vec<String>>,
+    /// The range's last key (inclusive); `None` to the table's end.
+    pub upto: Option<Vec<String>>,
+    /// Every row of the range is durable.
+    #[serde(default)]
+    pub done: bool,
+}
+
+/// The request's ranges: those stored with it, or, for a fresh request of a whole table large
+/// enough for more than one reader, new ones (stored before any is read). `None`: one reader.
+pub(super) async fn plan(
+    sql: &tokio_postgres::Client,
+    progress: &str,
+    pipeline: &str,
+    request: &Request,
+    table: &Table,
+    config: &BackfillConfig,
+) -> Result<Option<Vec<Range>>, BackfillError> {
+    let stored: Option<String> = sql
+        .query_one(
+            &format!("SELECT ranges::text FROM {progress} WHERE pipeline = $1 AND id = $2"),
+            &[&pipeline, &request.id],
+        )
+        .await?
+        .get(0);
+    if let Some(stored) = stored {
+        let ranges: Vec<Range> = serde_json::from_str(&stored).map_err(|e| {
+            BackfillError::Request(format!(
+                "request {}: its stored key ranges cannot be read: {e}",
+                request.id
+            ))
+        })?;
+        return Ok(Some(ranges));
+    }
+    let fresh = request.keys.is_none() && request.last_key.is_none() && request.rows_done == 0;
+    if !fresh || config.table_concurrency <= 1 {
+        return Ok(None);
+    }
+    let rows = super::estimate_rows(sql, &request.table).await?.unwrap_or(0);
+    let readers = config.table_concurrency.min((rows / config.chunk_size.max(1) as i64).max(1) as usize);
+    if readers <= 1 {
+        return Ok(None);
+    }
+    let percent = (100.0 * SAMPLE_KEYS_PER_RANGE * readers as f64 / rows as f64).clamp(0.001, 100.0);
+    let sample: Vec<Vec<String>> =
+        sql.query(&table.key_sample_query(percent), &[]).await?.iter().map(|row| row.get(0)).collect();
+    let ranges = split(&sample, readers);
+    if ranges.len() <= 1 {
+        return Ok(None);
+    }
+    let text = serde_json::to_string(&ranges).expect("ranges serialize");
+    sql.execute(
+        &format!("UPDATE {progress} SET ranges = $3::text::jsonb WHERE pipeline = $1 AND id = $2"),
+        &[&pipeline, &request.id, &text],
+    )
+    .await?;
+    tracing::info!(request = request.id, table = %request.table, readers = ranges.len(), sampled_keys = sample.len(), "backfill split into key ranges");
+    Ok(Some(ranges))
+}
+
+/// `readers` ranges covering every key, split at quantiles of `sample` (sorted keys); fewer
+/// where the sample repeats a split point or is too small.
+fn split(sample: &[Vec<String>], readers: usize) -> Vec<Range> {
+    let mut points: Vec<&Vec<String>> = if sample.len() < readers {
+        Vec::new()
+    } else {
+        (1..readers).map(|i| &sample[i * sample.len() / readers]).collect()
+    };
+    points.dedup();
+    let mut ranges = Vec::with_capacity(points.len() + 1);
+    let mut after: Option<Vec<String>> = None;
+    for point in points {
+        ranges.push(Range { after: after.take(), upto: Some(point.clone()), done: false });
+        after = Some(point.clone());
+    }
+    ranges.push(Range { after, upto: None, done: false });
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(values: &[i64]) -> Vec<Vec<String>> {
+        values.iter().map(|v| vec![v.to_string()]).collect()
+    }
+
+    fn bounds(ranges: &[Range]) -> Vec<(Option<String>, Option<String>)> {
+        ranges
+            .iter()
+            .map(|r| (r.after.as_ref().map(|k| k[0].clone()), r.upto.as_ref().map(|k| k[0].clone())))
+            .collect()
+    }
+
+    #[test]
+    fn ranges_meet_end_to_end_and_cover_every_key() {
+        let sample = keys(&(1..=100).collect::<Vec<_>>());
+        let ranges = split(&sample, 4);
+        assert_eq!(
+            bounds(&ranges),
+            vec![
+                (None, Some("26".into())),
+                (Some("26".into()), Some("51".into())),
+                (Some("51".into()), Some("76".into())),
+                (Some("76".into()), None),
+            ]
+        );
+        assert!(ranges.iter().all(|r| !r.done));
+    }
+
+    #[test]
+    fn a_repeated_split_point_makes_fewer_ranges_and_a_tiny_sample_one() {
+        assert_eq!(
+            bounds(&split(&keys(&[5, 5, 5, 5, 9]), 4)),
+            vec![(None, Some("5".into())), (Some("5".into()), None)]
+        );
+        assert_eq!(bounds(&split(&keys(&[1]), 4)), vec![(None, None)]);
+        assert_eq!(bounds(&split(&[], 4)), vec![(None, None)]);
+    }
+
+    #[test]
+    fn stored_ranges_read_back_with_their_progress() {
+        let ranges = vec![
+            Range { after: None, upto: Some(vec!["a b".into(), "7".into()]), done: true },
+            Range { after: Some(vec!["a b".into(), "9".into()]), upto: None, done: false },
+        ];
+        let text = serde_json::to_string(&ranges).unwrap();
+        assert_eq!(serde_json::from_str::<Vec<Range>>(&text).unwrap(), ranges);
+        // As Postgres's jsonb_set leaves it: `after` replaced, keys reordered.
+        let edited = r#"[{"done": true, "upto": ["a b", "7"], "after": null}, {"done": false, "upto": null, "after": ["a b", "12"]}]"#;
+        assert_eq!(
+            serde_json::from_str::<Vec<Range>>(edited).unwrap()[1].after,
+            Some(vec!["a b".to_owned(), "12".to_owned()])
+        );
+    }
+}
