@@ -54,11 +54,11 @@ pub(super) async fn plan(
         return Ok(Some(ranges));
     }
     let fresh = request.keys.is_none() && request.last_key.is_none() && request.rows_done == 0;
-    if !fresh || config.table_concurrency <= 1 {
+    if !fresh || config.readers_per_table() <= 1 {
         return Ok(None);
     }
     let rows = super::estimate_rows(sql, &request.table).await?.unwrap_or(0);
-    let readers = config.table_concurrency.min((rows / config.chunk_size.max(1) as i64).max(1) as usize);
+    let readers = config.readers_per_table().min((rows / config.chunk_size.max(1) as i64).max(1) as usize);
     if readers <= 1 {
         return Ok(None);
     }

@@ -20,8 +20,11 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
     let pg = tokio::task::spawn_blocking(|| LocalPostgres::start(&ClusterOptions::default())).await??;
     let sluice = std::env::current_exe()?;
     println!(
-        "sluice bench --backfill: {} rows (id bigint, name text, amount numeric), chunk_size {}, {} runs",
-        args.rows, args.chunk_size, args.runs
+        "sluice bench --backfill: {} rows (id bigint, name text, amount numeric), chunk_size {}, table_concurrency {}, {} runs",
+        args.rows,
+        args.chunk_size,
+        args.table_concurrency.unwrap_or_else(|| crate::config::BackfillConfig::default().readers_per_table()),
+        args.runs
     );
     pg.create_database(DB)?;
     pg.psql(
@@ -93,8 +96,10 @@ fn config_text(pg: &LocalPostgres, args: &BenchArgs, slot: &str, target: &str) -
     format!(
         "[monitoring]\nlisten = \"\"\n[source.connection]\nport = {}\ndbname = \"{DB}\"\n\
          [source.replication]\nslot = \"{slot}\"\npublication = \"bench_pub\"\n\
-         [backfill]\nchunk_size = {}\npoll_interval = \"100ms\"\n{target}",
-        pg.port, args.chunk_size
+         [backfill]\nchunk_size = {}\npoll_interval = \"100ms\"\n{}{target}",
+        pg.port,
+        args.chunk_size,
+        args.table_concurrency.map_or(String::new(), |n| format!("table_concurrency = {n}\n"))
     )
 }
 

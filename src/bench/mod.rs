@@ -94,6 +94,10 @@ pub struct BenchArgs {
     /// `--backfill`: rows per chunk.
     #[arg(long, default_value_t = 20_000)]
     pub chunk_size: usize,
+    /// `--backfill`: readers of the table at once (`backfill.table_concurrency`); the
+    /// default's (the machine's cores, at most 4) when not given.
+    #[arg(long)]
+    pub table_concurrency: Option<usize>,
     /// Benchmark a table's cut-over instead: the time from `sluice cutover` to `reversed`
     /// with the application writing, its write unavailability, and the way back's rows/s
     /// against the forward stream's on the same data (both directions Postgres).

@@ -29,9 +29,10 @@ pub struct BackfillConfig {
     pub concurrency: usize,
     /// Connections that read one table at once, each a key range of it (a fresh request of a
     /// whole table is split into this many ranges; one that started with ranges keeps them).
-    /// Defaults to the machine's cores, at most 4.
-    #[serde(default = "default_table_concurrency")]
-    pub table_concurrency: usize,
+    /// When not set, the machine's cores, at most 4.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 16))]
+    pub table_concurrency: Option<usize>,
     /// How often the daemon looks for new requests.
     #[serde(default = "default_poll_interval", deserialize_with = "sluice_core::duration::deserialize")]
     #[schemars(schema_with = "sluice_core::duration::schema")]
@@ -47,7 +48,7 @@ impl Default for BackfillConfig {
             chunk_size: default_chunk_size(),
             max_rows_per_second: 0,
             concurrency: default_concurrency(),
-            table_concurrency: default_table_concurrency(),
+            table_concurrency: None,
             poll_interval: default_poll_interval(),
         }
     }
@@ -65,9 +66,6 @@ fn default_chunk_size() -> usize {
 fn default_concurrency() -> usize {
     1
 }
-fn default_table_concurrency() -> usize {
-    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).clamp(1, 4)
-}
 fn default_poll_interval() -> Duration {
     Duration::from_secs(2)
 }
@@ -81,12 +79,19 @@ impl BackfillConfig {
         if self.concurrency == 0 {
             problems.push(Problem::new("backfill", "concurrency", "must be at least 1"));
         }
-        if !(1..=16).contains(&self.table_concurrency) {
+        if self.table_concurrency.is_some_and(|n| !(1..=16).contains(&n)) {
             problems.push(Problem::new("backfill", "table_concurrency", "must be between 1 and 16"));
         }
         if self.poll_interval.is_zero() {
             problems.push(Problem::new("backfill", "poll_interval", "must be more than 0s"));
         }
+    }
+
+    /// Readers of one table at once: `table_concurrency`, or the machine's cores (at most 4).
+    pub fn readers_per_table(&self) -> usize {
+        self.table_concurrency.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).clamp(1, 4)
+        })
     }
 
     /// The progress table, quoted for SQL.

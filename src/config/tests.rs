@@ -89,7 +89,7 @@ fn unknown_key_is_named_with_its_path() {
 fn every_semantic_problem_is_reported_with_its_key() {
     let text = MINIMAL
         .replace("slot = \"sluice\"", "slot = \"Bad-Slot\"\nstreaming = true\nstatus_interval = \"0s\"")
-        + "\n[pipeline]\nmax_in_flight = 0\n";
+        + "\n[pipeline]\nmax_in_flight = 0\n[backfill]\ntable_concurrency = 0\n";
     let ConfigError::Invalid { problems } = load(&text, &[]).unwrap_err() else {
         panic!("expected problems")
     };
@@ -98,6 +98,7 @@ fn every_semantic_problem_is_reported_with_its_key() {
         keys,
         [
             "pipeline.max_in_flight",
+            "backfill.table_concurrency",
             "source.replication.slot",
             "source.replication.streaming",
             "source.replication.status_interval"

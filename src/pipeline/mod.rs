@@ -111,7 +111,7 @@ pub async fn run(
                 // Each request keeps at most two chunks unmerged (one read ahead): the channel
                 // bounds what the backfill holds in memory to that.
                 let (chunk_tx, chunk_rx) = mpsc::channel(
-                    2 * config.backfill.concurrency.max(1) * config.backfill.table_concurrency.max(1),
+                    2 * config.backfill.concurrency.max(1) * config.backfill.readers_per_table(),
                 );
                 watermarks = Watermarks::new(&config.pipeline.name, Some(chunk_rx))
                     .ignoring(&config.backfill.progress_table)
