@@ -761,3 +761,127 @@ fn a_target_without_a_free_replication_origin_slot_names_the_setting() {
     );
     assert_eq!(target.sql("SELECT count(*) FROM v2.customers"), "0");
 }
+
+/// A slow target makes sluice stop reading: while the slot holds far more WAL than sluice may
+/// buffer, the walsender's sent position stays within a bound of the confirmed one and
+/// sluice's memory stays under its bound; and at every sample, before and after the target
+/// speeds up, the slot is confirmed past a transaction's commit only once the target holds
+/// all of its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_target_stops_the_reading_and_the_slot_is_confirmed_only_as_far_as_durable() {
+    const TRANSACTIONS: i64 = 180;
+    const ROWS: i64 = 500;
+    let (db, target, dir, config) = setup("pgbp", "");
+    // The target through a link that holds every piece of a request.
+    let link = crate::harness::Outage::start(target.pg.port).await;
+    let text = std::fs::read_to_string(&config).unwrap();
+    let direct = format!("port = {}\ndbname = \"{}\"", target.pg.port, target.name);
+    assert!(text.contains(&direct), "{text}");
+    std::fs::write(
+        &config,
+        text.replace(&direct, &format!("port = {}\ndbname = \"{}\"", link.port, target.name)),
+    )
+    .unwrap();
+    let log = dir.path().join("sluice.log");
+    let _logs = LogsOnPanic(vec![log.clone()]);
+    let mut child = sluice()
+        .args(["run", "-c", config.to_str().unwrap()])
+        .env("SLUICE__PIPELINE__BATCH_MAX_EVENTS", "256")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    db.wait_slot_active(&db.slot_name("pgbp")).await;
+    link.slow(Duration::from_millis(50));
+
+    // 180 transactions of 500 rows of about 1.6 kB each: over 100 MiB of WAL. The WAL insert
+    // position read right after each commit is at or past its commit record (and before the
+    // next one's): confirmed past it means confirmed past the commit.
+    let start = db.insert_lsn();
+    let writer = sluice_postgres::connect_sql(&db.connection()).await.unwrap();
+    let mut commits: Vec<sluice_core::Lsn> = Vec::new();
+    for t in 0..TRANSACTIONS {
+        writer
+            .batch_execute(&format!(
+                "INSERT INTO customers (id, email, bio) SELECT g, 'c' || g, repeat(md5(g::text), 47) \
+                 FROM generate_series({}, {}) g",
+                t * ROWS + 1,
+                (t + 1) * ROWS
+            ))
+            .await
+            .unwrap();
+        let after: String =
+            writer.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
+        commits.push(after.parse().unwrap());
+    }
+    let end = db.insert_lsn();
+    let written = end.0 - start.0;
+    assert!(written > 100 << 20, "{written} bytes of WAL");
+
+    // Confirmed past a commit ⇒ every row of that transaction is in the target. The target
+    // only grows, so counting it after reading the slot is the stricter order.
+    let mut samples = 0;
+    let check = |samples: &mut usize| -> i64 {
+        let confirmed = db.slot_confirmed("pgbp").unwrap();
+        let durable: i64 = target.sql("SELECT count(*) FROM v2.customers").parse().unwrap();
+        let due = commits.iter().filter(|&&commit| commit < confirmed).count() as i64 * ROWS;
+        assert!(
+            durable >= due,
+            "the slot is confirmed at {confirmed}, past {due} rows' commits, but the target holds {durable}"
+        );
+        *samples += 1;
+        durable
+    };
+    // The slow target: what the walsender has sent beyond the confirmed position (sluice's
+    // buffers and the sockets') stays small.
+    let sent_ahead = || -> u64 {
+        let row = db.sql(&format!(
+            "SELECT r.sent_lsn - s.confirmed_flush_lsn FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid \
+             WHERE s.slot_name = '{}'",
+            db.slot_name("pgbp")
+        ));
+        row.trim().parse::<f64>().unwrap_or(0.0) as u64
+    };
+    // Sampled while the slow target passes a few commits (each confirmation a chance to
+    // confirm too far).
+    let (mut most_ahead, mut pending) = (0, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let ahead = sent_ahead();
+        let confirmed = db.slot_confirmed("pgbp").unwrap();
+        pending.get_or_insert(end.0.saturating_sub(confirmed.0));
+        most_ahead = most_ahead.max(ahead);
+        let durable = check(&mut samples);
+        if durable >= 10 * ROWS && samples >= 20 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the slow target made {durable} rows durable in 120 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pending = pending.unwrap();
+    let rss_mib = sluice::bench::peak_rss_kib(child.id()).unwrap() / 1024;
+    eprintln!("slow target: at most {most_ahead} bytes sent past the confirmed position, peak RSS {rss_mib} MiB, {pending} bytes of WAL pending, {samples} samples");
+    assert!(
+        pending > 64 << 20 && most_ahead < 32 << 20 && rss_mib < 80,
+        "sluice stopped reading: at most {most_ahead} bytes sent past the confirmed position, peak RSS {rss_mib} MiB, \
+         while the slot held {pending} bytes not yet confirmed"
+    );
+
+    // The target speeds up: everything arrives, once, and every sample on the way holds.
+    link.slow(Duration::ZERO);
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while check(&mut samples) < TRANSACTIONS * ROWS {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for every row in the target");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        target.sql("SELECT count(DISTINCT customer_id) || ' ' || min(customer_id) || ' ' || max(customer_id) FROM v2.customers"),
+        format!("{} 1 {}", TRANSACTIONS * ROWS, TRANSACTIONS * ROWS)
+    );
+    wait_for("the slot confirmed past the last commit", Duration::from_secs(60), || async {
+        db.slot_confirmed("pgbp").unwrap() > *commits.last().unwrap()
+    })
+    .await;
+    std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(child.wait().unwrap().success(), "sluice exits 0 on SIGTERM");
+}
