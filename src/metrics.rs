@@ -69,6 +69,9 @@ pub const REVERSE_RECORDS_TOTAL: &str = "sluice_reverse_records_total";
 /// The way back from DynamoDB: now minus the creation time of the newest stream record
 /// applied, by DynamoDB `table` (the service rounds it to the second).
 pub const REVERSE_LAG_SECONDS: &str = "sluice_reverse_lag_seconds";
+/// Row changes the source replayed that the target already holds (its checkpoint: the
+/// Postgres target's, or the pipeline's inside a large transaction), skipped before translation.
+pub const REPLAY_SKIPPED_TOTAL: &str = "sluice_replay_skipped_total";
 /// Target requests' latency, by `target`, seconds.
 pub const TARGET_WRITE_SECONDS: &str = "sluice_target_write_duration_seconds";
 /// Writes by `target` and `outcome` (applied, already_applied: absorbed by the position guard).
@@ -192,6 +195,10 @@ fn describe() {
     describe_counter!(
         REVERSE_SKIPPED_TOTAL,
         "The way back: changes of tables not streaming back in their migration phase"
+    );
+    describe_counter!(
+        REPLAY_SKIPPED_TOTAL,
+        "Replayed row changes the target already holds (its checkpoint), skipped without a request"
     );
     describe_histogram!(TARGET_WRITE_SECONDS, Unit::Seconds, "Latency of target requests");
     describe_histogram!(

@@ -920,3 +920,110 @@ async fn a_panicking_worker_stops_the_pipeline_and_confirms_nothing_past_it() {
     assert!(confirmed < commit, "slot confirmed {confirmed}, past the unapplied change ending at {commit}");
     assert_eq!(shop.item_count().await, 0);
 }
+
+/// A transaction longer than the time between crashes still finishes: each restart skips the
+/// changes that earlier runs made durable (the pipeline's checkpoint inside the transaction),
+/// so a run after a kill -9 sends a fraction of the transaction, not all of it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "too slow for CI yet: moto takes each run about a minute to reach 15,000 writes"]
+async fn a_large_transaction_finishes_across_repeated_kill_9_and_each_restart_skips_what_is_durable() {
+    const ROWS: u64 = 200_000;
+    let moto = moto();
+    let db = TestDb::new();
+    db.sql("CREATE TABLE accounts (id int8 PRIMARY KEY, n int8 NOT NULL); CREATE PUBLICATION p FOR TABLE accounts");
+    let table = unique_table(&db);
+    let client = dynamo_client(&moto.url).await;
+    client.create_table(&table, "pk", None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mapping = dir.path().join("mapping.toml");
+    std::fs::write(
+        &mapping,
+        format!("[[tables]]\nsource = \"public.accounts\"\ntarget = \"{table}\"\npartition_key = {{ attribute = \"pk\", template = \"A#{{id}}\" }}\n"),
+    )
+    .unwrap();
+    let port = sluice::localpg::free_port().unwrap();
+    let config =
+        db.config_file(dir.path(), "bigtx", "p", &target_toml(&mapping, &moto.url, "concurrency = 8\n"));
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text
+        .replace("[pipeline]\n", "[pipeline]\ncheckpoint_interval = \"1s\"\n")
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
+    std::fs::write(&config, text).unwrap();
+    let logs: Vec<PathBuf> = (0..40).map(|n| dir.path().join(format!("run{n}.log"))).collect();
+    let _logs = crate::harness::LogsOnPanic(logs.clone());
+    let start = |n: usize| {
+        crate::harness::sluice()
+            .args(["run", "-c", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&logs[n]).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = start(0);
+    db.wait_slot_active(&db.slot_name("bigtx")).await;
+    let end =
+        db.commit_lsn_of(&format!("INSERT INTO accounts SELECT g, g % 13 FROM generate_series(1, {ROWS}) g"));
+
+    // Each run: kill -9 once it has sent 15,000 writes and lived 5 s (a checkpoint is written
+    // every second), until the transaction is confirmed.
+    let scrape = || crate::harness::http_get(port, "/metrics").map(|(_, body)| body).unwrap_or_default();
+    let read = |body: &str, series: &str| crate::harness::metric(body, series).unwrap_or(0.0) as u64;
+    // (applied, found already applied, skipped) of each run that was killed.
+    let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let born = std::time::Instant::now();
+        let mut last = (0, 0, 0);
+        let finished = loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the transaction was not confirmed in 600 s: runs {runs:?}"
+            );
+            if db.slot_confirmed("bigtx").unwrap() >= end {
+                break true;
+            }
+            let body = scrape();
+            last = (
+                read(&body, "sluice_target_writes_total{outcome=\"applied\",pipeline=\"default\"}"),
+                read(&body, "sluice_target_writes_total{outcome=\"already_applied\",pipeline=\"default\"}"),
+                read(&body, "sluice_replay_skipped_total{pipeline=\"default\"}"),
+            );
+            if last.0 + last.1 >= 15_000 && born.elapsed() > Duration::from_secs(5) {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if finished {
+            break;
+        }
+        crate::harness::kill_9(&mut child);
+        runs.push(last);
+        assert!(runs.len() < logs.len(), "more than {} runs: {runs:?}", logs.len());
+        child = start(runs.len());
+    }
+    std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap().success());
+    eprintln!("large transaction: (applied, already applied, skipped) per killed run: {runs:?}");
+
+    assert!(runs.len() >= 3, "the transaction outlived at least three runs: {runs:?}");
+    for (n, &(_, already, skipped)) in runs.iter().enumerate().skip(1) {
+        assert!(skipped > 0, "run {n} skipped nothing of the replayed transaction: {runs:?}");
+        assert!(
+            already < ROWS / 10,
+            "run {n} sent {already} writes that earlier runs had made durable: {runs:?}"
+        );
+    }
+    let sent: u64 = runs.iter().map(|&(applied, already, _)| applied + already).sum();
+    assert!(sent < ROWS * 3 / 2, "the killed runs sent {sent} writes for a {ROWS}-row transaction: {runs:?}");
+    let items = client.scan_all(&table).await.unwrap();
+    assert_eq!(items.len() as u64, ROWS, "every row of the transaction is an item, once");
+    let wrong = items
+        .iter()
+        .filter(|item| {
+            let (Attr::S(pk), n) = (&item["pk"], number(&item["n"])) else { return true };
+            let id: u64 = pk.trim_start_matches("A#").parse().unwrap();
+            n != (id % 13).to_string()
+        })
+        .count();
+    assert_eq!(wrong, 0, "items whose value differs from their row");
+}

@@ -118,9 +118,9 @@ pub struct Watermarks {
     /// watermark.
     chunks: HashMap<String, (u64, Chunk)>,
     arrivals: u64,
-    /// The progress table (`schema.table`): its changes are the backfill's bookkeeping, never
-    /// data, even under a publication FOR ALL TABLES.
-    progress_table: Option<TableName>,
+    /// sluice's own tables in the source (the backfill's progress, the pipeline's checkpoint):
+    /// their changes are bookkeeping, never data, even under a publication FOR ALL TABLES.
+    bookkeeping: Vec<TableName>,
     incoming: Option<mpsc::Receiver<Chunk>>,
     /// Most writes of a merged chunk in one part (`pipeline.batch_max_events`).
     part_max_events: usize,
@@ -133,7 +133,7 @@ impl Watermarks {
             windows: HashMap::new(),
             chunks: HashMap::new(),
             arrivals: 0,
-            progress_table: None,
+            bookkeeping: Vec::new(),
             incoming,
             part_max_events: usize::MAX,
         }
@@ -146,18 +146,17 @@ impl Watermarks {
         self
     }
 
-    /// Drops the changes of the progress table from the stream.
-    pub fn ignoring(mut self, progress_table: &TableName) -> Self {
-        self.progress_table = Some(progress_table.clone());
+    /// Drops the changes of one of sluice's own tables from the stream.
+    pub fn ignoring(mut self, table: &TableName) -> Self {
+        self.bookkeeping.push(table.clone());
         self
     }
 
-    fn is_progress_table(&self, event: &ChangeEvent) -> bool {
-        let Some(progress) = &self.progress_table else { return false };
+    fn is_bookkeeping(&self, event: &ChangeEvent) -> bool {
         match event {
             ChangeEvent::Insert { relation, .. }
             | ChangeEvent::Update { relation, .. }
-            | ChangeEvent::Delete { relation, .. } => progress.is(relation),
+            | ChangeEvent::Delete { relation, .. } => self.bookkeeping.iter().any(|t| t.is(relation)),
             _ => false,
         }
     }
@@ -168,7 +167,7 @@ impl Watermarks {
     pub fn split(&mut self, mut batch: EventBatch) -> Vec<Part> {
         let special = batch.events.iter().any(|e| {
             matches!(e, ChangeEvent::Message { prefix, .. } if prefix == WATERMARK_PREFIX)
-                || self.is_progress_table(e)
+                || self.is_bookkeeping(e)
         });
         if !special && self.windows.is_empty() {
             return vec![Part::of_stream(batch)];
@@ -188,7 +187,7 @@ impl Watermarks {
                     continue;
                 }
             }
-            if self.is_progress_table(&event) {
+            if self.is_bookkeeping(&event) {
                 continue;
             }
             self.observe(&event);

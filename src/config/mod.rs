@@ -164,6 +164,18 @@ pub struct PipelineConfig {
     /// names, a table whose updates Postgres rejects); their problems always stop it.
     #[serde(default)]
     pub allow_warnings: bool,
+    /// Where the progress inside a large transaction is kept, in the source database (its
+    /// primary when the source is a standby), created when missing: a restart then skips the
+    /// changes of a replayed transaction that DynamoDB, Kafka or a JSON-lines file already has.
+    #[serde(default = "default_checkpoint_table")]
+    pub checkpoint_table: sluice_core::TableName,
+    /// How often that progress is written, at most; `0s` never writes it.
+    #[serde(
+        default = "default_checkpoint_interval",
+        deserialize_with = "sluice_core::duration::deserialize"
+    )]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for PipelineConfig {
@@ -175,8 +187,17 @@ impl Default for PipelineConfig {
             retry_for: default_retry_for(),
             shutdown_timeout: default_shutdown_timeout(),
             allow_warnings: false,
+            checkpoint_table: default_checkpoint_table(),
+            checkpoint_interval: default_checkpoint_interval(),
         }
     }
+}
+
+fn default_checkpoint_table() -> sluice_core::TableName {
+    sluice_core::TableName::new("public", "sluice_checkpoint")
+}
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(2)
 }
 
 fn default_pipeline_name() -> String {

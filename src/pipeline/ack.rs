@@ -8,14 +8,26 @@
 
 use std::collections::BTreeMap;
 
-use sluice_core::Lsn;
+use sluice_core::{Lsn, Position};
+
+/// A submitted batch not yet released.
+#[derive(Debug)]
+struct Pending {
+    ack: Option<Lsn>,
+    commit_time: Option<i64>,
+    /// The position of the batch's last change.
+    last: Option<Position>,
+    done: bool,
+}
 
 #[derive(Debug, Default)]
 pub struct AckTracker {
     next_seq: u64,
-    /// Submitted batches not yet released: ack LSN, commit time and whether durable.
-    pending: BTreeMap<u64, (Option<Lsn>, Option<i64>, bool)>,
+    pending: BTreeMap<u64, Pending>,
     durable: Lsn,
+    /// The position of the last change of the durable prefix (inside a transaction when the
+    /// prefix ends with a slice of one).
+    durable_position: Option<Position>,
     /// Commit time of the last durable transaction (Postgres epoch microseconds).
     durable_commit_time: Option<i64>,
     /// Commit times of the batches released since `take_released`.
@@ -36,25 +48,37 @@ impl AckTracker {
     }
 
     /// Records a submitted batch and the commit time of the last transaction it completes.
+    #[cfg(test)]
     pub fn register_with_time(&mut self, ack: Option<Lsn>, commit_time: Option<i64>) -> u64 {
+        self.register_batch(ack, commit_time, None)
+    }
+
+    /// Records a submitted batch: its ack, the commit time of the last transaction it
+    /// completes, and the position of its last change.
+    pub fn register_batch(
+        &mut self,
+        ack: Option<Lsn>,
+        commit_time: Option<i64>,
+        last: Option<Position>,
+    ) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.pending.insert(seq, (ack, commit_time, false));
+        self.pending.insert(seq, Pending { ack, commit_time, last, done: false });
         seq
     }
 
     /// Marks a batch durable; returns the new durable position when it advanced.
     pub fn complete(&mut self, seq: u64) -> Option<Lsn> {
         if let Some(entry) = self.pending.get_mut(&seq) {
-            entry.2 = true;
+            entry.done = true;
         }
         let before = self.durable;
         while let Some(entry) = self.pending.first_entry() {
-            let (ack, commit_time, done) = *entry.get();
-            if !done {
+            if !entry.get().done {
                 break;
             }
-            entry.remove();
+            let Pending { ack, commit_time, last, .. } = entry.remove();
+            self.durable_position = self.durable_position.max(last);
             if let Some(ack) = ack {
                 self.durable = self.durable.max(ack);
             }
@@ -76,6 +100,13 @@ impl AckTracker {
     /// one per batch that completes a transaction or carries a heartbeat.
     pub fn take_released(&mut self) -> Vec<i64> {
         std::mem::take(&mut self.released)
+    }
+
+    /// The position through which every change is durable, when that lies inside a
+    /// transaction whose end is not durable yet (a slice of a large transaction is): what a
+    /// restart, which replays that transaction from its first change, may skip.
+    pub fn inside_transaction(&self) -> Option<Position> {
+        self.durable_position.filter(|p| p.commit_lsn > self.durable)
     }
 
     /// Commit time of the last transaction (or heartbeat) made durable.
@@ -132,6 +163,33 @@ mod tests {
         assert_eq!(tracker.durable_commit_time(), Some(200));
         assert_eq!(tracker.take_released(), [200], "a slice without a commit time adds none");
         assert!(tracker.take_released().is_empty(), "each commit time once");
+    }
+
+    fn at(commit: u64, ordinal: u32) -> Option<Position> {
+        Some(Position { commit_lsn: Lsn(commit), tx_ordinal: ordinal })
+    }
+
+    #[test]
+    fn the_durable_slices_of_a_transaction_are_a_position_inside_it() {
+        let mut tracker = AckTracker::default();
+        // A whole transaction (commit at 90, ending at 100), then three slices of one
+        // committing at 200 (ending at 210).
+        let whole = tracker.register_batch(Some(Lsn(100)), Some(1), at(90, 3));
+        let first = tracker.register_batch(None, None, at(200, 4096));
+        let second = tracker.register_batch(None, None, at(200, 8192));
+        let last = tracker.register_batch(Some(Lsn(210)), Some(2), at(200, 9000));
+        tracker.complete(second);
+        assert_eq!(tracker.inside_transaction(), None, "nothing durable yet");
+        tracker.complete(whole);
+        assert_eq!(tracker.inside_transaction(), None, "a whole transaction is confirmed, not skipped");
+        tracker.complete(first);
+        assert_eq!(tracker.inside_transaction(), at(200, 8192), "both slices, in order");
+        tracker.complete(last);
+        assert_eq!(
+            tracker.inside_transaction(),
+            None,
+            "the transaction's end is durable: the slot moves past it"
+        );
     }
 
     proptest! {

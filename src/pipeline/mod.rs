@@ -9,13 +9,14 @@
 //! ```
 
 pub(crate) mod ack;
+mod checkpoint;
 mod stage;
 
 use sluice_core::Shutdown;
 use std::sync::Arc;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use sluice_core::{EventBatch, Lsn};
+use sluice_core::{EventBatch, Lsn, Position};
 use sluice_postgres::{PollSource, ReplicationSource, SourceOptions, SourceStats};
 use tokio::sync::{mpsc, watch};
 
@@ -72,6 +73,36 @@ pub async fn run(
         Arc::clone(&dead_letter),
     )
     .await?;
+    // Progress inside a transaction, for the targets that keep no checkpoint of their own.
+    let checkpoint = match (&config.source.mode, &config.target) {
+        (
+            SourceMode::Replication(replication),
+            crate::targets::TargetConfig::Dynamodb(_)
+            | crate::targets::TargetConfig::Kafka(_)
+            | crate::targets::TargetConfig::Jsonl(_),
+        ) if !config.pipeline.checkpoint_interval.is_zero() => Some(checkpoint::Checkpoint::new(
+            config.source.heartbeat_connection.clone().unwrap_or_else(|| config.source.connection.clone()),
+            config.pipeline.checkpoint_table.clone(),
+            &config.pipeline.name,
+            &replication.slot,
+        )),
+        _ => None,
+    };
+    let resume = match &checkpoint {
+        Some(checkpoint) => checkpoint.load().await,
+        None => None,
+    };
+    if let Some(position) = resume {
+        tracing::info!(
+            commit_lsn = %position.commit_lsn,
+            ordinal = position.tx_ordinal,
+            "a replayed transaction's changes through this position are durable in the target: skipped"
+        );
+    }
+    let (progress, progress_rx) = watch::channel(None);
+    let _checkpoint = checkpoint.map(|checkpoint| {
+        AbortOnDrop(tokio::spawn(checkpoint.keep(progress_rx, config.pipeline.checkpoint_interval)))
+    });
     let gate = match &config.reverse_of {
         Some(_) => Some(
             crate::migration::reverse::PhaseGate::open(
@@ -101,7 +132,8 @@ pub async fn run(
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
     let mut shutdown_started = shutdown.clone();
     let connection = config.source.connection.clone();
-    let mut watermarks = Watermarks::new(&config.pipeline.name, None);
+    let mut watermarks =
+        Watermarks::new(&config.pipeline.name, None).ignoring(&config.pipeline.checkpoint_table);
     let mut backfill_task = None;
     let (stats, source_task) = match &config.source.mode {
         SourceMode::Replication(replication) => {
@@ -114,6 +146,7 @@ pub async fn run(
                     2 * config.backfill.concurrency.max(1) * config.backfill.readers_per_table(),
                 );
                 watermarks = Watermarks::new(&config.pipeline.name, Some(chunk_rx))
+                    .ignoring(&config.pipeline.checkpoint_table)
                     .ignoring(&config.backfill.progress_table)
                     .with_part_max_events(config.pipeline.batch_max_events);
                 backfill_task = Some(tokio::spawn(crate::backfill::run(
@@ -157,6 +190,8 @@ pub async fn run(
         max_in_flight: config.pipeline.max_in_flight,
         state,
         gate,
+        resume,
+        progress,
     };
     let applied = tokio::select! {
         applied = apply_opened(target, stage, batch_rx, durable_tx, &mut watermarks) => applied.map_err(PipelineError::from),
@@ -224,6 +259,19 @@ struct Stage<'a> {
     state: &'a PipelineState,
     /// The way back: only tables that stream back in their phase.
     gate: Option<crate::migration::reverse::PhaseGate>,
+    /// Changes at or before this position are durable in the target (its checkpoint row).
+    resume: Option<Position>,
+    /// Receives the durable position while it lies inside a transaction.
+    progress: watch::Sender<Option<Position>>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Submits batches in order, keeps at most `max_in_flight` unconfirmed, and publishes the
@@ -237,7 +285,7 @@ async fn apply<X: Translator, T: Target<Op = X::Op>>(
     durable: watch::Sender<Lsn>,
     watermarks: &mut Watermarks,
 ) -> Result<(), TargetError> {
-    let Stage { target: target_name, dead_letter, max_in_flight, state, mut gate } = stage;
+    let Stage { target: target_name, dead_letter, max_in_flight, state, mut gate, resume, progress } = stage;
     let mut names = SourceNames::default();
     let mut tracker = AckTracker::default();
     let mut in_flight = FuturesUnordered::new();
@@ -265,6 +313,9 @@ async fn apply<X: Translator, T: Target<Op = X::Op>>(
                     durable.send_replace(lsn);
                     state.set_durable(lsn, tracker.durable_commit_time());
                 }
+                if let Some(inside) = tracker.inside_transaction() {
+                    progress.send_if_modified(|last| last.replace(inside) != Some(inside));
+                }
             }
             batch = batches.recv(), if source_open && in_flight.len() < max_in_flight => match batch {
                 Some(batch) => {
@@ -278,11 +329,12 @@ async fn apply<X: Translator, T: Target<Op = X::Op>>(
                             })?;
                         }
                         state.count_changes(count_events(&batch.events));
-                        let seq = tracker.register_with_time(batch.ack_lsn, batch.commit_time);
+                        let last = batch.events.iter().rev().find_map(ChangeEvent::position);
+                        let seq = tracker.register_batch(batch.ack_lsn, batch.commit_time, last);
                         let ops = stage::translate(
                             &mut translator,
                             &batch,
-                            target.applied_through(),
+                            target.applied_through().max(resume),
                             dead_letter,
                             &mut names,
                             target_name,
@@ -413,6 +465,8 @@ mod tests {
                 max_in_flight: 4,
                 state: &test_state(),
                 gate: None,
+                resume: None,
+                progress: watch::channel(None).0,
             },
             rx,
             durable_tx,

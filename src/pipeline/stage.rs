@@ -52,10 +52,12 @@ pub(super) async fn translate<X: Translator>(
     let context = Context { now_unix_seconds: now_unix_seconds() };
     let mut ops = Vec::new();
     let mut out = Vec::new();
+    let mut skipped = 0;
     for event in &batch.events {
         let position = event.position();
         if let (Some(position), Some(through)) = (position, applied_through) {
             if position <= through {
+                skipped += u64::from(event.is_row_change());
                 continue;
             }
         }
@@ -93,6 +95,9 @@ pub(super) async fn translate<X: Translator>(
             position,
             source: std::sync::Arc::<str>::clone(&source),
         }));
+    }
+    if skipped > 0 {
+        metrics::counter!(crate::metrics::REPLAY_SKIPPED_TOTAL).increment(skipped);
     }
     Ok(OpBatch { ops, events: batch.events.len(), redelivery_horizon: batch.redelivery_horizon })
 }

@@ -222,6 +222,11 @@ pub enum ChangeEvent {
 }
 
 impl ChangeEvent {
+    /// An insert, update or delete.
+    pub fn is_row_change(&self) -> bool {
+        matches!(self, ChangeEvent::Insert { .. } | ChangeEvent::Update { .. } | ChangeEvent::Delete { .. })
+    }
+
     /// Where the event stands; none for a Relation, which describes and does not change.
     pub fn position(&self) -> Option<Position> {
         match self {
