@@ -464,20 +464,40 @@ async fn kill_9_while_streaming_in_batch_mode_then_restart_leaves_the_target_equ
     kill_9_then_restart("batch").await;
 }
 
+/// A fresh database with a table `accounts` of `columns` in publication `p`, a fresh DynamoDB
+/// table keyed by `pk` alone, and a mapping of the one into the other with the partition key
+/// `prefix` followed by the row's id.
+struct Accounts {
+    moto: Arc<crate::harness::Moto>,
+    db: TestDb,
+    table: String,
+    client: DynamoClient,
+    dir: tempfile::TempDir,
+    mapping: PathBuf,
+}
+
+impl Accounts {
+    async fn new(columns: &str, prefix: &str) -> Self {
+        let moto = moto();
+        let db = TestDb::new();
+        db.sql(&format!("CREATE TABLE accounts ({columns}); CREATE PUBLICATION p FOR TABLE accounts"));
+        let table = unique_table(&db);
+        let client = dynamo_client(&moto.url).await;
+        client.create_table(&table, "pk", None).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mapping = dir.path().join("mapping.toml");
+        std::fs::write(
+            &mapping,
+            format!("[[tables]]\nsource = \"public.accounts\"\ntarget = \"{table}\"\npartition_key = {{ attribute = \"pk\", template = \"{prefix}{{id}}\" }}\n"),
+        )
+        .unwrap();
+        Accounts { moto, db, table, client, dir, mapping }
+    }
+}
+
 async fn kill_9_then_restart(write_mode: &str) {
-    let moto = moto();
-    let db = TestDb::new();
-    db.sql("CREATE TABLE accounts (id int8 PRIMARY KEY, n int8 NOT NULL, name text); CREATE PUBLICATION p FOR TABLE accounts");
-    let table = unique_table(&db);
-    let client = dynamo_client(&moto.url).await;
-    client.create_table(&table, "pk", None).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mapping = dir.path().join("mapping.toml");
-    std::fs::write(
-        &mapping,
-        format!("[[tables]]\nsource = \"public.accounts\"\ntarget = \"{table}\"\npartition_key = {{ attribute = \"pk\", template = \"ACCOUNT#{{id}}\" }}\n"),
-    )
-    .unwrap();
+    let Accounts { moto, db, table, client, dir, mapping } =
+        Accounts::new("id int8 PRIMARY KEY, n int8 NOT NULL, name text", "ACCOUNT#").await;
     let config = db.config_file(
         dir.path(),
         "kill",
@@ -928,19 +948,8 @@ async fn a_panicking_worker_stops_the_pipeline_and_confirms_nothing_past_it() {
 #[ignore = "too slow for CI yet: moto takes each run about a minute to reach 15,000 writes"]
 async fn a_large_transaction_finishes_across_repeated_kill_9_and_each_restart_skips_what_is_durable() {
     const ROWS: u64 = 200_000;
-    let moto = moto();
-    let db = TestDb::new();
-    db.sql("CREATE TABLE accounts (id int8 PRIMARY KEY, n int8 NOT NULL); CREATE PUBLICATION p FOR TABLE accounts");
-    let table = unique_table(&db);
-    let client = dynamo_client(&moto.url).await;
-    client.create_table(&table, "pk", None).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mapping = dir.path().join("mapping.toml");
-    std::fs::write(
-        &mapping,
-        format!("[[tables]]\nsource = \"public.accounts\"\ntarget = \"{table}\"\npartition_key = {{ attribute = \"pk\", template = \"A#{{id}}\" }}\n"),
-    )
-    .unwrap();
+    let Accounts { moto, db, table, client, dir, mapping } =
+        Accounts::new("id int8 PRIMARY KEY, n int8 NOT NULL", "A#").await;
     let port = sluice::localpg::free_port().unwrap();
     let config =
         db.config_file(dir.path(), "bigtx", "p", &target_toml(&mapping, &moto.url, "concurrency = 8\n"));
