@@ -221,10 +221,9 @@ async fn a_backfill_beside_concurrent_writes_leaves_the_target_equal_to_the_sour
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_backfill_resumes_at_the_last_finished_chunk() {
-    let setup =
-        setup("resume", "chunk_size = 250\nmax_rows_per_second = 2500\ntable_concurrency = 3\n").await;
+    let setup = setup("resume", "chunk_size = 250\nmax_rows_per_second = 600\ntable_concurrency = 3\n").await;
     let db = &setup.db;
-    preload(db, 6000);
+    preload(db, 3000);
     let logs = [setup.log("first.log"), setup.log("second.log")];
     let _logs = LogsOnPanic(logs.to_vec());
     let mut first = setup.start("first.log");
@@ -240,7 +239,7 @@ async fn kill_9_mid_backfill_resumes_at_the_last_finished_chunk() {
     wait_for("some chunks to finish", Duration::from_secs(60), || async { done() >= 1000 }).await;
     kill_9(&mut first);
     let at_kill = done();
-    assert!(at_kill < 6000, "killed mid-backfill: {at_kill}");
+    assert!(at_kill < 3000, "killed mid-backfill: {at_kill}");
     assert_eq!(
         db.sql("SELECT state FROM sluice_backfill WHERE source_table = 'public.customers'").trim(),
         "running"
@@ -253,7 +252,7 @@ async fn kill_9_mid_backfill_resumes_at_the_last_finished_chunk() {
     })
     .await;
     // Progress counts each durable chunk once: a restart from the beginning would count more.
-    assert_eq!(done(), 6000, "resumed after the last finished chunk ({at_kill} rows were done at the kill)");
+    assert_eq!(done(), 3000, "resumed after the last finished chunk ({at_kill} rows were done at the kill)");
     let log = std::fs::read_to_string(&logs[1]).unwrap();
     assert!(log.contains("backfill started") && log.contains("resuming=true"), "{log}");
     // Each of the three ranges resumed where its own reader stopped.

@@ -442,12 +442,29 @@ pub fn kill_9(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Polls `check` until it is true; panics naming `what` at the deadline.
+/// How many times its written limit a wait may take before it fails
+/// (`SLUICE_TEST_PATIENCE`, default 3): a loaded CI machine runs the suite up to four times
+/// slower than a quiet one, and a deadline only bounds how long a failure takes to show.
+pub fn patience(limit: Duration) -> Duration {
+    static FACTOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let factor = *FACTOR.get_or_init(|| {
+        std::env::var("SLUICE_TEST_PATIENCE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|f| *f > 0)
+            .unwrap_or(3)
+    });
+    limit * factor
+}
+
+/// Polls `check` until it is true; panics naming `what` at the deadline (`limit`, times the
+/// patience).
 pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
+    let limit = patience(limit);
     let deadline = Instant::now() + limit;
     while !check().await {
         assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
@@ -457,6 +474,7 @@ where
 
 /// The same, for blocking checks.
 pub fn wait_for_blocking(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let limit = patience(limit);
     let deadline = Instant::now() + limit;
     while !check() {
         assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
