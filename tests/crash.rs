@@ -159,3 +159,96 @@ async fn kill_9_and_restart_delivers_every_change_in_order_and_never_confirms_ea
     }
     eprintln!("delivered {} lines, {duplicates} replayed after the kill", lines.len());
 }
+
+/// A transaction too large to finish between two kills still finishes: each run writes the
+/// pipeline's checkpoint (the position inside the transaction through which the file is
+/// durable) every second, and the next run skips the replayed changes through it instead of
+/// writing them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_finishes_across_repeated_kill_9_and_each_run_skips_what_is_durable() {
+    const ROWS: usize = 400_000;
+    let db = TestDb::new();
+    db.sql("CREATE TABLE big (id int8 PRIMARY KEY, n int8 NOT NULL); CREATE PUBLICATION p FOR TABLE big");
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out.jsonl");
+    let config = db.config_file(
+        dir.path(),
+        "bigtx",
+        "p",
+        &format!("[target]\nkind = \"jsonl\"\npath = \"{}\"\nfsync = true\n", output.display()),
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[pipeline]\n", "[pipeline]\ncheckpoint_interval = \"100ms\"\nbatch_max_events = 64\n");
+    std::fs::write(&config, text).unwrap();
+    let logs: Vec<_> = (0..20).map(|n| dir.path().join(format!("run{n}.log"))).collect();
+    let _logs = crate::harness::LogsOnPanic(logs.clone());
+    let mut child = start_sluice(&config, &logs[0]);
+    db.wait_slot_active(&db.slot_name("bigtx")).await;
+    let end =
+        db.commit_lsn_of(&format!("INSERT INTO big SELECT g, g % 13 FROM generate_series(1, {ROWS}) g"));
+
+    let inserts = |lines: &[serde_json::Value]| -> Vec<i64> {
+        lines.iter().filter(|l| l["op"] == "insert").map(|l| l["new"]["id"].as_i64().unwrap()).collect()
+    };
+    // Kill each run once its checkpoint has moved an eighth of the transaction past where the
+    // run began, until the slot is confirmed past the commit. `cuts` are the insert counts
+    // in the file at each kill.
+    let mut cuts: Vec<usize> = vec![0];
+    let deadline = std::time::Instant::now() + crate::harness::patience(Duration::from_secs(300));
+    loop {
+        let born = std::time::Instant::now();
+        let finished = loop {
+            assert!(std::time::Instant::now() < deadline, "the transaction was not confirmed: cuts {cuts:?}");
+            if db.slot_confirmed("bigtx").unwrap() >= end {
+                eprintln!("finished after {:?}", born.elapsed());
+                break true;
+            }
+            // The checkpoint's ordinal: the last insert of the durable prefix (ordinal 1 is
+            // the transaction's first insert).
+            let checkpoint =
+                db.sql("SELECT tx_ordinal FROM sluice_checkpoint").trim().parse::<usize>().unwrap_or(0);
+            if checkpoint >= cuts.last().unwrap() + ROWS / 8 {
+                eprintln!("kill after {:?} at checkpoint {checkpoint}", born.elapsed());
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if finished {
+            break;
+        }
+        kill_9(&mut child);
+        cuts.push(inserts(&read_output(&output)).len());
+        assert!(cuts.len() < logs.len(), "more than {} runs: cuts {cuts:?}", logs.len() - 1);
+        child = start_sluice(&config, &logs[cuts.len() - 1]);
+    }
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap().success());
+
+    let ids = inserts(&read_output(&output));
+    eprintln!("large transaction: inserts in the file at each kill {cuts:?}, {} in all", ids.len());
+    assert!(cuts.len() >= 3, "the transaction outlived at least two runs: cuts {cuts:?}");
+    // Every row arrived, each with its value.
+    let distinct: BTreeSet<i64> = ids.iter().copied().collect();
+    assert_eq!(distinct.len(), ROWS, "every row of the transaction is in the file");
+    assert_eq!((*distinct.first().unwrap(), *distinct.last().unwrap()), (1, ROWS as i64));
+    // Each run after a kill wrote again only the little that was not yet in its checkpoint
+    // (what it wrote after its last checkpoint), never the transaction from its first row:
+    // that would be at least the eighth of it the run before made durable.
+    let mut seen = BTreeSet::new();
+    let mut bounds = cuts.clone();
+    bounds.push(ids.len());
+    for (run, window) in bounds.windows(2).enumerate() {
+        let segment = &ids[window[0]..window[1]];
+        let again = segment.iter().filter(|id| seen.contains(*id)).count();
+        assert!(
+            again < ROWS / 10,
+            "run {run} wrote {again} rows an earlier run had made durable: cuts {cuts:?}"
+        );
+        if run > 0 {
+            let log = std::fs::read_to_string(&logs[run]).unwrap();
+            assert!(log.contains("durable in the target: skipped"), "run {run} skipped nothing: {log}");
+        }
+        seen.extend(segment.iter().copied());
+    }
+}
