@@ -368,7 +368,10 @@ async fn verify_survives_a_lost_source_connection(setup: &Setup) {
     // 900 rows at 300 rows/s: a second in, the pass is reading.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cut = db.sql(&format!("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) {verify_sessions}"));
-    assert_eq!(cut.trim(), "1", "verify's source session was cut");
+    // At least its one session: on a loaded server a connection attempt that timed out on
+    // verify's side may linger beside it for a moment. That the live one was cut shows below,
+    // in the reconnect.
+    assert!(cut.trim().parse::<u32>().unwrap() >= 1, "verify's source session was cut: {cut}");
     let out = run.await.unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
