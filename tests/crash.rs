@@ -183,10 +183,15 @@ async fn a_large_transaction_finishes_across_repeated_kill_9_and_each_run_skips_
     std::fs::write(&config, text).unwrap();
     let logs: Vec<_> = (0..20).map(|n| dir.path().join(format!("run{n}.log"))).collect();
     let _logs = crate::harness::LogsOnPanic(logs.clone());
-    let mut child = start_sluice(&config, &logs[0]);
+    // The slot first; then the transaction, whole in the WAL before the first run starts, so
+    // that every run begins alike: decoding the transaction from its first change.
+    let mut setup = start_sluice(&config, &dir.path().join("setup.log"));
     db.wait_slot_active(&db.slot_name("bigtx")).await;
+    Command::new("kill").arg("-TERM").arg(setup.id().to_string()).status().unwrap();
+    assert!(tokio::task::spawn_blocking(move || setup.wait()).await.unwrap().unwrap().success());
     let end =
         db.commit_lsn_of(&format!("INSERT INTO big SELECT g, g % 13 FROM generate_series(1, {ROWS}) g"));
+    let mut child = start_sluice(&config, &logs[0]);
 
     let inserts = |lines: &[serde_json::Value]| -> Vec<i64> {
         lines.iter().filter(|l| l["op"] == "insert").map(|l| l["new"]["id"].as_i64().unwrap()).collect()
