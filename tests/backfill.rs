@@ -8,8 +8,8 @@ use std::time::Duration;
 use sluice_dynamodb::{Attr, DynamoClient, Item};
 
 use crate::harness::{
-    differences, dynamo_client, kill_9, moto, sluice, verify_report, wait_for, LogsOnPanic, Moto, Outage,
-    TestDb,
+    differences, dynamo_client, kill_9, moto, sluice, stop, verify_report, wait_for, LogsOnPanic, Moto,
+    Outage, TestDb,
 };
 
 const SCHEMA: &str = "CREATE TABLE customers (id int8 PRIMARY KEY, email text, password_hash text, status text NOT NULL DEFAULT 'active',
@@ -122,11 +122,6 @@ fn ranges_done(db: &TestDb) -> String {
     )
     .trim()
     .to_owned()
-}
-
-fn stop(mut child: Child) {
-    std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
-    assert!(child.wait().unwrap().success(), "sluice exits 0 on SIGTERM");
 }
 
 fn table<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {

@@ -162,7 +162,7 @@ async fn kill_9_and_restart_delivers_every_change_in_order_and_never_confirms_ea
 
 /// A transaction too large to finish between two kills still finishes: each run writes the
 /// pipeline's checkpoint (the position inside the transaction through which the file is
-/// durable) every second, and the next run skips the replayed changes through it instead of
+/// durable) every `checkpoint_interval`, and the next run skips the replayed changes through it instead of
 /// writing them again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_transaction_finishes_across_repeated_kill_9_and_each_run_skips_what_is_durable() {
@@ -185,10 +185,7 @@ async fn a_large_transaction_finishes_across_repeated_kill_9_and_each_run_skips_
     let _logs = crate::harness::LogsOnPanic(logs.clone());
     // The slot first; then the transaction, whole in the WAL before the first run starts, so
     // that every run begins alike: decoding the transaction from its first change.
-    let mut setup = start_sluice(&config, &dir.path().join("setup.log"));
-    db.wait_slot_active(&db.slot_name("bigtx")).await;
-    Command::new("kill").arg("-TERM").arg(setup.id().to_string()).status().unwrap();
-    assert!(tokio::task::spawn_blocking(move || setup.wait()).await.unwrap().unwrap().success());
+    crate::harness::run_to_now(&db, &config);
     let end =
         db.commit_lsn_of(&format!("INSERT INTO big SELECT g, g % 13 FROM generate_series(1, {ROWS}) g"));
     let mut child = start_sluice(&config, &logs[0]);
@@ -227,8 +224,7 @@ async fn a_large_transaction_finishes_across_repeated_kill_9_and_each_run_skips_
         assert!(cuts.len() < logs.len(), "more than {} runs: cuts {cuts:?}", logs.len() - 1);
         child = start_sluice(&config, &logs[cuts.len() - 1]);
     }
-    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
-    assert!(tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap().success());
+    crate::harness::stop(child);
 
     let ids = inserts(&read_output(&output));
     eprintln!("large transaction: inserts in the file at each kill {cuts:?}, {} in all", ids.len());

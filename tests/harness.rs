@@ -442,6 +442,12 @@ pub fn kill_9(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Stops a running sluice with SIGTERM and expects it to exit 0.
+pub fn stop(mut child: Child) {
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(child.wait().unwrap().success(), "sluice exits 0 on SIGTERM");
+}
+
 /// How many times its written limit a wait may take before it fails
 /// (`SLUICE_TEST_PATIENCE`, default 3): a loaded CI machine runs the suite up to four times
 /// slower than a quiet one, and a deadline only bounds how long a failure takes to show.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use crate::harness::{kill_9, sluice, wait_for, Consumed, Kafka, LogsOnPanic, TestDb};
+use crate::harness::{kill_9, sluice, stop, wait_for, Consumed, Kafka, LogsOnPanic, TestDb};
 
 const OUTBOX: &str = "CREATE TABLE audit (n int8);
   CREATE TABLE outbox (id bigserial PRIMARY KEY, aggregatetype text NOT NULL, aggregateid text NOT NULL,
@@ -40,11 +40,6 @@ fn start(config: &Path, log: &Path) -> Child {
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .expect("start sluice")
-}
-
-fn stop(mut child: Child) {
-    std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
-    assert!(child.wait().unwrap().success(), "sluice exits 0 on SIGTERM");
 }
 
 /// `(aggregate id, seq)` of a record.
