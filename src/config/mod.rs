@@ -370,6 +370,22 @@ pub enum ConfigError {
     },
 }
 
+/// A TOML error as its message and where it is (line and column), never the text around it:
+/// a configuration can hold a password. Some errors (a NUL byte in a comment) have no message
+/// of their own.
+pub(crate) fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = if e.message().is_empty() { "unexpected character" } else { e.message() };
+    match e.span() {
+        Some(span) if span.start <= text.len() => {
+            let before = &text.as_bytes()[..span.start];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+            format!("{message} (line {line}, column {column})")
+        }
+        _ => message.to_owned(),
+    }
+}
+
 impl Config {
     /// Reads `path` (TOML; JSON of the same shape when the name ends in `.json`, as rendered
     /// by the Helm chart), applies `SLUICE__…` overrides from the process environment and
@@ -395,7 +411,7 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.into(),
-            message: format!("not valid TOML: {}", e.message()),
+            message: format!("not valid TOML: {}", toml_error(text, &e)),
         })?;
         Config::from_table(table, env)
     }
@@ -413,7 +429,7 @@ impl Config {
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
             let key = if key == "." { "(top level)".to_owned() } else { key };
-            let message = e.into_inner().message().to_owned();
+            let message = toml_error("", &e.into_inner());
             // The choice of source, named by its key, in place of serde's `source`.
             let mut problems: Vec<Problem> = choice.into_iter().collect();
             if !(key == "source" && [NO_SOURCE, TWO_SOURCES].contains(&message.as_str())) {

@@ -245,3 +245,14 @@ fn several_hosts_are_listed_in_order_with_their_ports() {
     };
     assert_eq!(problems[0].key, "source.heartbeat_connection.port");
 }
+
+#[test]
+fn a_syntax_error_says_where_without_quoting_the_file() {
+    // A NUL byte in a comment: the TOML parser's own message for it is empty.
+    let text = format!("{MINIMAL}# a comment\0\n");
+    let Err(ConfigError::Syntax { message, .. }) = load(&text, &[]) else { panic!("accepted") };
+    assert_eq!(message, "not valid TOML: unexpected character (line 9, column 12)");
+    let text = format!("{MINIMAL}[source.connection.more]\npassword = \"hunter2\" x\n");
+    let Err(ConfigError::Syntax { message, .. }) = load(&text, &[]) else { panic!("accepted") };
+    assert!(message.contains("(line 10, column 22)") && !message.contains("hunter2"), "{message}");
+}

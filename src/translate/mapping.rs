@@ -6,6 +6,8 @@ use std::path::Path;
 use serde::Deserialize;
 use sluice_core::Problem;
 
+use crate::config::toml_error;
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum Constant {
@@ -55,9 +57,9 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
     validate: impl Fn(&T) -> Vec<Problem>,
 ) -> Result<T, Vec<Problem>> {
     let value: toml::Value =
-        toml::from_str(text).map_err(|e| vec![Problem::new("", "mapping", e.message().to_owned())])?;
+        toml::from_str(text).map_err(|e| vec![Problem::new("", "mapping", toml_error(text, &e))])?;
     let mapping: T = serde_path_to_error::deserialize(value).map_err(|e| {
-        vec![Problem { key: format!("mapping.{}", e.path()), message: e.into_inner().message().to_owned() }]
+        vec![Problem { key: format!("mapping.{}", e.path()), message: toml_error("", &e.into_inner()) }]
     })?;
     let problems = validate(&mapping);
     if problems.is_empty() {

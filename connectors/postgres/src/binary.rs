@@ -42,11 +42,15 @@ impl DecodeBinary for TypeKind {
                 Some((1, text)) => Value::Json(utf8(text, "jsonb")?),
                 _ => return Err(invalid("jsonb", "unknown jsonb binary version")),
             },
-            TypeKind::Date => Value::Date(Date(i32::from_be_bytes(fixed(raw, "date")?))),
-            TypeKind::Time => Value::Time(Time(i64::from_be_bytes(fixed(raw, "time")?))),
-            TypeKind::Timestamp => Value::Timestamp(Timestamp(i64::from_be_bytes(fixed(raw, "timestamp")?))),
+            // Checked against Postgres' ranges: a value out of them would print as text that
+            // no Postgres accepts back.
+            TypeKind::Date => Value::Date(Date(i32::from_be_bytes(fixed(raw, "date")?)).checked()?),
+            TypeKind::Time => Value::Time(Time(i64::from_be_bytes(fixed(raw, "time")?)).checked()?),
+            TypeKind::Timestamp => {
+                Value::Timestamp(Timestamp(i64::from_be_bytes(fixed(raw, "timestamp")?)).checked(false)?)
+            }
             TypeKind::TimestampTz => {
-                Value::TimestampTz(Timestamp(i64::from_be_bytes(fixed(raw, "timestamptz")?)))
+                Value::TimestampTz(Timestamp(i64::from_be_bytes(fixed(raw, "timestamptz")?)).checked(true)?)
             }
             TypeKind::Interval => {
                 let b: [u8; 16] = fixed(raw, "interval")?;
@@ -148,7 +152,15 @@ fn decode_array(raw: &[u8], element: &TypeKind, element_oid: u32) -> Result<Valu
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| invalid("array", "too large"))?;
-    let total = if ndim == 0 { 0 } else { total };
+    // A dimension of length 0 makes the array empty, as array_recv reads it; nesting the
+    // others would build up to 2³¹ empty arrays from a few bytes.
+    if ndim == 0 || total == 0 {
+        return if pos == raw.len() {
+            Ok(Value::Array(Vec::new()))
+        } else {
+            Err(invalid("array", "trailing bytes"))
+        };
+    }
     if total > raw.len() {
         return Err(invalid("array", "more elements than bytes"));
     }
@@ -222,6 +234,31 @@ mod tests {
         }
         let kind = TypeKind::Array { element: Box::new(TypeKind::Int4), element_oid: 23, delimiter: b',' };
         assert_eq!(kind.decode_binary(1007, &raw).unwrap().to_string(), "{{1,2},{3,4}}");
+    }
+
+    // Found by the fuzzer (tests/fuzz/regressions/binary_value): 2³¹ - 1 empty rows from 28 bytes.
+    #[test]
+    fn an_array_with_a_zero_dimension_is_empty_whatever_the_others() {
+        let mut raw = Vec::new();
+        for v in [2i32, 0, 23, i32::MAX, 1, 0, 1] {
+            raw.extend_from_slice(&v.to_be_bytes());
+        }
+        let kind = TypeKind::Array { element: Box::new(TypeKind::Int4), element_oid: 23, delimiter: b',' };
+        assert_eq!(kind.decode_binary(1007, &raw).unwrap(), Value::Array(Vec::new()));
+        raw.push(0);
+        assert!(kind.decode_binary(1007, &raw).is_err(), "trailing bytes");
+    }
+
+    // Found by the fuzzer: a time of day past 24:00:00 printed as text no Postgres accepts.
+    #[test]
+    fn temporal_values_outside_postgres_ranges_are_refused() {
+        let past_midnight = (86_400_000_001i64).to_be_bytes();
+        assert!(TypeKind::Time.decode_binary(1083, &past_midnight).is_err());
+        assert!(TypeKind::Time.decode_binary(1083, &86_400_000_000i64.to_be_bytes()).is_ok());
+        assert!(TypeKind::Date.decode_binary(1082, &i32::MAX.to_be_bytes()).is_ok(), "infinity");
+        assert!(TypeKind::Date.decode_binary(1082, &(i32::MAX - 1).to_be_bytes()).is_err());
+        assert!(TypeKind::Timestamp.decode_binary(1114, &(i64::MAX - 1).to_be_bytes()).is_err());
+        assert!(TypeKind::TimestampTz.decode_binary(1184, &i64::MIN.to_be_bytes()).is_ok(), "-infinity");
     }
 
     proptest! {

@@ -271,6 +271,19 @@ mod tests {
         assert_eq!(key_identity(&[Value::Int4(7)]), key_identity(&[Value::Int8(7)]));
     }
 
+    // Found by the fuzzer's corpus replayed in a debug build (tests/fuzz/corpus/text_value):
+    // thousands of `{` overflowed the stack; a year of 19 digits overflowed the day count.
+    #[test]
+    fn nesting_and_years_beyond_postgres_limits_are_refused() {
+        let ints = TypeKind::Array { element: Box::new(TypeKind::Int4), element_oid: 23, delimiter: b',' };
+        assert_eq!(round_trip(&ints, "{{{{{{1}}}}}}"), "{{{{{{1}}}}}}");
+        assert!(ints.decode_text(0, &"{".repeat(100_000)).is_err());
+        assert!(ints.decode_text(0, "{{{{{{{1}}}}}}}").is_err());
+        assert!(TypeKind::Date.decode_text(0, "9223372036854775807-01-01").is_err());
+        assert!(TypeKind::Timestamp.decode_text(0, "5874898-01-01 00:00:00").is_err());
+        assert!(TypeKind::Date.decode_text(0, "5874898-01-01").is_err());
+    }
+
     #[test]
     fn temporal_values_print_as_postgres_does() {
         for text in [

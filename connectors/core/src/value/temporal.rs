@@ -67,6 +67,10 @@ fn parse_ymd(text: &str, bc: bool, type_name: &'static str) -> Result<i64, Value
     let year: i64 = y.parse().map_err(|_| bad())?;
     let month: u32 = m.parse().map_err(|_| bad())?;
     let day: u32 = d.parse().map_err(|_| bad())?;
+    // Postgres' dates end in 5874897; far larger years would overflow the day count.
+    if !(0..=9_999_999).contains(&year) {
+        return Err(invalid(type_name, "year out of range"));
+    }
     let year = if bc { 1 - year } else { year };
     if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
         return Err(invalid(type_name, "month or day out of range"));
@@ -88,6 +92,19 @@ impl Date {
     /// `infinity`.
     pub const INFINITY: Date = Date(i32::MAX);
 
+    /// A date Postgres can hold: from 4713-11-24 BC (Julian day 0) to 5874897-12-31, or an
+    /// infinity.
+    pub fn checked(self) -> Result<Date, ValueError> {
+        if self == Date::INFINITY
+            || self == Date::NEG_INFINITY
+            || (-2_451_545..2_145_031_949).contains(&self.0)
+        {
+            Ok(self)
+        } else {
+            Err(invalid("date", "out of range"))
+        }
+    }
+
     /// Reads the server's ISO text form (`2024-01-31`, BC years, the infinities).
     pub fn parse(text: &str) -> Result<Date, ValueError> {
         match text {
@@ -100,7 +117,7 @@ impl Date {
             None => (text, false),
         };
         let days = parse_ymd(ymd, bc, "date")?;
-        i32::try_from(days).map(Date).map_err(|_| invalid("date", "out of range"))
+        i32::try_from(days).map_err(|_| invalid("date", "out of range")).map(Date)?.checked()
     }
 
     /// The calendar date (astronomical year, month, day); `None` for the infinities.
@@ -174,11 +191,16 @@ pub(super) fn write_fraction(f: &mut fmt::Formatter<'_>, frac: i64) -> fmt::Resu
 impl Time {
     /// Reads `HH:MM:SS[.ffffff]`.
     pub fn parse(text: &str) -> Result<Time, ValueError> {
-        let micros = parse_hms(text, "time")?;
-        if micros > MICROS_PER_DAY {
-            return Err(invalid("time", "after 24:00:00"));
+        Time(parse_hms(text, "time")?).checked()
+    }
+
+    /// A time of day from 00:00:00 to 24:00:00.
+    pub fn checked(self) -> Result<Time, ValueError> {
+        if (0..=MICROS_PER_DAY).contains(&self.0) {
+            Ok(self)
+        } else {
+            Err(invalid("time", "outside 00:00:00 to 24:00:00"))
         }
-        Ok(Time(micros))
     }
 }
 
@@ -193,6 +215,18 @@ impl Timestamp {
     pub const NEG_INFINITY: Timestamp = Timestamp(i64::MIN);
     /// `infinity`.
     pub const INFINITY: Timestamp = Timestamp(i64::MAX);
+
+    /// A timestamp Postgres can hold: from 4713-11-24 00:00:00 BC to before 294277-01-01, or
+    /// an infinity.
+    pub fn checked(self, with_zone: bool) -> Result<Timestamp, ValueError> {
+        const MIN: i64 = -211_813_488_000_000_000;
+        const END: i64 = 9_223_371_331_200_000_000;
+        if self == Timestamp::INFINITY || self == Timestamp::NEG_INFINITY || (MIN..END).contains(&self.0) {
+            Ok(self)
+        } else {
+            Err(invalid(if with_zone { "timestamptz" } else { "timestamp" }, "out of range"))
+        }
+    }
 
     /// Parses `YYYY-MM-DD HH:MM:SS[.ffffff][±HH[:MM[:SS]]][ BC]`; the offset only `with_zone`.
     pub fn parse(text: &str, with_zone: bool) -> Result<Timestamp, ValueError> {
@@ -224,7 +258,7 @@ impl Timestamp {
             .and_then(|d| d.checked_add(parse_hms(time, type_name).ok()?))
             .and_then(|t| t.checked_sub(offset_seconds * MICROS_PER_SECOND))
             .ok_or_else(|| invalid(type_name, "out of range"))?;
-        Ok(Timestamp(micros))
+        Timestamp(micros).checked(with_zone)
     }
 
     /// Microseconds since 1970-01-01 00:00:00 UTC; `None` for the infinities.

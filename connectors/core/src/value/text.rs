@@ -84,7 +84,7 @@ fn parse_array(
         _ => text,
     };
     let mut parser = ArrayParser { bytes: body.as_bytes(), pos: 0, delimiter };
-    let values = parser.parse_level(element)?;
+    let values = parser.parse_level(element, 1)?;
     if parser.pos != parser.bytes.len() {
         return Err(invalid("array", "trailing characters"));
     }
@@ -110,7 +110,12 @@ impl ArrayParser<'_> {
     fn parse_level(
         &mut self,
         element: &mut dyn FnMut(&str) -> Result<Value, ValueError>,
+        depth: usize,
     ) -> Result<Vec<Value>, ValueError> {
+        // Postgres' limit (MAXDIM); deeper nesting would only exhaust the stack.
+        if depth > 6 {
+            return Err(invalid("array", "more than 6 dimensions"));
+        }
         self.expect(b'{')?;
         let mut values = Vec::new();
         if self.bytes.get(self.pos) == Some(&b'}') {
@@ -119,7 +124,7 @@ impl ArrayParser<'_> {
         }
         loop {
             let value = match self.bytes.get(self.pos) {
-                Some(b'{') => Value::Array(self.parse_level(element)?),
+                Some(b'{') => Value::Array(self.parse_level(element, depth + 1)?),
                 Some(b'"') => element(&self.quoted()?)?,
                 Some(_) => {
                     let start = self.pos;
