@@ -12,6 +12,7 @@ pub mod dead_letters;
 pub mod demo;
 pub mod error;
 pub(crate) mod faults;
+pub mod fuzz;
 pub mod ha;
 pub mod http;
 pub(crate) mod json;

@@ -10,6 +10,7 @@ mod dynamodb;
 mod dynamodb_back;
 mod dynamodb_streams;
 mod errors;
+mod fuzz;
 mod harness;
 mod helm;
 mod identity;

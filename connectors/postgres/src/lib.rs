@@ -9,6 +9,7 @@ pub mod config;
 pub mod copy;
 pub mod decode;
 pub mod error;
+pub mod fuzz;
 pub mod pgoutput;
 pub mod poll;
 pub mod session;
