@@ -5,6 +5,9 @@
 //!   `backfill`), to prove that a background task's panic fails the pipeline.
 //! - `SLUICE_TEST_BACKFILL_WINDOW_DELAY_MS`: widens each backfill chunk's window.
 //! - `SLUICE_TEST_KILL_AT=<point>`: kills the process (SIGKILL) at a step of a command.
+//! - `SLUICE_TEST_CONFIRM_EARLY=1`: a planted bug, to show that the fault soak catches it: each
+//!   batch is confirmed to the source as soon as it is submitted, before the target made it
+//!   durable.
 
 use std::time::Duration;
 
@@ -57,3 +60,17 @@ pub fn kill_at(point: &str) {
 #[cfg(not(feature = "test-hooks"))]
 #[inline(always)]
 pub fn kill_at(_point: &str) {}
+
+/// The planted bug of `SLUICE_TEST_CONFIRM_EARLY` (see above).
+#[cfg(feature = "test-hooks")]
+pub fn confirm_early() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SLUICE_TEST_CONFIRM_EARLY").is_ok_and(|v| v == "1"))
+}
+
+/// See above; only in builds with the `test-hooks` feature.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn confirm_early() -> bool {
+    false
+}

@@ -22,6 +22,7 @@ mod poll;
 mod reconnect;
 mod replicas;
 mod slots;
+mod soak;
 mod streaming;
 mod types;
 mod versions;

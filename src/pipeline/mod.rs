@@ -331,6 +331,9 @@ async fn apply<X: Translator, T: Target<Op = X::Op>>(
                         state.count_changes(count_events(&batch.events));
                         let last = batch.events.iter().rev().find_map(ChangeEvent::position);
                         let seq = tracker.register_batch(batch.ack_lsn, batch.commit_time, last);
+                        if let Some(ack) = batch.ack_lsn.filter(|_| crate::faults::confirm_early()) {
+                            durable.send_replace(ack);
+                        }
                         let ops = stage::translate(
                             &mut translator,
                             &batch,
