@@ -17,7 +17,12 @@ use crate::types::TypeRegistry;
 
 /// The types the value targets choose from (by the input's first byte): every built-in kind,
 /// and a one-dimensional array of each, as the type registry builds them.
-fn kinds() -> Vec<(u32, TypeKind)> {
+fn kinds() -> &'static [(u32, TypeKind)] {
+    static KINDS: std::sync::OnceLock<Vec<(u32, TypeKind)>> = std::sync::OnceLock::new();
+    KINDS.get_or_init(build_kinds)
+}
+
+fn build_kinds() -> Vec<(u32, TypeKind)> {
     let scalars = [
         oid::BOOL,
         oid::INT2,
