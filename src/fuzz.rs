@@ -73,6 +73,7 @@ fn sample(type_oid: u32, n: i64) -> Value {
 /// The changes a translator is given for each mapped table: an insert, an update of the key
 /// and a delete.
 fn changes(sources: &[&str]) -> Vec<ChangeEvent> {
+    let registry = sluice_postgres::types::TypeRegistry::new();
     let mut events = Vec::new();
     for (i, source) in sources.iter().enumerate() {
         let (namespace, name) = source.split_once('.').unwrap_or(("public", source));
@@ -88,7 +89,7 @@ fn changes(sources: &[&str]) -> Vec<ChangeEvent> {
                     type_oid,
                     type_modifier: -1,
                     is_key: name == "id",
-                    kind: sluice_postgres::types::TypeRegistry::new().get(type_oid).expect("built-in type"),
+                    kind: registry.get(type_oid).expect("built-in type"),
                 })
                 .collect(),
         });
