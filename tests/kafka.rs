@@ -81,6 +81,12 @@ async fn table_changes_become_records_keyed_by_identity_in_order_with_tombstones
     let expected: Vec<(String, (String, String))> =
         (101..=105).map(|id| (format!("{{\"id\":{id}}}"), ("read".into(), "read".into()))).collect();
     assert_eq!(reads, expected, "each preloaded row once, as a read (header and value)");
+    let positions: BTreeSet<&str> = backfilled.iter().map(|r| r.header("sluice.position").unwrap()).collect();
+    assert_eq!(
+        positions.len(),
+        5,
+        "each copied row has a position of its own, to deduplicate by: {positions:?}"
+    );
 
     db.sql("INSERT INTO orders SELECT g, 'new' FROM generate_series(1, 20) g");
     for step in ["paid", "shipped"] {

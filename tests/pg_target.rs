@@ -365,6 +365,36 @@ fn a_sequence_the_target_role_cannot_advance_is_named_at_start_unless_sync_is_of
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_chunk_larger_than_a_batch_lands_whole_and_each_row_once() {
+    // A chunk is applied in parts of at most `batch_max_events`; each part's rows must be past
+    // the checkpoint the part before wrote (the fault soak lost a chunk's tail when they all
+    // shared the high watermark's position).
+    let (db, target, dir, config) = setup("pgchunk", "");
+    db.sql("INSERT INTO orders SELECT i % 30, i, i FROM generate_series(1, 3000) i");
+    target.sql(COUNT_WRITES);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[pipeline]\n", "[pipeline]\nbatch_max_events = 500\n");
+    std::fs::write(&config, format!("{text}\n[backfill]\ninitial = true\n")).unwrap();
+    let log = dir.path().join("sluice.log");
+    let _logs = LogsOnPanic(vec![log.clone()]);
+    let child = start(&config, &log);
+    wait_for("the initial backfill of both tables", Duration::from_secs(120), || async {
+        db.sql("SELECT to_regclass('sluice_backfill') IS NOT NULL") == "t"
+            && db.sql("SELECT count(*) FROM sluice_backfill WHERE state = 'done'") == "2"
+    })
+    .await;
+    let marker = db.commit_lsn_of("INSERT INTO orders VALUES (0, 0, 0)");
+    wait_for("the marker to be confirmed", Duration::from_secs(60), || async {
+        db.slot_confirmed("pgchunk").is_some_and(|c| c >= marker)
+    })
+    .await;
+    crate::harness::stop(child);
+    assert_eq!(target.sql("SELECT count(*) FROM v2.orders"), "3001", "every row of the 3,000-row chunk");
+    assert_eq!(target.sql("SELECT n FROM writes"), "3001", "each row written once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_finds_drift_in_a_postgres_target_exactly_and_reconcile_repairs_it() {
     let db = TestDb::new();
     db.sql(SOURCE_SCHEMA);

@@ -11,8 +11,8 @@
 //! which. So at the high watermark each chunk row is brought up to date with the window's
 //! changes to its key, in stream order (an insert or a full update replaces the row, a partial
 //! update — unchanged TOAST columns absent — overlays the columns it has, a delete removes
-//! it). The result is emitted as an insert at the high watermark's position, right after the
-//! window's own changes. Replaying a change the snapshot had already seen gives the same row
+//! it). The result is emitted as inserts at the high watermark's commit LSN, right after the
+//! window's own changes, each with its own ordinal after the watermark's. Replaying a change the snapshot had already seen gives the same row
 //! again, so the emitted row is the key's state at the high watermark either way, and every
 //! later change has a higher position: the target's position guard keeps them in order.
 //! DBLog drops a chunk row that the window touched instead; bringing it up to date gives the
@@ -305,7 +305,18 @@ fn key_of(relation: &Relation, names: &[&str], values: &[Option<&Value>]) -> Opt
     Some(sluice_core::value::key_identity(key))
 }
 
-/// The chunk rows brought up to date with the window, at `position`, and the chunk's sender.
+/// The `i`th write of a chunk merged at the high watermark's `position`: each its own
+/// ordinal after the watermark's, so that a position names one change exactly (consumers
+/// deduplicate by it) and a chunk applied in several parts checkpoints each part past the last
+/// (the Postgres target skips what is at or below its checkpoint). No other change shares the
+/// watermark's transaction, and every later one has a higher commit LSN.
+fn nth(position: Position, i: usize) -> Position {
+    let offset = u32::try_from(i).unwrap_or(u32::MAX);
+    Position { commit_lsn: position.commit_lsn, tx_ordinal: position.tx_ordinal.saturating_add(offset) }
+}
+
+/// The chunk rows brought up to date with the window, at `position` onwards, and the chunk's
+/// sender.
 fn merge(
     chunk: Chunk,
     window: &[ChangeEvent],
@@ -317,7 +328,13 @@ fn merge(
         let events = chunk
             .rows
             .into_iter()
-            .map(|new| ChangeEvent::Insert { position, relation: Arc::clone(&relation), new, snapshot: true })
+            .enumerate()
+            .map(|(i, new)| ChangeEvent::Insert {
+                position: nth(position, i),
+                relation: Arc::clone(&relation),
+                new,
+                snapshot: true,
+            })
             .collect();
         return (events, chunk.done);
     }
@@ -396,7 +413,7 @@ fn merge(
     for (key, row) in rows {
         match row {
             Some(values) => events.push(ChangeEvent::Insert {
-                position,
+                position: nth(position, events.len()),
                 relation: Arc::clone(&relation),
                 new: values,
                 snapshot: true,
@@ -413,7 +430,7 @@ fn merge(
                     old[column] = value;
                 }
                 events.push(ChangeEvent::Delete {
-                    position,
+                    position: nth(position, events.len()),
                     relation: Arc::clone(&relation),
                     old: OldRow::Key(old),
                 });
@@ -597,8 +614,8 @@ mod tests {
         let merged = inserted(&parts[1]);
         assert_eq!(
             merged,
-            vec![(at(130, 1), row(1, "ada l.", "long bio")), (at(130, 1), row(3, "cy", "c"))],
-            "key 2 was deleted in the window"
+            vec![(at(130, 1), row(1, "ada l.", "long bio")), (at(130, 2), row(3, "cy", "c"))],
+            "key 2 was deleted in the window; each row its own ordinal after the watermark's"
         );
         let snapshots = |part: &Part| {
             part.batch
@@ -676,7 +693,7 @@ mod tests {
             merged,
             vec![
                 vec![(at(110, 1), row(50, "x2", ""))],
-                vec![(at(120, 1), row(1, "a2", "")), (at(120, 1), row(2, "b2", ""))],
+                vec![(at(120, 1), row(1, "a2", "")), (at(120, 2), row(2, "b2", ""))],
             ],
             "each chunk brought up to date with the changes of its own window, the other's read-ahead kept"
         );
@@ -754,7 +771,7 @@ mod tests {
         assert!(
             matches!(&chunk_part.batch.events[0], ChangeEvent::Delete { old: OldRow::Key(k), position, .. } if k[0] == Value::Int8(4) && *position == at(130, 1))
         );
-        assert_eq!(inserted(chunk_part), vec![(at(130, 1), row(5, "back", ""))]);
+        assert_eq!(inserted(chunk_part), vec![(at(130, 2), row(5, "back", ""))]);
     }
 
     #[test]

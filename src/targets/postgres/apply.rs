@@ -5,10 +5,11 @@
 //! checkpoint table holds, per pipeline, the position of the last change applied, written in
 //! the same transaction as the rows, so rows and checkpoint commit together or not at all.
 //! After a crash the source replays from its confirmed position and every change at or below
-//! the checkpoint is skipped; the rest applies once. Positions are unique per change, except
-//! the rows of one backfill chunk, which share their high watermark's position and arrive in
-//! one batch (one transaction). Writes are upserts and deletes by the target table's primary
-//! key, so even a checkpoint lost with its table converges on replay.
+//! the checkpoint is skipped; the rest applies once. Positions are unique per change (the rows
+//! of a backfill chunk take consecutive ordinals after their high watermark's, since a chunk
+//! larger than `pipeline.batch_max_events` comes in several batches). Writes are upserts and
+//! deletes by the target table's primary key, so even a checkpoint lost with its table
+//! converges on replay.
 //!
 //! One round trip per batch: the statements (multi-row upserts, deletes by key lists, updates
 //! of partial rows) go as one simple-query text with values as escaped literals cast to the
