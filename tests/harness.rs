@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -348,9 +348,12 @@ pub fn row_changes(events: &[ChangeEvent]) -> Vec<&ChangeEvent> {
         .collect()
 }
 
-/// The `sluice` binary with logs at info level.
+/// The `sluice` binary with logs at info level: the one this build made, or
+/// `SLUICE_TEST_BIN` (a copy, so that an hour-long soak keeps running one binary while the
+/// tree is rebuilt).
 pub fn sluice() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    let binary = std::env::var_os("SLUICE_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_sluice").into());
+    let mut cmd = Command::new(binary);
     cmd.env("SLUICE_LOG", "info").stdin(Stdio::null());
     cmd
 }
@@ -597,6 +600,16 @@ pub struct Outage {
     cut: Arc<tokio::sync::Notify>,
     /// Milliseconds each piece of a request waits before it is passed on (a slow link).
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// A black hole: connections stay open and new ones are accepted, but nothing passes in
+    /// either direction until it ends (a firewall dropping packets, not refusing them).
+    hole: Arc<AtomicBool>,
+}
+
+/// Waits while the black hole lasts.
+async fn through_the_hole(hole: &AtomicBool) {
+    while hole.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 impl Outage {
@@ -611,7 +624,9 @@ impl Outage {
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let cut = Arc::new(tokio::sync::Notify::new());
         let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (down2, cut2, delay2) = (Arc::clone(&down), Arc::clone(&cut), Arc::clone(&delay_ms));
+        let hole = Arc::new(AtomicBool::new(false));
+        let (down2, cut2, delay2, hole2) =
+            (Arc::clone(&down), Arc::clone(&cut), Arc::clone(&delay_ms), Arc::clone(&hole));
         tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else { return };
@@ -621,8 +636,10 @@ impl Outage {
                 }
                 let cut = Arc::clone(&cut2);
                 let delay = Arc::clone(&delay2);
+                let (hole_up, hole_down) = (Arc::clone(&hole2), Arc::clone(&hole2));
                 tokio::spawn(async move {
                     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    through_the_hole(&hole_up).await;
                     let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
                     else {
                         return;
@@ -640,12 +657,20 @@ impl Outage {
                             if wait > 0 {
                                 tokio::time::sleep(Duration::from_millis(wait)).await;
                             }
+                            through_the_hole(&hole_up).await;
                             to_server.write_all(&buf[..n]).await?;
                         }
                     };
                     let down = async move {
-                        tokio::io::copy(&mut from_server, &mut to_client).await?;
-                        to_client.shutdown().await
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = from_server.read(&mut buf).await?;
+                            if n == 0 {
+                                return to_client.shutdown().await;
+                            }
+                            through_the_hole(&hole_down).await;
+                            to_client.write_all(&buf[..n]).await?;
+                        }
                     };
                     tokio::select! {
                         _ = async { tokio::join!(up, down) } => {}
@@ -654,7 +679,18 @@ impl Outage {
                 });
             }
         });
-        Outage { port, down, cut, delay_ms }
+        Outage { port, down, cut, delay_ms, hole }
+    }
+
+    /// Passes nothing, either way, on open connections and new ones, until `heal`: requests
+    /// meet silence rather than a refusal, as behind a firewall that drops packets.
+    pub fn black_hole(&self) {
+        self.hole.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends a black hole: what waited passes on, late.
+    pub fn heal(&self) {
+        self.hole.store(false, Ordering::SeqCst);
     }
 
     /// Holds each piece of a request for `delay` before passing it on (zero: no delay).
