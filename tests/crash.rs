@@ -253,3 +253,177 @@ async fn a_large_transaction_finishes_across_repeated_kill_9_and_each_run_skips_
         seen.extend(segment.iter().copied());
     }
 }
+
+/// Where the large transaction goes.
+enum LargeTarget {
+    /// A one-partition topic, so that its offsets order every record.
+    Kafka(crate::harness::Kafka),
+    DynamoDb {
+        moto: std::sync::Arc<crate::harness::Moto>,
+        table: String,
+    },
+}
+
+/// The same as the test above into Kafka and into DynamoDB, where each change is a request:
+/// each run after a kill makes about as many requests as it moves the checkpoint on, never the
+/// transaction again from its first change. The requests are the records each run added to the
+/// topic, and for DynamoDB each run's `sluice_target_writes_total` just before it is killed.
+async fn a_large_transaction_into(target: LargeTarget, rows: usize) {
+    let db = TestDb::new();
+    db.sql("CREATE TABLE big (id int8 PRIMARY KEY, n int8 NOT NULL); CREATE PUBLICATION p FOR TABLE big");
+    let dir = tempfile::tempdir().unwrap();
+    let section = match &target {
+        LargeTarget::Kafka(kafka) => {
+            kafka.create_topic("bigtx.big", 1).await;
+            format!(
+                "[target]\nkind = \"kafka\"\nbrokers = \"{}\"\ntopic = \"bigtx.{{table}}\"\n",
+                kafka.brokers
+            )
+        }
+        LargeTarget::DynamoDb { moto, table } => {
+            let client = crate::harness::dynamo_client(&moto.url).await;
+            client.create_table(table, "pk", None).await.unwrap();
+            let mapping = dir.path().join("mapping.toml");
+            std::fs::write(
+                &mapping,
+                format!(
+                    "[[tables]]\nsource = \"public.big\"\ntarget = \"{table}\"\n\
+                     partition_key = {{ attribute = \"pk\", template = \"BIG#{{id}}\" }}\n"
+                ),
+            )
+            .unwrap();
+            crate::dynamodb::target_toml(&mapping, &moto.url, "")
+        }
+    };
+    let config = db.config_file(dir.path(), "bigtx", "p", &section);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[pipeline]\n", "[pipeline]\ncheckpoint_interval = \"100ms\"\nbatch_max_events = 256\n");
+    std::fs::write(&config, text).unwrap();
+    let logs: Vec<_> = (0..20).map(|n| dir.path().join(format!("run{n}.log"))).collect();
+    let _logs = crate::harness::LogsOnPanic(logs.clone());
+    crate::harness::run_to_now(&db, &config);
+    let end =
+        db.commit_lsn_of(&format!("INSERT INTO big SELECT g, g % 13 FROM generate_series(1, {rows}) g"));
+    let port = sluice::localpg::free_port().unwrap();
+    let start = |log: &Path| {
+        sluice()
+            .args(["run", "-c"])
+            .arg(&config)
+            .env("SLUICE__MONITORING__LISTEN", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("start sluice")
+    };
+    let requests = || {
+        let (_, body) = crate::harness::http_get(port, "/metrics")?;
+        let count = |outcome: &str| {
+            crate::harness::metric(
+                &body,
+                &format!("sluice_target_writes_total{{outcome=\"{outcome}\",pipeline=\"default\"}}"),
+            )
+        };
+        Some(count("applied").unwrap_or(0.0) + count("already_applied").unwrap_or(0.0))
+    };
+    // Kafka: the records in the topic (its one partition's high watermark), since a run can
+    // move an eighth of the transaction on faster than the counters are published.
+    let in_topic = || match &target {
+        LargeTarget::Kafka(kafka) => {
+            use rdkafka::consumer::{BaseConsumer, Consumer};
+            let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &kafka.brokers)
+                .create()
+                .expect("consumer");
+            Some(
+                consumer.fetch_watermarks("bigtx.big", 0, Duration::from_secs(30)).expect("watermarks").1
+                    as f64,
+            )
+        }
+        LargeTarget::DynamoDb { .. } => None,
+    };
+    let checkpoint =
+        || db.sql("SELECT tx_ordinal FROM sluice_checkpoint").trim().parse::<usize>().unwrap_or(0);
+
+    // Each run is killed once its checkpoint moved an eighth of the transaction past where the
+    // run began; `runs` holds (checkpoint at the start, at the kill, requests made).
+    let mut child = start(&logs[0]);
+    let mut runs: Vec<(usize, usize, f64)> = Vec::new();
+    let deadline = std::time::Instant::now() + crate::harness::patience(Duration::from_secs(600));
+    loop {
+        let began = checkpoint();
+        let topic_before = in_topic();
+        let mut made = 0.0;
+        let finished = loop {
+            assert!(std::time::Instant::now() < deadline, "the transaction was not confirmed: runs {runs:?}");
+            if db.slot_confirmed("bigtx").unwrap() >= end {
+                break true;
+            }
+            made = requests().unwrap_or(made);
+            if checkpoint() >= began + rows / 8 {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if finished {
+            break;
+        }
+        // The requests as late as possible: the counters are published about once a second.
+        made = requests().unwrap_or(made);
+        kill_9(&mut child);
+        if let (Some(before), Some(after)) = (topic_before, in_topic()) {
+            made = after - before;
+        }
+        runs.push((began, checkpoint(), made));
+        assert!(runs.len() < logs.len(), "more than {} runs: {runs:?}", logs.len() - 1);
+        child = start(&logs[runs.len()]);
+    }
+    crate::harness::stop(child);
+    eprintln!("large transaction of {rows} rows: runs (checkpoint at start, at the kill, requests) {runs:?}");
+    assert!(runs.len() >= 2, "the transaction outlived at least two runs: {runs:?}");
+    for (run, &(began, killed, made)) in runs.iter().enumerate().skip(1) {
+        let progress = killed.saturating_sub(began) as f64;
+        assert!(
+            made < progress + rows as f64 / 10.0,
+            "run {run} made {made} requests to move the checkpoint {progress} changes on: it wrote again \
+             what an earlier run had made durable ({runs:?})"
+        );
+        let log = std::fs::read_to_string(&logs[run]).unwrap();
+        assert!(log.contains("durable in the target: skipped"), "run {run} skipped nothing: {log}");
+    }
+
+    // Every row arrived.
+    match target {
+        LargeTarget::Kafka(kafka) => {
+            let records = kafka.consume_all("bigtx.big", Duration::from_secs(5));
+            let ids: BTreeSet<i64> = records
+                .iter()
+                .map(|r| {
+                    serde_json::from_str::<serde_json::Value>(r.value.as_deref().unwrap()).unwrap()["new"]
+                        ["id"]
+                        .as_i64()
+                        .unwrap()
+                })
+                .collect();
+            assert_eq!(ids.len(), rows, "every row of the transaction is in the topic");
+            eprintln!("large transaction into Kafka: {} records for {rows} rows", records.len());
+        }
+        LargeTarget::DynamoDb { moto, table } => {
+            let client = crate::harness::dynamo_client(&moto.url).await;
+            assert_eq!(client.scan_all(&table).await.unwrap().len(), rows, "every row has its item");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_into_kafka_finishes_across_repeated_kill_9_without_writing_it_again() {
+    a_large_transaction_into(LargeTarget::Kafka(crate::harness::Kafka::start(None)), 200_000).await;
+}
+
+/// 20,000 rows, not 200,000: moto takes a few hundred conditional writes a second here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_into_dynamodb_finishes_across_repeated_kill_9_without_writing_it_again() {
+    let moto = crate::harness::moto();
+    let table = format!("bigtx_{}", std::process::id());
+    a_large_transaction_into(LargeTarget::DynamoDb { moto, table }, 20_000).await;
+}
