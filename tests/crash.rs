@@ -255,7 +255,7 @@ async fn a_large_transaction_finishes_across_repeated_kill_9_and_each_run_skips_
 }
 
 /// Where the large transaction goes.
-enum LargeTarget {
+pub(crate) enum LargeTarget {
     /// A one-partition topic, so that its offsets order every record.
     Kafka(crate::harness::Kafka),
     DynamoDb {
@@ -264,11 +264,12 @@ enum LargeTarget {
     },
 }
 
-/// The same as the test above into Kafka and into DynamoDB, where each change is a request:
+/// The test above, into Kafka or DynamoDB, where each change is a request (the tests live in
+/// those modules, which run on one Postgres version only):
 /// each run after a kill makes about as many requests as it moves the checkpoint on, never the
 /// transaction again from its first change. The requests are the records each run added to the
 /// topic, and for DynamoDB each run's `sluice_target_writes_total` just before it is killed.
-async fn a_large_transaction_into(target: LargeTarget, rows: usize) {
+pub(crate) async fn a_large_transaction_into(target: LargeTarget, rows: usize) {
     let db = TestDb::new();
     db.sql("CREATE TABLE big (id int8 PRIMARY KEY, n int8 NOT NULL); CREATE PUBLICATION p FOR TABLE big");
     let dir = tempfile::tempdir().unwrap();
@@ -413,17 +414,4 @@ async fn a_large_transaction_into(target: LargeTarget, rows: usize) {
             assert_eq!(client.scan_all(&table).await.unwrap().len(), rows, "every row has its item");
         }
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_transaction_into_kafka_finishes_across_repeated_kill_9_without_writing_it_again() {
-    a_large_transaction_into(LargeTarget::Kafka(crate::harness::Kafka::start(None)), 200_000).await;
-}
-
-/// 20,000 rows, not 200,000: moto takes a few hundred conditional writes a second here.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_transaction_into_dynamodb_finishes_across_repeated_kill_9_without_writing_it_again() {
-    let moto = crate::harness::moto();
-    let table = format!("bigtx_{}", std::process::id());
-    a_large_transaction_into(LargeTarget::DynamoDb { moto, table }, 20_000).await;
 }

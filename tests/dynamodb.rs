@@ -940,3 +940,12 @@ async fn a_panicking_worker_stops_the_pipeline_and_confirms_nothing_past_it() {
     assert!(confirmed < commit, "slot confirmed {confirmed}, past the unapplied change ending at {commit}");
     assert_eq!(shop.item_count().await, 0);
 }
+
+/// 12,000 rows, not the 200,000 of the Kafka test: moto takes a few hundred conditional writes
+/// a second here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_finishes_across_repeated_kill_9_without_writing_it_again() {
+    let moto = moto();
+    let table = format!("bigtx_{}", std::process::id());
+    crate::crash::a_large_transaction_into(crate::crash::LargeTarget::DynamoDb { moto, table }, 12_000).await;
+}

@@ -484,3 +484,9 @@ async fn events_reach_a_tls_only_broker_and_an_unknown_certificate_authority_is_
     let confirmed = db.slot_confirmed("tls").unwrap();
     assert!(confirmed < commit, "the event was not confirmed: {confirmed} < {commit}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_finishes_across_repeated_kill_9_without_writing_it_again() {
+    let kafka = Kafka::start(None);
+    crate::crash::a_large_transaction_into(crate::crash::LargeTarget::Kafka(kafka), 200_000).await;
+}

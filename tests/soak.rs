@@ -218,8 +218,9 @@ fn rows(pg: &LocalPostgres, db: &str, sql: &str) -> BTreeMap<i64, String> {
         .collect()
 }
 
+/// The nearest-rank percentile of sorted times.
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
 /// What one target holds, for the comparison with the source: accounts as `balance,updates`,
