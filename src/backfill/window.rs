@@ -12,10 +12,10 @@
 //! changes to its key, in stream order (an insert or a full update replaces the row, a partial
 //! update — unchanged TOAST columns absent — overlays the columns it has, a delete removes
 //! it). The result is emitted as inserts at the high watermark's commit LSN, right after the
-//! window's own changes, each with its own ordinal after the watermark's. Replaying a change the snapshot had already seen gives the same row
-//! again, so the emitted row is the key's state at the high watermark either way, and every
-//! later change has a higher position: the target's position guard keeps them in order.
-//! DBLog drops a chunk row that the window touched instead; bringing it up to date gives the
+//! window's own changes, each with its own ordinal after the watermark's. Replaying a change
+//! the snapshot had already seen gives the same row again, so the emitted row is the key's
+//! state at the high watermark either way, and every later change has a higher position: the
+//! target's position guard keeps them in order. DBLog drops a chunk row that the window touched instead; bringing it up to date gives the
 //! same result for full rows and keeps the TOAST columns a partial update does not carry.
 //!
 //! A reconcile request also names keys the source no longer has: unless the window inserted

@@ -202,6 +202,34 @@ impl PgTarget {
     }
 }
 
+/// The first session, retried within `target.retry_for` while the target is unreachable or
+/// restarting (a pod may start during a network outage); a refusal (authentication, a missing
+/// database, TLS) is fatal at once.
+async fn open_session(
+    config: &PostgresTargetConfig,
+    origin: &str,
+) -> Result<tokio_postgres::Client, TargetError> {
+    let policy =
+        RetryPolicy::new(config.retry_for).with_delays(Duration::from_millis(100), Duration::from_secs(5));
+    sluice_core::retry::retry(
+        policy,
+        &sluice_core::Shutdown::never(),
+        "postgres target: opening a session on the target database (target.connection)",
+        || connect(&config.connection, config.lock_timeout, origin),
+        |_| {},
+    )
+    .await
+    .map_err(|gave_up| TargetError {
+        target: TARGET,
+        kind: ErrorKind::Fatal,
+        message: "cannot open a session on the target database (target.connection)".into(),
+        source: match gave_up {
+            sluice_core::GaveUp::Failed { error, .. } => Some(Box::new(error)),
+            sluice_core::GaveUp::Shutdown => None,
+        },
+    })
+}
+
 /// A session for applying changes. A lock held on a target table (a migration's DDL) makes a
 /// statement fail after `lock_timeout` and the batch retry, with a warning each time, instead
 /// of waiting silently.
@@ -210,46 +238,6 @@ impl PgTarget {
 /// role may set one up: a reverse stream reading this database then drops sluice's own writes
 /// (no loops), and a fence on these tables would refuse them. Without the right it applies
 /// all the same and says once what is missing.
-/// The first session, retried within `target.retry_for` while the target is unreachable or
-/// restarting (a pod may start during a network outage); a refusal (authentication, a missing
-/// database, TLS) is fatal at once.
-async fn open_session(
-    config: &PostgresTargetConfig,
-    origin: &str,
-) -> Result<tokio_postgres::Client, TargetError> {
-    use sluice_core::Classify as _;
-    let started = Instant::now();
-    let mut backoff = Backoff::new(
-        RetryPolicy::new(config.retry_for).with_delays(Duration::from_millis(100), Duration::from_secs(5)),
-    );
-    loop {
-        let error = match connect(&config.connection, config.lock_timeout, origin).await {
-            Ok(client) => return Ok(client),
-            Err(error) => error,
-        };
-        let transient = error.kind() == sluice_core::ErrorKind::Transient;
-        match backoff.next_delay() {
-            Some(delay) if transient && started.elapsed() < config.retry_for => {
-                tracing::warn!(
-                    error = %error,
-                    retry_in_ms = delay.as_millis() as u64,
-                    gives_up_in_s = config.retry_for.saturating_sub(started.elapsed()).as_secs(),
-                    "postgres target: cannot open a session on the target database; retrying (target.retry_for)"
-                );
-                tokio::time::sleep(delay).await;
-            }
-            _ => {
-                return Err(TargetError {
-                    target: TARGET,
-                    kind: ErrorKind::Fatal,
-                    message: "cannot open a session on the target database (target.connection)".into(),
-                    source: Some(Box::new(error)),
-                })
-            }
-        }
-    }
-}
-
 async fn connect(
     config: &ConnectionConfig,
     lock_timeout: Duration,
