@@ -15,8 +15,9 @@
 //! window's own changes, each with its own ordinal after the watermark's. Replaying a change
 //! the snapshot had already seen gives the same row again, so the emitted row is the key's
 //! state at the high watermark either way, and every later change has a higher position: the
-//! target's position guard keeps them in order. DBLog drops a chunk row that the window touched instead; bringing it up to date gives the
-//! same result for full rows and keeps the TOAST columns a partial update does not carry.
+//! target's position guard keeps them in order. DBLog drops a chunk row that the window
+//! touched instead; bringing it up to date gives the same result for full rows and keeps the
+//! TOAST columns a partial update does not carry.
 //!
 //! A reconcile request also names keys the source no longer has: unless the window inserted
 //! them again, they become deletes at the high watermark.
