@@ -4,4 +4,6 @@
 pub(crate) mod apply;
 pub(crate) mod check;
 pub mod config;
+pub(crate) mod format;
+pub(crate) mod inverse;
 pub(crate) mod translate;

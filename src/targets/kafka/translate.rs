@@ -13,10 +13,12 @@
 //! headers `id` (the event id), the configured header columns, and the source position.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use sluice_kafka::Record;
 
 use super::config::KafkaConfig;
+use super::format;
 use crate::translate::outbox::{OutboxConfig, OutboxEvent, Routed};
 use crate::translate::{Context, TranslateError, Translator};
 use sluice_core::{ChangeEvent, NewRow, OldRow, Position, Relation, Value};
@@ -27,6 +29,10 @@ pub struct KafkaTranslator {
     topics: HashMap<String, String>,
     tombstones_on_delete: bool,
     outbox: Option<OutboxConfig>,
+    /// Each table's `sluice.relation` header, by OID, with the relation it was built for.
+    relation_headers: HashMap<u32, (Arc<Relation>, Vec<u8>)>,
+    /// The commit time of the transaction being translated (from its Begin).
+    commit_time: Option<i64>,
 }
 
 /// Header names.
@@ -64,11 +70,23 @@ impl KafkaTranslator {
         tombstones_on_delete: bool,
         outbox: Option<OutboxConfig>,
     ) -> Self {
-        KafkaTranslator { topic: topic.to_owned(), topics, tombstones_on_delete, outbox }
+        KafkaTranslator {
+            topic: topic.to_owned(),
+            topics,
+            tombstones_on_delete,
+            outbox,
+            relation_headers: HashMap::new(),
+            commit_time: None,
+        }
     }
 
     /// The records for one event, appended to `out` in the order they must be produced.
-    pub fn translate(&self, event: &ChangeEvent, out: &mut Vec<Record>) -> Result<(), TranslateError> {
+    pub fn translate(&mut self, event: &ChangeEvent, out: &mut Vec<Record>) -> Result<(), TranslateError> {
+        match event {
+            ChangeEvent::Begin { commit_time, .. } => self.commit_time = Some(commit_time.0),
+            ChangeEvent::Commit { .. } => self.commit_time = None,
+            _ => {}
+        }
         if let Some(outbox) = &self.outbox {
             match outbox.route(event) {
                 Ok(Routed::Event(routed)) => return push_event(outbox, routed, out),
@@ -98,7 +116,7 @@ impl KafkaTranslator {
                         topic: self.topic_for(relation),
                         key: None,
                         payload: Some(value),
-                        headers: headers("truncate", relation, *position),
+                        headers: self.headers("truncate", relation, *position),
                     });
                 }
                 return Ok(());
@@ -124,7 +142,7 @@ impl KafkaTranslator {
             topic: topic.clone(),
             key: key.clone(),
             payload: Some(value),
-            headers: headers(op, relation, position),
+            headers: self.headers(op, relation, position),
         });
         if self.tombstones_on_delete {
             let dead_key = match event {
@@ -145,7 +163,7 @@ impl KafkaTranslator {
                     topic,
                     key: Some(dead_key),
                     payload: None,
-                    headers: headers("tombstone", relation, position),
+                    headers: self.headers("tombstone", relation, position),
                 });
             }
         }
@@ -166,12 +184,29 @@ fn trim_newline(value: &mut Vec<u8>) {
     }
 }
 
-fn headers(op: &str, relation: &Relation, position: Position) -> Vec<(String, Vec<u8>)> {
-    vec![
-        (HEADER_OP.into(), op.as_bytes().to_vec()),
-        (HEADER_TABLE.into(), relation.qualified_name().into_bytes()),
-        (HEADER_POSITION.into(), position.to_string().into_bytes()),
-    ]
+impl KafkaTranslator {
+    /// A CDC record's headers: operation, table, position, the table's shape (so that the
+    /// Kafka source can read the values back typed) and, inside a transaction, its commit time.
+    fn headers(&mut self, op: &str, relation: &Arc<Relation>, position: Position) -> Vec<(String, Vec<u8>)> {
+        let shape = match self.relation_headers.get(&relation.oid) {
+            Some((known, header)) if Arc::ptr_eq(known, relation) || **known == **relation => header.clone(),
+            _ => {
+                let header = format::relation_header(relation);
+                self.relation_headers.insert(relation.oid, (Arc::clone(relation), header.clone()));
+                header
+            }
+        };
+        let mut headers = vec![
+            (HEADER_OP.into(), op.as_bytes().to_vec()),
+            (HEADER_TABLE.into(), relation.qualified_name().into_bytes()),
+            (HEADER_POSITION.into(), position.to_string().into_bytes()),
+            (format::HEADER_RELATION.into(), shape),
+        ];
+        if let Some(commit_time) = self.commit_time {
+            headers.push((format::HEADER_COMMIT_TIME.into(), commit_time.to_string().into_bytes()));
+        }
+        headers
+    }
 }
 
 /// `{"col":value,…}` over the replica-identity columns; `None` when the table has none, or
@@ -276,7 +311,7 @@ mod tests {
 
     #[test]
     fn an_outbox_row_without_payload_is_a_tombstone_and_one_without_aggregate_type_is_poison() {
-        let translator = outbox_translator();
+        let mut translator = outbox_translator();
         let row = |aggregate_type: Value, payload: Value| ChangeEvent::Insert {
             position: position(0),
             relation: outbox_relation(),
@@ -305,7 +340,7 @@ mod tests {
 
     #[test]
     fn outbox_updates_and_deletes_are_ignored_and_messages_route_like_rows() {
-        let translator = outbox_translator();
+        let mut translator = outbox_translator();
         let mut out = Vec::new();
         let delete = ChangeEvent::Delete {
             position: position(1),
@@ -339,7 +374,7 @@ mod tests {
     #[test]
     fn cdc_changes_are_keyed_by_identity_and_deletes_and_key_changes_leave_tombstones() {
         let accounts = relation("accounts", &[("id", true, TypeKind::Int8), ("name", false, TypeKind::Text)]);
-        let translator = KafkaTranslator::new(
+        let mut translator = KafkaTranslator::new(
             "cdc.{schema}.{table}",
             HashMap::from([("public.special".to_string(), "special-topic".to_string())]),
             true,
@@ -408,7 +443,7 @@ mod tests {
     #[test]
     fn a_backfilled_row_is_a_read_keyed_like_an_insert() {
         let accounts = relation("accounts", &[("id", true, TypeKind::Int8), ("name", false, TypeKind::Text)]);
-        let translator = KafkaTranslator::new("cdc.{schema}.{table}", HashMap::new(), true, None);
+        let mut translator = KafkaTranslator::new("cdc.{schema}.{table}", HashMap::new(), true, None);
         let mut out = Vec::new();
         let read = ChangeEvent::Insert {
             position: position(0),

@@ -1,0 +1,679 @@
+//! The consumer side: one member of a consumer group, whose offsets are committed only for
+//! records the pipeline reports durable.
+//!
+//! ```text
+//! consumer thread ── poll ──▶ per-partition batches ──Fetched (bounded channel)──▶ pipeline
+//!        ▲                                                                          │
+//!        └──── commit (async, every commit_interval; sync on revoke and stop) ◀── durable(tp, offset)
+//! ```
+//!
+//! - **One thread owns the consumer.** librdkafka serves rebalances inside `poll`, so the
+//!   thread keeps polling even while the pipeline is full: it pauses its partitions instead of
+//!   blocking, and a rebalance is never held up by backpressure.
+//! - **Commits follow durability.** A partition's offset is committed only up to what
+//!   [`KafkaConsumer::durable`] reported for it, which the pipeline reports over an unbroken
+//!   prefix of durable batches. Nothing is committed for a partition while its batches wait.
+//! - **Revocation is clean.** When partitions are revoked, batches of theirs not yet handed
+//!   out are dropped, and the revocation waits up to `revoke_timeout` for the handed-out ones
+//!   to become durable, then commits synchronously. Batches still not durable then are
+//!   abandoned without a commit: the next owner reads them again, and the targets' position
+//!   guards absorb the second copy. Each assignment of a partition is a new *generation*;
+//!   reports from an older one are ignored.
+//! - Eager rebalancing (librdkafka's default `range,roundrobin`): every rebalance revokes all
+//!   partitions and assigns them anew, so a member that keeps a partition goes on from its
+//!   own commit.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{Headers, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
+use tokio::sync::mpsc;
+
+use crate::QuietContext;
+
+/// How to reach the brokers, which topics to read and how to batch them. `Debug` hides the
+/// values of `extra` properties that hold secrets.
+#[derive(Clone)]
+pub struct ConsumerOptions {
+    /// `host:port[,host:port…]`
+    pub brokers: String,
+    /// `group.id`: the members of one group share the topics' partitions.
+    pub group_id: String,
+    /// Topic names, or regular expressions starting with `^`.
+    pub topics: Vec<String>,
+    /// `client.id`, as brokers log the consumer.
+    pub client_id: String,
+    /// Records per handed-out batch at most.
+    pub batch_max_records: usize,
+    /// How long a partition's first buffered record waits for more before its batch is handed
+    /// out (a batch also goes as soon as nothing more is ready to read).
+    pub linger: Duration,
+    /// How often durable offsets are committed.
+    pub commit_interval: Duration,
+    /// How long a revocation waits for the revoked partitions' handed-out batches.
+    pub revoke_timeout: Duration,
+    /// Further librdkafka properties (`security.protocol`, `session.timeout.ms`, …).
+    pub extra: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for ConsumerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let extra: Vec<(&str, &str)> = self
+            .extra
+            .iter()
+            .map(|(k, v)| (k.as_str(), if crate::is_secret_property(k) { "<redacted>" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("ConsumerOptions")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("batch_max_records", &self.batch_max_records)
+            .field("linger", &self.linger)
+            .field("extra", &extra)
+            .finish()
+    }
+}
+
+/// One record as read. `Debug` shows its place, never its key, value or headers.
+pub struct Consumed {
+    /// Its offset in the partition.
+    pub offset: i64,
+    /// The record key.
+    pub key: Option<Vec<u8>>,
+    /// The value; `None` is a tombstone.
+    pub payload: Option<Vec<u8>>,
+    /// The headers, in order (a header without a value has an empty one).
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Consumed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumed").field("offset", &self.offset).finish_non_exhaustive()
+    }
+}
+
+impl Consumed {
+    /// The value of the first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+    }
+}
+
+/// A topic partition, as the pipeline names it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The partition.
+    pub partition: i32,
+}
+
+impl std::fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// Consecutive records of one partition, in offset order.
+#[derive(Debug)]
+pub struct Fetched {
+    /// Where they come from.
+    pub partition: TopicPartition,
+    /// The assignment they were read under (see the module header).
+    pub generation: u64,
+    /// The records.
+    pub records: Vec<Consumed>,
+    /// The offset after the last record: what to commit once they are durable.
+    pub next_offset: i64,
+}
+
+/// A partition this member owns, for metrics and status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionStatus {
+    /// Which.
+    pub partition: TopicPartition,
+    /// The next offset to read (after what was handed out), when something was.
+    pub handed_out: Option<i64>,
+    /// The offset through which records are durable, when reported.
+    pub durable: Option<i64>,
+    /// The offset last committed by this member.
+    pub committed: Option<i64>,
+    /// The partition's high watermark as last fetched, when known.
+    pub high_watermark: Option<i64>,
+}
+
+/// Counters of the consumer, for metrics.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    /// Offset commits that succeeded.
+    pub commits: AtomicU64,
+    /// Offset commits that failed (retried at the next interval).
+    pub commit_failures: AtomicU64,
+    /// Rebalances that assigned or revoked partitions of this member.
+    pub rebalances: AtomicU64,
+    /// Revocations that gave up waiting for handed-out batches (abandoned without a commit).
+    pub abandoned_revocations: AtomicU64,
+    /// Rebalances after which this member owned no partition.
+    pub idle_assignments: AtomicU64,
+}
+
+/// What can go wrong consuming.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    /// librdkafka refused the consumer's properties.
+    #[error("the Kafka consumer's configuration is refused")]
+    Config(#[source] KafkaError),
+    /// A topic named in the subscription does not exist.
+    #[error("Kafka topic {topic:?} does not exist")]
+    UnknownTopic {
+        /// The topic.
+        topic: String,
+    },
+    /// The subscription or a metadata request failed.
+    #[error("cannot subscribe to the Kafka topics")]
+    Subscribe(#[source] KafkaError),
+    /// Consuming failed in a way retrying does not help (authorization, an invalid group).
+    #[error("the Kafka consumer failed")]
+    Consume(#[source] KafkaError),
+    /// The consumer thread panicked.
+    #[error("the Kafka consumer thread panicked")]
+    Panicked,
+}
+
+/// What a partition's owner knows of it.
+#[derive(Debug)]
+struct Owned {
+    generation: u64,
+    handed_out: Option<i64>,
+    durable: Option<i64>,
+    committed: Option<i64>,
+    high_watermark: Option<i64>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    owned: HashMap<TopicPartition, Owned>,
+    next_generation: u64,
+    /// Records buffered per partition, not yet handed out.
+    buffered: HashMap<TopicPartition, (Instant, Fetched)>,
+    /// Full batches waiting for room in the channel, in read order.
+    ready: VecDeque<Fetched>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when a durable offset is reported.
+    durable: Condvar,
+    stop: AtomicBool,
+    stats: Arc<ConsumerStats>,
+    revoke_timeout: Duration,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The consumer's context: librdkafka's logs through `tracing`, and the rebalance protocol
+/// described in the module header.
+struct GroupContext {
+    quiet: QuietContext,
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for GroupContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        self.quiet.log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.quiet.error(error, reason);
+    }
+
+    /// The partitions' high watermarks, from librdkafka's statistics (no request of its own).
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut state = self.shared.lock();
+        for (topic, stats) in &statistics.topics {
+            for (partition, stats) in &stats.partitions {
+                let tp = TopicPartition { topic: topic.as_str().into(), partition: *partition };
+                if let Some(owned) = state.owned.get_mut(&tp).filter(|_| stats.hi_offset >= 0) {
+                    owned.high_watermark = Some(stats.hi_offset);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(list) = rebalance else { return };
+        self.shared.stats.rebalances.fetch_add(1, Ordering::Relaxed);
+        let revoked: Vec<TopicPartition> = list
+            .elements()
+            .iter()
+            .map(|e| TopicPartition { topic: e.topic().into(), partition: e.partition() })
+            .collect();
+        let mut state = self.shared.lock();
+        // Not handed out: dropped, read again by the next owner.
+        state.buffered.retain(|tp, _| !revoked.contains(tp));
+        state.ready.retain(|batch| !revoked.contains(&batch.partition));
+        let deadline = Instant::now() + self.shared.revoke_timeout;
+        let waiting = |state: &State| {
+            revoked.iter().any(|tp| {
+                state.owned.get(tp).is_some_and(|o| o.handed_out.is_some() && o.durable < o.handed_out)
+            })
+        };
+        while waiting(&state) && !self.shared.stop.load(Ordering::Relaxed) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.shared.stats.abandoned_revocations.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    timeout_ms = self.shared.revoke_timeout.as_millis() as u64,
+                    "kafka source: revoked partitions still have batches in flight; abandoning them uncommitted \
+                     (the next owner reads them again, the target's position guard absorbs the repeat)"
+                );
+                break;
+            }
+            state = self.shared.durable.wait_timeout(state, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        let commit = commit_list(&state, |tp| revoked.contains(tp));
+        for tp in &revoked {
+            state.owned.remove(tp);
+        }
+        drop(state);
+        if let Some(list) = commit {
+            match consumer.commit(&list, CommitMode::Sync) {
+                Ok(()) => {
+                    self.shared.stats.commits.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    self.shared.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %error, "kafka source: cannot commit the revoked partitions' offsets; the next owner reads from the last commit");
+                }
+            }
+        }
+        tracing::info!(partitions = %names(&revoked), "kafka source: partitions revoked");
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                self.shared.stats.rebalances.fetch_add(1, Ordering::Relaxed);
+                let mut state = self.shared.lock();
+                let mut assigned = Vec::new();
+                for element in list.elements() {
+                    let tp = TopicPartition { topic: element.topic().into(), partition: element.partition() };
+                    state.next_generation += 1;
+                    let generation = state.next_generation;
+                    state.owned.insert(
+                        tp.clone(),
+                        Owned { generation, handed_out: None, durable: None, committed: None, high_watermark: None },
+                    );
+                    assigned.push(tp);
+                }
+                drop(state);
+                if assigned.is_empty() {
+                    self.shared.stats.idle_assignments.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        "kafka source: this member was assigned no partition: the group has more members than its topics \
+                         have partitions; it stands by until a rebalance gives it one"
+                    );
+                } else {
+                    tracing::info!(partitions = %names(&assigned), "kafka source: partitions assigned");
+                }
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(error) => tracing::warn!(error = %error, "kafka source: rebalance failed"),
+        }
+    }
+}
+
+fn names(partitions: &[TopicPartition]) -> String {
+    partitions.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// The offsets to commit for the owned partitions `which` selects: those whose durable offset
+/// is past their last commit.
+fn commit_list(state: &State, which: impl Fn(&TopicPartition) -> bool) -> Option<TopicPartitionList> {
+    let mut list = TopicPartitionList::new();
+    for (tp, owned) in &state.owned {
+        let Some(durable) = owned.durable.filter(|d| Some(*d) > owned.committed) else { continue };
+        if which(tp) {
+            let _ = list.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(durable));
+        }
+    }
+    (list.count() > 0).then_some(list)
+}
+
+/// A consumer group member reading on its own thread (see the module header).
+pub struct KafkaConsumer {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<Result<(), ConsumerError>>>,
+}
+
+impl KafkaConsumer {
+    /// Creates the consumer, checks that every named topic exists, subscribes, and starts the
+    /// thread that hands batches to `batches`.
+    pub fn start(options: &ConsumerOptions, batches: mpsc::Sender<Fetched>) -> Result<Self, ConsumerError> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &options.brokers)
+            .set("group.id", &options.group_id)
+            .set("client.id", &options.client_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            // Bounds what librdkafka prefetches per partition (memory stays bounded).
+            .set("queued.max.messages.kbytes", "16384")
+            // The partitions' high watermarks, for the lag metric.
+            .set("statistics.interval.ms", "5000");
+        for (key, value) in &options.extra {
+            config.set(key, value);
+        }
+        let stats = Arc::new(ConsumerStats::default());
+        let shared = Arc::new(Shared {
+            state: Mutex::default(),
+            durable: Condvar::new(),
+            stop: AtomicBool::new(false),
+            stats,
+            revoke_timeout: options.revoke_timeout,
+        });
+        let context = GroupContext { quiet: QuietContext::default(), shared: Arc::clone(&shared) };
+        let consumer: BaseConsumer<GroupContext> =
+            config.create_with_context(context).map_err(ConsumerError::Config)?;
+        for topic in options.topics.iter().filter(|t| !t.starts_with('^')) {
+            let metadata = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .map_err(ConsumerError::Subscribe)?;
+            let exists = metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+            if !exists {
+                return Err(ConsumerError::UnknownTopic { topic: topic.clone() });
+            }
+        }
+        let topics: Vec<&str> = options.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics).map_err(ConsumerError::Subscribe)?;
+        let (thread_shared, options) = (Arc::clone(&shared), options.clone());
+        let thread = std::thread::Builder::new()
+            .name("kafka-consumer".into())
+            .spawn(move || poll_loop(&consumer, &thread_shared, &options, &batches))
+            .map_err(|e| ConsumerError::Consume(KafkaError::ClientCreation(e.to_string())))?;
+        Ok(KafkaConsumer { shared, thread: Some(thread) })
+    }
+
+    /// Reports that `partition`'s records before `next_offset`, read under `generation`, are
+    /// durable (reports of an older generation are ignored; offsets never go back).
+    pub fn durable(&self, partition: &TopicPartition, generation: u64, next_offset: i64) {
+        let mut state = self.shared.lock();
+        if let Some(owned) = state.owned.get_mut(partition).filter(|o| o.generation == generation) {
+            if owned.durable < Some(next_offset) {
+                owned.durable = Some(next_offset);
+            }
+        }
+        drop(state);
+        self.shared.durable.notify_all();
+    }
+
+    /// The partitions this member owns now.
+    pub fn partitions(&self) -> Vec<PartitionStatus> {
+        let state = self.shared.lock();
+        let mut partitions: Vec<PartitionStatus> = state
+            .owned
+            .iter()
+            .map(|(tp, o)| PartitionStatus {
+                partition: tp.clone(),
+                handed_out: o.handed_out,
+                durable: o.durable,
+                committed: o.committed,
+                high_watermark: o.high_watermark,
+            })
+            .collect();
+        partitions.sort_by(|a, b| a.partition.cmp(&b.partition));
+        partitions
+    }
+
+    /// The consumer's counters.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        Arc::clone(&self.shared.stats)
+    }
+
+    /// Stops the thread after a last synchronous commit of what is durable, and leaves the
+    /// group; the thread's error if it ended with one.
+    pub async fn stop(mut self) -> Result<(), ConsumerError> {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.durable.notify_all();
+        let Some(thread) = self.thread.take() else { return Ok(()) };
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .map_err(|_| ConsumerError::Panicked)?
+            .map_err(|_| ConsumerError::Panicked)?
+    }
+
+    /// True once the thread has ended (an error, or the channel closed).
+    pub fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(std::thread::JoinHandle::is_finished)
+    }
+}
+
+impl Drop for KafkaConsumer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.durable.notify_all();
+    }
+}
+
+/// The consumer thread: read, batch per partition, hand out, commit.
+fn poll_loop(
+    consumer: &BaseConsumer<GroupContext>,
+    shared: &Shared,
+    options: &ConsumerOptions,
+    batches: &mpsc::Sender<Fetched>,
+) -> Result<(), ConsumerError> {
+    let batch_max = options.batch_max_records.max(1);
+    let mut last_commit = Instant::now();
+    let mut paused = false;
+    loop {
+        if shared.stop.load(Ordering::Relaxed) {
+            commit(consumer, shared, CommitMode::Sync);
+            consumer.unsubscribe();
+            return Ok(());
+        }
+        // Hand out what is ready, as far as the channel takes it.
+        let mut closed = false;
+        {
+            let mut state = shared.lock();
+            while let Some(batch) = state.ready.pop_front() {
+                let (tp, generation, next) = (batch.partition.clone(), batch.generation, batch.next_offset);
+                match batches.try_send(batch) {
+                    Ok(()) => {
+                        if let Some(owned) = state.owned.get_mut(&tp).filter(|o| o.generation == generation) {
+                            owned.handed_out = Some(next);
+                        }
+                    }
+                    Err(mpsc::error::TrySendError::Full(batch)) => {
+                        state.ready.push_front(batch);
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            let full = !state.ready.is_empty();
+            if full != paused {
+                if let Ok(assignment) = consumer.assignment() {
+                    let _ = if full { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
+                }
+                paused = full;
+            }
+        }
+        if closed {
+            commit(consumer, shared, CommitMode::Sync);
+            consumer.unsubscribe();
+            return Ok(());
+        }
+        if last_commit.elapsed() >= options.commit_interval {
+            commit(consumer, shared, CommitMode::Async);
+            last_commit = Instant::now();
+        }
+        let oldest = shared.lock().buffered.values().map(|(since, _)| *since).min();
+        let wait = match oldest {
+            Some(since) => options.linger.saturating_sub(since.elapsed()),
+            None => Duration::from_millis(100),
+        };
+        match consumer.poll(wait) {
+            Some(Ok(message)) => {
+                let tp = TopicPartition { topic: message.topic().into(), partition: message.partition() };
+                let headers = message
+                    .headers()
+                    .map(|headers| {
+                        headers
+                            .iter()
+                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let record = Consumed {
+                    offset: message.offset(),
+                    key: message.key().map(<[u8]>::to_vec),
+                    payload: message.payload().map(<[u8]>::to_vec),
+                    headers,
+                };
+                let mut state = shared.lock();
+                let Some(owned) = state.owned.get_mut(&tp) else { continue };
+                let generation = owned.generation;
+                let (_, batch) = state.buffered.entry(tp.clone()).or_insert_with(|| {
+                    (
+                        Instant::now(),
+                        Fetched { partition: tp.clone(), generation, records: Vec::new(), next_offset: 0 },
+                    )
+                });
+                batch.next_offset = record.offset + 1;
+                batch.records.push(record);
+                if batch.records.len() >= batch_max {
+                    if let Some((_, batch)) = state.buffered.remove(&tp) {
+                        state.ready.push_back(batch);
+                    }
+                }
+                // Partitions whose linger is over go too.
+                flush(&mut state, Some(options.linger));
+            }
+            Some(Err(error)) => match error.rdkafka_error_code() {
+                Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+                    return Err(ConsumerError::UnknownTopic { topic: format!("{error}") });
+                }
+                Some(
+                    RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::GroupAuthorizationFailed
+                    | RDKafkaErrorCode::InvalidGroupId
+                    | RDKafkaErrorCode::SaslAuthenticationFailed,
+                ) => return Err(ConsumerError::Consume(error)),
+                _ => tracing::warn!(error = %error, "kafka source: a read failed; retrying"),
+            },
+            // Nothing more to read now: hand out what is buffered.
+            None => flush(&mut shared.lock(), None),
+        }
+    }
+}
+
+/// Moves buffered batches to `ready`: all of them, or those older than `linger`.
+fn flush(state: &mut State, linger: Option<Duration>) {
+    let due: Vec<TopicPartition> = state
+        .buffered
+        .iter()
+        .filter(|(_, (since, _))| linger.is_none_or(|l| since.elapsed() >= l))
+        .map(|(tp, _)| tp.clone())
+        .collect();
+    for tp in due {
+        if let Some((_, batch)) = state.buffered.remove(&tp) {
+            state.ready.push_back(batch);
+        }
+    }
+}
+
+/// Commits the owned partitions' durable offsets that are past their last commit.
+fn commit(consumer: &BaseConsumer<GroupContext>, shared: &Shared, mode: CommitMode) {
+    let mut state = shared.lock();
+    let Some(list) = commit_list(&state, |_| true) else { return };
+    let result: KafkaResult<()> = consumer.commit(&list, mode);
+    match result {
+        Ok(()) => {
+            shared.stats.commits.fetch_add(1, Ordering::Relaxed);
+            for element in list.elements() {
+                let tp = TopicPartition { topic: element.topic().into(), partition: element.partition() };
+                if let (Some(owned), Offset::Offset(offset)) = (state.owned.get_mut(&tp), element.offset()) {
+                    owned.committed = Some(offset);
+                }
+            }
+        }
+        Err(error) => {
+            shared.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+            drop(state);
+            tracing::warn!(error = %error, "kafka source: cannot commit offsets; retrying at the next interval");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(partition: i32) -> TopicPartition {
+        TopicPartition { topic: "t".into(), partition }
+    }
+
+    #[test]
+    fn only_durable_offsets_past_the_last_commit_are_committed() {
+        let mut state = State::default();
+        let owned = |durable, committed| Owned {
+            generation: 1,
+            handed_out: Some(100),
+            durable,
+            committed,
+            high_watermark: None,
+        };
+        state.owned.insert(tp(0), owned(None, None));
+        state.owned.insert(tp(1), owned(Some(50), Some(50)));
+        state.owned.insert(tp(2), owned(Some(70), Some(40)));
+        let list = commit_list(&state, |_| true).expect("partition 2 is due");
+        let elements = list.elements();
+        assert_eq!(elements.len(), 1, "nothing reported durable, or already committed, is not committed");
+        assert_eq!((elements[0].partition(), elements[0].offset()), (2, Offset::Offset(70)));
+        assert!(commit_list(&state, |tp| tp.partition != 2).is_none());
+    }
+
+    #[test]
+    fn debug_shows_neither_record_contents_nor_secret_properties() {
+        let record = Consumed {
+            offset: 7,
+            key: Some(b"{\"id\":42}".to_vec()),
+            payload: Some(b"secret row".to_vec()),
+            headers: vec![("h".into(), b"v".to_vec())],
+        };
+        let shown = format!("{record:?}");
+        assert!(shown.contains('7') && !shown.contains("42") && !shown.contains("secret"), "{shown}");
+        let options = ConsumerOptions {
+            brokers: "b:9092".into(),
+            group_id: "g".into(),
+            topics: vec!["t".into()],
+            client_id: "sluice".into(),
+            batch_max_records: 10,
+            linger: Duration::from_millis(5),
+            commit_interval: Duration::from_secs(1),
+            revoke_timeout: Duration::from_secs(10),
+            extra: vec![("sasl.password".into(), "hunter2".into())],
+        };
+        assert!(!format!("{options:?}").contains("hunter2"));
+    }
+}
