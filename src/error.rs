@@ -52,6 +52,15 @@ pub enum PipelineError {
     /// A task of the pipeline panicked or stopped.
     #[error("pipeline task failed: {0}")]
     Task(String),
+    /// The Kafka source stopped; the message names the setting at fault.
+    #[error("{message}")]
+    Consumer {
+        /// What failed, naming the `source.kafka` key.
+        message: String,
+        /// Why.
+        #[source]
+        source: sluice_kafka::consumer::ConsumerError,
+    },
 }
 
 /// Why a one-shot command (`verify`, `reconcile`, `status`, `backfill`) failed.

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod migration;
 pub mod monitor;
 pub mod pipeline;
+pub mod sources;
 pub mod status;
 pub mod targets;
 pub(crate) mod translate;

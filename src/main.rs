@@ -177,7 +177,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(refused) = refuses_kafka_source(&cli.command) {
+        return refused;
+    }
     match cli.command {
+        Command::Validate { config: path, offline: false } if is_applier(&path) => {
+            // An applier reads no database; its topics and group are checked as it joins.
+            println!("{}: ok (an applier of [source.kafka]: the topics are checked when it joins the group)", path.display());
+            ExitCode::SUCCESS
+        }
         Command::Validate { config: path, offline } => match Config::load(&path) {
             Ok(config) if offline => {
                 for way_back in sluice::validate::offline_way_back(&config) {
@@ -231,6 +239,9 @@ fn main() -> ExitCode {
                 }
             }
             config.pipeline.allow_warnings |= allow_warnings;
+            if !config.source.is_database() {
+                return report(runtime.block_on(run(config, None)));
+            }
             match runtime.block_on(start_checks(&config)) {
                 Ok(Some((problems, warnings))) => {
                     let count = problems.len() + warnings.len();
@@ -318,6 +329,42 @@ fn main() -> ExitCode {
             report(sluice::error::print(&format!("{schema:#}\n")).map_err(anyhow::Error::from))
         }
     }
+}
+
+/// True when `path` loads as an applier's configuration (`[source.kafka]`).
+fn is_applier(path: &std::path::Path) -> bool {
+    Config::load(path).is_ok_and(|config| !config.source.is_database())
+}
+
+/// The commands that read or write the source database refuse an applier's configuration
+/// (`[source.kafka]`), naming why.
+fn refuses_kafka_source(command: &Command) -> Option<ExitCode> {
+    let (name, path) = match command {
+        Command::Snapshot { config, .. } => ("snapshot", config),
+        Command::Migration { config, .. } => ("migration", config),
+        Command::Fence { config, .. } => ("fence", config),
+        Command::Unfence { config, .. } => ("unfence", config),
+        Command::Cutover(args) => ("cutover", &args.config),
+        Command::Rollback(args) => ("rollback", &args.config),
+        Command::Finish(args) => ("finish", &args.config),
+        Command::Verify(args) => ("verify", &args.config),
+        Command::Reconcile(args) => ("reconcile", &args.config),
+        Command::DeadLetter(DeadLetterCommand::Replay { config, .. }) => ("dead-letter replay", config),
+        Command::Run { config, reverse: true, .. } => ("run --reverse", config),
+        _ => return None,
+    };
+    if !is_applier(path) {
+        return None;
+    }
+    fatal(
+        &format!(
+            "error: sluice {name} works on a Postgres source, and {} configures an applier ([source.kafka]); \
+             run it with the configuration of the pipeline that writes the topics",
+            path.display()
+        ),
+        &[],
+    );
+    Some(ExitCode::from(2))
 }
 
 /// `sluice fence` (`up`) and `sluice unfence`.

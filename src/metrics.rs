@@ -9,6 +9,17 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+/// The Kafka source: per owned `topic` and `partition`, the partition's high watermark minus
+/// the offset through which its records are durable in the target.
+pub const KAFKA_CONSUMER_LAG: &str = "sluice_kafka_consumer_lag";
+/// The Kafka source: partitions this member owns now.
+pub const KAFKA_PARTITIONS_ASSIGNED: &str = "sluice_kafka_partitions_assigned";
+/// The Kafka source: offset commits, by `outcome` (`ok`, `failed`).
+pub const KAFKA_COMMITS_TOTAL: &str = "sluice_kafka_commits_total";
+/// The Kafka source: rebalances that assigned or revoked this member's partitions.
+pub const KAFKA_REBALANCES_TOTAL: &str = "sluice_kafka_rebalances_total";
+/// The Kafka source: records read, by `outcome` (`change`, `tombstone`, `dead_lettered`).
+pub const KAFKA_RECORDS_TOTAL: &str = "sluice_kafka_records_total";
 /// Changes handed to the target, by `table` and `op` (insert, update, delete, truncate, message).
 pub const EVENTS_TOTAL: &str = "sluice_events_total";
 /// 1 for each table's migration phase (`forward`, `fenced`, `reversed`, `rolling_back`,
@@ -141,6 +152,14 @@ pub fn install(pipeline: &str) -> PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(EVENTS_TOTAL, "Changes handed to the target, by table and operation");
+    describe_gauge!(
+        KAFKA_CONSUMER_LAG,
+        "Kafka source: a partition's high watermark minus the offset through which its records are durable"
+    );
+    describe_gauge!(KAFKA_PARTITIONS_ASSIGNED, "Kafka source: partitions this member owns");
+    describe_counter!(KAFKA_COMMITS_TOTAL, "Kafka source: offset commits, by outcome");
+    describe_counter!(KAFKA_REBALANCES_TOTAL, "Kafka source: rebalances that changed this member's partitions");
+    describe_counter!(KAFKA_RECORDS_TOTAL, "Kafka source: records read, by outcome");
     describe_counter!(
         REVERSE_RECORDS_TOTAL,
         "DynamoDB stream records read by the way back, by table and outcome"

@@ -63,6 +63,13 @@ async fn from_daemon(mut addr: std::net::SocketAddr) -> Option<Value> {
 }
 
 async fn from_postgres(config: &Config) -> Result<Value, CommandError> {
+    if let Some(kafka) = config.source.kafka() {
+        return Err(CommandError::invalid(format!(
+            "no applier answered on monitoring.listen; an applier ([source.kafka]) reads no database, so its status is its \
+             /status, and the group's offsets are the broker's (consumer group {:?})",
+            kafka.group_id
+        )));
+    }
     // A short budget: an operator is waiting for the answer.
     let policy = RetryPolicy::new(config.pipeline.retry_for.min(Duration::from_secs(10)));
     let mut sql = ReadSession::connect(&config.source.connection, "sluice status", policy)
@@ -116,6 +123,7 @@ async fn from_postgres(config: &Config) -> Result<Value, CommandError> {
                 .with_context(|| format!("cannot count the rows of outbox table {}", poll.table))?;
             (Value::Null, json!(rows))
         }
+        SourceMode::Kafka(_) => unreachable!("answered above"),
     };
     let dead_letter = match &config.target {
         TargetConfig::Dynamodb(dynamo) => &dynamo.dead_letter,
@@ -145,6 +153,7 @@ async fn from_postgres(config: &Config) -> Result<Value, CommandError> {
     match &config.source.mode {
         SourceMode::Replication(_) => status["slot"] = slot,
         SourceMode::Poll(_) => status["outbox_backlog_rows"] = backlog,
+        SourceMode::Kafka(_) => {}
     }
     if let Some(migration) = migration {
         status["migration"] = migration;

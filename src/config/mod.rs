@@ -216,11 +216,14 @@ fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
-/// The Postgres source: logical replication (`[source.replication]`), or polling an outbox
-/// table (`[source.poll]`) where logical replication is not allowed. Exactly one of the two.
+/// The source: Postgres logical replication (`[source.replication]`), polling an outbox table
+/// (`[source.poll]`) where logical replication is not allowed, or sluice's own CDC records in
+/// Kafka topics (`[source.kafka]`, an applier in a consumer group). Exactly one of the three.
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
-    /// How to reach the source database.
+    /// How to reach the source database. With `[source.kafka]` there is none and this is an
+    /// empty placeholder: the commands that read the source database refuse such a
+    /// configuration (`SourceConfig::database`).
     pub connection: ConnectionConfig,
     /// The primary, when `connection` is a standby: heartbeats are written there.
     pub heartbeat_connection: Option<ConnectionConfig>,
@@ -235,14 +238,17 @@ pub enum SourceMode {
     Replication(ReplicationConfig),
     /// An outbox table polled in commit order (`[source.poll]`).
     Poll(sluice_postgres::PollConfig),
+    /// sluice's CDC records in Kafka topics, read in a consumer group (`[source.kafka]`).
+    Kafka(crate::sources::kafka::KafkaSourceConfig),
 }
 
 /// `[source]` as written: both ways are optional in the file, exactly one in the config.
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct SourceFields {
-    /// How to reach the source database.
-    connection: ConnectionConfig,
+    /// How to reach the source database (not with `kafka`).
+    #[serde(default)]
+    connection: Option<ConnectionConfig>,
     /// With `connection` pointing at a hot standby (decoding on a standby, PG 16+): the
     /// primary, where heartbeats are written (a standby cannot write WAL) and which creating
     /// the slot asks for a snapshot record.
@@ -254,6 +260,10 @@ struct SourceFields {
     /// An outbox table polled in commit order, where logical replication is not allowed.
     #[serde(default)]
     poll: Option<sluice_postgres::PollConfig>,
+    /// sluice's CDC records in Kafka topics (a Kafka target's), read by appliers in a consumer
+    /// group: the apply side scaled out over the topics' partitions.
+    #[serde(default)]
+    kafka: Option<crate::sources::kafka::KafkaSourceConfig>,
 }
 
 impl schemars::JsonSchema for SourceConfig {
@@ -266,32 +276,42 @@ impl schemars::JsonSchema for SourceConfig {
         // file cannot unset the chart's default `replication` but with null).
         schema.insert(
             "anyOf".into(),
-            serde_json::json!([{ "required": ["replication"] }, { "required": ["poll"] }]),
+            serde_json::json!([
+                { "required": ["connection", "replication"] },
+                { "required": ["connection", "poll"] },
+                { "required": ["kafka"] }
+            ]),
         );
         schema
     }
 }
 
-const NO_SOURCE: &str =
-    "configure [source.replication] (logical replication) or [source.poll] (an outbox table)";
+const NO_SOURCE: &str = "configure [source.replication] (logical replication), [source.poll] (an outbox table) \
+     or [source.kafka] (sluice's records in Kafka topics)";
 const TWO_SOURCES: &str =
-    "[source.replication] and [source.poll] exclude each other: one source per pipeline";
+    "[source.replication], [source.poll] and [source.kafka] exclude each other: one source per pipeline";
+const NO_CONNECTION: &str = "the source database: required with [source.replication] and [source.poll]";
+const KAFKA_CONNECTION: &str =
+    "[source.kafka] reads no database: remove source.connection (the target has its own)";
 
 impl<'de> Deserialize<'de> for SourceConfig {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let fields = SourceFields::deserialize(deserializer)?;
-        let mode = match (fields.replication, fields.poll) {
-            (Some(replication), None) => SourceMode::Replication(replication),
-            (None, Some(poll)) => SourceMode::Poll(poll),
-            (None, None) => return Err(D::Error::custom(NO_SOURCE)),
-            (Some(_), Some(_)) => return Err(D::Error::custom(TWO_SOURCES)),
+        let mode = match (fields.replication, fields.poll, fields.kafka) {
+            (Some(replication), None, None) => SourceMode::Replication(replication),
+            (None, Some(poll), None) => SourceMode::Poll(poll),
+            (None, None, Some(kafka)) => SourceMode::Kafka(kafka),
+            (None, None, None) => return Err(D::Error::custom(NO_SOURCE)),
+            _ => return Err(D::Error::custom(TWO_SOURCES)),
         };
-        Ok(SourceConfig {
-            connection: fields.connection,
-            heartbeat_connection: fields.heartbeat_connection,
-            mode,
-        })
+        let connection = match (fields.connection, &mode) {
+            (Some(_), SourceMode::Kafka(_)) => return Err(D::Error::custom(KAFKA_CONNECTION)),
+            (None, SourceMode::Kafka(_)) => no_database(),
+            (Some(connection), _) => connection,
+            (None, _) => return Err(D::Error::missing_field("connection")),
+        };
+        Ok(SourceConfig { connection, heartbeat_connection: fields.heartbeat_connection, mode })
     }
 }
 
@@ -300,11 +320,24 @@ impl<'de> Deserialize<'de> for SourceConfig {
 /// `source.poll` rather than `source`).
 fn source_choice(table: &toml::Table) -> Option<Problem> {
     let source = table.get("source")?.as_table()?;
-    match (source.contains_key("replication"), source.contains_key("poll")) {
-        (false, false) => Some(Problem::new("source", "replication", NO_SOURCE)),
-        (true, true) => Some(Problem::new("source", "poll", TWO_SOURCES)),
+    let ways = ["replication", "poll", "kafka"].map(|way| source.contains_key(way));
+    match ways {
+        [false, false, false] => Some(Problem::new("source", "replication", NO_SOURCE)),
+        [_, _, true] if source.contains_key("connection") => {
+            Some(Problem::new("source", "connection", KAFKA_CONNECTION))
+        }
+        [_, _, false] if !source.contains_key("connection") => {
+            Some(Problem::new("source", "connection", NO_CONNECTION))
+        }
+        [true, true, _] => Some(Problem::new("source", "poll", TWO_SOURCES)),
+        [_, true, true] | [true, _, true] => Some(Problem::new("source", "kafka", TWO_SOURCES)),
         _ => None,
     }
+}
+
+/// The placeholder connection of a source that reads no database (`[source.kafka]`).
+fn no_database() -> ConnectionConfig {
+    toml::from_str("dbname = \"\"").expect("dbname is the only required key")
 }
 
 impl SourceConfig {
@@ -313,14 +346,29 @@ impl SourceConfig {
         match &self.mode {
             SourceMode::Replication(replication) => replication.slot.clone(),
             SourceMode::Poll(poll) => poll.lock_name(),
+            SourceMode::Kafka(kafka) => format!("kafka-{}", kafka.group_id),
         }
+    }
+
+    /// The Kafka source's settings, when the source is sluice's records in Kafka.
+    pub fn kafka(&self) -> Option<&crate::sources::kafka::KafkaSourceConfig> {
+        match &self.mode {
+            SourceMode::Kafka(kafka) => Some(kafka),
+            _ => None,
+        }
+    }
+
+    /// Whether the source is a Postgres database (replication or polling): the commands that
+    /// read or write the source database need one.
+    pub fn is_database(&self) -> bool {
+        !matches!(self.mode, SourceMode::Kafka(_))
     }
 
     /// The replication settings, when the source is a replication slot.
     pub fn replication(&self) -> Option<&ReplicationConfig> {
         match &self.mode {
             SourceMode::Replication(replication) => Some(replication),
-            SourceMode::Poll(_) => None,
+            SourceMode::Poll(_) | SourceMode::Kafka(_) => None,
         }
     }
 
@@ -328,7 +376,7 @@ impl SourceConfig {
     pub fn poll(&self) -> Option<&sluice_postgres::PollConfig> {
         match &self.mode {
             SourceMode::Poll(poll) => Some(poll),
-            SourceMode::Replication(_) => None,
+            SourceMode::Replication(_) | SourceMode::Kafka(_) => None,
         }
     }
 
@@ -469,7 +517,9 @@ impl Config {
         if self.ha.retry_interval.is_zero() {
             problems.push(Problem::new("ha", "retry_interval", "must be more than 0s"));
         }
-        self.source.connection.validate("source.connection", &mut problems);
+        if self.source.is_database() {
+            self.source.connection.validate("source.connection", &mut problems);
+        }
         if let Some(primary) = &self.source.heartbeat_connection {
             primary.validate("source.heartbeat_connection", &mut problems);
             if self.source.replication().is_none() {
@@ -496,6 +546,37 @@ impl Config {
                         "table",
                         "polled rows are outbox events: configure [target.outbox] with the same table",
                     )),
+                }
+            }
+            SourceMode::Kafka(kafka) => {
+                kafka.validate(&mut problems);
+                if matches!(self.target, TargetConfig::Kafka(_)) {
+                    problems.push(Problem::new(
+                        "target",
+                        "kind",
+                        "an applier reading [source.kafka] applies to dynamodb or postgres (or jsonl, null), not back to Kafka",
+                    ));
+                }
+                if self.ha.enabled {
+                    problems.push(Problem::new(
+                        "ha",
+                        "enabled",
+                        "appliers share the partitions through the consumer group (source.kafka.group_id): run several, without the HA lock",
+                    ));
+                }
+                if self.backfill.enabled {
+                    problems.push(Problem::new(
+                        "backfill",
+                        "enabled",
+                        "an applier reads no database to backfill from: run the backfill on the pipeline that writes the topics",
+                    ));
+                }
+                if self.target.outbox().is_some() {
+                    problems.push(Problem::new(
+                        "target",
+                        "outbox",
+                        "an applier reads sluice's CDC records, not outbox events",
+                    ));
                 }
             }
         }

@@ -162,11 +162,27 @@ pub async fn run(
                     shutdown.clone(),
                 )));
             }
-            (source.stats(), tokio::spawn(source.run(batch_tx, durable_rx.clone(), shutdown)))
+            let stats = source.stats();
+            let task = source.run(batch_tx, durable_rx.clone(), shutdown);
+            (stats, tokio::spawn(async move { task.await.map_err(SourceFailure::Postgres) }))
         }
         SourceMode::Poll(poll) => {
             let source = PollSource::new(connection, poll.clone(), options);
-            (source.stats(), tokio::spawn(source.run(batch_tx, durable_rx.clone(), shutdown)))
+            let stats = source.stats();
+            let task = source.run(batch_tx, durable_rx.clone(), shutdown);
+            (stats, tokio::spawn(async move { task.await.map_err(SourceFailure::Postgres) }))
+        }
+        SourceMode::Kafka(kafka) => {
+            let source = crate::sources::kafka::KafkaSource::new(
+                kafka.clone(),
+                config.pipeline.batch_max_events,
+                config.pipeline.shutdown_timeout,
+                Arc::clone(&dead_letter),
+            );
+            let stats = source.stats();
+            let task = source.run(batch_tx, durable_rx.clone(), shutdown);
+            let task = tokio::spawn(async move { task.await.map_err(SourceFailure::Kafka) });
+            (stats, task)
         }
     };
     state.set_source(Arc::clone(&stats));
@@ -209,8 +225,17 @@ pub async fn run(
     // A failed target drops the channel, which stops the source without confirming more.
     let sourced = source_task.await.map_err(|e| PipelineError::Task(e.to_string()))?;
     applied?;
-    sourced?;
-    Ok(())
+    match sourced {
+        Ok(()) => Ok(()),
+        Err(SourceFailure::Postgres(error)) => Err(error.into()),
+        Err(SourceFailure::Kafka(error)) => Err(error),
+    }
+}
+
+/// Why a source task stopped.
+enum SourceFailure {
+    Postgres(sluice_postgres::Error),
+    Kafka(PipelineError),
 }
 
 /// Resolves with the panic's message if the task panics; never otherwise (also not when it
@@ -334,10 +359,16 @@ async fn apply<X: Translator, T: Target<Op = X::Op>>(
                         if let Some(ack) = batch.ack_lsn.filter(|_| crate::faults::confirm_early()) {
                             durable.send_replace(ack);
                         }
+                        // A partition's positions say nothing of the others': a target that
+                        // checkpoints keeps one per partition (`EventBatch::slice`).
+                        let skip_through = match batch.slice {
+                            Some(_) => None,
+                            None => target.applied_through().max(resume),
+                        };
                         let ops = stage::translate(
                             &mut translator,
                             &batch,
-                            target.applied_through().max(resume),
+                            skip_through,
                             dead_letter,
                             &mut names,
                             target_name,
@@ -447,6 +478,7 @@ mod tests {
             ack_lsn: Some(Lsn(ack)),
             redelivery_horizon: None,
             commit_time: None,
+            slice: None,
         }
     }
 

@@ -99,7 +99,12 @@ pub(super) async fn translate<X: Translator>(
     if skipped > 0 {
         metrics::counter!(crate::metrics::REPLAY_SKIPPED_TOTAL).increment(skipped);
     }
-    Ok(OpBatch { ops, events: batch.events.len(), redelivery_horizon: batch.redelivery_horizon })
+    Ok(OpBatch {
+        ops,
+        events: batch.events.len(),
+        redelivery_horizon: batch.redelivery_horizon,
+        slice: batch.slice.clone(),
+    })
 }
 
 fn now_unix_seconds() -> u64 {

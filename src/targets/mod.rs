@@ -118,6 +118,9 @@ pub struct OpBatch<Op> {
     /// Changes at or before this commit LSN may have been delivered before (see
     /// [`sluice_core::EventBatch::redelivery_horizon`]).
     pub redelivery_horizon: Option<Lsn>,
+    /// The partition the changes were read from (the Kafka source): positions are in order
+    /// within it only (see [`sluice_core::EventBatch::slice`]).
+    pub slice: Option<sluice_core::LogSlice>,
 }
 
 /// A destination for change events. The pipeline translates each batch with the target's

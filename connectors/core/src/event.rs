@@ -262,6 +262,25 @@ pub struct EventBatch {
     /// Commit time (microseconds since 2000-01-01 UTC, Postgres' epoch) of the last
     /// transaction this batch completes, or the time a heartbeat in it was emitted.
     pub commit_time: Option<i64>,
+    /// The partition the batch was read from, when the source is a partitioned log (the
+    /// Kafka source); `None` for a database's stream, which is in commit order as a whole.
+    pub slice: Option<LogSlice>,
+}
+
+/// Where a batch read from one partition of a partitioned log comes from (the Kafka source).
+/// Positions are in order within one partition only (a key lives in one partition), so a
+/// target that skips what it applied keeps one checkpoint per partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogSlice {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The partition.
+    pub partition: i32,
+    /// The assignment it was read under: a new one means another process may have applied
+    /// from the partition meanwhile, so a target reads its checkpoint for it again.
+    pub generation: u64,
+    /// The offset after the batch's last record.
+    pub next_offset: i64,
 }
 
 impl std::fmt::Display for Position {

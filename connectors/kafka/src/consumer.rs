@@ -145,6 +145,9 @@ pub struct PartitionStatus {
     pub durable: Option<i64>,
     /// The offset last committed by this member.
     pub committed: Option<i64>,
+    /// The offset of the first record read under this assignment (where the group's commit
+    /// let it start).
+    pub read_from: Option<i64>,
     /// The partition's high watermark as last fetched, when known.
     pub high_watermark: Option<i64>,
 }
@@ -194,6 +197,7 @@ struct Owned {
     handed_out: Option<i64>,
     durable: Option<i64>,
     committed: Option<i64>,
+    read_from: Option<i64>,
     high_watermark: Option<i64>,
 }
 
@@ -315,7 +319,14 @@ impl ConsumerContext for GroupContext {
                     let generation = state.next_generation;
                     state.owned.insert(
                         tp.clone(),
-                        Owned { generation, handed_out: None, durable: None, committed: None, high_watermark: None },
+                        Owned {
+                            generation,
+                            handed_out: None,
+                            durable: None,
+                            committed: None,
+                            read_from: None,
+                            high_watermark: None,
+                        },
                     );
                     assigned.push(tp);
                 }
@@ -356,7 +367,7 @@ fn commit_list(state: &State, which: impl Fn(&TopicPartition) -> bool) -> Option
 /// A consumer group member reading on its own thread (see the module header).
 pub struct KafkaConsumer {
     shared: Arc<Shared>,
-    thread: Option<std::thread::JoinHandle<Result<(), ConsumerError>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<Result<(), ConsumerError>>>>,
 }
 
 impl KafkaConsumer {
@@ -408,7 +419,7 @@ impl KafkaConsumer {
             .name("kafka-consumer".into())
             .spawn(move || poll_loop(&consumer, &thread_shared, &options, &batches))
             .map_err(|e| ConsumerError::Consume(KafkaError::ClientCreation(e.to_string())))?;
-        Ok(KafkaConsumer { shared, thread: Some(thread) })
+        Ok(KafkaConsumer { shared, thread: Mutex::new(Some(thread)) })
     }
 
     /// Reports that `partition`'s records before `next_offset`, read under `generation`, are
@@ -435,6 +446,7 @@ impl KafkaConsumer {
                 handed_out: o.handed_out,
                 durable: o.durable,
                 committed: o.committed,
+                read_from: o.read_from,
                 high_watermark: o.high_watermark,
             })
             .collect();
@@ -449,20 +461,23 @@ impl KafkaConsumer {
 
     /// Stops the thread after a last synchronous commit of what is durable, and leaves the
     /// group; the thread's error if it ended with one.
-    pub async fn stop(mut self) -> Result<(), ConsumerError> {
+    pub async fn stop(&self) -> Result<(), ConsumerError> {
         self.shared.stop.store(true, Ordering::Relaxed);
         self.shared.durable.notify_all();
-        let Some(thread) = self.thread.take() else { return Ok(()) };
+        self.join().await
+    }
+
+    /// Waits for the thread to end by itself (the channel closed, or an error) and returns
+    /// its outcome; at once when it was joined before.
+    pub async fn join(&self) -> Result<(), ConsumerError> {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(thread) = thread else { return Ok(()) };
         tokio::task::spawn_blocking(move || thread.join())
             .await
             .map_err(|_| ConsumerError::Panicked)?
             .map_err(|_| ConsumerError::Panicked)?
     }
 
-    /// True once the thread has ended (an error, or the channel closed).
-    pub fn finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(std::thread::JoinHandle::is_finished)
-    }
 }
 
 impl Drop for KafkaConsumer {
@@ -552,6 +567,7 @@ fn poll_loop(
                 };
                 let mut state = shared.lock();
                 let Some(owned) = state.owned.get_mut(&tp) else { continue };
+                owned.read_from.get_or_insert(record.offset);
                 let generation = owned.generation;
                 let (_, batch) = state.buffered.entry(tp.clone()).or_insert_with(|| {
                     (
@@ -641,6 +657,7 @@ mod tests {
             handed_out: Some(100),
             durable,
             committed,
+            read_from: None,
             high_watermark: None,
         };
         state.owned.insert(tp(0), owned(None, None));

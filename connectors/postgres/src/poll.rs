@@ -339,7 +339,7 @@ impl PollSource {
             let ack = Lsn(self.sent);
             let count = events.len() as u64;
             let batch =
-                EventBatch { events, ack_lsn: Some(ack), redelivery_horizon: None, commit_time: None };
+                EventBatch { events, ack_lsn: Some(ack), redelivery_horizon: None, commit_time: None, slice: None };
             if tx.send(batch).await.is_err() {
                 return Err(Error::Stopped);
             }

@@ -62,6 +62,14 @@ pub(crate) enum Checkpoint {
     Position(Position),
     /// Stream positions per shard (the way back from DynamoDB Streams).
     Shards(Vec<ShardPosition>),
+    /// The position of the last change applied from one partition of a Kafka source, in the
+    /// pipeline's table under the row name `<pipeline>:<topic>/<partition>`.
+    Partition {
+        /// The row's name.
+        name: String,
+        /// The last change applied.
+        last: Position,
+    },
 }
 
 /// A shard's progress, as the way back from DynamoDB records it.
@@ -128,6 +136,9 @@ pub(crate) struct Applier {
     applied: Position,
     /// `applied`, for the pipeline to skip what is applied before translating it.
     shared_applied: Arc<std::sync::Mutex<Position>>,
+    /// With a Kafka source: per partition, the assignment generation its checkpoint was read
+    /// under and the position of the last change applied from it.
+    partitions: HashMap<(Arc<str>, i32), (u64, Position)>,
     retry_for: Duration,
     lock_timeout: Duration,
     dead_letter: Arc<DeadLetter>,
@@ -176,6 +187,7 @@ impl PgTarget {
             pipeline: pipeline.to_owned(),
             applied: Position::default(),
             shared_applied: Arc::default(),
+            partitions: HashMap::new(),
             retry_for: config.retry_for,
             lock_timeout: config.lock_timeout,
             dead_letter,
@@ -383,6 +395,7 @@ impl Applier {
             pipeline: pipeline.to_owned(),
             applied: Position::default(),
             shared_applied: Arc::default(),
+            partitions: HashMap::new(),
             retry_for,
             lock_timeout,
             dead_letter,
@@ -435,14 +448,20 @@ impl Applier {
     /// This pipeline's checkpoint; a row sluice cannot read is an error naming the table and
     /// the pipeline (read as "nothing applied", it would apply everything again).
     async fn read_checkpoint(&self) -> Result<Position, TargetError> {
-        let Some(client) = &self.client else { return Ok(self.applied) };
+        let Some(_) = &self.client else { return Ok(self.applied) };
+        self.read_checkpoint_named(&self.pipeline).await
+    }
+
+    /// The checkpoint row `name` (the pipeline's, or one of its partitions').
+    async fn read_checkpoint_named(&self, name: &str) -> Result<Position, TargetError> {
+        let client = self.client()?;
         let row = client
             .query_opt(
                 &format!(
                     "SELECT commit_lsn::text, tx_ordinal FROM {} WHERE pipeline = $1",
                     self.checkpoint_table
                 ),
-                &[&self.pipeline],
+                &[&name],
             )
             .await
             .map_err(|e| {
@@ -451,8 +470,8 @@ impl Applier {
         match row {
             Some(row) => checkpoint_position(&row.get::<_, String>(0), row.get::<_, i64>(1)).map_err(|reason| {
                 fatal(format!(
-                    "the checkpoint of pipeline {:?} in {} is corrupt ({reason}); fix or delete that row (deleting it re-applies every change the source replays)",
-                    self.pipeline, self.checkpoint_table
+                    "the checkpoint of pipeline {name:?} in {} is corrupt ({reason}); fix or delete that row (deleting it re-applies every change the source replays)",
+                    self.checkpoint_table
                 ))
             }),
             None => Ok(Position::default()),
@@ -465,10 +484,56 @@ impl Applier {
 
     /// Applies the operations past the checkpoint in one transaction.
     async fn apply_batch(&mut self, batch: OpBatch<RowOp>) -> Result<(), TargetError> {
+        if let Some(slice) = batch.slice {
+            return self.apply_partition_batch(slice, batch.ops).await;
+        }
         let applied = self.applied;
         let ops: Vec<Op> = batch.ops.into_iter().filter(|op| op.position > applied).collect();
         let Some(last) = ops.last().map(|op| op.position) else { return Ok(()) };
         self.apply(&ops, &Checkpoint::Position(last)).await
+    }
+
+    /// A Kafka source's batch (one partition's records): the operations past that partition's
+    /// checkpoint, in one transaction with it. The checkpoint is read again whenever the
+    /// partition was assigned anew, since another applier may have owned it meanwhile.
+    async fn apply_partition_batch(&mut self, slice: sluice_core::LogSlice, ops: Vec<Op>) -> Result<(), TargetError> {
+        let name = format!("{}:{}/{}", self.pipeline, slice.topic, slice.partition);
+        let key = (Arc::clone(&slice.topic), slice.partition);
+        let applied = match self.partitions.get(&key) {
+            Some((generation, applied)) if *generation == slice.generation => *applied,
+            _ => {
+                let applied = self.read_partition_checkpoint(&name).await?;
+                self.partitions.insert(key.clone(), (slice.generation, applied));
+                applied
+            }
+        };
+        let ops: Vec<Op> = ops.into_iter().filter(|op| op.position > applied).collect();
+        let Some(last) = ops.last().map(|op| op.position) else { return Ok(()) };
+        self.apply(&ops, &Checkpoint::Partition { name, last }).await?;
+        self.partitions.insert(key, (slice.generation, last));
+        Ok(())
+    }
+
+    /// A partition's checkpoint, read with the same retries as a batch.
+    async fn read_partition_checkpoint(&mut self, name: &str) -> Result<Position, TargetError> {
+        let started = Instant::now();
+        let mut backoff = Backoff::new(
+            RetryPolicy::new(self.retry_for).with_delays(Duration::from_millis(50), Duration::from_secs(5)),
+        );
+        loop {
+            let error = match self.read_checkpoint_named(name).await {
+                Ok(position) => return Ok(position),
+                Err(error) => error,
+            };
+            if error.kind != ErrorKind::Transient || started.elapsed() >= self.retry_for {
+                return Err(error);
+            }
+            let delay = backoff.next_delay().unwrap_or(Duration::from_secs(5));
+            tracing::warn!(error = %error, checkpoint = name, "postgres target: cannot read a partition's checkpoint; retrying");
+            self.client = None;
+            tokio::time::sleep(delay).await;
+            self.reconnect().await?;
+        }
     }
 
     /// Applies `ops` and writes `checkpoint` in one transaction: all of it, or (when the
@@ -532,6 +597,7 @@ impl Applier {
     async fn landed(&self, checkpoint: &Checkpoint) -> Result<bool, TargetError> {
         match checkpoint {
             Checkpoint::Position(last) => Ok(self.applied >= *last),
+            Checkpoint::Partition { name, last } => Ok(self.read_checkpoint_named(name).await? >= *last),
             Checkpoint::Shards(shards) => {
                 let Some(shard) = shards.iter().find(|s| s.sequence.is_some()) else { return Ok(false) };
                 let Some(client) = &self.client else { return Ok(false) };
@@ -711,6 +777,19 @@ impl Applier {
                     quote_literal(&self.pipeline),
                     last.commit_lsn,
                     last.tx_ordinal
+                );
+            }
+            Checkpoint::Partition { name, last } => {
+                // Never backwards: an applier that lost the partition may still commit late.
+                let _ = writeln!(
+                    sql,
+                    "INSERT INTO {table} AS c (pipeline, commit_lsn, tx_ordinal, updated_at) VALUES ({}, '{}', {}, now()) \
+                     ON CONFLICT (pipeline) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, tx_ordinal = EXCLUDED.tx_ordinal, updated_at = EXCLUDED.updated_at \
+                     WHERE (c.commit_lsn, c.tx_ordinal) < (EXCLUDED.commit_lsn, EXCLUDED.tx_ordinal);",
+                    quote_literal(name),
+                    last.commit_lsn,
+                    last.tx_ordinal,
+                    table = self.checkpoint_table,
                 );
             }
             Checkpoint::Shards(shards) if shards.is_empty() => {}
