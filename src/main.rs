@@ -183,7 +183,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { config: path, offline: false } if is_applier(&path) => {
             // An applier reads no database; its topics and group are checked as it joins.
-            println!("{}: ok (an applier of [source.kafka]: the topics are checked when it joins the group)", path.display());
+            println!(
+                "{}: ok (an applier of [source.kafka]: the topics are checked when it joins the group)",
+                path.display()
+            );
             ExitCode::SUCCESS
         }
         Command::Validate { config: path, offline } => match Config::load(&path) {
@@ -455,7 +458,8 @@ async fn ha_lock(
     state: &sluice::monitor::PipelineState,
     shutdown: &sluice_core::Shutdown,
 ) -> anyhow::Result<Option<Option<sluice::ha::HaLock>>> {
-    if !config.ha.enabled {
+    // Appliers ([source.kafka]) share partitions through their consumer group instead.
+    if !config.ha.enabled || !config.source.is_database() {
         return Ok(Some(None));
     }
     let mut shutdown = shutdown.clone();

@@ -158,7 +158,10 @@ fn describe() {
     );
     describe_gauge!(KAFKA_PARTITIONS_ASSIGNED, "Kafka source: partitions this member owns");
     describe_counter!(KAFKA_COMMITS_TOTAL, "Kafka source: offset commits, by outcome");
-    describe_counter!(KAFKA_REBALANCES_TOTAL, "Kafka source: rebalances that changed this member's partitions");
+    describe_counter!(
+        KAFKA_REBALANCES_TOTAL,
+        "Kafka source: rebalances that changed this member's partitions"
+    );
     describe_counter!(KAFKA_RECORDS_TOTAL, "Kafka source: records read, by outcome");
     describe_counter!(
         REVERSE_RECORDS_TOTAL,

@@ -1,5 +1,6 @@
 //! Integration tests against real services started by the harness (see `harness.rs`).
 
+mod appliers;
 mod auth;
 mod backfill;
 mod checks;

@@ -286,7 +286,8 @@ impl schemars::JsonSchema for SourceConfig {
     }
 }
 
-const NO_SOURCE: &str = "configure [source.replication] (logical replication), [source.poll] (an outbox table) \
+const NO_SOURCE: &str =
+    "configure [source.replication] (logical replication), [source.poll] (an outbox table) \
      or [source.kafka] (sluice's records in Kafka topics)";
 const TWO_SOURCES: &str =
     "[source.replication], [source.poll] and [source.kafka] exclude each other: one source per pipeline";
@@ -555,20 +556,6 @@ impl Config {
                         "target",
                         "kind",
                         "an applier reading [source.kafka] applies to dynamodb or postgres (or jsonl, null), not back to Kafka",
-                    ));
-                }
-                if self.ha.enabled {
-                    problems.push(Problem::new(
-                        "ha",
-                        "enabled",
-                        "appliers share the partitions through the consumer group (source.kafka.group_id): run several, without the HA lock",
-                    ));
-                }
-                if self.backfill.enabled {
-                    problems.push(Problem::new(
-                        "backfill",
-                        "enabled",
-                        "an applier reads no database to backfill from: run the backfill on the pipeline that writes the topics",
                     ));
                 }
                 if self.target.outbox().is_some() {

@@ -138,13 +138,18 @@ fn a_pipeline_has_exactly_one_source_and_a_polled_table_is_the_outbox_table() {
     let err = load(&neither, &[]).unwrap_err().to_string();
     assert!(
         err.contains(
-            "source.replication: configure [source.replication] (logical replication) or [source.poll]"
+            "source.replication: configure [source.replication] (logical replication), [source.poll] (an outbox table) or [source.kafka]"
         ),
         "{err}"
     );
     let both = MINIMAL.replace("[target]", "[source.poll]\ntable = \"public.outbox\"\n[target]");
     let err = load(&both, &[]).unwrap_err().to_string();
-    assert!(err.contains("source.poll: [source.replication] and [source.poll] exclude each other"), "{err}");
+    assert!(
+        err.contains(
+            "source.poll: [source.replication], [source.poll] and [source.kafka] exclude each other"
+        ),
+        "{err}"
+    );
     let kafka =
         "[target]\nkind = \"kafka\"\nbrokers = \"k:9092\"\n[target.outbox]\ntable = \"public.outbox\"\n";
     let poll = |poll: &str| format!("[source.connection]\ndbname = \"app\"\n[source.poll]\n{poll}\n{kafka}");
@@ -181,7 +186,7 @@ fn streaming_takes_a_flag_or_a_word_and_parallel_needs_protocol_4() {
         let config = load(&MINIMAL.replace("slot = \"sluice\"", &format!("slot = \"sluice\"\n{extra}")), &[]);
         config.map(|c| match c.source.mode {
             SourceMode::Replication(r) => r,
-            SourceMode::Poll(_) => unreachable!(),
+            _ => unreachable!(),
         })
     };
     use sluice_postgres::Streaming;
@@ -255,4 +260,48 @@ fn a_syntax_error_says_where_without_quoting_the_file() {
     let text = format!("{MINIMAL}[source.connection.more]\npassword = \"hunter2\" x\n");
     let Err(ConfigError::Syntax { message, .. }) = load(&text, &[]) else { panic!("accepted") };
     assert!(message.contains("(line 10, column 22)") && !message.contains("hunter2"), "{message}");
+}
+
+const APPLIER: &str = r#"
+    [source.kafka]
+    brokers = "k:9092"
+    topics = ["cdc.public.accounts", "^cdc\\.shop\\..*"]
+    group_id = "appliers"
+    properties = { "sasl.password" = "hunter2" }
+    [target]
+    kind = "null"
+"#;
+
+#[test]
+fn an_applier_reads_kafka_with_no_database_and_its_conflicts_are_named() {
+    let config = load(APPLIER, &[]).unwrap();
+    let kafka = config.source.kafka().expect("a Kafka source");
+    assert_eq!(kafka.topics.len(), 2);
+    assert_eq!(kafka.linger, Duration::from_millis(5));
+    assert!(!config.source.is_database());
+    assert!(!format!("{config:?}").contains("hunter2"));
+    let keys = |text: &str| match load(text, &[]) {
+        Err(ConfigError::Invalid { problems }) => problems.iter().map(|p| p.key.clone()).collect::<Vec<_>>(),
+        other => panic!("refused: {other:?}"),
+    };
+    let with_database = APPLIER.replace("[target]", "[source.connection]\ndbname = \"app\"\n[target]");
+    assert_eq!(keys(&with_database)[0], "source.connection");
+    let with_slot =
+        APPLIER.replace("[target]", "[source.replication]\nslot = \"s\"\npublication = \"p\"\n[target]");
+    assert!(keys(&with_slot).contains(&"source.kafka".to_string()));
+    assert_eq!(
+        keys(&APPLIER.replace("kind = \"null\"", "kind = \"kafka\"\nbrokers = \"k:9092\"")),
+        ["target.kind"]
+    );
+    assert_eq!(
+        keys(&APPLIER.replace("group_id = \"appliers\"", "group_id = \"\"")),
+        ["source.kafka.group_id"]
+    );
+    assert_eq!(
+        keys(&APPLIER.replace("properties = {", "properties = { \"enable.auto.commit\" = true, ")),
+        ["source.kafka.properties.enable.auto.commit"]
+    );
+    // A database source still needs its connection, and the message says so.
+    let without = MINIMAL.replace("[source.connection]\n    dbname = \"app\"\n", "");
+    assert_eq!(keys(&without)[0], "source.connection");
 }

@@ -65,10 +65,13 @@ pub async fn run(
         None => (config.source.lock_name(), Direction::Forward, Direction::Reverse),
         Some(of) => (of.slot.clone(), Direction::Reverse, Direction::Forward),
     };
+    // Appliers in a consumer group write at once from several processes; an origin is held by
+    // one session at a time, so theirs carry none.
+    let origin = if config.source.is_database() { origin_name(&origins_of, writes) } else { String::new() };
     let target = Opened::open(
         &config.target,
         &config.pipeline.name,
-        &origin_name(&origins_of, writes),
+        &origin,
         Arc::clone(&state.target),
         Arc::clone(&dead_letter),
     )

@@ -20,7 +20,9 @@ pub mod types;
 pub mod value;
 
 pub use error::{action, Action, Classify, ErrorKind};
-pub use event::{ChangeEvent, Column, EventBatch, LogSlice, NewRow, OldRow, Position, Relation, ReplicaIdentity};
+pub use event::{
+    ChangeEvent, Column, EventBatch, LogSlice, NewRow, OldRow, Position, Relation, ReplicaIdentity,
+};
 pub use lsn::Lsn;
 pub use problem::Problem;
 pub use retry::{Backoff, GaveUp, RetryPolicy};

@@ -477,7 +477,6 @@ impl KafkaConsumer {
             .map_err(|_| ConsumerError::Panicked)?
             .map_err(|_| ConsumerError::Panicked)?
     }
-
 }
 
 impl Drop for KafkaConsumer {

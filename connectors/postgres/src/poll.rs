@@ -338,8 +338,13 @@ impl PollSource {
             self.sent += 1;
             let ack = Lsn(self.sent);
             let count = events.len() as u64;
-            let batch =
-                EventBatch { events, ack_lsn: Some(ack), redelivery_horizon: None, commit_time: None, slice: None };
+            let batch = EventBatch {
+                events,
+                ack_lsn: Some(ack),
+                redelivery_horizon: None,
+                commit_time: None,
+                slice: None,
+            };
             if tx.send(batch).await.is_err() {
                 return Err(Error::Stopped);
             }

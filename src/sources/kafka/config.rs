@@ -54,10 +54,18 @@ impl KafkaSourceConfig {
     /// Problems visible without the broker.
     pub fn validate(&self, problems: &mut Vec<Problem>) {
         if self.brokers.trim().is_empty() {
-            problems.push(Problem::new("source.kafka", "brokers", "must name at least one broker (host:port)"));
+            problems.push(Problem::new(
+                "source.kafka",
+                "brokers",
+                "must name at least one broker (host:port)",
+            ));
         }
         if self.topics.is_empty() || self.topics.iter().any(|t| t.trim().is_empty()) {
-            problems.push(Problem::new("source.kafka", "topics", "must name at least one topic (or a ^pattern)"));
+            problems.push(Problem::new(
+                "source.kafka",
+                "topics",
+                "must name at least one topic (or a ^pattern)",
+            ));
         }
         if self.group_id.trim().is_empty() {
             problems.push(Problem::new("source.kafka", "group_id", "must name the consumer group"));

@@ -92,7 +92,8 @@ impl KafkaSource {
         tracing::info!(group = %self.config.group_id, topics = %topics, "kafka source: joined the consumer group");
         // Batch tokens handed out and not yet durable, with where each ends.
         let handed_out: Arc<Mutex<VecDeque<(u64, LogSlice)>>> = Arc::default();
-        let forward = tokio::spawn(forward_durable(Arc::clone(&consumer), Arc::clone(&handed_out), durable.clone()));
+        let forward =
+            tokio::spawn(forward_durable(Arc::clone(&consumer), Arc::clone(&handed_out), durable.clone()));
         let metrics = tokio::spawn(publish_metrics(Arc::clone(&consumer)));
         let mut reader = RecordReader::default();
         let mut token = 0u64;
@@ -123,7 +124,8 @@ impl KafkaSource {
             let last = handed_out.lock().unwrap_or_else(|e| e.into_inner()).back().map(|(t, _)| *t);
             if let Some(last) = last {
                 let mut durable = durable.clone();
-                let _ = tokio::time::timeout(self.shutdown_timeout, durable.wait_for(|lsn| lsn.0 >= last)).await;
+                let _ =
+                    tokio::time::timeout(self.shutdown_timeout, durable.wait_for(|lsn| lsn.0 >= last)).await;
                 tokio::task::yield_now().await;
             }
         }
@@ -169,8 +171,14 @@ impl KafkaSource {
                 }
                 Err(reason) => reason,
             };
-            self.reject(&partition, record, Position::default(), "", &format!("not a sluice CDC record: {reason}"))
-                .await?;
+            self.reject(
+                &partition,
+                record,
+                Position::default(),
+                "",
+                &format!("not a sluice CDC record: {reason}"),
+            )
+            .await?;
             rejected += 1;
         }
         let changes = events.len() as u64;
@@ -181,7 +189,12 @@ impl KafkaSource {
             }
         }
         *token += 1;
-        let slice = LogSlice { topic: Arc::clone(&partition.topic), partition: partition.partition, generation, next_offset };
+        let slice = LogSlice {
+            topic: Arc::clone(&partition.topic),
+            partition: partition.partition,
+            generation,
+            next_offset,
+        };
         let batch = EventBatch {
             events,
             ack_lsn: Some(Lsn(*token)),
@@ -202,12 +215,16 @@ impl KafkaSource {
         tables: &str,
         reason: &str,
     ) -> Result<(), PipelineError> {
-        let encode = |bytes: &Option<Vec<u8>>| bytes.as_ref().map(|b| base64::engine::general_purpose::STANDARD.encode(b));
+        let encode = |bytes: &Option<Vec<u8>>| {
+            bytes.as_ref().map(|b| base64::engine::general_purpose::STANDARD.encode(b))
+        };
         let (key, value) = (encode(&record.key), encode(&record.payload));
         let details = |line: &mut Vec<u8>| {
             line.extend_from_slice(b",\"topic\":");
             crate::json::string(line, &partition.topic);
-            line.extend_from_slice(format!(",\"partition\":{},\"offset\":{}", partition.partition, record.offset).as_bytes());
+            line.extend_from_slice(
+                format!(",\"partition\":{},\"offset\":{}", partition.partition, record.offset).as_bytes(),
+            );
             for (name, bytes) in [("key_base64", &key), ("value_base64", &value)] {
                 line.extend_from_slice(format!(",\"{name}\":").as_bytes());
                 match bytes {
@@ -216,7 +233,11 @@ impl KafkaSource {
                 }
             }
         };
-        let source = if tables.is_empty() { format!("kafka:{partition}@{}", record.offset) } else { tables.to_owned() };
+        let source = if tables.is_empty() {
+            format!("kafka:{partition}@{}", record.offset)
+        } else {
+            tables.to_owned()
+        };
         self.dead_letter.record(position, &source, Some(&details), reason).await?;
         Ok(())
     }
@@ -288,7 +309,8 @@ async fn publish_metrics(consumer: Arc<KafkaConsumer>) {
             stats.rebalances.load(Ordering::Relaxed),
         );
         metrics::counter!(crate::metrics::KAFKA_COMMITS_TOTAL, "outcome" => "ok").increment(now.0 - commits);
-        metrics::counter!(crate::metrics::KAFKA_COMMITS_TOTAL, "outcome" => "failed").increment(now.1 - failures);
+        metrics::counter!(crate::metrics::KAFKA_COMMITS_TOTAL, "outcome" => "failed")
+            .increment(now.1 - failures);
         metrics::counter!(crate::metrics::KAFKA_REBALANCES_TOTAL).increment(now.2 - rebalances);
         (commits, failures, rebalances) = now;
     }

@@ -79,22 +79,26 @@ pub fn relation_header(relation: &Relation) -> Vec<u8> {
 /// The relation a header describes, named `table` (`schema.name`, from the record); the
 /// error says what is wrong with the header.
 pub fn read_relation_header(header: &[u8], table: &str) -> Result<Arc<Relation>, String> {
-    let parsed: RelationJson<'_> =
-        serde_json::from_slice(header).map_err(|e| format!("the {HEADER_RELATION} header is not valid: {e}"))?;
-    let (namespace, name) = table
-        .split_once('.')
-        .ok_or_else(|| format!("the table {table:?} is not schema-qualified"))?;
+    let parsed: RelationJson<'_> = serde_json::from_slice(header)
+        .map_err(|e| format!("the {HEADER_RELATION} header is not valid: {e}"))?;
+    let (namespace, name) =
+        table.split_once('.').ok_or_else(|| format!("the table {table:?} is not schema-qualified"))?;
     let replica_identity = match parsed.identity {
         "default" => ReplicaIdentity::Default,
         "nothing" => ReplicaIdentity::Nothing,
         "full" => ReplicaIdentity::Full,
         "index" => ReplicaIdentity::Index,
-        other => return Err(format!("the {HEADER_RELATION} header names an unknown replica identity {other:?}")),
+        other => {
+            return Err(format!("the {HEADER_RELATION} header names an unknown replica identity {other:?}"))
+        }
     };
     let mut columns = Vec::with_capacity(parsed.columns.len());
     for column in parsed.columns {
         let kind = kind_from_name(&column.type_name, column.element_oid).ok_or_else(|| {
-            format!("the {HEADER_RELATION} header gives column {} the unknown type {:?}", column.name, column.type_name)
+            format!(
+                "the {HEADER_RELATION} header gives column {} the unknown type {:?}",
+                column.name, column.type_name
+            )
         })?;
         columns.push(Column {
             name: column.name.into_owned(),
@@ -181,7 +185,13 @@ mod tests {
             name: "accounts".into(),
             replica_identity: ReplicaIdentity::Full,
             columns: vec![
-                Column { name: "id".into(), type_oid: 20, type_modifier: -1, is_key: true, kind: TypeKind::Int8 },
+                Column {
+                    name: "id".into(),
+                    type_oid: 20,
+                    type_modifier: -1,
+                    is_key: true,
+                    kind: TypeKind::Int8,
+                },
                 Column {
                     name: "amount \"x\"".into(),
                     type_oid: 1700,
@@ -194,7 +204,11 @@ mod tests {
                     type_oid: 1009,
                     type_modifier: -1,
                     is_key: false,
-                    kind: TypeKind::Array { element: Box::new(TypeKind::Text), element_oid: 25, delimiter: b',' },
+                    kind: TypeKind::Array {
+                        element: Box::new(TypeKind::Text),
+                        element_oid: 25,
+                        delimiter: b',',
+                    },
                 },
             ],
         };

@@ -77,11 +77,14 @@ impl RecordReader {
         let shape = header(HEADER_RELATION).ok_or_else(|| {
             format!("no {HEADER_RELATION} header: not a CDC record of this sluice version (another producer, or an older sluice)")
         })?;
-        let record: RecordJson<'_> =
-            serde_json::from_slice(payload).map_err(|e| {
-                // serde's messages quote the offending text: only the place is said.
-                format!("the value is not a sluice CDC record (no valid JSON object at line {} column {})", e.line(), e.column())
-            })?;
+        let record: RecordJson<'_> = serde_json::from_slice(payload).map_err(|e| {
+            // serde's messages quote the offending text: only the place is said.
+            format!(
+                "the value is not a sluice CDC record (no valid JSON object at line {} column {})",
+                e.line(),
+                e.column()
+            )
+        })?;
         let position = Position {
             commit_lsn: record
                 .commit_lsn
@@ -164,13 +167,18 @@ impl Row<'_> {
         let column = &relation.columns[index];
         self.0
             .get(column.name.as_str())
-            .map(|raw| value(&column.kind, column.type_oid, raw).map_err(|reason| format!("column {}: {reason}", column.name)))
+            .map(|raw| {
+                value(&column.kind, column.type_oid, raw)
+                    .map_err(|reason| format!("column {}: {reason}", column.name))
+            })
             .transpose()
     }
 
     fn check_names(&self, relation: &Relation) -> Result<(), String> {
         match self.0.keys().find(|name| !relation.columns.iter().any(|c| c.name == **name)) {
-            Some(name) => Err(format!("the row has a column {name:?} the {HEADER_RELATION} header does not list")),
+            Some(name) => {
+                Err(format!("the row has a column {name:?} the {HEADER_RELATION} header does not list"))
+            }
             None => Ok(()),
         }
     }
@@ -239,7 +247,8 @@ pub fn value(kind: &TypeKind, type_oid: u32, raw: &RawValue) -> Result<Value, St
     Ok(match kind {
         TypeKind::Json | TypeKind::Jsonb => Value::Json(text.to_owned()),
         TypeKind::Array { element, element_oid, .. } => {
-            let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|_| "expected an array".to_string())?;
+            let items: Vec<&RawValue> =
+                serde_json::from_str(text).map_err(|_| "expected an array".to_string())?;
             let items = items.into_iter().map(|item| {
                 // A nested array is a further dimension of the same element type.
                 if item.get().starts_with('[') && !matches!(**element, TypeKind::Json | TypeKind::Jsonb) {
@@ -265,7 +274,9 @@ pub fn value(kind: &TypeKind, type_oid: u32, raw: &RawValue) -> Result<Value, St
         TypeKind::Enum => Value::Enum(string()?),
         TypeKind::Unknown => Value::Unknown { type_oid, text: string()? },
         TypeKind::Bytea => Value::Bytea(
-            base64::engine::general_purpose::STANDARD.decode(string()?).map_err(|_| "expected base64".to_string())?,
+            base64::engine::general_purpose::STANDARD
+                .decode(string()?)
+                .map_err(|_| "expected base64".to_string())?,
         ),
         TypeKind::Uuid => kind.decode_text(type_oid, &string()?).map_err(bad)?,
         TypeKind::Date => Value::Date(Date::parse(&pg_date(&string()?)).map_err(bad)?),
@@ -363,7 +374,10 @@ mod tests {
             (TypeKind::Date, Value::Date(Date::parse("0001-01-01 BC").unwrap())),
             (TypeKind::Date, Value::Date(Date::NEG_INFINITY)),
             (TypeKind::Time, Value::Time(Time::parse("23:59:59.000001").unwrap())),
-            (TypeKind::Timestamp, Value::Timestamp(Timestamp::parse("2024-05-01 12:00:00.5", false).unwrap())),
+            (
+                TypeKind::Timestamp,
+                Value::Timestamp(Timestamp::parse("2024-05-01 12:00:00.5", false).unwrap()),
+            ),
             (
                 TypeKind::TimestampTz,
                 Value::TimestampTz(Timestamp::parse("0100-05-01 12:00:00+02 BC", true).unwrap()),
@@ -423,8 +437,20 @@ mod tests {
             name: "accounts".into(),
             replica_identity: ReplicaIdentity::Default,
             columns: vec![
-                Column { name: "id".into(), type_oid: 20, type_modifier: -1, is_key: true, kind: TypeKind::Int8 },
-                Column { name: "note".into(), type_oid: 25, type_modifier: -1, is_key: false, kind: TypeKind::Text },
+                Column {
+                    name: "id".into(),
+                    type_oid: 20,
+                    type_modifier: -1,
+                    is_key: true,
+                    kind: TypeKind::Int8,
+                },
+                Column {
+                    name: "note".into(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                    is_key: false,
+                    kind: TypeKind::Text,
+                },
             ],
         })
     }

@@ -246,8 +246,8 @@ async fn open_session(
 /// statement fail after `lock_timeout` and the batch retry, with a warning each time, instead
 /// of waiting silently.
 ///
-/// The session carries the replication origin `origin` (`sluice_<slot>_forward`) where the
-/// role may set one up: a reverse stream reading this database then drops sluice's own writes
+/// The session carries the replication origin `origin` (`sluice_<slot>_forward`; none when
+/// empty) where the role may set one up: a reverse stream reading this database then drops sluice's own writes
 /// (no loops), and a fence on these tables would refuse them. Without the right it applies
 /// all the same and says once what is missing.
 async fn connect(
@@ -265,6 +265,11 @@ async fn connect(
             "SELECT set_config('synchronous_commit', 'on', false) WHERE current_setting('synchronous_commit') = 'off'",
         )
         .await?;
+    // An applier in a consumer group ([source.kafka]) has no origin: its members write the
+    // target at the same time, and an origin is held by one session only.
+    if origin.is_empty() {
+        return Ok(client);
+    }
     let may: bool = client
         .query_one(
             "SELECT has_function_privilege('pg_catalog.pg_replication_origin_session_setup(text)', 'EXECUTE') \
@@ -496,7 +501,11 @@ impl Applier {
     /// A Kafka source's batch (one partition's records): the operations past that partition's
     /// checkpoint, in one transaction with it. The checkpoint is read again whenever the
     /// partition was assigned anew, since another applier may have owned it meanwhile.
-    async fn apply_partition_batch(&mut self, slice: sluice_core::LogSlice, ops: Vec<Op>) -> Result<(), TargetError> {
+    async fn apply_partition_batch(
+        &mut self,
+        slice: sluice_core::LogSlice,
+        ops: Vec<Op>,
+    ) -> Result<(), TargetError> {
         let name = format!("{}:{}/{}", self.pipeline, slice.topic, slice.partition);
         let key = (Arc::clone(&slice.topic), slice.partition);
         let applied = match self.partitions.get(&key) {
@@ -597,7 +606,10 @@ impl Applier {
     async fn landed(&self, checkpoint: &Checkpoint) -> Result<bool, TargetError> {
         match checkpoint {
             Checkpoint::Position(last) => Ok(self.applied >= *last),
-            Checkpoint::Partition { name, last } => Ok(self.read_checkpoint_named(name).await? >= *last),
+            Checkpoint::Partition { name, last } => match self.client {
+                Some(_) => Ok(self.read_checkpoint_named(name).await? >= *last),
+                None => Ok(false),
+            },
             Checkpoint::Shards(shards) => {
                 let Some(shard) = shards.iter().find(|s| s.sequence.is_some()) else { return Ok(false) };
                 let Some(client) = &self.client else { return Ok(false) };
