@@ -17,6 +17,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("copy", sluice_postgres::fuzz::copy),
     ("config", sluice::fuzz::config),
     ("mapping", sluice::fuzz::mapping),
+    ("kafka_record", sluice::fuzz::kafka_record),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -90,6 +91,14 @@ const CHANGES: &[&str] = &[
 /// with every decoded type (text and binary, protocol 1 and 2 with a streamed transaction);
 /// the values they carry; COPY's output for the COPY target's table; the configurations and
 /// mappings of the README and `schemas/`. Run with `--ignored` to refresh them.
+#[test]
+#[ignore = "writes seeds into tests/fuzz/corpus; run to refresh them"]
+fn seeds_of_kafka_records() {
+    for seed in sluice::fuzz::kafka_record_seeds() {
+        write_seed("kafka_record", &seed);
+    }
+}
+
 #[test]
 #[ignore = "writes seeds into tests/fuzz/corpus; run to refresh them"]
 fn seeds_from_real_postgres() {

@@ -92,8 +92,11 @@ pub fn read_relation_header(header: &[u8], table: &str) -> Result<Arc<Relation>,
             return Err(format!("the {HEADER_RELATION} header names an unknown replica identity {other:?}"))
         }
     };
-    let mut columns = Vec::with_capacity(parsed.columns.len());
+    let mut columns: Vec<Column> = Vec::with_capacity(parsed.columns.len());
     for column in parsed.columns {
+        if columns.iter().any(|c| c.name == column.name) {
+            return Err(format!("the {HEADER_RELATION} header lists column {} twice", column.name));
+        }
         let kind = kind_from_name(&column.type_name, column.element_oid).ok_or_else(|| {
             format!(
                 "the {HEADER_RELATION} header gives column {} the unknown type {:?}",

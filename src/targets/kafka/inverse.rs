@@ -112,10 +112,18 @@ impl RecordReader {
             },
             "update" => {
                 let new = row(record.new, "new")?;
-                let new = if record.unchanged_toast.is_empty() {
-                    NewRow::Full(new.full(&relation, "new")?)
-                } else {
-                    NewRow::Partial(new.partial(&relation, &record.unchanged_toast)?)
+                if let Some(name) =
+                    record.unchanged_toast.iter().find(|u| !relation.columns.iter().any(|c| c.name == **u))
+                {
+                    return Err(format!(
+                        "unchanged_toast names a column {name:?} the {HEADER_RELATION} header does not list"
+                    ));
+                }
+                let new = new.partial(&relation, &record.unchanged_toast)?;
+                // Every value sent: a full row, whatever unchanged_toast says.
+                let new = match new.iter().all(Option::is_some) {
+                    true => NewRow::Full(new.into_iter().flatten().collect()),
+                    false => NewRow::Partial(new),
                 };
                 let old = match record.old {
                     None => None,
@@ -206,16 +214,16 @@ impl Row<'_> {
             .collect()
     }
 
-    /// A key-only old row: its identity columns, the others NULL.
+    /// A key-only old row: its identity columns, the others NULL (whatever the row holds
+    /// for them, as the target writes only the identity columns).
     fn key(&self, relation: &Relation) -> Result<Vec<Value>, String> {
         self.check_names(relation)?;
         (0..relation.columns.len())
-            .map(|i| match self.value(relation, i)? {
-                Some(value) => Ok(value),
-                None if relation.columns[i].is_key => {
-                    Err(format!("the old row lacks key column {}", relation.columns[i].name))
-                }
-                None => Ok(Value::Null),
+            .map(|i| match relation.columns[i].is_key {
+                false => Ok(Value::Null),
+                true => self
+                    .value(relation, i)?
+                    .ok_or_else(|| format!("the old row lacks key column {}", relation.columns[i].name)),
             })
             .collect()
     }
