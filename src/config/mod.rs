@@ -480,8 +480,11 @@ impl Config {
             let key = if key == "." { "(top level)".to_owned() } else { key };
             let message = toml_error("", &e.into_inner());
             // The choice of source, named by its key, in place of serde's `source`.
+            let named = choice.is_some();
             let mut problems: Vec<Problem> = choice.into_iter().collect();
-            if !(key == "source" && [NO_SOURCE, TWO_SOURCES].contains(&message.as_str())) {
+            let said = [NO_SOURCE, TWO_SOURCES, KAFKA_CONNECTION].contains(&message.as_str())
+                || message.starts_with("missing field `connection`");
+            if !(named && key == "source" && said) {
                 problems.push(Problem { key, message });
             }
             env::name_overrides(&mut problems, &overridden);
