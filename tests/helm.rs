@@ -326,3 +326,81 @@ fn chart_refuses_bad_values_and_the_validator_catches_bad_manifests() {
     std::fs::write(&file, broken).unwrap();
     assert!(!kubernetes_validate(&file).status.success());
 }
+
+/// Appliers: a second Deployment running `[source.kafka]` over the topics the pipeline writes,
+/// its Service and disruption budget, and an autoscaler bounded by the partition count.
+#[test]
+fn chart_deploys_appliers_in_a_consumer_group_bounded_by_the_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("appliers-values.yaml");
+    std::fs::write(
+        &values,
+        "config:\n  target:\n    kind: kafka\n    brokers: kafka:9092\n    topic: \"cdc.{schema}.{table}\"\n\
+         appliers:\n  enabled: true\n  replicaCount: 3\n  partitions: 6\n  source:\n    brokers: kafka:9092\n    \
+         topics: [\"cdc.public.orders\"]\n    group_id: orders-appliers\n  target:\n    kind: dynamodb\n  \
+         autoscaling:\n    enabled: true\n\
+         mapping: |\n  [[tables]]\n  source = \"public.orders\"\n  target = \"orders\"\n  \
+         partition_key = { attribute = \"pk\", template = \"ORDER#{id}\" }\n",
+    )
+    .unwrap();
+    let manifests = render(dir.path(), Some(values.to_str().unwrap()));
+    let file = dir.path().join("appliers.yaml");
+    std::fs::write(&file, &manifests).unwrap();
+    let validated = kubernetes_validate(&file);
+    assert!(validated.status.success(), "kubernetes-validate: {}", text(&validated));
+    for resource in [
+        "deployment/release-sluice-appliers",
+        "horizontalpodautoscaler/release-sluice-appliers",
+        "service/release-sluice-appliers",
+        "poddisruptionbudget/release-sluice-appliers",
+    ] {
+        assert!(
+            text(&validated).contains(&format!("passed for resource {resource}")),
+            "{resource}: {}",
+            text(&validated)
+        );
+    }
+    assert_eq!(manifests.matches("\nkind: Deployment").count(), 2, "the pipeline and the appliers");
+    assert!(manifests.contains(r#"args: ["run", "--config", "/etc/sluice/applier.json"]"#), "{manifests}");
+    assert!(manifests.contains("maxReplicas: 6") && manifests.contains("name: sluice_kafka_consumer_lag"));
+
+    // The appliers' configuration passes `sluice validate`, with the mapping mounted.
+    let mut json: serde_json::Value =
+        serde_json::from_str(&block_under(&manifests, "applier.json: |")).unwrap();
+    assert_eq!(json["source"]["kafka"]["group_id"], "orders-appliers");
+    assert!(json["source"]["connection"].is_null(), "an applier reads no database");
+    assert_eq!(json["target"]["mapping"], "/etc/sluice/mapping.toml");
+    let mapping = dir.path().join("mapping.toml");
+    std::fs::write(&mapping, block_under(&manifests, "mapping.toml: |")).unwrap();
+    json["target"]["mapping"] = serde_json::Value::String(mapping.display().to_string());
+    let config = dir.path().join("applier.json");
+    std::fs::write(&config, json.to_string()).unwrap();
+    let (code, out) = crate::harness::sluice_output(
+        &["validate", "--offline", "-c", config.to_str().unwrap()],
+        std::time::Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(0), "{out}");
+
+    // Refused: more replicas than partitions, and appliers behind a pipeline that writes no topics.
+    let values = values.to_str().unwrap();
+    let out =
+        helm(dir.path(), &["template", "release", CHART, "-f", values, "--set", "appliers.replicaCount=7"]);
+    assert!(
+        !out.status.success() && text(&out).contains("more than appliers.partitions (6)"),
+        "{}",
+        text(&out)
+    );
+    let jsonl = dir.path().join("jsonl-values.yaml");
+    let text_of = std::fs::read_to_string(values).unwrap();
+    std::fs::write(
+        &jsonl,
+        text_of.split_once("appliers:").map(|(_, rest)| format!("appliers:{rest}")).unwrap(),
+    )
+    .unwrap();
+    let out = helm(dir.path(), &["template", "release", CHART, "-f", jsonl.to_str().unwrap()]);
+    assert!(
+        !out.status.success() && text(&out).contains("config.target.kind must be kafka"),
+        "{}",
+        text(&out)
+    );
+}

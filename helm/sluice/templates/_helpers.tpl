@@ -45,3 +45,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- toPrettyJson $config -}}
 {{- end -}}
+
+{{/* The appliers' configuration: the pipeline's name with -appliers, [source.kafka] and their
+  target (with the mapping mounted by the chart). */}}
+{{- define "sluice.applierConfig" -}}
+{{- $target := deepCopy .Values.appliers.target -}}
+{{- if and (has $target.kind (list "dynamodb" "postgres")) .Values.mapping -}}
+{{- $_ := set $target "mapping" "/etc/sluice/mapping.toml" -}}
+{{- end -}}
+{{- $name := printf "%s-appliers" (default "default" .Values.config.pipeline.name) -}}
+{{- $config := dict "pipeline" (dict "name" $name) "monitoring" (dict "listen" (printf "0.0.0.0:%d" (int .Values.metricsPort))) "source" (dict "kafka" .Values.appliers.source) "target" $target -}}
+{{- toPrettyJson $config -}}
+{{- end -}}
