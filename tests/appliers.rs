@@ -5,15 +5,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_dynamodb::{Attr, DynamoClient};
 
-use crate::harness::{
-    dynamo_client, http_get, kill_9, metric, moto, sluice, wait_for, Kafka, LogsOnPanic, TestDb,
-};
+use crate::harness::{dynamo_client, http_get, kill_9, metric, moto, wait_for, Kafka, LogsOnPanic, TestDb};
+use crate::operations::start;
 
 /// The source table, the same in the Postgres target; `writes` counts each row write made by
 /// the apply (or, in the source, by the application).
@@ -122,16 +121,6 @@ async fn kill_9_and_wait_for_eviction(chain: &Chain, b: &mut Child) {
         assigned() > before
     })
     .await;
-}
-
-fn start(config: &Path, log: &Path) -> Child {
-    sluice()
-        .args(["run", "-c"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("start sluice")
 }
 
 fn port() -> u16 {

@@ -4,10 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use crate::harness::{kill_9, sluice, wait_for, Consumed, Kafka, LogsOnPanic, Outage, TestDb};
+use crate::harness::{kill_9, wait_for, Consumed, Kafka, LogsOnPanic, Outage, TestDb};
+use crate::operations::start;
 
 /// The application's tables; the outbox publication holds only the outbox table, as in the
 /// usual outbox set-up (business tables are not streamed).
@@ -15,16 +15,6 @@ const OUTBOX: &str = "CREATE TABLE orders (id int8 PRIMARY KEY, status text NOT 
   CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text, aggregateid text NOT NULL,
                        type text NOT NULL, payload jsonb, seq int8);
   CREATE PUBLICATION p FOR TABLE outbox;";
-
-fn start(config: &Path, log: &Path) -> Child {
-    sluice()
-        .args(["run", "-c"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("start sluice")
-}
 
 fn kafka_config(db: &TestDb, dir: &Path, slot: &str, brokers: &str, extra: &str) -> PathBuf {
     db.config_file(

@@ -4,10 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use crate::harness::{kill_9, sluice, stop, wait_for, Consumed, Kafka, LogsOnPanic, TestDb};
+use crate::operations::start;
 
 const OUTBOX: &str = "CREATE TABLE audit (n int8);
   CREATE TABLE outbox (id bigserial PRIMARY KEY, aggregatetype text NOT NULL, aggregateid text NOT NULL,
@@ -30,16 +30,6 @@ fn poll_config(db: &TestDb, dir: &Path, name: &str, brokers: &str, poll_extra: &
     )
     .unwrap();
     path
-}
-
-fn start(config: &Path, log: &Path) -> Child {
-    sluice()
-        .args(["run", "-c"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("start sluice")
 }
 
 /// `(aggregate id, seq)` of a record.
