@@ -106,11 +106,10 @@ impl KafkaSource {
                 // The consumer thread ended: its error, if any.
                 break consumer.join().await.map_err(|source| consumer_error(source, &topics));
             };
-            let batch = match self.decode(next, &mut reader, &mut token).await {
-                Ok(batch) => batch,
+            let (token, slice, batch) = match self.decode(next, &mut reader, &mut token).await {
+                Ok(decoded) => decoded,
                 Err(error) => break Err(error),
             };
-            let Some((token, slice, batch)) = batch else { continue };
             handed_out.lock().unwrap_or_else(|e| e.into_inner()).push_back((token, slice));
             if batches.send(batch).await.is_err() {
                 // The pipeline stopped (a failed target): nothing more is confirmed.
@@ -136,14 +135,15 @@ impl KafkaSource {
         outcome.and(stopped)
     }
 
-    /// One partition's records as a batch of change events (`None` when none of them is a
-    /// change: their offsets are reported durable at once).
+    /// One partition's records as a batch of change events, with its acknowledgement token. A
+    /// batch of no change (tombstones, dead-lettered records) still goes through the pipeline,
+    /// so that its offsets are committed in order with the others'.
     async fn decode(
         &self,
         fetched: Fetched,
         reader: &mut RecordReader,
         token: &mut u64,
-    ) -> Result<Option<(u64, LogSlice, EventBatch)>, PipelineError> {
+    ) -> Result<(u64, LogSlice, EventBatch), PipelineError> {
         let Fetched { partition, generation, records, next_offset } = fetched;
         let mut events = Vec::with_capacity(records.len());
         let mut commit_time = None;
@@ -202,7 +202,7 @@ impl KafkaSource {
             commit_time,
             slice: Some(slice.clone()),
         };
-        Ok(Some((*token, slice, batch)))
+        Ok((*token, slice, batch))
     }
 
     /// Dead-letters a record that is no change the target can apply: where it is, its key and
