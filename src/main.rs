@@ -181,14 +181,6 @@ fn main() -> ExitCode {
         return refused;
     }
     match cli.command {
-        Command::Validate { config: path, offline: false } if is_applier(&path) => {
-            // An applier reads no database; its topics and group are checked as it joins.
-            println!(
-                "{}: ok (an applier of [source.kafka]: the topics are checked when it joins the group)",
-                path.display()
-            );
-            ExitCode::SUCCESS
-        }
         Command::Validate { config: path, offline } => match Config::load(&path) {
             Ok(config) if offline => {
                 for way_back in sluice::validate::offline_way_back(&config) {
@@ -196,6 +188,14 @@ fn main() -> ExitCode {
                 }
                 println!(
                     "{}: ok (offline: neither the source database nor the target was consulted)",
+                    path.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(config) if !config.source.is_database() => {
+                // An applier reads no database; its topics and group are checked as it joins.
+                println!(
+                    "{}: ok (an applier of [source.kafka]: the topics are checked when it joins the group)",
                     path.display()
                 );
                 ExitCode::SUCCESS

@@ -167,13 +167,13 @@ pub async fn run(
             }
             let stats = source.stats();
             let task = source.run(batch_tx, durable_rx.clone(), shutdown);
-            (stats, tokio::spawn(async move { task.await.map_err(SourceFailure::Postgres) }))
+            (stats, tokio::spawn(async move { task.await.map_err(PipelineError::from) }))
         }
         SourceMode::Poll(poll) => {
             let source = PollSource::new(connection, poll.clone(), options);
             let stats = source.stats();
             let task = source.run(batch_tx, durable_rx.clone(), shutdown);
-            (stats, tokio::spawn(async move { task.await.map_err(SourceFailure::Postgres) }))
+            (stats, tokio::spawn(async move { task.await.map_err(PipelineError::from) }))
         }
         SourceMode::Kafka(kafka) => {
             let source = crate::sources::kafka::KafkaSource::new(
@@ -182,10 +182,7 @@ pub async fn run(
                 config.pipeline.shutdown_timeout,
                 Arc::clone(&dead_letter),
             );
-            let stats = source.stats();
-            let task = source.run(batch_tx, durable_rx.clone(), shutdown);
-            let task = tokio::spawn(async move { task.await.map_err(SourceFailure::Kafka) });
-            (stats, task)
+            (source.stats(), tokio::spawn(source.run(batch_tx, durable_rx.clone(), shutdown)))
         }
     };
     state.set_source(Arc::clone(&stats));
@@ -228,17 +225,7 @@ pub async fn run(
     // A failed target drops the channel, which stops the source without confirming more.
     let sourced = source_task.await.map_err(|e| PipelineError::Task(e.to_string()))?;
     applied?;
-    match sourced {
-        Ok(()) => Ok(()),
-        Err(SourceFailure::Postgres(error)) => Err(error.into()),
-        Err(SourceFailure::Kafka(error)) => Err(error),
-    }
-}
-
-/// Why a source task stopped.
-enum SourceFailure {
-    Postgres(sluice_postgres::Error),
-    Kafka(PipelineError),
+    sourced
 }
 
 /// Resolves with the panic's message if the task panics; never otherwise (also not when it

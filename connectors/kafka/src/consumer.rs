@@ -65,11 +65,7 @@ pub struct ConsumerOptions {
 
 impl std::fmt::Debug for ConsumerOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let extra: Vec<(&str, &str)> = self
-            .extra
-            .iter()
-            .map(|(k, v)| (k.as_str(), if crate::is_secret_property(k) { "<redacted>" } else { v.as_str() }))
-            .collect();
+        let extra = crate::redacted(&self.extra);
         f.debug_struct("ConsumerOptions")
             .field("brokers", &self.brokers)
             .field("group_id", &self.group_id)
@@ -139,12 +135,8 @@ pub struct Fetched {
 pub struct PartitionStatus {
     /// Which.
     pub partition: TopicPartition,
-    /// The next offset to read (after what was handed out), when something was.
-    pub handed_out: Option<i64>,
     /// The offset through which records are durable, when reported.
     pub durable: Option<i64>,
-    /// The offset last committed by this member.
-    pub committed: Option<i64>,
     /// The offset of the first record read under this assignment (where the group's commit
     /// let it start).
     pub read_from: Option<i64>,
@@ -161,10 +153,6 @@ pub struct ConsumerStats {
     pub commit_failures: AtomicU64,
     /// Rebalances that assigned or revoked partitions of this member.
     pub rebalances: AtomicU64,
-    /// Revocations that gave up waiting for handed-out batches (abandoned without a commit).
-    pub abandoned_revocations: AtomicU64,
-    /// Rebalances after which this member owned no partition.
-    pub idle_assignments: AtomicU64,
 }
 
 /// What can go wrong consuming.
@@ -278,7 +266,6 @@ impl ConsumerContext for GroupContext {
         while waiting(&state) && !self.shared.stop.load(Ordering::Relaxed) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                self.shared.stats.abandoned_revocations.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     timeout_ms = self.shared.revoke_timeout.as_millis() as u64,
                     "kafka source: revoked partitions still have batches in flight; abandoning them uncommitted \
@@ -332,7 +319,6 @@ impl ConsumerContext for GroupContext {
                 }
                 drop(state);
                 if assigned.is_empty() {
-                    self.shared.stats.idle_assignments.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         "kafka source: this member was assigned no partition: the group has more members than its topics \
                          have partitions; it stands by until a rebalance gives it one"
@@ -443,9 +429,7 @@ impl KafkaConsumer {
             .iter()
             .map(|(tp, o)| PartitionStatus {
                 partition: tp.clone(),
-                handed_out: o.handed_out,
                 durable: o.durable,
-                committed: o.committed,
                 read_from: o.read_from,
                 high_watermark: o.high_watermark,
             })

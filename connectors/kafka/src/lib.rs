@@ -70,13 +70,17 @@ pub fn is_secret_property(key: &str) -> bool {
         .any(|word| key.contains(word))
 }
 
+/// Properties as `Debug` shows them: the values of secret ones replaced.
+fn redacted(extra: &[(String, String)]) -> Vec<(&str, &str)> {
+    extra
+        .iter()
+        .map(|(k, v)| (k.as_str(), if is_secret_property(k) { "<redacted>" } else { v.as_str() }))
+        .collect()
+}
+
 impl std::fmt::Debug for ProducerOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let extra: Vec<(&str, &str)> = self
-            .extra
-            .iter()
-            .map(|(k, v)| (k.as_str(), if is_secret_property(k) { "<redacted>" } else { v.as_str() }))
-            .collect();
+        let extra = redacted(&self.extra);
         f.debug_struct("ProducerOptions")
             .field("brokers", &self.brokers)
             .field("compression", &self.compression)

@@ -453,7 +453,9 @@ impl Applier {
     /// This pipeline's checkpoint; a row sluice cannot read is an error naming the table and
     /// the pipeline (read as "nothing applied", it would apply everything again).
     async fn read_checkpoint(&self) -> Result<Position, TargetError> {
-        let Some(_) = &self.client else { return Ok(self.applied) };
+        if self.client.is_none() {
+            return Ok(self.applied);
+        }
         self.read_checkpoint_named(&self.pipeline).await
     }
 
