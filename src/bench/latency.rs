@@ -1,6 +1,8 @@
 //! `sluice bench --latency`: how long a change takes from its commit at the source to durable
 //! in the target while a real client (pgbench) commits a steady `--rate` of transactions,
-//! read from sluice's own `sluice_apply_latency_seconds` histogram.
+//! read from sluice's own `sluice_apply_latency_seconds` histogram. With `--target kafka` the
+//! path is source → Kafka target → an applier (`[source.kafka]`, null target), and the
+//! histogram is the applier's: commit at the source to applied behind the topic.
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -23,14 +25,23 @@ struct Sample {
 }
 
 pub fn run(args: &BenchArgs) -> BenchResult<()> {
-    if !matches!(args.target, BenchTarget::Null | BenchTarget::Postgres) {
-        return Err("--latency measures the null or the postgres target".into());
+    if !matches!(args.target, BenchTarget::Null | BenchTarget::Postgres | BenchTarget::Kafka) {
+        return Err(
+            "--latency measures the null or the postgres target, or kafka (through an applier)".into()
+        );
+    }
+    if args.target == BenchTarget::Kafka && args.kafka_brokers.is_none() {
+        return Err("--latency --target kafka needs --kafka-brokers".into());
     }
     let pg = LocalPostgres::start(&ClusterOptions { bin: args.pg_bin.clone(), ..ClusterOptions::default() })?;
     println!("Postgres {}", pg.psql("postgres", "SHOW server_version")?);
     println!(
         "sluice bench --latency --target {}: pgbench at {} transactions/s (one upsert each, synchronous_commit on) for {} s, {} runs",
-        if args.target == BenchTarget::Postgres { "postgres" } else { "null" },
+        match args.target {
+            BenchTarget::Postgres => "postgres",
+            BenchTarget::Kafka => "kafka (3 partitions, then an applier into null)",
+            _ => "null",
+        },
         args.rate,
         args.seconds,
         args.runs
@@ -74,8 +85,16 @@ fn run_once(pg: &LocalPostgres, args: &BenchArgs, run: usize) -> BenchResult<Sam
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let target_db = format!("{db}_target");
-    let target = match args.target {
-        BenchTarget::Postgres => postgres_target(pg, &target_db, dir.path())?,
+    let topic = format!("bench.latency.{}.{run}", std::process::id());
+    let target = match (args.target, &args.kafka_brokers) {
+        (BenchTarget::Postgres, _) => postgres_target(pg, &target_db, dir.path())?,
+        (BenchTarget::Kafka, Some(brokers)) => {
+            tokio::runtime::Handle::current()
+                .block_on(sluice_kafka::create_topics(brokers, &[(&topic, 3)]))?;
+            format!(
+                "[target]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopics = {{ \"public.bench\" = \"{topic}\" }}\n"
+            )
+        }
         _ => "[target]\nkind = \"null\"\n".to_owned(),
     };
     let config = dir.path().join("bench.toml");
@@ -93,9 +112,37 @@ fn run_once(pg: &LocalPostgres, args: &BenchArgs, run: usize) -> BenchResult<Sam
         .env("SLUICE_LOG", "warn")
         .stdin(Stdio::null())
         .spawn()?;
-    let result = measure(pg, args, &db, port, dir.path());
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    // Through Kafka: an applier reads the topic, and its histogram is the one measured.
+    let applier = match (args.target, &args.kafka_brokers) {
+        (BenchTarget::Kafka, Some(brokers)) => {
+            let applier_port = free_port()?;
+            let applier_config = dir.path().join("applier.toml");
+            std::fs::write(
+                &applier_config,
+                format!(
+                    "[monitoring]\nlisten = \"127.0.0.1:{applier_port}\"\n[source.kafka]\nbrokers = \"{brokers}\"\n\
+                     topics = [\"{topic}\"]\ngroup_id = \"bench-latency-{}-{run}\"\n[target]\nkind = \"null\"\n",
+                    std::process::id()
+                ),
+            )?;
+            let child = Command::new(std::env::current_exe()?)
+                .args(["run", "-c"])
+                .arg(&applier_config)
+                .env("SLUICE_LOG", "warn")
+                .stdin(Stdio::null())
+                .spawn()?;
+            Some((child, applier_port))
+        }
+        _ => None,
+    };
+    let result = measure(pg, args, &db, applier.as_ref().map_or(port, |(_, p)| *p), dir.path());
+    for pid in std::iter::once(child.id()).chain(applier.as_ref().map(|(c, _)| c.id())) {
+        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    }
     let _ = child.wait();
+    if let Some((mut applier, _)) = applier {
+        let _ = applier.wait();
+    }
     drop_slots(pg, &db, &["sluice_latency"])?;
     pg.psql("postgres", &format!("DROP DATABASE \"{db}\" WITH (FORCE)"))?;
     if args.target == BenchTarget::Postgres {
@@ -118,7 +165,15 @@ fn measure(
             db,
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'sluice_latency' AND active",
         )?;
-        if active == "1" && scrape(port).is_some() {
+        // An applier must own its partitions too (it reports none until it joined).
+        let ready = scrape(port).is_some_and(|metrics| {
+            args.target != BenchTarget::Kafka
+                || metrics.lines().any(|l| {
+                    l.starts_with(crate::metrics::KAFKA_PARTITIONS_ASSIGNED)
+                        && l.rsplit(' ').next().and_then(|n| n.parse::<f64>().ok()).is_some_and(|n| n > 0.0)
+                })
+        });
+        if active == "1" && ready {
             break;
         }
         if Instant::now() > deadline {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::localpg::{ClusterOptions, LocalPostgres};
 
+mod appliers;
 mod backfill;
 mod cutover;
 mod latency;
@@ -115,10 +116,17 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20)]
     pub lag_seconds: u64,
     /// Measure commit → durable latency instead: pgbench commits `--rate` transactions/s for
-    /// `--seconds` while sluice streams into `--target` (null or postgres); p50 and p99 from
-    /// sluice's `sluice_apply_latency_seconds` histogram.
+    /// `--seconds` while sluice streams into `--target` (null, postgres, or kafka: through an applier
+    /// into null); p50 and p99 from sluice's `sluice_apply_latency_seconds` histogram.
     #[arg(long, conflicts_with_all = ["backfill", "cutover", "way_back"])]
     pub latency: bool,
+    /// Benchmark appliers instead (README "Appliers"): the rows go through sluice's Kafka
+    /// target into a topic of one partition per applier at most, and then, for each count
+    /// given (`--appliers 1,2,4`), that many `sluice run` processes of one consumer group
+    /// apply it into `--dynamodb-endpoint`; their items/s against a plain client's
+    /// BatchWriteItem rate on the same server. Needs `--kafka-brokers`.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["backfill", "cutover", "way_back", "latency"])]
+    pub appliers: Vec<usize>,
     /// `--latency`: transactions per second pgbench commits.
     #[arg(long, default_value_t = 1000)]
     pub rate: u64,
@@ -274,6 +282,9 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
     if args.latency {
         return tokio::task::spawn_blocking(move || latency::run(&args)).await?;
     }
+    if !args.appliers.is_empty() {
+        return appliers::run(&args).await;
+    }
     match args.target {
         BenchTarget::Null | BenchTarget::Postgres => {
             tokio::task::spawn_blocking(move || run_blocking(&args)).await?
@@ -338,36 +349,7 @@ async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
         client.create_table(&base_table, "pk", None).await?;
         client.create_table(&sluice_table, "pk", None).await?;
 
-        // Baseline: the same items, unconditional BatchWriteItem of 25, `concurrency` requests at once.
-        let started = Instant::now();
-        let chunks: Vec<Vec<sluice_dynamodb::Item>> = (1..=args.rows as i64)
-            .map(|id| {
-                sluice_dynamodb::Item::from([
-                    ("pk".to_string(), sluice_dynamodb::Attr::S(format!("ROW#{id}"))),
-                    ("id".to_string(), sluice_dynamodb::Attr::N(id.to_string())),
-                    ("name".to_string(), sluice_dynamodb::Attr::S(format!("name-{id}"))),
-                    ("amount".to_string(), sluice_dynamodb::Attr::N(format!("{}", id as f64 * 1.5))),
-                    ("_version".to_string(), sluice_dynamodb::Attr::N(id.to_string())),
-                ])
-            })
-            .collect::<Vec<_>>()
-            .chunks(25)
-            .map(<[_]>::to_vec)
-            .collect();
-        let mut pending = futures_util::stream::FuturesUnordered::new();
-        let mut chunks = chunks.into_iter();
-        loop {
-            while pending.len() < args.concurrency {
-                let Some(chunk) = chunks.next() else { break };
-                let (client, table) = (client.clone(), base_table.clone());
-                pending.push(async move { client.batch_put(&table, chunk).await });
-            }
-            match futures_util::StreamExt::next(&mut pending).await {
-                Some(result) => result?,
-                None => break,
-            }
-        }
-        let baseline = args.rows as f64 / started.elapsed().as_secs_f64();
+        let baseline = batch_write_baseline(&client, &base_table, args.rows, args.concurrency).await?;
 
         let dir = tempfile::tempdir()?;
         let mapping = dir.path().join("mapping.toml");
@@ -456,6 +438,46 @@ async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
     ratios.sort_by(f64::total_cmp);
     println!("median ratio {:.3}", ratios[ratios.len() / 2]);
     Ok(())
+}
+
+/// The baseline of the DynamoDB benchmarks: the `bench` table's `rows` items as sluice maps
+/// them, written by a plain client into `table` with unconditional BatchWriteItem of 25,
+/// `concurrency` requests at once. Items per second.
+async fn batch_write_baseline(
+    client: &sluice_dynamodb::DynamoClient,
+    table: &str,
+    rows: u64,
+    concurrency: usize,
+) -> BenchResult<f64> {
+    let started = Instant::now();
+    let chunks: Vec<Vec<sluice_dynamodb::Item>> = (1..=rows as i64)
+        .map(|id| {
+            sluice_dynamodb::Item::from([
+                ("pk".to_string(), sluice_dynamodb::Attr::S(format!("ROW#{id}"))),
+                ("id".to_string(), sluice_dynamodb::Attr::N(id.to_string())),
+                ("name".to_string(), sluice_dynamodb::Attr::S(format!("name-{id}"))),
+                ("amount".to_string(), sluice_dynamodb::Attr::N(format!("{}", id as f64 * 1.5))),
+                ("_version".to_string(), sluice_dynamodb::Attr::N(id.to_string())),
+            ])
+        })
+        .collect::<Vec<_>>()
+        .chunks(25)
+        .map(<[_]>::to_vec)
+        .collect();
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    let mut chunks = chunks.into_iter();
+    loop {
+        while pending.len() < concurrency {
+            let Some(chunk) = chunks.next() else { break };
+            let (client, table) = (client.clone(), table.to_owned());
+            pending.push(async move { client.batch_put(&table, chunk).await });
+        }
+        match futures_util::StreamExt::next(&mut pending).await {
+            Some(result) => result?,
+            None => break,
+        }
+    }
+    Ok(rows as f64 / started.elapsed().as_secs_f64())
 }
 
 /// The topic the Kafka benchmark's outbox events go to.

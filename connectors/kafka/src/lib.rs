@@ -356,6 +356,32 @@ pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<(), 
     Ok(())
 }
 
+/// The offsets consumer group `group` has committed on `topic`'s partitions `0..partitions`,
+/// summed (a partition without a commit counts 0): how many records the group has finished
+/// on a topic that started empty. Asks the group coordinator without joining the group.
+pub fn committed_total(brokers: &str, group: &str, topic: &str, partitions: i32) -> Result<i64, Error> {
+    let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(Error::Config)?;
+    let mut list = rdkafka::TopicPartitionList::new();
+    for partition in 0..partitions {
+        list.add_partition(topic, partition);
+    }
+    let committed = rdkafka::consumer::Consumer::committed_offsets(&consumer, list, Duration::from_secs(10))
+        .map_err(|e| Error::Admin(e.to_string()))?;
+    Ok(committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            rdkafka::Offset::Offset(offset) => offset,
+            _ => 0,
+        })
+        .sum())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
