@@ -13,11 +13,20 @@
 //! the lock's session (10 s idle, 5 s interval, 3 probes) make the server notice a vanished
 //! client within about half a minute, so the lock is not held by a dead peer for long.
 //!
+//! **Fencing.** A target written without a per-write condition (DynamoDB's `batch` mode) is
+//! safe only with one writer at a time, and a predecessor that lost the lock may still have
+//! a write in flight when the next replica takes it. Each holder therefore records in the
+//! state table (`ha.state_table`, in the source database) that it holds the lock, and that it
+//! released it once its last write was durable. A replica that finds the lock taken but not
+//! released waits out the longest time such a write can still land (the predecessor's loss
+//! detection, [`LOSS_DETECTION`], plus the target's request timeout) before it writes: the
+//! lock-delay of Chubby. A clean handover (SIGTERM, a rolling update) waits for nothing.
+//!
 //! The pipeline's name is claimed the same way (`claim_name`, a second lock on
 //! `'sluice-pipeline:' || pipeline.name`): backfill and reconcile requests are addressed by
 //! it, so two running pipelines of one name (two configs left at `default`) are refused.
 
-use sluice_core::{Backoff, Classify, RetryPolicy, Shutdown};
+use sluice_core::{Backoff, Classify, RetryPolicy, Shutdown, TableName};
 use std::time::Duration;
 
 use sluice_postgres::{connect_sql, ConnectionConfig};
@@ -25,7 +34,33 @@ use sluice_postgres::{connect_sql, ConnectionConfig};
 /// The held lock; dropping it closes the connection and releases the lock.
 pub struct HaLock {
     client: tokio_postgres::Client,
+    /// The state table's row of this lock, for the HA lock (not the pipeline name's).
+    state: Option<(String, String)>,
+    /// How the previous holder let go of the lock.
+    pub predecessor: Predecessor,
 }
+
+/// How the previous holder of the HA lock let go of it, from the state table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Predecessor {
+    /// No replica held it before (or the state table was new).
+    None,
+    /// It released the lock after its last write was durable.
+    Released,
+    /// It held the lock and did not release it: it died, or lost the lock's connection, and a
+    /// write of its may still be in flight.
+    Unclean,
+    /// The state table could not be read or written (the reason): assumed unclean.
+    Unknown(String),
+}
+
+/// How often the holder probes the lock's connection.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a probe may take before the lock counts as lost.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a holder goes on after its lock's session ended at the server: the next
+/// probe, and its timeout.
+pub const LOSS_DETECTION: Duration = Duration::from_secs(PROBE_INTERVAL.as_secs() + PROBE_TIMEOUT.as_secs());
 
 const SESSION_SETTINGS: &[&str] = &[
     "SET tcp_keepalives_idle = 10",
@@ -40,6 +75,7 @@ const SESSION_SETTINGS: &[&str] = &[
 /// at a stretch (like the source's); anything else (a refused login) is returned at once.
 pub async fn acquire(
     conn: &ConnectionConfig,
+    state_table: &TableName,
     slot: &str,
     retry_interval: Duration,
     retry_for: Duration,
@@ -59,8 +95,9 @@ pub async fn acquire(
         }
         standby_healthy.store(attempt.is_ok(), std::sync::atomic::Ordering::Relaxed);
         match attempt {
-            Ok(Some(lock)) => {
-                tracing::info!(slot, "holding the HA lock: this replica streams");
+            Ok(Some(mut lock)) => {
+                lock.predecessor = lock.record_held(state_table, &key).await;
+                tracing::info!(slot, predecessor = ?lock.predecessor, "holding the HA lock: this replica streams");
                 return Ok(Some(lock));
             }
             Ok(None) => {
@@ -107,7 +144,11 @@ async fn try_lock(
     let connected = client.as_ref().expect("connected above");
     let held: bool =
         connected.query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key]).await?.get(0);
-    Ok(if held { client.take().map(|client| HaLock { client }) } else { None })
+    Ok(if held {
+        client.take().map(|client| HaLock { client, state: None, predecessor: Predecessor::None })
+    } else {
+        None
+    })
 }
 
 /// Why the pipeline's name could not be claimed.
@@ -164,18 +205,94 @@ pub async fn pipeline_running(
     Ok(row.get(0))
 }
 
+/// The state table's columns.
+const STATE_COLUMNS: &str = "(
+    lock text PRIMARY KEY,
+    state text NOT NULL CONSTRAINT sluice_ha_state_check CHECK (state IN ('held', 'released')),
+    holder text NOT NULL,
+    changed_at timestamptz NOT NULL DEFAULT now())";
+
 impl HaLock {
+    /// Marks the lock `key` held by this process in `table` (created when missing) and
+    /// returns how the previous holder let go of it. Runs on the lock's own session, while
+    /// holding the lock, so no other replica changes the row meanwhile.
+    async fn record_held(&mut self, table: &TableName, key: &str) -> Predecessor {
+        let quoted = table.quoted();
+        let holder = format!(
+            "{} pid {}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "sluice".into()),
+            std::process::id()
+        );
+        let recorded = async {
+            sluice_postgres::setup::create_table_if_missing(&self.client, &quoted, STATE_COLUMNS).await?;
+            let previous = self
+                .client
+                .query_opt(&format!("SELECT state FROM {quoted} WHERE lock = $1"), &[&key])
+                .await?
+                .map(|row| row.get::<_, String>(0));
+            self.client
+                .execute(
+                    &format!(
+                        "INSERT INTO {quoted} (lock, state, holder) VALUES ($1, 'held', $2) \
+                         ON CONFLICT (lock) DO UPDATE SET state = 'held', holder = $2, changed_at = now()"
+                    ),
+                    &[&key, &holder],
+                )
+                .await?;
+            Ok::<_, tokio_postgres::Error>(previous)
+        };
+        match recorded.await {
+            Ok(previous) => {
+                self.state = Some((quoted, key.to_owned()));
+                match previous.as_deref() {
+                    None => Predecessor::None,
+                    Some("released") => Predecessor::Released,
+                    Some(_) => Predecessor::Unclean,
+                }
+            }
+            Err(error) => {
+                let reason = format!("ha.state_table {quoted}: {}", sluice_postgres::error::Chain(&error));
+                tracing::warn!(
+                    reason,
+                    "cannot record the HA lock's holder; a fencing delay counts the predecessor as unclean"
+                );
+                Predecessor::Unknown(reason)
+            }
+        }
+    }
+
+    /// Records that this holder's writes are all durable, then lets go of the lock: the next
+    /// holder need not wait for a write of ours. Logged, not returned, when it fails (the next
+    /// holder then waits as after a crash).
+    pub async fn release(self) {
+        if let Some((table, key)) = &self.state {
+            let released = self
+                .client
+                .execute(
+                    &format!("UPDATE {table} SET state = 'released', changed_at = now() WHERE lock = $1"),
+                    &[key],
+                )
+                .await;
+            if let Err(error) = released {
+                tracing::warn!(
+                    error = %sluice_postgres::error::Chain(&error),
+                    "cannot record the HA lock's clean release; the next holder waits its fencing delay"
+                );
+            }
+        }
+    }
+
     /// Resolves when the lock can no longer be trusted: its connection closed, or a probe
-    /// (every 2 s) failed or took over 5 s.
+    /// (every [`PROBE_INTERVAL`]) failed or took over [`PROBE_TIMEOUT`].
     pub async fn lost(&self) -> String {
-        let mut probe = tokio::time::interval(Duration::from_secs(2));
+        let mut probe = tokio::time::interval(PROBE_INTERVAL);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             probe.tick().await;
             if self.client.is_closed() {
                 return "the HA lock's connection closed".into();
             }
-            match tokio::time::timeout(Duration::from_secs(5), self.client.simple_query("SELECT 1")).await {
+            match tokio::time::timeout(PROBE_TIMEOUT, self.client.simple_query("SELECT 1")).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => {
                     return format!(
@@ -183,7 +300,12 @@ impl HaLock {
                         sluice_postgres::error::Chain(&error)
                     )
                 }
-                Err(_) => return "the HA lock's connection did not answer within 5 s".into(),
+                Err(_) => {
+                    return format!(
+                        "the HA lock's connection did not answer within {} s",
+                        PROBE_TIMEOUT.as_secs()
+                    )
+                }
             }
         }
     }

@@ -47,9 +47,13 @@ enum Command {
     },
     /// Check a configuration file, its mapping against the source database, and the target
     /// (tables, topics, rights); prints every problem with its dotted key, and what it skipped.
+    ///
+    /// Given several configurations (`-c a.toml -c b.toml`: one deployment's pipelines), each
+    /// is checked, and then together: a DynamoDB table written by two pipelines where one
+    /// writes it with `write_mode = "batch"` is refused.
     Validate {
-        #[arg(short, long)]
-        config: PathBuf,
+        #[arg(short, long, required = true)]
+        config: Vec<PathBuf>,
         /// Only check the files, without connecting to the database.
         #[arg(long)]
         offline: bool,
@@ -181,49 +185,22 @@ fn main() -> ExitCode {
         return refused;
     }
     match cli.command {
-        Command::Validate { config: path, offline } => match Config::load(&path) {
-            Ok(config) if offline => {
-                for way_back in sluice::validate::offline_way_back(&config) {
-                    println!("way back: {way_back}");
+        Command::Validate { config: paths, offline } => {
+            let mut outcome = ExitCode::SUCCESS;
+            for path in &paths {
+                let checked = validate_one(&runtime, path, offline);
+                if checked != ExitCode::SUCCESS {
+                    outcome = checked;
                 }
-                println!(
-                    "{}: ok (offline: neither the source database nor the target was consulted)",
-                    path.display()
-                );
-                ExitCode::SUCCESS
             }
-            Ok(config) if !config.source.is_database() => {
-                // An applier reads no database; its topics and group are checked as it joins.
-                println!(
-                    "{}: ok (an applier of [source.kafka]: the topics are checked when it joins the group)",
-                    path.display()
-                );
-                ExitCode::SUCCESS
+            let loaded: Vec<_> =
+                paths.iter().filter_map(|path| Config::load(path).ok().map(|c| (path.clone(), c))).collect();
+            let shared = sluice::validate::shared_unguarded_tables(&loaded);
+            if !shared.is_empty() {
+                return refused("error: these pipelines cannot run together", &shared, &[]);
             }
-            Ok(config) => match runtime.block_on(sluice::validate::live(&config)) {
-                Ok(findings) => {
-                    for skipped in &findings.skipped {
-                        println!("skipped: {skipped}");
-                    }
-                    for way_back in &findings.irreversible {
-                        println!("way back: {way_back}");
-                    }
-                    if findings.is_clean() {
-                        println!("{}: ok (checked {})", path.display(), findings.checked.join(", "));
-                        ExitCode::SUCCESS
-                    } else {
-                        let problems: Vec<_> =
-                            findings.problems.into_iter().chain(findings.unreachable).collect();
-                        refused("error: invalid configuration", &problems, &findings.warnings)
-                    }
-                }
-                Err(e) => report(Err(anyhow::Error::from(e).context(format!(
-                    "cannot check the source database {} (source.connection)",
-                    config.source.connection.addr()
-                )))),
-            },
-            Err(e) => config_failure(&e),
-        },
+            outcome
+        }
         Command::Run { config, until_lsn, allow_warnings, reverse } => {
             let mut config = match Config::load(&config) {
                 Ok(c) => c,
@@ -337,6 +314,53 @@ fn main() -> ExitCode {
 /// True when `path` loads as an applier's configuration (`[source.kafka]`).
 fn is_applier(path: &std::path::Path) -> bool {
     Config::load(path).is_ok_and(|config| !config.source.is_database())
+}
+
+/// `sluice validate` of one configuration file: its problems printed, and the exit code.
+fn validate_one(runtime: &tokio::runtime::Runtime, path: &std::path::Path, offline: bool) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) if offline => {
+            for way_back in sluice::validate::offline_way_back(&config) {
+                println!("way back: {way_back}");
+            }
+            println!(
+                "{}: ok (offline: neither the source database nor the target was consulted)",
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(config) if !config.source.is_database() => {
+            // An applier reads no database; its topics and group are checked as it joins.
+            println!(
+                "{}: ok (an applier of [source.kafka]: the topics are checked when it joins the group)",
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(config) => match runtime.block_on(sluice::validate::live(&config)) {
+            Ok(findings) => {
+                for skipped in &findings.skipped {
+                    println!("skipped: {skipped}");
+                }
+                for way_back in &findings.irreversible {
+                    println!("way back: {way_back}");
+                }
+                if findings.is_clean() {
+                    println!("{}: ok (checked {})", path.display(), findings.checked.join(", "));
+                    ExitCode::SUCCESS
+                } else {
+                    let problems: Vec<_> =
+                        findings.problems.into_iter().chain(findings.unreachable).collect();
+                    refused("error: invalid configuration", &problems, &findings.warnings)
+                }
+            }
+            Err(e) => report(Err(anyhow::Error::from(e).context(format!(
+                "cannot check the source database {} (source.connection)",
+                config.source.connection.addr()
+            )))),
+        },
+        Err(e) => config_failure(&e),
+    }
 }
 
 /// The commands that read or write the source database refuse an applier's configuration
@@ -465,6 +489,7 @@ async fn ha_lock(
     let mut shutdown = shutdown.clone();
     let lock = sluice::ha::acquire(
         &config.source.connection,
+        &config.ha.state_table,
         lock_name,
         config.ha.retry_interval,
         config.pipeline.retry_for,
@@ -507,6 +532,11 @@ async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {
         Some(_) => Some(sluice::ha::claim_name(&config.source.connection, &config.pipeline.name).await?),
         None => None,
     };
+    if let Some(lock) = &lock {
+        if !fencing_delay(&config, lock, &shutdown_rx).await {
+            return Ok(());
+        }
+    }
     state.active.store(true, std::sync::atomic::Ordering::Relaxed);
     let pipeline = sluice::pipeline::run(&config, &state, shutdown_rx, |pipeline| {
         if let Some(until) = until_lsn {
@@ -536,7 +566,34 @@ async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {
         reason = lock_lost => anyhow::bail!("{reason}: stopping, since another replica may hold the HA lock now"),
         reason = name_lost => anyhow::bail!("{}: stopping, since another process may claim pipeline {:?} now", reason.replace("HA lock", "pipeline name's lock"), config.pipeline.name),
     }
+    // Drained: every write is durable, so the next holder need not wait for one of ours.
+    if let Some(lock) = lock {
+        lock.release().await;
+    }
     Ok(())
+}
+
+/// Before the first write of a target written without per-write guards: when the HA lock's
+/// previous holder did not release it cleanly, waits out the longest time one of its writes
+/// can still land (its lock-loss detection plus the target's request timeout). `false` when
+/// shutdown came first.
+async fn fencing_delay(config: &Config, lock: &sluice::ha::HaLock, shutdown: &sluice_core::Shutdown) -> bool {
+    let Some(request_timeout) = config.target.unconditional_writes() else { return true };
+    if matches!(lock.predecessor, sluice::ha::Predecessor::None | sluice::ha::Predecessor::Released) {
+        return true;
+    }
+    let delay = sluice::ha::LOSS_DETECTION + request_timeout;
+    tracing::info!(
+        delay_s = delay.as_secs(),
+        "fencing: the HA lock's previous holder did not release it cleanly and may still have a write in flight; \
+         waiting before the first unconditional write (write_mode = \"batch\": the lock's loss detection plus \
+         target.request_timeout)"
+    );
+    let mut shutdown = shutdown.clone();
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = shutdown.requested() => false,
+    }
 }
 
 async fn wait_for_signal() {

@@ -280,3 +280,62 @@ async fn outbox_table(
     }
     Ok(problems)
 }
+
+/// `sluice validate` over several configurations (one deployment's pipelines): DynamoDB tables
+/// written by more than one pipeline where one of them writes without per-write guards
+/// (`write_mode = "batch"` is correct only for a table's single writer). The replicas of one
+/// pipeline (one slot, or one consumer group) count as one writer: the HA lock and the group
+/// give each change one writer at a time. Each problem names both files and the table.
+pub fn shared_unguarded_tables(configs: &[(std::path::PathBuf, Config)]) -> Vec<Problem> {
+    let writers: Vec<(String, Vec<String>, bool, &std::path::Path)> = configs
+        .iter()
+        .filter_map(|(path, config)| {
+            let TargetConfig::Dynamodb(dynamo) = &config.target else { return None };
+            let mut tables = Vec::new();
+            if let Some(mapping) = dynamo.mapping.as_deref().and_then(|m| Mapping::load(m).ok()) {
+                tables.extend(mapping.tables.into_iter().map(|t| t.target));
+            }
+            if let Some(table) = dynamo.outbox.as_ref().and_then(|o| o.event_table.clone()) {
+                tables.push(table);
+            }
+            let endpoint = dynamo.endpoint_url.clone().unwrap_or_else(|| "aws".into());
+            let region = dynamo.region.clone().unwrap_or_default();
+            let tables = tables.into_iter().map(|t| format!("{endpoint} {region} {t}")).collect();
+            let writer = match config.source.kafka() {
+                Some(kafka) => format!("kafka {} {}", kafka.brokers, kafka.group_id),
+                None => format!(
+                    "{} {} {}",
+                    config.source.connection.addr(),
+                    config.source.connection.dbname,
+                    config.source.lock_name()
+                ),
+            };
+            let unguarded = config.target.unconditional_writes().is_some();
+            Some((writer, tables, unguarded, path.as_path()))
+        })
+        .collect();
+    let mut problems = Vec::new();
+    for (i, (writer_a, tables_a, unguarded_a, path_a)) in writers.iter().enumerate() {
+        for (writer_b, tables_b, unguarded_b, path_b) in &writers[i + 1..] {
+            if writer_a == writer_b || !(*unguarded_a || *unguarded_b) {
+                continue;
+            }
+            for table in tables_a.iter().filter(|t| tables_b.contains(t)) {
+                let name = table.rsplit(' ').next().unwrap_or(table);
+                problems.push(Problem::new(
+                    "target",
+                    "write_mode",
+                    format!(
+                        "{} and {} both write DynamoDB table {name:?}, and {} writes it with write_mode = \"batch\", \
+                         which is correct only for a table's single writer: use write_mode = \"single\" in both, or \
+                         give each pipeline its own tables",
+                        path_a.display(),
+                        path_b.display(),
+                        if *unguarded_a { path_a.display() } else { path_b.display() }
+                    ),
+                ));
+            }
+        }
+    }
+    problems
+}

@@ -264,6 +264,65 @@ async fn two_appliers_in_a_group_apply_every_change_to_dynamodb_across_a_kill_9(
     assert!(rebalanced.matches("partitions assigned").count() >= 3, "a saw the rebalances:\n{rebalanced}");
 }
 
+/// `write_mode = "batch"` behind a consumer group: a newly assigned partition is held for the
+/// fencing delay (`revoke_timeout` 1 s + `request_timeout` 5 s + 5 s here) before any of its
+/// records is applied, so that a previous owner's last unguarded write lands first; then
+/// every change applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_applier_holds_newly_assigned_partitions_for_the_fencing_delay() {
+    let mut chain = Chain::start(3).await;
+    let moto = moto();
+    let client = dynamo_client(&moto.url).await;
+    let table = format!("fenced_{}", chain.db.name);
+    client.create_table(&table, "pk", None).await.unwrap();
+    let mapping = chain.dir.path().join("mapping.toml");
+    std::fs::write(
+        &mapping,
+        format!("[[tables]]\nsource = \"public.accounts\"\ntarget = \"{table}\"\npartition_key = {{ attribute = \"pk\", template = \"ACCOUNT#{{id}}\" }}\n"),
+    )
+    .unwrap();
+    // The records wait in the topic before the applier joins.
+    workload(chain.db.connection(), 0, 150, true).await;
+    let target = crate::dynamodb::target_toml(
+        &mapping,
+        &moto.url,
+        "write_mode = \"batch\"\nrequest_timeout = \"5s\"\n",
+    );
+    let port_a = port();
+    let config = chain.applier_config("a", "fenced", "\"cdc.accounts\"", &target, port_a);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("group_id = \"fenced\"\n", "group_id = \"fenced\"\nrevoke_timeout = \"1s\"\n");
+    std::fs::write(&config, text).unwrap();
+    let mut a = chain.start_applier(&config, "a.log");
+    wait_for("applier a to own every partition", Duration::from_secs(90), || async {
+        scrape(port_a, "sluice_kafka_partitions_assigned") == Some(3.0)
+    })
+    .await;
+    let seen = std::time::Instant::now();
+    while seen.elapsed() < Duration::from_secs(6) {
+        let items = client.scan_all(&table).await.unwrap().len();
+        assert_eq!(
+            items,
+            0,
+            "{items} items written {:?} after the assignment, inside the 11 s fencing delay",
+            seen.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let log = chain.log("a.log");
+    assert!(log.contains("fencing: holding the assigned partitions") && log.contains("delay_s=11"), "{log}");
+    let expected = source_rows(&chain.db);
+    assert!(expected.len() >= 20, "the workload leaves rows behind: {}", expected.len());
+    wait_for("the items to equal the source rows", Duration::from_secs(120), || {
+        let (client, table, expected) = (client.clone(), table.clone(), expected.clone());
+        async move { live_items(&client, &table).await == expected }
+    })
+    .await;
+    std::process::Command::new("kill").arg("-TERM").arg(a.id().to_string()).status().unwrap();
+    assert!(tokio::task::spawn_blocking(move || a.wait()).await.unwrap().unwrap().success());
+}
+
 /// The Postgres target of the appliers: the same table in another database, with the same
 /// write-counting trigger.
 fn postgres_target(chain: &Chain, proxy_port: Option<u16>) -> (TestDb, String) {

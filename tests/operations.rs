@@ -312,7 +312,7 @@ fn ids_in(path: &Path) -> Vec<i64> {
         .collect()
 }
 
-fn streaming(port: u16) -> Option<bool> {
+pub(crate) fn streaming(port: u16) -> Option<bool> {
     let (code, body) = http_get(port, "/status")?;
     if code != 200 {
         return None;

@@ -15,7 +15,7 @@ mod verify;
 
 pub use backfill::BackfillConfig;
 use env::apply_env_overrides;
-use sluice_core::Problem;
+use sluice_core::{Problem, TableName};
 pub use verify::VerifyConfig;
 
 pub use crate::targets::TargetConfig;
@@ -127,12 +127,26 @@ pub struct HaConfig {
     #[serde(default = "default_ha_retry_interval", deserialize_with = "sluice_core::duration::deserialize")]
     #[schemars(schema_with = "sluice_core::duration::schema")]
     pub retry_interval: Duration,
+    /// The table in the source database (`schema.table`, created when missing) where the
+    /// holder of the lock records that it holds it, and that it released it cleanly: a
+    /// replica that takes over from one that did not waits out its fencing delay before an
+    /// unconditional write (DynamoDB `write_mode = "batch"`).
+    #[serde(default = "default_ha_state_table")]
+    pub state_table: TableName,
 }
 
 impl Default for HaConfig {
     fn default() -> Self {
-        HaConfig { enabled: true, retry_interval: default_ha_retry_interval() }
+        HaConfig {
+            enabled: true,
+            retry_interval: default_ha_retry_interval(),
+            state_table: default_ha_state_table(),
+        }
     }
+}
+
+fn default_ha_state_table() -> TableName {
+    TableName::new("public", "sluice_ha")
 }
 
 fn default_ha_retry_interval() -> Duration {

@@ -180,6 +180,7 @@ pub async fn run(
                 kafka.clone(),
                 config.pipeline.batch_max_events,
                 config.pipeline.shutdown_timeout,
+                config.target.unconditional_writes(),
                 Arc::clone(&dead_letter),
             );
             (source.stats(), tokio::spawn(source.run(batch_tx, durable_rx.clone(), shutdown)))

@@ -55,6 +55,18 @@ pub enum TargetConfig {
 }
 
 impl TargetConfig {
+    /// When the target writes without a per-write condition (DynamoDB's `batch` mode): the
+    /// longest one of its requests may take, which a predecessor's last write can still land
+    /// within after it stopped. `None` when every write carries its own guard.
+    pub fn unconditional_writes(&self) -> Option<std::time::Duration> {
+        match self {
+            TargetConfig::Dynamodb(dynamo) if dynamo.write_mode == dynamodb::config::WriteMode::Batch => {
+                Some(dynamo.request_timeout)
+            }
+            _ => None,
+        }
+    }
+
     /// The outbox event router, when the target has one.
     pub fn outbox(&self) -> Option<&crate::translate::outbox::OutboxConfig> {
         match self {

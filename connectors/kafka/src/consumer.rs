@@ -19,6 +19,14 @@
 //!   abandoned without a commit: the next owner reads them again, and the targets' position
 //!   guards absorb the second copy. Each assignment of a partition is a new *generation*;
 //!   reports from an older one are ignored.
+//! - **Fencing, for targets written without a per-write guard** ([`ConsumerOptions::fencing`]).
+//!   A partition's previous owner may still have a write in flight when the partition is
+//!   assigned here. A newly assigned partition is therefore paused for the fencing delay
+//!   (`revoke_timeout` + the target's request timeout + [`SESSION_SLACK`]) before any of its
+//!   records is read, and a member whose revocation would abandon a batch still in flight
+//!   exits at once instead of writing it after the partition's next owner started (its
+//!   supervisor restarts it). With guarded writes neither is needed: the guard absorbs a late
+//!   write.
 //! - Eager rebalancing (librdkafka's default `range,roundrobin`): every rebalance revokes all
 //!   partitions and assigns them anew, so a member that keeps a partition goes on from its
 //!   own commit.
@@ -61,6 +69,22 @@ pub struct ConsumerOptions {
     pub revoke_timeout: Duration,
     /// Further librdkafka properties (`security.protocol`, `session.timeout.ms`, …).
     pub extra: Vec<(String, String)>,
+    /// The target's request timeout when it writes without a per-write guard (fencing, see
+    /// the module header); `None` when every write is guarded.
+    pub fencing: Option<Duration>,
+}
+
+/// Added to a fencing delay: how much later than the group coordinator a member that lost
+/// its session (a zombie, cut off from the brokers) may notice, and start its revocation.
+pub const SESSION_SLACK: Duration = Duration::from_secs(5);
+
+impl ConsumerOptions {
+    /// How long a newly assigned partition waits before it is read: zero when every write is
+    /// guarded.
+    pub fn fencing_delay(&self) -> Duration {
+        self.fencing
+            .map_or(Duration::ZERO, |request_timeout| self.revoke_timeout + request_timeout + SESSION_SLACK)
+    }
 }
 
 impl std::fmt::Debug for ConsumerOptions {
@@ -72,6 +96,7 @@ impl std::fmt::Debug for ConsumerOptions {
             .field("topics", &self.topics)
             .field("batch_max_records", &self.batch_max_records)
             .field("linger", &self.linger)
+            .field("fencing", &self.fencing)
             .field("extra", &extra)
             .finish()
     }
@@ -187,6 +212,8 @@ struct Owned {
     committed: Option<i64>,
     read_from: Option<i64>,
     high_watermark: Option<i64>,
+    /// Paused until then: a previous owner's write may still land (fencing).
+    fenced_until: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -206,6 +233,8 @@ struct Shared {
     stop: AtomicBool,
     stats: Arc<ConsumerStats>,
     revoke_timeout: Duration,
+    /// `ConsumerOptions::fencing_delay`; zero when writes are guarded.
+    fencing_delay: Duration,
 }
 
 impl Shared {
@@ -265,6 +294,16 @@ impl ConsumerContext for GroupContext {
         };
         while waiting(&state) && !self.shared.stop.load(Ordering::Relaxed) {
             let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() && !self.shared.fencing_delay.is_zero() {
+                // Unguarded writes: the batch must not land after the next owner starts.
+                tracing::error!(
+                    timeout_ms = self.shared.revoke_timeout.as_millis() as u64,
+                    "kafka source: revoked partitions still have batches in flight after source.kafka.revoke_timeout; \
+                     the target's writes are unguarded (write_mode = \"batch\"), so this member exits at once rather \
+                     than write them after the partitions' next owner starts (the next owner reads them again)"
+                );
+                std::process::exit(75);
+            }
             if left.is_zero() {
                 tracing::warn!(
                     timeout_ms = self.shared.revoke_timeout.as_millis() as u64,
@@ -294,10 +333,12 @@ impl ConsumerContext for GroupContext {
         tracing::info!(partitions = %names(&revoked), "kafka source: partitions revoked");
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(list) => {
                 self.shared.stats.rebalances.fetch_add(1, Ordering::Relaxed);
+                let fenced_until = (!self.shared.fencing_delay.is_zero())
+                    .then(|| Instant::now() + self.shared.fencing_delay);
                 let mut state = self.shared.lock();
                 let mut assigned = Vec::new();
                 for element in list.elements() {
@@ -313,11 +354,27 @@ impl ConsumerContext for GroupContext {
                             committed: None,
                             read_from: None,
                             high_watermark: None,
+                            fenced_until,
                         },
                     );
                     assigned.push(tp);
                 }
                 drop(state);
+                if fenced_until.is_some() && list.count() > 0 {
+                    if let Err(error) = consumer.pause(list) {
+                        // Not paused: nothing of them may be handed out before the fence ends,
+                        // so the member stops rather than write early.
+                        tracing::error!(error = %error, "kafka source: cannot pause the assigned partitions for the fencing delay; exiting");
+                        std::process::exit(75);
+                    }
+                    tracing::info!(
+                        partitions = %names(&assigned),
+                        delay_s = self.shared.fencing_delay.as_secs(),
+                        "kafka source: fencing: holding the assigned partitions until a previous owner's last unguarded \
+                         write has landed (source.kafka.revoke_timeout + target.request_timeout + {} s)",
+                        SESSION_SLACK.as_secs()
+                    );
+                }
                 if assigned.is_empty() {
                     tracing::warn!(
                         "kafka source: this member was assigned no partition: the group has more members than its topics \
@@ -382,6 +439,7 @@ impl KafkaConsumer {
             stop: AtomicBool::new(false),
             stats,
             revoke_timeout: options.revoke_timeout,
+            fencing_delay: options.fencing_delay(),
         });
         let context = GroupContext { quiet: QuietContext::default(), shared: Arc::clone(&shared) };
         let consumer: BaseConsumer<GroupContext> =
@@ -511,9 +569,28 @@ fn poll_loop(
             let full = !state.ready.is_empty();
             if full != paused {
                 if let Ok(assignment) = consumer.assignment() {
-                    let _ = if full { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
+                    let _ = if full {
+                        consumer.pause(&assignment)
+                    } else {
+                        consumer.resume(&unfenced(&assignment, &state))
+                    };
                 }
                 paused = full;
+            }
+            // Fences that are over: their partitions are read from now on.
+            let now = Instant::now();
+            let mut ended = TopicPartitionList::new();
+            for (tp, owned) in &mut state.owned {
+                if owned.fenced_until.is_some_and(|until| until <= now) {
+                    owned.fenced_until = None;
+                    ended.add_partition(&tp.topic, tp.partition);
+                }
+            }
+            if ended.count() > 0 {
+                tracing::info!("kafka source: fencing delay over; reading the assigned partitions");
+                if !paused {
+                    let _ = consumer.resume(&ended);
+                }
             }
         }
         if closed {
@@ -586,6 +663,18 @@ fn poll_loop(
     }
 }
 
+/// The partitions of `list` that no fence holds.
+fn unfenced(list: &TopicPartitionList, state: &State) -> TopicPartitionList {
+    let mut open = TopicPartitionList::new();
+    for element in list.elements() {
+        let tp = TopicPartition { topic: element.topic().into(), partition: element.partition() };
+        if state.owned.get(&tp).is_none_or(|o| o.fenced_until.is_none()) {
+            open.add_partition(element.topic(), element.partition());
+        }
+    }
+    open
+}
+
 /// Moves buffered batches to `ready`: all of them, or those older than `linger`.
 fn flush(state: &mut State, linger: Option<Duration>) {
     let due: Vec<TopicPartition> = state
@@ -642,6 +731,7 @@ mod tests {
             committed,
             read_from: None,
             high_watermark: None,
+            fenced_until: None,
         };
         state.owned.insert(tp(0), owned(None, None));
         state.owned.insert(tp(1), owned(Some(50), Some(50)));
@@ -673,7 +763,27 @@ mod tests {
             commit_interval: Duration::from_secs(1),
             revoke_timeout: Duration::from_secs(10),
             extra: vec![("sasl.password".into(), "hunter2".into())],
+            fencing: None,
         };
         assert!(!format!("{options:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_fencing_delay_covers_the_revocation_and_the_last_request_only_for_unguarded_writes() {
+        let mut options = ConsumerOptions {
+            brokers: "b:9092".into(),
+            group_id: "g".into(),
+            topics: vec!["t".into()],
+            client_id: "c".into(),
+            batch_max_records: 10,
+            linger: Duration::from_millis(5),
+            commit_interval: Duration::from_secs(1),
+            revoke_timeout: Duration::from_secs(10),
+            extra: Vec::new(),
+            fencing: None,
+        };
+        assert_eq!(options.fencing_delay(), Duration::ZERO);
+        options.fencing = Some(Duration::from_secs(7));
+        assert_eq!(options.fencing_delay(), Duration::from_secs(10 + 7) + SESSION_SLACK);
     }
 }

@@ -87,8 +87,13 @@ impl KafkaSourceConfig {
         }
     }
 
-    /// The consumer's options; `batch_max_records` from `pipeline.batch_max_events`.
-    pub fn consumer_options(&self, batch_max_records: usize) -> sluice_kafka::consumer::ConsumerOptions {
+    /// The consumer's options; `batch_max_records` from `pipeline.batch_max_events`, `fencing`
+    /// from the target (`TargetConfig::unconditional_writes`).
+    pub fn consumer_options(
+        &self,
+        batch_max_records: usize,
+        fencing: Option<Duration>,
+    ) -> sluice_kafka::consumer::ConsumerOptions {
         sluice_kafka::consumer::ConsumerOptions {
             brokers: self.brokers.clone(),
             group_id: self.group_id.clone(),
@@ -99,6 +104,7 @@ impl KafkaSourceConfig {
             commit_interval: self.commit_interval,
             revoke_timeout: self.revoke_timeout,
             extra: self.properties.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            fencing,
         }
     }
 }

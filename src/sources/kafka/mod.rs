@@ -51,19 +51,30 @@ pub struct KafkaSource {
     config: KafkaSourceConfig,
     batch_max_events: usize,
     shutdown_timeout: Duration,
+    /// The target's request timeout when its writes are unguarded (fencing).
+    fencing: Option<Duration>,
     dead_letter: Arc<DeadLetter>,
     stats: Arc<SourceStats>,
 }
 
 impl KafkaSource {
-    /// The source `config` describes; `dead_letter` takes the records that are no change.
+    /// The source `config` describes; `dead_letter` takes the records that are no change;
+    /// `fencing`: the target's request timeout when its writes are unguarded.
     pub fn new(
         config: KafkaSourceConfig,
         batch_max_events: usize,
         shutdown_timeout: Duration,
+        fencing: Option<Duration>,
         dead_letter: Arc<DeadLetter>,
     ) -> Self {
-        KafkaSource { config, batch_max_events, shutdown_timeout, dead_letter, stats: Arc::default() }
+        KafkaSource {
+            config,
+            batch_max_events,
+            shutdown_timeout,
+            fencing,
+            dead_letter,
+            stats: Arc::default(),
+        }
     }
 
     /// The source's counters (events, bytes, streaming).
@@ -80,7 +91,7 @@ impl KafkaSource {
         durable: watch::Receiver<Lsn>,
         mut shutdown: Shutdown,
     ) -> Result<(), PipelineError> {
-        let options = self.config.consumer_options(self.batch_max_events);
+        let options = self.config.consumer_options(self.batch_max_events, self.fencing);
         let (fetched_tx, mut fetched) = mpsc::channel(FETCHED_BATCHES);
         let topics = self.config.topics.join(", ");
         let consumer = tokio::task::spawn_blocking(move || KafkaConsumer::start(&options, fetched_tx))
