@@ -119,8 +119,9 @@ pub const VERIFY_PASSES_TOTAL: &str = "sluice_verify_passes_total";
 /// carries a heartbeat), seconds.
 pub const APPLY_LATENCY_SECONDS: &str = "sluice_apply_latency_seconds";
 /// Buckets of `APPLY_LATENCY_SECONDS`.
-pub(crate) const APPLY_BUCKETS: &[f64] =
-    &[0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+pub(crate) const APPLY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 /// Latency buckets for target requests, seconds.
 const WRITE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];

@@ -81,6 +81,10 @@ pub fn run(args: &BenchArgs) -> BenchResult<()> {
 fn run_once(pg: &LocalPostgres, args: &BenchArgs, run: usize) -> BenchResult<Sample> {
     let db = format!("bench_latency_{run}");
     pg.create_database(&db)?;
+    // The benchmark cluster commits asynchronously (fast test set-up); a logical walsender
+    // sends only flushed WAL, so an asynchronous commit would wait for the WAL writer
+    // (`wal_writer_delay`, 200 ms) before any consumer could see it.
+    pg.psql("postgres", &format!("ALTER DATABASE \"{db}\" SET synchronous_commit = on"))?;
     pg.psql(&db, &format!("{BENCH_TABLE}; CREATE PUBLICATION bench_pub FOR TABLE bench;"))?;
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
@@ -242,7 +246,7 @@ fn measure(
 }
 
 /// The daemon's `/metrics`, or none while it does not answer.
-fn scrape(port: u16) -> Option<String> {
+pub(super) fn scrape(port: u16) -> Option<String> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
