@@ -134,7 +134,7 @@ async fn source(
         _ => None,
     };
     if let Some(mapped) = mapped {
-        let own = [config.backfill.progress_table.to_string(), config.pipeline.checkpoint_table.to_string()];
+        let own: Vec<String> = config.own_tables().iter().map(ToString::to_string).collect();
         let outbox = config.target.outbox().and_then(|o| o.table.as_ref()).map(|t| t.to_string());
         let published = sluice_postgres::catalog::publication_tables(sql, publication).await?;
         for table in published {
@@ -194,7 +194,7 @@ async fn target(
                 kafka,
                 sql,
                 config.source.replication(),
-                &[config.backfill.progress_table.to_string(), config.pipeline.checkpoint_table.to_string()],
+                &config.own_tables().map(ToString::to_string),
                 findings,
             )
             .await?

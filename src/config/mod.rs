@@ -450,6 +450,12 @@ pub(crate) fn toml_error(text: &str, e: &toml::de::Error) -> String {
 }
 
 impl Config {
+    /// sluice's own tables in the source database (checkpoints, backfill progress, the HA
+    /// state): bookkeeping, never data, even under a publication FOR ALL TABLES.
+    pub fn own_tables(&self) -> [&TableName; 3] {
+        [&self.pipeline.checkpoint_table, &self.backfill.progress_table, &self.ha.state_table]
+    }
+
     /// Reads `path` (TOML; JSON of the same shape when the name ends in `.json`, as rendered
     /// by the Helm chart), applies `SLUICE__…` overrides from the process environment and
     /// validates.

@@ -135,8 +135,10 @@ pub async fn run(
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
     let mut shutdown_started = shutdown.clone();
     let connection = config.source.connection.clone();
-    let mut watermarks =
-        Watermarks::new(&config.pipeline.name, None).ignoring(&config.pipeline.checkpoint_table);
+    let mut watermarks = config
+        .own_tables()
+        .into_iter()
+        .fold(Watermarks::new(&config.pipeline.name, None), Watermarks::ignoring);
     let mut backfill_task = None;
     let (stats, source_task) = match &config.source.mode {
         SourceMode::Replication(replication) => {
@@ -148,9 +150,10 @@ pub async fn run(
                 let (chunk_tx, chunk_rx) = mpsc::channel(
                     2 * config.backfill.concurrency.max(1) * config.backfill.readers_per_table(),
                 );
-                watermarks = Watermarks::new(&config.pipeline.name, Some(chunk_rx))
-                    .ignoring(&config.pipeline.checkpoint_table)
-                    .ignoring(&config.backfill.progress_table)
+                watermarks = config
+                    .own_tables()
+                    .into_iter()
+                    .fold(Watermarks::new(&config.pipeline.name, Some(chunk_rx)), Watermarks::ignoring)
                     .with_part_max_events(config.pipeline.batch_max_events);
                 backfill_task = Some(tokio::spawn(crate::backfill::run(
                     connection,
