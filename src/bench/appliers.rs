@@ -125,18 +125,7 @@ fn fill(
     pg.create_database(db)?;
     pg.psql(db, "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL); CREATE PUBLICATION bench_pub FOR TABLE bench;")?;
     pg.psql(db, "SELECT pg_create_logical_replication_slot('sluice', 'pgoutput')")?;
-    pg.psql(
-        db,
-        &format!(
-            "DO $$ BEGIN FOR t IN 0..{last} LOOP \
-               INSERT INTO bench SELECT g, 'name-' || g, g * 1.5 FROM generate_series(t * {tx} + 1, LEAST((t + 1) * {tx}, {rows})) g; \
-               COMMIT; END LOOP; END $$",
-            last = args.rows.div_ceil(args.tx_rows) - 1,
-            tx = args.tx_rows,
-            rows = args.rows
-        ),
-    )?;
-    let end = pg.psql(db, "SELECT pg_current_wal_insert_lsn()")?;
+    let end = super::load_rows(pg, db, args, 0)?;
     let config = dir.join(format!("{db}.forward.toml"));
     std::fs::write(
         &config,

@@ -219,18 +219,7 @@ async fn wait_active(pg: &LocalPostgres, db: &str, slot: &str) -> BenchResult<()
 /// of the load until `slot` confirmed its last commit.
 async fn load(pg: &LocalPostgres, db: &str, slot: &str, args: &BenchArgs, offset: u64) -> BenchResult<f64> {
     let started = Instant::now();
-    pg.psql(
-        db,
-        &format!(
-            "DO $$ BEGIN FOR t IN 0..{last} LOOP \
-               INSERT INTO bench SELECT g, 'name-' || g, g * 1.5 FROM generate_series({offset} + t * {tx} + 1, {offset} + LEAST((t + 1) * {tx}, {rows})) g; \
-               COMMIT; END LOOP; END $$",
-            last = args.rows.div_ceil(args.tx_rows) - 1,
-            tx = args.tx_rows,
-            rows = args.rows
-        ),
-    )?;
-    let end = pg.psql(db, "SELECT pg_current_wal_insert_lsn()")?;
+    let end = super::load_rows(pg, db, args, offset)?;
     let deadline = Instant::now() + Duration::from_secs(3600);
     while pg.psql(
         db,

@@ -325,18 +325,7 @@ async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
         pg.psql(&db, "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL); CREATE PUBLICATION bench_pub FOR TABLE bench;")?;
         pg.psql(&db, "SELECT pg_create_logical_replication_slot('sluice', 'pgoutput')")?;
         let load = || -> BenchResult<String> {
-            pg.psql(
-                &db,
-                &format!(
-                    "DO $$ BEGIN FOR t IN 0..{last} LOOP \
-                       INSERT INTO bench SELECT g, 'name-' || g, g * 1.5 FROM generate_series(t * {tx} + 1, LEAST((t + 1) * {tx}, {rows})) g; \
-                       COMMIT; END LOOP; END $$",
-                    last = args.rows.div_ceil(args.tx_rows) - 1,
-                    tx = args.tx_rows,
-                    rows = args.rows
-                ),
-            )?;
-            let end = pg.psql(&db, "SELECT pg_current_wal_insert_lsn()")?;
+            let end = load_rows(&pg, &db, args, 0)?;
             pg.psql(&db, "INSERT INTO bench VALUES (0, 'end', 0)")?;
             Ok(end)
         };
@@ -438,6 +427,23 @@ async fn run_dynamodb(args: &BenchArgs) -> BenchResult<()> {
     ratios.sort_by(f64::total_cmp);
     println!("median ratio {:.3}", ratios[ratios.len() / 2]);
     Ok(())
+}
+
+/// Inserts `--rows` rows `(id, 'name-' || id, id * 1.5)` with ids after `offset` into `db`'s
+/// bench table, in transactions of `--tx-rows`; the WAL insert position after the last.
+fn load_rows(pg: &LocalPostgres, db: &str, args: &BenchArgs, offset: u64) -> BenchResult<String> {
+    pg.psql(
+        db,
+        &format!(
+            "DO $$ BEGIN FOR t IN 0..{last} LOOP \
+               INSERT INTO bench SELECT g, 'name-' || g, g * 1.5 FROM generate_series({offset} + t * {tx} + 1, {offset} + LEAST((t + 1) * {tx}, {rows})) g; \
+               COMMIT; END LOOP; END $$",
+            last = args.rows.div_ceil(args.tx_rows) - 1,
+            tx = args.tx_rows,
+            rows = args.rows
+        ),
+    )?;
+    Ok(pg.psql(db, "SELECT pg_current_wal_insert_lsn()")?)
 }
 
 /// The baseline of the DynamoDB benchmarks: the `bench` table's `rows` items as sluice maps
