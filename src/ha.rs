@@ -41,7 +41,7 @@ pub struct HaLock {
 }
 
 /// How the previous holder of the HA lock let go of it, from the state table.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Predecessor {
     /// No replica held it before (or the state table was new).
     None,
@@ -50,8 +50,8 @@ pub enum Predecessor {
     /// It held the lock and did not release it: it died, or lost the lock's connection, and a
     /// write of its may still be in flight.
     Unclean,
-    /// The state table could not be read or written (the reason): assumed unclean.
-    Unknown(String),
+    /// The state table could not be read or written (logged): assumed unclean.
+    Unknown,
 }
 
 /// How often the holder probes the lock's connection.
@@ -251,12 +251,12 @@ impl HaLock {
                 }
             }
             Err(error) => {
-                let reason = format!("ha.state_table {quoted}: {}", sluice_postgres::error::Chain(&error));
                 tracing::warn!(
-                    reason,
-                    "cannot record the HA lock's holder; a fencing delay counts the predecessor as unclean"
+                    table = %quoted,
+                    error = %sluice_postgres::error::Chain(&error),
+                    "ha.state_table: cannot record the HA lock's holder; a fencing delay counts the predecessor as unclean"
                 );
-                Predecessor::Unknown(reason)
+                Predecessor::Unknown
             }
         }
     }

@@ -187,14 +187,17 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { config: paths, offline } => {
             let mut outcome = ExitCode::SUCCESS;
-            for path in &paths {
-                let checked = validate_one(&runtime, path, offline);
+            let mut loaded = Vec::new();
+            for path in paths {
+                let config = Config::load(&path);
+                let checked = validate_one(&runtime, &path, &config, offline);
                 if checked != ExitCode::SUCCESS {
                     outcome = checked;
                 }
+                if let Ok(config) = config {
+                    loaded.push((path, config));
+                }
             }
-            let loaded: Vec<_> =
-                paths.iter().filter_map(|path| Config::load(path).ok().map(|c| (path.clone(), c))).collect();
             let shared = sluice::validate::shared_unguarded_tables(&loaded);
             if !shared.is_empty() {
                 return refused("error: these pipelines cannot run together", &shared, &[]);
@@ -316,11 +319,17 @@ fn is_applier(path: &std::path::Path) -> bool {
     Config::load(path).is_ok_and(|config| !config.source.is_database())
 }
 
-/// `sluice validate` of one configuration file: its problems printed, and the exit code.
-fn validate_one(runtime: &tokio::runtime::Runtime, path: &std::path::Path, offline: bool) -> ExitCode {
-    match Config::load(path) {
+/// `sluice validate` of one configuration file (`config`, as loaded from `path`): its
+/// problems printed, and the exit code.
+fn validate_one(
+    runtime: &tokio::runtime::Runtime,
+    path: &std::path::Path,
+    config: &Result<Config, ConfigError>,
+    offline: bool,
+) -> ExitCode {
+    match config {
         Ok(config) if offline => {
-            for way_back in sluice::validate::offline_way_back(&config) {
+            for way_back in sluice::validate::offline_way_back(config) {
                 println!("way back: {way_back}");
             }
             println!(
@@ -337,7 +346,7 @@ fn validate_one(runtime: &tokio::runtime::Runtime, path: &std::path::Path, offli
             );
             ExitCode::SUCCESS
         }
-        Ok(config) => match runtime.block_on(sluice::validate::live(&config)) {
+        Ok(config) => match runtime.block_on(sluice::validate::live(config)) {
             Ok(findings) => {
                 for skipped in &findings.skipped {
                     println!("skipped: {skipped}");
@@ -359,7 +368,7 @@ fn validate_one(runtime: &tokio::runtime::Runtime, path: &std::path::Path, offli
                 config.source.connection.addr()
             )))),
         },
-        Err(e) => config_failure(&e),
+        Err(e) => config_failure(e),
     }
 }
 

@@ -287,21 +287,25 @@ async fn outbox_table(
 /// pipeline (one slot, or one consumer group) count as one writer: the HA lock and the group
 /// give each change one writer at a time. Each problem names both files and the table.
 pub fn shared_unguarded_tables(configs: &[(std::path::PathBuf, Config)]) -> Vec<Problem> {
-    let writers: Vec<(String, Vec<String>, bool, &std::path::Path)> = configs
+    /// One pipeline's DynamoDB writes: who writes, where (endpoint, region, table), guarded or not.
+    struct Writer<'a> {
+        path: &'a std::path::Path,
+        pipeline: String,
+        tables: Vec<(String, String, String)>,
+        unguarded: bool,
+    }
+    let writers: Vec<Writer> = configs
         .iter()
         .filter_map(|(path, config)| {
             let TargetConfig::Dynamodb(dynamo) = &config.target else { return None };
-            let mut tables = Vec::new();
+            let mut names = Vec::new();
             if let Some(mapping) = dynamo.mapping.as_deref().and_then(|m| Mapping::load(m).ok()) {
-                tables.extend(mapping.tables.into_iter().map(|t| t.target));
+                names.extend(mapping.tables.into_iter().map(|t| t.target));
             }
-            if let Some(table) = dynamo.outbox.as_ref().and_then(|o| o.event_table.clone()) {
-                tables.push(table);
-            }
+            names.extend(dynamo.outbox.as_ref().and_then(|o| o.event_table.clone()));
             let endpoint = dynamo.endpoint_url.clone().unwrap_or_else(|| "aws".into());
             let region = dynamo.region.clone().unwrap_or_default();
-            let tables = tables.into_iter().map(|t| format!("{endpoint} {region} {t}")).collect();
-            let writer = match config.source.kafka() {
+            let pipeline = match config.source.kafka() {
                 Some(kafka) => format!("kafka {} {}", kafka.brokers, kafka.group_id),
                 None => format!(
                     "{} {} {}",
@@ -310,18 +314,21 @@ pub fn shared_unguarded_tables(configs: &[(std::path::PathBuf, Config)]) -> Vec<
                     config.source.lock_name()
                 ),
             };
-            let unguarded = config.target.unconditional_writes().is_some();
-            Some((writer, tables, unguarded, path.as_path()))
+            Some(Writer {
+                path,
+                pipeline,
+                tables: names.into_iter().map(|name| (endpoint.clone(), region.clone(), name)).collect(),
+                unguarded: config.target.unconditional_writes().is_some(),
+            })
         })
         .collect();
     let mut problems = Vec::new();
-    for (i, (writer_a, tables_a, unguarded_a, path_a)) in writers.iter().enumerate() {
-        for (writer_b, tables_b, unguarded_b, path_b) in &writers[i + 1..] {
-            if writer_a == writer_b || !(*unguarded_a || *unguarded_b) {
+    for (i, a) in writers.iter().enumerate() {
+        for b in &writers[i + 1..] {
+            if a.pipeline == b.pipeline || !(a.unguarded || b.unguarded) {
                 continue;
             }
-            for table in tables_a.iter().filter(|t| tables_b.contains(t)) {
-                let name = table.rsplit(' ').next().unwrap_or(table);
+            for (_, _, name) in a.tables.iter().filter(|t| b.tables.contains(t)) {
                 problems.push(Problem::new(
                     "target",
                     "write_mode",
@@ -329,9 +336,9 @@ pub fn shared_unguarded_tables(configs: &[(std::path::PathBuf, Config)]) -> Vec<
                         "{} and {} both write DynamoDB table {name:?}, and {} writes it with write_mode = \"batch\", \
                          which is correct only for a table's single writer: use write_mode = \"single\" in both, or \
                          give each pipeline its own tables",
-                        path_a.display(),
-                        path_b.display(),
-                        if *unguarded_a { path_a.display() } else { path_b.display() }
+                        a.path.display(),
+                        b.path.display(),
+                        if a.unguarded { a.path.display() } else { b.path.display() }
                     ),
                 ));
             }

@@ -216,7 +216,10 @@ async fn apply(
             );
             let deadline = Instant::now() + Duration::from_secs(120);
             loop {
-                let owned: Vec<f64> = configs[..=joined].iter().map(|(_, port)| assigned(*port)).collect();
+                let owned: Vec<f64> = configs[..=joined]
+                    .iter()
+                    .map(|(_, port)| super::latency::partitions_assigned(*port))
+                    .collect();
                 if owned.iter().all(|n| *n >= 1.0) && owned.iter().sum::<f64>() == f64::from(partitions) {
                     break;
                 }
@@ -268,18 +271,4 @@ async fn apply(
         let _ = member.wait();
     }
     outcome
-}
-
-/// The partitions the applier with metrics on `port` owns (0 while it does not answer).
-fn assigned(port: u16) -> f64 {
-    super::latency::scrape(port)
-        .and_then(|metrics| {
-            metrics.lines().find_map(|l| {
-                l.strip_prefix(crate::metrics::KAFKA_PARTITIONS_ASSIGNED)
-                    .filter(|rest| rest.starts_with(['{', ' ']))
-                    .and_then(|rest| rest.rsplit(' ').next())
-                    .and_then(|n| n.parse().ok())
-            })
-        })
-        .unwrap_or(0.0)
 }

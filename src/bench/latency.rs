@@ -170,13 +170,10 @@ fn measure(
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'sluice_latency' AND active",
         )?;
         // An applier must own its partitions too (it reports none until it joined).
-        let ready = scrape(port).is_some_and(|metrics| {
-            args.target != BenchTarget::Kafka
-                || metrics.lines().any(|l| {
-                    l.starts_with(crate::metrics::KAFKA_PARTITIONS_ASSIGNED)
-                        && l.rsplit(' ').next().and_then(|n| n.parse::<f64>().ok()).is_some_and(|n| n > 0.0)
-                })
-        });
+        let ready = match args.target {
+            BenchTarget::Kafka => partitions_assigned(port) > 0.0,
+            _ => scrape(port).is_some(),
+        };
         if active == "1" && ready {
             break;
         }
@@ -246,7 +243,7 @@ fn measure(
 }
 
 /// The daemon's `/metrics`, or none while it does not answer.
-pub(super) fn scrape(port: u16) -> Option<String> {
+fn scrape(port: u16) -> Option<String> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
@@ -254,6 +251,20 @@ pub(super) fn scrape(port: u16) -> Option<String> {
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// The partitions the applier with metrics on `port` owns (0 while it does not answer).
+pub(super) fn partitions_assigned(port: u16) -> f64 {
+    scrape(port)
+        .and_then(|metrics| {
+            metrics.lines().find_map(|l| {
+                l.strip_prefix(crate::metrics::KAFKA_PARTITIONS_ASSIGNED)
+                    .filter(|rest| rest.starts_with(['{', ' ']))
+                    .and_then(|rest| rest.rsplit(' ').next())
+                    .and_then(|n| n.parse().ok())
+            })
+        })
+        .unwrap_or(0.0)
 }
 
 /// The histogram's cumulative buckets, `(upper bound, count)`, in order (`+Inf` last).

@@ -120,11 +120,12 @@ pub struct BenchArgs {
     /// into null); p50 and p99 from sluice's `sluice_apply_latency_seconds` histogram.
     #[arg(long, conflicts_with_all = ["backfill", "cutover", "way_back"])]
     pub latency: bool,
-    /// Benchmark appliers instead (README "Appliers"): the rows go through sluice's Kafka
-    /// target into a topic of one partition per applier at most, and then, for each count
-    /// given (`--appliers 1,2,4`), that many `sluice run` processes of one consumer group
-    /// apply it into `--dynamodb-endpoint`; their items/s against a plain client's
-    /// BatchWriteItem rate on the same server. Needs `--kafka-brokers`.
+    /// Benchmark appliers instead (README "Appliers"): for each count given (`--appliers
+    /// 1,2,4`), that many `sluice run` processes of one consumer group join on a topic of one
+    /// partition per applier of the largest count; then the rows go through sluice's Kafka
+    /// target into it, and the group applies them into `--dynamodb-endpoint`. Their items/s
+    /// against a plain client's BatchWriteItem rate on the same server. Needs
+    /// `--kafka-brokers`.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["backfill", "cutover", "way_back", "latency"])]
     pub appliers: Vec<usize>,
     /// `--latency`: transactions per second pgbench commits.

@@ -294,17 +294,17 @@ impl ConsumerContext for GroupContext {
         };
         while waiting(&state) && !self.shared.stop.load(Ordering::Relaxed) {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() && !self.shared.fencing_delay.is_zero() {
-                // Unguarded writes: the batch must not land after the next owner starts.
-                tracing::error!(
+            if left.is_zero() {
+                if !self.shared.fencing_delay.is_zero() {
+                    // Unguarded writes: the batch must not land after the next owner starts.
+                    tracing::error!(
                     timeout_ms = self.shared.revoke_timeout.as_millis() as u64,
                     "kafka source: revoked partitions still have batches in flight after source.kafka.revoke_timeout; \
                      the target's writes are unguarded (write_mode = \"batch\"), so this member exits at once rather \
                      than write them after the partitions' next owner starts (the next owner reads them again)"
                 );
-                std::process::exit(75);
-            }
-            if left.is_zero() {
+                    std::process::exit(75);
+                }
                 tracing::warn!(
                     timeout_ms = self.shared.revoke_timeout.as_millis() as u64,
                     "kafka source: revoked partitions still have batches in flight; abandoning them uncommitted \
@@ -577,13 +577,15 @@ fn poll_loop(
                 }
                 paused = full;
             }
-            // Fences that are over: their partitions are read from now on.
-            let now = Instant::now();
+            // Fences that are over: their partitions are read from now on (guarded writes set none).
             let mut ended = TopicPartitionList::new();
-            for (tp, owned) in &mut state.owned {
-                if owned.fenced_until.is_some_and(|until| until <= now) {
-                    owned.fenced_until = None;
-                    ended.add_partition(&tp.topic, tp.partition);
+            if !shared.fencing_delay.is_zero() {
+                let now = Instant::now();
+                for (tp, owned) in &mut state.owned {
+                    if owned.fenced_until.is_some_and(|until| until <= now) {
+                        owned.fenced_until = None;
+                        ended.add_partition(&tp.topic, tp.partition);
+                    }
                 }
             }
             if ended.count() > 0 {
