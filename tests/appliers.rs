@@ -182,16 +182,7 @@ async fn live_items(client: &DynamoClient, table: &str) -> BTreeMap<String, (Str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_appliers_in_a_group_apply_every_change_to_dynamodb_across_a_kill_9() {
     let mut chain = Chain::start(3).await;
-    let moto = moto();
-    let client = dynamo_client(&moto.url).await;
-    let table = format!("appliers_{}", chain.db.name);
-    client.create_table(&table, "pk", None).await.unwrap();
-    let mapping = chain.dir.path().join("mapping.toml");
-    std::fs::write(
-        &mapping,
-        format!("[[tables]]\nsource = \"public.accounts\"\ntarget = \"{table}\"\npartition_key = {{ attribute = \"pk\", template = \"ACCOUNT#{{id}}\" }}\n"),
-    )
-    .unwrap();
+    let (moto, client, table, mapping) = dynamodb_table(&chain, "appliers").await;
     let target = crate::dynamodb::target_toml(&mapping, &moto.url, "concurrency = 8\n");
     let (port_a, port_b) = (port(), port());
     let config_a = chain.applier_config("a", "g", "\"cdc.accounts\"", &target, port_a);
@@ -271,16 +262,7 @@ async fn two_appliers_in_a_group_apply_every_change_to_dynamodb_across_a_kill_9(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_applier_holds_newly_assigned_partitions_for_the_fencing_delay() {
     let mut chain = Chain::start(3).await;
-    let moto = moto();
-    let client = dynamo_client(&moto.url).await;
-    let table = format!("fenced_{}", chain.db.name);
-    client.create_table(&table, "pk", None).await.unwrap();
-    let mapping = chain.dir.path().join("mapping.toml");
-    std::fs::write(
-        &mapping,
-        format!("[[tables]]\nsource = \"public.accounts\"\ntarget = \"{table}\"\npartition_key = {{ attribute = \"pk\", template = \"ACCOUNT#{{id}}\" }}\n"),
-    )
-    .unwrap();
+    let (moto, client, table, mapping) = dynamodb_table(&chain, "fenced").await;
     // The records wait in the topic before the applier joins.
     workload(chain.db.connection(), 0, 150, true).await;
     let target = crate::dynamodb::target_toml(
@@ -321,6 +303,25 @@ async fn a_batch_applier_holds_newly_assigned_partitions_for_the_fencing_delay()
     .await;
     std::process::Command::new("kill").arg("-TERM").arg(a.id().to_string()).status().unwrap();
     assert!(tokio::task::spawn_blocking(move || a.wait()).await.unwrap().unwrap().success());
+}
+
+/// A fresh DynamoDB table `<prefix>_<db>` on moto, keyed by `pk`, and a mapping of the
+/// source's `accounts` into it (`ACCOUNT#id`).
+async fn dynamodb_table(
+    chain: &Chain,
+    prefix: &str,
+) -> (Arc<crate::harness::Moto>, DynamoClient, String, PathBuf) {
+    let moto = moto();
+    let client = dynamo_client(&moto.url).await;
+    let table = format!("{prefix}_{}", chain.db.name);
+    client.create_table(&table, "pk", None).await.unwrap();
+    let mapping = chain.dir.path().join("mapping.toml");
+    std::fs::write(
+        &mapping,
+        format!("[[tables]]\nsource = \"public.accounts\"\ntarget = \"{table}\"\npartition_key = {{ attribute = \"pk\", template = \"ACCOUNT#{{id}}\" }}\n"),
+    )
+    .unwrap();
+    (moto, client, table, mapping)
 }
 
 /// The Postgres target of the appliers: the same table in another database, with the same
