@@ -27,6 +27,9 @@ pub const EVENTS_TOTAL: &str = "sluice_events_total";
 pub const MIGRATION_PHASE: &str = "sluice_migration_phase";
 /// Bytes of replication payload received from Postgres.
 pub const SOURCE_BYTES_TOTAL: &str = "sluice_source_received_bytes_total";
+/// Reads of the replication socket: with the bytes received, how many messages a read takes
+/// (paced reads, `source.replication.read_coalesce`, take many).
+pub const SOURCE_READS_TOTAL: &str = "sluice_source_socket_reads_total";
 /// Replication connections re-established after a failure.
 pub const SOURCE_RECONNECTS_TOTAL: &str = "sluice_source_reconnects_total";
 /// 1 while the replication stream is open, else 0.
@@ -175,6 +178,7 @@ fn describe() {
     );
     describe_gauge!(MIGRATION_PHASE, "1 for each table's current migration phase, 0 for the other phases");
     describe_counter!(SOURCE_BYTES_TOTAL, Unit::Bytes, "Replication payload received from Postgres");
+    describe_counter!(SOURCE_READS_TOTAL, "Reads of the replication socket");
     describe_counter!(SOURCE_RECONNECTS_TOTAL, "Replication connections re-established after a failure");
     describe_gauge!(SOURCE_STREAMING, "1 while the replication stream is open");
     describe_gauge!(

@@ -359,6 +359,7 @@ impl PipelineState {
             metrics::gauge!(m::SPILLED_BYTES).set(source.spilled_bytes.load(Ordering::Relaxed) as f64);
             metrics::counter!(m::SOURCE_BYTES_TOTAL).absolute(source.bytes.load(Ordering::Relaxed));
             metrics::counter!(m::SOURCE_RECONNECTS_TOTAL).absolute(source.reconnects.load(Ordering::Relaxed));
+            metrics::counter!(m::SOURCE_READS_TOTAL).absolute(source.socket_reads.load(Ordering::Relaxed));
             metrics::counter!(m::ORIGIN_DROPPED_TOTAL)
                 .absolute(source.origin_dropped.load(Ordering::Relaxed));
             metrics::counter!(m::HEARTBEATS_SENT_TOTAL)

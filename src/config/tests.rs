@@ -88,7 +88,10 @@ fn unknown_key_is_named_with_its_path() {
 #[test]
 fn every_semantic_problem_is_reported_with_its_key() {
     let text = MINIMAL
-        .replace("slot = \"sluice\"", "slot = \"Bad-Slot\"\nstreaming = true\nstatus_interval = \"0s\"")
+        .replace(
+            "slot = \"sluice\"",
+            "slot = \"Bad-Slot\"\nstreaming = true\nstatus_interval = \"0s\"\nread_coalesce = \"1s\"\nreceive_buffer = 100",
+        )
         + "\n[pipeline]\nmax_in_flight = 0\n[backfill]\ntable_concurrency = 0\n";
     let ConfigError::Invalid { problems } = load(&text, &[]).unwrap_err() else {
         panic!("expected problems")
@@ -101,7 +104,9 @@ fn every_semantic_problem_is_reported_with_its_key() {
             "backfill.table_concurrency",
             "source.replication.slot",
             "source.replication.streaming",
-            "source.replication.status_interval"
+            "source.replication.status_interval",
+            "source.replication.read_coalesce",
+            "source.replication.receive_buffer"
         ]
     );
 }

@@ -15,10 +15,11 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM
 use postgres_protocol::message::backend::{ErrorFields, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::config::ConnectionConfig;
 use crate::error::{Error, Result};
+use crate::pacing::{Pacer, Pacing};
 use crate::tls;
 use sluice_core::lsn::Lsn;
 
@@ -48,16 +49,28 @@ pub struct ReplicationClient {
     read_buf: BytesMut,
     write_buf: BytesMut,
     addr: String,
+    /// Set when the socket's reads are paced (TCP with a known receive buffer); used once
+    /// the stream starts.
+    pacing: Option<(Duration, usize)>,
+    pacer: Option<Pacer>,
+    /// Socket reads since the last [`ReplicationClient::take_reads`].
+    reads: u64,
 }
 
 impl ReplicationClient {
     /// Connects, negotiates TLS as configured and logs in as a replication client.
     pub async fn connect(config: &ConnectionConfig) -> Result<Self> {
+        Self::connect_paced(config, Pacing { max_wait: Duration::ZERO, receive_buffer: None }).await
+    }
+
+    /// As [`ReplicationClient::connect`], with the stream's reads paced over TCP as `pacing` says.
+    pub async fn connect_paced(config: &ConnectionConfig, pacing: Pacing) -> Result<Self> {
         let addr = config.addr();
         let timed_out = || Error::Connect {
             addr: addr.clone(),
             source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
         };
+        let mut paced = None;
         let stream: Box<dyn Stream> = if let Some(path) = config.unix_socket() {
             let unix = tokio::time::timeout(config.connect_timeout, tokio::net::UnixStream::connect(&path))
                 .await
@@ -65,13 +78,26 @@ impl ReplicationClient {
                 .map_err(|source| Error::Connect { addr: addr.clone(), source })?;
             Box::new(unix)
         } else {
-            let tcp = tokio::time::timeout(
-                config.connect_timeout,
-                TcpStream::connect((config.host.as_str(), config.port)),
-            )
+            let (tcp, buffer) = tokio::time::timeout(config.connect_timeout, async {
+                let mut last = None;
+                for target in tokio::net::lookup_host((config.host.as_str(), config.port)).await? {
+                    let socket = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                    // Before the handshake, so that the window is scaled for it.
+                    let buffer = pacing.receive_buffer_for(&target);
+                    if let Some(bytes) = buffer {
+                        socket.set_recv_buffer_size(u32::try_from(bytes).unwrap_or(u32::MAX))?;
+                    }
+                    match socket.connect(target).await {
+                        Ok(tcp) => return Ok((tcp, buffer)),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| std::io::Error::other("the host name resolves to no address")))
+            })
             .await
             .map_err(|_| timed_out())?
             .map_err(|source| Error::Connect { addr: addr.clone(), source })?;
+            paced = buffer.filter(|_| !pacing.max_wait.is_zero()).map(|bytes| (pacing.max_wait, bytes));
             tcp.set_nodelay(true).map_err(|source| Error::Connect { addr: addr.clone(), source })?;
             match tls::client_config(config)? {
                 None => Box::new(tcp),
@@ -83,6 +109,9 @@ impl ReplicationClient {
             read_buf: BytesMut::with_capacity(READ_CHUNK),
             write_buf: BytesMut::new(),
             addr,
+            pacing: paced,
+            pacer: None,
+            reads: 0,
         };
         tokio::time::timeout(config.connect_timeout, client.startup(config)).await.map_err(|_| {
             Error::Connect {
@@ -235,7 +264,10 @@ impl ReplicationClient {
         self.flush().await?;
         loop {
             match self.read_frame().await? {
-                Frame::CopyBothResponse => return Ok(()),
+                Frame::CopyBothResponse => {
+                    self.pacer = self.pacing.map(|(max_wait, buffer)| Pacer::new(max_wait, buffer));
+                    return Ok(());
+                }
                 Frame::Other(Message::ErrorResponse(body)) => {
                     let err = server_error(body.fields());
                     // The server follows an error with ReadyForQuery; the connection is dropped anyway.
@@ -283,6 +315,16 @@ impl ReplicationClient {
         body.put_u8(u8::from(reply_requested));
         frontend::CopyData::new(body.freeze()).map_err(Error::ConnectionLost)?.write(&mut self.write_buf);
         self.flush().await
+    }
+
+    /// Socket reads since the last call, for the reads metric.
+    pub fn take_reads(&mut self) -> u64 {
+        std::mem::take(&mut self.reads)
+    }
+
+    /// Whether the stream's reads are paced (TCP with a known receive buffer and a wait).
+    pub fn paced(&self) -> Option<(Duration, usize)> {
+        self.pacing
     }
 
     /// True when a whole frame is already buffered, so reading it will not wait for the network.
@@ -348,7 +390,14 @@ impl ReplicationClient {
             if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
                 self.read_buf.reserve(READ_CHUNK);
             }
+            if let Some(at) = self.pacer.as_ref().and_then(Pacer::next_read) {
+                tokio::time::sleep_until(at).await;
+            }
             let n = self.stream.read_buf(&mut self.read_buf).await.map_err(Error::ConnectionLost)?;
+            self.reads += 1;
+            if let Some(pacer) = &mut self.pacer {
+                pacer.read(n, tokio::time::Instant::now());
+            }
             if n == 0 {
                 return Err(Error::ConnectionLost(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,

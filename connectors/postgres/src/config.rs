@@ -251,6 +251,19 @@ pub struct ReplicationConfig {
     #[serde(default = "default_status_interval", deserialize_with = "sluice_core::duration::deserialize")]
     #[schemars(schema_with = "sluice_core::duration::schema")]
     pub status_interval: Duration,
+    /// Over TCP, how long the stream's reader may wait before reading the socket again, so
+    /// that the server's messages leave it in full segments instead of one segment each (which
+    /// costs the walsender's CPU on the source). Only a fast stream waits, and at most this
+    /// long per read; a slow one is read at once. `0s` reads as soon as data arrives. At most 50ms.
+    #[serde(default = "default_read_coalesce", deserialize_with = "sluice_core::duration::deserialize")]
+    #[schemars(schema_with = "sluice_core::duration::schema")]
+    pub read_coalesce: Duration,
+    /// The replication socket's receive buffer in bytes (`SO_RCVBUF`), which bounds the TCP
+    /// window. Unset: 32768 to a loopback address, where reads are paced as `read_coalesce`
+    /// says, and the kernel's own sizing elsewhere, where reads are not paced (a fixed buffer
+    /// caps the stream at buffer / round-trip time). 4096 to 4194304.
+    #[serde(default)]
+    pub receive_buffer: Option<usize>,
     /// Where streamed transactions are spilled; the system temp dir when unset.
     #[serde(default)]
     pub spill_dir: Option<PathBuf>,
@@ -358,11 +371,22 @@ fn default_proto_version() -> u8 {
 fn default_status_interval() -> Duration {
     Duration::from_secs(10)
 }
+fn default_read_coalesce() -> Duration {
+    Duration::from_millis(10)
+}
 fn default_heartbeat_interval() -> Duration {
     Duration::from_secs(10)
 }
 
+/// The longest `read_coalesce`: each read may wait this long, which adds to latency.
+const MAX_READ_COALESCE: Duration = Duration::from_millis(50);
+
 impl ReplicationConfig {
+    /// How the stream's socket is read (`read_coalesce`, `receive_buffer`).
+    pub fn pacing(&self) -> crate::pacing::Pacing {
+        crate::pacing::Pacing { max_wait: self.read_coalesce, receive_buffer: self.receive_buffer }
+    }
+
     /// Settings for `slot` and `publication` with every other key at its default.
     pub fn new(slot: impl Into<String>, publication: impl Into<String>) -> Self {
         ReplicationConfig {
@@ -377,6 +401,8 @@ impl ReplicationConfig {
             binary: false,
             messages: false,
             status_interval: default_status_interval(),
+            read_coalesce: default_read_coalesce(),
+            receive_buffer: None,
             spill_dir: None,
             heartbeat_interval: default_heartbeat_interval(),
             on_slot_lost: SlotLostPolicy::Stop,
@@ -414,6 +440,22 @@ impl ReplicationConfig {
         }
         if self.status_interval.is_zero() {
             problems.push(Problem::new(prefix, "status_interval", "must be greater than zero"));
+        }
+        if self.read_coalesce > MAX_READ_COALESCE {
+            problems.push(Problem::new(
+                prefix,
+                "read_coalesce",
+                "must be at most 50ms (it adds to every change's latency)",
+            ));
+        }
+        if let Some(bytes) = self.receive_buffer {
+            if !(4096..=4 << 20).contains(&bytes) {
+                problems.push(Problem::new(
+                    prefix,
+                    "receive_buffer",
+                    format!("must be 4096 to 4194304 bytes, not {bytes}"),
+                ));
+            }
         }
         if let Some(dir) = &self.spill_dir {
             if !dir.is_dir() {

@@ -10,6 +10,7 @@ pub mod copy;
 pub mod decode;
 pub mod error;
 pub mod fuzz;
+pub mod pacing;
 pub mod pgoutput;
 pub mod poll;
 pub mod session;

@@ -79,6 +79,8 @@ pub struct SourceStats {
     pub bytes: AtomicU64,
     /// Sessions started again after a lost connection.
     pub reconnects: AtomicU64,
+    /// Reads of the replication socket (with `bytes`, how many messages one read takes).
+    pub socket_reads: AtomicU64,
     /// Bytes of streamed transactions held in spill files now.
     pub spilled_bytes: AtomicU64,
     /// True while a session is streaming (after START_REPLICATION and set-up).
@@ -277,7 +279,7 @@ impl ReplicationSource {
                 "source server chosen among the configured hosts");
             self.server_addr = Some(server.addr());
         }
-        let mut client = ReplicationClient::connect(&server).await?;
+        let mut client = ReplicationClient::connect_paced(&server, self.repl.pacing()).await?;
         let slot = setup::check(&sql, &server, &self.repl).await?;
         self.on_standby = slot.server.in_recovery;
         if self.on_standby && self.heartbeat_enabled && self.options.heartbeat_connection.is_none() {
@@ -345,6 +347,13 @@ impl ReplicationSource {
         tracing::info!(slot = %self.repl.slot, publication = %self.repl.publication,
             start = %start, confirmed_flush = %slot.confirmed_flush_lsn.unwrap_or_default(),
             server_lsn = %server_lsn.unwrap_or_default(), "streaming");
+        if let Some((max_wait, buffer)) = client.paced() {
+            tracing::debug!(
+                receive_buffer = buffer,
+                read_coalesce_ms = max_wait.as_millis() as u64,
+                "replication reads are paced"
+            );
+        }
         started.store(true, Ordering::Relaxed);
         self.stats.streaming.store(true, Ordering::Relaxed);
         let mut ticker = tokio::time::interval(self.repl.status_interval);
@@ -382,6 +391,7 @@ impl ReplicationSource {
                                     std::io::ErrorKind::UnexpectedEof, "the server ended the replication stream"))),
                             }
                         }
+                        self.stats.socket_reads.fetch_add(session.client.take_reads(), Ordering::Relaxed);
                         // Completed transactions go out as soon as no more data is waiting.
                         if self.batch.ack_lsn.is_some() && !session.client.has_buffered_frame() {
                             self.send_batch(&mut session).await?;
