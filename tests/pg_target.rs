@@ -796,9 +796,10 @@ fn a_target_without_a_free_replication_origin_slot_names_the_setting() {
 /// buffer, the walsender's sent position stays within a bound of the confirmed one and
 /// sluice's memory stays under its bound; and at every sample, before and after the target
 /// speeds up, the slot is confirmed past a transaction's commit only once the target holds
-/// all of its rows.
+/// all of its rows, although each read of the (paced, loopback) replication socket takes many
+/// messages, often several transactions', at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_target_stops_the_reading_and_the_slot_is_confirmed_only_as_far_as_durable() {
+async fn a_slow_target_stops_the_reading_and_reads_of_many_messages_confirm_only_what_is_durable() {
     const TRANSACTIONS: i64 = 180;
     const ROWS: i64 = 500;
     let (db, target, dir, config) = setup("pgbp", "");
@@ -814,9 +815,11 @@ async fn a_slow_target_stops_the_reading_and_the_slot_is_confirmed_only_as_far_a
     .unwrap();
     let log = dir.path().join("sluice.log");
     let _logs = LogsOnPanic(vec![log.clone()]);
+    let port = sluice::localpg::free_port().unwrap();
     let mut child = sluice()
         .args(["run", "-c", config.to_str().unwrap()])
         .env("SLUICE__PIPELINE__BATCH_MAX_EVENTS", "256")
+        .env("SLUICE__MONITORING__LISTEN", format!("127.0.0.1:{port}"))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -912,6 +915,12 @@ async fn a_slow_target_stops_the_reading_and_the_slot_is_confirmed_only_as_far_a
         db.slot_confirmed("pgbp").unwrap() > *commits.last().unwrap()
     })
     .await;
+    // Each socket read took many messages (a row's message is about 1.7 kB here).
+    let (_, body) = crate::harness::http_get(port, "/metrics").expect("/metrics answers");
+    let bytes = crate::harness::metric(&body, "sluice_source_received_bytes_total").unwrap_or(0.0);
+    let reads = crate::harness::metric(&body, "sluice_source_socket_reads_total").unwrap_or(0.0);
+    eprintln!("{bytes} bytes in {reads} socket reads");
+    assert!(reads > 0.0 && bytes / reads > 16_384.0, "{bytes} bytes in {reads} socket reads");
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(child.wait().unwrap().success(), "sluice exits 0 on SIGTERM");
 }

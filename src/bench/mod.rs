@@ -76,8 +76,11 @@ pub struct BenchArgs {
     /// The DynamoDB target's `write_mode`: `single`, `transaction` or `batch`.
     #[arg(long, default_value = "single")]
     pub write_mode: String,
-    /// `--target dynamodb`: start sluice first and load the rows while it streams (a live
-    /// stream, as in production), instead of draining a backlog loaded before it started.
+    /// Start the consumer first and load the rows while it streams (a live stream, as in
+    /// production), instead of draining a backlog loaded before it started: `--target
+    /// dynamodb`, and the `null` target's many-transaction shape, where each consumer in turn
+    /// (pg_recvlogical, sluice) streams its own load and is timed until its walsender has sent
+    /// all of it.
     #[arg(long)]
     pub live: bool,
     /// `--target kafka`: where sluice reads the outbox rows. `wal`: logical replication.
@@ -504,6 +507,9 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
     if poll && args.target != BenchTarget::Kafka {
         return Err("--source poll needs --target kafka (polled rows are outbox events)".into());
     }
+    if args.live && (args.shape != Shape::Many || args.target != BenchTarget::Null || poll) {
+        return Err("--live measures the null target with --shape many (and --target dynamodb)".into());
+    }
     let pg = LocalPostgres::start(&ClusterOptions { bin: args.pg_bin.clone(), ..ClusterOptions::default() })?;
     println!("Postgres {}", pg.psql("postgres", "SHOW server_version")?);
     let sluice = std::env::current_exe()?;
@@ -531,6 +537,9 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
         if args.binary { ", binary" } else { "" },
         if args.unix { ", over the Unix-domain socket" } else { ", over TCP (127.0.0.1)" }
     );
+    if args.live {
+        println!("live: each consumer streams while its rows are inserted, timed until its walsender has sent them");
+    }
     for &shape in shapes {
         let label = match shape {
             Shape::Many => {
@@ -554,7 +563,11 @@ fn run_blocking(args: &BenchArgs) -> BenchResult<()> {
         let per_million = |cost: &ServerCost| cost.walsender_cpu_s * 1e6 / (args.rows as f64 + 1.0);
         let mut samples = Vec::new();
         for run in 0..args.runs {
-            let sample = run_once(&pg, &sluice, args, shape, run)?;
+            let sample = if args.live {
+                run_once_live(&pg, &sluice, args, run)?
+            } else {
+                run_once(&pg, &sluice, args, shape, run)?
+            };
             println!(
                 "{:>6} {:>16.0} {:>14.0} {:>7.3} {:>13.1} {:>12.2} {:>20} {:>20}",
                 run + 1,
@@ -640,37 +653,8 @@ fn run_once(
     let target_db = format!("{db}_target");
 
     let baseline = || -> BenchResult<(f64, ServerCost)> {
-        let mut cmd = pg.client_command("pg_recvlogical");
-        let host = if args.unix { pg.socket_dir().display().to_string() } else { "127.0.0.1".into() };
-        cmd.args([
-            "-h",
-            &host,
-            "-U",
-            "postgres",
-            "-S",
-            "baseline",
-            "--start",
-            "-f",
-            "/dev/null",
-            "--no-loop",
-        ])
-        .arg("-p")
-        .arg(pg.port.to_string())
-        .arg("-d")
-        .arg(&db)
-        .arg(format!("--endpos={end}"))
-        .args([
-            "-o",
-            &format!("proto_version={}", args.proto_version),
-            "-o",
-            "publication_names=bench_pub",
-        ]);
-        if args.streaming != BenchStreaming::Off {
-            cmd.args(["-o", &format!("streaming={}", args.streaming.option())]);
-        }
-        if args.binary {
-            cmd.args(["-o", "binary=true"]);
-        }
+        let mut cmd = recvlogical(pg, args, &db, "baseline");
+        cmd.arg(format!("--endpos={end}"));
         let mut watch = WalsenderWatch::new(pg, &db, "baseline");
         let started = Instant::now();
         let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).spawn()?;
@@ -773,6 +757,143 @@ fn run_once(
         }
         pg.psql("postgres", &format!("DROP DATABASE \"{target_db}\" WITH (FORCE)"))?;
     }
+    Ok(Sample {
+        baseline_rows_per_s,
+        sluice_rows_per_s,
+        peak_rss_kib,
+        sluice_cpu_s,
+        baseline_cost,
+        sluice_cost,
+    })
+}
+
+/// `pg_recvlogical` streaming `slot` of `db` into /dev/null with the benchmark's options.
+fn recvlogical(pg: &LocalPostgres, args: &BenchArgs, db: &str, slot: &str) -> Command {
+    let mut cmd = pg.client_command("pg_recvlogical");
+    let host = if args.unix { pg.socket_dir().display().to_string() } else { "127.0.0.1".into() };
+    cmd.args(["-h", &host, "-U", "postgres", "-S", slot, "--start", "-f", "/dev/null", "--no-loop"])
+        .arg("-p")
+        .arg(pg.port.to_string())
+        .arg("-d")
+        .arg(db)
+        .args(["-o", &format!("proto_version={}", args.proto_version), "-o", "publication_names=bench_pub"]);
+    if args.streaming != BenchStreaming::Off {
+        cmd.args(["-o", &format!("streaming={}", args.streaming.option())]);
+    }
+    if args.binary {
+        cmd.args(["-o", "binary=true"]);
+    }
+    cmd
+}
+
+/// The live stream (`--live`, null target): each consumer in turn streams while `--rows` rows
+/// are inserted in transactions of `--tx-rows`, timed from the load's start until the
+/// consumer's walsender has sent all of it. Each has a slot created just before its turn, so
+/// neither decodes the other's load.
+fn run_once_live(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, run: usize) -> BenchResult<Sample> {
+    let db = format!("bench_live_{run}");
+    pg.create_database(&db)?;
+    pg.psql(&db, &format!("{BENCH_TABLE}; CREATE PUBLICATION bench_pub FOR TABLE bench;"))?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[monitoring]\nlisten = \"\"\n[source.connection]\nhost = \"{}\"\nport = {}\ndbname = \"{db}\"\n\
+             [source.replication]\nslot = \"sluice\"\npublication = \"bench_pub\"\ncreate_slot = false\nproto_version = {}\n\
+             streaming = \"{}\"\nbinary = {}\nspill_dir = \"{}\"\n[target]\nkind = \"null\"\n",
+            if args.unix { pg.socket_dir().display().to_string() } else { "127.0.0.1".into() },
+            pg.port,
+            args.proto_version,
+            args.streaming.option(),
+            args.binary,
+            dir.path().display()
+        ),
+    )?;
+    // One consumer's turn: rows/s, its peak RSS and CPU (sluice only), the server's cost.
+    let turn = |slot: &'static str, offset: u64| -> BenchResult<(f64, u64, f64, ServerCost)> {
+        pg.psql(&db, &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"))?;
+        let mut child = if slot == "baseline" {
+            recvlogical(pg, args, &db, slot).stdin(Stdio::null()).stdout(Stdio::null()).spawn()?
+        } else {
+            Command::new(sluice)
+                .arg("run")
+                .arg("-c")
+                .arg(&config)
+                .env("SLUICE_LOG", "warn")
+                .stdin(Stdio::null())
+                .spawn()?
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while pg.psql(&db, &format!("SELECT active FROM pg_replication_slots WHERE slot_name = '{slot}'"))?
+            != "t"
+        {
+            if Instant::now() > deadline {
+                return Err(format!("the {slot} consumer did not start streaming within 60 s").into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut watch = WalsenderWatch::new(pg, &db, slot);
+        let (mut peak, mut cpu) = (0, 0.0f64);
+        let started = Instant::now();
+        let elapsed = std::thread::scope(|scope| -> BenchResult<Duration> {
+            let load = scope.spawn(|| -> Result<String, String> {
+                let end = load_rows(pg, &db, args, offset).map_err(|e| e.to_string())?;
+                // A transaction after the end, so that the walsender passes it at once.
+                pg.psql(&db, &format!("INSERT INTO bench VALUES (-{}, 'end', 0)", offset + 1))
+                    .map_err(|e| e.to_string())?;
+                Ok(end)
+            });
+            let end = loop {
+                watch.sample();
+                if slot == "sluice" {
+                    peak = peak.max(peak_rss_kib(child.id()).unwrap_or(0));
+                    cpu = cpu.max(cpu_seconds(child.id()).unwrap_or(0.0));
+                }
+                if load.is_finished() {
+                    break load.join().map_err(|_| "the load panicked")??;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            loop {
+                watch.sample();
+                let sent = pg.psql(
+                    &db,
+                    &format!(
+                        "SELECT coalesce(bool_or(r.sent_lsn >= '{end}'), false) FROM pg_stat_replication r \
+                         JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = '{slot}'"
+                    ),
+                )?;
+                if sent == "t" {
+                    return Ok(started.elapsed());
+                }
+                if let Some(status) = child.try_wait()? {
+                    return Err(format!("the {slot} consumer exited: {status}").into());
+                }
+                if slot == "sluice" {
+                    peak = peak.max(peak_rss_kib(child.id()).unwrap_or(0));
+                    cpu = cpu.max(cpu_seconds(child.id()).unwrap_or(0.0));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })?;
+        let cost = watch.finish();
+        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+        child.wait()?;
+        Ok((args.rows as f64 / elapsed.as_secs_f64(), peak, cpu, cost))
+    };
+    let (
+        (baseline_rows_per_s, _, _, baseline_cost),
+        (sluice_rows_per_s, peak_rss_kib, sluice_cpu_s, sluice_cost),
+    ) = if run.is_multiple_of(2) {
+        let b = turn("baseline", 0)?;
+        (b, turn("sluice", args.rows)?)
+    } else {
+        let s = turn("sluice", 0)?;
+        (turn("baseline", args.rows)?, s)
+    };
+    drop_slots(pg, &db, &["baseline", "sluice"])?;
+    pg.psql("postgres", &format!("DROP DATABASE \"{db}\" WITH (FORCE)"))?;
     Ok(Sample {
         baseline_rows_per_s,
         sluice_rows_per_s,
