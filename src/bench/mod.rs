@@ -204,6 +204,24 @@ struct Sample {
     sluice_cost: ServerCost,
 }
 
+impl Sample {
+    /// From the baseline's (rows/s, cost) and sluice's (rows/s, peak RSS KiB, CPU s, cost).
+    fn new(
+        (baseline_rows_per_s, baseline_cost): (f64, ServerCost),
+        sluice: (f64, u64, f64, ServerCost),
+    ) -> Self {
+        let (sluice_rows_per_s, peak_rss_kib, sluice_cpu_s, sluice_cost) = sluice;
+        Sample {
+            baseline_rows_per_s,
+            sluice_rows_per_s,
+            peak_rss_kib,
+            sluice_cpu_s,
+            baseline_cost,
+            sluice_cost,
+        }
+    }
+}
+
 /// What one consumer's run cost the server side.
 #[derive(Clone, Copy, Debug, Default)]
 struct ServerCost {
@@ -740,14 +758,7 @@ fn run_once(
         }
         Ok((total_rows / elapsed, peak, cpu, watch.finish()))
     };
-    let ((baseline_rows_per_s, baseline_cost), (sluice_rows_per_s, peak_rss_kib, sluice_cpu_s, sluice_cost)) =
-        if run.is_multiple_of(2) {
-            let b = baseline()?;
-            (b, measured_sluice()?)
-        } else {
-            let s = measured_sluice()?;
-            (baseline()?, s)
-        };
+    let (baseline, sluice) = alternate(run, baseline, measured_sluice)?;
     drop_slots(pg, &db, &["baseline", "sluice"])?;
     pg.psql("postgres", &format!("DROP DATABASE \"{db}\" WITH (FORCE)"))?;
     if args.target == BenchTarget::Postgres {
@@ -757,14 +768,7 @@ fn run_once(
         }
         pg.psql("postgres", &format!("DROP DATABASE \"{target_db}\" WITH (FORCE)"))?;
     }
-    Ok(Sample {
-        baseline_rows_per_s,
-        sluice_rows_per_s,
-        peak_rss_kib,
-        sluice_cpu_s,
-        baseline_cost,
-        sluice_cost,
-    })
+    Ok(Sample::new(baseline, sluice))
 }
 
 /// `pg_recvlogical` streaming `slot` of `db` into /dev/null with the benchmark's options.
@@ -882,26 +886,27 @@ fn run_once_live(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, run: usize
         child.wait()?;
         Ok((args.rows as f64 / elapsed.as_secs_f64(), peak, cpu, cost))
     };
-    let (
-        (baseline_rows_per_s, _, _, baseline_cost),
-        (sluice_rows_per_s, peak_rss_kib, sluice_cpu_s, sluice_cost),
-    ) = if run.is_multiple_of(2) {
-        let b = turn("baseline", 0)?;
-        (b, turn("sluice", args.rows)?)
-    } else {
-        let s = turn("sluice", 0)?;
-        (turn("baseline", args.rows)?, s)
-    };
+    let ((baseline_rows_per_s, _, _, baseline_cost), sluice) =
+        alternate(run, || turn("baseline", 0), || turn("sluice", args.rows))?;
     drop_slots(pg, &db, &["baseline", "sluice"])?;
     pg.psql("postgres", &format!("DROP DATABASE \"{db}\" WITH (FORCE)"))?;
-    Ok(Sample {
-        baseline_rows_per_s,
-        sluice_rows_per_s,
-        peak_rss_kib,
-        sluice_cpu_s,
-        baseline_cost,
-        sluice_cost,
-    })
+    Ok(Sample::new((baseline_rows_per_s, baseline_cost), sluice))
+}
+
+/// Runs the baseline and sluice one after the other, the baseline first in even runs, so that
+/// neither always runs on the warmer (or more fragmented) server.
+fn alternate<B, S>(
+    run: usize,
+    baseline: impl FnOnce() -> BenchResult<B>,
+    sluice: impl FnOnce() -> BenchResult<S>,
+) -> BenchResult<(B, S)> {
+    if run.is_multiple_of(2) {
+        let b = baseline()?;
+        Ok((b, sluice()?))
+    } else {
+        let s = sluice()?;
+        Ok((baseline()?, s))
+    }
 }
 
 /// Drops `slots` of `db` once their consumers are gone. A walsender lingers for a moment after
