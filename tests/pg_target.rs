@@ -797,11 +797,15 @@ fn a_target_without_a_free_replication_origin_slot_names_the_setting() {
 /// sluice's memory stays under its bound; and at every sample, before and after the target
 /// speeds up, the slot is confirmed past a transaction's commit only once the target holds
 /// all of its rows, although each read of the (paced, loopback) replication socket takes many
-/// messages, often several transactions', at once.
+/// messages at once: in the first part of the load, many whole transactions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_target_stops_the_reading_and_reads_of_many_messages_confirm_only_what_is_durable() {
     const TRANSACTIONS: i64 = 180;
     const ROWS: i64 = 500;
+    // First, small transactions: one read of the socket holds several of them.
+    const SMALL_TRANSACTIONS: i64 = 300;
+    const SMALL_ROWS: i64 = 5;
+    const TOTAL: i64 = SMALL_TRANSACTIONS * SMALL_ROWS + TRANSACTIONS * ROWS;
     let (db, target, dir, config) = setup("pgbp", "");
     // The target through a link that holds every piece of a request.
     let link = crate::harness::Outage::start(target.pg.port).await;
@@ -832,20 +836,25 @@ async fn a_slow_target_stops_the_reading_and_reads_of_many_messages_confirm_only
     // next one's): confirmed past it means confirmed past the commit.
     let start = db.insert_lsn();
     let writer = sluice_postgres::connect_sql(&db.connection()).await.unwrap();
-    let mut commits: Vec<sluice_core::Lsn> = Vec::new();
-    for t in 0..TRANSACTIONS {
+    // Each commit's position, with the rows committed up to it.
+    let mut commits: Vec<(sluice_core::Lsn, i64)> = Vec::new();
+    let mut next_id = 1;
+    for rows in std::iter::repeat_n(SMALL_ROWS, SMALL_TRANSACTIONS as usize)
+        .chain(std::iter::repeat_n(ROWS, TRANSACTIONS as usize))
+    {
         writer
             .batch_execute(&format!(
                 "INSERT INTO customers (id, email, bio) SELECT g, 'c' || g, repeat(md5(g::text), 47) \
                  FROM generate_series({}, {}) g",
-                t * ROWS + 1,
-                (t + 1) * ROWS
+                next_id,
+                next_id + rows - 1
             ))
             .await
             .unwrap();
+        next_id += rows;
         let after: String =
             writer.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
-        commits.push(after.parse().unwrap());
+        commits.push((after.parse().unwrap(), next_id - 1));
     }
     let end = db.insert_lsn();
     let written = end.0 - start.0;
@@ -857,7 +866,12 @@ async fn a_slow_target_stops_the_reading_and_reads_of_many_messages_confirm_only
     let check = |samples: &mut usize| -> i64 {
         let confirmed = db.slot_confirmed("pgbp").unwrap();
         let durable: i64 = target.sql("SELECT count(*) FROM v2.customers").parse().unwrap();
-        let due = commits.iter().filter(|&&commit| commit < confirmed).count() as i64 * ROWS;
+        let due = commits
+            .iter()
+            .filter(|(commit, _)| *commit < confirmed)
+            .map(|(_, rows)| *rows)
+            .max()
+            .unwrap_or(0);
         assert!(
             durable >= due,
             "the slot is confirmed at {confirmed}, past {due} rows' commits, but the target holds {durable}"
@@ -885,7 +899,7 @@ async fn a_slow_target_stops_the_reading_and_reads_of_many_messages_confirm_only
         pending.get_or_insert(end.0.saturating_sub(confirmed.0));
         most_ahead = most_ahead.max(ahead);
         let durable = check(&mut samples);
-        if durable >= 10 * ROWS && samples >= 20 {
+        if durable >= SMALL_TRANSACTIONS * SMALL_ROWS + 10 * ROWS && samples >= 20 {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the slow target made {durable} rows durable in 120 s");
@@ -903,16 +917,16 @@ async fn a_slow_target_stops_the_reading_and_reads_of_many_messages_confirm_only
     // The target speeds up: everything arrives, once, and every sample on the way holds.
     link.slow(Duration::ZERO);
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    while check(&mut samples) < TRANSACTIONS * ROWS {
+    while check(&mut samples) < TOTAL {
         assert!(std::time::Instant::now() < deadline, "timed out waiting for every row in the target");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
         target.sql("SELECT count(DISTINCT customer_id) || ' ' || min(customer_id) || ' ' || max(customer_id) FROM v2.customers"),
-        format!("{} 1 {}", TRANSACTIONS * ROWS, TRANSACTIONS * ROWS)
+        format!("{TOTAL} 1 {TOTAL}")
     );
     wait_for("the slot confirmed past the last commit", Duration::from_secs(60), || async {
-        db.slot_confirmed("pgbp").unwrap() > *commits.last().unwrap()
+        db.slot_confirmed("pgbp").unwrap() > commits.last().unwrap().0
     })
     .await;
     // Each socket read took many messages (a row's message is about 1.7 kB here).
