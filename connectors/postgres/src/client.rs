@@ -58,13 +58,9 @@ pub struct ReplicationClient {
 }
 
 impl ReplicationClient {
-    /// Connects, negotiates TLS as configured and logs in as a replication client.
-    pub async fn connect(config: &ConnectionConfig) -> Result<Self> {
-        Self::connect_paced(config, Pacing { max_wait: Duration::ZERO, receive_buffer: None }).await
-    }
-
-    /// As [`ReplicationClient::connect`], with the stream's reads paced over TCP as `pacing` says.
-    pub async fn connect_paced(config: &ConnectionConfig, pacing: Pacing) -> Result<Self> {
+    /// Connects, negotiates TLS as configured and logs in as a replication client; the stream's
+    /// reads are paced over TCP as `pacing` says.
+    pub async fn connect(config: &ConnectionConfig, pacing: Pacing) -> Result<Self> {
         let addr = config.addr();
         let timed_out = || Error::Connect {
             addr: addr.clone(),

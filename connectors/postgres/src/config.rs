@@ -259,9 +259,9 @@ pub struct ReplicationConfig {
     #[schemars(schema_with = "sluice_core::duration::schema")]
     pub read_coalesce: Duration,
     /// The replication socket's receive buffer in bytes (`SO_RCVBUF`), which bounds the TCP
-    /// window. Unset: 32768 to a loopback address, where reads are paced as `read_coalesce`
-    /// says, and the kernel's own sizing elsewhere, where reads are not paced (a fixed buffer
-    /// caps the stream at buffer / round-trip time). 4096 to 4194304.
+    /// window. Unset: 32768 to a loopback address while `read_coalesce` is above zero, where
+    /// reads are then paced, and the kernel's own sizing otherwise, where reads are not paced
+    /// (a fixed buffer caps the stream at buffer / round-trip time). 4096 to 4194304.
     #[serde(default)]
     pub receive_buffer: Option<usize>,
     /// Where streamed transactions are spilled; the system temp dir when unset.

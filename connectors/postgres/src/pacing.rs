@@ -23,7 +23,8 @@ pub struct Pacing {
     /// The longest wait before the socket is read again; zero reads as soon as data arrives.
     pub max_wait: Duration,
     /// The socket's receive buffer (`SO_RCVBUF`), which bounds the TCP window; `None` is
-    /// [`LOOPBACK_RECEIVE_BUFFER`] to a loopback address and the kernel's own sizing otherwise.
+    /// [`LOOPBACK_RECEIVE_BUFFER`] to a loopback address when reads are paced, and the
+    /// kernel's own sizing otherwise.
     pub receive_buffer: Option<usize>,
 }
 
@@ -35,7 +36,9 @@ pub const LOOPBACK_RECEIVE_BUFFER: usize = 32 * 1024;
 impl Pacing {
     /// The receive buffer to ask for to a server at `addr`, if any.
     pub fn receive_buffer_for(&self, addr: &std::net::SocketAddr) -> Option<usize> {
-        self.receive_buffer.or_else(|| addr.ip().is_loopback().then_some(LOOPBACK_RECEIVE_BUFFER))
+        self.receive_buffer.or_else(|| {
+            (!self.max_wait.is_zero() && addr.ip().is_loopback()).then_some(LOOPBACK_RECEIVE_BUFFER)
+        })
     }
 }
 
@@ -134,6 +137,8 @@ mod tests {
         assert_eq!(auto.receive_buffer_for(&remote), None);
         let set = Pacing { receive_buffer: Some(1 << 20), ..auto };
         assert_eq!(set.receive_buffer_for(&remote), Some(1 << 20));
+        let unpaced = Pacing { max_wait: Duration::ZERO, ..auto };
+        assert_eq!(unpaced.receive_buffer_for(&local), None);
     }
 
     /// Reads `per_ms` bytes each millisecond for `ms` milliseconds from `from`; returns the end.

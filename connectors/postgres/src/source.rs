@@ -279,7 +279,7 @@ impl ReplicationSource {
                 "source server chosen among the configured hosts");
             self.server_addr = Some(server.addr());
         }
-        let mut client = ReplicationClient::connect_paced(&server, self.repl.pacing()).await?;
+        let mut client = ReplicationClient::connect(&server, self.repl.pacing()).await?;
         let slot = setup::check(&sql, &server, &self.repl).await?;
         self.on_standby = slot.server.in_recovery;
         if self.on_standby && self.heartbeat_enabled && self.options.heartbeat_connection.is_none() {
