@@ -692,34 +692,7 @@ fn run_once(
     let measured_sluice = || -> BenchResult<(f64, u64, f64, ServerCost)> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("bench.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[monitoring]\nlisten = \"\"\n[source.connection]\nhost = \"{}\"\nport = {}\ndbname = \"{db}\"\n\
-                 {}{}",
-                if args.unix { pg.socket_dir().display().to_string() } else { "127.0.0.1".into() },
-                pg.port,
-                if args.source == BenchSource::Poll {
-                    format!("[source.poll]\ntable = \"public.bench\"\nbatch_size = {}\ninterval = \"100ms\"\n", args.poll_batch_size)
-                } else {
-                    format!(
-                        "[source.replication]\nslot = \"sluice\"\npublication = \"bench_pub\"\ncreate_slot = false\n\
-                         proto_version = {}\nstreaming = \"{}\"\nbinary = {}\nspill_dir = \"{}\"\n",
-                        args.proto_version,
-                        args.streaming.option(),
-                        args.binary,
-                        dir.path().display()
-                    )
-                },
-                match &args.kafka_brokers {
-                    Some(brokers) if kafka => format!(
-                        "[target]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ncompression = \"none\"\n[target.outbox]\ntable = \"public.bench\"\n"
-                    ),
-                    _ if args.target == BenchTarget::Postgres => postgres_target(pg, &target_db, dir.path())?,
-                    _ => "[target]\nkind = \"null\"\n".to_owned(),
-                }
-            ),
-        )?;
+        std::fs::write(&config, sluice_config(pg, args, &db, dir.path(), &target_db)?)?;
         let poll = args.source == BenchSource::Poll;
         let started = Instant::now();
         let mut command = Command::new(sluice);
@@ -771,6 +744,43 @@ fn run_once(
     Ok(Sample::new(baseline, sluice))
 }
 
+/// sluice's configuration for the stream benchmarks: `db` through the replication slot `sluice`
+/// (or the polling source), into the benchmark's target (`target_db` for `--target postgres`).
+fn sluice_config(
+    pg: &LocalPostgres,
+    args: &BenchArgs,
+    db: &str,
+    dir: &Path,
+    target_db: &str,
+) -> BenchResult<String> {
+    let kafka = args.target == BenchTarget::Kafka;
+    Ok(format!(
+        "[monitoring]\nlisten = \"\"\n[source.connection]\nhost = \"{}\"\nport = {}\ndbname = \"{db}\"\n\
+         {}{}",
+        if args.unix { pg.socket_dir().display().to_string() } else { "127.0.0.1".into() },
+        pg.port,
+        if args.source == BenchSource::Poll {
+            format!("[source.poll]\ntable = \"public.bench\"\nbatch_size = {}\ninterval = \"100ms\"\n", args.poll_batch_size)
+        } else {
+            format!(
+                "[source.replication]\nslot = \"sluice\"\npublication = \"bench_pub\"\ncreate_slot = false\n\
+                 proto_version = {}\nstreaming = \"{}\"\nbinary = {}\nspill_dir = \"{}\"\n",
+                args.proto_version,
+                args.streaming.option(),
+                args.binary,
+                dir.display()
+            )
+        },
+        match &args.kafka_brokers {
+            Some(brokers) if kafka => format!(
+                "[target]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ncompression = \"none\"\n[target.outbox]\ntable = \"public.bench\"\n"
+            ),
+            _ if args.target == BenchTarget::Postgres => postgres_target(pg, target_db, dir)?,
+            _ => "[target]\nkind = \"null\"\n".to_owned(),
+        }
+    ))
+}
+
 /// `pg_recvlogical` streaming `slot` of `db` into /dev/null with the benchmark's options.
 fn recvlogical(pg: &LocalPostgres, args: &BenchArgs, db: &str, slot: &str) -> Command {
     let mut cmd = pg.client_command("pg_recvlogical");
@@ -800,20 +810,8 @@ fn run_once_live(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, run: usize
     pg.psql(&db, &format!("{BENCH_TABLE}; CREATE PUBLICATION bench_pub FOR TABLE bench;"))?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("bench.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[monitoring]\nlisten = \"\"\n[source.connection]\nhost = \"{}\"\nport = {}\ndbname = \"{db}\"\n\
-             [source.replication]\nslot = \"sluice\"\npublication = \"bench_pub\"\ncreate_slot = false\nproto_version = {}\n\
-             streaming = \"{}\"\nbinary = {}\nspill_dir = \"{}\"\n[target]\nkind = \"null\"\n",
-            if args.unix { pg.socket_dir().display().to_string() } else { "127.0.0.1".into() },
-            pg.port,
-            args.proto_version,
-            args.streaming.option(),
-            args.binary,
-            dir.path().display()
-        ),
-    )?;
+    // The live runs use neither the polling source nor a target database (checked above).
+    std::fs::write(&config, sluice_config(pg, args, &db, dir.path(), "")?)?;
     // One consumer's turn: rows/s, its peak RSS and CPU (sluice only), the server's cost.
     let turn = |slot: &'static str, offset: u64| -> BenchResult<(f64, u64, f64, ServerCost)> {
         pg.psql(&db, &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"))?;
