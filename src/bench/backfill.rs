@@ -39,12 +39,12 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
     pg.psql(DB, "VACUUM ANALYZE bench")?;
     pg.psql(DB, "CHECKPOINT")?;
     println!(
-        "{:>4} {:>16} {:>16} {:>7} {:>14}",
-        "run", "COPY rows/s", "backfill rows/s", "ratio", "peak RSS MiB"
+        "{:>4} {:>16} {:>16} {:>7} {:>14} {:>16}",
+        "run", "COPY rows/s", "backfill rows/s", "ratio", "peak RSS MiB", "sluice CPU s/1M"
     );
-    let mut samples: Vec<(f64, f64, u64)> = Vec::new();
+    let mut samples: Vec<(f64, Backfilled)> = Vec::new();
     for run in 0..args.runs {
-        let (copy, (backfill, rss)) = if run % 2 == 0 {
+        let (copy, backfilled) = if run % 2 == 0 {
             let copy = copy_rate(&pg, args.rows)?;
             (copy, backfill_rate(&pg, &sluice, &args, run, None).await?)
         } else {
@@ -52,21 +52,23 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
             (copy_rate(&pg, args.rows)?, backfill)
         };
         println!(
-            "{:>4} {:>16.0} {:>16.0} {:>7.3} {:>14.1}",
+            "{:>4} {:>16.0} {:>16.0} {:>7.3} {:>14.1} {:>16.2}",
             run + 1,
             copy,
-            backfill,
-            backfill / copy,
-            rss as f64 / 1024.0
+            backfilled.rate,
+            backfilled.rate / copy,
+            backfilled.peak_rss_kib as f64 / 1024.0,
+            backfilled.cpu_per_million
         );
-        samples.push((copy, backfill, rss));
+        samples.push((copy, backfilled));
     }
     println!(
-        "median {:>14.0} {:>16.0} {:>7.3} {:>14.1}",
+        "median {:>14.0} {:>16.0} {:>7.3} {:>14.1} {:>16.2}",
         median(&samples, |s| s.0),
-        median(&samples, |s| s.1),
-        median(&samples, |s| s.1 / s.0),
-        median(&samples, |s| s.2 as f64 / 1024.0)
+        median(&samples, |s| s.1.rate),
+        median(&samples, |s| s.1.rate / s.0),
+        median(&samples, |s| s.1.peak_rss_kib as f64 / 1024.0),
+        median(&samples, |s| s.1.cpu_per_million)
     );
     if let Some(endpoint) = &args.dynamodb_endpoint {
         verify_rate(&pg, &sluice, &args, endpoint).await?;
@@ -103,15 +105,23 @@ fn config_text(pg: &LocalPostgres, args: &BenchArgs, slot: &str, target: &str) -
     )
 }
 
-/// Starts `sluice run`, requests a backfill of the whole table, waits for it: rows/s by the
-/// progress table's own timestamps, and sluice's peak RSS.
+/// One backfill run as measured.
+struct Backfilled {
+    /// Rows/s, by the progress table's own timestamps.
+    rate: f64,
+    peak_rss_kib: u64,
+    /// sluice's CPU seconds (user + system) from the request to its end, per 1M rows.
+    cpu_per_million: f64,
+}
+
+/// Starts `sluice run`, requests a backfill of the whole table, waits for it.
 async fn backfill_rate(
     pg: &LocalPostgres,
     sluice: &Path,
     args: &BenchArgs,
     run: usize,
     target: Option<&str>,
-) -> BenchResult<(f64, u64)> {
+) -> BenchResult<Backfilled> {
     let dir = tempfile::tempdir()?;
     let slot = format!("bench_backfill_{run}");
     let config = dir.path().join("bench.toml");
@@ -138,6 +148,7 @@ async fn backfill_rate(
     }
     let config_parsed = crate::config::Config::load(&config)?;
     crate::backfill::ensure_progress_table(&sql, &config_parsed.backfill).await?;
+    let cpu_before = super::cpu_seconds(child.id()).unwrap_or(0.0);
     let id = crate::backfill::request(
         &sql,
         &config_parsed.backfill,
@@ -163,6 +174,7 @@ async fn backfill_rate(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let cpu = super::cpu_seconds(child.id()).unwrap_or(0.0) - cpu_before;
     Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
     let _ = child.wait();
     sql.execute("DELETE FROM sluice_backfill", &[]).await?;
@@ -173,7 +185,11 @@ async fn backfill_rate(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok((args.rows as f64 / seconds.max(1e-6), peak))
+    Ok(Backfilled {
+        rate: args.rows as f64 / seconds.max(1e-6),
+        peak_rss_kib: peak,
+        cpu_per_million: cpu * 1e6 / args.rows as f64,
+    })
 }
 
 /// Backfills the table into DynamoDB once, then times `sluice verify` over it `runs` times.
@@ -199,7 +215,7 @@ async fn verify_rate(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, endpoi
         mapping.display(),
         args.concurrency
     );
-    let (rate, _) = backfill_rate(pg, sluice, args, 1000, Some(&target)).await?;
+    let rate = backfill_rate(pg, sluice, args, 1000, Some(&target)).await?.rate;
     println!("\nbackfill into DynamoDB ({endpoint}, write_mode batch): {rate:.0} rows/s");
     let config = dir.path().join("verify.toml");
     std::fs::write(&config, config_text(pg, args, "bench_verify", &target))?;
@@ -211,7 +227,7 @@ async fn verify_rate(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs, endpoi
 async fn verify_rate_postgres(pg: &LocalPostgres, sluice: &Path, args: &BenchArgs) -> BenchResult<()> {
     let dir = tempfile::tempdir()?;
     let target = super::postgres_target(pg, &format!("{DB}_target"), dir.path())?;
-    let (rate, _) = backfill_rate(pg, sluice, args, 1000, Some(&target)).await?;
+    let rate = backfill_rate(pg, sluice, args, 1000, Some(&target)).await?.rate;
     println!("\nbackfill into a Postgres target (a second database, same cluster): {rate:.0} rows/s");
     let config = dir.path().join("verify.toml");
     std::fs::write(&config, config_text(pg, args, "bench_verify", &target))?;

@@ -955,7 +955,7 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
 }
 
 /// User plus system CPU time of a running process, in seconds (Linux clock ticks of 1/100 s).
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the 14th and 15th fields.
     let rest = &stat[stat.rfind(')')? + 2..];
