@@ -5,11 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::stream::StreamExt;
 use sluice_core::{Shutdown, Value};
 use sluice_postgres::catalog::Table;
 use sluice_postgres::copy::{CopyDecoder, Page};
-use sluice_postgres::ConnectionConfig;
+use sluice_postgres::{ConnectionConfig, ReplicationClient};
 use tokio::sync::{mpsc, oneshot};
 
 use super::ranges;
@@ -27,7 +26,7 @@ pub(super) async fn serve_request(
     request: Request,
 ) -> Result<(), BackfillError> {
     crate::faults::panic_at("backfill");
-    let mut sql = reader_session(connection).await?;
+    let (mut sql, host) = reader_session(connection).await?;
     let progress = config.quoted_table();
     let (table, left_out) = match sluice_postgres::catalog::split_table(&request.table) {
         Some((schema, name)) => (
@@ -82,7 +81,7 @@ pub(super) async fn serve_request(
     let outcome = match ranges {
         None => {
             let reader = Reader { index: 0, range: None, after: request.last_key, upto: None };
-            serve_reader(&mut sql, &context, reader, request.rows_done.max(0) as usize).await?
+            serve_reader(&mut sql, &host, &context, reader, request.rows_done.max(0) as usize).await?
         }
         Some(ranges) => serve_ranges(&context, ranges).await?,
     };
@@ -99,14 +98,17 @@ pub(super) async fn serve_request(
     Ok(())
 }
 
-/// A connection for reading chunks and writing their watermarks.
-async fn reader_session(connection: &ConnectionConfig) -> Result<tokio_postgres::Client, BackfillError> {
-    let sql = sluice_postgres::connect_sql(connection).await?;
+/// A connection for writing watermarks and progress, and the one host it reached (where the
+/// reader's COPY session connects too).
+async fn reader_session(
+    connection: &ConnectionConfig,
+) -> Result<(tokio_postgres::Client, ConnectionConfig), BackfillError> {
+    let (sql, host) = sluice_postgres::connect_sql_choosing(connection, "sluice").await?;
     // The high watermark must reach the stream at once: flush its commit locally even where
     // synchronous_commit is off (the walsender sends only flushed WAL), without waiting for
     // synchronous standbys.
     sql.batch_execute("SET synchronous_commit = local").await?;
-    Ok(sql)
+    Ok((sql, host))
 }
 
 /// What every reader of one request shares.
@@ -159,9 +161,9 @@ async fn serve_ranges(context: &Arc<Context>, ranges: Vec<ranges::Range>) -> Res
     for (index, range) in ranges.into_iter().enumerate().filter(|(_, r)| !r.done) {
         let context = Arc::clone(context);
         readers.spawn(async move {
-            let mut sql = reader_session(&context.connection).await?;
+            let (mut sql, host) = reader_session(&context.connection).await?;
             let reader = Reader { index, range: Some(index), after: range.after, upto: range.upto };
-            serve_reader(&mut sql, &context, reader, 0).await
+            serve_reader(&mut sql, &host, &context, reader, 0).await
         });
     }
     let mut total = Outcome::default();
@@ -183,13 +185,17 @@ async fn serve_ranges(context: &Arc<Context>, ranges: Vec<ranges::Range>) -> Res
 
 /// Reads chunk after chunk between watermarks until the reader's rows (or keys) are all made
 /// durable, or the request is cancelled; `offset` is how many of a reconcile's keys are done.
+/// `sql` writes the watermarks and progress; the chunks are read over a session of their own
+/// on `host`.
 async fn serve_reader(
     sql: &mut tokio_postgres::Client,
+    host: &ConnectionConfig,
     context: &Context,
     reader: Reader,
     offset: usize,
 ) -> Result<Outcome, BackfillError> {
     let Context { pipeline, progress, config, chunks, table, relation, .. } = context;
+    let mut copy = ReplicationClient::connect_for_copy(host).await?;
     let mut shutdown = context.shutdown.clone();
     let chunk_size = config.chunk_size;
     let started = Instant::now();
@@ -232,7 +238,7 @@ async fn serve_reader(
         };
         emit(sql, &Watermark::text(false, pipeline, &chunk_id, &context.label)).await?;
         let (values, next_key) =
-            read_chunk(sql, table, chunk_size, read_key.as_deref(), upto.as_deref(), keys).await?;
+            read_chunk(&mut copy, table, chunk_size, read_key.as_deref(), upto.as_deref(), keys).await?;
         if keys.is_none() && values.is_empty() {
             // Close the window, so that the pipeline forgets it.
             emit(sql, &Watermark::text(true, pipeline, &chunk_id, &context.label)).await?;
@@ -387,7 +393,7 @@ async fn emit(sql: &tokio_postgres::Client, text: &str) -> Result<(), tokio_post
 /// watermark (see the module header): the rows' columns as text; `upto` is the condition that
 /// ends a key range.
 async fn read_chunk(
-    sql: &mut tokio_postgres::Client,
+    copy: &mut ReplicationClient,
     table: &Table,
     chunk_size: usize,
     after: Option<&[String]>,
@@ -402,36 +408,27 @@ async fn read_chunk(
         Some(keys) => table.keys_query(&columns, keys),
         None => table.page_query(&columns, after, chunk_size, upto),
     };
-    let statement = format!("COPY ({query}) TO STDOUT");
+    let bad = |e: String| BackfillError::Request(format!("table {}: {e}", table.relation.qualified_name()));
     for _ in 0..100 {
-        let txn = sql
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
+        // The first statement after BEGIN fixes the snapshot.
+        let lagging = copy
+            .simple_query(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+                 SELECT count(*) FROM pg_snapshot_xip(pg_current_snapshot()) x WHERE pg_xact_status(x) = 'committed'",
+            )
             .await?;
-        // The first statement fixes the snapshot.
-        let lagging: i64 = txn
-            .query_one("SELECT count(*) FROM pg_snapshot_xip(pg_current_snapshot()) x WHERE pg_xact_status(x) = 'committed'", &[])
-            .await?
-            .get(0);
-        if lagging > 0 {
-            txn.rollback().await?;
+        if lagging.first().and_then(|row| row.first()).and_then(Option::as_deref) != Some("0") {
+            copy.simple_query("ROLLBACK").await?;
             tokio::time::sleep(Duration::from_millis(2)).await;
             continue;
         }
         if let Some(delay) = crate::faults::backfill_window_delay() {
             tokio::time::sleep(delay).await;
         }
-        let stream = txn.copy_out(&statement).await?;
-        futures_util::pin_mut!(stream);
         let mut decoder = CopyDecoder::new(table);
-        let bad =
-            |e: String| BackfillError::Request(format!("table {}: {e}", table.relation.qualified_name()));
-        while let Some(part) = stream.next().await {
-            decoder.feed(&part?).map_err(bad)?;
-        }
-        txn.commit().await?;
+        // After a failure the session is dropped with the reader, its transaction with it.
+        copy.copy_out(&format!("COPY ({query}) TO STDOUT; COMMIT"), |part| decoder.feed(part).map_err(bad))
+            .await?;
         return decoder.finish().map_err(bad);
     }
     Err(BackfillError::Request("no snapshot without committed-but-running transactions in 100 tries".into()))

@@ -6,6 +6,11 @@
 //! cleartext, md5, SCRAM-SHA-256), answers simple queries (IDENTIFY_SYSTEM, slot commands) and,
 //! after START_REPLICATION, switches to CopyBoth: the server sends CopyData frames (XLogData,
 //! keepalives) and we send CopyData frames (standby status updates) on the same socket.
+//!
+//! The same code opens ordinary sessions for bulk reads ([`ReplicationClient::connect_for_copy`]):
+//! `COPY … TO STDOUT` sends one CopyData frame per row, and [`ReplicationClient::copy_out`] hands
+//! the rows of a whole socket read to the caller in one pass, where tokio-postgres would make
+//! each row a stream item of its own.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,7 +48,7 @@ enum Frame {
     Other(Message),
 }
 
-/// A connection opened with `replication=database`.
+/// A connection opened with `replication=database` (or, for bulk reads, an ordinary session).
 pub struct ReplicationClient {
     stream: Box<dyn Stream>,
     read_buf: BytesMut,
@@ -61,6 +66,16 @@ impl ReplicationClient {
     /// Connects, negotiates TLS as configured and logs in as a replication client; the stream's
     /// reads are paced over TCP as `pacing` says.
     pub async fn connect(config: &ConnectionConfig, pacing: Pacing) -> Result<Self> {
+        Self::open(config, pacing, true).await
+    }
+
+    /// An ordinary session (no replication) with the same settings, for
+    /// [`ReplicationClient::copy_out`] and simple queries; `config` names one host.
+    pub async fn connect_for_copy(config: &ConnectionConfig) -> Result<Self> {
+        Self::open(config, Pacing { max_wait: Duration::ZERO, receive_buffer: None }, false).await
+    }
+
+    async fn open(config: &ConnectionConfig, pacing: Pacing, replication: bool) -> Result<Self> {
         let addr = config.addr();
         let timed_out = || Error::Connect {
             addr: addr.clone(),
@@ -109,23 +124,25 @@ impl ReplicationClient {
             pacer: None,
             reads: 0,
         };
-        tokio::time::timeout(config.connect_timeout, client.startup(config)).await.map_err(|_| {
-            Error::Connect {
+        tokio::time::timeout(config.connect_timeout, client.startup(config, replication)).await.map_err(
+            |_| Error::Connect {
                 addr: client.addr.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::TimedOut, "login timed out"),
-            }
-        })??;
+            },
+        )??;
         Ok(client)
     }
 
-    async fn startup(&mut self, config: &ConnectionConfig) -> Result<()> {
-        let params = [
+    async fn startup(&mut self, config: &ConnectionConfig, replication: bool) -> Result<()> {
+        let mut params = vec![
             ("user", config.user.as_str()),
             ("database", config.dbname.as_str()),
-            ("replication", "database"),
             ("application_name", "sluice"),
             ("options", SESSION_OPTIONS),
         ];
+        if replication {
+            params.push(("replication", "database"));
+        }
         frontend::startup_message(params.iter().copied(), &mut self.write_buf)
             .map_err(Error::ConnectionLost)?;
         self.flush().await?;
@@ -249,6 +266,44 @@ impl ReplicationClient {
                 Frame::Other(_) => {}
                 Frame::CopyData(_) | Frame::CopyBothResponse => {
                     return Err(Error::protocol(Lsn::ZERO, "copy data in reply to a simple query"));
+                }
+            }
+        }
+    }
+
+    /// Runs `statements` (one simple query; a `COPY … TO STDOUT` among them) and hands the
+    /// payload of every CopyData frame to `data`: the frames already buffered in one pass, many
+    /// rows per socket read. The first error (the server's, or `data`'s) ends it; after an error
+    /// the session is in no known state and is to be dropped.
+    pub async fn copy_out<E: From<Error>>(
+        &mut self,
+        statements: &str,
+        mut data: impl FnMut(&[u8]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        frontend::query(statements, &mut self.write_buf).map_err(Error::ConnectionLost)?;
+        self.flush().await?;
+        let mut error = None;
+        loop {
+            // The complete CopyData frames at the buffer's start.
+            let mut at = 0;
+            while let Some(&[tag, a, b, c, d]) = self.read_buf.get(at..at + 5) {
+                let end = at + 1 + u32::from_be_bytes([a, b, c, d]) as usize;
+                if tag != b'd' || end > self.read_buf.len() || end < at + 5 {
+                    break;
+                }
+                data(&self.read_buf[at + 5..end])?;
+                at = end;
+            }
+            self.read_buf.advance(at);
+            match self.read_frame().await? {
+                Frame::CopyData(payload) => data(&payload)?,
+                Frame::Other(Message::ErrorResponse(body)) => {
+                    error.get_or_insert(server_error(body.fields()));
+                }
+                Frame::Other(Message::ReadyForQuery(_)) => return error.map_or(Ok(()), |e| Err(e.into())),
+                Frame::Other(_) => {}
+                Frame::CopyBothResponse => {
+                    return Err(Error::protocol(Lsn::ZERO, "CopyBothResponse in reply to a COPY").into())
                 }
             }
         }

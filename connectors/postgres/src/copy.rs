@@ -17,26 +17,36 @@ pub struct CopyDecoder<'a> {
     rows: Vec<Vec<Value>>,
     /// The start of a row whose end has not arrived yet.
     carry: Vec<u8>,
-    last_line: Vec<u8>,
-    unescaped: Vec<u8>,
+    /// For each column, its place in the primary key.
+    key_place: Vec<Option<usize>>,
+    /// The last row's primary-key fields as text (the buffers are reused row after row).
+    last_key: Vec<String>,
+    unescaped: String,
 }
 
 impl<'a> CopyDecoder<'a> {
     /// A decoder for rows of `table`.
     pub fn new(table: &'a Table) -> Self {
+        let mut key_place = vec![None; table.relation.columns.len()];
+        for (place, &column) in table.primary_key.iter().enumerate() {
+            if let Some(slot) = key_place.get_mut(column) {
+                *slot = Some(place);
+            }
+        }
         CopyDecoder {
             table,
             rows: Vec::new(),
             carry: Vec::new(),
-            last_line: Vec::new(),
-            unescaped: Vec::new(),
+            key_place,
+            last_key: vec![String::new(); table.primary_key.len()],
+            unescaped: String::new(),
         }
     }
 
     /// Decodes the rows complete in `data`, keeping a partial last line for the next call.
     pub fn feed(&mut self, mut data: &[u8]) -> Result<(), String> {
         if !self.carry.is_empty() {
-            let Some(end) = data.iter().position(|&b| b == b'\n') else {
+            let Some(end) = memchr::memchr(b'\n', data) else {
                 self.carry.extend_from_slice(data);
                 return Ok(());
             };
@@ -47,7 +57,7 @@ impl<'a> CopyDecoder<'a> {
             self.carry = line;
             data = &data[end + 1..];
         }
-        while let Some(end) = data.iter().position(|&b| b == b'\n') {
+        while let Some(end) = memchr::memchr(b'\n', data) {
             self.line(&data[..end])?;
             data = &data[end + 1..];
         }
@@ -59,54 +69,58 @@ impl<'a> CopyDecoder<'a> {
         if line.is_empty() {
             return Ok(());
         }
+        // Tabs and backslashes are ASCII: the fields of valid UTF-8 are valid UTF-8.
+        let line = std::str::from_utf8(line).map_err(|_| NOT_UTF8.to_string())?;
         let columns = &self.table.relation.columns;
         let mut row = Vec::with_capacity(columns.len());
-        for (index, field) in line.split(|&b| b == b'\t').enumerate() {
-            let column = columns.get(index).ok_or_else(|| {
-                format!("a COPY row has more fields than the table's {} columns", columns.len())
-            })?;
-            row.push(column.decode_text(field_text(field, &mut self.unescaped)?)?);
+        let mut fields = line.split('\t');
+        for (column, key_place) in columns.iter().zip(&self.key_place) {
+            let Some(field) = fields.next() else {
+                return Err(format!(
+                    "a COPY row has {} fields, the table {} columns",
+                    row.len(),
+                    columns.len()
+                ));
+            };
+            let text = field_text(field, &mut self.unescaped)?;
+            if let Some(place) = *key_place {
+                let key = &mut self.last_key[place];
+                key.clear();
+                key.push_str(text.unwrap_or_default());
+            }
+            row.push(column.decode_text(text)?);
         }
-        if row.len() != columns.len() {
-            return Err(format!("a COPY row has {} fields, the table {} columns", row.len(), columns.len()));
+        if fields.next().is_some() {
+            return Err(format!("a COPY row has more fields than the table's {} columns", columns.len()));
         }
         self.rows.push(row);
-        self.last_line.clear();
-        self.last_line.extend_from_slice(line);
         Ok(())
     }
 
     /// The rows and the key of the last one; an error when data ends inside a row.
-    pub fn finish(mut self) -> Result<Page, String> {
+    pub fn finish(self) -> Result<Page, String> {
         if !self.carry.is_empty() {
             return Err("the COPY data ends inside a row".into());
         }
         if self.rows.is_empty() {
             return Ok((self.rows, None));
         }
-        let fields: Vec<&[u8]> = self.last_line.split(|&b| b == b'\t').collect();
-        let mut key = Vec::with_capacity(self.table.primary_key.len());
-        for &i in &self.table.primary_key {
-            key.push(field_text(fields[i], &mut self.unescaped)?.unwrap_or_default().to_owned());
-        }
-        Ok((self.rows, Some(key)))
+        Ok((self.rows, Some(self.last_key)))
     }
 }
 
+const NOT_UTF8: &str = "COPY data is not UTF-8 (the database encoding must be UTF8)";
+
 /// A field's text (unescaped into `buffer` when it has escapes); None for NULL.
-fn field_text<'b>(field: &'b [u8], buffer: &'b mut Vec<u8>) -> Result<Option<&'b str>, String> {
-    if field == b"\\N" {
+fn field_text<'b>(field: &'b str, buffer: &'b mut String) -> Result<Option<&'b str>, String> {
+    if field == "\\N" {
         return Ok(None);
     }
-    let bytes: &[u8] = if field.contains(&b'\\') {
-        unescape(field, buffer)?;
-        buffer
-    } else {
-        field
-    };
-    std::str::from_utf8(bytes)
-        .map(Some)
-        .map_err(|_| "COPY data is not UTF-8 (the database encoding must be UTF8)".to_string())
+    if !field.contains('\\') {
+        return Ok(Some(field));
+    }
+    unescape(field, buffer)?;
+    Ok(Some(buffer))
 }
 
 /// Decodes a whole COPY text (see `CopyDecoder`).
@@ -116,22 +130,22 @@ pub fn decode_copy(data: &[u8], table: &Table) -> Result<Page, String> {
     decoder.finish()
 }
 
-fn unescape(field: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+fn unescape(field: &str, out: &mut String) -> Result<(), String> {
     out.clear();
-    let mut bytes = field.iter();
-    while let Some(&b) = bytes.next() {
-        if b != b'\\' {
-            out.push(b);
+    let mut chars = field.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
             continue;
         }
-        match bytes.next() {
-            Some(b'n') => out.push(b'\n'),
-            Some(b't') => out.push(b'\t'),
-            Some(b'r') => out.push(b'\r'),
-            Some(b'b') => out.push(8),
-            Some(b'f') => out.push(12),
-            Some(b'v') => out.push(11),
-            Some(&other) => out.push(other),
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some('b') => out.push('\u{8}'),
+            Some('f') => out.push('\u{c}'),
+            Some('v') => out.push('\u{b}'),
+            Some(other) => out.push(other),
             None => return Err("COPY data ends in a lone backslash".into()),
         }
     }
