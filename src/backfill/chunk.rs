@@ -76,12 +76,15 @@ pub(super) async fn serve_request(
         relation: Arc::new(table.relation.clone()),
         table,
         keys: request.keys,
-        readers: ranges.as_ref().map_or(1, |r| r.iter().filter(|r| !r.done).count().max(1)),
+        readers: ranges
+            .as_ref()
+            .map_or(1, |r| r.iter().filter(|r| !r.done).count().min(config.readers_per_table()).max(1)),
     });
     let outcome = match ranges {
         None => {
             let reader = Reader { index: 0, range: None, after: request.last_key, upto: None };
-            serve_reader(&mut sql, &host, &context, reader, request.rows_done.max(0) as usize).await?
+            let mut copy = ReplicationClient::connect_for_copy(&host).await?;
+            serve_reader(&mut sql, &mut copy, &context, reader, request.rows_done.max(0) as usize).await?
         }
         Some(ranges) => serve_ranges(&context, ranges).await?,
     };
@@ -154,16 +157,32 @@ struct Outcome {
     cancelled: bool,
 }
 
-/// Runs one reader per range not yet done, each on its own connection; the first error stops
-/// the others (what they made durable stays recorded).
+/// Runs `context.readers` readers, each on connections of its own, taking the ranges not yet
+/// done one after another; the first error stops the others (what they made durable stays
+/// recorded).
 async fn serve_ranges(context: &Arc<Context>, ranges: Vec<ranges::Range>) -> Result<Outcome, BackfillError> {
+    let queue: std::collections::VecDeque<(usize, ranges::Range)> =
+        ranges.into_iter().enumerate().filter(|(_, r)| !r.done).collect();
+    let queue = Arc::new(std::sync::Mutex::new(queue));
     let mut readers = tokio::task::JoinSet::new();
-    for (index, range) in ranges.into_iter().enumerate().filter(|(_, r)| !r.done) {
-        let context = Arc::clone(context);
+    for _ in 0..context.readers {
+        let (context, queue) = (Arc::clone(context), Arc::clone(&queue));
         readers.spawn(async move {
             let (mut sql, host) = reader_session(&context.connection).await?;
-            let reader = Reader { index, range: Some(index), after: range.after, upto: range.upto };
-            serve_reader(&mut sql, &host, &context, reader, 0).await
+            let mut copy = ReplicationClient::connect_for_copy(&host).await?;
+            let mut total = Outcome::default();
+            loop {
+                let next = queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop_front();
+                let Some((index, range)) = next else { return Ok(total) };
+                // A range is one reader's in chunk ids (a reader's new window replaces its own).
+                let reader = Reader { index, range: Some(index), after: range.after, upto: range.upto };
+                let outcome = serve_reader(&mut sql, &mut copy, &context, reader, 0).await?;
+                total.rows += outcome.rows;
+                if outcome.cancelled {
+                    total.cancelled = true;
+                    return Ok(total);
+                }
+            }
         });
     }
     let mut total = Outcome::default();
@@ -185,17 +204,16 @@ async fn serve_ranges(context: &Arc<Context>, ranges: Vec<ranges::Range>) -> Res
 
 /// Reads chunk after chunk between watermarks until the reader's rows (or keys) are all made
 /// durable, or the request is cancelled; `offset` is how many of a reconcile's keys are done.
-/// `sql` writes the watermarks and progress; the chunks are read over a session of their own
-/// on `host`.
+/// `sql` writes the watermarks and progress; the chunks are read over `copy`, a session of
+/// their own on the same host.
 async fn serve_reader(
     sql: &mut tokio_postgres::Client,
-    host: &ConnectionConfig,
+    copy: &mut ReplicationClient,
     context: &Context,
     reader: Reader,
     offset: usize,
 ) -> Result<Outcome, BackfillError> {
     let Context { pipeline, progress, config, chunks, table, relation, .. } = context;
-    let mut copy = ReplicationClient::connect_for_copy(host).await?;
     let mut shutdown = context.shutdown.clone();
     let chunk_size = config.chunk_size;
     let started = Instant::now();
@@ -238,7 +256,7 @@ async fn serve_reader(
         };
         emit(sql, &Watermark::text(false, pipeline, &chunk_id, &context.label)).await?;
         let (values, next_key) =
-            read_chunk(&mut copy, table, chunk_size, read_key.as_deref(), upto.as_deref(), keys).await?;
+            read_chunk(copy, table, chunk_size, read_key.as_deref(), upto.as_deref(), keys).await?;
         if keys.is_none() && values.is_empty() {
             // Close the window, so that the pipeline forgets it.
             emit(sql, &Watermark::text(true, pipeline, &chunk_id, &context.label)).await?;
