@@ -271,13 +271,13 @@ fn process_of(chunk: &str) -> &str {
 /// A merged chunk's writes as parts of at most `max` (one, empty, for a chunk without any),
 /// the last one telling `done`.
 fn split_chunk(
-    events: Vec<ChangeEvent>,
+    events: impl ExactSizeIterator<Item = ChangeEvent>,
     done: oneshot::Sender<()>,
     applied: Arc<AtomicU64>,
     max: usize,
 ) -> Vec<Part> {
     let mut parts = Vec::with_capacity(events.len().div_ceil(max).max(1));
-    let mut events = events.into_iter().peekable();
+    let mut events = events.peekable();
     loop {
         let piece: Vec<ChangeEvent> = events.by_ref().take(max).collect();
         let count = piece.len() as u64;
@@ -322,22 +322,18 @@ fn merge(
     chunk: Chunk,
     window: &[ChangeEvent],
     position: Position,
-) -> (Vec<ChangeEvent>, oneshot::Sender<()>) {
+) -> (Box<dyn ExactSizeIterator<Item = ChangeEvent>>, oneshot::Sender<()>) {
     let relation = Arc::clone(&chunk.relation);
     if window.is_empty() && chunk.absent_keys.is_empty() {
-        // Nothing changed while the chunk was read: its rows as they are.
-        let events = chunk
-            .rows
-            .into_iter()
-            .enumerate()
-            .map(|(i, new)| ChangeEvent::Insert {
-                position: nth(position, i),
-                relation: Arc::clone(&relation),
-                new,
-                snapshot: true,
-            })
-            .collect();
-        return (events, chunk.done);
+        // Nothing changed while the chunk was read: its rows as they are, made writes as the
+        // parts take them.
+        let events = chunk.rows.into_iter().enumerate().map(move |(i, new)| ChangeEvent::Insert {
+            position: nth(position, i),
+            relation: Arc::clone(&relation),
+            new,
+            snapshot: true,
+        });
+        return (Box::new(events), chunk.done);
     }
     let names: Vec<&str> = chunk.primary_key.iter().map(|&i| relation.columns[i].name.as_str()).collect();
     // Each key's final state: None (deleted) or the full row.
@@ -439,7 +435,7 @@ fn merge(
             None => {}
         }
     }
-    (events, chunk.done)
+    (Box::new(events.into_iter()), chunk.done)
 }
 
 /// A row of relation `from` as the columns of `to` (by name; absent ones Null).
