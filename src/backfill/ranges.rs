@@ -14,8 +14,9 @@ use sluice_postgres::catalog::Table;
 
 use super::{BackfillConfig, BackfillError, Request};
 
-/// Sampled keys wanted per reader: enough to place the split points within a few percent.
-const SAMPLE_KEYS_PER_READER: f64 = 5000.0;
+/// Sampled keys wanted per reader: enough to place the split points within several percent
+/// (the queue evens out the rest); 5,000 took 8-11 ms of a 1M-row table's 0.4 s, 1,000 takes 3.
+const SAMPLE_KEYS_PER_READER: f64 = 1000.0;
 
 /// Ranges per reader. With one range each, a sample's error of a few percent, or one
 /// connection served more slowly, left a reader alone for the last tenth of a 1M-row table
@@ -85,7 +86,7 @@ pub(super) async fn plan(
         &[&pipeline, &request.id, &text],
     )
     .await?;
-    tracing::info!(request = request.id, table = %request.table, readers = ranges.len(), sampled_keys = sample.len(), "backfill split into key ranges");
+    tracing::info!(request = request.id, table = %request.table, ranges = ranges.len(), sampled_keys = sample.len(), "backfill split into key ranges");
     Ok(Some(ranges))
 }
 
