@@ -443,7 +443,7 @@ async fn read_chunk(
         if let Some(delay) = crate::faults::backfill_window_delay() {
             tokio::time::sleep(delay).await;
         }
-        let mut decoder = CopyDecoder::with_capacity(table, keys.map_or(chunk_size, <[_]>::len));
+        let mut decoder = CopyDecoder::new(table);
         // After a failure the session is dropped with the reader, its transaction with it.
         copy.copy_out(&format!("COPY ({query}) TO STDOUT; COMMIT"), |part| decoder.feed(part).map_err(bad))
             .await?;

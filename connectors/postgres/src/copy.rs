@@ -27,11 +27,6 @@ pub struct CopyDecoder<'a> {
 impl<'a> CopyDecoder<'a> {
     /// A decoder for rows of `table`.
     pub fn new(table: &'a Table) -> Self {
-        Self::with_capacity(table, 0)
-    }
-
-    /// A decoder for about `rows` rows of `table` (a page's size: no regrowing as they come).
-    pub fn with_capacity(table: &'a Table, rows: usize) -> Self {
         let mut key_place = vec![None; table.relation.columns.len()];
         for (place, &column) in table.primary_key.iter().enumerate() {
             if let Some(slot) = key_place.get_mut(column) {
@@ -40,7 +35,7 @@ impl<'a> CopyDecoder<'a> {
         }
         CopyDecoder {
             table,
-            rows: Vec::with_capacity(rows),
+            rows: Vec::new(),
             carry: Vec::new(),
             key_place,
             last_key: vec![String::new(); table.primary_key.len()],
