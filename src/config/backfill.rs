@@ -27,8 +27,9 @@ pub struct BackfillConfig {
     /// Requests served at once.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
-    /// Connections that read one table at once, each a key range of it (a fresh request of a
-    /// whole table is split into this many ranges; one that started with ranges keeps them).
+    /// Readers of one table at once, each on two connections (watermarks and progress; the
+    /// chunks' COPY). A fresh request of a whole table is split into key ranges, four per
+    /// reader, which the readers take from one queue; one that started with ranges keeps them.
     /// When not set, the machine's cores, at most 4.
     #[serde(default)]
     #[schemars(range(min = 1, max = 16))]
