@@ -284,11 +284,12 @@ impl ReplicationClient {
         self.flush().await?;
         let mut error = None;
         loop {
-            // The complete CopyData frames at the buffer's start.
+            // The complete CopyData frames at the buffer's start (`read_frame` below reports a
+            // malformed one).
             let mut at = 0;
-            while let Some(&[tag, a, b, c, d]) = self.read_buf.get(at..at + 5) {
-                let end = at + 1 + u32::from_be_bytes([a, b, c, d]) as usize;
-                if tag != b'd' || end > self.read_buf.len() || end < at + 5 {
+            while let Some((b'd', len)) = frame_header(&self.read_buf[at..]) {
+                let end = at + 1 + len;
+                if len < 4 || end > self.read_buf.len() {
                     break;
                 }
                 data(&self.read_buf[at + 5..end])?;
@@ -403,14 +404,7 @@ impl ReplicationClient {
 
     async fn read_frame(&mut self) -> Result<Frame> {
         loop {
-            if self.read_buf.len() >= 5 {
-                let tag = self.read_buf[0];
-                let len = u32::from_be_bytes([
-                    self.read_buf[1],
-                    self.read_buf[2],
-                    self.read_buf[3],
-                    self.read_buf[4],
-                ]) as usize;
+            if let Some((tag, len)) = frame_header(&self.read_buf) {
                 if len < 4 {
                     return Err(Error::protocol(Lsn::ZERO, format!("frame length {len} below 4")));
                 }
@@ -456,6 +450,15 @@ impl ReplicationClient {
                 )));
             }
         }
+    }
+}
+
+/// The tag and length (the length field's own four bytes included, the tag not) of the frame
+/// at the start of `buf`, once its five header bytes are there.
+fn frame_header(buf: &[u8]) -> Option<(u8, usize)> {
+    match *buf.get(..5)? {
+        [tag, a, b, c, d] => Some((tag, u32::from_be_bytes([a, b, c, d]) as usize)),
+        _ => None,
     }
 }
 
