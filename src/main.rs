@@ -205,12 +205,15 @@ fn main() -> ExitCode {
             outcome
         }
         Command::Run { config, until_lsn, allow_warnings, reverse } => {
+            // Listening first: a SIGTERM during the config load or the start checks then
+            // stops the run gracefully instead of killing the process.
+            let mut signals = Signals::install(&runtime);
             let mut config = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => return config_failure(&e),
             };
             if reverse && matches!(config.target, sluice::targets::TargetConfig::Dynamodb(_)) {
-                return report(runtime.block_on(run_way_back_from_dynamodb(config)));
+                return report(runtime.block_on(run_way_back_from_dynamodb(config, signals)));
             }
             if reverse {
                 config = match sluice::migration::reverse::reversed(&config) {
@@ -223,9 +226,21 @@ fn main() -> ExitCode {
             }
             config.pipeline.allow_warnings |= allow_warnings;
             if !config.source.is_database() {
-                return report(runtime.block_on(run(config, None)));
+                return report(runtime.block_on(run(config, None, signals)));
             }
-            match runtime.block_on(start_checks(&config)) {
+            let checked = runtime.block_on(async {
+                tokio::select! {
+                    checked = start_checks(&config) => Some(checked),
+                    () = signals.received() => None,
+                }
+            });
+            let Some(checked) = checked else {
+                tracing::info!(
+                    "signal received during the start checks; stopping before the pipeline starts"
+                );
+                return ExitCode::SUCCESS;
+            };
+            match checked {
                 Ok(Some((problems, warnings))) => {
                     let count = problems.len() + warnings.len();
                     let header = format!(
@@ -237,7 +252,7 @@ fn main() -> ExitCode {
                 Ok(None) => {}
                 Err(e) => return report(Err(e)),
             }
-            report(runtime.block_on(run(config, until_lsn)))
+            report(runtime.block_on(run(config, until_lsn, signals)))
         }
         Command::Status { config, json } => match Config::load(&config) {
             Ok(config) => {
@@ -437,10 +452,10 @@ fn move_tables(
 
 /// `run --reverse` with a DynamoDB target: the tables' streams into the old tables, until a
 /// signal; one process per pipeline (its name lock, `<name>-reverse`, in the old database).
-async fn run_way_back_from_dynamodb(config: Config) -> anyhow::Result<()> {
+async fn run_way_back_from_dynamodb(config: Config, mut signals: Signals) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = sluice_core::Shutdown::new();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.received().await;
         tracing::info!("signal received; stopping the way back");
         shutdown_tx.trigger();
     });
@@ -509,13 +524,13 @@ async fn ha_lock(
     Ok(lock.map(Some))
 }
 
-async fn run(config: Config, until_lsn: Option<Lsn>) -> anyhow::Result<()> {
+async fn run(config: Config, until_lsn: Option<Lsn>, mut signals: Signals) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = sluice_core::Shutdown::new();
-    let signals = shutdown_tx.clone();
+    let trigger = shutdown_tx.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.received().await;
         tracing::info!("signal received; draining");
-        signals.trigger();
+        trigger.trigger();
     });
     let state = sluice::monitor::PipelineState::new(&config);
     let metrics = sluice::metrics::install(&config.pipeline.name);
@@ -605,16 +620,35 @@ async fn fencing_delay(config: &Config, lock: &sluice::ha::HaLock, shutdown: &sl
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+/// SIGTERM and SIGINT, listened for from the moment `run` starts: one arriving before the
+/// pipeline is up is kept and stops it gracefully once it is (the default action would kill
+/// the process).
+struct Signals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl Signals {
+    fn install(runtime: &tokio::runtime::Runtime) -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _entered = runtime.enter();
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(term), Ok(int)) => Self(Some((term, int))),
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM and SIGINT; they stop sluice without draining");
+                Self(None)
             }
         }
-        _ => std::future::pending().await,
+    }
+
+    /// Returns when either signal has arrived (since `install`); never without them.
+    async fn received(&mut self) {
+        match &mut self.0 {
+            Some((term, int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            None => std::future::pending().await,
+        }
     }
 }
 

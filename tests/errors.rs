@@ -157,6 +157,49 @@ fn unreachable_host_is_named_after_bounded_retries() {
     assert!(stderr.contains("retrying"), "transient failures are retried first: {stderr}");
 }
 
+/// A pod stopped while its source is down: SIGTERM during the start checks' retries ends
+/// the run at once with exit 0, not after `retry_for`, and not killed by the signal.
+#[test]
+fn sigterm_while_the_start_checks_retry_an_unreachable_source_exits_0_at_once() {
+    let port = free_port().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[pipeline]\nretry_for = \"10m\"\n[source.connection]\nport = {port}\ndbname = \"app\"\nconnect_timeout = \"2s\"\n\
+             [source.replication]\nslot = \"s\"\npublication = \"p\"\n{}",
+            null_target()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = crate::harness::sluice()
+        .args(["run", "-c", path.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    crate::harness::wait_for_blocking("the start checks to retry", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).unwrap().contains("retrying")
+    });
+    std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let sent = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            sent.elapsed() < crate::harness::patience(Duration::from_secs(10)),
+            "still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "exit 0 on SIGTERM: {status}\n{stderr}");
+    assert!(stderr.contains("signal received during the start checks"), "{stderr}");
+}
+
 #[test]
 fn wrong_password_is_named_and_not_retried() {
     let pg = Arc::new(

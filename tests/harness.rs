@@ -447,8 +447,21 @@ pub fn kill_9(child: &mut Child) {
 
 /// Stops a running sluice with SIGTERM and expects it to exit 0.
 pub fn stop(mut child: Child) {
+    // A SIGTERM sent before the process has installed its handler (a run stopped right after
+    // its start) would kill it by the default action: wait until it catches SIGTERM.
+    let deadline = Instant::now() + patience(Duration::from_secs(10));
+    while !catches_sigterm(child.id()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(child.wait().unwrap().success(), "sluice exits 0 on SIGTERM");
+}
+
+/// Whether process `pid` has a handler for SIGTERM (bit 15 of `SigCgt` in its /proc status).
+fn catches_sigterm(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let caught = status.lines().find_map(|line| line.strip_prefix("SigCgt:")).map(str::trim);
+    caught.and_then(|mask| u64::from_str_radix(mask, 16).ok()).is_some_and(|mask| mask & (1 << 14) != 0)
 }
 
 /// How many times its written limit a wait may take before it fails
