@@ -84,7 +84,12 @@ pub(super) async fn serve_request(
         None => {
             let reader = Reader { index: 0, range: None, after: request.last_key, upto: None };
             let mut copy = ReplicationClient::connect_for_copy(&host).await?;
-            serve_reader(&mut sql, &mut copy, &context, reader, request.rows_done.max(0) as usize).await?
+            let mut pending = Pending::default();
+            let offset = request.rows_done.max(0) as usize;
+            let mut outcome =
+                serve_reader(&mut sql, &mut copy, &context, reader, offset, &mut pending).await?;
+            outcome.rows += pending.finish(&sql, &context).await?;
+            outcome
         }
         Some(ranges) => serve_ranges(&context, ranges).await?,
     };
@@ -171,12 +176,18 @@ async fn serve_ranges(context: &Arc<Context>, ranges: Vec<ranges::Range>) -> Res
             let (mut sql, host) = reader_session(&context.connection).await?;
             let mut copy = ReplicationClient::connect_for_copy(&host).await?;
             let mut total = Outcome::default();
+            // The last chunk of one range is still in flight while the next range's first
+            // is read: the reader does not wait at range boundaries.
+            let mut pending = Pending::default();
             loop {
                 let next = queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop_front();
-                let Some((index, range)) = next else { return Ok(total) };
+                let Some((index, range)) = next else {
+                    total.rows += pending.finish(&sql, &context).await?;
+                    return Ok(total);
+                };
                 // A range is one reader's in chunk ids (a reader's new window replaces its own).
                 let reader = Reader { index, range: Some(index), after: range.after, upto: range.upto };
-                let outcome = serve_reader(&mut sql, &mut copy, &context, reader, 0).await?;
+                let outcome = serve_reader(&mut sql, &mut copy, &context, reader, 0, &mut pending).await?;
                 total.rows += outcome.rows;
                 if outcome.cancelled {
                     total.cancelled = true;
@@ -202,6 +213,28 @@ async fn serve_ranges(context: &Arc<Context>, ranges: Vec<ranges::Range>) -> Res
     Ok(total)
 }
 
+/// A reader's chunk handed to the pipeline and not yet recorded durable, which may belong to
+/// the range it read before, and the rows of its chunks in flight it has added to the
+/// request's `chunk_rows_durable`.
+#[derive(Default)]
+struct Pending {
+    in_flight: Option<InFlight>,
+    shown: i64,
+}
+
+impl Pending {
+    /// Records the chunk still in flight once durable; returns how far it advanced the request.
+    async fn finish(
+        &mut self,
+        sql: &tokio_postgres::Client,
+        context: &Context,
+    ) -> Result<u64, BackfillError> {
+        let Some(last) = self.in_flight.take() else { return Ok(0) };
+        let mut shutdown = context.shutdown.clone();
+        Ok(record(sql, context, last, None, &mut self.shown, &mut shutdown).await? as u64)
+    }
+}
+
 /// Reads chunk after chunk between watermarks until the reader's rows (or keys) are all made
 /// durable, or the request is cancelled; `offset` is how many of a reconcile's keys are done.
 /// `sql` writes the watermarks and progress; the chunks are read over `copy`, a session of
@@ -212,6 +245,7 @@ async fn serve_reader(
     context: &Context,
     reader: Reader,
     offset: usize,
+    pending: &mut Pending,
 ) -> Result<Outcome, BackfillError> {
     let Context { pipeline, progress, config, chunks, table, relation, .. } = context;
     let mut shutdown = context.shutdown.clone();
@@ -221,9 +255,7 @@ async fn serve_reader(
     let mut chunk_no: u64 = 0;
     // One chunk is read while the one before it travels through the stream and the target:
     // `in_flight` is that one, recorded as progress once durable (in order).
-    let mut in_flight: Option<InFlight> = None;
-    // What this reader has added to the request's `chunk_rows_durable`.
-    let mut shown: i64 = 0;
+    let Pending { in_flight, shown } = pending;
     let mut last_log = Instant::now();
     let mut read_key = reader.after.clone();
     let mut read_offset = offset;
@@ -240,8 +272,7 @@ async fn serve_reader(
             .map(|row| row.get(0));
         if state.as_deref() == Some("cancelled") {
             if let Some(last) = in_flight.take() {
-                outcome.rows +=
-                    record(sql, context, &reader, last, None, &mut shown, &mut shutdown).await? as u64;
+                outcome.rows += record(sql, context, last, None, shown, &mut shutdown).await? as u64;
             }
             outcome.cancelled = true;
             return Ok(outcome);
@@ -290,12 +321,17 @@ async fn serve_reader(
             _ = shutdown.requested() => return Err(BackfillError::Stopped),
         }
         emit(sql, &Watermark::text(true, pipeline, &chunk_id, &context.label)).await?;
-        if let Some(previous) =
-            in_flight.replace(InFlight { durable, advanced, read, last_key: read_key.clone(), applied })
-        {
+        if let Some(previous) = in_flight.replace(InFlight {
+            durable,
+            advanced,
+            read,
+            range: reader.range,
+            ends_range: false,
+            last_key: read_key.clone(),
+            applied,
+        }) {
             outcome.rows +=
-                record(sql, context, &reader, previous, in_flight.as_ref(), &mut shown, &mut shutdown).await?
-                    as u64;
+                record(sql, context, previous, in_flight.as_ref(), shown, &mut shutdown).await? as u64;
         }
         if last_log.elapsed() >= Duration::from_secs(10) {
             tracing::info!(request = context.request, table = %context.label, reader = reader.index, rows = outcome.rows, rows_per_second = (outcome.rows as f64 / started.elapsed().as_secs_f64()) as u64, "backfill progress");
@@ -314,15 +350,19 @@ async fn serve_reader(
             }
         }
     }
-    if let Some(last) = in_flight.take() {
-        outcome.rows += record(sql, context, &reader, last, None, &mut shown, &mut shutdown).await? as u64;
-    }
-    if let Some(range) = reader.range {
-        sql.execute(
+    // The range is done once its last chunk is recorded durable, in the same update; the
+    // caller records that chunk while the reader goes on with its next range.
+    let Some(range) = reader.range else { return Ok(outcome) };
+    match in_flight {
+        Some(last) if last.range == Some(range) => last.ends_range = true,
+        // It read nothing: done at once (a chunk in flight is another range's).
+        _ => {
+            sql.execute(
             &format!("UPDATE {progress} SET ranges = jsonb_set(ranges, ARRAY[$3::int::text, 'done'], 'true') WHERE pipeline = $1 AND id = $2"),
             &[pipeline, &context.request, &(range as i32)],
         )
         .await?;
+        }
     }
     Ok(outcome)
 }
@@ -333,6 +373,10 @@ struct InFlight {
     /// Keys (reconcile) or rows (table) the chunk advances the request by.
     advanced: usize,
     read: usize,
+    /// The range it was read from (`None`: the request is read whole).
+    range: Option<usize>,
+    /// It is its range's last chunk: recording it marks the range done.
+    ends_range: bool,
     /// The keyset position after it.
     last_key: Option<Vec<String>>,
     /// Its writes durable so far (the pipeline counts them part by part).
@@ -357,7 +401,6 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 async fn record(
     sql: &tokio_postgres::Client,
     context: &Context,
-    reader: &Reader,
     mut chunk: InFlight,
     newer: Option<&InFlight>,
     shown: &mut i64,
@@ -387,8 +430,11 @@ async fn record(
         }
     }
     let still_in_flight = newer.map_or(0, InFlight::durable_so_far);
-    let position = match reader.range {
+    let position = match chunk.range {
         None => "last_key = $3".to_owned(),
+        Some(range) if chunk.ends_range => format!(
+            "ranges = jsonb_set(jsonb_set(ranges, ARRAY['{range}', 'after'], to_jsonb($3::text[])), ARRAY['{range}', 'done'], 'true')"
+        ),
         Some(range) => format!("ranges = jsonb_set(ranges, ARRAY['{range}', 'after'], to_jsonb($3::text[]))"),
     };
     sql.execute(
