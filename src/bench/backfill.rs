@@ -39,10 +39,17 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
     pg.psql(DB, "VACUUM ANALYZE bench")?;
     pg.psql(DB, "CHECKPOINT")?;
     println!(
-        "{:>4} {:>16} {:>16} {:>7} {:>14} {:>16}",
-        "run", "COPY rows/s", "backfill rows/s", "ratio", "peak RSS MiB", "sluice CPU s/1M"
+        "{:>4} {:>16} {:>16} {:>7} {:>14} {:>16} {:>18} {:>22}",
+        "run",
+        "COPY rows/s",
+        "backfill rows/s",
+        "ratio",
+        "peak RSS MiB",
+        "sluice CPU s/1M",
+        "COPY server s/1M",
+        "backfill server s/1M"
     );
-    let mut samples: Vec<(f64, Backfilled)> = Vec::new();
+    let mut samples: Vec<(Copied, Backfilled)> = Vec::new();
     for run in 0..args.runs {
         let (copy, backfilled) = if run % 2 == 0 {
             let copy = copy_rate(&pg, args.rows)?;
@@ -52,23 +59,27 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
             (copy_rate(&pg, args.rows)?, backfill)
         };
         println!(
-            "{:>4} {:>16.0} {:>16.0} {:>7.3} {:>14.1} {:>16.2}",
+            "{:>4} {:>16.0} {:>16.0} {:>7.3} {:>14.1} {:>16.2} {:>18.2} {:>22.2}",
             run + 1,
-            copy,
+            copy.rate,
             backfilled.rate,
-            backfilled.rate / copy,
+            backfilled.rate / copy.rate,
             backfilled.peak_rss_kib as f64 / 1024.0,
-            backfilled.cpu_per_million
+            backfilled.cpu_per_million,
+            copy.server_cpu_per_million,
+            backfilled.server_cpu_per_million
         );
         samples.push((copy, backfilled));
     }
     println!(
-        "median {:>14.0} {:>16.0} {:>7.3} {:>14.1} {:>16.2}",
-        median(&samples, |s| s.0),
+        "median {:>14.0} {:>16.0} {:>7.3} {:>14.1} {:>16.2} {:>18.2} {:>22.2}",
+        median(&samples, |s| s.0.rate),
         median(&samples, |s| s.1.rate),
-        median(&samples, |s| s.1.rate / s.0),
+        median(&samples, |s| s.1.rate / s.0.rate),
         median(&samples, |s| s.1.peak_rss_kib as f64 / 1024.0),
-        median(&samples, |s| s.1.cpu_per_million)
+        median(&samples, |s| s.1.cpu_per_million),
+        median(&samples, |s| s.0.server_cpu_per_million),
+        median(&samples, |s| s.1.server_cpu_per_million)
     );
     if let Some(endpoint) = &args.dynamodb_endpoint {
         verify_rate(&pg, &sluice, &args, endpoint).await?;
@@ -78,8 +89,16 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
     Ok(())
 }
 
+/// The baseline as measured.
+struct Copied {
+    rate: f64,
+    /// The cluster's CPU seconds for it, per 1M rows.
+    server_cpu_per_million: f64,
+}
+
 /// Rows/s of `COPY (SELECT * FROM bench) TO STDOUT` into /dev/null.
-fn copy_rate(pg: &LocalPostgres, rows: u64) -> BenchResult<f64> {
+fn copy_rate(pg: &LocalPostgres, rows: u64) -> BenchResult<Copied> {
+    let server_before = super::cluster_cpu_seconds(pg).unwrap_or(0.0);
     let started = Instant::now();
     let status = pg
         .client_command("psql")
@@ -91,7 +110,9 @@ fn copy_rate(pg: &LocalPostgres, rows: u64) -> BenchResult<f64> {
     if !status.success() {
         return Err(format!("psql COPY failed: {status}").into());
     }
-    Ok(rows as f64 / started.elapsed().as_secs_f64())
+    let rate = rows as f64 / started.elapsed().as_secs_f64();
+    let server = super::cluster_cpu_seconds(pg).unwrap_or(0.0) - server_before;
+    Ok(Copied { rate, server_cpu_per_million: server * 1e6 / rows as f64 })
 }
 
 fn config_text(pg: &LocalPostgres, args: &BenchArgs, slot: &str, target: &str) -> String {
@@ -112,6 +133,9 @@ struct Backfilled {
     peak_rss_kib: u64,
     /// sluice's CPU seconds (user + system) from the request to its end, per 1M rows.
     cpu_per_million: f64,
+    /// The cluster's CPU seconds (backends, walsender, background processes) over the same
+    /// span, per 1M rows.
+    server_cpu_per_million: f64,
 }
 
 /// Starts `sluice run`, requests a backfill of the whole table, waits for it.
@@ -149,6 +173,7 @@ async fn backfill_rate(
     let config_parsed = crate::config::Config::load(&config)?;
     crate::backfill::ensure_progress_table(&sql, &config_parsed.backfill).await?;
     let cpu_before = super::cpu_seconds(child.id()).unwrap_or(0.0);
+    let server_before = super::cluster_cpu_seconds(pg).unwrap_or(0.0);
     let id = crate::backfill::request(
         &sql,
         &config_parsed.backfill,
@@ -175,6 +200,7 @@ async fn backfill_rate(
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let cpu = super::cpu_seconds(child.id()).unwrap_or(0.0) - cpu_before;
+    let server = super::cluster_cpu_seconds(pg).unwrap_or(0.0) - server_before;
     Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
     let _ = child.wait();
     sql.execute("DELETE FROM sluice_backfill", &[]).await?;
@@ -189,6 +215,7 @@ async fn backfill_rate(
         rate: args.rows as f64 / seconds.max(1e-6),
         peak_rss_kib: peak,
         cpu_per_million: cpu * 1e6 / args.rows as f64,
+        server_cpu_per_million: server * 1e6 / args.rows as f64,
     })
 }
 

@@ -954,6 +954,30 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// CPU seconds (user + system) a Postgres cluster has used so far: its postmaster's own and
+/// that of its children, both those it has reaped (ended backends) and those still running.
+pub(crate) fn cluster_cpu_seconds(pg: &LocalPostgres) -> Option<f64> {
+    let pid_file = std::fs::read_to_string(pg.data_dir().join("postmaster.pid")).ok()?;
+    let postmaster: u32 = pid_file.lines().next()?.trim().parse().ok()?;
+    let fields = |pid: &str| -> Option<Vec<f64>> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // After the parenthesised command name: the state, then ppid is the 2nd field and
+        // utime..cstime the 12th..15th (the state, a letter, reads as 0).
+        let rest = &stat[stat.rfind(')')? + 2..];
+        Some(rest.split_whitespace().take(15).map(|f| f.parse().unwrap_or(0.0)).collect())
+    };
+    let own = fields(&postmaster.to_string())?;
+    let mut ticks = own[11] + own[12] + own[13] + own[14];
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+        if let Some(child) = fields(pid).filter(|f| f[1] as u32 == postmaster) {
+            ticks += child[11] + child[12];
+        }
+    }
+    Some(ticks / 100.0)
+}
+
 /// User plus system CPU time of a running process, in seconds (Linux clock ticks of 1/100 s).
 pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
