@@ -227,6 +227,53 @@ async fn a_backfill_beside_concurrent_writes_leaves_the_target_equal_to_the_sour
     stop(child);
 }
 
+/// A table of many pages is split at keys of pages spread over all of it, so that its key
+/// ranges hold about as many rows each (keys of a few whole pages, as `TABLESAMPLE SYSTEM`
+/// gives, left ranges of one to fifteen chunks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_ranges_of_a_large_table_hold_about_as_many_rows_each() {
+    const ROWS: i64 = 40_000;
+    let db = TestDb::new();
+    db.sql(&format!(
+        "CREATE TABLE wide (id int8 PRIMARY KEY, n int NOT NULL); \
+         INSERT INTO wide SELECT g, g FROM generate_series(1, {ROWS}) g; CREATE PUBLICATION p FOR TABLE wide"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let config = db.config_file(
+        dir.path(),
+        "spread",
+        "p",
+        "[backfill]\nchunk_size = 1000\ntable_concurrency = 2\n[target]\nkind = \"null\"\n",
+    );
+    let log = dir.path().join("run.log");
+    let _logs = LogsOnPanic(vec![log.clone()]);
+    let child = crate::operations::start(&config, &log);
+    db.wait_slot_active(&db.slot_name("spread")).await;
+    let mut snapshot = sluice();
+    snapshot.args(["snapshot", "-c", config.to_str().unwrap()]);
+    let out = tokio::task::spawn_blocking(move || snapshot.output().unwrap()).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    stop(child);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("backfill started") && text.contains("resuming=false"), "{text}");
+    assert_ranges_done(&db, &["public.wide"], 8);
+    // Each range's rows, counted in the table from the range before's last key (`after` is
+    // the range's progress by now) through its own.
+    let counts = db.sql(
+        "WITH bounds AS (SELECT o, (r->'upto'->>0)::int8 AS upto, lag((r->'upto'->>0)::int8) OVER (ORDER BY o) AS after \
+                          FROM sluice_backfill, jsonb_array_elements(ranges) WITH ORDINALITY AS x(r, o)) \
+         SELECT string_agg((SELECT count(*) FROM wide w WHERE (after IS NULL OR w.id > after) \
+                              AND (upto IS NULL OR w.id <= upto))::text, ',' ORDER BY o) FROM bounds",
+    );
+    let counts: Vec<i64> = counts.trim().split(',').map(|c| c.parse().unwrap()).collect();
+    assert_eq!(counts.iter().sum::<i64>(), ROWS, "the ranges cover every row once: {counts:?}");
+    let mean = ROWS / counts.len() as i64;
+    assert!(
+        counts.iter().all(|&c| c > mean * 7 / 10 && c < mean * 13 / 10),
+        "every range within 30 % of {mean} rows: {counts:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_backfill_resumes_at_the_last_finished_chunk() {
     let setup = setup("resume", "chunk_size = 250\nmax_rows_per_second = 600\ntable_concurrency = 3\n").await;

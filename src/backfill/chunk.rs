@@ -62,7 +62,7 @@ pub(super) async fn serve_request(
     )
     .await?;
     let ranges = ranges::plan(&sql, &progress, pipeline, &request, &table, config).await?;
-    tracing::info!(request = request.id, table = %request.table, resuming = request.last_key.is_some() || ranges.as_ref().is_some_and(|r| r.iter().any(|r| r.after.is_some())), rows_done = request.rows_done, readers = ranges.as_ref().map_or(1, Vec::len), "backfill started");
+    let resuming = request.last_key.is_some() || ranges.as_deref().is_some_and(ranges::progressed);
     let started = Instant::now();
     let context = Arc::new(Context {
         connection: connection.clone(),
@@ -80,6 +80,7 @@ pub(super) async fn serve_request(
             .as_ref()
             .map_or(1, |r| r.iter().filter(|r| !r.done).count().min(config.readers_per_table()).max(1)),
     });
+    tracing::info!(request = request.id, table = %request.table, resuming, rows_done = request.rows_done, readers = context.readers, ranges = ranges.as_ref().map_or(1, Vec::len), "backfill started");
     let outcome = match ranges {
         None => {
             let reader = Reader { index: 0, range: None, after: request.last_key, upto: None };

@@ -91,17 +91,36 @@ impl Table {
     /// The primary keys (each a text array, in key order) of a sample of about `percent` % of
     /// the table's pages, in key order: where to split the table into key ranges.
     pub fn key_sample_query(&self, percent: f64) -> String {
+        format!(
+            "SELECT {} FROM {} s TABLESAMPLE SYSTEM ({percent}) ORDER BY {}",
+            self.key_text_array(),
+            self.quoted_name(),
+            self.key_list()
+        )
+    }
+
+    /// The primary keys (as `key_sample_query` gives them) of the first row of each of the
+    /// table's pages `pages`, in key order: one key per page, fetched by its ctid (a TID
+    /// scan, no other page read). A page whose first line pointer holds no live row gives none.
+    pub fn key_at_pages_query(&self, pages: &[u64]) -> String {
+        let tids: Vec<String> = pages.iter().map(|page| format!("\"({page},1)\"")).collect();
+        format!(
+            "SELECT {} FROM {} s WHERE s.ctid = ANY ('{{{}}}'::tid[]) ORDER BY {}",
+            self.key_text_array(),
+            self.quoted_name(),
+            tids.join(","),
+            self.key_list()
+        )
+    }
+
+    /// `ARRAY[s.<key column>::text, …]`, in key order.
+    fn key_text_array(&self) -> String {
         let texts: Vec<String> = self
             .primary_key
             .iter()
             .map(|&i| format!("s.{}::text", quote_ident(&self.relation.columns[i].name)))
             .collect();
-        format!(
-            "SELECT ARRAY[{}] FROM {} s TABLESAMPLE SYSTEM ({percent}) ORDER BY {}",
-            texts.join(", "),
-            self.quoted_name(),
-            self.key_list()
-        )
+        format!("ARRAY[{}]", texts.join(", "))
     }
 
     /// The rows with these primary keys (text values, in key order); `keys` must not be empty.
