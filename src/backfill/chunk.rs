@@ -85,7 +85,7 @@ pub(super) async fn serve_request(
         None => {
             let reader = Reader { index: 0, range: None, after: request.last_key, upto: None };
             let mut copy = ReplicationClient::connect_for_copy(&host).await?;
-            let mut pending = Pending::default();
+            let mut pending = Pending::prepare(&sql, &context).await?;
             let offset = request.rows_done.max(0) as usize;
             let mut outcome =
                 serve_reader(&mut sql, &mut copy, &context, reader, offset, &mut pending).await?;
@@ -179,7 +179,7 @@ async fn serve_ranges(context: &Arc<Context>, ranges: Vec<ranges::Range>) -> Res
             let mut total = Outcome::default();
             // The last chunk of one range is still in flight while the next range's first
             // is read: the reader does not wait at range boundaries.
-            let mut pending = Pending::default();
+            let mut pending = Pending::prepare(&sql, &context).await?;
             loop {
                 let next = queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop_front();
                 let Some((index, range)) = next else {
@@ -214,16 +214,63 @@ async fn serve_ranges(context: &Arc<Context>, ranges: Vec<ranges::Range>) -> Res
     Ok(total)
 }
 
-/// A reader's chunk handed to the pipeline and not yet recorded durable, which may belong to
-/// the range it read before, and the rows of its chunks in flight it has added to the
-/// request's `chunk_rows_durable`.
-#[derive(Default)]
+/// What a reader carries from range to range: its chunk handed to the pipeline and not yet
+/// recorded durable (which may belong to the range it read before), the rows of its chunks
+/// in flight it has added to the request's `chunk_rows_durable`, and its session's statements.
 struct Pending {
     in_flight: Option<InFlight>,
     shown: i64,
+    statements: Statements,
+}
+
+/// The statements a reader runs for every chunk, prepared once on its session: each then takes
+/// one round trip and no parsing or planning (unprepared, each took two).
+struct Statements {
+    /// `sluice snapshot --cancel`'s check and the low watermark in one: the request's state,
+    /// and the watermark written unless that is `cancelled`.
+    open: tokio_postgres::Statement,
+    /// A watermark.
+    emit: tokio_postgres::Statement,
+    /// A durable chunk's progress (see `record`).
+    record: tokio_postgres::Statement,
+    /// Rows of the chunks in flight made durable.
+    within: tokio_postgres::Statement,
 }
 
 impl Pending {
+    async fn prepare(sql: &tokio_postgres::Client, context: &Context) -> Result<Self, BackfillError> {
+        let progress = &context.progress;
+        let statements = Statements {
+            open: sql
+                .prepare(&format!(
+                    "SELECT state, CASE WHEN state <> 'cancelled' THEN pg_logical_emit_message(true, $3::text, $4::text) END IS NOT NULL \
+                     FROM {progress} WHERE pipeline = $1 AND id = $2"
+                ))
+                .await?,
+            emit: sql.prepare("SELECT pg_logical_emit_message(true, $1::text, $2::text)").await?,
+            // `$6` is the range (NULL: the request is read whole, its position `last_key`),
+            // `$7` whether the chunk is its range's last.
+            record: sql
+                .prepare(&format!(
+                    "UPDATE {progress} SET \
+                       last_key = CASE WHEN $6::int4 IS NULL THEN $3::text[] ELSE last_key END, \
+                       ranges = CASE WHEN $6::int4 IS NULL THEN ranges ELSE jsonb_set( \
+                         CASE WHEN $7::bool THEN jsonb_set(ranges, ARRAY[$6::int4::text, 'done'], 'true') ELSE ranges END, \
+                         ARRAY[$6::int4::text, 'after'], to_jsonb($3::text[])) END, \
+                       rows_done = rows_done + $4::int8, chunks_done = chunks_done + 1, \
+                       chunk_rows_durable = chunk_rows_durable + $5::int8 \
+                     WHERE pipeline = $1 AND id = $2"
+                ))
+                .await?,
+            within: sql
+                .prepare(&format!(
+                    "UPDATE {progress} SET chunk_rows_durable = chunk_rows_durable + $3::int8 WHERE pipeline = $1 AND id = $2"
+                ))
+                .await?,
+        };
+        Ok(Pending { in_flight: None, shown: 0, statements })
+    }
+
     /// Records the chunk still in flight once durable; returns how far it advanced the request.
     async fn finish(
         &mut self,
@@ -232,7 +279,7 @@ impl Pending {
     ) -> Result<u64, BackfillError> {
         let Some(last) = self.in_flight.take() else { return Ok(0) };
         let mut shutdown = context.shutdown.clone();
-        Ok(record(sql, context, last, None, &mut self.shown, &mut shutdown).await? as u64)
+        Ok(record(sql, &self.statements, context, last, None, &mut self.shown, &mut shutdown).await? as u64)
     }
 }
 
@@ -256,42 +303,46 @@ async fn serve_reader(
     let mut chunk_no: u64 = 0;
     // One chunk is read while the one before it travels through the stream and the target:
     // `in_flight` is that one, recorded as progress once durable (in order).
-    let Pending { in_flight, shown } = pending;
+    let Pending { in_flight, shown, statements } = pending;
     let mut last_log = Instant::now();
     let mut read_key = reader.after.clone();
     let mut read_offset = offset;
     let upto = reader.upto.as_ref().map(|upto| table.key_at_most(upto));
     let rate = config.max_rows_per_second as f64 / context.readers as f64;
     loop {
-        // `sluice snapshot --cancel`: stop between chunks (what is durable stays).
-        let state: Option<String> = sql
-            .query_opt(
-                &format!("SELECT state FROM {progress} WHERE pipeline = $1 AND id = $2"),
-                &[pipeline, &context.request],
-            )
-            .await?
-            .map(|row| row.get(0));
-        if state.as_deref() == Some("cancelled") {
-            if let Some(last) = in_flight.take() {
-                outcome.rows += record(sql, context, last, None, shown, &mut shutdown).await? as u64;
-            }
-            outcome.cancelled = true;
-            return Ok(outcome);
-        }
-        chunk_no += 1;
-        let chunk_id = format!("{}.{}.{}.{}", context.request, std::process::id(), reader.index, chunk_no);
         // The keys of this chunk (reconcile), or the next keyset page.
         let keys: Option<&[Vec<String>]> = match &context.keys {
             Some(all) if read_offset >= all.len() => break,
             Some(all) => Some(&all[read_offset..(read_offset + chunk_size).min(all.len())]),
             None => None,
         };
-        emit(sql, &Watermark::text(false, pipeline, &chunk_id, &context.label)).await?;
+        chunk_no += 1;
+        let chunk_id = format!("{}.{}.{}.{}", context.request, std::process::id(), reader.index, chunk_no);
+        // `sluice snapshot --cancel`: stop between chunks (what is durable stays); otherwise
+        // the low watermark, in the same statement.
+        let low = Watermark::text(false, pipeline, &chunk_id, &context.label);
+        let opened = sql
+            .query_opt(&statements.open, &[pipeline, &context.request, &WATERMARK_PREFIX, &low])
+            .await?
+            .map(|row| (row.get::<_, String>(0), row.get::<_, bool>(1)));
+        match opened {
+            Some((state, _)) if state == "cancelled" => {
+                if let Some(last) = in_flight.take() {
+                    outcome.rows +=
+                        record(sql, statements, context, last, None, shown, &mut shutdown).await? as u64;
+                }
+                outcome.cancelled = true;
+                return Ok(outcome);
+            }
+            Some((_, true)) => {}
+            // The request's row is gone: the watermark still opens the window.
+            _ => emit(sql, statements, &low).await?,
+        }
         let (values, next_key) =
             read_chunk(copy, table, chunk_size, read_key.as_deref(), upto.as_deref(), keys).await?;
         if keys.is_none() && values.is_empty() {
             // Close the window, so that the pipeline forgets it.
-            emit(sql, &Watermark::text(true, pipeline, &chunk_id, &context.label)).await?;
+            emit(sql, statements, &Watermark::text(true, pipeline, &chunk_id, &context.label)).await?;
             break;
         }
         let absent_keys = match keys {
@@ -321,7 +372,7 @@ async fn serve_reader(
             sent = chunks.send(chunk) => sent.map_err(|_| BackfillError::Stopped)?,
             _ = shutdown.requested() => return Err(BackfillError::Stopped),
         }
-        emit(sql, &Watermark::text(true, pipeline, &chunk_id, &context.label)).await?;
+        emit(sql, statements, &Watermark::text(true, pipeline, &chunk_id, &context.label)).await?;
         if let Some(previous) = in_flight.replace(InFlight {
             durable,
             advanced,
@@ -332,7 +383,8 @@ async fn serve_reader(
             applied,
         }) {
             outcome.rows +=
-                record(sql, context, previous, in_flight.as_ref(), shown, &mut shutdown).await? as u64;
+                record(sql, statements, context, previous, in_flight.as_ref(), shown, &mut shutdown).await?
+                    as u64;
         }
         if last_log.elapsed() >= Duration::from_secs(10) {
             tracing::info!(request = context.request, table = %context.label, reader = reader.index, rows = outcome.rows, rows_per_second = (outcome.rows as f64 / started.elapsed().as_secs_f64()) as u64, "backfill progress");
@@ -401,13 +453,14 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// moves only by whole chunks).
 async fn record(
     sql: &tokio_postgres::Client,
+    statements: &Statements,
     context: &Context,
     mut chunk: InFlight,
     newer: Option<&InFlight>,
     shown: &mut i64,
     shutdown: &mut Shutdown,
 ) -> Result<usize, BackfillError> {
-    let (progress, pipeline, request) = (&context.progress, &context.pipeline, &context.request);
+    let (pipeline, request) = (&context.pipeline, &context.request);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -419,11 +472,7 @@ async fn record(
             _ = tick.tick() => {
                 let now = chunk.durable_so_far() + newer.map_or(0, InFlight::durable_so_far);
                 if now != *shown {
-                    sql.execute(
-                        &format!("UPDATE {progress} SET chunk_rows_durable = chunk_rows_durable + $3 WHERE pipeline = $1 AND id = $2"),
-                        &[pipeline, request, &(now - *shown)],
-                    )
-                    .await?;
+                    sql.execute(&statements.within, &[pipeline, request, &(now - *shown)]).await?;
                     *shown = now;
                 }
             }
@@ -431,16 +480,18 @@ async fn record(
         }
     }
     let still_in_flight = newer.map_or(0, InFlight::durable_so_far);
-    let position = match chunk.range {
-        None => "last_key = $3".to_owned(),
-        Some(range) if chunk.ends_range => format!(
-            "ranges = jsonb_set(jsonb_set(ranges, ARRAY['{range}', 'after'], to_jsonb($3::text[])), ARRAY['{range}', 'done'], 'true')"
-        ),
-        Some(range) => format!("ranges = jsonb_set(ranges, ARRAY['{range}', 'after'], to_jsonb($3::text[]))"),
-    };
+    let range = chunk.range.map(|range| range as i32);
     sql.execute(
-        &format!("UPDATE {progress} SET {position}, rows_done = rows_done + $4, chunks_done = chunks_done + 1, chunk_rows_durable = chunk_rows_durable + $5 WHERE pipeline = $1 AND id = $2"),
-        &[pipeline, request, &chunk.last_key, &(chunk.advanced as i64), &(still_in_flight - *shown)],
+        &statements.record,
+        &[
+            pipeline,
+            request,
+            &chunk.last_key,
+            &(chunk.advanced as i64),
+            &(still_in_flight - *shown),
+            &range,
+            &chunk.ends_range,
+        ],
     )
     .await?;
     *shown = still_in_flight;
@@ -450,8 +501,12 @@ async fn record(
     Ok(chunk.advanced)
 }
 
-async fn emit(sql: &tokio_postgres::Client, text: &str) -> Result<(), tokio_postgres::Error> {
-    sql.execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&WATERMARK_PREFIX, &text]).await.map(|_| ())
+async fn emit(
+    sql: &tokio_postgres::Client,
+    statements: &Statements,
+    text: &str,
+) -> Result<(), tokio_postgres::Error> {
+    sql.execute(&statements.emit, &[&WATERMARK_PREFIX, &text]).await.map(|_| ())
 }
 
 /// Reads one chunk in a snapshot that sees every transaction committed before the low
