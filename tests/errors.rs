@@ -157,22 +157,29 @@ fn unreachable_host_is_named_after_bounded_retries() {
     assert!(stderr.contains("retrying"), "transient failures are retried first: {stderr}");
 }
 
-/// A pod stopped while its source is down: SIGTERM during the start checks' retries ends
-/// the run at once with exit 0, not after `retry_for`, and not killed by the signal.
-#[test]
-fn sigterm_while_the_start_checks_retry_an_unreachable_source_exits_0_at_once() {
+/// A config (`c.toml` in `dir`) whose source is a free port where nothing listens, retried
+/// for `retry_for`; and that port.
+fn unreachable_source(dir: &std::path::Path, retry_for: &str) -> (std::path::PathBuf, u16) {
     let port = free_port().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.toml");
+    let path = dir.join("c.toml");
     std::fs::write(
         &path,
         format!(
-            "[pipeline]\nretry_for = \"10m\"\n[source.connection]\nport = {port}\ndbname = \"app\"\nconnect_timeout = \"2s\"\n\
+            "[pipeline]\nretry_for = \"{retry_for}\"\n[source.connection]\nport = {port}\ndbname = \"app\"\nconnect_timeout = \"2s\"\n\
              [source.replication]\nslot = \"s\"\npublication = \"p\"\n{}",
             null_target()
         ),
     )
     .unwrap();
+    (path, port)
+}
+
+/// A pod stopped while its source is down: SIGTERM during the start checks' retries ends
+/// the run at once with exit 0, not after `retry_for`, and not killed by the signal.
+#[test]
+fn sigterm_while_the_start_checks_retry_an_unreachable_source_exits_0_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = unreachable_source(dir.path(), "10m");
     let log = dir.path().join("run.log");
     let mut child = crate::harness::sluice()
         .args(["run", "-c", path.to_str().unwrap()])
@@ -255,17 +262,7 @@ fn with_json_logs_even_the_last_words_are_json() {
     );
 
     // A failure after retries, and a configuration that does not parse.
-    let port = free_port().unwrap();
-    let path = dir.path().join("c.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[pipeline]\nretry_for = \"1s\"\n[source.connection]\nport = {port}\ndbname = \"app\"\nconnect_timeout = \"2s\"\n\
-             [source.replication]\nslot = \"s\"\npublication = \"p\"\n{}",
-            null_target()
-        ),
-    )
-    .unwrap();
+    let (path, port) = unreachable_source(dir.path(), "1s");
     let (code, stderr) = sluice_output(&["--log-format", "json", "run", "-c", path.to_str().unwrap()], LIMIT);
     assert_eq!(code, Some(1), "{stderr}");
     let lines = json_lines(&stderr);
