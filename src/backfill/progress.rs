@@ -140,6 +140,14 @@ pub async fn estimate_rows(
     sql: &tokio_postgres::Client,
     table: &str,
 ) -> Result<Option<i64>, tokio_postgres::Error> {
+    Ok(table_size(sql, table).await?.map(|(rows, _)| rows))
+}
+
+/// `estimate_rows` and the table's pages (its main fork's size in blocks).
+pub(super) async fn table_size(
+    sql: &tokio_postgres::Client,
+    table: &str,
+) -> Result<Option<(i64, i64)>, tokio_postgres::Error> {
     let (schema, name) = sluice_postgres::catalog::split_table(table).unwrap_or(("", table));
     let Some(row) = sql
         .query_opt(
@@ -155,14 +163,14 @@ pub async fn estimate_rows(
     };
     let (reltuples, pages, quoted): (f64, i64, String) = (row.get(0), row.get(1), row.get(2));
     if reltuples > 0.0 {
-        return Ok(Some(reltuples as i64));
+        return Ok(Some((reltuples as i64, pages)));
     }
     let count = if pages <= EXACT_COUNT_PAGES {
         format!("SELECT count(*) FROM {quoted}")
     } else {
         format!("SELECT count(*) * 100 FROM {quoted} TABLESAMPLE SYSTEM (1)")
     };
-    Ok(Some(sql.query_one(&count, &[]).await?.get(0)))
+    Ok(Some((sql.query_one(&count, &[]).await?.get(0), pages)))
 }
 
 /// One request as the progress table holds it.

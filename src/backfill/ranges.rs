@@ -6,8 +6,8 @@
 //! row of each of [`SAMPLE_PAGES_PER_READER`] pages spread evenly over the table, fetched by
 //! ctid (no scan); a table whose pages give too few (a partitioned one) is sampled with
 //! `TABLESAMPLE SYSTEM` instead. Because a reader that is done takes the next range, neither
-//! a sample's error nor a slower connection leaves one reader working alone at the end for long. The ranges are
-//! stored with the request (`ranges`, a JSON array of `{after, upto, done}`), and each reader
+//! a sample's error nor a slower connection leaves one reader working alone at the end for
+//! long. The ranges are stored with the request (`ranges`, a JSON array of `{after, upto, done}`), and each reader
 //! records its range's resumable position there, so that a restart resumes every range where
 //! it stopped, with the same ranges whatever `table_concurrency` says by then.
 
@@ -74,7 +74,7 @@ pub(super) async fn plan(
     if !fresh || config.readers_per_table() <= 1 {
         return Ok(None);
     }
-    let rows = super::estimate_rows(sql, &request.table).await?.unwrap_or(0);
+    let (rows, blocks) = super::progress::table_size(sql, &request.table).await?.unwrap_or((0, 0));
     // Each range at least a chunk.
     let chunks = (rows / config.chunk_size.max(1) as i64).max(1) as usize;
     let readers = config.readers_per_table().min(chunks);
@@ -82,13 +82,6 @@ pub(super) async fn plan(
         return Ok(None);
     }
     let count = (readers * RANGES_PER_READER).min(chunks);
-    let blocks: i64 = sql
-        .query_one(
-            "SELECT pg_relation_size($1::text::regclass) / current_setting('block_size')::int8",
-            &[&table.quoted_name()],
-        )
-        .await?
-        .get(0);
     let pages = spread(blocks.max(0) as u64, SAMPLE_PAGES_PER_READER * readers as u64);
     let mut sample: Vec<Vec<String>> =
         sql.query(&table.key_at_pages_query(&pages), &[]).await?.iter().map(|row| row.get(0)).collect();
