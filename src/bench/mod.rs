@@ -959,19 +959,12 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
 pub(crate) fn cluster_cpu_seconds(pg: &LocalPostgres) -> Option<f64> {
     let pid_file = std::fs::read_to_string(pg.data_dir().join("postmaster.pid")).ok()?;
     let postmaster: u32 = pid_file.lines().next()?.trim().parse().ok()?;
-    let fields = |pid: &str| -> Option<Vec<f64>> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // After the parenthesised command name: the state, then ppid is the 2nd field and
-        // utime..cstime the 12th..15th (the state, a letter, reads as 0).
-        let rest = &stat[stat.rfind(')')? + 2..];
-        Some(rest.split_whitespace().take(15).map(|f| f.parse().unwrap_or(0.0)).collect())
-    };
-    let own = fields(&postmaster.to_string())?;
+    let own = stat_fields(&postmaster.to_string())?;
     let mut ticks = own[11] + own[12] + own[13] + own[14];
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let name = entry.file_name();
         let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
-        if let Some(child) = fields(pid).filter(|f| f[1] as u32 == postmaster) {
+        if let Some(child) = stat_fields(pid).filter(|f| f[1] as u32 == postmaster) {
             ticks += child[11] + child[12];
         }
     }
@@ -980,11 +973,15 @@ pub(crate) fn cluster_cpu_seconds(pg: &LocalPostgres) -> Option<f64> {
 
 /// User plus system CPU time of a running process, in seconds (Linux clock ticks of 1/100 s).
 pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    let fields = stat_fields(&pid.to_string())?;
+    Some((fields[11] + fields[12]) / 100.0)
+}
+
+/// The first 15 fields of `/proc/<pid>/stat` after the parenthesised command name: the state
+/// (a letter, read as 0), ppid at 1, and utime, stime, cutime and cstime at 11 to 14.
+fn stat_fields(pid: &str) -> Option<Vec<f64>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th fields.
     let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0)
+    let fields: Vec<f64> = rest.split_whitespace().take(15).map(|f| f.parse().unwrap_or(0.0)).collect();
+    (fields.len() == 15).then_some(fields)
 }
