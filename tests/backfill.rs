@@ -8,8 +8,8 @@ use std::time::Duration;
 use sluice_dynamodb::{Attr, DynamoClient, Item};
 
 use crate::harness::{
-    differences, dynamo_client, kill_9, moto, sluice, stop, verify_report, wait_for, LogsOnPanic, Moto,
-    Outage, TestDb,
+    differences, dynamo_client, kill_9, moto, sluice, stop, verify_report, wait_for, wait_for_exit,
+    LogsOnPanic, Moto, Outage, TestDb,
 };
 
 const SCHEMA: &str = "CREATE TABLE customers (id int8 PRIMARY KEY, email text, password_hash text, status text NOT NULL DEFAULT 'active',
@@ -466,18 +466,6 @@ async fn a_panicking_backfill_task_stops_the_pipeline() {
         db.sql("SELECT state FROM sluice_backfill WHERE source_table = 'public.customers'").trim(),
         "done"
     );
-}
-
-/// Waits up to `limit` for the child to exit.
-async fn wait_for_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(std::time::Instant::now() < deadline, "sluice still runs after {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Two pipelines of one database, both left at the default `pipeline.name`: the second is

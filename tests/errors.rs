@@ -176,8 +176,8 @@ fn unreachable_source(dir: &std::path::Path, retry_for: &str) -> (std::path::Pat
 
 /// A pod stopped while its source is down: SIGTERM during the start checks' retries ends
 /// the run at once with exit 0, not after `retry_for`, and not killed by the signal.
-#[test]
-fn sigterm_while_the_start_checks_retry_an_unreachable_source_exits_0_at_once() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_start_checks_retry_an_unreachable_source_exits_0_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let (path, _) = unreachable_source(dir.path(), "10m");
     let log = dir.path().join("run.log");
@@ -191,17 +191,8 @@ fn sigterm_while_the_start_checks_retry_an_unreachable_source_exits_0_at_once() 
         std::fs::read_to_string(&log).unwrap().contains("retrying")
     });
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
-    let sent = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            sent.elapsed() < crate::harness::patience(Duration::from_secs(10)),
-            "still running after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status =
+        crate::harness::wait_for_exit(&mut child, crate::harness::patience(Duration::from_secs(10))).await;
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "exit 0 on SIGTERM: {status}\n{stderr}");
     assert!(stderr.contains("signal received during the start checks"), "{stderr}");

@@ -445,6 +445,18 @@ pub fn kill_9(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Waits up to `limit` for the child to exit.
+pub async fn wait_for_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "sluice still runs after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Stops a running sluice with SIGTERM and expects it to exit 0.
 pub fn stop(mut child: Child) {
     // A SIGTERM sent before the process has installed its handler (a run stopped right after
