@@ -411,10 +411,10 @@ async fn serve_reader(
         // It read nothing: done at once (a chunk in flight is another range's).
         _ => {
             sql.execute(
-            &format!("UPDATE {progress} SET ranges = jsonb_set(ranges, ARRAY[$3::int::text, 'done'], 'true') WHERE pipeline = $1 AND id = $2"),
-            &[pipeline, &context.request, &(range as i32)],
-        )
-        .await?;
+                &format!("UPDATE {progress} SET ranges = jsonb_set(ranges, ARRAY[$3::int::text, 'done'], 'true') WHERE pipeline = $1 AND id = $2"),
+                &[pipeline, &context.request, &(range as i32)],
+            )
+            .await?;
         }
     }
     Ok(outcome)
